@@ -1,0 +1,6 @@
+//! latchkey: a credential-injecting egress proxy for AI agents and other untrusted code.
+//!
+//! Data flows one way: accept → identify destination → decide → (intercept) → inject →
+//! forward → log. Each step has its module.
+
+pub mod policy;

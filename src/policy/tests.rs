@@ -1,0 +1,220 @@
+use super::*;
+use proptest::prelude::*;
+
+fn rule(name: &str, patterns: &[&str]) -> CredentialRule {
+    CredentialRule {
+        name: name.into(),
+        patterns: patterns.iter().map(|p| Pattern::parse(p).unwrap()).collect(),
+        paths: vec![],
+        methods: vec![],
+        ports: vec![],
+        allow_http: false,
+        allowed_origins: vec![],
+        require_placeholder: false,
+        state: CredState::Active,
+    }
+}
+
+fn dest(s: &str) -> Destination {
+    Destination::parse_authority(s, Some(443)).unwrap()
+}
+
+fn decide(p: &Policy, d: &str, method: &str, path: &str, tls: bool) -> Decision {
+    decide_h(p, d, method, path, tls, &HeaderMap::new())
+}
+
+fn decide_h(p: &Policy, d: &str, method: &str, path: &str, tls: bool, h: &HeaderMap) -> Decision {
+    let head = RequestHead { method, target: path, path, headers: h, tls };
+    p.decide(&dest(d), &head, |_| false)
+}
+
+fn injected(d: Decision) -> Option<usize> {
+    match d {
+        Decision::Inject { credential, .. } => Some(credential),
+        _ => None,
+    }
+}
+
+#[test]
+fn most_specific_wins() {
+    let p = Policy {
+        credentials: vec![
+            rule("exact", &["api.openai.com"]),
+            rule("suffix", &[".openai.com"]),
+            rule("longer", &[".api.openai.com"]),
+            rule("glob", &["*.openai.com"]),
+            rule("regex", &[r"~.*\.openai\.com"]),
+        ],
+        ..Default::default()
+    };
+    assert_eq!(injected(decide(&p, "api.openai.com:443", "GET", "/", true)), Some(0));
+    assert_eq!(injected(decide(&p, "x.api.openai.com:443", "GET", "/", true)), Some(2));
+    assert_eq!(injected(decide(&p, "chat.openai.com:443", "GET", "/", true)), Some(1));
+    assert_eq!(injected(decide(&p, "openai.com:443", "GET", "/", true)), Some(1));
+    assert_eq!(injected(decide(&p, "evil-openai.com:443", "GET", "/", true)), None);
+}
+
+#[test]
+fn ties_go_to_last_declared_and_narrowing_wins() {
+    let mut gh = rule("github", &["api.github.com", "github.com"]);
+    gh.methods = vec![];
+    let basic = rule("github_basic", &["github.com"]);
+    let p = Policy { credentials: vec![gh, basic], ..Default::default() };
+    assert_eq!(injected(decide(&p, "github.com:443", "GET", "/", true)), Some(1));
+    assert_eq!(injected(decide(&p, "api.github.com:443", "GET", "/", true)), Some(0));
+
+    let mut post_only = rule("post", &["x.com"]);
+    post_only.methods = vec!["POST".into()];
+    let p = Policy { credentials: vec![post_only, rule("any", &["x.com"])], ..Default::default() };
+    assert_eq!(injected(decide(&p, "x.com:443", "POST", "/", true)), Some(0));
+    assert_eq!(injected(decide(&p, "x.com:443", "GET", "/", true)), Some(1));
+}
+
+#[test]
+fn path_prefixes_are_segment_bounded_and_canonical() {
+    let mut v1 = rule("v1", &["x.com"]);
+    v1.paths = vec![canonical_prefix("/v1/").unwrap()];
+    let p = Policy { credentials: vec![v1], ..Default::default() };
+    assert_eq!(injected(decide(&p, "x.com:443", "GET", "/v1", true)), Some(0));
+    assert_eq!(injected(decide(&p, "x.com:443", "GET", "/v1/models", true)), Some(0));
+    assert_eq!(injected(decide(&p, "x.com:443", "GET", "/v1beta/models", true)), None);
+    assert_eq!(injected(decide(&p, "x.com:443", "GET", "/v1/../admin", true)), None);
+    assert_eq!(injected(decide(&p, "x.com:443", "GET", "/v1/%2e%2e/admin", true)), None);
+    assert_eq!(injected(decide(&p, "x.com:443", "GET", "/v1%2fx", true)), None);
+    assert_eq!(injected(decide(&p, "x.com:443", "GET", "/admin/../v1/x", true)), Some(0));
+}
+
+#[test]
+fn ports_default_to_443_and_80() {
+    let p = Policy { credentials: vec![rule("a", &["x.com"])], ..Default::default() };
+    assert!(injected(decide(&p, "x.com:443", "GET", "/", true)).is_some());
+    assert!(injected(decide(&p, "x.com:8443", "GET", "/", true)).is_none());
+    let mut r = rule("a", &["x.com:8443"]);
+    let p = Policy { credentials: vec![r.clone()], ..Default::default() };
+    assert!(injected(decide(&p, "x.com:8443", "GET", "/", true)).is_some());
+    assert!(injected(decide(&p, "x.com:443", "GET", "/", true)).is_none());
+    r.ports = vec![9000];
+    let p = Policy { credentials: vec![r], ..Default::default() };
+    assert!(injected(decide(&p, "x.com:8443", "GET", "/", true)).is_none());
+}
+
+#[test]
+fn plain_http_refused_unless_allowed() {
+    let mut r = rule("a", &["x.com"]);
+    let p = Policy { credentials: vec![r.clone()], ..Default::default() };
+    match decide(&p, "x.com:80", "GET", "/", false) {
+        Decision::Block(refusal) => {
+            assert_eq!(refusal.status, 403);
+            assert!(refusal.message.contains("credential a"));
+            assert!(refusal.message.contains("https"));
+        }
+        other => panic!("{other:?}"),
+    }
+    r.allow_http = true;
+    let p = Policy { credentials: vec![r], ..Default::default() };
+    assert!(injected(decide(&p, "x.com:80", "GET", "/", false)).is_some());
+}
+
+#[test]
+fn inactive_passes_failed_blocks() {
+    let mut a = rule("a", &["x.com"]);
+    a.state = CredState::Inactive("X unset".into());
+    let mut b = rule("b", &["y.com"]);
+    b.state = CredState::Failed("exit 1".into());
+    let p = Policy { credentials: vec![a, b], ..Default::default() };
+    assert!(matches!(decide(&p, "x.com:443", "GET", "/", true), Decision::Pass(r) if r.contains("inactive")));
+    assert!(matches!(decide(&p, "y.com:443", "GET", "/", true), Decision::Block(r) if r.status == 502));
+    assert_eq!(p.decide_connect(&dest("x.com:443")), ConnectDecision::Tunnel);
+    assert_eq!(p.decide_connect(&dest("y.com:443")), ConnectDecision::Intercept);
+}
+
+#[test]
+fn origin_needs_allow_listing() {
+    let mut r = rule("a", &["x.com"]);
+    let p = Policy { credentials: vec![r.clone()], ..Default::default() };
+    let mut h = HeaderMap::new();
+    h.insert("origin", "https://evil.example".parse().unwrap());
+    assert!(matches!(decide_h(&p, "x.com:443", "GET", "/", true, &h), Decision::Pass(_)));
+    r.allowed_origins = vec!["https://evil.example".into()];
+    let p = Policy { credentials: vec![r], ..Default::default() };
+    assert!(injected(decide_h(&p, "x.com:443", "GET", "/", true, &h)).is_some());
+}
+
+#[test]
+fn filters() {
+    let p = Policy {
+        filters: Filters {
+            blocked: vec![Pattern::parse("*.evil.com").unwrap()],
+            allowlist_only: true,
+            allowed: vec![Pattern::parse("api.good.com").unwrap(), Pattern::parse(".evil.com").unwrap()],
+            content: ContentFilter::new(&["rm -rf /".into(), "~DROP\\s+TABLE".into()]).unwrap(),
+        },
+        ..Default::default()
+    };
+    let block = |d: &str| matches!(p.decide_connect(&dest(d)), ConnectDecision::Block(_));
+    assert!(block("a.evil.com:443"));
+    assert!(block("a.evil.com:8080"), "blocklist covers every port");
+    assert!(!block("evil.com:443"), "*. needs a label; allowlisted via .evil.com");
+    assert!(block("other.com:443"));
+    assert!(!block("api.good.com:443"));
+    assert!(block("api.good.com:8443"));
+    let r = decide(&p, "api.good.com:443", "GET", "/run?cmd=rm%20-rf%20/", true);
+    assert!(matches!(r, Decision::Block(r) if r.kind == "blocked-pattern"));
+    let mut h = HeaderMap::new();
+    h.insert("x-sql", "DROP   TABLE users".parse().unwrap());
+    let r = decide_h(&p, "api.good.com:443", "GET", "/", true, &h);
+    assert!(matches!(r, Decision::Block(r) if r.kind == "blocked-pattern"));
+}
+
+#[test]
+fn canonical_paths() {
+    assert_eq!(canonical_path("/a/./b/../c").unwrap(), "/a/c");
+    assert_eq!(canonical_path("/../../x").unwrap(), "/x");
+    assert_eq!(canonical_path("/a/..").unwrap(), "/");
+    assert!(canonical_path("/a%2Fb").is_none());
+    assert!(canonical_path("/a\\b").is_none());
+    assert!(canonical_path("a").is_none());
+    assert_eq!(canonical_prefix("/v1/").unwrap(), "/v1");
+    assert_eq!(canonical_prefix("/").unwrap(), "");
+}
+
+#[test]
+fn percent_decoding() {
+    assert_eq!(percent_decode(b"a%20b%zz%4"), b"a b%zz%4");
+}
+
+fn label() -> impl Strategy<Value = String> {
+    "[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?"
+}
+
+proptest! {
+    /// No host outside a suffix's labels ever matches it.
+    #[test]
+    fn suffix_never_matches_outside(domain in proptest::collection::vec(label(), 1..4),
+                                    host in proptest::collection::vec(label(), 1..6),
+                                    glue in "[a-z0-9-]{0,3}") {
+        let domain = domain.join(".");
+        let Ok(pat) = Pattern::parse(&format!(".{domain}")) else { return Ok(()) };
+        let glob = Pattern::parse(&format!("*.{domain}")).unwrap();
+        let candidate = format!("{}{glue}{domain}", host.join("."));
+        let Ok(h) = Host::parse(&candidate) else { return Ok(()) };
+        let name = h.as_domain().unwrap_or("").to_string();
+        let inside = name == domain || name.ends_with(&format!(".{domain}"));
+        prop_assert_eq!(pat.matches_host(&h).is_some(), inside && !h.is_ip());
+        let strictly_inside = name.ends_with(&format!(".{domain}"));
+        prop_assert_eq!(glob.matches_host(&h).is_some(), strictly_inside && !h.is_ip());
+        // And appending anything after the domain never matches.
+        if let Ok(h2) = Host::parse(&format!("{domain}.{}", host.join("."))) {
+            prop_assert!(pat.matches_host(&h2).is_none() || h2.as_domain() == Some(&domain));
+        }
+    }
+
+    /// Normalisation is idempotent.
+    #[test]
+    fn normalisation_idempotent(raw in "[A-Za-z0-9.-]{1,30}\\.?") {
+        if let Ok(h) = Host::parse(&raw) {
+            let again = Host::parse(&h.to_string().trim_matches(|c| c == '[' || c == ']')).unwrap();
+            prop_assert_eq!(h, again);
+        }
+    }
+}
