@@ -4,3 +4,7 @@
 //! forward → log. Each step has its module.
 
 pub mod policy;
+pub mod fsutil;
+pub mod inject;
+pub mod secrets;
+pub mod config;

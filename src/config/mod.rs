@@ -1,0 +1,559 @@
+//! Configuration: find the file, parse it (unknown keys are errors), resolve secrets,
+//! and compile it into one immutable `Config` that the proxy swaps whole.
+
+mod locate;
+pub mod raw;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use ipnet::IpNet;
+
+use crate::fsutil::expand_home;
+use crate::inject::{HeaderInjector, HeaderSlot, HeaderValueSource, Injector, QueryInjector};
+use crate::policy::{
+    ContentFilter, CredState, CredentialRule, Destination, Filters, Pattern, Policy, canonical_prefix,
+};
+use crate::secrets::{Resolved, SecretValue, Source, Template};
+use raw::{RawConfig, RawCredential};
+
+/// The built-in provider table (SPEC section 5), kept as data.
+pub const PROVIDERS_TOML: &str = include_str!("../providers.toml");
+
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = self.file.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "<built-in>".into());
+        if self.line > 0 {
+            write!(f, "{file}:{}:{}: ", self.line, self.column)?;
+        } else {
+            write!(f, "{file}: ")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, "`{}`: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub inspect_body_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub listen: SocketAddr,
+    pub ca_dir: PathBuf,
+    pub generate_certs: bool,
+    pub ca_lifetime_days: u32,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub allowed_clients: Vec<IpNet>,
+    pub allow_private: Vec<IpNet>,
+    pub redact_responses: bool,
+    pub log_requests: bool,
+    pub log_file: PathBuf,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamSettings {
+    pub ca_file: Option<PathBuf>,
+    /// `host:port` → address, like curl --resolve.
+    pub resolve: HashMap<Destination, SocketAddr>,
+}
+
+/// A credential as the proxy uses it. Its routing lives in `policy.credentials[i]`.
+#[derive(Debug)]
+pub struct Credential {
+    pub name: String,
+    pub injector: Box<dyn Injector>,
+    pub placeholder: String,
+    /// Client-side variables that get the placeholder.
+    pub env: Vec<String>,
+    /// Variables the secret source reads (scrubbed from `exec` children).
+    pub reads: Vec<String>,
+    pub source: String,
+    pub inline_secret: bool,
+    pub pass_cookies: bool,
+    pub builtin: bool,
+    pub auth_type: String,
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub file: Option<PathBuf>,
+    pub proxy: ProxySettings,
+    pub upstream: UpstreamSettings,
+    pub admin: Option<SocketAddr>,
+    pub policy: Policy,
+    pub credentials: Vec<Credential>,
+    /// Variables present at load that capture templates may use (listed by `check`).
+    pub capture_variables: Vec<String>,
+}
+
+/// Where the config comes from: `--config` > `$LATCHKEY_CONFIG` > XDG default.
+/// `None` means no file: built-in defaults.
+pub fn find_config(cli: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
+    let explicit = cli.map(Path::to_path_buf).or_else(|| std::env::var_os("LATCHKEY_CONFIG").map(PathBuf::from));
+    if let Some(path) = explicit {
+        if !path.exists() {
+            return Err(plain_error(Some(&path), format!("config file {} does not exist", path.display())));
+        }
+        return Ok(Some(path));
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| crate::fsutil::home_dir().join(".config"));
+    let path = base.join("latchkey").join("config.toml");
+    Ok(path.exists().then_some(path))
+}
+
+fn plain_error(file: Option<&Path>, message: String) -> ConfigError {
+    ConfigError { file: file.map(Path::to_path_buf), line: 0, column: 0, key: String::new(), message }
+}
+
+/// Load and compile. `env` is the proxy's environment (tests pass their own).
+pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let env = |k: &str| std::env::var(k).ok();
+    let vars: Vec<String> = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).collect();
+    match path {
+        None => compile("", None, &env, &vars),
+        Some(p) => {
+            let meta = std::fs::metadata(p).map_err(|e| plain_error(Some(p), e.to_string()))?;
+            crate::fsutil::owner_only_writable(&meta)
+                .map_err(|why| plain_error(Some(p), format!("refusing to load a config that {why}")))?;
+            let src = std::fs::read_to_string(p).map_err(|e| plain_error(Some(p), e.to_string()))?;
+            compile(&src, Some(p), &env, &vars)
+        }
+    }
+}
+
+/// Parse and compile config text.
+pub fn compile(
+    src: &str,
+    file: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+    vars: &[String],
+) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(src).map_err(|e| toml_error(src, file, &e))?;
+    Compiler { src, file, env, vars }.config(raw)
+}
+
+fn toml_error(src: &str, file: Option<&Path>, e: &toml::de::Error) -> ConfigError {
+    let span = e.span().unwrap_or(0..0);
+    let (line, column) = locate::line_col(src, span.start);
+    let table = locate::table_at(src, span.start);
+    let token = src.get(span.clone()).unwrap_or("").trim_matches('"').to_string();
+    let mut message = e.message().trim().to_string();
+    let mut key = table.clone();
+    let original = message.clone();
+    if let Some(rest) = original.strip_prefix("unknown field `") {
+        let unknown = rest.split('`').next().unwrap_or("").to_string();
+        let known: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
+        key = if table.is_empty() { unknown.clone() } else { format!("{table}.{unknown}") };
+        message = format!("unknown key `{unknown}`");
+        if let Some(s) = locate::suggest(&unknown, &known) {
+            message.push_str(&format!(" (did you mean `{s}`?)"));
+        }
+    } else if !token.is_empty() && !token.contains('\n') && token.len() < 60 {
+        key = if table.is_empty() { token } else { format!("{table}.{token}") };
+    }
+    ConfigError { file: file.map(Path::to_path_buf), line, column, key, message }
+}
+
+struct Compiler<'a> {
+    src: &'a str,
+    file: Option<&'a Path>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    vars: &'a [String],
+}
+
+impl Compiler<'_> {
+    /// An error at `key` inside the table at `table` (located by header or span).
+    fn err(&self, table: &[&str], span: Option<std::ops::Range<usize>>, key: &str, msg: impl Into<String>) -> ConfigError {
+        // A table's span covers its `[header]`; its keys run to the next header.
+        let table_start = span.as_ref().map(|s| s.start).or_else(|| locate::table_offset(self.src, table));
+        let offset = table_start.map(|start| {
+            let end = locate::next_table(self.src, start);
+            locate::key_offset(self.src, start..end, key).unwrap_or(start)
+        });
+        let (line, column) = offset.map(|o| locate::line_col(self.src, o)).unwrap_or((0, 0));
+        let mut path: Vec<&str> = table.to_vec();
+        if !key.is_empty() {
+            path.push(key);
+        }
+        ConfigError {
+            file: self.file.map(Path::to_path_buf),
+            line,
+            column,
+            key: path.join("."),
+            message: msg.into(),
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let p = &raw.proxy;
+        let pe = |key: &str, msg: String| self.err(&["proxy"], None, key, msg);
+        let bind: IpAddr = p.bind.parse().map_err(|_| pe("bind", format!("{:?} is not an IP address", p.bind)))?;
+        let cidrs = |list: &[String], key: &str| -> Result<Vec<IpNet>, ConfigError> {
+            list.iter()
+                .map(|s| parse_cidr(s).ok_or_else(|| pe(key, format!("{s:?} is not an IP or CIDR"))))
+                .collect()
+        };
+        let allowed_clients = cidrs(&p.allowed_clients, "allowed_clients")?;
+        if !bind.is_loopback() && allowed_clients.is_empty() {
+            return Err(pe(
+                "bind",
+                format!("binding to {bind} (not loopback) needs allowed_clients: latchkey will not run an open credential proxy"),
+            ));
+        }
+        let intercept_all = match p.intercept.as_str() {
+            "auto" => false,
+            "all" => true,
+            other => return Err(pe("intercept", format!("{other:?}: expected \"auto\" or \"all\""))),
+        };
+        if p.connect_timeout == 0 || p.timeout == 0 {
+            return Err(pe("timeout", "timeouts must be at least 1 second".into()));
+        }
+        let l = &p.limits;
+        let limits = Limits {
+            max_header_bytes: l.max_header_bytes.max(1024),
+            max_headers: l.max_headers.max(8),
+            header_read_timeout: Duration::from_secs(l.header_read_timeout.max(1)),
+            idle_timeout: Duration::from_secs(l.idle_timeout.max(1)),
+            max_connections: l.max_connections.max(1),
+            inspect_body_bytes: l.inspect_body_bytes,
+        };
+        let proxy = ProxySettings {
+            listen: SocketAddr::new(bind, p.port),
+            ca_dir: expand_home(&p.ca_dir),
+            generate_certs: p.generate_certs,
+            ca_lifetime_days: p.ca_lifetime.max(1),
+            timeout: Duration::from_secs(p.timeout),
+            connect_timeout: Duration::from_secs(p.connect_timeout.min(p.timeout)),
+            allowed_clients,
+            allow_private: cidrs(&p.allow_private, "allow_private")?,
+            redact_responses: p.redact_responses,
+            log_requests: p.logging.log_requests,
+            log_file: expand_home(&p.logging.log_file),
+            limits,
+        };
+        let filters = self.filters(&raw.proxy.filters)?;
+        let upstream = self.upstream(&raw.upstream)?;
+        let admin = match raw.admin.as_ref().and_then(|a| a.listen.as_deref()) {
+            None => None,
+            Some(s) => Some(s.parse().map_err(|_| self.err(&["admin"], None, "listen", format!("{s:?} is not ip:port")))?),
+        };
+
+        let mut entries: Vec<(String, RawCredential, Option<std::ops::Range<usize>>, bool)> = Vec::new();
+        if raw.credentials.is_none() || p.builtin_providers {
+            for (name, c) in builtin_providers() {
+                entries.push((name, c, None, true));
+            }
+        }
+        for (name, c) in raw.credentials.unwrap_or_default() {
+            let span = c.span();
+            entries.retain(|(n, ..)| *n != name);
+            entries.push((name, c.into_inner(), Some(span), false));
+        }
+        let mut rules = Vec::new();
+        let mut credentials: Vec<Credential> = Vec::new();
+        for (name, rc, span, builtin) in entries {
+            let (rule, cred) = self.credential(&name, rc, span, builtin, &credentials)?;
+            rules.push(rule);
+            credentials.push(cred);
+        }
+        let capture_variables = self.vars.iter().filter(|v| credentials.iter().any(|c| c.reads.iter().any(|r| r.strip_suffix('*').is_some_and(|pre| v.starts_with(pre))))).cloned().collect();
+        Ok(Config {
+            file: self.file.map(Path::to_path_buf),
+            proxy,
+            upstream,
+            admin,
+            policy: Policy { credentials: rules, filters, intercept_all },
+            credentials,
+            capture_variables,
+        })
+    }
+
+    fn filters(&self, f: &raw::RawFilters) -> Result<Filters, ConfigError> {
+        let t = ["proxy", "filters"];
+        let patterns = |list: &[String], key: &str| -> Result<Vec<Pattern>, ConfigError> {
+            list.iter()
+                .map(|s| Pattern::parse(s).map_err(|e| self.err(&t, None, key, format!("{s:?}: {e}"))))
+                .collect()
+        };
+        Ok(Filters {
+            blocked: patterns(&f.blocked_domains, "blocked_domains")?,
+            allowlist_only: f.allowlist_only,
+            allowed: patterns(&f.allowed_domains, "allowed_domains")?,
+            content: ContentFilter::new(&f.blocked_patterns).map_err(|e| self.err(&t, None, "blocked_patterns", e))?,
+        })
+    }
+
+    fn upstream(&self, u: &raw::RawUpstream) -> Result<UpstreamSettings, ConfigError> {
+        let mut resolve = HashMap::new();
+        for (k, v) in &u.resolve {
+            let e = |m: String| self.err(&["upstream", "resolve"], None, "", m);
+            let dest = Destination::parse_authority(k, None).map_err(|x| e(format!("{k:?}: {x} (write host:port)")))?;
+            let addr: SocketAddr = v.parse().map_err(|_| e(format!("{k:?} = {v:?}: the value must be ip:port")))?;
+            resolve.insert(dest, addr);
+        }
+        Ok(UpstreamSettings { ca_file: u.ca_file.as_deref().map(expand_home), resolve })
+    }
+
+    fn credential(
+        &self,
+        name: &str,
+        c: RawCredential,
+        span: Option<std::ops::Range<usize>>,
+        builtin: bool,
+        earlier: &[Credential],
+    ) -> Result<(CredentialRule, Credential), ConfigError> {
+        let table = ["credentials", name];
+        let e = |key: &str, msg: String| self.err(&table, span.clone(), key, msg);
+        if c.domains.is_empty() {
+            return Err(e("domains", "a credential must name at least one host, IP or CIDR".into()));
+        }
+        let mut patterns = Vec::new();
+        for d in &c.domains {
+            let p = Pattern::parse(d).map_err(|x| e("domains", format!("{d:?}: {x}")))?;
+            if p.matches_everything() {
+                return Err(e("domains", format!("{d:?} matches every host; a credential must name its hosts")));
+            }
+            patterns.push(p);
+        }
+        let paths = c
+            .paths
+            .iter()
+            .map(|p| canonical_prefix(p).map_err(|x| e("paths", x)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let methods: Vec<String> = c.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
+        if let Some(m) = methods.iter().find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic())) {
+            return Err(e("methods", format!("{m:?} is not an HTTP method")));
+        }
+        if c.ports.contains(&0) {
+            return Err(e("ports", "port 0 is not a port".into()));
+        }
+
+        let auth_type = match (&c.auth_type, &c.header) {
+            (Some(t), _) => t.clone(),
+            (None, Some(_)) => "header".into(),
+            (None, None) => return Err(e("auth_type", "set `header` or `auth_type`".into())),
+        };
+        let template = |key: &str, v: &str| Template::parse(v).map_err(|x| e(key, x));
+        let source = |c: &RawCredential, value_key: &str, value: Option<&String>| -> Result<Source, ConfigError> {
+            let given = [value.is_some(), c.value_file.is_some(), c.value_command.is_some()];
+            match given.iter().filter(|g| **g).count() {
+                1 => {}
+                0 => return Err(e(value_key, format!("set one of `{value_key}`, `value_file`, `value_command`"))),
+                _ => return Err(e(value_key, format!("set only one of `{value_key}`, `value_file`, `value_command`"))),
+            }
+            Ok(if let Some(v) = value {
+                Source::Value(template(value_key, v)?)
+            } else if let Some(f) = &c.value_file {
+                Source::File(expand_home(f))
+            } else {
+                let argv = c.value_command.clone().unwrap_or_default();
+                if argv.is_empty() {
+                    return Err(e("value_command", "the command is empty".into()));
+                }
+                Source::Command(argv)
+            })
+        };
+        let slots = |default: &str, prefix: Option<&str>| -> Result<Vec<HeaderSlot>, ConfigError> {
+            let names = c.header.clone().map(|h| h.into_vec()).unwrap_or_else(|| vec![default.to_string()]);
+            if names.is_empty() {
+                return Err(e("header", "name at least one header".into()));
+            }
+            names
+                .iter()
+                .map(|n| {
+                    let mut slot = HeaderSlot::parse(n).map_err(|x| e("header", x))?;
+                    if slot.prefix.is_none() {
+                        slot.prefix = prefix.map(str::to_string);
+                    }
+                    Ok(slot)
+                })
+                .collect()
+        };
+
+        let mut reads = Vec::new();
+        let mut state = CredState::Active;
+        let mut resolve = |src: &Source| -> Option<SecretValue> {
+            if let Source::Value(t) = src {
+                reads.extend(t.variables());
+            }
+            match src.resolve(self.env, self.vars) {
+                Resolved::Ready(v) => Some(v),
+                Resolved::Missing(why) => {
+                    if state == CredState::Active {
+                        state = CredState::Inactive(why);
+                    }
+                    None
+                }
+                Resolved::Failed(why) => {
+                    state = CredState::Failed(why);
+                    None
+                }
+            }
+        };
+        let placeholder_dummy = || SecretValue::Static(crate::secrets::Secret::new("unset".into()));
+
+        let (injector, primary, inline): (Box<dyn Injector>, Source, bool) = match auth_type.as_str() {
+            "header" | "bearer" => {
+                if auth_type == "header" && c.header.is_none() {
+                    return Err(e("header", "auth_type \"header\" needs `header`".into()));
+                }
+                let prefix = (auth_type == "bearer").then_some("Bearer");
+                let slots = slots("Authorization", prefix)?;
+                let src = source(&c, "value", c.value.as_ref())?;
+                let v = resolve(&src).unwrap_or_else(placeholder_dummy);
+                let inj = HeaderInjector::new(slots, HeaderValueSource::Raw(v)).map_err(|x| e("value", x))?;
+                let inline = matches!(&src, Source::Value(t) if t.is_inline());
+                (Box::new(inj), src, inline)
+            }
+            "basic" => {
+                let user = c.username.clone().ok_or_else(|| e("username", "basic auth needs `username`".into()))?;
+                let user_src = Source::Value(template("username", &user)?);
+                let username = resolve(&user_src).unwrap_or_else(placeholder_dummy);
+                if c.value.is_some() {
+                    return Err(e("value", "basic auth takes `password` (or value_file / value_command)".into()));
+                }
+                let src = source(&c, "password", c.password.as_ref())?;
+                let password = resolve(&src).unwrap_or_else(placeholder_dummy);
+                let slots = slots("Authorization", Some("Basic"))?;
+                let inj = HeaderInjector::new(slots, HeaderValueSource::Basic { username, password })
+                    .map_err(|x| e("password", x))?;
+                let inline = matches!(&src, Source::Value(t) if t.is_inline());
+                (Box::new(inj), src, inline)
+            }
+            "query" => {
+                let param = c.param.clone().ok_or_else(|| e("param", "query auth needs `param`".into()))?;
+                if c.header.is_some() {
+                    return Err(e("header", "query auth writes `param`, not a header".into()));
+                }
+                let src = source(&c, "value", c.value.as_ref())?;
+                let v = resolve(&src).unwrap_or_else(placeholder_dummy);
+                let inline = matches!(&src, Source::Value(t) if t.is_inline());
+                (Box::new(QueryInjector::new(param, v)), src, inline)
+            }
+            "aws_sigv4" | "gcp" | "mtls" => {
+                return Err(e("auth_type", format!("{auth_type:?} is not supported by this version of latchkey yet")));
+            }
+            other => {
+                return Err(e(
+                    "auth_type",
+                    format!("{other:?}: expected header, bearer, basic or query"),
+                ));
+            }
+        };
+
+        let env = match c.env.clone() {
+            Some(list) => list.into_vec(),
+            None => match &primary {
+                Source::Value(t) => t.sole_variable().map(|v| vec![v.to_string()]).unwrap_or_default(),
+                _ => vec![],
+            },
+        };
+        let placeholder = c.placeholder.clone().unwrap_or_else(|| {
+            earlier
+                .iter()
+                .find(|o| o.env.iter().any(|v| env.contains(v)))
+                .map(|o| o.placeholder.clone())
+                .unwrap_or_else(|| format!("latchkey-{name}"))
+        });
+        let rule = CredentialRule {
+            name: name.to_string(),
+            patterns,
+            paths,
+            methods,
+            ports: c.ports.clone(),
+            allow_http: c.allow_http,
+            allowed_origins: c.allowed_origins.clone(),
+            require_placeholder: c.require_placeholder,
+            state,
+        };
+        let cred = Credential {
+            name: name.to_string(),
+            injector,
+            placeholder,
+            env,
+            reads,
+            source: primary.describe(),
+            inline_secret: inline,
+            pass_cookies: c.pass_cookies,
+            builtin,
+            auth_type,
+        };
+        Ok((rule, cred))
+    }
+}
+
+fn parse_cidr(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// The built-in providers, in table order.
+pub fn builtin_providers() -> IndexMap<String, RawCredential> {
+    toml::from_str(PROVIDERS_TOML).expect("the embedded provider table parses")
+}
+
+impl Config {
+    /// The zero-config defaults (no file).
+    pub fn defaults() -> Result<Config, ConfigError> {
+        load(None)
+    }
+
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.proxy.ca_dir.join("ca.crt")
+    }
+
+    pub fn bundle_path(&self) -> PathBuf {
+        self.proxy.ca_dir.join("bundle.pem")
+    }
+
+    /// The address clients should use to reach the proxy.
+    pub fn client_proxy_addr(&self) -> SocketAddr {
+        let ip = match self.proxy.listen.ip() {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+            ip => ip,
+        };
+        SocketAddr::new(ip, self.proxy.listen.port())
+    }
+
+    /// Every secret value of every usable credential (leak checks, redaction).
+    pub fn secret_values(&self) -> Vec<crate::secrets::Secret> {
+        self.credentials
+            .iter()
+            .zip(&self.policy.credentials)
+            .filter(|(_, r)| r.state == CredState::Active)
+            .flat_map(|(c, _)| c.injector.secrets())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

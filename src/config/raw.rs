@@ -1,0 +1,160 @@
+//! The config file as written: serde types that mirror the TOML (seed schema plus
+//! latchkey's extensions). Unknown keys are errors everywhere.
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub proxy: RawProxy,
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    pub admin: Option<RawAdmin>,
+    pub credentials: Option<IndexMap<String, Spanned<RawCredential>>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawProxy {
+    pub port: u16,
+    pub bind: String,
+    pub ca_dir: String,
+    pub generate_certs: bool,
+    pub ca_lifetime: u32,
+    pub timeout: u64,
+    pub connect_timeout: u64,
+    pub intercept: String,
+    pub allowed_clients: Vec<String>,
+    pub allow_private: Vec<String>,
+    pub redact_responses: bool,
+    pub builtin_providers: bool,
+    pub logging: RawLogging,
+    pub filters: RawFilters,
+    pub limits: RawLimits,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        RawProxy {
+            port: 3128,
+            bind: "127.0.0.1".into(),
+            ca_dir: "~/.config/latchkey/ca".into(),
+            generate_certs: true,
+            ca_lifetime: 365,
+            timeout: 300,
+            connect_timeout: 10,
+            intercept: "auto".into(),
+            allowed_clients: vec![],
+            allow_private: vec![],
+            redact_responses: true,
+            builtin_providers: false,
+            logging: RawLogging::default(),
+            filters: RawFilters::default(),
+            limits: RawLimits::default(),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLogging {
+    pub log_requests: bool,
+    pub log_file: String,
+}
+
+impl Default for RawLogging {
+    fn default() -> Self {
+        RawLogging { log_requests: false, log_file: "~/.config/latchkey/proxy.log".into() }
+    }
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawFilters {
+    pub blocked_domains: Vec<String>,
+    pub blocked_patterns: Vec<String>,
+    pub allowlist_only: bool,
+    pub allowed_domains: Vec<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: u64,
+    pub idle_timeout: u64,
+    pub max_connections: usize,
+    pub inspect_body_bytes: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            header_read_timeout: 10,
+            idle_timeout: 90,
+            max_connections: 4096,
+            inspect_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpstream {
+    pub ca_file: Option<String>,
+    pub resolve: IndexMap<String, String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCredential {
+    pub header: Option<OneOrMany>,
+    pub auth_type: Option<String>,
+    pub value: Option<String>,
+    pub value_file: Option<String>,
+    pub value_command: Option<Vec<String>>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub param: Option<String>,
+    pub domains: Vec<String>,
+    pub paths: Vec<String>,
+    pub methods: Vec<String>,
+    pub ports: Vec<u16>,
+    pub allow_http: bool,
+    pub placeholder: Option<String>,
+    pub env: Option<OneOrMany>,
+    pub require_placeholder: bool,
+    pub allowed_origins: Vec<String>,
+    pub pass_cookies: bool,
+    /// Only in the built-in table: what `latchkey providers` shows.
+    pub provider: Option<String>,
+    pub docs: Option<String>,
+}

@@ -1,0 +1,351 @@
+//! Secret values and their sources. A `Secret` zeroes its memory on drop and never
+//! prints itself; the only way to the bytes is `expose()`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use zeroize::Zeroizing;
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Zeroizing<String>);
+
+impl Secret {
+    pub fn new(s: String) -> Self {
+        Secret(Zeroizing::new(s))
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// `value = "...${VAR}..."`: literal text and variable references. A reference may list
+/// alternatives (`${GH_TOKEN|GITHUB_TOKEN}`: the first one set) or take a regex capture
+/// (`${K8S_TOKEN_{cluster}}`: resolved per request among variables present at load).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Part {
+    Lit(String),
+    Var(Vec<String>),
+    Captured { prefix: String, capture: String, suffix: String },
+}
+
+impl Template {
+    pub fn parse(raw: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut rest = raw;
+        while let Some(start) = rest.find("${") {
+            if start > 0 {
+                parts.push(Part::Lit(rest[..start].to_string()));
+            }
+            let after = &rest[start + 2..];
+            let end = closing_brace(after).ok_or("unclosed ${ in value")?;
+            parts.push(parse_reference(&after[..end])?);
+            rest = &after[end + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_string()));
+        }
+        Ok(Template { parts })
+    }
+
+    /// True when the template holds no reference: the secret is written in the config.
+    pub fn is_inline(&self) -> bool {
+        self.parts.iter().all(|p| matches!(p, Part::Lit(_)))
+    }
+
+    pub fn has_captures(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Captured { .. }))
+    }
+
+    /// The variable names this template reads (capture references by prefix).
+    pub fn variables(&self) -> Vec<String> {
+        self.parts
+            .iter()
+            .flat_map(|p| match p {
+                Part::Var(names) => names.clone(),
+                Part::Captured { prefix, .. } => vec![format!("{prefix}*")],
+                Part::Lit(_) => vec![],
+            })
+            .collect()
+    }
+
+    /// When the template is exactly one `${NAME}`: that name (the client-side variable).
+    pub fn sole_variable(&self) -> Option<&str> {
+        match self.parts.as_slice() {
+            [Part::Var(names)] if names.len() == 1 => Some(&names[0]),
+            _ => None,
+        }
+    }
+
+    /// Resolve against an environment. Capture references keep every variable with the
+    /// reference's prefix that is present now, for lookup per request.
+    pub fn resolve(&self, env: &dyn Fn(&str) -> Option<String>, all_vars: &[String]) -> Resolved {
+        if self.has_captures() {
+            let mut vars = BTreeMap::new();
+            for p in &self.parts {
+                if let Part::Captured { prefix, suffix, .. } = p {
+                    for name in all_vars.iter().filter(|n| n.starts_with(prefix.as_str()) && n.ends_with(suffix.as_str())) {
+                        if let Some(v) = env(name) {
+                            vars.insert(name.clone(), Secret::new(v));
+                        }
+                    }
+                }
+                if let Part::Var(names) = p
+                    && let Some((n, v)) = names.iter().find_map(|n| env(n).map(|v| (n, v)))
+                {
+                    vars.insert(n.clone(), Secret::new(v));
+                }
+            }
+            return Resolved::Ready(SecretValue::Dynamic { template: self.clone(), vars });
+        }
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Var(names) => match names.iter().find_map(|n| env(n)) {
+                    Some(v) => out.push_str(&v),
+                    None => return Resolved::Missing(format!("${{{}}} is not set", names.join("|"))),
+                },
+                Part::Captured { .. } => unreachable!("handled above"),
+            }
+        }
+        trimmed(out)
+    }
+
+    fn render_dynamic(&self, vars: &BTreeMap<String, Secret>, captures: &[(String, String)]) -> Option<Secret> {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Var(names) => out.push_str(names.iter().find_map(|n| vars.get(n))?.expose()),
+                Part::Captured { prefix, capture, suffix } => {
+                    let value = &captures.iter().find(|(n, _)| n == capture)?.1;
+                    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                        return None;
+                    }
+                    let name = format!("{prefix}{}{suffix}", value.to_ascii_uppercase());
+                    out.push_str(vars.get(&name)?.expose());
+                }
+            }
+        }
+        Some(Secret::new(out.trim().to_string()))
+    }
+}
+
+fn closing_brace(s: &str) -> Option<usize> {
+    let mut depth = 0;
+    for (i, c) in s.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => return Some(i),
+            '}' => depth -= 1,
+            _ => {}
+        }
+    }
+    None
+}
+
+fn parse_reference(inner: &str) -> Result<Part, String> {
+    let valid = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if let Some(open) = inner.find('{') {
+        let close = inner.find('}').ok_or("unclosed capture in ${...}")?;
+        let (prefix, capture, suffix) = (&inner[..open], &inner[open + 1..close], &inner[close + 1..]);
+        if prefix.is_empty() {
+            return Err(format!("${{{inner}}}: a capture needs a literal prefix"));
+        }
+        if !valid(prefix) || !valid(capture) || !(suffix.is_empty() || valid(suffix)) {
+            return Err(format!("${{{inner}}}: bad variable name"));
+        }
+        return Ok(Part::Captured { prefix: prefix.into(), capture: capture.into(), suffix: suffix.into() });
+    }
+    let names: Vec<String> = inner.split('|').map(str::to_string).collect();
+    if !names.iter().all(|n| valid(n)) {
+        return Err(format!("${{{inner}}}: bad variable name"));
+    }
+    Ok(Part::Var(names))
+}
+
+/// A credential's secret, ready for use.
+#[derive(Clone, Debug)]
+pub enum SecretValue {
+    Static(Secret),
+    Dynamic { template: Template, vars: BTreeMap<String, Secret> },
+}
+
+impl SecretValue {
+    pub fn get(&self, captures: &[(String, String)]) -> Option<Secret> {
+        match self {
+            SecretValue::Static(s) => Some(s.clone()),
+            SecretValue::Dynamic { template, vars } => template.render_dynamic(vars, captures),
+        }
+    }
+
+    pub fn as_static(&self) -> Option<&Secret> {
+        match self {
+            SecretValue::Static(s) => Some(s),
+            SecretValue::Dynamic { .. } => None,
+        }
+    }
+
+    /// Every value this source may put on the wire (for redaction and leak checks).
+    pub fn all(&self) -> Vec<&Secret> {
+        match self {
+            SecretValue::Static(s) => vec![s],
+            SecretValue::Dynamic { vars, .. } => vars.values().collect(),
+        }
+    }
+}
+
+/// The outcome of reading a source.
+#[derive(Debug)]
+pub enum Resolved {
+    Ready(SecretValue),
+    /// Not configured here (unset variable, absent file): the credential is inactive.
+    Missing(String),
+    /// Configured but broken: the credential is failed, its requests get 502.
+    Failed(String),
+}
+
+fn trimmed(s: String) -> Resolved {
+    let t = s.trim();
+    if t.is_empty() {
+        return Resolved::Missing("the value is empty".into());
+    }
+    Resolved::Ready(SecretValue::Static(Secret::new(if t.len() == s.len() { s } else { t.to_string() })))
+}
+
+/// Where a secret comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    Value(Template),
+    File(PathBuf),
+    Command(Vec<String>),
+}
+
+impl Source {
+    pub fn resolve(&self, env: &dyn Fn(&str) -> Option<String>, all_vars: &[String]) -> Resolved {
+        match self {
+            Source::Value(t) => t.resolve(env, all_vars),
+            Source::File(path) => read_file(path),
+            Source::Command(argv) => run_command(argv),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Value(t) if t.is_inline() => "inline value".into(),
+            Source::Value(t) => format!("env {}", t.variables().join(", ")),
+            Source::File(p) => format!("file {}", p.display()),
+            Source::Command(argv) => format!("command {}", argv.first().map(String::as_str).unwrap_or("")),
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Resolved {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Resolved::Missing(format!("{} does not exist", path.display()));
+        }
+        Err(e) => return Resolved::Failed(format!("{}: {e}", path.display())),
+    };
+    if let Err(why) = crate::fsutil::owner_only_writable(&meta) {
+        return Resolved::Failed(format!("{} {why}", path.display()));
+    }
+    match std::fs::read_to_string(path) {
+        Ok(s) => trimmed(s),
+        Err(e) => Resolved::Failed(format!("{}: {e}", path.display())),
+    }
+}
+
+fn run_command(argv: &[String]) -> Resolved {
+    let Some((prog, args)) = argv.split_first() else {
+        return Resolved::Failed("value_command is empty".into());
+    };
+    match Command::new(prog).args(args).stdin(std::process::Stdio::null()).output() {
+        Ok(out) if out.status.success() => match String::from_utf8(out.stdout) {
+            Ok(s) => trimmed(s),
+            Err(_) => Resolved::Failed(format!("{prog} printed non-UTF-8 output")),
+        },
+        Ok(out) => Resolved::Failed(format!("{prog} exited with {}", out.status)),
+        Err(e) => Resolved::Failed(format!("{prog}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "A" => Some(" secret-a \n".into()),
+            "GITHUB_TOKEN" => Some("gh".into()),
+            "K8S_TOKEN_PROD" => Some("prod-token".into()),
+            _ => None,
+        }
+    }
+
+    fn ready(r: Resolved) -> SecretValue {
+        match r {
+            Resolved::Ready(v) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn interpolates_and_trims() {
+        let t = Template::parse("${A}").unwrap();
+        assert_eq!(t.sole_variable(), Some("A"));
+        assert_eq!(ready(t.resolve(&env, &[])).get(&[]).unwrap().expose(), "secret-a");
+        let t = Template::parse("${GH_TOKEN|GITHUB_TOKEN}").unwrap();
+        assert_eq!(ready(t.resolve(&env, &[])).get(&[]).unwrap().expose(), "gh");
+        assert!(matches!(Template::parse("${NOPE}").unwrap().resolve(&env, &[]), Resolved::Missing(_)));
+        assert!(Template::parse("literal").unwrap().is_inline());
+        assert!(Template::parse("${A").is_err());
+        assert!(Template::parse("${A B}").is_err());
+    }
+
+    #[test]
+    fn captures_are_checked() {
+        assert!(Template::parse("${{cluster}}").is_err(), "needs a literal prefix");
+        let t = Template::parse("${K8S_TOKEN_{cluster}}").unwrap();
+        let all = vec!["K8S_TOKEN_PROD".to_string(), "A".to_string()];
+        let v = ready(t.resolve(&env, &all));
+        let get = |c: &str| v.get(&[("cluster".into(), c.into())]).map(|s| s.expose().to_string());
+        assert_eq!(get("prod").as_deref(), Some("prod-token"));
+        assert_eq!(get("dev"), None);
+        assert_eq!(get("pr-od"), None);
+        assert_eq!(get(""), None);
+    }
+
+    #[test]
+    fn debug_never_shows() {
+        let s = Secret::new("hunter2".into());
+        assert_eq!(format!("{s:?}"), "[redacted]");
+        let v = SecretValue::Static(s);
+        assert!(!format!("{v:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn commands() {
+        let ok = Source::Command(vec!["echo".into(), "tok".into()]);
+        assert_eq!(ready(ok.resolve(&env, &[])).get(&[]).unwrap().expose(), "tok");
+        assert!(matches!(Source::Command(vec!["false".into()]).resolve(&env, &[]), Resolved::Failed(_)));
+        assert!(matches!(
+            Source::File("/nonexistent/latchkey".into()).resolve(&env, &[]),
+            Resolved::Missing(_)
+        ));
+    }
+}
