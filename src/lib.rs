@@ -8,3 +8,4 @@ pub mod fsutil;
 pub mod inject;
 pub mod secrets;
 pub mod config;
+pub mod ca;

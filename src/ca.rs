@@ -1,0 +1,327 @@
+//! The latchkey CA: created once (atomically, 0600 key in a 0700 directory), then
+//! used to mint one leaf certificate per intercepted host. Leaves share one key and
+//! are cached in a bounded LRU; concurrent first requests for a host mint it once.
+
+use std::io::Write;
+use std::num::NonZeroUsize;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use lru::LruCache;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SerialNumber,
+};
+use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::sign::CertifiedKey;
+use time::{Duration, OffsetDateTime};
+
+use crate::policy::Host;
+
+const LEAF_CACHE: usize = 1024;
+const LEAF_DAYS: i64 = 30;
+
+#[derive(Debug)]
+pub struct CaError(pub String);
+
+impl std::fmt::Display for CaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CaError {}
+
+fn err(e: impl std::fmt::Display) -> CaError {
+    CaError(e.to_string())
+}
+
+type LeafSlot = Arc<OnceLock<Result<Arc<ServerConfig>, String>>>;
+
+pub struct CertAuthority {
+    pub dir: PathBuf,
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+    ca_not_after: OffsetDateTime,
+    leaf_key: KeyPair,
+    leaf_signer: Arc<dyn rustls::sign::SigningKey>,
+    provider: Arc<CryptoProvider>,
+    tickets: Arc<dyn rustls::server::ProducesTickets>,
+    sessions: Arc<dyn rustls::server::StoresServerSessions>,
+    leaves: Mutex<LruCache<Host, LeafSlot>>,
+    alpn: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for CertAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertAuthority").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+/// How to obtain the CA.
+pub struct CaOptions<'a> {
+    pub dir: &'a Path,
+    pub generate: bool,
+    pub lifetime_days: u32,
+    pub regenerate: bool,
+}
+
+impl CertAuthority {
+    /// Load the CA from `dir`, creating it when allowed. Refuses a directory or key that
+    /// another user could write or read.
+    pub fn open(opts: &CaOptions<'_>, provider: Arc<CryptoProvider>) -> Result<Self, CaError> {
+        let dir = opts.dir;
+        ensure_private_dir(dir)?;
+        let key_path = dir.join("ca.key");
+        let cert_path = dir.join("ca.crt");
+        let exists = key_path.exists() && cert_path.exists();
+        if !exists || opts.regenerate {
+            if !opts.generate && !opts.regenerate {
+                return Err(CaError(format!(
+                    "no CA in {} and generate_certs = false: create one with `latchkey ca regenerate` or set generate_certs = true",
+                    dir.display()
+                )));
+            }
+            generate(dir, opts.lifetime_days, &provider)?;
+        }
+        let meta = std::fs::metadata(&key_path).map_err(err)?;
+        crate::fsutil::owner_only_writable(&meta).map_err(|w| CaError(format!("{} {w}", key_path.display())))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(CaError(format!(
+                "{} is readable by other users; run chmod 600 on it",
+                key_path.display()
+            )));
+        }
+        let key_pem = zeroize::Zeroizing::new(std::fs::read_to_string(&key_path).map_err(err)?);
+        let cert_pem = std::fs::read_to_string(&cert_path).map_err(err)?;
+        let ca_key = KeyPair::from_pem(&key_pem).map_err(|e| CaError(format!("{}: {e}", key_path.display())))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, ca_key).map_err(|e| CaError(format!("{}: {e}", cert_path.display())))?;
+        let ca_not_after = ca_not_after(&cert_pem).unwrap_or_else(|| OffsetDateTime::now_utc() + Duration::days(30));
+        write_bundle(dir, &cert_pem)?;
+
+        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(err)?;
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+        let leaf_signer = provider.key_provider.load_private_key(der).map_err(err)?;
+        let tickets = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(err)?;
+        Ok(CertAuthority {
+            dir: dir.to_path_buf(),
+            cert_pem,
+            issuer,
+            ca_not_after,
+            leaf_key,
+            leaf_signer,
+            provider,
+            tickets,
+            sessions: rustls::server::ServerSessionMemoryCache::new(4096),
+            leaves: Mutex::new(LruCache::new(NonZeroUsize::new(LEAF_CACHE).expect("non-zero"))),
+            alpn: vec![b"http/1.1".to_vec()],
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The TLS server config presenting a leaf for `host`, minted once per host.
+    pub fn server_config(&self, host: &Host) -> Result<Arc<ServerConfig>, CaError> {
+        let slot = {
+            let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
+            leaves.get_or_insert(host.clone(), || Arc::new(OnceLock::new())).clone()
+        };
+        slot.get_or_init(|| self.mint(host).map_err(|e| e.0)).clone().map_err(CaError)
+    }
+
+    fn mint(&self, host: &Host) -> Result<Arc<ServerConfig>, CaError> {
+        let name = match host {
+            Host::Domain(d) => d.clone(),
+            Host::Ip(ip) => ip.to_string(),
+        };
+        let mut p = CertificateParams::new(vec![name.clone()]).map_err(err)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        p.distinguished_name = dn;
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.use_authority_key_identifier_extension = true;
+        p.serial_number = Some(random_serial(&self.provider)?);
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now - Duration::days(1);
+        p.not_after = (now + Duration::days(LEAF_DAYS)).min(self.ca_not_after);
+        let leaf = p.signed_by(&self.leaf_key, &self.issuer).map_err(err)?;
+        let certified = CertifiedKey::new(vec![leaf.der().clone()], self.leaf_signer.clone());
+        let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(err)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
+        cfg.alpn_protocols = self.alpn.clone();
+        cfg.ticketer = self.tickets.clone();
+        cfg.session_storage = self.sessions.clone();
+        Ok(Arc::new(cfg))
+    }
+}
+
+fn random_serial(provider: &CryptoProvider) -> Result<SerialNumber, CaError> {
+    let mut bytes = [0u8; 16];
+    provider.secure_random.fill(&mut bytes).map_err(|_| CaError("the system has no randomness".into()))?;
+    bytes[0] &= 0x7f; // positive
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+/// Create (or tighten) a directory only its owner can use.
+fn ensure_private_dir(dir: &Path) -> Result<(), CaError> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(|e| CaError(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    let meta = std::fs::metadata(dir).map_err(err)?;
+    crate::fsutil::owner_only_writable(&meta).map_err(|w| CaError(format!("ca_dir {} {w}", dir.display())))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Generate a fresh CA: P-256, pathLen 0, written atomically.
+fn generate(dir: &Path, lifetime_days: u32, provider: &CryptoProvider) -> Result<(), CaError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(err)?;
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("latchkey CA ({})", hostname()));
+    dn.push(DnType::OrganizationName, "latchkey");
+    p.distinguished_name = dn;
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - Duration::days(1);
+    p.not_after = now + Duration::days(lifetime_days as i64);
+    p.serial_number = Some(random_serial(provider)?);
+    let cert = p.self_signed(&key).map_err(err)?;
+    let key_pem = zeroize::Zeroizing::new(key.serialize_pem());
+    write_atomic(&dir.join("ca.key"), key_pem.as_bytes(), 0o600)?;
+    write_atomic(&dir.join("ca.crt"), cert.pem().as_bytes(), 0o644)?;
+    Ok(())
+}
+
+/// Write via a temporary file created with `mode`, then rename: readers see the old
+/// file or the new one, and a key never exists with looser permissions.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| CaError(format!("cannot write {}: {e}", tmp.display())))?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(err)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(|e| CaError(format!("cannot write {}: {e}", path.display())))
+}
+
+/// `bundle.pem`: the system trust store (or the public roots) plus the latchkey CA, so
+/// that clients given only this file still verify hosts latchkey tunnels blind.
+fn write_bundle(dir: &Path, ca_pem: &str) -> Result<(), CaError> {
+    let path = dir.join("bundle.pem");
+    if let Ok(existing) = std::fs::read_to_string(&path)
+        && existing.ends_with(ca_pem)
+    {
+        return Ok(());
+    }
+    let mut bundle = system_roots_pem().unwrap_or_else(public_roots_pem);
+    if !bundle.ends_with('\n') {
+        bundle.push('\n');
+    }
+    bundle.push_str(ca_pem);
+    write_atomic(&path, bundle.as_bytes(), 0o644)
+}
+
+fn system_roots_pem() -> Option<String> {
+    [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/cert.pem",
+        "/etc/ssl/ca-bundle.pem",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok().filter(|s| s.contains("BEGIN CERTIFICATE")))
+}
+
+fn public_roots_pem() -> String {
+    use base64::Engine;
+    let mut out = String::new();
+    for der in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for chunk in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}
+
+fn ca_not_after(pem: &str) -> Option<OffsetDateTime> {
+    let der = CertificateDer::pem_slice_iter(pem.as_bytes()).next()?.ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(cert.validity().not_after.to_datetime())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "local".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn provider() -> Arc<CryptoProvider> {
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    }
+
+    #[test]
+    fn creates_private_files_and_mints_single_san_leaves() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let opts = CaOptions { dir: &dir, generate: true, lifetime_days: 10, regenerate: false };
+        let ca = CertAuthority::open(&opts, provider()).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(std::fs::metadata(dir.join("ca.key")).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(dir.join("ca.crt")).unwrap().mode() & 0o777, 0o644);
+        let bundle = std::fs::read_to_string(dir.join("bundle.pem")).unwrap();
+        assert!(bundle.ends_with(ca.cert_pem()) && bundle.matches("BEGIN CERT").count() > 10);
+
+        let der = CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()).next().unwrap().unwrap();
+        let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let bc = c.basic_constraints().unwrap().unwrap().value;
+        assert!(bc.ca && bc.path_len_constraint == Some(0));
+
+        let host = Host::parse("api.example.com").unwrap();
+        let a = ca.server_config(&host).unwrap();
+        let b = ca.server_config(&host).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "cached");
+
+        // Re-open keeps the same CA; generate=false without files refuses.
+        let again = CertAuthority::open(&opts, provider()).unwrap();
+        assert_eq!(again.cert_pem(), ca.cert_pem());
+        let empty = tmp.path().join("none");
+        let opts = CaOptions { dir: &empty, generate: false, lifetime_days: 10, regenerate: false };
+        assert!(CertAuthority::open(&opts, provider()).unwrap_err().0.contains("generate_certs = false"));
+    }
+
+    #[test]
+    fn refuses_loose_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let opts = CaOptions { dir: &dir, generate: true, lifetime_days: 10, regenerate: false };
+        CertAuthority::open(&opts, provider()).unwrap();
+        std::fs::set_permissions(dir.join("ca.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(CertAuthority::open(&opts, provider()).unwrap_err().0.contains("chmod 600"));
+    }
+}
