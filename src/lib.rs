@@ -9,3 +9,6 @@ pub mod inject;
 pub mod secrets;
 pub mod config;
 pub mod ca;
+pub mod audit;
+pub mod proxy;
+pub mod cli;

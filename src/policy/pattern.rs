@@ -134,6 +134,16 @@ impl Pattern {
         }
     }
 
+    /// A host this pattern covers, for overlap checks (none for regexes and CIDRs).
+    pub fn example_host(&self) -> Option<String> {
+        match &self.host {
+            HostPattern::Exact(d) | HostPattern::Suffix(d) => Some(d.clone()),
+            HostPattern::Glob(d) => Some(format!("x.{d}")),
+            HostPattern::Ip(ip) => Some(Host::Ip(*ip).to_string()),
+            _ => None,
+        }
+    }
+
     pub fn is_regex(&self) -> bool {
         matches!(self.host, HostPattern::Regex(_))
     }

@@ -1,0 +1,122 @@
+//! `latchkey check`: validate, list credentials, warn. Exit 0 ok, 1 warnings, 2 invalid.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::load_config;
+use crate::config::Config;
+use crate::policy::{CredState, Destination, RequestHead};
+
+/// Documented endpoints that mint new credentials: use there turns into read.
+const MINTING: &[(&str, &str)] = &[
+    ("api.github.com", "/app/installations/1/access_tokens"),
+    ("api.github.com", "/user/keys"),
+    ("api.github.com", "/authorizations"),
+    ("sts.amazonaws.com", "/"),
+    ("sts.googleapis.com", "/v1/token"),
+    ("iamcredentials.googleapis.com", "/v1/projects/-/serviceAccounts/x:generateAccessToken"),
+    ("oauth2.googleapis.com", "/token"),
+];
+
+pub fn check(config: Option<PathBuf>) -> ExitCode {
+    let config = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match &config.file {
+        Some(p) => println!("config: {} (valid)", p.display()),
+        None => println!("config: none found; built-in defaults and provider table"),
+    }
+    if !config.proxy.generate_certs && !config.ca_cert_path().exists() {
+        println!("error: generate_certs = false and there is no CA in {}", config.proxy.ca_dir.display());
+        return ExitCode::from(2);
+    }
+    println!("listen: {}   CA: {}", config.proxy.listen, config.ca_cert_path().display());
+    println!("credentials:");
+    for (rule, cred) in config.policy.credentials.iter().zip(&config.credentials) {
+        let state = match &rule.state {
+            CredState::Active => "active".to_string(),
+            CredState::Inactive(w) => format!("inactive ({w})"),
+            CredState::Failed(w) => format!("FAILED ({w})"),
+        };
+        let domains: Vec<&str> = rule.patterns.iter().map(|p| p.source.as_str()).collect();
+        println!("  {:<16} {:<8} {:<40} {} [{}]", cred.name, cred.auth_type, state, domains.join(", "), cred.source);
+    }
+    let warnings = warnings(&config);
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    for n in notes(&config) {
+        println!("note: {n}");
+    }
+    if warnings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+fn warnings(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for (rule, cred) in config.policy.credentials.iter().zip(&config.credentials) {
+        match &rule.state {
+            CredState::Inactive(why) if !cred.builtin => out.push(format!("credential {} is inactive: {why}", rule.name)),
+            CredState::Failed(why) => out.push(format!("credential {} failed: {why}; its requests get 502", rule.name)),
+            _ => {}
+        }
+        if cred.inline_secret {
+            out.push(format!(
+                "credential {} has its secret written in the config; use ${{VAR}}, value_file or value_command",
+                rule.name
+            ));
+        }
+    }
+    out.extend(ties(config));
+    let headers = http::HeaderMap::new();
+    for (host, path) in MINTING {
+        let dest = Destination::parse_authority(host, Some(443)).expect("static");
+        let head = RequestHead { method: "POST", target: path, path, headers: &headers, tls: true };
+        if let Some(i) = config.policy.winner(&dest, &head) {
+            out.push(format!(
+                "credential {} covers {host}{path}, which mints new credentials (use becomes read); scope it with `paths`",
+                config.policy.credentials[i].name
+            ));
+        }
+    }
+    out
+}
+
+/// Hosts where two credentials tie on specificity: the one declared last wins.
+fn ties(config: &Config) -> Vec<String> {
+    let headers = http::HeaderMap::new();
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for rule in &config.policy.credentials {
+        for p in &rule.patterns {
+            let Some(host) = p.example_host() else { continue };
+            let Ok(dest) = Destination::parse_authority(&host, Some(p.port.unwrap_or(443))) else { continue };
+            let path = rule.paths.first().map(|p| format!("{p}/")).unwrap_or_else(|| "/".into());
+            let method = rule.methods.first().map(String::as_str).unwrap_or("GET");
+            let head = RequestHead { method, target: &path, path: &path, headers: &headers, tls: true };
+            let ranked = config.policy.ranked(&dest, &head);
+            if let [.., (a, ra), (b, rb)] = ranked.as_slice()
+                && ra == rb
+                && seen.insert((*a, *b))
+            {
+                let (a, b) = (&config.policy.credentials[*a].name, &config.policy.credentials[*b].name);
+                out.push(format!("credentials {a} and {b} overlap on {host} with equal specificity; {b} (declared last) wins"));
+            }
+        }
+    }
+    out
+}
+
+fn notes(config: &Config) -> Vec<String> {
+    let mut out = vec![
+        "isolation: an agent running as this user can read this config and its secret sources; run latchkey as its own user or the agent in a container (docs/security.md)".to_string(),
+    ];
+    let f = &config.policy.filters;
+    if !f.content.is_empty() || !f.blocked.is_empty() || f.allowlist_only {
+        out.push("filters are advisory unless egress is enforced (a container network policy): a determined agent can bypass HTTP_PROXY".into());
+    }
+    if !config.capture_variables.is_empty() {
+        out.push(format!("variables available to regex captures: {}", config.capture_variables.join(", ")));
+    }
+    out
+}

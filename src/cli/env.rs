@@ -1,0 +1,155 @@
+//! `latchkey env`: the client side of latchkey, as variables. No proxy secret ever.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::{load_config, open_ca};
+use crate::config::Config;
+use crate::policy::{CredState, Destination, RequestHead};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Format {
+    Sh,
+    Fish,
+    Json,
+    Dotenv,
+}
+
+/// Variables every CA-aware tool reads, pointed at bundle.pem.
+const CA_VARS: &[&str] = &[
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "AWS_CA_BUNDLE",
+    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+    "CARGO_HTTP_CAINFO",
+    "DENO_CERT",
+    "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE",
+];
+
+/// Variables that point at real credential files; `exec` points them at stubs.
+const CREDENTIAL_FILE_VARS: &[&str] = &[
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AZURE_CLIENT_CERTIFICATE_PATH",
+];
+
+/// Git hosts whose SSH remotes `exec` routes over HTTPS when a credential covers them.
+const GIT_HOSTS: &[&str] = &["github.com", "gitlab.com", "bitbucket.org"];
+
+pub fn env(config: Option<PathBuf>, format: Format, proxy_url: Option<String>, ca_path: Option<PathBuf>) -> ExitCode {
+    let config = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if ca_path.is_none()
+        && let Err(code) = open_ca(&config, false)
+    {
+        return code;
+    }
+    let vars = client_env(&config, proxy_url, ca_path);
+    print!("{}", render(&vars, format));
+    ExitCode::SUCCESS
+}
+
+/// The client-side environment, in a stable order.
+pub fn client_env(config: &Config, proxy_url: Option<String>, ca_path: Option<PathBuf>) -> Vec<(String, String)> {
+    let url = proxy_url.unwrap_or_else(|| format!("http://{}", config.client_proxy_addr()));
+    let (bundle, ca) = match ca_path {
+        Some(p) => (p.clone(), p),
+        None => (config.bundle_path(), config.ca_cert_path()),
+    };
+    let mut out: Vec<(String, String)> = Vec::new();
+    for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        out.push((k.into(), url.clone()));
+    }
+    for k in ["NO_PROXY", "no_proxy"] {
+        out.push((k.into(), "localhost,127.0.0.1,::1".into()));
+    }
+    out.push(("NODE_USE_ENV_PROXY".into(), "1".into()));
+    for k in CA_VARS {
+        out.push(((*k).into(), bundle.display().to_string()));
+    }
+    out.push(("NODE_EXTRA_CA_CERTS".into(), ca.display().to_string()));
+    for (rule, cred) in config.policy.credentials.iter().zip(&config.credentials) {
+        if rule.state != CredState::Active {
+            continue;
+        }
+        for var in &cred.env {
+            if !out.iter().any(|(k, _)| k == var) {
+                out.push((var.clone(), cred.placeholder.clone()));
+            }
+        }
+    }
+    out.extend(git_rewrites(config));
+    out
+}
+
+/// Route SSH remotes of credentialed git hosts over HTTPS, where latchkey can inject.
+fn git_rewrites(config: &Config) -> Vec<(String, String)> {
+    let headers = http::HeaderMap::new();
+    let mut pairs = Vec::new();
+    for host in GIT_HOSTS {
+        let dest = Destination::parse_authority(host, Some(443)).expect("static host");
+        let head = RequestHead { method: "GET", target: "/", path: "/", headers: &headers, tls: true };
+        if config.policy.winner(&dest, &head).is_some() {
+            pairs.push((format!("url.https://{host}/.insteadOf"), format!("git@{host}:")));
+            pairs.push((format!("url.https://{host}/.insteadof"), format!("ssh://git@{host}/")));
+        }
+    }
+    if pairs.is_empty() {
+        return vec![];
+    }
+    let base: usize = std::env::var("GIT_CONFIG_COUNT").ok().and_then(|c| c.parse().ok()).unwrap_or(0);
+    let mut out = vec![("GIT_CONFIG_COUNT".to_string(), (base + pairs.len()).to_string())];
+    for (i, (k, v)) in pairs.into_iter().enumerate() {
+        out.push((format!("GIT_CONFIG_KEY_{}", base + i), k));
+        out.push((format!("GIT_CONFIG_VALUE_{}", base + i), v));
+    }
+    out
+}
+
+/// Variables `exec` removes from the child: everything a credential source or a
+/// built-in provider reads, and credential-file pointers.
+pub fn scrub_list(config: &Config) -> Vec<String> {
+    let mut reads: Vec<String> = config.credentials.iter().flat_map(|c| c.reads.clone()).collect();
+    for (_, p) in crate::config::builtin_providers() {
+        for v in [p.value.as_deref(), p.password.as_deref(), p.username.as_deref()].into_iter().flatten() {
+            if let Ok(t) = crate::secrets::Template::parse(v) {
+                reads.extend(t.variables());
+            }
+        }
+    }
+    reads.extend(CREDENTIAL_FILE_VARS.iter().map(|s| s.to_string()));
+    reads.push("LATCHKEY_CONFIG".into());
+    let mut out = Vec::new();
+    for r in reads {
+        match r.strip_suffix('*') {
+            Some(prefix) => out.extend(
+                std::env::vars_os()
+                    .filter_map(|(k, _)| k.into_string().ok())
+                    .filter(|k| k.starts_with(prefix)),
+            ),
+            None => out.push(r),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn render(vars: &[(String, String)], format: Format) -> String {
+    let quote = |v: &str| format!("'{}'", v.replace('\'', "'\\''"));
+    match format {
+        Format::Sh => vars.iter().map(|(k, v)| format!("export {k}={}\n", quote(v))).collect(),
+        Format::Fish => vars.iter().map(|(k, v)| format!("set -gx {k} {}\n", quote(v))).collect(),
+        Format::Dotenv => vars.iter().map(|(k, v)| format!("{k}={}\n", serde_json::Value::String(v.clone()))).collect(),
+        Format::Json => {
+            let map: serde_json::Map<String, serde_json::Value> =
+                vars.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
+            format!("{}\n", serde_json::Value::Object(map))
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Body wrappers: a streaming scanner for `blocked_patterns`, byte counters, and the
+//! response body that writes the audit record when the exchange ends.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+
+use super::BoxError;
+use crate::audit::{Audit, Record};
+use crate::config::Config;
+
+#[derive(Debug)]
+pub struct BlockedBody(pub String);
+
+impl std::fmt::Display for BlockedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "request body matches blocked pattern {:?}", self.0)
+    }
+}
+
+impl std::error::Error for BlockedBody {}
+
+/// Scans a request body for blocked patterns as it streams, carrying an overlap
+/// between chunks so a pattern split across them is still found. Bytes past
+/// `inspect_body_bytes` pass unscanned (documented limit).
+pub struct ScanBody<B> {
+    inner: B,
+    config: Arc<Config>,
+    carry: Vec<u8>,
+    scanned: usize,
+    pub hit: Arc<OnceLock<String>>,
+}
+
+impl<B> ScanBody<B> {
+    pub fn new(inner: B, config: Arc<Config>) -> Self {
+        ScanBody { inner, config, carry: Vec::new(), scanned: 0, hit: Arc::new(OnceLock::new()) }
+    }
+
+    fn scan(&mut self, data: &[u8]) -> Option<String> {
+        let limit = self.config.proxy.limits.inspect_body_bytes;
+        if self.scanned >= limit {
+            return None;
+        }
+        let take = data.len().min(limit - self.scanned);
+        self.scanned += take;
+        let filter = &self.config.policy.filters.content;
+        let mut window = std::mem::take(&mut self.carry);
+        window.extend_from_slice(&data[..take]);
+        let found = filter.find(&window).map(str::to_string);
+        let keep = filter.overlap().min(window.len());
+        self.carry = window.split_off(window.len() - keep);
+        found
+    }
+}
+
+impl<B> HttpBody for ScanBody<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => f,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        if let Some(data) = frame.data_ref()
+            && let Some(pattern) = self.scan(data)
+        {
+            let _ = self.hit.set(pattern.clone());
+            return Poll::Ready(Some(Err(Box::new(BlockedBody(pattern)))));
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Counts the data bytes that pass.
+pub struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
+        Counted { inner, count }
+    }
+}
+
+impl<B> HttpBody for Counted<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An audit record waiting for its exchange to end.
+pub struct Pending {
+    pub audit: Audit,
+    pub record: Record,
+    pub up: Arc<AtomicU64>,
+    pub down: Arc<AtomicU64>,
+    pub started: Instant,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.audit.enabled() {
+            return;
+        }
+        self.record.bytes_up = self.up.load(Ordering::Relaxed);
+        self.record.bytes_down = self.down.load(Ordering::Relaxed);
+        self.record.duration_ms = self.started.elapsed().as_millis() as u64;
+        self.audit.log(&self.record);
+    }
+}
+
+/// A response body that logs its exchange when it ends (or is dropped).
+pub struct Logged<B> {
+    inner: Counted<B>,
+    _pending: Pending,
+}
+
+impl<B> Logged<B> {
+    pub fn new(inner: B, pending: Pending) -> Self {
+        Logged { inner: Counted::new(inner, pending.down.clone()), _pending: pending }
+    }
+}
+
+impl<B> HttpBody for Logged<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

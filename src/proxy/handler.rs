@@ -1,0 +1,132 @@
+//! Requests on the proxy port: CONNECT, absolute-form plain HTTP, and the one local
+//! resource (`/ca.crt`, public by nature).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::forward::{self, Route};
+use super::respond::{self, bad_request};
+use super::{Body, Generation, Proxy};
+use crate::audit::{Record, now_ts};
+use crate::policy::{ConnectDecision, Destination, Refusal};
+
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    generation: Arc<Generation>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    if req.method() == Method::CONNECT {
+        return Ok(connect(proxy, generation, peer, req).await);
+    }
+    match req.uri().scheme_str() {
+        Some("http") => {
+            let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+            match Destination::parse_authority(&authority, Some(80)) {
+                Ok(dest) => {
+                    let route = Arc::new(Route { dest, tls: false, tunnel: false, misdirected: None, peer });
+                    forward::handle(proxy, generation, route, req).await
+                }
+                Err(e) => Ok(respond::refusal(&bad_request(format!("bad host {authority:?}: {e}")))),
+            }
+        }
+        Some(_) => Ok(respond::refusal(&bad_request(
+            "send https:// requests through CONNECT (set HTTPS_PROXY); latchkey does not fetch them for you",
+        ))),
+        None if req.method() == Method::GET && req.uri().path() == "/ca.crt" => {
+            let mut resp = Response::new(respond::full(proxy.ca.cert_pem().to_string()));
+            resp.headers_mut().insert(http::header::CONTENT_TYPE, "application/x-pem-file".parse().expect("static"));
+            Ok(resp)
+        }
+        None => Ok(respond::refusal(&bad_request(
+            "this is a proxy: send absolute-form requests or CONNECT (see `latchkey env`)",
+        ))),
+    }
+}
+
+async fn connect(proxy: Arc<Proxy>, generation: Arc<Generation>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+    let dest = match Destination::parse_authority(&authority, None) {
+        Ok(d) => d,
+        Err(e) => return respond::refusal(&bad_request(format!("bad CONNECT target {authority:?}: {e}"))),
+    };
+    let refuse = |r: Refusal| {
+        proxy.audit.log(&tunnel_record(peer, &dest, r.status, "blocked", Some(r.message.clone()), started));
+        tracing::info!(target: "latchkey::request", %dest, status = r.status, kind = r.kind, "CONNECT refused");
+        respond::refusal(&r)
+    };
+    let decision = generation.config.policy.decide_connect(&dest);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    match decision {
+        ConnectDecision::Block(r) => refuse(r),
+        ConnectDecision::Tunnel => {
+            let upstream = match generation.dialer.connect_tcp(&dest).await {
+                Ok(s) => s,
+                Err(e) => return refuse(respond::upstream_refusal(&e)),
+            };
+            let audit = proxy.audit.clone();
+            tokio::spawn(async move {
+                let Ok(upgraded) = on_upgrade.await else { return };
+                let mut client = TokioIo::new(upgraded);
+                let mut upstream = upstream;
+                let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await.unwrap_or((0, 0));
+                let mut rec = tunnel_record(peer, &dest, 200, "tunnelled", None, started);
+                rec.bytes_up = up;
+                rec.bytes_down = down;
+                audit.log(&rec);
+            });
+            established()
+        }
+        ConnectDecision::Intercept => {
+            // Refuse SSRF targets before any TLS; the connector checks again on connect.
+            if let Err(e) = generation.dialer.addresses(&dest).await {
+                return refuse(respond::upstream_refusal(&e));
+            }
+            tokio::spawn(async move {
+                let Ok(upgraded) = on_upgrade.await else { return };
+                super::tunnel::intercept(proxy, generation, peer, dest, upgraded).await;
+            });
+            established()
+        }
+    }
+}
+
+fn established() -> Response<Body> {
+    let mut resp = Response::new(respond::empty());
+    *resp.status_mut() = StatusCode::OK;
+    resp
+}
+
+fn tunnel_record(
+    peer: SocketAddr,
+    dest: &Destination,
+    status: u16,
+    decision: &'static str,
+    reason: Option<String>,
+    started: Instant,
+) -> Record {
+    Record {
+        ts: now_ts(),
+        client: peer.ip().to_string(),
+        agent: None,
+        method: "CONNECT".into(),
+        scheme: "https",
+        host: dest.host.to_string(),
+        port: dest.port,
+        path: None,
+        status: Some(status),
+        decision,
+        reason,
+        credential: None,
+        bytes_up: 0,
+        bytes_down: 0,
+        duration_ms: started.elapsed().as_millis() as u64,
+    }
+}

@@ -1,0 +1,143 @@
+//! The proxy: listeners, CONNECT, interception and forwarding.
+//!
+//! accept → identify destination (CONNECT authority or absolute URI, never a Host
+//! header) → decide → intercept or tunnel → inject → forward → log.
+
+mod body;
+mod forward;
+mod handler;
+mod respond;
+mod tunnel;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::crypto::CryptoProvider;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::audit::Audit;
+use crate::ca::CertAuthority;
+use crate::config::Config;
+use upstream::{Connector, Dialer};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Everything derived from one loaded config. Swapped whole, never edited: a
+/// connection keeps the generation it started with.
+pub struct Generation {
+    pub config: Arc<Config>,
+    pub dialer: Arc<Dialer>,
+    pub client: Client<Connector, Body>,
+}
+
+impl Generation {
+    pub fn new(config: Arc<Config>, provider: Arc<CryptoProvider>, own_sockets: Vec<SocketAddr>) -> Result<Self, String> {
+        let tls = upstream::client_tls(provider, config.upstream.ca_file.as_deref())?;
+        let dialer = Arc::new(Dialer {
+            resolve: config.upstream.resolve.clone(),
+            allow_private: config.proxy.allow_private.clone(),
+            own_sockets,
+            connect_timeout: config.proxy.connect_timeout,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+        });
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .pool_max_idle_per_host(64)
+            .build(Connector(dialer.clone()));
+        Ok(Generation { config, dialer, client })
+    }
+}
+
+pub struct Proxy {
+    current: RwLock<Arc<Generation>>,
+    pub ca: Arc<CertAuthority>,
+    pub audit: Audit,
+    connections: Arc<Semaphore>,
+}
+
+impl Proxy {
+    pub fn new(config: Config, ca: Arc<CertAuthority>, provider: Arc<CryptoProvider>, own_sockets: Vec<SocketAddr>) -> Result<Arc<Self>, String> {
+        let audit = if config.proxy.log_requests {
+            Audit::open(&config.proxy.log_file)
+                .map_err(|e| format!("cannot open log_file {}: {e}", config.proxy.log_file.display()))?
+        } else {
+            Audit::off()
+        };
+        let connections = Arc::new(Semaphore::new(config.proxy.limits.max_connections));
+        let generation = Generation::new(Arc::new(config), provider, own_sockets)?;
+        Ok(Arc::new(Proxy { current: RwLock::new(Arc::new(generation)), ca, audit, connections }))
+    }
+
+    pub fn generation(&self) -> Arc<Generation> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Accept clients until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                tracing::warn!("connection limit reached; refusing {peer}");
+                continue;
+            };
+            let proxy = self.clone();
+            tokio::spawn(async move {
+                proxy.serve_client(stream, peer).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn serve_client(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
+        let generation = self.generation();
+        let clients = &generation.config.proxy.allowed_clients;
+        let ip = crate::policy::host::canonical_ip(peer.ip());
+        if !clients.is_empty() && !clients.iter().any(|n| n.contains(&ip)) {
+            let msg = format!("latchkey: client {ip} is not in allowed_clients\n");
+            let resp = format!(
+                "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\nx-latchkey-error: client-not-allowed\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{msg}",
+                msg.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let limits = generation.config.proxy.limits.clone();
+        let service = service_fn(move |req| handler::handle(self.clone(), generation.clone(), peer, req));
+        let conn = server_builder(&limits).serve_connection(TokioIo::new(stream), service).with_upgrades();
+        if let Err(e) = conn.await {
+            tracing::debug!("client {peer}: {e}");
+        }
+    }
+}
+
+/// HTTP/1.1 server settings shared by the proxy port and intercepted tunnels.
+fn server_builder(limits: &crate::config::Limits) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    b
+}

@@ -1,0 +1,102 @@
+//! Inside a CONNECT tunnel latchkey chose to intercept: TLS with a leaf for the
+//! tunnel's host (refusing a ClientHello that names another host), or plain HTTP when
+//! the tunnel does not start with TLS. Either way the destination stays the tunnel's.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use hyper::service::service_fn;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio_rustls::LazyConfigAcceptor;
+
+use super::forward::{self, Route};
+use super::{Generation, Proxy};
+use crate::policy::{Destination, Host};
+
+const TLS_HANDSHAKE: u8 = 0x16;
+
+pub async fn intercept(proxy: Arc<Proxy>, generation: Arc<Generation>, peer: SocketAddr, dest: Destination, upgraded: Upgraded) {
+    let limits = generation.config.proxy.limits.clone();
+    let mut io = TokioIo::new(upgraded);
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limits.header_read_timeout, io.read(&mut first)).await {
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    let io = Prefixed { first: Some(first[0]), inner: io };
+    if first[0] != TLS_HANDSHAKE {
+        let route = Arc::new(Route { dest, tls: false, tunnel: true, misdirected: None, peer });
+        serve(proxy, generation, route, io).await;
+        return;
+    }
+    let accept = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+    let start = match tokio::time::timeout(limits.header_read_timeout, accept).await {
+        Ok(Ok(s)) => s,
+        _ => return,
+    };
+    let misdirected = start.client_hello().server_name().and_then(|sni| match Host::parse(sni) {
+        Ok(h) if h == dest.host => None,
+        _ => Some(format!("TLS SNI {sni:?} does not name the tunnel's host {}", dest.host)),
+    });
+    let config = match proxy.ca.server_config(&dest.host) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("cannot mint a certificate for {}: {e}", dest.host);
+            return;
+        }
+    };
+    let tls = match tokio::time::timeout(limits.header_read_timeout, start.into_stream(config)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!("TLS handshake with {peer} for {dest} failed: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let route = Arc::new(Route { dest, tls: true, tunnel: true, misdirected, peer });
+    serve(proxy, generation, route, tls).await;
+}
+
+async fn serve<S>(proxy: Arc<Proxy>, generation: Arc<Generation>, route: Arc<Route>, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = generation.config.proxy.limits.clone();
+    let service = service_fn(move |req| forward::handle(proxy.clone(), generation.clone(), route.clone(), req));
+    if let Err(e) = super::server_builder(&limits).serve_connection(TokioIo::new(stream), service).await {
+        tracing::debug!("tunnel: {e}");
+    }
+}
+
+/// A stream with the one byte latchkey peeked at put back in front.
+struct Prefixed<T> {
+    first: Option<u8>,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Some(b) = self.first.take() {
+            buf.put_slice(&[b]);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,310 @@
+//! The upstream side: resolve (with `[upstream.resolve]` overrides), refuse non-public
+//! addresses at the moment of connecting, TCP + TLS with public roots, pooled.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::policy::{Destination, Host, ssrf};
+
+/// Why an upstream could not be reached; maps to 403, 502 or 504.
+#[derive(Debug, Clone)]
+pub enum UpstreamError {
+    /// Every address is one latchkey refuses (invariant 12).
+    Refused { host: String, addr: std::net::IpAddr, why: &'static str },
+    Resolve { host: String, why: String },
+    Connect { host: String, why: String },
+    Tls { host: String, why: String },
+    Timeout { host: String },
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Refused { host, addr, why } => write!(
+                f,
+                "{host} resolves to {addr} ({why}); latchkey refuses such destinations unless [proxy] allow_private lists them"
+            ),
+            UpstreamError::Resolve { host, why } => write!(f, "cannot resolve {host}: {why}"),
+            UpstreamError::Connect { host, why } => write!(f, "cannot connect to {host}: {why}"),
+            UpstreamError::Tls { host, why } => write!(f, "TLS with {host} failed: {why}"),
+            UpstreamError::Timeout { host } => write!(f, "{host} did not answer in time"),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+/// Resolution and connection rules shared by blind tunnels and the pooled client.
+pub struct Dialer {
+    pub resolve: HashMap<Destination, SocketAddr>,
+    pub allow_private: Vec<IpNet>,
+    /// latchkey's own listening sockets: never a destination, whatever the config says.
+    pub own_sockets: Vec<SocketAddr>,
+    pub connect_timeout: Duration,
+    pub tls: TlsConnector,
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dialer").field("resolve", &self.resolve).finish_non_exhaustive()
+    }
+}
+
+impl Dialer {
+    /// The addresses latchkey may connect to for `dest`, checked (invariant 12).
+    pub async fn addresses(&self, dest: &Destination) -> Result<Vec<SocketAddr>, UpstreamError> {
+        let host = dest.to_string();
+        if let Some(addr) = self.resolve.get(dest) {
+            self.check_own(&host, *addr)?;
+            return Ok(vec![*addr]);
+        }
+        let found: Vec<SocketAddr> = match &dest.host {
+            Host::Ip(ip) => vec![SocketAddr::new(*ip, dest.port)],
+            Host::Domain(name) => tokio::net::lookup_host((name.as_str(), dest.port))
+                .await
+                .map_err(|e| UpstreamError::Resolve { host: host.clone(), why: e.to_string() })?
+                .collect(),
+        };
+        let mut allowed = Vec::new();
+        let mut refusal = None;
+        for addr in found {
+            let addr = SocketAddr::new(crate::policy::host::canonical_ip(addr.ip()), addr.port());
+            self.check_own(&host, addr)?;
+            match ssrf::refused(addr.ip(), &self.allow_private) {
+                Some(why) => refusal = Some(UpstreamError::Refused { host: host.clone(), addr: addr.ip(), why }),
+                None => allowed.push(addr),
+            }
+        }
+        match (allowed.is_empty(), refusal) {
+            (false, _) => Ok(allowed),
+            (true, Some(r)) => Err(r),
+            (true, None) => Err(UpstreamError::Resolve { host, why: "no addresses".into() }),
+        }
+    }
+
+    fn check_own(&self, host: &str, addr: SocketAddr) -> Result<(), UpstreamError> {
+        let own = self.own_sockets.iter().any(|s| {
+            s.port() == addr.port()
+                && (s.ip() == addr.ip() || (s.ip().is_unspecified() && ssrf::non_public_reason(addr.ip()).is_some()))
+        });
+        if own {
+            return Err(UpstreamError::Refused { host: host.into(), addr: addr.ip(), why: "latchkey's own socket" });
+        }
+        Ok(())
+    }
+
+    /// TCP to the first checked address that answers.
+    pub async fn connect_tcp(&self, dest: &Destination) -> Result<TcpStream, UpstreamError> {
+        let host = dest.to_string();
+        let addrs = self.addresses(dest).await?;
+        let attempt = async {
+            let mut last = None;
+            for addr in addrs {
+                match TcpStream::connect(addr).await {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        return Ok(s);
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(UpstreamError::Connect {
+                host: host.clone(),
+                why: last.map(|e| e.to_string()).unwrap_or_else(|| "no address".into()),
+            })
+        };
+        tokio::time::timeout(self.connect_timeout, attempt)
+            .await
+            .map_err(|_| UpstreamError::Timeout { host: host.clone() })?
+    }
+
+    async fn connect(&self, dest: Destination, tls: bool) -> Result<UpstreamIo, UpstreamError> {
+        let tcp = self.connect_tcp(&dest).await?;
+        if !tls {
+            return Ok(UpstreamIo(TokioIo::new(Stream::Plain(tcp))));
+        }
+        let host = dest.to_string();
+        let name = match &dest.host {
+            Host::Domain(d) => ServerName::try_from(d.clone())
+                .map_err(|e| UpstreamError::Tls { host: host.clone(), why: e.to_string() })?,
+            Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
+        };
+        let handshake = self.tls.connect(name, tcp);
+        let stream = tokio::time::timeout(self.connect_timeout, handshake)
+            .await
+            .map_err(|_| UpstreamError::Timeout { host: host.clone() })?
+            .map_err(|e| UpstreamError::Tls { host, why: tls_cause(&e) })?;
+        Ok(UpstreamIo(TokioIo::new(Stream::Tls(Box::new(stream)))))
+    }
+}
+
+fn tls_cause(e: &io::Error) -> String {
+    e.get_ref().map(|inner| inner.to_string()).unwrap_or_else(|| e.to_string())
+}
+
+/// Upstream trust: the public roots plus `[upstream] ca_file`, never the latchkey CA
+/// and never `SSL_CERT_FILE`/`SSL_CERT_DIR` (an agent could set those).
+pub fn client_tls(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    extra_roots: Option<&std::path::Path>,
+) -> Result<ClientConfig, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned());
+    if let Some(path) = extra_roots {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("[upstream] ca_file {}: {e}", path.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("[upstream] ca_file {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("[upstream] ca_file {}: no certificates", path.display()));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| format!("[upstream] ca_file {}: {e}", path.display()))?;
+        }
+    }
+    let mut cfg = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// The connector the pooled client uses. The pool key is scheme + authority, and the
+/// authority is always latchkey's normalised destination, so no connection is shared
+/// across hosts; one client exists per config generation.
+#[derive(Clone, Debug)]
+pub struct Connector(pub Arc<Dialer>);
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = UpstreamIo;
+    type Error = UpstreamError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, UpstreamError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let dialer = self.0.clone();
+        Box::pin(async move {
+            let tls = uri.scheme_str() == Some("https");
+            let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
+            let dest = Destination::parse_authority(authority, Some(if tls { 443 } else { 80 }))
+                .map_err(|e| UpstreamError::Resolve { host: authority.into(), why: e.to_string() })?;
+            dialer.connect(dest, tls).await
+        })
+    }
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// An upstream connection as hyper sees it.
+pub struct UpstreamIo(TokioIo<Stream>);
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}

@@ -1,0 +1,391 @@
+//! Test harness: a loopback TLS echo upstream (hyper + rustls) that answers with what it
+//! received as JSON, a git smart-HTTP backend behind it, and the real `latchkey` binary.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+/// Hosts the test upstream certificate covers; tests map them to loopback with
+/// `[upstream.resolve]`.
+pub const UPSTREAM_HOSTS: &[&str] = &[
+    "api.anthropic.com",
+    "api.openai.com",
+    "api.github.com",
+    "github.com",
+    "raw.githubusercontent.com",
+    "api.example.com",
+    "other.example.com",
+    "evil.example.net",
+    "a.b.example.org",
+    "example.org",
+    "localhost",
+];
+
+pub struct UpstreamPki {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// One CA and one leaf for all upstream hosts, made once per test binary.
+pub fn pki() -> &'static UpstreamPki {
+    static PKI: OnceLock<UpstreamPki> = OnceLock::new();
+    PKI.get_or_init(|| {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "upstream test CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let mut names: Vec<String> = UPSTREAM_HOSTS.iter().map(|s| s.to_string()).collect();
+        names.push("127.0.0.1".into());
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(names).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+        UpstreamPki { ca_pem: ca_cert.pem(), cert_pem: leaf.pem(), key_pem: leaf_key.serialize_pem() }
+    })
+}
+
+/// What the upstream saw.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    pub fn header_all(&self, name: &str) -> Vec<String> {
+        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
+    }
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap())
+}
+
+/// Start an echo upstream on loopback (TLS when `tls`). `git_root` enables /git/.
+pub fn upstream(tls: bool, git: Option<GitServer>) -> Upstream {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let listener = runtime().block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tls.then(|| {
+        use rustls::pki_types::pem::PemObject;
+        let p = pki();
+        let certs = vec![rustls::pki_types::CertificateDer::from_pem_slice(p.cert_pem.as_bytes()).unwrap()];
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(p.key_pem.as_bytes()).unwrap();
+        let mut cfg = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+    });
+    let git = git.map(Arc::new);
+    let log = seen.clone();
+    runtime().spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let (log, acceptor, git) = (log.clone(), acceptor.clone(), git.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| echo(req, log.clone(), git.clone()));
+                let builder = hyper::server::conn::http1::Builder::new();
+                match acceptor {
+                    Some(a) => {
+                        if let Ok(s) = a.accept(tcp).await {
+                            let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                        }
+                    }
+                    None => {
+                        let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+                    }
+                }
+            });
+        }
+    });
+    Upstream { addr, seen }
+}
+
+async fn echo(
+    req: Request<Incoming>,
+    log: Arc<Mutex<Vec<Seen>>>,
+    git: Option<Arc<GitServer>>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await?.to_bytes().to_vec();
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let seen = Seen { method: parts.method.to_string(), path: path.clone(), headers: headers.clone(), body: body.clone() };
+    log.lock().unwrap().push(seen);
+    if let (Some(git), true) = (git, path.starts_with("/org/")) {
+        return Ok(git.serve(&parts, body));
+    }
+    if let Some(to) = path.strip_prefix("/redirect?to=") {
+        return Ok(Response::builder().status(302).header("location", to).body(Full::new(Bytes::new())).unwrap());
+    }
+    let mut b = Response::builder().header("content-type", "application/json");
+    if path.starts_with("/cookie") {
+        b = b.header("set-cookie", "session=abc; Secure");
+    }
+    let json = json!({
+        "method": parts.method.as_str(),
+        "path": path,
+        "headers": headers,
+        "body": String::from_utf8_lossy(&body),
+    });
+    Ok(b.body(Full::new(Bytes::from(json.to_string()))).unwrap())
+}
+
+/// `git http-backend` as CGI, behind basic auth with one accepted credential.
+pub struct GitServer {
+    pub root: PathBuf,
+    pub expect_authorization: String,
+}
+
+impl GitServer {
+    fn serve(&self, parts: &http::request::Parts, body: Vec<u8>) -> Response<Full<Bytes>> {
+        let auth = parts.headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        if auth != self.expect_authorization {
+            return Response::builder()
+                .status(401)
+                .header("www-authenticate", "Basic realm=\"git\"")
+                .body(Full::new(Bytes::from_static(b"unauthorized")))
+                .unwrap();
+        }
+        let mut child = Command::new("git")
+            .arg("http-backend")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("GIT_PROJECT_ROOT", &self.root)
+            .env("GIT_HTTP_EXPORT_ALL", "1")
+            .env("REQUEST_METHOD", parts.method.as_str())
+            .env("PATH_INFO", parts.uri.path())
+            .env("QUERY_STRING", parts.uri.query().unwrap_or(""))
+            .env("CONTENT_TYPE", parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or(""))
+            .env("CONTENT_LENGTH", body.len().to_string())
+            .env("REMOTE_USER", "x-access-token")
+            .env("REMOTE_ADDR", "127.0.0.1")
+            .env("GIT_PROTOCOL", parts.headers.get("git-protocol").and_then(|v| v.to_str().ok()).unwrap_or(""))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&body).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let split = out.stdout.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4)).or_else(|| {
+            out.stdout.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2))
+        });
+        let (head_end, sep) = split.unwrap_or((0, 0));
+        let head = String::from_utf8_lossy(&out.stdout[..head_end]).into_owned();
+        let mut b = Response::builder();
+        for line in head.lines() {
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("status") {
+                    b = b.status(v.trim()[..3].parse::<u16>().unwrap());
+                } else {
+                    b = b.header(k.trim(), v.trim());
+                }
+            }
+        }
+        b.body(Full::new(Bytes::from(out.stdout[head_end + sep..].to_vec()))).unwrap()
+    }
+}
+
+/// A running `latchkey run`.
+pub struct Latchkey {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub child: Child,
+    pub config_path: PathBuf,
+    pub stderr_path: PathBuf,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Write a config with the standard test preamble plus `body`. Every upstream host
+/// resolves to `upstream` (when given); the upstream CA is trusted via ca_file.
+pub fn write_config(dir: &Path, port: u16, upstream: Option<SocketAddr>, body: &str) -> PathBuf {
+    let ca_file = dir.join("upstream-ca.pem");
+    std::fs::write(&ca_file, &pki().ca_pem).unwrap();
+    let mut cfg = format!(
+        "[proxy]\nport = {port}\nca_dir = \"{}\"\n",
+        dir.join("ca").display()
+    );
+    let (proxy_extra, rest) = match body.split_once("#END-PROXY\n") {
+        Some((p, r)) => (p, r),
+        None => ("", body),
+    };
+    cfg.push_str(proxy_extra);
+    cfg.push_str(&format!("\n[upstream]\nca_file = \"{}\"\n[upstream.resolve]\n", ca_file.display()));
+    if let Some(addr) = upstream {
+        for h in UPSTREAM_HOSTS {
+            cfg.push_str(&format!("\"{h}:443\" = \"{addr}\"\n\"{h}:80\" = \"{addr}\"\n"));
+        }
+    }
+    cfg.push('\n');
+    cfg.push_str(rest);
+    let path = dir.join("config.toml");
+    std::fs::write(&path, cfg).unwrap();
+    set_mode(&path, 0o600);
+    path
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_latchkey")
+}
+
+/// A `latchkey` command with a clean environment (HOME in `dir`) plus `env`.
+pub fn latchkey_cmd(dir: &Path, env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(bin());
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", dir)
+        .env("RUST_LOG", "debug");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+impl Latchkey {
+    /// Start `latchkey run` with a config written by `write_config`.
+    pub fn start(upstream: Option<&Upstream>, body: &str, env: &[(&str, &str)]) -> Latchkey {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config_path = write_config(dir.path(), port, upstream.map(|u| u.addr), body);
+        Self::spawn(dir, port, config_path, env)
+    }
+
+    pub fn spawn(dir: tempfile::TempDir, port: u16, config_path: PathBuf, env: &[(&str, &str)]) -> Latchkey {
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let child = latchkey_cmd(dir.path(), env)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let lk = Latchkey { port, dir, child, config_path, stderr_path };
+        lk.wait_ready();
+        lk
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("latchkey did not start: {}", self.stderr());
+    }
+
+    pub fn proxy_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.path().join("ca").join("bundle.pem")
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// curl through the proxy; returns (status, body).
+    pub fn curl(&self, args: &[&str]) -> (u16, String) {
+        let out = Command::new("curl")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .args(["-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"])
+            .args(["-x", &self.proxy_url(), "--cacert"])
+            .arg(self.bundle())
+            .args(args)
+            .output()
+            .unwrap();
+        parse_curl(out)
+    }
+
+    /// A latchkey subcommand against this instance's config.
+    pub fn cli(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        latchkey_cmd(self.dir.path(), env).args(args).arg("--config").arg(&self.config_path).output().unwrap()
+    }
+}
+
+pub fn parse_curl(out: Output) -> (u16, String) {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let code = code.trim().parse().unwrap_or(0);
+    if code == 0 {
+        return (0, String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    (code, body.to_string())
+}
+
+impl Drop for Latchkey {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// Header values as the upstream echoed them.
+pub fn echoed(body: &str, name: &str) -> Vec<String> {
+    json(body)["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p[0].as_str().unwrap().eq_ignore_ascii_case(name))
+        .map(|p| p[1].as_str().unwrap().to_string())
+        .collect()
+}
+
+pub fn env_map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
