@@ -20,3 +20,250 @@ fn curl_gets_the_real_key_injected() {
     assert!(echoed(&body, "authorization").is_empty());
     assert_eq!(echoed(&body, "host"), ["api.anthropic.com"]);
 }
+
+#[test]
+fn every_client_copy_is_overridden_in_any_case_and_count() {
+    let up = upstream(true, None);
+    let lk = Latchkey::start(Some(&up), ANTHROPIC, &[("ANTHROPIC_API_KEY", "sk-ant-REAL")]);
+    let (status, body) = lk.curl(&[
+        "-H", "X-Api-Key: attacker-1",
+        "-H", "x-api-key: attacker-2",
+        "-H", "X-API-KEY: attacker-3",
+        "https://api.anthropic.com/v1/messages",
+    ]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(echoed(&body, "x-api-key"), ["sk-ant-REAL"]);
+    // The client chose the Authorization slot: the secret goes there, in that form.
+    let (_, body) = lk.curl(&[
+        "-H", "authorization: Bearer placeholder",
+        "https://api.anthropic.com/v1/messages",
+    ]);
+    assert_eq!(echoed(&body, "authorization"), ["Bearer sk-ant-REAL"]);
+    assert!(echoed(&body, "x-api-key").is_empty(), "exactly one credential header");
+    // A placeholder elsewhere (another header, the body, the path) is never replaced.
+    let (_, body) = lk.curl(&[
+        "-H", "x-other: latchkey-anthropic",
+        "--data", "latchkey-anthropic",
+        "https://api.anthropic.com/latchkey-anthropic",
+    ]);
+    let j = json(&body);
+    assert_eq!(echoed(&body, "x-other"), ["latchkey-anthropic"]);
+    assert_eq!(j["body"], "latchkey-anthropic");
+    assert_eq!(j["path"], "/latchkey-anthropic");
+}
+
+#[test]
+fn bearer_basic_and_query_auth_types() {
+    let up = upstream(true, None);
+    let cfg = r#"
+[credentials.openai]
+auth_type = "bearer"
+value = "${OPENAI_API_KEY}"
+domains = ["api.openai.com"]
+
+[credentials.git]
+auth_type = "basic"
+username = "x-access-token"
+password = "${GITHUB_TOKEN}"
+domains = ["github.com"]
+
+[credentials.maps]
+auth_type = "query"
+param = "key"
+value_file = "SECRET_FILE"
+domains = ["api.example.com"]
+
+[credentials.cmd]
+header = "X-Token"
+value_command = ["printf", "  from-command \n"]
+domains = ["other.example.com"]
+"#;
+    let dir_probe = tempfile::tempdir().unwrap();
+    let secret_file = dir_probe.path().join("maps-key");
+    std::fs::write(&secret_file, "maps-REAL/+=\n").unwrap();
+    set_mode(&secret_file, 0o600);
+    let cfg = cfg.replace("SECRET_FILE", secret_file.to_str().unwrap());
+    let lk = Latchkey::start(Some(&up), &cfg, &[("OPENAI_API_KEY", "sk-REAL"), ("GITHUB_TOKEN", "ghp_REAL")]);
+
+    let (_, body) = lk.curl(&["-H", "Authorization: Bearer dummy", "https://api.openai.com/v1/models"]);
+    assert_eq!(echoed(&body, "authorization"), ["Bearer sk-REAL"]);
+
+    let (_, body) = lk.curl(&["-u", "someone:latchkey-git", "https://github.com/org/repo"]);
+    let want = format!("Basic {}", base64_encode("x-access-token:ghp_REAL"));
+    assert_eq!(echoed(&body, "authorization"), [want]);
+
+    let (_, body) = lk.curl(&["https://api.example.com/v1/geo?key=dummy&key=again&q=1"]);
+    assert_eq!(json(&body)["path"], "/v1/geo?q=1&key=maps-REAL%2F%2B%3D");
+
+    let (_, body) = lk.curl(&["-H", "x-token: nope", "https://other.example.com/"]);
+    assert_eq!(echoed(&body, "x-token"), ["from-command"]);
+}
+
+fn base64_encode(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+#[test]
+fn most_specific_credential_wins_and_paths_scope() {
+    let up = upstream(true, None);
+    let cfg = r#"
+[credentials.wide]
+header = "X-Key"
+value = "wide-secret"
+domains = [".example.org"]
+
+[credentials.narrow]
+header = "X-Key"
+value = "narrow-secret"
+domains = ["a.b.example.org"]
+
+[credentials.v1]
+header = "X-Key"
+value = "v1-secret"
+domains = [".example.org"]
+paths = ["/v1"]
+"#;
+    let lk = Latchkey::start(Some(&up), cfg, &[]);
+    let (_, body) = lk.curl(&["https://a.b.example.org/x"]);
+    assert_eq!(echoed(&body, "x-key"), ["narrow-secret"], "exact beats suffix");
+    let (_, body) = lk.curl(&["https://example.org/x"]);
+    assert_eq!(echoed(&body, "x-key"), ["wide-secret"]);
+    let (_, body) = lk.curl(&["https://example.org/v1/models"]);
+    assert_eq!(echoed(&body, "x-key"), ["v1-secret"], "a path prefix beats no path");
+    let (_, body) = lk.curl(&["https://example.org/v1beta"]);
+    assert_eq!(echoed(&body, "x-key"), ["wide-secret"], "prefixes match whole segments");
+    let (_, body) = lk.curl(&["--path-as-is", "https://example.org/v1/../admin"]);
+    assert_eq!(echoed(&body, "x-key"), ["wide-secret"], "dot segments resolve before matching");
+}
+
+#[test]
+fn inactive_credentials_pass_without_injection() {
+    let up = upstream(true, None);
+    let cfg = r#"
+[credentials.anthropic]
+header = "x-api-key"
+value = "${ANTHROPIC_API_KEY}"
+domains = ["api.anthropic.com"]
+
+[credentials.broken]
+header = "x-token"
+value_command = ["false"]
+domains = ["api.example.com"]
+"#;
+    let lk = Latchkey::start(Some(&up), cfg, &[]);
+    // Inactive: the host needs nothing, so latchkey tunnels it blind and the client
+    // meets the upstream's own certificate (a private test CA, hence -k).
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-k", "-x", &lk.proxy_url(), "-H", "x-api-key: mine", "https://api.anthropic.com/"])
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(echoed(&body, "x-api-key"), ["mine"], "passes untouched");
+    assert!(lk.stderr().contains("credential anthropic inactive"), "{}", lk.stderr());
+    // Failed source: 502, never forwarded without it.
+    let before = up.count();
+    let (status, body) = lk.curl(&["https://api.example.com/"]);
+    assert_eq!(status, 502, "{body}");
+    assert!(body.starts_with("latchkey: credential broken"), "{body}");
+    assert_eq!(up.count(), before);
+}
+
+#[test]
+fn zero_config_providers_apply_from_the_environment() {
+    let up = upstream(true, None);
+    // No [credentials] at all: the built-in table applies.
+    let lk = Latchkey::start(
+        Some(&up),
+        "",
+        &[("ANTHROPIC_API_KEY", "sk-ant-REAL"), ("GH_TOKEN", "ghp_REAL"), ("OPENAI_API_KEY", "sk-oa-REAL")],
+    );
+    let (_, body) = lk.curl(&["-H", "x-api-key: latchkey-anthropic", "https://api.anthropic.com/v1/messages"]);
+    assert_eq!(echoed(&body, "x-api-key"), ["sk-ant-REAL"]);
+    let (_, body) = lk.curl(&["-H", "Authorization: Bearer latchkey-anthropic", "https://api.anthropic.com/v1/messages"]);
+    assert_eq!(echoed(&body, "authorization"), ["Bearer sk-ant-REAL"]);
+    let (_, body) = lk.curl(&["https://api.openai.com/v1/models"]);
+    assert_eq!(echoed(&body, "authorization"), ["Bearer sk-oa-REAL"]);
+    let (_, body) = lk.curl(&["https://api.github.com/user"]);
+    assert_eq!(echoed(&body, "authorization"), ["Bearer ghp_REAL"]);
+    let (_, body) = lk.curl(&["https://raw.githubusercontent.com/o/r/main/README.md"]);
+    assert_eq!(echoed(&body, "authorization"), ["Bearer ghp_REAL"]);
+    let (_, body) = lk.curl(&["https://github.com/org/repo.git/info/refs"]);
+    assert_eq!(echoed(&body, "authorization"), [format!("Basic {}", base64_encode("x-access-token:ghp_REAL"))]);
+}
+
+#[test]
+fn python_requests_through_latchkey() {
+    let up = upstream(true, None);
+    let lk = Latchkey::start(Some(&up), ANTHROPIC, &[("ANTHROPIC_API_KEY", "sk-ant-REAL")]);
+    let script = r#"
+import os, requests, json
+r = requests.post("https://api.anthropic.com/v1/messages",
+                  headers={"x-api-key": os.environ["ANTHROPIC_API_KEY"]}, json={"model": "m"})
+print(r.status_code)
+print(r.text)
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("HOME", lk.dir.path())
+        .env("HTTPS_PROXY", lk.proxy_url())
+        .env("REQUESTS_CA_BUNDLE", lk.bundle())
+        .env("ANTHROPIC_API_KEY", "latchkey-anthropic")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let (status, body) = text.split_once('\n').unwrap();
+    assert_eq!(status, "200");
+    assert_eq!(echoed(body.trim(), "x-api-key"), ["sk-ant-REAL"]);
+    assert_eq!(json(body.trim())["body"], r#"{"model": "m"}"#);
+}
+
+#[test]
+fn require_placeholder_refuses_requests_without_it() {
+    let up = upstream(true, None);
+    let cfg = r#"
+[credentials.strict]
+header = "x-api-key"
+value = "strict-secret"
+domains = ["api.example.com"]
+require_placeholder = true
+placeholder = "ph-strict"
+
+[credentials.other]
+header = "x-api-key"
+value = "other-secret"
+domains = ["other.example.com"]
+placeholder = "ph-other"
+"#;
+    let lk = Latchkey::start(Some(&up), cfg, &[]);
+    let (status, body) = lk.curl(&["-H", "x-api-key: ph-strict", "https://api.example.com/"]);
+    assert_eq!(status, 200);
+    assert_eq!(echoed(&body, "x-api-key"), ["strict-secret"]);
+    let before = up.count();
+    let (status, body) = lk.curl(&["-H", "x-api-key: ph-other", "https://api.example.com/"]);
+    assert_eq!(status, 403, "another credential's placeholder is not laundered: {body}");
+    let (status, _) = lk.curl(&["https://api.example.com/"]);
+    assert_eq!(status, 403);
+    assert_eq!(up.count(), before);
+}
+
+#[test]
+fn set_cookie_dropped_on_credentialed_responses_and_origin_not_injected() {
+    let up = upstream(true, None);
+    let lk = Latchkey::start(Some(&up), ANTHROPIC, &[("ANTHROPIC_API_KEY", "sk-ant-REAL")]);
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-D", "-", "-x", &lk.proxy_url(), "--cacert"])
+        .arg(lk.bundle())
+        .arg("https://api.anthropic.com/cookie")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(!text.contains("set-cookie"), "{text}");
+    let (_, body) = lk.curl(&["-H", "Origin: https://evil.example", "https://api.anthropic.com/v1/messages"]);
+    assert!(echoed(&body, "x-api-key").is_empty(), "a browser origin does not get the key");
+}

