@@ -58,7 +58,9 @@ pub struct CertAuthority {
 
 impl std::fmt::Debug for CertAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertAuthority").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("CertAuthority")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -89,7 +91,8 @@ impl CertAuthority {
             generate(dir, opts.lifetime_days, &provider)?;
         }
         let meta = std::fs::metadata(&key_path).map_err(err)?;
-        crate::fsutil::owner_only_writable(&meta).map_err(|w| CaError(format!("{} {w}", key_path.display())))?;
+        crate::fsutil::owner_only_writable(&meta)
+            .map_err(|w| CaError(format!("{} {w}", key_path.display())))?;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(CaError(format!(
                 "{} is readable by other users; run chmod 600 on it",
@@ -98,9 +101,12 @@ impl CertAuthority {
         }
         let key_pem = zeroize::Zeroizing::new(std::fs::read_to_string(&key_path).map_err(err)?);
         let cert_pem = std::fs::read_to_string(&cert_path).map_err(err)?;
-        let ca_key = KeyPair::from_pem(&key_pem).map_err(|e| CaError(format!("{}: {e}", key_path.display())))?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, ca_key).map_err(|e| CaError(format!("{}: {e}", cert_path.display())))?;
-        let ca_not_after = ca_not_after(&cert_pem).unwrap_or_else(|| OffsetDateTime::now_utc() + Duration::days(30));
+        let ca_key =
+            KeyPair::from_pem(&key_pem).map_err(|e| CaError(format!("{}: {e}", key_path.display())))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, ca_key)
+            .map_err(|e| CaError(format!("{}: {e}", cert_path.display())))?;
+        let ca_not_after =
+            ca_not_after(&cert_pem).unwrap_or_else(|| OffsetDateTime::now_utc() + Duration::days(30));
         write_bundle(dir, &cert_pem)?;
 
         let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(err)?;
@@ -130,9 +136,13 @@ impl CertAuthority {
     pub fn server_config(&self, host: &Host) -> Result<Arc<ServerConfig>, CaError> {
         let slot = {
             let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
-            leaves.get_or_insert(host.clone(), || Arc::new(OnceLock::new())).clone()
+            leaves
+                .get_or_insert(host.clone(), || Arc::new(OnceLock::new()))
+                .clone()
         };
-        slot.get_or_init(|| self.mint(host).map_err(|e| e.0)).clone().map_err(CaError)
+        slot.get_or_init(|| self.mint(host).map_err(|e| e.0))
+            .clone()
+            .map_err(CaError)
     }
 
     fn mint(&self, host: &Host) -> Result<Arc<ServerConfig>, CaError> {
@@ -167,7 +177,10 @@ impl CertAuthority {
 
 fn random_serial(provider: &CryptoProvider) -> Result<SerialNumber, CaError> {
     let mut bytes = [0u8; 16];
-    provider.secure_random.fill(&mut bytes).map_err(|_| CaError("the system has no randomness".into()))?;
+    provider
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| CaError("the system has no randomness".into()))?;
     bytes[0] &= 0x7f; // positive
     Ok(SerialNumber::from_slice(&bytes))
 }
@@ -179,7 +192,8 @@ fn ensure_private_dir(dir: &Path) -> Result<(), CaError> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     }
     let meta = std::fs::metadata(dir).map_err(err)?;
-    crate::fsutil::owner_only_writable(&meta).map_err(|w| CaError(format!("ca_dir {} {w}", dir.display())))?;
+    crate::fsutil::owner_only_writable(&meta)
+        .map_err(|w| CaError(format!("ca_dir {} {w}", dir.display())))?;
     if meta.permissions().mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     }
@@ -191,7 +205,11 @@ fn generate(dir: &Path, lifetime_days: u32, provider: &CryptoProvider) -> Result
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(err)?;
     let mut p = CertificateParams::default();
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, format!("latchkey CA ({})", hostname()));
     dn.push(DnType::OrganizationName, "latchkey");
@@ -248,7 +266,11 @@ fn system_roots_pem() -> Option<String> {
         "/etc/ssl/ca-bundle.pem",
     ]
     .iter()
-    .find_map(|p| std::fs::read_to_string(p).ok().filter(|s| s.contains("BEGIN CERTIFICATE")))
+    .find_map(|p| {
+        std::fs::read_to_string(p)
+            .ok()
+            .filter(|s| s.contains("BEGIN CERTIFICATE"))
+    })
 }
 
 fn public_roots_pem() -> String {
@@ -273,7 +295,9 @@ fn ca_not_after(pem: &str) -> Option<OffsetDateTime> {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "local".into())
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "local".into())
 }
 
 #[cfg(test)]
@@ -289,15 +313,29 @@ mod tests {
     fn creates_private_files_and_mints_single_san_leaves() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("ca");
-        let opts = CaOptions { dir: &dir, generate: true, lifetime_days: 10, regenerate: false };
+        let opts = CaOptions {
+            dir: &dir,
+            generate: true,
+            lifetime_days: 10,
+            regenerate: false,
+        };
         let ca = CertAuthority::open(&opts, provider()).unwrap();
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
-        assert_eq!(std::fs::metadata(dir.join("ca.key")).unwrap().mode() & 0o777, 0o600);
-        assert_eq!(std::fs::metadata(dir.join("ca.crt")).unwrap().mode() & 0o777, 0o644);
+        assert_eq!(
+            std::fs::metadata(dir.join("ca.key")).unwrap().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            std::fs::metadata(dir.join("ca.crt")).unwrap().mode() & 0o777,
+            0o644
+        );
         let bundle = std::fs::read_to_string(dir.join("bundle.pem")).unwrap();
         assert!(bundle.ends_with(ca.cert_pem()) && bundle.matches("BEGIN CERT").count() > 10);
 
-        let der = CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()).next().unwrap().unwrap();
+        let der = CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
         let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
         let bc = c.basic_constraints().unwrap().unwrap().value;
         assert!(bc.ca && bc.path_len_constraint == Some(0));
@@ -311,17 +349,37 @@ mod tests {
         let again = CertAuthority::open(&opts, provider()).unwrap();
         assert_eq!(again.cert_pem(), ca.cert_pem());
         let empty = tmp.path().join("none");
-        let opts = CaOptions { dir: &empty, generate: false, lifetime_days: 10, regenerate: false };
-        assert!(CertAuthority::open(&opts, provider()).unwrap_err().0.contains("generate_certs = false"));
+        let opts = CaOptions {
+            dir: &empty,
+            generate: false,
+            lifetime_days: 10,
+            regenerate: false,
+        };
+        assert!(
+            CertAuthority::open(&opts, provider())
+                .unwrap_err()
+                .0
+                .contains("generate_certs = false")
+        );
     }
 
     #[test]
     fn refuses_loose_key() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("ca");
-        let opts = CaOptions { dir: &dir, generate: true, lifetime_days: 10, regenerate: false };
+        let opts = CaOptions {
+            dir: &dir,
+            generate: true,
+            lifetime_days: 10,
+            regenerate: false,
+        };
         CertAuthority::open(&opts, provider()).unwrap();
         std::fs::set_permissions(dir.join("ca.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(CertAuthority::open(&opts, provider()).unwrap_err().0.contains("chmod 600"));
+        assert!(
+            CertAuthority::open(&opts, provider())
+                .unwrap_err()
+                .0
+                .contains("chmod 600")
+        );
     }
 }

@@ -49,7 +49,8 @@ impl HeaderSlot {
             Some((n, p)) => (n.trim(), Some(p.trim().to_string()).filter(|p| !p.is_empty())),
             None => (raw.trim(), None),
         };
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("bad header name {name:?}"))?;
+        let name =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("bad header name {name:?}"))?;
         if is_hop_by_hop(&name) || name == http::header::HOST {
             return Err(format!("{name} cannot carry a credential"));
         }
@@ -72,7 +73,10 @@ impl HeaderSlot {
 #[derive(Debug)]
 pub enum HeaderValueSource {
     Raw(SecretValue),
-    Basic { username: SecretValue, password: SecretValue },
+    Basic {
+        username: SecretValue,
+        password: SecretValue,
+    },
 }
 
 impl HeaderValueSource {
@@ -82,7 +86,11 @@ impl HeaderValueSource {
             HeaderValueSource::Basic { username, password } => {
                 let user = username.get(captures)?;
                 let pass = password.get(captures)?;
-                Some(Secret::new(B64.encode(format!("{}:{}", user.expose(), pass.expose()))))
+                Some(Secret::new(B64.encode(format!(
+                    "{}:{}",
+                    user.expose(),
+                    pass.expose()
+                ))))
             }
         }
     }
@@ -109,12 +117,19 @@ impl HeaderInjector {
             ),
             _ => None,
         };
-        Ok(HeaderInjector { slots, source, rendered })
+        Ok(HeaderInjector {
+            slots,
+            source,
+            rendered,
+        })
     }
 
     /// The slot the client used (first holding a value), else the first.
     fn chosen_slot(&self, parts: &Parts) -> usize {
-        self.slots.iter().position(|s| parts.headers.contains_key(&s.name)).unwrap_or(0)
+        self.slots
+            .iter()
+            .position(|s| parts.headers.contains_key(&s.name))
+            .unwrap_or(0)
     }
 }
 
@@ -163,7 +178,12 @@ impl Injector for HeaderInjector {
     }
 
     fn slots(&self) -> Vec<Slot> {
-        self.slots.iter().map(|s| Slot::Header { header: s.name.to_string() }).collect()
+        self.slots
+            .iter()
+            .map(|s| Slot::Header {
+                header: s.name.to_string(),
+            })
+            .collect()
     }
 
     fn secrets(&self) -> Vec<Secret> {
@@ -211,7 +231,11 @@ impl Injector for QueryInjector {
             .split('&')
             .filter(|p| !p.is_empty() && !self.is_param(p))
             .collect();
-        let ours = format!("{}={}", encode_component(&self.param), encode_component(secret.expose()));
+        let ours = format!(
+            "{}={}",
+            encode_component(&self.param),
+            encode_component(secret.expose())
+        );
         pairs.push(&ours);
         let pq = format!("{path}?{}", pairs.join("&"));
         let mut uri = parts.uri.clone().into_parts();
@@ -227,13 +251,16 @@ impl Injector for QueryInjector {
     fn carries_placeholder(&self, parts: &Parts, placeholder: &str) -> bool {
         parts.uri.query().unwrap_or("").split('&').any(|p| {
             self.is_param(p)
-                && p.split_once('=').map(|(_, v)| crate::policy::percent_decode(v.as_bytes()))
+                && p.split_once('=')
+                    .map(|(_, v)| crate::policy::percent_decode(v.as_bytes()))
                     == Some(placeholder.as_bytes().to_vec())
         })
     }
 
     fn slots(&self) -> Vec<Slot> {
-        vec![Slot::Query { query: self.param.clone() }]
+        vec![Slot::Query {
+            query: self.param.clone(),
+        }]
     }
 
     fn secrets(&self) -> Vec<Secret> {
@@ -293,19 +320,41 @@ mod tests {
     #[test]
     fn header_overrides_every_copy() {
         let inj = HeaderInjector::new(
-            vec![HeaderSlot::parse("x-api-key").unwrap(), HeaderSlot::parse("Authorization: Bearer").unwrap()],
+            vec![
+                HeaderSlot::parse("x-api-key").unwrap(),
+                HeaderSlot::parse("Authorization: Bearer").unwrap(),
+            ],
             HeaderValueSource::Raw(secret("REAL")),
         )
         .unwrap();
-        let mut p = parts("/", &[("X-Api-Key", "a"), ("x-api-key", "b"), ("authorization", "Bearer c")]);
+        let mut p = parts(
+            "/",
+            &[
+                ("X-Api-Key", "a"),
+                ("x-api-key", "b"),
+                ("authorization", "Bearer c"),
+            ],
+        );
         inj.inject(&mut p, &[]).unwrap();
-        assert_eq!(p.headers.get_all("x-api-key").iter().collect::<Vec<_>>(), vec!["REAL"]);
+        assert_eq!(
+            p.headers.get_all("x-api-key").iter().collect::<Vec<_>>(),
+            vec!["REAL"]
+        );
         assert!(p.headers.get("authorization").is_none());
         assert!(p.headers.get("x-api-key").unwrap().is_sensitive());
 
-        let mut p = parts("/", &[("authorization", "Bearer placeholder"), ("Authorization", "Basic x")]);
+        let mut p = parts(
+            "/",
+            &[
+                ("authorization", "Bearer placeholder"),
+                ("Authorization", "Basic x"),
+            ],
+        );
         inj.inject(&mut p, &[]).unwrap();
-        assert_eq!(p.headers.get_all("authorization").iter().collect::<Vec<_>>(), vec!["Bearer REAL"]);
+        assert_eq!(
+            p.headers.get_all("authorization").iter().collect::<Vec<_>>(),
+            vec!["Bearer REAL"]
+        );
         assert!(p.headers.get("x-api-key").is_none());
 
         let mut p = parts("/", &[]);
@@ -317,7 +366,10 @@ mod tests {
     fn basic_and_placeholder() {
         let inj = HeaderInjector::new(
             vec![HeaderSlot::parse("Authorization: Basic").unwrap()],
-            HeaderValueSource::Basic { username: secret("x-access-token"), password: secret("ghp_REAL") },
+            HeaderValueSource::Basic {
+                username: secret("x-access-token"),
+                password: secret("ghp_REAL"),
+            },
         )
         .unwrap();
         let ph = format!("Basic {}", B64.encode("x-access-token:latchkey-gh"));

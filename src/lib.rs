@@ -3,12 +3,12 @@
 //! Data flows one way: accept → identify destination → decide → (intercept) → inject →
 //! forward → log. Each step has its module.
 
-pub mod policy;
+pub mod audit;
+pub mod ca;
+pub mod cli;
+pub mod config;
 pub mod fsutil;
 pub mod inject;
-pub mod secrets;
-pub mod config;
-pub mod ca;
-pub mod audit;
+pub mod policy;
 pub mod proxy;
-pub mod cli;
+pub mod secrets;

@@ -15,12 +15,19 @@ const SECRET: &str = "sk-ant-REAL-0123456789";
 
 fn start(extra: &str) -> (Upstream, Latchkey) {
     let up = upstream(true, None);
-    let lk = Latchkey::start(Some(&up), &format!("{extra}{CRED}"), &[("ANTHROPIC_API_KEY", SECRET)]);
+    let lk = Latchkey::start(
+        Some(&up),
+        &format!("{extra}{CRED}"),
+        &[("ANTHROPIC_API_KEY", SECRET)],
+    );
     (up, lk)
 }
 
 fn status(resp: &str) -> u16 {
-    resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -28,7 +35,10 @@ fn host_header_inside_tunnel_must_name_the_tunnel_host() {
     let (up, lk) = start("");
     let (s, head) = tunnel(lk.port, "api.anthropic.com:443");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let resp = request(tls(s, "api.anthropic.com"), "GET /steal HTTP/1.1\r\nHost: evil.example.net\r\nConnection: close\r\n\r\n");
+    let resp = request(
+        tls(s, "api.anthropic.com"),
+        "GET /steal HTTP/1.1\r\nHost: evil.example.net\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!(status(&resp), 421, "{resp}");
     assert!(resp.contains("x-latchkey-error: misdirected"), "{resp}");
     assert!(resp.contains("latchkey: "), "{resp}");
@@ -36,11 +46,17 @@ fn host_header_inside_tunnel_must_name_the_tunnel_host() {
 
     // Same host, other port: also another destination.
     let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
-    let resp = request(tls(s, "api.anthropic.com"), "GET / HTTP/1.1\r\nHost: api.anthropic.com:8443\r\nConnection: close\r\n\r\n");
+    let resp = request(
+        tls(s, "api.anthropic.com"),
+        "GET / HTTP/1.1\r\nHost: api.anthropic.com:8443\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!(status(&resp), 421, "{resp}");
     // Case and trailing dot are the same host.
     let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
-    let resp = request(tls(s, "api.anthropic.com"), "GET / HTTP/1.1\r\nHost: API.Anthropic.COM.:443\r\nConnection: close\r\n\r\n");
+    let resp = request(
+        tls(s, "api.anthropic.com"),
+        "GET / HTTP/1.1\r\nHost: API.Anthropic.COM.:443\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!(status(&resp), 200, "{resp}");
     assert_eq!(up.requests()[0].header_all("x-api-key"), [SECRET]);
     // Two Host headers: refused.
@@ -69,7 +85,10 @@ fn absolute_form_inside_tunnel_cannot_redirect_the_credential() {
 fn sni_naming_another_host_is_refused() {
     let (up, lk) = start("");
     let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
-    let resp = request(tls(s, "evil.example.net"), "GET / HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n");
+    let resp = request(
+        tls(s, "evil.example.net"),
+        "GET / HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!(status(&resp), 421, "{resp}");
     assert_eq!(up.count(), 0);
 }
@@ -94,11 +113,17 @@ fn plain_http_in_a_tunnel_or_direct_never_carries_the_credential() {
     // Absolute-form plain HTTP to a credential host: 403 naming the credential.
     let (code, body) = lk.curl(&["http://api.anthropic.com/v1/messages"]);
     assert_eq!(code, 403, "{body}");
-    assert!(body.contains("credential anthropic") && body.contains("https"), "{body}");
+    assert!(
+        body.contains("credential anthropic") && body.contains("https"),
+        "{body}"
+    );
     // A CONNECT tunnel that does not start with TLS is plain HTTP to that destination.
     let (s, head) = tunnel(lk.port, "api.anthropic.com:443");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let resp = request(s, "GET / HTTP/1.1\r\nHost: api.anthropic.com:443\r\nConnection: close\r\n\r\n");
+    let resp = request(
+        s,
+        "GET / HTTP/1.1\r\nHost: api.anthropic.com:443\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!(status(&resp), 403, "{resp}");
     assert!(!resp.contains(SECRET));
     assert_eq!(up.count() + plain.count(), 0);
@@ -132,10 +157,17 @@ domains = [".example.org"]
     for host in ["evil-example.org", "example.org.evil.net"] {
         let (code, body) = lk.curl(&[&format!("https://{host}/")]);
         assert_eq!(code, 200, "{host}: {body}");
-        assert!(echoed(&body, "x-key").is_empty(), "{host} must not get the credential");
+        assert!(
+            echoed(&body, "x-key").is_empty(),
+            "{host} must not get the credential"
+        );
     }
     let (_, body) = lk.curl(&["https://A.B.EXAMPLE.ORG./"]);
-    assert_eq!(echoed(&body, "x-key"), ["org-secret"], "case and trailing dot normalise");
+    assert_eq!(
+        echoed(&body, "x-key"),
+        ["org-secret"],
+        "case and trailing dot normalise"
+    );
 }
 
 #[test]
@@ -159,7 +191,10 @@ fn ssrf_targets_are_refused_before_any_tls() {
         assert_eq!(status(&head), 403, "{t}: {head}");
         assert!(head.contains("x-latchkey-error: ssrf"), "{t}: {head}");
     }
-    let resp = exchange(lk.port, b"GET http://169.254.169.254/latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n");
+    let resp = exchange(
+        lk.port,
+        b"GET http://169.254.169.254/latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n",
+    );
     assert_eq!(status(&resp), 403, "{resp}");
     assert_eq!(up.count(), 0);
 }
@@ -181,7 +216,10 @@ fn redirects_are_returned_not_followed() {
     assert_eq!(code, 302);
     assert_eq!(up.count(), 1, "latchkey did not follow");
     // The client follows; the next hop matches on its own and gets nothing.
-    let (code, body) = lk.curl(&["-L", "https://api.anthropic.com/redirect?to=https://evil.example.net/steal"]);
+    let (code, body) = lk.curl(&[
+        "-L",
+        "https://api.anthropic.com/redirect?to=https://evil.example.net/steal",
+    ]);
     assert_eq!(code, 200);
     assert_eq!(json(&body)["path"], "/steal");
     assert!(echoed(&body, "x-api-key").is_empty());
@@ -220,7 +258,11 @@ allowed_domains = ["api.anthropic.com", "other.example.com"]
     let file = lk.dir.path().join("upload.bin");
     std::fs::write(&file, &big).unwrap();
     let before = up.count();
-    let (code, body) = lk.curl(&["--data-binary", &format!("@{}", file.display()), "https://other.example.com/upload"]);
+    let (code, body) = lk.curl(&[
+        "--data-binary",
+        &format!("@{}", file.display()),
+        "https://other.example.com/upload",
+    ]);
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("blocked pattern"), "{body}");
     assert_eq!(up.count(), before, "the upstream never got a complete request");
@@ -231,7 +273,12 @@ allowed_domains = ["api.anthropic.com", "other.example.com"]
 #[test]
 fn malformed_targets_are_bad_requests() {
     let (_up, lk) = start("");
-    for t in ["api.anthropic.com", "user@api.anthropic.com:443", "api..anthropic.com:443", "api.anthropic.com:0"] {
+    for t in [
+        "api.anthropic.com",
+        "user@api.anthropic.com:443",
+        "api..anthropic.com:443",
+        "api.anthropic.com:0",
+    ] {
         let (_, head) = tunnel(lk.port, t);
         assert_eq!(status(&head), 400, "{t}: {head}");
     }
@@ -256,7 +303,10 @@ fn oversized_heads_get_431() {
     req.push_str("\r\n");
     let resp = exchange(lk.port, req.as_bytes());
     assert_eq!(status(&resp), 431, "{resp}");
-    let big = format!("GET http://api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\nx-big: {}\r\n\r\n", "a".repeat(70_000));
+    let big = format!(
+        "GET http://api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
     let resp = exchange(lk.port, big.as_bytes());
     assert_eq!(status(&resp), 431, "{resp}");
 }
@@ -285,14 +335,33 @@ fn secrets_never_reach_logs_or_cli_output() {
     assert_eq!(lines[1]["decision"], "blocked");
     assert_eq!(lines[1]["status"], 403);
     assert_eq!(lines[2]["method"], "CONNECT");
-    for key in ["ts", "client", "agent", "method", "scheme", "host", "port", "path", "status", "decision", "reason", "credential", "bytes_up", "bytes_down", "duration_ms"] {
+    for key in [
+        "ts",
+        "client",
+        "agent",
+        "method",
+        "scheme",
+        "host",
+        "port",
+        "path",
+        "status",
+        "decision",
+        "reason",
+        "credential",
+        "bytes_up",
+        "bytes_down",
+        "duration_ms",
+    ] {
         assert!(lines[0].get(key).is_some(), "audit key {key} missing");
     }
     let b64 = {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(SECRET)
     };
-    let explain = lk.cli(&["explain", "https://api.anthropic.com/v1/messages"], &[("ANTHROPIC_API_KEY", SECRET)]);
+    let explain = lk.cli(
+        &["explain", "https://api.anthropic.com/v1/messages"],
+        &[("ANTHROPIC_API_KEY", SECRET)],
+    );
     let check = lk.cli(&["check"], &[("ANTHROPIC_API_KEY", SECRET)]);
     let env = lk.cli(&["env"], &[("ANTHROPIC_API_KEY", SECRET)]);
     let outputs = [
@@ -304,6 +373,9 @@ fn secrets_never_reach_logs_or_cli_output() {
     ];
     assert!(String::from_utf8_lossy(&explain.stdout).contains("anthropic"));
     for (i, o) in outputs.iter().enumerate() {
-        assert!(!o.contains(SECRET) && !o.contains(&b64) && !o.contains("query-secret"), "output {i} leaks: {o}");
+        assert!(
+            !o.contains(SECRET) && !o.contains(&b64) && !o.contains("query-secret"),
+            "output {i} leaks: {o}"
+        );
     }
 }

@@ -14,7 +14,10 @@ const MINTING: &[(&str, &str)] = &[
     ("api.github.com", "/authorizations"),
     ("sts.amazonaws.com", "/"),
     ("sts.googleapis.com", "/v1/token"),
-    ("iamcredentials.googleapis.com", "/v1/projects/-/serviceAccounts/x:generateAccessToken"),
+    (
+        "iamcredentials.googleapis.com",
+        "/v1/projects/-/serviceAccounts/x:generateAccessToken",
+    ),
     ("oauth2.googleapis.com", "/token"),
 ];
 
@@ -28,10 +31,17 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
         None => println!("config: none found; built-in defaults and provider table"),
     }
     if !config.proxy.generate_certs && !config.ca_cert_path().exists() {
-        println!("error: generate_certs = false and there is no CA in {}", config.proxy.ca_dir.display());
+        println!(
+            "error: generate_certs = false and there is no CA in {}",
+            config.proxy.ca_dir.display()
+        );
         return ExitCode::from(2);
     }
-    println!("listen: {}   CA: {}", config.proxy.listen, config.ca_cert_path().display());
+    println!(
+        "listen: {}   CA: {}",
+        config.proxy.listen,
+        config.ca_cert_path().display()
+    );
     println!("credentials:");
     for (rule, cred) in config.policy.credentials.iter().zip(&config.credentials) {
         let state = match &rule.state {
@@ -40,7 +50,14 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
             CredState::Failed(w) => format!("FAILED ({w})"),
         };
         let domains: Vec<&str> = rule.patterns.iter().map(|p| p.source.as_str()).collect();
-        println!("  {:<16} {:<8} {:<40} {} [{}]", cred.name, cred.auth_type, state, domains.join(", "), cred.source);
+        println!(
+            "  {:<16} {:<8} {:<40} {} [{}]",
+            cred.name,
+            cred.auth_type,
+            state,
+            domains.join(", "),
+            cred.source
+        );
     }
     let warnings = warnings(&config);
     for w in &warnings {
@@ -49,15 +66,24 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
     for n in notes(&config) {
         println!("note: {n}");
     }
-    if warnings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if warnings.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 fn warnings(config: &Config) -> Vec<String> {
     let mut out = Vec::new();
     for (rule, cred) in config.policy.credentials.iter().zip(&config.credentials) {
         match &rule.state {
-            CredState::Inactive(why) if !cred.builtin => out.push(format!("credential {} is inactive: {why}", rule.name)),
-            CredState::Failed(why) => out.push(format!("credential {} failed: {why}; its requests get 502", rule.name)),
+            CredState::Inactive(why) if !cred.builtin => {
+                out.push(format!("credential {} is inactive: {why}", rule.name))
+            }
+            CredState::Failed(why) => out.push(format!(
+                "credential {} failed: {why}; its requests get 502",
+                rule.name
+            )),
             _ => {}
         }
         if cred.inline_secret {
@@ -71,7 +97,13 @@ fn warnings(config: &Config) -> Vec<String> {
     let headers = http::HeaderMap::new();
     for (host, path) in MINTING {
         let dest = Destination::parse_authority(host, Some(443)).expect("static");
-        let head = RequestHead { method: "POST", target: path, path, headers: &headers, tls: true };
+        let head = RequestHead {
+            method: "POST",
+            target: path,
+            path,
+            headers: &headers,
+            tls: true,
+        };
         if let Some(i) = config.policy.winner(&dest, &head) {
             out.push(format!(
                 "credential {} covers {host}{path}, which mints new credentials (use becomes read); scope it with `paths`",
@@ -90,16 +122,31 @@ fn ties(config: &Config) -> Vec<String> {
     for rule in &config.policy.credentials {
         for p in &rule.patterns {
             let Some(host) = p.example_host() else { continue };
-            let Ok(dest) = Destination::parse_authority(&host, Some(p.port.unwrap_or(443))) else { continue };
-            let path = rule.paths.first().map(|p| format!("{p}/")).unwrap_or_else(|| "/".into());
+            let Ok(dest) = Destination::parse_authority(&host, Some(p.port.unwrap_or(443))) else {
+                continue;
+            };
+            let path = rule
+                .paths
+                .first()
+                .map(|p| format!("{p}/"))
+                .unwrap_or_else(|| "/".into());
             let method = rule.methods.first().map(String::as_str).unwrap_or("GET");
-            let head = RequestHead { method, target: &path, path: &path, headers: &headers, tls: true };
+            let head = RequestHead {
+                method,
+                target: &path,
+                path: &path,
+                headers: &headers,
+                tls: true,
+            };
             let ranked = config.policy.ranked(&dest, &head);
             if let [.., (a, ra), (b, rb)] = ranked.as_slice()
                 && ra == rb
                 && seen.insert((*a, *b))
             {
-                let (a, b) = (&config.policy.credentials[*a].name, &config.policy.credentials[*b].name);
+                let (a, b) = (
+                    &config.policy.credentials[*a].name,
+                    &config.policy.credentials[*b].name,
+                );
                 out.push(format!("credentials {a} and {b} overlap on {host} with equal specificity; {b} (declared last) wins"));
             }
         }
@@ -116,7 +163,10 @@ fn notes(config: &Config) -> Vec<String> {
         out.push("filters are advisory unless egress is enforced (a container network policy): a determined agent can bypass HTTP_PROXY".into());
     }
     if !config.capture_variables.is_empty() {
-        out.push(format!("variables available to regex captures: {}", config.capture_variables.join(", ")));
+        out.push(format!(
+            "variables available to regex captures: {}",
+            config.capture_variables.join(", ")
+        ));
     }
     out
 }

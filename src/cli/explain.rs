@@ -21,7 +21,10 @@ pub fn explain(config: Option<PathBuf>, method: &str, headers: &[String], json: 
             eprintln!("latchkey: --header wants 'Name: value', got {h:?}");
             return ExitCode::from(2);
         };
-        match (HeaderName::from_bytes(k.trim().as_bytes()), HeaderValue::from_str(v.trim())) {
+        match (
+            HeaderName::from_bytes(k.trim().as_bytes()),
+            HeaderValue::from_str(v.trim()),
+        ) {
             (Ok(k), Ok(v)) => {
                 map.append(k, v);
             }
@@ -96,7 +99,12 @@ impl Outcome<'_> {
     }
 }
 
-fn decide<'a>(config: &'a Config, method: &str, headers: &HeaderMap, url: &str) -> Result<Outcome<'a>, String> {
+fn decide<'a>(
+    config: &'a Config,
+    method: &str,
+    headers: &HeaderMap,
+    url: &str,
+) -> Result<Outcome<'a>, String> {
     let uri: Uri = url.parse().map_err(|e| format!("bad URL {url:?}: {e}"))?;
     let tls = match uri.scheme_str() {
         Some("https") => true,
@@ -107,11 +115,22 @@ fn decide<'a>(config: &'a Config, method: &str, headers: &HeaderMap, url: &str) 
     let dest = Destination::parse_authority(authority.as_str(), Some(if tls { 443 } else { 80 }))
         .map_err(|e| format!("bad host in {url:?}: {e}"))?;
     let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let owned = |decision, credential, reason: String| Outcome { decision, credential, reason, config };
+    let owned = |decision, credential, reason: String| Outcome {
+        decision,
+        credential,
+        reason,
+        config,
+    };
     if tls {
         match config.policy.decide_connect(&dest) {
             ConnectDecision::Block(r) => return Ok(owned("block", None, r.message)),
-            ConnectDecision::Tunnel => return Ok(owned("tunnel", None, "no credential or filter applies to this host".into())),
+            ConnectDecision::Tunnel => {
+                return Ok(owned(
+                    "tunnel",
+                    None,
+                    "no credential or filter applies to this host".into(),
+                ));
+            }
             ConnectDecision::Intercept => {}
         }
     }
@@ -122,7 +141,13 @@ fn decide<'a>(config: &'a Config, method: &str, headers: &HeaderMap, url: &str) 
         }
         b.body(()).map_err(|e| e.to_string())?.into_parts().0
     };
-    let head = RequestHead { method, target, path: uri.path(), headers, tls };
+    let head = RequestHead {
+        method,
+        target,
+        path: uri.path(),
+        headers,
+        tls,
+    };
     let d = config.policy.decide(&dest, &head, |i| {
         let c = &config.credentials[i];
         c.injector.carries_placeholder(&parts, &c.placeholder)
@@ -136,4 +161,3 @@ fn decide<'a>(config: &'a Config, method: &str, headers: &HeaderMap, url: &str) 
         }
     })
 }
-

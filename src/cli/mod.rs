@@ -15,7 +15,11 @@ use crate::ca::{CaOptions, CertAuthority};
 use crate::config::{self, Config};
 
 #[derive(Parser, Debug)]
-#[command(name = "latchkey", version, about = "Credential-injecting egress proxy for AI agents")]
+#[command(
+    name = "latchkey",
+    version,
+    about = "Credential-injecting egress proxy for AI agents"
+)]
 pub struct Cli {
     /// Operational log level (overrides RUST_LOG): error, warn, info, debug, trace.
     #[arg(long, global = true)]
@@ -103,10 +107,26 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_level.as_deref());
     match cli.command {
-        Command::Run { config, port, bind, regenerate_ca } => run::run(config, port, bind, regenerate_ca),
+        Command::Run {
+            config,
+            port,
+            bind,
+            regenerate_ca,
+        } => run::run(config, port, bind, regenerate_ca),
         Command::Exec { config, command } => run::exec(config, command),
-        Command::Env { config, format, proxy_url, ca_path } => env::env(config, format, proxy_url, ca_path),
-        Command::Explain { config, method, headers, json, url } => explain::explain(config, &method, &headers, json, &url),
+        Command::Env {
+            config,
+            format,
+            proxy_url,
+            ca_path,
+        } => env::env(config, format, proxy_url, ca_path),
+        Command::Explain {
+            config,
+            method,
+            headers,
+            json,
+            url,
+        } => explain::explain(config, &method, &headers, json, &url),
         Command::Check { config } => check::check(config),
         Command::Ca { config, action } => ca(config, action),
         Command::Providers => providers(),
@@ -118,7 +138,10 @@ fn harden_process() {
     // SAFETY: plain syscalls with constant arguments.
     unsafe {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        let none = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let none = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         libc::setrlimit(libc::RLIMIT_CORE, &none);
     }
 }
@@ -131,12 +154,24 @@ fn init_tracing(level: Option<&str>) {
         .unwrap_or_else(|| "info".into());
     // Dependencies never log above info: their debug output can carry header values.
     let mut filter = EnvFilter::try_new(&base).unwrap_or_else(|_| EnvFilter::new("info"));
-    for dep in ["hyper", "hyper_util", "rustls", "tokio_rustls", "h2", "tower", "mio"] {
+    for dep in [
+        "hyper",
+        "hyper_util",
+        "rustls",
+        "tokio_rustls",
+        "h2",
+        "tower",
+        "mio",
+    ] {
         if let Ok(d) = format!("{dep}=info").parse() {
             filter = filter.add_directive(d);
         }
     }
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 /// Load the config or explain why not (exit 2).
@@ -183,7 +218,9 @@ fn ca(config: Option<PathBuf>, action: CaAction) -> ExitCode {
         CaAction::Regenerate => match open_ca(&config, true) {
             Ok(_) => {
                 println!("{}", config.ca_cert_path().display());
-                eprintln!("latchkey: new CA written; clients must trust the new ca.crt (run `latchkey env` again)");
+                eprintln!(
+                    "latchkey: new CA written; clients must trust the new ca.crt (run `latchkey env` again)"
+                );
             }
             Err(code) => return code,
         },
@@ -192,7 +229,10 @@ fn ca(config: Option<PathBuf>, action: CaAction) -> ExitCode {
 }
 
 fn providers() -> ExitCode {
-    println!("{:<12} {:<24} {:<8} {:<34} {:<28} placeholder", "name", "provider", "auth", "env", "domains");
+    println!(
+        "{:<12} {:<24} {:<8} {:<34} {:<28} placeholder",
+        "name", "provider", "auth", "env", "domains"
+    );
     for (name, p) in config::builtin_providers() {
         let auth = p.auth_type.clone().unwrap_or_else(|| "header".into());
         let env = p.env.clone().map(|e| e.into_vec()).unwrap_or_else(|| {
@@ -210,7 +250,9 @@ fn providers() -> ExitCode {
             auth,
             env.join(","),
             p.domains.join(","),
-            p.placeholder.clone().unwrap_or_else(|| format!("latchkey-{name}"))
+            p.placeholder
+                .clone()
+                .unwrap_or_else(|| format!("latchkey-{name}"))
         );
     }
     ExitCode::SUCCESS

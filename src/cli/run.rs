@@ -16,10 +16,18 @@ use crate::policy::CredState;
 use crate::proxy::Proxy;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
-pub fn run(config: Option<PathBuf>, port: Option<u16>, bind: Option<IpAddr>, regenerate_ca: bool) -> ExitCode {
+pub fn run(
+    config: Option<PathBuf>,
+    port: Option<u16>,
+    bind: Option<IpAddr>,
+    regenerate_ca: bool,
+) -> ExitCode {
     let started = Instant::now();
     let mut config = match load_config(config) {
         Ok(c) => c,
@@ -73,7 +81,9 @@ fn start(mut config: Config, ca: Arc<CertAuthority>, listener: &TcpListener) -> 
         match &rule.state {
             CredState::Active => tracing::info!("credential {} active ({})", rule.name, cred.source),
             CredState::Inactive(why) => tracing::info!("credential {} inactive: {why}", rule.name),
-            CredState::Failed(why) => tracing::warn!("credential {} FAILED: {why}; its requests get 502", rule.name),
+            CredState::Failed(why) => {
+                tracing::warn!("credential {} FAILED: {why}; its requests get 502", rule.name)
+            }
         }
     }
     let mut own = vec![local];
@@ -100,13 +110,19 @@ async fn shutdown_signal() {
 async fn probe(addr: SocketAddr, ca_pem: &str) -> bool {
     let attempt = async {
         let mut s = TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"GET /ca.crt HTTP/1.1\r\nHost: latchkey\r\nConnection: close\r\n\r\n").await.ok()?;
+        s.write_all(b"GET /ca.crt HTTP/1.1\r\nHost: latchkey\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.ok()?;
         let text = String::from_utf8(buf).ok()?;
         Some(text.starts_with("HTTP/1.1 200") && text.contains(ca_pem.trim()))
     };
-    tokio::time::timeout(Duration::from_secs(2), attempt).await.ok().flatten().unwrap_or(false)
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 pub fn exec(config: Option<PathBuf>, command: Vec<String>) -> ExitCode {

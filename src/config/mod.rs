@@ -35,7 +35,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let file = self.file.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "<built-in>".into());
+        let file = self
+            .file
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "<built-in>".into());
         if self.line > 0 {
             write!(f, "{file}:{}:{}: ", self.line, self.column)?;
         } else {
@@ -115,10 +119,15 @@ pub struct Config {
 /// Where the config comes from: `--config` > `$LATCHKEY_CONFIG` > XDG default.
 /// `None` means no file: built-in defaults.
 pub fn find_config(cli: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
-    let explicit = cli.map(Path::to_path_buf).or_else(|| std::env::var_os("LATCHKEY_CONFIG").map(PathBuf::from));
+    let explicit = cli
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("LATCHKEY_CONFIG").map(PathBuf::from));
     if let Some(path) = explicit {
         if !path.exists() {
-            return Err(plain_error(Some(&path), format!("config file {} does not exist", path.display())));
+            return Err(plain_error(
+                Some(&path),
+                format!("config file {} does not exist", path.display()),
+            ));
         }
         return Ok(Some(path));
     }
@@ -131,13 +140,21 @@ pub fn find_config(cli: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
 }
 
 fn plain_error(file: Option<&Path>, message: String) -> ConfigError {
-    ConfigError { file: file.map(Path::to_path_buf), line: 0, column: 0, key: String::new(), message }
+    ConfigError {
+        file: file.map(Path::to_path_buf),
+        line: 0,
+        column: 0,
+        key: String::new(),
+        message,
+    }
 }
 
 /// Load and compile. `env` is the proxy's environment (tests pass their own).
 pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
     let env = |k: &str| std::env::var(k).ok();
-    let vars: Vec<String> = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).collect();
+    let vars: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .collect();
     match path {
         None => compile("", None, &env, &vars),
         Some(p) => {
@@ -172,15 +189,29 @@ fn toml_error(src: &str, file: Option<&Path>, e: &toml::de::Error) -> ConfigErro
     if let Some(rest) = original.strip_prefix("unknown field `") {
         let unknown = rest.split('`').next().unwrap_or("").to_string();
         let known: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
-        key = if table.is_empty() { unknown.clone() } else { format!("{table}.{unknown}") };
+        key = if table.is_empty() {
+            unknown.clone()
+        } else {
+            format!("{table}.{unknown}")
+        };
         message = format!("unknown key `{unknown}`");
         if let Some(s) = locate::suggest(&unknown, &known) {
             message.push_str(&format!(" (did you mean `{s}`?)"));
         }
     } else if !token.is_empty() && !token.contains('\n') && token.len() < 60 {
-        key = if table.is_empty() { token } else { format!("{table}.{token}") };
+        key = if table.is_empty() {
+            token
+        } else {
+            format!("{table}.{token}")
+        };
     }
-    ConfigError { file: file.map(Path::to_path_buf), line, column, key, message }
+    ConfigError {
+        file: file.map(Path::to_path_buf),
+        line,
+        column,
+        key,
+        message,
+    }
 }
 
 struct Compiler<'a> {
@@ -192,9 +223,18 @@ struct Compiler<'a> {
 
 impl Compiler<'_> {
     /// An error at `key` inside the table at `table` (located by header or span).
-    fn err(&self, table: &[&str], span: Option<std::ops::Range<usize>>, key: &str, msg: impl Into<String>) -> ConfigError {
+    fn err(
+        &self,
+        table: &[&str],
+        span: Option<std::ops::Range<usize>>,
+        key: &str,
+        msg: impl Into<String>,
+    ) -> ConfigError {
         // A table's span covers its `[header]`; its keys run to the next header.
-        let table_start = span.as_ref().map(|s| s.start).or_else(|| locate::table_offset(self.src, table));
+        let table_start = span
+            .as_ref()
+            .map(|s| s.start)
+            .or_else(|| locate::table_offset(self.src, table));
         let offset = table_start.map(|start| {
             let end = locate::next_table(self.src, start);
             locate::key_offset(self.src, start..end, key).unwrap_or(start)
@@ -216,7 +256,10 @@ impl Compiler<'_> {
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let p = &raw.proxy;
         let pe = |key: &str, msg: String| self.err(&["proxy"], None, key, msg);
-        let bind: IpAddr = p.bind.parse().map_err(|_| pe("bind", format!("{:?} is not an IP address", p.bind)))?;
+        let bind: IpAddr = p
+            .bind
+            .parse()
+            .map_err(|_| pe("bind", format!("{:?} is not an IP address", p.bind)))?;
         let cidrs = |list: &[String], key: &str| -> Result<Vec<IpNet>, ConfigError> {
             list.iter()
                 .map(|s| parse_cidr(s).ok_or_else(|| pe(key, format!("{s:?} is not an IP or CIDR"))))
@@ -226,13 +269,20 @@ impl Compiler<'_> {
         if !bind.is_loopback() && allowed_clients.is_empty() {
             return Err(pe(
                 "bind",
-                format!("binding to {bind} (not loopback) needs allowed_clients: latchkey will not run an open credential proxy"),
+                format!(
+                    "binding to {bind} (not loopback) needs allowed_clients: latchkey will not run an open credential proxy"
+                ),
             ));
         }
         let intercept_all = match p.intercept.as_str() {
             "auto" => false,
             "all" => true,
-            other => return Err(pe("intercept", format!("{other:?}: expected \"auto\" or \"all\""))),
+            other => {
+                return Err(pe(
+                    "intercept",
+                    format!("{other:?}: expected \"auto\" or \"all\""),
+                ));
+            }
         };
         if p.connect_timeout == 0 || p.timeout == 0 {
             return Err(pe("timeout", "timeouts must be at least 1 second".into()));
@@ -264,7 +314,10 @@ impl Compiler<'_> {
         let upstream = self.upstream(&raw.upstream)?;
         let admin = match raw.admin.as_ref().and_then(|a| a.listen.as_deref()) {
             None => None,
-            Some(s) => Some(s.parse().map_err(|_| self.err(&["admin"], None, "listen", format!("{s:?} is not ip:port")))?),
+            Some(s) => Some(
+                s.parse()
+                    .map_err(|_| self.err(&["admin"], None, "listen", format!("{s:?} is not ip:port")))?,
+            ),
         };
 
         let mut entries: Vec<(String, RawCredential, Option<std::ops::Range<usize>>, bool)> = Vec::new();
@@ -285,13 +338,28 @@ impl Compiler<'_> {
             rules.push(rule);
             credentials.push(cred);
         }
-        let capture_variables = self.vars.iter().filter(|v| credentials.iter().any(|c| c.reads.iter().any(|r| r.strip_suffix('*').is_some_and(|pre| v.starts_with(pre))))).cloned().collect();
+        let capture_variables = self
+            .vars
+            .iter()
+            .filter(|v| {
+                credentials.iter().any(|c| {
+                    c.reads
+                        .iter()
+                        .any(|r| r.strip_suffix('*').is_some_and(|pre| v.starts_with(pre)))
+                })
+            })
+            .cloned()
+            .collect();
         Ok(Config {
             file: self.file.map(Path::to_path_buf),
             proxy,
             upstream,
             admin,
-            policy: Policy { credentials: rules, filters, intercept_all },
+            policy: Policy {
+                credentials: rules,
+                filters,
+                intercept_all,
+            },
             credentials,
             capture_variables,
         })
@@ -308,7 +376,8 @@ impl Compiler<'_> {
             blocked: patterns(&f.blocked_domains, "blocked_domains")?,
             allowlist_only: f.allowlist_only,
             allowed: patterns(&f.allowed_domains, "allowed_domains")?,
-            content: ContentFilter::new(&f.blocked_patterns).map_err(|e| self.err(&t, None, "blocked_patterns", e))?,
+            content: ContentFilter::new(&f.blocked_patterns)
+                .map_err(|e| self.err(&t, None, "blocked_patterns", e))?,
         })
     }
 
@@ -316,11 +385,17 @@ impl Compiler<'_> {
         let mut resolve = HashMap::new();
         for (k, v) in &u.resolve {
             let e = |m: String| self.err(&["upstream", "resolve"], None, "", m);
-            let dest = Destination::parse_authority(k, None).map_err(|x| e(format!("{k:?}: {x} (write host:port)")))?;
-            let addr: SocketAddr = v.parse().map_err(|_| e(format!("{k:?} = {v:?}: the value must be ip:port")))?;
+            let dest = Destination::parse_authority(k, None)
+                .map_err(|x| e(format!("{k:?}: {x} (write host:port)")))?;
+            let addr: SocketAddr = v
+                .parse()
+                .map_err(|_| e(format!("{k:?} = {v:?}: the value must be ip:port")))?;
             resolve.insert(dest, addr);
         }
-        Ok(UpstreamSettings { ca_file: u.ca_file.as_deref().map(expand_home), resolve })
+        Ok(UpstreamSettings {
+            ca_file: u.ca_file.as_deref().map(expand_home),
+            resolve,
+        })
     }
 
     fn credential(
@@ -334,13 +409,19 @@ impl Compiler<'_> {
         let table = ["credentials", name];
         let e = |key: &str, msg: String| self.err(&table, span.clone(), key, msg);
         if c.domains.is_empty() {
-            return Err(e("domains", "a credential must name at least one host, IP or CIDR".into()));
+            return Err(e(
+                "domains",
+                "a credential must name at least one host, IP or CIDR".into(),
+            ));
         }
         let mut patterns = Vec::new();
         for d in &c.domains {
             let p = Pattern::parse(d).map_err(|x| e("domains", format!("{d:?}: {x}")))?;
             if p.matches_everything() {
-                return Err(e("domains", format!("{d:?} matches every host; a credential must name its hosts")));
+                return Err(e(
+                    "domains",
+                    format!("{d:?} matches every host; a credential must name its hosts"),
+                ));
             }
             patterns.push(p);
         }
@@ -350,7 +431,10 @@ impl Compiler<'_> {
             .map(|p| canonical_prefix(p).map_err(|x| e("paths", x)))
             .collect::<Result<Vec<_>, _>>()?;
         let methods: Vec<String> = c.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
-        if let Some(m) = methods.iter().find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic())) {
+        if let Some(m) = methods
+            .iter()
+            .find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()))
+        {
             return Err(e("methods", format!("{m:?} is not an HTTP method")));
         }
         if c.ports.contains(&0) {
@@ -363,27 +447,42 @@ impl Compiler<'_> {
             (None, None) => return Err(e("auth_type", "set `header` or `auth_type`".into())),
         };
         let template = |key: &str, v: &str| Template::parse(v).map_err(|x| e(key, x));
-        let source = |c: &RawCredential, value_key: &str, value: Option<&String>| -> Result<Source, ConfigError> {
-            let given = [value.is_some(), c.value_file.is_some(), c.value_command.is_some()];
-            match given.iter().filter(|g| **g).count() {
-                1 => {}
-                0 => return Err(e(value_key, format!("set one of `{value_key}`, `value_file`, `value_command`"))),
-                _ => return Err(e(value_key, format!("set only one of `{value_key}`, `value_file`, `value_command`"))),
-            }
-            Ok(if let Some(v) = value {
-                Source::Value(template(value_key, v)?)
-            } else if let Some(f) = &c.value_file {
-                Source::File(expand_home(f))
-            } else {
-                let argv = c.value_command.clone().unwrap_or_default();
-                if argv.is_empty() {
-                    return Err(e("value_command", "the command is empty".into()));
+        let source =
+            |c: &RawCredential, value_key: &str, value: Option<&String>| -> Result<Source, ConfigError> {
+                let given = [value.is_some(), c.value_file.is_some(), c.value_command.is_some()];
+                match given.iter().filter(|g| **g).count() {
+                    1 => {}
+                    0 => {
+                        return Err(e(
+                            value_key,
+                            format!("set one of `{value_key}`, `value_file`, `value_command`"),
+                        ));
+                    }
+                    _ => {
+                        return Err(e(
+                            value_key,
+                            format!("set only one of `{value_key}`, `value_file`, `value_command`"),
+                        ));
+                    }
                 }
-                Source::Command(argv)
-            })
-        };
+                Ok(if let Some(v) = value {
+                    Source::Value(template(value_key, v)?)
+                } else if let Some(f) = &c.value_file {
+                    Source::File(expand_home(f))
+                } else {
+                    let argv = c.value_command.clone().unwrap_or_default();
+                    if argv.is_empty() {
+                        return Err(e("value_command", "the command is empty".into()));
+                    }
+                    Source::Command(argv)
+                })
+            };
         let slots = |default: &str, prefix: Option<&str>| -> Result<Vec<HeaderSlot>, ConfigError> {
-            let names = c.header.clone().map(|h| h.into_vec()).unwrap_or_else(|| vec![default.to_string()]);
+            let names = c
+                .header
+                .clone()
+                .map(|h| h.into_vec())
+                .unwrap_or_else(|| vec![default.to_string()]);
             if names.is_empty() {
                 return Err(e("header", "name at least one header".into()));
             }
@@ -435,11 +534,17 @@ impl Compiler<'_> {
                 (Box::new(inj), src, inline)
             }
             "basic" => {
-                let user = c.username.clone().ok_or_else(|| e("username", "basic auth needs `username`".into()))?;
+                let user = c
+                    .username
+                    .clone()
+                    .ok_or_else(|| e("username", "basic auth needs `username`".into()))?;
                 let user_src = Source::Value(template("username", &user)?);
                 let username = resolve(&user_src).unwrap_or_else(placeholder_dummy);
                 if c.value.is_some() {
-                    return Err(e("value", "basic auth takes `password` (or value_file / value_command)".into()));
+                    return Err(e(
+                        "value",
+                        "basic auth takes `password` (or value_file / value_command)".into(),
+                    ));
                 }
                 let src = source(&c, "password", c.password.as_ref())?;
                 let password = resolve(&src).unwrap_or_else(placeholder_dummy);
@@ -450,7 +555,10 @@ impl Compiler<'_> {
                 (Box::new(inj), src, inline)
             }
             "query" => {
-                let param = c.param.clone().ok_or_else(|| e("param", "query auth needs `param`".into()))?;
+                let param = c
+                    .param
+                    .clone()
+                    .ok_or_else(|| e("param", "query auth needs `param`".into()))?;
                 if c.header.is_some() {
                     return Err(e("header", "query auth writes `param`, not a header".into()));
                 }
@@ -460,7 +568,10 @@ impl Compiler<'_> {
                 (Box::new(QueryInjector::new(param, v)), src, inline)
             }
             "aws_sigv4" | "gcp" | "mtls" => {
-                return Err(e("auth_type", format!("{auth_type:?} is not supported by this version of latchkey yet")));
+                return Err(e(
+                    "auth_type",
+                    format!("{auth_type:?} is not supported by this version of latchkey yet"),
+                ));
             }
             other => {
                 return Err(e(
@@ -512,7 +623,9 @@ impl Compiler<'_> {
 }
 
 fn parse_cidr(s: &str) -> Option<IpNet> {
-    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 /// The built-in providers, in table order.

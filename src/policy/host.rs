@@ -35,7 +35,10 @@ impl Host {
         if raw.is_empty() {
             return Err(HostError("empty host"));
         }
-        if raw.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        if raw
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
             return Err(HostError("whitespace or control character in host"));
         }
         if raw.contains('@') {
@@ -45,7 +48,9 @@ impl Host {
             return Err(HostError("percent-escape or zone id in host"));
         }
         if let Some(inner) = raw.strip_prefix('[') {
-            let inner = inner.strip_suffix(']').ok_or(HostError("unclosed IPv6 bracket"))?;
+            let inner = inner
+                .strip_suffix(']')
+                .ok_or(HostError("unclosed IPv6 bracket"))?;
             let ip: Ipv6Addr = inner.parse().map_err(|_| HostError("bad IPv6 literal"))?;
             return Ok(Host::Ip(canonical_ip(IpAddr::V6(ip))));
         }
@@ -247,8 +252,22 @@ mod tests {
     #[test]
     fn rejects_hostile_forms() {
         for bad in [
-            "", ".", "a..b", ".a.com", "user@a.com", "a%2ecom", "a .com", "a\t.com", "fe80::1%eth0",
-            "a/b", "a\\b", "a,b", "[::1", "256.1.1.1", "1.2.3.4.5", "0x1g.0.0.1",
+            "",
+            ".",
+            "a..b",
+            ".a.com",
+            "user@a.com",
+            "a%2ecom",
+            "a .com",
+            "a\t.com",
+            "fe80::1%eth0",
+            "a/b",
+            "a\\b",
+            "a,b",
+            "[::1",
+            "256.1.1.1",
+            "1.2.3.4.5",
+            "0x1g.0.0.1",
         ] {
             assert!(Host::parse(bad).is_err(), "{bad:?} must be rejected");
         }
@@ -257,8 +276,7 @@ mod tests {
     #[test]
     fn legacy_ipv4_forms_are_addresses() {
         for form in ["127.1", "0x7f.0.0.1", "2130706433", "0177.0.0.1", "127.0.1"] {
-            let want = if form == "127.0.1" { ip("127.0.0.1") } else { ip("127.0.0.1") };
-            assert_eq!(Host::parse(form).unwrap(), want, "{form}");
+            assert_eq!(Host::parse(form).unwrap(), ip("127.0.0.1"), "{form}");
         }
         assert_eq!(Host::parse("169.254.169.254").unwrap(), ip("169.254.169.254"));
     }

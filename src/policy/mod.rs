@@ -69,7 +69,11 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
-        Refusal { status, kind, message: message.into() }
+        Refusal {
+            status,
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -84,7 +88,10 @@ pub enum ConnectDecision {
 pub enum Decision {
     Block(Refusal),
     Pass(String),
-    Inject { credential: usize, captures: Vec<(String, String)> },
+    Inject {
+        credential: usize,
+        captures: Vec<(String, String)>,
+    },
 }
 
 /// What the policy sees of a request.
@@ -119,7 +126,11 @@ impl ContentFilter {
         } else {
             Some(AhoCorasick::new(&literals).map_err(|e| e.to_string())?)
         };
-        Ok(ContentFilter { literals, automaton, regexes })
+        Ok(ContentFilter {
+            literals,
+            automaton,
+            regexes,
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -133,7 +144,10 @@ impl ContentFilter {
         {
             return Some(&self.literals[m.pattern().as_usize()]);
         }
-        self.regexes.iter().find(|(_, re)| re.is_match(hay)).map(|(s, _)| s.as_str())
+        self.regexes
+            .iter()
+            .find(|(_, re)| re.is_match(hay))
+            .map(|(s, _)| s.as_str())
     }
 
     /// Bytes a streaming scanner must carry between chunks so no literal is missed.
@@ -153,10 +167,15 @@ impl Policy {
         }
         let needs_intercept = self.intercept_all
             || !self.filters.content.is_empty()
-            || self.credentials.iter().any(|c| {
-                !matches!(c.state, CredState::Inactive(_)) && host_rank(c, dest).is_some()
-            });
-        if needs_intercept { ConnectDecision::Intercept } else { ConnectDecision::Tunnel }
+            || self
+                .credentials
+                .iter()
+                .any(|c| !matches!(c.state, CredState::Inactive(_)) && host_rank(c, dest).is_some());
+        if needs_intercept {
+            ConnectDecision::Intercept
+        } else {
+            ConnectDecision::Tunnel
+        }
     }
 
     /// The decision for one request to `dest`. `carries_placeholder(i)` tells whether
@@ -178,9 +197,10 @@ impl Policy {
             ));
         }
         let Some(index) = self.winner(dest, head) else {
-            let inactive = self.credentials.iter().find(|c| {
-                matches!(c.state, CredState::Inactive(_)) && rule_rank(c, dest, head).is_some()
-            });
+            let inactive = self
+                .credentials
+                .iter()
+                .find(|c| matches!(c.state, CredState::Inactive(_)) && rule_rank(c, dest, head).is_some());
             return Decision::Pass(match inactive {
                 Some(c) => format!("credential {} is inactive", c.name),
                 None => "no credential matches".into(),
@@ -229,7 +249,10 @@ impl Policy {
             .find(|p| p.is_regex() && p.matches_host(&dest.host).is_some())
             .map(|p| p.captures(&dest.host))
             .unwrap_or_default();
-        Decision::Inject { credential: index, captures }
+        Decision::Inject {
+            credential: index,
+            captures,
+        }
     }
 
     /// The most specific usable credential for this request, if any.
@@ -253,19 +276,25 @@ impl Policy {
 
     fn domain_refusal(&self, dest: &Destination) -> Option<Refusal> {
         let f = &self.filters;
-        if let Some(p) = f.blocked.iter().find(|p| {
-            p.matches_host(&dest.host).is_some() && p.port.is_none_or(|pp| pp == dest.port)
-        }) {
+        if let Some(p) = f
+            .blocked
+            .iter()
+            .find(|p| p.matches_host(&dest.host).is_some() && p.port.is_none_or(|pp| pp == dest.port))
+        {
             return Some(Refusal::new(
                 403,
                 "blocked-domain",
-                format!("{} is blocked by blocked_domains pattern {:?}", dest.host, p.source),
+                format!(
+                    "{} is blocked by blocked_domains pattern {:?}",
+                    dest.host, p.source
+                ),
             ));
         }
         if f.allowlist_only
-            && !f.allowed.iter().any(|p| {
-                p.matches_host(&dest.host).is_some() && default_port_ok(p.port, &[], dest.port)
-            })
+            && !f
+                .allowed
+                .iter()
+                .any(|p| p.matches_host(&dest.host).is_some() && default_port_ok(p.port, &[], dest.port))
         {
             return Some(Refusal::new(
                 403,
@@ -311,7 +340,11 @@ fn rule_rank(c: &CredentialRule, dest: &Destination, head: &RequestHead<'_>) -> 
         0
     } else {
         let path = canonical_path(head.path)?;
-        c.paths.iter().filter(|p| path_has_prefix(&path, p)).map(|p| p.len() + 1).max()?
+        c.paths
+            .iter()
+            .filter(|p| path_has_prefix(&path, p))
+            .map(|p| p.len() + 1)
+            .max()?
     };
     Some((spec, path_len, !c.methods.is_empty() || !c.ports.is_empty()))
 }
@@ -335,9 +368,7 @@ fn default_port_ok(pattern_port: Option<u16>, ports: &[u16], port: u16) -> bool 
 }
 
 fn path_has_prefix(path: &str, prefix: &str) -> bool {
-    prefix.is_empty()
-        || path == prefix
-        || (path.starts_with(prefix) && path.as_bytes()[prefix.len()] == b'/')
+    prefix.is_empty() || path == prefix || (path.starts_with(prefix) && path.as_bytes()[prefix.len()] == b'/')
 }
 
 /// Canonical form of a request path for matching: dot segments resolved. `None` for

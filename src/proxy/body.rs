@@ -38,7 +38,13 @@ pub struct ScanBody<B> {
 
 impl<B> ScanBody<B> {
     pub fn new(inner: B, config: Arc<Config>) -> Self {
-        ScanBody { inner, config, carry: Vec::new(), scanned: 0, hit: Arc::new(OnceLock::new()) }
+        ScanBody {
+            inner,
+            config,
+            carry: Vec::new(),
+            scanned: 0,
+            hit: Arc::new(OnceLock::new()),
+        }
     }
 
     fn scan(&mut self, data: &[u8]) -> Option<String> {
@@ -66,7 +72,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => f,
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
@@ -111,7 +120,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
@@ -163,7 +175,10 @@ pub struct Logged<B> {
 
 impl<B> Logged<B> {
     pub fn new(inner: B, pending: Pending) -> Self {
-        Logged { inner: Counted::new(inner, pending.down.clone()), _pending: pending }
+        Logged {
+            inner: Counted::new(inner, pending.down.clone()),
+            _pending: pending,
+        }
     }
 }
 
@@ -175,7 +190,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

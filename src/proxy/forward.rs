@@ -41,7 +41,12 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let target = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/").to_string();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/")
+        .to_string();
     let mut record = Record {
         ts: now_ts(),
         client: route.peer.ip().to_string(),
@@ -95,7 +100,11 @@ pub async fn handle(
             record.credential = Some(cred.name.clone());
             if let Err(e) = cred.injector.inject(&mut parts, &captures) {
                 let crate::inject::InjectError::Unavailable(why) = e;
-                let r = Refusal::new(502, "credential-failed", format!("credential {} cannot be used here: {why}", cred.name));
+                let r = Refusal::new(
+                    502,
+                    "credential-failed",
+                    format!("credential {} cannot be used here: {why}", cred.name),
+                );
                 return refuse(record, r);
             }
             record.decision = "injected";
@@ -119,12 +128,24 @@ pub async fn handle(
     let result = tokio::time::timeout(config.proxy.timeout, generation.client.request(upstream_req)).await;
     let resp = match result {
         Err(_) => {
-            let r = Refusal::new(504, "upstream-timeout", format!("{} did not answer within {}s", route.dest, config.proxy.timeout.as_secs()));
+            let r = Refusal::new(
+                504,
+                "upstream-timeout",
+                format!(
+                    "{} did not answer within {}s",
+                    route.dest,
+                    config.proxy.timeout.as_secs()
+                ),
+            );
             return refuse(record, r);
         }
         Ok(Err(e)) => {
             if let Some(pattern) = hit.as_ref().and_then(|h| h.get()) {
-                let r = Refusal::new(403, "blocked-pattern", format!("request body matches blocked pattern {pattern:?}"));
+                let r = Refusal::new(
+                    403,
+                    "blocked-pattern",
+                    format!("request body matches blocked pattern {pattern:?}"),
+                );
                 return refuse(record, r);
             }
             return refuse(record, upstream_failure(&route.dest, &e));
@@ -157,7 +178,9 @@ fn check_route(route: &Route, parts: &http::request::Parts) -> Result<(), Refusa
         return Err(bad_request("CONNECT inside a tunnel is refused"));
     }
     let default_port = if route.tls { 443 } else { 80 };
-    if route.tunnel && let Some(authority) = parts.uri.authority() {
+    if route.tunnel
+        && let Some(authority) = parts.uri.authority()
+    {
         let scheme_port = match parts.uri.scheme_str() {
             Some("https") => 443,
             Some("http") => 80,
@@ -178,7 +201,9 @@ fn check_route(route: &Route, parts: &http::request::Parts) -> Result<(), Refusa
         return Err(bad_request("more than one Host header"));
     }
     if let Some(value) = host {
-        let text = value.to_str().map_err(|_| bad_request("Host header is not text"))?;
+        let text = value
+            .to_str()
+            .map_err(|_| bad_request("Host header is not text"))?;
         let named = Destination::parse_authority(text, Some(default_port))
             .map_err(|e| bad_request(format!("bad Host header {text:?}: {e}")))?;
         if named != route.dest {
@@ -198,7 +223,11 @@ fn prepare_upstream(parts: &mut http::request::Parts, route: &Route) -> Result<(
     parts.headers.remove(header::HOST);
     let scheme = if route.tls { "https" } else { "http" };
     let pq = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
-    let pq = if pq.starts_with('/') { pq.to_string() } else { format!("/{pq}") };
+    let pq = if pq.starts_with('/') {
+        pq.to_string()
+    } else {
+        format!("/{pq}")
+    };
     parts.uri = format!("{scheme}://{}{pq}", route.dest.authority())
         .parse()
         .map_err(|_| bad_request("cannot rebuild the request URI"))?;
@@ -232,6 +261,8 @@ fn upstream_failure(dest: &Destination, e: &hyper_util::client::legacy::Error) -
         }
         source = err.source();
     }
-    let cause = std::error::Error::source(e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+    let cause = std::error::Error::source(e)
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| e.to_string());
     Refusal::new(502, "upstream-reset", format!("{dest} failed: {cause}"))
 }

@@ -42,7 +42,11 @@ pub struct Generation {
 }
 
 impl Generation {
-    pub fn new(config: Arc<Config>, provider: Arc<CryptoProvider>, own_sockets: Vec<SocketAddr>) -> Result<Self, String> {
+    pub fn new(
+        config: Arc<Config>,
+        provider: Arc<CryptoProvider>,
+        own_sockets: Vec<SocketAddr>,
+    ) -> Result<Self, String> {
         let tls = upstream::client_tls(provider, config.upstream.ca_file.as_deref())?;
         let dialer = Arc::new(Dialer {
             resolve: config.upstream.resolve.clone(),
@@ -56,7 +60,11 @@ impl Generation {
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(64)
             .build(Connector(dialer.clone()));
-        Ok(Generation { config, dialer, client })
+        Ok(Generation {
+            config,
+            dialer,
+            client,
+        })
     }
 }
 
@@ -68,7 +76,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Config, ca: Arc<CertAuthority>, provider: Arc<CryptoProvider>, own_sockets: Vec<SocketAddr>) -> Result<Arc<Self>, String> {
+    pub fn new(
+        config: Config,
+        ca: Arc<CertAuthority>,
+        provider: Arc<CryptoProvider>,
+        own_sockets: Vec<SocketAddr>,
+    ) -> Result<Arc<Self>, String> {
         let audit = if config.proxy.log_requests {
             Audit::open(&config.proxy.log_file)
                 .map_err(|e| format!("cannot open log_file {}: {e}", config.proxy.log_file.display()))?
@@ -77,7 +90,12 @@ impl Proxy {
         };
         let connections = Arc::new(Semaphore::new(config.proxy.limits.max_connections));
         let generation = Generation::new(Arc::new(config), provider, own_sockets)?;
-        Ok(Arc::new(Proxy { current: RwLock::new(Arc::new(generation)), ca, audit, connections }))
+        Ok(Arc::new(Proxy {
+            current: RwLock::new(Arc::new(generation)),
+            ca,
+            audit,
+            connections,
+        }))
     }
 
     pub fn generation(&self) -> Arc<Generation> {
@@ -124,7 +142,9 @@ impl Proxy {
         let _ = stream.set_nodelay(true);
         let limits = generation.config.proxy.limits.clone();
         let service = service_fn(move |req| handler::handle(self.clone(), generation.clone(), peer, req));
-        let conn = server_builder(&limits).serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let conn = server_builder(&limits)
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
         if let Err(e) = conn.await {
             tracing::debug!("client {peer}: {e}");
         }

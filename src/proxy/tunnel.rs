@@ -20,7 +20,13 @@ use crate::policy::{Destination, Host};
 
 const TLS_HANDSHAKE: u8 = 0x16;
 
-pub async fn intercept(proxy: Arc<Proxy>, generation: Arc<Generation>, peer: SocketAddr, dest: Destination, upgraded: Upgraded) {
+pub async fn intercept(
+    proxy: Arc<Proxy>,
+    generation: Arc<Generation>,
+    peer: SocketAddr,
+    dest: Destination,
+    upgraded: Upgraded,
+) {
     let limits = generation.config.proxy.limits.clone();
     let mut io = TokioIo::new(upgraded);
     let mut first = [0u8; 1];
@@ -28,9 +34,18 @@ pub async fn intercept(proxy: Arc<Proxy>, generation: Arc<Generation>, peer: Soc
         Ok(Ok(1)) => {}
         _ => return,
     }
-    let io = Prefixed { first: Some(first[0]), inner: io };
+    let io = Prefixed {
+        first: Some(first[0]),
+        inner: io,
+    };
     if first[0] != TLS_HANDSHAKE {
-        let route = Arc::new(Route { dest, tls: false, tunnel: true, misdirected: None, peer });
+        let route = Arc::new(Route {
+            dest,
+            tls: false,
+            tunnel: true,
+            misdirected: None,
+            peer,
+        });
         serve(proxy, generation, route, io).await;
         return;
     }
@@ -39,10 +54,16 @@ pub async fn intercept(proxy: Arc<Proxy>, generation: Arc<Generation>, peer: Soc
         Ok(Ok(s)) => s,
         _ => return,
     };
-    let misdirected = start.client_hello().server_name().and_then(|sni| match Host::parse(sni) {
-        Ok(h) if h == dest.host => None,
-        _ => Some(format!("TLS SNI {sni:?} does not name the tunnel's host {}", dest.host)),
-    });
+    let misdirected = start
+        .client_hello()
+        .server_name()
+        .and_then(|sni| match Host::parse(sni) {
+            Ok(h) if h == dest.host => None,
+            _ => Some(format!(
+                "TLS SNI {sni:?} does not name the tunnel's host {}",
+                dest.host
+            )),
+        });
     let config = match proxy.ca.server_config(&dest.host) {
         Ok(c) => c,
         Err(e) => {
@@ -58,7 +79,13 @@ pub async fn intercept(proxy: Arc<Proxy>, generation: Arc<Generation>, peer: Soc
         }
         Err(_) => return,
     };
-    let route = Arc::new(Route { dest, tls: true, tunnel: true, misdirected, peer });
+    let route = Arc::new(Route {
+        dest,
+        tls: true,
+        tunnel: true,
+        misdirected,
+        peer,
+    });
     serve(proxy, generation, route, tls).await;
 }
 
@@ -67,8 +94,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = generation.config.proxy.limits.clone();
-    let service = service_fn(move |req| forward::handle(proxy.clone(), generation.clone(), route.clone(), req));
-    if let Err(e) = super::server_builder(&limits).serve_connection(TokioIo::new(stream), service).await {
+    let service =
+        service_fn(move |req| forward::handle(proxy.clone(), generation.clone(), route.clone(), req));
+    if let Err(e) = super::server_builder(&limits)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
         tracing::debug!("tunnel: {e}");
     }
 }
@@ -80,7 +111,11 @@ struct Prefixed<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if let Some(b) = self.first.take() {
             buf.put_slice(&[b]);
             return Poll::Ready(Ok(()));

@@ -27,11 +27,26 @@ use crate::policy::{Destination, Host, ssrf};
 #[derive(Debug, Clone)]
 pub enum UpstreamError {
     /// Every address is one latchkey refuses (invariant 12).
-    Refused { host: String, addr: std::net::IpAddr, why: &'static str },
-    Resolve { host: String, why: String },
-    Connect { host: String, why: String },
-    Tls { host: String, why: String },
-    Timeout { host: String },
+    Refused {
+        host: String,
+        addr: std::net::IpAddr,
+        why: &'static str,
+    },
+    Resolve {
+        host: String,
+        why: String,
+    },
+    Connect {
+        host: String,
+        why: String,
+    },
+    Tls {
+        host: String,
+        why: String,
+    },
+    Timeout {
+        host: String,
+    },
 }
 
 impl std::fmt::Display for UpstreamError {
@@ -63,7 +78,9 @@ pub struct Dialer {
 
 impl std::fmt::Debug for Dialer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dialer").field("resolve", &self.resolve).finish_non_exhaustive()
+        f.debug_struct("Dialer")
+            .field("resolve", &self.resolve)
+            .finish_non_exhaustive()
     }
 }
 
@@ -79,7 +96,10 @@ impl Dialer {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, dest.port)],
             Host::Domain(name) => tokio::net::lookup_host((name.as_str(), dest.port))
                 .await
-                .map_err(|e| UpstreamError::Resolve { host: host.clone(), why: e.to_string() })?
+                .map_err(|e| UpstreamError::Resolve {
+                    host: host.clone(),
+                    why: e.to_string(),
+                })?
                 .collect(),
         };
         let mut allowed = Vec::new();
@@ -88,24 +108,38 @@ impl Dialer {
             let addr = SocketAddr::new(crate::policy::host::canonical_ip(addr.ip()), addr.port());
             self.check_own(&host, addr)?;
             match ssrf::refused(addr.ip(), &self.allow_private) {
-                Some(why) => refusal = Some(UpstreamError::Refused { host: host.clone(), addr: addr.ip(), why }),
+                Some(why) => {
+                    refusal = Some(UpstreamError::Refused {
+                        host: host.clone(),
+                        addr: addr.ip(),
+                        why,
+                    })
+                }
                 None => allowed.push(addr),
             }
         }
         match (allowed.is_empty(), refusal) {
             (false, _) => Ok(allowed),
             (true, Some(r)) => Err(r),
-            (true, None) => Err(UpstreamError::Resolve { host, why: "no addresses".into() }),
+            (true, None) => Err(UpstreamError::Resolve {
+                host,
+                why: "no addresses".into(),
+            }),
         }
     }
 
     fn check_own(&self, host: &str, addr: SocketAddr) -> Result<(), UpstreamError> {
         let own = self.own_sockets.iter().any(|s| {
             s.port() == addr.port()
-                && (s.ip() == addr.ip() || (s.ip().is_unspecified() && ssrf::non_public_reason(addr.ip()).is_some()))
+                && (s.ip() == addr.ip()
+                    || (s.ip().is_unspecified() && ssrf::non_public_reason(addr.ip()).is_some()))
         });
         if own {
-            return Err(UpstreamError::Refused { host: host.into(), addr: addr.ip(), why: "latchkey's own socket" });
+            return Err(UpstreamError::Refused {
+                host: host.into(),
+                addr: addr.ip(),
+                why: "latchkey's own socket",
+            });
         }
         Ok(())
     }
@@ -142,21 +176,28 @@ impl Dialer {
         }
         let host = dest.to_string();
         let name = match &dest.host {
-            Host::Domain(d) => ServerName::try_from(d.clone())
-                .map_err(|e| UpstreamError::Tls { host: host.clone(), why: e.to_string() })?,
+            Host::Domain(d) => ServerName::try_from(d.clone()).map_err(|e| UpstreamError::Tls {
+                host: host.clone(),
+                why: e.to_string(),
+            })?,
             Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
         };
         let handshake = self.tls.connect(name, tcp);
         let stream = tokio::time::timeout(self.connect_timeout, handshake)
             .await
             .map_err(|_| UpstreamError::Timeout { host: host.clone() })?
-            .map_err(|e| UpstreamError::Tls { host, why: tls_cause(&e) })?;
+            .map_err(|e| UpstreamError::Tls {
+                host,
+                why: tls_cause(&e),
+            })?;
         Ok(UpstreamIo(TokioIo::new(Stream::Tls(Box::new(stream)))))
     }
 }
 
 fn tls_cause(e: &io::Error) -> String {
-    e.get_ref().map(|inner| inner.to_string()).unwrap_or_else(|| e.to_string())
+    e.get_ref()
+        .map(|inner| inner.to_string())
+        .unwrap_or_else(|| e.to_string())
 }
 
 /// Upstream trust: the public roots plus `[upstream] ca_file`, never the latchkey CA
@@ -178,7 +219,9 @@ pub fn client_tls(
             return Err(format!("[upstream] ca_file {}: no certificates", path.display()));
         }
         for c in certs {
-            roots.add(c).map_err(|e| format!("[upstream] ca_file {}: {e}", path.display()))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("[upstream] ca_file {}: {e}", path.display()))?;
         }
     }
     let mut cfg = ClientConfig::builder_with_provider(provider)
@@ -210,8 +253,13 @@ impl tower_service::Service<Uri> for Connector {
         Box::pin(async move {
             let tls = uri.scheme_str() == Some("https");
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
-            let dest = Destination::parse_authority(authority, Some(if tls { 443 } else { 80 }))
-                .map_err(|e| UpstreamError::Resolve { host: authority.into(), why: e.to_string() })?;
+            let dest =
+                Destination::parse_authority(authority, Some(if tls { 443 } else { 80 })).map_err(|e| {
+                    UpstreamError::Resolve {
+                        host: authority.into(),
+                        why: e.to_string(),
+                    }
+                })?;
             dialer.connect(dest, tls).await
         })
     }

@@ -56,8 +56,15 @@ pub fn pki() -> &'static UpstreamPki {
         let mut names: Vec<String> = UPSTREAM_HOSTS.iter().map(|s| s.to_string()).collect();
         names.push("127.0.0.1".into());
         let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(names).unwrap().signed_by(&leaf_key, &issuer).unwrap();
-        UpstreamPki { ca_pem: ca_cert.pem(), cert_pem: leaf.pem(), key_pem: leaf_key.serialize_pem() }
+        let leaf = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        UpstreamPki {
+            ca_pem: ca_cert.pem(),
+            cert_pem: leaf.pem(),
+            key_pem: leaf_key.serialize_pem(),
+        }
     })
 }
 
@@ -72,7 +79,11 @@ pub struct Seen {
 
 impl Seen {
     pub fn header_all(&self, name: &str) -> Vec<String> {
-        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 }
 
@@ -92,7 +103,13 @@ impl Upstream {
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap())
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
 }
 
 /// Start an echo upstream on loopback (TLS when `tls`). `git_root` enables /git/.
@@ -106,7 +123,10 @@ pub fn upstream(tls: bool, git: Option<GitServer>) -> Upstream {
         let p = pki();
         let certs = vec![rustls::pki_types::CertificateDer::from_pem_slice(p.cert_pem.as_bytes()).unwrap()];
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(p.key_pem.as_bytes()).unwrap();
-        let mut cfg = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
+        let mut cfg = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
     });
@@ -114,7 +134,9 @@ pub fn upstream(tls: bool, git: Option<GitServer>) -> Upstream {
     let log = seen.clone();
     runtime().spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
             let (log, acceptor, git) = (log.clone(), acceptor.clone(), git.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req| echo(req, log.clone(), git.clone()));
@@ -142,19 +164,33 @@ async fn echo(
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await?.to_bytes().to_vec();
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
         .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
-    let seen = Seen { method: parts.method.to_string(), path: path.clone(), headers: headers.clone(), body: body.clone() };
+    let seen = Seen {
+        method: parts.method.to_string(),
+        path: path.clone(),
+        headers: headers.clone(),
+        body: body.clone(),
+    };
     log.lock().unwrap().push(seen);
     if let (Some(git), true) = (git, path.starts_with("/org/")) {
         return Ok(git.serve(&parts, body));
     }
     if let Some(to) = path.strip_prefix("/redirect?to=") {
-        return Ok(Response::builder().status(302).header("location", to).body(Full::new(Bytes::new())).unwrap());
+        return Ok(Response::builder()
+            .status(302)
+            .header("location", to)
+            .body(Full::new(Bytes::new()))
+            .unwrap());
     }
     let mut b = Response::builder().header("content-type", "application/json");
     if path.starts_with("/cookie") {
@@ -177,7 +213,11 @@ pub struct GitServer {
 
 impl GitServer {
     fn serve(&self, parts: &http::request::Parts, body: Vec<u8>) -> Response<Full<Bytes>> {
-        let auth = parts.headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let auth = parts
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         if auth != self.expect_authorization {
             return Response::builder()
                 .status(401)
@@ -194,20 +234,37 @@ impl GitServer {
             .env("REQUEST_METHOD", parts.method.as_str())
             .env("PATH_INFO", parts.uri.path())
             .env("QUERY_STRING", parts.uri.query().unwrap_or(""))
-            .env("CONTENT_TYPE", parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or(""))
+            .env(
+                "CONTENT_TYPE",
+                parts
+                    .headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(""),
+            )
             .env("CONTENT_LENGTH", body.len().to_string())
             .env("REMOTE_USER", "x-access-token")
             .env("REMOTE_ADDR", "127.0.0.1")
-            .env("GIT_PROTOCOL", parts.headers.get("git-protocol").and_then(|v| v.to_str().ok()).unwrap_or(""))
+            .env(
+                "GIT_PROTOCOL",
+                parts
+                    .headers
+                    .get("git-protocol")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(""),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         child.stdin.take().unwrap().write_all(&body).unwrap();
         let out = child.wait_with_output().unwrap();
-        let split = out.stdout.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4)).or_else(|| {
-            out.stdout.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2))
-        });
+        let split = out
+            .stdout
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| (i, 4))
+            .or_else(|| out.stdout.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
         let (head_end, sep) = split.unwrap_or((0, 0));
         let head = String::from_utf8_lossy(&out.stdout[..head_end]).into_owned();
         let mut b = Response::builder();
@@ -220,7 +277,8 @@ impl GitServer {
                 }
             }
         }
-        b.body(Full::new(Bytes::from(out.stdout[head_end + sep..].to_vec()))).unwrap()
+        b.body(Full::new(Bytes::from(out.stdout[head_end + sep..].to_vec())))
+            .unwrap()
     }
 }
 
@@ -234,7 +292,11 @@ pub struct Latchkey {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Write a config with the standard test preamble plus `body`. Every upstream host
@@ -244,7 +306,13 @@ pub fn write_config(dir: &Path, port: u16, upstream: Option<SocketAddr>, body: &
 }
 
 /// Like `write_config`, with port 80 of every host going to `plain`.
-pub fn write_config2(dir: &Path, port: u16, upstream: Option<SocketAddr>, plain: Option<SocketAddr>, body: &str) -> PathBuf {
+pub fn write_config2(
+    dir: &Path,
+    port: u16,
+    upstream: Option<SocketAddr>,
+    plain: Option<SocketAddr>,
+    body: &str,
+) -> PathBuf {
     let ca_file = dir.join("upstream-ca.pem");
     std::fs::write(&ca_file, &pki().ca_pem).unwrap();
     let mut cfg = format!(
@@ -256,7 +324,10 @@ pub fn write_config2(dir: &Path, port: u16, upstream: Option<SocketAddr>, plain:
         None => ("", body),
     };
     cfg.push_str(proxy_extra.strip_prefix("[proxy]\n").unwrap_or(proxy_extra));
-    cfg.push_str(&format!("\n[upstream]\nca_file = \"{}\"\n[upstream.resolve]\n", ca_file.display()));
+    cfg.push_str(&format!(
+        "\n[upstream]\nca_file = \"{}\"\n[upstream.resolve]\n",
+        ca_file.display()
+    ));
     for h in UPSTREAM_HOSTS {
         if let Some(addr) = upstream {
             cfg.push_str(&format!("\"{h}:443\" = \"{addr}\"\n"));
@@ -323,7 +394,13 @@ impl Latchkey {
             .stderr(stderr)
             .spawn()
             .unwrap();
-        let lk = Latchkey { port, dir, child, config_path, stderr_path };
+        let lk = Latchkey {
+            port,
+            dir,
+            child,
+            config_path,
+            stderr_path,
+        };
         lk.wait_ready();
         lk
     }
@@ -367,7 +444,12 @@ impl Latchkey {
 
     /// A latchkey subcommand against this instance's config.
     pub fn cli(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        latchkey_cmd(self.dir.path(), env).args(args).arg("--config").arg(&self.config_path).output().unwrap()
+        latchkey_cmd(self.dir.path(), env)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+            .unwrap()
     }
 }
 
@@ -404,7 +486,10 @@ pub fn echoed(body: &str, name: &str) -> Vec<String> {
 }
 
 pub fn env_map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Raw client side of the proxy: CONNECT, TLS with any SNI, raw HTTP bytes.
@@ -446,7 +531,11 @@ pub mod raw {
         let mut text = String::from_utf8_lossy(&head).into_owned();
         let length = text
             .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().to_string())
+            })
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(0);
         if !text.starts_with("HTTP/1.1 200") && length > 0 {
@@ -488,7 +577,9 @@ pub mod raw {
             Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
         }
         fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.supported_schemes()
+            rustls::crypto::aws_lc_rs::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
         }
     }
 
