@@ -268,8 +268,10 @@ fn exec_scrubs_secrets_sets_placeholders_and_returns_the_status() {
 fn exec_uses_a_running_instance() {
     let up = upstream(true, None);
     let lk = Latchkey::start(Some(&up), "", &[("ANTHROPIC_API_KEY", SECRET)]);
-    let script = "curl -sS -H \"x-api-key: $ANTHROPIC_API_KEY\" https://api.anthropic.com/v1/messages";
-    // This exec has no secret of its own: only the running instance can inject it.
+    // This exec runs where the secret is not (like the agent's terminal): the running
+    // instance says what is active, so the placeholder is still exported, and only the
+    // running instance can inject the secret.
+    let script = "test \"$ANTHROPIC_API_KEY\" = latchkey-anthropic && curl -sS -H \"x-api-key: $ANTHROPIC_API_KEY\" https://api.anthropic.com/v1/messages";
     let o = latchkey_cmd(lk.dir.path(), &[])
         .args(["exec", "--config"])
         .arg(&lk.config_path)
@@ -278,6 +280,11 @@ fn exec_uses_a_running_instance() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(echoed(&String::from_utf8_lossy(&o.stdout), "x-api-key"), [SECRET]);
+    let o = lk.cli(&["env", "--format", "json"], &[]);
+    assert_eq!(
+        json(&String::from_utf8_lossy(&o.stdout))["ANTHROPIC_API_KEY"],
+        "latchkey-anthropic"
+    );
 }
 
 #[test]

@@ -54,14 +54,18 @@ pub fn env(
     {
         return code;
     }
-    let vars = client_env(&config, proxy_url, ca_path);
+    let active = super::running_active(&config);
+    let vars = client_env(&config, active.as_deref(), proxy_url, ca_path);
     print!("{}", render(&vars, format));
     ExitCode::SUCCESS
 }
 
-/// The client-side environment, in a stable order.
+/// The client-side environment, in a stable order. `active` names the credentials the
+/// running instance can inject (it holds the secrets; this process may not); without
+/// it, the credentials active here.
 pub fn client_env(
     config: &Config,
+    active: Option<&[String]>,
     proxy_url: Option<String>,
     ca_path: Option<PathBuf>,
 ) -> Vec<(String, String)> {
@@ -83,7 +87,11 @@ pub fn client_env(
     }
     out.push(("NODE_EXTRA_CA_CERTS".into(), ca.display().to_string()));
     for (rule, cred) in config.policy.credentials.iter().zip(&config.credentials) {
-        if rule.state != CredState::Active {
+        let usable = match active {
+            Some(names) => names.contains(&rule.name),
+            None => rule.state == CredState::Active,
+        };
+        if !usable {
             continue;
         }
         for var in &cred.env {

@@ -198,6 +198,41 @@ pub(crate) fn open_ca(config: &Config, regenerate: bool) -> Result<Arc<CertAutho
     })
 }
 
+/// GET `path` from a local latchkey at `addr`, over plain HTTP/1.1 with short timeouts.
+pub(crate) fn fetch_local(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: latchkey\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8(buf).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// The credential names active in the latchkey running at the configured address, if
+/// it is ours (same CA). `None` when nothing of ours answers there.
+pub(crate) fn running_active(config: &Config) -> Option<Vec<String>> {
+    let ca = std::fs::read_to_string(config.ca_cert_path()).ok()?;
+    let addr = config.client_proxy_addr();
+    let served = fetch_local(addr, "/ca.crt")?;
+    if served.trim() != ca.trim() {
+        return None;
+    }
+    Some(
+        fetch_local(addr, "/latchkey/active")?
+            .lines()
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
 pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     rustls::crypto::CryptoProvider::get_default()
         .cloned()

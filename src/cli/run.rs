@@ -1,13 +1,12 @@
 //! `latchkey run` and `latchkey exec`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use super::{load_config, open_ca, provider};
 use crate::ca::CertAuthority;
@@ -106,25 +105,6 @@ async fn shutdown_signal() {
     }
 }
 
-/// Does a latchkey with our CA answer at `addr`?
-async fn probe(addr: SocketAddr, ca_pem: &str) -> bool {
-    let attempt = async {
-        let mut s = TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"GET /ca.crt HTTP/1.1\r\nHost: latchkey\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8(buf).ok()?;
-        Some(text.starts_with("HTTP/1.1 200") && text.contains(ca_pem.trim()))
-    };
-    tokio::time::timeout(Duration::from_secs(2), attempt)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
-}
-
 pub fn exec(config: Option<PathBuf>, command: Vec<String>) -> ExitCode {
     let config = match load_config(config) {
         Ok(c) => c,
@@ -134,11 +114,12 @@ pub fn exec(config: Option<PathBuf>, command: Vec<String>) -> ExitCode {
         Ok(ca) => ca,
         Err(code) => return code,
     };
-    let vars = super::env::client_env(&config, None, None);
+    let running = super::running_active(&config);
+    let vars = super::env::client_env(&config, running.as_deref(), None, None);
     let scrub = super::env::scrub_list(&config);
     runtime().block_on(async move {
         let addr = config.client_proxy_addr();
-        if probe(addr, ca.cert_pem()).await {
+        if running.is_some() {
             tracing::debug!("using the latchkey already running at {addr}");
         } else {
             let listener = match TcpListener::bind(config.proxy.listen).await {

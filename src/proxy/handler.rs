@@ -1,5 +1,5 @@
 //! Requests on the proxy port: CONNECT, absolute-form plain HTTP, and the one local
-//! resource (`/ca.crt`, public by nature).
+//! resources: `/ca.crt` (public by nature) and `/latchkey/active` (credential names).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -58,6 +58,19 @@ pub async fn handle(
                 "application/x-pem-file".parse().expect("static"),
             );
             Ok(resp)
+        }
+        // Which credentials are active here, by name: `env` and `exec` run where the
+        // secrets are not, and export placeholders for what this instance can inject.
+        None if req.method() == Method::GET && req.uri().path() == "/latchkey/active" => {
+            let names: String = generation
+                .config
+                .policy
+                .credentials
+                .iter()
+                .filter(|c| c.state == crate::policy::CredState::Active)
+                .map(|c| format!("{}\n", c.name))
+                .collect();
+            Ok(Response::new(respond::full(names)))
         }
         None => Ok(respond::refusal(&bad_request(
             "this is a proxy: send absolute-form requests or CONNECT (see `latchkey env`)",
