@@ -379,3 +379,96 @@ fn secrets_never_reach_logs_or_cli_output() {
         );
     }
 }
+
+#[test]
+fn leaf_certificates_name_exactly_the_tunnel_host() {
+    let (_up, lk) = start("");
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let mut t = tls(s, "api.anthropic.com");
+    use std::io::Write;
+    t.write_all(b"GET / HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let _ = t.flush();
+    let chain = t.conn.peer_certificates().unwrap().to_vec();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    let san = leaf.subject_alternative_name().unwrap().unwrap().value;
+    assert_eq!(san.general_names.len(), 1);
+    assert_eq!(
+        format!("{:?}", san.general_names[0]),
+        "DNSName(\"api.anthropic.com\")"
+    );
+    let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && !eku.client_auth && !eku.any);
+    assert!(!leaf.is_ca());
+    let ca_pem = std::fs::read_to_string(lk.dir.path().join("ca/ca.crt")).unwrap();
+    let ca_der = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()
+    };
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+    assert!(leaf.verify_signature(Some(ca.public_key())).is_ok());
+    assert_eq!(
+        ca.basic_constraints().unwrap().unwrap().value.path_len_constraint,
+        Some(0)
+    );
+}
+
+#[test]
+fn upstream_trust_ignores_ssl_cert_file_and_names_the_failure() {
+    let up = upstream(true, None);
+    // A config without [upstream] ca_file: the private upstream CA is not trusted even
+    // when SSL_CERT_FILE points at it.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let ca = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca, &pki().ca_pem).unwrap();
+    let cfg = format!(
+        "[proxy]\nport = {port}\nca_dir = \"{}/ca\"\n[upstream.resolve]\n\"api.anthropic.com:443\" = \"{}\"\n{CRED}",
+        dir.path().display(),
+        up.addr
+    );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, cfg).unwrap();
+    set_mode(&path, 0o600);
+    let ca_str = ca.to_str().unwrap().to_string();
+    let lk = Latchkey::spawn(
+        dir,
+        port,
+        path,
+        &[
+            ("ANTHROPIC_API_KEY", SECRET),
+            ("SSL_CERT_FILE", &ca_str),
+            ("SSL_CERT_DIR", "/nonexistent"),
+        ],
+    );
+    let (code, body) = lk.curl(&["https://api.anthropic.com/v1/messages"]);
+    assert_eq!(code, 502, "{body}");
+    assert!(
+        body.contains("api.anthropic.com") && body.contains("certificate"),
+        "{body}"
+    );
+    assert_eq!(up.count(), 0);
+}
+
+#[test]
+fn slow_upstreams_get_504() {
+    let (up, lk) = start("timeout = 1\n#END-PROXY\n");
+    let (code, body) = lk.curl(&["https://api.anthropic.com/slow"]);
+    assert_eq!(code, 504, "{body}");
+    assert!(body.starts_with("latchkey: "), "{body}");
+    assert_eq!(up.count(), 1);
+}
+
+#[test]
+fn core_dumps_are_disabled() {
+    let (_up, lk) = start("");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", lk.child.id())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert!(
+        core.split_whitespace().skip(4).take(2).all(|v| v == "0"),
+        "{core}"
+    );
+}

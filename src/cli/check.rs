@@ -158,6 +158,9 @@ fn notes(config: &Config) -> Vec<String> {
     let mut out = vec![
         "isolation: an agent running as this user can read this config and its secret sources; run latchkey as its own user or the agent in a container (docs/security.md)".to_string(),
     ];
+    if config.proxy.redact_responses {
+        out.push("redact_responses: response redaction is not implemented in this version yet; an upstream that echoes a secret back reaches the client (docs/security.md)".into());
+    }
     let f = &config.policy.filters;
     if !f.content.is_empty() || !f.blocked.is_empty() || f.allowlist_only {
         out.push("filters are advisory unless egress is enforced (a container network policy): a determined agent can bypass HTTP_PROXY".into());

@@ -185,6 +185,9 @@ async fn echo(
     if let (Some(git), true) = (git, path.starts_with("/org/")) {
         return Ok(git.serve(&parts, body));
     }
+    if path == "/slow" {
+        tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    }
     if let Some(to) = path.strip_prefix("/redirect?to=") {
         return Ok(Response::builder()
             .status(302)
