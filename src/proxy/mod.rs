@@ -21,7 +21,6 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::crypto::CryptoProvider;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -126,17 +125,25 @@ impl Proxy {
         }
     }
 
-    async fn serve_client(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
+    async fn serve_client(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let generation = self.generation();
         let clients = &generation.config.proxy.allowed_clients;
         let ip = crate::policy::host::canonical_ip(peer.ip());
         if !clients.is_empty() && !clients.iter().any(|n| n.contains(&ip)) {
-            let msg = format!("latchkey: client {ip} is not in allowed_clients\n");
-            let resp = format!(
-                "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\nx-latchkey-error: client-not-allowed\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{msg}",
-                msg.len()
+            // Read the request before refusing, so the client sees the 403 rather than
+            // a reset; nothing else is done for it.
+            let refusal = crate::policy::Refusal::new(
+                403,
+                "client-not-allowed",
+                format!("client {ip} is not in allowed_clients"),
             );
-            let _ = stream.write_all(resp.as_bytes()).await;
+            let service = service_fn(move |_req| {
+                let resp = respond::refusal(&refusal);
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let mut builder = server_builder(&generation.config.proxy.limits);
+            builder.keep_alive(false);
+            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
             return;
         }
         let _ = stream.set_nodelay(true);
