@@ -364,6 +364,27 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_first_requests_mint_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let opts = CaOptions {
+            dir: &dir,
+            generate: true,
+            lifetime_days: 10,
+            regenerate: false,
+        };
+        let ca = Arc::new(CertAuthority::open(&opts, provider()).unwrap());
+        let host = Host::parse("burst.example.com").unwrap();
+        let configs: Vec<Arc<ServerConfig>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| ca.server_config(&host).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(configs.iter().all(|c| Arc::ptr_eq(c, &configs[0])));
+    }
+
+    #[test]
     fn refuses_loose_key() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("ca");

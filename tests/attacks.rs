@@ -472,3 +472,41 @@ fn core_dumps_are_disabled() {
         "{core}"
     );
 }
+
+#[test]
+fn smuggling_forms_cannot_desync_the_upstream() {
+    let (up, lk) = start("");
+    // CL+TE: hyper reads it as chunked (RFC 9112: Transfer-Encoding wins), drops the
+    // Content-Length and closes after; latchkey re-frames the body, so the upstream
+    // sees one request with one framing and the smuggled one is never sent.
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let smuggled = "0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n";
+    let resp = request(
+        tls(s, "api.anthropic.com"),
+        &format!(
+            "POST / HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{smuggled}",
+            smuggled.len()
+        ),
+    );
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert!(
+        !resp.contains("HTTP/1.1 421") || !resp.contains("/smuggled"),
+        "{resp}"
+    );
+    let seen = up.requests();
+    assert!(seen.iter().all(|r| r.path != "/smuggled"), "{seen:?}");
+    assert!(
+        seen.iter().all(
+            |r| r.header_all("content-length").is_empty() || r.header_all("transfer-encoding").is_empty()
+        )
+    );
+    // Two differing Content-Lengths: 400, nothing forwarded.
+    let before = up.count();
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let resp = request(
+        tls(s, "api.anthropic.com"),
+        "POST / HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: 4\r\nContent-Length: 5\r\nConnection: close\r\n\r\nabcde",
+    );
+    assert_eq!(status(&resp), 400, "{resp}");
+    assert_eq!(up.count(), before);
+}
