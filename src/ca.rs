@@ -309,17 +309,26 @@ mod tests {
         Arc::new(rustls::crypto::aws_lc_rs::default_provider())
     }
 
-    #[test]
-    fn creates_private_files_and_mints_single_san_leaves() {
-        let tmp = tempfile::tempdir().unwrap();
+    /// A CA generated in a fresh `ca` directory under `tmp`.
+    fn fresh(tmp: &tempfile::TempDir) -> (PathBuf, CertAuthority) {
         let dir = tmp.path().join("ca");
-        let opts = CaOptions {
-            dir: &dir,
+        let ca = CertAuthority::open(&options(&dir), provider()).unwrap();
+        (dir, ca)
+    }
+
+    fn options(dir: &Path) -> CaOptions<'_> {
+        CaOptions {
+            dir,
             generate: true,
             lifetime_days: 10,
             regenerate: false,
-        };
-        let ca = CertAuthority::open(&opts, provider()).unwrap();
+        }
+    }
+
+    #[test]
+    fn creates_private_files_and_mints_single_san_leaves() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, ca) = fresh(&tmp);
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
         assert_eq!(
             std::fs::metadata(dir.join("ca.key")).unwrap().mode() & 0o777,
@@ -346,14 +355,12 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b), "cached");
 
         // Re-open keeps the same CA; generate=false without files refuses.
-        let again = CertAuthority::open(&opts, provider()).unwrap();
+        let again = CertAuthority::open(&options(&dir), provider()).unwrap();
         assert_eq!(again.cert_pem(), ca.cert_pem());
         let empty = tmp.path().join("none");
         let opts = CaOptions {
-            dir: &empty,
             generate: false,
-            lifetime_days: 10,
-            regenerate: false,
+            ..options(&empty)
         };
         assert!(
             CertAuthority::open(&opts, provider())
@@ -366,14 +373,7 @@ mod tests {
     #[test]
     fn concurrent_first_requests_mint_once() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("ca");
-        let opts = CaOptions {
-            dir: &dir,
-            generate: true,
-            lifetime_days: 10,
-            regenerate: false,
-        };
-        let ca = Arc::new(CertAuthority::open(&opts, provider()).unwrap());
+        let ca = Arc::new(fresh(&tmp).1);
         let host = Host::parse("burst.example.com").unwrap();
         let configs: Vec<Arc<ServerConfig>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..8)
@@ -387,17 +387,10 @@ mod tests {
     #[test]
     fn refuses_loose_key() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("ca");
-        let opts = CaOptions {
-            dir: &dir,
-            generate: true,
-            lifetime_days: 10,
-            regenerate: false,
-        };
-        CertAuthority::open(&opts, provider()).unwrap();
+        let (dir, _) = fresh(&tmp);
         std::fs::set_permissions(dir.join("ca.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(
-            CertAuthority::open(&opts, provider())
+            CertAuthority::open(&options(&dir), provider())
                 .unwrap_err()
                 .0
                 .contains("chmod 600")

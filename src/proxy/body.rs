@@ -14,6 +14,23 @@ use super::BoxError;
 use crate::audit::{Audit, Record};
 use crate::config::Config;
 
+type FramePoll = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
+/// Poll `inner` for its next frame with the error boxed; `Err(poll)` when there is no
+/// frame to look at (pending, end, or an error to pass on as it is).
+fn next_frame<B>(inner: &mut B, cx: &mut Context<'_>) -> Result<Frame<Bytes>, FramePoll>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    match Pin::new(inner).poll_frame(cx) {
+        Poll::Ready(Some(Ok(f))) => Ok(f),
+        Poll::Ready(Some(Err(e))) => Err(Poll::Ready(Some(Err(e.into())))),
+        Poll::Ready(None) => Err(Poll::Ready(None)),
+        Poll::Pending => Err(Poll::Pending),
+    }
+}
+
 #[derive(Debug)]
 pub struct BlockedBody(pub String);
 
@@ -72,15 +89,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(f))) => f,
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
+        let frame = match next_frame(&mut self.inner, cx) {
+            Ok(f) => f,
+            Err(poll) => return poll,
         };
         if let Some(data) = frame.data_ref()
             && let Some(pattern) = self.scan(data)
@@ -120,21 +132,15 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
-                }
-                Poll::Ready(Some(Ok(f)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
+        let frame = match next_frame(&mut self.inner, cx) {
+            Ok(f) => f,
+            Err(poll) => return poll,
+        };
+        if let Some(d) = frame.data_ref() {
+            self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
         }
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -190,10 +196,7 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
