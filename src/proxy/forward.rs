@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName};
+use http::request::Parts;
 use http::{Method, Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -17,7 +18,8 @@ use super::respond::{self, bad_request, misdirected};
 use super::upstream::UpstreamError;
 use super::{Body, Generation, Proxy};
 use crate::audit::{Record, now_ts, path_only};
-use crate::inject::is_hop_by_hop;
+use crate::config::{Config, Credential};
+use crate::inject::{InjectError, is_hop_by_hop};
 use crate::policy::{Decision, Destination, Refusal, RequestHead};
 
 /// Where requests on this connection go. Fixed before the first request is read.
@@ -41,13 +43,59 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let target = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/")
-        .to_string();
-    let mut record = Record {
+    let mut record = new_record(&route, &parts);
+    let up = Arc::new(AtomicU64::new(0));
+    match exchange(&generation, &route, parts, body, &mut record, up.clone()).await {
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            record.status = Some(parts.status.as_u16());
+            tracing::debug!(target: "latchkey::request", dest = %route.dest, status = parts.status.as_u16(), decision = record.decision, "forwarded");
+            let down = Arc::new(AtomicU64::new(0));
+            let pending = Pending {
+                audit: proxy.audit.clone(),
+                record,
+                up,
+                down,
+                started,
+            };
+            Ok(Response::from_parts(parts, Logged::new(body, pending).boxed()))
+        }
+        Err(r) => {
+            record.decision = "blocked";
+            record.status = Some(r.status);
+            record.reason = Some(r.message.clone());
+            record.duration_ms = started.elapsed().as_millis() as u64;
+            proxy.audit.log(&record);
+            tracing::info!(target: "latchkey::request", dest = %route.dest, status = r.status, kind = r.kind, "refused");
+            Ok(respond::refusal(&r))
+        }
+    }
+}
+
+/// check → decide → inject → forward; the response comes back with hop-by-hop headers
+/// (and, on credentialed routes, `Set-Cookie`) removed.
+async fn exchange(
+    generation: &Generation,
+    route: &Route,
+    mut parts: Parts,
+    body: Incoming,
+    record: &mut Record,
+    up: Arc<AtomicU64>,
+) -> Result<Response<Incoming>, Refusal> {
+    check_route(route, &parts)?;
+    let credential = decide_and_inject(&generation.config, route, &mut parts, record)?;
+    prepare_upstream(&mut parts, route)?;
+    let mut resp = send(generation, route, parts, body, up).await?;
+    strip_hop_by_hop(resp.headers_mut());
+    if credential.is_some_and(|c| !c.pass_cookies) {
+        resp.headers_mut().remove(header::SET_COOKIE);
+    }
+    Ok(resp)
+}
+
+fn new_record(route: &Route, parts: &Parts) -> Record {
+    let target = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
+    Record {
         ts: now_ts(),
         client: route.peer.ip().to_string(),
         agent: None,
@@ -55,7 +103,7 @@ pub async fn handle(
         scheme: if route.tls { "https" } else { "http" },
         host: route.dest.host.to_string(),
         port: route.dest.port,
-        path: Some(path_only(&target)),
+        path: Some(path_only(target)),
         status: None,
         decision: "blocked",
         reason: None,
@@ -63,60 +111,60 @@ pub async fn handle(
         bytes_up: 0,
         bytes_down: 0,
         duration_ms: 0,
-    };
-    let refuse = |mut record: Record, r: Refusal| {
-        record.status = Some(r.status);
-        record.reason = Some(r.message.clone());
-        record.duration_ms = started.elapsed().as_millis() as u64;
-        proxy.audit.log(&record);
-        tracing::info!(target: "latchkey::request", dest = %route.dest, status = r.status, kind = r.kind, "refused");
-        Ok(respond::refusal(&r))
-    };
-    if let Err(r) = check_route(&route, &parts) {
-        return refuse(record, r);
     }
-    let config = &generation.config;
+}
+
+/// Ask the policy, and write the winning credential into the request.
+fn decide_and_inject<'c>(
+    config: &'c Config,
+    route: &Route,
+    parts: &mut Parts,
+    record: &mut Record,
+) -> Result<Option<&'c Credential>, Refusal> {
+    let target = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
     let head = RequestHead {
         method: parts.method.as_str(),
-        target: &target,
+        target,
         path: parts.uri.path(),
         headers: &parts.headers,
         tls: route.tls,
     };
     let decision = config.policy.decide(&route.dest, &head, |i| {
         let c = &config.credentials[i];
-        c.injector.carries_placeholder(&parts, &c.placeholder)
+        c.injector.carries_placeholder(parts, &c.placeholder)
     });
-    let mut parts = parts;
-    let credential = match decision {
-        Decision::Block(r) => return refuse(record, r),
+    match decision {
+        Decision::Block(r) => Err(r),
         Decision::Pass(reason) => {
             record.decision = "passed";
             record.reason = Some(reason);
-            None
+            Ok(None)
         }
         Decision::Inject { credential, captures } => {
             let cred = &config.credentials[credential];
             record.credential = Some(cred.name.clone());
-            if let Err(e) = cred.injector.inject(&mut parts, &captures) {
-                let crate::inject::InjectError::Unavailable(why) = e;
-                let r = Refusal::new(
-                    502,
-                    "credential-failed",
-                    format!("credential {} cannot be used here: {why}", cred.name),
-                );
-                return refuse(record, r);
-            }
+            cred.injector
+                .inject(parts, &captures)
+                .map_err(|InjectError::Unavailable(why)| {
+                    let msg = format!("credential {} cannot be used here: {why}", cred.name);
+                    Refusal::new(502, "credential-failed", msg)
+                })?;
             record.decision = "injected";
-            Some(cred)
+            Ok(Some(cred))
         }
-    };
-
-    if let Err(r) = prepare_upstream(&mut parts, &route) {
-        return refuse(record, r);
     }
-    let up = Arc::new(AtomicU64::new(0));
-    let counted = Counted::new(body, up.clone());
+}
+
+/// Send upstream within `timeout`, scanning the body when content filters are set.
+async fn send(
+    generation: &Generation,
+    route: &Route,
+    parts: Parts,
+    body: Incoming,
+    up: Arc<AtomicU64>,
+) -> Result<Response<Incoming>, Refusal> {
+    let config = &generation.config;
+    let counted = Counted::new(body, up);
     let (body, hit): (Body, _) = if config.policy.filters.content.is_empty() {
         (counted.boxed(), None)
     } else {
@@ -124,53 +172,31 @@ pub async fn handle(
         let hit = scan.hit.clone();
         (scan.boxed(), Some(hit))
     };
-    let upstream_req = Request::from_parts(parts, body);
-    let result = tokio::time::timeout(config.proxy.timeout, generation.client.request(upstream_req)).await;
-    let resp = match result {
-        Err(_) => {
-            let r = Refusal::new(
-                504,
-                "upstream-timeout",
-                format!(
-                    "{} did not answer within {}s",
-                    route.dest,
-                    config.proxy.timeout.as_secs()
-                ),
-            );
-            return refuse(record, r);
-        }
-        Ok(Err(e)) => {
-            if let Some(pattern) = hit.as_ref().and_then(|h| h.get()) {
-                let r = Refusal::new(
-                    403,
-                    "blocked-pattern",
-                    format!("request body matches blocked pattern {pattern:?}"),
-                );
-                return refuse(record, r);
-            }
-            return refuse(record, upstream_failure(&route.dest, &e));
-        }
-        Ok(Ok(resp)) => resp,
-    };
-    let (mut rparts, rbody) = resp.into_parts();
-    strip_hop_by_hop(&mut rparts.headers);
-    if credential.is_some_and(|c| !c.pass_cookies) {
-        rparts.headers.remove(header::SET_COOKIE);
+    let request = generation.client.request(Request::from_parts(parts, body));
+    match tokio::time::timeout(config.proxy.timeout, request).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => match hit.as_ref().and_then(|h| h.get()) {
+            Some(pattern) => Err(Refusal::new(
+                403,
+                "blocked-pattern",
+                format!("request body matches blocked pattern {pattern:?}"),
+            )),
+            None => Err(upstream_failure(&route.dest, &e)),
+        },
+        Err(_) => Err(Refusal::new(
+            504,
+            "upstream-timeout",
+            format!(
+                "{} did not answer within {}s",
+                route.dest,
+                config.proxy.timeout.as_secs()
+            ),
+        )),
     }
-    record.status = Some(rparts.status.as_u16());
-    tracing::debug!(target: "latchkey::request", dest = %route.dest, status = rparts.status.as_u16(), decision = record.decision, "forwarded");
-    let pending = Pending {
-        audit: proxy.audit.clone(),
-        record,
-        up,
-        down: Arc::new(AtomicU64::new(0)),
-        started,
-    };
-    Ok(Response::from_parts(rparts, Logged::new(rbody, pending).boxed()))
 }
 
 /// Invariant 1: a request inside a tunnel names the tunnel's host or nothing.
-fn check_route(route: &Route, parts: &http::request::Parts) -> Result<(), Refusal> {
+fn check_route(route: &Route, parts: &Parts) -> Result<(), Refusal> {
     if let Some(why) = &route.misdirected {
         return Err(misdirected(why.clone()));
     }
@@ -218,7 +244,7 @@ fn check_route(route: &Route, parts: &http::request::Parts) -> Result<(), Refusa
 
 /// Rewrite the request for the upstream: absolute URI built from the destination
 /// (never from a client-written host), hop-by-hop headers removed, HTTP/1.1.
-fn prepare_upstream(parts: &mut http::request::Parts, route: &Route) -> Result<(), Refusal> {
+fn prepare_upstream(parts: &mut Parts, route: &Route) -> Result<(), Refusal> {
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
     let scheme = if route.tls { "https" } else { "http" };
