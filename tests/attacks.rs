@@ -193,7 +193,7 @@ fn ssrf_targets_are_refused_before_any_tls() {
     }
     let resp = exchange(
         lk.port,
-        b"GET http://169.254.169.254/latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n",
+        b"GET http://169.254.169.254/latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(status(&resp), 403, "{resp}");
     assert_eq!(up.count(), 0);

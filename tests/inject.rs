@@ -51,6 +51,17 @@ fn every_client_copy_is_overridden_in_any_case_and_count() {
         echoed(&body, "x-api-key").is_empty(),
         "exactly one credential header"
     );
+    // Both slots filled by the client: the first holding a value is used, the other
+    // is removed, so exactly one credential header leaves.
+    let (_, body) = lk.curl(&[
+        "-H",
+        "x-api-key: attacker",
+        "-H",
+        "Authorization: Bearer attacker-2",
+        "https://api.anthropic.com/v1/messages",
+    ]);
+    assert_eq!(echoed(&body, "x-api-key"), ["sk-ant-REAL"]);
+    assert!(echoed(&body, "authorization").is_empty(), "{body}");
     // A placeholder elsewhere (another header, the body, the path) is never replaced.
     let (_, body) = lk.curl(&[
         "-H",
