@@ -392,3 +392,20 @@ fn the_seed_config_behaves_as_it_describes() {
     let (code, _) = lk.curl(&["--data", "DROP TABLE users", "https://api.github.com/graphql"]);
     assert_eq!(code, 403, "blocked_patterns from the seed");
 }
+
+#[test]
+fn upstream_connections_are_pooled_across_clients() {
+    let up = upstream(true, None);
+    let lk = Latchkey::start(Some(&up), ANTHROPIC, &[("ANTHROPIC_API_KEY", "sk-ant-REAL")]);
+    for _ in 0..5 {
+        // A new curl process each time: a new client connection and TLS session.
+        let (status, _) = lk.curl(&["https://api.anthropic.com/v1/messages"]);
+        assert_eq!(status, 200);
+    }
+    assert_eq!(up.count(), 5);
+    assert_eq!(
+        up.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one pooled upstream connection"
+    );
+}

@@ -90,6 +90,8 @@ impl Seen {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// TCP connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Upstream {
@@ -132,11 +134,14 @@ pub fn upstream(tls: bool, git: Option<GitServer>) -> Upstream {
     });
     let git = git.map(Arc::new);
     let log = seen.clone();
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepted = connections.clone();
     runtime().spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let (log, acceptor, git) = (log.clone(), acceptor.clone(), git.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req| echo(req, log.clone(), git.clone()));
@@ -154,7 +159,11 @@ pub fn upstream(tls: bool, git: Option<GitServer>) -> Upstream {
             });
         }
     });
-    Upstream { addr, seen }
+    Upstream {
+        addr,
+        seen,
+        connections,
+    }
 }
 
 async fn echo(
