@@ -44,21 +44,15 @@ impl Audit {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)?;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
         let (tx, rx) = channel::<String>();
-        std::thread::Builder::new()
-            .name("latchkey-audit".into())
-            .spawn(move || {
-                for line in rx {
-                    if let Err(e) = file.write_all(line.as_bytes()) {
-                        tracing::error!("request log write failed: {e}");
-                    }
+        std::thread::Builder::new().name("latchkey-audit".into()).spawn(move || {
+            for line in rx {
+                if let Err(e) = file.write_all(line.as_bytes()) {
+                    tracing::error!("request log write failed: {e}");
                 }
-            })?;
+            }
+        })?;
         Ok(Audit { tx: Some(tx) })
     }
 

@@ -58,9 +58,7 @@ pub struct CertAuthority {
 
 impl std::fmt::Debug for CertAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertAuthority")
-            .field("dir", &self.dir)
-            .finish_non_exhaustive()
+        f.debug_struct("CertAuthority").field("dir", &self.dir).finish_non_exhaustive()
     }
 }
 
@@ -124,7 +122,7 @@ impl CertAuthority {
             tickets,
             sessions: rustls::server::ServerSessionMemoryCache::new(4096),
             leaves: Mutex::new(LruCache::new(NonZeroUsize::new(LEAF_CACHE).expect("non-zero"))),
-            alpn: vec![b"http/1.1".to_vec()],
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         })
     }
 
@@ -136,13 +134,9 @@ impl CertAuthority {
     pub fn server_config(&self, host: &Host) -> Result<Arc<ServerConfig>, CaError> {
         let slot = {
             let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
-            leaves
-                .get_or_insert(host.clone(), || Arc::new(OnceLock::new()))
-                .clone()
+            leaves.get_or_insert(host.clone(), || Arc::new(OnceLock::new())).clone()
         };
-        slot.get_or_init(|| self.mint(host).map_err(|e| e.0))
-            .clone()
-            .map_err(CaError)
+        slot.get_or_init(|| self.mint(host).map_err(|e| e.0)).clone().map_err(CaError)
     }
 
     fn mint(&self, host: &Host) -> Result<Arc<ServerConfig>, CaError> {
@@ -177,10 +171,7 @@ impl CertAuthority {
 
 fn random_serial(provider: &CryptoProvider) -> Result<SerialNumber, CaError> {
     let mut bytes = [0u8; 16];
-    provider
-        .secure_random
-        .fill(&mut bytes)
-        .map_err(|_| CaError("the system has no randomness".into()))?;
+    provider.secure_random.fill(&mut bytes).map_err(|_| CaError("the system has no randomness".into()))?;
     bytes[0] &= 0x7f; // positive
     Ok(SerialNumber::from_slice(&bytes))
 }
@@ -205,11 +196,8 @@ fn generate(dir: &Path, lifetime_days: u32, provider: &CryptoProvider) -> Result
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(err)?;
     let mut p = CertificateParams::default();
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    p.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, format!("latchkey CA ({})", hostname()));
     dn.push(DnType::OrganizationName, "latchkey");
@@ -266,11 +254,7 @@ fn system_roots_pem() -> Option<String> {
         "/etc/ssl/ca-bundle.pem",
     ]
     .iter()
-    .find_map(|p| {
-        std::fs::read_to_string(p)
-            .ok()
-            .filter(|s| s.contains("BEGIN CERTIFICATE"))
-    })
+    .find_map(|p| std::fs::read_to_string(p).ok().filter(|s| s.contains("BEGIN CERTIFICATE")))
 }
 
 fn public_roots_pem() -> String {
@@ -295,9 +279,7 @@ fn ca_not_after(pem: &str) -> Option<OffsetDateTime> {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "local".into())
+    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "local".into())
 }
 
 #[cfg(test)]
@@ -317,12 +299,7 @@ mod tests {
     }
 
     fn options(dir: &Path) -> CaOptions<'_> {
-        CaOptions {
-            dir,
-            generate: true,
-            lifetime_days: 10,
-            regenerate: false,
-        }
+        CaOptions { dir, generate: true, lifetime_days: 10, regenerate: false }
     }
 
     #[test]
@@ -330,21 +307,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (dir, ca) = fresh(&tmp);
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
-        assert_eq!(
-            std::fs::metadata(dir.join("ca.key")).unwrap().mode() & 0o777,
-            0o600
-        );
-        assert_eq!(
-            std::fs::metadata(dir.join("ca.crt")).unwrap().mode() & 0o777,
-            0o644
-        );
+        assert_eq!(std::fs::metadata(dir.join("ca.key")).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(dir.join("ca.crt")).unwrap().mode() & 0o777, 0o644);
         let bundle = std::fs::read_to_string(dir.join("bundle.pem")).unwrap();
         assert!(bundle.ends_with(ca.cert_pem()) && bundle.matches("BEGIN CERT").count() > 10);
 
-        let der = CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes())
-            .next()
-            .unwrap()
-            .unwrap();
+        let der = CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()).next().unwrap().unwrap();
         let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
         let bc = c.basic_constraints().unwrap().unwrap().value;
         assert!(bc.ca && bc.path_len_constraint == Some(0));
@@ -358,16 +326,8 @@ mod tests {
         let again = CertAuthority::open(&options(&dir), provider()).unwrap();
         assert_eq!(again.cert_pem(), ca.cert_pem());
         let empty = tmp.path().join("none");
-        let opts = CaOptions {
-            generate: false,
-            ..options(&empty)
-        };
-        assert!(
-            CertAuthority::open(&opts, provider())
-                .unwrap_err()
-                .0
-                .contains("generate_certs = false")
-        );
+        let opts = CaOptions { generate: false, ..options(&empty) };
+        assert!(CertAuthority::open(&opts, provider()).unwrap_err().0.contains("generate_certs = false"));
     }
 
     #[test]
@@ -376,9 +336,7 @@ mod tests {
         let ca = Arc::new(fresh(&tmp).1);
         let host = Host::parse("burst.example.com").unwrap();
         let configs: Vec<Arc<ServerConfig>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..8)
-                .map(|_| s.spawn(|| ca.server_config(&host).unwrap()))
-                .collect();
+            let handles: Vec<_> = (0..8).map(|_| s.spawn(|| ca.server_config(&host).unwrap())).collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert!(configs.iter().all(|c| Arc::ptr_eq(c, &configs[0])));
@@ -389,11 +347,6 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (dir, _) = fresh(&tmp);
         std::fs::set_permissions(dir.join("ca.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(
-            CertAuthority::open(&options(&dir), provider())
-                .unwrap_err()
-                .0
-                .contains("chmod 600")
-        );
+        assert!(CertAuthority::open(&options(&dir), provider()).unwrap_err().0.contains("chmod 600"));
     }
 }

@@ -28,7 +28,5 @@ pub fn expand_home(raw: &str) -> std::path::PathBuf {
 }
 
 pub fn home_dir() -> std::path::PathBuf {
-    std::env::var_os("HOME")
-        .map(Into::into)
-        .unwrap_or_else(|| "/".into())
+    std::env::var_os("HOME").map(Into::into).unwrap_or_else(|| "/".into())
 }

@@ -73,10 +73,7 @@ impl HeaderSlot {
 #[derive(Debug)]
 pub enum HeaderValueSource {
     Raw(SecretValue),
-    Basic {
-        username: SecretValue,
-        password: SecretValue,
-    },
+    Basic { username: SecretValue, password: SecretValue },
 }
 
 impl HeaderValueSource {
@@ -86,11 +83,7 @@ impl HeaderValueSource {
             HeaderValueSource::Basic { username, password } => {
                 let user = username.get(captures)?;
                 let pass = password.get(captures)?;
-                Some(Secret::new(B64.encode(format!(
-                    "{}:{}",
-                    user.expose(),
-                    pass.expose()
-                ))))
+                Some(Secret::new(B64.encode(format!("{}:{}", user.expose(), pass.expose()))))
             }
         }
     }
@@ -117,19 +110,12 @@ impl HeaderInjector {
             ),
             _ => None,
         };
-        Ok(HeaderInjector {
-            slots,
-            source,
-            rendered,
-        })
+        Ok(HeaderInjector { slots, source, rendered })
     }
 
     /// The slot the client used (first holding a value), else the first.
     fn chosen_slot(&self, parts: &Parts) -> usize {
-        self.slots
-            .iter()
-            .position(|s| parts.headers.contains_key(&s.name))
-            .unwrap_or(0)
+        self.slots.iter().position(|s| parts.headers.contains_key(&s.name)).unwrap_or(0)
     }
 }
 
@@ -178,12 +164,7 @@ impl Injector for HeaderInjector {
     }
 
     fn slots(&self) -> Vec<Slot> {
-        self.slots
-            .iter()
-            .map(|s| Slot::Header {
-                header: s.name.to_string(),
-            })
-            .collect()
+        self.slots.iter().map(|s| Slot::Header { header: s.name.to_string() }).collect()
     }
 
     fn secrets(&self) -> Vec<Secret> {
@@ -231,18 +212,12 @@ impl Injector for QueryInjector {
             .split('&')
             .filter(|p| !p.is_empty() && !self.is_param(p))
             .collect();
-        let ours = format!(
-            "{}={}",
-            encode_component(&self.param),
-            encode_component(secret.expose())
-        );
+        let ours = format!("{}={}", encode_component(&self.param), encode_component(secret.expose()));
         pairs.push(&ours);
         let pq = format!("{path}?{}", pairs.join("&"));
         let mut uri = parts.uri.clone().into_parts();
-        uri.path_and_query = Some(
-            pq.parse()
-                .map_err(|_| InjectError::Unavailable("cannot build the query string".into()))?,
-        );
+        uri.path_and_query =
+            Some(pq.parse().map_err(|_| InjectError::Unavailable("cannot build the query string".into()))?);
         parts.uri = http::Uri::from_parts(uri)
             .map_err(|_| InjectError::Unavailable("cannot build the request URI".into()))?;
         Ok(())
@@ -251,16 +226,13 @@ impl Injector for QueryInjector {
     fn carries_placeholder(&self, parts: &Parts, placeholder: &str) -> bool {
         parts.uri.query().unwrap_or("").split('&').any(|p| {
             self.is_param(p)
-                && p.split_once('=')
-                    .map(|(_, v)| crate::policy::percent_decode(v.as_bytes()))
+                && p.split_once('=').map(|(_, v)| crate::policy::percent_decode(v.as_bytes()))
                     == Some(placeholder.as_bytes().to_vec())
         })
     }
 
     fn slots(&self) -> Vec<Slot> {
-        vec![Slot::Query {
-            query: self.param.clone(),
-        }]
+        vec![Slot::Query { query: self.param.clone() }]
     }
 
     fn secrets(&self) -> Vec<Secret> {
@@ -281,6 +253,8 @@ pub fn encode_component(s: &str) -> String {
     out
 }
 
+/// Connection-specific headers (RFC 9110 7.6.1) plus the proxy's own. `Trailer` is
+/// end-to-end: it declares the trailer fields a chunked HTTP/1.1 response carries.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -288,7 +262,6 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
             | "proxy-connection"
             | "keep-alive"
             | "te"
-            | "trailer"
             | "transfer-encoding"
             | "upgrade"
             | "proxy-authorization"
@@ -327,34 +300,15 @@ mod tests {
             HeaderValueSource::Raw(secret("REAL")),
         )
         .unwrap();
-        let mut p = parts(
-            "/",
-            &[
-                ("X-Api-Key", "a"),
-                ("x-api-key", "b"),
-                ("authorization", "Bearer c"),
-            ],
-        );
+        let mut p = parts("/", &[("X-Api-Key", "a"), ("x-api-key", "b"), ("authorization", "Bearer c")]);
         inj.inject(&mut p, &[]).unwrap();
-        assert_eq!(
-            p.headers.get_all("x-api-key").iter().collect::<Vec<_>>(),
-            vec!["REAL"]
-        );
+        assert_eq!(p.headers.get_all("x-api-key").iter().collect::<Vec<_>>(), vec!["REAL"]);
         assert!(p.headers.get("authorization").is_none());
         assert!(p.headers.get("x-api-key").unwrap().is_sensitive());
 
-        let mut p = parts(
-            "/",
-            &[
-                ("authorization", "Bearer placeholder"),
-                ("Authorization", "Basic x"),
-            ],
-        );
+        let mut p = parts("/", &[("authorization", "Bearer placeholder"), ("Authorization", "Basic x")]);
         inj.inject(&mut p, &[]).unwrap();
-        assert_eq!(
-            p.headers.get_all("authorization").iter().collect::<Vec<_>>(),
-            vec!["Bearer REAL"]
-        );
+        assert_eq!(p.headers.get_all("authorization").iter().collect::<Vec<_>>(), vec!["Bearer REAL"]);
         assert!(p.headers.get("x-api-key").is_none());
 
         let mut p = parts("/", &[]);
@@ -366,10 +320,7 @@ mod tests {
     fn basic_and_placeholder() {
         let inj = HeaderInjector::new(
             vec![HeaderSlot::parse("Authorization: Basic").unwrap()],
-            HeaderValueSource::Basic {
-                username: secret("x-access-token"),
-                password: secret("ghp_REAL"),
-            },
+            HeaderValueSource::Basic { username: secret("x-access-token"), password: secret("ghp_REAL") },
         )
         .unwrap();
         let ph = format!("Basic {}", B64.encode("x-access-token:latchkey-gh"));

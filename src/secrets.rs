@@ -38,11 +38,7 @@ pub struct Template {
 enum Part {
     Lit(String),
     Var(Vec<String>),
-    Captured {
-        prefix: String,
-        capture: String,
-        suffix: String,
-    },
+    Captured { prefix: String, capture: String, suffix: String },
 }
 
 impl Template {
@@ -115,10 +111,7 @@ impl Template {
                     vars.insert(n.clone(), Secret::new(v));
                 }
             }
-            return Resolved::Ready(SecretValue::Dynamic {
-                template: self.clone(),
-                vars,
-            });
+            return Resolved::Ready(SecretValue::Dynamic { template: self.clone(), vars });
         }
         let mut out = String::new();
         for p in &self.parts {
@@ -144,11 +137,7 @@ impl Template {
             match p {
                 Part::Lit(s) => out.push_str(s),
                 Part::Var(names) => out.push_str(names.iter().find_map(|n| vars.get(n))?.expose()),
-                Part::Captured {
-                    prefix,
-                    capture,
-                    suffix,
-                } => {
+                Part::Captured { prefix, capture, suffix } => {
                     let value = &captures.iter().find(|(n, _)| n == capture)?.1;
                     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
                         return None;
@@ -186,11 +175,7 @@ fn parse_reference(inner: &str) -> Result<Part, String> {
         if !valid(prefix) || !valid(capture) || !(suffix.is_empty() || valid(suffix)) {
             return Err(format!("${{{inner}}}: bad variable name"));
         }
-        return Ok(Part::Captured {
-            prefix: prefix.into(),
-            capture: capture.into(),
-            suffix: suffix.into(),
-        });
+        return Ok(Part::Captured { prefix: prefix.into(), capture: capture.into(), suffix: suffix.into() });
     }
     let names: Vec<String> = inner.split('|').map(str::to_string).collect();
     if !names.iter().all(|n| valid(n)) {
@@ -203,10 +188,7 @@ fn parse_reference(inner: &str) -> Result<Part, String> {
 #[derive(Clone, Debug)]
 pub enum SecretValue {
     Static(Secret),
-    Dynamic {
-        template: Template,
-        vars: BTreeMap<String, Secret>,
-    },
+    Dynamic { template: Template, vars: BTreeMap<String, Secret> },
 }
 
 impl SecretValue {
@@ -248,11 +230,7 @@ fn trimmed(s: String) -> Resolved {
     if t.is_empty() {
         return Resolved::Missing("the value is empty".into());
     }
-    Resolved::Ready(SecretValue::Static(Secret::new(if t.len() == s.len() {
-        s
-    } else {
-        t.to_string()
-    })))
+    Resolved::Ready(SecretValue::Static(Secret::new(if t.len() == s.len() { s } else { t.to_string() })))
 }
 
 /// Where a secret comes from.
@@ -303,11 +281,7 @@ fn run_command(argv: &[String]) -> Resolved {
     let Some((prog, args)) = argv.split_first() else {
         return Resolved::Failed("value_command is empty".into());
     };
-    match Command::new(prog)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-    {
+    match Command::new(prog).args(args).stdin(std::process::Stdio::null()).output() {
         Ok(out) if out.status.success() => match String::from_utf8(out.stdout) {
             Ok(s) => trimmed(s),
             Err(_) => Resolved::Failed(format!("{prog} printed non-UTF-8 output")),
@@ -344,10 +318,7 @@ mod tests {
         assert_eq!(ready(t.resolve(&env, &[])).get(&[]).unwrap().expose(), "secret-a");
         let t = Template::parse("${GH_TOKEN|GITHUB_TOKEN}").unwrap();
         assert_eq!(ready(t.resolve(&env, &[])).get(&[]).unwrap().expose(), "gh");
-        assert!(matches!(
-            Template::parse("${NOPE}").unwrap().resolve(&env, &[]),
-            Resolved::Missing(_)
-        ));
+        assert!(matches!(Template::parse("${NOPE}").unwrap().resolve(&env, &[]), Resolved::Missing(_)));
         assert!(Template::parse("literal").unwrap().is_inline());
         assert!(Template::parse("${A").is_err());
         assert!(Template::parse("${A B}").is_err());
@@ -359,10 +330,7 @@ mod tests {
         let t = Template::parse("${K8S_TOKEN_{cluster}}").unwrap();
         let all = vec!["K8S_TOKEN_PROD".to_string(), "A".to_string()];
         let v = ready(t.resolve(&env, &all));
-        let get = |c: &str| {
-            v.get(&[("cluster".into(), c.into())])
-                .map(|s| s.expose().to_string())
-        };
+        let get = |c: &str| v.get(&[("cluster".into(), c.into())]).map(|s| s.expose().to_string());
         assert_eq!(get("prod").as_deref(), Some("prod-token"));
         assert_eq!(get("dev"), None);
         assert_eq!(get("pr-od"), None);
@@ -381,10 +349,7 @@ mod tests {
     fn commands() {
         let ok = Source::Command(vec!["echo".into(), "tok".into()]);
         assert_eq!(ready(ok.resolve(&env, &[])).get(&[]).unwrap().expose(), "tok");
-        assert!(matches!(
-            Source::Command(vec!["false".into()]).resolve(&env, &[]),
-            Resolved::Failed(_)
-        ));
+        assert!(matches!(Source::Command(vec!["false".into()]).resolve(&env, &[]), Resolved::Failed(_)));
         assert!(matches!(
             Source::File("/nonexistent/latchkey".into()).resolve(&env, &[]),
             Resolved::Missing(_)

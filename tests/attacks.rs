@@ -15,19 +15,12 @@ const SECRET: &str = "sk-ant-REAL-0123456789";
 
 fn start(extra: &str) -> (Upstream, Latchkey) {
     let up = upstream(true, None);
-    let lk = Latchkey::start(
-        Some(&up),
-        &format!("{extra}{CRED}"),
-        &[("ANTHROPIC_API_KEY", SECRET)],
-    );
+    let lk = Latchkey::start(Some(&up), &format!("{extra}{CRED}"), &[("ANTHROPIC_API_KEY", SECRET)]);
     (up, lk)
 }
 
 fn status(resp: &str) -> u16 {
-    resp.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 #[test]
@@ -113,17 +106,11 @@ fn plain_http_in_a_tunnel_or_direct_never_carries_the_credential() {
     // Absolute-form plain HTTP to a credential host: 403 naming the credential.
     let (code, body) = lk.curl(&["http://api.anthropic.com/v1/messages"]);
     assert_eq!(code, 403, "{body}");
-    assert!(
-        body.contains("credential anthropic") && body.contains("https"),
-        "{body}"
-    );
+    assert!(body.contains("credential anthropic") && body.contains("https"), "{body}");
     // A CONNECT tunnel that does not start with TLS is plain HTTP to that destination.
     let (s, head) = tunnel(lk.port, "api.anthropic.com:443");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let resp = request(
-        s,
-        "GET / HTTP/1.1\r\nHost: api.anthropic.com:443\r\nConnection: close\r\n\r\n",
-    );
+    let resp = request(s, "GET / HTTP/1.1\r\nHost: api.anthropic.com:443\r\nConnection: close\r\n\r\n");
     assert_eq!(status(&resp), 403, "{resp}");
     assert!(!resp.contains(SECRET));
     assert_eq!(up.count() + plain.count(), 0);
@@ -157,17 +144,10 @@ domains = [".example.org"]
     for host in ["evil-example.org", "example.org.evil.net"] {
         let (code, body) = lk.curl(&[&format!("https://{host}/")]);
         assert_eq!(code, 200, "{host}: {body}");
-        assert!(
-            echoed(&body, "x-key").is_empty(),
-            "{host} must not get the credential"
-        );
+        assert!(echoed(&body, "x-key").is_empty(), "{host} must not get the credential");
     }
     let (_, body) = lk.curl(&["https://A.B.EXAMPLE.ORG./"]);
-    assert_eq!(
-        echoed(&body, "x-key"),
-        ["org-secret"],
-        "case and trailing dot normalise"
-    );
+    assert_eq!(echoed(&body, "x-key"), ["org-secret"], "case and trailing dot normalise");
 }
 
 #[test]
@@ -216,10 +196,8 @@ fn redirects_are_returned_not_followed() {
     assert_eq!(code, 302);
     assert_eq!(up.count(), 1, "latchkey did not follow");
     // The client follows; the next hop matches on its own and gets nothing.
-    let (code, body) = lk.curl(&[
-        "-L",
-        "https://api.anthropic.com/redirect?to=https://evil.example.net/steal",
-    ]);
+    let (code, body) =
+        lk.curl(&["-L", "https://api.anthropic.com/redirect?to=https://evil.example.net/steal"]);
     assert_eq!(code, 200);
     assert_eq!(json(&body)["path"], "/steal");
     assert!(echoed(&body, "x-api-key").is_empty());
@@ -258,11 +236,8 @@ allowed_domains = ["api.anthropic.com", "other.example.com"]
     let file = lk.dir.path().join("upload.bin");
     std::fs::write(&file, &big).unwrap();
     let before = up.count();
-    let (code, body) = lk.curl(&[
-        "--data-binary",
-        &format!("@{}", file.display()),
-        "https://other.example.com/upload",
-    ]);
+    let (code, body) =
+        lk.curl(&["--data-binary", &format!("@{}", file.display()), "https://other.example.com/upload"]);
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("blocked pattern"), "{body}");
     assert_eq!(up.count(), before, "the upstream never got a complete request");
@@ -273,12 +248,9 @@ allowed_domains = ["api.anthropic.com", "other.example.com"]
 #[test]
 fn malformed_targets_are_bad_requests() {
     let (_up, lk) = start("");
-    for t in [
-        "api.anthropic.com",
-        "user@api.anthropic.com:443",
-        "api..anthropic.com:443",
-        "api.anthropic.com:0",
-    ] {
+    for t in
+        ["api.anthropic.com", "user@api.anthropic.com:443", "api..anthropic.com:443", "api.anthropic.com:0"]
+    {
         let (_, head) = tunnel(lk.port, t);
         assert_eq!(status(&head), 400, "{t}: {head}");
     }
@@ -358,10 +330,8 @@ fn secrets_never_reach_logs_or_cli_output() {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(SECRET)
     };
-    let explain = lk.cli(
-        &["explain", "https://api.anthropic.com/v1/messages"],
-        &[("ANTHROPIC_API_KEY", SECRET)],
-    );
+    let explain =
+        lk.cli(&["explain", "https://api.anthropic.com/v1/messages"], &[("ANTHROPIC_API_KEY", SECRET)]);
     let check = lk.cli(&["check"], &[("ANTHROPIC_API_KEY", SECRET)]);
     let env = lk.cli(&["env"], &[("ANTHROPIC_API_KEY", SECRET)]);
     let outputs = [
@@ -386,17 +356,13 @@ fn leaf_certificates_name_exactly_the_tunnel_host() {
     let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
     let mut t = tls(s, "api.anthropic.com");
     use std::io::Write;
-    t.write_all(b"GET / HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    t.write_all(b"GET / HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n").unwrap();
     let _ = t.flush();
     let chain = t.conn.peer_certificates().unwrap().to_vec();
     let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
     let san = leaf.subject_alternative_name().unwrap().unwrap().value;
     assert_eq!(san.general_names.len(), 1);
-    assert_eq!(
-        format!("{:?}", san.general_names[0]),
-        "DNSName(\"api.anthropic.com\")"
-    );
+    assert_eq!(format!("{:?}", san.general_names[0]), "DNSName(\"api.anthropic.com\")");
     let eku = leaf.extended_key_usage().unwrap().unwrap().value;
     assert!(eku.server_auth && !eku.client_auth && !eku.any);
     assert!(!leaf.is_ca());
@@ -407,10 +373,7 @@ fn leaf_certificates_name_exactly_the_tunnel_host() {
     };
     let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
     assert!(leaf.verify_signature(Some(ca.public_key())).is_ok());
-    assert_eq!(
-        ca.basic_constraints().unwrap().unwrap().value.path_len_constraint,
-        Some(0)
-    );
+    assert_eq!(ca.basic_constraints().unwrap().unwrap().value.path_len_constraint, Some(0));
 }
 
 #[test]
@@ -435,18 +398,11 @@ fn upstream_trust_ignores_ssl_cert_file_and_names_the_failure() {
         dir,
         port,
         path,
-        &[
-            ("ANTHROPIC_API_KEY", SECRET),
-            ("SSL_CERT_FILE", &ca_str),
-            ("SSL_CERT_DIR", "/nonexistent"),
-        ],
+        &[("ANTHROPIC_API_KEY", SECRET), ("SSL_CERT_FILE", &ca_str), ("SSL_CERT_DIR", "/nonexistent")],
     );
     let (code, body) = lk.curl(&["https://api.anthropic.com/v1/messages"]);
     assert_eq!(code, 502, "{body}");
-    assert!(
-        body.contains("api.anthropic.com") && body.contains("certificate"),
-        "{body}"
-    );
+    assert!(body.contains("api.anthropic.com") && body.contains("certificate"), "{body}");
     assert_eq!(up.count(), 0);
 }
 
@@ -463,14 +419,8 @@ fn slow_upstreams_get_504() {
 fn core_dumps_are_disabled() {
     let (_up, lk) = start("");
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", lk.child.id())).unwrap();
-    let core = limits
-        .lines()
-        .find(|l| l.starts_with("Max core file size"))
-        .unwrap();
-    assert!(
-        core.split_whitespace().skip(4).take(2).all(|v| v == "0"),
-        "{core}"
-    );
+    let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    assert!(core.split_whitespace().skip(4).take(2).all(|v| v == "0"), "{core}");
 }
 
 #[test]
@@ -489,10 +439,7 @@ fn smuggling_forms_cannot_desync_the_upstream() {
         ),
     );
     assert_eq!(status(&resp), 200, "{resp}");
-    assert!(
-        !resp.contains("HTTP/1.1 421") || !resp.contains("/smuggled"),
-        "{resp}"
-    );
+    assert!(!resp.contains("HTTP/1.1 421") || !resp.contains("/smuggled"), "{resp}");
     let seen = up.requests();
     assert!(seen.iter().all(|r| r.path != "/smuggled"), "{seen:?}");
     assert!(

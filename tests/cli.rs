@@ -9,11 +9,7 @@ use common::*;
 const SECRET: &str = "sk-ant-REAL-cli";
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 fn cfg_dir(body: &str) -> (tempfile::TempDir, std::path::PathBuf) {
@@ -47,11 +43,7 @@ fn config_errors_exit_2_with_file_line_and_key() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("writable by other users"), "{}", text(&o));
     // Missing explicit config.
-    let o = run(
-        dir.path(),
-        &["check", "--config", "/nonexistent/latchkey.toml"],
-        &[],
-    );
+    let o = run(dir.path(), &["check", "--config", "/nonexistent/latchkey.toml"], &[]);
     assert_eq!(o.status.code(), Some(2));
 }
 
@@ -60,33 +52,18 @@ fn check_reports_credentials_and_exit_codes() {
     let body = "[credentials.anthropic]\nheader = \"x-api-key\"\nvalue = \"${ANTHROPIC_API_KEY}\"\ndomains = [\"api.anthropic.com\"]\n";
     let (dir, path) = cfg_dir(body);
     let p = path.to_str().unwrap();
-    let o = run(
-        dir.path(),
-        &["check", "--config", p],
-        &[("ANTHROPIC_API_KEY", SECRET)],
-    );
+    let o = run(dir.path(), &["check", "--config", p], &[("ANTHROPIC_API_KEY", SECRET)]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("anthropic") && text(&o).contains("active"));
     let o = run(dir.path(), &["check", "--config", p], &[]);
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "inactive credential is a warning: {}",
-        text(&o)
-    );
+    assert_eq!(o.status.code(), Some(1), "inactive credential is a warning: {}", text(&o));
     assert!(text(&o).contains("inactive"), "{}", text(&o));
     // The seed config: github and github_basic tie on github.com.
     // (loaded unchanged apart from the port and paths)
     let dir = tempfile::tempdir().unwrap();
     let seed = include_str!("data/seed-config.toml")
-        .replace(
-            "port = 8080",
-            &format!("port = {}\nca_dir = \"{}/ca\"", free_port(), dir.path().display()),
-        )
-        .replace(
-            "~/.config/clauderon/proxy.log",
-            &format!("{}/proxy.log", dir.path().display()),
-        );
+        .replace("port = 8080", &format!("port = {}\nca_dir = \"{}/ca\"", free_port(), dir.path().display()))
+        .replace("~/.config/clauderon/proxy.log", &format!("{}/proxy.log", dir.path().display()));
     let path = dir.path().join("seed.toml");
     std::fs::write(&path, seed).unwrap();
     set_mode(&path, 0o600);
@@ -96,11 +73,7 @@ fn check_reports_credentials_and_exit_codes() {
         &[("ANTHROPIC_API_KEY", "a"), ("GITHUB_TOKEN", "g")],
     );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("github and github_basic overlap on github.com"),
-        "{}",
-        text(&o)
-    );
+    assert!(text(&o).contains("github and github_basic overlap on github.com"), "{}", text(&o));
     // Inline secrets warn.
     let (dir, path) =
         cfg_dir("[credentials.x]\nheader = \"k\"\nvalue = \"inline\"\ndomains = [\"a.example\"]\n");
@@ -128,10 +101,7 @@ fn explain_json_names_the_credential_never_the_secret() {
     let v = j("https://api.anthropic.com/v1/messages");
     assert_eq!(v["decision"], "inject");
     assert_eq!(v["credential"], "anthropic");
-    assert_eq!(
-        v["inject"],
-        serde_json::json!([{"header": "x-api-key"}, {"header": "authorization"}])
-    );
+    assert_eq!(v["inject"], serde_json::json!([{"header": "x-api-key"}, {"header": "authorization"}]));
     let v = j("https://example.com/");
     assert_eq!(v["decision"], "tunnel");
     assert_eq!(v["credential"], serde_json::Value::Null);
@@ -141,16 +111,9 @@ fn explain_json_names_the_credential_never_the_secret() {
     assert_eq!(v["decision"], "block", "plain HTTP to a credential host");
     let v = j("http://example.com/");
     assert_eq!(v["decision"], "pass");
-    let o = run(
-        dir.path(),
-        &["explain", "--config", p, "https://api.anthropic.com/v1/messages"],
-        &env,
-    );
+    let o = run(dir.path(), &["explain", "--config", p, "https://api.anthropic.com/v1/messages"], &env);
     let t = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        t.starts_with("inject:") && t.contains("anthropic") && t.contains("ANTHROPIC_API_KEY"),
-        "{t}"
-    );
+    assert!(t.starts_with("inject:") && t.contains("anthropic") && t.contains("ANTHROPIC_API_KEY"), "{t}");
 }
 
 #[test]
@@ -167,17 +130,10 @@ fn env_prints_the_client_side_only() {
     assert!(o.status.success(), "{}", text(&o));
     let v = json(&String::from_utf8_lossy(&o.stdout));
     let port = std::fs::read_to_string(&path).unwrap();
-    let port = port
-        .lines()
-        .find_map(|l| l.strip_prefix("port = "))
-        .unwrap()
-        .to_string();
+    let port = port.lines().find_map(|l| l.strip_prefix("port = ")).unwrap().to_string();
     assert_eq!(v["HTTPS_PROXY"], format!("http://127.0.0.1:{port}"));
     assert_eq!(v["https_proxy"], v["HTTPS_PROXY"]);
-    assert_eq!(
-        v["NO_PROXY"], "localhost,127.0.0.1,::1",
-        "never a credential host"
-    );
+    assert_eq!(v["NO_PROXY"], "localhost,127.0.0.1,::1", "never a credential host");
     assert_eq!(v["NODE_USE_ENV_PROXY"], "1");
     let bundle = dir.path().join("ca/bundle.pem");
     for k in [
@@ -191,18 +147,12 @@ fn env_prints_the_client_side_only() {
     ] {
         assert_eq!(v[k], bundle.display().to_string(), "{k}");
     }
-    assert_eq!(
-        v["NODE_EXTRA_CA_CERTS"],
-        dir.path().join("ca/ca.crt").display().to_string()
-    );
+    assert_eq!(v["NODE_EXTRA_CA_CERTS"], dir.path().join("ca/ca.crt").display().to_string());
     assert_eq!(v["ANTHROPIC_API_KEY"], "latchkey-anthropic");
     assert_eq!(v["OPENAI_API_KEY"], "latchkey-openai");
     assert_eq!(v["CODEX_API_KEY"], "latchkey-openai");
     assert_eq!(v["GH_TOKEN"], "latchkey-github");
-    assert_eq!(
-        v["GITHUB_TOKEN"], "latchkey-github",
-        "shared client-side variable, one placeholder"
-    );
+    assert_eq!(v["GITHUB_TOKEN"], "latchkey-github", "shared client-side variable, one placeholder");
     assert_eq!(v["GIT_CONFIG_KEY_0"], "url.https://github.com/.insteadOf");
     assert_eq!(v["GIT_CONFIG_VALUE_0"], "git@github.com:");
     assert!(!text(&o).contains(SECRET) && !text(&o).contains("ghp_REAL"));
@@ -222,10 +172,7 @@ fn env_prints_the_client_side_only() {
     );
     let t = String::from_utf8_lossy(&o.stdout);
     assert!(t.contains("export HTTPS_PROXY='http://latchkey:3128'"), "{t}");
-    assert!(
-        t.contains("export SSL_CERT_FILE='/etc/latchkey/bundle.pem'"),
-        "{t}"
-    );
+    assert!(t.contains("export SSL_CERT_FILE='/etc/latchkey/bundle.pem'"), "{t}");
     let o = run(dir.path(), &["env", "--config", p, "--format", "fish"], &env);
     assert!(String::from_utf8_lossy(&o.stdout).contains("set -gx ANTHROPIC_API_KEY 'latchkey-anthropic'"));
     let o = run(dir.path(), &["env", "--config", p, "--format", "dotenv"], &env);
@@ -238,15 +185,8 @@ fn exec_scrubs_secrets_sets_placeholders_and_returns_the_status() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), free_port(), Some(up.addr), "");
     let p = path.to_str().unwrap();
-    let env = [
-        ("ANTHROPIC_API_KEY", SECRET),
-        ("GOOGLE_APPLICATION_CREDENTIALS", "/home/me/key.json"),
-    ];
-    let o = run(
-        dir.path(),
-        &["exec", "--config", p, "--", "sh", "-c", "exit 7"],
-        &env,
-    );
+    let env = [("ANTHROPIC_API_KEY", SECRET), ("GOOGLE_APPLICATION_CREDENTIALS", "/home/me/key.json")];
+    let o = run(dir.path(), &["exec", "--config", p, "--", "sh", "-c", "exit 7"], &env);
     assert_eq!(o.status.code(), Some(7), "{}", text(&o));
     let o = run(dir.path(), &["exec", "--config", p, "--", "env"], &env);
     let t = String::from_utf8_lossy(&o.stdout);
@@ -255,11 +195,7 @@ fn exec_scrubs_secrets_sets_placeholders_and_returns_the_status() {
     assert!(t.contains("HTTPS_PROXY=http://127.0.0.1:"), "{t}");
     // A real client inside exec, through the in-process proxy.
     let script = "curl -sS -H \"x-api-key: $ANTHROPIC_API_KEY\" https://api.anthropic.com/v1/messages";
-    let o = run(
-        dir.path(),
-        &["exec", "--config", p, "--", "sh", "-c", script],
-        &env,
-    );
+    let o = run(dir.path(), &["exec", "--config", p, "--", "sh", "-c", script], &env);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(echoed(&String::from_utf8_lossy(&o.stdout), "x-api-key"), [SECRET]);
 }
@@ -281,10 +217,7 @@ fn exec_uses_a_running_instance() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(echoed(&String::from_utf8_lossy(&o.stdout), "x-api-key"), [SECRET]);
     let o = lk.cli(&["env", "--format", "json"], &[]);
-    assert_eq!(
-        json(&String::from_utf8_lossy(&o.stdout))["ANTHROPIC_API_KEY"],
-        "latchkey-anthropic"
-    );
+    assert_eq!(json(&String::from_utf8_lossy(&o.stdout))["ANTHROPIC_API_KEY"], "latchkey-anthropic");
 }
 
 #[test]
@@ -297,19 +230,10 @@ fn ca_files_modes_and_commands() {
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----") && !pem.contains("PRIVATE KEY"));
     let ca = dir.path().join("ca");
     assert_eq!(std::fs::metadata(&ca).unwrap().mode() & 0o777, 0o700);
-    assert_eq!(
-        std::fs::metadata(ca.join("ca.key")).unwrap().mode() & 0o777,
-        0o600
-    );
-    assert_eq!(
-        std::fs::metadata(ca.join("ca.crt")).unwrap().mode() & 0o777,
-        0o644
-    );
+    assert_eq!(std::fs::metadata(ca.join("ca.key")).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(ca.join("ca.crt")).unwrap().mode() & 0o777, 0o644);
     let o = run(dir.path(), &["ca", "path", "--config", p], &[]);
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        ca.join("ca.crt").display().to_string()
-    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), ca.join("ca.crt").display().to_string());
     let o = run(dir.path(), &["ca", "regenerate", "--config", p], &[]);
     assert!(o.status.success());
     let o = run(dir.path(), &["ca", "export", "--config", p], &[]);
@@ -340,11 +264,7 @@ fn providers_lists_the_builtin_table() {
 #[test]
 fn non_loopback_bind_without_allowed_clients_is_refused() {
     let (dir, path) = cfg_dir("");
-    let o = run(
-        dir.path(),
-        &["run", "--config", path.to_str().unwrap(), "--bind", "0.0.0.0"],
-        &[],
-    );
+    let o = run(dir.path(), &["run", "--config", path.to_str().unwrap(), "--bind", "0.0.0.0"], &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("allowed_clients"), "{}", text(&o));
 }

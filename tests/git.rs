@@ -8,11 +8,7 @@ use common::*;
 
 fn git(dir: &std::path::Path, args: &[&str]) {
     let o = Command::new("git").current_dir(dir).args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]
@@ -23,37 +19,17 @@ fn git_clone_gets_basic_auth_injected() {
     std::fs::create_dir_all(&work).unwrap();
     git(&work, &["init", "-q", "-b", "main"]);
     std::fs::write(work.join("README.md"), "hello from the upstream\n").unwrap();
-    git(
-        &work,
-        &["-c", "user.name=t", "-c", "user.email=t@example.com", "add", "."],
-    );
-    git(
-        &work,
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.com",
-            "commit",
-            "-qm",
-            "init",
-        ],
-    );
+    git(&work, &["-c", "user.name=t", "-c", "user.email=t@example.com", "add", "."]);
+    git(&work, &["-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "init"]);
     std::fs::create_dir_all(root.path().join("org")).unwrap();
-    git(
-        root.path(),
-        &["clone", "-q", "--bare", work.to_str().unwrap(), "org/repo.git"],
-    );
+    git(root.path(), &["clone", "-q", "--bare", work.to_str().unwrap(), "org/repo.git"]);
 
     let token = "ghp_REALTOKEN";
     let expect = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"))
     );
-    let server = GitServer {
-        root: root.path().to_path_buf(),
-        expect_authorization: expect,
-    };
+    let server = GitServer { root: root.path().to_path_buf(), expect_authorization: expect };
     let up = upstream(true, Some(server));
     // Zero-config: the built-in GitHub provider from GH_TOKEN.
     let dir = tempfile::tempdir().unwrap();
@@ -77,15 +53,8 @@ fn git_clone_gets_basic_auth_injected() {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    assert_eq!(
-        std::fs::read_to_string(dest.join("README.md")).unwrap(),
-        "hello from the upstream\n"
-    );
-    assert!(
-        up.requests()
-            .iter()
-            .all(|r| r.header_all("authorization").len() == 1)
-    );
+    assert_eq!(std::fs::read_to_string(dest.join("README.md")).unwrap(), "hello from the upstream\n");
+    assert!(up.requests().iter().all(|r| r.header_all("authorization").len() == 1));
 
     // Without latchkey's injection the same server refuses: the test can fail.
     let o = Command::new("git")

@@ -14,11 +14,8 @@ domains = ["api.anthropic.com"]
 fn curl_gets_the_real_key_injected() {
     let up = upstream(true, None);
     let lk = Latchkey::start(Some(&up), ANTHROPIC, &[("ANTHROPIC_API_KEY", "sk-ant-REAL")]);
-    let (status, body) = lk.curl(&[
-        "-H",
-        "x-api-key: latchkey-anthropic",
-        "https://api.anthropic.com/v1/messages",
-    ]);
+    let (status, body) =
+        lk.curl(&["-H", "x-api-key: latchkey-anthropic", "https://api.anthropic.com/v1/messages"]);
     assert_eq!(status, 200, "{body}\n{}", lk.stderr());
     assert_eq!(echoed(&body, "x-api-key"), ["sk-ant-REAL"]);
     assert!(echoed(&body, "authorization").is_empty());
@@ -41,16 +38,10 @@ fn every_client_copy_is_overridden_in_any_case_and_count() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(echoed(&body, "x-api-key"), ["sk-ant-REAL"]);
     // The client chose the Authorization slot: the secret goes there, in that form.
-    let (_, body) = lk.curl(&[
-        "-H",
-        "authorization: Bearer placeholder",
-        "https://api.anthropic.com/v1/messages",
-    ]);
+    let (_, body) =
+        lk.curl(&["-H", "authorization: Bearer placeholder", "https://api.anthropic.com/v1/messages"]);
     assert_eq!(echoed(&body, "authorization"), ["Bearer sk-ant-REAL"]);
-    assert!(
-        echoed(&body, "x-api-key").is_empty(),
-        "exactly one credential header"
-    );
+    assert!(echoed(&body, "x-api-key").is_empty(), "exactly one credential header");
     // Both slots filled by the client: the first holding a value is used, the other
     // is removed, so exactly one credential header leaves.
     let (_, body) = lk.curl(&[
@@ -107,17 +98,9 @@ domains = ["other.example.com"]
     std::fs::write(&secret_file, "maps-REAL/+=\n").unwrap();
     set_mode(&secret_file, 0o600);
     let cfg = cfg.replace("SECRET_FILE", secret_file.to_str().unwrap());
-    let lk = Latchkey::start(
-        Some(&up),
-        &cfg,
-        &[("OPENAI_API_KEY", "sk-REAL"), ("GITHUB_TOKEN", "ghp_REAL")],
-    );
+    let lk = Latchkey::start(Some(&up), &cfg, &[("OPENAI_API_KEY", "sk-REAL"), ("GITHUB_TOKEN", "ghp_REAL")]);
 
-    let (_, body) = lk.curl(&[
-        "-H",
-        "Authorization: Bearer dummy",
-        "https://api.openai.com/v1/models",
-    ]);
+    let (_, body) = lk.curl(&["-H", "Authorization: Bearer dummy", "https://api.openai.com/v1/models"]);
     assert_eq!(echoed(&body, "authorization"), ["Bearer sk-REAL"]);
 
     let (_, body) = lk.curl(&["-u", "someone:latchkey-git", "https://github.com/org/repo"]);
@@ -162,23 +145,11 @@ paths = ["/v1"]
     let (_, body) = lk.curl(&["https://example.org/x"]);
     assert_eq!(echoed(&body, "x-key"), ["wide-secret"]);
     let (_, body) = lk.curl(&["https://example.org/v1/models"]);
-    assert_eq!(
-        echoed(&body, "x-key"),
-        ["v1-secret"],
-        "a path prefix beats no path"
-    );
+    assert_eq!(echoed(&body, "x-key"), ["v1-secret"], "a path prefix beats no path");
     let (_, body) = lk.curl(&["https://example.org/v1beta"]);
-    assert_eq!(
-        echoed(&body, "x-key"),
-        ["wide-secret"],
-        "prefixes match whole segments"
-    );
+    assert_eq!(echoed(&body, "x-key"), ["wide-secret"], "prefixes match whole segments");
     let (_, body) = lk.curl(&["--path-as-is", "https://example.org/v1/../admin"]);
-    assert_eq!(
-        echoed(&body, "x-key"),
-        ["wide-secret"],
-        "dot segments resolve before matching"
-    );
+    assert_eq!(echoed(&body, "x-key"), ["wide-secret"], "dot segments resolve before matching");
 }
 
 #[test]
@@ -199,24 +170,12 @@ domains = ["api.example.com"]
     // Inactive: the host needs nothing, so latchkey tunnels it blind and the client
     // meets the upstream's own certificate (a private test CA, hence -k).
     let out = std::process::Command::new("curl")
-        .args([
-            "-sS",
-            "-k",
-            "-x",
-            &lk.proxy_url(),
-            "-H",
-            "x-api-key: mine",
-            "https://api.anthropic.com/",
-        ])
+        .args(["-sS", "-k", "-x", &lk.proxy_url(), "-H", "x-api-key: mine", "https://api.anthropic.com/"])
         .output()
         .unwrap();
     let body = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(echoed(&body, "x-api-key"), ["mine"], "passes untouched");
-    assert!(
-        lk.stderr().contains("credential anthropic inactive"),
-        "{}",
-        lk.stderr()
-    );
+    assert!(lk.stderr().contains("credential anthropic inactive"), "{}", lk.stderr());
     // Failed source: 502, never forwarded without it.
     let before = up.count();
     let (status, body) = lk.curl(&["https://api.example.com/"]);
@@ -232,23 +191,13 @@ fn zero_config_providers_apply_from_the_environment() {
     let lk = Latchkey::start(
         Some(&up),
         "",
-        &[
-            ("ANTHROPIC_API_KEY", "sk-ant-REAL"),
-            ("GH_TOKEN", "ghp_REAL"),
-            ("OPENAI_API_KEY", "sk-oa-REAL"),
-        ],
+        &[("ANTHROPIC_API_KEY", "sk-ant-REAL"), ("GH_TOKEN", "ghp_REAL"), ("OPENAI_API_KEY", "sk-oa-REAL")],
     );
-    let (_, body) = lk.curl(&[
-        "-H",
-        "x-api-key: latchkey-anthropic",
-        "https://api.anthropic.com/v1/messages",
-    ]);
+    let (_, body) =
+        lk.curl(&["-H", "x-api-key: latchkey-anthropic", "https://api.anthropic.com/v1/messages"]);
     assert_eq!(echoed(&body, "x-api-key"), ["sk-ant-REAL"]);
-    let (_, body) = lk.curl(&[
-        "-H",
-        "Authorization: Bearer latchkey-anthropic",
-        "https://api.anthropic.com/v1/messages",
-    ]);
+    let (_, body) =
+        lk.curl(&["-H", "Authorization: Bearer latchkey-anthropic", "https://api.anthropic.com/v1/messages"]);
     assert_eq!(echoed(&body, "authorization"), ["Bearer sk-ant-REAL"]);
     let (_, body) = lk.curl(&["https://api.openai.com/v1/models"]);
     assert_eq!(echoed(&body, "authorization"), ["Bearer sk-oa-REAL"]);
@@ -286,11 +235,7 @@ print(r.text)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     let (status, body) = text.split_once('\n').unwrap();
     assert_eq!(status, "200");
     assert_eq!(echoed(body.trim(), "x-api-key"), ["sk-ant-REAL"]);
@@ -320,10 +265,7 @@ placeholder = "ph-other"
     assert_eq!(echoed(&body, "x-api-key"), ["strict-secret"]);
     let before = up.count();
     let (status, body) = lk.curl(&["-H", "x-api-key: ph-other", "https://api.example.com/"]);
-    assert_eq!(
-        status, 403,
-        "another credential's placeholder is not laundered: {body}"
-    );
+    assert_eq!(status, 403, "another credential's placeholder is not laundered: {body}");
     let (status, _) = lk.curl(&["https://api.example.com/"]);
     assert_eq!(status, 403);
     assert_eq!(up.count(), before);
@@ -342,15 +284,8 @@ fn set_cookie_dropped_on_credentialed_responses_and_origin_not_injected() {
     let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
     assert!(text.starts_with("http/1.1 200"), "{text}");
     assert!(!text.contains("set-cookie"), "{text}");
-    let (_, body) = lk.curl(&[
-        "-H",
-        "Origin: https://evil.example",
-        "https://api.anthropic.com/v1/messages",
-    ]);
-    assert!(
-        echoed(&body, "x-api-key").is_empty(),
-        "a browser origin does not get the key"
-    );
+    let (_, body) = lk.curl(&["-H", "Origin: https://evil.example", "https://api.anthropic.com/v1/messages"]);
+    assert!(echoed(&body, "x-api-key").is_empty(), "a browser origin does not get the key");
 }
 
 #[test]
@@ -360,14 +295,8 @@ fn the_seed_config_behaves_as_it_describes() {
     let port = free_port();
     // The seed's config.toml, unchanged apart from the port and paths, plus test routing.
     let seed = include_str!("data/seed-config.toml")
-        .replace(
-            "port = 8080",
-            &format!("port = {port}\nca_dir = \"{}/ca\"", dir.path().display()),
-        )
-        .replace(
-            "~/.config/clauderon/proxy.log",
-            &format!("{}/proxy.log", dir.path().display()),
-        );
+        .replace("port = 8080", &format!("port = {port}\nca_dir = \"{}/ca\"", dir.path().display()))
+        .replace("~/.config/clauderon/proxy.log", &format!("{}/proxy.log", dir.path().display()));
     let routing = write_config(dir.path(), port, Some(up.addr), "");
     let routing = std::fs::read_to_string(routing).unwrap();
     let upstream_part = &routing[routing.find("[upstream]").unwrap()..];
@@ -403,9 +332,5 @@ fn upstream_connections_are_pooled_across_clients() {
         assert_eq!(status, 200);
     }
     assert_eq!(up.count(), 5);
-    assert_eq!(
-        up.connections.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "one pooled upstream connection"
-    );
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "one pooled upstream connection");
 }

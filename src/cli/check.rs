@@ -14,10 +14,7 @@ const MINTING: &[(&str, &str)] = &[
     ("api.github.com", "/authorizations"),
     ("sts.amazonaws.com", "/"),
     ("sts.googleapis.com", "/v1/token"),
-    (
-        "iamcredentials.googleapis.com",
-        "/v1/projects/-/serviceAccounts/x:generateAccessToken",
-    ),
+    ("iamcredentials.googleapis.com", "/v1/projects/-/serviceAccounts/x:generateAccessToken"),
     ("oauth2.googleapis.com", "/token"),
 ];
 
@@ -31,17 +28,10 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
         None => println!("config: none found; built-in defaults and provider table"),
     }
     if !config.proxy.generate_certs && !config.ca_cert_path().exists() {
-        println!(
-            "error: generate_certs = false and there is no CA in {}",
-            config.proxy.ca_dir.display()
-        );
+        println!("error: generate_certs = false and there is no CA in {}", config.proxy.ca_dir.display());
         return ExitCode::from(2);
     }
-    println!(
-        "listen: {}   CA: {}",
-        config.proxy.listen,
-        config.ca_cert_path().display()
-    );
+    println!("listen: {}   CA: {}", config.proxy.listen, config.ca_cert_path().display());
     println!("credentials:");
     for (rule, cred) in config.policy.credentials.iter().zip(&config.credentials) {
         let state = match &rule.state {
@@ -66,11 +56,7 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
     for n in notes(&config) {
         println!("note: {n}");
     }
-    if warnings.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+    if warnings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
 fn warnings(config: &Config) -> Vec<String> {
@@ -80,10 +66,9 @@ fn warnings(config: &Config) -> Vec<String> {
             CredState::Inactive(why) if !cred.builtin => {
                 out.push(format!("credential {} is inactive: {why}", rule.name))
             }
-            CredState::Failed(why) => out.push(format!(
-                "credential {} failed: {why}; its requests get 502",
-                rule.name
-            )),
+            CredState::Failed(why) => {
+                out.push(format!("credential {} failed: {why}; its requests get 502", rule.name))
+            }
             _ => {}
         }
         if cred.inline_secret {
@@ -97,13 +82,7 @@ fn warnings(config: &Config) -> Vec<String> {
     let headers = http::HeaderMap::new();
     for (host, path) in MINTING {
         let dest = Destination::parse_authority(host, Some(443)).expect("static");
-        let head = RequestHead {
-            method: "POST",
-            target: path,
-            path,
-            headers: &headers,
-            tls: true,
-        };
+        let head = RequestHead { method: "POST", target: path, path, headers: &headers, tls: true };
         if let Some(i) = config.policy.winner(&dest, &head) {
             out.push(format!(
                 "credential {} covers {host}{path}, which mints new credentials (use becomes read); scope it with `paths`",
@@ -125,28 +104,15 @@ fn ties(config: &Config) -> Vec<String> {
             let Ok(dest) = Destination::parse_authority(&host, Some(p.port.unwrap_or(443))) else {
                 continue;
             };
-            let path = rule
-                .paths
-                .first()
-                .map(|p| format!("{p}/"))
-                .unwrap_or_else(|| "/".into());
+            let path = rule.paths.first().map(|p| format!("{p}/")).unwrap_or_else(|| "/".into());
             let method = rule.methods.first().map(String::as_str).unwrap_or("GET");
-            let head = RequestHead {
-                method,
-                target: &path,
-                path: &path,
-                headers: &headers,
-                tls: true,
-            };
+            let head = RequestHead { method, target: &path, path: &path, headers: &headers, tls: true };
             let ranked = config.policy.ranked(&dest, &head);
             if let [.., (a, ra), (b, rb)] = ranked.as_slice()
                 && ra == rb
                 && seen.insert((*a, *b))
             {
-                let (a, b) = (
-                    &config.policy.credentials[*a].name,
-                    &config.policy.credentials[*b].name,
-                );
+                let (a, b) = (&config.policy.credentials[*a].name, &config.policy.credentials[*b].name);
                 out.push(format!("credentials {a} and {b} overlap on {host} with equal specificity; {b} (declared last) wins"));
             }
         }
@@ -166,10 +132,7 @@ fn notes(config: &Config) -> Vec<String> {
         out.push("filters are advisory unless egress is enforced (a container network policy): a determined agent can bypass HTTP_PROXY".into());
     }
     if !config.capture_variables.is_empty() {
-        out.push(format!(
-            "variables available to regex captures: {}",
-            config.capture_variables.join(", ")
-        ));
+        out.push(format!("variables available to regex captures: {}", config.capture_variables.join(", ")));
     }
     out
 }

@@ -110,28 +110,16 @@ fn git_rewrites(config: &Config) -> Vec<(String, String)> {
     let mut pairs = Vec::new();
     for host in GIT_HOSTS {
         let dest = Destination::parse_authority(host, Some(443)).expect("static host");
-        let head = RequestHead {
-            method: "GET",
-            target: "/",
-            path: "/",
-            headers: &headers,
-            tls: true,
-        };
+        let head = RequestHead { method: "GET", target: "/", path: "/", headers: &headers, tls: true };
         if config.policy.winner(&dest, &head).is_some() {
             pairs.push((format!("url.https://{host}/.insteadOf"), format!("git@{host}:")));
-            pairs.push((
-                format!("url.https://{host}/.insteadof"),
-                format!("ssh://git@{host}/"),
-            ));
+            pairs.push((format!("url.https://{host}/.insteadof"), format!("ssh://git@{host}/")));
         }
     }
     if pairs.is_empty() {
         return vec![];
     }
-    let base: usize = std::env::var("GIT_CONFIG_COUNT")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let base: usize = std::env::var("GIT_CONFIG_COUNT").ok().and_then(|c| c.parse().ok()).unwrap_or(0);
     let mut out = vec![("GIT_CONFIG_COUNT".to_string(), (base + pairs.len()).to_string())];
     for (i, (k, v)) in pairs.into_iter().enumerate() {
         out.push((format!("GIT_CONFIG_KEY_{}", base + i), k));
@@ -145,10 +133,7 @@ fn git_rewrites(config: &Config) -> Vec<(String, String)> {
 pub fn scrub_list(config: &Config) -> Vec<String> {
     let mut reads: Vec<String> = config.credentials.iter().flat_map(|c| c.reads.clone()).collect();
     for (_, p) in crate::config::builtin_providers() {
-        for v in [p.value.as_deref(), p.password.as_deref(), p.username.as_deref()]
-            .into_iter()
-            .flatten()
-        {
+        for v in [p.value.as_deref(), p.password.as_deref(), p.username.as_deref()].into_iter().flatten() {
             if let Ok(t) = crate::secrets::Template::parse(v) {
                 reads.extend(t.variables());
             }
@@ -175,23 +160,14 @@ pub fn scrub_list(config: &Config) -> Vec<String> {
 fn render(vars: &[(String, String)], format: Format) -> String {
     let quote = |v: &str| format!("'{}'", v.replace('\'', "'\\''"));
     match format {
-        Format::Sh => vars
-            .iter()
-            .map(|(k, v)| format!("export {k}={}\n", quote(v)))
-            .collect(),
-        Format::Fish => vars
-            .iter()
-            .map(|(k, v)| format!("set -gx {k} {}\n", quote(v)))
-            .collect(),
-        Format::Dotenv => vars
-            .iter()
-            .map(|(k, v)| format!("{k}={}\n", serde_json::Value::String(v.clone())))
-            .collect(),
+        Format::Sh => vars.iter().map(|(k, v)| format!("export {k}={}\n", quote(v))).collect(),
+        Format::Fish => vars.iter().map(|(k, v)| format!("set -gx {k} {}\n", quote(v))).collect(),
+        Format::Dotenv => {
+            vars.iter().map(|(k, v)| format!("{k}={}\n", serde_json::Value::String(v.clone()))).collect()
+        }
         Format::Json => {
-            let map: serde_json::Map<String, serde_json::Value> = vars
-                .iter()
-                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                .collect();
+            let map: serde_json::Map<String, serde_json::Value> =
+                vars.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
             format!("{}\n", serde_json::Value::Object(map))
         }
     }

@@ -21,10 +21,7 @@ pub fn explain(config: Option<PathBuf>, method: &str, headers: &[String], json: 
             eprintln!("latchkey: --header wants 'Name: value', got {h:?}");
             return ExitCode::from(2);
         };
-        match (
-            HeaderName::from_bytes(k.trim().as_bytes()),
-            HeaderValue::from_str(v.trim()),
-        ) {
+        match (HeaderName::from_bytes(k.trim().as_bytes()), HeaderValue::from_str(v.trim())) {
             (Ok(k), Ok(v)) => {
                 map.append(k, v);
             }
@@ -115,21 +112,12 @@ fn decide<'a>(
     let dest = Destination::parse_authority(authority.as_str(), Some(if tls { 443 } else { 80 }))
         .map_err(|e| format!("bad host in {url:?}: {e}"))?;
     let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let owned = |decision, credential, reason: String| Outcome {
-        decision,
-        credential,
-        reason,
-        config,
-    };
+    let owned = |decision, credential, reason: String| Outcome { decision, credential, reason, config };
     if tls {
         match config.policy.decide_connect(&dest) {
             ConnectDecision::Block(r) => return Ok(owned("block", None, r.message)),
             ConnectDecision::Tunnel => {
-                return Ok(owned(
-                    "tunnel",
-                    None,
-                    "no credential or filter applies to this host".into(),
-                ));
+                return Ok(owned("tunnel", None, "no credential or filter applies to this host".into()));
             }
             ConnectDecision::Intercept => {}
         }
@@ -141,13 +129,7 @@ fn decide<'a>(
         }
         b.body(()).map_err(|e| e.to_string())?.into_parts().0
     };
-    let head = RequestHead {
-        method,
-        target,
-        path: uri.path(),
-        headers,
-        tls,
-    };
+    let head = RequestHead { method, target, path: uri.path(), headers, tls };
     let d = config.policy.decide(&dest, &head, |i| {
         let c = &config.credentials[i];
         c.injector.carries_placeholder(&parts, &c.placeholder)

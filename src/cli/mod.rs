@@ -15,11 +15,7 @@ use crate::ca::{CaOptions, CertAuthority};
 use crate::config::{self, Config};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "latchkey",
-    version,
-    about = "Credential-injecting egress proxy for AI agents"
-)]
+#[command(name = "latchkey", version, about = "Credential-injecting egress proxy for AI agents")]
 pub struct Cli {
     /// Operational log level (overrides RUST_LOG): error, warn, info, debug, trace.
     #[arg(long, global = true)]
@@ -107,26 +103,12 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_level.as_deref());
     match cli.command {
-        Command::Run {
-            config,
-            port,
-            bind,
-            regenerate_ca,
-        } => run::run(config, port, bind, regenerate_ca),
+        Command::Run { config, port, bind, regenerate_ca } => run::run(config, port, bind, regenerate_ca),
         Command::Exec { config, command } => run::exec(config, command),
-        Command::Env {
-            config,
-            format,
-            proxy_url,
-            ca_path,
-        } => env::env(config, format, proxy_url, ca_path),
-        Command::Explain {
-            config,
-            method,
-            headers,
-            json,
-            url,
-        } => explain::explain(config, &method, &headers, json, &url),
+        Command::Env { config, format, proxy_url, ca_path } => env::env(config, format, proxy_url, ca_path),
+        Command::Explain { config, method, headers, json, url } => {
+            explain::explain(config, &method, &headers, json, &url)
+        }
         Command::Check { config } => check::check(config),
         Command::Ca { config, action } => ca(config, action),
         Command::Providers => providers(),
@@ -138,40 +120,23 @@ fn harden_process() {
     // SAFETY: plain syscalls with constant arguments.
     unsafe {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        let none = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
+        let none = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         libc::setrlimit(libc::RLIMIT_CORE, &none);
     }
 }
 
 fn init_tracing(level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
-    let base = level
-        .map(str::to_string)
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".into());
+    let base =
+        level.map(str::to_string).or_else(|| std::env::var("RUST_LOG").ok()).unwrap_or_else(|| "info".into());
     // Dependencies never log above info: their debug output can carry header values.
     let mut filter = EnvFilter::try_new(&base).unwrap_or_else(|_| EnvFilter::new("info"));
-    for dep in [
-        "hyper",
-        "hyper_util",
-        "rustls",
-        "tokio_rustls",
-        "h2",
-        "tower",
-        "mio",
-    ] {
+    for dep in ["hyper", "hyper_util", "rustls", "tokio_rustls", "h2", "tower", "mio"] {
         if let Ok(d) = format!("{dep}=info").parse() {
             filter = filter.add_directive(d);
         }
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
 /// Load the config or explain why not (exit 2).
@@ -204,11 +169,7 @@ pub(crate) fn fetch_local(addr: std::net::SocketAddr, path: &str) -> Option<Stri
     let timeout = std::time::Duration::from_secs(2);
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: latchkey\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: latchkey\r\nConnection: close\r\n\r\n").ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).ok()?;
     let text = String::from_utf8(buf).ok()?;
@@ -225,12 +186,7 @@ pub(crate) fn running_active(config: &Config) -> Option<Vec<String>> {
     if served.trim() != ca.trim() {
         return None;
     }
-    Some(
-        fetch_local(addr, "/latchkey/active")?
-            .lines()
-            .map(str::to_string)
-            .collect(),
-    )
+    Some(fetch_local(addr, "/latchkey/active")?.lines().map(str::to_string).collect())
 }
 
 pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -264,10 +220,7 @@ fn ca(config: Option<PathBuf>, action: CaAction) -> ExitCode {
 }
 
 fn providers() -> ExitCode {
-    println!(
-        "{:<12} {:<24} {:<8} {:<34} {:<28} placeholder",
-        "name", "provider", "auth", "env", "domains"
-    );
+    println!("{:<12} {:<24} {:<8} {:<34} {:<28} placeholder", "name", "provider", "auth", "env", "domains");
     for (name, p) in config::builtin_providers() {
         let auth = p.auth_type.clone().unwrap_or_else(|| "header".into());
         let env = p.env.clone().map(|e| e.into_vec()).unwrap_or_else(|| {
@@ -285,9 +238,7 @@ fn providers() -> ExitCode {
             auth,
             env.join(","),
             p.domains.join(","),
-            p.placeholder
-                .clone()
-                .unwrap_or_else(|| format!("latchkey-{name}"))
+            p.placeholder.clone().unwrap_or_else(|| format!("latchkey-{name}"))
         );
     }
     ExitCode::SUCCESS

@@ -56,10 +56,7 @@ pub fn table_offset(src: &str, path: &[&str]) -> Option<usize> {
 
 /// Offset of the first `[header]` line after the line holding `start`, or the end.
 pub fn next_table(src: &str, start: usize) -> usize {
-    let from = src[start..]
-        .find('\n')
-        .map(|i| start + i + 1)
-        .unwrap_or(src.len());
+    let from = src[start..].find('\n').map(|i| start + i + 1).unwrap_or(src.len());
     let mut offset = from;
     for line in src[from..].split_inclusive('\n') {
         if line.trim_start().starts_with('[') {
@@ -91,10 +88,7 @@ mod tests {
         assert_eq!(line_col(src, off), (4, 1));
         assert_eq!(table_at(src, off), "proxy.filters");
         assert_eq!(key_offset(src, 0..src.len(), "port"), Some(8));
-        assert_eq!(
-            suggest("alowlist_only", &["allowlist_only", "allowed_domains"]),
-            Some("allowlist_only")
-        );
+        assert_eq!(suggest("alowlist_only", &["allowlist_only", "allowed_domains"]), Some("allowlist_only"));
         assert_eq!(suggest("zzz", &["allowlist_only"]), None);
     }
 }

@@ -35,11 +35,8 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let file = self
-            .file
-            .as_deref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "<built-in>".into());
+        let file =
+            self.file.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "<built-in>".into());
         if self.line > 0 {
             write!(f, "{file}:{}:{}: ", self.line, self.column)?;
         } else {
@@ -119,15 +116,11 @@ pub struct Config {
 /// Where the config comes from: `--config` > `$LATCHKEY_CONFIG` > XDG default.
 /// `None` means no file: built-in defaults.
 pub fn find_config(cli: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
-    let explicit = cli
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("LATCHKEY_CONFIG").map(PathBuf::from));
+    let explicit =
+        cli.map(Path::to_path_buf).or_else(|| std::env::var_os("LATCHKEY_CONFIG").map(PathBuf::from));
     if let Some(path) = explicit {
         if !path.exists() {
-            return Err(plain_error(
-                Some(&path),
-                format!("config file {} does not exist", path.display()),
-            ));
+            return Err(plain_error(Some(&path), format!("config file {} does not exist", path.display())));
         }
         return Ok(Some(path));
     }
@@ -140,21 +133,13 @@ pub fn find_config(cli: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
 }
 
 fn plain_error(file: Option<&Path>, message: String) -> ConfigError {
-    ConfigError {
-        file: file.map(Path::to_path_buf),
-        line: 0,
-        column: 0,
-        key: String::new(),
-        message,
-    }
+    ConfigError { file: file.map(Path::to_path_buf), line: 0, column: 0, key: String::new(), message }
 }
 
 /// Load and compile. `env` is the proxy's environment (tests pass their own).
 pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
     let env = |k: &str| std::env::var(k).ok();
-    let vars: Vec<String> = std::env::vars_os()
-        .filter_map(|(k, _)| k.into_string().ok())
-        .collect();
+    let vars: Vec<String> = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).collect();
     match path {
         None => compile("", None, &env, &vars),
         Some(p) => {
@@ -189,29 +174,15 @@ fn toml_error(src: &str, file: Option<&Path>, e: &toml::de::Error) -> ConfigErro
     if let Some(rest) = original.strip_prefix("unknown field `") {
         let unknown = rest.split('`').next().unwrap_or("").to_string();
         let known: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
-        key = if table.is_empty() {
-            unknown.clone()
-        } else {
-            format!("{table}.{unknown}")
-        };
+        key = if table.is_empty() { unknown.clone() } else { format!("{table}.{unknown}") };
         message = format!("unknown key `{unknown}`");
         if let Some(s) = locate::suggest(&unknown, &known) {
             message.push_str(&format!(" (did you mean `{s}`?)"));
         }
     } else if !token.is_empty() && !token.contains('\n') && token.len() < 60 {
-        key = if table.is_empty() {
-            token
-        } else {
-            format!("{table}.{token}")
-        };
+        key = if table.is_empty() { token } else { format!("{table}.{token}") };
     }
-    ConfigError {
-        file: file.map(Path::to_path_buf),
-        line,
-        column,
-        key,
-        message,
-    }
+    ConfigError { file: file.map(Path::to_path_buf), line, column, key, message }
 }
 
 struct Compiler<'a> {
@@ -231,10 +202,7 @@ impl Compiler<'_> {
         msg: impl Into<String>,
     ) -> ConfigError {
         // A table's span covers its `[header]`; its keys run to the next header.
-        let table_start = span
-            .as_ref()
-            .map(|s| s.start)
-            .or_else(|| locate::table_offset(self.src, table));
+        let table_start = span.as_ref().map(|s| s.start).or_else(|| locate::table_offset(self.src, table));
         let offset = table_start.map(|start| {
             let end = locate::next_table(self.src, start);
             locate::key_offset(self.src, start..end, key).unwrap_or(start)
@@ -256,10 +224,8 @@ impl Compiler<'_> {
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let p = &raw.proxy;
         let pe = |key: &str, msg: String| self.err(&["proxy"], None, key, msg);
-        let bind: IpAddr = p
-            .bind
-            .parse()
-            .map_err(|_| pe("bind", format!("{:?} is not an IP address", p.bind)))?;
+        let bind: IpAddr =
+            p.bind.parse().map_err(|_| pe("bind", format!("{:?} is not an IP address", p.bind)))?;
         let cidrs = |list: &[String], key: &str| -> Result<Vec<IpNet>, ConfigError> {
             list.iter()
                 .map(|s| parse_cidr(s).ok_or_else(|| pe(key, format!("{s:?} is not an IP or CIDR"))))
@@ -278,10 +244,7 @@ impl Compiler<'_> {
             "auto" => false,
             "all" => true,
             other => {
-                return Err(pe(
-                    "intercept",
-                    format!("{other:?}: expected \"auto\" or \"all\""),
-                ));
+                return Err(pe("intercept", format!("{other:?}: expected \"auto\" or \"all\"")));
             }
         };
         if p.connect_timeout == 0 || p.timeout == 0 {
@@ -343,9 +306,7 @@ impl Compiler<'_> {
             .iter()
             .filter(|v| {
                 credentials.iter().any(|c| {
-                    c.reads
-                        .iter()
-                        .any(|r| r.strip_suffix('*').is_some_and(|pre| v.starts_with(pre)))
+                    c.reads.iter().any(|r| r.strip_suffix('*').is_some_and(|pre| v.starts_with(pre)))
                 })
             })
             .cloned()
@@ -355,11 +316,7 @@ impl Compiler<'_> {
             proxy,
             upstream,
             admin,
-            policy: Policy {
-                credentials: rules,
-                filters,
-                intercept_all,
-            },
+            policy: Policy { credentials: rules, filters, intercept_all },
             credentials,
             capture_variables,
         })
@@ -387,15 +344,11 @@ impl Compiler<'_> {
             let e = |m: String| self.err(&["upstream", "resolve"], None, "", m);
             let dest = Destination::parse_authority(k, None)
                 .map_err(|x| e(format!("{k:?}: {x} (write host:port)")))?;
-            let addr: SocketAddr = v
-                .parse()
-                .map_err(|_| e(format!("{k:?} = {v:?}: the value must be ip:port")))?;
+            let addr: SocketAddr =
+                v.parse().map_err(|_| e(format!("{k:?} = {v:?}: the value must be ip:port")))?;
             resolve.insert(dest, addr);
         }
-        Ok(UpstreamSettings {
-            ca_file: u.ca_file.as_deref().map(expand_home),
-            resolve,
-        })
+        Ok(UpstreamSettings { ca_file: u.ca_file.as_deref().map(expand_home), resolve })
     }
 
     fn credential(
@@ -409,10 +362,7 @@ impl Compiler<'_> {
         let table = ["credentials", name];
         let e = |key: &str, msg: String| self.err(&table, span.clone(), key, msg);
         if c.domains.is_empty() {
-            return Err(e(
-                "domains",
-                "a credential must name at least one host, IP or CIDR".into(),
-            ));
+            return Err(e("domains", "a credential must name at least one host, IP or CIDR".into()));
         }
         let mut patterns = Vec::new();
         for d in &c.domains {
@@ -431,9 +381,7 @@ impl Compiler<'_> {
             .map(|p| canonical_prefix(p).map_err(|x| e("paths", x)))
             .collect::<Result<Vec<_>, _>>()?;
         let methods: Vec<String> = c.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
-        if let Some(m) = methods
-            .iter()
-            .find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()))
+        if let Some(m) = methods.iter().find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()))
         {
             return Err(e("methods", format!("{m:?} is not an HTTP method")));
         }
@@ -478,11 +426,7 @@ impl Compiler<'_> {
                 })
             };
         let slots = |default: &str, prefix: Option<&str>| -> Result<Vec<HeaderSlot>, ConfigError> {
-            let names = c
-                .header
-                .clone()
-                .map(|h| h.into_vec())
-                .unwrap_or_else(|| vec![default.to_string()]);
+            let names = c.header.clone().map(|h| h.into_vec()).unwrap_or_else(|| vec![default.to_string()]);
             if names.is_empty() {
                 return Err(e("header", "name at least one header".into()));
             }
@@ -534,10 +478,8 @@ impl Compiler<'_> {
                 (Box::new(inj), src, inline)
             }
             "basic" => {
-                let user = c
-                    .username
-                    .clone()
-                    .ok_or_else(|| e("username", "basic auth needs `username`".into()))?;
+                let user =
+                    c.username.clone().ok_or_else(|| e("username", "basic auth needs `username`".into()))?;
                 let user_src = Source::Value(template("username", &user)?);
                 let username = resolve(&user_src).unwrap_or_else(placeholder_dummy);
                 if c.value.is_some() {
@@ -555,10 +497,7 @@ impl Compiler<'_> {
                 (Box::new(inj), src, inline)
             }
             "query" => {
-                let param = c
-                    .param
-                    .clone()
-                    .ok_or_else(|| e("param", "query auth needs `param`".into()))?;
+                let param = c.param.clone().ok_or_else(|| e("param", "query auth needs `param`".into()))?;
                 if c.header.is_some() {
                     return Err(e("header", "query auth writes `param`, not a header".into()));
                 }
@@ -574,10 +513,7 @@ impl Compiler<'_> {
                 ));
             }
             other => {
-                return Err(e(
-                    "auth_type",
-                    format!("{other:?}: expected header, bearer, basic or query"),
-                ));
+                return Err(e("auth_type", format!("{other:?}: expected header, bearer, basic or query")));
             }
         };
 
@@ -623,9 +559,7 @@ impl Compiler<'_> {
 }
 
 fn parse_cidr(s: &str) -> Option<IpNet> {
-    s.parse::<IpNet>()
-        .ok()
-        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 /// The built-in providers, in table order.

@@ -67,10 +67,7 @@ pub struct RawLogging {
 
 impl Default for RawLogging {
     fn default() -> Self {
-        RawLogging {
-            log_requests: false,
-            log_file: "~/.config/latchkey/proxy.log".into(),
-        }
+        RawLogging { log_requests: false, log_file: "~/.config/latchkey/proxy.log".into() }
     }
 }
 

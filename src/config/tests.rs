@@ -25,30 +25,21 @@ fn seed_config_loads() {
     let names: Vec<&str> = c.credentials.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["anthropic", "github", "github_basic"]);
     assert_eq!(c.policy.filters.blocked.len(), 2);
-    assert_eq!(
-        c.credentials[1].placeholder, c.credentials[2].placeholder,
-        "shared GITHUB_TOKEN placeholder"
-    );
+    assert_eq!(c.credentials[1].placeholder, c.credentials[2].placeholder, "shared GITHUB_TOKEN placeholder");
     assert_eq!(c.credentials[0].env, ["ANTHROPIC_API_KEY"]);
 }
 
 #[test]
 fn unknown_key_has_line_and_suggestion() {
     let e = err("[proxy]\nport = 1\n\n[proxy.filters]\nalowlist_only = true\n");
-    assert!(
-        e.starts_with("/etc/latchkey.toml:5:1: `proxy.filters.alowlist_only`"),
-        "{e}"
-    );
+    assert!(e.starts_with("/etc/latchkey.toml:5:1: `proxy.filters.alowlist_only`"), "{e}");
     assert!(e.contains("did you mean `allowlist_only`"), "{e}");
 }
 
 #[test]
 fn semantic_errors_point_at_the_key() {
     let e = err("[credentials.x]\nheader = \"x-key\"\nvalue = \"v\"\ndomains = [\"*\"]\n");
-    assert!(
-        e.starts_with("/etc/latchkey.toml:4:1: `credentials.x.domains`"),
-        "{e}"
-    );
+    assert!(e.starts_with("/etc/latchkey.toml:4:1: `credentials.x.domains`"), "{e}");
     let e = err("[credentials.x]\nheader = \"x-key\"\nvalue = \"v\"\ndomains = [\"~.*\"]\n");
     assert!(e.contains("matches every host"), "{e}");
     let e = err("[credentials.x]\nheader = \"x-key\"\nvalue = \"v\"\ndomains = []\n");
@@ -75,11 +66,7 @@ fn builtins_apply_without_credentials() {
     assert_eq!(active, ["anthropic", "github", "github_git", "github_raw"]);
     let c =
         compile_str("[credentials.a]\nheader = \"k\"\nvalue = \"${NOPE}\"\ndomains = [\"a.com\"]\n").unwrap();
-    assert_eq!(
-        c.credentials.len(),
-        1,
-        "a [credentials] section replaces the built-ins"
-    );
+    assert_eq!(c.credentials.len(), 1, "a [credentials] section replaces the built-ins");
     assert!(matches!(c.policy.credentials[0].state, CredState::Inactive(_)));
     let openai = compile_str("").unwrap();
     let o = openai.credentials.iter().find(|c| c.name == "openai").unwrap();

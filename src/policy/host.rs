@@ -35,10 +35,7 @@ impl Host {
         if raw.is_empty() {
             return Err(HostError("empty host"));
         }
-        if raw
-            .bytes()
-            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-        {
+        if raw.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
             return Err(HostError("whitespace or control character in host"));
         }
         if raw.contains('@') {
@@ -48,9 +45,7 @@ impl Host {
             return Err(HostError("percent-escape or zone id in host"));
         }
         if let Some(inner) = raw.strip_prefix('[') {
-            let inner = inner
-                .strip_suffix(']')
-                .ok_or(HostError("unclosed IPv6 bracket"))?;
+            let inner = inner.strip_suffix(']').ok_or(HostError("unclosed IPv6 bracket"))?;
             let ip: Ipv6Addr = inner.parse().map_err(|_| HostError("bad IPv6 literal"))?;
             return Ok(Host::Ip(canonical_ip(IpAddr::V6(ip))));
         }
@@ -115,10 +110,7 @@ impl Destination {
             Some(p) => p,
             None => default_port.ok_or(HostError("port missing"))?,
         };
-        Ok(Destination {
-            host: Host::parse(host)?,
-            port,
-        })
+        Ok(Destination { host: Host::parse(host)?, port })
     }
 
     /// `host:port` as written on the wire (IPv6 bracketed).
@@ -186,10 +178,7 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 }
 
 fn is_numeric_label(label: &str) -> bool {
-    let digits = label
-        .strip_prefix("0x")
-        .map(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .unwrap_or(false);
+    let digits = label.strip_prefix("0x").map(|h| h.bytes().all(|b| b.is_ascii_hexdigit())).unwrap_or(false);
     digits || (!label.is_empty() && label.bytes().all(|b| b.is_ascii_digit()))
 }
 
@@ -220,11 +209,7 @@ fn parse_ipv4_part(p: &str) -> Option<u64> {
         return None;
     }
     if let Some(hex) = p.strip_prefix("0x") {
-        return if hex.is_empty() {
-            Some(0)
-        } else {
-            u64::from_str_radix(hex, 16).ok()
-        };
+        return if hex.is_empty() { Some(0) } else { u64::from_str_radix(hex, 16).ok() };
     }
     if p.len() > 1 && p.starts_with('0') {
         return u64::from_str_radix(&p[1..], 8).ok();

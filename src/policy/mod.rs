@@ -69,11 +69,7 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
-        Refusal {
-            status,
-            kind,
-            message: message.into(),
-        }
+        Refusal { status, kind, message: message.into() }
     }
 }
 
@@ -88,10 +84,7 @@ pub enum ConnectDecision {
 pub enum Decision {
     Block(Refusal),
     Pass(String),
-    Inject {
-        credential: usize,
-        captures: Vec<(String, String)>,
-    },
+    Inject { credential: usize, captures: Vec<(String, String)> },
 }
 
 /// What the policy sees of a request.
@@ -126,11 +119,7 @@ impl ContentFilter {
         } else {
             Some(AhoCorasick::new(&literals).map_err(|e| e.to_string())?)
         };
-        Ok(ContentFilter {
-            literals,
-            automaton,
-            regexes,
-        })
+        Ok(ContentFilter { literals, automaton, regexes })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -144,10 +133,7 @@ impl ContentFilter {
         {
             return Some(&self.literals[m.pattern().as_usize()]);
         }
-        self.regexes
-            .iter()
-            .find(|(_, re)| re.is_match(hay))
-            .map(|(s, _)| s.as_str())
+        self.regexes.iter().find(|(_, re)| re.is_match(hay)).map(|(s, _)| s.as_str())
     }
 
     /// Bytes a streaming scanner must carry between chunks so no literal is missed.
@@ -171,11 +157,7 @@ impl Policy {
                 .credentials
                 .iter()
                 .any(|c| !matches!(c.state, CredState::Inactive(_)) && host_rank(c, dest).is_some());
-        if needs_intercept {
-            ConnectDecision::Intercept
-        } else {
-            ConnectDecision::Tunnel
-        }
+        if needs_intercept { ConnectDecision::Intercept } else { ConnectDecision::Tunnel }
     }
 
     /// The decision for one request to `dest`. `carries_placeholder(i)` tells whether
@@ -218,10 +200,7 @@ impl Policy {
             return Decision::Block(Refusal::new(
                 403,
                 "plain-http",
-                format!(
-                    "credential {} is only sent over TLS; use https://{}",
-                    rule.name, dest.host
-                ),
+                format!("credential {} is only sent over TLS; use https://{}", rule.name, dest.host),
             ));
         }
         if let Some(origin) = head.headers.get(http::header::ORIGIN) {
@@ -249,10 +228,7 @@ impl Policy {
             .find(|p| p.is_regex() && p.matches_host(&dest.host).is_some())
             .map(|p| p.captures(&dest.host))
             .unwrap_or_default();
-        Decision::Inject {
-            credential: index,
-            captures,
-        }
+        Decision::Inject { credential: index, captures }
     }
 
     /// The most specific usable credential for this request, if any.
@@ -284,10 +260,7 @@ impl Policy {
             return Some(Refusal::new(
                 403,
                 "blocked-domain",
-                format!(
-                    "{} is blocked by blocked_domains pattern {:?}",
-                    dest.host, p.source
-                ),
+                format!("{} is blocked by blocked_domains pattern {:?}", dest.host, p.source),
             ));
         }
         if f.allowlist_only
@@ -340,11 +313,7 @@ fn rule_rank(c: &CredentialRule, dest: &Destination, head: &RequestHead<'_>) -> 
         0
     } else {
         let path = canonical_path(head.path)?;
-        c.paths
-            .iter()
-            .filter(|p| path_has_prefix(&path, p))
-            .map(|p| p.len() + 1)
-            .max()?
+        c.paths.iter().filter(|p| path_has_prefix(&path, p)).map(|p| p.len() + 1).max()?
     };
     Some((spec, path_len, !c.methods.is_empty() || !c.ports.is_empty()))
 }

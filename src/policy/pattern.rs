@@ -49,18 +49,10 @@ impl Pattern {
             let (re, port) = split_regex_port(re)?;
             let anchored = format!("^(?:{re})$");
             let regex = Regex::new(&anchored).map_err(|e| format!("bad regex: {e}"))?;
-            return Ok(Pattern {
-                source,
-                host: HostPattern::Regex(regex),
-                port,
-            });
+            return Ok(Pattern { source, host: HostPattern::Regex(regex), port });
         }
         if raw == "*" {
-            return Ok(Pattern {
-                source,
-                host: HostPattern::Any,
-                port: None,
-            });
+            return Ok(Pattern { source, host: HostPattern::Any, port: None });
         }
         if let Ok(net) = raw.parse::<IpNet>() {
             let net = match canonical_ip(net.addr()) {
@@ -70,38 +62,22 @@ impl Pattern {
                 }
                 _ => net,
             };
-            return Ok(Pattern {
-                source,
-                host: HostPattern::Cidr(net.trunc()),
-                port: None,
-            });
+            return Ok(Pattern { source, host: HostPattern::Cidr(net.trunc()), port: None });
         }
         if let Ok(ip) = raw.parse::<IpAddr>() {
-            return Ok(Pattern {
-                source,
-                host: HostPattern::Ip(canonical_ip(ip)),
-                port: None,
-            });
+            return Ok(Pattern { source, host: HostPattern::Ip(canonical_ip(ip)), port: None });
         }
         let (host, port) = split_host_port(raw).map_err(|e| e.to_string())?;
         if let Some(rest) = host.strip_prefix("*.") {
             let domain = normalise_domain(rest)?;
-            return Ok(Pattern {
-                source,
-                host: HostPattern::Glob(domain),
-                port,
-            });
+            return Ok(Pattern { source, host: HostPattern::Glob(domain), port });
         }
         if host.contains('*') {
             return Err("`*` is allowed only as a leading `*.` label".into());
         }
         if let Some(rest) = host.strip_prefix('.') {
             let domain = normalise_domain(rest)?;
-            return Ok(Pattern {
-                source,
-                host: HostPattern::Suffix(domain),
-                port,
-            });
+            return Ok(Pattern { source, host: HostPattern::Suffix(domain), port });
         }
         let host = match Host::parse(host).map_err(|e| e.to_string())? {
             Host::Domain(d) => HostPattern::Exact(d),
@@ -145,10 +121,7 @@ impl Pattern {
         match &self.host {
             HostPattern::Any => true,
             HostPattern::Regex(re) => {
-                ["a", "latchkey-probe-q7.invalid", "x.y.z.example"]
-                    .iter()
-                    .filter(|h| re.is_match(h))
-                    .count()
+                ["a", "latchkey-probe-q7.invalid", "x.y.z.example"].iter().filter(|h| re.is_match(h)).count()
                     >= 2
             }
             HostPattern::Cidr(net) => net.prefix_len() == 0,
@@ -204,10 +177,7 @@ mod tests {
     use super::*;
 
     fn m(p: &str, h: &str) -> bool {
-        Pattern::parse(p)
-            .unwrap()
-            .matches_host(&Host::parse(h).unwrap())
-            .is_some()
+        Pattern::parse(p).unwrap().matches_host(&Host::parse(h).unwrap()).is_some()
     }
 
     #[test]
@@ -250,10 +220,7 @@ mod tests {
         assert!(m("10.0.0.0/8", "10.1.2.3"));
         assert!(!m("10.0.0.0/8", "11.1.2.3"));
         assert!(m("127.0.0.1", "127.1"));
-        assert!(
-            Pattern::parse(".0.1").is_err(),
-            "a suffix of an IP is meaningless"
-        );
+        assert!(Pattern::parse(".0.1").is_err(), "a suffix of an IP is meaningless");
         assert!(!m(r"~.*", "127.0.0.1"));
         assert!(m("::ffff:127.0.0.1", "127.0.0.1"));
     }
@@ -270,11 +237,7 @@ mod tests {
         for p in ["*", "~.*", "~.+", "0.0.0.0/0", "~[a-z.0-9-]+"] {
             assert!(Pattern::parse(p).unwrap().matches_everything(), "{p}");
         }
-        assert!(
-            !Pattern::parse(r"~[a-z]+\.k8s\.local")
-                .unwrap()
-                .matches_everything()
-        );
+        assert!(!Pattern::parse(r"~[a-z]+\.k8s\.local").unwrap().matches_everything());
     }
 
     #[test]

@@ -70,11 +70,7 @@ fn v6_reason(ip: Ipv6Addr) -> Option<&'static str> {
 pub fn refused(ip: IpAddr, allow_private: &[IpNet]) -> Option<&'static str> {
     let ip = super::host::canonical_ip(ip);
     let reason = non_public_reason(ip)?;
-    if allow_private.iter().any(|n| n.contains(&ip)) {
-        None
-    } else {
-        Some(reason)
-    }
+    if allow_private.iter().any(|n| n.contains(&ip)) { None } else { Some(reason) }
 }
 
 #[cfg(test)]
@@ -116,13 +112,7 @@ mod tests {
 
     #[test]
     fn public_passes() {
-        for a in [
-            "1.1.1.1",
-            "93.184.216.34",
-            "2606:4700::1111",
-            "2002:0101:0101::",
-            "100.128.0.1",
-        ] {
+        for a in ["1.1.1.1", "93.184.216.34", "2606:4700::1111", "2002:0101:0101::", "100.128.0.1"] {
             assert!(r(a).is_none(), "{a} is public");
         }
     }

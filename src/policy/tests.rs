@@ -24,13 +24,7 @@ fn decide(p: &Policy, d: &str, method: &str, path: &str, tls: bool) -> Decision 
 }
 
 fn decide_h(p: &Policy, d: &str, method: &str, path: &str, tls: bool, h: &HeaderMap) -> Decision {
-    let head = RequestHead {
-        method,
-        target: path,
-        path,
-        headers: h,
-        tls,
-    };
+    let head = RequestHead { method, target: path, path, headers: h, tls };
     p.decide(&dest(d), &head, |_| false)
 }
 
@@ -53,23 +47,11 @@ fn most_specific_wins() {
         ],
         ..Default::default()
     };
-    assert_eq!(
-        injected(decide(&p, "api.openai.com:443", "GET", "/", true)),
-        Some(0)
-    );
-    assert_eq!(
-        injected(decide(&p, "x.api.openai.com:443", "GET", "/", true)),
-        Some(2)
-    );
-    assert_eq!(
-        injected(decide(&p, "chat.openai.com:443", "GET", "/", true)),
-        Some(1)
-    );
+    assert_eq!(injected(decide(&p, "api.openai.com:443", "GET", "/", true)), Some(0));
+    assert_eq!(injected(decide(&p, "x.api.openai.com:443", "GET", "/", true)), Some(2));
+    assert_eq!(injected(decide(&p, "chat.openai.com:443", "GET", "/", true)), Some(1));
     assert_eq!(injected(decide(&p, "openai.com:443", "GET", "/", true)), Some(1));
-    assert_eq!(
-        injected(decide(&p, "evil-openai.com:443", "GET", "/", true)),
-        None
-    );
+    assert_eq!(injected(decide(&p, "evil-openai.com:443", "GET", "/", true)), None);
 }
 
 #[test]
@@ -77,22 +59,13 @@ fn ties_go_to_last_declared_and_narrowing_wins() {
     let mut gh = rule("github", &["api.github.com", "github.com"]);
     gh.methods = vec![];
     let basic = rule("github_basic", &["github.com"]);
-    let p = Policy {
-        credentials: vec![gh, basic],
-        ..Default::default()
-    };
+    let p = Policy { credentials: vec![gh, basic], ..Default::default() };
     assert_eq!(injected(decide(&p, "github.com:443", "GET", "/", true)), Some(1));
-    assert_eq!(
-        injected(decide(&p, "api.github.com:443", "GET", "/", true)),
-        Some(0)
-    );
+    assert_eq!(injected(decide(&p, "api.github.com:443", "GET", "/", true)), Some(0));
 
     let mut post_only = rule("post", &["x.com"]);
     post_only.methods = vec!["POST".into()];
-    let p = Policy {
-        credentials: vec![post_only, rule("any", &["x.com"])],
-        ..Default::default()
-    };
+    let p = Policy { credentials: vec![post_only, rule("any", &["x.com"])], ..Default::default() };
     assert_eq!(injected(decide(&p, "x.com:443", "POST", "/", true)), Some(0));
     assert_eq!(injected(decide(&p, "x.com:443", "GET", "/", true)), Some(1));
 }
@@ -101,64 +74,34 @@ fn ties_go_to_last_declared_and_narrowing_wins() {
 fn path_prefixes_are_segment_bounded_and_canonical() {
     let mut v1 = rule("v1", &["x.com"]);
     v1.paths = vec![canonical_prefix("/v1/").unwrap()];
-    let p = Policy {
-        credentials: vec![v1],
-        ..Default::default()
-    };
+    let p = Policy { credentials: vec![v1], ..Default::default() };
     assert_eq!(injected(decide(&p, "x.com:443", "GET", "/v1", true)), Some(0));
-    assert_eq!(
-        injected(decide(&p, "x.com:443", "GET", "/v1/models", true)),
-        Some(0)
-    );
-    assert_eq!(
-        injected(decide(&p, "x.com:443", "GET", "/v1beta/models", true)),
-        None
-    );
-    assert_eq!(
-        injected(decide(&p, "x.com:443", "GET", "/v1/../admin", true)),
-        None
-    );
-    assert_eq!(
-        injected(decide(&p, "x.com:443", "GET", "/v1/%2e%2e/admin", true)),
-        None
-    );
+    assert_eq!(injected(decide(&p, "x.com:443", "GET", "/v1/models", true)), Some(0));
+    assert_eq!(injected(decide(&p, "x.com:443", "GET", "/v1beta/models", true)), None);
+    assert_eq!(injected(decide(&p, "x.com:443", "GET", "/v1/../admin", true)), None);
+    assert_eq!(injected(decide(&p, "x.com:443", "GET", "/v1/%2e%2e/admin", true)), None);
     assert_eq!(injected(decide(&p, "x.com:443", "GET", "/v1%2fx", true)), None);
-    assert_eq!(
-        injected(decide(&p, "x.com:443", "GET", "/admin/../v1/x", true)),
-        Some(0)
-    );
+    assert_eq!(injected(decide(&p, "x.com:443", "GET", "/admin/../v1/x", true)), Some(0));
 }
 
 #[test]
 fn ports_default_to_443_and_80() {
-    let p = Policy {
-        credentials: vec![rule("a", &["x.com"])],
-        ..Default::default()
-    };
+    let p = Policy { credentials: vec![rule("a", &["x.com"])], ..Default::default() };
     assert!(injected(decide(&p, "x.com:443", "GET", "/", true)).is_some());
     assert!(injected(decide(&p, "x.com:8443", "GET", "/", true)).is_none());
     let mut r = rule("a", &["x.com:8443"]);
-    let p = Policy {
-        credentials: vec![r.clone()],
-        ..Default::default()
-    };
+    let p = Policy { credentials: vec![r.clone()], ..Default::default() };
     assert!(injected(decide(&p, "x.com:8443", "GET", "/", true)).is_some());
     assert!(injected(decide(&p, "x.com:443", "GET", "/", true)).is_none());
     r.ports = vec![9000];
-    let p = Policy {
-        credentials: vec![r],
-        ..Default::default()
-    };
+    let p = Policy { credentials: vec![r], ..Default::default() };
     assert!(injected(decide(&p, "x.com:8443", "GET", "/", true)).is_none());
 }
 
 #[test]
 fn plain_http_refused_unless_allowed() {
     let mut r = rule("a", &["x.com"]);
-    let p = Policy {
-        credentials: vec![r.clone()],
-        ..Default::default()
-    };
+    let p = Policy { credentials: vec![r.clone()], ..Default::default() };
     match decide(&p, "x.com:80", "GET", "/", false) {
         Decision::Block(refusal) => {
             assert_eq!(refusal.status, 403);
@@ -168,10 +111,7 @@ fn plain_http_refused_unless_allowed() {
         other => panic!("{other:?}"),
     }
     r.allow_http = true;
-    let p = Policy {
-        credentials: vec![r],
-        ..Default::default()
-    };
+    let p = Policy { credentials: vec![r], ..Default::default() };
     assert!(injected(decide(&p, "x.com:80", "GET", "/", false)).is_some());
 }
 
@@ -181,10 +121,7 @@ fn inactive_passes_failed_blocks() {
     a.state = CredState::Inactive("X unset".into());
     let mut b = rule("b", &["y.com"]);
     b.state = CredState::Failed("exit 1".into());
-    let p = Policy {
-        credentials: vec![a, b],
-        ..Default::default()
-    };
+    let p = Policy { credentials: vec![a, b], ..Default::default() };
     assert!(matches!(decide(&p, "x.com:443", "GET", "/", true), Decision::Pass(r) if r.contains("inactive")));
     assert!(matches!(decide(&p, "y.com:443", "GET", "/", true), Decision::Block(r) if r.status == 502));
     assert_eq!(p.decide_connect(&dest("x.com:443")), ConnectDecision::Tunnel);
@@ -194,21 +131,12 @@ fn inactive_passes_failed_blocks() {
 #[test]
 fn origin_needs_allow_listing() {
     let mut r = rule("a", &["x.com"]);
-    let p = Policy {
-        credentials: vec![r.clone()],
-        ..Default::default()
-    };
+    let p = Policy { credentials: vec![r.clone()], ..Default::default() };
     let mut h = HeaderMap::new();
     h.insert("origin", "https://evil.example".parse().unwrap());
-    assert!(matches!(
-        decide_h(&p, "x.com:443", "GET", "/", true, &h),
-        Decision::Pass(_)
-    ));
+    assert!(matches!(decide_h(&p, "x.com:443", "GET", "/", true, &h), Decision::Pass(_)));
     r.allowed_origins = vec!["https://evil.example".into()];
-    let p = Policy {
-        credentials: vec![r],
-        ..Default::default()
-    };
+    let p = Policy { credentials: vec![r], ..Default::default() };
     assert!(injected(decide_h(&p, "x.com:443", "GET", "/", true, &h)).is_some());
 }
 
@@ -218,10 +146,7 @@ fn filters() {
         filters: Filters {
             blocked: vec![Pattern::parse("*.evil.com").unwrap()],
             allowlist_only: true,
-            allowed: vec![
-                Pattern::parse("api.good.com").unwrap(),
-                Pattern::parse(".evil.com").unwrap(),
-            ],
+            allowed: vec![Pattern::parse("api.good.com").unwrap(), Pattern::parse(".evil.com").unwrap()],
             content: ContentFilter::new(&["rm -rf /".into(), "~DROP\\s+TABLE".into()]).unwrap(),
         },
         ..Default::default()
@@ -229,10 +154,7 @@ fn filters() {
     let block = |d: &str| matches!(p.decide_connect(&dest(d)), ConnectDecision::Block(_));
     assert!(block("a.evil.com:443"));
     assert!(block("a.evil.com:8080"), "blocklist covers every port");
-    assert!(
-        !block("evil.com:443"),
-        "*. needs a label; allowlisted via .evil.com"
-    );
+    assert!(!block("evil.com:443"), "*. needs a label; allowlisted via .evil.com");
     assert!(block("other.com:443"));
     assert!(!block("api.good.com:443"));
     assert!(block("api.good.com:8443"));

@@ -55,13 +55,7 @@ pub struct ScanBody<B> {
 
 impl<B> ScanBody<B> {
     pub fn new(inner: B, config: Arc<Config>) -> Self {
-        ScanBody {
-            inner,
-            config,
-            carry: Vec::new(),
-            scanned: 0,
-            hit: Arc::new(OnceLock::new()),
-        }
+        ScanBody { inner, config, carry: Vec::new(), scanned: 0, hit: Arc::new(OnceLock::new()) }
     }
 
     fn scan(&mut self, data: &[u8]) -> Option<String> {
@@ -181,10 +175,7 @@ pub struct Logged<B> {
 
 impl<B> Logged<B> {
     pub fn new(inner: B, pending: Pending) -> Self {
-        Logged {
-            inner: Counted::new(inner, pending.down.clone()),
-            _pending: pending,
-        }
+        Logged { inner: Counted::new(inner, pending.down.clone()), _pending: pending }
     }
 }
 

@@ -51,13 +51,7 @@ pub async fn handle(
             record.status = Some(parts.status.as_u16());
             tracing::debug!(target: "latchkey::request", dest = %route.dest, status = parts.status.as_u16(), decision = record.decision, "forwarded");
             let down = Arc::new(AtomicU64::new(0));
-            let pending = Pending {
-                audit: proxy.audit.clone(),
-                record,
-                up,
-                down,
-                started,
-            };
+            let pending = Pending { audit: proxy.audit.clone(), record, up, down, started };
             Ok(Response::from_parts(parts, Logged::new(body, pending).boxed()))
         }
         Err(r) => {
@@ -143,12 +137,10 @@ fn decide_and_inject<'c>(
         Decision::Inject { credential, captures } => {
             let cred = &config.credentials[credential];
             record.credential = Some(cred.name.clone());
-            cred.injector
-                .inject(parts, &captures)
-                .map_err(|InjectError::Unavailable(why)| {
-                    let msg = format!("credential {} cannot be used here: {why}", cred.name);
-                    Refusal::new(502, "credential-failed", msg)
-                })?;
+            cred.injector.inject(parts, &captures).map_err(|InjectError::Unavailable(why)| {
+                let msg = format!("credential {} cannot be used here: {why}", cred.name);
+                Refusal::new(502, "credential-failed", msg)
+            })?;
             record.decision = "injected";
             Ok(Some(cred))
         }
@@ -186,11 +178,7 @@ async fn send(
         Err(_) => Err(Refusal::new(
             504,
             "upstream-timeout",
-            format!(
-                "{} did not answer within {}s",
-                route.dest,
-                config.proxy.timeout.as_secs()
-            ),
+            format!("{} did not answer within {}s", route.dest, config.proxy.timeout.as_secs()),
         )),
     }
 }
@@ -215,10 +203,7 @@ fn check_route(route: &Route, parts: &Parts) -> Result<(), Refusal> {
         let named = Destination::parse_authority(authority.as_str(), Some(scheme_port))
             .map_err(|e| bad_request(format!("bad request target: {e}")))?;
         if named != route.dest {
-            return Err(misdirected(format!(
-                "request names {named} but this tunnel goes to {}",
-                route.dest
-            )));
+            return Err(misdirected(format!("request names {named} but this tunnel goes to {}", route.dest)));
         }
     }
     let mut hosts = parts.headers.get_all(header::HOST).iter();
@@ -227,16 +212,11 @@ fn check_route(route: &Route, parts: &Parts) -> Result<(), Refusal> {
         return Err(bad_request("more than one Host header"));
     }
     if let Some(value) = host {
-        let text = value
-            .to_str()
-            .map_err(|_| bad_request("Host header is not text"))?;
+        let text = value.to_str().map_err(|_| bad_request("Host header is not text"))?;
         let named = Destination::parse_authority(text, Some(default_port))
             .map_err(|e| bad_request(format!("bad Host header {text:?}: {e}")))?;
         if named != route.dest {
-            return Err(misdirected(format!(
-                "Host {named} differs from the destination {}",
-                route.dest
-            )));
+            return Err(misdirected(format!("Host {named} differs from the destination {}", route.dest)));
         }
     }
     Ok(())
@@ -245,15 +225,17 @@ fn check_route(route: &Route, parts: &Parts) -> Result<(), Refusal> {
 /// Rewrite the request for the upstream: absolute URI built from the destination
 /// (never from a client-written host), hop-by-hop headers removed, HTTP/1.1.
 fn prepare_upstream(parts: &mut Parts, route: &Route) -> Result<(), Refusal> {
+    // `te: trailers` is the one TE value that crosses hops (gRPC needs it).
+    let trailers =
+        parts.headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     strip_hop_by_hop(&mut parts.headers);
+    if trailers {
+        parts.headers.insert(header::TE, header::HeaderValue::from_static("trailers"));
+    }
     parts.headers.remove(header::HOST);
     let scheme = if route.tls { "https" } else { "http" };
     let pq = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
-    let pq = if pq.starts_with('/') {
-        pq.to_string()
-    } else {
-        format!("/{pq}")
-    };
+    let pq = if pq.starts_with('/') { pq.to_string() } else { format!("/{pq}") };
     parts.uri = format!("{scheme}://{}{pq}", route.dest.authority())
         .parse()
         .map_err(|_| bad_request("cannot rebuild the request URI"))?;
@@ -287,8 +269,6 @@ fn upstream_failure(dest: &Destination, e: &hyper_util::client::legacy::Error) -
         }
         source = err.source();
     }
-    let cause = std::error::Error::source(e)
-        .map(|s| s.to_string())
-        .unwrap_or_else(|| e.to_string());
+    let cause = std::error::Error::source(e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
     Refusal::new(502, "upstream-reset", format!("{dest} failed: {cause}"))
 }

@@ -27,25 +27,13 @@ pub async fn handle(
     }
     match req.uri().scheme_str() {
         Some("http") => {
-            let authority = req
-                .uri()
-                .authority()
-                .map(|a| a.as_str().to_string())
-                .unwrap_or_default();
+            let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
             match Destination::parse_authority(&authority, Some(80)) {
                 Ok(dest) => {
-                    let route = Arc::new(Route {
-                        dest,
-                        tls: false,
-                        tunnel: false,
-                        misdirected: None,
-                        peer,
-                    });
+                    let route = Arc::new(Route { dest, tls: false, tunnel: false, misdirected: None, peer });
                     forward::handle(proxy, generation, route, req).await
                 }
-                Err(e) => Ok(respond::refusal(&bad_request(format!(
-                    "bad host {authority:?}: {e}"
-                )))),
+                Err(e) => Ok(respond::refusal(&bad_request(format!("bad host {authority:?}: {e}")))),
             }
         }
         Some(_) => Ok(respond::refusal(&bad_request(
@@ -53,10 +41,8 @@ pub async fn handle(
         ))),
         None if req.method() == Method::GET && req.uri().path() == "/ca.crt" => {
             let mut resp = Response::new(respond::full(proxy.ca.cert_pem().to_string()));
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                "application/x-pem-file".parse().expect("static"),
-            );
+            resp.headers_mut()
+                .insert(http::header::CONTENT_TYPE, "application/x-pem-file".parse().expect("static"));
             Ok(resp)
         }
         // Which credentials are active here, by name: `env` and `exec` run where the
@@ -85,24 +71,13 @@ async fn connect(
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .unwrap_or_default();
+    let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
     let dest = match Destination::parse_authority(&authority, None) {
         Ok(d) => d,
         Err(e) => return respond::refusal(&bad_request(format!("bad CONNECT target {authority:?}: {e}"))),
     };
     let refuse = |r: Refusal| {
-        proxy.audit.log(&tunnel_record(
-            peer,
-            &dest,
-            r.status,
-            "blocked",
-            Some(r.message.clone()),
-            started,
-        ));
+        proxy.audit.log(&tunnel_record(peer, &dest, r.status, "blocked", Some(r.message.clone()), started));
         tracing::info!(target: "latchkey::request", %dest, status = r.status, kind = r.kind, "CONNECT refused");
         respond::refusal(&r)
     };
@@ -120,9 +95,8 @@ async fn connect(
                 let Ok(upgraded) = on_upgrade.await else { return };
                 let mut client = TokioIo::new(upgraded);
                 let mut upstream = upstream;
-                let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream)
-                    .await
-                    .unwrap_or((0, 0));
+                let (up, down) =
+                    tokio::io::copy_bidirectional(&mut client, &mut upstream).await.unwrap_or((0, 0));
                 let mut rec = tunnel_record(peer, &dest, 200, "tunnelled", None, started);
                 rec.bytes_up = up;
                 rec.bytes_down = down;

@@ -59,11 +59,7 @@ impl Generation {
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(64)
             .build(Connector(dialer.clone()));
-        Ok(Generation {
-            config,
-            dialer,
-            client,
-        })
+        Ok(Generation { config, dialer, client })
     }
 }
 
@@ -89,12 +85,7 @@ impl Proxy {
         };
         let connections = Arc::new(Semaphore::new(config.proxy.limits.max_connections));
         let generation = Generation::new(Arc::new(config), provider, own_sockets)?;
-        Ok(Arc::new(Proxy {
-            current: RwLock::new(Arc::new(generation)),
-            ca,
-            audit,
-            connections,
-        }))
+        Ok(Arc::new(Proxy { current: RwLock::new(Arc::new(generation)), ca, audit, connections }))
     }
 
     pub fn generation(&self) -> Arc<Generation> {
@@ -149,13 +140,22 @@ impl Proxy {
         let _ = stream.set_nodelay(true);
         let limits = generation.config.proxy.limits.clone();
         let service = service_fn(move |req| handler::handle(self.clone(), generation.clone(), peer, req));
-        let conn = server_builder(&limits)
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
+        let conn = server_builder(&limits).serve_connection(TokioIo::new(stream), service).with_upgrades();
         if let Err(e) = conn.await {
             tracing::debug!("client {peer}: {e}");
         }
     }
+}
+
+/// HTTP/2 server settings for intercepted tunnels that negotiated `h2`.
+fn h2_builder(limits: &crate::config::Limits) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
 }
 
 /// HTTP/1.1 server settings shared by the proxy port and intercepted tunnels.

@@ -18,10 +18,7 @@ pub fn text(status: u16, kind: &str, message: &str) -> Response<Body> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
     if let Ok(v) = header::HeaderValue::from_str(kind) {
         h.insert("x-latchkey-error", v);
     }

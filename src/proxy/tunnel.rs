@@ -34,18 +34,9 @@ pub async fn intercept(
         Ok(Ok(1)) => {}
         _ => return,
     }
-    let io = Prefixed {
-        first: Some(first[0]),
-        inner: io,
-    };
+    let io = Prefixed { first: Some(first[0]), inner: io };
     if first[0] != TLS_HANDSHAKE {
-        let route = Arc::new(Route {
-            dest,
-            tls: false,
-            tunnel: true,
-            misdirected: None,
-            peer,
-        });
+        let route = Arc::new(Route { dest, tls: false, tunnel: true, misdirected: None, peer });
         serve(proxy, generation, route, io).await;
         return;
     }
@@ -54,16 +45,10 @@ pub async fn intercept(
         Ok(Ok(s)) => s,
         _ => return,
     };
-    let misdirected = start
-        .client_hello()
-        .server_name()
-        .and_then(|sni| match Host::parse(sni) {
-            Ok(h) if h == dest.host => None,
-            _ => Some(format!(
-                "TLS SNI {sni:?} does not name the tunnel's host {}",
-                dest.host
-            )),
-        });
+    let misdirected = start.client_hello().server_name().and_then(|sni| match Host::parse(sni) {
+        Ok(h) if h == dest.host => None,
+        _ => Some(format!("TLS SNI {sni:?} does not name the tunnel's host {}", dest.host)),
+    });
     let config = match proxy.ca.server_config(&dest.host) {
         Ok(c) => c,
         Err(e) => {
@@ -79,14 +64,26 @@ pub async fn intercept(
         }
         Err(_) => return,
     };
-    let route = Arc::new(Route {
-        dest,
-        tls: true,
-        tunnel: true,
-        misdirected,
-        peer,
-    });
-    serve(proxy, generation, route, tls).await;
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let route = Arc::new(Route { dest, tls: true, tunnel: true, misdirected, peer });
+    if h2 {
+        serve_h2(proxy, generation, route, tls).await;
+    } else {
+        serve(proxy, generation, route, tls).await;
+    }
+}
+
+async fn serve_h2<S>(proxy: Arc<Proxy>, generation: Arc<Generation>, route: Arc<Route>, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = generation.config.proxy.limits.clone();
+    let service =
+        service_fn(move |req| forward::handle(proxy.clone(), generation.clone(), route.clone(), req));
+    let conn = super::h2_builder(&limits).serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = conn.await {
+        tracing::debug!("h2 tunnel: {e}");
+    }
 }
 
 async fn serve<S>(proxy: Arc<Proxy>, generation: Arc<Generation>, route: Arc<Route>, stream: S)
@@ -96,10 +93,7 @@ where
     let limits = generation.config.proxy.limits.clone();
     let service =
         service_fn(move |req| forward::handle(proxy.clone(), generation.clone(), route.clone(), req));
-    if let Err(e) = super::server_builder(&limits)
-        .serve_connection(TokioIo::new(stream), service)
-        .await
-    {
+    if let Err(e) = super::server_builder(&limits).serve_connection(TokioIo::new(stream), service).await {
         tracing::debug!("tunnel: {e}");
     }
 }

@@ -78,9 +78,7 @@ pub struct Dialer {
 
 impl std::fmt::Debug for Dialer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dialer")
-            .field("resolve", &self.resolve)
-            .finish_non_exhaustive()
+        f.debug_struct("Dialer").field("resolve", &self.resolve).finish_non_exhaustive()
     }
 }
 
@@ -96,10 +94,7 @@ impl Dialer {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, dest.port)],
             Host::Domain(name) => tokio::net::lookup_host((name.as_str(), dest.port))
                 .await
-                .map_err(|e| UpstreamError::Resolve {
-                    host: host.clone(),
-                    why: e.to_string(),
-                })?
+                .map_err(|e| UpstreamError::Resolve { host: host.clone(), why: e.to_string() })?
                 .collect(),
         };
         let mut allowed = Vec::new();
@@ -109,11 +104,7 @@ impl Dialer {
             self.check_own(&host, addr)?;
             match ssrf::refused(addr.ip(), &self.allow_private) {
                 Some(why) => {
-                    refusal = Some(UpstreamError::Refused {
-                        host: host.clone(),
-                        addr: addr.ip(),
-                        why,
-                    })
+                    refusal = Some(UpstreamError::Refused { host: host.clone(), addr: addr.ip(), why })
                 }
                 None => allowed.push(addr),
             }
@@ -121,10 +112,7 @@ impl Dialer {
         match (allowed.is_empty(), refusal) {
             (false, _) => Ok(allowed),
             (true, Some(r)) => Err(r),
-            (true, None) => Err(UpstreamError::Resolve {
-                host,
-                why: "no addresses".into(),
-            }),
+            (true, None) => Err(UpstreamError::Resolve { host, why: "no addresses".into() }),
         }
     }
 
@@ -172,32 +160,26 @@ impl Dialer {
     async fn connect(&self, dest: Destination, tls: bool) -> Result<UpstreamIo, UpstreamError> {
         let tcp = self.connect_tcp(&dest).await?;
         if !tls {
-            return Ok(UpstreamIo(TokioIo::new(Stream::Plain(tcp))));
+            return Ok(UpstreamIo { io: TokioIo::new(Stream::Plain(tcp)), h2: false });
         }
         let host = dest.to_string();
         let name = match &dest.host {
-            Host::Domain(d) => ServerName::try_from(d.clone()).map_err(|e| UpstreamError::Tls {
-                host: host.clone(),
-                why: e.to_string(),
-            })?,
+            Host::Domain(d) => ServerName::try_from(d.clone())
+                .map_err(|e| UpstreamError::Tls { host: host.clone(), why: e.to_string() })?,
             Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
         };
         let handshake = self.tls.connect(name, tcp);
         let stream = tokio::time::timeout(self.connect_timeout, handshake)
             .await
             .map_err(|_| UpstreamError::Timeout { host: host.clone() })?
-            .map_err(|e| UpstreamError::Tls {
-                host,
-                why: tls_cause(&e),
-            })?;
-        Ok(UpstreamIo(TokioIo::new(Stream::Tls(Box::new(stream)))))
+            .map_err(|e| UpstreamError::Tls { host, why: tls_cause(&e) })?;
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        Ok(UpstreamIo { io: TokioIo::new(Stream::Tls(Box::new(stream))), h2 })
     }
 }
 
 fn tls_cause(e: &io::Error) -> String {
-    e.get_ref()
-        .map(|inner| inner.to_string())
-        .unwrap_or_else(|| e.to_string())
+    e.get_ref().map(|inner| inner.to_string()).unwrap_or_else(|| e.to_string())
 }
 
 /// Upstream trust: the public roots plus `[upstream] ca_file`, never the latchkey CA
@@ -219,9 +201,7 @@ pub fn client_tls(
             return Err(format!("[upstream] ca_file {}: no certificates", path.display()));
         }
         for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| format!("[upstream] ca_file {}: {e}", path.display()))?;
+            roots.add(c).map_err(|e| format!("[upstream] ca_file {}: {e}", path.display()))?;
         }
     }
     let mut cfg = ClientConfig::builder_with_provider(provider)
@@ -229,7 +209,8 @@ pub fn client_tls(
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // The upstream leg negotiates its own protocol, independent of the client's.
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }
 
@@ -253,13 +234,8 @@ impl tower_service::Service<Uri> for Connector {
         Box::pin(async move {
             let tls = uri.scheme_str() == Some("https");
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
-            let dest =
-                Destination::parse_authority(authority, Some(if tls { 443 } else { 80 })).map_err(|e| {
-                    UpstreamError::Resolve {
-                        host: authority.into(),
-                        why: e.to_string(),
-                    }
-                })?;
+            let dest = Destination::parse_authority(authority, Some(if tls { 443 } else { 80 }))
+                .map_err(|e| UpstreamError::Resolve { host: authority.into(), why: e.to_string() })?;
             dialer.connect(dest, tls).await
         })
     }
@@ -316,12 +292,17 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// An upstream connection as hyper sees it.
-pub struct UpstreamIo(TokioIo<Stream>);
+/// An upstream connection as hyper sees it. An `h2` connection is shared by every
+/// concurrent request to its destination.
+pub struct UpstreamIo {
+    io: TokioIo<Stream>,
+    h2: bool,
+}
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
-        Connected::new()
+        let c = Connected::new();
+        if self.h2 { c.negotiated_h2() } else { c }
     }
 }
 
@@ -331,28 +312,28 @@ impl hyper::rt::Read for UpstreamIo {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
 impl hyper::rt::Write for UpstreamIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
 }

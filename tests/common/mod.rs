@@ -56,21 +56,16 @@ pub fn pki() -> &'static UpstreamPki {
         let mut names: Vec<String> = UPSTREAM_HOSTS.iter().map(|s| s.to_string()).collect();
         names.push("127.0.0.1".into());
         let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&leaf_key, &issuer)
-            .unwrap();
-        UpstreamPki {
-            ca_pem: ca_cert.pem(),
-            cert_pem: leaf.pem(),
-            key_pem: leaf_key.serialize_pem(),
-        }
+        let leaf = CertificateParams::new(names).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+        UpstreamPki { ca_pem: ca_cert.pem(), cert_pem: leaf.pem(), key_pem: leaf_key.serialize_pem() }
     })
 }
 
 /// What the upstream saw.
 #[derive(Clone, Debug)]
 pub struct Seen {
+    /// Which upstream connection carried it (accept order).
+    pub conn: usize,
     pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
@@ -79,11 +74,7 @@ pub struct Seen {
 
 impl Seen {
     pub fn header_all(&self, name: &str) -> Vec<String> {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-            .collect()
+        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
     }
 }
 
@@ -92,6 +83,8 @@ pub struct Upstream {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// TCP connections accepted so far.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// `/sse` sends its second event only once this is notified.
+    pub sse_next: Arc<tokio::sync::Notify>,
 }
 
 impl Upstream {
@@ -103,88 +96,156 @@ impl Upstream {
     }
 }
 
-fn runtime() -> &'static tokio::runtime::Runtime {
+pub fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
     })
 }
 
-/// Start an echo upstream on loopback (TLS when `tls`). `git_root` enables /git/.
+#[derive(Default)]
+pub struct UpstreamOpts {
+    pub tls: bool,
+    /// Offer only `h2` by ALPN (an HTTP/2-only server).
+    pub h2_only: bool,
+    pub git: Option<GitServer>,
+}
+
+/// Start an echo upstream on loopback (TLS when `tls`); `git` enables /org/.
 pub fn upstream(tls: bool, git: Option<GitServer>) -> Upstream {
+    upstream_with(UpstreamOpts { tls, git, ..Default::default() })
+}
+
+type EchoBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+pub fn upstream_with(opts: UpstreamOpts) -> Upstream {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let listener = runtime().block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
-    let acceptor = tls.then(|| {
+    let acceptor = opts.tls.then(|| {
         use rustls::pki_types::pem::PemObject;
         let p = pki();
         let certs = vec![rustls::pki_types::CertificateDer::from_pem_slice(p.cert_pem.as_bytes()).unwrap()];
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(p.key_pem.as_bytes()).unwrap();
-        let mut cfg = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap();
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut cfg =
+            rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
+        cfg.alpn_protocols = if opts.h2_only { vec![b"h2".to_vec()] } else { vec![b"http/1.1".to_vec()] };
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
     });
-    let git = git.map(Arc::new);
+    let git = opts.git.map(Arc::new);
     let log = seen.clone();
     let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let accepted = connections.clone();
+    let sse_next = Arc::new(tokio::sync::Notify::new());
+    let sse = sse_next.clone();
     runtime().spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let (log, acceptor, git) = (log.clone(), acceptor.clone(), git.clone());
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let conn = accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (log, acceptor, git, sse) = (log.clone(), acceptor.clone(), git.clone(), sse.clone());
             tokio::spawn(async move {
-                let svc = service_fn(move |req| echo(req, log.clone(), git.clone()));
-                let builder = hyper::server::conn::http1::Builder::new();
+                let svc = service_fn(move |req| echo(req, conn, log.clone(), git.clone(), sse.clone()));
                 match acceptor {
                     Some(a) => {
-                        if let Ok(s) = a.accept(tcp).await {
-                            let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                        let Ok(s) = a.accept(tcp).await else { return };
+                        if s.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            let b = hyper::server::conn::http2::Builder::new(
+                                hyper_util::rt::TokioExecutor::new(),
+                            );
+                            let _ = b.serve_connection(TokioIo::new(s), svc).await;
+                        } else {
+                            let b = hyper::server::conn::http1::Builder::new();
+                            let _ = b.serve_connection(TokioIo::new(s), svc).await;
                         }
                     }
                     None => {
-                        let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+                        let b = hyper::server::conn::http1::Builder::new();
+                        let _ = b.serve_connection(TokioIo::new(tcp), svc).await;
                     }
                 }
             });
         }
     });
-    Upstream {
-        addr,
-        seen,
-        connections,
-    }
+    Upstream { addr, seen, connections, sse_next }
+}
+
+fn full(b: impl Into<Bytes>) -> EchoBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A streamed body: the handler sends frames (data, then trailers) as it likes.
+fn channel() -> (http_body_util::channel::Sender<Bytes, hyper::Error>, EchoBody) {
+    let (tx, body) = http_body_util::Channel::<Bytes, hyper::Error>::new(4);
+    (tx, body.boxed())
 }
 
 async fn echo(
     req: Request<Incoming>,
+    conn: usize,
     log: Arc<Mutex<Vec<Seen>>>,
     git: Option<Arc<GitServer>>,
-) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    sse_next: Arc<tokio::sync::Notify>,
+) -> Result<Response<EchoBody>, hyper::Error> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await?.to_bytes().to_vec();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
         .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
+    // Streaming endpoints: never hold a whole body.
+    if path == "/sink" {
+        let mut body = body;
+        let mut n: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            if let Some(d) = frame?.data_ref() {
+                n += d.len() as u64;
+            }
+        }
+        return Ok(Response::new(full(n.to_string())));
+    }
+    if let Some(n) = path.strip_prefix("/source?bytes=") {
+        let total: u64 = n.parse().unwrap();
+        let (mut tx, body) = channel();
+        tokio::spawn(async move {
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let mut left = total;
+            while left > 0 {
+                let take = left.min(chunk.len() as u64) as usize;
+                if tx.send_data(chunk.slice(..take)).await.is_err() {
+                    return;
+                }
+                left -= take as u64;
+            }
+        });
+        let resp = Response::builder().header("content-length", total.to_string()).body(body);
+        return Ok(resp.unwrap());
+    }
+    if path == "/sse" {
+        let (mut tx, body) = channel();
+        tokio::spawn(async move {
+            let _ = tx.send_data(Bytes::from_static(b"data: one\n\n")).await;
+            sse_next.notified().await;
+            let _ = tx.send_data(Bytes::from_static(b"data: two\n\n")).await;
+        });
+        let resp = Response::builder().header("content-type", "text/event-stream").body(body);
+        return Ok(resp.unwrap());
+    }
+    if path == "/trailers" {
+        let (mut tx, body) = channel();
+        tokio::spawn(async move {
+            let _ = tx.send_data(Bytes::from_static(b"payload")).await;
+            let mut t = http::HeaderMap::new();
+            t.insert("x-checksum", "abc123".parse().unwrap());
+            let _ = tx.send_trailers(t).await;
+        });
+        return Ok(Response::builder().header("trailer", "x-checksum").body(body).unwrap());
+    }
+    let body = body.collect().await?.to_bytes().to_vec();
+    let version = format!("{:?}", parts.version);
     let seen = Seen {
+        conn,
         method: parts.method.to_string(),
         path: path.clone(),
         headers: headers.clone(),
@@ -192,17 +253,13 @@ async fn echo(
     };
     log.lock().unwrap().push(seen);
     if let (Some(git), true) = (git, path.starts_with("/org/")) {
-        return Ok(git.serve(&parts, body));
+        return Ok(git.serve(&parts, body).map(full));
+    }
+    if let Some(to) = path.strip_prefix("/redirect?to=") {
+        return Ok(Response::builder().status(302).header("location", to).body(full(Bytes::new())).unwrap());
     }
     if path == "/slow" {
         tokio::time::sleep(std::time::Duration::from_secs(4)).await;
-    }
-    if let Some(to) = path.strip_prefix("/redirect?to=") {
-        return Ok(Response::builder()
-            .status(302)
-            .header("location", to)
-            .body(Full::new(Bytes::new()))
-            .unwrap());
     }
     let mut b = Response::builder().header("content-type", "application/json");
     if path.starts_with("/cookie") {
@@ -211,10 +268,11 @@ async fn echo(
     let json = json!({
         "method": parts.method.as_str(),
         "path": path,
+        "version": version,
         "headers": headers,
         "body": String::from_utf8_lossy(&body),
     });
-    Ok(b.body(Full::new(Bytes::from(json.to_string()))).unwrap())
+    Ok(b.body(full(json.to_string())).unwrap())
 }
 
 /// `git http-backend` as CGI, behind basic auth with one accepted credential.
@@ -224,17 +282,13 @@ pub struct GitServer {
 }
 
 impl GitServer {
-    fn serve(&self, parts: &http::request::Parts, body: Vec<u8>) -> Response<Full<Bytes>> {
-        let auth = parts
-            .headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+    fn serve(&self, parts: &http::request::Parts, body: Vec<u8>) -> Response<Bytes> {
+        let auth = parts.headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
         if auth != self.expect_authorization {
             return Response::builder()
                 .status(401)
                 .header("www-authenticate", "Basic realm=\"git\"")
-                .body(Full::new(Bytes::from_static(b"unauthorized")))
+                .body(Bytes::from_static(b"unauthorized"))
                 .unwrap();
         }
         let mut child = Command::new("git")
@@ -248,22 +302,14 @@ impl GitServer {
             .env("QUERY_STRING", parts.uri.query().unwrap_or(""))
             .env(
                 "CONTENT_TYPE",
-                parts
-                    .headers
-                    .get("content-type")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or(""),
+                parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or(""),
             )
             .env("CONTENT_LENGTH", body.len().to_string())
             .env("REMOTE_USER", "x-access-token")
             .env("REMOTE_ADDR", "127.0.0.1")
             .env(
                 "GIT_PROTOCOL",
-                parts
-                    .headers
-                    .get("git-protocol")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or(""),
+                parts.headers.get("git-protocol").and_then(|v| v.to_str().ok()).unwrap_or(""),
             )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -289,8 +335,7 @@ impl GitServer {
                 }
             }
         }
-        b.body(Full::new(Bytes::from(out.stdout[head_end + sep..].to_vec())))
-            .unwrap()
+        b.body(Bytes::from(out.stdout[head_end + sep..].to_vec())).unwrap()
     }
 }
 
@@ -304,11 +349,7 @@ pub struct Latchkey {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Write a config with the standard test preamble plus `body`. Every upstream host
@@ -327,19 +368,13 @@ pub fn write_config2(
 ) -> PathBuf {
     let ca_file = dir.join("upstream-ca.pem");
     std::fs::write(&ca_file, &pki().ca_pem).unwrap();
-    let mut cfg = format!(
-        "[proxy]\nport = {port}\nca_dir = \"{}\"\n",
-        dir.join("ca").display()
-    );
+    let mut cfg = format!("[proxy]\nport = {port}\nca_dir = \"{}\"\n", dir.join("ca").display());
     let (proxy_extra, rest) = match body.split_once("#END-PROXY\n") {
         Some((p, r)) => (p, r),
         None => ("", body),
     };
     cfg.push_str(proxy_extra.strip_prefix("[proxy]\n").unwrap_or(proxy_extra));
-    cfg.push_str(&format!(
-        "\n[upstream]\nca_file = \"{}\"\n[upstream.resolve]\n",
-        ca_file.display()
-    ));
+    cfg.push_str(&format!("\n[upstream]\nca_file = \"{}\"\n[upstream.resolve]\n", ca_file.display()));
     for h in UPSTREAM_HOSTS {
         if let Some(addr) = upstream {
             cfg.push_str(&format!("\"{h}:443\" = \"{addr}\"\n"));
@@ -406,13 +441,7 @@ impl Latchkey {
             .stderr(stderr)
             .spawn()
             .unwrap();
-        let lk = Latchkey {
-            port,
-            dir,
-            child,
-            config_path,
-            stderr_path,
-        };
+        let lk = Latchkey { port, dir, child, config_path, stderr_path };
         lk.wait_ready();
         lk
     }
@@ -456,12 +485,7 @@ impl Latchkey {
 
     /// A latchkey subcommand against this instance's config.
     pub fn cli(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        latchkey_cmd(self.dir.path(), env)
-            .args(args)
-            .arg("--config")
-            .arg(&self.config_path)
-            .output()
-            .unwrap()
+        latchkey_cmd(self.dir.path(), env).args(args).arg("--config").arg(&self.config_path).output().unwrap()
     }
 }
 
@@ -498,10 +522,7 @@ pub fn echoed(body: &str, name: &str) -> Vec<String> {
 }
 
 pub fn env_map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 /// Raw client side of the proxy: CONNECT, TLS with any SNI, raw HTTP bytes.
@@ -544,9 +565,7 @@ pub mod raw {
         let length = text
             .lines()
             .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().to_string())
+                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
             })
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(0);
@@ -595,13 +614,18 @@ pub mod raw {
         }
     }
 
-    /// TLS over a tunnel with whatever SNI the attacker likes (certificate not checked).
-    pub fn tls(stream: TcpStream, sni: &str) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    /// A client config that accepts any certificate (the attacker's own client).
+    pub fn client_config() -> rustls::ClientConfig {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let cfg = rustls::ClientConfig::builder()
+        rustls::ClientConfig::builder()
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnything))
-            .with_no_client_auth();
+            .with_no_client_auth()
+    }
+
+    /// TLS over a tunnel with whatever SNI the attacker likes (certificate not checked).
+    pub fn tls(stream: TcpStream, sni: &str) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+        let cfg = client_config();
         let name = ServerName::try_from(sni.to_string()).unwrap();
         let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
         rustls::StreamOwned::new(conn, stream)
@@ -613,5 +637,70 @@ pub mod raw {
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out);
         String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// An HTTP/2 client (hyper) inside a CONNECT tunnel, sending whatever `:authority` the
+/// caller writes. Returns (status, trailers-or-headers note, body) per request.
+pub mod h2 {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    pub struct Reply {
+        pub status: u16,
+        pub body: Bytes,
+        pub trailers: Option<http::HeaderMap>,
+    }
+
+    pub fn requests(port: u16, target: &str, sni: &str, reqs: Vec<Request<Full<Bytes>>>) -> Vec<Reply> {
+        runtime().block_on(async move {
+            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(tcp.read_u8().await.unwrap());
+            }
+            assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+            let mut cfg = raw::client_config();
+            cfg.alpn_protocols = vec![b"h2".to_vec()];
+            let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "latchkey offers h2");
+            let (sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(tls),
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            let tasks: Vec<_> = reqs
+                .into_iter()
+                .map(|r| {
+                    let mut s = sender.clone();
+                    tokio::spawn(async move {
+                        let resp = s.send_request(r).await.unwrap();
+                        let status = resp.status().as_u16();
+                        let collected = resp.into_body().collect().await.unwrap();
+                        let trailers = collected.trailers().cloned();
+                        Reply { status, body: collected.to_bytes(), trailers }
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        })
+    }
+
+    pub fn get(authority: &str, path: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+        let mut b = Request::builder().uri(format!("https://{authority}{path}"));
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(Full::new(Bytes::new())).unwrap()
     }
 }

@@ -1,0 +1,234 @@
+//! HTTP/2 on both sides, streaming (SSE, trailers, large bodies) — with the destination
+//! pinned to the tunnel whatever the protocol.
+
+mod common;
+use std::io::{Read, Write};
+
+use common::raw::{tls, tunnel};
+use common::*;
+
+const CRED: &str = r#"
+[credentials.example]
+auth_type = "bearer"
+value = "${EXAMPLE_TOKEN}"
+domains = ["api.example.com", "api.anthropic.com"]
+"#;
+const SECRET: &str = "example-REAL-token";
+
+fn start(up: &Upstream) -> Latchkey {
+    Latchkey::start(Some(up), CRED, &[("EXAMPLE_TOKEN", SECRET)])
+}
+
+#[test]
+fn curl_http2_client_to_http1_upstream() {
+    let up = upstream(true, None);
+    let lk = start(&up);
+    let (code, body) =
+        lk.curl(&["--http2", "-H", "authorization: Bearer dummy", "https://api.example.com/v1/x"]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(echoed(&body, "authorization"), [format!("Bearer {SECRET}")]);
+    assert_eq!(json(&body)["version"], "HTTP/1.1");
+    assert_eq!(echoed(&body, "host"), ["api.example.com"]);
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version}",
+            "-x",
+            &lk.proxy_url(),
+            "--cacert",
+        ])
+        .arg(lk.bundle())
+        .arg("https://api.example.com/")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2", "curl and latchkey negotiated h2");
+}
+
+#[test]
+fn http1_client_to_h2_only_upstream() {
+    let up = upstream_with(UpstreamOpts { tls: true, h2_only: true, ..Default::default() });
+    let lk = start(&up);
+    let (code, body) = lk.curl(&["--http1.1", "https://api.example.com/v1/x"]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["version"], "HTTP/2.0");
+    assert_eq!(echoed(&body, "authorization"), [format!("Bearer {SECRET}")]);
+}
+
+#[test]
+fn h2_authority_naming_another_host_is_refused() {
+    let up = upstream_with(UpstreamOpts { tls: true, h2_only: true, ..Default::default() });
+    let lk = start(&up);
+    let replies = h2::requests(
+        lk.port,
+        "api.example.com:443",
+        "api.example.com",
+        vec![
+            h2::get("evil.example.net", "/steal", &[]),
+            h2::get("api.example.com:8443", "/steal", &[]),
+            h2::get("api.example.com", "/steal", &[("host", "evil.example.net")]),
+            h2::get("API.example.com.", "/ok", &[]),
+        ],
+    );
+    assert_eq!(replies.iter().map(|r| r.status).collect::<Vec<_>>(), [421, 421, 421, 200]);
+    let seen = up.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/ok");
+    assert_eq!(seen[0].header_all("authorization"), [format!("Bearer {SECRET}")]);
+}
+
+#[test]
+fn h2_requests_share_one_upstream_connection() {
+    let up = upstream_with(UpstreamOpts { tls: true, h2_only: true, ..Default::default() });
+    let lk = start(&up);
+    // The first request learns (by ALPN) that the upstream speaks h2. A burst arriving
+    // before any connection exists may race a second handshake (documented); once one
+    // h2 connection is pooled, every concurrent request shares it.
+    let first = h2::requests(
+        lk.port,
+        "api.example.com:443",
+        "api.example.com",
+        vec![h2::get("api.example.com", "/warm", &[])],
+    );
+    assert_eq!(first[0].status, 200);
+    let opened = up.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(opened, 1);
+    let reqs = (0..16).map(|i| h2::get("api.example.com", &format!("/r{i}"), &[])).collect();
+    let replies = h2::requests(lk.port, "api.example.com:443", "api.example.com", reqs);
+    assert!(replies.iter().all(|r| r.status == 200));
+    assert_eq!(up.count(), 17);
+    assert!(up.requests().iter().all(|r| r.header_all("authorization") == [format!("Bearer {SECRET}")]));
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "multiplexed on one connection");
+    // HTTP/1.1 clients, one connection each, share it too.
+    for _ in 0..3 {
+        assert_eq!(lk.curl(&["--http1.1", "https://api.example.com/h1"]).0, 200);
+    }
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn connect_inside_an_h2_tunnel_is_refused() {
+    let up = upstream(true, None);
+    let lk = start(&up);
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri("evil.example.net:443")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let replies = h2::requests(lk.port, "api.example.com:443", "api.example.com", vec![req]);
+    assert_eq!(replies[0].status, 400);
+    assert_eq!(up.count(), 0);
+}
+
+/// Read from `s` until `needle` has been seen; panics after the read timeout.
+fn read_until<S: Read>(s: &mut S, seen: &mut Vec<u8>, needle: &str) {
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(seen).contains(needle) {
+        let n = s.read(&mut buf).unwrap_or_else(|e| panic!("waiting for {needle:?}: {e}"));
+        assert!(n > 0, "closed before {needle:?}: {}", String::from_utf8_lossy(seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn server_sent_events_stream_event_by_event() {
+    let up = upstream(true, None);
+    let lk = start(&up);
+    let (s, _) = tunnel(lk.port, "api.example.com:443");
+    let mut t = tls(s, "api.example.com");
+    t.write_all(b"GET /sse HTTP/1.1\r\nHost: api.example.com\r\nAccept: text/event-stream\r\n\r\n").unwrap();
+    let mut seen = Vec::new();
+    // The upstream sends the second event only after we have the first: a proxy that
+    // buffered the stream would never deliver "one" and this read would time out.
+    read_until(&mut t, &mut seen, "data: one");
+    assert!(!String::from_utf8_lossy(&seen).contains("data: two"));
+    up.sse_next.notify_one();
+    read_until(&mut t, &mut seen, "data: two");
+}
+
+#[test]
+fn trailers_pass_on_http1_and_http2() {
+    let up = upstream(true, None);
+    let lk = start(&up);
+    let (s, _) = tunnel(lk.port, "api.example.com:443");
+    let mut t = tls(s, "api.example.com");
+    t.write_all(b"GET /trailers HTTP/1.1\r\nHost: api.example.com\r\nTE: trailers\r\n\r\n").unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut t, &mut seen, "abc123");
+    let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+    assert!(text.contains("transfer-encoding: chunked") && text.contains("x-checksum: abc123"), "{text}");
+
+    let replies = h2::requests(
+        lk.port,
+        "api.example.com:443",
+        "api.example.com",
+        vec![h2::get("api.example.com", "/trailers", &[("te", "trailers")])],
+    );
+    assert_eq!(&replies[0].body[..], b"payload");
+    assert_eq!(replies[0].trailers.as_ref().unwrap()["x-checksum"], "abc123");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Run `cmd` while sampling latchkey's RSS; returns (stdout, peak growth in KiB).
+fn with_rss(lk: &Latchkey, cmd: &mut std::process::Command) -> (String, u64) {
+    let pid = lk.child.id();
+    let base = rss_kib(pid);
+    let child =
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0;
+        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            peak = peak.max(rss_kib(pid));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        peak
+    });
+    let out = child.wait_with_output().unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let peak = sampler.join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("RSS base {base} KiB, peak {peak} KiB");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), peak.saturating_sub(base))
+}
+
+const GIB: u64 = 1 << 30;
+
+#[test]
+fn one_gib_down_and_up_in_bounded_memory() {
+    let up = upstream(true, None);
+    let lk = start(&up);
+    // Warm up: first TLS handshakes and leaf, so the baseline includes them.
+    lk.curl(&["https://api.example.com/"]);
+    let mut down = std::process::Command::new("curl");
+    down.args(["-sS", "-o", "/dev/null", "-w", "%{size_download}", "-x", &lk.proxy_url(), "--cacert"])
+        .arg(lk.bundle())
+        .arg(format!("https://api.example.com/source?bytes={GIB}"));
+    let (size, growth) = with_rss(&lk, &mut down);
+    assert_eq!(size, GIB.to_string());
+    eprintln!("1 GiB download: latchkey RSS grew {growth} KiB");
+    assert!(growth < 32 * 1024, "RSS grew {growth} KiB");
+
+    let mut upload = std::process::Command::new("sh");
+    upload.arg("-c").arg(format!(
+        "head -c {GIB} /dev/zero | curl -sS -T - -x {} --cacert {} https://api.example.com/sink",
+        lk.proxy_url(),
+        lk.bundle().display()
+    ));
+    let (count, growth) = with_rss(&lk, &mut upload);
+    assert_eq!(count, GIB.to_string(), "the upstream received every byte");
+    eprintln!("1 GiB chunked upload: latchkey RSS grew {growth} KiB");
+    assert!(growth < 32 * 1024, "RSS grew {growth} KiB");
+}
