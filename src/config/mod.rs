@@ -59,6 +59,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub inspect_body_bytes: usize,
+    /// Whole life of a blind tunnel or an upgraded (WebSocket) stream.
+    pub tunnel_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -258,6 +260,7 @@ impl Compiler<'_> {
             idle_timeout: Duration::from_secs(l.idle_timeout.max(1)),
             max_connections: l.max_connections.max(1),
             inspect_body_bytes: l.inspect_body_bytes,
+            tunnel_timeout: Duration::from_secs(l.tunnel_timeout.max(1)),
         };
         let proxy = ProxySettings {
             listen: SocketAddr::new(bind, p.port),

@@ -89,6 +89,7 @@ pub struct RawLimits {
     pub idle_timeout: u64,
     pub max_connections: usize,
     pub inspect_body_bytes: usize,
+    pub tunnel_timeout: u64,
 }
 
 impl Default for RawLimits {
@@ -100,6 +101,7 @@ impl Default for RawLimits {
             idle_timeout: 90,
             max_connections: 4096,
             inspect_body_bytes: 1024 * 1024,
+            tunnel_timeout: 4 * 3600,
         }
     }
 }

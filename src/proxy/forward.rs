@@ -12,6 +12,7 @@ use http::request::Parts;
 use http::{Method, Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 
 use super::body::{Counted, Logged, Pending, ScanBody};
 use super::respond::{self, bad_request, misdirected};
@@ -77,10 +78,26 @@ async fn exchange(
     up: Arc<AtomicU64>,
 ) -> Result<Response<Incoming>, Refusal> {
     check_route(route, &parts)?;
+    let upgrade = super::upgrade::requested(&parts);
     let credential = decide_and_inject(&generation.config, route, &mut parts, record)?;
     prepare_upstream(&mut parts, route)?;
-    let mut resp = send(generation, route, parts, body, up).await?;
+    let mut resp = match upgrade {
+        Some(protocol) => {
+            let client =
+                parts.extensions.remove::<OnUpgrade>().ok_or_else(|| bad_request("cannot upgrade here"))?;
+            drop(body);
+            super::upgrade::relay(generation, route, parts, protocol, client).await?
+        }
+        None => send(generation, route, parts, body, up).await?,
+    };
+    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    let (connection, upgrade) =
+        (resp.headers().get(header::CONNECTION).cloned(), resp.headers().get(header::UPGRADE).cloned());
     strip_hop_by_hop(resp.headers_mut());
+    if switching && let (Some(c), Some(u)) = (connection, upgrade) {
+        resp.headers_mut().insert(header::CONNECTION, c);
+        resp.headers_mut().insert(header::UPGRADE, u);
+    }
     if credential.is_some_and(|c| !c.pass_cookies) {
         resp.headers_mut().remove(header::SET_COOKIE);
     }

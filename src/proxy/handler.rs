@@ -91,12 +91,16 @@ async fn connect(
                 Err(e) => return refuse(respond::upstream_refusal(&e)),
             };
             let audit = proxy.audit.clone();
+            let limit = generation.config.proxy.limits.tunnel_timeout;
             tokio::spawn(async move {
                 let Ok(upgraded) = on_upgrade.await else { return };
                 let mut client = TokioIo::new(upgraded);
                 let mut upstream = upstream;
-                let (up, down) =
-                    tokio::io::copy_bidirectional(&mut client, &mut upstream).await.unwrap_or((0, 0));
+                let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+                let (up, down) = match tokio::time::timeout(limit, copy).await {
+                    Ok(Ok(n)) => n,
+                    _ => (0, 0),
+                };
                 let mut rec = tunnel_record(peer, &dest, 200, "tunnelled", None, started);
                 rec.bytes_up = up;
                 rec.bytes_down = down;

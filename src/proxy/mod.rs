@@ -8,6 +8,7 @@ mod forward;
 mod handler;
 mod respond;
 mod tunnel;
+mod upgrade;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -52,6 +53,7 @@ impl Generation {
             allow_private: config.proxy.allow_private.clone(),
             own_sockets,
             connect_timeout: config.proxy.connect_timeout,
+            tls_h1: tokio_rustls::TlsConnector::from(Arc::new(h1_only(&tls))),
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
         });
         let client = Client::builder(TokioExecutor::new())
@@ -61,6 +63,12 @@ impl Generation {
             .build(Connector(dialer.clone()));
         Ok(Generation { config, dialer, client })
     }
+}
+
+fn h1_only(tls: &rustls::ClientConfig) -> rustls::ClientConfig {
+    let mut cfg = tls.clone();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg
 }
 
 pub struct Proxy {

@@ -93,7 +93,8 @@ where
     let limits = generation.config.proxy.limits.clone();
     let service =
         service_fn(move |req| forward::handle(proxy.clone(), generation.clone(), route.clone(), req));
-    if let Err(e) = super::server_builder(&limits).serve_connection(TokioIo::new(stream), service).await {
+    let conn = super::server_builder(&limits).serve_connection(TokioIo::new(stream), service).with_upgrades();
+    if let Err(e) = conn.await {
         tracing::debug!("tunnel: {e}");
     }
 }

@@ -73,7 +73,10 @@ pub struct Dialer {
     /// latchkey's own listening sockets: never a destination, whatever the config says.
     pub own_sockets: Vec<SocketAddr>,
     pub connect_timeout: Duration,
+    /// ALPN h2 + http/1.1, for the pooled client.
     pub tls: TlsConnector,
+    /// ALPN http/1.1 only, for upgrades (WebSocket needs an HTTP/1.1 connection).
+    pub tls_h1: TlsConnector,
 }
 
 impl std::fmt::Debug for Dialer {
@@ -157,7 +160,21 @@ impl Dialer {
             .map_err(|_| UpstreamError::Timeout { host: host.clone() })?
     }
 
+    /// A fresh HTTP/1.1 connection (never pooled), for upgrades.
+    pub async fn connect_h1(&self, dest: Destination, tls: bool) -> Result<UpstreamIo, UpstreamError> {
+        self.connect_with(dest, tls, &self.tls_h1).await
+    }
+
     async fn connect(&self, dest: Destination, tls: bool) -> Result<UpstreamIo, UpstreamError> {
+        self.connect_with(dest, tls, &self.tls).await
+    }
+
+    async fn connect_with(
+        &self,
+        dest: Destination,
+        tls: bool,
+        connector: &TlsConnector,
+    ) -> Result<UpstreamIo, UpstreamError> {
         let tcp = self.connect_tcp(&dest).await?;
         if !tls {
             return Ok(UpstreamIo { io: TokioIo::new(Stream::Plain(tcp)), h2: false });
@@ -168,7 +185,7 @@ impl Dialer {
                 .map_err(|e| UpstreamError::Tls { host: host.clone(), why: e.to_string() })?,
             Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
         };
-        let handshake = self.tls.connect(name, tcp);
+        let handshake = connector.connect(name, tcp);
         let stream = tokio::time::timeout(self.connect_timeout, handshake)
             .await
             .map_err(|_| UpstreamError::Timeout { host: host.clone() })?

@@ -1,0 +1,91 @@
+//! HTTP/1.1 upgrades (WebSocket): the handshake is checked and injected like any
+//! request, sent on a dedicated HTTP/1.1 upstream connection, and on 101 the two
+//! upgraded streams are joined byte for byte — no frame is re-encoded.
+
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use super::Generation;
+use super::forward::Route;
+use crate::policy::Refusal;
+
+/// The upgrade protocol a request asks for, if latchkey relays it: only `websocket`.
+/// Anything else (notably `h2c`) is dropped with the other hop-by-hop headers, so the
+/// request goes upstream as a plain request and never upgrades.
+pub fn requested(parts: &Parts) -> Option<HeaderValue> {
+    let connection_upgrade = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let protocol = parts.headers.get(header::UPGRADE)?;
+    (connection_upgrade && protocol.as_bytes().eq_ignore_ascii_case(b"websocket")).then(|| protocol.clone())
+}
+
+/// Send an (already injected, hop-by-hop-free) upgrade request upstream. On 101, join
+/// the client's and the upstream's upgraded streams in the background.
+pub async fn relay(
+    generation: &Generation,
+    route: &Route,
+    mut parts: Parts,
+    protocol: HeaderValue,
+    client: OnUpgrade,
+) -> Result<Response<Incoming>, Refusal> {
+    let config = &generation.config;
+    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    parts.headers.insert(header::UPGRADE, protocol);
+    let host = match (route.tls, route.dest.port) {
+        (true, 443) | (false, 80) => route.dest.host.to_string(),
+        _ => route.dest.authority(),
+    };
+    parts.headers.insert(header::HOST, HeaderValue::from_str(&host).map_err(|_| bad_host())?);
+    // The connection-level client wants origin-form.
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    parts.uri = pq.parse().map_err(|_| bad_host())?;
+
+    let send = async {
+        let io = generation.dialer.connect_h1(route.dest.clone(), route.tls).await;
+        let io = io.map_err(|e| super::respond::upstream_refusal(&e))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(io).await.map_err(|e| reset(route, e))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let body = super::respond::empty();
+        sender.send_request(Request::from_parts(parts, body)).await.map_err(|e| reset(route, e))
+    };
+    let mut resp = match tokio::time::timeout(config.proxy.timeout, send).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(Refusal::new(504, "upstream-timeout", format!("{} did not answer", route.dest)));
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream = hyper::upgrade::on(&mut resp);
+        let limit = config.proxy.limits.tunnel_timeout;
+        tokio::spawn(join(client, upstream, limit));
+    }
+    Ok(resp)
+}
+
+async fn join(client: OnUpgrade, upstream: OnUpgrade, limit: Duration) {
+    let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else { return };
+    let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
+    let _ = tokio::time::timeout(limit, tokio::io::copy_bidirectional(&mut a, &mut b)).await;
+}
+
+fn bad_host() -> Refusal {
+    super::respond::bad_request("cannot build the upgrade request")
+}
+
+fn reset(route: &Route, e: hyper::Error) -> Refusal {
+    Refusal::new(502, "upstream-reset", format!("{} failed during the upgrade: {e}", route.dest))
+}

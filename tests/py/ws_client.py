@@ -1,0 +1,21 @@
+"""A real WebSocket client through latchkey: HTTPS_PROXY-style proxy, the latchkey CA
+bundle, and only a placeholder credential."""
+import os
+import ssl
+
+from websockets.sync.client import connect
+
+ctx = ssl.create_default_context(cafile=os.environ["BUNDLE"])
+with connect(
+    "wss://api.example.com/ws",
+    ssl=ctx,
+    proxy=os.environ["PROXY"],
+    additional_headers={"Authorization": "Bearer placeholder"},
+) as ws:
+    ws.send("hello")
+    print(ws.recv())
+    ws.send(b"\x00\x01\xffbinary")
+    print(ws.recv().hex())
+    big = "x" * 200_000
+    ws.send(big)
+    print(len(ws.recv()))
