@@ -1,0 +1,18 @@
+"""A real gRPC client (grpcio) through latchkey via https_proxy, holding a placeholder."""
+import os
+
+import grpc
+
+roots = open(os.environ["BUNDLE"], "rb").read()
+channel = grpc.secure_channel("api.example.com:443", grpc.ssl_channel_credentials(roots))
+metadata = (("authorization", "Bearer placeholder"),)
+
+unary = channel.unary_unary("/test.Echo/Unary")
+response, call = unary.with_call(b"hi", metadata=metadata, timeout=20)
+print(response.decode())
+print(call.code().name, dict(call.trailing_metadata())["x-trailer"])
+
+stream = channel.unary_stream("/test.Echo/Stream")
+replies = stream(b"x", metadata=metadata, timeout=20)
+print(",".join(m.decode() for m in replies))
+print(replies.code().name, dict(replies.trailing_metadata())["x-trailer"])

@@ -1,0 +1,44 @@
+"""gRPC upstream for the tests (grpcio, TLS on loopback). Raw-bytes methods, so no
+generated code: /test.Echo/Unary and /test.Echo/Stream. Each checks that exactly one
+`authorization: Bearer <token>` arrived, and sets trailing metadata."""
+import sys
+from concurrent import futures
+
+import grpc
+
+cert, key, token = sys.argv[1], sys.argv[2], sys.argv[3]
+
+
+def check(ctx):
+    auth = [v for k, v in ctx.invocation_metadata() if k == "authorization"]
+    if auth != [f"Bearer {token}"]:
+        ctx.abort(grpc.StatusCode.UNAUTHENTICATED, f"authorization values: {len(auth)}")
+
+
+def unary(request, ctx):
+    check(ctx)
+    ctx.set_trailing_metadata((("x-trailer", "unary-done"),))
+    return b"echo:" + request
+
+
+def stream(request, ctx):
+    check(ctx)
+    for i in range(5):
+        yield b"msg%d" % i
+    ctx.set_trailing_metadata((("x-trailer", "stream-done"),))
+
+
+handler = grpc.method_handlers_generic_handler(
+    "test.Echo",
+    {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "Stream": grpc.unary_stream_rpc_method_handler(stream),
+    },
+)
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers((handler,))
+creds = grpc.ssl_server_credentials([(open(key, "rb").read(), open(cert, "rb").read())])
+port = server.add_secure_port("127.0.0.1:0", creds)
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
