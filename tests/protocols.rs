@@ -232,3 +232,51 @@ fn one_gib_down_and_up_in_bounded_memory() {
     eprintln!("1 GiB chunked upload: latchkey RSS grew {growth} KiB");
     assert!(growth < 32 * 1024, "RSS grew {growth} KiB");
 }
+
+#[test]
+fn sigterm_lets_the_request_in_flight_finish() {
+    let up = upstream(true, None);
+    let lk = start(&up);
+    let slow = std::process::Command::new("curl")
+        .args(["-sS", "-o", "-", "-w", "\n%{http_code}", "-x", &lk.proxy_url(), "--cacert"])
+        .arg(lk.bundle())
+        .arg("https://api.example.com/slow")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the upstream holds the request, then ask latchkey to stop.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while up.count() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the slow request never arrived");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    unsafe { libc::kill(lk.child.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", lk.port)).is_err(),
+        "no new connections while draining"
+    );
+    let out = slow.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("\n200"), "the request in flight completed: {text}");
+    assert!(text.contains(SECRET), "and was injected: {text}");
+    let mut lk = lk;
+    let status = lk.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body() {
+    let up = upstream(true, None);
+    let lk = start(&up);
+    let (s, _) = tunnel(lk.port, "api.example.com:443");
+    let mut t = tls(s, "api.example.com");
+    t.write_all(
+        b"POST /sink HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut t, &mut seen, "100 Continue");
+    t.write_all(b"hello").unwrap();
+    read_until(&mut t, &mut seen, "\r\n\r\n5");
+}

@@ -59,13 +59,23 @@ pub fn run(
             Err(code) => return code,
         };
         tracing::info!("ready in {} ms", started.elapsed().as_millis());
+        let grace = proxy.generation().config.proxy.limits.shutdown_grace;
         tokio::select! {
-            r = proxy.serve(listener) => {
+            r = proxy.clone().serve(listener) => {
                 eprintln!("latchkey: listener failed: {r:?}");
-                ExitCode::from(1)
+                return ExitCode::from(1);
             }
-            _ = shutdown_signal() => ExitCode::SUCCESS,
+            _ = shutdown_signal() => {}
         }
+        // The listener is closed (dropped with `serve`); let requests in flight finish.
+        tracing::info!(
+            "shutting down: no new connections; waiting up to {}s for requests in flight",
+            grace.as_secs()
+        );
+        if !proxy.exchanges.drained(grace).await {
+            tracing::warn!("requests still in flight after {}s; exiting anyway", grace.as_secs());
+        }
+        ExitCode::SUCCESS
     })
 }
 

@@ -61,6 +61,8 @@ pub struct Limits {
     pub inspect_body_bytes: usize,
     /// Whole life of a blind tunnel or an upgraded (WebSocket) stream.
     pub tunnel_timeout: Duration,
+    /// How long SIGTERM/SIGINT waits for requests in flight.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -261,6 +263,7 @@ impl Compiler<'_> {
             max_connections: l.max_connections.max(1),
             inspect_body_bytes: l.inspect_body_bytes,
             tunnel_timeout: Duration::from_secs(l.tunnel_timeout.max(1)),
+            shutdown_grace: Duration::from_secs(l.shutdown_grace),
         };
         let proxy = ProxySettings {
             listen: SocketAddr::new(bind, p.port),

@@ -90,6 +90,7 @@ pub struct RawLimits {
     pub max_connections: usize,
     pub inspect_body_bytes: usize,
     pub tunnel_timeout: u64,
+    pub shutdown_grace: u64,
 }
 
 impl Default for RawLimits {
@@ -102,6 +103,7 @@ impl Default for RawLimits {
             max_connections: 4096,
             inspect_body_bytes: 1024 * 1024,
             tunnel_timeout: 4 * 3600,
+            shutdown_grace: 30,
         }
     }
 }

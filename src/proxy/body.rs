@@ -148,6 +148,8 @@ where
 
 /// An audit record waiting for its exchange to end.
 pub struct Pending {
+    /// Held until the response body ends: shutdown waits for it.
+    pub _exchange: super::ExchangeGuard,
     pub audit: Audit,
     pub record: Record,
     pub up: Arc<AtomicU64>,

@@ -43,6 +43,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
+    let in_flight = proxy.exchanges.start();
     let (parts, body) = req.into_parts();
     let mut record = new_record(&route, &parts);
     let up = Arc::new(AtomicU64::new(0));
@@ -52,7 +53,8 @@ pub async fn handle(
             record.status = Some(parts.status.as_u16());
             tracing::debug!(target: "latchkey::request", dest = %route.dest, status = parts.status.as_u16(), decision = record.decision, "forwarded");
             let down = Arc::new(AtomicU64::new(0));
-            let pending = Pending { audit: proxy.audit.clone(), record, up, down, started };
+            let pending =
+                Pending { _exchange: in_flight, audit: proxy.audit.clone(), record, up, down, started };
             Ok(Response::from_parts(parts, Logged::new(body, pending).boxed()))
         }
         Err(r) => {

@@ -76,6 +76,46 @@ pub struct Proxy {
     pub ca: Arc<CertAuthority>,
     pub audit: Audit,
     connections: Arc<Semaphore>,
+    pub exchanges: Arc<Exchanges>,
+}
+
+/// Requests in flight (until their response body ends), so shutdown can wait for them.
+#[derive(Default)]
+pub struct Exchanges {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One request in flight; dropping it ends the exchange.
+pub struct ExchangeGuard(Arc<Exchanges>);
+
+impl Exchanges {
+    pub fn start(self: &Arc<Self>) -> ExchangeGuard {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ExchangeGuard(self.clone())
+    }
+
+    /// Wait until no request is in flight, or `grace` has passed. True when drained.
+    pub async fn drained(&self, grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let notified = self.idle.notified();
+            if self.count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
+impl Drop for ExchangeGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl Proxy {
@@ -93,7 +133,8 @@ impl Proxy {
         };
         let connections = Arc::new(Semaphore::new(config.proxy.limits.max_connections));
         let generation = Generation::new(Arc::new(config), provider, own_sockets)?;
-        Ok(Arc::new(Proxy { current: RwLock::new(Arc::new(generation)), ca, audit, connections }))
+        let exchanges = Arc::new(Exchanges::default());
+        Ok(Arc::new(Proxy { current: RwLock::new(Arc::new(generation)), ca, audit, connections, exchanges }))
     }
 
     pub fn generation(&self) -> Arc<Generation> {
