@@ -18,8 +18,8 @@ impl Drop for Child {
 
 const SECRET: &str = "ws-REAL-token";
 
-#[test]
-fn websocket_handshake_is_injected_and_frames_relayed() {
+/// The Python WebSocket upstream and a latchkey routing api.example.com to it.
+fn setup() -> (Child, Latchkey) {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("up.crt"), dir.path().join("up.key"));
     std::fs::write(&cert, &pki().cert_pem).unwrap();
@@ -42,7 +42,13 @@ fn websocket_handshake_is_injected_and_frames_relayed() {
     let cfg = "[credentials.ws]\nauth_type = \"bearer\"\nvalue = \"${WS_TOKEN}\"\ndomains = [\"api.example.com\"]\n";
     let config = write_config(dir.path(), port, Some(addr), cfg);
     let lk = Latchkey::spawn(dir, port, config, &[("WS_TOKEN", SECRET)]);
+    (server, lk)
+}
 
+#[test]
+fn websocket_handshake_is_injected_and_frames_relayed() {
+    let (_server, lk) = setup();
+    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py");
     let client = |script: &str| {
         Command::new("python3")
             .arg(format!("{py}/{script}"))
@@ -56,4 +62,64 @@ fn websocket_handshake_is_injected_and_frames_relayed() {
     assert!(out.status.success(), "{text}{}\n{}", String::from_utf8_lossy(&out.stderr), lk.stderr());
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines, ["echo: hello", "0001ff62696e617279", "200006"]);
+}
+
+/// One masked client text frame (RFC 6455 5.2), payload under 126 bytes.
+fn text_frame(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let mut f = vec![0x81, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+#[test]
+fn websocket_over_http2_extended_connect_is_downgraded_upstream() {
+    use http_body_util::Empty;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_server, lk) = setup();
+    let port = lk.port;
+    let reply = runtime().block_on(async move {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        tcp.write_all(b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(tcp.read_u8().await.unwrap());
+        }
+        let mut cfg = raw::client_config();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+        let tls =
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .version(http::Version::HTTP_2)
+            .uri("https://api.example.com/ws")
+            .header("sec-websocket-version", "13")
+            .header("authorization", "Bearer placeholder")
+            .extension(hyper::ext::Protocol::from_static("websocket"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let mut resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "extended CONNECT accepted");
+        let upgraded = hyper::upgrade::on(&mut resp).await.unwrap();
+        let mut io = hyper_util::rt::TokioIo::new(upgraded);
+        io.write_all(&text_frame(b"over h2")).await.unwrap();
+        let mut hdr = [0u8; 2];
+        io.read_exact(&mut hdr).await.unwrap();
+        assert_eq!(hdr[0], 0x81, "an unmasked text frame back");
+        let mut payload = vec![0u8; (hdr[1] & 0x7f) as usize];
+        io.read_exact(&mut payload).await.unwrap();
+        String::from_utf8(payload).unwrap()
+    });
+    assert_eq!(reply, "echo: over h2", "the upstream accepted the injected credential");
 }

@@ -14,6 +14,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
+use super::upgrade::Upgrade;
+
 use super::body::{Counted, Logged, Pending, ScanBody};
 use super::respond::{self, bad_request, misdirected};
 use super::upstream::UpstreamError;
@@ -79,8 +81,13 @@ async fn exchange(
     record: &mut Record,
     up: Arc<AtomicU64>,
 ) -> Result<Response<Incoming>, Refusal> {
-    check_route(route, &parts)?;
     let upgrade = super::upgrade::requested(&parts);
+    let h2_websocket = matches!(upgrade, Some(Upgrade::H2WebSocket));
+    check_route(route, &parts, h2_websocket)?;
+    if h2_websocket {
+        // Policy, injection and the log see the WebSocket handshake as what it is: a GET.
+        parts.method = Method::GET;
+    }
     let credential = decide_and_inject(&generation.config, route, &mut parts, record)?;
     prepare_upstream(&mut parts, route)?;
     let mut resp = match upgrade {
@@ -203,11 +210,11 @@ async fn send(
 }
 
 /// Invariant 1: a request inside a tunnel names the tunnel's host or nothing.
-fn check_route(route: &Route, parts: &Parts) -> Result<(), Refusal> {
+fn check_route(route: &Route, parts: &Parts, h2_websocket: bool) -> Result<(), Refusal> {
     if let Some(why) = &route.misdirected {
         return Err(misdirected(why.clone()));
     }
-    if parts.method == Method::CONNECT {
+    if parts.method == Method::CONNECT && !h2_websocket {
         return Err(bad_request("CONNECT inside a tunnel is refused"));
     }
     let default_port = if route.tls { 443 } else { 80 };

@@ -202,6 +202,7 @@ fn h2_builder(limits: &crate::config::Limits) -> hyper::server::conn::http2::Bui
     b.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256)
+        .enable_connect_protocol()
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     b

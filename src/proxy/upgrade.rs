@@ -1,6 +1,8 @@
-//! HTTP/1.1 upgrades (WebSocket): the handshake is checked and injected like any
-//! request, sent on a dedicated HTTP/1.1 upstream connection, and on 101 the two
-//! upgraded streams are joined byte for byte — no frame is re-encoded.
+//! WebSocket: the handshake is checked and injected like any request, sent on a
+//! dedicated HTTP/1.1 upstream connection, and on 101 the two upgraded streams are
+//! joined byte for byte — no frame is re-encoded. An HTTP/2 client's extended CONNECT
+//! (`:protocol = websocket`, RFC 8441) is relayed as an HTTP/1.1 upgrade and answered
+//! 200 when the upstream switches protocols.
 
 use std::time::Duration;
 
@@ -15,10 +17,22 @@ use super::Generation;
 use super::forward::Route;
 use crate::policy::Refusal;
 
-/// The upgrade protocol a request asks for, if latchkey relays it: only `websocket`.
-/// Anything else (notably `h2c`) is dropped with the other hop-by-hop headers, so the
+/// An upgrade latchkey relays.
+pub enum Upgrade {
+    /// HTTP/1.1 `Upgrade: websocket` (the header value, kept as the client wrote it).
+    H1(HeaderValue),
+    /// HTTP/2 extended CONNECT with `:protocol = websocket`.
+    H2WebSocket,
+}
+
+/// The upgrade a request asks for, if latchkey relays it: only WebSocket. Anything else
+/// (notably `h2c`) loses its Upgrade header with the other hop-by-hop headers, so the
 /// request goes upstream as a plain request and never upgrades.
-pub fn requested(parts: &Parts) -> Option<HeaderValue> {
+pub fn requested(parts: &Parts) -> Option<Upgrade> {
+    if parts.method == http::Method::CONNECT {
+        let protocol = parts.extensions.get::<hyper::ext::Protocol>()?;
+        return protocol.as_str().eq_ignore_ascii_case("websocket").then_some(Upgrade::H2WebSocket);
+    }
     let connection_upgrade = parts
         .headers
         .get_all(header::CONNECTION)
@@ -27,7 +41,8 @@ pub fn requested(parts: &Parts) -> Option<HeaderValue> {
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
     let protocol = parts.headers.get(header::UPGRADE)?;
-    (connection_upgrade && protocol.as_bytes().eq_ignore_ascii_case(b"websocket")).then(|| protocol.clone())
+    (connection_upgrade && protocol.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        .then(|| Upgrade::H1(protocol.clone()))
 }
 
 /// Send an (already injected, hop-by-hop-free) upgrade request upstream. On 101, join
@@ -36,12 +51,24 @@ pub async fn relay(
     generation: &Generation,
     route: &Route,
     mut parts: Parts,
-    protocol: HeaderValue,
+    kind: Upgrade,
     client: OnUpgrade,
 ) -> Result<Response<Incoming>, Refusal> {
     let config = &generation.config;
     parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    parts.headers.insert(header::UPGRADE, protocol);
+    match &kind {
+        Upgrade::H1(protocol) => {
+            parts.headers.insert(header::UPGRADE, protocol.clone());
+        }
+        Upgrade::H2WebSocket => {
+            // RFC 8441 carries no key; the HTTP/1.1 upstream needs one.
+            parts.method = http::Method::GET;
+            parts.version = http::Version::HTTP_11;
+            parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            parts.headers.insert(header::SEC_WEBSOCKET_KEY, websocket_key()?);
+            parts.headers.entry(header::SEC_WEBSOCKET_VERSION).or_insert(HeaderValue::from_static("13"));
+        }
+    }
     let host = match (route.tls, route.dest.port) {
         (true, 443) | (false, 80) => route.dest.host.to_string(),
         _ => route.dest.authority(),
@@ -72,6 +99,11 @@ pub async fn relay(
         let upstream = hyper::upgrade::on(&mut resp);
         let limit = config.proxy.limits.tunnel_timeout;
         tokio::spawn(join(client, upstream, limit));
+        if let Upgrade::H2WebSocket = kind {
+            // An HTTP/2 client is told 200; the handshake headers are HTTP/1.1's.
+            *resp.status_mut() = StatusCode::OK;
+            resp.headers_mut().remove(header::SEC_WEBSOCKET_ACCEPT);
+        }
     }
     Ok(resp)
 }
@@ -80,6 +112,16 @@ async fn join(client: OnUpgrade, upstream: OnUpgrade, limit: Duration) {
     let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else { return };
     let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
     let _ = tokio::time::timeout(limit, tokio::io::copy_bidirectional(&mut a, &mut b)).await;
+}
+
+fn websocket_key() -> Result<HeaderValue, Refusal> {
+    use base64::Engine;
+    let mut nonce = [0u8; 16];
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .ok_or_else(|| Refusal::new(502, "internal", "no crypto provider"))?;
+    provider.secure_random.fill(&mut nonce).map_err(|_| Refusal::new(502, "internal", "no randomness"))?;
+    let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+    HeaderValue::from_str(&key).map_err(|_| bad_host())
 }
 
 fn bad_host() -> Refusal {
