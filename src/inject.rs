@@ -77,6 +77,13 @@ pub enum HeaderValueSource {
 }
 
 impl HeaderValueSource {
+    fn is_fixed(&self) -> bool {
+        match self {
+            HeaderValueSource::Raw(v) => v.is_fixed(),
+            HeaderValueSource::Basic { username, password } => username.is_fixed() && password.is_fixed(),
+        }
+    }
+
     fn render(&self, captures: &[(String, String)]) -> Option<Secret> {
         match self {
             HeaderValueSource::Raw(v) => v.get(captures),
@@ -101,7 +108,7 @@ pub struct HeaderInjector {
 impl HeaderInjector {
     pub fn new(slots: Vec<HeaderSlot>, source: HeaderValueSource) -> Result<Self, String> {
         let rendered = match source.render(&[]) {
-            Some(secret) if !matches!(&source, HeaderValueSource::Raw(SecretValue::Dynamic { .. })) => Some(
+            Some(secret) if source.is_fixed() => Some(
                 slots
                     .iter()
                     .map(|s| s.render(secret.expose()))
@@ -169,9 +176,9 @@ impl Injector for HeaderInjector {
 
     fn secrets(&self) -> Vec<Secret> {
         match &self.source {
-            HeaderValueSource::Raw(v) => v.all().into_iter().cloned().collect(),
+            HeaderValueSource::Raw(v) => v.all(),
             HeaderValueSource::Basic { password, .. } => {
-                let mut v: Vec<Secret> = password.all().into_iter().cloned().collect();
+                let mut v: Vec<Secret> = password.all();
                 v.extend(self.source.render(&[]));
                 v
             }
@@ -236,7 +243,7 @@ impl Injector for QueryInjector {
     }
 
     fn secrets(&self) -> Vec<Secret> {
-        self.value.all().into_iter().cloned().collect()
+        self.value.all()
     }
 }
 

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 
 use zeroize::Zeroizing;
 
@@ -188,30 +189,76 @@ fn parse_reference(inner: &str) -> Result<Part, String> {
 #[derive(Clone, Debug)]
 pub enum SecretValue {
     Static(Secret),
-    Dynamic { template: Template, vars: BTreeMap<String, Secret> },
+    Dynamic {
+        template: Template,
+        vars: BTreeMap<String, Secret>,
+    },
+    /// `value_file`: re-read whenever the file changes, so rotation needs no restart.
+    File(Arc<WatchedFile>),
 }
 
 impl SecretValue {
+    /// The value for a request; `None` when it cannot be had (the request gets 502).
     pub fn get(&self, captures: &[(String, String)]) -> Option<Secret> {
         match self {
             SecretValue::Static(s) => Some(s.clone()),
             SecretValue::Dynamic { template, vars } => template.render_dynamic(vars, captures),
+            SecretValue::File(f) => f.get(),
         }
     }
 
-    pub fn as_static(&self) -> Option<&Secret> {
-        match self {
-            SecretValue::Static(s) => Some(s),
-            SecretValue::Dynamic { .. } => None,
-        }
+    /// True when the value never changes, so what is built from it can be built once.
+    pub fn is_fixed(&self) -> bool {
+        matches!(self, SecretValue::Static(_))
     }
 
-    /// Every value this source may put on the wire (for redaction and leak checks).
-    pub fn all(&self) -> Vec<&Secret> {
+    /// Every value this source may put on the wire now (for redaction and leak checks).
+    pub fn all(&self) -> Vec<Secret> {
         match self {
-            SecretValue::Static(s) => vec![s],
-            SecretValue::Dynamic { vars, .. } => vars.values().collect(),
+            SecretValue::Static(s) => vec![s.clone()],
+            SecretValue::Dynamic { vars, .. } => vars.values().cloned().collect(),
+            SecretValue::File(f) => f.get().into_iter().collect(),
         }
+    }
+}
+
+/// A secret file, re-read when its identity (inode, size, mtime) changes. Editors and
+/// Kubernetes replace files by rename, which changes the inode.
+#[derive(Debug)]
+pub struct WatchedFile {
+    path: PathBuf,
+    state: Mutex<(Option<FileStamp>, Option<Secret>)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp { ino: meta.ino(), len: meta.len(), mtime: (meta.mtime(), meta.mtime_nsec()) }
+    }
+}
+
+impl WatchedFile {
+    /// The current value: one `stat` per call, a read only when the file changed. A file
+    /// that disappears, turns unreadable or becomes writable by others yields `None`.
+    pub fn get(&self) -> Option<Secret> {
+        let meta = std::fs::metadata(&self.path).ok()?;
+        let stamp = FileStamp::of(&meta);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.0 != Some(stamp) {
+            let fresh = match read_file(&self.path) {
+                Resolved::Ready(SecretValue::File(f)) => f.state.lock().ok().and_then(|s| s.1.clone()),
+                _ => None,
+            };
+            *state = (Some(stamp), fresh);
+        }
+        state.1.clone()
     }
 }
 
@@ -261,6 +308,17 @@ impl Source {
 }
 
 fn read_file(path: &Path) -> Resolved {
+    match read_file_once(path) {
+        Resolved::Ready(SecretValue::Static(secret)) => {
+            let stamp = std::fs::metadata(path).ok().map(|m| FileStamp::of(&m));
+            let state = Mutex::new((stamp, Some(secret)));
+            Resolved::Ready(SecretValue::File(Arc::new(WatchedFile { path: path.to_path_buf(), state })))
+        }
+        other => other,
+    }
+}
+
+fn read_file_once(path: &Path) -> Resolved {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

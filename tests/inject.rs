@@ -334,3 +334,39 @@ fn upstream_connections_are_pooled_across_clients() {
     assert_eq!(up.count(), 5);
     assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "one pooled upstream connection");
 }
+
+#[test]
+fn value_file_rotation_applies_to_the_next_request() {
+    let up = upstream(true, None);
+    let secrets = tempfile::tempdir().unwrap();
+    let file = secrets.path().join("token");
+    std::fs::write(&file, "first-secret\n").unwrap();
+    set_mode(&file, 0o600);
+    let cfg = format!(
+        "[credentials.rot]\nheader = \"x-token\"\nvalue_file = \"{}\"\ndomains = [\"api.example.com\"]\n\n[credentials.rotbasic]\nauth_type = \"basic\"\nusername = \"bot\"\nvalue_file = \"{}\"\ndomains = [\"other.example.com\"]\n",
+        file.display(),
+        file.display()
+    );
+    let lk = Latchkey::start(Some(&up), &cfg, &[]);
+    let (_, body) = lk.curl(&["https://api.example.com/"]);
+    assert_eq!(echoed(&body, "x-token"), ["first-secret"]);
+    // Rotate by rename, as editors and Kubernetes do.
+    let tmp = secrets.path().join("token.new");
+    std::fs::write(&tmp, "second-secret\n").unwrap();
+    set_mode(&tmp, 0o600);
+    std::fs::rename(&tmp, &file).unwrap();
+    let (_, body) = lk.curl(&["https://api.example.com/"]);
+    assert_eq!(echoed(&body, "x-token"), ["second-secret"]);
+    let (_, body) = lk.curl(&["https://other.example.com/"]);
+    assert_eq!(echoed(&body, "authorization"), [format!("Basic {}", base64_encode("bot:second-secret"))]);
+    // In place, same length.
+    std::fs::write(&file, "third--secret\n").unwrap();
+    let (_, body) = lk.curl(&["https://api.example.com/"]);
+    assert_eq!(echoed(&body, "x-token"), ["third--secret"]);
+    // Gone: the credential fails closed (502), nothing is forwarded without it.
+    std::fs::remove_file(&file).unwrap();
+    let before = up.count();
+    let (code, body) = lk.curl(&["https://api.example.com/"]);
+    assert_eq!(code, 502, "{body}");
+    assert_eq!(up.count(), before);
+}
