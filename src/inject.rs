@@ -247,6 +247,26 @@ impl Injector for QueryInjector {
     }
 }
 
+/// `auth_type = "mtls"`: the credential is the client certificate latchkey presents on
+/// the upstream connection; nothing is written into the request.
+#[derive(Debug)]
+pub struct NoInjection;
+
+impl Injector for NoInjection {
+    fn inject(&self, _: &mut Parts, _: &[(String, String)]) -> Result<(), InjectError> {
+        Ok(())
+    }
+    fn carries_placeholder(&self, _: &Parts, _: &str) -> bool {
+        false
+    }
+    fn slots(&self) -> Vec<Slot> {
+        vec![]
+    }
+    fn secrets(&self) -> Vec<Secret> {
+        vec![]
+    }
+}
+
 /// Percent-encode everything but RFC 3986 unreserved characters.
 pub fn encode_component(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

@@ -414,3 +414,78 @@ mod tests {
         ));
     }
 }
+
+/// TLS material for a credential's upstream connections: a client identity (mTLS)
+/// and/or extra trust roots (`upstream_ca`, e.g. a Kubernetes API server's CA).
+pub struct ClientTls {
+    pub identity:
+        Option<(Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
+    pub roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub describe: String,
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTls").field("describe", &self.describe).finish_non_exhaustive()
+    }
+}
+
+/// Why TLS material could not be loaded: missing (inactive) or broken (failed).
+pub enum TlsLoadError {
+    Missing(String),
+    Failed(String),
+}
+
+impl ClientTls {
+    pub fn load(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        ca: Option<&Path>,
+    ) -> Result<ClientTls, TlsLoadError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let check = |p: &Path| -> Result<(), TlsLoadError> {
+            match std::fs::metadata(p) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Err(TlsLoadError::Missing(format!("{} does not exist", p.display())))
+                }
+                Err(e) => Err(TlsLoadError::Failed(format!("{}: {e}", p.display()))),
+                Ok(m) => crate::fsutil::owner_only_writable(&m)
+                    .map_err(|why| TlsLoadError::Failed(format!("{} {why}", p.display()))),
+            }
+        };
+        let certs = |p: &Path| -> Result<Vec<CertificateDer<'static>>, TlsLoadError> {
+            check(p)?;
+            let v: Vec<_> = CertificateDer::pem_file_iter(p)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| TlsLoadError::Failed(format!("{}: {e}", p.display())))?;
+            if v.is_empty() {
+                return Err(TlsLoadError::Failed(format!("{}: no certificate", p.display())));
+            }
+            Ok(v)
+        };
+        let identity = match (cert, key) {
+            (Some(c), Some(k)) => {
+                let chain = certs(c)?;
+                check(k)?;
+                let key = PrivateKeyDer::from_pem_file(k)
+                    .map_err(|e| TlsLoadError::Failed(format!("{}: {e}", k.display())))?;
+                Some((chain, key))
+            }
+            (None, None) => None,
+            _ => return Err(TlsLoadError::Failed("client_cert and client_key go together".into())),
+        };
+        let roots = match ca {
+            Some(p) => certs(p)?,
+            None => vec![],
+        };
+        let mut describe = Vec::new();
+        if let Some(c) = cert {
+            describe.push(format!("client certificate {}", c.display()));
+        }
+        if let Some(p) = ca {
+            describe.push(format!("upstream_ca {}", p.display()));
+        }
+        Ok(ClientTls { identity, roots, describe: describe.join(", ") })
+    }
+}

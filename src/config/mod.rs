@@ -103,6 +103,8 @@ pub struct Credential {
     pub pass_cookies: bool,
     pub builtin: bool,
     pub auth_type: String,
+    /// Client certificate and/or extra roots for this credential's upstream connections.
+    pub tls: Option<std::sync::Arc<crate::secrets::ClientTls>>,
 }
 
 #[derive(Debug)]
@@ -512,7 +514,17 @@ impl Compiler<'_> {
                 let inline = matches!(&src, Source::Value(t) if t.is_inline());
                 (Box::new(QueryInjector::new(param, v)), src, inline)
             }
-            "aws_sigv4" | "gcp" | "mtls" => {
+            "mtls" => {
+                if c.client_cert.is_none() || c.client_key.is_none() {
+                    return Err(e(
+                        "client_cert",
+                        "auth_type \"mtls\" needs client_cert and client_key".into(),
+                    ));
+                }
+                let cert = Source::File(expand_home(c.client_cert.as_deref().unwrap_or_default()));
+                (Box::new(crate::inject::NoInjection), cert, false)
+            }
+            "aws_sigv4" | "gcp" => {
                 return Err(e(
                     "auth_type",
                     format!("{auth_type:?} is not supported by this version of latchkey yet"),
@@ -523,6 +535,26 @@ impl Compiler<'_> {
             }
         };
 
+        let tls = match (&c.client_cert, &c.client_key, &c.upstream_ca) {
+            (None, None, None) => None,
+            (cert, key, ca) => {
+                let path = |p: &Option<String>| p.as_deref().map(expand_home);
+                let (cert, key, ca) = (path(cert), path(key), path(ca));
+                match crate::secrets::ClientTls::load(cert.as_deref(), key.as_deref(), ca.as_deref()) {
+                    Ok(t) => Some(std::sync::Arc::new(t)),
+                    Err(crate::secrets::TlsLoadError::Missing(why)) => {
+                        if state == CredState::Active {
+                            state = CredState::Inactive(why);
+                        }
+                        None
+                    }
+                    Err(crate::secrets::TlsLoadError::Failed(why)) => {
+                        state = CredState::Failed(why);
+                        None
+                    }
+                }
+            }
+        };
         let env = match c.env.clone() {
             Some(list) => list.into_vec(),
             None => match &primary {
@@ -559,6 +591,7 @@ impl Compiler<'_> {
             pass_cookies: c.pass_cookies,
             builtin,
             auth_type,
+            tls,
         };
         Ok((rule, cred))
     }

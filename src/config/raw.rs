@@ -158,6 +158,11 @@ pub struct RawCredential {
     pub require_placeholder: bool,
     pub allowed_origins: Vec<String>,
     pub pass_cookies: bool,
+    /// PEM certificate chain latchkey presents to the upstream (with `client_key`).
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    /// PEM roots trusted for this credential's upstream, besides the public ones.
+    pub upstream_ca: Option<String>,
     /// Only in the built-in table: what `latchkey providers` shows.
     pub provider: Option<String>,
     pub docs: Option<String>,

@@ -18,12 +18,13 @@ use super::upgrade::Upgrade;
 
 use super::body::{Counted, Logged, Pending, ScanBody};
 use super::respond::{self, bad_request, misdirected};
-use super::upstream::UpstreamError;
+use super::upstream::{Connector, UpstreamError};
 use super::{Body, Generation, Proxy};
 use crate::audit::{Record, now_ts, path_only};
 use crate::config::{Config, Credential};
 use crate::inject::{InjectError, is_hop_by_hop};
 use crate::policy::{Decision, Destination, Refusal, RequestHead};
+use hyper_util::client::legacy::Client;
 
 /// Where requests on this connection go. Fixed before the first request is read.
 #[derive(Debug)]
@@ -89,15 +90,17 @@ async fn exchange(
         parts.method = Method::GET;
     }
     let credential = decide_and_inject(&generation.config, route, &mut parts, record)?;
+    let (dialer, client) = generation.upstream(credential.map(|(i, _)| i));
+    let credential = credential.map(|(_, c)| c);
     prepare_upstream(&mut parts, route)?;
     let mut resp = match upgrade {
-        Some(protocol) => {
+        Some(kind) => {
             let client =
                 parts.extensions.remove::<OnUpgrade>().ok_or_else(|| bad_request("cannot upgrade here"))?;
             drop(body);
-            super::upgrade::relay(generation, route, parts, protocol, client).await?
+            super::upgrade::relay(&generation.config, dialer, route, parts, kind, client).await?
         }
-        None => send(generation, route, parts, body, up).await?,
+        None => send(&generation.config, client, route, parts, body, up).await?,
     };
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (connection, upgrade) =
@@ -140,7 +143,7 @@ fn decide_and_inject<'c>(
     route: &Route,
     parts: &mut Parts,
     record: &mut Record,
-) -> Result<Option<&'c Credential>, Refusal> {
+) -> Result<Option<(usize, &'c Credential)>, Refusal> {
     let target = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
     let head = RequestHead {
         method: parts.method.as_str(),
@@ -168,20 +171,20 @@ fn decide_and_inject<'c>(
                 Refusal::new(502, "credential-failed", msg)
             })?;
             record.decision = "injected";
-            Ok(Some(cred))
+            Ok(Some((credential, cred)))
         }
     }
 }
 
 /// Send upstream within `timeout`, scanning the body when content filters are set.
 async fn send(
-    generation: &Generation,
+    config: &Arc<Config>,
+    client: &Client<Connector, Body>,
     route: &Route,
     parts: Parts,
     body: Incoming,
     up: Arc<AtomicU64>,
 ) -> Result<Response<Incoming>, Refusal> {
-    let config = &generation.config;
     let counted = Counted::new(body, up);
     let (body, hit): (Body, _) = if config.policy.filters.content.is_empty() {
         (counted.boxed(), None)
@@ -190,7 +193,7 @@ async fn send(
         let hit = scan.hit.clone();
         (scan.boxed(), Some(hit))
     };
-    let request = generation.client.request(Request::from_parts(parts, body));
+    let request = client.request(Request::from_parts(parts, body));
     match tokio::time::timeout(config.proxy.timeout, request).await {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) => match hit.as_ref().and_then(|h| h.get()) {

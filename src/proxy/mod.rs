@@ -37,8 +37,12 @@ pub type Body = BoxBody<Bytes, BoxError>;
 /// connection keeps the generation it started with.
 pub struct Generation {
     pub config: Arc<Config>,
+    /// For requests without a credential, and credentials without TLS material.
     pub dialer: Arc<Dialer>,
     pub client: Client<Connector, Body>,
+    /// Credentials with a client certificate or their own roots get their own dialer
+    /// and pool: such a connection serves only requests that selected that credential.
+    by_credential: std::collections::HashMap<usize, (Arc<Dialer>, Client<Connector, Body>)>,
 }
 
 impl Generation {
@@ -47,22 +51,45 @@ impl Generation {
         provider: Arc<CryptoProvider>,
         own_sockets: Vec<SocketAddr>,
     ) -> Result<Self, String> {
-        let tls = upstream::client_tls(provider, config.upstream.ca_file.as_deref())?;
-        let dialer = Arc::new(Dialer {
-            resolve: config.upstream.resolve.clone(),
-            allow_private: config.proxy.allow_private.clone(),
-            own_sockets,
-            connect_timeout: config.proxy.connect_timeout,
-            tls_h1: tokio_rustls::TlsConnector::from(Arc::new(h1_only(&tls))),
-            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-        });
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .pool_max_idle_per_host(64)
-            .build(Connector(dialer.clone()));
-        Ok(Generation { config, dialer, client })
+        let ca_file = config.upstream.ca_file.as_deref();
+        let dialer = |tls: rustls::ClientConfig| {
+            Arc::new(Dialer {
+                resolve: config.upstream.resolve.clone(),
+                allow_private: config.proxy.allow_private.clone(),
+                own_sockets: own_sockets.clone(),
+                connect_timeout: config.proxy.connect_timeout,
+                tls_h1: tokio_rustls::TlsConnector::from(Arc::new(h1_only(&tls))),
+                tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            })
+        };
+        let default = dialer(upstream::client_tls(provider.clone(), ca_file, None)?);
+        let mut by_credential = std::collections::HashMap::new();
+        for (i, cred) in config.credentials.iter().enumerate() {
+            if let Some(material) = &cred.tls {
+                let tls = upstream::client_tls(provider.clone(), ca_file, Some(material))
+                    .map_err(|e| format!("credential {}: {e}", cred.name))?;
+                let d = dialer(tls);
+                by_credential.insert(i, (d.clone(), pooled(d)));
+            }
+        }
+        Ok(Generation { client: pooled(default.clone()), dialer: default, by_credential, config })
     }
+
+    /// The dialer and pool for requests that selected `credential` (or none).
+    pub fn upstream(&self, credential: Option<usize>) -> (&Arc<Dialer>, &Client<Connector, Body>) {
+        match credential.and_then(|i| self.by_credential.get(&i)) {
+            Some((d, c)) => (d, c),
+            None => (&self.dialer, &self.client),
+        }
+    }
+}
+
+fn pooled(dialer: Arc<Dialer>) -> Client<Connector, Body> {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_timer(TokioTimer::new())
+        .pool_max_idle_per_host(64)
+        .build(Connector(dialer))
 }
 
 fn h1_only(tls: &rustls::ClientConfig) -> rustls::ClientConfig {

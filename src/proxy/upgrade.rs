@@ -13,8 +13,9 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use super::Generation;
 use super::forward::Route;
+use super::upstream::Dialer;
+use crate::config::Config;
 use crate::policy::Refusal;
 
 /// An upgrade latchkey relays.
@@ -48,13 +49,13 @@ pub fn requested(parts: &Parts) -> Option<Upgrade> {
 /// Send an (already injected, hop-by-hop-free) upgrade request upstream. On 101, join
 /// the client's and the upstream's upgraded streams in the background.
 pub async fn relay(
-    generation: &Generation,
+    config: &Config,
+    dialer: &Dialer,
     route: &Route,
     mut parts: Parts,
     kind: Upgrade,
     client: OnUpgrade,
 ) -> Result<Response<Incoming>, Refusal> {
-    let config = &generation.config;
     parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     match &kind {
         Upgrade::H1(protocol) => {
@@ -79,7 +80,7 @@ pub async fn relay(
     parts.uri = pq.parse().map_err(|_| bad_host())?;
 
     let send = async {
-        let io = generation.dialer.connect_h1(route.dest.clone(), route.tls).await;
+        let io = dialer.connect_h1(route.dest.clone(), route.tls).await;
         let io = io.map_err(|e| super::respond::upstream_refusal(&e))?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(io).await.map_err(|e| reset(route, e))?;

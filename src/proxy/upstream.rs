@@ -203,29 +203,39 @@ fn tls_cause(e: &io::Error) -> String {
 /// and never `SSL_CERT_FILE`/`SSL_CERT_DIR` (an agent could set those).
 pub fn client_tls(
     provider: Arc<rustls::crypto::CryptoProvider>,
-    extra_roots: Option<&std::path::Path>,
+    ca_file: Option<&std::path::Path>,
+    credential: Option<&crate::secrets::ClientTls>,
 ) -> Result<ClientConfig, String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned());
-    if let Some(path) = extra_roots {
+    if let Some(path) = ca_file {
+        let err = |e: &dyn std::fmt::Display| format!("[upstream] ca_file {}: {e}", path.display());
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("[upstream] ca_file {}: {e}", path.display()))?
+            .map_err(|e| err(&e))?
             .collect::<Result<_, _>>()
-            .map_err(|e| format!("[upstream] ca_file {}: {e}", path.display()))?;
+            .map_err(|e| err(&e))?;
         if certs.is_empty() {
-            return Err(format!("[upstream] ca_file {}: no certificates", path.display()));
+            return Err(err(&"no certificates"));
         }
         for c in certs {
-            roots.add(c).map_err(|e| format!("[upstream] ca_file {}: {e}", path.display()))?;
+            roots.add(c).map_err(|e| err(&e))?;
         }
     }
-    let mut cfg = ClientConfig::builder_with_provider(provider)
+    for c in credential.map(|m| m.roots.clone()).unwrap_or_default() {
+        roots.add(c).map_err(|e| format!("upstream_ca: {e}"))?;
+    }
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut cfg = match credential.and_then(|m| m.identity.as_ref()) {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain.clone(), key.clone_key())
+            .map_err(|e| format!("client certificate: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
     // The upstream leg negotiates its own protocol, independent of the client's.
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)

@@ -41,6 +41,9 @@ pub struct UpstreamPki {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// A client certificate (clientAuth) the upstream CA signed, for mTLS tests.
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
 }
 
 /// One CA and one leaf for all upstream hosts, made once per test binary.
@@ -57,7 +60,18 @@ pub fn pki() -> &'static UpstreamPki {
         names.push("127.0.0.1".into());
         let leaf_key = KeyPair::generate().unwrap();
         let leaf = CertificateParams::new(names).unwrap().signed_by(&leaf_key, &issuer).unwrap();
-        UpstreamPki { ca_pem: ca_cert.pem(), cert_pem: leaf.pem(), key_pem: leaf_key.serialize_pem() }
+        let client_key = KeyPair::generate().unwrap();
+        let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+        client.distinguished_name.push(DnType::CommonName, "latchkey-client");
+        client.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client = client.signed_by(&client_key, &issuer).unwrap();
+        UpstreamPki {
+            ca_pem: ca_cert.pem(),
+            cert_pem: leaf.pem(),
+            key_pem: leaf_key.serialize_pem(),
+            client_cert_pem: client.pem(),
+            client_key_pem: client_key.serialize_pem(),
+        }
     })
 }
 
@@ -108,6 +122,8 @@ pub struct UpstreamOpts {
     pub tls: bool,
     /// Offer only `h2` by ALPN (an HTTP/2-only server).
     pub h2_only: bool,
+    /// Require a client certificate signed by the test CA (mTLS).
+    pub client_auth: bool,
     pub git: Option<GitServer>,
 }
 
@@ -128,8 +144,18 @@ pub fn upstream_with(opts: UpstreamOpts) -> Upstream {
         let p = pki();
         let certs = vec![rustls::pki_types::CertificateDer::from_pem_slice(p.cert_pem.as_bytes()).unwrap()];
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(p.key_pem.as_bytes()).unwrap();
-        let mut cfg =
-            rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
+        let builder = rustls::ServerConfig::builder();
+        let builder = if opts.client_auth {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(rustls::pki_types::CertificateDer::from_pem_slice(p.ca_pem.as_bytes()).unwrap())
+                .unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build().unwrap();
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut cfg = builder.with_single_cert(certs, key).unwrap();
         cfg.alpn_protocols = if opts.h2_only { vec![b"h2".to_vec()] } else { vec![b"http/1.1".to_vec()] };
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
     });
@@ -350,6 +376,17 @@ pub struct Latchkey {
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Write the test PKI's files into `dir`: (upstream CA, client cert, client key).
+pub fn write_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let p = pki();
+    let files = (dir.join("pki-ca.pem"), dir.join("client.crt"), dir.join("client.key"));
+    std::fs::write(&files.0, &p.ca_pem).unwrap();
+    std::fs::write(&files.1, &p.client_cert_pem).unwrap();
+    std::fs::write(&files.2, &p.client_key_pem).unwrap();
+    set_mode(&files.2, 0o600);
+    files
 }
 
 /// Write a config with the standard test preamble plus `body`. Every upstream host

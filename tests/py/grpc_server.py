@@ -1,15 +1,20 @@
 """gRPC upstream for the tests (grpcio, TLS on loopback). Raw-bytes methods, so no
 generated code: /test.Echo/Unary and /test.Echo/Stream. Each checks that exactly one
-`authorization: Bearer <token>` arrived, and sets trailing metadata."""
+`authorization: Bearer <token>` arrived (unless the token is "-"), and sets trailing
+metadata. An optional fourth argument is a CA file: then a client certificate signed
+by it is required (mTLS, like Talos)."""
 import sys
 from concurrent import futures
 
 import grpc
 
 cert, key, token = sys.argv[1], sys.argv[2], sys.argv[3]
+client_ca = sys.argv[4] if len(sys.argv) > 4 else None
 
 
 def check(ctx):
+    if token == "-":
+        return
     auth = [v for k, v in ctx.invocation_metadata() if k == "authorization"]
     if auth != [f"Bearer {token}"]:
         ctx.abort(grpc.StatusCode.UNAUTHENTICATED, f"authorization values: {len(auth)}")
@@ -37,7 +42,11 @@ handler = grpc.method_handlers_generic_handler(
 )
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
 server.add_generic_rpc_handlers((handler,))
-creds = grpc.ssl_server_credentials([(open(key, "rb").read(), open(cert, "rb").read())])
+creds = grpc.ssl_server_credentials(
+    [(open(key, "rb").read(), open(cert, "rb").read())],
+    root_certificates=open(client_ca, "rb").read() if client_ca else None,
+    require_client_auth=client_ca is not None,
+)
 port = server.add_secure_port("127.0.0.1:0", creds)
 server.start()
 print(port, flush=True)
