@@ -349,72 +349,6 @@ fn run_command(argv: &[String]) -> Resolved {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env(name: &str) -> Option<String> {
-        match name {
-            "A" => Some(" secret-a \n".into()),
-            "GITHUB_TOKEN" => Some("gh".into()),
-            "K8S_TOKEN_PROD" => Some("prod-token".into()),
-            _ => None,
-        }
-    }
-
-    fn ready(r: Resolved) -> SecretValue {
-        match r {
-            Resolved::Ready(v) => v,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn interpolates_and_trims() {
-        let t = Template::parse("${A}").unwrap();
-        assert_eq!(t.sole_variable(), Some("A"));
-        assert_eq!(ready(t.resolve(&env, &[])).get(&[]).unwrap().expose(), "secret-a");
-        let t = Template::parse("${GH_TOKEN|GITHUB_TOKEN}").unwrap();
-        assert_eq!(ready(t.resolve(&env, &[])).get(&[]).unwrap().expose(), "gh");
-        assert!(matches!(Template::parse("${NOPE}").unwrap().resolve(&env, &[]), Resolved::Missing(_)));
-        assert!(Template::parse("literal").unwrap().is_inline());
-        assert!(Template::parse("${A").is_err());
-        assert!(Template::parse("${A B}").is_err());
-    }
-
-    #[test]
-    fn captures_are_checked() {
-        assert!(Template::parse("${{cluster}}").is_err(), "needs a literal prefix");
-        let t = Template::parse("${K8S_TOKEN_{cluster}}").unwrap();
-        let all = vec!["K8S_TOKEN_PROD".to_string(), "A".to_string()];
-        let v = ready(t.resolve(&env, &all));
-        let get = |c: &str| v.get(&[("cluster".into(), c.into())]).map(|s| s.expose().to_string());
-        assert_eq!(get("prod").as_deref(), Some("prod-token"));
-        assert_eq!(get("dev"), None);
-        assert_eq!(get("pr-od"), None);
-        assert_eq!(get(""), None);
-    }
-
-    #[test]
-    fn debug_never_shows() {
-        let s = Secret::new("hunter2".into());
-        assert_eq!(format!("{s:?}"), "[redacted]");
-        let v = SecretValue::Static(s);
-        assert!(!format!("{v:?}").contains("hunter2"));
-    }
-
-    #[test]
-    fn commands() {
-        let ok = Source::Command(vec!["echo".into(), "tok".into()]);
-        assert_eq!(ready(ok.resolve(&env, &[])).get(&[]).unwrap().expose(), "tok");
-        assert!(matches!(Source::Command(vec!["false".into()]).resolve(&env, &[]), Resolved::Failed(_)));
-        assert!(matches!(
-            Source::File("/nonexistent/latchkey".into()).resolve(&env, &[]),
-            Resolved::Missing(_)
-        ));
-    }
-}
-
 /// TLS material for a credential's upstream connections: a client identity (mTLS)
 /// and/or extra trust roots (`upstream_ca`, e.g. a Kubernetes API server's CA).
 pub struct ClientTls {
@@ -487,5 +421,71 @@ impl ClientTls {
             describe.push(format!("upstream_ca {}", p.display()));
         }
         Ok(ClientTls { identity, roots, describe: describe.join(", ") })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "A" => Some(" secret-a \n".into()),
+            "GITHUB_TOKEN" => Some("gh".into()),
+            "K8S_TOKEN_PROD" => Some("prod-token".into()),
+            _ => None,
+        }
+    }
+
+    fn ready(r: Resolved) -> SecretValue {
+        match r {
+            Resolved::Ready(v) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn interpolates_and_trims() {
+        let t = Template::parse("${A}").unwrap();
+        assert_eq!(t.sole_variable(), Some("A"));
+        assert_eq!(ready(t.resolve(&env, &[])).get(&[]).unwrap().expose(), "secret-a");
+        let t = Template::parse("${GH_TOKEN|GITHUB_TOKEN}").unwrap();
+        assert_eq!(ready(t.resolve(&env, &[])).get(&[]).unwrap().expose(), "gh");
+        assert!(matches!(Template::parse("${NOPE}").unwrap().resolve(&env, &[]), Resolved::Missing(_)));
+        assert!(Template::parse("literal").unwrap().is_inline());
+        assert!(Template::parse("${A").is_err());
+        assert!(Template::parse("${A B}").is_err());
+    }
+
+    #[test]
+    fn captures_are_checked() {
+        assert!(Template::parse("${{cluster}}").is_err(), "needs a literal prefix");
+        let t = Template::parse("${K8S_TOKEN_{cluster}}").unwrap();
+        let all = vec!["K8S_TOKEN_PROD".to_string(), "A".to_string()];
+        let v = ready(t.resolve(&env, &all));
+        let get = |c: &str| v.get(&[("cluster".into(), c.into())]).map(|s| s.expose().to_string());
+        assert_eq!(get("prod").as_deref(), Some("prod-token"));
+        assert_eq!(get("dev"), None);
+        assert_eq!(get("pr-od"), None);
+        assert_eq!(get(""), None);
+    }
+
+    #[test]
+    fn debug_never_shows() {
+        let s = Secret::new("hunter2".into());
+        assert_eq!(format!("{s:?}"), "[redacted]");
+        let v = SecretValue::Static(s);
+        assert!(!format!("{v:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn commands() {
+        let ok = Source::Command(vec!["echo".into(), "tok".into()]);
+        assert_eq!(ready(ok.resolve(&env, &[])).get(&[]).unwrap().expose(), "tok");
+        assert!(matches!(Source::Command(vec!["false".into()]).resolve(&env, &[]), Resolved::Failed(_)));
+        assert!(matches!(
+            Source::File("/nonexistent/latchkey".into()).resolve(&env, &[]),
+            Resolved::Missing(_)
+        ));
     }
 }
