@@ -370,3 +370,53 @@ fn value_file_rotation_applies_to_the_next_request() {
     assert_eq!(code, 502, "{body}");
     assert_eq!(up.count(), before);
 }
+
+#[test]
+fn every_builtin_provider_injects_its_documented_scheme() {
+    let up = upstream(true, None);
+    let env = [
+        ("AZURE_OPENAI_API_KEY", "az-REAL"),
+        ("GEMINI_API_KEY", "gem-REAL"),
+        ("GITLAB_TOKEN", "glpat-REAL"),
+        ("HF_TOKEN", "hf-REAL"),
+        ("MISTRAL_API_KEY", "mis-REAL"),
+        ("GROQ_API_KEY", "groq-REAL"),
+        ("OPENROUTER_API_KEY", "or-REAL"),
+        ("CURSOR_API_KEY", "cur-REAL"),
+        ("PAGERDUTY_TOKEN", "pd-REAL"),
+        ("SENTRY_AUTH_TOKEN", "sentry-REAL"),
+    ];
+    let lk = Latchkey::start(Some(&up), "", &env);
+    let cases = [
+        (
+            "https://myres.openai.azure.com/openai/deployments/d/chat/completions",
+            "api-key",
+            "az-REAL".to_string(),
+        ),
+        ("https://generativelanguage.googleapis.com/v1beta/models", "x-goog-api-key", "gem-REAL".into()),
+        ("https://gitlab.com/api/v4/user", "private-token", "glpat-REAL".into()),
+        (
+            "https://gitlab.com/org/repo.git/info/refs",
+            "authorization",
+            format!("Basic {}", base64_encode("oauth2:glpat-REAL")),
+        ),
+        ("https://huggingface.co/api/whoami-v2", "authorization", "Bearer hf-REAL".into()),
+        ("https://api.mistral.ai/v1/models", "authorization", "Bearer mis-REAL".into()),
+        ("https://api.groq.com/openai/v1/models", "authorization", "Bearer groq-REAL".into()),
+        ("https://openrouter.ai/api/v1/models", "authorization", "Bearer or-REAL".into()),
+        ("https://api2.cursor.sh/v1/x", "authorization", "Bearer cur-REAL".into()),
+        ("https://api.pagerduty.com/incidents", "authorization", "Token token=pd-REAL".into()),
+        ("https://sentry.io/api/0/projects/", "authorization", "Bearer sentry-REAL".into()),
+    ];
+    for (url, header, want) in cases {
+        let (code, body) = lk.curl(&[url]);
+        assert_eq!(code, 200, "{url}: {body}");
+        assert_eq!(echoed(&body, header), [want], "{url}");
+    }
+    // Path-scoped entries leave the rest of their host alone.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-k", "-x", &lk.proxy_url(), "https://openrouter.ai/"])
+        .output()
+        .unwrap();
+    assert!(echoed(&String::from_utf8_lossy(&out.stdout), "authorization").is_empty());
+}

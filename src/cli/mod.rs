@@ -220,7 +220,16 @@ fn ca(config: Option<PathBuf>, action: CaAction) -> ExitCode {
 }
 
 fn providers() -> ExitCode {
-    println!("{:<12} {:<24} {:<8} {:<34} {:<28} placeholder", "name", "provider", "auth", "env", "domains");
+    // Placeholders as a config would assign them (shared variables share one).
+    let compiled = config::compile("", None, &|_| None, &[]).ok();
+    let placeholder = |name: &str| {
+        compiled
+            .as_ref()
+            .and_then(|c| c.credentials.iter().find(|c| c.name == name))
+            .map(|c| c.placeholder.clone())
+            .unwrap_or_else(|| "-".into())
+    };
+    println!("{:<13} {:<34} {:<7} {:<38} {:<52} placeholder", "name", "provider", "auth", "env", "domains");
     for (name, p) in config::builtin_providers() {
         let auth = p.auth_type.clone().unwrap_or_else(|| "header".into());
         let env = p.env.clone().map(|e| e.into_vec()).unwrap_or_else(|| {
@@ -231,14 +240,16 @@ fn providers() -> ExitCode {
                 .into_iter()
                 .collect()
         });
+        let domains =
+            if p.domains.is_empty() { "(your cluster hosts)".to_string() } else { p.domains.join(",") };
         println!(
-            "{:<12} {:<24} {:<8} {:<34} {:<28} {}",
+            "{:<13} {:<34} {:<7} {:<38} {:<52} {}",
             name,
             p.provider.as_deref().unwrap_or(""),
             auth,
             env.join(","),
-            p.domains.join(","),
-            p.placeholder.clone().unwrap_or_else(|| format!("latchkey-{name}"))
+            domains,
+            placeholder(&name)
         );
     }
     ExitCode::SUCCESS

@@ -293,7 +293,8 @@ impl Compiler<'_> {
 
         let mut entries: Vec<(String, RawCredential, Option<std::ops::Range<usize>>, bool)> = Vec::new();
         if raw.credentials.is_none() || p.builtin_providers {
-            for (name, c) in builtin_providers() {
+            // Entries without hosts (Kubernetes, Talos) wait for the user to name them.
+            for (name, c) in builtin_providers().into_iter().filter(|(_, c)| !c.domains.is_empty()) {
                 entries.push((name, c, None, true));
             }
         }

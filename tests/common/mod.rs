@@ -35,6 +35,17 @@ pub const UPSTREAM_HOSTS: &[&str] = &[
     "example.org",
     "evil-example.org",
     "example.org.evil.net",
+    // Built-in provider hosts.
+    "myres.openai.azure.com",
+    "generativelanguage.googleapis.com",
+    "gitlab.com",
+    "huggingface.co",
+    "api.mistral.ai",
+    "api.groq.com",
+    "openrouter.ai",
+    "api2.cursor.sh",
+    "api.pagerduty.com",
+    "sentry.io",
 ];
 
 pub struct UpstreamPki {
