@@ -420,3 +420,37 @@ fn every_builtin_provider_injects_its_documented_scheme() {
         .unwrap();
     assert!(echoed(&String::from_utf8_lossy(&out.stdout), "authorization").is_empty());
 }
+
+#[test]
+fn regex_captures_pick_one_token_per_cluster() {
+    let up = upstream(true, None);
+    let a = up.addr;
+    let cfg = format!(
+        r#""prod.k8s.example.com:6443" = "{a}"
+"staging.k8s.example.com:6443" = "{a}"
+"dev.k8s.example.com:6443" = "{a}"
+
+[credentials.clusters]
+header = "Authorization: Bearer"
+value = "${{K8S_TOKEN_{{cluster}}}}"
+domains = ['~^(?P<cluster>[a-z]+)\.k8s\.example\.com$:6443']
+"#
+    );
+    let lk = Latchkey::start(
+        Some(&up),
+        &cfg,
+        &[("K8S_TOKEN_PROD", "prod-REAL"), ("K8S_TOKEN_STAGING", "staging-REAL")],
+    );
+    let (_, body) = lk.curl(&["https://prod.k8s.example.com:6443/api/v1/pods"]);
+    assert_eq!(echoed(&body, "authorization"), ["Bearer prod-REAL"]);
+    let (_, body) = lk.curl(&["https://staging.k8s.example.com:6443/api/v1/pods"]);
+    assert_eq!(echoed(&body, "authorization"), ["Bearer staging-REAL"]);
+    // A cluster without a token: refused (502), never forwarded with another's token.
+    let before = up.count();
+    let (code, body) = lk.curl(&["https://dev.k8s.example.com:6443/api/v1/pods"]);
+    assert_eq!(code, 502, "{body}");
+    assert_eq!(up.count(), before);
+    let o = lk.cli(&["check"], &[("K8S_TOKEN_PROD", "prod-REAL"), ("K8S_TOKEN_STAGING", "staging-REAL")]);
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(t.contains("K8S_TOKEN_PROD, K8S_TOKEN_STAGING") && !t.contains("prod-REAL"), "{t}");
+}

@@ -46,6 +46,9 @@ pub const UPSTREAM_HOSTS: &[&str] = &[
     "api2.cursor.sh",
     "api.pagerduty.com",
     "sentry.io",
+    "prod.k8s.example.com",
+    "staging.k8s.example.com",
+    "dev.k8s.example.com",
 ];
 
 pub struct UpstreamPki {
