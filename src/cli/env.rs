@@ -133,13 +133,16 @@ fn git_rewrites(config: &Config) -> Vec<(String, String)> {
 pub fn scrub_list(config: &Config) -> Vec<String> {
     let mut reads: Vec<String> = config.credentials.iter().flat_map(|c| c.reads.clone()).collect();
     for (_, p) in crate::config::builtin_providers() {
-        for v in [p.value.as_deref(), p.password.as_deref(), p.username.as_deref()].into_iter().flatten() {
+        let templates =
+            [&p.value, &p.password, &p.username, &p.access_key_id, &p.secret_access_key, &p.session_token];
+        for v in templates.into_iter().flatten() {
             if let Ok(t) = crate::secrets::Template::parse(v) {
                 reads.extend(t.variables());
             }
         }
     }
     reads.extend(CREDENTIAL_FILE_VARS.iter().map(|s| s.to_string()));
+    reads.extend(["AWS_SESSION_TOKEN", "AWS_PROFILE"].map(String::from));
     reads.push("LATCHKEY_CONFIG".into());
     let mut out = Vec::new();
     for r in reads {

@@ -525,17 +525,59 @@ impl Compiler<'_> {
                 let cert = Source::File(expand_home(c.client_cert.as_deref().unwrap_or_default()));
                 (Box::new(crate::inject::NoInjection), cert, false)
             }
-            "aws_sigv4" | "gcp" => {
+            "aws_sigv4" => {
+                if c.value.is_some() || c.header.is_some() {
+                    return Err(e("value", "aws_sigv4 takes access_key_id and secret_access_key".into()));
+                }
+                let need = |key: &str, v: &Option<String>| -> Result<Source, ConfigError> {
+                    let v = v.as_deref().ok_or_else(|| e(key, format!("aws_sigv4 needs `{key}`")))?;
+                    Ok(Source::Value(template(key, v)?))
+                };
+                let akid_src = need("access_key_id", &c.access_key_id)?;
+                let secret_src = need("secret_access_key", &c.secret_access_key)?;
+                let token_src = match &c.session_token {
+                    Some(v) => Some(Source::Value(template("session_token", v)?)),
+                    None => None,
+                };
+                let access_key_id = resolve(&akid_src).unwrap_or_else(placeholder_dummy);
+                let secret_access_key = resolve(&secret_src).unwrap_or_else(placeholder_dummy);
+                // The session token is optional: an unset variable means "no token".
+                let session_token = match &token_src {
+                    Some(src @ Source::Value(t)) => match src.resolve(self.env, self.vars) {
+                        Resolved::Ready(v) => Some(v),
+                        Resolved::Missing(_) if !t.is_inline() => None,
+                        _ => return Err(e("session_token", "cannot be resolved".into())),
+                    },
+                    _ => None,
+                };
+                let inline = matches!(&secret_src, Source::Value(t) if t.is_inline());
+                let injector = crate::inject::sigv4::SigV4Injector {
+                    access_key_id,
+                    secret_access_key,
+                    session_token,
+                    region: c.region.clone(),
+                    service: c.service.clone(),
+                    max_body: c.max_signed_body.unwrap_or(32 * 1024 * 1024),
+                };
+                (Box::new(injector), secret_src, inline)
+            }
+            "gcp" => {
                 return Err(e(
                     "auth_type",
                     format!("{auth_type:?} is not supported by this version of latchkey yet"),
                 ));
             }
             other => {
-                return Err(e("auth_type", format!("{other:?}: expected header, bearer, basic or query")));
+                return Err(e(
+                    "auth_type",
+                    format!("{other:?}: expected header, bearer, basic, query, mtls or aws_sigv4"),
+                ));
             }
         };
 
+        if let Some(t) = c.session_token.as_deref().and_then(|v| Template::parse(v).ok()) {
+            reads.extend(t.variables());
+        }
         let tls = match (&c.client_cert, &c.client_key, &c.upstream_ca) {
             (None, None, None) => None,
             (cert, key, ca) => {

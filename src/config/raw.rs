@@ -163,6 +163,14 @@ pub struct RawCredential {
     pub client_key: Option<String>,
     /// PEM roots trusted for this credential's upstream, besides the public ones.
     pub upstream_ca: Option<String>,
+    /// aws_sigv4: secret sources (`${VAR}` templates), and the signing scope.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub session_token: Option<String>,
+    pub region: Option<String>,
+    pub service: Option<String>,
+    /// aws_sigv4: largest request body hashed for signing (bytes; 413 beyond).
+    pub max_signed_body: Option<usize>,
     /// Only in the built-in table: what `latchkey providers` shows.
     pub provider: Option<String>,
     pub docs: Option<String>,

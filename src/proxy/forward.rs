@@ -89,18 +89,28 @@ async fn exchange(
         // Policy, injection and the log see the WebSocket handshake as what it is: a GET.
         parts.method = Method::GET;
     }
-    let credential = decide_and_inject(&generation.config, route, &mut parts, record)?;
-    let (dialer, client) = generation.upstream(credential.map(|(i, _)| i));
-    let credential = credential.map(|(_, c)| c);
+    let config = &generation.config;
+    let chosen = decide(config, route, &parts, record)?;
+    let (dialer, client) = generation.upstream(chosen.as_ref().map(|(i, _)| *i));
     prepare_upstream(&mut parts, route)?;
+    let mut body: Body = body.map_err(box_error).boxed();
+    let credential = match chosen {
+        None => None,
+        Some((index, captures)) => {
+            let cred = &config.credentials[index];
+            body = inject(cred, &mut parts, &captures, body).await?;
+            record.decision = "injected";
+            Some(cred)
+        }
+    };
     let mut resp = match upgrade {
         Some(kind) => {
             let client =
                 parts.extensions.remove::<OnUpgrade>().ok_or_else(|| bad_request("cannot upgrade here"))?;
             drop(body);
-            super::upgrade::relay(&generation.config, dialer, route, parts, kind, client).await?
+            super::upgrade::relay(config, dialer, route, parts, kind, client).await?
         }
-        None => send(&generation.config, client, route, parts, body, up).await?,
+        None => send(config, client, route, parts, body, up).await?,
     };
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (connection, upgrade) =
@@ -137,13 +147,16 @@ fn new_record(route: &Route, parts: &Parts) -> Record {
     }
 }
 
-/// Ask the policy, and write the winning credential into the request.
-fn decide_and_inject<'c>(
-    config: &'c Config,
+/// The credential a request gets: its index and the regex captures of its host.
+type Chosen = (usize, Vec<(String, String)>);
+
+/// Ask the policy which credential (if any) this request gets.
+fn decide(
+    config: &Config,
     route: &Route,
-    parts: &mut Parts,
+    parts: &Parts,
     record: &mut Record,
-) -> Result<Option<(usize, &'c Credential)>, Refusal> {
+) -> Result<Option<Chosen>, Refusal> {
     let target = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
     let head = RequestHead {
         method: parts.method.as_str(),
@@ -164,16 +177,62 @@ fn decide_and_inject<'c>(
             Ok(None)
         }
         Decision::Inject { credential, captures } => {
-            let cred = &config.credentials[credential];
-            record.credential = Some(cred.name.clone());
-            cred.injector.inject(parts, &captures).map_err(|InjectError::Unavailable(why)| {
-                let msg = format!("credential {} cannot be used here: {why}", cred.name);
-                Refusal::new(502, "credential-failed", msg)
-            })?;
-            record.decision = "injected";
-            Ok(Some((credential, cred)))
+            record.credential = Some(config.credentials[credential].name.clone());
+            Ok(Some((credential, captures)))
         }
     }
+}
+
+/// Write the credential into the request. An injector that signs the body (SigV4) gets
+/// it buffered, up to its limit; the request then carries the buffered copy.
+async fn inject(
+    cred: &Credential,
+    parts: &mut Parts,
+    captures: &[(String, String)],
+    body: Body,
+) -> Result<Body, Refusal> {
+    let (body, bytes) = match cred.injector.body_limit(parts) {
+        None => (body, None),
+        Some(limit) => {
+            let bytes = buffer(body, limit).await.map_err(|e| match e {
+                None => Refusal::new(
+                    413,
+                    "body-too-large",
+                    format!(
+                        "credential {} signs request bodies up to {limit} bytes; this one is larger",
+                        cred.name
+                    ),
+                ),
+                Some(e) => bad_request(format!("reading the request body failed: {e}")),
+            })?;
+            (super::respond::full(bytes.clone()), Some(bytes))
+        }
+    };
+    cred.injector.inject(parts, captures, bytes.as_deref()).map_err(|e| match e {
+        InjectError::Unavailable(why) => Refusal::new(
+            502,
+            "credential-failed",
+            format!("credential {} cannot be used here: {why}", cred.name),
+        ),
+        InjectError::Refused { status, message } => {
+            Refusal::new(status, "credential-refused", format!("credential {}: {message}", cred.name))
+        }
+    })?;
+    Ok(body)
+}
+
+/// The whole body, or `Err(None)` past `limit` bytes, `Err(Some(e))` on a read error.
+async fn buffer(mut body: Body, limit: usize) -> Result<bytes::Bytes, Option<super::BoxError>> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.map_err(Some)?.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(None);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
 }
 
 /// Send upstream within `timeout`, scanning the body when content filters are set.
@@ -182,7 +241,7 @@ async fn send(
     client: &Client<Connector, Body>,
     route: &Route,
     parts: Parts,
-    body: Incoming,
+    body: Body,
     up: Arc<AtomicU64>,
 ) -> Result<Response<Incoming>, Refusal> {
     let counted = Counted::new(body, up);
@@ -300,4 +359,8 @@ fn upstream_failure(dest: &Destination, e: &hyper_util::client::legacy::Error) -
     }
     let cause = std::error::Error::source(e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
     Refusal::new(502, "upstream-reset", format!("{dest} failed: {cause}"))
+}
+
+fn box_error(e: hyper::Error) -> super::BoxError {
+    Box::new(e)
 }

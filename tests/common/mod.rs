@@ -49,6 +49,8 @@ pub const UPSTREAM_HOSTS: &[&str] = &[
     "prod.k8s.example.com",
     "staging.k8s.example.com",
     "dev.k8s.example.com",
+    "bedrock-runtime.us-east-1.amazonaws.com",
+    "mybucket.s3.us-west-2.amazonaws.com",
 ];
 
 pub struct UpstreamPki {

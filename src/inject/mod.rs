@@ -20,15 +20,29 @@ pub enum Slot {
     Query { query: String },
 }
 
+pub mod sigv4;
+
 #[derive(Debug)]
 pub enum InjectError {
     /// The secret cannot be produced for this destination (e.g. no variable for a capture).
     Unavailable(String),
+    /// The request is in a form this credential cannot be applied to (status, why).
+    Refused { status: u16, message: String },
 }
 
 pub trait Injector: Send + Sync + Debug {
-    /// Strip the client's copies and write the secret once.
-    fn inject(&self, parts: &mut Parts, captures: &[(String, String)]) -> Result<(), InjectError>;
+    /// Strip the client's copies and write the secret once. `body` is the whole request
+    /// body when `body_limit` asked for it (signing schemes hash it).
+    fn inject(
+        &self,
+        parts: &mut Parts,
+        captures: &[(String, String)],
+        body: Option<&[u8]>,
+    ) -> Result<(), InjectError>;
+    /// `Some(max)`: the injector needs the body, buffered up to `max` bytes (413 beyond).
+    fn body_limit(&self, _parts: &Parts) -> Option<usize> {
+        None
+    }
     /// Does the request carry `placeholder` where this injector writes?
     fn carries_placeholder(&self, parts: &Parts, placeholder: &str) -> bool;
     fn slots(&self) -> Vec<Slot>;
@@ -127,7 +141,12 @@ impl HeaderInjector {
 }
 
 impl Injector for HeaderInjector {
-    fn inject(&self, parts: &mut Parts, captures: &[(String, String)]) -> Result<(), InjectError> {
+    fn inject(
+        &self,
+        parts: &mut Parts,
+        captures: &[(String, String)],
+        _: Option<&[u8]>,
+    ) -> Result<(), InjectError> {
         let chosen = self.chosen_slot(parts);
         let value = match &self.rendered {
             Some(values) => values[chosen].clone(),
@@ -206,7 +225,12 @@ impl QueryInjector {
 }
 
 impl Injector for QueryInjector {
-    fn inject(&self, parts: &mut Parts, captures: &[(String, String)]) -> Result<(), InjectError> {
+    fn inject(
+        &self,
+        parts: &mut Parts,
+        captures: &[(String, String)],
+        _: Option<&[u8]>,
+    ) -> Result<(), InjectError> {
         let secret = self
             .value
             .get(captures)
@@ -253,7 +277,7 @@ impl Injector for QueryInjector {
 pub struct NoInjection;
 
 impl Injector for NoInjection {
-    fn inject(&self, _: &mut Parts, _: &[(String, String)]) -> Result<(), InjectError> {
+    fn inject(&self, _: &mut Parts, _: &[(String, String)], _: Option<&[u8]>) -> Result<(), InjectError> {
         Ok(())
     }
     fn carries_placeholder(&self, _: &Parts, _: &str) -> bool {
@@ -328,18 +352,18 @@ mod tests {
         )
         .unwrap();
         let mut p = parts("/", &[("X-Api-Key", "a"), ("x-api-key", "b"), ("authorization", "Bearer c")]);
-        inj.inject(&mut p, &[]).unwrap();
+        inj.inject(&mut p, &[], None).unwrap();
         assert_eq!(p.headers.get_all("x-api-key").iter().collect::<Vec<_>>(), vec!["REAL"]);
         assert!(p.headers.get("authorization").is_none());
         assert!(p.headers.get("x-api-key").unwrap().is_sensitive());
 
         let mut p = parts("/", &[("authorization", "Bearer placeholder"), ("Authorization", "Basic x")]);
-        inj.inject(&mut p, &[]).unwrap();
+        inj.inject(&mut p, &[], None).unwrap();
         assert_eq!(p.headers.get_all("authorization").iter().collect::<Vec<_>>(), vec!["Bearer REAL"]);
         assert!(p.headers.get("x-api-key").is_none());
 
         let mut p = parts("/", &[]);
-        inj.inject(&mut p, &[]).unwrap();
+        inj.inject(&mut p, &[], None).unwrap();
         assert_eq!(p.headers.get("x-api-key").unwrap(), "REAL");
     }
 
@@ -354,7 +378,7 @@ mod tests {
         let mut p = parts("/", &[("authorization", &ph)]);
         assert!(inj.carries_placeholder(&p, "latchkey-gh"));
         assert!(!inj.carries_placeholder(&p, "other"));
-        inj.inject(&mut p, &[]).unwrap();
+        inj.inject(&mut p, &[], None).unwrap();
         let want = format!("Basic {}", B64.encode("x-access-token:ghp_REAL"));
         assert_eq!(p.headers.get("authorization").unwrap(), want.as_str());
     }
@@ -364,7 +388,7 @@ mod tests {
         let inj = QueryInjector::new("key".into(), secret("S/1"));
         let mut p = parts("https://x.com/v1?key=a&KEY=b&k%65y=c&other=1&key", &[]);
         assert!(inj.carries_placeholder(&parts("/?key=ph", &[]), "ph"));
-        inj.inject(&mut p, &[]).unwrap();
+        inj.inject(&mut p, &[], None).unwrap();
         assert_eq!(p.uri.query().unwrap(), "KEY=b&other=1&key=S%2F1");
         assert_eq!(p.uri.path(), "/v1");
     }
