@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs the real clients the integration
-# tests drive (curl, git, Python requests/websockets/grpcio/botocore), then fmt,
-# clippy and cargo test.
+# tests drive (curl, git, Python requests/websockets/grpcio/botocore/google-auth),
+# then fmt, clippy and cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,9 +13,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 # Python clients and servers the integration tests run: requests, websockets, grpcio,
-# and botocore (the independent SigV4 verifier).
-python3 -c 'import requests, websockets.sync.client, grpc, botocore' 2>/dev/null ||
-  python3 -m pip install -q requests 'websockets>=15' grpcio botocore
+# botocore (the independent SigV4 verifier) and google-auth (a real Google client).
+python3 -c 'import requests, websockets.sync.client, grpc, botocore, google.auth' 2>/dev/null ||
+  python3 -m pip install -q requests 'websockets>=15' grpcio botocore google-auth
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

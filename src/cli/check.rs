@@ -83,7 +83,10 @@ fn warnings(config: &Config) -> Vec<String> {
     for (host, path) in MINTING {
         let dest = Destination::parse_authority(host, Some(443)).expect("static");
         let head = RequestHead { method: "POST", target: path, path, headers: &headers, tls: true };
-        if let Some(i) = config.policy.winner(&dest, &head) {
+        // gcp credentials refuse Google's minting endpoints themselves.
+        if let Some(i) =
+            config.policy.winner(&dest, &head).filter(|i| config.credentials[*i].auth_type != "gcp")
+        {
             out.push(format!(
                 "credential {} covers {host}{path}, which mints new credentials (use becomes read); scope it with `paths`",
                 config.policy.credentials[i].name

@@ -100,8 +100,38 @@ pub fn client_env(
             }
         }
     }
+    let gcp = config.policy.credentials.iter().zip(&config.credentials).any(|(rule, cred)| {
+        cred.auth_type == "gcp"
+            && match active {
+                Some(names) => names.contains(&rule.name),
+                None => rule.state == CredState::Active,
+            }
+    });
+    if gcp {
+        out.push(("GOOGLE_APPLICATION_CREDENTIALS".into(), gcp_stub(config, &bundle).display().to_string()));
+    }
     out.extend(git_rewrites(config));
     out
+}
+
+/// A stub Application Default Credentials file: client libraries "refresh" it against
+/// oauth2.googleapis.com, where latchkey answers with a dummy token. Next to the CA
+/// files (written here when that is this machine's ca_dir).
+fn gcp_stub(config: &Config, bundle: &std::path::Path) -> PathBuf {
+    let dir = bundle.parent().map(PathBuf::from).unwrap_or_else(|| config.proxy.ca_dir.clone());
+    let path = dir.join("gcp-adc-stub.json");
+    if dir == config.proxy.ca_dir && !path.exists() {
+        let stub = serde_json::json!({
+            "type": "authorized_user",
+            "client_id": "latchkey-stub",
+            "client_secret": "latchkey-stub",
+            "refresh_token": "latchkey-stub-refresh-token",
+        });
+        if let Err(e) = crate::ca::write_atomic(&path, stub.to_string().as_bytes(), 0o644) {
+            eprintln!("latchkey: cannot write {}: {e}", path.display());
+        }
+    }
+    path
 }
 
 /// Route SSH remotes of credentialed git hosts over HTTPS, where latchkey can inject.

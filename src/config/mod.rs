@@ -562,10 +562,45 @@ impl Compiler<'_> {
                 (Box::new(injector), secret_src, inline)
             }
             "gcp" => {
-                return Err(e(
-                    "auth_type",
-                    format!("{auth_type:?} is not supported by this version of latchkey yet"),
-                ));
+                if c.value.is_some() || c.header.is_some() {
+                    return Err(e(
+                        "value",
+                        "gcp mints its own tokens: set credentials_file (or nothing, for ADC)".into(),
+                    ));
+                }
+                let path = match &c.credentials_file {
+                    Some(p) => Some(expand_home(p)),
+                    None => crate::inject::gcp::discover_adc(self.env),
+                };
+                let file = Source::File(path.clone().unwrap_or_default());
+                let source = match path {
+                    Some(p) if p.exists() => match std::fs::metadata(&p)
+                        .map_err(|e| e.to_string())
+                        .and_then(|m| {
+                            crate::fsutil::owner_only_writable(&m).map_err(|w| format!("{} {w}", p.display()))
+                        })
+                        .and_then(|_| crate::inject::gcp::TokenSource::from_file(&p, &c.scopes))
+                    {
+                        Ok(ts) => Some(std::sync::Arc::new(ts)),
+                        Err(why) => {
+                            state = CredState::Failed(why);
+                            None
+                        }
+                    },
+                    Some(p) => {
+                        state = CredState::Inactive(format!("{} does not exist", p.display()));
+                        None
+                    }
+                    None => {
+                        state = CredState::Inactive("no Google credentials found".into());
+                        None
+                    }
+                };
+                let injector: Box<dyn Injector> = match source {
+                    Some(source) => Box::new(crate::inject::gcp::GcpInjector { source }),
+                    None => Box::new(crate::inject::NoInjection),
+                };
+                (injector, file, false)
             }
             other => {
                 return Err(e(

@@ -171,6 +171,10 @@ pub struct RawCredential {
     pub service: Option<String>,
     /// aws_sigv4: largest request body hashed for signing (bytes; 413 beyond).
     pub max_signed_body: Option<usize>,
+    /// gcp: a service-account or authorized_user JSON (default: Application Default
+    /// Credentials discovery), and the OAuth2 scopes to ask for.
+    pub credentials_file: Option<String>,
+    pub scopes: Vec<String>,
     /// Only in the built-in table: what `latchkey providers` shows.
     pub provider: Option<String>,
     pub docs: Option<String>,

@@ -20,6 +20,7 @@ pub enum Slot {
     Query { query: String },
 }
 
+pub mod gcp;
 pub mod sigv4;
 
 #[derive(Debug)]
@@ -41,6 +42,10 @@ pub trait Injector: Send + Sync + Debug {
     ) -> Result<(), InjectError>;
     /// `Some(max)`: the injector needs the body, buffered up to `max` bytes (413 beyond).
     fn body_limit(&self, _parts: &Parts) -> Option<usize> {
+        None
+    }
+    /// For minted credentials (OAuth2): the source to refresh before `inject`.
+    fn token_source(&self) -> Option<&std::sync::Arc<gcp::TokenSource>> {
         None
     }
     /// Does the request carry `placeholder` where this injector writes?

@@ -49,6 +49,18 @@ pub async fn handle(
     let in_flight = proxy.exchanges.start();
     let (parts, body) = req.into_parts();
     let mut record = new_record(&route, &parts);
+    if route.tls
+        && let Some(resp) =
+            super::tokens::vend(&generation.config, &route.dest, &parts.method, parts.uri.path())
+    {
+        record.decision = "injected";
+        record.reason = Some("token vended by latchkey (stub credentials)".into());
+        record.status = Some(200);
+        record.duration_ms = started.elapsed().as_millis() as u64;
+        proxy.audit.log(&record);
+        drop(in_flight);
+        return Ok(resp);
+    }
     let up = Arc::new(AtomicU64::new(0));
     match exchange(&generation, &route, parts, body, &mut record, up.clone()).await {
         Ok(resp) => {
@@ -94,12 +106,20 @@ async fn exchange(
     let (dialer, client) = generation.upstream(chosen.as_ref().map(|(i, _)| *i));
     prepare_upstream(&mut parts, route)?;
     let mut body: Body = body.map_err(box_error).boxed();
+    let tokens = super::tokens::ClientHttp { client: &generation.client, timeout: config.proxy.timeout };
+    let mut replay = None;
     let credential = match chosen {
         None => None,
         Some((index, captures)) => {
             let cred = &config.credentials[index];
-            body = inject(cred, &mut parts, &captures, body).await?;
+            body = inject(cred, &mut parts, &captures, body, &tokens).await?;
             record.decision = "injected";
+            if cred.injector.token_source().is_some() && upgrade.is_none() {
+                // Minted tokens can be revoked early: keep a small request replayable.
+                if let Some((copy, bytes)) = replayable(&parts, &mut body).await? {
+                    replay = Some((copy, bytes, captures));
+                }
+            }
             Some(cred)
         }
     };
@@ -110,8 +130,19 @@ async fn exchange(
             drop(body);
             super::upgrade::relay(config, dialer, route, parts, kind, client).await?
         }
-        None => send(config, client, route, parts, body, up).await?,
+        None => send(config, client, route, parts, body, up.clone()).await?,
     };
+    if resp.status() == http::StatusCode::UNAUTHORIZED
+        && let (Some(cred), Some((mut again, bytes, captures))) = (credential, replay)
+        && let Some(source) = cred.injector.token_source()
+    {
+        // One retry with a fresh token; a second 401 goes back to the client.
+        let used = source.current();
+        if source.ensure(&tokens, used.as_ref()).await.is_ok() {
+            let body = inject(cred, &mut again, &captures, super::respond::full(bytes), &tokens).await?;
+            resp = send(config, client, route, again, body, up).await?;
+        }
+    }
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (connection, upgrade) =
         (resp.headers().get(header::CONNECTION).cloned(), resp.headers().get(header::UPGRADE).cloned());
@@ -190,7 +221,17 @@ async fn inject(
     parts: &mut Parts,
     captures: &[(String, String)],
     body: Body,
+    tokens: &dyn crate::inject::gcp::TokenHttp,
 ) -> Result<Body, Refusal> {
+    if let Some(source) = cred.injector.token_source() {
+        source.ensure(tokens, None).await.map_err(|why| {
+            Refusal::new(
+                502,
+                "credential-failed",
+                format!("credential {}: cannot get a token: {why}", cred.name),
+            )
+        })?;
+    }
     let (body, bytes) = match cred.injector.body_limit(parts) {
         None => (body, None),
         Some(limit) => {
@@ -219,6 +260,34 @@ async fn inject(
         }
     })?;
     Ok(body)
+}
+
+/// Largest request body kept for one replay after a 401.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// A copy of a request whose body is small enough to send twice (declared length within
+/// `REPLAY_LIMIT`, or none); the body is buffered and `body` replaced by the buffer.
+async fn replayable(parts: &Parts, body: &mut Body) -> Result<Option<(Parts, bytes::Bytes)>, Refusal> {
+    let declared =
+        parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    match declared {
+        Some(n) if n <= REPLAY_LIMIT && !chunked => {}
+        None if !chunked && http_body::Body::is_end_stream(body) => {}
+        _ => return Ok(None),
+    }
+    let taken = std::mem::replace(body, super::respond::empty());
+    let bytes = buffer(taken, REPLAY_LIMIT as usize)
+        .await
+        .map_err(|_| bad_request("reading the request body failed"))?;
+    *body = super::respond::full(bytes.clone());
+    let mut copy =
+        http::Request::builder().method(parts.method.clone()).uri(parts.uri.clone()).version(parts.version);
+    for (k, v) in &parts.headers {
+        copy = copy.header(k, v);
+    }
+    let copy = copy.body(()).map_err(|_| bad_request("cannot copy the request"))?.into_parts().0;
+    Ok(Some((copy, bytes)))
 }
 
 /// The whole body, or `Err(None)` past `limit` bytes, `Err(Some(e))` on a read error.

@@ -7,6 +7,7 @@ mod body;
 mod forward;
 mod handler;
 mod respond;
+mod tokens;
 mod tunnel;
 mod upgrade;
 pub mod upstream;

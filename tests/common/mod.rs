@@ -51,6 +51,8 @@ pub const UPSTREAM_HOSTS: &[&str] = &[
     "dev.k8s.example.com",
     "bedrock-runtime.us-east-1.amazonaws.com",
     "mybucket.s3.us-west-2.amazonaws.com",
+    "oauth2.googleapis.com",
+    "storage.googleapis.com",
 ];
 
 pub struct UpstreamPki {

@@ -1,0 +1,114 @@
+//! Google Cloud: latchkey mints tokens from a service-account key; the client library
+//! (google-auth) holds a stub ADC file and gets a vended dummy token; the API sees the
+//! real token; refresh before expiry and one retry after a 401.
+
+mod common;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::*;
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The Google stand-in (tokens living `expires_in` seconds) and a latchkey with a gcp
+/// credential on .googleapis.com from a fresh service-account key.
+fn setup(expires_in: u32) -> (Child, Latchkey) {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("up.crt"), dir.path().join("up.key"));
+    std::fs::write(&cert, &pki().cert_pem).unwrap();
+    std::fs::write(&key, &pki().key_pem).unwrap();
+    let sa_key = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
+    let public = dir.path().join("sa-public.pem");
+    std::fs::write(&public, sa_key.public_key_pem()).unwrap();
+    let sa = serde_json::json!({
+        "type": "service_account",
+        "client_email": "agent@project.iam.gserviceaccount.com",
+        "private_key": sa_key.serialize_pem(),
+        "token_uri": "https://oauth2.googleapis.com/token",
+    });
+    let sa_file = dir.path().join("sa.json");
+    std::fs::write(&sa_file, sa.to_string()).unwrap();
+    set_mode(&sa_file, 0o600);
+    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py");
+    let mut server = Child(
+        Command::new("python3")
+            .arg(format!("{py}/gcp_server.py"))
+            .args([&cert, &key, &public])
+            .arg(expires_in.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(server.0.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", line.trim()).parse().unwrap();
+    let cfg = format!(
+        "[credentials.gcp]\nauth_type = \"gcp\"\ncredentials_file = \"{}\"\ndomains = [\".googleapis.com\"]\n",
+        sa_file.display()
+    );
+    let port = free_port();
+    let config = write_config(dir.path(), port, Some(addr), &cfg);
+    let lk = Latchkey::spawn(dir, port, config, &[]);
+    (server, lk)
+}
+
+#[test]
+fn google_auth_library_gets_a_vended_token_and_the_api_the_real_one() {
+    let (_server, lk) = setup(3600);
+    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py");
+    let out = latchkey_cmd(lk.dir.path(), &[])
+        .args(["exec", "--config"])
+        .arg(&lk.config_path)
+        .args(["--", "python3", &format!("{py}/gcp_client.py")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}\n{}", String::from_utf8_lossy(&out.stderr), lk.stderr());
+    let v = json(text.trim());
+    assert_eq!(v["status"], 200);
+    assert_eq!(
+        v["api"]["authorization"],
+        serde_json::json!(["Bearer real-token-1"]),
+        "the API saw the real token"
+    );
+    assert_eq!(
+        v["library_token"], "latchkey-vended-gcp-token",
+        "the agent's library only ever held the dummy"
+    );
+    // The stub the agent was pointed at holds nothing real.
+    let stub = std::fs::read_to_string(lk.dir.path().join("ca/gcp-adc-stub.json")).unwrap();
+    assert!(stub.contains("latchkey-stub") && !stub.contains("PRIVATE KEY"));
+    // Token endpoints that mint credentials never get the real token.
+    let (code, body) = lk.curl(&["-H", "authorization: Bearer x", "https://oauth2.googleapis.com/tokeninfo"]);
+    assert_eq!(code, 403, "{body}");
+}
+
+#[test]
+fn tokens_are_refreshed_before_they_expire() {
+    // 301 s: outside the 300 s refresh margin for about a second.
+    let (_server, lk) = setup(301);
+    let (_, body) = lk.curl(&["https://storage.googleapis.com/v1/a"]);
+    assert_eq!(json(&body)["authorization"], serde_json::json!(["Bearer real-token-1"]));
+    let (_, body) = lk.curl(&["https://storage.googleapis.com/v1/b"]);
+    assert_eq!(json(&body)["minted"], 1, "still fresh: cached");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (_, body) = lk.curl(&["https://storage.googleapis.com/v1/c"]);
+    assert_eq!(json(&body)["authorization"], serde_json::json!(["Bearer real-token-2"]));
+    assert_eq!(json(&body)["minted"], 2);
+}
+
+#[test]
+fn a_401_is_retried_once_with_a_fresh_token() {
+    let (_server, lk) = setup(3600);
+    let (code, body) = lk.curl(&["https://storage.googleapis.com/reject-first"]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["authorization"], serde_json::json!(["Bearer real-token-2"]));
+    assert_eq!(json(&body)["minted"], 2);
+}
