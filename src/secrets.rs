@@ -82,6 +82,14 @@ impl Template {
             .collect()
     }
 
+    /// When the template is exactly one reference `${A|B}`: its names.
+    pub fn only_variables(&self) -> Option<&[String]> {
+        match self.parts.as_slice() {
+            [Part::Var(names)] => Some(names),
+            _ => None,
+        }
+    }
+
     /// When the template is exactly one `${NAME}`: that name (the client-side variable).
     pub fn sole_variable(&self) -> Option<&str> {
         match self.parts.as_slice() {
@@ -195,6 +203,8 @@ pub enum SecretValue {
     },
     /// `value_file`: re-read whenever the file changes, so rotation needs no restart.
     File(Arc<WatchedFile>),
+    /// `value_command` with `value_command_ttl`: run again once its output is that old.
+    Command(Arc<CommandSecret>),
 }
 
 impl SecretValue {
@@ -204,6 +214,7 @@ impl SecretValue {
             SecretValue::Static(s) => Some(s.clone()),
             SecretValue::Dynamic { template, vars } => template.render_dynamic(vars, captures),
             SecretValue::File(f) => f.get(),
+            SecretValue::Command(c) => c.get(),
         }
     }
 
@@ -218,7 +229,39 @@ impl SecretValue {
             SecretValue::Static(s) => vec![s.clone()],
             SecretValue::Dynamic { vars, .. } => vars.values().cloned().collect(),
             SecretValue::File(f) => f.get().into_iter().collect(),
+            SecretValue::Command(c) => c.get().into_iter().collect(),
         }
+    }
+}
+
+/// A command's output, used for `ttl` and then produced again by running the command.
+/// The request that finds it expired runs the command (other requests wait); a failing
+/// command leaves no value, so requests get 502 instead of a stale secret.
+#[derive(Debug)]
+pub struct CommandSecret {
+    argv: Vec<String>,
+    ttl: std::time::Duration,
+    state: Mutex<(std::time::Instant, Option<Secret>)>,
+}
+
+impl CommandSecret {
+    pub fn get(&self) -> Option<Secret> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.0.elapsed() >= self.ttl {
+            let run = || match run_command(&self.argv) {
+                Resolved::Ready(SecretValue::Static(s)) => Some(s),
+                _ => None,
+            };
+            // Inside the runtime, tell tokio this worker blocks for a moment.
+            let fresh = match tokio::runtime::Handle::try_current() {
+                Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                    tokio::task::block_in_place(run)
+                }
+                _ => run(),
+            };
+            *state = (std::time::Instant::now(), fresh);
+        }
+        state.1.clone()
     }
 }
 
@@ -285,7 +328,8 @@ fn trimmed(s: String) -> Resolved {
 pub enum Source {
     Value(Template),
     File(PathBuf),
-    Command(Vec<String>),
+    /// argv, and how long its output is used before it is run again (None: for ever).
+    Command(Vec<String>, Option<std::time::Duration>),
 }
 
 impl Source {
@@ -293,7 +337,15 @@ impl Source {
         match self {
             Source::Value(t) => t.resolve(env, all_vars),
             Source::File(path) => read_file(path),
-            Source::Command(argv) => run_command(argv),
+            Source::Command(argv, None) => run_command(argv),
+            Source::Command(argv, Some(ttl)) => match run_command(argv) {
+                Resolved::Ready(SecretValue::Static(secret)) => {
+                    let state = Mutex::new((std::time::Instant::now(), Some(secret)));
+                    let cmd = CommandSecret { argv: argv.clone(), ttl: *ttl, state };
+                    Resolved::Ready(SecretValue::Command(Arc::new(cmd)))
+                }
+                other => other,
+            },
         }
     }
 
@@ -302,7 +354,7 @@ impl Source {
             Source::Value(t) if t.is_inline() => "inline value".into(),
             Source::Value(t) => format!("env {}", t.variables().join(", ")),
             Source::File(p) => format!("file {}", p.display()),
-            Source::Command(argv) => format!("command {}", argv.first().map(String::as_str).unwrap_or("")),
+            Source::Command(argv, _) => format!("command {}", argv.first().map(String::as_str).unwrap_or("")),
         }
     }
 }
@@ -480,9 +532,12 @@ mod tests {
 
     #[test]
     fn commands() {
-        let ok = Source::Command(vec!["echo".into(), "tok".into()]);
+        let ok = Source::Command(vec!["echo".into(), "tok".into()], None);
         assert_eq!(ready(ok.resolve(&env, &[])).get(&[]).unwrap().expose(), "tok");
-        assert!(matches!(Source::Command(vec!["false".into()]).resolve(&env, &[]), Resolved::Failed(_)));
+        assert!(matches!(
+            Source::Command(vec!["false".into()], None).resolve(&env, &[]),
+            Resolved::Failed(_)
+        ));
         assert!(matches!(
             Source::File("/nonexistent/latchkey".into()).resolve(&env, &[]),
             Resolved::Missing(_)

@@ -454,3 +454,48 @@ domains = ['~^(?P<cluster>[a-z]+)\.k8s\.example\.com$:6443']
     let t = String::from_utf8_lossy(&o.stdout);
     assert!(t.contains("K8S_TOKEN_PROD, K8S_TOKEN_STAGING") && !t.contains("prod-REAL"), "{t}");
 }
+
+#[test]
+fn value_command_output_is_renewed_after_its_ttl() {
+    let up = upstream(true, None);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vault");
+    std::fs::write(&file, "cmd-secret-1").unwrap();
+    let cfg = format!(
+        "[credentials.vault]\nheader = \"x-token\"\nvalue_command = [\"cat\", \"{}\"]\nvalue_command_ttl = 1\ndomains = [\"api.example.com\"]\n",
+        file.display()
+    );
+    let lk = Latchkey::start(Some(&up), &cfg, &[]);
+    let get = || lk.curl(&["https://api.example.com/"]);
+    assert_eq!(echoed(&get().1, "x-token"), ["cmd-secret-1"]);
+    std::fs::write(&file, "cmd-secret-2").unwrap();
+    assert_eq!(echoed(&get().1, "x-token"), ["cmd-secret-1"], "within the TTL: the cached output");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(echoed(&get().1, "x-token"), ["cmd-secret-2"], "after the TTL: the command ran again");
+    std::fs::remove_file(&file).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let before = up.count();
+    let (code, body) = get();
+    assert_eq!(code, 502, "a failing command never leaves a stale value in use: {body}");
+    assert_eq!(up.count(), before);
+}
+
+#[test]
+fn the_secrets_directory_convention_backs_unset_variables() {
+    let up = upstream(true, None);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, Some(up.addr), "");
+    // HOME is the test directory: ~/.config/secrets/ as in seed 001.
+    let secrets = dir.path().join(".config/secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    for (name, value) in [("anthropic_key", "sk-ant-FROMFILE\n"), ("github_token", "ghp_FROMFILE\n")] {
+        std::fs::write(secrets.join(name), value).unwrap();
+        set_mode(&secrets.join(name), 0o600);
+    }
+    let lk = Latchkey::spawn(dir, port, config, &[]);
+    let (_, body) = lk.curl(&["https://api.anthropic.com/v1/messages"]);
+    assert_eq!(echoed(&body, "x-api-key"), ["sk-ant-FROMFILE"]);
+    let (_, body) = lk.curl(&["https://api.github.com/user"]);
+    assert_eq!(echoed(&body, "authorization"), ["Bearer ghp_FROMFILE"]);
+}

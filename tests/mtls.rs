@@ -91,3 +91,49 @@ fn upstream_ca_is_per_credential() {
     let (code, body) = lk.curl(&["https://other.example.com/"]);
     assert_eq!(code, 502, "other hosts do not trust the credential's CA: {body}");
 }
+
+/// kubectl through latchkey with a placeholder token: the API server sees the real one.
+/// kubectl is on this project's machine image (not in Debian's archive); where it is
+/// absent the test says so and checks nothing.
+#[test]
+fn kubectl_through_latchkey() {
+    if Command::new("kubectl").arg("version").arg("--client").output().is_err() {
+        eprintln!("kubectl not installed: skipped");
+        return;
+    }
+    let up = upstream(true, None);
+    let a = up.addr;
+    let cfg = format!(
+        r#""prod.k8s.example.com:6443" = "{a}"
+
+[credentials.clusters]
+header = "Authorization: Bearer"
+value = "${{K8S_TOKEN_{{cluster}}}}"
+domains = ['~^(?P<cluster>[a-z]+)\.k8s\.example\.com$:6443']
+"#
+    );
+    let lk = Latchkey::start(Some(&up), &cfg, &[("K8S_TOKEN_PROD", "k8s-prod-REAL")]);
+    let kubeconfig = lk.dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: prod\n  cluster:\n    server: https://prod.k8s.example.com:6443\n    certificate-authority: {}\nusers:\n- name: agent\n  user:\n    token: latchkey-placeholder\ncontexts:\n- name: prod\n  context: {{cluster: prod, user: agent}}\ncurrent-context: prod\n",
+            lk.dir.path().join("ca/ca.crt").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("kubectl")
+        .args(["--kubeconfig"])
+        .arg(&kubeconfig)
+        .args(["get", "--raw", "/api/v1/namespaces"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("HOME", lk.dir.path())
+        .env("HTTPS_PROXY", lk.proxy_url())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(echoed(&text, "authorization"), ["Bearer k8s-prod-REAL"]);
+    assert_eq!(json(&text)["path"], "/api/v1/namespaces");
+}

@@ -303,10 +303,11 @@ impl Compiler<'_> {
             entries.retain(|(n, ..)| *n != name);
             entries.push((name, c.into_inner(), Some(span), false));
         }
+        let secrets_dir = expand_home(&p.secrets_dir);
         let mut rules = Vec::new();
         let mut credentials: Vec<Credential> = Vec::new();
         for (name, rc, span, builtin) in entries {
-            let (rule, cred) = self.credential(&name, rc, span, builtin, &credentials)?;
+            let (rule, cred) = self.credential(&name, rc, span, builtin, &credentials, &secrets_dir)?;
             rules.push(rule);
             credentials.push(cred);
         }
@@ -367,6 +368,7 @@ impl Compiler<'_> {
         span: Option<std::ops::Range<usize>>,
         builtin: bool,
         earlier: &[Credential],
+        secrets_dir: &Path,
     ) -> Result<(CredentialRule, Credential), ConfigError> {
         let table = ["credentials", name];
         let e = |key: &str, msg: String| self.err(&table, span.clone(), key, msg);
@@ -431,7 +433,7 @@ impl Compiler<'_> {
                     if argv.is_empty() {
                         return Err(e("value_command", "the command is empty".into()));
                     }
-                    Source::Command(argv)
+                    Source::Command(argv, c.value_command_ttl.map(Duration::from_secs))
                 })
             };
         let slots = |default: &str, prefix: Option<&str>| -> Result<Vec<HeaderSlot>, ConfigError> {
@@ -457,7 +459,12 @@ impl Compiler<'_> {
             if let Source::Value(t) = src {
                 reads.extend(t.variables());
             }
-            match src.resolve(self.env, self.vars) {
+            match with_secrets_dir(
+                src.resolve(self.env, self.vars),
+                src,
+                secrets_dir,
+                c.secret_file.as_deref(),
+            ) {
                 Resolved::Ready(v) => Some(v),
                 Resolved::Missing(why) => {
                     if state == CredState::Active {
@@ -672,6 +679,18 @@ impl Compiler<'_> {
             tls,
         };
         Ok((rule, cred))
+    }
+}
+
+/// Seed 001's convention: a `${VAR}` credential whose variable is unset reads
+/// `<secrets_dir>/<var in lowercase>` (or the provider's `secret_file`) when it exists.
+fn with_secrets_dir(resolved: Resolved, src: &Source, dir: &Path, hint: Option<&str>) -> Resolved {
+    let (Resolved::Missing(_), Source::Value(t)) = (&resolved, src) else { return resolved };
+    let Some(names) = t.only_variables() else { return resolved };
+    let candidates = hint.into_iter().map(str::to_string).chain(names.iter().map(|n| n.to_ascii_lowercase()));
+    match candidates.map(|f| dir.join(f)).find(|p| p.is_file()) {
+        Some(path) => Source::File(path).resolve(&|_| None, &[]),
+        None => resolved,
     }
 }
 

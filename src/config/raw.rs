@@ -31,6 +31,8 @@ pub struct RawProxy {
     pub allow_private: Vec<String>,
     pub redact_responses: bool,
     pub builtin_providers: bool,
+    /// Where `${VAR}` credentials look for a file named like the variable when it is unset.
+    pub secrets_dir: String,
     pub logging: RawLogging,
     pub filters: RawFilters,
     pub limits: RawLimits,
@@ -51,6 +53,7 @@ impl Default for RawProxy {
             allow_private: vec![],
             redact_responses: true,
             builtin_providers: false,
+            secrets_dir: "~/.config/secrets".into(),
             logging: RawLogging::default(),
             filters: RawFilters::default(),
             limits: RawLimits::default(),
@@ -145,6 +148,8 @@ pub struct RawCredential {
     pub value: Option<String>,
     pub value_file: Option<String>,
     pub value_command: Option<Vec<String>>,
+    /// Seconds a value_command's output is used before the command runs again.
+    pub value_command_ttl: Option<u64>,
     pub username: Option<String>,
     pub password: Option<String>,
     pub param: Option<String>,
@@ -175,6 +180,8 @@ pub struct RawCredential {
     /// Credentials discovery), and the OAuth2 scopes to ask for.
     pub credentials_file: Option<String>,
     pub scopes: Vec<String>,
+    /// Only in the built-in table: the file in `secrets_dir` used when the variable is unset.
+    pub secret_file: Option<String>,
     /// Only in the built-in table: what `latchkey providers` shows.
     pub provider: Option<String>,
     pub docs: Option<String>,
