@@ -20,6 +20,11 @@ impl Drop for Child {
 /// The Google stand-in (tokens living `expires_in` seconds) and a latchkey with a gcp
 /// credential on .googleapis.com from a fresh service-account key.
 fn setup(expires_in: u32) -> (Child, Latchkey) {
+    setup_with(expires_in, false)
+}
+
+/// As `setup`, with an authorized_user file (refresh token) instead of a key when `user`.
+fn setup_with(expires_in: u32, user: bool) -> (Child, Latchkey) {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("up.crt"), dir.path().join("up.key"));
     std::fs::write(&cert, &pki().cert_pem).unwrap();
@@ -27,12 +32,21 @@ fn setup(expires_in: u32) -> (Child, Latchkey) {
     let sa_key = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
     let public = dir.path().join("sa-public.pem");
     std::fs::write(&public, sa_key.public_key_pem()).unwrap();
-    let sa = serde_json::json!({
-        "type": "service_account",
-        "client_email": "agent@project.iam.gserviceaccount.com",
-        "private_key": sa_key.serialize_pem(),
-        "token_uri": "https://oauth2.googleapis.com/token",
-    });
+    let sa = if user {
+        serde_json::json!({
+            "type": "authorized_user",
+            "client_id": "cli.apps.googleusercontent.com",
+            "client_secret": "real-client-secret",
+            "refresh_token": "real-refresh-token",
+        })
+    } else {
+        serde_json::json!({
+            "type": "service_account",
+            "client_email": "agent@project.iam.gserviceaccount.com",
+            "private_key": sa_key.serialize_pem(),
+            "token_uri": "https://oauth2.googleapis.com/token",
+        })
+    };
     let sa_file = dir.path().join("sa.json");
     std::fs::write(&sa_file, sa.to_string()).unwrap();
     set_mode(&sa_file, 0o600);
@@ -111,4 +125,12 @@ fn a_401_is_retried_once_with_a_fresh_token() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(json(&body)["authorization"], serde_json::json!(["Bearer real-token-2"]));
     assert_eq!(json(&body)["minted"], 2);
+}
+
+#[test]
+fn authorized_user_refresh_tokens_mint_tokens_too() {
+    let (_server, lk) = setup_with(3600, true);
+    let (code, body) = lk.curl(&["https://storage.googleapis.com/v1/user"]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["authorization"], serde_json::json!(["Bearer real-token-1"]));
 }

@@ -1,5 +1,6 @@
 """A Google stand-in on loopback: POST /token verifies the service-account JWT with
-the account's public key (google-auth's verifier) and mints "real-token-N"; any GET
+the account's public key (google-auth's verifier), or the authorized_user refresh
+token, and mints "real-token-N"; any GET
 echoes the Authorization it received. GET /reject-first answers 401 to real-token-1."""
 import http.server
 import json
@@ -33,6 +34,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path != "/token":
             return self.answer(404, {})
         form = urllib.parse.parse_qs(body)
+        if form.get("grant_type") == ["refresh_token"]:
+            # authorized_user: the real refresh token and client secret, only from latchkey.
+            if form.get("refresh_token") != ["real-refresh-token"] or form.get("client_secret") != ["real-client-secret"]:
+                return self.answer(401, {"error": "invalid_grant"})
+            issued.append(form["client_id"][0])
+            return self.answer(200, {"access_token": f"real-token-{len(issued)}", "expires_in": int(expires_in),
+                                     "token_type": "Bearer"})
         if form.get("grant_type") != ["urn:ietf:params:oauth:grant-type:jwt-bearer"]:
             return self.answer(400, {"error": "unsupported_grant_type", "got": form.get("grant_type")})
         try:
