@@ -11,4 +11,5 @@ pub mod fsutil;
 pub mod inject;
 pub mod policy;
 pub mod proxy;
+pub mod redact;
 pub mod secrets;

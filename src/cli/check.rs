@@ -127,8 +127,10 @@ fn notes(config: &Config) -> Vec<String> {
     let mut out = vec![
         "isolation: an agent running as this user can read this config and its secret sources; run latchkey as its own user or the agent in a container (docs/security.md)".to_string(),
     ];
-    if config.proxy.redact_responses {
-        out.push("redact_responses: response redaction is not implemented in this version yet; an upstream that echoes a secret back reaches the client (docs/security.md)".into());
+    if !config.proxy.redact_responses {
+        out.push(
+            "redact_responses = false: an upstream that echoes a credential shows it to the client".into(),
+        );
     }
     let f = &config.policy.filters;
     if !f.content.is_empty() || !f.blocked.is_empty() || f.allowlist_only {

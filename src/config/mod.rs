@@ -105,6 +105,8 @@ pub struct Credential {
     pub auth_type: String,
     /// Client certificate and/or extra roots for this credential's upstream connections.
     pub tls: Option<std::sync::Arc<crate::secrets::ClientTls>>,
+    /// Masks this credential's secrets in the responses to its requests.
+    pub redactor: crate::redact::Cache,
 }
 
 #[derive(Debug)]
@@ -677,6 +679,7 @@ impl Compiler<'_> {
             builtin,
             auth_type,
             tls,
+            redactor: Default::default(),
         };
         Ok((rule, cred))
     }

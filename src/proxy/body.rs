@@ -201,3 +201,85 @@ where
         self.inner.size_hint()
     }
 }
+
+/// Masks secrets in a response body as it streams (see `crate::redact`).
+pub struct Redacted<B> {
+    inner: B,
+    stream: crate::redact::Stream,
+    redactor: Arc<crate::redact::Redactor>,
+    trailers: Option<http::HeaderMap>,
+    done: bool,
+}
+
+impl<B> Redacted<B> {
+    pub fn new(inner: B, redactor: Arc<crate::redact::Redactor>) -> Self {
+        Redacted {
+            inner,
+            stream: crate::redact::Stream::new(redactor.clone()),
+            redactor,
+            trailers: None,
+            done: false,
+        }
+    }
+}
+
+/// Mask secrets in header values (same length, so nothing else changes).
+pub fn redact_headers(headers: &mut http::HeaderMap, redactor: &crate::redact::Redactor) {
+    for value in headers.values_mut() {
+        let mut bytes = value.as_bytes().to_vec();
+        if redactor.mask(&mut bytes) > 0
+            && let Ok(v) = http::HeaderValue::from_bytes(&bytes)
+        {
+            *value = v;
+        }
+    }
+}
+
+impl<B> HttpBody for Redacted<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
+        loop {
+            if self.done {
+                return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            match next_frame(&mut self.inner, cx) {
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = self.stream.push(&data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Err(frame) => {
+                        let mut trailers = frame.into_trailers().unwrap_or_default();
+                        redact_headers(&mut trailers, &self.redactor);
+                        self.trailers = Some(trailers);
+                        self.done = true;
+                        let rest = self.stream.finish();
+                        if !rest.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(rest))));
+                        }
+                    }
+                },
+                Err(Poll::Ready(None)) => {
+                    self.done = true;
+                    let rest = self.stream.finish();
+                    if !rest.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    }
+                }
+                Err(poll) => return poll,
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

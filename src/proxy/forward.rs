@@ -16,7 +16,7 @@ use hyper::upgrade::OnUpgrade;
 
 use super::upgrade::Upgrade;
 
-use super::body::{Counted, Logged, Pending, ScanBody};
+use super::body::{Counted, Logged, Pending, Redacted, ScanBody};
 use super::respond::{self, bad_request, misdirected};
 use super::upstream::{Connector, UpstreamError};
 use super::{Body, Generation, Proxy};
@@ -93,7 +93,7 @@ async fn exchange(
     body: Incoming,
     record: &mut Record,
     up: Arc<AtomicU64>,
-) -> Result<Response<Incoming>, Refusal> {
+) -> Result<Response<Body>, Refusal> {
     let upgrade = super::upgrade::requested(&parts);
     let h2_websocket = matches!(upgrade, Some(Upgrade::H2WebSocket));
     check_route(route, &parts, h2_websocket)?;
@@ -105,6 +105,11 @@ async fn exchange(
     let chosen = decide(config, route, &parts, record)?;
     let (dialer, client) = generation.upstream(chosen.as_ref().map(|(i, _)| *i));
     prepare_upstream(&mut parts, route)?;
+    let redact = chosen.is_some() && config.proxy.redact_responses;
+    if redact {
+        // A compressed body could not be scanned for the secret: ask for identity.
+        parts.headers.insert(header::ACCEPT_ENCODING, header::HeaderValue::from_static("identity"));
+    }
     let mut body: Body = body.map_err(box_error).boxed();
     let tokens = super::tokens::ClientHttp { client: &generation.client, timeout: config.proxy.timeout };
     let mut replay = None;
@@ -154,7 +159,36 @@ async fn exchange(
     if credential.is_some_and(|c| !c.pass_cookies) {
         resp.headers_mut().remove(header::SET_COOKIE);
     }
-    Ok(resp)
+    let resp = resp.map(|b| b.map_err(box_error).boxed());
+    match credential {
+        Some(cred) if redact => redact_response(cred, resp, route),
+        _ => Ok(resp),
+    }
+}
+
+/// Mask the credential's secrets in the response headers and, as it streams, the body.
+fn redact_response(
+    cred: &Credential,
+    mut resp: Response<Body>,
+    route: &Route,
+) -> Result<Response<Body>, Refusal> {
+    let Some(redactor) = cred.redactor.get(cred.injector.secrets()) else { return Ok(resp) };
+    let encoded = resp
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return Err(Refusal::new(
+            502,
+            "upstream-encoding",
+            format!(
+                "{} sent a compressed response although latchkey asked for identity; it cannot be scanned for the credential, so it is not passed on",
+                route.dest
+            ),
+        ));
+    }
+    super::body::redact_headers(resp.headers_mut(), &redactor);
+    Ok(resp.map(|body| Redacted::new(body, redactor).boxed()))
 }
 
 fn new_record(route: &Route, parts: &Parts) -> Record {
@@ -209,6 +243,13 @@ fn decide(
         }
         Decision::Inject { credential, captures } => {
             record.credential = Some(config.credentials[credential].name.clone());
+            if matches!(parts.method.as_str(), "TRACE" | "TRACK") {
+                return Err(Refusal::new(
+                    403,
+                    "trace-refused",
+                    "TRACE/TRACK echo the request, credential included; refused on credentialed routes",
+                ));
+            }
             Ok(Some((credential, captures)))
         }
     }

@@ -107,6 +107,8 @@ pub struct Proxy {
     pub exchanges: Arc<Exchanges>,
 }
 
+const FLUSH: Duration = Duration::from_millis(250);
+
 /// Requests in flight (until their response body ends), so shutdown can wait for them.
 #[derive(Default)]
 pub struct Exchanges {
@@ -129,6 +131,9 @@ impl Exchanges {
         loop {
             let notified = self.idle.notified();
             if self.count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                // An exchange ends when its last frame is read; give the connection a
+                // moment to write it out before the process goes.
+                tokio::time::sleep(FLUSH.min(deadline - tokio::time::Instant::now())).await;
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {

@@ -286,6 +286,44 @@ async fn echo(
         });
         return Ok(Response::builder().header("trailer", "x-checksum").body(body).unwrap());
     }
+    // Reflection endpoints: give back the credential the upstream received.
+    let credential = parts
+        .headers
+        .get("x-api-key")
+        .or_else(|| parts.headers.get("authorization"))
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    if path.starts_with("/reflect/") {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("xy{credential}"));
+        let (mut tx, body) = channel();
+        let (what, cred) = (path.clone(), credential.clone());
+        tokio::spawn(async move {
+            match what.as_str() {
+                "/reflect/split" => {
+                    let (a, b) = cred.split_at(cred.len() / 2);
+                    let _ = tx.send_data(Bytes::from(format!("before {a}"))).await;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    let _ = tx.send_data(Bytes::from(format!("{b} after"))).await;
+                }
+                "/reflect/sse" => {
+                    let _ = tx.send_data(Bytes::from_static(b"data: first\n\n")).await;
+                    let _ = tx.send_data(Bytes::from(format!("data: {cred}\n\n"))).await;
+                }
+                "/reflect/base64" => {
+                    let _ = tx.send_data(Bytes::from(b64)).await;
+                }
+                _ => {
+                    let _ = tx.send_data(Bytes::from(format!("you sent {cred}"))).await;
+                }
+            }
+        });
+        let mut b = Response::builder().header("x-echo", credential.as_str());
+        if path == "/reflect/gzip" {
+            b = b.header("content-encoding", "gzip");
+        }
+        return Ok(b.body(body).unwrap());
+    }
     let body = body.collect().await?.to_bytes().to_vec();
     let version = format!("{:?}", parts.version);
     let seen = Seen {
@@ -423,11 +461,16 @@ pub fn write_config2(
 ) -> PathBuf {
     let ca_file = dir.join("upstream-ca.pem");
     std::fs::write(&ca_file, &pki().ca_pem).unwrap();
+    // Tests read what the upstream received from its echo, so response redaction (which
+    // would mask that echo) is off here and tested on its own in tests/redaction.rs.
     let mut cfg = format!("[proxy]\nport = {port}\nca_dir = \"{}\"\n", dir.join("ca").display());
     let (proxy_extra, rest) = match body.split_once("#END-PROXY\n") {
         Some((p, r)) => (p, r),
         None => ("", body),
     };
+    if !proxy_extra.contains("redact_responses") {
+        cfg.push_str("redact_responses = false\n");
+    }
     cfg.push_str(proxy_extra.strip_prefix("[proxy]\n").unwrap_or(proxy_extra));
     cfg.push_str(&format!("\n[upstream]\nca_file = \"{}\"\n[upstream.resolve]\n", ca_file.display()));
     for h in UPSTREAM_HOSTS {
