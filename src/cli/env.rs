@@ -41,6 +41,7 @@ const GIT_HOSTS: &[&str] = &["github.com", "gitlab.com", "bitbucket.org"];
 
 pub fn env(
     config: Option<PathBuf>,
+    agent: Option<String>,
     format: Format,
     proxy_url: Option<String>,
     ca_path: Option<PathBuf>,
@@ -54,10 +55,40 @@ pub fn env(
     {
         return code;
     }
+    let proxy_url = match agent_proxy_url(&config, agent.as_deref(), proxy_url) {
+        Ok(u) => u,
+        Err(code) => return code,
+    };
     let active = super::running_active(&config);
     let vars = client_env(&config, active.as_deref(), proxy_url, ca_path);
     print!("{}", render(&vars, format));
     ExitCode::SUCCESS
+}
+
+/// The proxy URL with an agent's credentials in it (`http://NAME:TOKEN@host:port`).
+/// The token is the agent's own secret, not a proxied one.
+pub fn agent_proxy_url(
+    config: &Config,
+    agent: Option<&str>,
+    url: Option<String>,
+) -> Result<Option<String>, ExitCode> {
+    let Some(name) = agent else { return Ok(url) };
+    let Some(a) = config.agents.iter().find(|a| a.name == name) else {
+        eprintln!("latchkey: no [agents.{name}] in the config");
+        return Err(ExitCode::from(2));
+    };
+    let Some(token) = &a.token else {
+        eprintln!("latchkey: the token of agent {name} is not available here");
+        return Err(ExitCode::from(2));
+    };
+    let base = url.unwrap_or_else(|| format!("http://{}", config.client_proxy_addr()));
+    let (scheme, rest) = base.split_once("://").unwrap_or(("http", &base));
+    let userinfo = format!(
+        "{}:{}",
+        crate::inject::encode_component(name),
+        crate::inject::encode_component(token.expose())
+    );
+    Ok(Some(format!("{scheme}://{userinfo}@{rest}")))
 }
 
 /// The client-side environment, in a stable order. `active` names the credentials the

@@ -42,6 +42,9 @@ enum Command {
     Exec {
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Authenticate as this `[agents.NAME]` (its token goes into the proxy URL).
+        #[arg(long)]
+        agent: Option<String>,
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
@@ -49,6 +52,9 @@ enum Command {
     Env {
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Authenticate as this `[agents.NAME]` (its token goes into the proxy URL).
+        #[arg(long)]
+        agent: Option<String>,
         #[arg(long, value_enum, default_value = "sh")]
         format: env::Format,
         /// Proxy URL as seen by the client (e.g. inside a container).
@@ -104,8 +110,10 @@ pub fn main() -> ExitCode {
     init_tracing(cli.log_level.as_deref());
     match cli.command {
         Command::Run { config, port, bind, regenerate_ca } => run::run(config, port, bind, regenerate_ca),
-        Command::Exec { config, command } => run::exec(config, command),
-        Command::Env { config, format, proxy_url, ca_path } => env::env(config, format, proxy_url, ca_path),
+        Command::Exec { config, agent, command } => run::exec(config, agent, command),
+        Command::Env { config, agent, format, proxy_url, ca_path } => {
+            env::env(config, agent, format, proxy_url, ca_path)
+        }
         Command::Explain { config, method, headers, json, url } => {
             explain::explain(config, &method, &headers, json, &url)
         }

@@ -35,9 +35,12 @@ pub fn run(
     if let Some(b) = bind {
         config.proxy.listen.set_ip(b);
     }
-    if !config.proxy.listen.ip().is_loopback() && config.proxy.allowed_clients.is_empty() {
+    if !config.proxy.listen.ip().is_loopback()
+        && config.proxy.allowed_clients.is_empty()
+        && config.agents.is_empty()
+    {
         eprintln!(
-            "latchkey: config error: binding to {} (not loopback) needs [proxy] allowed_clients: latchkey will not run an open credential proxy",
+            "latchkey: config error: binding to {} (not loopback) needs [proxy] allowed_clients or [agents]: latchkey will not run an open credential proxy",
             config.proxy.listen.ip()
         );
         return ExitCode::from(2);
@@ -112,7 +115,7 @@ async fn shutdown_signal() {
     }
 }
 
-pub fn exec(config: Option<PathBuf>, command: Vec<String>) -> ExitCode {
+pub fn exec(config: Option<PathBuf>, agent: Option<String>, command: Vec<String>) -> ExitCode {
     let config = match load_config(config) {
         Ok(c) => c,
         Err(code) => return code,
@@ -121,8 +124,12 @@ pub fn exec(config: Option<PathBuf>, command: Vec<String>) -> ExitCode {
         Ok(ca) => ca,
         Err(code) => return code,
     };
+    let proxy_url = match super::env::agent_proxy_url(&config, agent.as_deref(), None) {
+        Ok(u) => u,
+        Err(code) => return code,
+    };
     let running = super::running_active(&config);
-    let vars = super::env::client_env(&config, running.as_deref(), None, None);
+    let vars = super::env::client_env(&config, running.as_deref(), proxy_url, None);
     let scrub = super::env::scrub_list(&config);
     runtime().block_on(async move {
         let addr = config.client_proxy_addr();

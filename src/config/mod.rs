@@ -119,6 +119,18 @@ pub struct Config {
     pub credentials: Vec<Credential>,
     /// Variables present at load that capture templates may use (listed by `check`).
     pub capture_variables: Vec<String>,
+    /// Client identities; when any exists, every client must authenticate (407).
+    pub agents: Vec<Agent>,
+}
+
+/// A client identity from `[agents.NAME]`.
+#[derive(Debug)]
+pub struct Agent {
+    pub name: String,
+    pub token: Option<crate::secrets::Secret>,
+    /// Credential indexes it may use; `None`: all.
+    pub credentials: Option<Vec<usize>>,
+    pub allowed: Vec<Pattern>,
 }
 
 /// Where the config comes from: `--config` > `$LATCHKEY_CONFIG` > XDG default.
@@ -240,11 +252,11 @@ impl Compiler<'_> {
                 .collect()
         };
         let allowed_clients = cidrs(&p.allowed_clients, "allowed_clients")?;
-        if !bind.is_loopback() && allowed_clients.is_empty() {
+        if !bind.is_loopback() && allowed_clients.is_empty() && raw.agents.is_empty() {
             return Err(pe(
                 "bind",
                 format!(
-                    "binding to {bind} (not loopback) needs allowed_clients: latchkey will not run an open credential proxy"
+                    "binding to {bind} (not loopback) needs allowed_clients or [agents]: latchkey will not run an open credential proxy"
                 ),
             ));
         }
@@ -313,6 +325,7 @@ impl Compiler<'_> {
             rules.push(rule);
             credentials.push(cred);
         }
+        let agents = self.agents(&raw.agents, &credentials)?;
         let capture_variables = self
             .vars
             .iter()
@@ -331,7 +344,52 @@ impl Compiler<'_> {
             policy: Policy { credentials: rules, filters, intercept_all },
             credentials,
             capture_variables,
+            agents,
         })
+    }
+
+    fn agents(
+        &self,
+        raw: &IndexMap<String, toml::Spanned<raw::RawAgent>>,
+        credentials: &[Credential],
+    ) -> Result<Vec<Agent>, ConfigError> {
+        let mut out = Vec::new();
+        for (name, spanned) in raw {
+            let span = Some(spanned.span());
+            let a = spanned.get_ref();
+            let e = |key: &str, msg: String| self.err(&["agents", name], span.clone(), key, msg);
+            let source = match (&a.token, &a.token_file) {
+                (Some(t), None) => Source::Value(Template::parse(t).map_err(|x| e("token", x))?),
+                (None, Some(f)) => Source::File(expand_home(f)),
+                _ => return Err(e("token", "set one of `token`, `token_file`".into())),
+            };
+            // An agent whose token cannot be read can never authenticate (fail closed).
+            let token = match source.resolve(self.env, self.vars) {
+                Resolved::Ready(v) => v.get(&[]),
+                _ => None,
+            };
+            let credentials = match &a.credentials {
+                None => None,
+                Some(names) => Some(
+                    names
+                        .iter()
+                        .map(|n| {
+                            credentials
+                                .iter()
+                                .position(|c| &c.name == n)
+                                .ok_or_else(|| e("credentials", format!("no credential named {n:?}")))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+            };
+            let allowed = a
+                .allowed_domains
+                .iter()
+                .map(|p| Pattern::parse(p).map_err(|x| e("allowed_domains", format!("{p:?}: {x}"))))
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push(Agent { name: name.clone(), token, credentials, allowed });
+        }
+        Ok(out)
     }
 
     fn filters(&self, f: &raw::RawFilters) -> Result<Filters, ConfigError> {

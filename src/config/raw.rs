@@ -14,6 +14,21 @@ pub struct RawConfig {
     pub upstream: RawUpstream,
     pub admin: Option<RawAdmin>,
     pub credentials: Option<IndexMap<String, Spanned<RawCredential>>>,
+    #[serde(default)]
+    pub agents: IndexMap<String, Spanned<RawAgent>>,
+}
+
+/// `[agents.NAME]`: a client identity, presented as Proxy-Authorization.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAgent {
+    /// The agent's proxy token (`${VAR}` template); or `token_file`.
+    pub token: Option<String>,
+    pub token_file: Option<String>,
+    /// Credentials it may use (default: all).
+    pub credentials: Option<Vec<String>>,
+    /// Destinations it may reach, within the global policy (default: all the policy allows).
+    pub allowed_domains: Vec<String>,
 }
 
 #[derive(Deserialize, Debug)]

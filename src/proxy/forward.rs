@@ -37,6 +37,8 @@ pub struct Route {
     /// Set when the TLS ClientHello named another host: every request gets 421.
     pub misdirected: Option<String>,
     pub peer: SocketAddr,
+    /// The authenticated agent (index into `config.agents`), when agents are configured.
+    pub agent: Option<usize>,
 }
 
 pub async fn handle(
@@ -49,6 +51,7 @@ pub async fn handle(
     let in_flight = proxy.exchanges.start();
     let (parts, body) = req.into_parts();
     let mut record = new_record(&route, &parts);
+    record.agent = super::identity::agent_name(&generation.config, route.agent);
     if route.tls
         && let Some(resp) =
             super::tokens::vend(&generation.config, &route.dest, &parts.method, parts.uri.path())
@@ -102,7 +105,15 @@ async fn exchange(
         parts.method = Method::GET;
     }
     let config = &generation.config;
+    if let Some(r) = super::identity::destination_refusal(config, route.agent, &route.dest) {
+        return Err(r);
+    }
     let chosen = decide(config, route, &parts, record)?;
+    if let Some(r) =
+        chosen.as_ref().and_then(|(i, _)| super::identity::credential_refusal(config, route.agent, *i))
+    {
+        return Err(r);
+    }
     let (dialer, client) = generation.upstream(chosen.as_ref().map(|(i, _)| *i));
     prepare_upstream(&mut parts, route)?;
     let redact = chosen.is_some() && config.proxy.redact_responses;

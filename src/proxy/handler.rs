@@ -22,15 +22,28 @@ pub async fn handle(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let is_proxy_request = req.method() == Method::CONNECT || req.uri().scheme().is_some();
+    let agent = if is_proxy_request {
+        match super::identity::authenticate(&generation.config, req.headers()) {
+            Ok(agent) => agent,
+            Err(r) => {
+                tracing::info!(target: "latchkey::request", %peer, "proxy authentication failed");
+                return Ok(respond::refusal(&r));
+            }
+        }
+    } else {
+        None
+    };
     if req.method() == Method::CONNECT {
-        return Ok(connect(proxy, generation, peer, req).await);
+        return Ok(connect(proxy, generation, peer, agent, req).await);
     }
     match req.uri().scheme_str() {
         Some("http") => {
             let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
             match Destination::parse_authority(&authority, Some(80)) {
                 Ok(dest) => {
-                    let route = Arc::new(Route { dest, tls: false, tunnel: false, misdirected: None, peer });
+                    let route =
+                        Arc::new(Route { dest, tls: false, tunnel: false, misdirected: None, peer, agent });
                     forward::handle(proxy, generation, route, req).await
                 }
                 Err(e) => Ok(respond::refusal(&bad_request(format!("bad host {authority:?}: {e}")))),
@@ -68,6 +81,7 @@ async fn connect(
     proxy: Arc<Proxy>,
     generation: Arc<Generation>,
     peer: SocketAddr,
+    agent: Option<usize>,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -76,12 +90,18 @@ async fn connect(
         Ok(d) => d,
         Err(e) => return respond::refusal(&bad_request(format!("bad CONNECT target {authority:?}: {e}"))),
     };
+    let agent_name = super::identity::agent_name(&generation.config, agent);
     let refuse = |r: Refusal| {
-        proxy.audit.log(&tunnel_record(peer, &dest, r.status, "blocked", Some(r.message.clone()), started));
+        let mut rec = tunnel_record(peer, &dest, r.status, "blocked", Some(r.message.clone()), started);
+        rec.agent = agent_name.clone();
+        proxy.audit.log(&rec);
         tracing::info!(target: "latchkey::request", %dest, status = r.status, kind = r.kind, "CONNECT refused");
         respond::refusal(&r)
     };
-    let decision = generation.config.policy.decide_connect(&dest);
+    let decision = match super::identity::destination_refusal(&generation.config, agent, &dest) {
+        Some(r) => ConnectDecision::Block(r),
+        None => generation.config.policy.decide_connect(&dest),
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
     match decision {
         ConnectDecision::Block(r) => refuse(r),
@@ -102,6 +122,7 @@ async fn connect(
                     _ => (0, 0),
                 };
                 let mut rec = tunnel_record(peer, &dest, 200, "tunnelled", None, started);
+                rec.agent = agent_name;
                 rec.bytes_up = up;
                 rec.bytes_down = down;
                 audit.log(&rec);
@@ -115,7 +136,7 @@ async fn connect(
             }
             tokio::spawn(async move {
                 let Ok(upgraded) = on_upgrade.await else { return };
-                super::tunnel::intercept(proxy, generation, peer, dest, upgraded).await;
+                super::tunnel::intercept(proxy, generation, peer, agent, dest, upgraded).await;
             });
             established()
         }

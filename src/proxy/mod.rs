@@ -6,6 +6,7 @@
 mod body;
 mod forward;
 mod handler;
+mod identity;
 mod respond;
 mod tokens;
 mod tunnel;

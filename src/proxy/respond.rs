@@ -10,7 +10,12 @@ use super::upstream::UpstreamError;
 use crate::policy::Refusal;
 
 pub fn refusal(r: &Refusal) -> Response<Body> {
-    text(r.status, r.kind, &r.message)
+    let mut resp = text(r.status, r.kind, &r.message);
+    if r.status == 407 {
+        resp.headers_mut()
+            .insert(header::PROXY_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"latchkey\""));
+    }
+    resp
 }
 
 pub fn text(status: u16, kind: &str, message: &str) -> Response<Body> {

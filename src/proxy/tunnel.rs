@@ -24,6 +24,7 @@ pub async fn intercept(
     proxy: Arc<Proxy>,
     generation: Arc<Generation>,
     peer: SocketAddr,
+    agent: Option<usize>,
     dest: Destination,
     upgraded: Upgraded,
 ) {
@@ -36,7 +37,7 @@ pub async fn intercept(
     }
     let io = Prefixed { first: Some(first[0]), inner: io };
     if first[0] != TLS_HANDSHAKE {
-        let route = Arc::new(Route { dest, tls: false, tunnel: true, misdirected: None, peer });
+        let route = Arc::new(Route { dest, tls: false, tunnel: true, misdirected: None, peer, agent });
         serve(proxy, generation, route, io).await;
         return;
     }
@@ -65,7 +66,7 @@ pub async fn intercept(
         Err(_) => return,
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let route = Arc::new(Route { dest, tls: true, tunnel: true, misdirected, peer });
+    let route = Arc::new(Route { dest, tls: true, tunnel: true, misdirected, peer, agent });
     if h2 {
         serve_h2(proxy, generation, route, tls).await;
     } else {
