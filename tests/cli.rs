@@ -268,3 +268,29 @@ fn non_loopback_bind_without_allowed_clients_is_refused() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("allowed_clients"), "{}", text(&o));
 }
+
+#[test]
+fn audit_log_is_hash_chained_across_restarts() {
+    let up = upstream(true, None);
+    let logdir = tempfile::tempdir().unwrap();
+    let log = logdir.path().join("requests.log");
+    let cfg = format!("[proxy.logging]\nlog_requests = true\nlog_file = \"{}\"\n#END-PROXY\n", log.display());
+    let lk = Latchkey::start(Some(&up), &cfg, &[]);
+    lk.curl(&["https://api.example.com/one"]);
+    lk.curl(&["http://169.254.169.254/"]);
+    drop(lk);
+    let lk = Latchkey::start(Some(&up), &cfg, &[]);
+    lk.curl(&["https://api.example.com/two"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.lines().count() >= 3, "{text}");
+    let o = run(lk.dir.path(), &["audit", "verify", log.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // Edit one line: the chain names the line after it.
+    let tampered = text.replacen("\"status\":403", "\"status\":200", 1);
+    assert_ne!(tampered, text);
+    std::fs::write(&log, &tampered).unwrap();
+    let o = run(lk.dir.path(), &["audit", "verify", log.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains(":3: chain broken"), "{}", text(&o));
+}

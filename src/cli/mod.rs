@@ -91,6 +91,17 @@ enum Command {
     },
     /// Print the built-in provider table.
     Providers,
+    /// Request-log tools.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditAction {
+    /// Check a request log's hash chain: exit 0 intact, 1 broken (first bad line shown).
+    Verify { file: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,6 +131,7 @@ pub fn main() -> ExitCode {
         Command::Check { config } => check::check(config),
         Command::Ca { config, action } => ca(config, action),
         Command::Providers => providers(),
+        Command::Audit { action: AuditAction::Verify { file } } => audit_verify(&file),
     }
 }
 
@@ -225,6 +237,26 @@ fn ca(config: Option<PathBuf>, action: CaAction) -> ExitCode {
         },
     }
     ExitCode::SUCCESS
+}
+
+fn audit_verify(file: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("latchkey: {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    match crate::audit::verify(&text) {
+        Ok(n) => {
+            println!("{}: chain intact ({n} lines)", file.display());
+            ExitCode::SUCCESS
+        }
+        Err((line, why)) => {
+            println!("{}:{line}: chain broken: {why}", file.display());
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn providers() -> ExitCode {
