@@ -282,13 +282,13 @@ fn audit_log_is_hash_chained_across_restarts() {
     let lk = Latchkey::start(Some(&up), &cfg, &[]);
     lk.curl(&["https://api.example.com/two"]);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.lines().count() >= 3, "{text}");
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.lines().count() >= 3, "{log_text}");
     let o = run(lk.dir.path(), &["audit", "verify", log.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     // Edit one line: the chain names the line after it.
-    let tampered = text.replacen("\"status\":403", "\"status\":200", 1);
-    assert_ne!(tampered, text);
+    let tampered = log_text.replacen("\"status\":403", "\"status\":200", 1);
+    assert_ne!(tampered, log_text);
     std::fs::write(&log, &tampered).unwrap();
     let o = run(lk.dir.path(), &["audit", "verify", log.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(1));
