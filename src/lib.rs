@@ -8,6 +8,8 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inject;
 pub mod policy;
 pub mod proxy;
