@@ -457,3 +457,44 @@ fn smuggling_forms_cannot_desync_the_upstream() {
     assert_eq!(status(&resp), 400, "{resp}");
     assert_eq!(up.count(), before);
 }
+
+#[test]
+fn via_is_added_both_ways() {
+    let (up, lk) = start("");
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-H",
+            "Via: 1.0 corp-gateway",
+            "-x",
+            &lk.proxy_url(),
+            "--cacert",
+        ])
+        .arg(lk.bundle())
+        .arg("https://api.anthropic.com/v1/messages")
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(head.contains("via: 1.1 latchkey"), "{head}");
+    assert_eq!(up.requests()[0].header_all("via"), ["1.0 corp-gateway, 1.1 latchkey"]);
+}
+
+#[test]
+fn one_client_cannot_hold_every_connection() {
+    use std::io::Read;
+    let (_up, lk) = start("[proxy.limits]\nmax_connections_per_client = 2\n#END-PROXY\n");
+    let a = common::raw::connect(lk.port);
+    let b = common::raw::connect(lk.port);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut c = common::raw::connect(lk.port);
+    let mut buf = [0u8; 1];
+    assert_eq!(c.read(&mut buf).unwrap_or(0), 0, "the third connection is closed at once");
+    drop((a, b));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let resp = exchange(lk.port, b"GET /ca.crt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(status(&resp), 200, "freed slots are usable again");
+}

@@ -48,6 +48,8 @@ pub struct RawProxy {
     pub builtin_providers: bool,
     /// Where `${VAR}` credentials look for a file named like the variable when it is unset.
     pub secrets_dir: String,
+    /// Add `Via: 1.1 latchkey` to forwarded requests and responses (RFC 9110 7.6.3).
+    pub via: bool,
     pub logging: RawLogging,
     pub filters: RawFilters,
     pub limits: RawLimits,
@@ -69,6 +71,7 @@ impl Default for RawProxy {
             redact_responses: true,
             builtin_providers: false,
             secrets_dir: "~/.config/secrets".into(),
+            via: true,
             logging: RawLogging::default(),
             filters: RawFilters::default(),
             limits: RawLimits::default(),
@@ -106,6 +109,7 @@ pub struct RawLimits {
     pub header_read_timeout: u64,
     pub idle_timeout: u64,
     pub max_connections: usize,
+    pub max_connections_per_client: usize,
     pub inspect_body_bytes: usize,
     pub tunnel_timeout: u64,
     pub shutdown_grace: u64,
@@ -119,6 +123,7 @@ impl Default for RawLimits {
             header_read_timeout: 10,
             idle_timeout: 90,
             max_connections: 4096,
+            max_connections_per_client: 1024,
             inspect_body_bytes: 1024 * 1024,
             tunnel_timeout: 4 * 3600,
             shutdown_grace: 30,

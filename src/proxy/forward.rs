@@ -116,6 +116,9 @@ async fn exchange(
     }
     let (dialer, client) = generation.upstream(chosen.as_ref().map(|(i, _)| *i));
     prepare_upstream(&mut parts, route)?;
+    if config.proxy.via {
+        add_via(&mut parts.headers);
+    }
     let redact = chosen.is_some() && config.proxy.redact_responses;
     if redact {
         // A compressed body could not be scanned for the secret: ask for identity.
@@ -169,6 +172,9 @@ async fn exchange(
     }
     if credential.is_some_and(|c| !c.pass_cookies) {
         resp.headers_mut().remove(header::SET_COOKIE);
+    }
+    if config.proxy.via {
+        add_via(resp.headers_mut());
     }
     let resp = resp.map(|b| b.map_err(box_error).boxed());
     match credential {
@@ -450,6 +456,18 @@ fn prepare_upstream(parts: &mut Parts, route: &Route) -> Result<(), Refusal> {
         .map_err(|_| bad_request("cannot rebuild the request URI"))?;
     parts.version = Version::HTTP_11;
     Ok(())
+}
+
+/// Append latchkey to `Via` (RFC 9110 7.6.3), keeping what earlier hops wrote.
+fn add_via(headers: &mut HeaderMap) {
+    const US: &str = "1.1 latchkey";
+    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {US}"),
+        None => US.to_string(),
+    };
+    if let Ok(v) = header::HeaderValue::from_str(&value) {
+        headers.insert(header::VIA, v);
+    }
 }
 
 /// Remove hop-by-hop headers and every header the Connection header names.

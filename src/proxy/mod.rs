@@ -105,7 +105,42 @@ pub struct Proxy {
     pub ca: Arc<CertAuthority>,
     pub audit: Audit,
     connections: Arc<Semaphore>,
+    per_client: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
     pub exchanges: Arc<Exchanges>,
+}
+
+/// One open connection counted against its client's address; dropping it uncounts it.
+struct PerClient {
+    map: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PerClient {
+    fn enter(
+        map: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+        limit: usize,
+    ) -> Option<PerClient> {
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(PerClient { map: map.clone(), ip })
+    }
+}
+
+impl Drop for PerClient {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 const FLUSH: Duration = Duration::from_millis(250);
@@ -168,7 +203,15 @@ impl Proxy {
         let connections = Arc::new(Semaphore::new(config.proxy.limits.max_connections));
         let generation = Generation::new(Arc::new(config), provider, own_sockets)?;
         let exchanges = Arc::new(Exchanges::default());
-        Ok(Arc::new(Proxy { current: RwLock::new(Arc::new(generation)), ca, audit, connections, exchanges }))
+        let per_client = Default::default();
+        Ok(Arc::new(Proxy {
+            current: RwLock::new(Arc::new(generation)),
+            ca,
+            audit,
+            connections,
+            per_client,
+            exchanges,
+        }))
     }
 
     pub fn generation(&self) -> Arc<Generation> {
@@ -191,10 +234,15 @@ impl Proxy {
                 tracing::warn!("connection limit reached; refusing {peer}");
                 continue;
             };
+            let limit = self.generation().config.proxy.limits.max_connections_per_client;
+            let Some(per_client) = PerClient::enter(&self.per_client, peer.ip(), limit) else {
+                tracing::warn!("{} has {limit} connections open; refusing another", peer.ip());
+                continue;
+            };
             let proxy = self.clone();
             tokio::spawn(async move {
                 proxy.serve_client(stream, peer).await;
-                drop(permit);
+                drop((permit, per_client));
             });
         }
     }
