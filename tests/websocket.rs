@@ -20,6 +20,10 @@ const SECRET: &str = "ws-REAL-token";
 
 /// The Python WebSocket upstream and a latchkey routing api.example.com to it.
 fn setup() -> (Child, Latchkey) {
+    setup_with("")
+}
+
+fn setup_with(proxy_extra: &str) -> (Child, Latchkey) {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("up.crt"), dir.path().join("up.key"));
     std::fs::write(&cert, &pki().cert_pem).unwrap();
@@ -40,7 +44,7 @@ fn setup() -> (Child, Latchkey) {
 
     let port = free_port();
     let cfg = "[credentials.ws]\nauth_type = \"bearer\"\nvalue = \"${WS_TOKEN}\"\ndomains = [\"api.example.com\"]\n";
-    let config = write_config(dir.path(), port, Some(addr), cfg);
+    let config = write_config(dir.path(), port, Some(addr), &format!("{proxy_extra}{cfg}"));
     let lk = Latchkey::spawn(dir, port, config, &[("WS_TOKEN", SECRET)]);
     (server, lk)
 }
@@ -122,4 +126,25 @@ fn websocket_over_http2_extended_connect_is_downgraded_upstream() {
         String::from_utf8(payload).unwrap()
     });
     assert_eq!(reply, "echo: over h2", "the upstream accepted the injected credential");
+}
+
+#[test]
+fn a_reflected_credential_in_a_text_frame_is_masked() {
+    let (_server, lk) = setup_with("redact_responses = true\n#END-PROXY\n");
+    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py");
+    let out = Command::new("python3")
+        .arg(format!("{py}/ws_whoami.py"))
+        .env("BUNDLE", lk.bundle())
+        .env("PROXY", lk.proxy_url())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("you are Bearer {}", "*".repeat(SECRET.len())),
+        "the upstream saw it; the client did not"
+    );
+    assert_eq!(lines[1], "None", "no permessage-deflate on a credentialed socket");
 }

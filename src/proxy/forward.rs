@@ -147,7 +147,8 @@ async fn exchange(
             let client =
                 parts.extensions.remove::<OnUpgrade>().ok_or_else(|| bad_request("cannot upgrade here"))?;
             drop(body);
-            super::upgrade::relay(config, dialer, route, parts, kind, client).await?
+            let redactor = credential.filter(|_| redact).and_then(|c| c.redactor.get(c.injector.secrets()));
+            super::upgrade::relay(config, dialer, route, parts, kind, client, redactor).await?
         }
         None => send(config, client, route, parts, body, up.clone()).await?,
     };

@@ -12,6 +12,7 @@ mod tokens;
 mod tunnel;
 mod upgrade;
 pub mod upstream;
+mod wsframes;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};

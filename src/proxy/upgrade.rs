@@ -12,6 +12,9 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+
+use crate::redact::Redactor;
 
 use super::forward::Route;
 use super::upstream::Dialer;
@@ -55,7 +58,12 @@ pub async fn relay(
     mut parts: Parts,
     kind: Upgrade,
     client: OnUpgrade,
+    redactor: Option<Arc<Redactor>>,
 ) -> Result<Response<Incoming>, Refusal> {
+    if redactor.is_some() {
+        // Compressed frames could not be scanned: no permessage-deflate (or any extension).
+        parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    }
     parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     match &kind {
         Upgrade::H1(protocol) => {
@@ -99,7 +107,7 @@ pub async fn relay(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream = hyper::upgrade::on(&mut resp);
         let limit = config.proxy.limits.tunnel_timeout;
-        tokio::spawn(join(client, upstream, limit));
+        tokio::spawn(join(client, upstream, limit, redactor));
         if let Upgrade::H2WebSocket = kind {
             // An HTTP/2 client is told 200; the handshake headers are HTTP/1.1's.
             *resp.status_mut() = StatusCode::OK;
@@ -109,10 +117,25 @@ pub async fn relay(
     Ok(resp)
 }
 
-async fn join(client: OnUpgrade, upstream: OnUpgrade, limit: Duration) {
+async fn join(client: OnUpgrade, upstream: OnUpgrade, limit: Duration, redactor: Option<Arc<Redactor>>) {
     let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else { return };
     let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
-    let _ = tokio::time::timeout(limit, tokio::io::copy_bidirectional(&mut a, &mut b)).await;
+    let Some(redactor) = redactor else {
+        let _ = tokio::time::timeout(limit, tokio::io::copy_bidirectional(&mut a, &mut b)).await;
+        return;
+    };
+    // Credentialed: client → upstream as is, upstream → client frame by frame, masked.
+    let (mut client_read, client_write) = tokio::io::split(a);
+    let (upstream_read, mut upstream_write) = tokio::io::split(b);
+    let up = tokio::io::copy(&mut client_read, &mut upstream_write);
+    let down = super::wsframes::mask(upstream_read, client_write, redactor);
+    let both = async {
+        tokio::select! {
+            _ = up => {}
+            _ = down => {}
+        }
+    };
+    let _ = tokio::time::timeout(limit, both).await;
 }
 
 fn websocket_key() -> Result<HeaderValue, Refusal> {

@@ -18,6 +18,10 @@ def check(connection, request):
 
 def echo(ws):
     for message in ws:
+        if message == "whoami":
+            # A reflecting upstream: hands back the credential it received.
+            ws.send(f"you are {ws.request.headers['Authorization']}")
+            continue
         ws.send(message if isinstance(message, bytes) else f"echo: {message}")
 
 
