@@ -3,28 +3,17 @@
 //! real token; refresh before expiry and one retry after a 401.
 
 mod common;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 
 use common::*;
 
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The Google stand-in (tokens living `expires_in` seconds) and a latchkey with a gcp
 /// credential on .googleapis.com from a fresh service-account key.
-fn setup(expires_in: u32) -> (Child, Latchkey) {
+fn setup(expires_in: u32) -> (PyServer, Latchkey) {
     setup_with(expires_in, false)
 }
 
 /// As `setup`, with an authorized_user file (refresh token) instead of a key when `user`.
-fn setup_with(expires_in: u32, user: bool) -> (Child, Latchkey) {
+fn setup_with(expires_in: u32, user: bool) -> (PyServer, Latchkey) {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("up.crt"), dir.path().join("up.key"));
     std::fs::write(&cert, &pki().cert_pem).unwrap();
@@ -50,19 +39,9 @@ fn setup_with(expires_in: u32, user: bool) -> (Child, Latchkey) {
     let sa_file = dir.path().join("sa.json");
     std::fs::write(&sa_file, sa.to_string()).unwrap();
     set_mode(&sa_file, 0o600);
-    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py");
-    let mut server = Child(
-        Command::new("python3")
-            .arg(format!("{py}/gcp_server.py"))
-            .args([&cert, &key, &public])
-            .arg(expires_in.to_string())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(server.0.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", line.trim()).parse().unwrap();
+    let mut cmd = py("gcp_server.py");
+    cmd.args([&cert, &key, &public]).arg(expires_in.to_string());
+    let (server, addr) = python_upstream(cmd);
     let cfg = format!(
         "[credentials.gcp]\nauth_type = \"gcp\"\ncredentials_file = \"{}\"\ndomains = [\".googleapis.com\"]\n",
         sa_file.display()
@@ -76,11 +55,12 @@ fn setup_with(expires_in: u32, user: bool) -> (Child, Latchkey) {
 #[test]
 fn google_auth_library_gets_a_vended_token_and_the_api_the_real_one() {
     let (_server, lk) = setup(3600);
-    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py");
+    let client = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/gcp_client.py");
     let out = latchkey_cmd(lk.dir.path(), &[])
         .args(["exec", "--config"])
         .arg(&lk.config_path)
-        .args(["--", "python3", &format!("{py}/gcp_client.py")])
+        .args(["--", "python3"])
+        .arg(client)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -2,40 +2,25 @@
 //! server-streaming, metadata injected, grpc-status and trailing metadata intact.
 
 mod common;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 
 use common::*;
-
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 const SECRET: &str = "grpc-REAL-token";
 
 /// Start the grpcio upstream (`extra` args: token, optional client CA) and a latchkey
 /// with credential `cfg` routing api.example.com to it.
-fn setup(token: &str, mtls: bool, cfg: impl Fn(&std::path::Path) -> String) -> (Child, Latchkey) {
+fn setup(token: &str, mtls: bool, cfg: impl Fn(&std::path::Path) -> String) -> (PyServer, Latchkey) {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("up.crt"), dir.path().join("up.key"));
     std::fs::write(&cert, &pki().cert_pem).unwrap();
     std::fs::write(&key, &pki().key_pem).unwrap();
     let (ca, _, _) = write_pki(dir.path());
-    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(format!("{py}/grpc_server.py")).args([&cert, &key]).arg(token);
+    let mut cmd = py("grpc_server.py");
+    cmd.args([&cert, &key]).arg(token);
     if mtls {
         cmd.arg(&ca);
     }
-    let mut server = Child(cmd.stdout(Stdio::piped()).spawn().unwrap());
-    let mut line = String::new();
-    BufReader::new(server.0.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", line.trim()).parse().unwrap();
+    let (server, addr) = python_upstream(cmd);
     let port = free_port();
     let config = write_config(dir.path(), port, Some(addr), &cfg(dir.path()));
     let lk = Latchkey::spawn(dir, port, config, &[("GRPC_TOKEN", SECRET)]);
@@ -43,9 +28,7 @@ fn setup(token: &str, mtls: bool, cfg: impl Fn(&std::path::Path) -> String) -> (
 }
 
 fn client(lk: &Latchkey) -> std::process::Output {
-    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py");
-    Command::new("python3")
-        .arg(format!("{py}/grpc_client.py"))
+    py("grpc_client.py")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap())
         .env("HOME", lk.dir.path())

@@ -2,39 +2,24 @@
 //! the real secret, while the client (curl --aws-sigv4) only ever holds dummy keys.
 
 mod common;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 
 use common::*;
-
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 const AKID: &str = "AKIAREALKEY123456789";
 const SECRET: &str = "real/Secret+Key0123456789abcdefghijklmnop";
 const TOKEN: &str = "real-session-token-xyz";
 
-fn setup(with_token: bool, extra: &str) -> (Child, Latchkey) {
+fn setup(with_token: bool, extra: &str) -> (PyServer, Latchkey) {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("up.crt"), dir.path().join("up.key"));
     std::fs::write(&cert, &pki().cert_pem).unwrap();
     std::fs::write(&key, &pki().key_pem).unwrap();
-    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(format!("{py}/sigv4_server.py")).args([&cert, &key]).args([AKID, SECRET]);
+    let mut cmd = py("sigv4_server.py");
+    cmd.args([&cert, &key]).args([AKID, SECRET]);
     if with_token {
         cmd.arg(TOKEN);
     }
-    let mut server = Child(cmd.stdout(Stdio::piped()).spawn().unwrap());
-    let mut line = String::new();
-    BufReader::new(server.0.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", line.trim()).parse().unwrap();
+    let (server, addr) = python_upstream(cmd);
     let port = free_port();
     let config = write_config(dir.path(), port, Some(addr), extra);
     let mut env = vec![("AWS_ACCESS_KEY_ID", AKID), ("AWS_SECRET_ACCESS_KEY", SECRET)];

@@ -2,45 +2,24 @@
 //! on the handshake, frames relayed untouched.
 
 mod common;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 
 use common::*;
-
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 const SECRET: &str = "ws-REAL-token";
 
 /// The Python WebSocket upstream and a latchkey routing api.example.com to it.
-fn setup() -> (Child, Latchkey) {
+fn setup() -> (PyServer, Latchkey) {
     setup_with("")
 }
 
-fn setup_with(proxy_extra: &str) -> (Child, Latchkey) {
+fn setup_with(proxy_extra: &str) -> (PyServer, Latchkey) {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("up.crt"), dir.path().join("up.key"));
     std::fs::write(&cert, &pki().cert_pem).unwrap();
     std::fs::write(&key, &pki().key_pem).unwrap();
-    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py");
-    let mut server = Child(
-        Command::new("python3")
-            .arg(format!("{py}/ws_server.py"))
-            .args([&cert, &key])
-            .arg(SECRET)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(server.0.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", line.trim()).parse().unwrap();
+    let mut cmd = py("ws_server.py");
+    cmd.args([&cert, &key]).arg(SECRET);
+    let (server, addr) = python_upstream(cmd);
 
     let port = free_port();
     let cfg = "[credentials.ws]\nauth_type = \"bearer\"\nvalue = \"${WS_TOKEN}\"\ndomains = [\"api.example.com\"]\n";
@@ -52,15 +31,8 @@ fn setup_with(proxy_extra: &str) -> (Child, Latchkey) {
 #[test]
 fn websocket_handshake_is_injected_and_frames_relayed() {
     let (_server, lk) = setup();
-    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py");
-    let client = |script: &str| {
-        Command::new("python3")
-            .arg(format!("{py}/{script}"))
-            .env("BUNDLE", lk.bundle())
-            .env("PROXY", lk.proxy_url())
-            .output()
-            .unwrap()
-    };
+    let client =
+        |script: &str| py(script).env("BUNDLE", lk.bundle()).env("PROXY", lk.proxy_url()).output().unwrap();
     let out = client("ws_client.py");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}\n{}", String::from_utf8_lossy(&out.stderr), lk.stderr());
@@ -131,13 +103,7 @@ fn websocket_over_http2_extended_connect_is_downgraded_upstream() {
 #[test]
 fn a_reflected_credential_in_a_text_frame_is_masked() {
     let (_server, lk) = setup_with("redact_responses = true\n#END-PROXY\n");
-    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py");
-    let out = Command::new("python3")
-        .arg(format!("{py}/ws_whoami.py"))
-        .env("BUNDLE", lk.bundle())
-        .env("PROXY", lk.proxy_url())
-        .output()
-        .unwrap();
+    let out = py("ws_whoami.py").env("BUNDLE", lk.bundle()).env("PROXY", lk.proxy_url()).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<&str> = text.lines().collect();

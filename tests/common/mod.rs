@@ -619,6 +619,33 @@ pub fn echoed(body: &str, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// A Python upstream from tests/py that prints its port on its first line; killed on drop.
+pub struct PyServer(std::process::Child);
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `python3 tests/py/<script>`, ready for arguments.
+pub fn py(script: &str) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(script));
+    cmd
+}
+
+/// Start a Python upstream and read the loopback port it listens on.
+pub fn python_upstream(mut cmd: Command) -> (PyServer, SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    let mut server = PyServer(cmd.stdout(Stdio::piped()).spawn().unwrap());
+    let mut line = String::new();
+    BufReader::new(server.0.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let addr = format!("127.0.0.1:{}", line.trim()).parse().expect("the server printed its port");
+    (server, addr)
+}
+
 pub fn env_map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
