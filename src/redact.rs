@@ -11,22 +11,39 @@ use std::sync::{Arc, Mutex};
 
 use crate::secrets::Secret;
 
+/// How long a value rotated out of a credential stays masked.
+pub const RETIRED_FOR: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// A credential's redactor, rebuilt only when its secret values change (rotation,
-/// newly minted tokens).
+/// newly minted tokens). Values rotated out stay masked for `RETIRED_FOR`.
 #[derive(Debug, Default)]
-pub struct Cache(Mutex<Option<(Vec<Secret>, Arc<Redactor>)>>);
+pub struct Cache(Mutex<CacheState>);
+
+#[derive(Debug, Default)]
+struct CacheState {
+    current: Vec<Secret>,
+    retired: Vec<(Secret, std::time::Instant)>,
+    redactor: Option<Arc<Redactor>>,
+}
 
 impl Cache {
     pub fn get(&self, secrets: Vec<Secret>) -> Option<Arc<Redactor>> {
-        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((known, r)) = slot.as_ref()
-            && *known == secrets
-        {
-            return Some(r.clone());
+        let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let expired = st.retired.iter().any(|(_, at)| now.duration_since(*at) >= RETIRED_FOR);
+        if st.redactor.is_some() && st.current == secrets && !expired {
+            return st.redactor.clone();
         }
-        let r = Arc::new(Redactor::new(&secrets)?);
-        *slot = Some((secrets, r.clone()));
-        Some(r)
+        let old = std::mem::take(&mut st.current);
+        for s in old.into_iter().filter(|s| !secrets.contains(s)) {
+            st.retired.push((s, now));
+        }
+        st.retired.retain(|(s, at)| now.duration_since(*at) < RETIRED_FOR && !secrets.contains(s));
+        let mut all = secrets.clone();
+        all.extend(st.retired.iter().map(|(s, _)| s.clone()));
+        st.current = secrets;
+        st.redactor = Redactor::new(&all).map(Arc::new);
+        st.redactor.clone()
     }
 }
 
@@ -178,6 +195,18 @@ mod tests {
             assert!(out.contains("********"), "{text} → {out}");
         }
         assert_eq!(whole(b"nothing to see"), b"nothing to see");
+    }
+
+    #[test]
+    fn rotated_out_values_stay_masked() {
+        let cache = Cache::default();
+        let old = Secret::new("old-secret-value-111".into());
+        let new = Secret::new("new-secret-value-222".into());
+        cache.get(vec![old.clone()]).unwrap();
+        let r = cache.get(vec![new.clone()]).unwrap();
+        let mut text = b"old-secret-value-111 new-secret-value-222".to_vec();
+        assert_eq!(r.mask(&mut text), 2, "{}", String::from_utf8_lossy(&text));
+        assert!(Arc::ptr_eq(&r, &cache.get(vec![new]).unwrap()), "unchanged values reuse the automaton");
     }
 
     #[test]

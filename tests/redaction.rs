@@ -81,3 +81,25 @@ fn trace_is_refused_on_credentialed_routes() {
     assert_eq!(code, 403, "{text}");
     assert_eq!(up.count(), 0);
 }
+
+#[test]
+fn values_rotated_out_stay_masked() {
+    let up = upstream(true, None);
+    let secrets = tempfile::tempdir().unwrap();
+    let file = secrets.path().join("key");
+    std::fs::write(&file, "first-rotating-secret-AAAA").unwrap();
+    set_mode(&file, 0o600);
+    let cfg = format!(
+        "redact_responses = true\n#END-PROXY\n[credentials.rot]\nheader = \"x-api-key\"\nvalue_file = \"{}\"\ndomains = [\"api.anthropic.com\"]\n",
+        file.display()
+    );
+    let lk = Latchkey::start(Some(&up), &cfg, &[]);
+    let (_, text) = lk.curl(&["https://api.anthropic.com/reflect/query?first-rotating-secret-AAAA"]);
+    assert!(!text.contains("first-rotating-secret-AAAA"), "{text}");
+    std::fs::write(&file, "second-rotating-secret-BBBB").unwrap();
+    let (_, text) = lk.curl(&["https://api.anthropic.com/reflect/query?first-rotating-secret-AAAA"]);
+    assert!(!text.contains("first-rotating-secret-AAAA"), "the old value is still masked: {text}");
+    assert!(text.contains("query was ****"), "{text}");
+    let (_, text) = lk.curl(&["https://api.anthropic.com/reflect/plain"]);
+    assert!(!text.contains("second-rotating-secret-BBBB"), "{text}");
+}

@@ -310,6 +310,10 @@ async fn echo(
                     let _ = tx.send_data(Bytes::from_static(b"data: first\n\n")).await;
                     let _ = tx.send_data(Bytes::from(format!("data: {cred}\n\n"))).await;
                 }
+                w if w.starts_with("/reflect/query?") => {
+                    let q = w.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default();
+                    let _ = tx.send_data(Bytes::from(format!("query was {q}"))).await;
+                }
                 "/reflect/base64" => {
                     let _ = tx.send_data(Bytes::from(b64)).await;
                 }
