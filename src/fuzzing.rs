@@ -40,6 +40,37 @@ pub fn config(data: &[u8]) {
     let _ = crate::config::compile(text, None, &|_| Some("v".into()), &[]);
 }
 
+/// A client byte stream through the framing guard, split at the points the first bytes
+/// choose: it never panics, never loses or adds a byte, and changes nothing but the
+/// `Content-Length` names it renames.
+pub fn framing(data: &[u8]) {
+    use crate::proxy::framing::{SMUGGLED, Scanner};
+    let (cuts, input) = data.split_at(data.len().min(4));
+    let mut scanner = Scanner::new(1024, 16);
+    let (mut buf, mut out, mut last) = (Vec::new(), Vec::new(), 0);
+    let mut points: Vec<usize> = cuts.iter().map(|&c| usize::from(c) % (input.len() + 1)).collect();
+    points.push(input.len());
+    points.sort_unstable();
+    for p in points {
+        buf.extend_from_slice(&input[last..p]);
+        last = p;
+        let n = scanner.scan(&mut buf);
+        out.extend(buf.drain(..n));
+    }
+    out.append(&mut buf);
+    assert_eq!(out.len(), input.len(), "no byte lost or added");
+    let mut i = 0;
+    while i < out.len() {
+        if out[i] != input[i] {
+            assert!(out[i..].starts_with(SMUGGLED.as_bytes()), "only renames at {i}");
+            assert!(input[i..].to_ascii_lowercase().starts_with(b"content-length"));
+            i += SMUGGLED.len();
+        } else {
+            i += 1;
+        }
+    }
+}
+
 /// A request head through policy and injection: never panics, and an injected request
 /// carries exactly one credential header.
 pub fn request(data: &[u8]) {
@@ -100,6 +131,7 @@ mod tests {
             super::host(input);
             super::config(input);
             super::request(input);
+            super::framing(input);
         }
     }
 
@@ -109,6 +141,13 @@ mod tests {
             super::host(&data);
             super::config(&data);
             super::request(&data);
+            super::framing(&data);
+        }
+
+        #[test]
+        fn random_pipelines(parts in proptest::collection::vec(
+            "(POST / HTTP/1.1\r\n|Content-Length: [0-9]{1,2}\r\n|Transfer-Encoding: chunked\r\n|\r\n|[0-9a-f]{1,2}\r\n|[a-z]{0,9}|\n)", 0..30)) {
+            super::framing(format!("\x01\x07\x13\x30{}", parts.concat()).as_bytes());
         }
 
         #[test]

@@ -424,38 +424,62 @@ fn core_dumps_are_disabled() {
 }
 
 #[test]
-fn smuggling_forms_cannot_desync_the_upstream() {
+fn smuggling_forms_are_refused_and_never_forwarded() {
     let (up, lk) = start("");
-    // CL+TE: hyper reads it as chunked (RFC 9112: Transfer-Encoding wins), drops the
-    // Content-Length and closes after; latchkey re-frames the body, so the upstream
-    // sees one request with one framing and the smuggled one is never sent.
-    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    // CL+TE, in both header orders, in a tunnel and on the proxy port (absolute-form):
+    // 400, the connection closes, and neither the request nor the one hidden in its
+    // body reaches the upstream.
     let smuggled = "0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n";
-    let resp = request(
-        tls(s, "api.anthropic.com"),
-        &format!(
-            "POST / HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{smuggled}",
-            smuggled.len()
-        ),
-    );
-    assert_eq!(status(&resp), 200, "{resp}");
-    assert!(!resp.contains("HTTP/1.1 421") || !resp.contains("/smuggled"), "{resp}");
-    let seen = up.requests();
-    assert!(seen.iter().all(|r| r.path != "/smuggled"), "{seen:?}");
-    assert!(
-        seen.iter().all(
-            |r| r.header_all("content-length").is_empty() || r.header_all("transfer-encoding").is_empty()
+    let n = smuggled.len();
+    for framing in [
+        format!("Content-Length: {n}\r\nTransfer-Encoding: chunked"),
+        format!("Transfer-Encoding: chunked\r\nContent-Length: {n}"),
+    ] {
+        let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+        let resp = request(
+            tls(s, "api.anthropic.com"),
+            &format!("POST / HTTP/1.1\r\nHost: api.anthropic.com\r\n{framing}\r\n\r\n{smuggled}"),
+        );
+        assert_eq!(status(&resp), 400, "{resp}");
+        assert!(resp.contains("x-latchkey-error: smuggling"), "{resp}");
+        assert_eq!(resp.matches("HTTP/1.1").count(), 1, "one answer, then closed: {resp}");
+    }
+    let resp = exchange(
+        lk.port,
+        format!(
+            "POST http://example.com/ HTTP/1.1\r\nHost: example.com\r\nContent-Length: {n}\r\nTransfer-Encoding: chunked\r\n\r\n{smuggled}"
         )
+        .as_bytes(),
     );
+    assert_eq!(status(&resp), 400, "{resp}");
+    assert_eq!(up.count(), 0, "{:?}", up.requests());
+
     // Two differing Content-Lengths: 400, nothing forwarded.
-    let before = up.count();
     let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
     let resp = request(
         tls(s, "api.anthropic.com"),
         "POST / HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: 4\r\nContent-Length: 5\r\nConnection: close\r\n\r\nabcde",
     );
     assert_eq!(status(&resp), 400, "{resp}");
-    assert_eq!(up.count(), before);
+
+    // Malformed chunking: 400 (the client's fault), not 502.
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let resp = request(
+        tls(s, "api.anthropic.com"),
+        "POST /sink HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab\r\nzz\r\n",
+    );
+    assert_eq!(status(&resp), 400, "{resp}");
+    assert!(resp.contains("request body"), "{resp}");
+    assert!(up.requests().iter().all(|r| r.path != "/smuggled"));
+
+    // A well-framed pipeline after a chunked request still works request by request.
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let resp = request(
+        tls(s, "api.anthropic.com"),
+        "POST /a HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+         GET /b HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(resp.matches("HTTP/1.1 200").count(), 2, "{resp}");
 }
 
 #[test]

@@ -124,7 +124,7 @@ async fn exchange(
         // A compressed body could not be scanned for the secret: ask for identity.
         parts.headers.insert(header::ACCEPT_ENCODING, header::HeaderValue::from_static("identity"));
     }
-    let mut body: Body = body.map_err(box_error).boxed();
+    let mut body: Body = body.map_err(client_body_error).boxed();
     let tokens = super::tokens::ClientHttp { client: &generation.client, timeout: config.proxy.timeout };
     let mut replay = None;
     let credential = match chosen {
@@ -404,6 +404,13 @@ fn check_route(route: &Route, parts: &Parts, h2_websocket: bool) -> Result<(), R
     if let Some(why) = &route.misdirected {
         return Err(misdirected(why.clone()));
     }
+    if parts.headers.contains_key(super::framing::SMUGGLED) {
+        return Err(Refusal::new(
+            400,
+            "smuggling",
+            "Content-Length together with Transfer-Encoding is refused (request smuggling)",
+        ));
+    }
     if parts.method == Method::CONNECT && !h2_websocket {
         return Err(bad_request("CONNECT inside a tunnel is refused"));
     }
@@ -495,10 +502,34 @@ fn upstream_failure(dest: &Destination, e: &hyper_util::client::legacy::Error) -
         if let Some(u) = err.downcast_ref::<UpstreamError>() {
             return respond::upstream_refusal(u);
         }
+        if let Some(c) = err.downcast_ref::<ClientBodyError>() {
+            return bad_request(c.to_string());
+        }
         source = err.source();
     }
     let cause = std::error::Error::source(e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
     Refusal::new(502, "upstream-reset", format!("{dest} failed: {cause}"))
+}
+
+/// The client's request body failed (bad chunking, early close): its fault, not the
+/// upstream's, so it is answered with 400 rather than 502.
+#[derive(Debug)]
+struct ClientBodyError(hyper::Error);
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "reading the request body failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+fn client_body_error(e: hyper::Error) -> super::BoxError {
+    Box::new(ClientBodyError(e))
 }
 
 fn box_error(e: hyper::Error) -> super::BoxError {

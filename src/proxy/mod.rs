@@ -5,6 +5,7 @@
 
 mod body;
 mod forward;
+pub(crate) mod framing;
 mod handler;
 mod identity;
 mod respond;
@@ -272,6 +273,7 @@ impl Proxy {
         let _ = stream.set_nodelay(true);
         let limits = generation.config.proxy.limits.clone();
         let service = service_fn(move |req| handler::handle(self.clone(), generation.clone(), peer, req));
+        let stream = framing::Guarded::new(stream, &limits);
         let conn = server_builder(&limits).serve_connection(TokioIo::new(stream), service).with_upgrades();
         if let Err(e) = conn.await {
             tracing::debug!("client {peer}: {e}");

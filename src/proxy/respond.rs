@@ -11,6 +11,10 @@ use crate::policy::Refusal;
 
 pub fn refusal(r: &Refusal) -> Response<Body> {
     let mut resp = text(r.status, r.kind, &r.message);
+    if r.kind == "smuggling" {
+        // The rest of the stream cannot be trusted to be framed as the client meant.
+        resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    }
     if r.status == 407 {
         resp.headers_mut()
             .insert(header::PROXY_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"latchkey\""));

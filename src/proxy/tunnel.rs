@@ -94,6 +94,7 @@ where
     let limits = generation.config.proxy.limits.clone();
     let service =
         service_fn(move |req| forward::handle(proxy.clone(), generation.clone(), route.clone(), req));
+    let stream = super::framing::Guarded::new(stream, &limits);
     let conn = super::server_builder(&limits).serve_connection(TokioIo::new(stream), service).with_upgrades();
     if let Err(e) = conn.await {
         tracing::debug!("tunnel: {e}");
