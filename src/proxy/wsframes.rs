@@ -1,6 +1,7 @@
-//! Server-to-client WebSocket frames on a credentialed connection: text messages are
-//! buffered frame by frame (up to a bound) and the credential's secret masked in place —
-//! same length, so frame headers stay valid. Other frames stream through untouched.
+//! Server-to-client WebSocket frames on a credentialed connection: a text message is
+//! held until its last fragment (up to a bound) and the credential's secret masked in
+//! place across the fragments — same length, so frame headers stay valid. Control frames
+//! interleaved with the fragments go ahead at once; other frames stream through.
 
 use std::sync::Arc;
 
@@ -9,8 +10,34 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::redact::Redactor;
 
-/// Largest text frame latchkey scans; a larger one ends the connection (fail closed).
-const MAX_TEXT_FRAME: u64 = 1 << 20;
+/// Largest text message latchkey scans; a larger one ends the connection (fail closed).
+const MAX_TEXT_MESSAGE: u64 = 1 << 20;
+
+/// The frames of a text message waiting for its last fragment.
+#[derive(Default)]
+struct Message {
+    frames: BytesMut,
+    /// Where each frame's payload sits in `frames`.
+    payloads: Vec<std::ops::Range<usize>>,
+    size: u64,
+}
+
+impl Message {
+    /// Mask the secret across the fragments' joined payload and hand back the frames.
+    fn finish(&mut self, redactor: &Redactor) -> BytesMut {
+        let mut joined: Vec<u8> =
+            self.payloads.iter().flat_map(|r| self.frames[r.clone()].to_vec()).collect();
+        redactor.mask(&mut joined);
+        let mut at = 0;
+        for r in self.payloads.drain(..) {
+            let n = r.len();
+            self.frames[r].copy_from_slice(&joined[at..at + n]);
+            at += n;
+        }
+        self.size = 0;
+        std::mem::take(&mut self.frames)
+    }
+}
 
 struct Header {
     len: usize,
@@ -44,6 +71,7 @@ where
 {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut in_text = false;
+    let mut message = Message::default();
     let mut passthrough: u64 = 0;
     loop {
         if passthrough > 0 {
@@ -76,8 +104,9 @@ where
             passthrough = h.payload;
             continue;
         }
-        if h.payload > MAX_TEXT_FRAME {
-            return Err(std::io::Error::other("text frame too large to scan for the credential"));
+        message.size += h.payload;
+        if message.size > MAX_TEXT_MESSAGE {
+            return Err(std::io::Error::other("text message too large to scan for the credential"));
         }
         let total = h.len + h.payload as usize;
         while buf.len() < total {
@@ -85,9 +114,13 @@ where
                 return Err(std::io::Error::other("connection ended inside a frame"));
             }
         }
-        let mut frame = buf.split_to(total);
-        redactor.mask(&mut frame[h.len..]);
-        to.write_all(&frame).await?;
+        let start = message.frames.len();
+        message.frames.extend_from_slice(&buf[..total]);
+        message.payloads.push(start + h.len..start + total);
+        buf.advance(total);
+        if h.fin {
+            to.write_all(&message.finish(&redactor)).await?;
+        }
     }
 }
 
@@ -117,6 +150,13 @@ mod tests {
         input.extend(frame(2, true, secret.as_bytes()));
         input.extend(frame(1, false, format!("part {secret}").as_bytes()));
         input.extend(frame(0, true, format!("{secret} end").as_bytes()));
+        // Split across three fragments, with a ping between them.
+        let (a, b) = secret.split_at(7);
+        let (b, c) = b.split_at(6);
+        input.extend(frame(1, false, format!("split {a}").as_bytes()));
+        input.extend(frame(0, false, b.as_bytes()));
+        input.extend(frame(9, true, b"ping"));
+        input.extend(frame(0, true, format!("{c} done").as_bytes()));
         input.extend(frame(1, true, "x".repeat(300).as_bytes()));
         let mut out = Vec::new();
         // Feed in awkward pieces: the reader returns a few bytes at a time.
@@ -125,6 +165,9 @@ mod tests {
         assert_eq!(out.len(), input.len(), "frame lengths unchanged");
         let text = String::from_utf8_lossy(&out);
         assert_eq!(text.matches(secret).count(), 1, "only the binary frame keeps it: {text}");
+        assert!(!text.contains(&format!("split {a}")) && !text.contains(&format!("{c} done")), "{text}");
+        assert!(text.contains("split *******") && text.contains("******* done"), "{text}");
+        assert!(out.windows(4).any(|w| w == b"ping"), "control frame passed");
     }
 
     /// A reader that hands out 3 bytes per read.

@@ -22,6 +22,11 @@ def echo(ws):
             # A reflecting upstream: hands back the credential it received.
             ws.send(f"you are {ws.request.headers['Authorization']}")
             continue
+        if message == "whoami in pieces":
+            # The same, with the credential split across fragments of one message.
+            value = ws.request.headers["Authorization"]
+            ws.send(iter(["you are ", value[:12], value[12:20], value[20:]]))
+            continue
         ws.send(message if isinstance(message, bytes) else f"echo: {message}")
 
 

@@ -9,4 +9,6 @@ with connect("wss://api.example.com/ws", ssl=ctx, proxy=os.environ["PROXY"],
              additional_headers={"Authorization": "Bearer placeholder"}) as ws:
     ws.send("whoami")
     print(ws.recv())
+    ws.send("whoami in pieces")
+    print(ws.recv())
     print(ws.response.headers.get("Sec-WebSocket-Extensions"))
