@@ -1,0 +1,510 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: direct vs latchkey vs mitmproxy vs squid (ssl-bump).
+
+Everything binds to 127.0.0.1, every process started here is stopped here by PID, and
+every run is bounded in time. Targets alternate within each round so drift hits all
+alike; each proxy's header injection is verified before it is timed.
+
+Usage: bench/run.sh [--quick] [--rounds N] [--duration S] [--soak S] [--only a,b]
+(run.sh installs the tools; this script expects them on PATH).
+"""
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SECRET = "bench-secret-value-0123456789"
+HZ = os.sysconf("SC_CLK_TCK")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
+
+
+# --- process accounting -------------------------------------------------------------
+
+
+def tree(pid):
+    """pid and all its descendants."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(d))
+            except (OSError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_ticks(pids):
+    total = 0
+    for p in pids:
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+        except OSError:
+            pass
+    return total
+
+
+def rss_kib(pids):
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Sampler:
+    """Samples the RSS of a process tree while a run lasts; reports CPU and peak RSS."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.peak = 0
+        self.samples = []
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.pids = tree(self.pid) if self.pid else []
+        self.t0, self.c0 = time.monotonic(), cpu_ticks(self.pids)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.25):
+            if self.pid:
+                r = rss_kib(tree(self.pid))
+                self.peak = max(self.peak, r)
+                self.samples.append((time.monotonic() - self.t0, r))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+        self.wall = time.monotonic() - self.t0
+        if self.pid:
+            self.peak = max(self.peak, rss_kib(tree(self.pid)))
+        self.cpu = (cpu_ticks(tree(self.pid)) - self.c0) / HZ / self.wall * 100 if self.pid else 0
+
+
+# --- the upstream and the proxies -----------------------------------------------------
+
+
+class Bench:
+    def __init__(self, work, args):
+        self.work = work
+        self.args = args
+        self.procs = []
+        self.up_port = free_port()
+        self.sse_port = free_port()
+
+    def spawn(self, name, cmd, **kw):
+        log = open(self.work / f"{name}.log", "w")
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        self.procs.append((name, p))
+        return p
+
+    def stop_all(self):
+        for name, p in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                    p.wait(timeout=10)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    os.killpg(p.pid, signal.SIGKILL)
+
+    def certs(self):
+        w = self.work
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+        sh("openssl", "req", "-x509", *ec, "-keyout", w / "up-ca.key", "-out", w / "up-ca.pem",
+           "-days", "2", "-subj", "/CN=bench upstream CA")
+        sh("openssl", "req", *ec, "-keyout", w / "up.key", "-out", w / "up.csr", "-subj", "/CN=127.0.0.1")
+        (w / "ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+        sh("openssl", "x509", "-req", "-in", w / "up.csr", "-CA", w / "up-ca.pem", "-CAkey", w / "up-ca.key",
+           "-CAcreateserial", "-out", w / "up.pem", "-days", "2", "-extfile", w / "ext")
+        sh("openssl", "req", "-x509", *ec, "-keyout", w / "squid-ca.key", "-out", w / "squid-ca.pem",
+           "-days", "2", "-subj", "/CN=squid bench CA", "-addext", "basicConstraints=critical,CA:true",
+           "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        (w / "www").mkdir()
+        (w / "www" / "1m.bin").write_bytes(os.urandom(1 << 20))
+
+    def start_nginx(self):
+        w = self.work
+        conf = w / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 1;
+pid {w}/nginx.pid;
+error_log {w}/nginx.err warn;
+daemon off;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 600s;
+  server {{
+    listen 127.0.0.1:{self.up_port} ssl;
+    ssl_certificate {w}/up.pem;
+    ssl_certificate_key {w}/up.key;
+    root {w}/www;
+    location = / {{ return 200 "hello from upstream\\n"; }}
+    location = /check {{
+      if ($http_x_api_key = "{SECRET}") {{ return 200 "injected\\n"; }}
+      return 403 "no credential\\n";
+    }}
+  }}
+}}
+""")
+        self.spawn("nginx", ["nginx", "-c", str(conf)])
+        self.spawn("sse", [sys.executable, str(ROOT / "bench" / "sse_server.py"), str(self.sse_port),
+                           str(w / "up.pem"), str(w / "up.key")])
+        wait_port(self.up_port)
+        wait_port(self.sse_port)
+
+    def start_latchkey(self):
+        w, port = self.work, free_port()
+        conf = w / "latchkey.toml"
+        conf.write_text(f"""
+[proxy]
+port = {port}
+ca_dir = "{w}/latchkey-ca"
+allow_private = ["127.0.0.1/32"]
+[upstream]
+ca_file = "{w}/up-ca.pem"
+[credentials.bench]
+header = "x-api-key"
+value = "${{BENCH_SECRET}}"
+domains = ["127.0.0.1:{self.up_port}", "127.0.0.1:{self.sse_port}"]
+""")
+        conf.chmod(0o600)
+        env = dict(os.environ, BENCH_SECRET=SECRET, RUST_LOG="warn")
+        p = self.spawn("latchkey", [str(self.args.latchkey), "run", "--config", str(conf)], env=env)
+        wait_port(port)
+        return Target("latchkey", p.pid, f"http://127.0.0.1:{port}", w / "latchkey-ca" / "ca.crt")
+
+    def start_mitmproxy(self):
+        w, port = self.work, free_port()
+        (w / "inject.py").write_text(
+            f'def request(flow):\n    flow.request.headers["x-api-key"] = "{SECRET}"\n')
+        p = self.spawn("mitmproxy", ["mitmdump", "-q", "--listen-host", "127.0.0.1", "-p", str(port),
+                                     "--set", f"confdir={w}/mitm", "--set",
+                                     f"ssl_verify_upstream_trusted_ca={w}/up-ca.pem", "-s", str(w / "inject.py")])
+        wait_port(port)
+        return Target("mitmproxy", p.pid, f"http://127.0.0.1:{port}", w / "mitm" / "mitmproxy-ca-cert.pem")
+
+    def start_squid(self):
+        w, port = self.work, free_port()
+        certgen = next(p for p in ["/usr/lib/squid/security_file_certgen", "/usr/lib/squid3/security_file_certgen"]
+                       if Path(p).exists())
+        sh(certgen, "-c", "-s", str(w / "ssldb"), "-M", "16MB")
+        conf = w / "squid.conf"
+        conf.write_text(f"""
+http_port 127.0.0.1:{port} ssl-bump generate-host-certificates=on dynamic_cert_mem_cache_size=16MB tls-cert={w}/squid-ca.pem tls-key={w}/squid-ca.key
+sslcrtd_program {certgen} -s {w}/ssldb -M 16MB
+sslcrtd_children 4
+acl step1 at_step SslBump1
+ssl_bump peek step1
+ssl_bump bump all
+tls_outgoing_options cafile={w}/up-ca.pem
+request_header_add X-Api-Key "{SECRET}" all
+http_access allow all
+cache deny all
+access_log none
+cache_log {w}/squid-cache.log
+pid_filename {w}/squid.pid
+coredump_dir {w}
+max_filedescriptors 16384
+""")
+        p = self.spawn("squid", ["squid", "-f", str(conf), "-N"])
+        wait_port(port)
+        return Target("squid", p.pid, f"http://127.0.0.1:{port}", w / "squid-ca.pem")
+
+
+class Target:
+    def __init__(self, name, pid, proxy, ca):
+        self.name, self.pid, self.proxy, self.ca = name, pid, proxy, ca
+
+
+def wait_port(port, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
+# --- clients ----------------------------------------------------------------------------
+
+
+def open_stream(target, port, path_ca):
+    """A TLS stream to 127.0.0.1:port, through the target's CONNECT when it has one."""
+    s = socket.create_connection(("127.0.0.1", int(target.proxy.rsplit(":", 1)[1]) if target.proxy else port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if target.proxy:
+        s.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise OSError("proxy closed during CONNECT")
+            head += chunk
+        if not head.startswith(b"HTTP/1.1 200") and not head.startswith(b"HTTP/1.0 200"):
+            raise OSError(f"CONNECT refused: {head[:80]!r}")
+    ctx = ssl.create_default_context(cafile=str(path_ca))
+    return ctx.wrap_socket(s, server_hostname="127.0.0.1")
+
+
+def verify_injection(bench, t):
+    if not t.proxy:
+        return
+    s = open_stream(t, bench.up_port, t.ca)
+    s.sendall(f"GET /check HTTP/1.1\r\nHost: 127.0.0.1:{bench.up_port}\r\nConnection: close\r\n\r\n".encode())
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    if b"injected" not in data:
+        raise SystemExit(f"{t.name} did not inject the credential: {data[:200]!r}")
+
+
+def oha(bench, t, url, conns, duration, extra=()):
+    ca = t.ca if t.proxy else bench.work / "up-ca.pem"
+    cmd = ["oha", "-z", f"{duration}s", "-c", str(conns), "--no-tui", "--output-format", "json", "--cacert", str(ca),
+           *extra]
+    if t.proxy:
+        cmd += ["-x", t.proxy]
+    cmd.append(url)
+    with Sampler(t.pid) as s:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    d = json.loads(out.stdout)
+    codes = d.get("statusCodeDistribution", {})
+    ok = codes.get("200", 0)
+    bad = sum(v for k, v in codes.items() if k != "200")
+    errors = {k: v for k, v in (d.get("errorDistribution") or {}).items() if "deadline" not in k}
+    p = d["latencyPercentiles"]
+    return {"rps": ok / d["summary"]["total"], "p50": p["p50"] * 1000, "p99": p["p99"] * 1000,
+            "cpu": s.cpu, "rss": s.peak / 1024, "errors": bad + sum(errors.values())}
+
+
+def sse_first_byte(bench, t, n):
+    """Median time from sending a request to the first SSE event, on a warm connection."""
+    s = open_stream(t, bench.sse_port, t.ca if t.proxy else bench.work / "up-ca.pem")
+    req = f"GET /sse HTTP/1.1\r\nHost: 127.0.0.1:{bench.sse_port}\r\nAccept: text/event-stream\r\n\r\n".encode()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        s.sendall(req)
+        buf = b""
+        while b"data: first" not in buf:
+            buf += s.recv(65536)
+        times.append((time.perf_counter() - t0) * 1000)
+        while not buf.endswith(b"0\r\n\r\n"):
+            buf += s.recv(65536)
+    s.close()
+    return statistics.median(times)
+
+
+def idle_connections(bench, t, n):
+    """RSS of the proxy holding n intercepted, idle keep-alive connections."""
+    before = rss_kib(tree(t.pid))
+    streams = []
+    for _ in range(n):
+        s = open_stream(t, bench.up_port, t.ca)
+        s.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{bench.up_port}\r\n\r\n".encode())
+        got = b""
+        while b"upstream" not in got:
+            got += s.recv(4096)
+        streams.append(s)
+    time.sleep(1)
+    after = rss_kib(tree(t.pid))
+    for s in streams:
+        s.close()
+    return before / 1024, after / 1024
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+SCENARIOS = [
+    # name, path, connections, extra oha args, unit
+    ("keep-alive, 32 connections", "/", 32, (), "req/s"),
+    ("new connection per request, 8", "/", 8, ("--disable-keepalive",), "req/s"),
+    ("1 MiB downloads, 4 connections", "/1m.bin", 4, (), "MiB/s"),
+    ("one sequential connection", "/", 1, (), "req/s"),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="short runs, one round, 30 s soak")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per timed run")
+    ap.add_argument("--soak", type=int, default=600, help="soak seconds (latchkey)")
+    ap.add_argument("--idle", type=int, default=1000)
+    ap.add_argument("--only", default="direct,latchkey,mitmproxy,squid")
+    ap.add_argument("--latchkey", type=Path, default=ROOT / "target" / "release" / "latchkey")
+    ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.duration, args.soak = 1, 3, 30
+    only = args.only.split(",")
+
+    work = Path(tempfile.mkdtemp(prefix="latchkey-bench-"))
+    work.chmod(0o755)  # squid's helpers run as its own user and read ssldb/ from here
+    bench = Bench(work, args)
+    try:
+        bench.certs()
+        bench.start_nginx()
+        targets = [Target("direct", None, None, None)]
+        for name, start in [("latchkey", bench.start_latchkey), ("mitmproxy", bench.start_mitmproxy),
+                            ("squid", bench.start_squid)]:
+            if name in only:
+                targets.append(start())
+        targets = [t for t in targets if t.name in only]
+        for t in targets:
+            verify_injection(bench, t)
+            print(f"# {t.name}: injection verified" if t.proxy else "# direct: ok", file=sys.stderr)
+
+        results = {}  # (scenario, target) -> list of runs
+        url = f"https://127.0.0.1:{bench.up_port}"
+        for r in range(args.rounds):
+            for name, path, conns, extra, _ in SCENARIOS:
+                order = targets[r % len(targets):] + targets[:r % len(targets)]
+                for t in order:
+                    # mitmproxy is ~100x slower: a shorter run says as much.
+                    res = oha(bench, t, url + path, conns, args.duration, extra)
+                    results.setdefault((name, t.name), []).append(res)
+                    print(f"# round {r + 1} {name} {t.name}: {res['rps']:.0f}/s p50 {res['p50']:.3f} ms",
+                          file=sys.stderr)
+
+        extra_rows = {}
+        for t in targets:
+            extra_rows.setdefault("SSE first event (ms, median of 200)", {})[t.name] = sse_first_byte(bench, t, 200)
+            if t.proxy:
+                before, after = idle_connections(bench, t, args.idle)
+                extra_rows.setdefault(f"RSS idle → {args.idle} idle intercepted connections (MiB)",
+                                      {})[t.name] = (before, after)
+        soak = None
+        lk = next((t for t in targets if t.name == "latchkey"), None)
+        if lk and args.soak:
+            soak = run_soak(bench, lk, url, args.soak)
+        table = render(targets, results, extra_rows, soak, args)
+        print(table)
+        if args.out:
+            args.out.write_text(table)
+    finally:
+        bench.stop_all()
+
+
+def run_soak(bench, t, url, seconds):
+    with Sampler(t.pid) as s:
+        subprocess.run(["oha", "-z", f"{seconds}s", "-c", "32", "--no-tui", "--output-format", "quiet",
+                        "--cacert", str(t.ca), "-x", t.proxy, url + "/"], timeout=seconds + 60,
+                       capture_output=True)
+    pts = [(x, r / 1024) for x, r in s.samples if x > seconds * 0.1]  # skip warm-up
+    if len(pts) < 2:
+        return None
+    n = len(pts)
+    mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
+    slope = sum((x - mx) * (y - my) for x, y in pts) / max(sum((x - mx) ** 2 for x, _ in pts), 1e-9)
+    return {"seconds": seconds, "first": pts[0][1], "last": pts[-1][1], "peak": s.peak / 1024,
+            "slope_mib_per_hour": slope * 3600}
+
+
+def med(runs, key):
+    return statistics.median(r[key] for r in runs)
+
+
+def render(targets, results, extra_rows, soak, args):
+    names = [t.name for t in targets]
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                     if l.startswith("model name"))
+    except StopIteration:
+        model = cpu
+    lines = [f"Machine: {os.cpu_count()} cores, {model}, Linux {platform.release()}. "
+             f"Rounds: {args.rounds} × {args.duration} s per cell, targets alternating; medians.", ""]
+    lines.append("| scenario | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---|" * len(names))
+    for name, _, _, _, unit in SCENARIOS:
+        cells = []
+        direct = med(results[(name, "direct")], "rps") if (name, "direct") in results else None
+        for n in names:
+            runs = results[(name, n)]
+            rate = med(runs, "rps")
+            shown = rate if unit == "req/s" else rate  # 1 MiB per request
+            cell = f"{shown:,.0f} {unit}" if unit == "req/s" else f"{shown:,.0f} MiB/s"
+            if direct and n != "direct":
+                cell += f" (**{rate / direct:.2f}×**)"
+            cell += f"<br>p50 {med(runs, 'p50'):.2f} / p99 {med(runs, 'p99'):.2f} ms"
+            if n != "direct":
+                cell += f"<br>CPU {med(runs, 'cpu'):.0f}%, RSS {max(r['rss'] for r in runs):.0f} MiB"
+            if sum(r["errors"] for r in runs):
+                cell += f"<br>errors {sum(r['errors'] for r in runs)}"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    seq = "one sequential connection"
+    if (seq, "direct") in results:
+        d = med(results[(seq, "direct")], "p50")
+        lines.append("| added median latency, one connection | " + " | ".join(
+            "—" if n == "direct" else f"+{med(results[(seq, n)], 'p50') - d:.3f} ms" for n in names) + " |")
+    for label, row in extra_rows.items():
+        cells = []
+        for n in names:
+            v = row.get(n)
+            if v is None:
+                cells.append("—")
+            elif isinstance(v, tuple):
+                cells.append(f"{v[0]:.1f} → {v[1]:.1f} (+{v[1] - v[0]:.1f})")
+            else:
+                base = row.get("direct")
+                cells.append(f"{v:.3f}" + (f" (+{v - base:.3f})" if base is not None and n != "direct" else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    peers = [n for n in names if n not in ("direct", "latchkey")]
+    if "latchkey" in names and peers:
+        lines.append("latchkey vs peers (throughput ratio, same run):")
+        lines.append("")
+        for name, *_ in SCENARIOS:
+            lk = med(results[(name, "latchkey")], "rps")
+            lines.append(f"- {name}: " + ", ".join(f"{lk / med(results[(name, p)], 'rps'):.1f}× {p}" for p in peers))
+        lines.append("")
+    if soak:
+        lines.append(f"Soak (latchkey, keep-alive load, {soak['seconds']} s): RSS {soak['first']:.1f} → "
+                     f"{soak['last']:.1f} MiB, peak {soak['peak']:.1f} MiB, fitted slope "
+                     f"{soak['slope_mib_per_hour']:+.2f} MiB/hour.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
