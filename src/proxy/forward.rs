@@ -39,6 +39,32 @@ pub struct Route {
     pub peer: SocketAddr,
     /// The authenticated agent (index into `config.agents`), when agents are configured.
     pub agent: Option<usize>,
+    /// `host:port` of `dest`, computed once per connection rather than per request.
+    pub authority: String,
+}
+
+impl Route {
+    pub fn new(
+        dest: Destination,
+        tls: bool,
+        tunnel: bool,
+        misdirected: Option<String>,
+        peer: SocketAddr,
+        agent: Option<usize>,
+    ) -> Route {
+        let authority = dest.authority();
+        Route { dest, tls, tunnel, misdirected, peer, agent, authority }
+    }
+
+    /// Whether a Host value names this destination exactly as latchkey writes it: the
+    /// common case, answered without parsing. Anything else is parsed and compared.
+    fn is_exactly(&self, host: &[u8], default_port: u16) -> bool {
+        host == self.authority.as_bytes()
+            || (self.dest.port == default_port
+                && self.authority.len() > host.len()
+                && self.authority.as_bytes().starts_with(host)
+                && self.authority.as_bytes()[host.len()] == b':')
+    }
 }
 
 pub async fn handle(
@@ -114,7 +140,7 @@ async fn exchange(
     {
         return Err(r);
     }
-    let (dialer, client) = generation.upstream(chosen.as_ref().map(|(i, _)| *i));
+    let (dialer, client) = generation.upstream(chosen.as_ref().map(|(i, _)| *i), parts.version);
     prepare_upstream(&mut parts, route)?;
     if config.proxy.via {
         add_via(&mut parts.headers);
@@ -434,7 +460,7 @@ fn check_route(route: &Route, parts: &Parts, h2_websocket: bool) -> Result<(), R
     if hosts.next().is_some() {
         return Err(bad_request("more than one Host header"));
     }
-    if let Some(value) = host {
+    if let Some(value) = host.filter(|v| !route.is_exactly(v.as_bytes(), default_port)) {
         let text = value.to_str().map_err(|_| bad_request("Host header is not text"))?;
         let named = Destination::parse_authority(text, Some(default_port))
             .map_err(|e| bad_request(format!("bad Host header {text:?}: {e}")))?;
@@ -459,7 +485,7 @@ fn prepare_upstream(parts: &mut Parts, route: &Route) -> Result<(), Refusal> {
     let scheme = if route.tls { "https" } else { "http" };
     let pq = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
     let pq = if pq.starts_with('/') { pq.to_string() } else { format!("/{pq}") };
-    parts.uri = format!("{scheme}://{}{pq}", route.dest.authority())
+    parts.uri = format!("{scheme}://{}{pq}", route.authority)
         .parse()
         .map_err(|_| bad_request("cannot rebuild the request URI"))?;
     parts.version = Version::HTTP_11;
@@ -534,4 +560,28 @@ fn client_body_error(e: hyper::Error) -> super::BoxError {
 
 fn box_error(e: hyper::Error) -> super::BoxError {
     Box::new(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_canonical_host_skips_parsing() {
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let route = |a: &str| {
+            Route::new(Destination::parse_authority(a, Some(443)).unwrap(), true, true, None, peer, None)
+        };
+        let r = route("api.example.com:443");
+        assert!(r.is_exactly(b"api.example.com", 443));
+        assert!(r.is_exactly(b"api.example.com:443", 443));
+        for other in
+            ["api.example.co", "api.example.com.", "API.example.com", "api.example.com:4430", "", ":443"]
+        {
+            assert!(!r.is_exactly(other.as_bytes(), 443), "{other}");
+        }
+        let r = route("127.0.0.1:8443");
+        assert!(r.is_exactly(b"127.0.0.1:8443", 443));
+        assert!(!r.is_exactly(b"127.0.0.1", 443), "the default port is not this one");
+    }
 }

@@ -42,8 +42,7 @@ pub async fn handle(
             let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
             match Destination::parse_authority(&authority, Some(80)) {
                 Ok(dest) => {
-                    let route =
-                        Arc::new(Route { dest, tls: false, tunnel: false, misdirected: None, peer, agent });
+                    let route = Arc::new(Route::new(dest, false, false, None, peer, agent));
                     forward::handle(proxy, generation, route, req).await
                 }
                 Err(e) => Ok(respond::refusal(&bad_request(format!("bad host {authority:?}: {e}")))),

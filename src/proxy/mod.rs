@@ -43,10 +43,31 @@ pub struct Generation {
     pub config: Arc<Config>,
     /// For requests without a credential, and credentials without TLS material.
     pub dialer: Arc<Dialer>,
+    /// Offers h2 and HTTP/1.1 by ALPN: for HTTP/2 clients, and latchkey's own calls.
     pub client: Client<Connector, Body>,
+    client_h1: Client<Connector, Body>,
     /// Credentials with a client certificate or their own roots get their own dialer
-    /// and pool: such a connection serves only requests that selected that credential.
-    by_credential: std::collections::HashMap<usize, (Arc<Dialer>, Client<Connector, Body>)>,
+    /// and pools: such a connection serves only requests that selected that credential.
+    by_credential: std::collections::HashMap<usize, (Arc<Dialer>, Pools)>,
+}
+
+/// The two pools of one dialer. The upstream leg speaks what the client spoke: an
+/// HTTP/1.1 client's parallel connections stay parallel connections upstream (one h2
+/// connection would funnel them all through one task: 1 MiB downloads ran at 0.36x of
+/// direct that way, 0.55x on HTTP/1.1), and an h2 client (gRPC) gets h2.
+struct Pools {
+    h2: Client<Connector, Body>,
+    h1: Client<Connector, Body>,
+}
+
+impl Pools {
+    fn new(dialer: &Arc<Dialer>) -> Pools {
+        Pools { h2: pooled(dialer.clone(), false), h1: pooled(dialer.clone(), true) }
+    }
+
+    fn for_version(&self, version: http::Version) -> &Client<Connector, Body> {
+        if version == http::Version::HTTP_2 { &self.h2 } else { &self.h1 }
+    }
 }
 
 impl Generation {
@@ -73,27 +94,34 @@ impl Generation {
                 let tls = upstream::client_tls(provider.clone(), ca_file, Some(material))
                     .map_err(|e| format!("credential {}: {e}", cred.name))?;
                 let d = dialer(tls);
-                by_credential.insert(i, (d.clone(), pooled(d)));
+                let pools = Pools::new(&d);
+                by_credential.insert(i, (d, pools));
             }
         }
-        Ok(Generation { client: pooled(default.clone()), dialer: default, by_credential, config })
+        let Pools { h2, h1 } = Pools::new(&default);
+        Ok(Generation { client: h2, client_h1: h1, dialer: default, by_credential, config })
     }
 
-    /// The dialer and pool for requests that selected `credential` (or none).
-    pub fn upstream(&self, credential: Option<usize>) -> (&Arc<Dialer>, &Client<Connector, Body>) {
+    /// The dialer and pool for a request of `version` that selected `credential` (or none).
+    pub fn upstream(
+        &self,
+        credential: Option<usize>,
+        version: http::Version,
+    ) -> (&Arc<Dialer>, &Client<Connector, Body>) {
         match credential.and_then(|i| self.by_credential.get(&i)) {
-            Some((d, c)) => (d, c),
-            None => (&self.dialer, &self.client),
+            Some((d, pools)) => (d, pools.for_version(version)),
+            None if version == http::Version::HTTP_2 => (&self.dialer, &self.client),
+            None => (&self.dialer, &self.client_h1),
         }
     }
 }
 
-fn pooled(dialer: Arc<Dialer>) -> Client<Connector, Body> {
+fn pooled(dialer: Arc<Dialer>, h1_only: bool) -> Client<Connector, Body> {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_timer(TokioTimer::new())
         .pool_max_idle_per_host(64)
-        .build(Connector(dialer))
+        .build(Connector { dialer, h1_only })
 }
 
 fn h1_only(tls: &rustls::ClientConfig) -> rustls::ClientConfig {

@@ -46,7 +46,7 @@ pub fn empty() -> Body {
 pub fn upstream_refusal(e: &UpstreamError) -> Refusal {
     let (status, kind) = match e {
         UpstreamError::Refused { .. } => (403, "ssrf"),
-        UpstreamError::Tls { .. } => (502, "upstream-tls"),
+        UpstreamError::Tls { .. } | UpstreamError::NoCommonProtocol { .. } => (502, "upstream-tls"),
         UpstreamError::Timeout { .. } => (504, "upstream-timeout"),
         UpstreamError::Resolve { .. } | UpstreamError::Connect { .. } => (502, "upstream-unreachable"),
     };

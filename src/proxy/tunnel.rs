@@ -37,7 +37,7 @@ pub async fn intercept(
     }
     let io = Prefixed { first: Some(first[0]), inner: io };
     if first[0] != TLS_HANDSHAKE {
-        let route = Arc::new(Route { dest, tls: false, tunnel: true, misdirected: None, peer, agent });
+        let route = Arc::new(Route::new(dest, false, true, None, peer, agent));
         serve(proxy, generation, route, io).await;
         return;
     }
@@ -66,7 +66,7 @@ pub async fn intercept(
         Err(_) => return,
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let route = Arc::new(Route { dest, tls: true, tunnel: true, misdirected, peer, agent });
+    let route = Arc::new(Route::new(dest, true, true, misdirected, peer, agent));
     if h2 {
         serve_h2(proxy, generation, route, tls).await;
     } else {

@@ -44,6 +44,10 @@ pub enum UpstreamError {
         host: String,
         why: String,
     },
+    /// The upstream accepts none of the protocols offered by ALPN.
+    NoCommonProtocol {
+        host: String,
+    },
     Timeout {
         host: String,
     },
@@ -60,6 +64,9 @@ impl std::fmt::Display for UpstreamError {
             UpstreamError::Connect { host, why } => write!(f, "cannot connect to {host}: {why}"),
             UpstreamError::Tls { host, why } => write!(f, "TLS with {host} failed: {why}"),
             UpstreamError::Timeout { host } => write!(f, "{host} did not answer in time"),
+            UpstreamError::NoCommonProtocol { host } => {
+                write!(f, "TLS with {host} failed: no application protocol in common (ALPN)")
+            }
         }
     }
 }
@@ -160,13 +167,23 @@ impl Dialer {
             .map_err(|_| UpstreamError::Timeout { host: host.clone() })?
     }
 
-    /// A fresh HTTP/1.1 connection (never pooled), for upgrades.
+    /// An HTTP/1.1-only connection: for upgrades (never pooled) and the HTTP/1.1 pool.
     pub async fn connect_h1(&self, dest: Destination, tls: bool) -> Result<UpstreamIo, UpstreamError> {
         self.connect_with(dest, tls, &self.tls_h1).await
     }
 
     async fn connect(&self, dest: Destination, tls: bool) -> Result<UpstreamIo, UpstreamError> {
         self.connect_with(dest, tls, &self.tls).await
+    }
+
+    /// For the HTTP/1.1 pool: offer HTTP/1.1 only; an upstream that speaks nothing but
+    /// h2 (it refuses with `no_application_protocol`) is dialled again offering h2, and
+    /// the pool multiplexes HTTP/1.1 clients over that connection.
+    pub async fn connect_prefer_h1(&self, dest: Destination, tls: bool) -> Result<UpstreamIo, UpstreamError> {
+        match self.connect_with(dest.clone(), tls, &self.tls_h1).await {
+            Err(UpstreamError::NoCommonProtocol { .. }) => self.connect(dest, tls).await,
+            other => other,
+        }
     }
 
     async fn connect_with(
@@ -189,7 +206,12 @@ impl Dialer {
         let stream = tokio::time::timeout(self.connect_timeout, handshake)
             .await
             .map_err(|_| UpstreamError::Timeout { host: host.clone() })?
-            .map_err(|e| UpstreamError::Tls { host, why: tls_cause(&e) })?;
+            .map_err(|e| match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                Some(rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)) => {
+                    UpstreamError::NoCommonProtocol { host: host.clone() }
+                }
+                _ => UpstreamError::Tls { host, why: tls_cause(&e) },
+            })?;
         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
         Ok(UpstreamIo { io: TokioIo::new(Stream::Tls(Box::new(stream))), h2 })
     }
@@ -245,7 +267,11 @@ pub fn client_tls(
 /// authority is always latchkey's normalised destination, so no connection is shared
 /// across hosts; one client exists per config generation.
 #[derive(Clone, Debug)]
-pub struct Connector(pub Arc<Dialer>);
+pub struct Connector {
+    pub dialer: Arc<Dialer>,
+    /// Offer only HTTP/1.1 by ALPN (the pool for HTTP/1.1 clients).
+    pub h1_only: bool,
+}
 
 impl tower_service::Service<Uri> for Connector {
     type Response = UpstreamIo;
@@ -257,13 +283,13 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let dialer = self.0.clone();
+        let (dialer, h1_only) = (self.dialer.clone(), self.h1_only);
         Box::pin(async move {
             let tls = uri.scheme_str() == Some("https");
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
             let dest = Destination::parse_authority(authority, Some(if tls { 443 } else { 80 }))
                 .map_err(|e| UpstreamError::Resolve { host: authority.into(), why: e.to_string() })?;
-            dialer.connect(dest, tls).await
+            if h1_only { dialer.connect_prefer_h1(dest, tls).await } else { dialer.connect(dest, tls).await }
         })
     }
 }
