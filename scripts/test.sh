@@ -13,9 +13,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 # Python clients and servers the integration tests run: requests, websockets, grpcio,
-# botocore (the independent SigV4 verifier) and google-auth (a real Google client).
-python3 -c 'import requests, websockets.sync.client, grpc, botocore, google.auth' 2>/dev/null ||
-  python3 -m pip install -q requests 'websockets>=15' grpcio botocore google-auth
+# botocore (the independent SigV4 verifier), google-auth (a real Google client),
+# prometheus-client (parses /metrics) and opentelemetry-proto (decodes OTLP spans).
+python3 -c 'import requests, websockets.sync.client, grpc, botocore, google.auth, prometheus_client, opentelemetry.proto' 2>/dev/null ||
+  python3 -m pip install -q requests 'websockets>=15' grpcio botocore google-auth prometheus-client opentelemetry-proto
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

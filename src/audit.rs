@@ -24,6 +24,8 @@ pub struct Record {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,
+    /// LLM token usage the response reported (`null` otherwise).
+    pub usage: Option<crate::usage::Usage>,
 }
 
 /// A handle to the log writer thread; cheap to clone, a no-op when logging is off.

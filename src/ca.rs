@@ -132,11 +132,17 @@ impl CertAuthority {
 
     /// The TLS server config presenting a leaf for `host`, minted once per host.
     pub fn server_config(&self, host: &Host) -> Result<Arc<ServerConfig>, CaError> {
-        let slot = {
+        self.server_config_counted(host).0
+    }
+
+    /// As [`Self::server_config`], and whether the leaf was already cached.
+    pub fn server_config_counted(&self, host: &Host) -> (Result<Arc<ServerConfig>, CaError>, bool) {
+        let (slot, hit) = {
             let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
-            leaves.get_or_insert(host.clone(), || Arc::new(OnceLock::new())).clone()
+            let hit = leaves.contains(host);
+            (leaves.get_or_insert(host.clone(), || Arc::new(OnceLock::new())).clone(), hit)
         };
-        slot.get_or_init(|| self.mint(host).map_err(|e| e.0)).clone().map_err(CaError)
+        (slot.get_or_init(|| self.mint(host).map_err(|e| e.0)).clone().map_err(CaError), hit)
     }
 
     fn mint(&self, host: &Host) -> Result<Arc<ServerConfig>, CaError> {

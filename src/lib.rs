@@ -3,6 +3,7 @@
 //! Data flows one way: accept → identify destination → decide → (intercept) → inject →
 //! forward → log. Each step has its module.
 
+pub mod admin;
 pub mod audit;
 pub mod ca;
 pub mod cli;
@@ -11,7 +12,11 @@ pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inject;
+pub mod limits;
+pub mod metrics;
+pub mod otlp;
 pub mod policy;
 pub mod proxy;
 pub mod redact;
 pub mod secrets;
+pub mod usage;

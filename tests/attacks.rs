@@ -324,6 +324,7 @@ fn secrets_never_reach_logs_or_cli_output() {
         "bytes_up",
         "bytes_down",
         "duration_ms",
+        "usage",
     ] {
         assert!(lines[0].get(key).is_some(), "audit key {key} missing");
     }

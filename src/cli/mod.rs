@@ -37,6 +37,14 @@ enum Command {
         /// Replace the CA with a new one before starting.
         #[arg(long)]
         regenerate_ca: bool,
+        /// Reload only on SIGHUP / `latchkey reload`, not when the config file changes.
+        #[arg(long)]
+        no_watch: bool,
+    },
+    /// Ask the running proxy to reload its config (SIGHUP to the pid in ca_dir).
+    Reload {
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Run a command with the proxy environment and placeholders; exits with its status.
     Exec {
@@ -120,8 +128,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_level.as_deref());
     match cli.command {
-        Command::Run { config, port, bind, regenerate_ca } => run::run(config, port, bind, regenerate_ca),
+        Command::Run { config, port, bind, regenerate_ca, no_watch } => {
+            run::run(config, port, bind, regenerate_ca, !no_watch)
+        }
         Command::Exec { config, agent, command } => run::exec(config, agent, command),
+        Command::Reload { config } => run::reload(config),
         Command::Env { config, agent, format, proxy_url, ca_path } => {
             env::env(config, agent, format, proxy_url, ca_path)
         }

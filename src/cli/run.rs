@@ -23,18 +23,15 @@ pub fn run(
     port: Option<u16>,
     bind: Option<IpAddr>,
     regenerate_ca: bool,
+    watch_file: bool,
 ) -> ExitCode {
     let started = Instant::now();
+    let overrides = Overrides { port, bind };
     let mut config = match load_config(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Some(p) = port {
-        config.proxy.listen.set_port(p);
-    }
-    if let Some(b) = bind {
-        config.proxy.listen.set_ip(b);
-    }
+    overrides.apply(&mut config);
     if !config.proxy.listen.ip().is_loopback()
         && config.proxy.allowed_clients.is_empty()
         && config.agents.is_empty()
@@ -57,10 +54,29 @@ pub fn run(
                 return ExitCode::from(1);
             }
         };
+        let admin = match config.admin {
+            Some(addr) => match TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!("latchkey: cannot listen on [admin] {addr}: {e}");
+                    return ExitCode::from(1);
+                }
+            },
+            None => None,
+        };
+        let file = config.file.clone();
+        let pid_file = config.proxy.ca_dir.join("latchkey.pid");
         let proxy = match start(config, ca, &listener) {
             Ok(p) => p,
             Err(code) => return code,
         };
+        if let Some(l) = admin {
+            tracing::info!("admin endpoint on {}", l.local_addr().map(|a| a.to_string()).unwrap_or_default());
+            tokio::spawn(crate::admin::serve(proxy.clone(), l));
+        }
+        let _pid = PidFile::write(pid_file);
+        tokio::spawn(watch(proxy.clone(), file, overrides, watch_file));
+        proxy.ops.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("ready in {} ms", started.elapsed().as_millis());
         let grace = proxy.generation().config.proxy.limits.shutdown_grace;
         tokio::select! {
@@ -104,6 +120,135 @@ fn start(mut config: Config, ca: Arc<CertAuthority>, listener: &TcpListener) -> 
     })?;
     tracing::info!("latchkey listening on {local} (CA {})", ca_path.display());
     Ok(proxy)
+}
+
+/// `--port` / `--bind`, applied to every config loaded, the first and each reload.
+#[derive(Clone, Copy)]
+struct Overrides {
+    port: Option<u16>,
+    bind: Option<IpAddr>,
+}
+
+impl Overrides {
+    fn apply(&self, config: &mut Config) {
+        if let Some(p) = self.port {
+            config.proxy.listen.set_port(p);
+        }
+        if let Some(b) = self.bind {
+            config.proxy.listen.set_ip(b);
+        }
+    }
+}
+
+/// How often the config file is looked at. Polling the path (not an inotify watch on
+/// the file) follows what editors and Kubernetes do: replace the file by rename, or
+/// swap the symlink it sits behind.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn stamp(path: &std::path::Path) -> Option<(u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Reload on SIGHUP and when the config file changes.
+async fn watch(proxy: Arc<Proxy>, file: Option<PathBuf>, overrides: Overrides, poll: bool) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    let mut last = file.as_deref().and_then(stamp);
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    loop {
+        let why = tokio::select! {
+            _ = hup.recv() => "SIGHUP",
+            _ = tick.tick(), if poll => {
+                let now = file.as_deref().and_then(stamp);
+                if now == last || now.is_none() {
+                    continue;
+                }
+                last = now;
+                "the config file changed"
+            }
+        };
+        reload_now(&proxy, file.clone(), overrides, why);
+    }
+}
+
+fn reload_now(proxy: &Proxy, file: Option<PathBuf>, overrides: Overrides, why: &str) {
+    let metrics = &proxy.ops.metrics;
+    let count = |result| metrics.reloads.get_or_create(&crate::metrics::ResultLabel { result }).inc();
+    let loaded = crate::config::find_config(file.as_deref()).and_then(|f| crate::config::load(f.as_deref()));
+    let mut config = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload ({why}) failed, keeping the running config: {e}");
+            count("failed");
+            return;
+        }
+    };
+    overrides.apply(&mut config);
+    let report: Vec<String> = config
+        .policy
+        .credentials
+        .iter()
+        .filter(|r| r.state != CredState::Active)
+        .map(|r| format!("{} {:?}", r.name, r.state))
+        .collect();
+    match proxy.reload(config) {
+        Ok(()) => {
+            tracing::info!(
+                "reloaded ({why}); not active: {}",
+                if report.is_empty() { "none".into() } else { report.join(", ") }
+            );
+            count("ok");
+        }
+        Err(e) => {
+            tracing::error!("reload ({why}) refused: {e}");
+            count("failed");
+        }
+    }
+}
+
+/// `<ca_dir>/latchkey.pid` while `run` lives, for `latchkey reload`.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: PathBuf) -> Option<PidFile> {
+        std::fs::write(&path, format!("{}\n", std::process::id())).ok()?;
+        Some(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `latchkey reload`: SIGHUP to the running instance named by the pid file.
+pub fn reload(config: Option<PathBuf>) -> ExitCode {
+    let config = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let path = config.proxy.ca_dir.join("latchkey.pid");
+    let pid = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<i32>().ok());
+    let Some(pid) = pid else {
+        eprintln!("latchkey: no running latchkey found ({} is missing)", path.display());
+        return ExitCode::from(1);
+    };
+    // Only signal a process that is latchkey: a stale pid file may name anything.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if !comm.trim().starts_with("latchkey") {
+        eprintln!("latchkey: pid {pid} from {} is not latchkey; is it running?", path.display());
+        return ExitCode::from(1);
+    }
+    // SAFETY: kill(2) with a pid and a signal number; no memory is involved.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        eprintln!("latchkey: cannot signal pid {pid}: {}", std::io::Error::last_os_error());
+        return ExitCode::from(1);
+    }
+    println!("latchkey: asked pid {pid} to reload; the outcome is in its log");
+    ExitCode::SUCCESS
 }
 
 async fn shutdown_signal() {

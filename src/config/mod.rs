@@ -107,8 +107,10 @@ pub struct Credential {
     pub auth_type: String,
     /// Client certificate and/or extra roots for this credential's upstream connections.
     pub tls: Option<std::sync::Arc<crate::secrets::ClientTls>>,
-    /// Masks this credential's secrets in the responses to its requests.
-    pub redactor: crate::redact::Cache,
+    /// Masks this credential's secrets in the responses to its requests; shared with the
+    /// same-named credential of the next config on reload (rotated values stay masked).
+    pub redactor: std::sync::Arc<crate::redact::Cache>,
+    pub limits: crate::limits::Limits,
 }
 
 #[derive(Debug)]
@@ -123,6 +125,15 @@ pub struct Config {
     pub capture_variables: Vec<String>,
     /// Client identities; when any exists, every client must authenticate (407).
     pub agents: Vec<Agent>,
+    pub telemetry: Telemetry,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Telemetry {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: String,
+    pub capture_body_bytes: usize,
 }
 
 /// A client identity from `[agents.NAME]`.
@@ -133,6 +144,7 @@ pub struct Agent {
     /// Credential indexes it may use; `None`: all.
     pub credentials: Option<Vec<usize>>,
     pub allowed: Vec<Pattern>,
+    pub limits: crate::limits::Limits,
 }
 
 /// Where the config comes from: `--config` > `$LATCHKEY_CONFIG` > XDG default.
@@ -330,6 +342,14 @@ impl Compiler<'_> {
             credentials.push(cred);
         }
         let agents = self.agents(&raw.agents, &credentials)?;
+        let telemetry = match &raw.telemetry {
+            None => Telemetry { service_name: "latchkey".into(), ..Default::default() },
+            Some(t) => Telemetry {
+                otlp_endpoint: t.otlp_endpoint.clone(),
+                service_name: t.service_name.clone().unwrap_or_else(|| "latchkey".into()),
+                capture_body_bytes: t.capture_body_bytes,
+            },
+        };
         let capture_variables = self
             .vars
             .iter()
@@ -349,6 +369,7 @@ impl Compiler<'_> {
             credentials,
             capture_variables,
             agents,
+            telemetry,
         })
     }
 
@@ -391,7 +412,14 @@ impl Compiler<'_> {
                 .iter()
                 .map(|p| Pattern::parse(p).map_err(|x| e("allowed_domains", format!("{p:?}: {x}"))))
                 .collect::<Result<Vec<_>, _>>()?;
-            out.push(Agent { name: name.clone(), token, credentials, allowed });
+            let limits = crate::limits::Limits {
+                requests_per_minute: a.requests_per_minute,
+                tokens_per_day: a.tokens_per_day,
+            };
+            if limits.requests_per_minute == Some(0) {
+                return Err(e("requests_per_minute", "must be at least 1 (remove it for no limit)".into()));
+            }
+            out.push(Agent { name: name.clone(), token, credentials, allowed, limits });
         }
         Ok(out)
     }
@@ -438,6 +466,9 @@ impl Compiler<'_> {
         let e = |key: &str, msg: String| self.err(&table, span.clone(), key, msg);
         if c.domains.is_empty() {
             return Err(e("domains", "a credential must name at least one host, IP or CIDR".into()));
+        }
+        if c.requests_per_minute == Some(0) {
+            return Err(e("requests_per_minute", "must be at least 1 (remove it for no limit)".into()));
         }
         let mut patterns = Vec::new();
         for d in &c.domains {
@@ -742,6 +773,10 @@ impl Compiler<'_> {
             auth_type,
             tls,
             redactor: Default::default(),
+            limits: crate::limits::Limits {
+                requests_per_minute: c.requests_per_minute,
+                tokens_per_day: c.tokens_per_day,
+            },
         };
         Ok((rule, cred))
     }

@@ -13,6 +13,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub upstream: RawUpstream,
     pub admin: Option<RawAdmin>,
+    pub telemetry: Option<RawTelemetry>,
     pub credentials: Option<IndexMap<String, Spanned<RawCredential>>>,
     #[serde(default)]
     pub agents: IndexMap<String, Spanned<RawAgent>>,
@@ -29,6 +30,8 @@ pub struct RawAgent {
     pub credentials: Option<Vec<String>>,
     /// Destinations it may reach, within the global policy (default: all the policy allows).
     pub allowed_domains: Vec<String>,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_day: Option<u64>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -144,6 +147,17 @@ pub struct RawAdmin {
     pub listen: Option<String>,
 }
 
+/// `[telemetry]`: OpenTelemetry export.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTelemetry {
+    /// OTLP/HTTP collector base URL (`http://127.0.0.1:4318`); absent = no spans.
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    /// Redacted response bytes attached to each span (0 = none).
+    pub capture_body_bytes: usize,
+}
+
 #[derive(Deserialize, Debug, Clone)]
 #[serde(untagged)]
 pub enum OneOrMany {
@@ -200,6 +214,9 @@ pub struct RawCredential {
     /// Credentials discovery), and the OAuth2 scopes to ask for.
     pub credentials_file: Option<String>,
     pub scopes: Vec<String>,
+    /// Limits on this credential (see `crate::limits`).
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_day: Option<u64>,
     /// Only in the built-in table: the file in `secrets_dir` used when the variable is unset.
     pub secret_file: Option<String>,
     /// Only in the built-in table: what `latchkey providers` shows.

@@ -65,11 +65,18 @@ pub struct Refusal {
     pub status: u16,
     pub kind: &'static str,
     pub message: String,
+    /// Seconds for a `Retry-After` header (429).
+    pub retry_after: Option<u64>,
 }
 
 impl Refusal {
     pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
-        Refusal { status, kind, message: message.into() }
+        Refusal { status, kind, message: message.into(), retry_after: None }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 }
 
@@ -100,6 +107,11 @@ pub struct RequestHead<'a> {
 }
 
 impl ContentFilter {
+    /// The patterns as written (`~` marks a regex).
+    pub fn sources(&self) -> Vec<String> {
+        self.literals.iter().chain(self.regexes.iter().map(|(s, _)| s)).cloned().collect()
+    }
+
     pub fn new(patterns: &[String]) -> Result<Self, String> {
         let mut literals = Vec::new();
         let mut regexes = Vec::new();

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use super::BoxError;
-use crate::audit::{Audit, Record};
+use crate::audit::Record;
 use crate::config::Config;
 
 type FramePoll = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
@@ -150,34 +150,55 @@ where
 pub struct Pending {
     /// Held until the response body ends: shutdown waits for it.
     pub _exchange: super::ExchangeGuard,
-    pub audit: Audit,
+    pub ops: Arc<super::ops::Ops>,
     pub record: Record,
     pub up: Arc<AtomicU64>,
     pub down: Arc<AtomicU64>,
     pub started: Instant,
+    /// Time to the upstream's response head.
+    pub upstream: Option<std::time::Duration>,
+    /// Reads LLM token usage from the (redacted) body as it passes.
+    pub meter: Option<crate::usage::Meter>,
+    pub span: Option<crate::otlp::Span>,
+    /// Up to this many redacted body bytes go on the span.
+    pub capture: Option<(usize, Vec<u8>)>,
+}
+
+impl Pending {
+    fn saw(&mut self, data: &[u8]) {
+        if let Some(m) = &mut self.meter {
+            m.feed(data);
+        }
+        if let Some((cap, buf)) = &mut self.capture {
+            let room = cap.saturating_sub(buf.len());
+            buf.extend_from_slice(&data[..room.min(data.len())]);
+        }
+    }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if !self.audit.enabled() {
-            return;
-        }
         self.record.bytes_up = self.up.load(Ordering::Relaxed);
         self.record.bytes_down = self.down.load(Ordering::Relaxed);
         self.record.duration_ms = self.started.elapsed().as_millis() as u64;
-        self.audit.log(&self.record);
+        self.record.usage = self.meter.take().and_then(crate::usage::Meter::finish);
+        let mut span = self.span.take();
+        if let (Some(s), Some((_, body))) = (&mut span, self.capture.take()) {
+            s.str("latchkey.response.body", String::from_utf8_lossy(&body));
+        }
+        self.ops.finish(&self.record, self.upstream, span);
     }
 }
 
 /// A response body that logs its exchange when it ends (or is dropped).
 pub struct Logged<B> {
     inner: Counted<B>,
-    _pending: Pending,
+    pending: Pending,
 }
 
 impl<B> Logged<B> {
     pub fn new(inner: B, pending: Pending) -> Self {
-        Logged { inner: Counted::new(inner, pending.down.clone()), _pending: pending }
+        Logged { inner: Counted::new(inner, pending.down.clone()), pending }
     }
 }
 
@@ -190,7 +211,14 @@ where
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let this = &mut *self;
+        let poll = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &poll
+            && let Some(data) = frame.data_ref()
+        {
+            this.pending.saw(data);
+        }
+        poll
     }
 
     fn is_end_stream(&self) -> bool {

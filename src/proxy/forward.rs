@@ -78,6 +78,7 @@ pub async fn handle(
     let (parts, body) = req.into_parts();
     let mut record = new_record(&route, &parts);
     record.agent = super::identity::agent_name(&generation.config, route.agent);
+    let span = proxy.ops.start_span(&generation.config, parts.method.as_str(), &parts.headers);
     if route.tls
         && let Some(resp) =
             super::tokens::vend(&generation.config, &route.dest, &parts.method, parts.uri.path())
@@ -86,19 +87,36 @@ pub async fn handle(
         record.reason = Some("token vended by latchkey (stub credentials)".into());
         record.status = Some(200);
         record.duration_ms = started.elapsed().as_millis() as u64;
-        proxy.audit.log(&record);
+        proxy.ops.finish(&record, None, span);
         drop(in_flight);
         return Ok(resp);
     }
     let up = Arc::new(AtomicU64::new(0));
-    match exchange(&generation, &route, parts, body, &mut record, up.clone()).await {
+    match exchange(&proxy.ops, &generation, &route, parts, body, &mut record, up.clone()).await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
             record.status = Some(parts.status.as_u16());
             tracing::debug!(target: "latchkey::request", dest = %route.dest, status = parts.status.as_u16(), decision = record.decision, "forwarded");
-            let down = Arc::new(AtomicU64::new(0));
-            let pending =
-                Pending { _exchange: in_flight, audit: proxy.audit.clone(), record, up, down, started };
+            // Usage is read from credentialed responses only: those are the metered APIs.
+            let meter = record
+                .credential
+                .as_ref()
+                .and(parts.headers.get(header::CONTENT_TYPE))
+                .and_then(|ct| crate::usage::Meter::for_content_type(ct.to_str().unwrap_or("")));
+            let cap = generation.config.telemetry.capture_body_bytes;
+            let capture = (span.is_some() && cap > 0).then(|| (cap, Vec::new()));
+            let pending = Pending {
+                _exchange: in_flight,
+                ops: proxy.ops.clone(),
+                record,
+                up,
+                down: Arc::new(AtomicU64::new(0)),
+                started,
+                upstream: Some(started.elapsed()),
+                meter,
+                span,
+                capture,
+            };
             Ok(Response::from_parts(parts, Logged::new(body, pending).boxed()))
         }
         Err(r) => {
@@ -106,7 +124,7 @@ pub async fn handle(
             record.status = Some(r.status);
             record.reason = Some(r.message.clone());
             record.duration_ms = started.elapsed().as_millis() as u64;
-            proxy.audit.log(&record);
+            proxy.ops.finish(&record, None, span);
             tracing::info!(target: "latchkey::request", dest = %route.dest, status = r.status, kind = r.kind, "refused");
             Ok(respond::refusal(&r))
         }
@@ -116,6 +134,7 @@ pub async fn handle(
 /// check → decide → inject → forward; the response comes back with hop-by-hop headers
 /// (and, on credentialed routes, `Set-Cookie`) removed.
 async fn exchange(
+    ops: &super::ops::Ops,
     generation: &Generation,
     route: &Route,
     mut parts: Parts,
@@ -140,6 +159,7 @@ async fn exchange(
     {
         return Err(r);
     }
+    ops.admit(config, chosen.as_ref().map(|(i, _)| *i), route.agent)?;
     let (dialer, client) = generation.upstream(chosen.as_ref().map(|(i, _)| *i), parts.version);
     prepare_upstream(&mut parts, route)?;
     if config.proxy.via {
@@ -253,6 +273,7 @@ fn new_record(route: &Route, parts: &Parts) -> Record {
         bytes_up: 0,
         bytes_down: 0,
         duration_ms: 0,
+        usage: None,
     }
 }
 

@@ -93,7 +93,7 @@ async fn connect(
     let refuse = |r: Refusal| {
         let mut rec = tunnel_record(peer, &dest, r.status, "blocked", Some(r.message.clone()), started);
         rec.agent = agent_name.clone();
-        proxy.audit.log(&rec);
+        proxy.ops.finish(&rec, None, None);
         tracing::info!(target: "latchkey::request", %dest, status = r.status, kind = r.kind, "CONNECT refused");
         respond::refusal(&r)
     };
@@ -109,9 +109,11 @@ async fn connect(
                 Ok(s) => s,
                 Err(e) => return refuse(respond::upstream_refusal(&e)),
             };
-            let audit = proxy.audit.clone();
+            let ops = proxy.ops.clone();
             let limit = generation.config.proxy.limits.tunnel_timeout;
+            let gauge = super::tunnel::TunnelGauge::open(&proxy, "blind");
             tokio::spawn(async move {
+                let _gauge = gauge;
                 let Ok(upgraded) = on_upgrade.await else { return };
                 let mut client = TokioIo::new(upgraded);
                 let mut upstream = upstream;
@@ -124,7 +126,7 @@ async fn connect(
                 rec.agent = agent_name;
                 rec.bytes_up = up;
                 rec.bytes_down = down;
-                audit.log(&rec);
+                ops.finish(&rec, None, None);
             });
             established()
         }
@@ -172,5 +174,6 @@ fn tunnel_record(
         bytes_up: 0,
         bytes_down: 0,
         duration_ms: started.elapsed().as_millis() as u64,
+        usage: None,
     }
 }

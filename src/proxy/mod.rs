@@ -8,6 +8,7 @@ mod forward;
 pub(crate) mod framing;
 mod handler;
 mod identity;
+pub mod ops;
 mod respond;
 mod tokens;
 mod tunnel;
@@ -133,7 +134,9 @@ fn h1_only(tls: &rustls::ClientConfig) -> rustls::ClientConfig {
 pub struct Proxy {
     current: RwLock<Arc<Generation>>,
     pub ca: Arc<CertAuthority>,
-    pub audit: Audit,
+    pub ops: Arc<ops::Ops>,
+    provider: Arc<CryptoProvider>,
+    own_sockets: Vec<SocketAddr>,
     connections: Arc<Semaphore>,
     per_client: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
     pub exchanges: Arc<Exchanges>,
@@ -230,14 +233,29 @@ impl Proxy {
         } else {
             Audit::off()
         };
+        let spans = match &config.telemetry.otlp_endpoint {
+            #[cfg(feature = "otlp")]
+            Some(endpoint) => {
+                Some(crate::otlp::Exporter::start(endpoint, config.telemetry.service_name.clone())?)
+            }
+            #[cfg(not(feature = "otlp"))]
+            Some(_) => {
+                return Err(
+                    "[telemetry] otlp_endpoint: this build has no OTLP exporter (cargo feature otlp)".into()
+                );
+            }
+            None => None,
+        };
         let connections = Arc::new(Semaphore::new(config.proxy.limits.max_connections));
-        let generation = Generation::new(Arc::new(config), provider, own_sockets)?;
+        let generation = Generation::new(Arc::new(config), provider.clone(), own_sockets.clone())?;
         let exchanges = Arc::new(Exchanges::default());
         let per_client = Default::default();
         Ok(Arc::new(Proxy {
             current: RwLock::new(Arc::new(generation)),
             ca,
-            audit,
+            ops: Arc::new(ops::Ops::new(audit, spans)),
+            provider,
+            own_sockets,
             connections,
             per_client,
             exchanges,
@@ -246,6 +264,28 @@ impl Proxy {
 
     pub fn generation(&self) -> Arc<Generation> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Put a newly loaded config in force: built whole, then swapped in one step.
+    /// Connections and requests in flight keep the generation they started with. A
+    /// config that changes what only a restart can change is refused, and the running
+    /// one stays (fail closed).
+    pub fn reload(&self, mut config: Config) -> Result<(), String> {
+        let old = self.generation();
+        let was = &old.config;
+        if let Some(what) = restart_needed(was, &config) {
+            return Err(format!("{what} changed: that needs a restart; still running the previous config"));
+        }
+        config.proxy.listen = was.proxy.listen;
+        for cred in &mut config.credentials {
+            // Values rotated out by this reload stay masked (invariant 5).
+            if let Some(prev) = was.credentials.iter().find(|c| c.name == cred.name) {
+                cred.redactor = prev.redactor.clone();
+            }
+        }
+        let generation = Generation::new(Arc::new(config), self.provider.clone(), self.own_sockets.clone())?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(generation);
+        Ok(())
     }
 
     /// Accept clients until the listener fails.
@@ -271,7 +311,9 @@ impl Proxy {
             };
             let proxy = self.clone();
             tokio::spawn(async move {
-                proxy.serve_client(stream, peer).await;
+                proxy.ops.metrics.connections.inc();
+                proxy.clone().serve_client(stream, peer).await;
+                proxy.ops.metrics.connections.dec();
                 drop((permit, per_client));
             });
         }
@@ -307,6 +349,32 @@ impl Proxy {
             tracing::debug!("client {peer}: {e}");
         }
     }
+}
+
+/// What a reload cannot change in a running process.
+fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
+    let (a, b) = (old.proxy.listen, new.proxy.listen);
+    if a.ip() != b.ip() || (a.port() != b.port() && b.port() != 0) {
+        return Some("[proxy] port or bind");
+    }
+    if old.proxy.ca_dir != new.proxy.ca_dir {
+        return Some("[proxy] ca_dir");
+    }
+    if old.admin != new.admin {
+        return Some("[admin] listen");
+    }
+    if old.proxy.log_requests != new.proxy.log_requests || old.proxy.log_file != new.proxy.log_file {
+        return Some("[proxy.logging]");
+    }
+    if old.telemetry.otlp_endpoint != new.telemetry.otlp_endpoint
+        || old.telemetry.service_name != new.telemetry.service_name
+    {
+        return Some("[telemetry]");
+    }
+    if old.proxy.limits.max_connections != new.proxy.limits.max_connections {
+        return Some("[proxy.limits] max_connections");
+    }
+    None
 }
 
 /// HTTP/2 server settings for intercepted tunnels that negotiated `h2`.

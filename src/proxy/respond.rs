@@ -11,6 +11,9 @@ use crate::policy::Refusal;
 
 pub fn refusal(r: &Refusal) -> Response<Body> {
     let mut resp = text(r.status, r.kind, &r.message);
+    if let Some(secs) = r.retry_after {
+        resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+    }
     if r.kind == "smuggling" {
         // The rest of the stream cannot be trusted to be framed as the client meant.
         resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));

@@ -16,6 +16,7 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use super::forward::{self, Route};
 use super::{Generation, Proxy};
+use crate::metrics::{KindLabel, ResultLabel};
 use crate::policy::{Destination, Host};
 
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -29,6 +30,7 @@ pub async fn intercept(
     upgraded: Upgraded,
 ) {
     let limits = generation.config.proxy.limits.clone();
+    let _open = TunnelGauge::open(&proxy, "intercepted");
     let mut io = TokioIo::new(upgraded);
     let mut first = [0u8; 1];
     match tokio::time::timeout(limits.header_read_timeout, io.read(&mut first)).await {
@@ -50,14 +52,20 @@ pub async fn intercept(
         Ok(h) if h == dest.host => None,
         _ => Some(format!("TLS SNI {sni:?} does not name the tunnel's host {}", dest.host)),
     });
-    let config = match proxy.ca.server_config(&dest.host) {
+    let (config, hit) = proxy.ca.server_config_counted(&dest.host);
+    let metrics = &proxy.ops.metrics;
+    metrics.leaf_cache.get_or_create(&ResultLabel { result: if hit { "hit" } else { "miss" } }).inc();
+    let config = match config {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("cannot mint a certificate for {}: {e}", dest.host);
             return;
         }
     };
-    let tls = match tokio::time::timeout(limits.header_read_timeout, start.into_stream(config)).await {
+    let handshake = tokio::time::timeout(limits.header_read_timeout, start.into_stream(config)).await;
+    let result = if matches!(handshake, Ok(Ok(_))) { "ok" } else { "failed" };
+    metrics.handshakes.get_or_create(&ResultLabel { result }).inc();
+    let tls = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!("TLS handshake with {peer} for {dest} failed: {e}");
@@ -98,6 +106,23 @@ where
     let conn = super::server_builder(&limits).serve_connection(TokioIo::new(stream), service).with_upgrades();
     if let Err(e) = conn.await {
         tracing::debug!("tunnel: {e}");
+    }
+}
+
+/// Counts a tunnel in `latchkey_tunnels{kind}` while it is alive.
+pub struct TunnelGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl TunnelGauge {
+    pub fn open(proxy: &Proxy, kind: &'static str) -> TunnelGauge {
+        let g = proxy.ops.metrics.tunnels.get_or_create(&KindLabel { kind }).clone();
+        g.inc();
+        TunnelGauge(g)
+    }
+}
+
+impl Drop for TunnelGauge {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

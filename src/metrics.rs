@@ -1,0 +1,210 @@
+//! Prometheus metrics: one registry owned by the proxy (no global), served on the admin
+//! port. Labels stay bounded: credential and agent names come from the config, decisions
+//! and status classes are fixed words, hosts never appear, and model names from
+//! responses are kept only when short and plain (else `other`). No value here is ever
+//! a secret.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::audit::Record;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub decision: &'static str,
+    pub credential: String,
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialLabel {
+    pub credential: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub direction: &'static str,
+    pub credential: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub credential: String,
+    pub model: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub scope: &'static str,
+    pub name: String,
+    pub limit: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub upstream_latency: Family<CredentialLabel, Histogram>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub connections: Gauge,
+    pub tunnels: Family<KindLabel, Gauge>,
+    pub handshakes: Family<ResultLabel, Counter>,
+    pub leaf_cache: Family<ResultLabel, Counter>,
+    pub reloads: Family<ResultLabel, Counter>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub limited: Family<LimitLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms to ~33 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 17))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("latchkey");
+        let m = Metrics {
+            requests: Family::default(),
+            upstream_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            bytes: Family::default(),
+            connections: Gauge::default(),
+            tunnels: Family::default(),
+            handshakes: Family::default(),
+            leaf_cache: Family::default(),
+            reloads: Family::default(),
+            tokens: Family::default(),
+            limited: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests by decision (injected|passed|tunnelled|blocked), credential and status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "upstream_response_seconds",
+            "Time from sending a request upstream to its response head",
+            m.upstream_latency.clone(),
+        );
+        registry.register("bytes", "Body bytes by direction (up|down) and credential", m.bytes.clone());
+        registry.register(
+            "client_connections",
+            "Client connections open on the proxy port",
+            m.connections.clone(),
+        );
+        registry.register("tunnels", "CONNECT tunnels open, by kind (intercepted|blind)", m.tunnels.clone());
+        registry.register("tls_handshakes", "TLS handshakes with clients, by result", m.handshakes.clone());
+        registry.register(
+            "leaf_cache",
+            "Leaf certificate lookups, by result (hit|miss)",
+            m.leaf_cache.clone(),
+        );
+        registry.register("reloads", "Configuration reloads, by result (ok|failed)", m.reloads.clone());
+        registry.register(
+            "llm_tokens",
+            "LLM tokens reported by upstream responses, by credential, model and kind (input|output)",
+            m.tokens.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429, by scope (credential|agent), name and limit",
+            m.limited.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Count one finished exchange from its audit record.
+    pub fn request(&self, record: &Record, upstream: Option<Duration>) {
+        let credential = record.credential.clone().unwrap_or_else(|| "none".into());
+        if let Some(d) = upstream {
+            self.upstream_latency
+                .get_or_create(&CredentialLabel { credential: credential.clone() })
+                .observe(d.as_secs_f64());
+        }
+        for (direction, n) in [("up", record.bytes_up), ("down", record.bytes_down)] {
+            if n > 0 {
+                self.bytes
+                    .get_or_create(&BytesLabels { direction, credential: credential.clone() })
+                    .inc_by(n);
+            }
+        }
+        if let Some(usage) = &record.usage {
+            let model = model_label(usage.model.as_deref().unwrap_or(""));
+            for (kind, n) in [("input", usage.input_tokens), ("output", usage.output_tokens)] {
+                if let Some(n) = n {
+                    let labels = TokenLabels { credential: credential.clone(), model: model.clone(), kind };
+                    self.tokens.get_or_create(&labels).inc_by(n);
+                }
+            }
+        }
+        let status = status_class(record.status);
+        self.requests.get_or_create(&RequestLabels { decision: record.decision, credential, status }).inc();
+    }
+}
+
+fn status_class(status: Option<u16>) -> &'static str {
+    match status {
+        Some(100..=199) => "1xx",
+        Some(200..=299) => "2xx",
+        Some(300..=399) => "3xx",
+        Some(400..=499) => "4xx",
+        Some(500..=599) => "5xx",
+        _ => "none",
+    }
+}
+
+/// A model name as a label: kept when short and plain, else `other` (an upstream could
+/// otherwise mint unbounded label values).
+pub fn model_label(model: &str) -> String {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"-._:/@".contains(&b);
+    if model.is_empty() {
+        "unknown".into()
+    } else if model.len() <= 64 && model.bytes().all(plain) {
+        model.to_string()
+    } else {
+        "other".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_labels_are_bounded() {
+        assert_eq!(model_label("claude-sonnet-4-5-20250929"), "claude-sonnet-4-5-20250929");
+        assert_eq!(model_label("gpt-4o"), "gpt-4o");
+        assert_eq!(model_label(&"x".repeat(65)), "other");
+        assert_eq!(model_label("a\"b"), "other");
+        assert_eq!(model_label(""), "unknown");
+    }
+}

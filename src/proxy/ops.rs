@@ -1,0 +1,163 @@
+//! What outlives a config generation: the request log, metrics, rate-limit state and the
+//! span exporter. Every finished exchange — forwarded, refused or tunnelled — passes
+//! through [`Ops::finish`], so the log, the metrics, the budgets and the traces agree.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use http::HeaderMap;
+
+use crate::audit::{Audit, Record};
+use crate::config::Config;
+use crate::inject::Slot;
+use crate::limits::{Limiter, Scope};
+use crate::metrics::Metrics;
+use crate::otlp::{self, Exporter, REDACTED, Span};
+use crate::policy::Refusal;
+
+pub struct Ops {
+    pub audit: Audit,
+    pub metrics: Metrics,
+    pub limits: Limiter,
+    pub spans: Option<Exporter>,
+    /// Config and CA loaded and the listener serving (`/readyz`).
+    pub ready: AtomicBool,
+}
+
+impl Ops {
+    pub fn new(audit: Audit, spans: Option<Exporter>) -> Ops {
+        Ops {
+            audit,
+            metrics: Metrics::new(),
+            limits: Limiter::default(),
+            spans,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Record one finished exchange everywhere it is counted.
+    pub fn finish(&self, record: &Record, upstream: Option<Duration>, span: Option<Span>) {
+        self.audit.log(record);
+        self.metrics.request(record, upstream);
+        if let Some(tokens) = record.usage.as_ref().map(|u| u.total()).filter(|t| *t > 0) {
+            if let Some(c) = &record.credential {
+                self.limits.spend(Scope::Credential, c, tokens);
+            }
+            if let Some(a) = &record.agent {
+                self.limits.spend(Scope::Agent, a, tokens);
+            }
+        }
+        if let (Some(exporter), Some(mut span)) = (&self.spans, span) {
+            fill_span(&mut span, record);
+            exporter.export(span);
+        }
+    }
+
+    /// A span for a request just received, when spans are exported. Header values are
+    /// exported except the sensitive ones and every credential slot: those read
+    /// `[redacted]`.
+    pub fn start_span(&self, config: &Config, method: &str, headers: &HeaderMap) -> Option<Span> {
+        self.spans.as_ref()?;
+        let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+        let mut span = Span::new(method.to_string(), SystemTime::now(), traceparent);
+        for (name, value) in headers {
+            let hidden = otlp::is_sensitive(name.as_str()) || is_credential_slot(config, name.as_str());
+            let shown =
+                if hidden { REDACTED.to_string() } else { String::from_utf8_lossy(value.as_bytes()).into() };
+            span.str(&format!("http.request.header.{}", name.as_str()), shown);
+        }
+        Some(span)
+    }
+
+    /// Admit a request under the limits of its credential and agent (429 beyond them).
+    pub fn admit(
+        &self,
+        config: &Config,
+        credential: Option<usize>,
+        agent: Option<usize>,
+    ) -> Result<(), Refusal> {
+        let mut checks = Vec::with_capacity(2);
+        if let Some(c) = credential.and_then(|i| config.credentials.get(i)) {
+            checks.push((Scope::Credential, c.name.as_str(), c.limits));
+        }
+        if let Some(a) = agent.and_then(|i| config.agents.get(i)) {
+            checks.push((Scope::Agent, a.name.as_str(), a.limits));
+        }
+        if checks.iter().all(|c| c.2.is_empty()) {
+            return Ok(());
+        }
+        self.limits.admit(&checks).map_err(|e| {
+            self.metrics
+                .limited
+                .get_or_create(&crate::metrics::LimitLabels {
+                    scope: e.scope.as_str(),
+                    name: e.name.clone(),
+                    limit: e.limit,
+                })
+                .inc();
+            Refusal::new(
+                429,
+                "rate-limited",
+                format!(
+                    "{} {} is over its {} limit; retry in {}s",
+                    e.scope.as_str(),
+                    e.name,
+                    e.limit,
+                    e.retry_after_secs
+                ),
+            )
+            .retry_after(e.retry_after_secs)
+        })
+    }
+}
+
+fn is_credential_slot(config: &Config, name: &str) -> bool {
+    config.credentials.iter().any(|c| {
+        c.injector
+            .slots()
+            .iter()
+            .any(|s| matches!(s, Slot::Header { header } if header.eq_ignore_ascii_case(name)))
+    })
+}
+
+fn fill_span(span: &mut Span, r: &Record) {
+    span.end = SystemTime::now();
+    span.str("http.request.method", r.method.clone());
+    span.str("server.address", r.host.clone());
+    span.int("server.port", i64::from(r.port));
+    span.str("url.scheme", r.scheme);
+    if let Some(p) = &r.path {
+        span.str("url.path", p.clone());
+    }
+    if let Some(s) = r.status {
+        span.int("http.response.status_code", i64::from(s));
+        span.error = s >= 500;
+    }
+    span.str("latchkey.decision", r.decision);
+    if let Some(c) = &r.credential {
+        span.str("latchkey.credential", c.clone());
+    }
+    if let Some(a) = &r.agent {
+        span.str("latchkey.agent", a.clone());
+    }
+    if let Some(why) = &r.reason {
+        span.str("latchkey.reason", why.clone());
+    }
+    span.int("latchkey.bytes_up", r.bytes_up as i64);
+    span.int("latchkey.bytes_down", r.bytes_down as i64);
+    if let Some(u) = &r.usage {
+        if let Some(m) = &u.model {
+            span.str("gen_ai.response.model", m.clone());
+        }
+        if let Some(n) = u.input_tokens {
+            span.int("gen_ai.usage.input_tokens", n as i64);
+        }
+        if let Some(n) = u.output_tokens {
+            span.int("gen_ai.usage.output_tokens", n as i64);
+        }
+    }
+}

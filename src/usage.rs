@@ -1,0 +1,186 @@
+//! LLM token usage, read from credentialed responses as they stream past: Anthropic
+//! and OpenAI shapes, JSON bodies and SSE streams. Nothing is held back from the client:
+//! the meter looks at a copy of each chunk (SSE line by line; a JSON body up to a cap,
+//! parsed when it ends).
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// Token counts and model of one response (`gen_ai.usage.*` in the span).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub model: Option<String>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+}
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        self.input_tokens.unwrap_or(0) + self.output_tokens.unwrap_or(0)
+    }
+
+    /// Take what one JSON object says. Anthropic streams put input tokens in
+    /// `message_start.message.usage` and the final output count in the last
+    /// `message_delta.usage`; OpenAI puts `usage` (prompt/completion, or input/output for
+    /// the Responses API) at the top level or under `response`. Later values win.
+    fn absorb(&mut self, v: &Value) {
+        for obj in [Some(v), v.get("message"), v.get("response")].into_iter().flatten() {
+            if self.model.is_none()
+                && let Some(m) = obj.get("model").and_then(Value::as_str)
+            {
+                self.model = Some(m.chars().take(200).collect());
+            }
+            let Some(u) = obj.get("usage").filter(|u| u.is_object()) else { continue };
+            let count = |keys: [&str; 2]| keys.iter().find_map(|k| u.get(*k).and_then(Value::as_u64));
+            if let Some(n) = count(["input_tokens", "prompt_tokens"]) {
+                self.input_tokens = Some(n);
+            }
+            if let Some(n) = count(["output_tokens", "completion_tokens"]) {
+                self.output_tokens = Some(n);
+            }
+        }
+    }
+}
+
+/// Largest SSE line or JSON body looked at; beyond it the meter gives up on that part.
+const MAX_JSON: usize = 4 << 20;
+
+enum Kind {
+    Sse { line: Vec<u8> },
+    Json { body: Vec<u8> },
+}
+
+pub struct Meter {
+    kind: Kind,
+    usage: Usage,
+    overflow: bool,
+}
+
+impl Meter {
+    /// A meter for a response of this content type, if it is one that can carry usage.
+    pub fn for_content_type(content_type: &str) -> Option<Meter> {
+        let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let kind = match essence.as_str() {
+            "text/event-stream" => Kind::Sse { line: Vec::new() },
+            "application/json" => Kind::Json { body: Vec::new() },
+            _ => return None,
+        };
+        Some(Meter { kind, usage: Usage::default(), overflow: false })
+    }
+
+    pub fn feed(&mut self, mut data: &[u8]) {
+        match &mut self.kind {
+            Kind::Json { body } => {
+                if body.len() + data.len() > MAX_JSON {
+                    self.overflow = true;
+                    body.clear();
+                } else if !self.overflow {
+                    body.extend_from_slice(data);
+                }
+            }
+            Kind::Sse { line } => {
+                while let Some(nl) = data.iter().position(|&b| b == b'\n') {
+                    if !self.overflow {
+                        line.extend_from_slice(&data[..nl]);
+                        sse_line(line, &mut self.usage);
+                    }
+                    self.overflow = false;
+                    line.clear();
+                    data = &data[nl + 1..];
+                }
+                if line.len() + data.len() > MAX_JSON {
+                    self.overflow = true;
+                    line.clear();
+                } else if !self.overflow {
+                    line.extend_from_slice(data);
+                }
+            }
+        }
+    }
+
+    /// The usage seen, if the response reported any.
+    pub fn finish(mut self) -> Option<Usage> {
+        match &mut self.kind {
+            Kind::Json { body } if !self.overflow => {
+                if let Ok(v) = serde_json::from_slice::<Value>(body) {
+                    self.usage.absorb(&v);
+                }
+            }
+            Kind::Sse { line } if !self.overflow => sse_line(line, &mut self.usage),
+            _ => {}
+        }
+        let u = self.usage;
+        (u.input_tokens.is_some() || u.output_tokens.is_some()).then_some(u)
+    }
+}
+
+fn sse_line(line: &[u8], usage: &mut Usage) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(data) = line.strip_prefix(b"data:") else { return };
+    let data = data.strip_prefix(b" ").unwrap_or(data);
+    if data.first() == Some(&b'{')
+        && let Ok(v) = serde_json::from_slice::<Value>(data)
+    {
+        usage.absorb(&v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape of an Anthropic Messages stream (docs.anthropic.com, "Streaming Messages").
+    pub const ANTHROPIC_SSE: &str = "event: message_start\n\
+data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-sonnet-4-5\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n\
+event: content_block_start\n\
+data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+event: ping\n\
+data: {\"type\": \"ping\"}\n\n\
+event: content_block_delta\n\
+data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n\
+event: content_block_stop\n\
+data: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+event: message_delta\n\
+data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n\
+event: message_stop\n\
+data: {\"type\":\"message_stop\"}\n\n";
+
+    pub const OPENAI_JSON: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29}}"#;
+
+    fn run(ct: &str, body: &str, chunk: usize) -> Option<Usage> {
+        let mut m = Meter::for_content_type(ct)?;
+        for c in body.as_bytes().chunks(chunk.max(1)) {
+            m.feed(c);
+        }
+        m.finish()
+    }
+
+    #[test]
+    fn anthropic_stream_is_exact_at_any_chunking() {
+        for chunk in [1, 3, 7, 64, 10_000] {
+            let u = run("text/event-stream; charset=utf-8", ANTHROPIC_SSE, chunk).unwrap();
+            assert_eq!(u.input_tokens, Some(25), "chunk {chunk}");
+            assert_eq!(u.output_tokens, Some(15));
+            assert_eq!(u.model.as_deref(), Some("claude-sonnet-4-5"));
+        }
+    }
+
+    #[test]
+    fn openai_json_and_stream_with_usage() {
+        let u = run("application/json", OPENAI_JSON, 5).unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens, u.total()), (Some(19), Some(10), 29));
+        assert_eq!(u.model.as_deref(), Some("gpt-4o-2024-08-06"));
+        let stream = "data: {\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
+                      data: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\n\
+                      data: [DONE]\n\n";
+        let u = run("text/event-stream", stream, 4).unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens), (Some(7), Some(3)));
+    }
+
+    #[test]
+    fn responses_without_usage_or_of_other_types_report_nothing() {
+        assert_eq!(run("application/json", r#"{"ok":true}"#, 3), None);
+        assert_eq!(run("text/html", OPENAI_JSON, 3), None);
+        assert_eq!(run("application/json", "{not json", 3), None);
+    }
+}
