@@ -531,3 +531,23 @@ fn one_client_cannot_hold_every_connection() {
     let resp = exchange(lk.port, b"GET /ca.crt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert_eq!(status(&resp), 200, "freed slots are usable again");
 }
+
+#[test]
+fn open_tunnels_count_against_the_connection_cap() {
+    use std::io::Read;
+    let (_up, lk) = start("[proxy.limits]\nmax_connections_per_client = 2\n#END-PROXY\n");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Two tunnels, one intercepted and one blind, stay open after their CONNECT.
+    let (a, head_a) = tunnel(lk.port, "api.anthropic.com:443");
+    let (b, head_b) = tunnel(lk.port, "other.example.com:443");
+    assert!(head_a.starts_with("HTTP/1.1 200") && head_b.starts_with("HTTP/1.1 200"), "{head_a}{head_b}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut c = common::raw::connect(lk.port);
+    c.set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
+    let closed = match c.read(&mut [0u8; 1]) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(closed, "a third connection while two tunnels are open is refused");
+    drop((a, b));
+}

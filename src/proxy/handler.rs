@@ -20,6 +20,7 @@ pub async fn handle(
     proxy: Arc<Proxy>,
     generation: Arc<Generation>,
     peer: SocketAddr,
+    slot: super::HeldSlot,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let is_proxy_request = req.method() == Method::CONNECT || req.uri().scheme().is_some();
@@ -35,7 +36,7 @@ pub async fn handle(
         None
     };
     if req.method() == Method::CONNECT {
-        return Ok(connect(proxy, generation, peer, agent, req).await);
+        return Ok(connect(proxy, generation, peer, agent, slot, req).await);
     }
     match req.uri().scheme_str() {
         Some("http") => {
@@ -81,6 +82,7 @@ async fn connect(
     generation: Arc<Generation>,
     peer: SocketAddr,
     agent: Option<usize>,
+    slot: super::HeldSlot,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -112,8 +114,9 @@ async fn connect(
             let ops = proxy.ops.clone();
             let limit = generation.config.proxy.limits.tunnel_timeout;
             let gauge = super::tunnel::TunnelGauge::open(&proxy, "blind");
+            let slot = super::Slot::take(&slot);
             tokio::spawn(async move {
-                let _gauge = gauge;
+                let _held = (gauge, slot);
                 let Ok(upgraded) = on_upgrade.await else { return };
                 let mut client = TokioIo::new(upgraded);
                 let mut upstream = upstream;
@@ -135,7 +138,9 @@ async fn connect(
             if let Err(e) = generation.dialer.addresses(&dest).await {
                 return refuse(respond::upstream_refusal(&e));
             }
+            let slot = super::Slot::take(&slot);
             tokio::spawn(async move {
+                let _slot = slot;
                 let Ok(upgraded) = on_upgrade.await else { return };
                 super::tunnel::intercept(proxy, generation, peer, agent, dest, upgraded).await;
             });

@@ -142,6 +142,39 @@ pub struct Proxy {
     pub exchanges: Arc<Exchanges>,
 }
 
+/// A client connection's place under the global and per-client limits, and in the
+/// connection gauge. It lives as long as the connection — including the tunnel a CONNECT
+/// turns it into, which takes it over — so tunnels count against the limits too.
+pub struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _per_client: PerClient,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// The slot of a connection still being served as HTTP; a CONNECT takes it.
+pub type HeldSlot = Arc<std::sync::Mutex<Option<Slot>>>;
+
+impl Slot {
+    fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        per_client: PerClient,
+        gauge: &prometheus_client::metrics::gauge::Gauge,
+    ) -> Slot {
+        gauge.inc();
+        Slot { _permit: permit, _per_client: per_client, gauge: gauge.clone() }
+    }
+
+    pub fn take(held: &HeldSlot) -> Option<Slot> {
+        held.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 /// One open connection counted against its client's address; dropping it uncounts it.
 struct PerClient {
     map: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
@@ -241,7 +274,7 @@ impl Proxy {
             #[cfg(not(feature = "otlp"))]
             Some(_) => {
                 return Err(
-                    "[telemetry] otlp_endpoint: this build has no OTLP exporter (cargo feature otlp)".into()
+                    "[telemetry] otlp_endpoint: this build has no OTLP exporter (cargo feature otlp)".into(),
                 );
             }
             None => None,
@@ -309,17 +342,15 @@ impl Proxy {
                 tracing::warn!("{} has {limit} connections open; refusing another", peer.ip());
                 continue;
             };
+            let slot = Slot::new(permit, per_client, &self.ops.metrics.connections);
             let proxy = self.clone();
             tokio::spawn(async move {
-                proxy.ops.metrics.connections.inc();
-                proxy.clone().serve_client(stream, peer).await;
-                proxy.ops.metrics.connections.dec();
-                drop((permit, per_client));
+                proxy.serve_client(stream, peer, Arc::new(std::sync::Mutex::new(Some(slot)))).await;
             });
         }
     }
 
-    async fn serve_client(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    async fn serve_client(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, slot: HeldSlot) {
         let generation = self.generation();
         let clients = &generation.config.proxy.allowed_clients;
         let ip = crate::policy::host::canonical_ip(peer.ip());
@@ -342,7 +373,8 @@ impl Proxy {
         }
         let _ = stream.set_nodelay(true);
         let limits = generation.config.proxy.limits.clone();
-        let service = service_fn(move |req| handler::handle(self.clone(), generation.clone(), peer, req));
+        let service =
+            service_fn(move |req| handler::handle(self.clone(), generation.clone(), peer, slot.clone(), req));
         let stream = framing::Guarded::new(stream, &limits);
         let conn = server_builder(&limits).serve_connection(TokioIo::new(stream), service).with_upgrades();
         if let Err(e) = conn.await {
