@@ -92,7 +92,10 @@ pub async fn handle(
         return Ok(resp);
     }
     let up = Arc::new(AtomicU64::new(0));
-    match exchange(&proxy.ops, &generation, &route, parts, body, &mut record, up.clone()).await {
+    // Boxed: hyper keeps a slot sized for this future on every connection, idle or not;
+    // the exchange's state is allocated only while a request is in flight.
+    let exchanged = Box::pin(exchange(&proxy.ops, &generation, &route, parts, body, &mut record, up.clone()));
+    match exchanged.await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
             record.status = Some(parts.status.as_u16());

@@ -40,7 +40,7 @@ pub async fn intercept(
     let io = Prefixed { first: Some(first[0]), inner: io };
     if first[0] != TLS_HANDSHAKE {
         let route = Arc::new(Route::new(dest, false, true, None, peer, agent));
-        serve(proxy, generation, route, io).await;
+        Box::pin(serve(proxy, generation, route, io)).await;
         return;
     }
     let accept = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
@@ -75,10 +75,12 @@ pub async fn intercept(
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let route = Arc::new(Route::new(dest, true, true, misdirected, peer, agent));
+    // Boxed: the task then holds only the connection kind it serves (an h2 server's
+    // state is several KiB an HTTP/1.1 connection would otherwise carry while idle).
     if h2 {
-        serve_h2(proxy, generation, route, tls).await;
+        Box::pin(serve_h2(proxy, generation, route, tls)).await;
     } else {
-        serve(proxy, generation, route, tls).await;
+        Box::pin(serve(proxy, generation, route, tls)).await;
     }
 }
 
