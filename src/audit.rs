@@ -43,17 +43,21 @@ impl Audit {
     /// slow disk never stalls the proxy's workers. Lines are hash-chained: each ends with
     /// `"prev"`, the SHA-256 of the line before it (the first line of a file: a random
     /// nonce), so an edited or removed line breaks the chain (`latchkey audit verify`).
-    pub fn open(path: &Path) -> std::io::Result<Self> {
+    pub fn open(path: &Path, hmac_key: Option<Vec<u8>>) -> std::io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
         let mut prev = chain_tail(path)?;
         let mut file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+        let key = hmac_key.map(|k| aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &k));
         let (tx, rx) = channel::<String>();
         std::thread::Builder::new().name("latchkey-audit".into()).spawn(move || {
             for record in rx {
-                let line = chain(&record, &prev);
+                let mut line = chain(&record, &prev);
+                if let Some(key) = &key {
+                    line = sign(&line, key);
+                }
                 prev = hash_hex(line.as_bytes());
                 if let Err(e) = file.write_all(format!("{line}\n").as_bytes()) {
                     tracing::error!("request log write failed: {e}");
@@ -82,6 +86,44 @@ fn chain(record: &str, prev: &str) -> String {
     format!("{body},\"prev\":\"{prev}\"}}")
 }
 
+/// Append `"hmac"`: HMAC-SHA256 of the line so far under a key the agent cannot read.
+/// Without the key, a rewritten log can be re-chained but not re-signed.
+fn sign(line: &str, key: &aws_lc_rs::hmac::Key) -> String {
+    let tag = aws_lc_rs::hmac::sign(key, line.as_bytes());
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let body = line.strip_suffix('}').unwrap_or(line);
+    format!("{body},\"hmac\":\"{hex}\"}}")
+}
+
+/// Check a signed line's `"hmac"`; `Err` says why it fails.
+fn check_hmac(line: &str, v: &serde_json::Value, key: &aws_lc_rs::hmac::Key) -> Result<(), String> {
+    let tag = v["hmac"].as_str().ok_or("no \"hmac\" (line not signed)")?;
+    let suffix = format!(",\"hmac\":\"{tag}\"}}");
+    let unsigned = line.strip_suffix(&suffix).ok_or("\"hmac\" is not the last key")?;
+    let bytes: Option<Vec<u8>> =
+        (0..tag.len()).step_by(2).map(|i| u8::from_str_radix(tag.get(i..i + 2)?, 16).ok()).collect();
+    let bytes = bytes.filter(|b| b.len() == 32).ok_or("\"hmac\" is not 64 hex digits")?;
+    aws_lc_rs::hmac::verify(key, format!("{unsigned}}}").as_bytes(), &bytes)
+        .map_err(|_| "HMAC does not match: the line was written without the key".to_string())
+}
+
+/// Read an HMAC key file: it must exist, be non-empty, and be readable by its owner only.
+pub fn read_hmac_key(path: &Path) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!("{}: must not be readable or writable by others (chmod 600)", path.display()));
+    }
+    let key = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if key.len() < 16 {
+        return Err(format!(
+            "{}: use at least 16 bytes of key (e.g. head -c 32 /dev/urandom)",
+            path.display()
+        ));
+    }
+    Ok(key)
+}
+
 fn hash_hex(bytes: &[u8]) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
@@ -107,7 +149,8 @@ fn chain_tail(path: &Path) -> std::io::Result<String> {
 
 /// Check a log's chain. `Ok(lines)` when intact; `Err((line number, why))` at the first
 /// line that breaks it.
-pub fn verify(text: &str) -> Result<usize, (usize, String)> {
+pub fn verify(text: &str, hmac_key: Option<&[u8]>) -> Result<usize, (usize, String)> {
+    let key = hmac_key.map(|k| aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, k));
     let mut expected: Option<String> = None;
     let mut count = 0;
     for (i, line) in text.lines().enumerate() {
@@ -117,6 +160,9 @@ pub fn verify(text: &str) -> Result<usize, (usize, String)> {
         }
         let v: serde_json::Value =
             serde_json::from_str(line).map_err(|_| (n, "not a JSON line".to_string()))?;
+        if let Some(key) = &key {
+            check_hmac(line, &v, key).map_err(|why| (n, why))?;
+        }
         let prev = v["prev"].as_str().ok_or((n, "no \"prev\" (not a chained line)".to_string()))?;
         match &expected {
             None if prev.starts_with("nonce:") => {}
@@ -163,12 +209,45 @@ mod tests {
                 .collect()
         };
         let text = lines.join("\n");
-        assert_eq!(super::verify(&text), Ok(4));
-        assert_eq!(super::verify(&text.replace("\"n\":2", "\"n\":7")).unwrap_err().0, 4);
+        assert_eq!(super::verify(&text, None), Ok(4));
+        assert_eq!(super::verify(&text.replace("\"n\":2", "\"n\":7"), None).unwrap_err().0, 4);
         let without_second = [&lines[0], &lines[2], &lines[3]].map(String::as_str).join("\n");
-        assert_eq!(super::verify(&without_second).unwrap_err().0, 2);
+        assert_eq!(super::verify(&without_second, None).unwrap_err().0, 2);
         let without_first = lines[1..].join("\n");
-        assert_eq!(super::verify(&without_first).unwrap_err().0, 1);
+        assert_eq!(super::verify(&without_first, None).unwrap_err().0, 1);
+    }
+
+    #[test]
+    fn hmac_catches_a_rechained_forgery() {
+        let key_bytes = b"0123456789abcdef0123456789abcdef";
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key_bytes);
+        // Signed lines, then a forger without the key rewrites line 2 and re-chains.
+        let write = |records: &[&str], signer: Option<&aws_lc_rs::hmac::Key>| -> String {
+            let mut prev = "nonce:00".to_string();
+            let mut out = Vec::new();
+            for r in records {
+                let mut line = super::chain(r, &prev);
+                if let Some(k) = signer {
+                    line = super::sign(&line, k);
+                }
+                prev = super::hash_hex(line.as_bytes());
+                out.push(line);
+            }
+            out.join("\n")
+        };
+        let good = write(&["{\"n\":1}", "{\"n\":2}", "{\"n\":3}"], Some(&key));
+        assert_eq!(super::verify(&good, Some(key_bytes)), Ok(3));
+        let wrong =
+            aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, b"forger's own key, 32 bytes long!");
+        let mut forged: Vec<String> = good.lines().map(str::to_string).collect();
+        let rest = write(&["{\"n\":1}", "{\"n\":9}", "{\"n\":3}"], Some(&wrong));
+        forged[1] = rest.lines().nth(1).unwrap().to_string();
+        let forged = forged.join("\n");
+        assert_eq!(super::verify(&forged, Some(key_bytes)).unwrap_err().0, 2);
+        // The unkeyed chain alone cannot tell a fully re-chained forgery apart.
+        let rechained = write(&["{\"n\":1}", "{\"n\":9}", "{\"n\":3}"], None);
+        assert_eq!(super::verify(&rechained, None), Ok(3));
+        assert_eq!(super::verify(&rechained, Some(key_bytes)).unwrap_err().0, 1);
     }
 
     #[test]

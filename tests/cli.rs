@@ -294,3 +294,68 @@ fn audit_log_is_hash_chained_across_restarts() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains(":3: chain broken"), "{}", text(&o));
 }
+
+#[test]
+fn signed_audit_lines_expose_a_rechained_forgery() {
+    use sha2_free::sha256_hex;
+    let up = upstream(true, None);
+    let logdir = tempfile::tempdir().unwrap();
+    let (log, key) = (logdir.path().join("requests.log"), logdir.path().join("audit.key"));
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    set_mode(&key, 0o600);
+    let cfg = format!(
+        "[proxy.logging]\nlog_requests = true\nlog_file = \"{}\"\nhmac_key_file = \"{}\"\n#END-PROXY\n",
+        log.display(),
+        key.display()
+    );
+    let lk = Latchkey::start(Some(&up), &cfg, &[]);
+    lk.curl(&["https://api.example.com/one"]);
+    lk.curl(&["http://169.254.169.254/"]);
+    lk.curl(&["https://api.example.com/two"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (logp, keyp) = (log.to_str().unwrap(), key.to_str().unwrap());
+    let o = run(lk.dir.path(), &["audit", "verify", logp, "--hmac-key", keyp], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("every HMAC valid"), "{}", text(&o));
+
+    // A forger who can write the log but not read the key: change line 2, drop the
+    // signatures and recompute the whole SHA-256 chain.
+    let original = std::fs::read_to_string(&log).unwrap();
+    let mut prev = String::new();
+    let mut forged = Vec::new();
+    for (i, line) in original.lines().enumerate() {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("hmac");
+        if i == 1 {
+            obj.insert("status".into(), serde_json::json!(200));
+        }
+        if i > 0 {
+            obj.insert("prev".into(), serde_json::json!(prev));
+        }
+        let text = serde_json::to_string(&v).unwrap();
+        prev = sha256_hex(text.as_bytes());
+        forged.push(text);
+    }
+    std::fs::write(&log, forged.join("\n") + "\n").unwrap();
+    let o = run(lk.dir.path(), &["audit", "verify", logp], &[]);
+    assert_eq!(o.status.code(), Some(0), "the unkeyed chain alone is fooled: {}", text(&o));
+    let o = run(lk.dir.path(), &["audit", "verify", logp, "--hmac-key", keyp], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains(":1: chain broken: no \"hmac\""), "{}", text(&o));
+}
+
+/// SHA-256 via the `sha256sum` tool, so the test uses no hashing code of latchkey's.
+mod sha2_free {
+    pub fn sha256_hex(data: &[u8]) -> String {
+        use std::io::Write;
+        let mut c = std::process::Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(data).unwrap();
+        let out = c.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+    }
+}

@@ -108,8 +108,13 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum AuditAction {
-    /// Check a request log's hash chain: exit 0 intact, 1 broken (first bad line shown).
-    Verify { file: PathBuf },
+    /// Check a request log's hash chain (and with --hmac-key, every line's HMAC): exit 0
+    /// intact, 1 broken (first bad line shown).
+    Verify {
+        file: PathBuf,
+        #[arg(long)]
+        hmac_key: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -142,7 +147,9 @@ pub fn main() -> ExitCode {
         Command::Check { config } => check::check(config),
         Command::Ca { config, action } => ca(config, action),
         Command::Providers => providers(),
-        Command::Audit { action: AuditAction::Verify { file } } => audit_verify(&file),
+        Command::Audit { action: AuditAction::Verify { file, hmac_key } } => {
+            audit_verify(&file, hmac_key.as_deref())
+        }
     }
 }
 
@@ -250,7 +257,15 @@ fn ca(config: Option<PathBuf>, action: CaAction) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn audit_verify(file: &std::path::Path) -> ExitCode {
+fn audit_verify(file: &std::path::Path, hmac_key: Option<&std::path::Path>) -> ExitCode {
+    let key = match hmac_key.map(crate::audit::read_hmac_key) {
+        Some(Err(e)) => {
+            eprintln!("latchkey: {e}");
+            return ExitCode::from(2);
+        }
+        Some(Ok(k)) => Some(k),
+        None => None,
+    };
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) => {
@@ -258,9 +273,10 @@ fn audit_verify(file: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match crate::audit::verify(&text) {
+    match crate::audit::verify(&text, key.as_deref()) {
         Ok(n) => {
-            println!("{}: chain intact ({n} lines)", file.display());
+            let signed = if key.is_some() { ", every HMAC valid" } else { "" };
+            println!("{}: chain intact ({n} lines{signed})", file.display());
             ExitCode::SUCCESS
         }
         Err((line, why)) => {

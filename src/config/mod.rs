@@ -80,6 +80,7 @@ pub struct ProxySettings {
     pub via: bool,
     pub log_requests: bool,
     pub log_file: PathBuf,
+    pub hmac_key_file: Option<PathBuf>,
     pub limits: Limits,
 }
 
@@ -309,6 +310,7 @@ impl Compiler<'_> {
             via: p.via,
             log_requests: p.logging.log_requests,
             log_file: expand_home(&p.logging.log_file),
+            hmac_key_file: p.logging.hmac_key_file.as_deref().map(expand_home),
             limits,
         };
         let filters = self.filters(&raw.proxy.filters)?;

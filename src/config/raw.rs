@@ -87,11 +87,17 @@ impl Default for RawProxy {
 pub struct RawLogging {
     pub log_requests: bool,
     pub log_file: String,
+    /// A key file (0600) for a per-line HMAC in the request log.
+    pub hmac_key_file: Option<String>,
 }
 
 impl Default for RawLogging {
     fn default() -> Self {
-        RawLogging { log_requests: false, log_file: "~/.config/latchkey/proxy.log".into() }
+        RawLogging {
+            log_requests: false,
+            log_file: "~/.config/latchkey/proxy.log".into(),
+            hmac_key_file: None,
+        }
     }
 }
 

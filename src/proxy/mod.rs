@@ -261,7 +261,13 @@ impl Proxy {
         own_sockets: Vec<SocketAddr>,
     ) -> Result<Arc<Self>, String> {
         let audit = if config.proxy.log_requests {
-            Audit::open(&config.proxy.log_file)
+            let key = match &config.proxy.hmac_key_file {
+                Some(path) => {
+                    Some(crate::audit::read_hmac_key(path).map_err(|e| format!("hmac_key_file {e}"))?)
+                }
+                None => None,
+            };
+            Audit::open(&config.proxy.log_file, key)
                 .map_err(|e| format!("cannot open log_file {}: {e}", config.proxy.log_file.display()))?
         } else {
             Audit::off()
@@ -395,7 +401,10 @@ fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
     if old.admin != new.admin {
         return Some("[admin] listen");
     }
-    if old.proxy.log_requests != new.proxy.log_requests || old.proxy.log_file != new.proxy.log_file {
+    if old.proxy.log_requests != new.proxy.log_requests
+        || old.proxy.log_file != new.proxy.log_file
+        || old.proxy.hmac_key_file != new.proxy.hmac_key_file
+    {
         return Some("[proxy.logging]");
     }
     if old.telemetry.otlp_endpoint != new.telemetry.otlp_endpoint
