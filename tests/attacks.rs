@@ -551,3 +551,47 @@ fn open_tunnels_count_against_the_connection_cap() {
     assert!(closed, "a third connection while two tunnels are open is refused");
     drop((a, b));
 }
+
+#[test]
+fn mlock_locks_memory_or_refuses_to_start() {
+    let up = upstream(true, None);
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let cfg = common::write_config(
+        dir.path(),
+        port,
+        Some(up.addr),
+        &format!("[proxy]\nmlock = true\n#END-PROXY\n{CRED}"),
+    );
+    let mut child = common::latchkey_cmd(dir.path(), &[("ANTHROPIC_API_KEY", SECRET)])
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            // Only acceptable exit: the locked-memory limit, said plainly.
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            assert_eq!(status.code(), Some(1), "{err}");
+            assert!(err.contains("mlockall failed") && err.contains("RLIMIT_MEMLOCK"), "{err}");
+            return;
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "neither started nor refused");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let locked: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(locked > 1024, "VmLck {locked} kB");
+}

@@ -42,6 +42,9 @@ pub fn run(
         );
         return ExitCode::from(2);
     }
+    if config.proxy.mlock && !lock_memory() {
+        return ExitCode::from(1);
+    }
     let ca = match open_ca(&config, regenerate_ca) {
         Ok(ca) => ca,
         Err(code) => return code,
@@ -120,6 +123,21 @@ fn start(mut config: Config, ca: Arc<CertAuthority>, listener: &TcpListener) -> 
     })?;
     tracing::info!("latchkey listening on {local} (CA {})", ca_path.display());
     Ok(proxy)
+}
+
+/// `[proxy] mlock`: lock current and future pages so no secret reaches swap. Asked for
+/// and impossible is an error (fail closed), with the usual cause named.
+fn lock_memory() -> bool {
+    // SAFETY: mlockall takes flags only.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } == 0 {
+        tracing::info!("memory locked (mlock = true)");
+        return true;
+    }
+    eprintln!(
+        "latchkey: mlock = true but mlockall failed: {} (raise RLIMIT_MEMLOCK, e.g. `ulimit -l unlimited`, or grant CAP_IPC_LOCK)",
+        std::io::Error::last_os_error()
+    );
+    false
 }
 
 /// `--port` / `--bind`, applied to every config loaded, the first and each reload.

@@ -53,6 +53,8 @@ pub struct RawProxy {
     pub secrets_dir: String,
     /// Add `Via: 1.1 latchkey` to forwarded requests and responses (RFC 9110 7.6.3).
     pub via: bool,
+    /// Lock all of latchkey's memory (mlockall) so secrets are never swapped out.
+    pub mlock: bool,
     pub logging: RawLogging,
     pub filters: RawFilters,
     pub limits: RawLimits,
@@ -75,6 +77,7 @@ impl Default for RawProxy {
             builtin_providers: false,
             secrets_dir: "~/.config/secrets".into(),
             via: true,
+            mlock: false,
             logging: RawLogging::default(),
             filters: RawFilters::default(),
             limits: RawLimits::default(),
