@@ -46,18 +46,8 @@ pub fn config(data: &[u8]) {
 pub fn framing(data: &[u8]) {
     use crate::proxy::framing::{SMUGGLED, Scanner};
     let (cuts, input) = data.split_at(data.len().min(4));
-    let mut scanner = Scanner::new(1024, 16);
-    let (mut buf, mut out, mut last) = (Vec::new(), Vec::new(), 0);
-    let mut points: Vec<usize> = cuts.iter().map(|&c| usize::from(c) % (input.len() + 1)).collect();
-    points.push(input.len());
-    points.sort_unstable();
-    for p in points {
-        buf.extend_from_slice(&input[last..p]);
-        last = p;
-        let n = scanner.scan(&mut buf);
-        out.extend(buf.drain(..n));
-    }
-    out.append(&mut buf);
+    let cuts: Vec<usize> = cuts.iter().map(|&c| usize::from(c)).collect();
+    let out = Scanner::new(1024, 16).scan_split(input, &cuts);
     assert_eq!(out.len(), input.len(), "no byte lost or added");
     let mut i = 0;
     while i < out.len() {

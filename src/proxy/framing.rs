@@ -155,6 +155,24 @@ impl Scanner {
         }
     }
 
+    /// Feed `input` arriving in pieces cut at `cuts` (taken modulo its length); return
+    /// what was released, in order, the end of the stream releasing what was held.
+    /// For tests and the fuzz target.
+    pub fn scan_split(&mut self, input: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let (mut buf, mut out, mut last) = (Vec::new(), Vec::new(), 0);
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+        points.push(input.len());
+        points.sort_unstable();
+        for p in points {
+            buf.extend_from_slice(&input[last..p]);
+            last = p;
+            let n = self.scan(&mut buf);
+            out.extend(buf.drain(..n));
+        }
+        out.append(&mut buf);
+        out
+    }
+
     /// Decide how the body after a complete head is framed.
     fn on_head(&self, head: &mut [u8]) -> State {
         let mut headers = vec![httparse::EMPTY_HEADER; self.max_headers];
@@ -338,23 +356,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Feed `input` split at `cuts`; return what was released, in order.
     fn run(input: &[u8], cuts: &[usize]) -> Vec<u8> {
-        let mut s = Scanner::new(64 * 1024, 100);
-        let mut buf = Vec::new();
-        let mut out = Vec::new();
-        let mut last = 0;
-        let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
-        points.push(input.len());
-        points.sort();
-        for p in points {
-            buf.extend_from_slice(&input[last..p]);
-            last = p;
-            let n = s.scan(&mut buf);
-            out.extend(buf.drain(..n));
-        }
-        out.append(&mut buf); // end of stream releases the rest
-        out
+        Scanner::new(64 * 1024, 100).scan_split(input, cuts)
     }
 
     const PIPELINE: &str = "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
