@@ -128,6 +128,19 @@ fn start(mut config: Config, ca: Arc<CertAuthority>, listener: &TcpListener) -> 
 /// `[proxy] mlock`: lock current and future pages so no secret reaches swap. Asked for
 /// and impossible is an error (fail closed), with the usual cause named.
 fn lock_memory() -> bool {
+    // With MCL_FUTURE, an allocation past the limit later would fail and abort the
+    // process: refuse up front unless the limit leaves room (root has CAP_IPC_LOCK).
+    const ROOM: u64 = 256 << 20;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given; geteuid has no arguments.
+    let (got, root) = unsafe { (libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) == 0, libc::geteuid() == 0) };
+    if !root && got && lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < ROOM {
+        eprintln!(
+            "latchkey: mlock = true but RLIMIT_MEMLOCK is {} KiB, too small to lock latchkey's memory (mlockall failed or would fail later): raise it to at least 256 MiB (`ulimit -l unlimited`) or grant CAP_IPC_LOCK",
+            lim.rlim_cur / 1024
+        );
+        return false;
+    }
     // SAFETY: mlockall takes flags only.
     if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } == 0 {
         tracing::info!("memory locked (mlock = true)");
