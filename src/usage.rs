@@ -1,7 +1,8 @@
 //! LLM token usage, read from credentialed responses as they stream past: Anthropic
-//! and OpenAI shapes, JSON bodies and SSE streams. Nothing is held back from the client:
-//! the meter looks at a copy of each chunk (SSE line by line; a JSON body up to a cap,
-//! parsed when it ends).
+//! and OpenAI shapes, JSON bodies and SSE streams. Nothing is held back from the client,
+//! and the meter's memory is bounded per response: SSE is read line by line (a line
+//! longer than `MAX_LINE` is skipped); of a JSON body only the first `HEAD` and last
+//! `TAIL` bytes are kept — where `model` and `usage` sit in these APIs' answers.
 
 use serde::Serialize;
 use serde_json::Value;
@@ -42,12 +43,15 @@ impl Usage {
     }
 }
 
-/// Largest SSE line or JSON body looked at; beyond it the meter gives up on that part.
-const MAX_JSON: usize = 4 << 20;
+/// Longest SSE line looked at (usage events are small).
+const MAX_LINE: usize = 256 << 10;
+/// What is kept of a JSON body: its start and its end.
+const HEAD: usize = 4 << 10;
+const TAIL: usize = 64 << 10;
 
 enum Kind {
     Sse { line: Vec<u8> },
-    Json { body: Vec<u8> },
+    Json { head: Vec<u8>, tail: std::collections::VecDeque<u8>, total: usize },
 }
 
 pub struct Meter {
@@ -62,7 +66,7 @@ impl Meter {
         let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         let kind = match essence.as_str() {
             "text/event-stream" => Kind::Sse { line: Vec::new() },
-            "application/json" => Kind::Json { body: Vec::new() },
+            "application/json" => Kind::Json { head: Vec::new(), tail: Default::default(), total: 0 },
             _ => return None,
         };
         Some(Meter { kind, usage: Usage::default(), overflow: false })
@@ -70,13 +74,15 @@ impl Meter {
 
     pub fn feed(&mut self, mut data: &[u8]) {
         match &mut self.kind {
-            Kind::Json { body } => {
-                if body.len() + data.len() > MAX_JSON {
-                    self.overflow = true;
-                    body.clear();
-                } else if !self.overflow {
-                    body.extend_from_slice(data);
-                }
+            Kind::Json { head, tail, total } => {
+                *total += data.len();
+                let into_head = (HEAD - head.len().min(HEAD)).min(data.len());
+                head.extend_from_slice(&data[..into_head]);
+                let rest = &data[into_head..];
+                let keep = rest.len().min(TAIL);
+                tail.extend(&rest[rest.len() - keep..]);
+                let excess = tail.len().saturating_sub(TAIL);
+                tail.drain(..excess);
             }
             Kind::Sse { line } => {
                 while let Some(nl) = data.iter().position(|&b| b == b'\n') {
@@ -88,7 +94,7 @@ impl Meter {
                     line.clear();
                     data = &data[nl + 1..];
                 }
-                if line.len() + data.len() > MAX_JSON {
+                if line.len() + data.len() > MAX_LINE {
                     self.overflow = true;
                     line.clear();
                 } else if !self.overflow {
@@ -101,9 +107,22 @@ impl Meter {
     /// The usage seen, if the response reported any.
     pub fn finish(mut self) -> Option<Usage> {
         match &mut self.kind {
-            Kind::Json { body } if !self.overflow => {
-                if let Ok(v) = serde_json::from_slice::<Value>(body) {
-                    self.usage.absorb(&v);
+            Kind::Json { head, tail, total } => {
+                let tail: Vec<u8> = tail.iter().copied().collect();
+                if *total == head.len() + tail.len() {
+                    head.extend_from_slice(&tail);
+                    if let Ok(v) = serde_json::from_slice::<Value>(head) {
+                        self.usage.absorb(&v);
+                    }
+                } else {
+                    // Too long to keep whole: the `usage` object from the end, the
+                    // `model` string from the start.
+                    if let Some(v) = value_after_key(&tail, b"\"usage\"") {
+                        self.usage.absorb(&serde_json::json!({ "usage": v }));
+                    }
+                    if let Some(Value::String(m)) = value_after_key(head, b"\"model\"") {
+                        self.usage.model = Some(m.chars().take(200).collect());
+                    }
                 }
             }
             Kind::Sse { line } if !self.overflow => sse_line(line, &mut self.usage),
@@ -112,6 +131,17 @@ impl Meter {
         let u = self.usage;
         (u.input_tokens.is_some() || u.output_tokens.is_some()).then_some(u)
     }
+}
+
+/// The JSON value after the last `key":` in `buf`, if it parses.
+fn value_after_key(buf: &[u8], key: &[u8]) -> Option<Value> {
+    let at = buf.windows(key.len()).rposition(|w| w == key)? + key.len();
+    let rest = &buf[at..];
+    let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    if rest[colon] != b':' {
+        return None;
+    }
+    serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<Value>().next()?.ok()
 }
 
 fn sse_line(line: &[u8], usage: &mut Usage) {
@@ -175,6 +205,24 @@ data: {\"type\":\"message_stop\"}\n\n";
                       data: [DONE]\n\n";
         let u = run("text/event-stream", stream, 4).unwrap();
         assert_eq!((u.input_tokens, u.output_tokens), (Some(7), Some(3)));
+    }
+
+    #[test]
+    fn a_long_json_body_is_read_from_its_ends_in_bounded_memory() {
+        let filler = "x".repeat(300_000);
+        let body = format!(
+            r#"{{"id":"1","model":"gpt-4o","choices":[{{"message":{{"content":"{filler}"}}}}],"usage":{{"prompt_tokens":1234,"completion_tokens":5678}}}}"#
+        );
+        let mut m = Meter::for_content_type("application/json").unwrap();
+        for c in body.as_bytes().chunks(1000) {
+            m.feed(c);
+            if let Kind::Json { head, tail, .. } = &m.kind {
+                assert!(head.len() <= HEAD && tail.len() <= TAIL);
+            }
+        }
+        let u = m.finish().unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens), (Some(1234), Some(5678)));
+        assert_eq!(u.model.as_deref(), Some("gpt-4o"));
     }
 
     #[test]
