@@ -595,3 +595,54 @@ fn mlock_locks_memory_or_refuses_to_start() {
     let _ = child.wait();
     assert!(locked > 1024, "VmLck {locked} kB");
 }
+
+#[test]
+fn slow_heads_are_cut_but_idle_keep_alive_lasts() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let limits = "[proxy.limits]\nheader_read_timeout = 1\nidle_timeout = 4\n#END-PROXY\n";
+    let (_up, lk) = start(limits);
+    let closed_within = |s: &mut std::net::TcpStream, limit: Duration| {
+        let t0 = Instant::now();
+        s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        let mut b = [0u8; 256];
+        let n = loop {
+            match s.read(&mut b) {
+                Ok(n) if n > 0 && b[..n].starts_with(b"HTTP/1.1 408") => continue,
+                r => break r,
+            }
+        };
+        assert!(matches!(n, Ok(0)) || n.is_err(), "expected a close, got {n:?}");
+        let took = t0.elapsed();
+        assert!(took < limit, "closed after {took:?}");
+        took
+    };
+    // Slowloris: a head that never ends, and a connection that never starts one.
+    let mut slow = common::raw::connect(lk.port);
+    slow.write_all(b"GET /ca.crt HTTP/1.1\r\nHost: x\r\n").unwrap();
+    closed_within(&mut slow, Duration::from_millis(3000));
+    let mut silent = common::raw::connect(lk.port);
+    closed_within(&mut silent, Duration::from_millis(3000));
+
+    // Idle keep-alive: longer than the head limit, shorter than the idle limit.
+    let mut s = common::raw::connect(lk.port);
+    let get = b"GET /ca.crt HTTP/1.1\r\nHost: x\r\n\r\n";
+    let read_response = |s: &mut std::net::TcpStream| {
+        let mut got = Vec::new();
+        let mut b = [0u8; 4096];
+        while !got.windows(9).any(|w| w == b"-----END ") {
+            let n = s.read(&mut b).unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&b[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    s.write_all(get).unwrap();
+    assert!(read_response(&mut s).starts_with("HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_millis(2500));
+    s.write_all(get).unwrap();
+    assert!(read_response(&mut s).starts_with("HTTP/1.1 200"), "still open after 2.5 s idle");
+    // Past the idle limit it is closed.
+    let took = closed_within(&mut s, Duration::from_millis(7000));
+    assert!(took > Duration::from_millis(2500), "idle closed too early: {took:?}");
+}

@@ -13,6 +13,7 @@
 //! makes it step aside for the rest of the connection: hyper then rejects or handles
 //! the bytes as it would have, so the guard can only add refusals, never remove one.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -53,11 +54,13 @@ pub struct Scanner {
     line: Vec<u8>,
     max_head: usize,
     max_headers: usize,
+    /// Complete request heads seen so far.
+    heads: u64,
 }
 
 impl Scanner {
     pub fn new(max_head: usize, max_headers: usize) -> Self {
-        Scanner { state: State::Head, seen: 0, line: Vec::new(), max_head, max_headers }
+        Scanner { state: State::Head, seen: 0, line: Vec::new(), max_head, max_headers, heads: 0 }
     }
 
     fn blind(&self) -> bool {
@@ -98,6 +101,7 @@ impl Scanner {
                     Some(end) => {
                         i = released + end;
                         self.state = self.on_head(&mut buf[released..i]);
+                        self.heads += 1;
                     }
                     // Too big for hyper too: it answers 431.
                     None if buf.len() - released > self.max_head => self.state = State::Blind,
@@ -261,12 +265,19 @@ fn last_coding_is_chunked(v: &[u8]) -> bool {
 }
 
 /// An HTTP/1 client stream seen through a [`Scanner`].
+///
+/// It also keeps the two clocks hyper's single header-read timer conflates: a request
+/// head must arrive within `header_read_timeout` once it has begun (and on a new
+/// connection, from the start), while a keep-alive connection may sit idle between
+/// requests for `idle_timeout` (hyper's timer, set to that).
 pub struct Guarded<S> {
     io: S,
     scanner: Scanner,
     /// Bytes read from `io` and not yet handed out; the first `released` are approved.
     buf: Vec<u8>,
     released: usize,
+    head_timeout: std::time::Duration,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> Guarded<S> {
@@ -276,6 +287,30 @@ impl<S> Guarded<S> {
             scanner: Scanner::new(limits.max_header_bytes, limits.max_headers),
             buf: Vec::new(),
             released: 0,
+            head_timeout: limits.header_read_timeout,
+            deadline: None,
+        }
+    }
+
+    /// A head is awaited under the header-read limit: the first one of a connection,
+    /// and any later one from its first byte until it is complete.
+    fn head_pending(&self) -> bool {
+        self.scanner.state == State::Head && (self.scanner.heads == 0 || !self.buf.is_empty())
+    }
+
+    /// `Err` once the head being awaited is late (slowloris).
+    fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if !self.head_pending() {
+            self.deadline = None;
+            return Ok(());
+        }
+        let timeout = self.head_timeout;
+        let deadline = self.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                Err(io::Error::new(io::ErrorKind::TimedOut, "request head not received in time"))
+            }
+            Poll::Pending => Ok(()),
         }
     }
 }
@@ -311,6 +346,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
                     return Poll::Ready(Ok(()));
                 }
             }
+            this.check_deadline(cx)?;
             let mut chunk = [0u8; 8192];
             let mut rb = ReadBuf::new(&mut chunk);
             std::task::ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;

@@ -373,7 +373,7 @@ impl Proxy {
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             let mut builder = server_builder(&generation.config.proxy.limits);
-            builder.keep_alive(false);
+            builder.keep_alive(false).header_read_timeout(generation.config.proxy.limits.header_read_timeout);
             let _ = builder.serve_connection(TokioIo::new(stream), service).await;
             return;
         }
@@ -434,7 +434,9 @@ fn h2_builder(limits: &crate::config::Limits) -> hyper::server::conn::http2::Bui
 fn server_builder(limits: &crate::config::Limits) -> http1::Builder {
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // The idle wait between keep-alive requests; the head itself is timed by
+        // `framing::Guarded` with `header_read_timeout`.
+        .header_read_timeout(limits.idle_timeout)
         .max_header_size(limits.max_header_bytes)
         .keep_alive(true);
     // hyper's default is 100 on the stack; any explicit value costs a heap allocation.
