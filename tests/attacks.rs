@@ -646,3 +646,36 @@ fn slow_heads_are_cut_but_idle_keep_alive_lasts() {
     let took = closed_within(&mut s, Duration::from_millis(7000));
     assert!(took > Duration::from_millis(2500), "idle closed too early: {took:?}");
 }
+
+#[test]
+fn a_tunnel_stops_at_its_byte_cap() {
+    let (_up, lk) = start("[proxy.limits]\nmax_tunnel_bytes = 200000\n#END-PROXY\n");
+    let fetch = |url: &str| {
+        std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "-k",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{size_download}",
+                "-x",
+                &lk.proxy_url(),
+                "--cacert",
+            ])
+            .arg(lk.bundle())
+            .arg(url)
+            .output()
+            .unwrap()
+    };
+    // Intercepted (a credential applies) and blind (none does): both are cut.
+    for host in ["api.anthropic.com", "other.example.com"] {
+        let small = fetch(&format!("https://{host}/source?bytes=50000"));
+        assert!(small.status.success(), "{host}: {}", String::from_utf8_lossy(&small.stderr));
+        assert_eq!(String::from_utf8_lossy(&small.stdout), "50000");
+        let big = fetch(&format!("https://{host}/source?bytes=1000000"));
+        assert!(!big.status.success(), "{host}: a 1 MB download through a 200 kB cap");
+        let got: u64 = String::from_utf8_lossy(&big.stdout).parse().unwrap_or(0);
+        assert!(got < 200_000, "{host}: {got} bytes came through");
+    }
+}

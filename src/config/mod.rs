@@ -64,6 +64,8 @@ pub struct Limits {
     pub tunnel_timeout: Duration,
     /// How long SIGTERM/SIGINT waits for requests in flight.
     pub shutdown_grace: Duration,
+    /// Bytes one CONNECT tunnel may carry, both directions together; `None`: no cap.
+    pub max_tunnel_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -297,6 +299,7 @@ impl Compiler<'_> {
             inspect_body_bytes: l.inspect_body_bytes,
             tunnel_timeout: Duration::from_secs(l.tunnel_timeout.max(1)),
             shutdown_grace: Duration::from_secs(l.shutdown_grace),
+            max_tunnel_bytes: (l.max_tunnel_bytes > 0).then_some(l.max_tunnel_bytes),
         };
         let proxy = ProxySettings {
             listen: SocketAddr::new(bind, p.port),

@@ -125,6 +125,8 @@ pub struct RawLimits {
     pub inspect_body_bytes: usize,
     pub tunnel_timeout: u64,
     pub shutdown_grace: u64,
+    /// Bytes one CONNECT tunnel may carry, both ways together (0 = no cap).
+    pub max_tunnel_bytes: u64,
 }
 
 impl Default for RawLimits {
@@ -139,6 +141,7 @@ impl Default for RawLimits {
             inspect_body_bytes: 1024 * 1024,
             tunnel_timeout: 4 * 3600,
             shutdown_grace: 30,
+            max_tunnel_bytes: 0,
         }
     }
 }

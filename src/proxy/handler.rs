@@ -113,12 +113,13 @@ async fn connect(
             };
             let ops = proxy.ops.clone();
             let limit = generation.config.proxy.limits.tunnel_timeout;
+            let cap = generation.config.proxy.limits.max_tunnel_bytes;
             let gauge = super::tunnel::TunnelGauge::open(&proxy, "blind");
             let slot = super::Slot::take(&slot);
             tokio::spawn(async move {
                 let _held = (gauge, slot);
                 let Ok(upgraded) = on_upgrade.await else { return };
-                let mut client = TokioIo::new(upgraded);
+                let mut client = super::capped::Capped::new(TokioIo::new(upgraded), cap);
                 let mut upstream = upstream;
                 let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
                 let (up, down) = match tokio::time::timeout(limit, copy).await {

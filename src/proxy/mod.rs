@@ -4,6 +4,7 @@
 //! header) → decide → intercept or tunnel → inject → forward → log.
 
 mod body;
+mod capped;
 mod forward;
 pub(crate) mod framing;
 mod handler;

@@ -31,7 +31,7 @@ pub async fn intercept(
 ) {
     let limits = generation.config.proxy.limits.clone();
     let _open = TunnelGauge::open(&proxy, "intercepted");
-    let mut io = TokioIo::new(upgraded);
+    let mut io = super::capped::Capped::new(TokioIo::new(upgraded), limits.max_tunnel_bytes);
     let mut first = [0u8; 1];
     match tokio::time::timeout(limits.header_read_timeout, io.read(&mut first)).await {
         Ok(Ok(1)) => {}
