@@ -124,7 +124,8 @@ fn sighup_and_latchkey_reload_apply_a_config_the_watcher_was_told_to_ignore() {
 fn a_broken_config_keeps_the_old_one_and_readyz_stays_ready() {
     let up = upstream(true, None);
     let (lk, admin) = start_with_admin(&up, &credential("KEY_OLD", ""), &[("KEY_OLD", OLD)]);
-    assert_eq!(admin_get(admin, "/readyz"), (200, "ready\n".into()));
+    // The admin port may answer a moment before the proxy is ready: that is the point.
+    wait_until("ready", || admin_get(admin, "/readyz") == (200, "ready\n".into()));
     let broken = std::fs::read_to_string(&lk.config_path).unwrap() + "\n[credentials.bad]\nheadr = \"x\"\n";
     let aside = lk.dir.path().join("broken.toml");
     std::fs::write(&aside, broken).unwrap();
