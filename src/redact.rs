@@ -162,7 +162,7 @@ impl Redactor {
     }
 
     /// How many trailing bytes of `buf` could be the start of a form (to hold back).
-    fn holdback(&self, buf: &[u8]) -> usize {
+    pub fn holdback(&self, buf: &[u8]) -> usize {
         let longest = self.patterns.iter().map(Vec::len).max().unwrap_or(1);
         (1..longest.min(buf.len() + 1))
             .rev()

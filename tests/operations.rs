@@ -400,3 +400,37 @@ fn otlp_spans_reach_a_collector_with_credential_headers_redacted() {
         OLD,
     );
 }
+
+#[test]
+fn spans_never_carry_a_secret_even_with_response_redaction_off() {
+    let up = upstream(true, None);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("spans.jsonl");
+    let (_collector, addr) = python_upstream({
+        let mut c = py("otlp_receiver.py");
+        c.arg(&out);
+        c
+    });
+    let body = format!(
+        "[telemetry]\notlp_endpoint = \"http://{addr}\"\ncapture_body_bytes = 4096\n{}",
+        credential("KEY_OLD", "")
+    );
+    // redact_responses = false (the harness default): the client sees the reflection raw.
+    let lk = Latchkey::start(Some(&up), &body, &[("KEY_OLD", OLD)]);
+    let (code, seen) = lk.curl(&["-H", &format!("X-Leaked: {OLD}"), "https://api.example.com/reflect/body"]);
+    assert_eq!(code, 200);
+    assert!(seen.contains(OLD), "redaction is off for the client: {seen}");
+    wait_until("a span", || std::fs::read_to_string(&out).is_ok_and(|t| !t.is_empty()));
+    let text = std::fs::read_to_string(&out).unwrap();
+    let span: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert!(
+        span["attributes"]["http.request.header.x-leaked"].as_str().unwrap().starts_with("****"),
+        "{span}"
+    );
+    assert!(span["attributes"]["latchkey.response.body"].as_str().unwrap().contains("****"), "{span}");
+    assert_no_secret(&text, OLD);
+    assert_no_secret(
+        &String::from_utf8_lossy(&std::fs::read(tmp.path().join("spans.jsonl.raw")).unwrap()),
+        OLD,
+    );
+}

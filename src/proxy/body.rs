@@ -162,6 +162,7 @@ pub struct Pending {
     pub span: Option<crate::otlp::Span>,
     /// Up to this many redacted body bytes go on the span.
     pub capture: Option<(usize, Vec<u8>)>,
+    pub capture_redactors: Vec<Arc<crate::redact::Redactor>>,
 }
 
 impl Pending {
@@ -183,7 +184,18 @@ impl Drop for Pending {
         self.record.duration_ms = self.started.elapsed().as_millis() as u64;
         self.record.usage = self.meter.take().and_then(crate::usage::Meter::finish);
         let mut span = self.span.take();
-        if let (Some(s), Some((_, body))) = (&mut span, self.capture.take()) {
+        if let (Some(s), Some((cap, mut body))) = (&mut span, self.capture.take()) {
+            let cut_short = body.len() >= cap;
+            // Masked again here: with `redact_responses = false` the client saw the raw
+            // bytes, but a span never carries a secret.
+            for r in &self.capture_redactors {
+                r.mask(&mut body);
+                // A form cut off by the capture limit: its start is not exported either.
+                if cut_short {
+                    let cut = r.holdback(&body);
+                    body.truncate(body.len() - cut);
+                }
+            }
             s.str("latchkey.response.body", String::from_utf8_lossy(&body));
         }
         self.ops.finish(&self.record, self.upstream, span);

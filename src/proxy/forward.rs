@@ -108,6 +108,8 @@ pub async fn handle(
                 .and_then(|ct| crate::usage::Meter::for_content_type(ct.to_str().unwrap_or("")));
             let cap = generation.config.telemetry.capture_body_bytes;
             let capture = (span.is_some() && cap > 0).then(|| (cap, Vec::new()));
+            let capture_redactors =
+                if capture.is_some() { super::ops::all_redactors(&generation.config) } else { Vec::new() };
             let pending = Pending {
                 _exchange: in_flight,
                 ops: proxy.ops.clone(),
@@ -119,6 +121,7 @@ pub async fn handle(
                 meter,
                 span,
                 capture,
+                capture_redactors,
             };
             Ok(Response::from_parts(parts, Logged::new(body, pending).boxed()))
         }

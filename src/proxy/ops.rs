@@ -58,16 +58,25 @@ impl Ops {
     }
 
     /// A span for a request just received, when spans are exported. Header values are
-    /// exported except the sensitive ones and every credential slot: those read
-    /// `[redacted]`.
+    /// exported except the sensitive ones and every credential slot, which read
+    /// `[redacted]`; any other value still has every live secret masked (an agent
+    /// should not hold one, but if it does, the span does not repeat it).
     pub fn start_span(&self, config: &Config, method: &str, headers: &HeaderMap) -> Option<Span> {
         self.spans.as_ref()?;
         let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
         let mut span = Span::new(method.to_string(), SystemTime::now(), traceparent);
+        let redactors = all_redactors(config);
         for (name, value) in headers {
             let hidden = otlp::is_sensitive(name.as_str()) || is_credential_slot(config, name.as_str());
-            let shown =
-                if hidden { REDACTED.to_string() } else { String::from_utf8_lossy(value.as_bytes()).into() };
+            let shown = if hidden {
+                REDACTED.to_string()
+            } else {
+                let mut bytes = value.as_bytes().to_vec();
+                for r in &redactors {
+                    r.mask(&mut bytes);
+                }
+                String::from_utf8_lossy(&bytes).into_owned()
+            };
             span.str(&format!("http.request.header.{}", name.as_str()), shown);
         }
         Some(span)
@@ -113,6 +122,11 @@ impl Ops {
             .retry_after(e.retry_after_secs)
         })
     }
+}
+
+/// The redactors of every credential (only used when spans are exported).
+pub fn all_redactors(config: &Config) -> Vec<std::sync::Arc<crate::redact::Redactor>> {
+    config.credentials.iter().filter_map(|c| c.redactor.get(c.injector.secrets())).collect()
 }
 
 fn is_credential_slot(config: &Config, name: &str) -> bool {
