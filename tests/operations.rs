@@ -351,20 +351,49 @@ fn a_token_budget_stops_an_agent_for_the_day() {
     assert_eq!(call(), "429");
 }
 
+/// An OTLP collector (tests/py/otlp_receiver.py) writing decoded spans to a file.
+struct Collector {
+    _server: PyServer,
+    addr: std::net::SocketAddr,
+    out: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Collector {
+    fn start() -> Collector {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("spans.jsonl");
+        let (server, addr) = python_upstream({
+            let mut c = py("otlp_receiver.py");
+            c.arg(&out);
+            c
+        });
+        Collector { _server: server, addr, out, _dir: dir }
+    }
+
+    fn telemetry_config(&self, rest: &str) -> String {
+        format!("[telemetry]\notlp_endpoint = \"http://{}\"\ncapture_body_bytes = 4096\n{rest}", self.addr)
+    }
+
+    /// The decoded spans file once a span arrived, and its first span.
+    fn first_span(&self) -> (String, serde_json::Value) {
+        wait_until("a span", || std::fs::read_to_string(&self.out).is_ok_and(|t| !t.is_empty()));
+        let text = std::fs::read_to_string(&self.out).unwrap();
+        let span = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        (text, span)
+    }
+
+    /// The protobuf bodies as received.
+    fn raw(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.out.with_extension("jsonl.raw")).unwrap()).into_owned()
+    }
+}
+
 #[test]
 fn otlp_spans_reach_a_collector_with_credential_headers_redacted() {
     let up = upstream(true, None);
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("spans.jsonl");
-    let (_collector, addr) = python_upstream({
-        let mut c = py("otlp_receiver.py");
-        c.arg(&out);
-        c
-    });
-    let body = format!(
-        "[telemetry]\notlp_endpoint = \"http://{addr}\"\ncapture_body_bytes = 4096\n{}",
-        credential("KEY_OLD", "")
-    );
+    let c = Collector::start();
+    let body = c.telemetry_config(&credential("KEY_OLD", ""));
     let lk = Latchkey::start(
         Some(&up),
         &format!("[proxy]\nredact_responses = true\n#END-PROXY\n{body}"),
@@ -378,9 +407,7 @@ fn otlp_spans_reach_a_collector_with_credential_headers_redacted() {
         "https://api.example.com/reflect/body",
     ]);
     assert_eq!(code, 200);
-    wait_until("a span", || std::fs::read_to_string(&out).is_ok_and(|t| !t.is_empty()));
-    let text = std::fs::read_to_string(&out).unwrap();
-    let span: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let (text, span) = c.first_span();
     let a = &span["attributes"];
     assert_eq!(span["name"], "GET");
     assert_eq!(span["kind"], 3);
@@ -395,42 +422,25 @@ fn otlp_spans_reach_a_collector_with_credential_headers_redacted() {
     assert_eq!(a["http.request.header.authorization"], "[redacted]");
     assert!(a["latchkey.response.body"].as_str().unwrap().contains("****"), "captured after redaction: {a}");
     assert_no_secret(&text, OLD);
-    assert_no_secret(
-        &String::from_utf8_lossy(&std::fs::read(tmp.path().join("spans.jsonl.raw")).unwrap()),
-        OLD,
-    );
+    assert_no_secret(&c.raw(), OLD);
 }
 
 #[test]
 fn spans_never_carry_a_secret_even_with_response_redaction_off() {
     let up = upstream(true, None);
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("spans.jsonl");
-    let (_collector, addr) = python_upstream({
-        let mut c = py("otlp_receiver.py");
-        c.arg(&out);
-        c
-    });
-    let body = format!(
-        "[telemetry]\notlp_endpoint = \"http://{addr}\"\ncapture_body_bytes = 4096\n{}",
-        credential("KEY_OLD", "")
-    );
+    let c = Collector::start();
+    let body = c.telemetry_config(&credential("KEY_OLD", ""));
     // redact_responses = false (the harness default): the client sees the reflection raw.
     let lk = Latchkey::start(Some(&up), &body, &[("KEY_OLD", OLD)]);
     let (code, seen) = lk.curl(&["-H", &format!("X-Leaked: {OLD}"), "https://api.example.com/reflect/body"]);
     assert_eq!(code, 200);
     assert!(seen.contains(OLD), "redaction is off for the client: {seen}");
-    wait_until("a span", || std::fs::read_to_string(&out).is_ok_and(|t| !t.is_empty()));
-    let text = std::fs::read_to_string(&out).unwrap();
-    let span: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let (text, span) = c.first_span();
     assert!(
         span["attributes"]["http.request.header.x-leaked"].as_str().unwrap().starts_with("****"),
         "{span}"
     );
     assert!(span["attributes"]["latchkey.response.body"].as_str().unwrap().contains("****"), "{span}");
     assert_no_secret(&text, OLD);
-    assert_no_secret(
-        &String::from_utf8_lossy(&std::fs::read(tmp.path().join("spans.jsonl.raw")).unwrap()),
-        OLD,
-    );
+    assert_no_secret(&c.raw(), OLD);
 }
