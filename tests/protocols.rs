@@ -282,3 +282,86 @@ fn expect_100_continue_is_answered_before_the_body() {
     t.write_all(b"hello").unwrap();
     read_until(&mut t, &mut seen, "\r\n\r\n5");
 }
+
+/// The OpenSSL h2-only upstream (tests/py/h2_server.py) behind a latchkey with `CRED`.
+fn openssl_h2_only() -> (PyServer, Latchkey) {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("up.crt"), dir.path().join("up.key"));
+    std::fs::write(&cert, &pki().cert_pem).unwrap();
+    std::fs::write(&key, &pki().key_pem).unwrap();
+    let (server, addr) = python_upstream({
+        let mut cmd = py("h2_server.py");
+        cmd.arg(&cert).arg(&key);
+        cmd
+    });
+    let port = free_port();
+    let config = write_config(dir.path(), port, Some(addr), CRED);
+    (server, Latchkey::spawn(dir, port, config, &[("EXAMPLE_TOKEN", SECRET)]))
+}
+
+/// A header (or pseudo-header) as the h2 upstream saw it.
+fn h2_seen(body: &str, name: &str) -> Vec<String> {
+    json(body)["headers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not an echo: {body}"))
+        .iter()
+        .filter(|p| p[0] == name)
+        .map(|p| p[1].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn http1_client_to_an_openssl_h2_only_upstream_that_picks_no_protocol() {
+    let (_server, lk) = openssl_h2_only();
+    let (code, body) = lk.curl(&["--http1.1", "https://api.example.com/v1/things?x=1"]);
+    assert_eq!(code, 200, "{body}\n{}", lk.stderr());
+    assert_eq!(json(&body)["version"], "HTTP/2");
+    assert_eq!(h2_seen(&body, ":authority"), ["api.example.com"]);
+    assert_eq!(h2_seen(&body, ":path"), ["/v1/things?x=1"]);
+    assert_eq!(h2_seen(&body, "authorization"), [format!("Bearer {SECRET}")]);
+
+    // 96,000 bytes: more than HTTP/2's initial flow-control window.
+    let payload: Vec<u8> = (0..96_000u32).map(|i| (i % 251) as u8).collect();
+    let file = lk.dir.path().join("payload.bin");
+    std::fs::write(&file, &payload).unwrap();
+    let want = sha256_hex(&payload);
+    let data = format!("@{}", file.display());
+    for framing in [&[][..], &["-H", "transfer-encoding: chunked"][..]] {
+        let mut args = vec!["--http1.1", "--data-binary", &data];
+        args.extend_from_slice(framing);
+        args.push("https://api.example.com/v1/upload");
+        let (code, body) = lk.curl(&args);
+        assert_eq!(code, 200, "{framing:?}: {body}");
+        assert_eq!(json(&body)["body_len"], 96_000, "{framing:?}");
+        assert_eq!(json(&body)["body_sha256"], want.as_str(), "{framing:?}");
+    }
+
+    // Response trailers reach an HTTP/1.1 client that asked for them.
+    let (s, _) = tunnel(lk.port, "api.example.com:443");
+    let mut t = tls(s, "api.example.com");
+    t.write_all(b"GET /trailers HTTP/1.1\r\nHost: api.example.com\r\nTE: trailers\r\n\r\n").unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut t, &mut seen, "abc123");
+    let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200") && text.contains("x-checksum: abc123"), "{text}");
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn http1_clients_stay_on_http1_where_the_upstream_speaks_both() {
+    let up = upstream_with(UpstreamOpts { tls: true, h2_too: true, ..Default::default() });
+    let lk = start(&up);
+    for _ in 0..2 {
+        let (code, body) = lk.curl(&["--http1.1", "https://api.example.com/v1/x"]);
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(json(&body)["version"], "HTTP/1.1", "no h2 funnel for HTTP/1.1 clients");
+    }
+    let (code, body) = lk.curl(&["--http2", "https://api.example.com/v1/x"]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["version"], "HTTP/2.0", "h2 clients get h2");
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 2, "one per protocol, no probing");
+}

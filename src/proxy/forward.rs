@@ -41,6 +41,9 @@ pub struct Route {
     pub agent: Option<usize>,
     /// `host:port` of `dest`, computed once per connection rather than per request.
     pub authority: String,
+    /// `scheme://host[:port]` of the upstream URI, the port left out when it is the
+    /// scheme's default (HTTP/2 sends it as `:authority`, as clients write it).
+    origin: String,
 }
 
 impl Route {
@@ -53,7 +56,13 @@ impl Route {
         agent: Option<usize>,
     ) -> Route {
         let authority = dest.authority();
-        Route { dest, tls, tunnel, misdirected, peer, agent, authority }
+        let (scheme, default_port) = if tls { ("https", 443) } else { ("http", 80) };
+        let origin = if dest.port == default_port {
+            format!("{scheme}://{}", dest.host)
+        } else {
+            format!("{scheme}://{authority}")
+        };
+        Route { dest, tls, tunnel, misdirected, peer, agent, authority, origin }
     }
 
     /// Whether a Host value names this destination exactly as latchkey writes it: the
@@ -509,10 +518,9 @@ fn prepare_upstream(parts: &mut Parts, route: &Route) -> Result<(), Refusal> {
         parts.headers.insert(header::TE, header::HeaderValue::from_static("trailers"));
     }
     parts.headers.remove(header::HOST);
-    let scheme = if route.tls { "https" } else { "http" };
     let pq = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
-    let pq = if pq.starts_with('/') { pq.to_string() } else { format!("/{pq}") };
-    parts.uri = format!("{scheme}://{}{pq}", route.authority)
+    let slash = if pq.starts_with('/') { "" } else { "/" };
+    parts.uri = format!("{}{slash}{pq}", route.origin)
         .parse()
         .map_err(|_| bad_request("cannot rebuild the request URI"))?;
     parts.version = Version::HTTP_11;

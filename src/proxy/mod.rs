@@ -87,6 +87,7 @@ impl Generation {
                 connect_timeout: config.proxy.connect_timeout,
                 tls_h1: tokio_rustls::TlsConnector::from(Arc::new(h1_only(&tls))),
                 tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+                alpn: Default::default(),
             })
         };
         let default = dialer(upstream::client_tls(provider.clone(), ca_file, None)?);

@@ -84,6 +84,46 @@ pub struct Dialer {
     pub tls: TlsConnector,
     /// ALPN http/1.1 only, for upgrades (WebSocket needs an HTTP/1.1 connection).
     pub tls_h1: TlsConnector,
+    /// Destinations that answered an HTTP/1.1-only offer with no protocol.
+    pub alpn: AlpnMemo,
+}
+
+/// What a destination did when offered HTTP/1.1 only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Learned {
+    /// It speaks h2 only: offer h2 straight away.
+    H2Only,
+    /// It chose no protocol when offered h2 either: HTTP/1.1 without ALPN.
+    NoAlpn,
+}
+
+/// Per-destination memory of `Learned`, bounded in size and time (a server may change).
+#[derive(Debug, Default)]
+pub struct AlpnMemo(std::sync::Mutex<HashMap<Destination, (Learned, std::time::Instant)>>);
+
+impl AlpnMemo {
+    const MAX: usize = 4096;
+    const TTL: Duration = Duration::from_secs(600);
+
+    fn get(&self, dest: &Destination) -> Option<Learned> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(dest).filter(|(_, at)| at.elapsed() < Self::TTL).map(|(l, _)| *l)
+    }
+
+    fn learn(&self, dest: &Destination, what: Learned) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= Self::MAX {
+            map.retain(|_, (_, at)| at.elapsed() < Self::TTL);
+            if map.len() >= Self::MAX {
+                map.clear();
+            }
+        }
+        map.insert(dest.clone(), (what, std::time::Instant::now()));
+    }
+
+    fn forget(&self, dest: &Destination) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(dest);
+    }
 }
 
 impl std::fmt::Debug for Dialer {
@@ -176,12 +216,43 @@ impl Dialer {
         self.connect_with(dest, tls, &self.tls).await
     }
 
-    /// For the HTTP/1.1 pool: offer HTTP/1.1 only; an upstream that speaks nothing but
-    /// h2 (it refuses with `no_application_protocol`) is dialled again offering h2, and
-    /// the pool multiplexes HTTP/1.1 clients over that connection.
+    /// For the HTTP/1.1 pool: offer HTTP/1.1 only, so an upstream that speaks both keeps
+    /// HTTP/1.1 clients on parallel HTTP/1.1 connections. An upstream that speaks nothing
+    /// but h2 either refuses (`no_application_protocol`) or, like OpenSSL servers,
+    /// completes the handshake choosing no protocol; either way it is dialled again
+    /// offering h2, and the pool multiplexes HTTP/1.1 clients over that connection.
+    /// What was learned is kept per destination, so the next dial goes straight to the
+    /// right offer. An upstream that chose HTTP/1.1 (the common case) costs nothing extra.
     pub async fn connect_prefer_h1(&self, dest: Destination, tls: bool) -> Result<UpstreamIo, UpstreamError> {
+        if !tls {
+            return self.connect_with(dest, tls, &self.tls_h1).await;
+        }
+        match self.alpn.get(&dest) {
+            Some(Learned::H2Only) => {
+                let io = self.connect(dest.clone(), tls).await?;
+                if !io.h2 {
+                    self.alpn.forget(&dest);
+                }
+                return Ok(io);
+            }
+            Some(Learned::NoAlpn) => return self.connect_with(dest, tls, &self.tls_h1).await,
+            None => {}
+        }
         match self.connect_with(dest.clone(), tls, &self.tls_h1).await {
-            Err(UpstreamError::NoCommonProtocol { .. }) => self.connect(dest, tls).await,
+            Err(UpstreamError::NoCommonProtocol { .. }) => {
+                self.alpn.learn(&dest, Learned::H2Only);
+                self.connect(dest, tls).await
+            }
+            Ok(io) if io.no_alpn => {
+                // No protocol chosen: a server without ALPN (HTTP/1.1) or an h2-only
+                // server that ignored the offer. Offering h2 tells them apart.
+                let again = match self.connect(dest.clone(), tls).await {
+                    Ok(again) => again,
+                    Err(_) => return Ok(io),
+                };
+                self.alpn.learn(&dest, if again.h2 { Learned::H2Only } else { Learned::NoAlpn });
+                Ok(again)
+            }
             other => other,
         }
     }
@@ -194,7 +265,7 @@ impl Dialer {
     ) -> Result<UpstreamIo, UpstreamError> {
         let tcp = self.connect_tcp(&dest).await?;
         if !tls {
-            return Ok(UpstreamIo { io: TokioIo::new(Stream::Plain(tcp)), h2: false });
+            return Ok(UpstreamIo { io: TokioIo::new(Stream::Plain(tcp)), h2: false, no_alpn: false });
         }
         let host = dest.to_string();
         let name = match &dest.host {
@@ -212,8 +283,9 @@ impl Dialer {
                 }
                 _ => UpstreamError::Tls { host, why: tls_cause(&e) },
             })?;
-        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-        Ok(UpstreamIo { io: TokioIo::new(Stream::Tls(Box::new(stream))), h2 })
+        let alpn = stream.get_ref().1.alpn_protocol();
+        let (h2, no_alpn) = (alpn == Some(b"h2"), alpn.is_none());
+        Ok(UpstreamIo { io: TokioIo::new(Stream::Tls(Box::new(stream))), h2, no_alpn })
     }
 }
 
@@ -350,6 +422,8 @@ impl AsyncWrite for Stream {
 pub struct UpstreamIo {
     io: TokioIo<Stream>,
     h2: bool,
+    /// TLS completed without an application protocol.
+    no_alpn: bool,
 }
 
 impl Connection for UpstreamIo {

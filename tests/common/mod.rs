@@ -140,6 +140,8 @@ pub struct UpstreamOpts {
     pub tls: bool,
     /// Offer only `h2` by ALPN (an HTTP/2-only server).
     pub h2_only: bool,
+    /// Offer `h2` before `http/1.1` (a server that speaks both and prefers h2).
+    pub h2_too: bool,
     /// Require a client certificate signed by the test CA (mTLS).
     pub client_auth: bool,
     pub git: Option<GitServer>,
@@ -174,7 +176,11 @@ pub fn upstream_with(opts: UpstreamOpts) -> Upstream {
             builder.with_no_client_auth()
         };
         let mut cfg = builder.with_single_cert(certs, key).unwrap();
-        cfg.alpn_protocols = if opts.h2_only { vec![b"h2".to_vec()] } else { vec![b"http/1.1".to_vec()] };
+        cfg.alpn_protocols = match (opts.h2_only, opts.h2_too) {
+            (true, _) => vec![b"h2".to_vec()],
+            (false, true) => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            (false, false) => vec![b"http/1.1".to_vec()],
+        };
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
     });
     let git = opts.git.map(Arc::new);
