@@ -131,6 +131,26 @@ fn plain_http_in_a_tunnel_or_direct_never_carries_the_credential() {
 }
 
 #[test]
+fn plain_http_into_a_443_tunnel_with_a_bare_host_gets_the_https_advice() {
+    let up = upstream(true, None);
+    let plain = upstream(false, None);
+    let lk = Latchkey::start_plain(&up, &plain, CRED, &[("ANTHROPIC_API_KEY", SECRET)]);
+    // Inside a tunnel a Host without a port means the tunnel's port (SPEC 3.1): this is
+    // plain HTTP to api.anthropic.com:443, not a request for another destination (421).
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let resp = request(s, "GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n");
+    assert_eq!(status(&resp), 403, "{resp}");
+    assert!(resp.contains("x-latchkey-error: plain-http"), "{resp}");
+    assert!(resp.contains("credential anthropic") && resp.contains("use https://"), "{resp}");
+    assert!(!resp.contains(SECRET));
+    // A port that is not the tunnel's is still another destination.
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let resp = request(s, "GET / HTTP/1.1\r\nHost: api.anthropic.com:80\r\nConnection: close\r\n\r\n");
+    assert_eq!(status(&resp), 421, "{resp}");
+    assert_eq!(up.count() + plain.count(), 0);
+}
+
+#[test]
 fn suffix_confusion_and_lookalikes_get_nothing() {
     let up = upstream(true, None);
     let cfg = r#"[proxy]

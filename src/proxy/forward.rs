@@ -476,7 +476,13 @@ fn check_route(route: &Route, parts: &Parts, h2_websocket: bool) -> Result<(), R
     if parts.method == Method::CONNECT && !h2_websocket {
         return Err(bad_request("CONNECT inside a tunnel is refused"));
     }
-    let default_port = if route.tls { 443 } else { 80 };
+    // Inside a tunnel a Host without a port means the tunnel's port (SPEC 3.1): plain
+    // HTTP written into `CONNECT host:443` is that host's, and meets invariant 6.
+    let default_port = match (route.tunnel, route.tls) {
+        (true, _) => route.dest.port,
+        (false, true) => 443,
+        (false, false) => 80,
+    };
     if route.tunnel
         && let Some(authority) = parts.uri.authority()
     {
