@@ -82,6 +82,21 @@ impl Template {
             .collect()
     }
 
+    /// The capture references `${PREFIX{capture}SUFFIX}`, for the policy.
+    pub fn capture_refs(&self) -> Vec<crate::policy::CaptureRef> {
+        self.parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Captured { prefix, capture, suffix } => Some(crate::policy::CaptureRef {
+                    prefix: prefix.clone(),
+                    capture: capture.clone(),
+                    suffix: suffix.clone(),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// When the template is exactly one reference `${A|B}`: its names.
     pub fn only_variables(&self) -> Option<&[String]> {
         match self.parts.as_slice() {

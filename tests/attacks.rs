@@ -151,6 +151,73 @@ fn plain_http_into_a_443_tunnel_with_a_bare_host_gets_the_https_advice() {
 }
 
 #[test]
+fn path_scope_survives_server_normalisations() {
+    let up = upstream(true, None);
+    let cfg = CRED.replace("domains", "paths = [\"/v1/\"]\ndomains");
+    let lk = Latchkey::start(Some(&up), &cfg, &[("ANTHROPIC_API_KEY", SECRET)]);
+    let send = |path: &str| {
+        let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+        let head = format!("GET {path} HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n");
+        status(&request(tls(s, "api.anthropic.com"), &head))
+    };
+    assert_eq!(send("/v1/models"), 200);
+    assert_eq!(up.requests()[0].header_all("x-api-key"), [SECRET], "in scope: injected");
+    // nginx merges the slashes, Tomcat/Spring drop `;` parameters, some frameworks decode
+    // twice: each of these is /admin to a real server.
+    for path in ["/v1//../admin", "/v1/..;/admin", "/v1/%252e%252e/admin", "/v1/..%3B/admin"] {
+        let before = up.count();
+        let code = send(path);
+        assert!(code == 200 || code == 400, "{path}: {code}");
+        for seen in &up.requests()[before..] {
+            assert!(seen.header_all("x-api-key").is_empty(), "{path} carried the credential: {seen:?}");
+        }
+    }
+}
+
+#[test]
+fn method_tricks_do_not_carry_the_credential() {
+    let (up, lk) = start("");
+    let send = |lk: &Latchkey, line: &str, extra: &str| {
+        let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+        let head = format!("{line} HTTP/1.1\r\nHost: api.anthropic.com\r\n{extra}Connection: close\r\n\r\n");
+        request(tls(s, "api.anthropic.com"), &head)
+    };
+    // TRACE echoes the request, credential included: refused however it is spelt.
+    for (line, extra) in [
+        ("trace /", ""),
+        ("TrAcK /", ""),
+        ("GET /", "X-HTTP-Method-Override: trace\r\n"),
+        ("POST /", "X-Method-Override: TRACE\r\nContent-Length: 0\r\n"),
+        ("GET /?_method=TRACE", ""),
+    ] {
+        let resp = send(&lk, line, extra);
+        assert_eq!(status(&resp), 403, "{line} {extra}: {resp}");
+        assert!(resp.contains("x-latchkey-error: trace-refused"), "{resp}");
+    }
+    assert_eq!(up.count(), 0, "never forwarded");
+
+    // methods = ["GET"]: an override naming another method is not a GET.
+    let up = upstream(true, None);
+    let cfg = CRED.replace("domains", "methods = [\"GET\"]\ndomains");
+    let lk = Latchkey::start(Some(&up), &cfg, &[("ANTHROPIC_API_KEY", SECRET)]);
+    assert_eq!(status(&send(&lk, "GET /v1/x", "")), 200);
+    assert_eq!(up.requests()[0].header_all("x-api-key"), [SECRET], "a plain GET is injected");
+    for (line, extra) in [
+        ("GET /v1/x", "X-HTTP-Method-Override: DELETE\r\n"),
+        ("GET /v1/x", "X-HTTP-Method: delete\r\n"),
+        ("GET /v1/x", "X-Method-Override: GET\r\nX-Method-Override: DELETE\r\n"),
+        ("GET /v1/x?_method=DELETE", ""),
+        ("get /v1/x", ""),
+    ] {
+        let before = up.count();
+        let resp = send(&lk, line, extra);
+        assert_eq!(status(&resp), 200, "{line} {extra}: {resp}");
+        let seen = &up.requests()[before];
+        assert!(seen.header_all("x-api-key").is_empty(), "{line} {extra} carried the credential");
+    }
+}
+
+#[test]
 fn suffix_confusion_and_lookalikes_get_nothing() {
     let up = upstream(true, None);
     let cfg = r#"[proxy]

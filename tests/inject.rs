@@ -421,38 +421,86 @@ fn every_builtin_provider_injects_its_documented_scheme() {
     assert!(echoed(&String::from_utf8_lossy(&out.stdout), "authorization").is_empty());
 }
 
+const CLUSTERS: &str = r#"
+[credentials.clusters]
+header = "Authorization: Bearer"
+value = "${K8S_TOKEN_{cluster}}"
+domains = ['~^(?P<cluster>[a-z]+)\.k8s\.example\.com$:6443']
+"#;
+
+/// `[upstream.resolve]` lines sending every test cluster's :6443 to `up`, then `rest`.
+fn clusters_config(up: &Upstream, log: &std::path::Path, rest: &str) -> String {
+    let a = up.addr;
+    format!(
+        "[proxy.logging]\nlog_requests = true\nlog_file = \"{}\"\n#END-PROXY\n\
+         \"prod.k8s.example.com:6443\" = \"{a}\"\n\"staging.k8s.example.com:6443\" = \"{a}\"\n\
+         \"dev.k8s.example.com:6443\" = \"{a}\"\n{rest}",
+        log.display()
+    )
+}
+
+/// The request log's records for `host`, once one has been written.
+fn logged(log: &std::path::Path, host: &str) -> Vec<serde_json::Value> {
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let records: Vec<serde_json::Value> =
+            text.lines().map(json).filter(|r| r["host"] == host && r["method"] != "CONNECT").collect();
+        if !records.is_empty() {
+            return records;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("no log record for {host}");
+}
+
 #[test]
 fn regex_captures_pick_one_token_per_cluster() {
     let up = upstream(true, None);
-    let a = up.addr;
-    let cfg = format!(
-        r#""prod.k8s.example.com:6443" = "{a}"
-"staging.k8s.example.com:6443" = "{a}"
-"dev.k8s.example.com:6443" = "{a}"
-
-[credentials.clusters]
-header = "Authorization: Bearer"
-value = "${{K8S_TOKEN_{{cluster}}}}"
-domains = ['~^(?P<cluster>[a-z]+)\.k8s\.example\.com$:6443']
-"#
-    );
-    let lk = Latchkey::start(
-        Some(&up),
-        &cfg,
-        &[("K8S_TOKEN_PROD", "prod-REAL"), ("K8S_TOKEN_STAGING", "staging-REAL")],
-    );
+    let log = tempfile::tempdir().unwrap();
+    let log = log.path().join("requests.log");
+    let env = [("K8S_TOKEN_PROD", "prod-REAL"), ("K8S_TOKEN_STAGING", "staging-REAL")];
+    let lk = Latchkey::start(Some(&up), &clusters_config(&up, &log, CLUSTERS), &env);
     let (_, body) = lk.curl(&["https://prod.k8s.example.com:6443/api/v1/pods"]);
     assert_eq!(echoed(&body, "authorization"), ["Bearer prod-REAL"]);
     let (_, body) = lk.curl(&["https://staging.k8s.example.com:6443/api/v1/pods"]);
     assert_eq!(echoed(&body, "authorization"), ["Bearer staging-REAL"]);
-    // A cluster without a token: refused (502), never forwarded with another's token.
-    let before = up.count();
+    // A cluster without a variable is not this credential's host (SPEC 5): it passes
+    // without a credential, never with another cluster's token.
     let (code, body) = lk.curl(&["https://dev.k8s.example.com:6443/api/v1/pods"]);
-    assert_eq!(code, 502, "{body}");
-    assert_eq!(up.count(), before);
-    let o = lk.cli(&["check"], &[("K8S_TOKEN_PROD", "prod-REAL"), ("K8S_TOKEN_STAGING", "staging-REAL")]);
+    assert_eq!(code, 200, "{body}");
+    assert!(echoed(&body, "authorization").is_empty(), "{body}");
+    let record = &logged(&log, "dev.k8s.example.com")[0];
+    assert_eq!(record["decision"], "passed", "{record}");
+    assert!(record["reason"].as_str().unwrap().contains("K8S_TOKEN_DEV is not set"), "{record}");
+    let o = lk.cli(&["check"], &env);
     let t = String::from_utf8_lossy(&o.stdout);
     assert!(t.contains("K8S_TOKEN_PROD, K8S_TOKEN_STAGING") && !t.contains("prod-REAL"), "{t}");
+    let o = lk.cli(&["explain", "https://dev.k8s.example.com:6443/api"], &env);
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(t.starts_with("pass: ") && t.contains("K8S_TOKEN_DEV is not set"), "{t}");
+}
+
+#[test]
+fn a_cluster_without_a_variable_goes_to_the_next_credential() {
+    let up = upstream(true, None);
+    let log = tempfile::tempdir().unwrap();
+    let log = log.path().join("requests.log");
+    // Declared first: it loses the regex tie wherever `clusters` applies.
+    let fallback = r#"
+[credentials.fallback]
+header = "X-Fallback"
+value = "fallback-REAL"
+domains = ['~^[a-z]+\.k8s\.example\.com$:6443']
+"#;
+    let cfg = clusters_config(&up, &log, &format!("{fallback}{CLUSTERS}"));
+    let lk = Latchkey::start(Some(&up), &cfg, &[("K8S_TOKEN_PROD", "prod-REAL")]);
+    let (_, body) = lk.curl(&["https://prod.k8s.example.com:6443/api"]);
+    assert_eq!(echoed(&body, "authorization"), ["Bearer prod-REAL"]);
+    assert!(echoed(&body, "x-fallback").is_empty());
+    let (code, body) = lk.curl(&["https://dev.k8s.example.com:6443/api"]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(echoed(&body, "x-fallback"), ["fallback-REAL"]);
+    assert!(echoed(&body, "authorization").is_empty(), "never prod's token: {body}");
 }
 
 #[test]

@@ -357,7 +357,7 @@ impl Compiler<'_> {
                 capture_body_bytes: t.capture_body_bytes,
             },
         };
-        let capture_variables = self
+        let capture_variables: Vec<String> = self
             .vars
             .iter()
             .filter(|v| {
@@ -367,12 +367,13 @@ impl Compiler<'_> {
             })
             .cloned()
             .collect();
+        let present = capture_variables.iter().cloned().collect();
         Ok(Config {
             file: self.file.map(Path::to_path_buf),
             proxy,
             upstream,
             admin,
-            policy: Policy { credentials: rules, filters, intercept_all },
+            policy: Policy { credentials: rules, filters, intercept_all, capture_variables: present },
             credentials,
             capture_variables,
             agents,
@@ -556,10 +557,12 @@ impl Compiler<'_> {
         };
 
         let mut reads = Vec::new();
+        let mut captures = Vec::new();
         let mut state = CredState::Active;
         let mut resolve = |src: &Source| -> Option<SecretValue> {
             if let Source::Value(t) = src {
                 reads.extend(t.variables());
+                captures.extend(t.capture_refs());
             }
             match with_secrets_dir(
                 src.resolve(self.env, self.vars),
@@ -766,6 +769,7 @@ impl Compiler<'_> {
             allowed_origins: c.allowed_origins.clone(),
             require_placeholder: c.require_placeholder,
             state,
+            captures,
         };
         let cred = Credential {
             name: name.to_string(),

@@ -34,6 +34,18 @@ pub struct CredentialRule {
     pub allowed_origins: Vec<String>,
     pub require_placeholder: bool,
     pub state: CredState,
+    /// `${PREFIX{capture}SUFFIX}` references in the credential's secret templates: a
+    /// host matches only when each names a variable present at load (SPEC 5).
+    pub captures: Vec<CaptureRef>,
+}
+
+/// One `${PREFIX{capture}SUFFIX}` reference: the variable it names for a host is
+/// `PREFIX` + the capture's value upper-cased + `SUFFIX`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureRef {
+    pub prefix: String,
+    pub capture: String,
+    pub suffix: String,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +69,8 @@ pub struct Policy {
     pub credentials: Vec<CredentialRule>,
     pub filters: Filters,
     pub intercept_all: bool,
+    /// Variables present at load that capture references may name (`capture_variables`).
+    pub capture_variables: std::collections::BTreeSet<String>,
 }
 
 /// A refusal latchkey answers itself (SPEC section 6).
@@ -191,14 +205,7 @@ impl Policy {
             ));
         }
         let Some(index) = self.winner(dest, head) else {
-            let inactive = self
-                .credentials
-                .iter()
-                .find(|c| matches!(c.state, CredState::Inactive(_)) && rule_rank(c, dest, head).is_some());
-            return Decision::Pass(match inactive {
-                Some(c) => format!("credential {} is inactive", c.name),
-                None => "no credential matches".into(),
-            });
+            return Decision::Pass(self.pass_reason(dest, head));
         };
         let rule = &self.credentials[index];
         if let CredState::Failed(why) = &rule.state {
@@ -237,7 +244,7 @@ impl Policy {
         let captures = rule
             .patterns
             .iter()
-            .find(|p| p.is_regex() && p.matches_host(&dest.host).is_some())
+            .find(|p| p.is_regex() && self.usable(rule, p, dest))
             .map(|p| p.captures(&dest.host))
             .unwrap_or_default();
         Decision::Inject { credential: index, captures }
@@ -256,10 +263,86 @@ impl Policy {
             .iter()
             .enumerate()
             .filter(|(_, c)| !matches!(c.state, CredState::Inactive(_)))
-            .filter_map(|(i, c)| rule_rank(c, dest, head).map(|r| (i, r)))
+            .filter_map(|(i, c)| self.rule_rank(c, dest, head).map(|r| (i, r)))
             .collect();
         v.sort_by_key(|(_, r)| *r);
         v
+    }
+
+    /// Why a request that no credential takes passes without one.
+    fn pass_reason(&self, dest: &Destination, head: &RequestHead<'_>) -> String {
+        let inactive = self
+            .credentials
+            .iter()
+            .find(|c| matches!(c.state, CredState::Inactive(_)) && self.rule_rank(c, dest, head).is_some());
+        if let Some(c) = inactive {
+            return format!("credential {} is inactive", c.name);
+        }
+        match self.credentials.iter().find_map(|c| Some((c, self.missing_variable(c, dest)?))) {
+            Some((c, var)) => format!("credential {} does not apply to this host: {var} is not set", c.name),
+            None => "no credential matches".into(),
+        }
+    }
+
+    /// Rank of a credential for a request (`None`: it does not apply).
+    fn rule_rank(&self, c: &CredentialRule, dest: &Destination, head: &RequestHead<'_>) -> Option<Rank> {
+        let spec = c
+            .patterns
+            .iter()
+            .filter(|p| self.usable(c, p, dest))
+            .filter_map(|p| p.matches_host(&dest.host))
+            .max()?;
+        if !c.methods.is_empty() && !methods_allow(&c.methods, head) {
+            return None;
+        }
+        let path_len = if c.paths.is_empty() {
+            0
+        } else {
+            let path = canonical_path(head.path)?;
+            c.paths.iter().filter(|p| path_has_prefix(&path, p)).map(|p| p.len() + 1).max()?
+        };
+        Some((spec, path_len, !c.methods.is_empty() || !c.ports.is_empty()))
+    }
+
+    /// Does pattern `p` of credential `c` take `dest`: host and port match, and every
+    /// capture reference names a variable present at load (SPEC 5)? A host whose capture
+    /// names no such variable is not this credential's: no other variable is ever tried.
+    fn usable(&self, c: &CredentialRule, p: &Pattern, dest: &Destination) -> bool {
+        default_port_ok(p.port, &c.ports, dest.port)
+            && p.matches_host(&dest.host).is_some()
+            && (c.captures.is_empty() || self.unnamed_capture(c, p, &dest.host).is_none())
+    }
+
+    /// The variable a capture reference of `c` names for `host` through `p`, when it is
+    /// not among those present at load (or the capture is not `[A-Za-z0-9_]+`).
+    fn unnamed_capture(&self, c: &CredentialRule, p: &Pattern, host: &Host) -> Option<String> {
+        let captures = p.captures(host);
+        c.captures.iter().find_map(|r| {
+            let value = captures
+                .iter()
+                .find(|(n, _)| *n == r.capture)
+                .map(|(_, v)| v.as_str())
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+            match value {
+                Some(v) => {
+                    let name = format!("{}{}{}", r.prefix, v.to_ascii_uppercase(), r.suffix);
+                    (!self.capture_variables.contains(&name)).then_some(name)
+                }
+                None => Some(format!("{}{{{}}}{}", r.prefix, r.capture, r.suffix)),
+            }
+        })
+    }
+
+    /// For `pass_reason`: the variable an active credential would need for `dest`, when
+    /// its host pattern matches but its capture names no variable present at load.
+    fn missing_variable(&self, c: &CredentialRule, dest: &Destination) -> Option<String> {
+        if c.captures.is_empty() || matches!(c.state, CredState::Inactive(_)) {
+            return None;
+        }
+        c.patterns
+            .iter()
+            .filter(|p| default_port_ok(p.port, &c.ports, dest.port) && p.matches_host(&dest.host).is_some())
+            .find_map(|p| self.unnamed_capture(c, p, &dest.host))
     }
 
     fn domain_refusal(&self, dest: &Destination) -> Option<Refusal> {
@@ -316,20 +399,6 @@ impl Policy {
 /// narrows by method or port. Larger wins.
 pub type Rank = (Specificity, usize, bool);
 
-fn rule_rank(c: &CredentialRule, dest: &Destination, head: &RequestHead<'_>) -> Option<Rank> {
-    let spec = host_rank(c, dest)?;
-    if !c.methods.is_empty() && !c.methods.iter().any(|m| m.eq_ignore_ascii_case(head.method)) {
-        return None;
-    }
-    let path_len = if c.paths.is_empty() {
-        0
-    } else {
-        let path = canonical_path(head.path)?;
-        c.paths.iter().filter(|p| path_has_prefix(&path, p)).map(|p| p.len() + 1).max()?
-    };
-    Some((spec, path_len, !c.methods.is_empty() || !c.ports.is_empty()))
-}
-
 fn host_rank(c: &CredentialRule, dest: &Destination) -> Option<Specificity> {
     c.patterns
         .iter()
@@ -352,19 +421,67 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
     prefix.is_empty() || path == prefix || (path.starts_with(prefix) && path.as_bytes()[prefix.len()] == b'/')
 }
 
-/// Canonical form of a request path for matching: dot segments resolved. `None` for
-/// ambiguous paths (encoded `/`, `\` or `.`, backslashes), which never match a
-/// path-scoped credential.
+/// Headers through which web frameworks let a request stand for another method.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] =
+    ["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// The methods a request claims besides its request line's: method-override headers
+/// (every instance, comma lists split) and the `_method` query parameter, upper-cased as
+/// the frameworks that honour them read them.
+pub fn override_methods(head: &RequestHead<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in METHOD_OVERRIDE_HEADERS {
+        for value in head.headers.get_all(name) {
+            let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            out.extend(text.split(',').map(|m| m.trim().to_ascii_uppercase()).filter(|m| !m.is_empty()));
+        }
+    }
+    let query = head.target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if percent_decode(name.as_bytes()) == b"_method" {
+            let value =
+                String::from_utf8_lossy(&percent_decode(value.replace('+', " ").as_bytes())).into_owned();
+            out.push(value.trim().to_ascii_uppercase());
+        }
+    }
+    out
+}
+
+/// Whether the upstream may read this request as TRACE or TRACK, which echo the request
+/// (credential included) back: in any case, or through a method override.
+pub fn is_trace(head: &RequestHead<'_>) -> bool {
+    let trace = |m: &str| m.eq_ignore_ascii_case("TRACE") || m.eq_ignore_ascii_case("TRACK");
+    trace(head.method) || override_methods(head).iter().any(|m| trace(m))
+}
+
+/// `methods` (upper case) against the request. Methods are case-sensitive (RFC 9110
+/// 9.1): a server may read `get` as GET or as an unknown method, so only the exact name
+/// matches; every method an override claims must be listed too.
+fn methods_allow(methods: &[String], head: &RequestHead<'_>) -> bool {
+    methods.iter().any(|m| m == head.method) && override_methods(head).iter().all(|o| methods.contains(o))
+}
+
+/// Canonical form of a request path for matching: dot segments resolved. `None` for a
+/// path servers may read differently (it never matches a path-scoped credential):
+/// - an escape that decodes to `/`, `\`, `.`, NUL or `%` (a second decoding would read
+///   on: `%252e` is `.` to a server that decodes twice), or a `%` that starts no escape;
+/// - a backslash;
+/// - a dot segment together with a `;` (or `%3b`) anywhere, or with an empty segment:
+///   servers that drop `;params` (`/v1/..;/admin`) or merge slashes (`/v1//../admin`)
+///   resolve those dot segments against other segments than latchkey would.
 pub fn canonical_path(path: &str) -> Option<String> {
-    let lower = path.to_ascii_lowercase();
-    if path.contains('\\') || ["%2f", "%5c", "%2e", "%00"].iter().any(|e| lower.contains(e)) {
+    if !path.starts_with('/') || path.contains('\\') || has_ambiguous_escape(path.as_bytes()) {
         return None;
     }
-    if !path.starts_with('/') {
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    if segments.iter().any(|s| matches!(before_params(s), "." | ".."))
+        && (path.contains(';') || path.contains("//") || path.to_ascii_lowercase().contains("%3b"))
+    {
         return None;
     }
     let mut out: Vec<&str> = Vec::new();
-    for seg in path[1..].split('/') {
+    for seg in segments {
         match seg {
             "." => {}
             ".." => {
@@ -379,6 +496,24 @@ pub fn canonical_path(path: &str) -> Option<String> {
         s.push('/');
     }
     Some(s)
+}
+
+/// A segment without its `;params` (as Tomcat and Spring read it), `%3b` counted as `;`.
+fn before_params(seg: &str) -> &str {
+    let semi = seg.find(';').unwrap_or(seg.len());
+    let encoded = seg.to_ascii_lowercase().find("%3b").unwrap_or(seg.len());
+    &seg[..semi.min(encoded)]
+}
+
+/// An escape of `/`, `\`, `.`, NUL or `%`, or a `%` that starts no escape.
+fn has_ambiguous_escape(path: &[u8]) -> bool {
+    let hex = |b: u8| (b as char).to_digit(16);
+    path.iter().enumerate().filter(|(_, b)| **b == b'%').any(|(i, _)| {
+        match (path.get(i + 1).and_then(|b| hex(*b)), path.get(i + 2).and_then(|b| hex(*b))) {
+            (Some(h), Some(l)) => matches!((h * 16 + l) as u8, b'/' | b'\\' | b'.' | 0 | b'%'),
+            _ => true,
+        }
+    })
 }
 
 /// Config `paths` entry → canonical prefix without trailing slash.

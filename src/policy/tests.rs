@@ -12,6 +12,7 @@ fn rule(name: &str, patterns: &[&str]) -> CredentialRule {
         allowed_origins: vec![],
         require_placeholder: false,
         state: CredState::Active,
+        captures: vec![],
     }
 }
 
@@ -167,6 +168,42 @@ fn filters() {
 }
 
 #[test]
+fn a_capture_naming_no_present_variable_does_not_match() {
+    let mut r = rule("clusters", &[r"~(?P<cluster>[a-z-]+)\.k8s\.test:6443"]);
+    r.captures =
+        vec![CaptureRef { prefix: "K8S_TOKEN_".into(), capture: "cluster".into(), suffix: "".into() }];
+    let p = Policy {
+        credentials: vec![r],
+        capture_variables: ["K8S_TOKEN_PROD".to_string()].into_iter().collect(),
+        ..Default::default()
+    };
+    let d = |host: &str| {
+        p.decide(
+            &dest(host),
+            &RequestHead { method: "GET", target: "/", path: "/", headers: &HeaderMap::new(), tls: true },
+            |_| false,
+        )
+    };
+    assert_eq!(
+        d("prod.k8s.test:6443"),
+        Decision::Inject { credential: 0, captures: vec![("cluster".into(), "prod".into())] }
+    );
+    assert_eq!(
+        d("dev.k8s.test:6443"),
+        Decision::Pass("credential clusters does not apply to this host: K8S_TOKEN_DEV is not set".into())
+    );
+    assert!(
+        matches!(d("a-b.k8s.test:6443"), Decision::Pass(_)),
+        "a capture outside [A-Za-z0-9_] names nothing"
+    );
+    assert_eq!(
+        p.decide_connect(&dest("dev.k8s.test:6443")),
+        ConnectDecision::Intercept,
+        "the host is still named: intercepted, logged"
+    );
+}
+
+#[test]
 fn canonical_paths() {
     assert_eq!(canonical_path("/a/./b/../c").unwrap(), "/a/c");
     assert_eq!(canonical_path("/../../x").unwrap(), "/x");
@@ -174,6 +211,26 @@ fn canonical_paths() {
     assert!(canonical_path("/a%2Fb").is_none());
     assert!(canonical_path("/a\\b").is_none());
     assert!(canonical_path("a").is_none());
+    // Issue 11.3: what nginx (merged slashes), Tomcat/Spring (`;params`) and frameworks
+    // that decode twice read as /admin.
+    for ambiguous in [
+        "/v1//../admin",
+        "/v1/..;/admin",
+        "/v1/..%3B/admin",
+        "/v1/.;x/../admin",
+        "/admin;/../v1/x",
+        "/v1/%252e%252e/admin",
+        "/v1/%25",
+        "/v1/%%32e%%32e/admin",
+        "/v1/%zz",
+        "/v1/%2",
+    ] {
+        assert!(canonical_path(ambiguous).is_none(), "{ambiguous}");
+    }
+    // Each on its own is plain: no dot segment to resolve differently.
+    assert_eq!(canonical_path("/v1//x").unwrap(), "/v1//x");
+    assert_eq!(canonical_path("/v1/x;y").unwrap(), "/v1/x;y");
+    assert_eq!(canonical_path("/v1/x%41").unwrap(), "/v1/x%41");
     assert_eq!(canonical_prefix("/v1/").unwrap(), "/v1");
     assert_eq!(canonical_prefix("/").unwrap(), "");
 }
@@ -217,6 +274,140 @@ proptest! {
         if let Ok(h) = Host::parse(&raw) {
             let again = Host::parse(h.to_string().trim_matches(|c| c == '[' || c == ']')).unwrap();
             prop_assert_eq!(h, again);
+        }
+    }
+}
+
+/// Small models of what servers do to a request path before routing it (issue 11.3).
+mod server {
+    /// nginx `merge_slashes`: runs of `/` become one.
+    pub fn merge_slashes(p: &str) -> String {
+        let mut out = String::new();
+        for c in p.chars() {
+            if !(c == '/' && out.ends_with('/')) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Tomcat/Spring: each segment loses its `;params`.
+    pub fn drop_params(p: &str) -> String {
+        p.split('/').map(|s| s.split(';').next().unwrap_or("")).collect::<Vec<_>>().join("/")
+    }
+
+    /// Servers that treat everything from the first `;` as parameters of the whole path.
+    pub fn cut_at_semicolon(p: &str) -> String {
+        p.split(';').next().unwrap_or("").to_string()
+    }
+
+    /// One round of percent-decoding (invalid escapes left as they are).
+    pub fn decode(p: &str) -> String {
+        let b = p.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            let hex = |x: Option<&u8>| x.and_then(|c| (*c as char).to_digit(16));
+            if b[i] == b'%'
+                && let (Some(h), Some(l)) = (hex(b.get(i + 1)), hex(b.get(i + 2)))
+            {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Windows-minded servers: `\` is a separator.
+    pub fn backslashes(p: &str) -> String {
+        p.replace('\\', "/")
+    }
+
+    /// RFC 3986 5.2.4 remove_dot_segments, as written there.
+    pub fn resolve(p: &str) -> String {
+        let mut input = p.to_string();
+        let mut output = String::new();
+        let pop = |out: &mut String| out.truncate(out.rfind('/').unwrap_or(0));
+        while !input.is_empty() {
+            if let Some(rest) = input.strip_prefix("../").or_else(|| input.strip_prefix("./")) {
+                input = rest.to_string();
+            } else if input.starts_with("/./") || input == "/." {
+                input = format!("/{}", &input[input.len().min(3)..]);
+            } else if input.starts_with("/../") || input == "/.." {
+                input = format!("/{}", &input[input.len().min(4)..]);
+                pop(&mut output);
+            } else if input == "." || input == ".." {
+                input.clear();
+            } else {
+                let start = usize::from(input.starts_with('/'));
+                let end = input[start..].find('/').map(|i| i + start).unwrap_or(input.len());
+                output.push_str(&input[..end]);
+                input = input[end..].to_string();
+            }
+        }
+        output
+    }
+
+    pub const STEPS: [fn(&str) -> String; 6] =
+        [merge_slashes, drop_params, cut_at_semicolon, decode, backslashes, resolve];
+}
+
+/// Pieces of paths: mostly structure (separators, dot segments, parameters, escapes that
+/// decode to something else), less often an escape latchkey rejects on its own.
+fn path_piece() -> impl Strategy<Value = &'static str> {
+    prop_oneof![
+        4 => prop::sample::select(vec![
+            "/", "//", "v1", "admin", "x", ".", "..", ";", ";p", "%3b", "%3B", "%%32e", "%41", "2e", "e", "%2",
+        ]),
+        1 => prop::sample::select(vec!["%2e", "%2E", "%252e", "%25", "%2f", "\\", "%5c", "%"]),
+    ]
+}
+
+fn request_path() -> impl Strategy<Value = String> {
+    let start = prop::sample::select(vec!["/v1/", "/v1", "/", "/v1//", "/v1/x/", "/admin/", "/v1/..;/"]);
+    (start, proptest::collection::vec(path_piece(), 0..7))
+        .prop_map(|(s, rest)| format!("{s}{}", rest.concat()))
+}
+
+#[test]
+fn the_server_models_read_the_issue_paths_as_admin() {
+    use server::*;
+    assert_eq!(resolve(&merge_slashes("/v1//../admin")), "/admin");
+    assert_eq!(resolve(&drop_params("/v1/..;/admin")), "/admin");
+    assert_eq!(resolve(&decode(&decode("/v1/%252e%252e/admin"))), "/admin");
+    assert_eq!(resolve("/a/b/../../c/./d/.."), "/c/");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    /// No path that a server normalisation (any sequence of up to three of the models,
+    /// dot segments resolved last) maps outside `/v1` ever matches a `/v1` credential.
+    #[test]
+    fn path_scope_holds_under_every_server_normalisation(path in request_path()) {
+        let Some(canonical) = canonical_path(&path) else { return Ok(()) };
+        if !path_has_prefix(&canonical, "/v1") {
+            return Ok(());
+        }
+        let mut pipelines: Vec<Vec<usize>> = vec![vec![]];
+        for _ in 0..3 {
+            let longer: Vec<Vec<usize>> = pipelines
+                .iter()
+                .filter(|p| p.len() == pipelines.last().map(Vec::len).unwrap_or(0))
+                .flat_map(|p| (0..server::STEPS.len()).map(move |s| [p.clone(), vec![s]].concat()))
+                .collect();
+            pipelines.extend(longer);
+        }
+        for steps in pipelines {
+            let read = steps.iter().fold(path.clone(), |p, s| server::STEPS[*s](&p));
+            let read = server::resolve(&read);
+            prop_assert!(
+                path_has_prefix(&read, "/v1"),
+                "{path:?} matches /v1 for latchkey but steps {steps:?} read it as {read:?}"
+            );
         }
     }
 }

@@ -323,11 +323,11 @@ fn decide(
         }
         Decision::Inject { credential, captures } => {
             record.credential = Some(config.credentials[credential].name.clone());
-            if matches!(parts.method.as_str(), "TRACE" | "TRACK") {
+            if crate::policy::is_trace(&head) {
                 return Err(Refusal::new(
                     403,
                     "trace-refused",
-                    "TRACE/TRACK echo the request, credential included; refused on credentialed routes",
+                    "TRACE/TRACK (in any case, or as a method override) echo the request, credential included; refused on credentialed routes",
                 ));
             }
             Ok(Some((credential, captures)))
