@@ -217,6 +217,103 @@ fn method_tricks_do_not_carry_the_credential() {
     }
 }
 
+const TWO_SLOTS: &str = r#"
+[credentials.anthropic]
+header = ["x-api-key", "Authorization: Bearer"]
+value = "${ANTHROPIC_API_KEY}"
+domains = ["api.anthropic.com"]
+"#;
+
+#[test]
+fn request_trailers_cannot_add_a_credential_header_http1() {
+    let up = upstream(true, None);
+    let lk = Latchkey::start(Some(&up), TWO_SLOTS, &[("ANTHROPIC_API_KEY", SECRET)]);
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let resp = request(
+        tls(s, "api.anthropic.com"),
+        "POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: chunked\r\n\
+         Trailer: x-api-key, authorization, x-kept\r\nConnection: close\r\n\r\n\
+         5\r\nhello\r\n0\r\nX-Api-Key: attacker-key\r\nauthorization: Bearer attacker\r\nx-kept: yes\r\n\r\n",
+    );
+    assert_eq!(status(&resp), 200, "{resp}");
+    let seen = &up.requests()[0];
+    assert_eq!(seen.body, b"hello");
+    assert_eq!(seen.header_all("x-api-key"), [SECRET], "one injected value");
+    assert!(seen.trailer_all("x-api-key").is_empty(), "{seen:?}");
+    assert!(seen.trailer_all("authorization").is_empty(), "{seen:?}");
+    assert_eq!(seen.trailer_all("x-kept"), ["yes"], "other trailers pass");
+}
+
+#[test]
+fn request_trailers_cannot_add_a_credential_header_http2() {
+    let up = upstream_with(UpstreamOpts { tls: true, h2_only: true, ..Default::default() });
+    let lk = Latchkey::start(Some(&up), TWO_SLOTS, &[("ANTHROPIC_API_KEY", SECRET)]);
+    let trailers = [("x-api-key", "attacker-key"), ("authorization", "Bearer attacker"), ("x-kept", "yes")];
+    assert_eq!(h2_post_with_trailers(lk.port, &trailers), 200);
+    let seen = &up.requests()[0];
+    assert_eq!(seen.body, b"hello");
+    assert_eq!(seen.header_all("x-api-key"), [SECRET]);
+    assert!(
+        seen.trailer_all("x-api-key").is_empty() && seen.trailer_all("authorization").is_empty(),
+        "{seen:?}"
+    );
+    assert_eq!(seen.trailer_all("x-kept"), ["yes"]);
+}
+
+#[test]
+fn blocked_patterns_read_request_trailers() {
+    let up = upstream_with(UpstreamOpts { tls: true, h2_only: true, ..Default::default() });
+    let filters = "[proxy.filters]\nblocked_patterns = [\"rm -rf /\"]\n#END-PROXY\n";
+    let lk = Latchkey::start(Some(&up), &format!("{filters}{CRED}"), &[("ANTHROPIC_API_KEY", SECRET)]);
+    assert_eq!(h2_post_with_trailers(lk.port, &[("x-cmd", "rm -rf /")]), 403);
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let resp = request(
+        tls(s, "api.anthropic.com"),
+        "POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: chunked\r\n\
+         Trailer: x-cmd\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nx-cmd: rm -rf /\r\n\r\n",
+    );
+    assert_eq!(status(&resp), 403, "{resp}");
+    assert!(resp.contains("x-latchkey-error: blocked-pattern"), "{resp}");
+    assert_eq!(up.count(), 0, "aborted before the upstream had the request");
+}
+
+/// An HTTP/2 client in a tunnel to api.anthropic.com: POST `hello`, then a trailing
+/// HEADERS frame with `trailers`. Returns the status.
+fn h2_post_with_trailers(port: u16, trailers: &[(&str, &str)]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let trailers: http::HeaderMap =
+        trailers.iter().map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap())).collect();
+    runtime().block_on(async move {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        tcp.write_all(b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(tcp.read_u8().await.unwrap());
+        }
+        let mut cfg = common::raw::client_config();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from("api.anthropic.com").unwrap();
+        let tls =
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let (mut tx, body) = http_body_util::Channel::<bytes::Bytes, std::convert::Infallible>::new(2);
+        tokio::spawn(async move {
+            tx.send_data(bytes::Bytes::from_static(b"hello")).await.unwrap();
+            tx.send_trailers(trailers).await.unwrap();
+        });
+        let req = http::Request::post("https://api.anthropic.com/v1/messages").body(body).unwrap();
+        sender.send_request(req).await.unwrap().status().as_u16()
+    })
+}
+
 #[test]
 fn suffix_confusion_and_lookalikes_get_nothing() {
     let up = upstream(true, None);

@@ -18,6 +18,7 @@ use super::upgrade::Upgrade;
 
 use super::body::{Counted, Logged, Pending, Redacted, ScanBody};
 use super::respond::{self, bad_request, misdirected};
+use super::trailers::{GuardedTrailers, TrailerRules};
 use super::upstream::{Connector, UpstreamError};
 use super::{Body, Generation, Proxy};
 use crate::audit::{Record, now_ts, path_only};
@@ -203,6 +204,7 @@ async fn exchange(
             Some(cred)
         }
     };
+    let trailer_rules = TrailerRules::new(credential, config);
     let mut resp = match upgrade {
         Some(kind) => {
             let client =
@@ -211,7 +213,7 @@ async fn exchange(
             let redactor = credential.filter(|_| redact).and_then(|c| c.redactor.get(c.injector.secrets()));
             super::upgrade::relay(config, dialer, route, parts, kind, client, redactor).await?
         }
-        None => send(config, client, route, parts, body, up.clone()).await?,
+        None => send(config, client, route, parts, body, up.clone(), &trailer_rules).await?,
     };
     if resp.status() == http::StatusCode::UNAUTHORIZED
         && let (Some(cred), Some((mut again, bytes, captures))) = (credential, replay)
@@ -221,7 +223,7 @@ async fn exchange(
         let used = source.current();
         if source.ensure(&tokens, used.as_ref()).await.is_ok() {
             let body = inject(cred, &mut again, &captures, super::respond::full(bytes), &tokens).await?;
-            resp = send(config, client, route, again, body, up).await?;
+            resp = send(config, client, route, again, body, up, &trailer_rules).await?;
         }
     }
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
@@ -425,7 +427,8 @@ async fn buffer(mut body: Body, limit: usize) -> Result<bytes::Bytes, Option<sup
     Ok(buf.freeze())
 }
 
-/// Send upstream within `timeout`, scanning the body when content filters are set.
+/// Send upstream within `timeout`, scanning the body (and cleaning and scanning its
+/// trailers) when `trailers` or content filters ask for it.
 async fn send(
     config: &Arc<Config>,
     client: &Client<Connector, Body>,
@@ -433,7 +436,14 @@ async fn send(
     parts: Parts,
     body: Body,
     up: Arc<AtomicU64>,
+    trailers: &TrailerRules,
 ) -> Result<Response<Incoming>, Refusal> {
+    let trailer_hit = Arc::new(std::sync::OnceLock::new());
+    let body = if trailers.is_empty() {
+        body
+    } else {
+        GuardedTrailers::new(body, trailers.clone(), trailer_hit.clone()).boxed()
+    };
     let counted = Counted::new(body, up);
     let (body, hit): (Body, _) = if config.policy.filters.content.is_empty() {
         (counted.boxed(), None)
@@ -445,13 +455,18 @@ async fn send(
     let request = client.request(Request::from_parts(parts, body));
     match tokio::time::timeout(config.proxy.timeout, request).await {
         Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) => match hit.as_ref().and_then(|h| h.get()) {
-            Some(pattern) => Err(Refusal::new(
+        Ok(Err(e)) => match (hit.as_ref().and_then(|h| h.get()), trailer_hit.get()) {
+            (Some(pattern), _) => Err(Refusal::new(
                 403,
                 "blocked-pattern",
                 format!("request body matches blocked pattern {pattern:?}"),
             )),
-            None => Err(upstream_failure(&route.dest, &e)),
+            (None, Some(pattern)) => Err(Refusal::new(
+                403,
+                "blocked-pattern",
+                format!("request trailers match blocked pattern {pattern:?}"),
+            )),
+            (None, None) => Err(upstream_failure(&route.dest, &e)),
         },
         Err(_) => Err(Refusal::new(
             504,

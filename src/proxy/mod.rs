@@ -12,6 +12,7 @@ mod identity;
 pub mod ops;
 mod respond;
 mod tokens;
+mod trailers;
 mod tunnel;
 mod upgrade;
 pub mod upstream;

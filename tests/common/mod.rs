@@ -102,11 +102,16 @@ pub struct Seen {
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Request trailers (chunked HTTP/1.1 trailer section, HTTP/2 trailing HEADERS).
+    pub trailers: Vec<(String, String)>,
 }
 
 impl Seen {
     pub fn header_all(&self, name: &str) -> Vec<String> {
         self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
+    }
+    pub fn trailer_all(&self, name: &str) -> Vec<String> {
+        self.trailers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
     }
 }
 
@@ -334,7 +339,16 @@ async fn echo(
         }
         return Ok(b.body(body).unwrap());
     }
-    let body = body.collect().await?.to_bytes().to_vec();
+    let collected = body.collect().await?;
+    let trailers: Vec<(String, String)> = collected
+        .trailers()
+        .map(|t| {
+            t.iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let body = collected.to_bytes().to_vec();
     let version = format!("{:?}", parts.version);
     let seen = Seen {
         conn,
@@ -342,6 +356,7 @@ async fn echo(
         path: path.clone(),
         headers: headers.clone(),
         body: body.clone(),
+        trailers: trailers.clone(),
     };
     log.lock().unwrap().push(seen);
     if let (Some(git), true) = (git, path.starts_with("/org/")) {
@@ -362,6 +377,7 @@ async fn echo(
         "path": path,
         "version": version,
         "headers": headers,
+        "trailers": trailers,
         "body": String::from_utf8_lossy(&body),
     });
     Ok(b.body(full(json.to_string())).unwrap())
