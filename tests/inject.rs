@@ -336,7 +336,7 @@ fn upstream_connections_are_pooled_across_clients() {
 }
 
 #[test]
-fn value_file_rotation_applies_to_the_next_request() {
+fn value_file_rotation_applies_within_a_second() {
     let up = upstream(true, None);
     let secrets = tempfile::tempdir().unwrap();
     let file = secrets.path().join("token");
@@ -350,21 +350,26 @@ fn value_file_rotation_applies_to_the_next_request() {
     let lk = Latchkey::start(Some(&up), &cfg, &[]);
     let (_, body) = lk.curl(&["https://api.example.com/"]);
     assert_eq!(echoed(&body, "x-token"), ["first-secret"]);
+    // The file is looked at (off the request path) once its last check is a second old.
+    let recheck = || std::thread::sleep(std::time::Duration::from_millis(1100));
     // Rotate by rename, as editors and Kubernetes do.
     let tmp = secrets.path().join("token.new");
     std::fs::write(&tmp, "second-secret\n").unwrap();
     set_mode(&tmp, 0o600);
     std::fs::rename(&tmp, &file).unwrap();
+    recheck();
     let (_, body) = lk.curl(&["https://api.example.com/"]);
     assert_eq!(echoed(&body, "x-token"), ["second-secret"]);
     let (_, body) = lk.curl(&["https://other.example.com/"]);
     assert_eq!(echoed(&body, "authorization"), [format!("Basic {}", base64_encode("bot:second-secret"))]);
     // In place, same length.
     std::fs::write(&file, "third--secret\n").unwrap();
+    recheck();
     let (_, body) = lk.curl(&["https://api.example.com/"]);
     assert_eq!(echoed(&body, "x-token"), ["third--secret"]);
     // Gone: the credential fails closed (502), nothing is forwarded without it.
     std::fs::remove_file(&file).unwrap();
+    recheck();
     let before = up.count();
     let (code, body) = lk.curl(&["https://api.example.com/"]);
     assert_eq!(code, 502, "{body}");

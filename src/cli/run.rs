@@ -200,7 +200,9 @@ async fn watch(proxy: Arc<Proxy>, file: Option<PathBuf>, overrides: Overrides, p
                 "the config file changed"
             }
         };
-        reload_now(&proxy, file.clone(), overrides, why);
+        // Loading runs value_commands and reads files: keep it off the runtime threads.
+        let (p, f) = (proxy.clone(), file.clone());
+        let _ = tokio::task::spawn_blocking(move || reload_now(&p, f, overrides, why)).await;
     }
 }
 
@@ -306,7 +308,8 @@ pub fn exec(config: Option<PathBuf>, agent: Option<String>, command: Vec<String>
     };
     let running = super::running_active(&config);
     let vars = super::env::client_env(&config, running.as_deref(), proxy_url, None);
-    let scrub = super::env::scrub_list(&config);
+    let mut scrub = super::env::scrub_list(&config);
+    scrub.extend(super::env::holding_secrets(&config));
     runtime().block_on(async move {
         let addr = config.client_proxy_addr();
         if running.is_some() {

@@ -196,6 +196,9 @@ pub struct RawCredential {
     pub value_command: Option<Vec<String>>,
     /// Seconds a value_command's output is used before the command runs again.
     pub value_command_ttl: Option<u64>,
+    /// Variables of latchkey's environment the value_command gets besides PATH, HOME
+    /// and LANG (it gets nothing else).
+    pub value_command_env: Vec<String>,
     pub username: Option<String>,
     pub password: Option<String>,
     pub param: Option<String>,
