@@ -359,3 +359,139 @@ mod sha2_free {
         String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
     }
 }
+
+/// Does ca.key hold the key ca.crt certifies?
+fn ca_pair_matches(ca_dir: &std::path::Path) -> bool {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).unwrap()).unwrap();
+    let der = CertificateDer::from_pem_file(ca_dir.join("ca.crt")).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw()
+}
+
+/// curl through the proxy on `port`, trusting only `ca` (no public roots, no bundle).
+fn curl_trusting(port: u16, ca: &std::path::Path, url: &str) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"])
+        .args(["-x", &format!("http://127.0.0.1:{port}"), "--cacert"])
+        .arg(ca)
+        .arg(url)
+        .output()
+        .unwrap();
+    parse_curl(out)
+}
+
+fn wait_listening(port: u16, child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "a replica exited");
+        assert!(std::time::Instant::now() < deadline, "replica on {port} did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Replicas started at the same moment on one empty ca_dir: exactly one CA pair ends
+/// up on disk, and every replica's leaves chain to that ca.crt.
+#[test]
+fn replicas_starting_together_share_one_ca() {
+    let up = upstream(true, None);
+    let body =
+        "[credentials.x]\nheader = \"x-token\"\nvalue = \"${X_TOKEN}\"\ndomains = [\"api.example.com\"]\n";
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), free_port(), Some(up.addr), body);
+        let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+        let mut replicas: Vec<std::process::Child> = ports
+            .iter()
+            .map(|port| {
+                latchkey_cmd(dir.path(), &[("X_TOKEN", "x-REAL")])
+                    .args(["run", "--port", &port.to_string(), "--config"])
+                    .arg(&config)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for (port, child) in ports.iter().zip(&mut replicas) {
+            wait_listening(*port, child);
+        }
+        let ca = dir.path().join("ca");
+        assert!(ca_pair_matches(&ca), "round {round}: ca.key and ca.crt are not one pair");
+        let mut names: Vec<String> =
+            std::fs::read_dir(&ca).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names.retain(|n| n != "latchkey.pid");
+        assert_eq!(names, ["bundle.pem", "ca.crt", "ca.key", "ca.lock"], "round {round}");
+        for port in &ports {
+            let (code, body) = curl_trusting(*port, &ca.join("ca.crt"), "https://api.example.com/");
+            assert_eq!(code, 200, "round {round}, replica on {port}: {body}");
+            assert_eq!(echoed(&body, "x-token"), ["x-REAL"]);
+        }
+        for mut child in replicas {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `latchkey ARGS` with `dir` read-only for it: a read-only bind mount in a private
+/// mount namespace as root (root ignores permission bits), mode 0500 otherwise.
+fn read_only(dir: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let home = dir.parent().unwrap();
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        set_mode(dir, 0o500);
+        let mut c = latchkey_cmd(home, &[]);
+        c.args(args);
+        return c;
+    }
+    let d = dir.display();
+    let script = format!("mount --bind '{d}' '{d}' && mount -o remount,bind,ro '{d}' && exec \"$0\" \"$@\"");
+    let mut c = std::process::Command::new("unshare");
+    c.args(["-m", "sh", "-c", &script, bin()]).args(args);
+    c.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("HOME", home);
+    c
+}
+
+/// A read-only ca_dir must already hold a CA: a clear error otherwise; with one, the
+/// proxy runs and signs with it.
+#[test]
+fn a_read_only_ca_dir_must_hold_a_ca() {
+    let probe = std::process::Command::new("unshare").args(["-m", "true"]).status();
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(
+            probe.is_ok_and(|s| s.success()),
+            "this test needs `unshare -m` (util-linux) and mount rights when run as root"
+        );
+    }
+    let up = upstream(true, None);
+    let body = "[credentials.x]\nheader = \"x-token\"\nvalue = \"x-REAL\"\ndomains = [\"api.example.com\"]\n";
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, Some(up.addr), body);
+    let ca = dir.path().join("ca");
+    std::fs::create_dir(&ca).unwrap();
+    set_mode(&ca, 0o700);
+    let cfg = config.to_str().unwrap();
+    let o = read_only(&ca, &["run", "--config", cfg]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("is read-only and holds no CA"), "{}", text(&o));
+
+    set_mode(&ca, 0o700);
+    let o = run(dir.path(), &["ca", "export", "--config", cfg], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut child = read_only(&ca, &["run", "--config", cfg])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(port, &mut child);
+    let (code, body) = curl_trusting(port, &ca.join("ca.crt"), "https://api.example.com/");
+    let _ = child.kill();
+    let _ = child.wait();
+    set_mode(&ca, 0o700);
+    assert_eq!(code, 200, "{body}");
+}
