@@ -5,13 +5,33 @@ use std::process::ExitCode;
 
 use super::load_config;
 use crate::config::Config;
-use crate::policy::{CredState, Destination, RequestHead};
+use crate::policy::{CredState, Decision, Destination, RequestHead};
 
-/// Documented endpoints that mint new credentials: use there turns into read.
+/// Documented endpoints that mint new credentials (one example request each): a
+/// credential injected there turns use into read. The built-in providers keep off them
+/// with `except_paths`, so `check` is quiet for an unmodified provider table.
 const MINTING: &[(&str, &str)] = &[
-    ("api.github.com", "/app/installations/1/access_tokens"),
     ("api.github.com", "/user/keys"),
+    ("api.github.com", "/user/gpg_keys"),
+    ("api.github.com", "/repos/o/r/keys"),
+    ("api.github.com", "/app/installations/1/access_tokens"),
     ("api.github.com", "/authorizations"),
+    ("api.github.com", "/repos/o/r/actions/runners/registration-token"),
+    ("api.github.com", "/orgs/o/actions/runners/registration-token"),
+    ("api.github.com", "/repos/o/r/actions/runners/generate-jitconfig"),
+    ("api.openai.com", "/v1/organization/admin_api_keys"),
+    ("api.openai.com", "/v1/organization/projects/p/service_accounts"),
+    ("api.openai.com", "/v1/organization/projects/p/service_accounts/s/api_keys"),
+    ("api.openai.com", "/v1/realtime/client_secrets"),
+    ("gitlab.com", "/api/v4/user/personal_access_tokens"),
+    ("gitlab.com", "/api/v4/projects/1/access_tokens"),
+    ("gitlab.com", "/api/v4/groups/1/deploy_tokens"),
+    ("gitlab.com", "/api/v4/user/keys"),
+    ("gitlab.com", "/api/v4/user/runners"),
+    ("generativelanguage.googleapis.com", "/v1alpha/auth_tokens"),
+    ("huggingface.co", "/oauth/token"),
+    ("openrouter.ai", "/api/v1/keys"),
+    ("sentry.io", "/api/0/sentry-app-installations/i/authorizations"),
     ("sts.amazonaws.com", "/"),
     ("sts.googleapis.com", "/v1/token"),
     ("iamcredentials.googleapis.com", "/v1/projects/-/serviceAccounts/x:generateAccessToken"),
@@ -79,19 +99,28 @@ fn warnings(config: &Config) -> Vec<String> {
         }
     }
     out.extend(ties(config));
+    out.extend(minting(config));
+    out
+}
+
+/// Credentials the proxy would inject on a documented minting endpoint.
+fn minting(config: &Config) -> Vec<String> {
     let headers = http::HeaderMap::new();
+    let mut out = Vec::new();
     for (host, path) in MINTING {
         let dest = Destination::parse_authority(host, Some(443)).expect("static");
         let head = RequestHead { method: "POST", target: path, path, headers: &headers, tls: true };
+        let Decision::Inject { credential, .. } = config.policy.decide(&dest, &head, |_| true) else {
+            continue;
+        };
         // gcp credentials refuse Google's minting endpoints themselves.
-        if let Some(i) =
-            config.policy.winner(&dest, &head).filter(|i| config.credentials[*i].auth_type != "gcp")
-        {
-            out.push(format!(
-                "credential {} covers {host}{path}, which mints new credentials (use becomes read); scope it with `paths`",
-                config.policy.credentials[i].name
-            ));
+        if config.credentials[credential].auth_type == "gcp" {
+            continue;
         }
+        out.push(format!(
+            "credential {} covers {host}{path}, which mints new credentials (use becomes read); scope it with `paths` or `except_paths`",
+            config.policy.credentials[credential].name
+        ));
     }
     out
 }
@@ -140,4 +169,29 @@ fn notes(config: &Config) -> Vec<String> {
         out.push(format!("variables available to regex captures: {}", config.capture_variables.join(", ")));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every built-in provider active (all variables set): none covers a minting
+    /// endpoint; the same rules without their except_paths do.
+    #[test]
+    fn builtins_stay_off_minting_endpoints() {
+        let env = |_: &str| Some("set".to_string());
+        let config = crate::config::compile("", None, &env, &[]).unwrap();
+        assert_eq!(minting(&config), Vec::<String>::new());
+        let mut bare = crate::config::compile("", None, &env, &[]).unwrap();
+        for rule in &mut bare.policy.credentials {
+            rule.except_paths.clear();
+        }
+        let warned = minting(&bare);
+        for name in ["github ", "openai ", "gitlab ", "gemini ", "huggingface ", "openrouter ", "sentry "] {
+            assert!(
+                warned.iter().any(|w| w.starts_with(&format!("credential {name}"))),
+                "{name}: {warned:?}"
+            );
+        }
+    }
 }

@@ -535,6 +535,11 @@ impl Compiler<'_> {
             .iter()
             .map(|p| canonical_prefix(p).map_err(|x| e("paths", x)))
             .collect::<Result<Vec<_>, _>>()?;
+        let except_paths = c
+            .except_paths
+            .iter()
+            .map(|p| crate::policy::PathPattern::parse(p).map_err(|x| e("except_paths", x)))
+            .collect::<Result<Vec<_>, _>>()?;
         let methods: Vec<String> = c.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
         if let Some(m) = methods.iter().find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()))
         {
@@ -821,6 +826,7 @@ impl Compiler<'_> {
             allow_http: c.allow_http,
             allowed_origins: c.allowed_origins.clone(),
             require_placeholder: c.require_placeholder,
+            except_paths,
             state,
         };
         let cred = Credential {

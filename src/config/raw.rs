@@ -204,6 +204,8 @@ pub struct RawCredential {
     pub param: Option<String>,
     pub domains: Vec<String>,
     pub paths: Vec<String>,
+    /// Path patterns where the credential is never injected (`*` one segment, `**` any).
+    pub except_paths: Vec<String>,
     pub methods: Vec<String>,
     pub ports: Vec<u16>,
     pub allow_http: bool,
