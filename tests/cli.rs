@@ -248,7 +248,8 @@ fn ca_files_modes_and_commands() {
 #[test]
 fn providers_lists_the_builtin_table() {
     let dir = tempfile::tempdir().unwrap();
-    let o = run(dir.path(), &["providers"], &[]);
+    let env = [("ANTHROPIC_API_KEY", SECRET), ("PAGERDUTY_TOKEN", "pd-REAL"), ("GH_TOKEN", "ghp_REAL")];
+    let o = run(dir.path(), &["providers"], &env);
     let t = String::from_utf8_lossy(&o.stdout);
     for want in [
         "anthropic",
@@ -256,9 +257,18 @@ fn providers_lists_the_builtin_table() {
         "OPENAI_API_KEY,CODEX_API_KEY",
         "github_git",
         "raw.githubusercontent.com",
+        // Where each writes its secret: slots and prefixes, as templates.
+        "x-api-key | Authorization: Bearer ",
+        " api-key ",
+        " x-goog-api-key ",
+        "Authorization: Token token= ",
+        "Authorization: Basic base64(x-access-token:…)",
     ] {
         assert!(t.contains(want), "{want}: {t}");
     }
+    assert!(!t.contains(SECRET) && !t.contains("pd-REAL") && !t.contains("ghp_REAL"), "{t}");
+    let header_only = t.lines().filter(|l| l.split_whitespace().nth(2) == Some("header")).count();
+    assert_eq!(header_only, 0, "no provider is shown as just \"header\": {t}");
 }
 
 #[test]

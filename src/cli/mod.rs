@@ -3,6 +3,7 @@
 mod check;
 mod env;
 mod explain;
+mod providers;
 mod run;
 
 use std::path::PathBuf;
@@ -146,7 +147,7 @@ pub fn main() -> ExitCode {
         }
         Command::Check { config } => check::check(config),
         Command::Ca { config, action } => ca(config, action),
-        Command::Providers => providers(),
+        Command::Providers => providers::providers(),
         Command::Audit { action: AuditAction::Verify { file, hmac_key } } => {
             audit_verify(&file, hmac_key.as_deref())
         }
@@ -284,40 +285,4 @@ fn audit_verify(file: &std::path::Path, hmac_key: Option<&std::path::Path>) -> E
             ExitCode::from(1)
         }
     }
-}
-
-fn providers() -> ExitCode {
-    // Placeholders as a config would assign them (shared variables share one).
-    let compiled = config::compile("", None, &|_| None, &[]).ok();
-    let placeholder = |name: &str| {
-        compiled
-            .as_ref()
-            .and_then(|c| c.credentials.iter().find(|c| c.name == name))
-            .map(|c| c.placeholder.clone())
-            .unwrap_or_else(|| "-".into())
-    };
-    println!("{:<13} {:<34} {:<7} {:<38} {:<52} placeholder", "name", "provider", "auth", "env", "domains");
-    for (name, p) in config::builtin_providers() {
-        let auth = p.auth_type.clone().unwrap_or_else(|| "header".into());
-        let env = p.env.clone().map(|e| e.into_vec()).unwrap_or_else(|| {
-            p.value
-                .as_deref()
-                .and_then(|v| crate::secrets::Template::parse(v).ok())
-                .and_then(|t| t.sole_variable().map(str::to_string))
-                .into_iter()
-                .collect()
-        });
-        let domains =
-            if p.domains.is_empty() { "(your cluster hosts)".to_string() } else { p.domains.join(",") };
-        println!(
-            "{:<13} {:<34} {:<7} {:<38} {:<52} {}",
-            name,
-            p.provider.as_deref().unwrap_or(""),
-            auth,
-            env.join(","),
-            domains,
-            placeholder(&name)
-        );
-    }
-    ExitCode::SUCCESS
 }
