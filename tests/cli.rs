@@ -30,7 +30,8 @@ fn config_errors_exit_2_with_file_line_and_key() {
     let t = text(&o);
     assert!(t.contains(&format!("{}:", path.display())), "{t}");
     assert!(
-        t.contains("`proxy.filters.alowlist_only`") && t.contains("did you mean `allowlist_only`"),
+        t.contains(": proxy.filters.alowlist_only: unknown key")
+            && t.contains("did you mean `allowlist_only`"),
         "{t}"
     );
     // run refuses before listening.
@@ -45,6 +46,22 @@ fn config_errors_exit_2_with_file_line_and_key() {
     // Missing explicit config.
     let o = run(dir.path(), &["check", "--config", "/nonexistent/latchkey.toml"], &[]);
     assert_eq!(o.status.code(), Some(2));
+}
+
+/// A TOML syntax error names the key it is in: file:line:column: table.key: message.
+#[test]
+fn syntax_errors_name_file_line_column_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let src = "[proxy]\nport = 3128\n\n# Claude\n\n[credentials.anthropic]\nheader = \"x-api-key\"\nvalue = \"${ANTHROPIC_API_KEY\ndomains = [\"api.anthropic.com\"]\n";
+    std::fs::write(&path, src).unwrap();
+    set_mode(&path, 0o600);
+    for cmd in ["check", "run"] {
+        let o = run(dir.path(), &[cmd, "--config", path.to_str().unwrap()], &[]);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        let want = format!("latchkey: config error: {}:8:29: credentials.anthropic.value: ", path.display());
+        assert!(String::from_utf8_lossy(&o.stderr).starts_with(&want), "{}", text(&o));
+    }
 }
 
 #[test]

@@ -43,7 +43,7 @@ impl fmt::Display for ConfigError {
             write!(f, "{file}: ")?;
         }
         if !self.key.is_empty() {
-            write!(f, "`{}`: ", self.key)?;
+            write!(f, "{}: ", self.key)?;
         }
         f.write_str(&self.message)
     }
@@ -213,7 +213,6 @@ fn toml_error(src: &str, file: Option<&Path>, e: &toml::de::Error) -> ConfigErro
     let span = e.span().unwrap_or(0..0);
     let (line, column) = locate::line_col(src, span.start);
     let table = locate::table_at(src, span.start);
-    let token = src.get(span.clone()).unwrap_or("").trim_matches('"').to_string();
     let mut message = e.message().trim().to_string();
     let mut key = table.clone();
     let original = message.clone();
@@ -225,8 +224,12 @@ fn toml_error(src: &str, file: Option<&Path>, e: &toml::de::Error) -> ConfigErro
         if let Some(s) = locate::suggest(&unknown, &known) {
             message.push_str(&format!(" (did you mean `{s}`?)"));
         }
-    } else if !token.is_empty() && !token.contains('\n') && token.len() < 60 {
-        key = if table.is_empty() { token } else { format!("{table}.{token}") };
+    } else if let Some(k) = locate::key_at(src, span.start) {
+        // The statement the error is in, not the token it points at.
+        key = if table.is_empty() { k } else { format!("{table}.{k}") };
+    }
+    if message.starts_with("invalid basic string") || message.starts_with("invalid literal string") {
+        message.push_str(" (the string is not closed on this line)");
     }
     ConfigError { file: file.map(Path::to_path_buf), line, column, key, message }
 }
