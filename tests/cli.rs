@@ -64,6 +64,31 @@ fn syntax_errors_name_file_line_column_and_key() {
     }
 }
 
+/// `run` on a fresh machine: the active credentials, then one line for the built-in
+/// providers whose variables are unset, not one line each.
+#[test]
+fn run_summarises_inactive_builtin_providers_in_one_line() {
+    let summary = |lk: &Latchkey| -> (usize, String) {
+        let log = lk.stderr();
+        let line = log.lines().find(|l| l.contains("built-in providers inactive")).unwrap_or_default();
+        let n =
+            line.split(" built-in").next().and_then(|h| h.rsplit(' ').next()).and_then(|n| n.parse().ok());
+        (n.unwrap_or(0), log)
+    };
+    let lk = Latchkey::start(None, "", &[]);
+    let (none_set, log) = summary(&lk);
+    assert!(log.contains(&format!(
+        "{none_set} built-in providers inactive (set their variables to enable them; latchkey providers)"
+    )));
+    assert!(none_set >= 15, "{log}");
+    assert!(!log.contains("inactive:"), "no line per provider: {log}");
+    let lk = Latchkey::start(None, "", &[("ANTHROPIC_API_KEY", SECRET)]);
+    let (one_set, log) = summary(&lk);
+    assert_eq!(one_set, none_set - 1, "{log}");
+    assert!(log.contains("credential anthropic active (env ANTHROPIC_API_KEY)"), "{log}");
+    assert!(!log.contains(SECRET));
+}
+
 #[test]
 fn check_reports_credentials_and_exit_codes() {
     let body = "[credentials.anthropic]\nheader = \"x-api-key\"\nvalue = \"${ANTHROPIC_API_KEY}\"\ndomains = [\"api.anthropic.com\"]\n";
