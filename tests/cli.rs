@@ -547,3 +547,101 @@ fn a_read_only_ca_dir_must_hold_a_ca() {
     set_mode(&ca, 0o700);
     assert_eq!(code, 200, "{body}");
 }
+
+/// Every flag and argument of every command is described in --help.
+#[test]
+fn help_describes_every_flag_of_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let commands: &[&[&str]] = &[
+        &[],
+        &["run"],
+        &["reload"],
+        &["exec"],
+        &["env"],
+        &["explain"],
+        &["check"],
+        &["ca"],
+        &["ca", "path"],
+        &["ca", "export"],
+        &["ca", "regenerate"],
+        &["providers"],
+        &["audit"],
+        &["audit", "verify"],
+    ];
+    for cmd in commands {
+        let o = run(dir.path(), &[cmd, &["--help"][..]].concat(), &[]);
+        let t = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{cmd:?}: {}", text(&o));
+        let lines: Vec<&str> = t.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let spec = line.trim_start();
+            let indent = line.len() - spec.len();
+            if !(2..=6).contains(&indent) || !(spec.starts_with('-') || spec.starts_with('<')) {
+                continue;
+            }
+            // Short help: "  --flag <V>  Description"; long help: the description on
+            // the next, deeper-indented line.
+            let inline = spec.split_once("  ").is_some_and(|(_, rest)| !rest.trim().is_empty());
+            let below = lines.get(i + 1).is_some_and(|n| {
+                let d = n.trim_start();
+                !d.is_empty() && n.len() - d.len() > indent + 2
+            });
+            assert!(inline || below, "`latchkey {}`: undescribed: {line:?}\n{t}", cmd.join(" "));
+        }
+    }
+}
+
+const ANTHROPIC: &str = "[credentials.anthropic]\nheader = \"x-api-key\"\nvalue = \"${ANTHROPIC_API_KEY}\"\ndomains = [\"api.anthropic.com\"]\n";
+
+/// In the agent's shell (no secrets), explain and check describe the running instance
+/// (which holds them), and say so; --local, or no instance, describes this shell.
+#[test]
+fn explain_and_check_describe_the_running_instance() {
+    let up = upstream(true, None);
+    let url = "https://api.anthropic.com/v1/messages";
+    let lk = Latchkey::start(Some(&up), ANTHROPIC, &[("ANTHROPIC_API_KEY", SECRET)]);
+    let addr = format!("127.0.0.1:{}", lk.port);
+    let o = lk.cli(&["explain", "--json", url], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v = json(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(v["decision"], "inject", "{v}");
+    assert_eq!(v["credential"], "anthropic");
+    assert_eq!(v["inject"], serde_json::json!([{"header": "x-api-key"}]));
+    assert_eq!((v["described"].as_str(), v["instance"].as_str()), (Some("running"), Some(addr.as_str())));
+    let o = lk.cli(&["explain", url], &[]);
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        t.starts_with("inject:") && t.contains(&format!("(decided by the latchkey running at {addr})")),
+        "{t}"
+    );
+    assert!(!text(&o).contains(SECRET));
+    // Another agent's view: as the proxy would treat a request carrying a header.
+    let o = lk.cli(&["explain", "--json", "-H", "Origin: https://evil.example", url], &[]);
+    assert_eq!(json(&String::from_utf8_lossy(&o.stdout))["decision"], "pass");
+    let o = lk.cli(&["explain", "--json", "--local", url], &[]);
+    let v = json(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!((v["decision"].as_str(), v["described"].as_str()), (Some("tunnel"), Some("config")), "{v}");
+
+    let o = lk.cli(&["check"], &[]);
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(t.contains(&format!("credentials (as the latchkey running at {addr} has them):")), "{t}");
+    assert!(t.lines().any(|l| l.contains("anthropic") && l.contains(" active ")), "{t}");
+    let o = lk.cli(&["check", "--local"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("credential anthropic is inactive"), "{}", text(&o));
+
+    // env is quiet with an instance, and warns without one.
+    let o = lk.cli(&["env"], &[]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"), "{}", text(&o));
+    let port = lk.port;
+    drop(lk);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), port, Some(up.addr), ANTHROPIC);
+    let o = run(dir.path(), &["env", "--config", path.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("warning: no latchkey with this CA answers at 127.0.0.1:{port}")), "{err}");
+    let o = run(dir.path(), &["explain", "--config", path.to_str().unwrap(), url], &[]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("decided from this shell's config"), "{}", text(&o));
+}

@@ -546,7 +546,7 @@ fn except_paths_keep_credentials_off_minting_endpoints() {
     let passed = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
-        .map(|l| json(l))
+        .map(json)
         .find(|r| r["path"] == "/user/keys")
         .expect("a log line for /user/keys");
     assert_eq!(passed["decision"], "passed", "{passed}");

@@ -38,7 +38,7 @@ const MINTING: &[(&str, &str)] = &[
     ("oauth2.googleapis.com", "/token"),
 ];
 
-pub fn check(config: Option<PathBuf>) -> ExitCode {
+pub fn check(config: Option<PathBuf>, local: bool) -> ExitCode {
     let config = match load_config(config) {
         Ok(c) => c,
         Err(code) => return code,
@@ -52,9 +52,10 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
         return ExitCode::from(2);
     }
     println!("listen: {}   CA: {}", config.proxy.listen, config.ca_cert_path().display());
-    println!("credentials:");
+    let states = States::find(&config, local);
+    println!("credentials {}:", states.described);
     for (rule, cred) in config.policy.credentials.iter().zip(&config.credentials) {
-        let state = match &rule.state {
+        let state = match states.of(&rule.name, &rule.state) {
             CredState::Active => "active".to_string(),
             CredState::Inactive(w) => format!("inactive ({w})"),
             CredState::Failed(w) => format!("FAILED ({w})"),
@@ -69,7 +70,7 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
             cred.source
         );
     }
-    let warnings = warnings(&config);
+    let warnings = warnings(&config, &states);
     for w in &warnings {
         println!("warning: {w}");
     }
@@ -79,10 +80,52 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
     if warnings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
-fn warnings(config: &Config) -> Vec<String> {
+/// Whose view of the credentials `check` reports: the latchkey running with this CA
+/// (it holds the secrets), or this shell's.
+struct States {
+    running: Option<Vec<crate::explain::CredentialState>>,
+    described: String,
+}
+
+impl States {
+    fn find(config: &Config, local: bool) -> States {
+        let addr = config.client_proxy_addr();
+        let running = (!local)
+            .then(|| super::running_instance(config))
+            .flatten()
+            .and_then(|a| super::fetch_local(a, "/latchkey/credentials"))
+            .and_then(|body| serde_json::from_str::<Vec<crate::explain::CredentialState>>(&body).ok());
+        let described = match (&running, local) {
+            (Some(_), _) => format!("(as the latchkey running at {addr} has them)"),
+            (None, true) => "(as this shell's config has them, as asked with --local)".into(),
+            (None, false) => {
+                format!("(as this shell's config has them: no latchkey with this CA answers at {addr})")
+            }
+        };
+        States { running, described }
+    }
+
+    /// A credential's state: the running instance's when there is one.
+    fn of(&self, name: &str, here: &CredState) -> CredState {
+        let Some(list) = &self.running else { return here.clone() };
+        match list.iter().find(|c| c.name == name) {
+            None => CredState::Inactive("not in the running instance's config; reload it".into()),
+            Some(c) => {
+                let why = c.reason.clone().unwrap_or_default();
+                match c.state.as_str() {
+                    "active" => CredState::Active,
+                    "failed" => CredState::Failed(why),
+                    _ => CredState::Inactive(why),
+                }
+            }
+        }
+    }
+}
+
+fn warnings(config: &Config, states: &States) -> Vec<String> {
     let mut out = Vec::new();
     for (rule, cred) in config.policy.credentials.iter().zip(&config.credentials) {
-        match &rule.state {
+        match states.of(&rule.name, &rule.state) {
             CredState::Inactive(why) if !cred.builtin => {
                 out.push(format!("credential {} is inactive: {why}", rule.name))
             }
@@ -104,13 +147,20 @@ fn warnings(config: &Config) -> Vec<String> {
 }
 
 /// Credentials the proxy would inject on a documented minting endpoint.
+/// Every rule counts as if its secret were present: coverage is a property of the
+/// rules, whichever secrets this shell happens to hold.
 fn minting(config: &Config) -> Vec<String> {
     let headers = http::HeaderMap::new();
+    let mut rules = config.policy.credentials.clone();
+    for r in &mut rules {
+        r.state = CredState::Active;
+    }
+    let policy = crate::policy::Policy { credentials: rules, ..Default::default() };
     let mut out = Vec::new();
     for (host, path) in MINTING {
         let dest = Destination::parse_authority(host, Some(443)).expect("static");
         let head = RequestHead { method: "POST", target: path, path, headers: &headers, tls: true };
-        let Decision::Inject { credential, .. } = config.policy.decide(&dest, &head, |_| true) else {
+        let Decision::Inject { credential, .. } = policy.decide(&dest, &head, |_| true) else {
             continue;
         };
         // gcp credentials refuse Google's minting endpoints themselves.
@@ -175,11 +225,11 @@ fn notes(config: &Config) -> Vec<String> {
 mod tests {
     use super::*;
 
-    /// Every built-in provider active (all variables set): none covers a minting
-    /// endpoint; the same rules without their except_paths do.
+    /// No built-in provider covers a minting endpoint; the same rules without their
+    /// except_paths do (whether or not their variables are set here).
     #[test]
     fn builtins_stay_off_minting_endpoints() {
-        let env = |_: &str| Some("set".to_string());
+        let env = |_: &str| None;
         let config = crate::config::compile("", None, &env, &[]).unwrap();
         assert_eq!(minting(&config), Vec::<String>::new());
         let mut bare = crate::config::compile("", None, &env, &[]).unwrap();

@@ -60,6 +60,12 @@ pub fn env(
         Err(code) => return code,
     };
     let active = super::running_active(&config);
+    if active.is_none() {
+        eprintln!(
+            "latchkey: warning: no latchkey with this CA answers at {}; placeholders are for the credentials active in this shell (start the proxy with `latchkey run`)",
+            config.client_proxy_addr()
+        );
+    }
     let vars = client_env(&config, active.as_deref(), proxy_url, ca_path);
     print!("{}", render(&vars, format));
     ExitCode::SUCCESS
