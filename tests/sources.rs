@@ -140,9 +140,9 @@ domains = ["api.example.com"]
 #[test]
 fn value_command_env_never_names_a_secret_variable() {
     let dir = tempfile::tempdir().unwrap();
-    for (var, extra) in [("ANTHROPIC_API_KEY", ""), ("CODER_TOKEN", ""), ("BAD-NAME", "")] {
+    for var in ["ANTHROPIC_API_KEY", "CODER_TOKEN", "BAD-NAME"] {
         let body = format!(
-            "[agents.coder]\ntoken = \"${{CODER_TOKEN}}\"\n\n[credentials.anthropic]\nheader = \"x-api-key\"\nvalue = \"${{ANTHROPIC_API_KEY}}\"\ndomains = [\"api.anthropic.com\"]\n\n[credentials.vault]\nheader = \"x-token\"\nvalue_command = [\"echo\", \"v\"]\nvalue_command_env = [\"{var}\"]\ndomains = [\"api.example.com\"]\n{extra}"
+            "[agents.coder]\ntoken = \"${{CODER_TOKEN}}\"\n\n[credentials.anthropic]\nheader = \"x-api-key\"\nvalue = \"${{ANTHROPIC_API_KEY}}\"\ndomains = [\"api.anthropic.com\"]\n\n[credentials.vault]\nheader = \"x-token\"\nvalue_command = [\"echo\", \"v\"]\nvalue_command_env = [\"{var}\"]\ndomains = [\"api.example.com\"]\n"
         );
         let path = write_config(dir.path(), free_port(), None, &body);
         let o = latchkey_cmd(dir.path(), &[]).args(["check", "--config"]).arg(&path).output().unwrap();
