@@ -72,40 +72,59 @@ pub struct CaOptions<'a> {
 
 impl CertAuthority {
     /// Load the CA from `dir`, creating it when allowed. Refuses a directory or key that
-    /// another user could write or read.
+    /// another user could write or read. Replicas starting together on one empty `dir`
+    /// agree on one CA: creation happens under an exclusive lock on `dir/ca.lock`, and
+    /// every process signs with the pair it then reads back from disk.
     pub fn open(opts: &CaOptions<'_>, provider: Arc<CryptoProvider>) -> Result<Self, CaError> {
         let dir = opts.dir;
         ensure_private_dir(dir)?;
         let key_path = dir.join("ca.key");
         let cert_path = dir.join("ca.crt");
-        let exists = key_path.exists() && cert_path.exists();
-        if !exists || opts.regenerate {
+        // Held until the pair is read (and bundle.pem written): `None` in a read-only dir.
+        let lock = DirLock::exclusive(dir)?;
+        let (has_key, has_cert) = (key_path.exists(), cert_path.exists());
+        if !(has_key && has_cert) || opts.regenerate {
+            if has_key != has_cert && !opts.regenerate {
+                let (there, missing) = if has_key { ("ca.key", "ca.crt") } else { ("ca.crt", "ca.key") };
+                return Err(CaError(format!(
+                    "{} holds {there} but no {missing}; restore it, or replace both with `latchkey ca regenerate` (clients must then trust the new ca.crt)",
+                    dir.display()
+                )));
+            }
             if !opts.generate && !opts.regenerate {
                 return Err(CaError(format!(
                     "no CA in {} and generate_certs = false: create one with `latchkey ca regenerate` or set generate_certs = true",
                     dir.display()
                 )));
             }
+            if lock.is_none() {
+                return Err(CaError(format!(
+                    "ca_dir {} is read-only and holds no CA: create one where it is writable (`latchkey ca regenerate`) and provide ca.crt and ca.key there",
+                    dir.display()
+                )));
+            }
             generate(dir, opts.lifetime_days, &provider)?;
         }
-        let meta = std::fs::metadata(&key_path).map_err(err)?;
-        crate::fsutil::owner_only_writable(&meta)
-            .map_err(|w| CaError(format!("{} {w}", key_path.display())))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(CaError(format!(
-                "{} is readable by other users; run chmod 600 on it",
-                key_path.display()
-            )));
-        }
-        let key_pem = zeroize::Zeroizing::new(std::fs::read_to_string(&key_path).map_err(err)?);
-        let cert_pem = std::fs::read_to_string(&cert_path).map_err(err)?;
+        let (key_pem, cert_pem) = read_pair(&key_path, &cert_path)?;
         let ca_key =
             KeyPair::from_pem(&key_pem).map_err(|e| CaError(format!("{}: {e}", key_path.display())))?;
+        if !pair_matches(&ca_key, &cert_pem) {
+            return Err(CaError(format!(
+                "{} and {} are not one key pair; restore the matching pair, or replace both with `latchkey ca regenerate` (clients must then trust the new ca.crt)",
+                key_path.display(),
+                cert_path.display()
+            )));
+        }
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, ca_key)
             .map_err(|e| CaError(format!("{}: {e}", cert_path.display())))?;
         let ca_not_after =
             ca_not_after(&cert_pem).unwrap_or_else(|| OffsetDateTime::now_utc() + Duration::days(30));
-        write_bundle(dir, &cert_pem)?;
+        match (&lock, write_bundle(dir, &cert_pem)) {
+            (_, Ok(())) => {}
+            (None, Err(e)) => tracing::warn!("read-only ca_dir: {e}; clients need bundle.pem from elsewhere"),
+            (Some(_), Err(e)) => return Err(e),
+        }
+        drop(lock);
 
         let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(err)?;
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
@@ -182,7 +201,9 @@ fn random_serial(provider: &CryptoProvider) -> Result<SerialNumber, CaError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-/// Create (or tighten) a directory only its owner can use.
+/// Create (or tighten) a directory only its owner can use. A directory that cannot be
+/// tightened (read-only) is accepted when nobody else can write it: the key file's own
+/// mode is checked on its own.
 fn ensure_private_dir(dir: &Path) -> Result<(), CaError> {
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(|e| CaError(format!("cannot create {}: {e}", dir.display())))?;
@@ -191,10 +212,77 @@ fn ensure_private_dir(dir: &Path) -> Result<(), CaError> {
     let meta = std::fs::metadata(dir).map_err(err)?;
     crate::fsutil::owner_only_writable(&meta)
         .map_err(|w| CaError(format!("ca_dir {} {w}", dir.display())))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    if meta.permissions().mode() & 0o077 != 0
+        && let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    {
+        tracing::warn!("cannot make ca_dir {} private (mode 0700): {e}", dir.display());
     }
     Ok(())
+}
+
+/// An exclusive `flock` on `<ca_dir>/ca.lock`, released on drop. Replicas (separate
+/// processes, possibly in separate containers sharing the directory) serialise CA
+/// creation on it.
+struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    /// `Ok(None)` when the directory is read-only (nothing can be created there, so
+    /// there is nothing to serialise).
+    fn exclusive(dir: &Path) -> Result<Option<DirLock>, CaError> {
+        use std::os::fd::AsRawFd;
+        let path = dir.join("ca.lock");
+        let file = match std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(CaError(format!("cannot open {}: {e}", path.display()))),
+        };
+        // SAFETY: flock(2) on a descriptor this function owns; blocks until granted.
+        while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(CaError(format!("cannot lock {}: {e}", path.display())));
+            }
+        }
+        Ok(Some(DirLock { _file: file }))
+    }
+}
+
+/// The key (checked: ours, 0600) and the certificate, as PEM.
+fn read_pair(key_path: &Path, cert_path: &Path) -> Result<(zeroize::Zeroizing<String>, String), CaError> {
+    let meta = std::fs::metadata(key_path).map_err(err)?;
+    crate::fsutil::owner_only_writable(&meta).map_err(|w| CaError(format!("{} {w}", key_path.display())))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(CaError(format!(
+            "{} is readable by other users; run chmod 600 on it",
+            key_path.display()
+        )));
+    }
+    let key_pem = zeroize::Zeroizing::new(std::fs::read_to_string(key_path).map_err(err)?);
+    let cert_pem = std::fs::read_to_string(cert_path).map_err(err)?;
+    Ok((key_pem, cert_pem))
+}
+
+/// Does `cert_pem` certify `key`'s public key? A mismatched pair (written by two
+/// processes at once before the lock existed) would sign leaves no client trusts.
+fn pair_matches(key: &KeyPair, cert_pem: &str) -> bool {
+    let Some(Ok(der)) = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).next() else { return false };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else { return false };
+    cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw()
 }
 
 /// Generate a fresh CA: P-256, pathLen 0, written atomically.
@@ -222,7 +310,8 @@ fn generate(dir: &Path, lifetime_days: u32, provider: &CryptoProvider) -> Result
 /// Write via a temporary file created with `mode`, then rename: readers see the old
 /// file or the new one, and a key never exists with looser permissions.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -354,5 +443,42 @@ mod tests {
         let (dir, _) = fresh(&tmp);
         std::fs::set_permissions(dir.join("ca.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(CertAuthority::open(&options(&dir), provider()).unwrap_err().0.contains("chmod 600"));
+    }
+
+    /// Before the lock, two processes could leave one's key beside the other's cert.
+    #[test]
+    fn a_mismatched_or_partial_pair_is_refused_never_overwritten() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, _) = fresh(&tmp);
+        let other = tmp.path().join("other");
+        CertAuthority::open(&options(&other), provider()).unwrap();
+        std::fs::copy(other.join("ca.crt"), dir.join("ca.crt")).unwrap();
+        let e = CertAuthority::open(&options(&dir), provider()).unwrap_err().0;
+        assert!(e.contains("not one key pair"), "{e}");
+        std::fs::remove_file(dir.join("ca.crt")).unwrap();
+        let key = std::fs::read(dir.join("ca.key")).unwrap();
+        let e = CertAuthority::open(&options(&dir), provider()).unwrap_err().0;
+        assert!(e.contains("holds ca.key but no ca.crt"), "{e}");
+        assert_eq!(std::fs::read(dir.join("ca.key")).unwrap(), key, "never overwritten");
+        let opts = CaOptions { regenerate: true, ..options(&dir) };
+        assert!(CertAuthority::open(&opts, provider()).is_ok(), "regenerate replaces both");
+    }
+
+    /// Threads opening their own lock file contend like processes do (flock is per open
+    /// file): all of them end up with the one CA on disk.
+    #[test]
+    fn concurrent_opens_on_an_empty_dir_agree() {
+        for _ in 0..5 {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("ca");
+            let pems: Vec<String> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..6)
+                    .map(|_| s.spawn(|| CertAuthority::open(&options(&dir), provider()).unwrap().cert_pem))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let on_disk = std::fs::read_to_string(dir.join("ca.crt")).unwrap();
+            assert!(pems.iter().all(|p| *p == on_disk));
+        }
     }
 }

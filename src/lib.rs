@@ -8,6 +8,7 @@ pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod explain;
 pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;

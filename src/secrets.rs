@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
@@ -238,54 +239,160 @@ impl SecretValue {
         matches!(self, SecretValue::Static(_))
     }
 
-    /// Every value this source may put on the wire now (for redaction and leak checks).
+    /// Every value this source may have put on the wire (for redaction and leak
+    /// checks): for refreshed sources, the last good one even when it is due.
     pub fn all(&self) -> Vec<Secret> {
         match self {
             SecretValue::Static(s) => vec![s.clone()],
             SecretValue::Dynamic { vars, .. } => vars.values().cloned().collect(),
-            SecretValue::File(f) => f.get().into_iter().collect(),
-            SecretValue::Command(c) => c.get().into_iter().collect(),
+            SecretValue::File(f) => f.state.last_good().into_iter().collect(),
+            SecretValue::Command(c) => c.state.last_good().into_iter().collect(),
         }
+    }
+
+    /// Bring a refreshed source up to date before [`Self::get`] (a `stat` or a command
+    /// on the blocking pool, when due). Never blocks the calling runtime thread.
+    pub async fn ensure(&self) {
+        match self {
+            SecretValue::File(f) => f.ensure().await,
+            SecretValue::Command(c) => c.ensure().await,
+            SecretValue::Static(_) | SecretValue::Dynamic { .. } => {}
+        }
+    }
+}
+
+/// How far ahead of its deadline a cached value is refreshed, so that the request that
+/// refreshed it still finds it valid when the injector reads it a moment later.
+fn refresh_margin(life: Duration) -> Duration {
+    (life / 10).min(Duration::from_secs(1))
+}
+
+/// A cached value and when it was obtained. `None` after a failed read or run: the
+/// credential's requests get 502 until the next attempt succeeds.
+#[derive(Debug)]
+struct Cached {
+    at: Instant,
+    value: Option<Secret>,
+    /// The last value that was ever good, for redaction (rotated values stay masked).
+    last_good: Option<Secret>,
+}
+
+impl Cached {
+    fn new(value: Option<Secret>) -> Self {
+        Cached { at: Instant::now(), last_good: value.clone(), value }
+    }
+
+    fn store(&mut self, value: Option<Secret>) {
+        if value.is_some() {
+            self.last_good = value.clone();
+        }
+        *self = Cached { at: Instant::now(), value, last_good: self.last_good.take() };
+    }
+}
+
+/// The shared part of a refreshed source: a cache that the hot path only reads (a short
+/// std mutex, never held across I/O), and an async lock so that one refresh runs at a
+/// time while other requests wait for it without blocking a runtime thread.
+#[derive(Debug)]
+struct Refreshed {
+    cache: Mutex<Cached>,
+    refreshing: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Refreshed {
+    fn new(value: Option<Secret>) -> Self {
+        Refreshed { cache: Mutex::new(Cached::new(value)), refreshing: Default::default() }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cached> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached value while younger than `life`: no system call, no waiting.
+    fn current(&self, life: Duration) -> Option<Secret> {
+        let c = self.cache();
+        if c.at.elapsed() < life { c.value.clone() } else { None }
+    }
+
+    fn due(&self, life: Duration) -> bool {
+        self.cache().at.elapsed() + refresh_margin(life) >= life
+    }
+
+    /// Run `work` (blocking: a command, a `stat`) on tokio's blocking pool when the cache
+    /// is due. One run at a time; a caller that goes away does not cancel it. `work` is
+    /// told whether a value is cached, and returns the new value, or `None` to keep it.
+    async fn refresh<F>(self: &Arc<Self>, life: Duration, work: F)
+    where
+        F: FnOnce(bool) -> Option<Option<Secret>> + Send + 'static,
+    {
+        if !self.due(life) {
+            return;
+        }
+        let guard = self.refreshing.clone().lock_owned().await;
+        if !self.due(life) {
+            return;
+        }
+        let me = self.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = guard;
+            let has_value = me.cache().value.is_some();
+            let fresh = work(has_value);
+            let mut c = me.cache();
+            match fresh {
+                Some(v) => c.store(v),
+                // Unchanged: only the time of the check moves.
+                None => c.at = Instant::now(),
+            }
+        });
+        let _ = task.await;
+    }
+
+    fn last_good(&self) -> Option<Secret> {
+        self.cache().last_good.clone()
     }
 }
 
 /// A command's output, used for `ttl` and then produced again by running the command.
-/// The request that finds it expired runs the command (other requests wait); a failing
-/// command leaves no value, so requests get 502 instead of a stale secret.
+/// The request that finds it due starts the run on the blocking pool (other requests
+/// wait asynchronously); a failing command leaves no value, so requests get 502 instead
+/// of a stale secret.
 #[derive(Debug)]
 pub struct CommandSecret {
-    argv: Vec<String>,
-    ttl: std::time::Duration,
-    state: Mutex<(std::time::Instant, Option<Secret>)>,
+    spec: Arc<CommandSpec>,
+    env: Arc<Vec<(String, Secret)>>,
+    ttl: Duration,
+    state: Arc<Refreshed>,
 }
 
 impl CommandSecret {
+    /// The output while younger than the TTL; never runs the command.
     pub fn get(&self) -> Option<Secret> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.0.elapsed() >= self.ttl {
-            let run = || match run_command(&self.argv) {
-                Resolved::Ready(SecretValue::Static(s)) => Some(s),
-                _ => None,
-            };
-            // Inside the runtime, tell tokio this worker blocks for a moment.
-            let fresh = match tokio::runtime::Handle::try_current() {
-                Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                    tokio::task::block_in_place(run)
-                }
-                _ => run(),
-            };
-            *state = (std::time::Instant::now(), fresh);
-        }
-        state.1.clone()
+        self.state.current(self.ttl)
+    }
+
+    /// Run the command again if its output is (nearly) due. Off the runtime threads.
+    pub async fn ensure(&self) {
+        let (spec, env) = (self.spec.clone(), self.env.clone());
+        self.state
+            .refresh(self.ttl, move |_| match run_command(&spec, &env) {
+                Resolved::Ready(SecretValue::Static(s)) => Some(Some(s)),
+                _ => Some(None),
+            })
+            .await
     }
 }
+
+/// How long a `value_file` check is trusted: a rotated, removed or unreadable file
+/// takes effect within this time, without a `stat` on every request.
+pub const FILE_RECHECK: Duration = Duration::from_secs(1);
 
 /// A secret file, re-read when its identity (inode, size, mtime) changes. Editors and
 /// Kubernetes replace files by rename, which changes the inode.
 #[derive(Debug)]
 pub struct WatchedFile {
     path: PathBuf,
-    state: Mutex<(Option<FileStamp>, Option<Secret>)>,
+    stamp: Arc<Mutex<Option<FileStamp>>>,
+    state: Arc<Refreshed>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -293,30 +400,51 @@ struct FileStamp {
     ino: u64,
     len: u64,
     mtime: (i64, i64),
+    /// chmod and chown change only this: a file made unreadable is read (and fails) again.
+    ctime: (i64, i64),
 }
 
 impl FileStamp {
     fn of(meta: &std::fs::Metadata) -> Self {
         use std::os::unix::fs::MetadataExt;
-        FileStamp { ino: meta.ino(), len: meta.len(), mtime: (meta.mtime(), meta.mtime_nsec()) }
+        FileStamp {
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
     }
 }
 
 impl WatchedFile {
-    /// The current value: one `stat` per call, a read only when the file changed. A file
-    /// that disappears, turns unreadable or becomes writable by others yields `None`.
+    /// The value as of the last check, when that check is recent (see `FILE_RECHECK`).
+    /// No system call: the check itself happens in [`Self::ensure`].
     pub fn get(&self) -> Option<Secret> {
-        let meta = std::fs::metadata(&self.path).ok()?;
-        let stamp = FileStamp::of(&meta);
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.0 != Some(stamp) {
-            let fresh = match read_file(&self.path) {
-                Resolved::Ready(SecretValue::File(f)) => f.state.lock().ok().and_then(|s| s.1.clone()),
-                _ => None,
-            };
-            *state = (Some(stamp), fresh);
-        }
-        state.1.clone()
+        self.state.current(FILE_RECHECK)
+    }
+
+    /// Check the file (one `stat`, a read only when it changed) on the blocking pool,
+    /// when the last check is (nearly) stale. A file that disappears, turns unreadable
+    /// or becomes writable by others leaves no value.
+    pub async fn ensure(&self) {
+        let (path, stamp) = (self.path.clone(), self.stamp.clone());
+        self.state
+            .refresh(FILE_RECHECK, move |has_value| {
+                let now = std::fs::metadata(&path).ok().map(|m| FileStamp::of(&m));
+                let mut known = stamp.lock().unwrap_or_else(|p| p.into_inner());
+                if now.is_some() && *known == now && has_value {
+                    return None;
+                }
+                *known = now;
+                Some(match now {
+                    None => None,
+                    Some(_) => match read_file_once(&path) {
+                        Resolved::Ready(SecretValue::Static(s)) => Some(s),
+                        _ => None,
+                    },
+                })
+            })
+            .await
     }
 }
 
@@ -343,8 +471,37 @@ fn trimmed(s: String) -> Resolved {
 pub enum Source {
     Value(Template),
     File(PathBuf),
-    /// argv, and how long its output is used before it is run again (None: for ever).
-    Command(Vec<String>, Option<std::time::Duration>),
+    Command(CommandSpec),
+}
+
+/// `value_command`: argv, how long its output is used (None: for ever), and the names
+/// of the variables of latchkey's environment it is given besides the minimal ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandSpec {
+    pub argv: Vec<String>,
+    pub ttl: Option<Duration>,
+    /// `value_command_env`.
+    pub env: Vec<String>,
+}
+
+/// What every `value_command` child gets from latchkey's environment: enough to find
+/// programs and config and to print text, and never a secret latchkey holds.
+pub const COMMAND_BASE_ENV: &[&str] = &["PATH", "HOME", "LANG"];
+
+/// A command that has not finished by then is killed (with its process group) and
+/// counts as failed: a hung secret helper never hangs the credential's requests.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl CommandSpec {
+    /// The child's whole environment, read from `env` now.
+    fn child_env(&self, env: &dyn Fn(&str) -> Option<String>) -> Vec<(String, Secret)> {
+        COMMAND_BASE_ENV
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.env.iter().cloned())
+            .filter_map(|name| env(&name).map(|v| (name, Secret::new(v))))
+            .collect()
+    }
 }
 
 impl Source {
@@ -352,15 +509,21 @@ impl Source {
         match self {
             Source::Value(t) => t.resolve(env, all_vars),
             Source::File(path) => read_file(path),
-            Source::Command(argv, None) => run_command(argv),
-            Source::Command(argv, Some(ttl)) => match run_command(argv) {
-                Resolved::Ready(SecretValue::Static(secret)) => {
-                    let state = Mutex::new((std::time::Instant::now(), Some(secret)));
-                    let cmd = CommandSecret { argv: argv.clone(), ttl: *ttl, state };
-                    Resolved::Ready(SecretValue::Command(Arc::new(cmd)))
+            Source::Command(spec) => {
+                let child_env = spec.child_env(env);
+                match (run_command(spec, &child_env), spec.ttl) {
+                    (Resolved::Ready(SecretValue::Static(secret)), Some(ttl)) => {
+                        let cmd = CommandSecret {
+                            spec: Arc::new(spec.clone()),
+                            env: Arc::new(child_env),
+                            ttl,
+                            state: Arc::new(Refreshed::new(Some(secret))),
+                        };
+                        Resolved::Ready(SecretValue::Command(Arc::new(cmd)))
+                    }
+                    (other, _) => other,
                 }
-                other => other,
-            },
+            }
         }
     }
 
@@ -369,17 +532,23 @@ impl Source {
             Source::Value(t) if t.is_inline() => "inline value".into(),
             Source::Value(t) => format!("env {}", t.variables().join(", ")),
             Source::File(p) => format!("file {}", p.display()),
-            Source::Command(argv, _) => format!("command {}", argv.first().map(String::as_str).unwrap_or("")),
+            Source::Command(spec) => {
+                format!("command {}", spec.argv.first().map(String::as_str).unwrap_or(""))
+            }
         }
     }
 }
 
 fn read_file(path: &Path) -> Resolved {
+    let stamp = std::fs::metadata(path).ok().map(|m| FileStamp::of(&m));
     match read_file_once(path) {
         Resolved::Ready(SecretValue::Static(secret)) => {
-            let stamp = std::fs::metadata(path).ok().map(|m| FileStamp::of(&m));
-            let state = Mutex::new((stamp, Some(secret)));
-            Resolved::Ready(SecretValue::File(Arc::new(WatchedFile { path: path.to_path_buf(), state })))
+            let file = WatchedFile {
+                path: path.to_path_buf(),
+                stamp: Arc::new(Mutex::new(stamp)),
+                state: Arc::new(Refreshed::new(Some(secret))),
+            };
+            Resolved::Ready(SecretValue::File(Arc::new(file)))
         }
         other => other,
     }
@@ -402,17 +571,54 @@ fn read_file_once(path: &Path) -> Resolved {
     }
 }
 
-fn run_command(argv: &[String]) -> Resolved {
-    let Some((prog, args)) = argv.split_first() else {
+/// Run a `value_command` with exactly `env` as its environment (blocking; callers on
+/// the runtime use the blocking pool). Its stdout, trimmed, is the secret.
+fn run_command(spec: &CommandSpec, env: &[(String, Secret)]) -> Resolved {
+    run_command_within(spec, env, COMMAND_TIMEOUT)
+}
+
+fn run_command_within(spec: &CommandSpec, env: &[(String, Secret)], timeout: Duration) -> Resolved {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let Some((prog, args)) = spec.argv.split_first() else {
         return Resolved::Failed("value_command is empty".into());
     };
-    match Command::new(prog).args(args).stdin(std::process::Stdio::null()).output() {
-        Ok(out) if out.status.success() => match String::from_utf8(out.stdout) {
-            Ok(s) => trimmed(s),
+    let mut cmd = Command::new(prog);
+    cmd.args(args).env_clear().stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v.expose());
+    }
+    // Its own process group, so a timeout also kills whatever it started.
+    cmd.process_group(0);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Resolved::Failed(format!("{prog}: {e}")),
+    };
+    let mut stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = Zeroizing::new(Vec::new());
+        let read = stdout.read_to_end(&mut out).map(|_| out);
+        let _ = tx.send(read);
+    });
+    let output = rx.recv_timeout(timeout);
+    if output.is_err() {
+        // SAFETY: kill(2) on the child's process group; the child is not reaped yet.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        let _ = child.wait();
+        return Resolved::Failed(format!("{prog} did not finish within {} ms", timeout.as_millis()));
+    }
+    let status = match child.wait() {
+        Ok(s) => s,
+        Err(e) => return Resolved::Failed(format!("{prog}: {e}")),
+    };
+    match output {
+        Ok(Ok(_)) if !status.success() => Resolved::Failed(format!("{prog} exited with {status}")),
+        Ok(Ok(out)) => match std::str::from_utf8(&out) {
+            Ok(s) => trimmed(s.to_string()),
             Err(_) => Resolved::Failed(format!("{prog} printed non-UTF-8 output")),
         },
-        Ok(out) => Resolved::Failed(format!("{prog} exited with {}", out.status)),
-        Err(e) => Resolved::Failed(format!("{prog}: {e}")),
+        _ => Resolved::Failed(format!("{prog}: cannot read its output")),
     }
 }
 
@@ -545,17 +751,107 @@ mod tests {
         assert!(!format!("{v:?}").contains("hunter2"));
     }
 
+    fn command(argv: &[&str], ttl: Option<u64>, env: &[&str]) -> Source {
+        Source::Command(CommandSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ttl: ttl.map(Duration::from_secs),
+            env: env.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
     #[test]
     fn commands() {
-        let ok = Source::Command(vec!["echo".into(), "tok".into()], None);
+        let ok = command(&["echo", "tok"], None, &[]);
         assert_eq!(ready(ok.resolve(&env, &[])).get(&[]).unwrap().expose(), "tok");
-        assert!(matches!(
-            Source::Command(vec!["false".into()], None).resolve(&env, &[]),
-            Resolved::Failed(_)
-        ));
+        assert!(matches!(command(&["false"], None, &[]).resolve(&env, &[]), Resolved::Failed(_)));
         assert!(matches!(
             Source::File("/nonexistent/latchkey".into()).resolve(&env, &[]),
             Resolved::Missing(_)
         ));
+    }
+
+    /// The child sees PATH, HOME, LANG and what value_command_env names: nothing else.
+    #[test]
+    fn command_children_get_a_minimal_environment() {
+        let full = |name: &str| match name {
+            "PATH" => Some("/usr/bin:/bin".to_string()),
+            "HOME" => Some("/home/me".into()),
+            "VAULT_ADDR" => Some("https://vault".into()),
+            "A" => Some("secret-a".into()),
+            _ => None,
+        };
+        let src = command(&["sh", "-c", "env | sort | tr '\\n' ' '"], None, &["VAULT_ADDR"]);
+        let out = ready(src.resolve(&full, &[])).get(&[]).unwrap();
+        let vars: Vec<&str> = out
+            .expose()
+            .split_whitespace()
+            .map(|kv| kv.split('=').next().unwrap())
+            .filter(|k| !["PWD", "SHLVL", "_"].contains(k))
+            .collect();
+        assert_eq!(vars, ["HOME", "PATH", "VAULT_ADDR"], "{}", out.expose());
+        assert!(!out.expose().contains("secret-a"));
+    }
+
+    #[test]
+    fn a_hung_command_is_killed() {
+        let spec = CommandSpec { argv: vec!["sleep".into(), "60".into()], ttl: None, env: vec![] };
+        let started = Instant::now();
+        // A short timeout for the test: the same code path as COMMAND_TIMEOUT.
+        let r = run_command_within(&spec, &[], Duration::from_millis(200));
+        assert!(matches!(r, Resolved::Failed(ref why) if why.contains("did not finish")), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    fn age(state: &Refreshed, by: Duration) {
+        let mut c = state.cache();
+        c.at = c.at.checked_sub(by).unwrap();
+    }
+
+    /// The hot path reads the cache only: a file removed after the last check is not
+    /// noticed by `get` (no stat), and is by the next `ensure` once the check is due.
+    #[tokio::test]
+    async fn file_checks_happen_in_ensure_not_in_get() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tok");
+        std::fs::write(&path, "v1\n").unwrap();
+        let SecretValue::File(f) = ready(Source::File(path.clone()).resolve(&env, &[])) else { panic!() };
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(f.get().unwrap().expose(), "v1", "get makes no system call");
+        f.ensure().await;
+        assert_eq!(f.get().unwrap().expose(), "v1", "the last check is recent: not due");
+        age(&f.state, FILE_RECHECK);
+        assert!(f.get().is_none(), "a check older than FILE_RECHECK is never trusted");
+        f.ensure().await;
+        assert!(f.get().is_none(), "removed: no value (502), never the stale one");
+        assert_eq!(SecretValue::File(f.clone()).all()[0].expose(), "v1", "still masked");
+        std::fs::write(&path, "v2\n").unwrap();
+        age(&f.state, FILE_RECHECK);
+        f.ensure().await;
+        assert_eq!(f.get().unwrap().expose(), "v2");
+    }
+
+    /// Many requests find the output due at once: the command runs once, on the
+    /// blocking pool, and every one of them gets the new value.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_command_run_for_many_waiters() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("runs");
+        let script = format!("echo run >> {}; sleep 0.3; echo tok", log.display());
+        let src = command(&["sh", "-c", &script], Some(60), &[]);
+        let SecretValue::Command(c) = ready(src.resolve(&env, &[])) else { panic!() };
+        age(&c.state, Duration::from_secs(60));
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    c.ensure().await;
+                    c.get().map(|s| s.expose().to_string())
+                })
+            })
+            .collect();
+        for w in waiters {
+            assert_eq!(w.await.unwrap().as_deref(), Some("tok"));
+        }
+        assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 2, "load + one refresh");
     }
 }

@@ -129,3 +129,45 @@ fn env_and_exec_take_an_agent() {
     let o = lk.cli(&["env", "--agent", "nobody"], ENV);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// `exec --agent reader` in a shell that also holds coder's token (its variable, and a
+/// proxy URL carrying it under a name latchkey does not set): the child gets reader's
+/// token only, inside the proxy URL, and cannot act as coder.
+#[test]
+fn exec_as_one_agent_never_hands_over_another_agents_token() {
+    let (up, lk, _) = start();
+    let mut env = ENV.to_vec();
+    let coder_url = format!("http://coder:coder-token-123@127.0.0.1:{}", lk.port);
+    env.push(("ALL_PROXY", &coder_url));
+    env.push(("MY_COPY", "coder-token-123"));
+    let o = latchkey_cmd(lk.dir.path(), &env)
+        .args(["exec", "--agent", "reader", "--config"])
+        .arg(&lk.config_path)
+        .args(["--", "env"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let child = String::from_utf8_lossy(&o.stdout);
+    assert!(!child.contains("coder-token-123"), "coder's token reached reader's child: {child}");
+    for line in child.lines().filter(|l| l.contains("reader-tok")) {
+        let name = line.split('=').next().unwrap();
+        assert!(
+            name.to_ascii_uppercase().ends_with("_PROXY"),
+            "reader's token outside the proxy URL: {line}"
+        );
+    }
+    assert!(
+        child.contains(&format!("HTTPS_PROXY=http://reader:reader-tok@127.0.0.1:{}", lk.port)),
+        "{child}"
+    );
+    // Through the child's own environment, only reader's credentials are reachable.
+    let script = "curl -sS -o /dev/null -w '%{http_code}' https://api.anthropic.com/v1/messages";
+    let o = latchkey_cmd(lk.dir.path(), &env)
+        .args(["exec", "--agent", "reader", "--config"])
+        .arg(&lk.config_path)
+        .args(["--", "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert_ne!(String::from_utf8_lossy(&o.stdout), "200", "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(up.count(), 0);
+}

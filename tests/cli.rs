@@ -30,7 +30,8 @@ fn config_errors_exit_2_with_file_line_and_key() {
     let t = text(&o);
     assert!(t.contains(&format!("{}:", path.display())), "{t}");
     assert!(
-        t.contains("`proxy.filters.alowlist_only`") && t.contains("did you mean `allowlist_only`"),
+        t.contains(": proxy.filters.alowlist_only: unknown key")
+            && t.contains("did you mean `allowlist_only`"),
         "{t}"
     );
     // run refuses before listening.
@@ -45,6 +46,47 @@ fn config_errors_exit_2_with_file_line_and_key() {
     // Missing explicit config.
     let o = run(dir.path(), &["check", "--config", "/nonexistent/latchkey.toml"], &[]);
     assert_eq!(o.status.code(), Some(2));
+}
+
+/// A TOML syntax error names the key it is in: file:line:column: table.key: message.
+#[test]
+fn syntax_errors_name_file_line_column_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let src = "[proxy]\nport = 3128\n\n# Claude\n\n[credentials.anthropic]\nheader = \"x-api-key\"\nvalue = \"${ANTHROPIC_API_KEY\ndomains = [\"api.anthropic.com\"]\n";
+    std::fs::write(&path, src).unwrap();
+    set_mode(&path, 0o600);
+    for cmd in ["check", "run"] {
+        let o = run(dir.path(), &[cmd, "--config", path.to_str().unwrap()], &[]);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        let want = format!("latchkey: config error: {}:8:29: credentials.anthropic.value: ", path.display());
+        assert!(String::from_utf8_lossy(&o.stderr).starts_with(&want), "{}", text(&o));
+    }
+}
+
+/// `run` on a fresh machine: the active credentials, then one line for the built-in
+/// providers whose variables are unset, not one line each.
+#[test]
+fn run_summarises_inactive_builtin_providers_in_one_line() {
+    let summary = |lk: &Latchkey| -> (usize, String) {
+        let log = lk.stderr();
+        let line = log.lines().find(|l| l.contains("built-in providers inactive")).unwrap_or_default();
+        let n =
+            line.split(" built-in").next().and_then(|h| h.rsplit(' ').next()).and_then(|n| n.parse().ok());
+        (n.unwrap_or(0), log)
+    };
+    let lk = Latchkey::start(None, "", &[]);
+    let (none_set, log) = summary(&lk);
+    assert!(log.contains(&format!(
+        "{none_set} built-in providers inactive (set their variables to enable them; latchkey providers)"
+    )));
+    assert!(none_set >= 15, "{log}");
+    assert!(!log.contains("inactive:"), "no line per provider: {log}");
+    let lk = Latchkey::start(None, "", &[("ANTHROPIC_API_KEY", SECRET)]);
+    let (one_set, log) = summary(&lk);
+    assert_eq!(one_set, none_set - 1, "{log}");
+    assert!(log.contains("credential anthropic active (env ANTHROPIC_API_KEY)"), "{log}");
+    assert!(!log.contains(SECRET));
 }
 
 #[test]
@@ -248,7 +290,8 @@ fn ca_files_modes_and_commands() {
 #[test]
 fn providers_lists_the_builtin_table() {
     let dir = tempfile::tempdir().unwrap();
-    let o = run(dir.path(), &["providers"], &[]);
+    let env = [("ANTHROPIC_API_KEY", SECRET), ("PAGERDUTY_TOKEN", "pd-REAL"), ("GH_TOKEN", "ghp_REAL")];
+    let o = run(dir.path(), &["providers"], &env);
     let t = String::from_utf8_lossy(&o.stdout);
     for want in [
         "anthropic",
@@ -256,9 +299,18 @@ fn providers_lists_the_builtin_table() {
         "OPENAI_API_KEY,CODEX_API_KEY",
         "github_git",
         "raw.githubusercontent.com",
+        // Where each writes its secret: slots and prefixes, as templates.
+        "x-api-key | Authorization: Bearer ",
+        " api-key ",
+        " x-goog-api-key ",
+        "Authorization: Token token= ",
+        "Authorization: Basic base64(x-access-token:…)",
     ] {
         assert!(t.contains(want), "{want}: {t}");
     }
+    assert!(!t.contains(SECRET) && !t.contains("pd-REAL") && !t.contains("ghp_REAL"), "{t}");
+    let header_only = t.lines().filter(|l| l.split_whitespace().nth(2) == Some("header")).count();
+    assert_eq!(header_only, 0, "no provider is shown as just \"header\": {t}");
 }
 
 #[test]
@@ -358,4 +410,238 @@ mod sha2_free {
         let out = c.wait_with_output().unwrap();
         String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
     }
+}
+
+/// Does ca.key hold the key ca.crt certifies?
+fn ca_pair_matches(ca_dir: &std::path::Path) -> bool {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).unwrap()).unwrap();
+    let der = CertificateDer::from_pem_file(ca_dir.join("ca.crt")).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw()
+}
+
+/// curl through the proxy on `port`, trusting only `ca` (no public roots, no bundle).
+fn curl_trusting(port: u16, ca: &std::path::Path, url: &str) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"])
+        .args(["-x", &format!("http://127.0.0.1:{port}"), "--cacert"])
+        .arg(ca)
+        .arg(url)
+        .output()
+        .unwrap();
+    parse_curl(out)
+}
+
+fn wait_listening(port: u16, child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "a replica exited");
+        assert!(std::time::Instant::now() < deadline, "replica on {port} did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Replicas started at the same moment on one empty ca_dir: exactly one CA pair ends
+/// up on disk, and every replica's leaves chain to that ca.crt.
+#[test]
+fn replicas_starting_together_share_one_ca() {
+    let up = upstream(true, None);
+    let body =
+        "[credentials.x]\nheader = \"x-token\"\nvalue = \"${X_TOKEN}\"\ndomains = [\"api.example.com\"]\n";
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), free_port(), Some(up.addr), body);
+        let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+        let mut replicas: Vec<std::process::Child> = ports
+            .iter()
+            .map(|port| {
+                latchkey_cmd(dir.path(), &[("X_TOKEN", "x-REAL")])
+                    .args(["run", "--port", &port.to_string(), "--config"])
+                    .arg(&config)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for (port, child) in ports.iter().zip(&mut replicas) {
+            wait_listening(*port, child);
+        }
+        let ca = dir.path().join("ca");
+        assert!(ca_pair_matches(&ca), "round {round}: ca.key and ca.crt are not one pair");
+        let mut names: Vec<String> =
+            std::fs::read_dir(&ca).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names.retain(|n| n != "latchkey.pid");
+        assert_eq!(names, ["bundle.pem", "ca.crt", "ca.key", "ca.lock"], "round {round}");
+        for port in &ports {
+            let (code, body) = curl_trusting(*port, &ca.join("ca.crt"), "https://api.example.com/");
+            assert_eq!(code, 200, "round {round}, replica on {port}: {body}");
+            assert_eq!(echoed(&body, "x-token"), ["x-REAL"]);
+        }
+        for mut child in replicas {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `latchkey ARGS` with `dir` read-only for it: a read-only bind mount in a private
+/// mount namespace as root (root ignores permission bits), mode 0500 otherwise.
+fn read_only(dir: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let home = dir.parent().unwrap();
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        set_mode(dir, 0o500);
+        let mut c = latchkey_cmd(home, &[]);
+        c.args(args);
+        return c;
+    }
+    let d = dir.display();
+    let script = format!("mount --bind '{d}' '{d}' && mount -o remount,bind,ro '{d}' && exec \"$0\" \"$@\"");
+    let mut c = std::process::Command::new("unshare");
+    c.args(["-m", "sh", "-c", &script, bin()]).args(args);
+    c.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("HOME", home);
+    c
+}
+
+/// A read-only ca_dir must already hold a CA: a clear error otherwise; with one, the
+/// proxy runs and signs with it.
+#[test]
+fn a_read_only_ca_dir_must_hold_a_ca() {
+    let probe = std::process::Command::new("unshare").args(["-m", "true"]).status();
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(
+            probe.is_ok_and(|s| s.success()),
+            "this test needs `unshare -m` (util-linux) and mount rights when run as root"
+        );
+    }
+    let up = upstream(true, None);
+    let body = "[credentials.x]\nheader = \"x-token\"\nvalue = \"x-REAL\"\ndomains = [\"api.example.com\"]\n";
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, Some(up.addr), body);
+    let ca = dir.path().join("ca");
+    std::fs::create_dir(&ca).unwrap();
+    set_mode(&ca, 0o700);
+    let cfg = config.to_str().unwrap();
+    let o = read_only(&ca, &["run", "--config", cfg]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("is read-only and holds no CA"), "{}", text(&o));
+
+    set_mode(&ca, 0o700);
+    let o = run(dir.path(), &["ca", "export", "--config", cfg], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut child = read_only(&ca, &["run", "--config", cfg])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(port, &mut child);
+    let (code, body) = curl_trusting(port, &ca.join("ca.crt"), "https://api.example.com/");
+    let _ = child.kill();
+    let _ = child.wait();
+    set_mode(&ca, 0o700);
+    assert_eq!(code, 200, "{body}");
+}
+
+/// Every flag and argument of every command is described in --help.
+#[test]
+fn help_describes_every_flag_of_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let commands: &[&[&str]] = &[
+        &[],
+        &["run"],
+        &["reload"],
+        &["exec"],
+        &["env"],
+        &["explain"],
+        &["check"],
+        &["ca"],
+        &["ca", "path"],
+        &["ca", "export"],
+        &["ca", "regenerate"],
+        &["providers"],
+        &["audit"],
+        &["audit", "verify"],
+    ];
+    for cmd in commands {
+        let o = run(dir.path(), &[cmd, &["--help"][..]].concat(), &[]);
+        let t = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{cmd:?}: {}", text(&o));
+        let lines: Vec<&str> = t.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let spec = line.trim_start();
+            let indent = line.len() - spec.len();
+            if !(2..=6).contains(&indent) || !(spec.starts_with('-') || spec.starts_with('<')) {
+                continue;
+            }
+            // Short help: "  --flag <V>  Description"; long help: the description on
+            // the next, deeper-indented line.
+            let inline = spec.split_once("  ").is_some_and(|(_, rest)| !rest.trim().is_empty());
+            let below = lines.get(i + 1).is_some_and(|n| {
+                let d = n.trim_start();
+                !d.is_empty() && n.len() - d.len() > indent + 2
+            });
+            assert!(inline || below, "`latchkey {}`: undescribed: {line:?}\n{t}", cmd.join(" "));
+        }
+    }
+}
+
+const ANTHROPIC: &str = "[credentials.anthropic]\nheader = \"x-api-key\"\nvalue = \"${ANTHROPIC_API_KEY}\"\ndomains = [\"api.anthropic.com\"]\n";
+
+/// In the agent's shell (no secrets), explain and check describe the running instance
+/// (which holds them), and say so; --local, or no instance, describes this shell.
+#[test]
+fn explain_and_check_describe_the_running_instance() {
+    let up = upstream(true, None);
+    let url = "https://api.anthropic.com/v1/messages";
+    let lk = Latchkey::start(Some(&up), ANTHROPIC, &[("ANTHROPIC_API_KEY", SECRET)]);
+    let addr = format!("127.0.0.1:{}", lk.port);
+    let o = lk.cli(&["explain", "--json", url], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v = json(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(v["decision"], "inject", "{v}");
+    assert_eq!(v["credential"], "anthropic");
+    assert_eq!(v["inject"], serde_json::json!([{"header": "x-api-key"}]));
+    assert_eq!((v["described"].as_str(), v["instance"].as_str()), (Some("running"), Some(addr.as_str())));
+    let o = lk.cli(&["explain", url], &[]);
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        t.starts_with("inject:") && t.contains(&format!("(decided by the latchkey running at {addr})")),
+        "{t}"
+    );
+    assert!(!text(&o).contains(SECRET));
+    // Another agent's view: as the proxy would treat a request carrying a header.
+    let o = lk.cli(&["explain", "--json", "-H", "Origin: https://evil.example", url], &[]);
+    assert_eq!(json(&String::from_utf8_lossy(&o.stdout))["decision"], "pass");
+    let o = lk.cli(&["explain", "--json", "--local", url], &[]);
+    let v = json(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!((v["decision"].as_str(), v["described"].as_str()), (Some("tunnel"), Some("config")), "{v}");
+
+    let o = lk.cli(&["check"], &[]);
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(t.contains(&format!("credentials (as the latchkey running at {addr} has them):")), "{t}");
+    assert!(t.lines().any(|l| l.contains("anthropic") && l.contains(" active ")), "{t}");
+    let o = lk.cli(&["check", "--local"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("credential anthropic is inactive"), "{}", text(&o));
+
+    // env is quiet with an instance, and warns without one.
+    let o = lk.cli(&["env"], &[]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"), "{}", text(&o));
+    let port = lk.port;
+    drop(lk);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), port, Some(up.addr), ANTHROPIC);
+    let o = run(dir.path(), &["env", "--config", path.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("warning: no latchkey with this CA answers at 127.0.0.1:{port}")), "{err}");
+    let o = run(dir.path(), &["explain", "--config", path.to_str().unwrap(), url], &[]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("decided from this shell's config"), "{}", text(&o));
 }

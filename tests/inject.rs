@@ -336,7 +336,7 @@ fn upstream_connections_are_pooled_across_clients() {
 }
 
 #[test]
-fn value_file_rotation_applies_to_the_next_request() {
+fn value_file_rotation_applies_within_a_second() {
     let up = upstream(true, None);
     let secrets = tempfile::tempdir().unwrap();
     let file = secrets.path().join("token");
@@ -350,21 +350,26 @@ fn value_file_rotation_applies_to_the_next_request() {
     let lk = Latchkey::start(Some(&up), &cfg, &[]);
     let (_, body) = lk.curl(&["https://api.example.com/"]);
     assert_eq!(echoed(&body, "x-token"), ["first-secret"]);
+    // The file is looked at (off the request path) once its last check is a second old.
+    let recheck = || std::thread::sleep(std::time::Duration::from_millis(1100));
     // Rotate by rename, as editors and Kubernetes do.
     let tmp = secrets.path().join("token.new");
     std::fs::write(&tmp, "second-secret\n").unwrap();
     set_mode(&tmp, 0o600);
     std::fs::rename(&tmp, &file).unwrap();
+    recheck();
     let (_, body) = lk.curl(&["https://api.example.com/"]);
     assert_eq!(echoed(&body, "x-token"), ["second-secret"]);
     let (_, body) = lk.curl(&["https://other.example.com/"]);
     assert_eq!(echoed(&body, "authorization"), [format!("Basic {}", base64_encode("bot:second-secret"))]);
     // In place, same length.
     std::fs::write(&file, "third--secret\n").unwrap();
+    recheck();
     let (_, body) = lk.curl(&["https://api.example.com/"]);
     assert_eq!(echoed(&body, "x-token"), ["third--secret"]);
     // Gone: the credential fails closed (502), nothing is forwarded without it.
     std::fs::remove_file(&file).unwrap();
+    recheck();
     let before = up.count();
     let (code, body) = lk.curl(&["https://api.example.com/"]);
     assert_eq!(code, 502, "{body}");
@@ -546,4 +551,79 @@ fn the_secrets_directory_convention_backs_unset_variables() {
     assert_eq!(echoed(&body, "x-api-key"), ["sk-ant-FROMFILE"]);
     let (_, body) = lk.curl(&["https://api.github.com/user"]);
     assert_eq!(echoed(&body, "authorization"), ["Bearer ghp_FROMFILE"]);
+}
+
+/// The built-in GitHub provider stays off GitHub's credential-minting endpoints
+/// (`except_paths`), however the path is written; the rest of the API gets the token.
+/// The request passes without it (logged `passed`), or gets 403 when the credential
+/// requires its placeholder.
+#[test]
+fn except_paths_keep_credentials_off_minting_endpoints() {
+    let up = upstream(true, None);
+    let log = tempfile::tempdir().unwrap().keep().join("requests.log");
+    let cfg = format!("[proxy.logging]\nlog_requests = true\nlog_file = \"{}\"\n#END-PROXY\n", log.display());
+    let lk = Latchkey::start(Some(&up), &cfg, &[("GH_TOKEN", "ghp_REAL"), ("GITLAB_TOKEN", "glpat-REAL")]);
+    let post = |url: &str| lk.curl(&["-X", "POST", "-H", "Authorization: Bearer latchkey-github", url]);
+    for path in [
+        "/user/keys",
+        "/user/gpg_keys",
+        "/repos/octo/hello/keys",
+        "/app/installations/42/access_tokens",
+        "/authorizations",
+        "/repos/octo/hello/actions/runners/registration-token",
+        "/orgs/octo/actions/runners/registration-token",
+        // Written the ways servers normalise away.
+        "/user//keys/",
+        "/USER/Keys",
+        "/user/%6beys",
+        "/user/keys;x=1",
+        "/repos/octo/x/../hello/keys",
+    ] {
+        let (code, body) = post(&format!("https://api.github.com{path}"));
+        assert_eq!(code, 200, "{path}: {body}");
+        assert_eq!(echoed(&body, "authorization"), ["Bearer latchkey-github"], "{path}: placeholder only");
+    }
+    for path in ["/user", "/user/keys/7", "/repos/octo/hello/branches/feature%2Fkeys"] {
+        let (_, body) = lk.curl(&[&format!("https://api.github.com{path}")]);
+        assert_eq!(echoed(&body, "authorization"), ["Bearer ghp_REAL"], "{path}");
+    }
+    // GitLab: the API credential's except_paths also keep the git one (basic) off.
+    let (_, body) = lk.curl(&["-X", "POST", "https://gitlab.com/api/v4/user/personal_access_tokens"]);
+    assert!(echoed(&body, "authorization").is_empty() && echoed(&body, "private-token").is_empty(), "{body}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let passed = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(json)
+        .find(|r| r["path"] == "/user/keys")
+        .expect("a log line for /user/keys");
+    assert_eq!(passed["decision"], "passed", "{passed}");
+    assert!(passed["reason"].as_str().unwrap().contains("except_paths"), "{passed}");
+    // Nothing to warn about in an unmodified provider table.
+    let o = lk.cli(&["check"], &[("GH_TOKEN", "ghp_REAL"), ("GITLAB_TOKEN", "glpat-REAL")]);
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(!t.contains("mints new credentials"), "{t}");
+
+    // A credential that requires its placeholder refuses the path instead.
+    let cfg = "[credentials.gh]\nauth_type = \"bearer\"\nvalue = \"${GH_TOKEN}\"\ndomains = [\"api.github.com\"]\nrequire_placeholder = true\nexcept_paths = [\"/user/keys\", \"/repos/*/*/keys\"]\n";
+    let lk = Latchkey::start(Some(&up), cfg, &[("GH_TOKEN", "ghp_REAL")]);
+    let before = up.count();
+    let (code, body) = lk.curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Authorization: Bearer latchkey-gh",
+        "https://api.github.com/repos/a/b/keys",
+    ]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.starts_with("latchkey: credential gh is never sent to this path"), "{body}");
+    assert_eq!(up.count(), before);
+    let (_, body) = lk.curl(&["-H", "Authorization: Bearer latchkey-gh", "https://api.github.com/user"]);
+    assert_eq!(echoed(&body, "authorization"), ["Bearer ghp_REAL"]);
+    let o = lk.cli(&["check"], &[("GH_TOKEN", "ghp_REAL")]);
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        t.contains("credential gh covers api.github.com/user/gpg_keys"),
+        "a user rule without it warns: {t}"
+    );
 }

@@ -5,20 +5,40 @@ use std::process::ExitCode;
 
 use super::load_config;
 use crate::config::Config;
-use crate::policy::{CredState, Destination, RequestHead};
+use crate::policy::{CredState, Decision, Destination, RequestHead};
 
-/// Documented endpoints that mint new credentials: use there turns into read.
+/// Documented endpoints that mint new credentials (one example request each): a
+/// credential injected there turns use into read. The built-in providers keep off them
+/// with `except_paths`, so `check` is quiet for an unmodified provider table.
 const MINTING: &[(&str, &str)] = &[
-    ("api.github.com", "/app/installations/1/access_tokens"),
     ("api.github.com", "/user/keys"),
+    ("api.github.com", "/user/gpg_keys"),
+    ("api.github.com", "/repos/o/r/keys"),
+    ("api.github.com", "/app/installations/1/access_tokens"),
     ("api.github.com", "/authorizations"),
+    ("api.github.com", "/repos/o/r/actions/runners/registration-token"),
+    ("api.github.com", "/orgs/o/actions/runners/registration-token"),
+    ("api.github.com", "/repos/o/r/actions/runners/generate-jitconfig"),
+    ("api.openai.com", "/v1/organization/admin_api_keys"),
+    ("api.openai.com", "/v1/organization/projects/p/service_accounts"),
+    ("api.openai.com", "/v1/organization/projects/p/service_accounts/s/api_keys"),
+    ("api.openai.com", "/v1/realtime/client_secrets"),
+    ("gitlab.com", "/api/v4/user/personal_access_tokens"),
+    ("gitlab.com", "/api/v4/projects/1/access_tokens"),
+    ("gitlab.com", "/api/v4/groups/1/deploy_tokens"),
+    ("gitlab.com", "/api/v4/user/keys"),
+    ("gitlab.com", "/api/v4/user/runners"),
+    ("generativelanguage.googleapis.com", "/v1alpha/auth_tokens"),
+    ("huggingface.co", "/oauth/token"),
+    ("openrouter.ai", "/api/v1/keys"),
+    ("sentry.io", "/api/0/sentry-app-installations/i/authorizations"),
     ("sts.amazonaws.com", "/"),
     ("sts.googleapis.com", "/v1/token"),
     ("iamcredentials.googleapis.com", "/v1/projects/-/serviceAccounts/x:generateAccessToken"),
     ("oauth2.googleapis.com", "/token"),
 ];
 
-pub fn check(config: Option<PathBuf>) -> ExitCode {
+pub fn check(config: Option<PathBuf>, local: bool) -> ExitCode {
     let config = match load_config(config) {
         Ok(c) => c,
         Err(code) => return code,
@@ -32,9 +52,10 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
         return ExitCode::from(2);
     }
     println!("listen: {}   CA: {}", config.proxy.listen, config.ca_cert_path().display());
-    println!("credentials:");
+    let states = States::find(&config, local);
+    println!("credentials {}:", states.described);
     for (rule, cred) in config.policy.credentials.iter().zip(&config.credentials) {
-        let state = match &rule.state {
+        let state = match states.of(&rule.name, &rule.state) {
             CredState::Active => "active".to_string(),
             CredState::Inactive(w) => format!("inactive ({w})"),
             CredState::Failed(w) => format!("FAILED ({w})"),
@@ -49,7 +70,7 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
             cred.source
         );
     }
-    let warnings = warnings(&config);
+    let warnings = warnings(&config, &states);
     for w in &warnings {
         println!("warning: {w}");
     }
@@ -59,10 +80,52 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
     if warnings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
-fn warnings(config: &Config) -> Vec<String> {
+/// Whose view of the credentials `check` reports: the latchkey running with this CA
+/// (it holds the secrets), or this shell's.
+struct States {
+    running: Option<Vec<crate::explain::CredentialState>>,
+    described: String,
+}
+
+impl States {
+    fn find(config: &Config, local: bool) -> States {
+        let addr = config.client_proxy_addr();
+        let running = (!local)
+            .then(|| super::running_instance(config))
+            .flatten()
+            .and_then(|a| super::fetch_local(a, "/latchkey/credentials"))
+            .and_then(|body| serde_json::from_str::<Vec<crate::explain::CredentialState>>(&body).ok());
+        let described = match (&running, local) {
+            (Some(_), _) => format!("(as the latchkey running at {addr} has them)"),
+            (None, true) => "(as this shell's config has them, as asked with --local)".into(),
+            (None, false) => {
+                format!("(as this shell's config has them: no latchkey with this CA answers at {addr})")
+            }
+        };
+        States { running, described }
+    }
+
+    /// A credential's state: the running instance's when there is one.
+    fn of(&self, name: &str, here: &CredState) -> CredState {
+        let Some(list) = &self.running else { return here.clone() };
+        match list.iter().find(|c| c.name == name) {
+            None => CredState::Inactive("not in the running instance's config; reload it".into()),
+            Some(c) => {
+                let why = c.reason.clone().unwrap_or_default();
+                match c.state.as_str() {
+                    "active" => CredState::Active,
+                    "failed" => CredState::Failed(why),
+                    _ => CredState::Inactive(why),
+                }
+            }
+        }
+    }
+}
+
+fn warnings(config: &Config, states: &States) -> Vec<String> {
     let mut out = Vec::new();
     for (rule, cred) in config.policy.credentials.iter().zip(&config.credentials) {
-        match &rule.state {
+        match states.of(&rule.name, &rule.state) {
             CredState::Inactive(why) if !cred.builtin => {
                 out.push(format!("credential {} is inactive: {why}", rule.name))
             }
@@ -79,19 +142,35 @@ fn warnings(config: &Config) -> Vec<String> {
         }
     }
     out.extend(ties(config));
+    out.extend(minting(config));
+    out
+}
+
+/// Credentials the proxy would inject on a documented minting endpoint.
+/// Every rule counts as if its secret were present: coverage is a property of the
+/// rules, whichever secrets this shell happens to hold.
+fn minting(config: &Config) -> Vec<String> {
     let headers = http::HeaderMap::new();
+    let mut rules = config.policy.credentials.clone();
+    for r in &mut rules {
+        r.state = CredState::Active;
+    }
+    let policy = crate::policy::Policy { credentials: rules, ..Default::default() };
+    let mut out = Vec::new();
     for (host, path) in MINTING {
         let dest = Destination::parse_authority(host, Some(443)).expect("static");
         let head = RequestHead { method: "POST", target: path, path, headers: &headers, tls: true };
+        let Decision::Inject { credential, .. } = policy.decide(&dest, &head, |_| true) else {
+            continue;
+        };
         // gcp credentials refuse Google's minting endpoints themselves.
-        if let Some(i) =
-            config.policy.winner(&dest, &head).filter(|i| config.credentials[*i].auth_type != "gcp")
-        {
-            out.push(format!(
-                "credential {} covers {host}{path}, which mints new credentials (use becomes read); scope it with `paths`",
-                config.policy.credentials[i].name
-            ));
+        if config.credentials[credential].auth_type == "gcp" {
+            continue;
         }
+        out.push(format!(
+            "credential {} covers {host}{path}, which mints new credentials (use becomes read); scope it with `paths` or `except_paths`",
+            config.policy.credentials[credential].name
+        ));
     }
     out
 }
@@ -140,4 +219,29 @@ fn notes(config: &Config) -> Vec<String> {
         out.push(format!("variables available to regex captures: {}", config.capture_variables.join(", ")));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No built-in provider covers a minting endpoint; the same rules without their
+    /// except_paths do (whether or not their variables are set here).
+    #[test]
+    fn builtins_stay_off_minting_endpoints() {
+        let env = |_: &str| None;
+        let config = crate::config::compile("", None, &env, &[]).unwrap();
+        assert_eq!(minting(&config), Vec::<String>::new());
+        let mut bare = crate::config::compile("", None, &env, &[]).unwrap();
+        for rule in &mut bare.policy.credentials {
+            rule.except_paths.clear();
+        }
+        let warned = minting(&bare);
+        for name in ["github ", "openai ", "gitlab ", "gemini ", "huggingface ", "openrouter ", "sentry "] {
+            assert!(
+                warned.iter().any(|w| w.starts_with(&format!("credential {name}"))),
+                "{name}: {warned:?}"
+            );
+        }
+    }
 }

@@ -60,6 +60,12 @@ pub fn env(
         Err(code) => return code,
     };
     let active = super::running_active(&config);
+    if active.is_none() {
+        eprintln!(
+            "latchkey: warning: no latchkey with this CA answers at {}; placeholders are for the credentials active in this shell (start the proxy with `latchkey run`)",
+            config.client_proxy_addr()
+        );
+    }
     let vars = client_env(&config, active.as_deref(), proxy_url, ca_path);
     print!("{}", render(&vars, format));
     ExitCode::SUCCESS
@@ -190,9 +196,16 @@ fn git_rewrites(config: &Config) -> Vec<(String, String)> {
 }
 
 /// Variables `exec` removes from the child: everything a credential source or a
-/// built-in provider reads, and credential-file pointers.
+/// built-in provider reads, what value_commands are given, every agent's token variable
+/// (the chosen agent's token reaches the child only inside the proxy URL), and
+/// credential-file pointers.
 pub fn scrub_list(config: &Config) -> Vec<String> {
-    let mut reads: Vec<String> = config.credentials.iter().flat_map(|c| c.reads.clone()).collect();
+    let mut reads: Vec<String> = config
+        .credentials
+        .iter()
+        .flat_map(|c| c.reads.iter().chain(&c.command_env).cloned())
+        .chain(config.agents.iter().flat_map(|a| a.reads.clone()))
+        .collect();
     for (_, p) in crate::config::builtin_providers() {
         let templates =
             [&p.value, &p.password, &p.username, &p.access_key_id, &p.secret_access_key, &p.session_token];
@@ -219,6 +232,26 @@ pub fn scrub_list(config: &Config) -> Vec<String> {
     out.sort();
     out.dedup();
     out
+}
+
+/// Variables of this environment whose value holds a secret or an agent token latchkey
+/// has loaded, whatever their name (`ALL_PROXY` with another agent's token in it, a copy
+/// of a key under a name no credential reads): `exec` removes them too.
+pub fn holding_secrets(config: &Config) -> Vec<String> {
+    // Shorter values would match too much by chance; those are scrubbed by name only.
+    const MIN: usize = 6;
+    let secrets: Vec<crate::secrets::Secret> = config
+        .secret_values()
+        .into_iter()
+        .chain(config.agents.iter().filter_map(|a| a.token.clone()))
+        .filter(|s| s.expose().len() >= MIN)
+        .collect();
+    std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let (k, v) = (k.into_string().ok()?, v.to_string_lossy().into_owned());
+            secrets.iter().any(|s| v.contains(s.expose())).then_some(k)
+        })
+        .collect()
 }
 
 fn render(vars: &[(String, String)], format: Format) -> String {

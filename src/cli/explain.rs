@@ -1,145 +1,128 @@
 //! `latchkey explain`: what latchkey would do with one request, without sending it.
+//! When a latchkey with this config's CA answers at the configured address, its answer
+//! (it holds the secrets; this shell may not); otherwise this shell's config.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use http::HeaderMap;
 use serde_json::json;
 
 use super::load_config;
-use crate::config::Config;
-use crate::policy::{ConnectDecision, Decision, Destination, RequestHead};
+use crate::explain::{Explanation, Question};
 
-pub fn explain(config: Option<PathBuf>, method: &str, headers: &[String], json: bool, url: &str) -> ExitCode {
+/// Which latchkey an answer describes.
+pub enum Described {
+    /// The instance running at this address (same CA).
+    Running(std::net::SocketAddr),
+    /// This process's view of the config; `None` when `--local` asked for it.
+    Config(Option<std::net::SocketAddr>),
+}
+
+impl Described {
+    fn note(&self) -> String {
+        match self {
+            Described::Running(addr) => format!("(decided by the latchkey running at {addr})"),
+            Described::Config(Some(addr)) => format!(
+                "(decided from this shell's config: no latchkey with this CA answers at {addr}; credentials whose secrets are absent here count as inactive)"
+            ),
+            Described::Config(None) => "(decided from this shell's config, as asked with --local)".into(),
+        }
+    }
+
+    fn json(&self) -> (serde_json::Value, serde_json::Value) {
+        match self {
+            Described::Running(addr) => (json!("running"), json!(addr.to_string())),
+            Described::Config(_) => (json!("config"), serde_json::Value::Null),
+        }
+    }
+}
+
+pub struct Args {
+    pub method: String,
+    pub headers: Vec<String>,
+    pub agent: Option<String>,
+    pub json: bool,
+    pub local: bool,
+    pub url: String,
+}
+
+pub fn explain(config: Option<PathBuf>, args: Args) -> ExitCode {
     let config = match load_config(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let mut map = HeaderMap::new();
-    for h in headers {
-        let Some((k, v)) = h.split_once(':') else {
-            eprintln!("latchkey: --header wants 'Name: value', got {h:?}");
-            return ExitCode::from(2);
-        };
-        match (HeaderName::from_bytes(k.trim().as_bytes()), HeaderValue::from_str(v.trim())) {
-            (Ok(k), Ok(v)) => {
-                map.append(k, v);
+    let mut headers = HeaderMap::new();
+    for h in &args.headers {
+        match crate::explain::parse_header(h) {
+            Ok((k, v)) => {
+                headers.append(k, v);
             }
-            _ => {
-                eprintln!("latchkey: bad header {h:?}");
+            Err(e) => {
+                eprintln!("latchkey: --header: {e}");
                 return ExitCode::from(2);
             }
         }
     }
-    let outcome = match decide(&config, &method.to_ascii_uppercase(), &map, url) {
-        Ok(o) => o,
+    let q =
+        Question { method: &args.method, headers: &headers, url: &args.url, agent: args.agent.as_deref() };
+    let running = if args.local { None } else { super::running_instance(&config) };
+    let answer = match running {
+        Some(addr) => ask(addr, &q).map(|e| (e, Described::Running(addr))),
+        None => crate::explain::explain(&config, &q)
+            .map(|e| (e, Described::Config((!args.local).then(|| config.client_proxy_addr())))),
+    };
+    let (outcome, described) = match answer {
+        Ok(a) => a,
         Err(e) => {
             eprintln!("latchkey: {e}");
             return ExitCode::from(2);
         }
     };
-    if json {
-        println!("{}", outcome.to_json());
+    if args.json {
+        let mut v = serde_json::to_value(&outcome).unwrap_or_default();
+        let (kind, instance) = described.json();
+        v["described"] = kind;
+        v["instance"] = instance;
+        println!("{v}");
     } else {
-        println!("{}", outcome.sentence(url));
+        println!("{}\n{}", sentence(&outcome, &args.url), described.note());
     }
     ExitCode::SUCCESS
 }
 
-pub struct Outcome<'a> {
-    pub decision: &'static str,
-    pub credential: Option<usize>,
-    pub reason: String,
-    config: &'a Config,
-}
-
-impl Outcome<'_> {
-    fn cred(&self) -> Option<&crate::config::Credential> {
-        self.credential.map(|i| &self.config.credentials[i])
-    }
-
-    fn to_json(&self) -> serde_json::Value {
-        let inject = self.cred().map(|c| c.injector.slots()).unwrap_or_default();
-        json!({
-            "decision": self.decision,
-            "credential": self.cred().map(|c| c.name.clone()),
-            "inject": if self.decision == "inject" { serde_json::to_value(inject).unwrap_or_default() } else { json!([]) },
-            "reason": self.reason,
-        })
-    }
-
-    fn sentence(&self, url: &str) -> String {
-        match (self.decision, self.cred()) {
-            ("inject", Some(c)) => {
-                let slots: Vec<String> = c
-                    .injector
-                    .slots()
-                    .iter()
-                    .map(|s| match s {
-                        crate::inject::Slot::Header { header } => format!("header {header}"),
-                        crate::inject::Slot::Query { query } => format!("query parameter {query}"),
-                    })
-                    .collect();
-                format!(
-                    "inject: {url} gets credential {} ({}) in {} — secret from {}; {}",
-                    c.name,
-                    c.auth_type,
-                    slots.join(" or "),
-                    c.source,
-                    self.reason
-                )
-            }
-            ("block", _) => format!("block: {url} is refused: {}", self.reason),
-            ("tunnel", _) => format!("tunnel: {url} passes through a blind TLS tunnel: {}", self.reason),
-            _ => format!("pass: {url} is forwarded without a credential: {}", self.reason),
-        }
+/// The running instance's decision, from `/latchkey/explain`.
+fn ask(addr: std::net::SocketAddr, q: &Question<'_>) -> Result<Explanation, String> {
+    let path = format!("/latchkey/explain?{}", crate::explain::explain_query_string(q));
+    match super::fetch_local_status(addr, &path) {
+        Some((200, body)) => serde_json::from_str(&body).map_err(|e| format!("{addr} answered oddly: {e}")),
+        Some((_, body)) => Err(body.trim().trim_start_matches("latchkey: ").to_string()),
+        None => Err(format!("the latchkey at {addr} stopped answering; try again or use --local")),
     }
 }
 
-fn decide<'a>(
-    config: &'a Config,
-    method: &str,
-    headers: &HeaderMap,
-    url: &str,
-) -> Result<Outcome<'a>, String> {
-    let uri: Uri = url.parse().map_err(|e| format!("bad URL {url:?}: {e}"))?;
-    let tls = match uri.scheme_str() {
-        Some("https") => true,
-        Some("http") => false,
-        _ => return Err(format!("{url:?}: give an http:// or https:// URL")),
-    };
-    let authority = uri.authority().ok_or_else(|| format!("{url:?} has no host"))?;
-    let dest = Destination::parse_authority(authority.as_str(), Some(if tls { 443 } else { 80 }))
-        .map_err(|e| format!("bad host in {url:?}: {e}"))?;
-    let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let owned = |decision, credential, reason: String| Outcome { decision, credential, reason, config };
-    if tls {
-        match config.policy.decide_connect(&dest) {
-            ConnectDecision::Block(r) => return Ok(owned("block", None, r.message)),
-            ConnectDecision::Tunnel => {
-                return Ok(owned("tunnel", None, "no credential or filter applies to this host".into()));
-            }
-            ConnectDecision::Intercept => {}
+fn sentence(o: &Explanation, url: &str) -> String {
+    match (o.decision.as_str(), &o.credential) {
+        ("inject", Some(name)) => {
+            let slots: Vec<String> = o
+                .inject
+                .iter()
+                .map(|s| match s {
+                    crate::inject::Slot::Header { header } => format!("header {header}"),
+                    crate::inject::Slot::Query { query } => format!("query parameter {query}"),
+                })
+                .collect();
+            let slots =
+                if slots.is_empty() { "the connection (no header)".into() } else { slots.join(" or ") };
+            format!(
+                "inject: {url} gets credential {name} ({}) in {slots} — secret from {}; {}",
+                o.auth_type.as_deref().unwrap_or("?"),
+                o.source.as_deref().unwrap_or("?"),
+                o.reason
+            )
         }
+        ("block", _) => format!("block: {url} is refused: {}", o.reason),
+        ("tunnel", _) => format!("tunnel: {url} passes through a blind TLS tunnel: {}", o.reason),
+        _ => format!("pass: {url} is forwarded without a credential: {}", o.reason),
     }
-    let parts = {
-        let mut b = http::Request::builder().method(method).uri(&uri);
-        for (k, v) in headers {
-            b = b.header(k, v);
-        }
-        b.body(()).map_err(|e| e.to_string())?.into_parts().0
-    };
-    let head = RequestHead { method, target, path: uri.path(), headers, tls };
-    let d = config.policy.decide(&dest, &head, |i| {
-        let c = &config.credentials[i];
-        c.injector.carries_placeholder(&parts, &c.placeholder)
-    });
-    Ok(match d {
-        Decision::Block(r) => owned("block", None, r.message),
-        Decision::Pass(reason) => owned("pass", None, reason),
-        Decision::Inject { credential, .. } => {
-            let reason = format!("most specific credential for {dest}");
-            owned("inject", Some(credential), reason)
-        }
-    })
 }

@@ -3,6 +3,7 @@
 mod check;
 mod env;
 mod explain;
+mod providers;
 mod run;
 
 use std::path::PathBuf;
@@ -15,26 +16,42 @@ use crate::ca::{CaOptions, CertAuthority};
 use crate::config::{self, Config};
 
 #[derive(Parser, Debug)]
-#[command(name = "latchkey", version, about = "Credential-injecting egress proxy for AI agents")]
+#[command(
+    name = "latchkey",
+    version,
+    about = "Credential-injecting egress proxy for AI agents",
+    long_about = "Credential-injecting egress proxy for AI agents: the agent runs with placeholder keys, \
+latchkey writes the real ones into its HTTPS requests.\n\nStart it with `latchkey run` (secrets in its \
+environment), run the agent with `latchkey exec -- CMD`.",
+    after_help = "Config lookup: --config, then $LATCHKEY_CONFIG, then $XDG_CONFIG_HOME/latchkey/config.toml \
+(~/.config/latchkey/config.toml), else built-in defaults. Docs: README.md and docs/."
+)]
 pub struct Cli {
     /// Operational log level (overrides RUST_LOG): error, warn, info, debug, trace.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_name = "LEVEL")]
     log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
+/// `--config`, shared by every command that reads the config.
+const CONFIG_HELP: &str =
+    "Config file (default: $LATCHKEY_CONFIG, then ~/.config/latchkey/config.toml, else built-in defaults)";
+
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the proxy.
+    /// Run the proxy (secrets come from this process's environment and the config's sources).
     Run {
-        #[arg(long)]
+        #[arg(long, value_name = "PATH", help = CONFIG_HELP)]
         config: Option<PathBuf>,
-        #[arg(long)]
+        /// Port to listen on, instead of [proxy] port (default 3128; 0 picks a free one).
+        #[arg(long, value_name = "N")]
         port: Option<u16>,
-        #[arg(long)]
+        /// Address to listen on, instead of [proxy] bind (default 127.0.0.1; other
+        /// addresses need [proxy] allowed_clients or [agents]).
+        #[arg(long, value_name = "ADDR")]
         bind: Option<std::net::IpAddr>,
-        /// Replace the CA with a new one before starting.
+        /// Replace the CA with a new one before starting (clients must trust the new ca.crt).
         #[arg(long)]
         regenerate_ca: bool,
         /// Reload only on SIGHUP / `latchkey reload`, not when the config file changes.
@@ -43,61 +60,81 @@ enum Command {
     },
     /// Ask the running proxy to reload its config (SIGHUP to the pid in ca_dir).
     Reload {
-        #[arg(long)]
+        #[arg(long, value_name = "PATH", help = CONFIG_HELP)]
         config: Option<PathBuf>,
     },
-    /// Run a command with the proxy environment and placeholders; exits with its status.
+    /// Run a command with the proxy environment and placeholders (no secrets); uses the
+    /// latchkey running at the configured address, else starts one in-process. Exits
+    /// with the command's status.
     Exec {
-        #[arg(long)]
+        #[arg(long, value_name = "PATH", help = CONFIG_HELP)]
         config: Option<PathBuf>,
         /// Authenticate as this `[agents.NAME]` (its token goes into the proxy URL).
-        #[arg(long)]
+        #[arg(long, value_name = "NAME")]
         agent: Option<String>,
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        /// The command and its arguments (put `--` before them).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
         command: Vec<String>,
     },
-    /// Print the client-side environment (no secrets).
+    /// Print the client-side environment: proxy URL, CA bundle, placeholders (no secrets).
+    /// Warns on stderr when no latchkey with this CA answers at the configured address.
     Env {
-        #[arg(long)]
+        #[arg(long, value_name = "PATH", help = CONFIG_HELP)]
         config: Option<PathBuf>,
         /// Authenticate as this `[agents.NAME]` (its token goes into the proxy URL).
-        #[arg(long)]
+        #[arg(long, value_name = "NAME")]
         agent: Option<String>,
+        /// Output format: sh (export lines), fish (set -gx), json (one object), dotenv.
         #[arg(long, value_enum, default_value = "sh")]
         format: env::Format,
-        /// Proxy URL as seen by the client (e.g. inside a container).
-        #[arg(long)]
+        /// Proxy URL as seen by the client (e.g. http://latchkey:3128 inside a container).
+        #[arg(long, value_name = "URL")]
         proxy_url: Option<String>,
-        /// Path of the CA bundle as seen by the client.
-        #[arg(long)]
+        /// Path of the CA bundle as seen by the client (e.g. where it is mounted in a container).
+        #[arg(long, value_name = "PATH")]
         ca_path: Option<PathBuf>,
     },
-    /// Show the decision for one request; secrets are named, never shown.
+    /// Show the decision for one request (inject, pass, tunnel or block); secrets are
+    /// named, never shown. Asks the running latchkey when one answers with this CA.
     Explain {
-        #[arg(long)]
+        #[arg(long, value_name = "PATH", help = CONFIG_HELP)]
         config: Option<PathBuf>,
-        #[arg(long, default_value = "GET")]
+        /// Request method.
+        #[arg(long, default_value = "GET", value_name = "M")]
         method: String,
-        /// A request header, 'Name: value' (repeatable).
-        #[arg(long = "header", short = 'H')]
+        /// A request header, 'Name: value' (repeatable), e.g. the placeholder a client sends.
+        #[arg(long = "header", short = 'H', value_name = "'NAME: VALUE'")]
         headers: Vec<String>,
+        /// Decide as this `[agents.NAME]` would be treated.
+        #[arg(long, value_name = "NAME")]
+        agent: Option<String>,
+        /// Print one JSON object: decision, credential, inject, reason, described, instance.
         #[arg(long)]
         json: bool,
+        /// Decide from this shell's config even when a latchkey is running (e.g. to try an
+        /// edit before reloading).
+        #[arg(long)]
+        local: bool,
+        /// The request URL (http:// or https://).
         url: String,
     },
-    /// Validate the config: exit 0 ok, 1 warnings, 2 invalid.
+    /// Validate the config and list credentials (the running instance's state when one
+    /// answers): exit 0 ok, 1 warnings, 2 invalid.
     Check {
-        #[arg(long)]
+        #[arg(long, value_name = "PATH", help = CONFIG_HELP)]
         config: Option<PathBuf>,
+        /// Report this shell's view of the credentials even when a latchkey is running.
+        #[arg(long)]
+        local: bool,
     },
-    /// CA management.
+    /// CA management: print its path, export the certificate, or replace it.
     Ca {
-        #[arg(long, global = true)]
+        #[arg(long, global = true, value_name = "PATH", help = CONFIG_HELP)]
         config: Option<PathBuf>,
         #[command(subcommand)]
         action: CaAction,
     },
-    /// Print the built-in provider table.
+    /// Print the built-in provider table: where each writes its secret, its variables and hosts.
     Providers,
     /// Request-log tools.
     Audit {
@@ -111,8 +148,11 @@ enum AuditAction {
     /// Check a request log's hash chain (and with --hmac-key, every line's HMAC): exit 0
     /// intact, 1 broken (first bad line shown).
     Verify {
+        /// The request log (JSON lines, [proxy.logging] log_file).
+        #[arg(value_name = "FILE")]
         file: PathBuf,
-        #[arg(long)]
+        /// The key file of [proxy.logging] hmac_key_file, to check every line's HMAC.
+        #[arg(long, value_name = "PATH")]
         hmac_key: Option<PathBuf>,
     },
 }
@@ -141,12 +181,12 @@ pub fn main() -> ExitCode {
         Command::Env { config, agent, format, proxy_url, ca_path } => {
             env::env(config, agent, format, proxy_url, ca_path)
         }
-        Command::Explain { config, method, headers, json, url } => {
-            explain::explain(config, &method, &headers, json, &url)
+        Command::Explain { config, method, headers, agent, json, local, url } => {
+            explain::explain(config, explain::Args { method, headers, agent, json, local, url })
         }
-        Command::Check { config } => check::check(config),
+        Command::Check { config, local } => check::check(config, local),
         Command::Ca { config, action } => ca(config, action),
-        Command::Providers => providers(),
+        Command::Providers => providers::providers(),
         Command::Audit { action: AuditAction::Verify { file, hmac_key } } => {
             audit_verify(&file, hmac_key.as_deref())
         }
@@ -201,8 +241,9 @@ pub(crate) fn open_ca(config: &Config, regenerate: bool) -> Result<Arc<CertAutho
     })
 }
 
-/// GET `path` from a local latchkey at `addr`, over plain HTTP/1.1 with short timeouts.
-pub(crate) fn fetch_local(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+/// GET `path` from a local latchkey at `addr`, over plain HTTP/1.1 with short timeouts:
+/// the status and body.
+pub(crate) fn fetch_local_status(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let timeout = std::time::Duration::from_secs(2);
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
@@ -212,18 +253,27 @@ pub(crate) fn fetch_local(addr: std::net::SocketAddr, path: &str) -> Option<Stri
     s.read_to_end(&mut buf).ok()?;
     let text = String::from_utf8(buf).ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+    let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    Some((status, body.to_string()))
 }
 
-/// The credential names active in the latchkey running at the configured address, if
-/// it is ours (same CA). `None` when nothing of ours answers there.
-pub(crate) fn running_active(config: &Config) -> Option<Vec<String>> {
+/// GET `path` from a local latchkey: the body of a 200.
+pub(crate) fn fetch_local(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    fetch_local_status(addr, path).filter(|(status, _)| *status == 200).map(|(_, body)| body)
+}
+
+/// The address of the latchkey running at the configured address, if it is ours (it
+/// serves this config's CA). `None` when nothing of ours answers there.
+pub(crate) fn running_instance(config: &Config) -> Option<std::net::SocketAddr> {
     let ca = std::fs::read_to_string(config.ca_cert_path()).ok()?;
     let addr = config.client_proxy_addr();
     let served = fetch_local(addr, "/ca.crt")?;
-    if served.trim() != ca.trim() {
-        return None;
-    }
+    (served.trim() == ca.trim()).then_some(addr)
+}
+
+/// The credential names active in the latchkey running at the configured address.
+pub(crate) fn running_active(config: &Config) -> Option<Vec<String>> {
+    let addr = running_instance(config)?;
     Some(fetch_local(addr, "/latchkey/active")?.lines().map(str::to_string).collect())
 }
 
@@ -284,40 +334,4 @@ fn audit_verify(file: &std::path::Path, hmac_key: Option<&std::path::Path>) -> E
             ExitCode::from(1)
         }
     }
-}
-
-fn providers() -> ExitCode {
-    // Placeholders as a config would assign them (shared variables share one).
-    let compiled = config::compile("", None, &|_| None, &[]).ok();
-    let placeholder = |name: &str| {
-        compiled
-            .as_ref()
-            .and_then(|c| c.credentials.iter().find(|c| c.name == name))
-            .map(|c| c.placeholder.clone())
-            .unwrap_or_else(|| "-".into())
-    };
-    println!("{:<13} {:<34} {:<7} {:<38} {:<52} placeholder", "name", "provider", "auth", "env", "domains");
-    for (name, p) in config::builtin_providers() {
-        let auth = p.auth_type.clone().unwrap_or_else(|| "header".into());
-        let env = p.env.clone().map(|e| e.into_vec()).unwrap_or_else(|| {
-            p.value
-                .as_deref()
-                .and_then(|v| crate::secrets::Template::parse(v).ok())
-                .and_then(|t| t.sole_variable().map(str::to_string))
-                .into_iter()
-                .collect()
-        });
-        let domains =
-            if p.domains.is_empty() { "(your cluster hosts)".to_string() } else { p.domains.join(",") };
-        println!(
-            "{:<13} {:<34} {:<7} {:<38} {:<52} {}",
-            name,
-            p.provider.as_deref().unwrap_or(""),
-            auth,
-            env.join(","),
-            domains,
-            placeholder(&name)
-        );
-    }
-    ExitCode::SUCCESS
 }

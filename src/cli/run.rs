@@ -105,15 +105,7 @@ pub fn run(
 fn start(mut config: Config, ca: Arc<CertAuthority>, listener: &TcpListener) -> Result<Arc<Proxy>, ExitCode> {
     let local = listener.local_addr().map_err(|_| ExitCode::from(1))?;
     config.proxy.listen = local;
-    for (rule, cred) in config.policy.credentials.iter().zip(&config.credentials) {
-        match &rule.state {
-            CredState::Active => tracing::info!("credential {} active ({})", rule.name, cred.source),
-            CredState::Inactive(why) => tracing::info!("credential {} inactive: {why}", rule.name),
-            CredState::Failed(why) => {
-                tracing::warn!("credential {} FAILED: {why}; its requests get 502", rule.name)
-            }
-        }
-    }
+    report_credentials(&config);
     let mut own = vec![local];
     own.extend(config.admin);
     let ca_path = config.ca_cert_path();
@@ -123,6 +115,28 @@ fn start(mut config: Config, ca: Arc<CertAuthority>, listener: &TcpListener) -> 
     })?;
     tracing::info!("latchkey listening on {local} (CA {})", ca_path.display());
     Ok(proxy)
+}
+
+/// One line per active, failed or user-written inactive credential; the built-in
+/// providers whose variables are unset (most of them, on a fresh machine) in one line.
+fn report_credentials(config: &Config) {
+    let mut idle_builtins = 0;
+    for (rule, cred) in config.policy.credentials.iter().zip(&config.credentials) {
+        match &rule.state {
+            CredState::Active => tracing::info!("credential {} active ({})", rule.name, cred.source),
+            CredState::Inactive(_) if cred.builtin => idle_builtins += 1,
+            CredState::Inactive(why) => tracing::info!("credential {} inactive: {why}", rule.name),
+            CredState::Failed(why) => {
+                tracing::warn!("credential {} FAILED: {why}; its requests get 502", rule.name)
+            }
+        }
+    }
+    if idle_builtins > 0 {
+        let s = if idle_builtins == 1 { "" } else { "s" };
+        tracing::info!(
+            "{idle_builtins} built-in provider{s} inactive (set their variables to enable them; latchkey providers)"
+        );
+    }
 }
 
 /// `[proxy] mlock`: lock current and future pages so no secret reaches swap. Asked for
@@ -200,7 +214,9 @@ async fn watch(proxy: Arc<Proxy>, file: Option<PathBuf>, overrides: Overrides, p
                 "the config file changed"
             }
         };
-        reload_now(&proxy, file.clone(), overrides, why);
+        // Loading runs value_commands and reads files: keep it off the runtime threads.
+        let (p, f) = (proxy.clone(), file.clone());
+        let _ = tokio::task::spawn_blocking(move || reload_now(&p, f, overrides, why)).await;
     }
 }
 
@@ -221,8 +237,11 @@ fn reload_now(proxy: &Proxy, file: Option<PathBuf>, overrides: Overrides, why: &
         .policy
         .credentials
         .iter()
-        .filter(|r| r.state != CredState::Active)
-        .map(|r| format!("{} {:?}", r.name, r.state))
+        .zip(&config.credentials)
+        .filter(|(r, c)| {
+            r.state != CredState::Active && !(c.builtin && matches!(r.state, CredState::Inactive(_)))
+        })
+        .map(|(r, _)| format!("{} {:?}", r.name, r.state))
         .collect();
     match proxy.reload(config) {
         Ok(()) => {
@@ -306,7 +325,8 @@ pub fn exec(config: Option<PathBuf>, agent: Option<String>, command: Vec<String>
     };
     let running = super::running_active(&config);
     let vars = super::env::client_env(&config, running.as_deref(), proxy_url, None);
-    let scrub = super::env::scrub_list(&config);
+    let mut scrub = super::env::scrub_list(&config);
+    scrub.extend(super::env::holding_secrets(&config));
     runtime().block_on(async move {
         let addr = config.client_proxy_addr();
         if running.is_some() {

@@ -43,7 +43,7 @@ impl fmt::Display for ConfigError {
             write!(f, "{file}: ")?;
         }
         if !self.key.is_empty() {
-            write!(f, "`{}`: ", self.key)?;
+            write!(f, "{}: ", self.key)?;
         }
         f.write_str(&self.message)
     }
@@ -104,6 +104,12 @@ pub struct Credential {
     pub env: Vec<String>,
     /// Variables the secret source reads (scrubbed from `exec` children).
     pub reads: Vec<String>,
+    /// `value_command_env`: variables passed to the value_command (scrubbed from `exec`
+    /// children too; never a variable a secret is read from).
+    pub command_env: Vec<String>,
+    /// The resolved secret values the injector reads; refreshed ones (files, commands
+    /// with a TTL) are brought up to date by [`Credential::ready`] before each use.
+    pub sources: Vec<SecretValue>,
     pub source: String,
     pub inline_secret: bool,
     pub pass_cookies: bool,
@@ -145,6 +151,8 @@ pub struct Telemetry {
 pub struct Agent {
     pub name: String,
     pub token: Option<crate::secrets::Secret>,
+    /// Variables the token is read from (scrubbed from every `exec` child).
+    pub reads: Vec<String>,
     /// Credential indexes it may use; `None`: all.
     pub credentials: Option<Vec<usize>>,
     pub allowed: Vec<Pattern>,
@@ -205,7 +213,6 @@ fn toml_error(src: &str, file: Option<&Path>, e: &toml::de::Error) -> ConfigErro
     let span = e.span().unwrap_or(0..0);
     let (line, column) = locate::line_col(src, span.start);
     let table = locate::table_at(src, span.start);
-    let token = src.get(span.clone()).unwrap_or("").trim_matches('"').to_string();
     let mut message = e.message().trim().to_string();
     let mut key = table.clone();
     let original = message.clone();
@@ -217,8 +224,12 @@ fn toml_error(src: &str, file: Option<&Path>, e: &toml::de::Error) -> ConfigErro
         if let Some(s) = locate::suggest(&unknown, &known) {
             message.push_str(&format!(" (did you mean `{s}`?)"));
         }
-    } else if !token.is_empty() && !token.contains('\n') && token.len() < 60 {
-        key = if table.is_empty() { token } else { format!("{table}.{token}") };
+    } else if let Some(k) = locate::key_at(src, span.start) {
+        // The statement the error is in, not the token it points at.
+        key = if table.is_empty() { k } else { format!("{table}.{k}") };
+    }
+    if message.starts_with("invalid basic string") || message.starts_with("invalid literal string") {
+        message.push_str(" (the string is not closed on this line)");
     }
     ConfigError { file: file.map(Path::to_path_buf), line, column, key, message }
 }
@@ -349,6 +360,7 @@ impl Compiler<'_> {
             credentials.push(cred);
         }
         let agents = self.agents(&raw.agents, &credentials)?;
+        self.check_command_env(&credentials, &agents)?;
         let telemetry = match &raw.telemetry {
             None => Telemetry { service_name: "latchkey".into(), ..Default::default() },
             Some(t) => Telemetry {
@@ -379,6 +391,35 @@ impl Compiler<'_> {
             agents,
             telemetry,
         })
+    }
+
+    /// `value_command_env` names plain variables, none of which holds a secret latchkey
+    /// reads for a credential or an agent: the child must never get one.
+    fn check_command_env(&self, credentials: &[Credential], agents: &[Agent]) -> Result<(), ConfigError> {
+        let secret_vars: Vec<&String> =
+            credentials.iter().flat_map(|c| &c.reads).chain(agents.iter().flat_map(|a| &a.reads)).collect();
+        let holds_secret = |name: &str| {
+            secret_vars.iter().any(|r| match r.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => r.as_str() == name,
+            })
+        };
+        for c in credentials {
+            let e = |msg: String| self.err(&["credentials", &c.name], None, "value_command_env", msg);
+            for name in &c.command_env {
+                let valid = name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if !valid {
+                    return Err(e(format!("{name:?} is not an environment variable name")));
+                }
+                if holds_secret(name) {
+                    return Err(e(format!(
+                        "{name} holds a secret latchkey reads for a credential or an agent; a value_command never gets one"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn agents(
@@ -427,7 +468,11 @@ impl Compiler<'_> {
             if limits.requests_per_minute == Some(0) {
                 return Err(e("requests_per_minute", "must be at least 1 (remove it for no limit)".into()));
             }
-            out.push(Agent { name: name.clone(), token, credentials, allowed, limits });
+            let reads = match &source {
+                Source::Value(t) => t.variables(),
+                _ => vec![],
+            };
+            out.push(Agent { name: name.clone(), token, reads, credentials, allowed, limits });
         }
         Ok(out)
     }
@@ -494,6 +539,11 @@ impl Compiler<'_> {
             .iter()
             .map(|p| canonical_prefix(p).map_err(|x| e("paths", x)))
             .collect::<Result<Vec<_>, _>>()?;
+        let except_paths = c
+            .except_paths
+            .iter()
+            .map(|p| crate::policy::PathPattern::parse(p).map_err(|x| e("except_paths", x)))
+            .collect::<Result<Vec<_>, _>>()?;
         let methods: Vec<String> = c.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
         if let Some(m) = methods.iter().find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()))
         {
@@ -536,7 +586,11 @@ impl Compiler<'_> {
                     if argv.is_empty() {
                         return Err(e("value_command", "the command is empty".into()));
                     }
-                    Source::Command(argv, c.value_command_ttl.map(Duration::from_secs))
+                    Source::Command(crate::secrets::CommandSpec {
+                        argv,
+                        ttl: c.value_command_ttl.map(Duration::from_secs),
+                        env: c.value_command_env.clone(),
+                    })
                 })
             };
         let slots = |default: &str, prefix: Option<&str>| -> Result<Vec<HeaderSlot>, ConfigError> {
@@ -556,9 +610,13 @@ impl Compiler<'_> {
                 .collect()
         };
 
+        if !c.value_command_env.is_empty() && c.value_command.is_none() {
+            return Err(e("value_command_env", "only a value_command takes value_command_env".into()));
+        }
         let mut reads = Vec::new();
         let mut captures = Vec::new();
         let mut state = CredState::Active;
+        let mut sources = Vec::new();
         let mut resolve = |src: &Source| -> Option<SecretValue> {
             if let Source::Value(t) = src {
                 reads.extend(t.variables());
@@ -570,7 +628,10 @@ impl Compiler<'_> {
                 secrets_dir,
                 c.secret_file.as_deref(),
             ) {
-                Resolved::Ready(v) => Some(v),
+                Resolved::Ready(v) => {
+                    sources.push(v.clone());
+                    Some(v)
+                }
                 Resolved::Missing(why) => {
                     if state == CredState::Active {
                         state = CredState::Inactive(why);
@@ -656,7 +717,10 @@ impl Compiler<'_> {
                 // The session token is optional: an unset variable means "no token".
                 let session_token = match &token_src {
                     Some(src @ Source::Value(t)) => match src.resolve(self.env, self.vars) {
-                        Resolved::Ready(v) => Some(v),
+                        Resolved::Ready(v) => {
+                            sources.push(v.clone());
+                            Some(v)
+                        }
                         Resolved::Missing(_) if !t.is_inline() => None,
                         _ => return Err(e("session_token", "cannot be resolved".into())),
                     },
@@ -768,6 +832,7 @@ impl Compiler<'_> {
             allow_http: c.allow_http,
             allowed_origins: c.allowed_origins.clone(),
             require_placeholder: c.require_placeholder,
+            except_paths,
             state,
             captures,
         };
@@ -777,6 +842,8 @@ impl Compiler<'_> {
             placeholder,
             env,
             reads,
+            command_env: c.value_command_env.clone(),
+            sources,
             source: primary.describe(),
             inline_secret: inline,
             pass_cookies: c.pass_cookies,
@@ -790,6 +857,16 @@ impl Compiler<'_> {
             },
         };
         Ok((rule, cred))
+    }
+}
+
+impl Credential {
+    /// Bring every refreshed secret source up to date (off the runtime threads) so the
+    /// injector's synchronous read finds a current value, or none (then 502).
+    pub async fn ready(&self) {
+        for s in &self.sources {
+            s.ensure().await;
+        }
     }
 }
 

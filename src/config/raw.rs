@@ -196,11 +196,16 @@ pub struct RawCredential {
     pub value_command: Option<Vec<String>>,
     /// Seconds a value_command's output is used before the command runs again.
     pub value_command_ttl: Option<u64>,
+    /// Variables of latchkey's environment the value_command gets besides PATH, HOME
+    /// and LANG (it gets nothing else).
+    pub value_command_env: Vec<String>,
     pub username: Option<String>,
     pub password: Option<String>,
     pub param: Option<String>,
     pub domains: Vec<String>,
     pub paths: Vec<String>,
+    /// Path patterns where the credential is never injected (`*` one segment, `**` any).
+    pub except_paths: Vec<String>,
     pub methods: Vec<String>,
     pub ports: Vec<u16>,
     pub allow_http: bool,

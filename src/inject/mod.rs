@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::secrets::{Secret, SecretValue};
 
 /// Where an injector writes, for `explain` and docs.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(untagged)]
 pub enum Slot {
     Header { header: String },

@@ -1,6 +1,7 @@
 //! The policy: pure functions from (destination, request head) to a decision.
 //! Compiled once at load; no I/O, no clock, no secrets.
 
+pub mod except;
 pub mod host;
 pub mod pattern;
 pub mod ssrf;
@@ -8,6 +9,7 @@ pub mod ssrf;
 use aho_corasick::AhoCorasick;
 use http::HeaderMap;
 
+pub use except::PathPattern;
 pub use host::{Destination, Host, HostError};
 pub use pattern::{Pattern, Specificity};
 
@@ -33,6 +35,8 @@ pub struct CredentialRule {
     pub allow_http: bool,
     pub allowed_origins: Vec<String>,
     pub require_placeholder: bool,
+    /// Paths where this credential is never injected, even though `paths` match.
+    pub except_paths: Vec<PathPattern>,
     pub state: CredState,
     /// `${PREFIX{capture}SUFFIX}` references in the credential's secret templates: a
     /// host matches only when each names a variable present at load (SPEC 5).
@@ -208,6 +212,9 @@ impl Policy {
             return Decision::Pass(self.pass_reason(dest, head));
         };
         let rule = &self.credentials[index];
+        if let Some(pattern) = except::excluded_by(&rule.except_paths, head.path) {
+            return excepted(rule, pattern);
+        }
         if let CredState::Failed(why) = &rule.state {
             return Decision::Block(Refusal::new(
                 502,
@@ -393,6 +400,20 @@ impl Policy {
             c.find(&l)
         })
     }
+}
+
+/// The winner's `except_paths` keep it off this path: the request passes without it,
+/// or is refused when the client expects the placeholder to be replaced.
+fn excepted(rule: &CredentialRule, pattern: &str) -> Decision {
+    let why = format!("credential {} is never sent to this path (except_paths {pattern:?})", rule.name);
+    if rule.require_placeholder {
+        return Decision::Block(Refusal::new(
+            403,
+            "except-path",
+            format!("{why}; its placeholder is not replaced here"),
+        ));
+    }
+    Decision::Pass(why)
 }
 
 /// Rank of a credential for a request: host specificity, path prefix length, whether it

@@ -11,6 +11,7 @@ fn rule(name: &str, patterns: &[&str]) -> CredentialRule {
         allow_http: false,
         allowed_origins: vec![],
         require_placeholder: false,
+        except_paths: vec![],
         state: CredState::Active,
         captures: vec![],
     }

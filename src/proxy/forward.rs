@@ -372,6 +372,8 @@ async fn inject(
             (super::respond::full(bytes.clone()), Some(bytes))
         }
     };
+    // Files and commands are refreshed off the runtime threads, never in `inject`.
+    cred.ready().await;
     cred.injector.inject(parts, captures, bytes.as_deref()).map_err(|e| match e {
         InjectError::Unavailable(why) => Refusal::new(
             502,

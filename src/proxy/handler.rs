@@ -1,5 +1,6 @@
-//! Requests on the proxy port: CONNECT, absolute-form plain HTTP, and the one local
-//! resources: `/ca.crt` (public by nature) and `/latchkey/active` (credential names).
+//! Requests on the proxy port: CONNECT, absolute-form plain HTTP, and the local
+//! resources: `/ca.crt` (public by nature) and `/latchkey/...` (names and decisions,
+//! see `crate::explain`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -58,18 +59,25 @@ pub async fn handle(
                 .insert(http::header::CONTENT_TYPE, "application/x-pem-file".parse().expect("static"));
             Ok(resp)
         }
-        // Which credentials are active here, by name: `env` and `exec` run where the
-        // secrets are not, and export placeholders for what this instance can inject.
-        None if req.method() == Method::GET && req.uri().path() == "/latchkey/active" => {
-            let names: String = generation
-                .config
-                .policy
-                .credentials
-                .iter()
-                .filter(|c| c.state == crate::policy::CredState::Active)
-                .map(|c| format!("{}\n", c.name))
-                .collect();
-            Ok(Response::new(respond::full(names)))
+        // `/latchkey/...`: what this instance would do, by name (never a value), for
+        // `env`, `exec`, `explain` and `check` running where the secrets are not.
+        None if req.method() == Method::GET
+            && let Some(answer) = crate::explain::local_endpoint(
+                &generation.config,
+                peer,
+                req.uri().path(),
+                req.uri().query(),
+            ) =>
+        {
+            Ok(match answer {
+                Ok((body, kind)) => {
+                    let mut resp = Response::new(respond::full(body));
+                    resp.headers_mut()
+                        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(kind));
+                    resp
+                }
+                Err(r) => respond::refusal(&r),
+            })
         }
         None => Ok(respond::refusal(&bad_request(
             "this is a proxy: send absolute-form requests or CONNECT (see `latchkey env`)",

@@ -8,7 +8,7 @@ mod capped;
 mod forward;
 pub(crate) mod framing;
 mod handler;
-mod identity;
+pub(crate) mod identity;
 pub mod ops;
 mod respond;
 mod tokens;
