@@ -262,6 +262,17 @@ impl Policy {
         v
     }
 
+    /// Credentials whose host patterns name `dest`'s host, on any port and for any path:
+    /// every response from that host is scanned for their secrets (invariant 5), whether
+    /// or not the request carried one.
+    pub fn naming_host<'a>(&'a self, dest: &'a Destination) -> impl Iterator<Item = usize> + 'a {
+        self.credentials
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.patterns.iter().any(|p| p.matches_host(&dest.host).is_some()))
+            .map(|(i, _)| i)
+    }
+
     fn domain_refusal(&self, dest: &Destination) -> Option<Refusal> {
         let f = &self.filters;
         if let Some(p) = f

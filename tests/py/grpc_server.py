@@ -1,5 +1,6 @@
 """gRPC upstream for the tests (grpcio, TLS on loopback). Raw-bytes methods, so no
-generated code: /test.Echo/Unary and /test.Echo/Stream. Each checks that exactly one
+generated code: /test.Echo/Unary, /test.Echo/Stream and /test.Echo/Denied (a
+trailers-only PERMISSION_DENIED). Each checks that exactly one
 `authorization: Bearer <token>` arrived (unless the token is "-"), and sets trailing
 metadata. An optional fourth argument is a CA file: then a client certificate signed
 by it is required (mTLS, like Talos)."""
@@ -26,6 +27,13 @@ def unary(request, ctx):
     return b"echo:" + request
 
 
+def denied(request, ctx):
+    # Aborted before any message: grpcio answers trailers-only (one HEADERS, END_STREAM).
+    check(ctx)
+    ctx.set_trailing_metadata((("x-denied-by", "policy-7"),))
+    ctx.abort(grpc.StatusCode.PERMISSION_DENIED, "project alpha is not yours")
+
+
 def stream(request, ctx):
     check(ctx)
     for i in range(5):
@@ -38,6 +46,7 @@ handler = grpc.method_handlers_generic_handler(
     {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        "Denied": grpc.unary_unary_rpc_method_handler(denied),
     },
 )
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
