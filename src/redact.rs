@@ -63,7 +63,7 @@ const ESCAPE_WIDTH: usize = 6;
 /// The byte strings that reveal `secret`: raw, base64 and base64url at each of the three
 /// alignments (the characters that depend only on the secret), URL-encoded and
 /// JSON-escaped (with and without `\/`). Forms with some characters `\u`-escaped are
-/// found by decoding around each escape (see `Redactor::find_escaped`).
+/// found by decoding the escapes (see `find`).
 pub fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
     let mut out = vec![secret.to_vec()];
     for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
@@ -184,15 +184,7 @@ impl Redactor {
 
     /// Mask every occurrence in place; returns how many were masked.
     pub fn mask(&self, buf: &mut [u8]) -> usize {
-        let mut ranges = Vec::new();
-        self.find_all(buf, &mut ranges);
-        fill(buf, &ranges)
-    }
-
-    /// Every occurrence, plain or with JSON escapes in it.
-    fn find_all(&self, buf: &[u8], out: &mut Vec<Range<usize>>) {
-        self.find_plain(buf, out);
-        self.find_escaped(buf, out);
+        fill(buf, &find(std::iter::once(self), buf))
     }
 
     fn find_plain(&self, buf: &[u8], out: &mut Vec<Range<usize>>) {
@@ -202,26 +194,6 @@ impl Redactor {
         while let Some(m) = self.matcher.find(buf, at) {
             at = m.start + 1;
             out.push(m);
-        }
-    }
-
-    /// Forms with `\uXXXX` escapes (any character, either hex case, mixed with `\/` and
-    /// the other JSON escapes): around each `\u` escape the text is decoded and searched,
-    /// and each match is mapped back onto the bytes it came from. Text without `\u`
-    /// costs one SIMD substring scan.
-    fn find_escaped(&self, buf: &[u8], out: &mut Vec<Range<usize>>) {
-        let (mut decoded, mut from, mut found) = (Vec::new(), Vec::new(), Vec::new());
-        for window in escape_windows(buf, self.span) {
-            decoded.clear();
-            from.clear();
-            found.clear();
-            let src = &buf[window.clone()];
-            json_unescape(src, &mut decoded, &mut from);
-            self.find_plain(&decoded, &mut found);
-            for r in &found {
-                let end = original_end(&from, r.end - 1, src.len());
-                out.push(window.start + from[r.start]..window.start + end);
-            }
         }
     }
 
@@ -249,48 +221,97 @@ fn holdback(buf: &[u8], alphabet: &[bool; 256], span: usize) -> usize {
     buf.iter().rev().take(cap).take_while(|b| alphabet[usize::from(**b)]).count()
 }
 
-/// The regions to decode: `span` bytes either side of each `\uXXXX`, merged; a region
-/// starts at the beginning of a run of backslashes, so escapes are read as JSON does.
-fn escape_windows(buf: &[u8], span: usize) -> Vec<Range<usize>> {
-    let mut out: Vec<Range<usize>> = Vec::new();
-    for at in memchr::memmem::find_iter(buf, b"\\u") {
-        if !buf.get(at + 2..at + 6).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
-            continue;
+/// Every occurrence of the members' forms in `buf`, found on the unmasked bytes (one
+/// secret's mask never hides another secret's occurrence). Forms with `\uXXXX` escapes
+/// (any character, either hex case, mixed with `\/` and the other JSON escapes): a
+/// buffer holding a `\u` escape is searched once more with its escapes decoded, and each
+/// match is mapped back onto the bytes it came from. A buffer without one costs a
+/// single SIMD substring scan more.
+fn find<'a>(members: impl Iterator<Item = &'a Redactor> + Clone, buf: &[u8]) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    for m in members.clone() {
+        m.find_plain(buf, &mut out);
+    }
+    if has_unicode_escape(buf) {
+        // Decoding starts at the buffer's first byte: a buffer that begins inside an
+        // escape misreads that one escape, and what it hides is literal text, which the
+        // plain search above has seen.
+        let mut decoded = Decoded::default();
+        decoded.decode(buf);
+        let mut found = Vec::new();
+        for m in members {
+            m.find_plain(&decoded.text, &mut found);
         }
-        let mut start = at.saturating_sub(span);
-        while start > 0 && buf[start - 1] == b'\\' {
-            start -= 1;
-        }
-        let end = (at + span).min(buf.len());
-        match out.last_mut() {
-            Some(last) if start <= last.end => last.end = last.end.max(end),
-            _ => out.push(start..end),
-        }
+        out.extend(found.iter().map(|r| decoded.source(r)));
     }
     out
 }
 
-/// JSON string unescaping of `src` into `out`; `from[i]` is where decoded byte `i`
-/// starts in `src`. What is not a valid escape is copied as it is.
-fn json_unescape(src: &[u8], out: &mut Vec<u8>, from: &mut Vec<usize>) {
-    let mut i = 0;
-    while i < src.len() {
-        let escaped = if src[i] == b'\\' { escape_at(&src[i..]) } else { None };
-        match escaped {
-            Some((c, used)) => {
-                let mut utf8 = [0u8; 4];
-                for b in c.encode_utf8(&mut utf8).bytes() {
-                    out.push(b);
-                    from.push(i);
+fn has_unicode_escape(buf: &[u8]) -> bool {
+    memchr::memmem::find_iter(buf, b"\\u")
+        .any(|at| buf.get(at + 2..at + 6).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)))
+}
+
+/// Text with its JSON escapes decoded, and where each escape came from.
+#[derive(Default)]
+struct Decoded {
+    text: Vec<u8>,
+    /// One per escape, in order: (start in `text`, decoded length, start in the
+    /// source, source length). Bytes between escapes are copied one for one.
+    escapes: Vec<(usize, usize, usize, usize)>,
+}
+
+impl Decoded {
+    /// JSON string unescaping of `src`; what is not a valid escape is copied as it is.
+    fn decode(&mut self, src: &[u8]) {
+        self.text.clear();
+        self.escapes.clear();
+        self.text.reserve(src.len());
+        let mut i = 0;
+        loop {
+            // Escape-dense text (`\u4f60\u597d…`) meets the next backslash at once.
+            let at = match src.get(i) {
+                Some(b'\\') => i,
+                Some(_) => match memchr::memchr(b'\\', &src[i..]) {
+                    Some(n) => i + n,
+                    None => break,
+                },
+                None => break,
+            };
+            self.text.extend_from_slice(&src[i..at]);
+            match escape_at(&src[at..]) {
+                Some((c, used)) => {
+                    let mut utf8 = [0u8; 4];
+                    let bytes = c.encode_utf8(&mut utf8).as_bytes();
+                    self.escapes.push((self.text.len(), bytes.len(), at, used));
+                    self.text.extend_from_slice(bytes);
+                    i = at + used;
                 }
-                i += used;
-            }
-            None => {
-                out.push(src[i]);
-                from.push(i);
-                i += 1;
+                None => {
+                    self.text.push(b'\\');
+                    i = at + 1;
+                }
             }
         }
+        self.text.extend_from_slice(&src[i..]);
+    }
+
+    /// The source range decoded range `r` came from (escapes it touches count whole).
+    fn source(&self, r: &Range<usize>) -> Range<usize> {
+        self.source_of(r.start, false)..self.source_of(r.end - 1, true)
+    }
+
+    /// Where decoded byte `d` starts (or, with `end`, ends) in the source.
+    fn source_of(&self, d: usize, end: bool) -> usize {
+        // The last escape starting at or before `d`.
+        let n = self.escapes.partition_point(|e| e.0 <= d);
+        let Some(&(text, len, src, used)) = n.checked_sub(1).map(|k| &self.escapes[k]) else {
+            return d + usize::from(end);
+        };
+        if d < text + len {
+            return if end { src + used } else { src };
+        }
+        src + used + (d - text - len) + usize::from(end)
     }
 }
 
@@ -325,13 +346,30 @@ fn unicode_escape(s: &[u8]) -> Option<(char, usize)> {
 }
 
 fn hex4(h: &[u8]) -> Option<u32> {
-    h.iter().try_fold(0u32, |acc, b| Some(acc * 16 + char::from(*b).to_digit(16)?))
+    let [a, b, c, d] = *h else { return None };
+    let (a, b, c, d) = (HEX[usize::from(a)], HEX[usize::from(b)], HEX[usize::from(c)], HEX[usize::from(d)]);
+    if (a | b | c | d) & 0x10 != 0 {
+        return None;
+    }
+    Some(u32::from(a) << 12 | u32::from(b) << 8 | u32::from(c) << 4 | u32::from(d))
 }
 
-/// Where decoded byte `last` ends in the source: where the next source token starts.
-fn original_end(from: &[usize], last: usize, len: usize) -> usize {
-    from[last + 1..].iter().copied().find(|&f| f != from[last]).unwrap_or(len)
-}
+/// Hex digit values; 0x10 marks a byte that is not one.
+const HEX: [u8; 256] = {
+    let mut t = [0x10u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
 /// The redactors that apply to one response (every credential naming its host), with
 /// what they hold back combined.
@@ -357,16 +395,7 @@ impl Set {
 
     /// Mask every member's secrets in place; returns how many occurrences were masked.
     pub fn mask(&self, buf: &mut [u8]) -> usize {
-        if let [only] = &self.members[..] {
-            return only.mask(buf);
-        }
-        // All found on the unmasked bytes first: one secret's mask never hides another
-        // secret's occurrence from its matcher.
-        let mut ranges = Vec::new();
-        for m in &self.members {
-            m.find_all(buf, &mut ranges);
-        }
-        fill(buf, &ranges)
+        fill(buf, &find(self.members.iter().map(|m| &**m), buf))
     }
 
     pub fn names_secret(&self, name: &[u8]) -> bool {
@@ -558,10 +587,16 @@ mod tests {
 
     #[test]
     fn escapes_decode_as_json_does() {
-        let (mut out, mut from) = (Vec::new(), Vec::new());
-        json_unescape(br#"a\u0042\/\\u\ud83d\ude00\ud800x\q"#, &mut out, &mut from);
-        assert_eq!(String::from_utf8(out).unwrap(), "aB/\\u\u{1F600}\\ud800x\\q");
-        assert_eq!(from[..4], [0, 1, 7, 9]);
+        let mut d = Decoded::default();
+        let src = br#"a\u0042\/\\u\ud83d\ude00\ud800x\q"#;
+        d.decode(src);
+        assert_eq!(String::from_utf8(d.text.clone()).unwrap(), "aB/\\u\u{1F600}\\ud800x\\q");
+        // Decoded "B/" is source "\u0042\/"; the emoji's four bytes are its twelve.
+        assert_eq!(d.source(&(1..3)), 1..9);
+        assert_eq!(d.source(&(5..9)), 12..24);
+        assert_eq!(d.source(&(6..7)), 12..24, "part of an escape maps to all of it");
+        assert_eq!(d.source(&(0..1)), 0..1);
+        assert_eq!(d.source(&(9..d.text.len())), 24..src.len());
     }
 
     proptest! {
