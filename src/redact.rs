@@ -423,18 +423,28 @@ pub fn for_host(config: &crate::config::Config, dest: &crate::policy::Destinatio
 pub struct Stream {
     set: Set,
     carry: BytesMut,
+    /// Set for gRPC bodies: the message framing, so nothing is held past a message's end.
+    grpc: Option<GrpcMessages>,
 }
 
 impl Stream {
     pub fn new(set: Set) -> Self {
-        Stream { set, carry: BytesMut::new() }
+        Stream { set, carry: BytesMut::new(), grpc: None }
+    }
+
+    /// A stream of gRPC length-prefixed messages. A message is complete in itself, and
+    /// a bidirectional call waits for it: at a message's end everything is released.
+    /// That point comes from the message lengths, never from a secret.
+    pub fn grpc(set: Set) -> Self {
+        Stream { grpc: Some(GrpcMessages::default()), ..Stream::new(set) }
     }
 
     /// Add a chunk; returns what can be released now.
     pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+        let message_end = self.grpc.as_mut().is_some_and(|g| g.feed(chunk));
         self.carry.extend_from_slice(chunk);
         self.set.mask(&mut self.carry);
-        let keep = self.set.holdback(&self.carry);
+        let keep = if message_end { 0 } else { self.set.holdback(&self.carry) };
         self.carry.split_to(self.carry.len() - keep).freeze()
     }
 
@@ -446,6 +456,38 @@ impl Stream {
     /// End of stream: release what was held back (it can no longer become a form).
     pub fn finish(&mut self) -> Bytes {
         self.carry.split().freeze()
+    }
+}
+
+/// Where gRPC messages (a flag byte, a 4-byte big-endian length, the message) end.
+#[derive(Debug, Default)]
+struct GrpcMessages {
+    /// Prefix bytes of the next message seen so far.
+    prefix: Vec<u8>,
+    /// Bytes of the current message still to come.
+    remaining: u64,
+}
+
+impl GrpcMessages {
+    /// Follow `data`; true when it ends exactly where a message ends.
+    fn feed(&mut self, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = data.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+                self.remaining -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let n = data.len().min(5 - self.prefix.len());
+            self.prefix.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.prefix.len() == 5 {
+                let len = [self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]];
+                self.remaining = u64::from(u32::from_be_bytes(len));
+                self.prefix.clear();
+            }
+        }
+        self.prefix.is_empty() && self.remaining == 0
     }
 }
 
@@ -544,6 +586,26 @@ mod tests {
         let out = s.push(b"3-REALsecretVALUE_xyz!\n");
         assert_eq!(out.len(), SECRET.len() + 2);
         assert!(!String::from_utf8_lossy(&out).contains("REAL"));
+    }
+
+    #[test]
+    fn grpc_messages_are_released_whole_at_their_end() {
+        let message = |payload: &[u8]| {
+            let mut m = vec![0u8];
+            m.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            m.extend_from_slice(payload);
+            m
+        };
+        let mut s = Stream::grpc(Set::new(vec![Arc::new(redactor())]).unwrap());
+        let first = message(b"pong:ping0");
+        assert_eq!(&s.push(&first[..7])[..], &first[..5], "inside a message: held as usual");
+        assert_eq!(&s.push(&first[7..])[..], &first[7 - 2..], "at its end: all of it");
+        let second = message(format!("echo {SECRET}").as_bytes());
+        let mut out = s.push(&second[..20]).to_vec();
+        out.extend_from_slice(&s.push(&second[20..]));
+        assert_eq!(out.len(), second.len());
+        assert!(!String::from_utf8_lossy(&out).contains("REAL"), "masked across chunks");
+        assert_eq!(&s.push(&message(b""))[..], &message(b"")[..], "an empty message ends too");
     }
 
     #[test]

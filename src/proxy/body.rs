@@ -257,8 +257,16 @@ pub struct Redacted<B> {
 }
 
 impl<B> Redacted<B> {
-    pub fn new(inner: B, set: crate::redact::Set) -> Self {
-        Redacted { inner, stream: crate::redact::Stream::new(set.clone()), set, trailers: None, done: false }
+    /// `headers`: the response's, which tell a gRPC body (released message by message).
+    pub fn new(inner: B, set: crate::redact::Set, headers: &http::HeaderMap) -> Self {
+        let grpc = headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|ct| ct.as_bytes().to_ascii_lowercase().starts_with(b"application/grpc"));
+        let stream = match grpc {
+            true => crate::redact::Stream::grpc(set.clone()),
+            false => crate::redact::Stream::new(set.clone()),
+        };
+        Redacted { inner, stream, set, trailers: None, done: false }
     }
 }
 

@@ -257,7 +257,9 @@ fn redact_response(
         ));
     }
     super::body::redact_head(&mut resp, set);
-    Ok(resp.map(|body| Redacted::new(body, set.clone()).boxed()))
+    let (parts, body) = resp.into_parts();
+    let body = Redacted::new(body, set.clone(), &parts.headers).boxed();
+    Ok(Response::from_parts(parts, body))
 }
 
 fn new_record(route: &Route, parts: &Parts) -> Record {
