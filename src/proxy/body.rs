@@ -384,3 +384,34 @@ where
         hint
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn redactors() -> crate::redact::Set {
+        let secret = crate::secrets::Secret::new("body-secret-0123456789".into());
+        crate::redact::Set::new(vec![Arc::new(crate::redact::Redactor::new(&[secret]).unwrap())]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn wrappers_forward_the_end_and_the_size() {
+        // hyper sends a head with END_STREAM (a gRPC trailers-only reply) only when the
+        // body says it is over before the first poll.
+        let empty = || http_body_util::Empty::<Bytes>::new();
+        let full = || http_body_util::Full::new(Bytes::from_static(b"abc"));
+        let headers = http::HeaderMap::new();
+        assert!(Counted::new(empty(), Arc::default()).is_end_stream());
+        assert!(Redacted::new(empty(), redactors(), &headers).is_end_stream());
+        assert_eq!(Counted::new(full(), Arc::default()).size_hint().exact(), Some(3));
+        let mut redacted = Redacted::new(full(), redactors(), &headers);
+        assert!(!redacted.is_end_stream());
+        assert_eq!(redacted.size_hint().exact(), Some(3));
+        // "abc" is all form characters: held back by the push, released by the end.
+        let frame = redacted.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "abc");
+        assert!(redacted.is_end_stream());
+        assert!(redacted.frame().await.is_none());
+    }
+}
