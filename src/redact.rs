@@ -448,6 +448,13 @@ impl Stream {
         self.carry.split_to(self.carry.len() - keep).freeze()
     }
 
+    /// Add the last chunk (the body says it is over): everything is released.
+    pub fn push_last(&mut self, chunk: &[u8]) -> Bytes {
+        self.carry.extend_from_slice(chunk);
+        self.set.mask(&mut self.carry);
+        self.finish()
+    }
+
     /// Bytes held back, not yet released.
     pub fn held(&self) -> usize {
         self.carry.len()
