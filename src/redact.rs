@@ -1,12 +1,18 @@
 //! Response redaction (invariant 5): every live secret, in every form an upstream might
 //! echo it, is replaced by a mask of the same length before the client sees it —
-//! streaming, holding back only bytes that could still begin a masked form.
+//! streaming, holding back the trailing bytes that could still belong to a masked form.
+//!
+//! What is held back never depends on the secret's value: it is the trailing run of
+//! bytes from a fixed alphabet (the bytes any masked form can consist of), up to the
+//! longest span a form can take. An agent that has an upstream echo its guesses sees the
+//! same framing and timing for a right and a wrong guess of the same length.
 
 use aho_corasick::{AhoCorasick, Input, MatchKind, Span, packed};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use bytes::{Bytes, BytesMut};
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use crate::secrets::Secret;
@@ -50,10 +56,14 @@ impl Cache {
 /// Forms shorter than this are not masked: they would hit ordinary text.
 const MIN_FORM: usize = 8;
 const MASK: u8 = b'*';
+/// A JSON `\uXXXX` escape is six bytes for one decoded byte at most (a surrogate pair is
+/// twelve for four): the widest a form can be spread in a response.
+const ESCAPE_WIDTH: usize = 6;
 
 /// The byte strings that reveal `secret`: raw, base64 and base64url at each of the three
 /// alignments (the characters that depend only on the secret), URL-encoded and
-/// JSON-escaped.
+/// JSON-escaped (with and without `\/`). Forms with some characters `\u`-escaped are
+/// found by decoding the escapes (see `find`).
 pub fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
     let mut out = vec![secret.to_vec()];
     for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
@@ -69,25 +79,40 @@ pub fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
         }
     }
     out.push(crate::inject::encode_component(&String::from_utf8_lossy(secret)).into_bytes());
-    out.push(json_escape(secret));
+    out.push(json_escape(secret, true));
+    out.push(json_escape(secret, false));
     out.retain(|f| f.len() >= MIN_FORM);
     out.sort();
     out.dedup();
     out
 }
 
-fn json_escape(s: &[u8]) -> Vec<u8> {
+fn json_escape(s: &[u8], slash: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     for &b in s {
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
             b'\\' => out.extend_from_slice(b"\\\\"),
-            b'/' => out.extend_from_slice(b"\\/"),
+            b'/' if slash => out.extend_from_slice(b"\\/"),
             b if b < 0x20 => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
             b => out.push(b),
         }
     }
     out
+}
+
+/// The bytes held back when they end a chunk: every printable ASCII character and every
+/// non-ASCII byte, but not whitespace, controls or the JSON/markup punctuation that ends
+/// a record (`"` `,` `{` `}` `[` `]` `<` `>`). Fixed, so that what is held back says
+/// nothing about a secret; a secret holding one of the excluded bytes adds that byte
+/// (which tells a prober only that the byte occurs in some secret).
+fn base_alphabet() -> [bool; 256] {
+    let mut a = [false; 256];
+    for (b, slot) in a.iter_mut().enumerate() {
+        let b = b as u8;
+        *slot = (b.is_ascii_graphic() || b >= 0x80) && !b"\",{}[]<>".contains(&b);
+    }
+    a
 }
 
 /// Finds the leftmost-longest form at or after a position. A handful of patterns is
@@ -117,7 +142,7 @@ impl Matcher {
         }
     }
 
-    fn find(&self, buf: &[u8], at: usize) -> Option<std::ops::Range<usize>> {
+    fn find(&self, buf: &[u8], at: usize) -> Option<Range<usize>> {
         match self {
             Matcher::Packed(s) => s.find_in(buf, Span::from(at..buf.len())).map(|m| m.range()),
             Matcher::Automaton(ac) => ac.find(Input::new(buf).span(at..buf.len())).map(|m| m.range()),
@@ -129,7 +154,13 @@ impl Matcher {
 #[derive(Debug)]
 pub struct Redactor {
     matcher: Matcher,
-    patterns: Vec<Vec<u8>>,
+    /// The forms, ASCII case-insensitively: header names arrive lowercased, and a
+    /// lowercased secret still gives most of it away.
+    names: AhoCorasick,
+    /// Bytes any form can consist of, escaped or not.
+    alphabet: [bool; 256],
+    /// The most bytes a form can take in a response: the longest form, every byte escaped.
+    span: usize,
 }
 
 impl Redactor {
@@ -142,61 +173,328 @@ impl Redactor {
             return None;
         }
         let matcher = Matcher::new(&patterns)?;
-        Some(Redactor { matcher, patterns })
+        let names = AhoCorasick::builder().ascii_case_insensitive(true).build(&patterns).ok()?;
+        let mut alphabet = base_alphabet();
+        for b in patterns.iter().flatten() {
+            alphabet[usize::from(*b)] = true;
+        }
+        let span = ESCAPE_WIDTH * patterns.iter().map(Vec::len).max().unwrap_or(0);
+        Some(Redactor { matcher, names, alphabet, span })
     }
 
     /// Mask every occurrence in place; returns how many were masked.
     pub fn mask(&self, buf: &mut [u8]) -> usize {
+        fill(buf, &find(std::iter::once(self), buf))
+    }
+
+    fn find_plain(&self, buf: &[u8], out: &mut Vec<Range<usize>>) {
         // Every match start is found: after a match the search resumes one byte on, so a
         // form overlapping an earlier one is masked too.
-        let mut ranges = Vec::new();
         let mut at = 0;
         while let Some(m) = self.matcher.find(buf, at) {
             at = m.start + 1;
-            ranges.push(m);
+            out.push(m);
         }
-        for r in &ranges {
-            buf[r.clone()].fill(MASK);
-        }
-        ranges.len()
     }
 
-    /// How many trailing bytes of `buf` could be the start of a form (to hold back).
-    pub fn holdback(&self, buf: &[u8]) -> usize {
-        let longest = self.patterns.iter().map(Vec::len).max().unwrap_or(1);
-        (1..longest.min(buf.len() + 1))
-            .rev()
-            .find(|&k| {
-                let tail = &buf[buf.len() - k..];
-                self.patterns.iter().any(|p| p.len() > k && p.starts_with(tail))
-            })
-            .unwrap_or(0)
+    /// Does a header name hold a secret (in any letter case)?
+    pub fn names_secret(&self, name: &[u8]) -> bool {
+        self.names.is_match(name)
     }
+
+    /// How many trailing bytes of `buf` to hold back: the trailing run of alphabet bytes,
+    /// shorter than the widest form — whatever those bytes are.
+    pub fn holdback(&self, buf: &[u8]) -> usize {
+        holdback(buf, &self.alphabet, self.span)
+    }
+}
+
+fn fill(buf: &mut [u8], ranges: &[Range<usize>]) -> usize {
+    for r in ranges {
+        buf[r.clone()].fill(MASK);
+    }
+    ranges.len()
+}
+
+fn holdback(buf: &[u8], alphabet: &[bool; 256], span: usize) -> usize {
+    let cap = span.saturating_sub(1);
+    buf.iter().rev().take(cap).take_while(|b| alphabet[usize::from(**b)]).count()
+}
+
+/// Every occurrence of the members' forms in `buf`, found on the unmasked bytes (one
+/// secret's mask never hides another secret's occurrence). Forms with `\uXXXX` escapes
+/// (any character, either hex case, mixed with `\/` and the other JSON escapes): a
+/// buffer holding a `\u` escape is searched once more with its escapes decoded, and each
+/// match is mapped back onto the bytes it came from. A buffer without one costs a
+/// single SIMD substring scan more.
+fn find<'a>(members: impl Iterator<Item = &'a Redactor> + Clone, buf: &[u8]) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    for m in members.clone() {
+        m.find_plain(buf, &mut out);
+    }
+    if has_unicode_escape(buf) {
+        // Decoding starts at the buffer's first byte: a buffer that begins inside an
+        // escape misreads that one escape, and what it hides is literal text, which the
+        // plain search above has seen.
+        let mut decoded = Decoded::default();
+        decoded.decode(buf);
+        let mut found = Vec::new();
+        for m in members {
+            m.find_plain(&decoded.text, &mut found);
+        }
+        out.extend(found.iter().map(|r| decoded.source(r)));
+    }
+    out
+}
+
+fn has_unicode_escape(buf: &[u8]) -> bool {
+    memchr::memmem::find_iter(buf, b"\\u")
+        .any(|at| buf.get(at + 2..at + 6).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)))
+}
+
+/// Text with its JSON escapes decoded, and where each escape came from.
+#[derive(Default)]
+struct Decoded {
+    text: Vec<u8>,
+    /// One per escape, in order: (start in `text`, decoded length, start in the
+    /// source, source length). Bytes between escapes are copied one for one.
+    escapes: Vec<(usize, usize, usize, usize)>,
+}
+
+impl Decoded {
+    /// JSON string unescaping of `src`; what is not a valid escape is copied as it is.
+    fn decode(&mut self, src: &[u8]) {
+        self.text.clear();
+        self.escapes.clear();
+        self.text.reserve(src.len());
+        let mut i = 0;
+        loop {
+            // Escape-dense text (`\u4f60\u597d…`) meets the next backslash at once.
+            let at = match src.get(i) {
+                Some(b'\\') => i,
+                Some(_) => match memchr::memchr(b'\\', &src[i..]) {
+                    Some(n) => i + n,
+                    None => break,
+                },
+                None => break,
+            };
+            self.text.extend_from_slice(&src[i..at]);
+            match escape_at(&src[at..]) {
+                Some((c, used)) => {
+                    let mut utf8 = [0u8; 4];
+                    let bytes = c.encode_utf8(&mut utf8).as_bytes();
+                    self.escapes.push((self.text.len(), bytes.len(), at, used));
+                    self.text.extend_from_slice(bytes);
+                    i = at + used;
+                }
+                None => {
+                    self.text.push(b'\\');
+                    i = at + 1;
+                }
+            }
+        }
+        self.text.extend_from_slice(&src[i..]);
+    }
+
+    /// The source range decoded range `r` came from (escapes it touches count whole).
+    fn source(&self, r: &Range<usize>) -> Range<usize> {
+        self.source_of(r.start, false)..self.source_of(r.end - 1, true)
+    }
+
+    /// Where decoded byte `d` starts (or, with `end`, ends) in the source.
+    fn source_of(&self, d: usize, end: bool) -> usize {
+        // The last escape starting at or before `d`.
+        let n = self.escapes.partition_point(|e| e.0 <= d);
+        let Some(&(text, len, src, used)) = n.checked_sub(1).map(|k| &self.escapes[k]) else {
+            return d + usize::from(end);
+        };
+        if d < text + len {
+            return if end { src + used } else { src };
+        }
+        src + used + (d - text - len) + usize::from(end)
+    }
+}
+
+/// The character a JSON escape at the start of `s` stands for, and its length.
+fn escape_at(s: &[u8]) -> Option<(char, usize)> {
+    let c = match *s.get(1)? {
+        b'"' => '"',
+        b'\\' => '\\',
+        b'/' => '/',
+        b'b' => '\u{8}',
+        b'f' => '\u{c}',
+        b'n' => '\n',
+        b'r' => '\r',
+        b't' => '\t',
+        b'u' => return unicode_escape(s),
+        _ => return None,
+    };
+    Some((c, 2))
+}
+
+/// `\uXXXX`, or a surrogate pair `\uD8xx\uDCxx`; a lone surrogate is no character.
+fn unicode_escape(s: &[u8]) -> Option<(char, usize)> {
+    let unit = hex4(s.get(2..6)?)?;
+    if !(0xD800..0xDC00).contains(&unit) {
+        return Some((char::from_u32(unit)?, 6));
+    }
+    let low = s.get(6..8).filter(|e| e == b"\\u").and_then(|_| hex4(s.get(8..12)?))?;
+    if !(0xDC00..0xE000).contains(&low) {
+        return None;
+    }
+    Some((char::from_u32(0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00))?, 12))
+}
+
+fn hex4(h: &[u8]) -> Option<u32> {
+    let [a, b, c, d] = *h else { return None };
+    let (a, b, c, d) = (HEX[usize::from(a)], HEX[usize::from(b)], HEX[usize::from(c)], HEX[usize::from(d)]);
+    if (a | b | c | d) & 0x10 != 0 {
+        return None;
+    }
+    Some(u32::from(a) << 12 | u32::from(b) << 8 | u32::from(c) << 4 | u32::from(d))
+}
+
+/// Hex digit values; 0x10 marks a byte that is not one.
+const HEX: [u8; 256] = {
+    let mut t = [0x10u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// The redactors that apply to one response (every credential naming its host), with
+/// what they hold back combined.
+#[derive(Debug, Clone)]
+pub struct Set {
+    members: Vec<Arc<Redactor>>,
+    alphabet: [bool; 256],
+    span: usize,
+}
+
+impl Set {
+    /// `None` when there is nothing to mask.
+    pub fn new(members: Vec<Arc<Redactor>>) -> Option<Set> {
+        let mut alphabet = members.first()?.alphabet;
+        for m in &members[1..] {
+            for (a, b) in alphabet.iter_mut().zip(m.alphabet.iter()) {
+                *a |= *b;
+            }
+        }
+        let span = members.iter().map(|m| m.span).max().unwrap_or(0);
+        Some(Set { members, alphabet, span })
+    }
+
+    /// Mask every member's secrets in place; returns how many occurrences were masked.
+    pub fn mask(&self, buf: &mut [u8]) -> usize {
+        fill(buf, &find(self.members.iter().map(|m| &**m), buf))
+    }
+
+    pub fn names_secret(&self, name: &[u8]) -> bool {
+        self.members.iter().any(|m| m.names_secret(name))
+    }
+
+    pub fn holdback(&self, buf: &[u8]) -> usize {
+        holdback(buf, &self.alphabet, self.span)
+    }
+}
+
+/// The redactors of every credential that names `dest`'s host (`None`: nothing to mask).
+pub fn for_host(config: &crate::config::Config, dest: &crate::policy::Destination) -> Option<Set> {
+    let members = config
+        .policy
+        .naming_host(dest)
+        .filter_map(|i| config.credentials.get(i))
+        .filter_map(|c| c.redactor.get(c.injector.secrets()))
+        .collect();
+    Set::new(members)
 }
 
 /// Redaction over a stream of chunks.
 #[derive(Debug)]
 pub struct Stream {
-    redactor: Arc<Redactor>,
+    set: Set,
     carry: BytesMut,
+    /// Set for gRPC bodies: the message framing, so nothing is held past a message's end.
+    grpc: Option<GrpcMessages>,
 }
 
 impl Stream {
-    pub fn new(redactor: Arc<Redactor>) -> Self {
-        Stream { redactor, carry: BytesMut::new() }
+    pub fn new(set: Set) -> Self {
+        Stream { set, carry: BytesMut::new(), grpc: None }
+    }
+
+    /// A stream of gRPC length-prefixed messages. A message is complete in itself, and
+    /// a bidirectional call waits for it: at a message's end everything is released.
+    /// That point comes from the message lengths, never from a secret.
+    pub fn grpc(set: Set) -> Self {
+        Stream { grpc: Some(GrpcMessages::default()), ..Stream::new(set) }
     }
 
     /// Add a chunk; returns what can be released now.
     pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+        let message_end = self.grpc.as_mut().is_some_and(|g| g.feed(chunk));
         self.carry.extend_from_slice(chunk);
-        self.redactor.mask(&mut self.carry);
-        let keep = self.redactor.holdback(&self.carry);
+        self.set.mask(&mut self.carry);
+        let keep = if message_end { 0 } else { self.set.holdback(&self.carry) };
         self.carry.split_to(self.carry.len() - keep).freeze()
+    }
+
+    /// Add the last chunk (the body says it is over): everything is released.
+    pub fn push_last(&mut self, chunk: &[u8]) -> Bytes {
+        self.carry.extend_from_slice(chunk);
+        self.set.mask(&mut self.carry);
+        self.finish()
+    }
+
+    /// Bytes held back, not yet released.
+    pub fn held(&self) -> usize {
+        self.carry.len()
     }
 
     /// End of stream: release what was held back (it can no longer become a form).
     pub fn finish(&mut self) -> Bytes {
         self.carry.split().freeze()
+    }
+}
+
+/// Where gRPC messages (a flag byte, a 4-byte big-endian length, the message) end.
+#[derive(Debug, Default)]
+struct GrpcMessages {
+    /// Prefix bytes of the next message seen so far.
+    prefix: Vec<u8>,
+    /// Bytes of the current message still to come.
+    remaining: u64,
+}
+
+impl GrpcMessages {
+    /// Follow `data`; true when it ends exactly where a message ends.
+    fn feed(&mut self, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = data.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+                self.remaining -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let n = data.len().min(5 - self.prefix.len());
+            self.prefix.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.prefix.len() == 5 {
+                let len = [self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]];
+                self.remaining = u64::from(u32::from_be_bytes(len));
+                self.prefix.clear();
+            }
+        }
+        self.prefix.is_empty() && self.remaining == 0
     }
 }
 
@@ -211,8 +509,12 @@ mod tests {
         Redactor::new(&[Secret::new(SECRET.into())]).unwrap()
     }
 
+    fn stream() -> Stream {
+        Stream::new(Set::new(vec![Arc::new(redactor())]).unwrap())
+    }
+
     fn whole(text: &[u8]) -> Vec<u8> {
-        let mut s = Stream::new(Arc::new(redactor()));
+        let mut s = stream();
         let mut out = s.push(text).to_vec();
         out.extend_from_slice(&s.finish());
         out
@@ -274,14 +576,96 @@ mod tests {
     }
 
     #[test]
-    fn only_possible_prefixes_are_held_back() {
-        let mut s = Stream::new(Arc::new(redactor()));
+    fn what_is_held_back_does_not_depend_on_the_secret() {
+        let mut s = stream();
         assert_eq!(&s.push(b"data: hello\n\n")[..], b"data: hello\n\n", "SSE events are not delayed");
+        assert_eq!(&s.push(b"{\"a\":\"b\"}")[..], b"{\"a\":\"b\"}", "nor JSON records");
+        // A possible start of the secret and a certain non-start are held alike.
+        for guess in ["sk-ant-api0", "sk-ant-XXX0", "zzzzzzzzzz0"] {
+            let mut s = stream();
+            let out = s.push(format!("echo: @{guess}").as_bytes());
+            assert_eq!(&out[..], b"echo: ", "{guess}");
+            assert_eq!(s.held(), guess.len() + 1);
+        }
+        let mut s = stream();
         let out = s.push(b"data: sk-ant-api0");
-        assert_eq!(&out[..], b"data: ", "a possible start is held");
-        let out = s.push(b"3-REALsecretVALUE_xyz!");
-        assert_eq!(out.len(), SECRET.len() + 1);
+        assert_eq!(&out[..], b"data: ");
+        let out = s.push(b"3-REALsecretVALUE_xyz!\n");
+        assert_eq!(out.len(), SECRET.len() + 2);
         assert!(!String::from_utf8_lossy(&out).contains("REAL"));
+    }
+
+    #[test]
+    fn grpc_messages_are_released_whole_at_their_end() {
+        let message = |payload: &[u8]| {
+            let mut m = vec![0u8];
+            m.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            m.extend_from_slice(payload);
+            m
+        };
+        let mut s = Stream::grpc(Set::new(vec![Arc::new(redactor())]).unwrap());
+        let first = message(b"pong:ping0");
+        assert_eq!(&s.push(&first[..7])[..], &first[..5], "inside a message: held as usual");
+        assert_eq!(&s.push(&first[7..])[..], &first[7 - 2..], "at its end: all of it");
+        let second = message(format!("echo {SECRET}").as_bytes());
+        let mut out = s.push(&second[..20]).to_vec();
+        out.extend_from_slice(&s.push(&second[20..]));
+        assert_eq!(out.len(), second.len());
+        assert!(!String::from_utf8_lossy(&out).contains("REAL"), "masked across chunks");
+        assert_eq!(&s.push(&message(b""))[..], &message(b"")[..], "an empty message ends too");
+    }
+
+    #[test]
+    fn a_long_run_is_held_only_up_to_the_widest_form() {
+        let r = redactor();
+        let widest = r.span;
+        let text = vec![b'x'; widest * 3];
+        assert_eq!(r.holdback(&text), widest - 1);
+        let mut s = stream();
+        assert_eq!(s.push(&text).len(), text.len() - (widest - 1));
+    }
+
+    #[test]
+    fn unicode_escaped_forms_are_masked() {
+        let r = redactor();
+        let escape = |c: char, upper: bool| {
+            let hex = format!("{:04x}", c as u32);
+            format!("\\u{}", if upper { hex.to_uppercase() } else { hex })
+        };
+        let every: String = SECRET.chars().map(|c| escape(c, true)).collect();
+        let some: String = SECRET
+            .chars()
+            .enumerate()
+            .map(|(i, c)| if i % 3 == 0 { escape(c, i % 2 == 0) } else { c.to_string() })
+            .collect();
+        let one = format!("{}{}", escape(SECRET.chars().next().unwrap(), false), &SECRET[1..]);
+        for escaped in [every, some, one] {
+            let text = format!(r#"{{"model":"{escaped}","n":1}}"#);
+            let mut bytes = text.clone().into_bytes();
+            assert!(r.mask(&mut bytes) >= 1, "{text}");
+            let out = String::from_utf8(bytes).unwrap();
+            assert_eq!(out.len(), text.len());
+            let decoded: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert!(!decoded["model"].as_str().unwrap().contains("REALsecret"), "{out}");
+            assert!(out.starts_with(r#"{"model":""#) && out.ends_with(r#"","n":1}"#), "only the form: {out}");
+        }
+        // A JSON-escaped backslash before `u` is no escape: nothing decodes there.
+        let mut plain = br#"path \\u0041 and \u00e9t\u00E9"#.to_vec();
+        assert_eq!(r.mask(&mut plain), 0);
+    }
+
+    #[test]
+    fn escapes_decode_as_json_does() {
+        let mut d = Decoded::default();
+        let src = br#"a\u0042\/\\u\ud83d\ude00\ud800x\q"#;
+        d.decode(src);
+        assert_eq!(String::from_utf8(d.text.clone()).unwrap(), "aB/\\u\u{1F600}\\ud800x\\q");
+        // Decoded "B/" is source "\u0042\/"; the emoji's four bytes are its twelve.
+        assert_eq!(d.source(&(1..3)), 1..9);
+        assert_eq!(d.source(&(5..9)), 12..24);
+        assert_eq!(d.source(&(6..7)), 12..24, "part of an escape maps to all of it");
+        assert_eq!(d.source(&(0..1)), 0..1);
+        assert_eq!(d.source(&(9..d.text.len())), 24..src.len());
     }
 
     proptest! {
@@ -291,19 +675,25 @@ mod tests {
             before in "[ -~]{0,40}",
             after in "[ -~]{0,40}",
             cuts in proptest::collection::vec(0usize..200, 0..8),
-            which in 0usize..4,
+            which in 0usize..5,
+            escaped in proptest::collection::vec(any::<bool>(), SECRET.len()),
         ) {
             let form = match which {
                 0 => SECRET.to_string(),
                 1 => base64::engine::general_purpose::STANDARD.encode(format!("x{SECRET}")),
                 2 => crate::inject::encode_component(SECRET),
-                _ => format!("\"{SECRET}\""),
+                3 => format!("\"{SECRET}\""),
+                _ => SECRET
+                    .chars()
+                    .zip(&escaped)
+                    .map(|(c, e)| if *e { format!("\\u{:04X}", c as u32) } else { c.to_string() })
+                    .collect(),
             };
             let text = format!("{before}{form}{after}");
             let bytes = text.as_bytes();
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
             cuts.sort();
-            let mut s = Stream::new(Arc::new(redactor()));
+            let mut s = stream();
             let mut out = Vec::new();
             let mut last = 0;
             for c in cuts.into_iter().chain([bytes.len()]) {
@@ -314,6 +704,7 @@ mod tests {
             prop_assert_eq!(out.len(), bytes.len());
             let out = String::from_utf8_lossy(&out).into_owned();
             prop_assert!(!out.contains(SECRET));
+            prop_assert!(!out.contains("REALsecret"), "no part of an escaped form: {}", out);
             for f in forms(SECRET.as_bytes()) {
                 prop_assert!(!out.as_bytes().windows(f.len()).any(|w| w == &f[..]));
             }

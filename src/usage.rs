@@ -20,6 +20,20 @@ impl Usage {
         self.input_tokens.unwrap_or(0) + self.output_tokens.unwrap_or(0)
     }
 
+    /// What may leave latchkey of a decoded response value (invariant 5): the model name
+    /// with every live secret masked, and `other` unless it then looks like a model name
+    /// — an upstream, or an agent it echoes, decides what this string is.
+    pub fn redacted(mut self, redactors: &[std::sync::Arc<crate::redact::Redactor>]) -> Usage {
+        if let Some(model) = self.model.take() {
+            let mut bytes = model.into_bytes();
+            let masked: usize = redactors.iter().map(|r| r.mask(&mut bytes)).sum();
+            let plausible = masked == 0 && is_model_name(&bytes);
+            self.model =
+                Some(if plausible { String::from_utf8_lossy(&bytes).into_owned() } else { "other".into() });
+        }
+        self
+    }
+
     /// Take what one JSON object says. Anthropic streams put input tokens in
     /// `message_start.message.usage` and the final output count in the last
     /// `message_delta.usage`; OpenAI puts `usage` (prompt/completion, or input/output for
@@ -41,6 +55,12 @@ impl Usage {
             }
         }
     }
+}
+
+/// Model names as providers write them: `claude-sonnet-4-5`, `gpt-4o-2024-08-06`,
+/// `models/gemini-2.5-pro`, `anthropic.claude-3-haiku-20240307-v1:0`, `meta-llama/Llama-3-8b`.
+fn is_model_name(s: &[u8]) -> bool {
+    (1..=128).contains(&s.len()) && s.iter().all(|b| b.is_ascii_alphanumeric() || b"-._:/@+".contains(b))
 }
 
 /// Longest SSE line looked at (usage events are small).
@@ -223,6 +243,29 @@ data: {\"type\":\"message_stop\"}\n\n";
         let u = m.finish().unwrap();
         assert_eq!((u.input_tokens, u.output_tokens), (Some(1234), Some(5678)));
         assert_eq!(u.model.as_deref(), Some("gpt-4o"));
+    }
+
+    #[test]
+    fn model_names_are_masked_after_decoding_and_must_look_like_one() {
+        use crate::secrets::Secret;
+        let secret = "scoped-REALsecret-0123456789";
+        let r = std::sync::Arc::new(crate::redact::Redactor::new(&[Secret::new(secret.into())]).unwrap());
+        let escaped = secret.replacen('p', "\\u0070", 1);
+        let body = format!(r#"{{"model":"{escaped}","usage":{{"input_tokens":1,"output_tokens":2}}}}"#);
+        let u = run("application/json", &body, 7).unwrap();
+        assert_eq!(u.model.as_deref(), Some(secret), "the meter decodes JSON");
+        assert_eq!(u.redacted(std::slice::from_ref(&r)).model.as_deref(), Some("other"));
+        let named = |m: &str| {
+            Usage { model: Some(m.into()), ..Default::default() }.redacted(std::slice::from_ref(&r)).model
+        };
+        assert_eq!(named("claude-sonnet-4-5").as_deref(), Some("claude-sonnet-4-5"));
+        assert_eq!(
+            named("anthropic.claude-3-haiku-20240307-v1:0").as_deref(),
+            Some("anthropic.claude-3-haiku-20240307-v1:0")
+        );
+        for odd in ["", "a b", "x\"}", "<script>", &"m".repeat(129)] {
+            assert_eq!(named(odd).as_deref(), Some("other"), "{odd:?}");
+        }
     }
 
     #[test]

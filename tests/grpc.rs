@@ -28,7 +28,12 @@ fn setup(token: &str, mtls: bool, cfg: impl Fn(&std::path::Path) -> String) -> (
 }
 
 fn client(lk: &Latchkey) -> std::process::Output {
+    client_with(lk, &[])
+}
+
+fn client_with(lk: &Latchkey, args: &[&str]) -> std::process::Output {
     py("grpc_client.py")
+        .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap())
         .env("HOME", lk.dir.path())
@@ -68,4 +73,30 @@ fn grpc_with_a_client_certificate_like_talos() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}\n{}", String::from_utf8_lossy(&out.stderr), lk.stderr());
     assert_eq!(text.lines().collect::<Vec<_>>(), EXPECTED);
+}
+
+const REDACTING: &str = "redact_responses = true\n#END-PROXY\n[credentials.grpc]\nauth_type = \"bearer\"\nvalue = \"${GRPC_TOKEN}\"\ndomains = [\"api.example.com\"]\n";
+
+#[test]
+fn a_bidirectional_call_gets_each_reply_before_it_sends_the_next() {
+    // Redaction holds back the tail of a chunk; a gRPC message's end releases it, or a
+    // ping-pong client would wait forever for a reply ending in "ping0".
+    let (_server, lk) = setup(SECRET, false, |_| REDACTING.to_string());
+    let out = client_with(&lk, &["chat"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}\n{}", String::from_utf8_lossy(&out.stderr), lk.stderr());
+    assert_eq!(text.lines().collect::<Vec<_>>(), ["pong:ping0", "pong:ping1", "pong:ping2", "OK"]);
+}
+
+#[test]
+fn a_trailers_only_refusal_reaches_the_client_as_sent() {
+    // Redaction on, as by default: every body wrapper must keep the reply trailers-only.
+    let (_server, lk) = setup(SECRET, false, |_| REDACTING.to_string());
+    let out = client_with(&lk, &["denied"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}\n{}", String::from_utf8_lossy(&out.stderr), lk.stderr());
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["PERMISSION_DENIED", "project alpha is not yours", "policy-7"]
+    );
 }

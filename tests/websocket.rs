@@ -115,3 +115,116 @@ fn a_reflected_credential_in_a_text_frame_is_masked() {
     assert_eq!(lines[1], lines[0], "split across fragments: masked all the same");
     assert_eq!(lines[2], "None", "no permessage-deflate on a credentialed socket");
 }
+
+/// A server frame (never masked by a well-behaved server), payload under 126 bytes.
+fn server_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![first, payload.len() as u8];
+    f.extend_from_slice(payload);
+    f
+}
+
+/// `text` as a raw DEFLATE stream (what permessage-deflate carries), from gzip(1).
+fn deflated(text: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("gzip")
+        .args(["-c", "-n"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gzip(1) is needed for the permessage-deflate test");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let gz = child.wait_with_output().unwrap().stdout;
+    gz[10..gz.len() - 8].to_vec()
+}
+
+/// A WebSocket upstream that answers the handshake and then sends exactly the frames a
+/// hostile server would, per path.
+fn hostile_ws_upstream() -> Upstream {
+    let script: Script = std::sync::Arc::new(|req: &ScriptedRequest| {
+        let secret = req.credential.trim_start_matches("Bearer ").to_string();
+        let mut head = String::from(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n",
+        );
+        let frames = match req.path.as_str() {
+            "/close-reason" => {
+                server_frame(0x88, &[&[0x0f, 0xa0][..], format!("bad token {secret}").as_bytes()].concat())
+            }
+            "/masked-text" => {
+                let key = [0x37, 0xfa, 0x21, 0x3d];
+                let payload: Vec<u8> =
+                    format!("you are {secret}").bytes().enumerate().map(|(i, b)| b ^ key[i % 4]).collect();
+                let mut f = vec![0x81, 0x80 | payload.len() as u8];
+                f.extend_from_slice(&key);
+                f.extend(payload);
+                f
+            }
+            "/reserved-opcode" => server_frame(0x83, format!("you are {secret}").as_bytes()),
+            _ => {
+                // Accepts the compression latchkey removed from the offer, and uses it.
+                head.push_str("Sec-WebSocket-Extensions: permessage-deflate\r\n");
+                server_frame(0xc1, &deflated(&format!("you are {secret}")))
+            }
+        };
+        let mut out = format!("{head}\r\n").into_bytes();
+        out.extend(frames);
+        out
+    });
+    scripted_upstream(script)
+}
+
+/// Upgrade through the proxy with raw bytes; everything the client receives.
+fn raw_websocket(lk: &Latchkey, path: &str) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let (stream, status) = raw::tunnel(lk.port, "api.example.com:443");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
+    let mut tls = raw::tls(stream, "api.example.com");
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: api.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Extensions: permessage-deflate\r\nAuthorization: Bearer placeholder\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out);
+    out
+}
+
+#[test]
+fn websocket_frames_that_would_escape_masking_never_carry_the_secret() {
+    let up = hostile_ws_upstream();
+    let cfg = "redact_responses = true\n#END-PROXY\n[credentials.ws]\nauth_type = \"bearer\"\nvalue = \"${WS_TOKEN}\"\ndomains = [\"api.example.com\"]\n";
+    let lk = Latchkey::start(Some(&up), cfg, &[("WS_TOKEN", SECRET)]);
+    let split = |reply: &[u8]| {
+        let at = reply.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4).unwrap_or(reply.len());
+        (String::from_utf8_lossy(&reply[..at]).into_owned(), reply[at..].to_vec())
+    };
+
+    let (head, frames) = split(&raw_websocket(&lk, "/close-reason"));
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let reason = format!("bad token {}", "*".repeat(SECRET.len()));
+    assert_eq!(
+        frames,
+        server_frame(0x88, &[&[0x0f, 0xa0][..], reason.as_bytes()].concat()),
+        "masked in place"
+    );
+
+    // Failed, not passed: the client gets a close 1002 and nothing of the frame.
+    for path in ["/masked-text", "/reserved-opcode"] {
+        let (head, frames) = split(&raw_websocket(&lk, path));
+        assert!(head.starts_with("HTTP/1.1 101"), "{path}: {head}");
+        assert_eq!(frames, [0x88, 0x02, 0x03, 0xea], "{path}");
+    }
+
+    let (head, frames) = split(&raw_websocket(&lk, "/deflate"));
+    assert!(head.starts_with("HTTP/1.1 502"), "an extension latchkey did not offer: {head}");
+    assert!(head.to_ascii_lowercase().contains("x-latchkey-error: upstream-websocket"), "{head}");
+    let body = String::from_utf8(frames).expect("a text refusal, no frame");
+    assert!(body.starts_with("latchkey: "), "{body}");
+    let seen = up.requests();
+    assert!(
+        seen.iter().all(|r| r.header_all("sec-websocket-extensions").is_empty()),
+        "none offered upstream"
+    );
+}

@@ -352,6 +352,17 @@ impl Policy {
             .find_map(|p| self.unnamed_capture(c, p, &dest.host))
     }
 
+    /// Credentials whose host patterns name `dest`'s host, on any port and for any path:
+    /// every response from that host is scanned for their secrets (invariant 5), whether
+    /// or not the request carried one.
+    pub fn naming_host<'a>(&'a self, dest: &'a Destination) -> impl Iterator<Item = usize> + 'a {
+        self.credentials
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.patterns.iter().any(|p| p.matches_host(&dest.host).is_some()))
+            .map(|(i, _)| i)
+    }
+
     fn domain_refusal(&self, dest: &Destination) -> Option<Refusal> {
         let f = &self.filters;
         if let Some(p) = f

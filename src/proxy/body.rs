@@ -162,7 +162,9 @@ pub struct Pending {
     pub span: Option<crate::otlp::Span>,
     /// Up to this many redacted body bytes go on the span.
     pub capture: Option<(usize, Vec<u8>)>,
-    pub capture_redactors: Vec<Arc<crate::redact::Redactor>>,
+    /// Where every credential's redactor is found when something read out of the
+    /// response (a captured body, a model name) is about to leave latchkey.
+    pub config: Arc<Config>,
 }
 
 impl Pending {
@@ -182,13 +184,16 @@ impl Drop for Pending {
         self.record.bytes_up = self.up.load(Ordering::Relaxed);
         self.record.bytes_down = self.down.load(Ordering::Relaxed);
         self.record.duration_ms = self.started.elapsed().as_millis() as u64;
-        self.record.usage = self.meter.take().and_then(crate::usage::Meter::finish);
+        let usage = self.meter.take().and_then(crate::usage::Meter::finish);
+        let read_out = self.capture.is_some() || usage.as_ref().is_some_and(|u| u.model.is_some());
+        // Masked again here: with `redact_responses = false` (or a form the body redactor
+        // does not know) the client saw raw bytes, but no log, label or span carries them.
+        let redactors = if read_out { super::ops::all_redactors(&self.config) } else { Vec::new() };
+        self.record.usage = usage.map(|u| u.redacted(&redactors));
         let mut span = self.span.take();
         if let (Some(s), Some((cap, mut body))) = (&mut span, self.capture.take()) {
             let cut_short = body.len() >= cap;
-            // Masked again here: with `redact_responses = false` the client saw the raw
-            // bytes, but a span never carries a secret.
-            for r in &self.capture_redactors {
+            for r in &redactors {
                 r.mask(&mut body);
                 // A form cut off by the capture limit: its start is not exported either.
                 if cut_short {
@@ -246,33 +251,74 @@ where
 pub struct Redacted<B> {
     inner: B,
     stream: crate::redact::Stream,
-    redactor: Arc<crate::redact::Redactor>,
+    set: crate::redact::Set,
     trailers: Option<http::HeaderMap>,
     done: bool,
 }
 
 impl<B> Redacted<B> {
-    pub fn new(inner: B, redactor: Arc<crate::redact::Redactor>) -> Self {
-        Redacted {
-            inner,
-            stream: crate::redact::Stream::new(redactor.clone()),
-            redactor,
-            trailers: None,
-            done: false,
-        }
+    /// `headers`: the response's, which tell a gRPC body (released message by message).
+    pub fn new(inner: B, set: crate::redact::Set, headers: &http::HeaderMap) -> Self {
+        let grpc = headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|ct| ct.as_bytes().to_ascii_lowercase().starts_with(b"application/grpc"));
+        let stream = match grpc {
+            true => crate::redact::Stream::grpc(set.clone()),
+            false => crate::redact::Stream::new(set.clone()),
+        };
+        Redacted { inner, stream, set, trailers: None, done: false }
     }
 }
 
-/// Mask secrets in header values (same length, so nothing else changes).
-pub fn redact_headers(headers: &mut http::HeaderMap, redactor: &crate::redact::Redactor) {
+/// Mask secrets in header values (same length, so nothing else changes) and drop every
+/// header whose name holds one.
+pub fn redact_headers(headers: &mut http::HeaderMap, set: &crate::redact::Set) {
+    let named: Vec<http::HeaderName> =
+        headers.keys().filter(|k| set.names_secret(k.as_str().as_bytes())).cloned().collect();
+    for name in named {
+        headers.remove(name);
+    }
     for value in headers.values_mut() {
         let mut bytes = value.as_bytes().to_vec();
-        if redactor.mask(&mut bytes) > 0
+        if set.mask(&mut bytes) > 0
             && let Ok(v) = http::HeaderValue::from_bytes(&bytes)
         {
             *value = v;
         }
     }
+}
+
+/// Mask secrets in a response head: the HTTP/1.1 reason phrase, header names and values.
+pub fn redact_head<B>(resp: &mut http::Response<B>, set: &crate::redact::Set) {
+    if let Some(reason) = resp.extensions().get::<hyper::ext::ReasonPhrase>() {
+        let mut bytes = reason.as_bytes().to_vec();
+        if set.mask(&mut bytes) > 0 {
+            // Without the upstream's phrase, hyper writes the canonical one.
+            let masked = hyper::ext::ReasonPhrase::try_from(bytes);
+            resp.extensions_mut().remove::<hyper::ext::ReasonPhrase>();
+            if let Ok(r) = masked {
+                resp.extensions_mut().insert(r);
+            }
+        }
+    }
+    redact_headers(resp.headers_mut(), set);
+}
+
+/// The first coding, in any instance of `Content-Encoding` or `Transfer-Encoding`, that
+/// a body would have to be decoded through before it could be scanned: anything but
+/// `identity` (and `chunked`, which hyper has already undone).
+pub fn unscannable_coding(headers: &http::HeaderMap) -> Option<String> {
+    let find = |name: http::HeaderName, allowed: &[&[u8]]| {
+        headers
+            .get_all(&name)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(|c| c.trim_ascii())
+            .find(|c| !c.is_empty() && !allowed.iter().any(|a| c.eq_ignore_ascii_case(a)))
+            .map(|c| format!("{name}: {}", String::from_utf8_lossy(c)))
+    };
+    find(http::header::CONTENT_ENCODING, &[b"identity"])
+        .or_else(|| find(http::header::TRANSFER_ENCODING, &[b"identity", b"chunked"]))
 }
 
 impl<B> HttpBody for Redacted<B>
@@ -291,14 +337,19 @@ where
             match next_frame(&mut self.inner, cx) {
                 Ok(frame) => match frame.into_data() {
                     Ok(data) => {
-                        let out = self.stream.push(&data);
+                        // A body that knows it is over (a length reached) is released in
+                        // one frame rather than its held tail in a second one.
+                        let out = match self.inner.is_end_stream() {
+                            true => self.stream.push_last(&data),
+                            false => self.stream.push(&data),
+                        };
                         if !out.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
                     }
                     Err(frame) => {
                         let mut trailers = frame.into_trailers().unwrap_or_default();
-                        redact_headers(&mut trailers, &self.redactor);
+                        redact_headers(&mut trailers, &self.set);
                         self.trailers = Some(trailers);
                         self.done = true;
                         let rest = self.stream.finish();
@@ -319,7 +370,53 @@ where
         }
     }
 
+    /// Forwarded, so a response that ends with its head (a gRPC trailers-only reply)
+    /// still ends with its head rather than with an empty DATA frame.
+    fn is_end_stream(&self) -> bool {
+        let pending = self.stream.held() > 0 || self.trailers.is_some();
+        !pending && (self.done || self.inner.is_end_stream())
+    }
+
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        // Masking keeps lengths; what is held back is still to come.
+        let inner = self.inner.size_hint();
+        let held = self.stream.held() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + held);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn redactors() -> crate::redact::Set {
+        let secret = crate::secrets::Secret::new("body-secret-0123456789".into());
+        crate::redact::Set::new(vec![Arc::new(crate::redact::Redactor::new(&[secret]).unwrap())]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn wrappers_forward_the_end_and_the_size() {
+        // hyper sends a head with END_STREAM (a gRPC trailers-only reply) only when the
+        // body says it is over before the first poll.
+        let empty = || http_body_util::Empty::<Bytes>::new();
+        let full = || http_body_util::Full::new(Bytes::from_static(b"abc"));
+        let headers = http::HeaderMap::new();
+        assert!(Counted::new(empty(), Arc::default()).is_end_stream());
+        assert!(Redacted::new(empty(), redactors(), &headers).is_end_stream());
+        assert_eq!(Counted::new(full(), Arc::default()).size_hint().exact(), Some(3));
+        let mut redacted = Redacted::new(full(), redactors(), &headers);
+        assert!(!redacted.is_end_stream());
+        assert_eq!(redacted.size_hint().exact(), Some(3));
+        // "abc" is all form characters, but the body is over once it is read: one frame.
+        let frame = redacted.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "abc");
+        assert!(redacted.is_end_stream());
+        assert!(redacted.frame().await.is_none());
     }
 }

@@ -118,8 +118,6 @@ pub async fn handle(
                 .and_then(|ct| crate::usage::Meter::for_content_type(ct.to_str().unwrap_or("")));
             let cap = generation.config.telemetry.capture_body_bytes;
             let capture = (span.is_some() && cap > 0).then(|| (cap, Vec::new()));
-            let capture_redactors =
-                if capture.is_some() { super::ops::all_redactors(&generation.config) } else { Vec::new() };
             let pending = Pending {
                 _exchange: in_flight,
                 ops: proxy.ops.clone(),
@@ -131,7 +129,7 @@ pub async fn handle(
                 meter,
                 span,
                 capture,
-                capture_redactors,
+                config: generation.config.clone(),
             };
             Ok(Response::from_parts(parts, Logged::new(body, pending).boxed()))
         }
@@ -181,7 +179,9 @@ async fn exchange(
     if config.proxy.via {
         add_via(&mut parts.headers);
     }
-    let redact = chosen.is_some() && config.proxy.redact_responses;
+    // Every response from a host a credential names is scanned, whether or not this
+    // request carries the credential (it may return one sent earlier).
+    let redact = config.proxy.redact_responses && config.policy.naming_host(&route.dest).next().is_some();
     if redact {
         // A compressed body could not be scanned for the secret: ask for identity.
         parts.headers.insert(header::ACCEPT_ENCODING, header::HeaderValue::from_static("identity"));
@@ -210,8 +210,8 @@ async fn exchange(
             let client =
                 parts.extensions.remove::<OnUpgrade>().ok_or_else(|| bad_request("cannot upgrade here"))?;
             drop(body);
-            let redactor = credential.filter(|_| redact).and_then(|c| c.redactor.get(c.injector.secrets()));
-            super::upgrade::relay(config, dialer, route, parts, kind, client, redactor).await?
+            let redactors = redact.then(|| crate::redact::for_host(config, &route.dest)).flatten();
+            super::upgrade::relay(config, dialer, route, parts, kind, client, redactors).await?
         }
         None => send(config, client, route, parts, body, up.clone(), &trailer_rules).await?,
     };
@@ -226,6 +226,13 @@ async fn exchange(
             resp = send(config, client, route, again, body, up, &trailer_rules).await?;
         }
     }
+    let resp = resp.map(|b| b.map_err(box_error).boxed());
+    // Looked up now, after any token refresh above; and before hop-by-hop headers go,
+    // since a Transfer-Encoding coding counts too.
+    let mut resp = match redact.then(|| crate::redact::for_host(config, &route.dest)).flatten() {
+        Some(set) => redact_response(&set, resp, route)?,
+        None => resp,
+    };
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let (connection, upgrade) =
         (resp.headers().get(header::CONNECTION).cloned(), resp.headers().get(header::UPGRADE).cloned());
@@ -240,36 +247,30 @@ async fn exchange(
     if config.proxy.via {
         add_via(resp.headers_mut());
     }
-    let resp = resp.map(|b| b.map_err(box_error).boxed());
-    match credential {
-        Some(cred) if redact => redact_response(cred, resp, route),
-        _ => Ok(resp),
-    }
+    Ok(resp)
 }
 
-/// Mask the credential's secrets in the response headers and, as it streams, the body.
+/// Mask the secrets of every credential naming this host in the response head and, as
+/// it streams, the body. A coding latchkey could not scan through is refused.
 fn redact_response(
-    cred: &Credential,
+    set: &crate::redact::Set,
     mut resp: Response<Body>,
     route: &Route,
 ) -> Result<Response<Body>, Refusal> {
-    let Some(redactor) = cred.redactor.get(cred.injector.secrets()) else { return Ok(resp) };
-    let encoded = resp
-        .headers()
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    if encoded {
+    if let Some(coding) = super::body::unscannable_coding(resp.headers()) {
         return Err(Refusal::new(
             502,
             "upstream-encoding",
             format!(
-                "{} sent a compressed response although latchkey asked for identity; it cannot be scanned for the credential, so it is not passed on",
+                "{} sent a compressed response ({coding}) although latchkey asked for identity; it cannot be scanned for credentials, so it is not passed on",
                 route.dest
             ),
         ));
     }
-    super::body::redact_headers(resp.headers_mut(), &redactor);
-    Ok(resp.map(|body| Redacted::new(body, redactor).boxed()))
+    super::body::redact_head(&mut resp, set);
+    let (parts, body) = resp.into_parts();
+    let body = Redacted::new(body, set.clone(), &parts.headers).boxed();
+    Ok(Response::from_parts(parts, body))
 }
 
 fn new_record(route: &Route, parts: &Parts) -> Record {

@@ -12,9 +12,8 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use std::sync::Arc;
 
-use crate::redact::Redactor;
+use crate::redact::Set;
 
 use super::forward::Route;
 use super::upstream::Dialer;
@@ -58,9 +57,9 @@ pub async fn relay(
     mut parts: Parts,
     kind: Upgrade,
     client: OnUpgrade,
-    redactor: Option<Arc<Redactor>>,
+    redactors: Option<Set>,
 ) -> Result<Response<Incoming>, Refusal> {
-    if redactor.is_some() {
+    if redactors.is_some() {
         // Compressed frames could not be scanned: no permessage-deflate (or any extension).
         parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
     }
@@ -105,9 +104,20 @@ pub async fn relay(
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if redactors.is_some() && resp.headers().contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+            // latchkey offered none: compressed frames (RSV1) would pass unscanned.
+            return Err(Refusal::new(
+                502,
+                "upstream-websocket",
+                format!(
+                    "{} accepted a WebSocket extension latchkey did not offer; its frames could not be scanned for credentials",
+                    route.dest
+                ),
+            ));
+        }
         let upstream = hyper::upgrade::on(&mut resp);
         let limit = config.proxy.limits.tunnel_timeout;
-        tokio::spawn(join(client, upstream, limit, redactor));
+        tokio::spawn(join(client, upstream, limit, redactors));
         if let Upgrade::H2WebSocket = kind {
             // An HTTP/2 client is told 200; the handshake headers are HTTP/1.1's.
             *resp.status_mut() = StatusCode::OK;
@@ -117,10 +127,10 @@ pub async fn relay(
     Ok(resp)
 }
 
-async fn join(client: OnUpgrade, upstream: OnUpgrade, limit: Duration, redactor: Option<Arc<Redactor>>) {
+async fn join(client: OnUpgrade, upstream: OnUpgrade, limit: Duration, redactors: Option<Set>) {
     let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else { return };
     let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
-    let Some(redactor) = redactor else {
+    let Some(redactors) = redactors else {
         let _ = tokio::time::timeout(limit, tokio::io::copy_bidirectional(&mut a, &mut b)).await;
         return;
     };
@@ -128,7 +138,7 @@ async fn join(client: OnUpgrade, upstream: OnUpgrade, limit: Duration, redactor:
     let (mut client_read, client_write) = tokio::io::split(a);
     let (upstream_read, mut upstream_write) = tokio::io::split(b);
     let up = tokio::io::copy(&mut client_read, &mut upstream_write);
-    let down = super::wsframes::mask(upstream_read, client_write, redactor);
+    let down = super::wsframes::mask(upstream_read, client_write, redactors);
     let both = async {
         tokio::select! {
             _ = up => {}

@@ -287,6 +287,17 @@ async fn echo(
         let resp = Response::builder().header("content-type", "text/event-stream").body(body);
         return Ok(resp.unwrap());
     }
+    if path == "/echo-body" {
+        // An upload-then-download endpoint: the request body comes back as one chunk,
+        // then a newline chunk, then the end (what an agent can make a paste service do).
+        let data = body.collect().await?.to_bytes();
+        let (mut tx, body) = channel();
+        tokio::spawn(async move {
+            let _ = tx.send_data(data).await;
+            let _ = tx.send_data(Bytes::from_static(b"\n")).await;
+        });
+        return Ok(Response::builder().header("content-type", "text/plain").body(body).unwrap());
+    }
     if path == "/trailers" {
         let (mut tx, body) = channel();
         tokio::spawn(async move {
@@ -803,29 +814,37 @@ pub mod h2 {
         pub trailers: Option<http::HeaderMap>,
     }
 
-    pub fn requests(port: u16, target: &str, sni: &str, reqs: Vec<Request<Full<Bytes>>>) -> Vec<Reply> {
-        runtime().block_on(async move {
-            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-            tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
-            let mut head = Vec::new();
-            while !head.ends_with(b"\r\n\r\n") {
-                head.push(tcp.read_u8().await.unwrap());
-            }
-            assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
-            let mut cfg = raw::client_config();
-            cfg.alpn_protocols = vec![b"h2".to_vec()];
-            let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
-            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "latchkey offers h2");
-            let (sender, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                TokioIo::new(tls),
-            )
+    /// An HTTP/2 connection through a CONNECT tunnel to `target`, TLS with `sni`.
+    pub async fn connect(
+        port: u16,
+        target: &str,
+        sni: &str,
+    ) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
             .await
             .unwrap();
-            tokio::spawn(conn);
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(tcp.read_u8().await.unwrap());
+        }
+        assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+        let mut cfg = raw::client_config();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "latchkey offers h2");
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    pub fn requests(port: u16, target: &str, sni: &str, reqs: Vec<Request<Full<Bytes>>>) -> Vec<Reply> {
+        runtime().block_on(async move {
+            let sender = connect(port, target, sni).await;
             let tasks: Vec<_> = reqs
                 .into_iter()
                 .map(|r| {
@@ -854,4 +873,77 @@ pub mod h2 {
         }
         b.body(Full::new(Bytes::new())).unwrap()
     }
+}
+
+/// One request head as a scripted upstream read it.
+pub struct ScriptedRequest {
+    pub path: String,
+    /// The credential the upstream received (`x-api-key`, else `authorization`).
+    pub credential: String,
+    pub headers: Vec<(String, String)>,
+}
+
+pub type Script = Arc<dyn Fn(&ScriptedRequest) -> Vec<u8> + Send + Sync>;
+
+/// A TLS upstream (HTTP/1.1 by ALPN) that answers each connection's first request with
+/// exactly the bytes `script` returns, then closes: for responses no well-behaved
+/// server library would send (duplicate codings, secrets in the status line, raw
+/// WebSocket frames).
+pub fn scripted_upstream(script: Script) -> Upstream {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let p = pki();
+    let certs = vec![rustls::pki_types::CertificateDer::from_pem_slice(p.cert_pem.as_bytes()).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(p.key_pem.as_bytes()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = runtime().block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (log, accepted) = (seen.clone(), connections.clone());
+    runtime().spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let conn = accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (acceptor, script, log) = (acceptor.clone(), script.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else { return };
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    match s.read_u8().await {
+                        Ok(b) => head.push(b),
+                        Err(_) => return,
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let mut lines = text.lines();
+                let path = lines.next().unwrap_or("").split(' ').nth(1).unwrap_or("/").to_string();
+                let headers: Vec<(String, String)> = lines
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                    .collect();
+                let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+                let credential = find("x-api-key").or_else(|| find("authorization")).unwrap_or_default();
+                let req = ScriptedRequest { path: path.clone(), credential, headers: headers.clone() };
+                let reply = script(&req);
+                log.lock().unwrap().push(Seen {
+                    conn,
+                    method: String::new(),
+                    path,
+                    headers,
+                    body: Vec::new(),
+                    trailers: Vec::new(),
+                });
+                let _ = s.write_all(&reply).await;
+                let _ = s.flush().await;
+                // Let the proxy read everything before the close.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Upstream { addr, seen, connections, sse_next: Arc::new(tokio::sync::Notify::new()) }
 }

@@ -1,11 +1,44 @@
-"""A real gRPC client (grpcio) through latchkey via https_proxy, holding a placeholder."""
+"""A real gRPC client (grpcio) through latchkey via https_proxy, holding a placeholder.
+With the argument `denied`: one call answered trailers-only; prints code, details and
+the trailing metadata. With `chat`: a bidirectional ping-pong that sends each message
+only once the reply to the previous one arrived."""
 import os
+import queue
+import sys
 
 import grpc
 
 roots = open(os.environ["BUNDLE"], "rb").read()
 channel = grpc.secure_channel("api.example.com:443", grpc.ssl_channel_credentials(roots))
 metadata = (("authorization", "Bearer placeholder"),)
+
+if sys.argv[1:] == ["denied"]:
+    try:
+        channel.unary_unary("/test.Echo/Denied")(b"hi", metadata=metadata, timeout=20)
+        print("OK?")
+    except grpc.RpcError as e:
+        print(e.code().name)
+        print(e.details())
+        print(dict(e.trailing_metadata() or ()).get("x-denied-by"))
+    sys.exit(0)
+
+if sys.argv[1:] == ["chat"]:
+    replied = queue.Queue()
+
+    def pings():
+        for i in range(3):
+            yield b"ping%d" % i
+            replied.get(timeout=5)
+
+    call = channel.stream_stream("/test.Echo/Chat")(pings(), metadata=metadata, timeout=20)
+    try:
+        for reply in call:
+            print(reply.decode(), flush=True)
+            replied.put(None)
+        print(call.code().name)
+    except grpc.RpcError as e:
+        print(e.code().name, e.details())
+    sys.exit(0)
 
 unary = channel.unary_unary("/test.Echo/Unary")
 response, call = unary.with_call(b"hi", metadata=metadata, timeout=20)

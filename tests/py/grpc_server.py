@@ -1,5 +1,6 @@
 """gRPC upstream for the tests (grpcio, TLS on loopback). Raw-bytes methods, so no
-generated code: /test.Echo/Unary and /test.Echo/Stream. Each checks that exactly one
+generated code: /test.Echo/Unary, /test.Echo/Stream, /test.Echo/Chat (bidirectional
+ping-pong) and /test.Echo/Denied (a trailers-only PERMISSION_DENIED). Each checks that exactly one
 `authorization: Bearer <token>` arrived (unless the token is "-"), and sets trailing
 metadata. An optional fourth argument is a CA file: then a client certificate signed
 by it is required (mTLS, like Talos)."""
@@ -26,6 +27,20 @@ def unary(request, ctx):
     return b"echo:" + request
 
 
+def denied(request, ctx):
+    # Aborted before any message: grpcio answers trailers-only (one HEADERS, END_STREAM).
+    check(ctx)
+    ctx.set_trailing_metadata((("x-denied-by", "policy-7"),))
+    ctx.abort(grpc.StatusCode.PERMISSION_DENIED, "project alpha is not yours")
+
+
+def chat(requests, ctx):
+    # Bidirectional: one reply per message, at once (the client waits for each).
+    check(ctx)
+    for m in requests:
+        yield b"pong:" + m
+
+
 def stream(request, ctx):
     check(ctx)
     for i in range(5):
@@ -38,6 +53,8 @@ handler = grpc.method_handlers_generic_handler(
     {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        "Denied": grpc.unary_unary_rpc_method_handler(denied),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat),
     },
 )
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
