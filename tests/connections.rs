@@ -297,11 +297,17 @@ fn early_refusals_reach_a_client_still_sending() {
         // Plain HTTP to a credential host, refused before its upload is read.
         ("POST", "http://api.anthropic.com/v1/messages", 8_000_000, 0, 403),
     ];
-    for (method, url, body, header, code) in cases {
-        let got = run(method, url, body, header);
-        assert_eq!(got["status"], code, "{method} {url}: {got}");
-        assert!(got["kind"].is_string() && got["body"].as_str().unwrap().starts_with("latchkey: "), "{got}");
-    }
+    let results: Vec<(String, Value)> = cases
+        .iter()
+        .map(|(method, url, body, header, _)| (format!("{method} {url}"), run(method, url, *body, *header)))
+        .collect();
+    let read = |(_, got): &(String, Value), code: u16| {
+        got["status"] == code
+            && got["kind"].is_string()
+            && got["body"].as_str().is_some_and(|b| b.starts_with("latchkey: "))
+    };
+    let all_read = results.iter().zip(cases).all(|(r, case)| read(r, case.4));
+    assert!(all_read, "every client reads its refusal: {results:#?}");
     assert_eq!(up.count() + plain.count(), 0);
 }
 
