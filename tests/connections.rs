@@ -468,10 +468,10 @@ fn one_h2_connection_cannot_fan_out_into_every_file_descriptor() {
 }
 
 /// Replace the config file the way editors and Kubernetes do (write aside, rename).
-fn replace_config(lk: &Latchkey, up: &Upstream, body: &str) {
+fn replace_config(lk: &Latchkey, up: &Upstream, plain: &Upstream, body: &str) {
     let dir = lk.dir.path().join("next");
     std::fs::create_dir_all(&dir).unwrap();
-    let written = write_config(&dir, lk.port, Some(up.addr), body);
+    let written = write_config2(&dir, lk.port, Some(up.addr), Some(plain.addr), body);
     let text = std::fs::read_to_string(&written)
         .unwrap()
         .replace(&dir.join("ca").display().to_string(), &lk.dir.path().join("ca").display().to_string());
@@ -494,6 +494,7 @@ fn tunnel_as(port: u16, target: &str, user: &str) -> TcpStream {
 #[test]
 fn a_reload_reaches_connections_already_open() {
     let up = upstream(true, None);
+    let plain = upstream(false, None);
     let (log_cfg, log) = logging();
     let agents = |alice_credentials: &str, blocked: &str| {
         format!(
@@ -501,7 +502,16 @@ fn a_reload_reaches_connections_already_open() {
         )
     };
     let alice = "[agents.alice]\ntoken = \"alice-token\"\ncredentials = [\"anthropic\"]\n";
-    let lk = Latchkey::start(Some(&up), &agents(alice, ""), ENV);
+    let lk = Latchkey::start_plain(&up, &plain, &agents(alice, ""), ENV);
+    // A keep-alive connection of hers on the proxy port (plain HTTP, absolute-form).
+    use base64::Engine;
+    let alice_auth = base64::engine::general_purpose::STANDARD.encode("alice:alice-token");
+    let plain_get = format!(
+        "GET http://api.example.com/p HTTP/1.1\r\nHost: api.example.com\r\nProxy-Authorization: Basic {alice_auth}\r\n\r\n"
+    );
+    let mut p = common::raw::connect(lk.port);
+    p.write_all(plain_get.as_bytes()).unwrap();
+    assert_eq!(status(&response(&mut p)), 200);
     // Alice's keep-alive tunnel gets the credential.
     let mut s = tls(tunnel_as(lk.port, "api.anthropic.com:443", "alice:alice-token"), "api.anthropic.com");
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n");
@@ -513,7 +523,7 @@ fn a_reload_reaches_connections_already_open() {
 
     // The reload takes the credential from alice and blocks other.example.com.
     let narrowed = "[agents.alice]\ntoken = \"alice-token\"\ncredentials = []\n";
-    replace_config(&lk, &up, &agents(narrowed, "\"other.example.com\""));
+    replace_config(&lk, &up, &plain, &agents(narrowed, "\"other.example.com\""));
     wait_until("the reload", || lk.stderr().contains("reloaded"));
     s.write_all(get("/two").as_bytes()).unwrap();
     let resp = response(&mut s);
@@ -522,15 +532,17 @@ fn a_reload_reaches_connections_already_open() {
     assert_eq!(up.count(), 1, "nothing more went out with the removed credential");
     blind.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert!(matches!(blind.read(&mut [0u8; 16]), Ok(0)), "the blind tunnel was cut");
-    let lines = log_until(&log, "the cut tunnel's line", |l| {
+    log_until(&log, "the cut tunnel's line and the refused request's", |l| {
         l.iter().any(|v| v["reason"].as_str().is_some_and(|r| r.contains("cut by a reload")))
+            && l.iter().any(|v| v["status"] == 403 && v["path"] == "/two")
     });
-    assert!(lines.iter().any(|v| v["status"] == 403 && v["path"] == "/two"), "{lines:#?}");
 
     // Removing alice altogether: her open tunnel's next request is not hers any more.
-    replace_config(&lk, &up, &agents("", "\"other.example.com\""));
+    replace_config(&lk, &up, &plain, &agents("", "\"other.example.com\""));
     wait_until("the second reload", || lk.stderr().matches("reloaded").count() >= 2);
     s.write_all(get("/three").as_bytes()).unwrap();
     assert_latchkeys(&response(&mut s), 407, "a removed agent's open tunnel");
-    assert_eq!(up.count(), 1);
+    p.write_all(plain_get.as_bytes()).unwrap();
+    assert_latchkeys(&response(&mut p), 407, "a removed agent's keep-alive connection");
+    assert_eq!((up.count(), plain.count()), (1, 1));
 }

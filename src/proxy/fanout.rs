@@ -101,11 +101,6 @@ impl Budget {
         };
         Ok(Permit { _total: total, _connection: connection })
     }
-
-    /// Permits free now (for tests and metrics).
-    pub fn available(&self) -> usize {
-        self.general.available_permits() + self.reserve.available_permits()
-    }
 }
 
 #[cfg(test)]

@@ -167,11 +167,10 @@ async fn connect(
                 Ok(s) => s,
                 Err(e) => return refuse(respond::upstream_refusal(&e)),
             };
-            let gauge = tunnel::TunnelGauge::open(&proxy, "blind");
             let slot = super::Slot::take(&slot);
             let blind = tunnel::Blind { proxy, generation, opener, agent, dest, started };
             tokio::spawn(async move {
-                let _held = (gauge, slot);
+                let _slot = slot;
                 let Ok(upgraded) = on_upgrade.await else { return };
                 blind.run(upgraded, upstream).await;
             });
@@ -314,7 +313,7 @@ pub fn tunnel_record(peer: SocketAddr, dest: &Destination, started: Instant) -> 
 }
 
 /// The `Proxy-Authorization` a CONNECT presented, marked sensitive.
-pub fn proxy_auth(headers: &http::HeaderMap) -> Option<HeaderValue> {
+fn proxy_auth(headers: &http::HeaderMap) -> Option<HeaderValue> {
     let mut v = headers.get(PROXY_AUTHORIZATION).cloned()?;
     v.set_sensitive(true);
     Some(v)

@@ -249,6 +249,7 @@ enum Sniffed {
 
 impl Blind {
     pub async fn run(self, upgraded: Upgraded, upstream: TcpStream) {
+        let gauge = TunnelGauge::open(&self.proxy, "blind");
         let limits = self.generation.config.proxy.limits.clone();
         let deadline = tokio::time::Instant::now() + limits.tunnel_timeout;
         let mut reloads = self.proxy.reloads();
@@ -264,7 +265,10 @@ impl Blind {
         };
         let first = match sniffed {
             Sniffed::Other(first) => first,
-            Sniffed::Http(first) => return self.serve_http(client, first).await,
+            Sniffed::Http(first) => {
+                drop(gauge);
+                return self.serve_http(client, first).await;
+            }
             Sniffed::LateHttp => return self.refuse_late_http(client, &upstream).await,
             Sniffed::Ended(why) => return self.log(why, &client, &upstream),
         };
