@@ -131,6 +131,8 @@ mod tests {
             b"[proxy]\nport = 1\n[credentials.x]\nheader = \"k\"\nvalue = \"${V}\"\ndomains = [\"~(\"]",
             b"GET /v1/x a.example.com\r\nX-Api-Key: a\r\nx-api-key: b\r\nAuthorization: Bearer c",
             b"POST /?key=1&key=2 q.example.com\r\n",
+            include_bytes!("../fuzz/corpus/framing/upgrade-not-switched"),
+            include_bytes!("../fuzz/corpus/framing/bad-connect-target"),
         ] {
             super::host(input);
             super::config(input);
