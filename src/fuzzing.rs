@@ -41,14 +41,28 @@ pub fn config(data: &[u8]) {
 }
 
 /// A client byte stream through the framing guard, split at the points the first bytes
-/// choose: it never panics, never loses or adds a byte, and changes nothing but the
-/// `Content-Length` names it renames.
+/// choose (the first bit says whether requests that may switch protocols do): it never
+/// panics and changes nothing but the `Content-Length` names it renames, except that it
+/// may stop releasing (after CL+TE) or end with a marker head in place of a head it
+/// refuses.
 pub fn framing(data: &[u8]) {
     use crate::proxy::framing::{SMUGGLED, Scanner};
     let (cuts, input) = data.split_at(data.len().min(4));
+    let switched = cuts.first().is_some_and(|c| c & 1 == 1);
     let cuts: Vec<usize> = cuts.iter().map(|&c| usize::from(c)).collect();
-    let out = Scanner::new(1024, 16).scan_split(input, &cuts);
-    assert_eq!(out.len(), input.len(), "no byte lost or added");
+    let mut scanner = Scanner::new(1024, 16);
+    let mut out = scanner.scan_split(input, &cuts, switched);
+    if let Some(at) = scanner.marker_at() {
+        let marker = out.split_off(usize::try_from(at).expect("in memory"));
+        assert!(marker.starts_with(b"GET / HTTP/1.1\r\n"), "a marker head");
+        assert_eq!(marker.windows(4).filter(|w| w == b"\r\n\r\n").count(), 1, "one head");
+        assert!(marker.ends_with(b"\r\nconnection: close\r\n\r\n"));
+    }
+    if scanner.refused() {
+        assert!(out.len() <= input.len(), "no byte added");
+    } else {
+        assert_eq!(out.len(), input.len(), "no byte lost or added");
+    }
     let mut i = 0;
     while i < out.len() {
         if out[i] != input[i] {
@@ -117,6 +131,8 @@ mod tests {
             b"[proxy]\nport = 1\n[credentials.x]\nheader = \"k\"\nvalue = \"${V}\"\ndomains = [\"~(\"]",
             b"GET /v1/x a.example.com\r\nX-Api-Key: a\r\nx-api-key: b\r\nAuthorization: Bearer c",
             b"POST /?key=1&key=2 q.example.com\r\n",
+            include_bytes!("../fuzz/corpus/framing/upgrade-not-switched"),
+            include_bytes!("../fuzz/corpus/framing/bad-connect-target"),
         ] {
             super::host(input);
             super::config(input);
@@ -136,8 +152,9 @@ mod tests {
 
         #[test]
         fn random_pipelines(parts in proptest::collection::vec(
-            "(POST / HTTP/1.1\r\n|Content-Length: [0-9]{1,2}\r\n|Transfer-Encoding: chunked\r\n|\r\n|[0-9a-f]{1,2}\r\n|[a-z]{0,9}|\n)", 0..30)) {
-            super::framing(format!("\x01\x07\x13\x30{}", parts.concat()).as_bytes());
+            "(POST / HTTP/1.1\r\n|CONNECT a:1 HTTP/1.1\r\n|GET /\t HTTP/1.1\r\n|Content-Length: [0-9]{1,2}\r\n|Transfer-Encoding: chunked\r\n|Upgrade: x\r\n|\r\n|[0-9a-f]{1,2}\r\n|[a-z]{0,9}|\n)", 0..30), switched in any::<bool>()) {
+            let first = if switched { '\x01' } else { '\x02' };
+            super::framing(format!("{first}\x07\x13\x30{}", parts.concat()).as_bytes());
         }
 
         #[test]

@@ -66,6 +66,10 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Bytes one CONNECT tunnel may carry, both directions together; `None`: no cap.
     pub max_tunnel_bytes: Option<u64>,
+    /// Upstream connections open for one client connection's requests (HTTP/2 streams
+    /// fanned out to HTTP/1.1 upstreams), and for all requests together.
+    pub max_upstream_per_connection: usize,
+    pub max_upstream_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -311,6 +315,8 @@ impl Compiler<'_> {
             tunnel_timeout: Duration::from_secs(l.tunnel_timeout.max(1)),
             shutdown_grace: Duration::from_secs(l.shutdown_grace),
             max_tunnel_bytes: (l.max_tunnel_bytes > 0).then_some(l.max_tunnel_bytes),
+            max_upstream_per_connection: l.max_upstream_per_connection.max(1),
+            max_upstream_connections: l.max_upstream_connections.max(2),
         };
         let proxy = ProxySettings {
             listen: SocketAddr::new(bind, p.port),

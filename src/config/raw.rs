@@ -127,6 +127,10 @@ pub struct RawLimits {
     pub shutdown_grace: u64,
     /// Bytes one CONNECT tunnel may carry, both ways together (0 = no cap).
     pub max_tunnel_bytes: u64,
+    /// Upstream connections open for one client connection's requests.
+    pub max_upstream_per_connection: usize,
+    /// Upstream connections open for requests, in total.
+    pub max_upstream_connections: usize,
 }
 
 impl Default for RawLimits {
@@ -142,6 +146,8 @@ impl Default for RawLimits {
             tunnel_timeout: 4 * 3600,
             shutdown_grace: 30,
             max_tunnel_bytes: 0,
+            max_upstream_per_connection: 32,
+            max_upstream_connections: 8192,
         }
     }
 }

@@ -1,6 +1,8 @@
 //! `[proxy.limits] max_tunnel_bytes`: a CONNECT tunnel that has carried this many bytes
 //! (both directions together, counted on the client side) is cut. Bounds what one tunnel
 //! can move — an exfiltration or abuse budget — whether latchkey intercepts it or not.
+//! It also counts what moved each way, so a tunnel's log line has its bytes however the
+//! tunnel ended (cap, error, timeout).
 
 use std::io;
 use std::pin::Pin;
@@ -11,11 +13,18 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct Capped<S> {
     io: S,
     left: Option<u64>,
+    read: u64,
+    written: u64,
 }
 
 impl<S> Capped<S> {
     pub fn new(io: S, cap: Option<u64>) -> Self {
-        Capped { io, left: cap }
+        Capped { io, left: cap, read: 0, written: 0 }
+    }
+
+    /// Bytes read from and written to the inner stream so far.
+    pub fn moved(&self) -> (u64, u64) {
+        (self.read, self.written)
     }
 
     /// How many bytes may move next (`usize::MAX` without a cap); `Err` once spent.
@@ -46,6 +55,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Capped<S> {
             std::task::ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
             let n = buf.filled().len() - before;
             self.charge(n);
+            self.read += n as u64;
             return Poll::Ready(Ok(()));
         }
         // Read no further than the cap.
@@ -54,6 +64,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Capped<S> {
         let n = limited.filled().len();
         buf.advance(n);
         self.charge(n);
+        self.read += n as u64;
         Poll::Ready(Ok(()))
     }
 }
@@ -63,6 +74,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Capped<S> {
         let room = self.room()?;
         let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &data[..data.len().min(room)]))?;
         self.charge(n);
+        self.written += n as u64;
         Poll::Ready(Ok(n))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -88,6 +100,7 @@ mod tests {
         capped.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"abcd", "exactly at the cap is fine");
         assert!(capped.write_all(b"x").await.is_err(), "one byte more is not");
+        assert_eq!(capped.moved(), (4, 6), "what moved, counted after the cap too");
         let (a, mut b) = tokio::io::duplex(1024);
         let mut capped = Capped::new(a, Some(5));
         b.write_all(b"0123456789").await.unwrap();

@@ -1,63 +1,96 @@
 //! Requests on the proxy port: CONNECT, absolute-form plain HTTP, and the local
 //! resources: `/ca.crt` (public by nature) and `/latchkey/...` (names and decisions,
-//! see `crate::explain`).
+//! see `crate::explain`). Every refusal here is latchkey's own (SPEC 6) and writes a
+//! `blocked` line (SPEC 7).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use http::header::{HeaderValue, PROXY_AUTHORIZATION};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
+use super::fanout::{self, ConnBudget};
 use super::forward::{self, Route};
+use super::framing::{self, Gate, Malformed};
 use super::respond::{self, bad_request};
-use super::{Body, Generation, Proxy};
-use crate::audit::{Record, now_ts};
+use super::tunnel::{self, Opener};
+use super::{Body, Generation, HeldSlot, Proxy};
+use crate::audit::{Record, now_ts, path_only};
+use crate::config::Config;
 use crate::policy::{ConnectDecision, Destination, Refusal};
 
-pub async fn handle(
+/// One client connection on the proxy port.
+pub struct Connection {
+    pub proxy: Arc<Proxy>,
+    pub peer: SocketAddr,
+    pub slot: HeldSlot,
+    /// Where the framing guard learns whether a CONNECT or upgrade switched protocols.
+    pub gate: Arc<Gate>,
+    pub budget: ConnBudget,
+}
+
+/// One request on the proxy port, decided by the configuration in force when it
+/// arrives (a reload reaches keep-alive connections too).
+pub async fn serve(conn: Arc<Connection>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let generation = conn.proxy.generation();
+    let switching = framing::may_switch(&req).then(|| req.method().clone());
+    let handled = handle(conn.proxy.clone(), generation, conn.peer, conn.slot.clone(), req);
+    let resp = fanout::scope(conn.budget.clone(), handled).await;
+    if let Some(method) = switching {
+        conn.gate.answer(framing::switched(&method, &resp));
+    }
+    Ok(resp)
+}
+
+async fn handle(
     proxy: Arc<Proxy>,
     generation: Arc<Generation>,
     peer: SocketAddr,
-    slot: super::HeldSlot,
+    slot: HeldSlot,
     req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+) -> Response<Body> {
+    if let Some((why, line)) = framing::refused(req.headers()) {
+        return refuse_head(&proxy, peer, None, why, &line);
+    }
+    if let Some(r) = client_refusal(&generation.config, peer) {
+        return refuse_request(&proxy, &generation, peer, None, &req, r);
+    }
     let is_proxy_request = req.method() == Method::CONNECT || req.uri().scheme().is_some();
     let agent = if is_proxy_request {
         match super::identity::authenticate(&generation.config, req.headers()) {
             Ok(agent) => agent,
-            Err(r) => {
-                tracing::info!(target: "latchkey::request", %peer, "proxy authentication failed");
-                return Ok(respond::refusal(&r));
-            }
+            Err(r) => return refuse_request(&proxy, &generation, peer, None, &req, r),
         }
     } else {
         None
     };
     if req.method() == Method::CONNECT {
-        return Ok(connect(proxy, generation, peer, agent, slot, req).await);
+        return connect(proxy, generation, peer, agent, slot, req).await;
     }
+    let refuse = |r: Refusal| refuse_request(&proxy, &generation, peer, agent, &req, r);
     match req.uri().scheme_str() {
         Some("http") => {
             let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
             match Destination::parse_authority(&authority, Some(80)) {
                 Ok(dest) => {
                     let route = Arc::new(Route::new(dest, false, false, None, peer, agent));
-                    forward::handle(proxy, generation, route, req).await
+                    let Ok(resp) = forward::handle(proxy, generation, route, req).await;
+                    resp
                 }
-                Err(e) => Ok(respond::refusal(&bad_request(format!("bad host {authority:?}: {e}")))),
+                Err(e) => refuse(bad_request(format!("bad host {authority:?}: {e}"))),
             }
         }
-        Some(_) => Ok(respond::refusal(&bad_request(
+        Some(_) => refuse(bad_request(
             "send https:// requests through CONNECT (set HTTPS_PROXY); latchkey does not fetch them for you",
-        ))),
+        )),
         None if req.method() == Method::GET && req.uri().path() == "/ca.crt" => {
             let mut resp = Response::new(respond::full(proxy.ca.cert_pem().to_string()));
             resp.headers_mut()
                 .insert(http::header::CONTENT_TYPE, "application/x-pem-file".parse().expect("static"));
-            Ok(resp)
+            resp
         }
         // `/latchkey/...`: what this instance would do, by name (never a value), for
         // `env`, `exec`, `explain` and `check` running where the secrets are not.
@@ -69,20 +102,41 @@ pub async fn handle(
                 req.uri().query(),
             ) =>
         {
-            Ok(match answer {
+            match answer {
                 Ok((body, kind)) => {
                     let mut resp = Response::new(respond::full(body));
                     resp.headers_mut()
                         .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(kind));
                     resp
                 }
-                Err(r) => respond::refusal(&r),
-            })
+                Err(r) => refuse(r),
+            }
         }
-        None => Ok(respond::refusal(&bad_request(
+        None => refuse(bad_request(
             "this is a proxy: send absolute-form requests or CONNECT (see `latchkey env`)",
-        ))),
+        )),
     }
+}
+
+/// 403 for a client outside `allowed_clients`.
+pub fn client_refusal(config: &Config, peer: SocketAddr) -> Option<Refusal> {
+    let clients = &config.proxy.allowed_clients;
+    let ip = crate::policy::host::canonical_ip(peer.ip());
+    (!clients.is_empty() && !clients.iter().any(|n| n.contains(&ip)))
+        .then(|| Refusal::new(403, "client-not-allowed", format!("client {ip} is not in allowed_clients")))
+}
+
+/// Admit whoever opened a tunnel again under `config` (after a reload): the agent its
+/// CONNECT authenticated as, or the refusal it would get now.
+pub fn admit(config: &Config, opener: &Opener) -> Result<Option<usize>, Refusal> {
+    if let Some(r) = client_refusal(config, opener.peer) {
+        return Err(r);
+    }
+    let mut headers = http::HeaderMap::new();
+    if let Some(v) = &opener.proxy_auth {
+        headers.insert(PROXY_AUTHORIZATION, v.clone());
+    }
+    super::identity::authenticate(config, &headers)
 }
 
 async fn connect(
@@ -90,27 +144,29 @@ async fn connect(
     generation: Arc<Generation>,
     peer: SocketAddr,
     agent: Option<usize>,
-    slot: super::HeldSlot,
+    slot: HeldSlot,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
     let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
     let dest = match Destination::parse_authority(&authority, None) {
         Ok(d) => d,
-        Err(e) => return respond::refusal(&bad_request(format!("bad CONNECT target {authority:?}: {e}"))),
+        Err(e) => {
+            let r = bad_request(format!("bad CONNECT target {authority:?}: {e}"));
+            return refuse_request(&proxy, &generation, peer, agent, &req, r);
+        }
     };
     let agent_name = super::identity::agent_name(&generation.config, agent);
     let refuse = |r: Refusal| {
-        let mut rec = tunnel_record(peer, &dest, r.status, "blocked", Some(r.message.clone()), started);
+        let mut rec = tunnel_record(peer, &dest, started);
         rec.agent = agent_name.clone();
-        proxy.ops.finish(&rec, None, None);
-        tracing::info!(target: "latchkey::request", %dest, status = r.status, kind = r.kind, "CONNECT refused");
-        respond::refusal(&r)
+        log_refusal(&proxy, rec, &r)
     };
     let decision = match super::identity::destination_refusal(&generation.config, agent, &dest) {
         Some(r) => ConnectDecision::Block(r),
         None => generation.config.policy.decide_connect(&dest),
     };
+    let opener = Opener { peer, proxy_auth: proxy_auth(req.headers()) };
     let on_upgrade = hyper::upgrade::on(&mut req);
     match decision {
         ConnectDecision::Block(r) => refuse(r),
@@ -119,26 +175,12 @@ async fn connect(
                 Ok(s) => s,
                 Err(e) => return refuse(respond::upstream_refusal(&e)),
             };
-            let ops = proxy.ops.clone();
-            let limit = generation.config.proxy.limits.tunnel_timeout;
-            let cap = generation.config.proxy.limits.max_tunnel_bytes;
-            let gauge = super::tunnel::TunnelGauge::open(&proxy, "blind");
             let slot = super::Slot::take(&slot);
+            let blind = tunnel::Blind { proxy, generation, opener, agent, dest, started };
             tokio::spawn(async move {
-                let _held = (gauge, slot);
+                let _slot = slot;
                 let Ok(upgraded) = on_upgrade.await else { return };
-                let mut client = super::capped::Capped::new(TokioIo::new(upgraded), cap);
-                let mut upstream = upstream;
-                let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-                let (up, down) = match tokio::time::timeout(limit, copy).await {
-                    Ok(Ok(n)) => n,
-                    _ => (0, 0),
-                };
-                let mut rec = tunnel_record(peer, &dest, 200, "tunnelled", None, started);
-                rec.agent = agent_name;
-                rec.bytes_up = up;
-                rec.bytes_down = down;
-                ops.finish(&rec, None, None);
+                blind.run(upgraded, upstream).await;
             });
             established()
         }
@@ -151,7 +193,7 @@ async fn connect(
             tokio::spawn(async move {
                 let _slot = slot;
                 let Ok(upgraded) = on_upgrade.await else { return };
-                super::tunnel::intercept(proxy, generation, peer, agent, dest, upgraded).await;
+                tunnel::intercept(proxy, generation, opener, agent, dest, upgraded).await;
             });
             established()
         }
@@ -164,30 +206,137 @@ fn established() -> Response<Body> {
     resp
 }
 
-fn tunnel_record(
+/// Write `rec` as a `blocked` line for refusal `r`, and answer with `r`.
+pub fn log_refusal(proxy: &Proxy, mut rec: Record, r: &Refusal) -> Response<Body> {
+    rec.status = Some(r.status);
+    rec.decision = "blocked";
+    rec.reason = Some(r.message.clone());
+    proxy.ops.finish(&rec, None, None);
+    tracing::info!(target: "latchkey::request", host = %rec.host, port = rec.port, method = %rec.method, status = r.status, kind = r.kind, "refused");
+    respond::refusal(r)
+}
+
+/// Refuse a request on the proxy port, logged with what it named.
+pub fn refuse_request<B>(
+    proxy: &Proxy,
+    generation: &Generation,
     peer: SocketAddr,
-    dest: &Destination,
-    status: u16,
-    decision: &'static str,
-    reason: Option<String>,
-    started: Instant,
-) -> Record {
+    agent: Option<usize>,
+    req: &Request<B>,
+    r: Refusal,
+) -> Response<Body> {
+    let connect = req.method() == Method::CONNECT;
+    let named = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(http::header::HOST).map(|h| framing::escape(h.as_bytes())))
+        .unwrap_or_default();
+    let (host, port) = loose_authority(&named, if connect { 0 } else { 80 });
+    let mut rec = record(peer, req.method().as_str(), if connect { "https" } else { "http" }, host, port);
+    if !connect {
+        rec.path = Some(path_only(req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/")));
+    }
+    rec.agent = super::identity::agent_name(&generation.config, agent);
+    log_refusal(proxy, rec, &r)
+}
+
+/// Refuse a head the framing guard replaced by a marker, logged with what its first
+/// line (escaped) named. Inside a tunnel, `route` is the tunnel's destination.
+pub fn refuse_head(
+    proxy: &Proxy,
+    peer: SocketAddr,
+    route: Option<&Route>,
+    why: Malformed,
+    line: &str,
+) -> Response<Body> {
+    let mut words = line.split(' ');
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let connect = method == "CONNECT";
+    // An absolute-form target names its host; origin-form names only a path.
+    let (authority, path) = match target.split_once("://") {
+        Some((_, rest)) => rest.split_at(rest.find('/').unwrap_or(rest.len())),
+        None if connect => (target, ""),
+        None => ("", target),
+    };
+    let mut rec = match route {
+        Some(route) => {
+            let scheme = if route.tls { "https" } else { "http" };
+            record(peer, method, scheme, route.dest.host.to_string(), route.dest.port)
+        }
+        None => {
+            let (host, port) = loose_authority(authority, if connect { 0 } else { 80 });
+            record(peer, method, if connect { "https" } else { "http" }, host, port)
+        }
+    };
+    if !connect {
+        rec.path = Some(path_only(if path.is_empty() { "/" } else { path }));
+    }
+    let what = if connect && why == Malformed::RequestLine {
+        format!("bad CONNECT target \"{target}\": not a host:port latchkey can parse")
+    } else {
+        format!("{}: \"{line}\"", why.message())
+    };
+    log_refusal(proxy, rec, &Refusal::new(why.status(), why.kind(), what))
+}
+
+/// Host and port as written, for the log of a refused request: normalised when they
+/// parse, otherwise split at the last colon. `raw` is printable text already.
+fn loose_authority(raw: &str, default_port: u16) -> (String, u16) {
+    if let Ok(d) = Destination::parse_authority(raw, Some(default_port.max(1))) {
+        return (d.host.to_string(), if raw.contains(':') { d.port } else { default_port });
+    }
+    match raw.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h.to_string(), p.parse().unwrap_or(0)),
+        _ => (raw.to_string(), default_port),
+    }
+}
+
+fn record(peer: SocketAddr, method: &str, scheme: &'static str, host: String, port: u16) -> Record {
     Record {
         ts: now_ts(),
         client: peer.ip().to_string(),
         agent: None,
-        method: "CONNECT".into(),
-        scheme: "https",
-        host: dest.host.to_string(),
-        port: dest.port,
+        method: method.to_string(),
+        scheme,
+        host,
+        port,
         path: None,
-        status: Some(status),
-        decision,
-        reason,
+        status: None,
+        decision: "blocked",
+        reason: None,
         credential: None,
         bytes_up: 0,
         bytes_down: 0,
-        duration_ms: started.elapsed().as_millis() as u64,
+        duration_ms: 0,
         usage: None,
+    }
+}
+
+/// The record of a CONNECT to `dest` (a tunnel, or its refusal).
+pub fn tunnel_record(peer: SocketAddr, dest: &Destination, started: Instant) -> Record {
+    let mut rec = record(peer, "CONNECT", "https", dest.host.to_string(), dest.port);
+    rec.duration_ms = started.elapsed().as_millis() as u64;
+    rec
+}
+
+/// The `Proxy-Authorization` a CONNECT presented, marked sensitive.
+fn proxy_auth(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let mut v = headers.get(PROXY_AUTHORIZATION).cloned()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_targets_are_logged_as_written_but_escaped() {
+        assert_eq!(loose_authority("api..openai.com:443", 0), ("api..openai.com".into(), 443));
+        assert_eq!(loose_authority("API.example.com:443", 0), ("api.example.com".into(), 443));
+        assert_eq!(loose_authority("a\\x00b:8", 0), ("a\\x00b".into(), 8));
+        assert_eq!(loose_authority("nohost", 0), ("nohost".into(), 0));
+        assert_eq!(loose_authority("[fe80::1%eth0]:443", 0), ("[fe80::1%eth0]".into(), 443));
     }
 }

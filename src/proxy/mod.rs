@@ -5,6 +5,7 @@
 
 mod body;
 mod capped;
+mod fanout;
 mod forward;
 pub(crate) mod framing;
 mod handler;
@@ -78,6 +79,7 @@ impl Generation {
         config: Arc<Config>,
         provider: Arc<CryptoProvider>,
         own_sockets: Vec<SocketAddr>,
+        budget: Arc<fanout::Budget>,
     ) -> Result<Self, String> {
         let ca_file = config.upstream.ca_file.as_deref();
         let dialer = |tls: rustls::ClientConfig| {
@@ -86,6 +88,7 @@ impl Generation {
                 allow_private: config.proxy.allow_private.clone(),
                 own_sockets: own_sockets.clone(),
                 connect_timeout: config.proxy.connect_timeout,
+                budget: budget.clone(),
                 tls_h1: tokio_rustls::TlsConnector::from(Arc::new(h1_only(&tls))),
                 tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
                 alpn: Default::default(),
@@ -143,6 +146,10 @@ pub struct Proxy {
     connections: Arc<Semaphore>,
     per_client: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
     pub exchanges: Arc<Exchanges>,
+    /// Upstream connections opened for requests, all generations together.
+    budget: Arc<fanout::Budget>,
+    /// Bumped by every reload, so open blind tunnels check themselves against it.
+    reloads: tokio::sync::watch::Sender<u64>,
 }
 
 /// A client connection's place under the global and per-client limits, and in the
@@ -289,7 +296,10 @@ impl Proxy {
             None => None,
         };
         let connections = Arc::new(Semaphore::new(config.proxy.limits.max_connections));
-        let generation = Generation::new(Arc::new(config), provider.clone(), own_sockets.clone())?;
+        check_fd_budget(&config.proxy.limits);
+        let budget = fanout::Budget::new(config.proxy.limits.max_upstream_connections);
+        let generation =
+            Generation::new(Arc::new(config), provider.clone(), own_sockets.clone(), budget.clone())?;
         let exchanges = Arc::new(Exchanges::default());
         let per_client = Default::default();
         Ok(Arc::new(Proxy {
@@ -301,6 +311,8 @@ impl Proxy {
             connections,
             per_client,
             exchanges,
+            budget,
+            reloads: tokio::sync::watch::Sender::new(0),
         }))
     }
 
@@ -308,8 +320,10 @@ impl Proxy {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Put a newly loaded config in force: built whole, then swapped in one step.
-    /// Connections and requests in flight keep the generation they started with. A
+    /// Put a newly loaded config in force: built whole, then swapped in one step. Each
+    /// request is decided by the generation in force when it arrives, on every open
+    /// connection (invariant 10); a request in flight finishes with the one it started
+    /// with, and an open blind tunnel is cut if the new config refuses its CONNECT. A
     /// config that changes what only a restart can change is refused, and the running
     /// one stays (fail closed).
     pub fn reload(&self, mut config: Config) -> Result<(), String> {
@@ -325,20 +339,39 @@ impl Proxy {
                 cred.redactor = prev.redactor.clone();
             }
         }
-        let generation = Generation::new(Arc::new(config), self.provider.clone(), self.own_sockets.clone())?;
+        let generation = Generation::new(
+            Arc::new(config),
+            self.provider.clone(),
+            self.own_sockets.clone(),
+            self.budget.clone(),
+        )?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(generation);
+        self.reloads.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Wakes when a reload has put a new generation in force.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
     }
 
     /// Accept clients until the listener fails.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
             let (stream, peer) = match listener.accept().await {
-                Ok(x) => x,
+                Ok(x) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    x
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // EMFILE and friends: back off, longer each time, instead of
+                    // spinning (and logging) while descriptors are short.
+                    if backoff == ACCEPT_BACKOFF_MIN {
+                        tracing::warn!("accept failed: {e}; backing off");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             };
@@ -361,34 +394,65 @@ impl Proxy {
 
     async fn serve_client(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, slot: HeldSlot) {
         let generation = self.generation();
-        let clients = &generation.config.proxy.allowed_clients;
-        let ip = crate::policy::host::canonical_ip(peer.ip());
-        if !clients.is_empty() && !clients.iter().any(|n| n.contains(&ip)) {
+        let limits = generation.config.proxy.limits.clone();
+        if let Some(refusal) = handler::client_refusal(&generation.config, peer) {
             // Read the request before refusing, so the client sees the 403 rather than
             // a reset; nothing else is done for it.
-            let refusal = crate::policy::Refusal::new(
-                403,
-                "client-not-allowed",
-                format!("client {ip} is not in allowed_clients"),
-            );
-            let service = service_fn(move |_req| {
-                let resp = respond::refusal(&refusal);
+            let proxy = self.clone();
+            let service = service_fn(move |req| {
+                let resp = handler::refuse_request(&proxy, &generation, peer, None, &req, refusal.clone());
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
-            let mut builder = server_builder(&generation.config.proxy.limits);
-            builder.keep_alive(false).header_read_timeout(generation.config.proxy.limits.header_read_timeout);
+            let mut builder = server_builder(&limits);
+            builder.keep_alive(false).header_read_timeout(limits.header_read_timeout);
             let _ = builder.serve_connection(TokioIo::new(stream), service).await;
             return;
         }
         let _ = stream.set_nodelay(true);
-        let limits = generation.config.proxy.limits.clone();
-        let service =
-            service_fn(move |req| handler::handle(self.clone(), generation.clone(), peer, slot.clone(), req));
         let stream = framing::Guarded::new(stream, &limits);
+        let conn = handler::Connection {
+            proxy: self,
+            peer,
+            slot,
+            gate: stream.gate(),
+            budget: fanout::ConnBudget::new(limits.max_upstream_per_connection),
+        };
+        let conn = Arc::new(conn);
+        let service = service_fn(move |req| handler::serve(conn.clone(), req));
         let conn = server_builder(&limits).serve_connection(TokioIo::new(stream), service).with_upgrades();
         if let Err(e) = conn.await {
             tracing::debug!("client {peer}: {e}");
         }
+    }
+}
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Raise the open-file limit to its hard maximum (as servers do), and warn when the
+/// connection limits could still run it out: then the accept loop backs off while
+/// descriptors are short, but nobody new gets in meanwhile.
+fn check_fd_budget(limits: &crate::config::Limits) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    // Each client connection may hold one more descriptor for its tunnel's upstream.
+    let needed = 2 * limits.max_connections as u64 + limits.max_upstream_connections as u64 + 64;
+    if lim.rlim_cur < needed {
+        tracing::warn!(
+            "open-file limit {} is below what [proxy.limits] allow ({needed}: 2 x max_connections + max_upstream_connections + 64); lower them or raise the limit (ulimit -n, LimitNOFILE=)",
+            lim.rlim_cur
+        );
     }
 }
 
@@ -417,6 +481,9 @@ fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
     }
     if old.proxy.limits.max_connections != new.proxy.limits.max_connections {
         return Some("[proxy.limits] max_connections");
+    }
+    if old.proxy.limits.max_upstream_connections != new.proxy.limits.max_upstream_connections {
+        return Some("[proxy.limits] max_upstream_connections");
     }
     None
 }

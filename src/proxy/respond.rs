@@ -52,6 +52,9 @@ pub fn upstream_refusal(e: &UpstreamError) -> Refusal {
         UpstreamError::Tls { .. } | UpstreamError::NoCommonProtocol { .. } => (502, "upstream-tls"),
         UpstreamError::Timeout { .. } => (504, "upstream-timeout"),
         UpstreamError::Resolve { .. } | UpstreamError::Connect { .. } => (502, "upstream-unreachable"),
+        UpstreamError::Busy { .. } => {
+            return Refusal::new(503, "upstream-busy", e.to_string()).retry_after(1);
+        }
     };
     Refusal::new(status, kind, e.to_string())
 }

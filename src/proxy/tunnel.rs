@@ -1,46 +1,73 @@
-//! Inside a CONNECT tunnel latchkey chose to intercept: TLS with a leaf for the
-//! tunnel's host (refusing a ClientHello that names another host), or plain HTTP when
-//! the tunnel does not start with TLS. Either way the destination stays the tunnel's.
+//! Inside a CONNECT tunnel. One latchkey intercepts: TLS with a leaf for the tunnel's
+//! host (refusing a ClientHello that names another host), or plain HTTP when the tunnel
+//! does not start with TLS. A blind one (nothing to inject or filter) is spliced —
+//! unless its first bytes are an HTTP request line, which makes it plain HTTP to that
+//! destination like any other (invariant 1). Either way the destination stays the
+//! tunnel's, while each request is decided by the configuration in force when it
+//! arrives (invariant 10).
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use http::header::HeaderValue;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 
+use super::capped::Capped;
+use super::fanout::{self, ConnBudget};
 use super::forward::{self, Route};
-use super::{Generation, Proxy};
+use super::framing::{self, Gate};
+use super::handler;
+use super::{Body, Generation, Proxy};
+use crate::audit::{Record, path_only};
 use crate::metrics::{KindLabel, ResultLabel};
-use crate::policy::{Destination, Host};
+use crate::policy::{ConnectDecision, Destination, Host, Refusal};
 
 const TLS_HANDSHAKE: u8 = 0x16;
+
+/// How long a blind tunnel waits for the client's first bytes before letting the
+/// upstream speak first (SMTP, SSH and database banners).
+const PEEK: Duration = Duration::from_millis(300);
+
+/// Who opened a tunnel: kept to admit each request again under a newer config.
+#[derive(Clone)]
+pub struct Opener {
+    pub peer: SocketAddr,
+    /// What the CONNECT presented (marked sensitive; never logged).
+    pub proxy_auth: Option<HeaderValue>,
+}
 
 pub async fn intercept(
     proxy: Arc<Proxy>,
     generation: Arc<Generation>,
-    peer: SocketAddr,
+    opener: Opener,
     agent: Option<usize>,
     dest: Destination,
     upgraded: Upgraded,
 ) {
     let limits = generation.config.proxy.limits.clone();
     let _open = TunnelGauge::open(&proxy, "intercepted");
-    let mut io = super::capped::Capped::new(TokioIo::new(upgraded), limits.max_tunnel_bytes);
+    let mut io = Capped::new(TokioIo::new(upgraded), limits.max_tunnel_bytes);
     let mut first = [0u8; 1];
     match tokio::time::timeout(limits.header_read_timeout, io.read(&mut first)).await {
         Ok(Ok(1)) => {}
         _ => return,
     }
-    let io = Prefixed { first: Some(first[0]), inner: io };
+    let io = Prefixed::new(first.to_vec(), io);
+    let peer = opener.peer;
     if first[0] != TLS_HANDSHAKE {
-        let route = Arc::new(Route::new(dest, false, true, None, peer, agent));
-        Box::pin(serve(proxy, generation, route, io)).await;
+        let route = Route::new(dest, false, true, None, peer, agent);
+        Box::pin(serve(Conn::new(proxy, &generation, opener, route), io)).await;
         return;
     }
     let accept = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
@@ -74,40 +101,351 @@ pub async fn intercept(
         Err(_) => return,
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let route = Arc::new(Route::new(dest, true, true, misdirected, peer, agent));
+    let route = Route::new(dest, true, true, misdirected, peer, agent);
+    let conn = Conn::new(proxy, &generation, opener, route);
     // Boxed: the task then holds only the connection kind it serves (an h2 server's
     // state is several KiB an HTTP/1.1 connection would otherwise carry while idle).
     if h2 {
-        Box::pin(serve_h2(proxy, generation, route, tls)).await;
+        Box::pin(serve_h2(conn, tls)).await;
     } else {
-        Box::pin(serve(proxy, generation, route, tls)).await;
+        Box::pin(serve(conn, tls)).await;
     }
 }
 
-async fn serve_h2<S>(proxy: Arc<Proxy>, generation: Arc<Generation>, route: Arc<Route>, stream: S)
+/// What the requests of one intercepted connection share.
+struct Conn {
+    proxy: Arc<Proxy>,
+    opener: Opener,
+    /// The tunnel's route, as admitted under the generation it names.
+    route: Mutex<(Weak<Generation>, Arc<Route>)>,
+    budget: ConnBudget,
+    /// HTTP/1.1 only: where the framing guard learns whether an upgrade happened.
+    gate: Option<Arc<Gate>>,
+}
+
+impl Conn {
+    fn new(proxy: Arc<Proxy>, generation: &Arc<Generation>, opener: Opener, route: Route) -> Conn {
+        let budget = ConnBudget::new(generation.config.proxy.limits.max_upstream_per_connection);
+        let route = Mutex::new((Arc::downgrade(generation), Arc::new(route)));
+        Conn { proxy, opener, route, budget, gate: None }
+    }
+
+    /// The route for a request under `generation`: the tunnel's destination, TLS and
+    /// SNI verdict stay; the agent is admitted again when the config changed since.
+    fn route(&self, generation: &Arc<Generation>) -> Result<Arc<Route>, (Refusal, Arc<Route>)> {
+        let mut cached = self.route.lock().unwrap_or_else(|p| p.into_inner());
+        if Weak::ptr_eq(&cached.0, &Arc::downgrade(generation)) {
+            return Ok(cached.1.clone());
+        }
+        let old = cached.1.clone();
+        let agent = handler::admit(&generation.config, &self.opener).map_err(|r| (r, old.clone()))?;
+        let route =
+            Route::new(old.dest.clone(), old.tls, old.tunnel, old.misdirected.clone(), old.peer, agent);
+        *cached = (Arc::downgrade(generation), Arc::new(route));
+        Ok(cached.1.clone())
+    }
+
+    /// One request: decided by the generation in force now, on this connection's
+    /// budget of upstream connections.
+    async fn request(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, std::convert::Infallible> {
+        let generation = self.proxy.generation();
+        let switching = (self.gate.is_some() && framing::may_switch(&req)).then(|| req.method().clone());
+        let peer = self.opener.peer;
+        let resp = match (self.route(&generation), framing::refused(req.headers())) {
+            (Err((r, route)), _) => {
+                let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                handler::log_refusal(&self.proxy, request_record(&route, req.method().as_str(), target), &r)
+            }
+            (Ok(route), Some((why, line))) => {
+                handler::refuse_head(&self.proxy, peer, Some(&route), why, &line)
+            }
+            (Ok(route), None) => {
+                let handled = forward::handle(self.proxy.clone(), generation, route, req);
+                let Ok(resp) = fanout::scope(self.budget.clone(), handled).await;
+                resp
+            }
+        };
+        if let (Some(method), Some(gate)) = (switching, &self.gate) {
+            gate.answer(framing::switched(&method, &resp));
+        }
+        Ok(resp)
+    }
+}
+
+fn request_record(route: &Route, method: &str, target: &str) -> Record {
+    Record {
+        ts: crate::audit::now_ts(),
+        client: route.peer.ip().to_string(),
+        agent: None,
+        method: method.to_string(),
+        scheme: if route.tls { "https" } else { "http" },
+        host: route.dest.host.to_string(),
+        port: route.dest.port,
+        path: Some(path_only(target)),
+        status: None,
+        decision: "blocked",
+        reason: None,
+        credential: None,
+        bytes_up: 0,
+        bytes_down: 0,
+        duration_ms: 0,
+        usage: None,
+    }
+}
+
+async fn serve_h2<S>(conn: Conn, stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = generation.config.proxy.limits.clone();
-    let service =
-        service_fn(move |req| forward::handle(proxy.clone(), generation.clone(), route.clone(), req));
-    let conn = super::h2_builder(&limits).serve_connection(TokioIo::new(stream), service);
-    if let Err(e) = conn.await {
+    let limits = conn.proxy.generation().config.proxy.limits.clone();
+    let conn = Arc::new(conn);
+    let service = service_fn(move |req| conn.clone().request(req));
+    let served = super::h2_builder(&limits).serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = served.await {
         tracing::debug!("h2 tunnel: {e}");
     }
 }
 
-async fn serve<S>(proxy: Arc<Proxy>, generation: Arc<Generation>, route: Arc<Route>, stream: S)
+async fn serve<S>(mut conn: Conn, stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = generation.config.proxy.limits.clone();
-    let service =
-        service_fn(move |req| forward::handle(proxy.clone(), generation.clone(), route.clone(), req));
-    let stream = super::framing::Guarded::new(stream, &limits);
-    let conn = super::server_builder(&limits).serve_connection(TokioIo::new(stream), service).with_upgrades();
-    if let Err(e) = conn.await {
+    let limits = conn.proxy.generation().config.proxy.limits.clone();
+    let stream = framing::Guarded::new(stream, &limits);
+    conn.gate = Some(stream.gate());
+    let conn = Arc::new(conn);
+    let service = service_fn(move |req| conn.clone().request(req));
+    let served =
+        super::server_builder(&limits).serve_connection(TokioIo::new(stream), service).with_upgrades();
+    if let Err(e) = served.await {
         tracing::debug!("tunnel: {e}");
+    }
+}
+
+/// A CONNECT latchkey splices rather than intercepts (no credential, no filter).
+pub struct Blind {
+    pub proxy: Arc<Proxy>,
+    pub generation: Arc<Generation>,
+    pub opener: Opener,
+    pub agent: Option<usize>,
+    pub dest: Destination,
+    pub started: Instant,
+}
+
+/// What a blind tunnel's first bytes turned out to be.
+enum Sniffed {
+    /// An HTTP request line: served as plain HTTP to the destination.
+    Http(Vec<u8>),
+    /// Anything else (TLS, SSH, a database protocol...): spliced, these bytes first.
+    Other(Vec<u8>),
+    /// An HTTP request line after the upstream had spoken: no HTTP server does that.
+    LateHttp,
+    /// The tunnel ended before its client sent anything that says.
+    Ended(Option<String>),
+}
+
+impl Blind {
+    pub async fn run(self, upgraded: Upgraded, upstream: TcpStream) {
+        let gauge = TunnelGauge::open(&self.proxy, "blind");
+        let limits = self.generation.config.proxy.limits.clone();
+        let deadline = tokio::time::Instant::now() + limits.tunnel_timeout;
+        let mut reloads = self.proxy.reloads();
+        let mut client = Capped::new(TokioIo::new(upgraded), limits.max_tunnel_bytes);
+        let mut upstream = Capped::new(upstream, None);
+        let sniffed = tokio::select! {
+            s = tokio::time::timeout_at(deadline, sniff(&mut client, &mut upstream, &limits)) => {
+                s.unwrap_or_else(|_| Sniffed::Ended(Some(timed_out(&limits))))
+            }
+            r = refused_by_reload(&self.proxy, &self.opener, &self.dest, &mut reloads) => {
+                Sniffed::Ended(Some(format!("cut by a reload: {}", r.message)))
+            }
+        };
+        let first = match sniffed {
+            Sniffed::Other(first) => first,
+            Sniffed::Http(first) => {
+                drop(gauge);
+                return self.serve_http(client, first).await;
+            }
+            Sniffed::LateHttp => return self.refuse_late_http(client, &upstream).await,
+            Sniffed::Ended(why) => return self.log(why, &client, &upstream),
+        };
+        let relay = async {
+            upstream.write_all(&first).await?;
+            tokio::io::copy_bidirectional(&mut client, &mut upstream).await.map(|_| ())
+        };
+        let why = tokio::select! {
+            r = tokio::time::timeout_at(deadline, relay) => match r {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("ended by an error: {e}")),
+                Err(_) => Some(timed_out(&limits)),
+            },
+            r = refused_by_reload(&self.proxy, &self.opener, &self.dest, &mut reloads) => {
+                Some(format!("cut by a reload: {}", r.message))
+            }
+        };
+        self.log(why, &client, &upstream);
+    }
+
+    /// The tunnel's one `tunnelled` line, with the bytes it carried however it ended.
+    fn log<C, U>(&self, why: Option<String>, client: &Capped<C>, upstream: &Capped<U>) {
+        let mut rec = handler::tunnel_record(self.opener.peer, &self.dest, self.started);
+        rec.agent = super::identity::agent_name(&self.generation.config, self.agent);
+        rec.status = Some(200);
+        rec.decision = "tunnelled";
+        rec.reason = why;
+        rec.bytes_up = upstream.moved().1;
+        rec.bytes_down = client.moved().1;
+        self.proxy.ops.finish(&rec, None, None);
+    }
+
+    /// Plain HTTP in a blind tunnel: the same rules as any plain HTTP to this
+    /// destination (CONNECT inside refused, credentials only with `allow_http`...).
+    async fn serve_http(self, client: Capped<TokioIo<Upgraded>>, first: Vec<u8>) {
+        let _open = TunnelGauge::open(&self.proxy, "intercepted");
+        let route = Route::new(self.dest, false, true, None, self.opener.peer, self.agent);
+        let conn = Conn::new(self.proxy.clone(), &self.generation, self.opener, route);
+        Box::pin(serve(conn, Prefixed::new(first, client))).await;
+    }
+
+    async fn refuse_late_http<U>(self, mut client: Capped<TokioIo<Upgraded>>, upstream: &Capped<U>) {
+        let r = super::respond::bad_request(format!(
+            "plain HTTP sent into a tunnel to {} after the server spoke first; that is no HTTP server, and latchkey does not relay HTTP blind",
+            self.dest
+        ));
+        let body = format!("latchkey: {}\n", r.message);
+        let head = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\nx-latchkey-error: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            r.kind,
+            body.len()
+        );
+        let _ = client.write_all(format!("{head}{body}").as_bytes()).await;
+        let _ = client.shutdown().await;
+        let mut rec = handler::tunnel_record(self.opener.peer, &self.dest, self.started);
+        rec.agent = super::identity::agent_name(&self.generation.config, self.agent);
+        rec.bytes_down = client.moved().1;
+        rec.bytes_up = upstream.moved().1;
+        handler::log_refusal(&self.proxy, rec, &r);
+    }
+}
+
+fn timed_out(limits: &crate::config::Limits) -> String {
+    format!("tunnel_timeout ({}s) reached", limits.tunnel_timeout.as_secs())
+}
+
+/// Read the client's first bytes until they say whether they are an HTTP request line.
+/// The upstream may speak first: after `PEEK` of client silence, what it sends is
+/// relayed to the client meanwhile.
+async fn sniff<C, U>(client: &mut C, upstream: &mut U, limits: &crate::config::Limits) -> Sniffed
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + Unpin,
+{
+    let mut first = Vec::new();
+    let mut spoke = false;
+    let peek = tokio::time::sleep(PEEK);
+    tokio::pin!(peek);
+    let mut peeked = false;
+    // A line that starts like a request must end within the head timeout.
+    let mut head_by: Option<tokio::time::Instant> = None;
+    let (mut up, mut down) = ([0u8; 4096], [0u8; 8192]);
+    loop {
+        let head_late = async {
+            match head_by {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = client.read(&mut up) => match r {
+                Ok(0) => return Sniffed::Ended(None),
+                Err(e) => return Sniffed::Ended(Some(format!("ended by an error: {e}"))),
+                Ok(n) => {
+                    first.extend_from_slice(&up[..n]);
+                    head_by.get_or_insert(tokio::time::Instant::now() + limits.header_read_timeout);
+                    match looks_like_http(&first, limits.max_header_bytes) {
+                        Some(true) if spoke => return Sniffed::LateHttp,
+                        Some(true) => return Sniffed::Http(first),
+                        Some(false) => return Sniffed::Other(first),
+                        None => {}
+                    }
+                }
+            },
+            r = upstream.read(&mut down), if peeked => match r {
+                // The upstream closed or failed: splicing passes that on.
+                Ok(0) | Err(_) => return Sniffed::Other(first),
+                Ok(n) => {
+                    if let Err(e) = client.write_all(&down[..n]).await {
+                        return Sniffed::Ended(Some(format!("ended by an error: {e}")));
+                    }
+                    spoke = true;
+                }
+            },
+            _ = &mut peek, if !peeked => peeked = true,
+            _ = head_late => return if spoke { Sniffed::Other(first) } else { Sniffed::Http(first) },
+        }
+    }
+}
+
+/// Whether bytes are the start of an HTTP/1 request line (`METHOD SP target SP
+/// HTTP/`): `None` while they could still become one. TLS, SSH banners, binary
+/// protocols and HTTP/2's `PRI * HTTP/2.0` preface (h2c: relayed as is, like any other
+/// protocol) are not.
+fn looks_like_http(b: &[u8], max_head: usize) -> Option<bool> {
+    const MAX_METHOD: usize = 32;
+    let tchar = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+    let method = b.iter().take_while(|&&c| tchar(c)).count();
+    match b.get(method) {
+        None if method <= MAX_METHOD => return None,
+        Some(b' ') if method > 0 && method <= MAX_METHOD => {}
+        _ => return Some(false),
+    }
+    let rest = &b[method + 1..];
+    let target = rest.iter().take_while(|&&c| !matches!(c, b' ' | b'\r' | b'\n')).count();
+    match rest.get(target) {
+        None if b.len() > max_head => return Some(true), // the guard refuses it (431)
+        None => return None,
+        Some(b' ') if target > 0 => {}
+        _ => return Some(false),
+    }
+    if &b[..method] == b"PRI" && &rest[..target] == b"*" {
+        return Some(false);
+    }
+    let version = &rest[target + 1..];
+    let n = version.len().min(5);
+    if version[..n] != b"HTTP/"[..n] {
+        return Some(false);
+    }
+    (n == 5).then_some(true)
+}
+
+/// Wait for a reload under which this tunnel's CONNECT would be refused (its client,
+/// agent or destination no longer allowed): its refusal.
+async fn refused_by_reload(
+    proxy: &Proxy,
+    opener: &Opener,
+    dest: &Destination,
+    reloads: &mut tokio::sync::watch::Receiver<u64>,
+) -> Refusal {
+    loop {
+        if reloads.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        let config = &proxy.generation().config;
+        let refusal = match handler::admit(config, opener) {
+            Err(r) => Some(r),
+            Ok(agent) => super::identity::destination_refusal(config, agent, dest).or_else(|| {
+                match config.policy.decide_connect(dest) {
+                    ConnectDecision::Block(r) => Some(r),
+                    _ => None,
+                }
+            }),
+        };
+        if let Some(r) = refusal {
+            return r;
+        }
     }
 }
 
@@ -128,10 +466,17 @@ impl Drop for TunnelGauge {
     }
 }
 
-/// A stream with the one byte latchkey peeked at put back in front.
+/// A stream with the bytes latchkey peeked at put back in front.
 struct Prefixed<T> {
-    first: Option<u8>,
+    first: Vec<u8>,
+    at: usize,
     inner: T,
+}
+
+impl<T> Prefixed<T> {
+    fn new(first: Vec<u8>, inner: T) -> Self {
+        Prefixed { first, at: 0, inner }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
@@ -140,11 +485,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if let Some(b) = self.first.take() {
-            buf.put_slice(&[b]);
+        let this = &mut *self;
+        if this.at < this.first.len() {
+            let n = buf.remaining().min(this.first.len() - this.at);
+            buf.put_slice(&this.first[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.first.len() {
+                this.first = Vec::new();
+                this.at = 0;
+            }
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
@@ -157,5 +509,34 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_like_http;
+
+    #[test]
+    fn only_an_http_request_line_is_http() {
+        for (bytes, want) in [
+            (&b"GET / HTTP/1.1\r\n"[..], Some(true)),
+            (b"CONNECT api.openai.com:443 HTTP/1.1\r\n", Some(true)),
+            (b"GET / HTTP/", Some(true)),
+            (b"GET / HT", None),
+            (b"GET", None),
+            (b"", None),
+            (b"\x16\x03\x01\x02\x00", Some(false)),
+            (b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n", Some(false)),
+            (b"EHLO client.example\r\n", Some(false)),
+            (b"*1\r\n$4\r\nPING\r\n", Some(false)),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Some(false)),
+            (b"GET /\r\n", Some(false)),
+            (b"GET  / HTTP/1.1", Some(false)),
+            (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Some(false)),
+        ] {
+            assert_eq!(looks_like_http(bytes, 1024), want, "{}", String::from_utf8_lossy(bytes));
+        }
+        let long = [b"GET /".as_slice(), &[b'a'; 2000]].concat();
+        assert_eq!(looks_like_http(&long, 1024), Some(true), "past the head limit: refused as HTTP");
     }
 }

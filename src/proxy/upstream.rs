@@ -51,6 +51,11 @@ pub enum UpstreamError {
     Timeout {
         host: String,
     },
+    /// No upstream connection may be opened now: a `[proxy.limits]` budget is spent.
+    Busy {
+        host: String,
+        what: &'static str,
+    },
 }
 
 impl std::fmt::Display for UpstreamError {
@@ -64,6 +69,10 @@ impl std::fmt::Display for UpstreamError {
             UpstreamError::Connect { host, why } => write!(f, "cannot connect to {host}: {why}"),
             UpstreamError::Tls { host, why } => write!(f, "TLS with {host} failed: {why}"),
             UpstreamError::Timeout { host } => write!(f, "{host} did not answer in time"),
+            UpstreamError::Busy { host, what } => write!(
+                f,
+                "no connection to {host} could be opened: too many upstream connections open ([proxy.limits] {what}); try again"
+            ),
             UpstreamError::NoCommonProtocol { host } => {
                 write!(f, "TLS with {host} failed: no application protocol in common (ALPN)")
             }
@@ -80,6 +89,8 @@ pub struct Dialer {
     /// latchkey's own listening sockets: never a destination, whatever the config says.
     pub own_sockets: Vec<SocketAddr>,
     pub connect_timeout: Duration,
+    /// Upstream connections opened for requests hold a permit from this (invariant 9).
+    pub budget: Arc<super::fanout::Budget>,
     /// ALPN h2 + http/1.1, for the pooled client.
     pub tls: TlsConnector,
     /// ALPN http/1.1 only, for upgrades (WebSocket needs an HTTP/1.1 connection).
@@ -263,11 +274,17 @@ impl Dialer {
         tls: bool,
         connector: &TlsConnector,
     ) -> Result<UpstreamIo, UpstreamError> {
+        let host = dest.to_string();
+        let permit = self.budget.acquire(&host, self.connect_timeout).await?;
         let tcp = self.connect_tcp(&dest).await?;
         if !tls {
-            return Ok(UpstreamIo { io: TokioIo::new(Stream::Plain(tcp)), h2: false, no_alpn: false });
+            return Ok(UpstreamIo {
+                io: TokioIo::new(Stream::Plain(tcp)),
+                h2: false,
+                no_alpn: false,
+                _permit: permit,
+            });
         }
-        let host = dest.to_string();
         let name = match &dest.host {
             Host::Domain(d) => ServerName::try_from(d.clone())
                 .map_err(|e| UpstreamError::Tls { host: host.clone(), why: e.to_string() })?,
@@ -285,7 +302,7 @@ impl Dialer {
             })?;
         let alpn = stream.get_ref().1.alpn_protocol();
         let (h2, no_alpn) = (alpn == Some(b"h2"), alpn.is_none());
-        Ok(UpstreamIo { io: TokioIo::new(Stream::Tls(Box::new(stream))), h2, no_alpn })
+        Ok(UpstreamIo { io: TokioIo::new(Stream::Tls(Box::new(stream))), h2, no_alpn, _permit: permit })
     }
 }
 
@@ -424,6 +441,7 @@ pub struct UpstreamIo {
     h2: bool,
     /// TLS completed without an application protocol.
     no_alpn: bool,
+    _permit: super::fanout::Permit,
 }
 
 impl Connection for UpstreamIo {

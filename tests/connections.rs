@@ -1,0 +1,553 @@
+//! Connection-level attacks, through the real binary: malformed CONNECTs and heads
+//! hyper used to refuse in its own words, plain HTTP hidden in a blind tunnel, early
+//! refusals a client still sending must be able to read, tunnels that lied about their
+//! byte counts, an upgrade that never happened switching off the smuggling guard, one
+//! HTTP/2 connection fanning out into every file descriptor, and a reload that did not
+//! reach open connections. Each test fails when its defence is removed.
+
+mod common;
+use common::raw::{exchange, request, tls, tunnel};
+use common::*;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const CRED: &str = r#"
+[credentials.anthropic]
+header = "x-api-key"
+value = "${ANTHROPIC_API_KEY}"
+domains = ["api.anthropic.com"]
+"#;
+const SECRET: &str = "sk-ant-REAL-0123456789";
+const ENV: &[(&str, &str)] = &[("ANTHROPIC_API_KEY", SECRET)];
+
+fn status(resp: &str) -> u16 {
+    resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// A refusal in latchkey's own words (SPEC 6): the status, an `X-Latchkey-Error` kind
+/// and a `latchkey:` line — not hyper's bare status line.
+fn assert_latchkeys(resp: &str, code: u16, what: &str) {
+    assert_eq!(status(resp), code, "{what}: {resp}");
+    assert!(resp.to_ascii_lowercase().contains("\r\nx-latchkey-error: "), "{what}: {resp}");
+    assert!(resp.contains("\r\n\r\nlatchkey: "), "{what}: {resp}");
+}
+
+/// `[proxy.logging]` lines for a fresh request log, and its path.
+fn logging() -> (String, PathBuf) {
+    let path = tempfile::tempdir().unwrap().keep().join("requests.log");
+    (format!("[proxy.logging]\nlog_requests = true\nlog_file = \"{}\"\n", path.display()), path)
+}
+
+fn log_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The log once `done` holds for it (a thread writes it).
+fn log_until(path: &Path, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = log_lines(path);
+        if done(&lines) {
+            return lines;
+        }
+        assert!(Instant::now() < deadline, "{what}; the log has:\n{lines:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One response (head and a `Content-Length` body) from a stream kept open.
+fn response<S: Read>(s: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let length = text
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    let _ = s.read_exact(&mut body);
+    text + &String::from_utf8_lossy(&body)
+}
+
+#[test]
+fn malformed_connects_and_heads_get_latchkeys_refusal_and_a_blocked_line() {
+    let up = upstream(true, None);
+    let (log_cfg, log) = logging();
+    let lk = Latchkey::start(Some(&up), &format!("{log_cfg}#END-PROXY\n{CRED}"), ENV);
+    // The first six used to get hyper's bare 400: no body, no kind, no log line.
+    let targets = [
+        "api%2eopenai.com:443",
+        "api.openai.com%00:443",
+        "api.openai.com\\@attacker.example:443",
+        "host.example:443/x",
+        "api.open%61i.com:443",
+        "api.open\tai.com:443",
+        "host.example:0",
+        "user@host.example:443",
+        "[fe80::1%eth0]:443",
+        "api..openai.com:443",
+    ];
+    for t in targets {
+        let (_, head) = tunnel(lk.port, t);
+        assert_latchkeys(&head, 400, t);
+    }
+    // Heads over the limits: hyper's bare 431 before.
+    let big = format!(
+        "CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    assert_latchkeys(&exchange(lk.port, big.as_bytes()), 431, "a 70 kB head");
+    let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let resp = exchange(lk.port, format!("GET http://api.example.com/ HTTP/1.1\r\n{many}\r\n").as_bytes());
+    assert_latchkeys(&resp, 431, "150 headers");
+    // Inside an intercepted tunnel: a header line hyper cannot parse.
+    let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+    let resp = request(
+        tls(s, "api.anthropic.com"),
+        "GET /v1/x?q=secret HTTP/1.1\r\nHost: api.anthropic.com\r\nBad Header: x\r\n\r\n",
+    );
+    assert_latchkeys(&resp, 400, "a bad header line in a tunnel");
+    assert_eq!(up.count(), 0, "nothing forwarded");
+
+    let lines = log_until(&log, "a blocked line for every refusal", |l| {
+        l.iter().filter(|v| v["decision"] == "blocked").count() == targets.len() + 3
+    });
+    let connects: Vec<&Value> =
+        lines.iter().filter(|v| v["method"] == "CONNECT" && v["status"] == 400).collect();
+    assert_eq!(connects.len(), targets.len(), "{lines:#?}");
+    assert!(connects.iter().any(|v| v["host"] == "api%2eopenai.com" && v["port"] == 443), "{connects:#?}");
+    assert_eq!(lines.iter().filter(|v| v["status"] == 431).count(), 2, "{lines:#?}");
+    let inside = lines.iter().find(|v| v["host"] == "api.anthropic.com").expect("the tunnel's refusal");
+    assert_eq!((inside["status"].as_u64(), inside["path"].as_str()), (Some(400), Some("/v1/x")), "no query");
+}
+
+#[test]
+fn proxy_authentication_and_client_refusals_are_logged() {
+    let up = upstream(true, None);
+    let (log_cfg, log) = logging();
+    let agents = "[agents.alice]\ntoken = \"alice-token\"\n";
+    let lk = Latchkey::start(Some(&up), &format!("{log_cfg}#END-PROXY\n{agents}{CRED}"), ENV);
+    let (_, head) = tunnel(lk.port, "api.anthropic.com:443");
+    assert_latchkeys(&head, 407, "no Proxy-Authorization");
+    use base64::Engine;
+    let wrong = base64::engine::general_purpose::STANDARD.encode("alice:guess");
+    let resp = exchange(
+        lk.port,
+        format!("CONNECT api.anthropic.com:443 HTTP/1.1\r\nProxy-Authorization: Basic {wrong}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    assert_latchkeys(&resp, 407, "a wrong token");
+    let lines = log_until(&log, "two 407 lines", |l| l.iter().filter(|v| v["status"] == 407).count() == 2);
+    assert!(
+        lines.iter().all(|v| v["decision"] == "blocked" && v["host"] == "api.anthropic.com"),
+        "{lines:#?}"
+    );
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("guess"), "no token in the log");
+
+    let (log_cfg, log) = logging();
+    let lk = Latchkey::start(
+        Some(&up),
+        &format!("allowed_clients = [\"10.0.0.0/8\"]\n{log_cfg}#END-PROXY\n"),
+        &[],
+    );
+    let (_, head) = tunnel(lk.port, "api.example.com:443");
+    assert_latchkeys(&head, 403, "a client outside allowed_clients");
+    log_until(&log, "the 403 line", |l| l.iter().any(|v| v["status"] == 403 && v["decision"] == "blocked"));
+}
+
+/// A TCP server that speaks first (an SMTP-like banner), then echoes what it gets;
+/// it records every byte it received.
+fn banner_server() -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let seen = got.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let (Ok(mut s), seen) = (s, seen.clone()) else { return };
+            std::thread::spawn(move || {
+                let _ = s.write_all(b"220 banner.example.com ESMTP ready\r\n");
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                    let _ = s.write_all(&buf[..n]);
+                }
+            });
+        }
+    });
+    (addr, got)
+}
+
+/// Read from `s` until `needle` has arrived (or fail after 5 s).
+fn read_until(s: &mut TcpStream, needle: &str) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        match s.read(&mut buf) {
+            Ok(n @ 1..) => got.extend_from_slice(&buf[..n]),
+            other => panic!("{other:?} before {needle:?}; got {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn plain_http_in_a_blind_tunnel_is_plain_http_and_other_protocols_stay_blind() {
+    let up = upstream(true, None);
+    let plain = upstream(false, None);
+    let (banner, banner_got) = banner_server();
+    let (log_cfg, log) = logging();
+    let cfg = format!("{log_cfg}#END-PROXY\n\"banner.example.com:25\" = \"{banner}\"\n{CRED}");
+    let lk = Latchkey::start_plain(&up, &plain, &cfg, ENV);
+
+    // other.example.com:80 has no credential and no filter: a blind tunnel. A CONNECT
+    // written inside it is refused, not relayed to whatever listens there.
+    let (mut s, head) = tunnel(lk.port, "other.example.com:80");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s.write_all(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n").unwrap();
+    let resp = response(&mut s);
+    assert_latchkeys(&resp, 400, "CONNECT inside a blind tunnel");
+    assert!(resp.contains("CONNECT inside a tunnel"), "{resp}");
+    // Plain HTTP is served (and logged) as plain HTTP to the tunnel's destination...
+    let (s, _) = tunnel(lk.port, "other.example.com:80");
+    let resp = request(s, "GET /hello?x=1 HTTP/1.1\r\nHost: other.example.com\r\nConnection: close\r\n\r\n");
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert!(resp.contains("\"path\":\"/hello?x=1\""), "{resp}");
+    // ...with the rules of plain HTTP: a Host naming another host is misdirected.
+    let (s, _) = tunnel(lk.port, "other.example.com:80");
+    let resp = request(s, "GET / HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n");
+    assert_eq!(status(&resp), 421, "{resp}");
+    assert_eq!(plain.count(), 1, "only the well-formed GET reached the upstream");
+    let lines = log_until(&log, "the GET's line", |l| l.iter().any(|v| v["path"] == "/hello"));
+    let get = lines.iter().find(|v| v["path"] == "/hello").unwrap();
+    assert_eq!((get["scheme"].as_str(), get["decision"].as_str()), (Some("http"), Some("passed")), "{get}");
+
+    // A server that speaks first is not kept waiting for a client that says nothing.
+    let (mut s, head) = tunnel(lk.port, "banner.example.com:25");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    read_until(&mut s, "220 banner.example.com ESMTP ready\r\n");
+    s.write_all(b"EHLO client.example\r\n").unwrap();
+    read_until(&mut s, "EHLO client.example\r\n");
+    // A client that speaks first, not in HTTP (an SSH banner has spaces too): relayed.
+    let (mut s, _) = tunnel(lk.port, "banner.example.com:25");
+    s.write_all(b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n").unwrap();
+    read_until(&mut s, "220 banner.example.com ESMTP ready\r\nSSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n");
+    // HTTP once the server has spoken is no HTTP server's traffic: refused, not relayed.
+    let (mut s, _) = tunnel(lk.port, "banner.example.com:25");
+    read_until(&mut s, "ESMTP ready\r\n");
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: banner.example.com:25\r\n\r\n").unwrap();
+    let resp = read_until(&mut s, "\r\n\r\nlatchkey: ");
+    assert!(resp.contains("HTTP/1.1 400"), "{resp}");
+    std::thread::sleep(Duration::from_millis(200));
+    let received = String::from_utf8_lossy(&banner_got.lock().unwrap()).into_owned();
+    assert!(received.contains("EHLO") && received.contains("SSH-2.0"), "{received}");
+    assert!(!received.contains("GET /x"), "HTTP never reached the banner server: {received}");
+}
+
+#[test]
+fn early_refusals_reach_a_client_still_sending() {
+    let up = upstream(true, None);
+    let plain = upstream(false, None);
+    let bedrock = "[credentials.bedrock]\nauth_type = \"aws_sigv4\"\naccess_key_id = \"AKIAREALKEY123456789\"\nsecret_access_key = \"${AWS_SECRET_ACCESS_KEY}\"\nmax_signed_body = 65536\ndomains = [\"bedrock-runtime.us-east-1.amazonaws.com\"]\n";
+    let env = [("ANTHROPIC_API_KEY", SECRET), ("AWS_SECRET_ACCESS_KEY", "real/Secret+Key0123456789")];
+    let lk = Latchkey::start_plain(&up, &plain, &format!("{CRED}{bedrock}"), &env);
+    let run = |method: &str, url: &str, body: usize, header: usize| -> Value {
+        let out = py("early_refusal.py")
+            .env("PROXY", lk.proxy_url())
+            .env("BUNDLE", lk.bundle())
+            .args([method, url, &body.to_string(), &header.to_string()])
+            .output()
+            .expect("python3 with requests (scripts/test.sh installs it)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        json(&String::from_utf8_lossy(&out.stdout))
+    };
+    let cases = [
+        // A body too large to sign, refused before it is read (in a TLS tunnel).
+        ("POST", "https://bedrock-runtime.us-east-1.amazonaws.com/model/m/invoke", 8_000_000, 0, 413),
+        // A head over max_header_bytes: in a tunnel, and on the proxy port.
+        ("GET", "https://api.anthropic.com/", 0, 200_000, 431),
+        ("GET", "http://api.example.com/", 0, 200_000, 431),
+        // Plain HTTP to a credential host, refused before its upload is read.
+        ("POST", "http://api.anthropic.com/v1/messages", 8_000_000, 0, 403),
+    ];
+    let results: Vec<(String, Value)> = cases
+        .iter()
+        .map(|(method, url, body, header, _)| (format!("{method} {url}"), run(method, url, *body, *header)))
+        .collect();
+    let read = |(_, got): &(String, Value), code: u16| {
+        got["status"] == code
+            && got["kind"].is_string()
+            && got["body"].as_str().is_some_and(|b| b.starts_with("latchkey: "))
+    };
+    let all_read = results.iter().zip(cases).all(|(r, case)| read(r, case.4));
+    assert!(all_read, "every client reads its refusal: {results:#?}");
+    assert_eq!(up.count() + plain.count(), 0);
+}
+
+#[test]
+fn blind_tunnels_log_the_bytes_they_carried_however_they_ended() {
+    let up = upstream(true, None);
+    let (log_cfg, log) = logging();
+    let limits = "[proxy.limits]\nmax_tunnel_bytes = 200000\ntunnel_timeout = 2\n";
+    let lk = Latchkey::start(Some(&up), &format!("{log_cfg}{limits}#END-PROXY\n{CRED}"), ENV);
+    // Cut by the byte cap, mid-download.
+    let out = Command::new("curl")
+        .args(["-sSk", "-o", "/dev/null", "-x", &lk.proxy_url(), "--cacert"])
+        .arg(lk.bundle())
+        .arg("https://other.example.com/source?bytes=1000000")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a 1 MB download through a 200 kB cap");
+    // Cut by tunnel_timeout, idle after one exchange.
+    let (s, _) = tunnel(lk.port, "other.example.com:443");
+    let mut s = tls(s, "other.example.com");
+    s.write_all(b"GET /source?bytes=5000 HTTP/1.1\r\nHost: other.example.com\r\n\r\n").unwrap();
+    let first = response(&mut s);
+    assert!(first.starts_with("HTTP/1.1 200") && first.len() > 5000, "{first}");
+    let lines = log_until(&log, "both tunnels' lines", |l| {
+        l.iter().filter(|v| v["decision"] == "tunnelled").count() == 2
+    });
+    let capped = lines.iter().find(|v| v["reason"].as_str().is_some_and(|r| r.contains("max_tunnel_bytes")));
+    let capped = capped.unwrap_or_else(|| panic!("the capped tunnel's reason: {lines:#?}"));
+    let down = capped["bytes_down"].as_u64().unwrap();
+    assert!((150_000..=200_000).contains(&down), "bytes_down {down}: {capped}");
+    assert!(capped["bytes_up"].as_u64().unwrap() > 300, "the ClientHello and request went up: {capped}");
+    let timed = lines.iter().find(|v| v["reason"].as_str().is_some_and(|r| r.contains("tunnel_timeout")));
+    let timed = timed.unwrap_or_else(|| panic!("the timed-out tunnel's reason: {lines:#?}"));
+    assert!(timed["bytes_down"].as_u64().unwrap() > 5000, "{timed}");
+    assert!(timed["bytes_up"].as_u64().unwrap() > 300, "{timed}");
+}
+
+#[test]
+fn an_upgrade_that_did_not_happen_keeps_the_smuggling_guard_on() {
+    let up = upstream(true, None);
+    let plain = upstream(false, None);
+    let lk = Latchkey::start_plain(&up, &plain, CRED, ENV);
+    let cl_te = |host: &str, target: &str| {
+        let smuggled = format!("0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        format!(
+            "POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{smuggled}",
+            smuggled.len()
+        )
+    };
+    // Upgrade requests latchkey does not honour (any protocol but WebSocket), and a
+    // WebSocket handshake the upstream declines: answered without a switch, so the
+    // next request is still followed — and its CL+TE caught.
+    for upgrade in [
+        "Connection: Upgrade\r\nUpgrade: foo\r\n",
+        "Connection: Upgrade\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n",
+        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+    ] {
+        let (s, _) = tunnel(lk.port, "api.anthropic.com:443");
+        let resp = request(
+            tls(s, "api.anthropic.com"),
+            &format!(
+                "GET /first HTTP/1.1\r\nHost: api.anthropic.com\r\n{upgrade}\r\n{}",
+                cl_te("api.anthropic.com", "/second")
+            ),
+        );
+        assert_eq!(status(&resp), 200, "{upgrade}: {resp}");
+        let second = &resp[resp.find("\r\n\r\n").unwrap()..];
+        assert!(second.contains("HTTP/1.1 400") && second.contains("smuggling"), "{upgrade}: {resp}");
+    }
+    // On the proxy port: a refused CONNECT does not switch either.
+    let resp = exchange(
+        lk.port,
+        format!(
+            "CONNECT 169.254.169.254:443 HTTP/1.1\r\nHost: 169.254.169.254:443\r\n\r\n{}",
+            cl_te("api.example.com", "http://api.example.com/second")
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status(&resp), 403, "{resp}");
+    assert!(resp.contains("x-latchkey-error: smuggling"), "{resp}");
+    let paths: Vec<String> =
+        up.requests().iter().chain(plain.requests().iter()).map(|r| r.path.clone()).collect();
+    assert_eq!(paths, ["/first", "/first", "/first"], "neither /second nor /smuggled went out");
+}
+
+/// `latchkey run` with at most `nofile` open files, as a small container might have.
+fn start_with_fd_limit(up: &Upstream, body: &str, nofile: u32) -> Latchkey {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config_path = write_config(dir.path(), port, Some(up.addr), body);
+    let stderr_path = dir.path().join("stderr.log");
+    let child = Command::new("prlimit")
+        .arg(format!("--nofile={nofile}:{nofile}"))
+        .arg(bin())
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", dir.path())
+        .env("ANTHROPIC_API_KEY", SECRET)
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .expect("prlimit (util-linux)");
+    wait_until("latchkey", || TcpStream::connect(("127.0.0.1", port)).is_ok());
+    Latchkey { port, dir, child, config_path, stderr_path }
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// The h2 attack client: `connections` connections of `streams` unfinished uploads.
+fn fan_out(lk: &Latchkey, connections: usize, streams: usize) -> std::process::Child {
+    let mut child = py("h2_fanout.py")
+        .args([lk.port.to_string(), "api.anthropic.com".into(), connections.to_string(), streams.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 with h2 (scripts/test.sh installs it)");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "the h2 client failed");
+    child
+}
+
+#[test]
+fn one_h2_connection_cannot_fan_out_into_every_file_descriptor() {
+    // An HTTP/1.1-only upstream: each h2 stream in flight needs a connection of its own.
+    let up = upstream(true, None);
+    let limits = "[proxy.limits]\nmax_upstream_connections = 128\n#END-PROXY\n";
+    let lk = start_with_fd_limit(&up, &format!("{limits}{CRED}"), 1024);
+    let pid = lk.child.id();
+    let baseline = open_fds(pid);
+
+    // One connection, 256 streams: at most max_upstream_per_connection (32) upstream.
+    let mut one = fan_out(&lk, 1, 256);
+    std::thread::sleep(Duration::from_millis(1500));
+    let opened = up.connections.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!(
+        "one client connection x 256 streams: {opened} upstream connections, {} descriptors",
+        open_fds(pid)
+    );
+    assert!((8..=33).contains(&opened), "{opened} upstream connections for one client connection");
+
+    // Eight more (2304 streams; 1024 descriptors): the total cap holds...
+    let mut more = fan_out(&lk, 8, 256);
+    std::thread::sleep(Duration::from_millis(1500));
+    let fds = open_fds(pid);
+    eprintln!("nine client connections x 256 streams: {fds} descriptors (baseline {baseline})");
+    assert!(fds <= baseline + 128 + 9 + 8, "{fds} descriptors open (baseline {baseline})");
+    // ...and everybody else is served meanwhile, intercepted and blind.
+    let (code, body) = lk.curl(&["https://api.anthropic.com/v1/x"]);
+    assert_eq!(code, 200, "{body}\n{}", lk.stderr());
+    assert_eq!(echoed(&body, "x-api-key"), [SECRET]);
+    let (code, body) = lk.curl(&["-k", "https://other.example.com/"]);
+    assert_eq!(code, 200, "{body}");
+    assert!(open_fds(pid) <= baseline + 128 + 9 + 8, "still within the caps");
+    for child in [&mut one, &mut more] {
+        drop(child.stdin.take());
+        let _ = child.wait();
+    }
+}
+
+/// Replace the config file the way editors and Kubernetes do (write aside, rename).
+fn replace_config(lk: &Latchkey, up: &Upstream, plain: &Upstream, body: &str) {
+    let dir = lk.dir.path().join("next");
+    std::fs::create_dir_all(&dir).unwrap();
+    let written = write_config2(&dir, lk.port, Some(up.addr), Some(plain.addr), body);
+    let text = std::fs::read_to_string(&written)
+        .unwrap()
+        .replace(&dir.join("ca").display().to_string(), &lk.dir.path().join("ca").display().to_string());
+    std::fs::write(&written, text).unwrap();
+    std::fs::rename(&written, &lk.config_path).unwrap();
+}
+
+/// A CONNECT as `user:token`, keep-alive.
+fn tunnel_as(port: u16, target: &str, user: &str) -> TcpStream {
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(user);
+    let mut s = common::raw::connect(port);
+    write!(s, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n")
+        .unwrap();
+    let head = response(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
+#[test]
+fn a_reload_reaches_connections_already_open() {
+    let up = upstream(true, None);
+    let plain = upstream(false, None);
+    let (log_cfg, log) = logging();
+    let agents = |alice_credentials: &str, blocked: &str| {
+        format!(
+            "{log_cfg}[proxy.filters]\nblocked_domains = [{blocked}]\n#END-PROXY\n{CRED}\n[agents.bob]\ntoken = \"bob-token\"\n{alice_credentials}"
+        )
+    };
+    let alice = "[agents.alice]\ntoken = \"alice-token\"\ncredentials = [\"anthropic\"]\n";
+    let lk = Latchkey::start_plain(&up, &plain, &agents(alice, ""), ENV);
+    // A keep-alive connection of hers on the proxy port (plain HTTP, absolute-form).
+    use base64::Engine;
+    let alice_auth = base64::engine::general_purpose::STANDARD.encode("alice:alice-token");
+    let plain_get = format!(
+        "GET http://api.example.com/p HTTP/1.1\r\nHost: api.example.com\r\nProxy-Authorization: Basic {alice_auth}\r\n\r\n"
+    );
+    let mut p = common::raw::connect(lk.port);
+    p.write_all(plain_get.as_bytes()).unwrap();
+    assert_eq!(status(&response(&mut p)), 200);
+    // Alice's keep-alive tunnel gets the credential.
+    let mut s = tls(tunnel_as(lk.port, "api.anthropic.com:443", "alice:alice-token"), "api.anthropic.com");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n");
+    s.write_all(get("/one").as_bytes()).unwrap();
+    assert_eq!(status(&response(&mut s)), 200);
+    assert_eq!(up.requests()[0].header_all("x-api-key"), [SECRET]);
+    // A blind tunnel of hers stays open across the reload, mid-sniff.
+    let mut blind = tunnel_as(lk.port, "other.example.com:443", "alice:alice-token");
+
+    // The reload takes the credential from alice and blocks other.example.com.
+    let narrowed = "[agents.alice]\ntoken = \"alice-token\"\ncredentials = []\n";
+    replace_config(&lk, &up, &plain, &agents(narrowed, "\"other.example.com\""));
+    wait_until("the reload", || lk.stderr().contains("reloaded"));
+    s.write_all(get("/two").as_bytes()).unwrap();
+    let resp = response(&mut s);
+    assert_eq!(status(&resp), 403, "the next request on the open tunnel: {resp}");
+    assert!(resp.contains("agent-credential"), "{resp}");
+    assert_eq!(up.count(), 1, "nothing more went out with the removed credential");
+    blind.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(matches!(blind.read(&mut [0u8; 16]), Ok(0)), "the blind tunnel was cut");
+    log_until(&log, "the cut tunnel's line and the refused request's", |l| {
+        l.iter().any(|v| v["reason"].as_str().is_some_and(|r| r.contains("cut by a reload")))
+            && l.iter().any(|v| v["status"] == 403 && v["path"] == "/two")
+    });
+
+    // Removing alice altogether: her open tunnel's next request is not hers any more.
+    replace_config(&lk, &up, &plain, &agents("", "\"other.example.com\""));
+    wait_until("the second reload", || lk.stderr().matches("reloaded").count() >= 2);
+    s.write_all(get("/three").as_bytes()).unwrap();
+    assert_latchkeys(&response(&mut s), 407, "a removed agent's open tunnel");
+    p.write_all(plain_get.as_bytes()).unwrap();
+    assert_latchkeys(&response(&mut p), 407, "a removed agent's keep-alive connection");
+    assert_eq!((up.count(), plain.count()), (1, 1));
+}
