@@ -26,6 +26,9 @@ fn v4_reason(ip: Ipv4Addr) -> Option<&'static str> {
         Some("unspecified")
     } else if ip.is_multicast() || ip.is_broadcast() || o[0] >= 240 {
         Some("multicast or reserved")
+    } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
+        // RFC 2544, not routed on the internet; `exec --jail` hands these out as names.
+        Some("benchmarking range (latchkey's jail addresses)")
     } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
         Some("IETF protocol assignment")
     } else {

@@ -13,7 +13,6 @@ use hyper_util::rt::TokioIo;
 use super::forward::{self, Route};
 use super::respond::{self, bad_request};
 use super::{Body, Generation, Proxy};
-use crate::audit::{Record, now_ts};
 use crate::policy::{ConnectDecision, Destination, Refusal};
 
 pub async fn handle(
@@ -93,16 +92,10 @@ async fn connect(
     };
     let agent_name = super::identity::agent_name(&generation.config, agent);
     let refuse = |r: Refusal| {
-        let mut rec = tunnel_record(peer, &dest, r.status, "blocked", Some(r.message.clone()), started);
-        rec.agent = agent_name.clone();
-        proxy.ops.finish(&rec, None, None);
-        tracing::info!(target: "latchkey::request", %dest, status = r.status, kind = r.kind, "CONNECT refused");
+        super::destined::log_refused(&proxy, peer, &dest, agent_name.clone(), &r, started);
         respond::refusal(&r)
     };
-    let decision = match super::identity::destination_refusal(&generation.config, agent, &dest) {
-        Some(r) => ConnectDecision::Block(r),
-        None => generation.config.policy.decide_connect(&dest),
-    };
+    let decision = super::destined::decide(&generation.config, agent, &dest);
     let on_upgrade = hyper::upgrade::on(&mut req);
     match decision {
         ConnectDecision::Block(r) => refuse(r),
@@ -111,26 +104,14 @@ async fn connect(
                 Ok(s) => s,
                 Err(e) => return refuse(respond::upstream_refusal(&e)),
             };
-            let ops = proxy.ops.clone();
-            let limit = generation.config.proxy.limits.tunnel_timeout;
-            let cap = generation.config.proxy.limits.max_tunnel_bytes;
-            let gauge = super::tunnel::TunnelGauge::open(&proxy, "blind");
+            let limits = generation.config.proxy.limits.clone();
             let slot = super::Slot::take(&slot);
             tokio::spawn(async move {
-                let _held = (gauge, slot);
+                let _slot = slot;
                 let Ok(upgraded) = on_upgrade.await else { return };
-                let mut client = super::capped::Capped::new(TokioIo::new(upgraded), cap);
-                let mut upstream = upstream;
-                let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-                let (up, down) = match tokio::time::timeout(limit, copy).await {
-                    Ok(Ok(n)) => n,
-                    _ => (0, 0),
-                };
-                let mut rec = tunnel_record(peer, &dest, 200, "tunnelled", None, started);
-                rec.agent = agent_name;
-                rec.bytes_up = up;
-                rec.bytes_down = down;
-                ops.finish(&rec, None, None);
+                let client = TokioIo::new(upgraded);
+                super::destined::blind(&proxy, &limits, peer, dest, agent_name, client, upstream, started)
+                    .await;
             });
             established()
         }
@@ -143,7 +124,8 @@ async fn connect(
             tokio::spawn(async move {
                 let _slot = slot;
                 let Ok(upgraded) = on_upgrade.await else { return };
-                super::tunnel::intercept(proxy, generation, peer, agent, dest, upgraded).await;
+                let io = TokioIo::new(upgraded);
+                super::tunnel::intercept(proxy, generation, peer, agent, dest, io).await;
             });
             established()
         }
@@ -154,32 +136,4 @@ fn established() -> Response<Body> {
     let mut resp = Response::new(respond::empty());
     *resp.status_mut() = StatusCode::OK;
     resp
-}
-
-fn tunnel_record(
-    peer: SocketAddr,
-    dest: &Destination,
-    status: u16,
-    decision: &'static str,
-    reason: Option<String>,
-    started: Instant,
-) -> Record {
-    Record {
-        ts: now_ts(),
-        client: peer.ip().to_string(),
-        agent: None,
-        method: "CONNECT".into(),
-        scheme: "https",
-        host: dest.host.to_string(),
-        port: dest.port,
-        path: None,
-        status: Some(status),
-        decision,
-        reason,
-        credential: None,
-        bytes_up: 0,
-        bytes_down: 0,
-        duration_ms: started.elapsed().as_millis() as u64,
-        usage: None,
-    }
 }

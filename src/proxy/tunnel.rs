@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use hyper::service::service_fn;
-use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio_rustls::LazyConfigAcceptor;
@@ -21,17 +20,19 @@ use crate::policy::{Destination, Host};
 
 const TLS_HANDSHAKE: u8 = 0x16;
 
-pub async fn intercept(
+pub async fn intercept<S>(
     proxy: Arc<Proxy>,
     generation: Arc<Generation>,
     peer: SocketAddr,
     agent: Option<usize>,
     dest: Destination,
-    upgraded: Upgraded,
-) {
+    client: S,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let limits = generation.config.proxy.limits.clone();
     let _open = TunnelGauge::open(&proxy, "intercepted");
-    let mut io = super::capped::Capped::new(TokioIo::new(upgraded), limits.max_tunnel_bytes);
+    let mut io = super::capped::Capped::new(client, limits.max_tunnel_bytes);
     let mut first = [0u8; 1];
     match tokio::time::timeout(limits.header_read_timeout, io.read(&mut first)).await {
         Ok(Ok(1)) => {}
