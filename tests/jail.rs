@@ -528,7 +528,9 @@ fn terminal(user: User) {
         jail.get_envs().filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))).collect();
     let _ = &mut jail;
     let mut script = Command::new("script");
-    script.args(["-qfec", &quoted.join(" "), "/dev/null"]).env_clear().envs(envs).current_dir(s.dir.path());
+    // script runs the line with $SHELL; bash execs the last command as dash may not.
+    script.args(["-qfec", &quoted.join(" "), "/dev/null"]).env_clear().envs(envs).env("SHELL", "/bin/bash");
+    script.current_dir(s.dir.path());
     let mut child =
         script.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
@@ -586,14 +588,32 @@ fn without_user_namespaces_the_command_never_runs() {
         config = s.config.display(),
         marker = marker.display()
     );
-    let o = Command::new("unshare")
-        .args(["--user", "--map-users=0,0,65536", "--map-groups=0,0,65536", "--setgroups=allow", "sh", "-c"])
-        .arg(format!("echo 0 > /proc/sys/user/max_user_namespaces && {jail}"))
-        .output()
+    // unshare makes the namespace and waits; this (root) process maps ids 0-65535 into
+    // it; the second shell, root there with every capability, sets the limit.
+    let inner = format!("echo 0 > /proc/sys/user/max_user_namespaces && {jail}");
+    let mut child = Command::new("unshare")
+        .args(["--user", "--", "sh", "-c", "read _ && exec sh -c \"$0\""])
+        .arg(inner)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let ours = std::fs::read_link("/proc/self/ns/user").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_link(format!("/proc/{pid}/ns/user")).is_ok_and(|ns| ns == ours) {
+        assert!(Instant::now() < deadline, "unshare did not make a user namespace");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(format!("/proc/{pid}/uid_map"), "0 0 65536\n").unwrap();
+    std::fs::write(format!("/proc/{pid}/gid_map"), "0 0 65536\n").unwrap();
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("user.max_user_namespaces"), "names the setting at fault: {err}");
+    assert!(err.contains("not running the command"), "{err}");
     assert!(!marker.exists(), "CMD ran unjailed");
 }
 
@@ -629,7 +649,8 @@ fn claude_code_runs_jailed_against_a_fake_messages_api() {
 fn the_anthropic_python_sdk_without_trust_env_runs_jailed() {
     require_root();
     let (s, fake, log) = fake_anthropic();
-    let py = "import os, httpx, anthropic\nc = anthropic.Anthropic(http_client=httpx.Client(trust_env=False, verify=os.environ['SSL_CERT_FILE']))\nwith c.messages.stream(model='claude-sonnet-4-5', max_tokens=64, messages=[{'role': 'user', 'content': 'say hi'}]) as st:\n    print(st.get_final_text())";
+    // The SDK's own HTTP client, told to ignore every proxy variable.
+    let py = "import os, anthropic\nc = anthropic.Anthropic(http_client=anthropic.DefaultHttpxClient(trust_env=False, verify=os.environ['SSL_CERT_FILE']))\nwith c.messages.stream(model='claude-sonnet-4-5', max_tokens=64, messages=[{'role': 'user', 'content': 'say hi'}]) as st:\n    print(st.get_final_text())";
     let o = s
         .cmd(&[("ANTHROPIC_API_KEY", SECRET)], &[], "python3 -c \"$0\"")
         .arg(py)
