@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs the real clients the integration
-# tests drive (curl, git, Python requests/websockets/grpcio/botocore/google-auth),
+# tests drive (curl, git, Node, Claude Code, Python requests/websockets/grpcio/botocore/
+# google-auth/anthropic, nftables for exec --jail),
 # then fmt, clippy and cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,14 +10,23 @@ need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
 command -v git >/dev/null || need_apt+=(git)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+# exec --jail: nft (the jail's redirect rules), script/setpriv/unshare (TTY, nobody and
+# no-user-namespace tests), Node (fetch, and the Claude Code CLI).
+command -v nft >/dev/null || need_apt+=(nftables)
+command -v script >/dev/null || need_apt+=(bsdutils)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
+command -v node >/dev/null || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 # Python clients and servers the integration tests run: requests, websockets, grpcio,
 # botocore (the independent SigV4 verifier), google-auth (a real Google client),
 # prometheus-client (parses /metrics) and opentelemetry-proto (decodes OTLP spans).
-python3 -c 'import requests, websockets.sync.client, grpc, botocore, google.auth, prometheus_client, opentelemetry.proto' 2>/dev/null ||
-  python3 -m pip install -q requests 'websockets>=15' grpcio botocore google-auth prometheus-client opentelemetry-proto
+# anthropic: a real SDK client run inside exec --jail.
+python3 -c 'import requests, websockets.sync.client, grpc, botocore, google.auth, prometheus_client, opentelemetry.proto, anthropic' 2>/dev/null ||
+  python3 -m pip install -q requests 'websockets>=15' grpcio botocore google-auth prometheus-client opentelemetry-proto anthropic
+# The real Claude Code CLI, run jailed against a loopback fake of the Messages API.
+command -v claude >/dev/null || npm install -g --silent @anthropic-ai/claude-code
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

@@ -204,10 +204,8 @@ fn python_requests_without_trust_env_and_the_proxy_port_still_work() {
     let s = Setup::new(User::Root, Some(up.addr), "");
     let py = "import os, requests\ns = requests.Session(); s.trust_env = False\nr = s.get('https://api.anthropic.com/v1/models', headers={'x-api-key': os.environ['ANTHROPIC_API_KEY']}, verify=os.environ['REQUESTS_CA_BUNDLE'])\nprint('requests', r.status_code)";
     // The explicit proxy port inside the jail serves proxy-aware clients unchanged.
-    let script = format!(
-        "set -e\npython3 -c \"$0\"\ncurl -sS -o /dev/null -w 'proxied %{{http_code}}\\n' -H \"x-api-key: $ANTHROPIC_API_KEY\" https://api.anthropic.com/v1/models\n"
-    );
-    let o = s.cmd(&[("ANTHROPIC_API_KEY", SECRET)], &[], &script).arg(py).output().unwrap();
+    let script = "set -e\npython3 -c \"$0\"\ncurl -sS -o /dev/null -w 'proxied %{http_code}\\n' -H \"x-api-key: $ANTHROPIC_API_KEY\" https://api.anthropic.com/v1/models\n";
+    let o = s.cmd(&[("ANTHROPIC_API_KEY", SECRET)], &[], script).arg(py).output().unwrap();
     let out = stdout(&o);
     assert!(
         o.status.success() && out.contains("requests 200") && out.contains("proxied 200"),
@@ -304,14 +302,14 @@ fn nothing_else_leaves(user: User) {
             "(echo tcp > /dev/tcp/{t}/{port}) 2>/dev/null && echo \"tcp {t} connected\"\n(echo udp > /dev/udp/{t}/{port}) 2>&1 | head -1\n"
         ));
     }
-    script.push_str(&format!(
+    script.push_str(
         r#"ip=$(getent hosts quic.example.com | cut -d' ' -f1)
 (echo quic > /dev/udp/$ip/443) 2>&1 | sed 's/^/quic: /'
-getent ahosts api.anthropic.com github.com example.org | awk '{{print "addr", $1}}' | sort -u
+getent ahosts api.anthropic.com github.com example.org | awk '{print "addr", $1}' | sort -u
 getent ahostsv6 github.com | head -1 | sed 's/^/v6 /'
 echo done
-"#
-    ));
+"#,
+    );
     let o = s.exec(&[], &[], &script);
     let out = stdout(&o);
     assert!(out.contains("done"), "{}", text(&o));
