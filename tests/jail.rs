@@ -433,6 +433,8 @@ fn a_running_latchkey_serves_the_jail() {
 test "$ANTHROPIC_API_KEY" = latchkey-anthropic || echo NO-PLACEHOLDER
 curl -sS --noproxy '*' -o /dev/null -w 'jailed %{{http_code}}\n' -H "x-api-key: $ANTHROPIC_API_KEY" https://api.anthropic.com/v1/models
 cat /proc/{pid}/environ 2>/dev/null | tr '\0' '\n'
+test -e /proc/{pid}/environ && echo LATCHKEY-VISIBLE
+curl -sS --noproxy '*' -k --max-time 5 -o /dev/null https://198.19.255.200/ 2>/dev/null || echo stale-address-refused
 curl -sS --max-time 5 http://127.0.0.1:{admin}/healthz && echo ADMIN-REACHED
 curl -sS --max-time 5 --noproxy '*' http://127.0.0.1:{admin}/healthz && echo ADMIN-REACHED
 echo done
@@ -449,6 +451,8 @@ echo done
     let out = stdout(&o);
     assert!(out.contains("jailed 200") && out.contains("done"), "{}", text(&o));
     assert!(!out.contains("NO-PLACEHOLDER") && !out.contains("ADMIN-REACHED"), "{out}");
+    assert!(!out.contains("LATCHKEY-VISIBLE"), "latchkey's process is visible in the jail: {out}");
+    assert!(out.contains("stale-address-refused"), "{out}");
     assert!(!out.contains(SECRET), "latchkey's environment read from the jail: {out}");
     assert_eq!(up.requests()[0].header_all("x-api-key"), [SECRET]);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -463,6 +467,10 @@ echo done
         "the running instance logged the jail's request:\n{logged}"
     );
     assert!(lk.stderr().contains("jail attached"), "{}", lk.stderr());
+    assert!(
+        logged.lines().any(|l| l.contains("198.19.255.200") && l.contains("\"blocked\"")),
+        "an address the jail never handed out is refused (SSRF), not dialled:\n{logged}"
+    );
 }
 
 fn status_signals_and_orphans(user: User) {

@@ -108,6 +108,9 @@ mod tests {
             "64:ff9b::a9fe:a9fe",
             "::127.0.0.1",
             "ff02::1",
+            // The jail's name addresses: one it no longer knows must go nowhere.
+            "198.18.0.1",
+            "198.19.255.254",
         ] {
             assert!(r(a).is_some(), "{a} must be refused");
         }
