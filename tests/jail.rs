@@ -616,11 +616,11 @@ fn without_user_namespaces_the_command_never_runs() {
     std::fs::write(format!("/proc/{pid}/gid_map"), "0 0 65536\n").unwrap();
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let o = child.wait_with_output().unwrap();
+    assert!(!marker.exists(), "CMD ran unjailed: {}", text(&o));
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("user.max_user_namespaces"), "names the setting at fault: {err}");
     assert!(err.contains("not running the command"), "{err}");
-    assert!(!marker.exists(), "CMD ran unjailed");
 }
 
 /// `claude` from npm (@anthropic-ai/claude-code), real, jailed, with only a placeholder.
