@@ -72,12 +72,20 @@ pub async fn start(plan: &Plan, env: Vec<(OsString, OsString)>) -> Result<(Start
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("latchkey: jail helper: {e}"))?;
-    let started = Started { child, chan: ours };
-    match serde_json::from_slice::<Report>(&msg) {
-        Ok(Report::Ready { kinds }) if kinds.len() == fds.len() => Ok((started, JailSockets { kinds, fds })),
-        Ok(Report::Failed { message }) => Err(message),
-        _ => Err("latchkey: the jail helper failed before making the jail; not running the command".into()),
+    let mut started = Started { child, chan: ours };
+    let failed = match serde_json::from_slice::<Report>(&msg) {
+        Ok(Report::Ready { kinds }) if kinds.len() == fds.len() => {
+            return Ok((started, JailSockets { kinds, fds }));
+        }
+        Ok(Report::Failed { message }) => message,
+        _ => "latchkey: the jail helper failed before making the jail; not running the command".into(),
+    };
+    // The helper exits after saying why; nothing of it outlives `exec`.
+    drop(started.chan);
+    if tokio::time::timeout(std::time::Duration::from_secs(5), started.child.wait()).await.is_err() {
+        let _ = started.child.kill().await;
     }
+    Err(failed)
 }
 
 impl Started {
