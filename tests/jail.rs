@@ -165,7 +165,8 @@ fn clients_that_ignore_the_proxy_get_the_key(user: User) {
     let token = "ghp_REALJAILTOKEN";
     let (_repo, server) = git_server(token);
     let up = upstream(true, Some(server));
-    let s = Setup::new(user, Some(up.addr), "");
+    // An IPv6 literal goes through the IPv6 redirect (IP6T_SO_ORIGINAL_DST), to loopback.
+    let s = Setup::new(user, Some(up.addr), &format!("\"[2001:db8::5]:443\" = \"{}\"\n", up.addr));
     let node = "fetch('https://api.anthropic.com/v1/messages', {method: 'POST', headers: {'x-api-key': process.env.ANTHROPIC_API_KEY}}).then(r => r.text()).then(t => console.log('node', t.length > 0))";
     let script = format!(
         r#"set -e
@@ -175,6 +176,7 @@ curl -sS --noproxy '*' -o /dev/null -w 'curl %{{http_code}}\n' -H "x-api-key: $A
 node -e "$NODE_SCRIPT"
 GIT_TERMINAL_PROMPT=0 git clone -q https://github.com/org/repo.git "$HOME/clone"
 cat "$HOME/clone/README.md"
+curl -sS --noproxy '*' -k -o /dev/null -w 'v6 %{{http_code}}\n' 'https://[2001:db8::5]/v6'
 "#
     );
     let o =
@@ -183,6 +185,7 @@ cat "$HOME/clone/README.md"
     assert!(o.status.success(), "{}", text(&o));
     assert!(out.contains("curl 200") && out.contains("node true"), "{out}");
     assert!(out.contains("hello from the upstream"), "git clone through the jail: {out}");
+    assert!(out.contains("v6 200") && up.requests().iter().any(|r| r.path == "/v6"), "{out}");
     let keys: Vec<String> = up.requests().iter().flat_map(|r| r.header_all("x-api-key")).collect();
     assert_eq!(keys, [SECRET, SECRET], "curl and node, each with the real key injected");
     assert!(!out.contains(SECRET) && !String::from_utf8_lossy(&o.stderr).contains(SECRET));
@@ -473,6 +476,26 @@ echo done
     );
 }
 
+#[test]
+fn with_agents_the_jail_is_the_agent_it_was_started_as() {
+    let up = upstream(true, None);
+    let body = "[agents.coder]\ntoken = \"${CODER_TOKEN}\"\ncredentials = [\"anthropic\"]\n[credentials.anthropic]\nheader = \"x-api-key\"\nvalue = \"${ANTHROPIC_API_KEY}\"\ndomains = [\"api.anthropic.com\"]\n";
+    let s = Setup::new(User::Root, Some(up.addr), body);
+    let script = format!(
+        "{NO_PROXY_ENV}\ncurl -sS --noproxy '*' -o /dev/null https://api.anthropic.com/v1/models; echo \"rc=$?\""
+    );
+    let env = [("ANTHROPIC_API_KEY", SECRET), ("CODER_TOKEN", "coder-token-1")];
+    let o = s.exec(&env, &["--agent", "coder"], &script);
+    assert!(stdout(&o).contains("rc=0"), "{}", text(&o));
+    assert_eq!(up.requests()[0].header_all("x-api-key"), [SECRET]);
+    // No identity: with [agents] every client must be one, so the jail's connections
+    // are refused (they cannot present Proxy-Authorization).
+    let o = s.exec(&env, &[], &script);
+    assert!(stdout(&o).contains("rc=35"), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("proxy-auth"), "{}", text(&o));
+    assert_eq!(up.count(), 1);
+}
+
 fn status_signals_and_orphans(user: User) {
     let s = Setup::new(user, None, "");
     assert_eq!(s.exec(&[], &[], "exit 7").status.code(), Some(7));
@@ -642,14 +665,15 @@ fn claude_code_runs_jailed_against_a_fake_messages_api() {
         "the Claude Code CLI is not installed (npm install -g @anthropic-ai/claude-code; scripts/test.sh does)"
     );
     let (s, fake, log) = fake_anthropic();
-    let script = "claude -p 'say hi' --model claude-sonnet-4-5 < /dev/null";
+    // Proxy variables unset: Claude Code is caught by the jail, not by its own proxy support.
+    let script = format!("{NO_PROXY_ENV}\nclaude -p 'say hi' --model claude-sonnet-4-5 < /dev/null");
     let env = [
         ("ANTHROPIC_API_KEY", SECRET),
         ("DISABLE_TELEMETRY", "1"),
         ("DISABLE_AUTOUPDATER", "1"),
         ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
     ];
-    let o = s.cmd(&env, &[], script).stdin(Stdio::null()).output().unwrap();
+    let o = s.cmd(&env, &[], &script).stdin(Stdio::null()).output().unwrap();
     drop(fake);
     let requests = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(stdout(&o).contains("hi from the fake API"), "{}\nrequests:\n{requests}", text(&o));
