@@ -345,6 +345,37 @@ fn no_packet_leaves_except_through_latchkey_as_nobody() {
     nothing_else_leaves(User::Nobody);
 }
 
+#[test]
+fn a_socket_inherited_from_outside_does_not_cross_into_the_jail() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = Setup::new(User::Root, None, "");
+    // The caller holds a connected socket on descriptor 5 (no close-on-exec) and runs
+    // the jail: that socket lives in the host's network namespace.
+    let jail = s.cmd(&[], &[], "echo leaked >&5 && echo WROTE");
+    let argv: Vec<String> = std::iter::once(jail.get_program().to_string_lossy().into_owned())
+        .chain(jail.get_args().map(|a| format!("'{}'", a.to_string_lossy().replace('\'', "'\\''"))))
+        .collect();
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg(format!("exec 5<>/dev/tcp/127.0.0.1/{port} && exec {}", argv.join(" ")))
+        .env_clear()
+        .envs(jail.get_envs().filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))))
+        .current_dir(s.dir.path())
+        .output()
+        .unwrap();
+    assert!(!stdout(&o).contains("WROTE"), "{}", text(&o));
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut got = Vec::new();
+    let _ = conn.read_to_end(&mut got);
+    assert!(
+        got.is_empty(),
+        "the jail wrote through an inherited socket: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
 fn secrets_are_not_there(user: User) {
     let up = upstream(true, None);
     let s = Setup::new(user, Some(up.addr), "");

@@ -132,12 +132,19 @@ async fn dns_udp(sock: UdpSocket, map: Map) {
     }
 }
 
-/// DNS over TCP (RFC 7766): length-prefixed messages, idle connections closed.
+/// DNS over TCP connections one jail may hold open at once.
+const DNS_TCP_CONNECTIONS: usize = 64;
+
+/// DNS over TCP (RFC 7766): length-prefixed messages, idle connections closed, a
+/// bounded number at a time.
 async fn dns_tcp(listener: TcpListener, map: Map) {
+    let open = Arc::new(tokio::sync::Semaphore::new(DNS_TCP_CONNECTIONS));
     loop {
+        let Ok(permit) = open.clone().acquire_owned().await else { return };
         let Ok((mut stream, _)) = listener.accept().await else { continue };
         let map = map.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let idle = Duration::from_secs(10);
             loop {
                 let mut len = [0u8; 2];

@@ -190,6 +190,15 @@ impl Proxy {
             _ = upstream.readable() => 0,
         };
         first.truncate(n);
+        // A request line may arrive a few bytes at a time: read on until it is clear
+        // whether this is HTTP (so a slow writer cannot get a blind plain-HTTP tunnel).
+        while n > 0 && http_undecided(&first) {
+            let mut more = [0u8; 64];
+            match tokio::time::timeout(limits.header_read_timeout, stream.read(&mut more)).await {
+                Ok(Ok(m)) if m > 0 => first.extend_from_slice(&more[..m]),
+                _ => return,
+            }
+        }
         if n > 0 && looks_like_http(&first) {
             let io = Replay::new(first, stream);
             return super::tunnel::intercept(self.clone(), generation, peer, agent, dest, io).await;
@@ -311,8 +320,9 @@ async fn read_client_hello(
         let mut acceptor = rustls::server::Acceptor::default();
         let mut rd: &[u8] = buf;
         while !rd.is_empty() {
-            if acceptor.read_tls(&mut rd).is_err() {
-                return Ok(None);
+            match acceptor.read_tls(&mut rd) {
+                Ok(n) if n > 0 => {}
+                _ => return Ok(None),
             }
         }
         match acceptor.accept() {
@@ -329,10 +339,18 @@ async fn read_client_hello(
     }
 }
 
+/// The longest method latchkey recognises as the start of an HTTP/1 request line.
+const MAX_METHOD: usize = 16;
+
 /// `TOKEN SP`: the start of an HTTP/1 request line.
 fn looks_like_http(b: &[u8]) -> bool {
     let method = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
-    method > 0 && method <= 16 && b.get(method) == Some(&b' ')
+    method > 0 && method <= MAX_METHOD && b.get(method) == Some(&b' ')
+}
+
+/// Only uppercase letters so far, few enough to still become a method.
+fn http_undecided(b: &[u8]) -> bool {
+    b.len() <= MAX_METHOD && b.iter().all(u8::is_ascii_uppercase)
 }
 
 /// A stream with bytes already read put back in front.
@@ -422,6 +440,8 @@ mod tests {
         assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
         assert!(!looks_like_http(b"get / HTTP/1.1"));
         assert!(!looks_like_http(b"GET"));
+        assert!(http_undecided(b"GE") && http_undecided(b"GET"));
+        assert!(!http_undecided(b"GET ") && !http_undecided(b"\x16") && !http_undecided(b"SSH-"));
     }
 
     #[test]
