@@ -193,7 +193,7 @@ impl Proxy {
         // A request line may arrive a few bytes at a time: read on until it is clear
         // whether this is HTTP (so a slow writer cannot get a blind plain-HTTP tunnel).
         while n > 0 && http_undecided(&first) {
-            let mut more = [0u8; 64];
+            let mut more = [0u8; 1024];
             match tokio::time::timeout(limits.header_read_timeout, stream.read(&mut more)).await {
                 Ok(Ok(m)) if m > 0 => first.extend_from_slice(&more[..m]),
                 _ => return,
@@ -342,15 +342,31 @@ async fn read_client_hello(
 /// The longest method latchkey recognises as the start of an HTTP/1 request line.
 const MAX_METHOD: usize = 16;
 
-/// `TOKEN SP`: the start of an HTTP/1 request line.
+/// How far latchkey reads into a first line that starts like a request line.
+const MAX_REQUEST_LINE: usize = 8192;
+
+/// `METHOD SP`, then either ` HTTP/` before the line ends, or a line too long to tell
+/// (treated as HTTP: what is parsed gets checked). A plain-text protocol whose first
+/// line merely starts with a word (IRC's `NICK x`) is not HTTP.
 fn looks_like_http(b: &[u8]) -> bool {
     let method = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
-    method > 0 && method <= MAX_METHOD && b.get(method) == Some(&b' ')
+    if method == 0 || method > MAX_METHOD || b.get(method) != Some(&b' ') {
+        return false;
+    }
+    match b.iter().position(|&c| c == b'\n') {
+        Some(end) => b[..end].windows(6).any(|w| w == b" HTTP/"),
+        None => true,
+    }
 }
 
-/// Only uppercase letters so far, few enough to still become a method.
+/// Not yet enough to tell: uppercase letters that may still become a method, or a
+/// method whose line has not ended.
 fn http_undecided(b: &[u8]) -> bool {
-    b.len() <= MAX_METHOD && b.iter().all(u8::is_ascii_uppercase)
+    let method = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
+    if method == b.len() {
+        return b.len() <= MAX_METHOD;
+    }
+    method <= MAX_METHOD && b[method] == b' ' && !b.contains(&b'\n') && b.len() < MAX_REQUEST_LINE
 }
 
 /// A stream with bytes already read put back in front.
@@ -435,13 +451,16 @@ mod tests {
     #[test]
     fn http_request_lines_are_recognised() {
         assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
-        assert!(looks_like_http(b"PROPFIND /x"));
+        assert!(looks_like_http(b"PROPFIND /x"), "a line not yet ended is treated as HTTP");
+        assert!(!looks_like_http(b"NICK latchkey\r\n"));
         assert!(!looks_like_http(b"\x16\x03\x01"));
         assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
         assert!(!looks_like_http(b"get / HTTP/1.1"));
         assert!(!looks_like_http(b"GET"));
-        assert!(http_undecided(b"GE") && http_undecided(b"GET"));
-        assert!(!http_undecided(b"GET ") && !http_undecided(b"\x16") && !http_undecided(b"SSH-"));
+        assert!(http_undecided(b"GE") && http_undecided(b"GET") && http_undecided(b"GET /x"));
+        assert!(
+            !http_undecided(b"GET / HTTP/1.1\r\n") && !http_undecided(b"\x16") && !http_undecided(b"SSH-")
+        );
     }
 
     #[test]
