@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import ssl
@@ -25,6 +26,9 @@ import time
 from pathlib import Path
 
 SECRET = "bench-secret-value-0123456789"
+# The upstream by name: inside `exec --jail` 127.0.0.1 is the jail's own loopback, so the
+# jailed client reaches nginx through a name latchkey resolves ([upstream.resolve]).
+JAIL_HOST = "upstream.bench.test"
 HZ = os.sysconf("SC_CLK_TCK")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,7 +151,7 @@ class Bench:
         sh("openssl", "req", "-x509", *ec, "-keyout", w / "up-ca.key", "-out", w / "up-ca.pem",
            "-days", "2", "-subj", "/CN=bench upstream CA")
         sh("openssl", "req", *ec, "-keyout", w / "up.key", "-out", w / "up.csr", "-subj", "/CN=127.0.0.1")
-        (w / "ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+        (w / "ext").write_text(f"subjectAltName=IP:127.0.0.1,DNS:{JAIL_HOST}\nextendedKeyUsage=serverAuth\n")
         sh("openssl", "x509", "-req", "-in", w / "up.csr", "-CA", w / "up-ca.pem", "-CAkey", w / "up-ca.key",
            "-CAcreateserial", "-out", w / "up.pem", "-days", "2", "-extfile", w / "ext")
         sh("openssl", "req", "-x509", *ec, "-keyout", w / "squid-ca.key", "-out", w / "squid-ca.pem",
@@ -201,8 +205,11 @@ ca_file = "{w}/up-ca.pem"
 [credentials.bench]
 header = "x-api-key"
 value = "${{BENCH_SECRET}}"
-domains = ["127.0.0.1:{self.up_port}", "127.0.0.1:{self.sse_port}"]
+domains = ["127.0.0.1:{self.up_port}", "127.0.0.1:{self.sse_port}", "{JAIL_HOST}:{self.up_port}"]
+[upstream.resolve]
+"{JAIL_HOST}:{self.up_port}" = "127.0.0.1:{self.up_port}"
 """)
+        self.latchkey_conf = conf
         conf.chmod(0o600)
         env = dict(os.environ, BENCH_SECRET=SECRET, RUST_LOG="warn")
         p = self.spawn("latchkey", [str(self.args.latchkey), "run", "--config", str(conf)], env=env)
@@ -379,6 +386,7 @@ def main():
     ap.add_argument("--only", default="direct,latchkey,mitmproxy,squid")
     ap.add_argument("--latchkey", type=Path, default=ROOT / "target" / "release" / "latchkey")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    ap.add_argument("--no-jail", action="store_true", help="skip the exec --jail rows (Linux, needs nft)")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.duration, args.soak = 1, 3, 30
@@ -421,16 +429,81 @@ def main():
                 before, after = idle_connections(bench, t, args.idle)
                 extra_rows.setdefault(f"RSS idle → {args.idle} idle intercepted connections (MiB)",
                                       {})[t.name] = (before, after)
-        soak = None
         lk = next((t for t in targets if t.name == "latchkey"), None)
+        jail = jail_rows(bench, lk) if lk and not args.no_jail else None
+        soak = None
         if lk and args.soak:
             soak = run_soak(bench, lk, url, args.soak)
         table = render(targets, results, extra_rows, soak, args)
+        if jail:
+            table += jail
         print(table)
         if args.out:
             args.out.write_text(table)
     finally:
         bench.stop_all()
+
+
+# --- exec --jail (SPEC 8: jailed keep-alive >= 0.8x explicit proxy; fresh jail < 50 ms added) ---
+
+
+def jailed(bench, cmd):
+    """`cmd` inside `latchkey exec --jail`, served by the running bench latchkey (attach)."""
+    env = dict(os.environ, RUST_LOG="warn")
+    return [str(bench.args.latchkey), "exec", "--jail", "--config", str(bench.latchkey_conf), "--", *cmd], env
+
+
+def jail_rows(bench, lk):
+    """Keep-alive through the jail (transparent: no proxy variables, oha dials the name)
+    against oha with -x through the same latchkey, same URL, alternating rounds; then the
+    wall time of one request from a fresh `exec --jail` against a fresh plain `exec`."""
+    url = f"https://{JAIL_HOST}:{bench.up_port}/"
+    oha_bin = shutil.which("oha")
+    args = bench.args
+    runs = {"explicit": [], "jailed": []}
+    for r in range(args.rounds):
+        for mode in (["explicit", "jailed"] if r % 2 == 0 else ["jailed", "explicit"]):
+            cmd = [oha_bin, "-z", f"{args.duration}s", "-c", "32", "--no-tui", "--output-format", "json",
+                   "--cacert", str(lk.ca)]
+            env = None
+            if mode == "explicit":
+                cmd += ["-x", lk.proxy, url]
+            else:
+                cmd, env = jailed(bench, [*cmd, url])
+            with Sampler(lk.pid) as s:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60, env=env)
+            try:
+                d = json.loads(out.stdout)
+                ok = d.get("statusCodeDistribution", {}).get("200", 0)
+                runs[mode].append({"rps": ok / d["summary"]["total"], "cpu": s.cpu})
+                print(f"# jail round {r + 1} {mode}: {runs[mode][-1]['rps']:.0f}/s", file=sys.stderr)
+            except (json.JSONDecodeError, KeyError, ZeroDivisionError):
+                print(f"# jail round {r + 1} {mode}: failed: {out.stderr[-300:]}", file=sys.stderr)
+    if not runs["explicit"] or not runs["jailed"]:
+        return "\nexec --jail: could not be measured (see the log above).\n"
+    explicit, jail = med(runs["explicit"], "rps"), med(runs["jailed"], "rps")
+    curl = ["curl", "-sS", "-o", "/dev/null", "--cacert", str(lk.ca)]
+    first = {"exec": [], "exec --jail": []}
+    for i in range(20):
+        for mode in (["exec", "exec --jail"] if i % 2 == 0 else ["exec --jail", "exec"]):
+            if mode == "exec":
+                cmd = [str(args.latchkey), "exec", "--config", str(bench.latchkey_conf), "--", *curl, url]
+                env = dict(os.environ, RUST_LOG="warn")
+            else:
+                cmd, env = jailed(bench, [*curl, "--noproxy", "*", url])
+            t0 = time.perf_counter()
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+            if out.returncode == 0:
+                first[mode].append((time.perf_counter() - t0) * 1000)
+    lines = ["", "exec --jail (same latchkey, same URL by name, 32 keep-alive connections):", "",
+             "| | explicit proxy (-x) | jailed (no proxy variables) | ratio (target ≥ 0.8×) |", "|---|---|---|---|",
+             f"| keep-alive req/s | {explicit:,.0f} (CPU {med(runs['explicit'], 'cpu'):.0f}%) | "
+             f"{jail:,.0f} (CPU {med(runs['jailed'], 'cpu'):.0f}%) | **{jail / explicit:.2f}×** |"]
+    if first["exec"] and first["exec --jail"]:
+        a, b = statistics.median(first["exec"]), statistics.median(first["exec --jail"])
+        lines.append(f"| one request from a fresh process, wall ms (median of {len(first['exec --jail'])}) | "
+                     f"exec {a:.1f} | exec --jail {b:.1f} | **+{b - a:.1f} ms** (target < 50) |")
+    return "\n".join(lines) + "\n"
 
 
 def run_soak(bench, t, url, seconds):

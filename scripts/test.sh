@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs the real clients the integration
-# tests drive (curl, git, Python requests/websockets/grpcio/botocore/google-auth),
+# tests drive (curl, git, Node, Claude Code, Python requests/websockets/grpcio/botocore/
+# google-auth/anthropic, nftables for exec --jail),
 # then fmt, clippy and cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,15 +11,24 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v git >/dev/null || need_apt+=(git)
 command -v prlimit >/dev/null || need_apt+=(util-linux)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+# exec --jail: nft (the jail's redirect rules), script/setpriv/unshare (TTY, nobody and
+# no-user-namespace tests), Node (fetch, and the Claude Code CLI).
+command -v nft >/dev/null || need_apt+=(nftables)
+command -v script >/dev/null || need_apt+=(bsdutils)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
+command -v node >/dev/null || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 # Python clients and servers the integration tests run: requests, websockets, grpcio,
 # botocore (the independent SigV4 verifier), google-auth (a real Google client),
-# prometheus-client (parses /metrics), opentelemetry-proto (decodes OTLP spans) and h2
-# (an OpenSSL-based HTTP/2-only upstream, and raw HTTP/2 clients for the trailer and fan-out attacks).
-python3 -c 'import requests, websockets.sync.client, grpc, botocore, google.auth, prometheus_client, opentelemetry.proto, h2' 2>/dev/null ||
-  python3 -m pip install -q requests 'websockets>=15' grpcio botocore google-auth prometheus-client opentelemetry-proto h2
+# prometheus-client (parses /metrics), opentelemetry-proto (decodes OTLP spans), h2 (an
+# OpenSSL-based HTTP/2-only upstream, and raw HTTP/2 clients for the trailer and fan-out
+# attacks) and anthropic (a real SDK client run inside exec --jail).
+python3 -c 'import requests, websockets.sync.client, grpc, botocore, google.auth, prometheus_client, opentelemetry.proto, h2, anthropic' 2>/dev/null ||
+  python3 -m pip install -q requests 'websockets>=15' grpcio botocore google-auth prometheus-client opentelemetry-proto h2 anthropic
+# The real Claude Code CLI, run jailed against a loopback fake of the Messages API.
+command -v claude >/dev/null || npm install -g --silent @anthropic-ai/claude-code
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

@@ -118,6 +118,24 @@ pub fn request(data: &[u8]) {
     }
 }
 
+/// The jail's DNS: never panics; an answer keeps the query's ID, and every address it
+/// hands out is in the jail's range and maps back to a name that normalises to itself.
+pub fn dns(data: &[u8]) {
+    let mut map = crate::jail::dns::FakeAddrs::with_capacity(4);
+    let Some(resp) = crate::jail::dns::answer(data, &mut map) else { return };
+    assert!(resp.len() >= 12 && resp[..2] == data[..2], "answer keeps the ID");
+    let answers = u16::from_be_bytes([resp[6], resp[7]]);
+    if answers == 1 {
+        let o = &resp[resp.len() - 4..];
+        let ip = std::net::Ipv4Addr::new(o[0], o[1], o[2], o[3]);
+        if !ip.is_loopback() {
+            assert!(crate::jail::dns::FakeAddrs::in_range(ip), "{ip} outside the jail range");
+            let name = map.name_of(ip).expect("a handed-out address maps back");
+            assert_eq!(Host::parse(&name), Ok(Host::Domain(name.clone())), "names are stored normalised");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

@@ -13,6 +13,7 @@ pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inject;
+pub mod jail;
 pub mod limits;
 pub mod metrics;
 pub mod otlp;

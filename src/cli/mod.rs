@@ -3,6 +3,7 @@
 mod check;
 mod env;
 mod explain;
+mod jail;
 mod providers;
 mod run;
 
@@ -72,6 +73,13 @@ enum Command {
         /// Authenticate as this `[agents.NAME]` (its token goes into the proxy URL).
         #[arg(long, value_name = "NAME")]
         agent: Option<String>,
+        /// Run CMD in a jail: its only way out is latchkey, and the secrets' sources are
+        /// hidden from it (Linux; see docs/jail.md).
+        #[arg(long)]
+        jail: bool,
+        /// With --jail: also replace this path by an empty, read-only one (repeatable).
+        #[arg(long, requires = "jail", value_name = "PATH")]
+        hide: Vec<PathBuf>,
         /// The command and its arguments (put `--` before them).
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
         command: Vec<String>,
@@ -176,7 +184,10 @@ pub fn main() -> ExitCode {
         Command::Run { config, port, bind, regenerate_ca, no_watch } => {
             run::run(config, port, bind, regenerate_ca, !no_watch)
         }
-        Command::Exec { config, agent, command } => run::exec(config, agent, command),
+        Command::Exec { config, agent, jail: true, hide, command } => {
+            jail::exec(config, agent, hide, command)
+        }
+        Command::Exec { config, agent, command, .. } => run::exec(config, agent, command),
         Command::Reload { config } => run::reload(config),
         Command::Env { config, agent, format, proxy_url, ca_path } => {
             env::env(config, agent, format, proxy_url, ca_path)

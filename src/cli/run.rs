@@ -78,6 +78,11 @@ pub fn run(
             tokio::spawn(crate::admin::serve(proxy.clone(), l));
         }
         let _pid = PidFile::write(pid_file);
+        // Where `exec --jail` hands this instance a jail to serve.
+        match crate::jail::control::bind(&proxy.generation().config.proxy.ca_dir) {
+            Ok(socket) => drop(tokio::spawn(crate::jail::control::serve(proxy.clone(), socket))),
+            Err(e) => tracing::warn!("no jail control socket: {e}"),
+        }
         tokio::spawn(watch(proxy.clone(), file, overrides, watch_file));
         proxy.ops.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("ready in {} ms", started.elapsed().as_millis());

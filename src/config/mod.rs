@@ -140,7 +140,29 @@ pub struct Config {
     /// Client identities; when any exists, every client must authenticate (407).
     pub agents: Vec<Agent>,
     pub telemetry: Telemetry,
+    pub jail: JailSettings,
 }
+
+/// What `exec --jail` hides (SPEC section 9).
+#[derive(Debug, Clone, Default)]
+pub struct JailSettings {
+    /// The default list and `[jail] hide`, `~` expanded.
+    pub hide: Vec<PathBuf>,
+    /// Where this config's secrets come from: the config file itself, `value_file`s,
+    /// `credentials_file`s, client keys, agent token files, the HMAC key, `secrets_dir`.
+    pub secret_files: Vec<PathBuf>,
+}
+
+/// Paths `exec --jail` always hides: other tools' credential stores.
+pub const DEFAULT_JAIL_HIDE: &[&str] = &[
+    "~/.aws",
+    "~/.config/gcloud",
+    "~/.ssh",
+    "~/.netrc",
+    "~/.docker/config.json",
+    "~/.config/gh",
+    "~/.git-credentials",
+];
 
 /// `[telemetry]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -358,6 +380,7 @@ impl Compiler<'_> {
             entries.push((name, c.into_inner(), Some(span), false));
         }
         let secrets_dir = expand_home(&p.secrets_dir);
+        let jail = self.jail_settings(&raw.jail, &raw.agents, &raw.proxy.logging, &entries, &secrets_dir);
         let mut rules = Vec::new();
         let mut credentials: Vec<Credential> = Vec::new();
         for (name, rc, span, builtin) in entries {
@@ -396,6 +419,7 @@ impl Compiler<'_> {
             capture_variables,
             agents,
             telemetry,
+            jail,
         })
     }
 
@@ -426,6 +450,29 @@ impl Compiler<'_> {
             }
         }
         Ok(())
+    }
+
+    fn jail_settings(
+        &self,
+        jail: &raw::RawJail,
+        agents: &IndexMap<String, toml::Spanned<raw::RawAgent>>,
+        logging: &raw::RawLogging,
+        entries: &[(String, RawCredential, Option<std::ops::Range<usize>>, bool)],
+        secrets_dir: &Path,
+    ) -> JailSettings {
+        let defaults = DEFAULT_JAIL_HIDE.iter().map(|s| s.to_string());
+        let hide = defaults.chain(jail.hide.iter().cloned()).map(|p| expand_home(&p)).collect();
+        let mut secret_files: Vec<PathBuf> = self.file.map(Path::to_path_buf).into_iter().collect();
+        secret_files.push(secrets_dir.to_path_buf());
+        for (_, c, ..) in entries {
+            let files = [&c.value_file, &c.credentials_file, &c.client_key];
+            secret_files.extend(files.into_iter().flatten().map(|f| expand_home(f)));
+        }
+        for a in agents.values() {
+            secret_files.extend(a.get_ref().token_file.as_deref().map(expand_home));
+        }
+        secret_files.extend(logging.hmac_key_file.as_deref().map(expand_home));
+        JailSettings { hide, secret_files }
     }
 
     fn agents(

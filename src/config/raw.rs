@@ -17,6 +17,16 @@ pub struct RawConfig {
     pub credentials: Option<IndexMap<String, Spanned<RawCredential>>>,
     #[serde(default)]
     pub agents: IndexMap<String, Spanned<RawAgent>>,
+    #[serde(default)]
+    pub jail: RawJail,
+}
+
+/// `[jail]`: what `latchkey exec --jail` hides besides latchkey's own secret sources.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawJail {
+    /// More paths replaced by empty, read-only ones inside the jail (added to the defaults).
+    pub hide: Vec<String>,
 }
 
 /// `[agents.NAME]`: a client identity, presented as Proxy-Authorization.

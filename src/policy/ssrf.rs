@@ -26,6 +26,9 @@ fn v4_reason(ip: Ipv4Addr) -> Option<&'static str> {
         Some("unspecified")
     } else if ip.is_multicast() || ip.is_broadcast() || o[0] >= 240 {
         Some("multicast or reserved")
+    } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
+        // RFC 2544, not routed on the internet; `exec --jail` hands these out as names.
+        Some("benchmarking range (latchkey's jail addresses)")
     } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
         Some("IETF protocol assignment")
     } else {
@@ -105,6 +108,9 @@ mod tests {
             "64:ff9b::a9fe:a9fe",
             "::127.0.0.1",
             "ff02::1",
+            // The jail's name addresses: one it no longer knows must go nowhere.
+            "198.18.0.1",
+            "198.19.255.254",
         ] {
             assert!(r(a).is_some(), "{a} must be refused");
         }

@@ -11,12 +11,13 @@ use std::time::Instant;
 use http::header::{HeaderValue, PROXY_AUTHORIZATION};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 
 use super::fanout::{self, ConnBudget};
 use super::forward::{self, Route};
 use super::framing::{self, Gate, Malformed};
 use super::respond::{self, bad_request};
-use super::tunnel::{self, Opener};
+use super::tunnel::{self, Identity, Opener};
 use super::{Body, Generation, HeldSlot, Proxy};
 use crate::audit::{Record, now_ts, path_only};
 use crate::config::Config;
@@ -132,11 +133,16 @@ pub fn admit(config: &Config, opener: &Opener) -> Result<Option<usize>, Refusal>
     if let Some(r) = client_refusal(config, opener.peer) {
         return Err(r);
     }
-    let mut headers = http::HeaderMap::new();
-    if let Some(v) = &opener.proxy_auth {
-        headers.insert(PROXY_AUTHORIZATION, v.clone());
+    match &opener.identity {
+        Identity::ProxyAuth(auth) => {
+            let mut headers = http::HeaderMap::new();
+            if let Some(v) = auth {
+                headers.insert(PROXY_AUTHORIZATION, v.clone());
+            }
+            super::identity::authenticate(config, &headers)
+        }
+        Identity::Named(name) => super::destined::identify(config, name.as_deref()),
     }
-    super::identity::authenticate(config, &headers)
 }
 
 async fn connect(
@@ -162,11 +168,8 @@ async fn connect(
         rec.agent = agent_name.clone();
         log_refusal(&proxy, rec, &r)
     };
-    let decision = match super::identity::destination_refusal(&generation.config, agent, &dest) {
-        Some(r) => ConnectDecision::Block(r),
-        None => generation.config.policy.decide_connect(&dest),
-    };
-    let opener = Opener { peer, proxy_auth: proxy_auth(req.headers()) };
+    let decision = super::destined::decide(&generation.config, agent, &dest);
+    let opener = Opener { peer, identity: Identity::ProxyAuth(proxy_auth(req.headers())) };
     let on_upgrade = hyper::upgrade::on(&mut req);
     match decision {
         ConnectDecision::Block(r) => refuse(r),
@@ -180,7 +183,7 @@ async fn connect(
             tokio::spawn(async move {
                 let _slot = slot;
                 let Ok(upgraded) = on_upgrade.await else { return };
-                blind.run(upgraded, upstream).await;
+                blind.run(TokioIo::new(upgraded), upstream).await;
             });
             established()
         }
@@ -193,7 +196,7 @@ async fn connect(
             tokio::spawn(async move {
                 let _slot = slot;
                 let Ok(upgraded) = on_upgrade.await else { return };
-                tunnel::intercept(proxy, generation, opener, agent, dest, upgraded).await;
+                tunnel::intercept(proxy, generation, opener, agent, dest, TokioIo::new(upgraded)).await;
             });
             established()
         }

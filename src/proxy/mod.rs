@@ -5,6 +5,7 @@
 
 mod body;
 mod capped;
+mod destined;
 mod fanout;
 mod forward;
 pub(crate) mod framing;
@@ -17,6 +18,7 @@ mod trailers;
 mod tunnel;
 mod upgrade;
 pub mod upstream;
+pub use destined::original_destination;
 mod wsframes;
 
 use std::net::SocketAddr;
@@ -375,21 +377,27 @@ impl Proxy {
                     continue;
                 }
             };
-            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-                tracing::warn!("connection limit reached; refusing {peer}");
-                continue;
-            };
-            let limit = self.generation().config.proxy.limits.max_connections_per_client;
-            let Some(per_client) = PerClient::enter(&self.per_client, peer.ip(), limit) else {
-                tracing::warn!("{} has {limit} connections open; refusing another", peer.ip());
-                continue;
-            };
-            let slot = Slot::new(permit, per_client, &self.ops.metrics.connections);
+            let Some(slot) = self.admit(peer) else { continue };
             let proxy = self.clone();
             tokio::spawn(async move {
                 proxy.serve_client(stream, peer, Arc::new(std::sync::Mutex::new(Some(slot)))).await;
             });
         }
+    }
+
+    /// A place for a new client connection under the global and per-client limits, or
+    /// `None` (logged) when it must be refused.
+    fn admit(&self, peer: SocketAddr) -> Option<Slot> {
+        let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+            tracing::warn!("connection limit reached; refusing {peer}");
+            return None;
+        };
+        let limit = self.generation().config.proxy.limits.max_connections_per_client;
+        let Some(per_client) = PerClient::enter(&self.per_client, peer.ip(), limit) else {
+            tracing::warn!("{} has {limit} connections open; refusing another", peer.ip());
+            return None;
+        };
+        Some(Slot::new(permit, per_client, &self.ops.metrics.connections))
     }
 
     async fn serve_client(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, slot: HeldSlot) {

@@ -17,7 +17,6 @@ use http::header::HeaderValue;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -43,21 +42,32 @@ const PEEK: Duration = Duration::from_millis(300);
 #[derive(Clone)]
 pub struct Opener {
     pub peer: SocketAddr,
-    /// What the CONNECT presented (marked sensitive; never logged).
-    pub proxy_auth: Option<HeaderValue>,
+    pub identity: Identity,
 }
 
-pub async fn intercept(
+/// How a tunnel's client said who it is.
+#[derive(Clone)]
+pub enum Identity {
+    /// What the CONNECT presented (marked sensitive; never logged).
+    ProxyAuth(Option<HeaderValue>),
+    /// A connection that arrived without CONNECT (the jail) carries the agent it was
+    /// started for, by name.
+    Named(Option<String>),
+}
+
+pub async fn intercept<S>(
     proxy: Arc<Proxy>,
     generation: Arc<Generation>,
     opener: Opener,
     agent: Option<usize>,
     dest: Destination,
-    upgraded: Upgraded,
-) {
+    client: S,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let limits = generation.config.proxy.limits.clone();
     let _open = TunnelGauge::open(&proxy, "intercepted");
-    let mut io = Capped::new(TokioIo::new(upgraded), limits.max_tunnel_bytes);
+    let mut io = Capped::new(client, limits.max_tunnel_bytes);
     let mut first = [0u8; 1];
     match tokio::time::timeout(limits.header_read_timeout, io.read(&mut first)).await {
         Ok(Ok(1)) => {}
@@ -248,12 +258,15 @@ enum Sniffed {
 }
 
 impl Blind {
-    pub async fn run(self, upgraded: Upgraded, upstream: TcpStream) {
+    pub async fn run<C>(self, client: C, upstream: TcpStream)
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let gauge = TunnelGauge::open(&self.proxy, "blind");
         let limits = self.generation.config.proxy.limits.clone();
         let deadline = tokio::time::Instant::now() + limits.tunnel_timeout;
         let mut reloads = self.proxy.reloads();
-        let mut client = Capped::new(TokioIo::new(upgraded), limits.max_tunnel_bytes);
+        let mut client = Capped::new(client, limits.max_tunnel_bytes);
         let mut upstream = Capped::new(upstream, None);
         let sniffed = tokio::select! {
             s = tokio::time::timeout_at(deadline, sniff(&mut client, &mut upstream, &limits)) => {
@@ -263,7 +276,7 @@ impl Blind {
                 Sniffed::Ended(Some(format!("cut by a reload: {}", r.message)))
             }
         };
-        let first = match sniffed {
+        let mut first = match sniffed {
             Sniffed::Other(first) => first,
             Sniffed::Http(first) => {
                 drop(gauge);
@@ -272,6 +285,24 @@ impl Blind {
             Sniffed::LateHttp => return self.refuse_late_http(client, &upstream).await,
             Sniffed::Ended(why) => return self.log(why, &client, &upstream),
         };
+        if first.first() == Some(&TLS_HANDSHAKE) {
+            // Invariant 1 holds in a blind tunnel too: a ClientHello naming another host
+            // (domain fronting past a blocklist) is refused before a byte goes up.
+            let sni = match super::destined::read_client_hello(&mut client, &mut first, &limits).await {
+                Ok(sni) => sni,
+                Err(()) => {
+                    return self.log(Some("the ClientHello never completed".into()), &client, &upstream);
+                }
+            };
+            let config = &self.generation.config;
+            if let Some(r) = super::destined::sni_refusal(config, self.agent, &self.dest, sni.as_deref()) {
+                let _ = client.write_all(&super::destined::TLS_ACCESS_DENIED).await;
+                let mut rec = handler::tunnel_record(self.opener.peer, &self.dest, self.started);
+                rec.agent = super::identity::agent_name(config, self.agent);
+                handler::log_refusal(&self.proxy, rec, &r);
+                return;
+            }
+        }
         let relay = async {
             upstream.write_all(&first).await?;
             tokio::io::copy_bidirectional(&mut client, &mut upstream).await.map(|_| ())
@@ -303,14 +334,20 @@ impl Blind {
 
     /// Plain HTTP in a blind tunnel: the same rules as any plain HTTP to this
     /// destination (CONNECT inside refused, credentials only with `allow_http`...).
-    async fn serve_http(self, client: Capped<TokioIo<Upgraded>>, first: Vec<u8>) {
+    async fn serve_http<C>(self, client: Capped<C>, first: Vec<u8>)
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let _open = TunnelGauge::open(&self.proxy, "intercepted");
         let route = Route::new(self.dest, false, true, None, self.opener.peer, self.agent);
         let conn = Conn::new(self.proxy.clone(), &self.generation, self.opener, route);
         Box::pin(serve(conn, Prefixed::new(first, client))).await;
     }
 
-    async fn refuse_late_http<U>(self, mut client: Capped<TokioIo<Upgraded>>, upstream: &Capped<U>) {
+    async fn refuse_late_http<C, U>(self, mut client: Capped<C>, upstream: &Capped<U>)
+    where
+        C: AsyncWrite + Unpin,
+    {
         let r = super::respond::bad_request(format!(
             "plain HTTP sent into a tunnel to {} after the server spoke first; that is no HTTP server, and latchkey does not relay HTTP blind",
             self.dest
@@ -467,14 +504,14 @@ impl Drop for TunnelGauge {
 }
 
 /// A stream with the bytes latchkey peeked at put back in front.
-struct Prefixed<T> {
+pub(super) struct Prefixed<T> {
     first: Vec<u8>,
     at: usize,
     inner: T,
 }
 
 impl<T> Prefixed<T> {
-    fn new(first: Vec<u8>, inner: T) -> Self {
+    pub(super) fn new(first: Vec<u8>, inner: T) -> Self {
         Prefixed { first, at: 0, inner }
     }
 }

@@ -1,0 +1,239 @@
+//! Connections whose destination is already known: a CONNECT (the authority), and a
+//! TCP stream the kernel redirected to latchkey with its original destination (the
+//! jail of `exec --jail`, transparent mode). Both join the normal flow at "identify
+//! destination" and share what follows: the decision, the blind tunnel, interception
+//! and the log line.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::tunnel::{Identity, Opener};
+use super::{Generation, Proxy, handler, respond};
+use crate::config::{Config, Limits};
+use crate::policy::{ConnectDecision, Destination, Host, Refusal};
+
+const TLS_HANDSHAKE: u8 = 0x16;
+/// The most ClientHello bytes read to find the SNI of a blind tunnel.
+const MAX_CLIENT_HELLO: usize = 32 * 1024;
+
+/// The decision for a tunnel to `dest`: the agent's own allowlist, then the policy.
+pub(super) fn decide(config: &Config, agent: Option<usize>, dest: &Destination) -> ConnectDecision {
+    match super::identity::destination_refusal(config, agent, dest) {
+        Some(r) => ConnectDecision::Block(r),
+        None => config.policy.decide_connect(dest),
+    }
+}
+
+impl Proxy {
+    /// Serve a TCP connection whose destination is already known (the kernel's original
+    /// destination, mapped back to a name where latchkey handed out the address): exactly
+    /// as `CONNECT dest` would be — same limits, policy, filters, SSRF rule, interception
+    /// (the ClientHello must name `dest`), injection, redaction and log lines. `agent`
+    /// is the `[agents]` identity the connection carries by construction (it cannot
+    /// present Proxy-Authorization); when agents are configured and it names none, the
+    /// connection is refused.
+    pub async fn serve_destined(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        dest: Destination,
+        agent: Option<&str>,
+    ) {
+        let Some(slot) = self.admit(peer) else { return };
+        let _slot = slot;
+        let started = Instant::now();
+        let generation = self.generation();
+        let _ = stream.set_nodelay(true);
+        let opener = Opener { peer, identity: Identity::Named(agent.map(str::to_string)) };
+        let agent = match handler::admit(&generation.config, &opener) {
+            Ok(a) => a,
+            Err(r) => return self.refuse_stream(&generation, stream, peer, &dest, None, r, started).await,
+        };
+        let refusal = match decide(&generation.config, agent, &dest) {
+            ConnectDecision::Block(r) => r,
+            ConnectDecision::Tunnel => match generation.dialer.connect_tcp(&dest).await {
+                Ok(upstream) => {
+                    let (proxy, generation) = (self.clone(), generation.clone());
+                    let blind = super::tunnel::Blind { proxy, generation, opener, agent, dest, started };
+                    return blind.run(stream, upstream).await;
+                }
+                Err(e) => respond::upstream_refusal(&e),
+            },
+            // Refuse SSRF targets before any TLS; the connector checks again on connect.
+            ConnectDecision::Intercept => match generation.dialer.addresses(&dest).await {
+                Ok(_) => {
+                    let proxy = self.clone();
+                    let generation = generation.clone();
+                    return super::tunnel::intercept(proxy, generation, opener, agent, dest, stream).await;
+                }
+                Err(e) => respond::upstream_refusal(&e),
+            },
+        };
+        self.refuse_stream(&generation, stream, peer, &dest, agent, refusal, started).await
+    }
+
+    /// Refuse a connection that has no CONNECT to answer: a TLS client gets an
+    /// `access_denied` alert, a plain-HTTP client latchkey's own refusal (SPEC 6), and
+    /// the refusal is logged as `blocked` like a refused CONNECT.
+    #[allow(clippy::too_many_arguments)]
+    async fn refuse_stream(
+        &self,
+        generation: &Generation,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        dest: &Destination,
+        agent: Option<usize>,
+        r: Refusal,
+        started: Instant,
+    ) {
+        let mut rec = handler::tunnel_record(peer, dest, started);
+        rec.agent = super::identity::agent_name(&generation.config, agent);
+        handler::log_refusal(self, rec, &r);
+        let limits = &generation.config.proxy.limits;
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(limits.header_read_timeout, stream.read(&mut first)).await {
+            Ok(Ok(1)) => {}
+            _ => return,
+        }
+        if first[0] == TLS_HANDSHAKE {
+            let _ = stream.write_all(&TLS_ACCESS_DENIED).await;
+            return;
+        }
+        let io = super::tunnel::Prefixed::new(first.to_vec(), stream);
+        let service = service_fn(move |_req| {
+            let resp = respond::refusal(&r);
+            async move { Ok::<_, std::convert::Infallible>(resp) }
+        });
+        let mut builder = super::server_builder(limits);
+        builder.keep_alive(false);
+        let _ = builder.serve_connection(TokioIo::new(io), service).await;
+    }
+}
+
+/// A fatal TLS alert record, `access_denied` (RFC 8446 6.2), sent in the clear.
+pub(super) const TLS_ACCESS_DENIED: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49];
+
+/// The agent a destined connection belongs to. Without `[agents]` nobody needs to be
+/// named; with them, a connection must carry a configured agent.
+pub(super) fn identify(config: &Config, agent: Option<&str>) -> Result<Option<usize>, Refusal> {
+    if config.agents.is_empty() {
+        return Ok(None);
+    }
+    let found = agent.and_then(|name| config.agents.iter().position(|a| a.name == name));
+    found.map(Some).ok_or_else(|| {
+        Refusal::new(
+            407,
+            "proxy-auth",
+            "this connection carries no agent identity; with [agents] configured, start the jail with `latchkey exec --jail --agent NAME`",
+        )
+    })
+}
+
+/// Whether a blind tunnel's ClientHello may go on. For a named destination the SNI must
+/// name it (a name the client chose is the destination, never a front for another);
+/// for an IP destination an SNI may name any host the policy would let through.
+pub(super) fn sni_refusal(
+    config: &Config,
+    agent: Option<usize>,
+    dest: &Destination,
+    sni: Option<&str>,
+) -> Option<Refusal> {
+    let sni = sni?;
+    let named = match Host::parse(sni) {
+        Ok(h) => h,
+        Err(_) => return Some(respond::misdirected(format!("TLS SNI {sni:?} is not a host name"))),
+    };
+    match &dest.host {
+        Host::Domain(_) if named != dest.host => {
+            Some(respond::misdirected(format!("TLS SNI {sni:?} does not name the destination {}", dest.host)))
+        }
+        Host::Domain(_) => None,
+        Host::Ip(_) => match decide(config, agent, &Destination { host: named, port: dest.port }) {
+            ConnectDecision::Block(r) => Some(r),
+            _ => None,
+        },
+    }
+}
+
+/// Read until the ClientHello is complete (or proves malformed) and return its SNI.
+/// The bytes read stay in `buf` for the upstream. `Err` when the client goes away or
+/// is too slow.
+pub(super) async fn read_client_hello<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    limits: &Limits,
+) -> Result<Option<String>, ()> {
+    let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+    loop {
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut rd: &[u8] = buf;
+        while !rd.is_empty() {
+            match acceptor.read_tls(&mut rd) {
+                Ok(n) if n > 0 => {}
+                _ => return Ok(None),
+            }
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => return Ok(accepted.client_hello().server_name().map(str::to_string)),
+            Ok(None) if buf.len() < MAX_CLIENT_HELLO => {}
+            // Not TLS after all, or not a ClientHello latchkey can read: no SNI to check.
+            _ => return Ok(None),
+        }
+        let mut more = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, stream.read(&mut more)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&more[..n]),
+            _ => return Err(()),
+        }
+    }
+}
+
+/// The destination the kernel recorded before a REDIRECT (nftables/iptables) rewrote
+/// it: `SO_ORIGINAL_DST` for IPv4, `IP6T_SO_ORIGINAL_DST` for IPv6.
+pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+    use std::os::fd::AsRawFd;
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    let fd = stream.as_raw_fd();
+    let local = stream.local_addr()?;
+    // SAFETY: getsockopt writes at most `len` bytes into the sockaddr we own.
+    unsafe {
+        if local.is_ipv4() {
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            if libc::getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST, (&raw mut sa).cast(), &mut len) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+            Ok(SocketAddr::new(ip.into(), u16::from_be(sa.sin_port)))
+        } else {
+            let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            if libc::getsockopt(fd, libc::SOL_IPV6, SO_ORIGINAL_DST, (&raw mut sa).cast(), &mut len) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let ip = std::net::Ipv6Addr::from(sa.sin6_addr.s6_addr);
+            Ok(SocketAddr::new(ip.into(), u16::from_be(sa.sin6_port)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_sni_must_name_the_destination() {
+        let config = Config::defaults().unwrap();
+        let dest = Destination::parse_authority("api.example.com:443", None).unwrap();
+        assert!(sni_refusal(&config, None, &dest, Some("api.example.com")).is_none());
+        assert!(sni_refusal(&config, None, &dest, None).is_none());
+        let r = sni_refusal(&config, None, &dest, Some("evil.example.net")).unwrap();
+        assert_eq!(r.status, 421);
+    }
+}
