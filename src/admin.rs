@@ -52,12 +52,12 @@ fn answer(proxy: &Proxy, req: &Request<Incoming>) -> Reply {
     }
     match req.uri().path() {
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
-        "/readyz" if proxy.ops.is_ready() => reply(StatusCode::OK, TEXT, "ready\n"),
+        "/readyz" if proxy.telemetry.is_ready() => reply(StatusCode::OK, TEXT, "ready\n"),
         "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n"),
         "/metrics" => reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            proxy.ops.metrics.encode(),
+            proxy.telemetry.metrics.encode(),
         ),
         "/ca.crt" => reply(StatusCode::OK, "application/x-pem-file", proxy.ca.cert_pem().to_string()),
         "/config" => {

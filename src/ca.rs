@@ -210,7 +210,7 @@ fn ensure_private_dir(dir: &Path) -> Result<(), CaError> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     }
     let meta = std::fs::metadata(dir).map_err(err)?;
-    crate::fsutil::owner_only_writable(&meta)
+    crate::secrets::owner_only_writable(&meta)
         .map_err(|w| CaError(format!("ca_dir {} {w}", dir.display())))?;
     if meta.permissions().mode() & 0o077 != 0
         && let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
@@ -265,7 +265,7 @@ impl DirLock {
 /// The key (checked: ours, 0600) and the certificate, as PEM.
 fn read_pair(key_path: &Path, cert_path: &Path) -> Result<(zeroize::Zeroizing<String>, String), CaError> {
     let meta = std::fs::metadata(key_path).map_err(err)?;
-    crate::fsutil::owner_only_writable(&meta).map_err(|w| CaError(format!("{} {w}", key_path.display())))?;
+    crate::secrets::owner_only_writable(&meta).map_err(|w| CaError(format!("{} {w}", key_path.display())))?;
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(CaError(format!(
             "{} is readable by other users; run chmod 600 on it",

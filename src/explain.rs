@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::inject::Slot;
 use crate::policy::{ConnectDecision, CredState, Decision, Destination, Refusal, RequestHead};
-use crate::proxy::identity;
+use crate::proxy::agent_auth as identity;
 
 /// The decision for one request (SPEC 4, `explain --json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

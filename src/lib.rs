@@ -4,21 +4,19 @@
 //! forward → log. Each step has its module.
 
 pub mod admin;
-pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod explain;
-pub mod fsutil;
+/// Fuzz entry points, for `fuzz/` (feature `fuzzing`) and the unit tests.
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inject;
 pub mod jail;
 pub mod limits;
-pub mod metrics;
-pub mod otlp;
 pub mod policy;
 pub mod proxy;
 pub mod redact;
 pub mod secrets;
-pub mod usage;
+pub mod telemetry;

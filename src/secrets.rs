@@ -562,7 +562,7 @@ fn read_file_once(path: &Path) -> Resolved {
         }
         Err(e) => return Resolved::Failed(format!("{}: {e}", path.display())),
     };
-    if let Err(why) = crate::fsutil::owner_only_writable(&meta) {
+    if let Err(why) = owner_only_writable(&meta) {
         return Resolved::Failed(format!("{} {why}", path.display()));
     }
     match std::fs::read_to_string(path) {
@@ -657,7 +657,7 @@ impl ClientTls {
                     Err(TlsLoadError::Missing(format!("{} does not exist", p.display())))
                 }
                 Err(e) => Err(TlsLoadError::Failed(format!("{}: {e}", p.display()))),
-                Ok(m) => crate::fsutil::owner_only_writable(&m)
+                Ok(m) => owner_only_writable(&m)
                     .map_err(|why| TlsLoadError::Failed(format!("{} {why}", p.display()))),
             }
         };
@@ -695,6 +695,24 @@ impl ClientTls {
         }
         Ok(ClientTls { identity, roots, describe: describe.join(", ") })
     }
+}
+
+/// Files latchkey trusts (its config, secret files, the CA key) must be writable by
+/// nobody else: Ok when owned by us (or root) and not writable by group or others.
+pub fn owner_only_writable(meta: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if meta.uid() != uid && meta.uid() != 0 {
+        return Err(format!("is owned by uid {}, not by this user", meta.uid()));
+    }
+    if meta.permissions().mode() & 0o022 != 0 {
+        return Err(format!(
+            "is writable by other users (mode {:o}); run chmod go-w on it",
+            meta.permissions().mode() & 0o777
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

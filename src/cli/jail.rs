@@ -158,7 +158,7 @@ fn hide_list(config: &Config, extra: &[PathBuf], cwd: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = config.jail.hide.clone();
     out.extend(config.jail.secret_files.iter().cloned());
     out.extend(["ca.key", "latchkey.pid", "control.sock"].map(|f| ca_dir.join(f)));
-    out.extend(extra.iter().map(|p| cwd.join(crate::fsutil::expand_home(&p.to_string_lossy()))));
+    out.extend(extra.iter().map(|p| cwd.join(crate::config::expand_home(&p.to_string_lossy()))));
     // Credential files other tools are pointed at.
     for var in [
         "GOOGLE_APPLICATION_CREDENTIALS",

@@ -319,7 +319,7 @@ fn ca(config: Option<PathBuf>, action: CaAction) -> ExitCode {
 }
 
 fn audit_verify(file: &std::path::Path, hmac_key: Option<&std::path::Path>) -> ExitCode {
-    let key = match hmac_key.map(crate::audit::read_hmac_key) {
+    let key = match hmac_key.map(crate::telemetry::audit::read_hmac_key) {
         Some(Err(e)) => {
             eprintln!("latchkey: {e}");
             return ExitCode::from(2);
@@ -334,7 +334,7 @@ fn audit_verify(file: &std::path::Path, hmac_key: Option<&std::path::Path>) -> E
             return ExitCode::from(2);
         }
     };
-    match crate::audit::verify(&text, key.as_deref()) {
+    match crate::telemetry::audit::verify(&text, key.as_deref()) {
         Ok(n) => {
             let signed = if key.is_some() { ", every HMAC valid" } else { "" };
             println!("{}: chain intact ({n} lines{signed})", file.display());

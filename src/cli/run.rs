@@ -84,7 +84,7 @@ pub fn run(
             Err(e) => tracing::warn!("no jail control socket: {e}"),
         }
         tokio::spawn(watch(proxy.clone(), file, overrides, watch_file));
-        proxy.ops.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        proxy.telemetry.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("ready in {} ms", started.elapsed().as_millis());
         let grace = proxy.generation().config.proxy.limits.shutdown_grace;
         tokio::select! {
@@ -226,8 +226,9 @@ async fn watch(proxy: Arc<Proxy>, file: Option<PathBuf>, overrides: Overrides, p
 }
 
 fn reload_now(proxy: &Proxy, file: Option<PathBuf>, overrides: Overrides, why: &str) {
-    let metrics = &proxy.ops.metrics;
-    let count = |result| metrics.reloads.get_or_create(&crate::metrics::ResultLabel { result }).inc();
+    let metrics = &proxy.telemetry.metrics;
+    let count =
+        |result| metrics.reloads.get_or_create(&crate::telemetry::metrics::ResultLabel { result }).inc();
     let loaded = crate::config::find_config(file.as_deref()).and_then(|f| crate::config::load(f.as_deref()));
     let mut config = match loaded {
         Ok(c) => c,

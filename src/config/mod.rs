@@ -3,6 +3,7 @@
 
 mod locate;
 pub mod raw;
+pub mod restart;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -13,7 +14,6 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use ipnet::IpNet;
 
-use crate::fsutil::expand_home;
 use crate::inject::{HeaderInjector, HeaderSlot, HeaderValueSource, Injector, QueryInjector};
 use crate::policy::{
     ContentFilter, CredState, CredentialRule, Destination, Filters, Pattern, Policy, canonical_prefix,
@@ -199,7 +199,7 @@ pub fn find_config(cli: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
     let base = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
-        .unwrap_or_else(|| crate::fsutil::home_dir().join(".config"));
+        .unwrap_or_else(|| home_dir().join(".config"));
     let path = base.join("latchkey").join("config.toml");
     Ok(path.exists().then_some(path))
 }
@@ -216,7 +216,7 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         None => compile("", None, &env, &vars),
         Some(p) => {
             let meta = std::fs::metadata(p).map_err(|e| plain_error(Some(p), e.to_string()))?;
-            crate::fsutil::owner_only_writable(&meta)
+            crate::secrets::owner_only_writable(&meta)
                 .map_err(|why| plain_error(Some(p), format!("refusing to load a config that {why}")))?;
             let src = std::fs::read_to_string(p).map_err(|e| plain_error(Some(p), e.to_string()))?;
             compile(&src, Some(p), &env, &vars)
@@ -806,7 +806,8 @@ impl Compiler<'_> {
                     Some(p) if p.exists() => match std::fs::metadata(&p)
                         .map_err(|e| e.to_string())
                         .and_then(|m| {
-                            crate::fsutil::owner_only_writable(&m).map_err(|w| format!("{} {w}", p.display()))
+                            crate::secrets::owner_only_writable(&m)
+                                .map_err(|w| format!("{} {w}", p.display()))
                         })
                         .and_then(|_| crate::inject::gcp::TokenSource::from_file(&p, &c.scopes))
                     {
@@ -977,6 +978,19 @@ impl Config {
             .flat_map(|(c, _)| c.injector.secrets())
             .collect()
     }
+}
+
+/// `~/` expansion for paths in the config.
+pub fn expand_home(raw: &str) -> std::path::PathBuf {
+    match raw.strip_prefix("~/") {
+        Some(rest) => home_dir().join(rest),
+        None if raw == "~" => home_dir(),
+        None => raw.into(),
+    }
+}
+
+pub fn home_dir() -> std::path::PathBuf {
+    std::env::var_os("HOME").map(Into::into).unwrap_or_else(|| "/".into())
 }
 
 #[cfg(test)]

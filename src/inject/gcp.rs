@@ -179,7 +179,7 @@ pub fn discover_adc(env: &dyn Fn(&str) -> Option<String>) -> Option<std::path::P
     }
     let config = env("CLOUDSDK_CONFIG")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| crate::fsutil::home_dir().join(".config/gcloud"));
+        .unwrap_or_else(|| crate::config::home_dir().join(".config/gcloud"));
     Some(config.join("application_default_credentials.json"))
 }
 

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use super::BoxError;
-use crate::audit::Record;
 use crate::config::Config;
+use crate::telemetry::audit::Record;
 
 type FramePoll = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
 
@@ -150,7 +150,7 @@ where
 pub struct Pending {
     /// Held until the response body ends: shutdown waits for it.
     pub _exchange: super::ExchangeGuard,
-    pub ops: Arc<super::ops::Ops>,
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
     pub record: Record,
     pub up: Arc<AtomicU64>,
     pub down: Arc<AtomicU64>,
@@ -158,8 +158,8 @@ pub struct Pending {
     /// Time to the upstream's response head.
     pub upstream: Option<std::time::Duration>,
     /// Reads LLM token usage from the (redacted) body as it passes.
-    pub meter: Option<crate::usage::Meter>,
-    pub span: Option<crate::otlp::Span>,
+    pub meter: Option<crate::telemetry::usage::Meter>,
+    pub span: Option<crate::telemetry::otlp::Span>,
     /// Up to this many redacted body bytes go on the span.
     pub capture: Option<(usize, Vec<u8>)>,
     /// Where every credential's redactor is found when something read out of the
@@ -184,11 +184,11 @@ impl Drop for Pending {
         self.record.bytes_up = self.up.load(Ordering::Relaxed);
         self.record.bytes_down = self.down.load(Ordering::Relaxed);
         self.record.duration_ms = self.started.elapsed().as_millis() as u64;
-        let usage = self.meter.take().and_then(crate::usage::Meter::finish);
+        let usage = self.meter.take().and_then(crate::telemetry::usage::Meter::finish);
         let read_out = self.capture.is_some() || usage.as_ref().is_some_and(|u| u.model.is_some());
         // Masked again here: with `redact_responses = false` (or a form the body redactor
         // does not know) the client saw raw bytes, but no log, label or span carries them.
-        let redactors = if read_out { super::ops::all_redactors(&self.config) } else { Vec::new() };
+        let redactors = if read_out { crate::telemetry::all_redactors(&self.config) } else { Vec::new() };
         self.record.usage = usage.map(|u| u.redacted(&redactors));
         let mut span = self.span.take();
         if let (Some(s), Some((cap, mut body))) = (&mut span, self.capture.take()) {
@@ -203,7 +203,7 @@ impl Drop for Pending {
             }
             s.str("latchkey.response.body", String::from_utf8_lossy(&body));
         }
-        self.ops.finish(&self.record, self.upstream, span);
+        self.telemetry.finish(&self.record, self.upstream, span);
     }
 }
 

@@ -25,7 +25,7 @@ const MAX_CLIENT_HELLO: usize = 32 * 1024;
 
 /// The decision for a tunnel to `dest`: the agent's own allowlist, then the policy.
 pub(super) fn decide(config: &Config, agent: Option<usize>, dest: &Destination) -> ConnectDecision {
-    match super::identity::destination_refusal(config, agent, dest) {
+    match super::agent_auth::destination_refusal(config, agent, dest) {
         Some(r) => ConnectDecision::Block(r),
         None => config.policy.decide_connect(dest),
     }
@@ -94,7 +94,7 @@ impl Proxy {
         started: Instant,
     ) {
         let mut rec = handler::tunnel_record(peer, dest, started);
-        rec.agent = super::identity::agent_name(&generation.config, agent);
+        rec.agent = super::agent_auth::agent_name(&generation.config, agent);
         handler::log_refusal(self, rec, &r);
         let limits = &generation.config.proxy.limits;
         let mut first = [0u8; 1];
@@ -111,7 +111,7 @@ impl Proxy {
             let resp = respond::refusal(&r);
             async move { Ok::<_, std::convert::Infallible>(resp) }
         });
-        let mut builder = super::server_builder(limits);
+        let mut builder = super::builders::server_builder(limits);
         builder.keep_alive(false);
         let _ = builder.serve_connection(TokioIo::new(io), service).await;
     }

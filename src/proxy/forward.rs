@@ -2,7 +2,6 @@
 //! destination, decide, inject, forward, and stream the response back.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
@@ -14,68 +13,19 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
+use super::route::Route;
 use super::upgrade::Upgrade;
 
 use super::body::{Counted, Logged, Pending, Redacted, ScanBody};
-use super::respond::{self, bad_request, misdirected};
+use super::respond::{self, bad_request};
 use super::trailers::{GuardedTrailers, TrailerRules};
 use super::upstream::{Connector, UpstreamError};
 use super::{Body, Generation, Proxy};
-use crate::audit::{Record, now_ts, path_only};
 use crate::config::{Config, Credential};
 use crate::inject::{InjectError, is_hop_by_hop};
 use crate::policy::{Decision, Destination, Refusal, RequestHead};
+use crate::telemetry::audit::{Record, now_ts, path_only};
 use hyper_util::client::legacy::Client;
-
-/// Where requests on this connection go. Fixed before the first request is read.
-#[derive(Debug)]
-pub struct Route {
-    pub dest: Destination,
-    /// The upstream leg is TLS.
-    pub tls: bool,
-    /// Inside a CONNECT tunnel (rather than absolute-form on the proxy port).
-    pub tunnel: bool,
-    /// Set when the TLS ClientHello named another host: every request gets 421.
-    pub misdirected: Option<String>,
-    pub peer: SocketAddr,
-    /// The authenticated agent (index into `config.agents`), when agents are configured.
-    pub agent: Option<usize>,
-    /// `host:port` of `dest`, computed once per connection rather than per request.
-    pub authority: String,
-    /// `scheme://host[:port]` of the upstream URI, the port left out when it is the
-    /// scheme's default (HTTP/2 sends it as `:authority`, as clients write it).
-    origin: String,
-}
-
-impl Route {
-    pub fn new(
-        dest: Destination,
-        tls: bool,
-        tunnel: bool,
-        misdirected: Option<String>,
-        peer: SocketAddr,
-        agent: Option<usize>,
-    ) -> Route {
-        let authority = dest.authority();
-        let (scheme, default_port) = if tls { ("https", 443) } else { ("http", 80) };
-        let origin = if dest.port == default_port {
-            format!("{scheme}://{}", dest.host)
-        } else {
-            format!("{scheme}://{authority}")
-        };
-        Route { dest, tls, tunnel, misdirected, peer, agent, authority, origin }
-    }
-
-    /// Whether a Host value names this destination exactly as latchkey writes it: the
-    /// common case, answered without parsing. Anything else is parsed and compared.
-    fn is_exactly(&self, host: &[u8], default_port: u16) -> bool {
-        host == self.authority.as_bytes()
-            || (self.dest.port == default_port
-                && self.authority.len() > host.len()
-                && self.authority.as_bytes().starts_with(host)
-                && self.authority.as_bytes()[host.len()] == b':')
-    }
-}
 
 pub async fn handle(
     proxy: Arc<Proxy>,
@@ -87,40 +37,40 @@ pub async fn handle(
     let in_flight = proxy.exchanges.start();
     let (parts, body) = req.into_parts();
     let mut record = new_record(&route, &parts);
-    record.agent = super::identity::agent_name(&generation.config, route.agent);
-    let span = proxy.ops.start_span(&generation.config, parts.method.as_str(), &parts.headers);
+    record.agent = super::agent_auth::agent_name(&generation.config, route.agent);
+    let span = proxy.telemetry.start_span(&generation.config, parts.method.as_str(), &parts.headers);
     if route.tls
         && let Some(resp) =
-            super::tokens::vend(&generation.config, &route.dest, &parts.method, parts.uri.path())
+            super::token_client::vend(&generation.config, &route.dest, &parts.method, parts.uri.path())
     {
         record.decision = "injected";
         record.reason = Some("token vended by latchkey (stub credentials)".into());
         record.status = Some(200);
         record.duration_ms = started.elapsed().as_millis() as u64;
-        proxy.ops.finish(&record, None, span);
+        proxy.telemetry.finish(&record, None, span);
         drop(in_flight);
         return Ok(resp);
     }
     let up = Arc::new(AtomicU64::new(0));
     // Boxed: hyper keeps a slot sized for this future on every connection, idle or not;
     // the exchange's state is allocated only while a request is in flight.
-    let exchanged = Box::pin(exchange(&proxy.ops, &generation, &route, parts, body, &mut record, up.clone()));
+    let exchanged =
+        Box::pin(exchange(&proxy.telemetry, &generation, &route, parts, body, &mut record, up.clone()));
     match exchanged.await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
             record.status = Some(parts.status.as_u16());
             tracing::debug!(target: "latchkey::request", dest = %route.dest, status = parts.status.as_u16(), decision = record.decision, "forwarded");
             // Usage is read from credentialed responses only: those are the metered APIs.
-            let meter = record
-                .credential
-                .as_ref()
-                .and(parts.headers.get(header::CONTENT_TYPE))
-                .and_then(|ct| crate::usage::Meter::for_content_type(ct.to_str().unwrap_or("")));
+            let meter =
+                record.credential.as_ref().and(parts.headers.get(header::CONTENT_TYPE)).and_then(|ct| {
+                    crate::telemetry::usage::Meter::for_content_type(ct.to_str().unwrap_or(""))
+                });
             let cap = generation.config.telemetry.capture_body_bytes;
             let capture = (span.is_some() && cap > 0).then(|| (cap, Vec::new()));
             let pending = Pending {
                 _exchange: in_flight,
-                ops: proxy.ops.clone(),
+                telemetry: proxy.telemetry.clone(),
                 record,
                 up,
                 down: Arc::new(AtomicU64::new(0)),
@@ -138,7 +88,7 @@ pub async fn handle(
             record.status = Some(r.status);
             record.reason = Some(r.message.clone());
             record.duration_ms = started.elapsed().as_millis() as u64;
-            proxy.ops.finish(&record, None, span);
+            proxy.telemetry.finish(&record, None, span);
             tracing::info!(target: "latchkey::request", dest = %route.dest, status = r.status, kind = r.kind, "refused");
             Ok(respond::refusal(&r))
         }
@@ -148,7 +98,7 @@ pub async fn handle(
 /// check → decide → inject → forward; the response comes back with hop-by-hop headers
 /// (and, on credentialed routes, `Set-Cookie`) removed.
 async fn exchange(
-    ops: &super::ops::Ops,
+    telemetry: &crate::telemetry::Telemetry,
     generation: &Generation,
     route: &Route,
     mut parts: Parts,
@@ -158,22 +108,22 @@ async fn exchange(
 ) -> Result<Response<Body>, Refusal> {
     let upgrade = super::upgrade::requested(&parts);
     let h2_websocket = matches!(upgrade, Some(Upgrade::H2WebSocket));
-    check_route(route, &parts, h2_websocket)?;
+    super::route::check(route, &parts, h2_websocket)?;
     if h2_websocket {
         // Policy, injection and the log see the WebSocket handshake as what it is: a GET.
         parts.method = Method::GET;
     }
     let config = &generation.config;
-    if let Some(r) = super::identity::destination_refusal(config, route.agent, &route.dest) {
+    if let Some(r) = super::agent_auth::destination_refusal(config, route.agent, &route.dest) {
         return Err(r);
     }
     let chosen = decide(config, route, &parts, record)?;
     if let Some(r) =
-        chosen.as_ref().and_then(|(i, _)| super::identity::credential_refusal(config, route.agent, *i))
+        chosen.as_ref().and_then(|(i, _)| super::agent_auth::credential_refusal(config, route.agent, *i))
     {
         return Err(r);
     }
-    ops.admit(config, chosen.as_ref().map(|(i, _)| *i), route.agent)?;
+    telemetry.admit(config, chosen.as_ref().map(|(i, _)| *i), route.agent)?;
     let (dialer, client) = generation.upstream(chosen.as_ref().map(|(i, _)| *i), parts.version);
     prepare_upstream(&mut parts, route)?;
     if config.proxy.via {
@@ -187,7 +137,8 @@ async fn exchange(
         parts.headers.insert(header::ACCEPT_ENCODING, header::HeaderValue::from_static("identity"));
     }
     let mut body: Body = body.map_err(client_body_error).boxed();
-    let tokens = super::tokens::ClientHttp { client: &generation.client, timeout: config.proxy.timeout };
+    let tokens =
+        super::token_client::ClientHttp { client: &generation.client, timeout: config.proxy.timeout };
     let mut replay = None;
     let credential = match chosen {
         None => None,
@@ -479,58 +430,6 @@ async fn send(
     }
 }
 
-/// Invariant 1: a request inside a tunnel names the tunnel's host or nothing.
-fn check_route(route: &Route, parts: &Parts, h2_websocket: bool) -> Result<(), Refusal> {
-    if let Some(why) = &route.misdirected {
-        return Err(misdirected(why.clone()));
-    }
-    if parts.headers.contains_key(super::framing::SMUGGLED) {
-        return Err(Refusal::new(
-            400,
-            "smuggling",
-            "Content-Length together with Transfer-Encoding is refused (request smuggling)",
-        ));
-    }
-    if parts.method == Method::CONNECT && !h2_websocket {
-        return Err(bad_request("CONNECT inside a tunnel is refused"));
-    }
-    // Inside a tunnel a Host without a port means the tunnel's port (SPEC 3.1): plain
-    // HTTP written into `CONNECT host:443` is that host's, and meets invariant 6.
-    let default_port = match (route.tunnel, route.tls) {
-        (true, _) => route.dest.port,
-        (false, true) => 443,
-        (false, false) => 80,
-    };
-    if route.tunnel
-        && let Some(authority) = parts.uri.authority()
-    {
-        let scheme_port = match parts.uri.scheme_str() {
-            Some("https") => 443,
-            Some("http") => 80,
-            _ => return Err(bad_request("unsupported scheme in request target")),
-        };
-        let named = Destination::parse_authority(authority.as_str(), Some(scheme_port))
-            .map_err(|e| bad_request(format!("bad request target: {e}")))?;
-        if named != route.dest {
-            return Err(misdirected(format!("request names {named} but this tunnel goes to {}", route.dest)));
-        }
-    }
-    let mut hosts = parts.headers.get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
-        return Err(bad_request("more than one Host header"));
-    }
-    if let Some(value) = host.filter(|v| !route.is_exactly(v.as_bytes(), default_port)) {
-        let text = value.to_str().map_err(|_| bad_request("Host header is not text"))?;
-        let named = Destination::parse_authority(text, Some(default_port))
-            .map_err(|e| bad_request(format!("bad Host header {text:?}: {e}")))?;
-        if named != route.dest {
-            return Err(misdirected(format!("Host {named} differs from the destination {}", route.dest)));
-        }
-    }
-    Ok(())
-}
-
 /// Rewrite the request for the upstream: absolute URI built from the destination
 /// (never from a client-written host), hop-by-hop headers removed, HTTP/1.1.
 fn prepare_upstream(parts: &mut Parts, route: &Route) -> Result<(), Refusal> {
@@ -619,28 +518,4 @@ fn client_body_error(e: hyper::Error) -> super::BoxError {
 
 fn box_error(e: hyper::Error) -> super::BoxError {
     Box::new(e)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_exact_canonical_host_skips_parsing() {
-        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let route = |a: &str| {
-            Route::new(Destination::parse_authority(a, Some(443)).unwrap(), true, true, None, peer, None)
-        };
-        let r = route("api.example.com:443");
-        assert!(r.is_exactly(b"api.example.com", 443));
-        assert!(r.is_exactly(b"api.example.com:443", 443));
-        for other in
-            ["api.example.co", "api.example.com.", "API.example.com", "api.example.com:4430", "", ":443"]
-        {
-            assert!(!r.is_exactly(other.as_bytes(), 443), "{other}");
-        }
-        let r = route("127.0.0.1:8443");
-        assert!(r.is_exactly(b"127.0.0.1:8443", 443));
-        assert!(!r.is_exactly(b"127.0.0.1", 443), "the default port is not this one");
-    }
 }

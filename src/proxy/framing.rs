@@ -199,11 +199,13 @@ impl Scanner {
     }
 
     /// Whether the guard stopped releasing bytes (a refused head, or CL+TE).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn refused(&self) -> bool {
         self.state == State::Discard
     }
 
     /// Where in the released bytes the marker head of a refused head begins.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn marker_at(&self) -> Option<u64> {
         self.marker_at
     }
@@ -394,6 +396,7 @@ impl Scanner {
     /// Feed `input` arriving in pieces cut at `cuts` (taken modulo its length); return
     /// what was released, in order, the end of the stream releasing what was held.
     /// For tests and the fuzz target.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn scan_split(&mut self, input: &[u8], cuts: &[usize], switched: bool) -> Vec<u8> {
         let (mut buf, mut out, mut last) = (Vec::new(), Vec::new(), 0);
         let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();

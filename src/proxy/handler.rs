@@ -14,14 +14,15 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::fanout::{self, ConnBudget};
-use super::forward::{self, Route};
+use super::forward;
 use super::framing::{self, Gate, Malformed};
 use super::respond::{self, bad_request};
+use super::route::Route;
 use super::tunnel::{self, Identity, Opener};
 use super::{Body, Generation, HeldSlot, Proxy};
-use crate::audit::{Record, now_ts, path_only};
 use crate::config::Config;
 use crate::policy::{ConnectDecision, Destination, Refusal};
+use crate::telemetry::audit::{Record, now_ts, path_only};
 
 /// One client connection on the proxy port.
 pub struct Connection {
@@ -61,7 +62,7 @@ async fn handle(
     }
     let is_proxy_request = req.method() == Method::CONNECT || req.uri().scheme().is_some();
     let agent = if is_proxy_request {
-        match super::identity::authenticate(&generation.config, req.headers()) {
+        match super::agent_auth::authenticate(&generation.config, req.headers()) {
             Ok(agent) => agent,
             Err(r) => return refuse_request(&proxy, &generation, peer, None, &req, r),
         }
@@ -139,7 +140,7 @@ pub fn admit(config: &Config, opener: &Opener) -> Result<Option<usize>, Refusal>
             if let Some(v) = auth {
                 headers.insert(PROXY_AUTHORIZATION, v.clone());
             }
-            super::identity::authenticate(config, &headers)
+            super::agent_auth::authenticate(config, &headers)
         }
         Identity::Named(name) => super::destined::identify(config, name.as_deref()),
     }
@@ -162,7 +163,7 @@ async fn connect(
             return refuse_request(&proxy, &generation, peer, agent, &req, r);
         }
     };
-    let agent_name = super::identity::agent_name(&generation.config, agent);
+    let agent_name = super::agent_auth::agent_name(&generation.config, agent);
     let refuse = |r: Refusal| {
         let mut rec = tunnel_record(peer, &dest, started);
         rec.agent = agent_name.clone();
@@ -214,7 +215,7 @@ pub fn log_refusal(proxy: &Proxy, mut rec: Record, r: &Refusal) -> Response<Body
     rec.status = Some(r.status);
     rec.decision = "blocked";
     rec.reason = Some(r.message.clone());
-    proxy.ops.finish(&rec, None, None);
+    proxy.telemetry.finish(&rec, None, None);
     tracing::info!(target: "latchkey::request", host = %rec.host, port = rec.port, method = %rec.method, status = r.status, kind = r.kind, "refused");
     respond::refusal(r)
 }
@@ -240,7 +241,7 @@ pub fn refuse_request<B>(
     if !connect {
         rec.path = Some(path_only(req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/")));
     }
-    rec.agent = super::identity::agent_name(&generation.config, agent);
+    rec.agent = super::agent_auth::agent_name(&generation.config, agent);
     log_refusal(proxy, rec, &r)
 }
 

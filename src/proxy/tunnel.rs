@@ -24,13 +24,14 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use super::capped::Capped;
 use super::fanout::{self, ConnBudget};
-use super::forward::{self, Route};
+use super::forward;
 use super::framing::{self, Gate};
 use super::handler;
+use super::route::Route;
 use super::{Body, Generation, Proxy};
-use crate::audit::{Record, path_only};
-use crate::metrics::{KindLabel, ResultLabel};
 use crate::policy::{ConnectDecision, Destination, Host, Refusal};
+use crate::telemetry::audit::{Record, path_only};
+use crate::telemetry::metrics::{KindLabel, ResultLabel};
 
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -90,7 +91,7 @@ pub async fn intercept<S>(
         _ => Some(format!("TLS SNI {sni:?} does not name the tunnel's host {}", dest.host)),
     });
     let (config, hit) = proxy.ca.server_config_counted(&dest.host);
-    let metrics = &proxy.ops.metrics;
+    let metrics = &proxy.telemetry.metrics;
     metrics.leaf_cache.get_or_create(&ResultLabel { result: if hit { "hit" } else { "miss" } }).inc();
     let config = match config {
         Ok(c) => c,
@@ -187,7 +188,7 @@ impl Conn {
 
 fn request_record(route: &Route, method: &str, target: &str) -> Record {
     Record {
-        ts: crate::audit::now_ts(),
+        ts: crate::telemetry::audit::now_ts(),
         client: route.peer.ip().to_string(),
         agent: None,
         method: method.to_string(),
@@ -213,7 +214,7 @@ where
     let limits = conn.proxy.generation().config.proxy.limits.clone();
     let conn = Arc::new(conn);
     let service = service_fn(move |req| conn.clone().request(req));
-    let served = super::h2_builder(&limits).serve_connection(TokioIo::new(stream), service);
+    let served = super::builders::h2_builder(&limits).serve_connection(TokioIo::new(stream), service);
     if let Err(e) = served.await {
         tracing::debug!("h2 tunnel: {e}");
     }
@@ -228,8 +229,9 @@ where
     conn.gate = Some(stream.gate());
     let conn = Arc::new(conn);
     let service = service_fn(move |req| conn.clone().request(req));
-    let served =
-        super::server_builder(&limits).serve_connection(TokioIo::new(stream), service).with_upgrades();
+    let served = super::builders::server_builder(&limits)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
     if let Err(e) = served.await {
         tracing::debug!("tunnel: {e}");
     }
@@ -298,7 +300,7 @@ impl Blind {
             if let Some(r) = super::destined::sni_refusal(config, self.agent, &self.dest, sni.as_deref()) {
                 let _ = client.write_all(&super::destined::TLS_ACCESS_DENIED).await;
                 let mut rec = handler::tunnel_record(self.opener.peer, &self.dest, self.started);
-                rec.agent = super::identity::agent_name(config, self.agent);
+                rec.agent = super::agent_auth::agent_name(config, self.agent);
                 handler::log_refusal(&self.proxy, rec, &r);
                 return;
             }
@@ -323,13 +325,13 @@ impl Blind {
     /// The tunnel's one `tunnelled` line, with the bytes it carried however it ended.
     fn log<C, U>(&self, why: Option<String>, client: &Capped<C>, upstream: &Capped<U>) {
         let mut rec = handler::tunnel_record(self.opener.peer, &self.dest, self.started);
-        rec.agent = super::identity::agent_name(&self.generation.config, self.agent);
+        rec.agent = super::agent_auth::agent_name(&self.generation.config, self.agent);
         rec.status = Some(200);
         rec.decision = "tunnelled";
         rec.reason = why;
         rec.bytes_up = upstream.moved().1;
         rec.bytes_down = client.moved().1;
-        self.proxy.ops.finish(&rec, None, None);
+        self.proxy.telemetry.finish(&rec, None, None);
     }
 
     /// Plain HTTP in a blind tunnel: the same rules as any plain HTTP to this
@@ -361,7 +363,7 @@ impl Blind {
         let _ = client.write_all(format!("{head}{body}").as_bytes()).await;
         let _ = client.shutdown().await;
         let mut rec = handler::tunnel_record(self.opener.peer, &self.dest, self.started);
-        rec.agent = super::identity::agent_name(&self.generation.config, self.agent);
+        rec.agent = super::agent_auth::agent_name(&self.generation.config, self.agent);
         rec.bytes_down = client.moved().1;
         rec.bytes_up = upstream.moved().1;
         handler::log_refusal(&self.proxy, rec, &r);
@@ -473,11 +475,12 @@ async fn refused_by_reload(
         let config = &proxy.generation().config;
         let refusal = match handler::admit(config, opener) {
             Err(r) => Some(r),
-            Ok(agent) => super::identity::destination_refusal(config, agent, dest).or_else(|| {
-                match config.policy.decide_connect(dest) {
-                    ConnectDecision::Block(r) => Some(r),
-                    _ => None,
-                }
+            Ok(agent) => super::agent_auth::destination_refusal(config, agent, dest).or_else(|| match config
+                .policy
+                .decide_connect(dest)
+            {
+                ConnectDecision::Block(r) => Some(r),
+                _ => None,
             }),
         };
         if let Some(r) = refusal {
@@ -491,7 +494,7 @@ pub struct TunnelGauge(prometheus_client::metrics::gauge::Gauge);
 
 impl TunnelGauge {
     pub fn open(proxy: &Proxy, kind: &'static str) -> TunnelGauge {
-        let g = proxy.ops.metrics.tunnels.get_or_create(&KindLabel { kind }).clone();
+        let g = proxy.telemetry.metrics.tunnels.get_or_create(&KindLabel { kind }).clone();
         g.inc();
         TunnelGauge(g)
     }

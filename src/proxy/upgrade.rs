@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::redact::Set;
 
-use super::forward::Route;
+use super::route::Route;
 use super::upstream::Dialer;
 use crate::config::Config;
 use crate::policy::Refusal;

@@ -25,7 +25,7 @@ pub struct Record {
     pub bytes_down: u64,
     pub duration_ms: u64,
     /// LLM token usage the response reported (`null` otherwise).
-    pub usage: Option<crate::usage::Usage>,
+    pub usage: Option<crate::telemetry::usage::Usage>,
 }
 
 /// A handle to the log writer thread; cheap to clone, a no-op when logging is off.

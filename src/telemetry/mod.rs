@@ -1,21 +1,28 @@
-//! What outlives a config generation: the request log, metrics, rate-limit state and the
-//! span exporter. Every finished exchange — forwarded, refused or tunnelled — passes
-//! through [`Ops::finish`], so the log, the metrics, the budgets and the traces agree.
+//! What latchkey tells about the requests it handled: the request log (`audit`), the
+//! Prometheus metrics (`metrics`), OpenTelemetry spans (`otlp`) and LLM usage (`usage`).
+//! It outlives a config generation. Every finished exchange — forwarded, refused or
+//! tunnelled — passes through [`Telemetry::finish`] as one record, so the log, the
+//! metrics, the budgets and the traces agree.
+
+pub mod audit;
+pub mod metrics;
+pub mod otlp;
+pub mod usage;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 
-use crate::audit::{Audit, Record};
 use crate::config::Config;
 use crate::inject::Slot;
 use crate::limits::{Limiter, Scope};
-use crate::metrics::Metrics;
-use crate::otlp::{self, Exporter, REDACTED, Span};
 use crate::policy::Refusal;
+use crate::telemetry::audit::{Audit, Record};
+use crate::telemetry::metrics::Metrics;
+use otlp::{Exporter, REDACTED, Span};
 
-pub struct Ops {
+pub struct Telemetry {
     pub audit: Audit,
     pub metrics: Metrics,
     pub limits: Limiter,
@@ -24,9 +31,9 @@ pub struct Ops {
     pub ready: AtomicBool,
 }
 
-impl Ops {
-    pub fn new(audit: Audit, spans: Option<Exporter>) -> Ops {
-        Ops {
+impl Telemetry {
+    pub fn new(audit: Audit, spans: Option<Exporter>) -> Telemetry {
+        Telemetry {
             audit,
             metrics: Metrics::new(),
             limits: Limiter::default(),
@@ -102,7 +109,7 @@ impl Ops {
         self.limits.admit(&checks).map_err(|e| {
             self.metrics
                 .limited
-                .get_or_create(&crate::metrics::LimitLabels {
+                .get_or_create(&crate::telemetry::metrics::LimitLabels {
                     scope: e.scope.as_str(),
                     name: e.name.clone(),
                     limit: e.limit,

@@ -1,0 +1,37 @@
+//! What a reload cannot change in a running process (listeners, the CA, the log, the
+//! span exporter, the process-wide connection limits): such a config is refused and the
+//! running one stays.
+
+use super::Config;
+
+/// What a reload cannot change in a running process.
+pub fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
+    let (a, b) = (old.proxy.listen, new.proxy.listen);
+    if a.ip() != b.ip() || (a.port() != b.port() && b.port() != 0) {
+        return Some("[proxy] port or bind");
+    }
+    if old.proxy.ca_dir != new.proxy.ca_dir {
+        return Some("[proxy] ca_dir");
+    }
+    if old.admin != new.admin {
+        return Some("[admin] listen");
+    }
+    if old.proxy.log_requests != new.proxy.log_requests
+        || old.proxy.log_file != new.proxy.log_file
+        || old.proxy.hmac_key_file != new.proxy.hmac_key_file
+    {
+        return Some("[proxy.logging]");
+    }
+    if old.telemetry.otlp_endpoint != new.telemetry.otlp_endpoint
+        || old.telemetry.service_name != new.telemetry.service_name
+    {
+        return Some("[telemetry]");
+    }
+    if old.proxy.limits.max_connections != new.proxy.limits.max_connections {
+        return Some("[proxy.limits] max_connections");
+    }
+    if old.proxy.limits.max_upstream_connections != new.proxy.limits.max_upstream_connections {
+        return Some("[proxy.limits] max_upstream_connections");
+    }
+    None
+}
