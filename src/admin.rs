@@ -52,7 +52,7 @@ fn answer(proxy: &Proxy, req: &Request<Incoming>) -> Reply {
     }
     match req.uri().path() {
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
-        "/readyz" if proxy.telemetry.is_ready() => reply(StatusCode::OK, TEXT, "ready\n"),
+        "/readyz" if proxy.is_ready() => reply(StatusCode::OK, TEXT, "ready\n"),
         "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n"),
         "/metrics" => reply(
             StatusCode::OK,
@@ -99,24 +99,25 @@ pub fn effective(config: &Config) -> Value {
                 "allow_http": rule.allow_http,
                 "placeholder": cred.placeholder,
                 "env": cred.env,
-                "requests_per_minute": cred.limits.requests_per_minute,
-                "tokens_per_day": cred.limits.tokens_per_day,
+                "requests_per_minute": rule.limits.requests_per_minute,
+                "tokens_per_day": rule.limits.tokens_per_day,
             })
         })
         .collect();
     let agents: Vec<Value> = config
         .agents
         .iter()
-        .map(|a| {
+        .zip(&config.policy.agents)
+        .map(|(a, rule)| {
             json!({
                 "name": a.name,
                 "token": if a.token.is_some() { "[set]" } else { "[unreadable]" },
-                "credentials": a.credentials.as_ref().map(|ids| {
+                "credentials": rule.credentials.as_ref().map(|ids| {
                     ids.iter().filter_map(|i| config.credentials.get(*i)).map(|c| c.name.clone()).collect::<Vec<_>>()
                 }),
-                "allowed_domains": patterns(&a.allowed),
-                "requests_per_minute": a.limits.requests_per_minute,
-                "tokens_per_day": a.limits.tokens_per_day,
+                "allowed_domains": patterns(&rule.allowed),
+                "requests_per_minute": rule.limits.requests_per_minute,
+                "tokens_per_day": rule.limits.tokens_per_day,
             })
         })
         .collect();

@@ -25,22 +25,15 @@ use crate::policy::Host;
 const LEAF_CACHE: usize = 1024;
 const LEAF_DAYS: i64 = 30;
 
-#[derive(Debug)]
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
 pub struct CaError(pub String);
-
-impl std::fmt::Display for CaError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for CaError {}
 
 fn err(e: impl std::fmt::Display) -> CaError {
     CaError(e.to_string())
 }
 
-type LeafSlot = Arc<OnceLock<Result<Arc<ServerConfig>, String>>>;
+type LeafSlot = Arc<OnceLock<Result<Arc<ServerConfig>, CaError>>>;
 
 pub struct CertAuthority {
     pub dir: PathBuf,
@@ -105,7 +98,7 @@ impl CertAuthority {
             }
             generate(dir, opts.lifetime_days, &provider)?;
         }
-        let (key_pem, cert_pem) = read_pair(&key_path, &cert_path)?;
+        let Pair { key_pem, cert_pem } = read_pair(&key_path, &cert_path)?;
         let ca_key =
             KeyPair::from_pem(&key_pem).map_err(|e| CaError(format!("{}: {e}", key_path.display())))?;
         if !pair_matches(&ca_key, &cert_pem) {
@@ -161,7 +154,7 @@ impl CertAuthority {
             let hit = leaves.contains(host);
             (leaves.get_or_insert(host.clone(), || Arc::new(OnceLock::new())).clone(), hit)
         };
-        (slot.get_or_init(|| self.mint(host).map_err(|e| e.0)).clone().map_err(CaError), hit)
+        (slot.get_or_init(|| self.mint(host)).clone(), hit)
     }
 
     fn mint(&self, host: &Host) -> Result<Arc<ServerConfig>, CaError> {
@@ -262,8 +255,14 @@ impl DirLock {
     }
 }
 
-/// The key (checked: ours, 0600) and the certificate, as PEM.
-fn read_pair(key_path: &Path, cert_path: &Path) -> Result<(zeroize::Zeroizing<String>, String), CaError> {
+/// A CA key and its certificate, as PEM.
+struct Pair {
+    key_pem: zeroize::Zeroizing<String>,
+    cert_pem: String,
+}
+
+/// The key (checked: ours, 0600) and the certificate.
+fn read_pair(key_path: &Path, cert_path: &Path) -> Result<Pair, CaError> {
     let meta = std::fs::metadata(key_path).map_err(err)?;
     crate::secrets::owner_only_writable(&meta).map_err(|w| CaError(format!("{} {w}", key_path.display())))?;
     if meta.permissions().mode() & 0o077 != 0 {
@@ -274,7 +273,7 @@ fn read_pair(key_path: &Path, cert_path: &Path) -> Result<(zeroize::Zeroizing<St
     }
     let key_pem = zeroize::Zeroizing::new(std::fs::read_to_string(key_path).map_err(err)?);
     let cert_pem = std::fs::read_to_string(cert_path).map_err(err)?;
-    Ok((key_pem, cert_pem))
+    Ok(Pair { key_pem, cert_pem })
 }
 
 /// Does `cert_pem` certify `key`'s public key? A mismatched pair (written by two

@@ -11,8 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::inject::Slot;
-use crate::policy::{ConnectDecision, CredState, Decision, Destination, Refusal, RequestHead};
-use crate::proxy::agent_auth as identity;
+use crate::policy::{CredState, Decision, Destination, Question as Ask, Refusal, RefusalKind, RequestHead};
 
 /// The decision for one request (SPEC 4, `explain --json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,80 +37,113 @@ pub struct Question<'a> {
     pub agent: Option<&'a str>,
 }
 
-/// Decide as the proxy does, with the functions it calls: the agent's allowlist, the
-/// CONNECT decision (for https), the request decision, the agent's credentials.
-pub fn explain(config: &Config, q: &Question<'_>) -> Result<Explanation, String> {
-    let uri: Uri = q.url.parse().map_err(|e| format!("bad URL {:?}: {e}", q.url))?;
+/// A question `explain` cannot ask.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error("bad URL {url:?}: {why}")]
+    BadUrl { url: String, why: String },
+    #[error("{0:?}: give an http:// or https:// URL")]
+    NotHttp(String),
+    #[error("{0:?} has no host")]
+    NoHost(String),
+    #[error("bad host in {url:?}: {why}")]
+    BadHost { url: String, why: String },
+    #[error("no [agents.{0}]")]
+    NoAgent(String),
+    #[error("{0:?} is not an HTTP method")]
+    BadMethod(String),
+}
+
+/// Decide exactly as the proxy does: `Config::decide`, asked first without a request
+/// head for an https URL (the CONNECT), then with one (each request in the tunnel, or
+/// the absolute-form request for http).
+pub fn explain(config: &Config, q: &Question<'_>) -> Result<Explanation, ExplainError> {
+    let url = || q.url.to_string();
+    let uri: Uri = q
+        .url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| ExplainError::BadUrl { url: url(), why: e.to_string() })?;
     let tls = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
-        _ => return Err(format!("{:?}: give an http:// or https:// URL", q.url)),
+        _ => return Err(ExplainError::NotHttp(url())),
     };
-    let authority = uri.authority().ok_or_else(|| format!("{:?} has no host", q.url))?;
+    let authority = uri.authority().ok_or_else(|| ExplainError::NoHost(url()))?;
     let dest = Destination::parse_authority(authority.as_str(), Some(if tls { 443 } else { 80 }))
-        .map_err(|e| format!("bad host in {:?}: {e}", q.url))?;
+        .map_err(|e| ExplainError::BadHost { url: url(), why: e.to_string() })?;
     let agent = match q.agent {
         None => None,
         Some(name) => Some(
-            config.agents.iter().position(|a| a.name == name).ok_or_else(|| format!("no [agents.{name}]"))?,
+            config
+                .agents
+                .iter()
+                .position(|a| a.name == name)
+                .ok_or_else(|| ExplainError::NoAgent(name.into()))?,
         ),
     };
-    let method = q.method.to_ascii_uppercase();
-    let outcome = |decision: &str, reason: String| Explanation {
+    // Methods are case-sensitive, as the proxy reads them (`get` is not GET).
+    let method = http::Method::from_bytes(q.method.as_bytes())
+        .map_err(|_| ExplainError::BadMethod(q.method.into()))?;
+    if agent.is_none() && !config.agents.is_empty() {
+        let why = "with [agents] configured, every client names itself (Proxy-Authorization); ask with --agent NAME";
+        return Ok(outcome("block", why.into()));
+    }
+    if tls {
+        match config.decide(&Ask::now(agent, &dest, None)) {
+            Decision::Intercept => {}
+            Decision::Tunnel => {
+                return Ok(outcome("tunnel", "no credential or filter applies to this host".into()));
+            }
+            other => return Ok(described(config, &dest, other)),
+        }
+    }
+    let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let head = RequestHead { method: method.as_str(), target, path: uri.path(), headers: q.headers, tls };
+    Ok(described(config, &dest, config.decide(&Ask::now(agent, &dest, Some(&head)))))
+}
+
+fn outcome(decision: &str, reason: String) -> Explanation {
+    Explanation {
         decision: decision.into(),
         credential: None,
         inject: vec![],
         reason,
         auth_type: None,
         source: None,
-    };
-    let block = |r: Refusal| outcome("block", r.message);
-    if let Some(r) = identity::destination_refusal(config, agent, &dest) {
-        return Ok(block(r));
     }
-    if tls {
-        match config.policy.decide_connect(&dest) {
-            ConnectDecision::Block(r) => return Ok(block(r)),
-            ConnectDecision::Tunnel => {
-                return Ok(outcome("tunnel", "no credential or filter applies to this host".into()));
-            }
-            ConnectDecision::Intercept => {}
-        }
-    }
-    let parts = {
-        let mut b = http::Request::builder().method(method.as_str()).uri(&uri);
-        for (k, v) in q.headers {
-            b = b.header(k, v);
-        }
-        b.body(()).map_err(|e| e.to_string())?.into_parts().0
-    };
-    let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let head = RequestHead { method: &method, target, path: uri.path(), headers: q.headers, tls };
-    let decision = config.policy.decide(&dest, &head, |i| {
+}
+
+/// A decision in `explain`'s words (SPEC 4).
+fn described(config: &Config, dest: &Destination, decision: Decision) -> Explanation {
+    let credential = |i: usize, reason: String| {
         let c = &config.credentials[i];
-        c.injector.carries_placeholder(&parts, &c.placeholder)
-    });
-    Ok(match decision {
-        Decision::Block(r) => block(r),
-        Decision::Pass(reason) => outcome("pass", reason),
-        Decision::Inject { credential, .. } => {
-            if let Some(r) = identity::credential_refusal(config, agent, credential) {
-                return Ok(block(r));
-            }
-            if matches!(method.as_str(), "TRACE" | "TRACK") {
-                return Ok(outcome("block", "TRACE/TRACK are refused on credentialed routes".into()));
-            }
-            let c = &config.credentials[credential];
-            Explanation {
-                decision: "inject".into(),
-                credential: Some(c.name.clone()),
-                inject: c.injector.slots(),
-                reason: format!("most specific credential for {dest}"),
-                auth_type: Some(c.auth_type.clone()),
-                source: Some(c.source.clone()),
-            }
+        Explanation {
+            decision: "inject".into(),
+            credential: Some(c.name.clone()),
+            inject: c.injector.slots(),
+            reason,
+            auth_type: Some(c.auth_type.clone()),
+            source: Some(c.source.clone()),
         }
-    })
+    };
+    match decision {
+        Decision::Block(r) => outcome("block", r.message),
+        Decision::Pass { reason, .. } => outcome("pass", reason.into_owned()),
+        Decision::Inject { credential: i, .. } => {
+            credential(i, format!("most specific credential for {dest}"))
+        }
+        Decision::Vend { credential: i } => Explanation {
+            inject: vec![],
+            ..credential(
+                i,
+                "latchkey answers this token request itself, with a stand-in token (never a real one)".into(),
+            )
+        },
+        Decision::Tunnel => outcome("tunnel", "no credential or filter applies to this host".into()),
+        Decision::Intercept => {
+            outcome("pass", "latchkey opens this tunnel and decides each request in it".into())
+        }
+    }
 }
 
 /// One credential's state, as `/latchkey/credentials` reports it.
@@ -166,7 +198,7 @@ fn active(config: &Config) -> String {
 fn json<T: Serialize>(v: &T) -> Result<(String, &'static str), Refusal> {
     serde_json::to_string(v)
         .map(|s| (s, "application/json"))
-        .map_err(|e| Refusal::new(500, "internal", e.to_string()))
+        .map_err(|e| Refusal::new(RefusalKind::Internal, e.to_string()))
 }
 
 /// Loopback, or a client `allowed_clients` names; anyone else may use neither the proxy
@@ -176,8 +208,7 @@ fn local_client_refusal(config: &Config, peer: SocketAddr) -> Option<Refusal> {
     let allowed = ip.is_loopback() || config.proxy.allowed_clients.iter().any(|n| n.contains(&ip));
     (!allowed).then(|| {
         Refusal::new(
-            403,
-            "client-not-allowed",
+            RefusalKind::ClientNotAllowed,
             format!("client {ip} may not ask this latchkey about its policy"),
         )
     })
@@ -185,7 +216,7 @@ fn local_client_refusal(config: &Config, peer: SocketAddr) -> Option<Refusal> {
 
 /// `/latchkey/explain?url=U&method=M&agent=A&header=K%3A%20V...`.
 fn explain_query(config: &Config, query: &str) -> Result<(String, &'static str), Refusal> {
-    let bad = |m: String| Refusal::new(400, "bad-request", m);
+    let bad = |m: String| Refusal::new(RefusalKind::BadRequest, m);
     let (mut url, mut method, mut agent, mut headers) = (None, "GET".to_string(), None, HeaderMap::new());
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -196,7 +227,7 @@ fn explain_query(config: &Config, query: &str) -> Result<(String, &'static str),
             "method" => method = v,
             "agent" => agent = Some(v),
             "header" => {
-                let (name, value) = parse_header(&v).map_err(bad)?;
+                let (name, value) = parse_header(&v).map_err(|e| bad(e.to_string()))?;
                 headers.append(name, value);
             }
             _ => return Err(bad(format!("unknown parameter {k:?}"))),
@@ -204,15 +235,24 @@ fn explain_query(config: &Config, query: &str) -> Result<(String, &'static str),
     }
     let url = url.ok_or_else(|| bad("url= is required".into()))?;
     let q = Question { method: &method, headers: &headers, url: &url, agent: agent.as_deref() };
-    json(&explain(config, &q).map_err(bad)?)
+    json(&explain(config, &q).map_err(|e| bad(e.to_string()))?)
+}
+
+/// A `--header` that is not `Name: value`.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderArgError {
+    #[error("a header is 'Name: value', not {0:?}")]
+    NoColon(String),
+    #[error("bad header {0:?}")]
+    Bad(String),
 }
 
 /// `Name: value`, as `explain --header` takes it.
-pub fn parse_header(h: &str) -> Result<(HeaderName, HeaderValue), String> {
-    let (k, v) = h.split_once(':').ok_or_else(|| format!("a header is 'Name: value', not {h:?}"))?;
+pub fn parse_header(h: &str) -> Result<(HeaderName, HeaderValue), HeaderArgError> {
+    let (k, v) = h.split_once(':').ok_or_else(|| HeaderArgError::NoColon(h.into()))?;
     match (HeaderName::from_bytes(k.trim().as_bytes()), HeaderValue::from_str(v.trim())) {
         (Ok(k), Ok(v)) => Ok((k, v)),
-        _ => Err(format!("bad header {h:?}")),
+        _ => Err(HeaderArgError::Bad(h.into())),
     }
 }
 
@@ -250,7 +290,7 @@ mod tests {
             assert!(local_endpoint(&c, peer(ip), "/latchkey/explain", q).unwrap().is_ok(), "{ip}");
         }
         let refused = local_endpoint(&c, peer("10.1.2.3"), "/latchkey/explain", q).unwrap().unwrap_err();
-        assert_eq!((refused.status, refused.kind), (403, "client-not-allowed"));
+        assert_eq!((refused.status(), refused.token()), (403, "client-not-allowed"));
         let c = config("[proxy]\nbind = \"0.0.0.0\"\nallowed_clients = [\"10.0.0.0/8\"]\n");
         assert!(local_endpoint(&c, peer("10.1.2.3"), "/latchkey/credentials", None).unwrap().is_ok());
         assert!(local_endpoint(&c, peer("192.168.1.1"), "/latchkey/active", None).unwrap().is_err());
@@ -274,9 +314,9 @@ mod tests {
         let e: Explanation = serde_json::from_str(&body).unwrap();
         assert_eq!((e.decision.as_str(), e.credential.as_deref()), ("inject", Some("anthropic")));
         assert_eq!(e.source.as_deref(), Some("env ANTHROPIC_API_KEY"));
-        assert_eq!(ask("method=GET").unwrap_err().status, 400);
-        assert_eq!(ask("url=ftp%3A%2F%2Fx").unwrap_err().status, 400);
-        assert_eq!(ask("url=https%3A%2F%2Fx&agent=nobody").unwrap_err().status, 400);
+        assert_eq!(ask("method=GET").unwrap_err().status(), 400);
+        assert_eq!(ask("url=ftp%3A%2F%2Fx").unwrap_err().status(), 400);
+        assert_eq!(ask("url=https%3A%2F%2Fx&agent=nobody").unwrap_err().status(), 400);
         let (body, _) =
             local_endpoint(&c, peer("127.0.0.1"), "/latchkey/credentials", None).unwrap().unwrap();
         let states: Vec<CredentialState> = serde_json::from_str(&body).unwrap();

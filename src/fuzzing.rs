@@ -107,8 +107,8 @@ pub fn request(data: &[u8]) {
         headers: &parts.headers,
         tls: true,
     };
-    let decision = config.policy.decide(&dest, &head, |_| false);
-    if let crate::policy::Decision::Inject { credential, captures } = decision {
+    let decision = config.decide(&crate::policy::Question::now(None, &dest, Some(&head)));
+    if let crate::policy::Decision::Inject { credential, captures, .. } = decision {
         let cred = &config.credentials[credential];
         if cred.injector.inject(&mut parts, &captures, None).is_ok() && cred.name == "a" {
             let n = parts.headers.get_all("x-api-key").iter().count()

@@ -3,6 +3,29 @@
 //! Data flows one way: accept → identify destination → decide → (intercept) → inject →
 //! forward → log. Each step has its module.
 
+/// An error that is one message for the user (it names the file, rule or command at
+/// fault): a `thiserror` type around the text, made from a `String` or `&str` by `?`.
+macro_rules! message_error {
+    ($(#[$doc:meta])* $vis:vis $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+        #[error("{0}")]
+        $vis struct $name(pub String);
+
+        impl From<String> for $name {
+            fn from(message: String) -> Self {
+                $name(message)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(message: &str) -> Self {
+                $name(message.to_string())
+            }
+        }
+    };
+}
+
 pub mod admin;
 pub mod ca;
 pub mod cli;

@@ -398,6 +398,17 @@ impl Set {
         fill(buf, &find(self.members.iter().map(|m| &**m), buf))
     }
 
+    /// A masked copy of `buf` when it holds a secret; `None` (and no copy) when not.
+    pub fn masked(&self, buf: &[u8]) -> Option<Vec<u8>> {
+        let found = find(self.members.iter().map(|m| &**m), buf);
+        if found.is_empty() {
+            return None;
+        }
+        let mut copy = buf.to_vec();
+        fill(&mut copy, &found);
+        Some(copy)
+    }
+
     pub fn names_secret(&self, name: &[u8]) -> bool {
         self.members.iter().any(|m| m.names_secret(name))
     }

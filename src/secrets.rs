@@ -28,6 +28,11 @@ impl fmt::Debug for Secret {
     }
 }
 
+message_error! {
+    /// A `${...}` template that does not parse: why.
+    pub TemplateError
+}
+
 /// `value = "...${VAR}..."`: literal text and variable references. A reference may list
 /// alternatives (`${GH_TOKEN|GITHUB_TOKEN}`: the first one set) or take a regex capture
 /// (`${K8S_TOKEN_{cluster}}`: resolved per request among variables present at load).
@@ -44,7 +49,7 @@ enum Part {
 }
 
 impl Template {
-    pub fn parse(raw: &str) -> Result<Template, String> {
+    pub fn parse(raw: &str) -> Result<Template, TemplateError> {
         let mut parts = Vec::new();
         let mut rest = raw;
         while let Some(start) = rest.find("${") {
@@ -189,22 +194,22 @@ fn closing_brace(s: &str) -> Option<usize> {
     None
 }
 
-fn parse_reference(inner: &str) -> Result<Part, String> {
+fn parse_reference(inner: &str) -> Result<Part, TemplateError> {
     let valid = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if let Some(open) = inner.find('{') {
         let close = inner.find('}').ok_or("unclosed capture in ${...}")?;
         let (prefix, capture, suffix) = (&inner[..open], &inner[open + 1..close], &inner[close + 1..]);
         if prefix.is_empty() {
-            return Err(format!("${{{inner}}}: a capture needs a literal prefix"));
+            return Err(format!("${{{inner}}}: a capture needs a literal prefix").into());
         }
         if !valid(prefix) || !valid(capture) || !(suffix.is_empty() || valid(suffix)) {
-            return Err(format!("${{{inner}}}: bad variable name"));
+            return Err(format!("${{{inner}}}: bad variable name").into());
         }
         return Ok(Part::Captured { prefix: prefix.into(), capture: capture.into(), suffix: suffix.into() });
     }
     let names: Vec<String> = inner.split('|').map(str::to_string).collect();
     if !names.iter().all(|n| valid(n)) {
-        return Err(format!("${{{inner}}}: bad variable name"));
+        return Err(format!("${{{inner}}}: bad variable name").into());
     }
     Ok(Part::Var(names))
 }
@@ -697,20 +702,26 @@ impl ClientTls {
     }
 }
 
-/// Files latchkey trusts (its config, secret files, the CA key) must be writable by
-/// nobody else: Ok when owned by us (or root) and not writable by group or others.
-pub fn owner_only_writable(meta: &std::fs::Metadata) -> Result<(), String> {
+/// Why latchkey will not trust a file (its config, a secret file, the CA key): someone
+/// else could write it. Reads as the end of a sentence that names the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Untrusted {
+    #[error("is owned by uid {0}, not by this user")]
+    Owner(u32),
+    #[error("is writable by other users (mode {0:o}); run chmod go-w on it")]
+    Writable(u32),
+}
+
+/// Ok when the file is owned by us (or root) and not writable by group or others.
+pub fn owner_only_writable(meta: &std::fs::Metadata) -> Result<(), Untrusted> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
     if meta.uid() != uid && meta.uid() != 0 {
-        return Err(format!("is owned by uid {}, not by this user", meta.uid()));
+        return Err(Untrusted::Owner(meta.uid()));
     }
     if meta.permissions().mode() & 0o022 != 0 {
-        return Err(format!(
-            "is writable by other users (mode {:o}); run chmod go-w on it",
-            meta.permissions().mode() & 0o777
-        ));
+        return Err(Untrusted::Writable(meta.permissions().mode() & 0o777));
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use super::load_config;
 use crate::config::Config;
-use crate::policy::{CredState, Decision, Destination, RequestHead};
+use crate::policy::{CredState, Decision, Destination, Question, RequestHead};
 
 /// Documented endpoints that mint new credentials (one example request each): a
 /// credential injected there turns use into read. The built-in providers keep off them
@@ -160,13 +160,12 @@ fn minting(config: &Config) -> Vec<String> {
     for (host, path) in MINTING {
         let dest = Destination::parse_authority(host, Some(443)).expect("static");
         let head = RequestHead { method: "POST", target: path, path, headers: &headers, tls: true };
-        let Decision::Inject { credential, .. } = policy.decide(&dest, &head, |_| true) else {
+        // A credential that refuses the endpoint itself (gcp on Google's) is no risk.
+        let Decision::Inject { credential, .. } =
+            policy.decide(&Question::now(None, &dest, Some(&head)), |_| true)
+        else {
             continue;
         };
-        // gcp credentials refuse Google's minting endpoints themselves.
-        if config.credentials[credential].auth_type == "gcp" {
-            continue;
-        }
         out.push(format!(
             "credential {} covers {host}{path}, which mints new credentials (use becomes read); scope it with `paths` or `except_paths`",
             config.policy.credentials[credential].name

@@ -55,10 +55,10 @@ pub fn env(
     {
         return code;
     }
-    let proxy_url = match agent_proxy_url(&config, agent.as_deref(), proxy_url) {
-        Ok(u) => u,
-        Err(code) => return code,
-    };
+    let mut proxy_url = proxy_url;
+    if let Err(code) = with_agent(&config, agent.as_deref(), &mut proxy_url) {
+        return code;
+    }
     let active = super::running_active(&config);
     if active.is_none() {
         eprintln!(
@@ -71,14 +71,11 @@ pub fn env(
     ExitCode::SUCCESS
 }
 
-/// The proxy URL with an agent's credentials in it (`http://NAME:TOKEN@host:port`).
-/// The token is the agent's own secret, not a proxied one.
-pub fn agent_proxy_url(
-    config: &Config,
-    agent: Option<&str>,
-    url: Option<String>,
-) -> Result<Option<String>, ExitCode> {
-    let Some(name) = agent else { return Ok(url) };
+/// With `--agent NAME`, put the agent's credentials into the proxy URL
+/// (`http://NAME:TOKEN@host:port`; `url` unset means the configured address). The token
+/// is the agent's own secret, not a proxied one.
+pub fn with_agent(config: &Config, agent: Option<&str>, url: &mut Option<String>) -> Result<(), ExitCode> {
+    let Some(name) = agent else { return Ok(()) };
     let Some(a) = config.agents.iter().find(|a| a.name == name) else {
         eprintln!("latchkey: no [agents.{name}] in the config");
         return Err(ExitCode::from(2));
@@ -87,14 +84,15 @@ pub fn agent_proxy_url(
         eprintln!("latchkey: the token of agent {name} is not available here");
         return Err(ExitCode::from(2));
     };
-    let base = url.unwrap_or_else(|| format!("http://{}", config.client_proxy_addr()));
+    let base = url.take().unwrap_or_else(|| format!("http://{}", config.client_proxy_addr()));
     let (scheme, rest) = base.split_once("://").unwrap_or(("http", &base));
     let userinfo = format!(
         "{}:{}",
         crate::inject::encode_component(name),
         crate::inject::encode_component(token.expose())
     );
-    Ok(Some(format!("{scheme}://{userinfo}@{rest}")))
+    *url = Some(format!("{scheme}://{userinfo}@{rest}"));
+    Ok(())
 }
 
 /// The client-side environment, in a stable order. `active` names the credentials the

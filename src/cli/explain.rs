@@ -70,7 +70,8 @@ pub fn explain(config: Option<PathBuf>, args: Args) -> ExitCode {
     let answer = match running {
         Some(addr) => ask(addr, &q).map(|e| (e, Described::Running(addr))),
         None => crate::explain::explain(&config, &q)
-            .map(|e| (e, Described::Config((!args.local).then(|| config.client_proxy_addr())))),
+            .map(|e| (e, Described::Config((!args.local).then(|| config.client_proxy_addr()))))
+            .map_err(AskError::from),
     };
     let (outcome, described) = match answer {
         Ok(a) => a,
@@ -91,13 +92,27 @@ pub fn explain(config: Option<PathBuf>, args: Args) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Why no decision could be had.
+#[derive(Debug, thiserror::Error)]
+enum AskError {
+    #[error("{0}")]
+    Question(#[from] crate::explain::ExplainError),
+    #[error("{addr} answered oddly: {why}")]
+    Odd { addr: std::net::SocketAddr, why: serde_json::Error },
+    /// The instance refused the question, in its own words.
+    #[error("{0}")]
+    Refused(String),
+    #[error("the latchkey at {0} stopped answering; try again or use --local")]
+    Gone(std::net::SocketAddr),
+}
+
 /// The running instance's decision, from `/latchkey/explain`.
-fn ask(addr: std::net::SocketAddr, q: &Question<'_>) -> Result<Explanation, String> {
+fn ask(addr: std::net::SocketAddr, q: &Question<'_>) -> Result<Explanation, AskError> {
     let path = format!("/latchkey/explain?{}", crate::explain::explain_query_string(q));
     match super::fetch_local_status(addr, &path) {
-        Some((200, body)) => serde_json::from_str(&body).map_err(|e| format!("{addr} answered oddly: {e}")),
-        Some((_, body)) => Err(body.trim().trim_start_matches("latchkey: ").to_string()),
-        None => Err(format!("the latchkey at {addr} stopped answering; try again or use --local")),
+        Some((200, body)) => serde_json::from_str(&body).map_err(|why| AskError::Odd { addr, why }),
+        Some((_, body)) => Err(AskError::Refused(body.trim().trim_start_matches("latchkey: ").to_string())),
+        None => Err(AskError::Gone(addr)),
     }
 }
 

@@ -31,10 +31,10 @@ pub fn exec(
         p => p,
     };
     let inside = format!("http://127.0.0.1:{port}");
-    let proxy_url = match super::env::agent_proxy_url(&config, agent.as_deref(), Some(inside)) {
-        Ok(u) => u,
-        Err(code) => return code,
-    };
+    let mut proxy_url = Some(inside);
+    if let Err(code) = super::env::with_agent(&config, agent.as_deref(), &mut proxy_url) {
+        return code;
+    }
     let running = super::running_active(&config);
     let vars = super::env::client_env(&config, running.as_deref(), proxy_url, None);
     let env = child_env(&super::env::scrub_list(&config), &vars);

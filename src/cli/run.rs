@@ -84,7 +84,7 @@ pub fn run(
             Err(e) => tracing::warn!("no jail control socket: {e}"),
         }
         tokio::spawn(watch(proxy.clone(), file, overrides, watch_file));
-        proxy.telemetry.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        proxy.set_ready();
         tracing::info!("ready in {} ms", started.elapsed().as_millis());
         let grace = proxy.generation().config.proxy.limits.shutdown_grace;
         tokio::select! {
@@ -325,10 +325,10 @@ pub fn exec(config: Option<PathBuf>, agent: Option<String>, command: Vec<String>
         Ok(ca) => ca,
         Err(code) => return code,
     };
-    let proxy_url = match super::env::agent_proxy_url(&config, agent.as_deref(), None) {
-        Ok(u) => u,
-        Err(code) => return code,
-    };
+    let mut proxy_url = None;
+    if let Err(code) = super::env::with_agent(&config, agent.as_deref(), &mut proxy_url) {
+        return code;
+    }
     let running = super::running_active(&config);
     let vars = super::env::client_env(&config, running.as_deref(), proxy_url, None);
     let mut scrub = super::env::scrub_list(&config);

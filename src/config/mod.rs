@@ -14,9 +14,11 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use ipnet::IpNet;
 
-use crate::inject::{HeaderInjector, HeaderSlot, HeaderValueSource, Injector, QueryInjector};
+use crate::inject::Injector;
+use crate::inject::build::Sources;
 use crate::policy::{
-    ContentFilter, CredState, CredentialRule, Destination, Filters, Pattern, Policy, canonical_prefix,
+    AgentRule, ContentFilter, CredState, CredentialRule, Decision, Destination, Filters, Pattern, Policy,
+    Question, canonical_prefix,
 };
 use crate::secrets::{Resolved, SecretValue, Source, Template};
 use raw::{RawConfig, RawCredential};
@@ -102,6 +104,8 @@ pub struct UpstreamSettings {
 #[derive(Debug)]
 pub struct Credential {
     pub name: String,
+    /// The name again, shared: log records and metric labels carry it without a copy.
+    pub label: std::sync::Arc<str>,
     pub injector: Box<dyn Injector>,
     pub placeholder: String,
     /// Client-side variables that get the placeholder.
@@ -124,7 +128,6 @@ pub struct Credential {
     /// Masks this credential's secrets in the responses to its requests; shared with the
     /// same-named credential of the next config on reload (rotated values stay masked).
     pub redactor: std::sync::Arc<crate::redact::Cache>,
-    pub limits: crate::limits::Limits,
 }
 
 #[derive(Debug)]
@@ -172,17 +175,14 @@ pub struct Telemetry {
     pub capture_body_bytes: usize,
 }
 
-/// A client identity from `[agents.NAME]`.
+/// A client identity from `[agents.NAME]`: how it proves who it is. What it may do is
+/// in `policy.agents` (same index).
 #[derive(Debug)]
 pub struct Agent {
     pub name: String,
     pub token: Option<crate::secrets::Secret>,
     /// Variables the token is read from (scrubbed from every `exec` child).
     pub reads: Vec<String>,
-    /// Credential indexes it may use; `None`: all.
-    pub credentials: Option<Vec<usize>>,
-    pub allowed: Vec<Pattern>,
-    pub limits: crate::limits::Limits,
 }
 
 /// Where the config comes from: `--config` > `$LATCHKEY_CONFIG` > XDG default.
@@ -388,7 +388,7 @@ impl Compiler<'_> {
             rules.push(rule);
             credentials.push(cred);
         }
-        let agents = self.agents(&raw.agents, &credentials)?;
+        let (agents, agent_rules) = self.agents(&raw.agents, &credentials)?;
         self.check_command_env(&credentials, &agents)?;
         let telemetry = match &raw.telemetry {
             None => Telemetry { service_name: "latchkey".into(), ..Default::default() },
@@ -414,7 +414,13 @@ impl Compiler<'_> {
             proxy,
             upstream,
             admin,
-            policy: Policy { credentials: rules, filters, intercept_all, capture_variables: present },
+            policy: Policy {
+                credentials: rules,
+                agents: agent_rules,
+                filters,
+                intercept_all,
+                capture_variables: present,
+            },
             credentials,
             capture_variables,
             agents,
@@ -479,14 +485,14 @@ impl Compiler<'_> {
         &self,
         raw: &IndexMap<String, toml::Spanned<raw::RawAgent>>,
         credentials: &[Credential],
-    ) -> Result<Vec<Agent>, ConfigError> {
-        let mut out = Vec::new();
+    ) -> Result<(Vec<Agent>, Vec<AgentRule>), ConfigError> {
+        let (mut out, mut rules) = (Vec::new(), Vec::new());
         for (name, spanned) in raw {
             let span = Some(spanned.span());
             let a = spanned.get_ref();
             let e = |key: &str, msg: String| self.err(&["agents", name], span.clone(), key, msg);
             let source = match (&a.token, &a.token_file) {
-                (Some(t), None) => Source::Value(Template::parse(t).map_err(|x| e("token", x))?),
+                (Some(t), None) => Source::Value(Template::parse(t).map_err(|x| e("token", x.to_string()))?),
                 (None, Some(f)) => Source::File(expand_home(f)),
                 _ => return Err(e("token", "set one of `token`, `token_file`".into())),
             };
@@ -525,9 +531,10 @@ impl Compiler<'_> {
                 Source::Value(t) => t.variables(),
                 _ => vec![],
             };
-            out.push(Agent { name: name.clone(), token, reads, credentials, allowed, limits });
+            out.push(Agent { name: name.clone(), token, reads });
+            rules.push(AgentRule { name: name.clone(), credentials, allowed, limits });
         }
-        Ok(out)
+        Ok((out, rules))
     }
 
     fn filters(&self, f: &raw::RawFilters) -> Result<Filters, ConfigError> {
@@ -542,7 +549,7 @@ impl Compiler<'_> {
             allowlist_only: f.allowlist_only,
             allowed: patterns(&f.allowed_domains, "allowed_domains")?,
             content: ContentFilter::new(&f.blocked_patterns)
-                .map_err(|e| self.err(&t, None, "blocked_patterns", e))?,
+                .map_err(|e| self.err(&t, None, "blocked_patterns", e.to_string()))?,
         })
     }
 
@@ -568,8 +575,71 @@ impl Compiler<'_> {
         earlier: &[Credential],
         secrets_dir: &Path,
     ) -> Result<(CredentialRule, Credential), ConfigError> {
-        let table = ["credentials", name];
-        let e = |key: &str, msg: String| self.err(&table, span.clone(), key, msg);
+        let e = |key: &str, msg: String| self.err(&["credentials", name], span.clone(), key, msg);
+        let routing = self.routing(&c, &e)?;
+        let auth_type = match (&c.auth_type, &c.header) {
+            (Some(t), _) => t.clone(),
+            (None, Some(_)) => "header".into(),
+            (None, None) => return Err(e("auth_type", "set `header` or `auth_type`".into())),
+        };
+        if !c.value_command_env.is_empty() && c.value_command.is_none() {
+            return Err(e("value_command_env", "only a value_command takes value_command_env".into()));
+        }
+        let mut sources = Sources::new(&c, self.env, self.vars, secrets_dir);
+        let built = crate::inject::build::builder(&auth_type)
+            .and_then(|build| build(&c, &mut sources))
+            .map_err(|b| e(b.key, b.message))?;
+        let tls = client_tls(&c, &mut sources);
+        let env = match c.env.clone() {
+            Some(list) => list.into_vec(),
+            None => match &built.primary {
+                Source::Value(t) => t.sole_variable().map(|v| vec![v.to_string()]).unwrap_or_default(),
+                _ => vec![],
+            },
+        };
+        let placeholder = c.placeholder.clone().unwrap_or_else(|| {
+            earlier
+                .iter()
+                .find(|o| o.env.iter().any(|v| env.contains(v)))
+                .map(|o| o.placeholder.clone())
+                .unwrap_or_else(|| format!("latchkey-{name}"))
+        });
+        let Sources { reads, captures, state, resolved, .. } = sources;
+        let rule = CredentialRule {
+            name: name.to_string(),
+            state,
+            captures,
+            never_to: built.never_to,
+            vends: built.vends,
+            ..routing
+        };
+        let cred = Credential {
+            name: name.to_string(),
+            label: name.into(),
+            injector: built.injector,
+            placeholder,
+            env,
+            reads,
+            command_env: c.value_command_env.clone(),
+            sources: resolved,
+            source: built.primary.describe(),
+            inline_secret: built.inline,
+            pass_cookies: c.pass_cookies,
+            builtin,
+            auth_type,
+            tls,
+            redactor: Default::default(),
+        };
+        Ok((rule, cred))
+    }
+
+    /// Where a credential applies (hosts, paths, methods, ports and the rest of its
+    /// routing), checked; its name, state and what its builder adds are filled in later.
+    fn routing(
+        &self,
+        c: &RawCredential,
+        e: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<CredentialRule, ConfigError> {
         if c.domains.is_empty() {
             return Err(e("domains", "a credential must name at least one host, IP or CIDR".into()));
         }
@@ -590,12 +660,12 @@ impl Compiler<'_> {
         let paths = c
             .paths
             .iter()
-            .map(|p| canonical_prefix(p).map_err(|x| e("paths", x)))
+            .map(|p| canonical_prefix(p).map_err(|x| e("paths", x.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         let except_paths = c
             .except_paths
             .iter()
-            .map(|p| crate::policy::PathPattern::parse(p).map_err(|x| e("except_paths", x)))
+            .map(|p| crate::policy::PathPattern::parse(p).map_err(|x| e("except_paths", x.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         let methods: Vec<String> = c.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
         if let Some(m) = methods.iter().find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()))
@@ -605,280 +675,8 @@ impl Compiler<'_> {
         if c.ports.contains(&0) {
             return Err(e("ports", "port 0 is not a port".into()));
         }
-
-        let auth_type = match (&c.auth_type, &c.header) {
-            (Some(t), _) => t.clone(),
-            (None, Some(_)) => "header".into(),
-            (None, None) => return Err(e("auth_type", "set `header` or `auth_type`".into())),
-        };
-        let template = |key: &str, v: &str| Template::parse(v).map_err(|x| e(key, x));
-        let source =
-            |c: &RawCredential, value_key: &str, value: Option<&String>| -> Result<Source, ConfigError> {
-                let given = [value.is_some(), c.value_file.is_some(), c.value_command.is_some()];
-                match given.iter().filter(|g| **g).count() {
-                    1 => {}
-                    0 => {
-                        return Err(e(
-                            value_key,
-                            format!("set one of `{value_key}`, `value_file`, `value_command`"),
-                        ));
-                    }
-                    _ => {
-                        return Err(e(
-                            value_key,
-                            format!("set only one of `{value_key}`, `value_file`, `value_command`"),
-                        ));
-                    }
-                }
-                Ok(if let Some(v) = value {
-                    Source::Value(template(value_key, v)?)
-                } else if let Some(f) = &c.value_file {
-                    Source::File(expand_home(f))
-                } else {
-                    let argv = c.value_command.clone().unwrap_or_default();
-                    if argv.is_empty() {
-                        return Err(e("value_command", "the command is empty".into()));
-                    }
-                    Source::Command(crate::secrets::CommandSpec {
-                        argv,
-                        ttl: c.value_command_ttl.map(Duration::from_secs),
-                        env: c.value_command_env.clone(),
-                    })
-                })
-            };
-        let slots = |default: &str, prefix: Option<&str>| -> Result<Vec<HeaderSlot>, ConfigError> {
-            let names = c.header.clone().map(|h| h.into_vec()).unwrap_or_else(|| vec![default.to_string()]);
-            if names.is_empty() {
-                return Err(e("header", "name at least one header".into()));
-            }
-            names
-                .iter()
-                .map(|n| {
-                    let mut slot = HeaderSlot::parse(n).map_err(|x| e("header", x))?;
-                    if slot.prefix.is_none() {
-                        slot.prefix = prefix.map(str::to_string);
-                    }
-                    Ok(slot)
-                })
-                .collect()
-        };
-
-        if !c.value_command_env.is_empty() && c.value_command.is_none() {
-            return Err(e("value_command_env", "only a value_command takes value_command_env".into()));
-        }
-        let mut reads = Vec::new();
-        let mut captures = Vec::new();
-        let mut state = CredState::Active;
-        let mut sources = Vec::new();
-        let mut resolve = |src: &Source| -> Option<SecretValue> {
-            if let Source::Value(t) = src {
-                reads.extend(t.variables());
-                captures.extend(t.capture_refs());
-            }
-            match with_secrets_dir(
-                src.resolve(self.env, self.vars),
-                src,
-                secrets_dir,
-                c.secret_file.as_deref(),
-            ) {
-                Resolved::Ready(v) => {
-                    sources.push(v.clone());
-                    Some(v)
-                }
-                Resolved::Missing(why) => {
-                    if state == CredState::Active {
-                        state = CredState::Inactive(why);
-                    }
-                    None
-                }
-                Resolved::Failed(why) => {
-                    state = CredState::Failed(why);
-                    None
-                }
-            }
-        };
-        let placeholder_dummy = || SecretValue::Static(crate::secrets::Secret::new("unset".into()));
-
-        let (injector, primary, inline): (Box<dyn Injector>, Source, bool) = match auth_type.as_str() {
-            "header" | "bearer" => {
-                if auth_type == "header" && c.header.is_none() {
-                    return Err(e("header", "auth_type \"header\" needs `header`".into()));
-                }
-                let prefix = (auth_type == "bearer").then_some("Bearer");
-                let slots = slots("Authorization", prefix)?;
-                let src = source(&c, "value", c.value.as_ref())?;
-                let v = resolve(&src).unwrap_or_else(placeholder_dummy);
-                let inj = HeaderInjector::new(slots, HeaderValueSource::Raw(v)).map_err(|x| e("value", x))?;
-                let inline = matches!(&src, Source::Value(t) if t.is_inline());
-                (Box::new(inj), src, inline)
-            }
-            "basic" => {
-                let user =
-                    c.username.clone().ok_or_else(|| e("username", "basic auth needs `username`".into()))?;
-                let user_src = Source::Value(template("username", &user)?);
-                let username = resolve(&user_src).unwrap_or_else(placeholder_dummy);
-                if c.value.is_some() {
-                    return Err(e(
-                        "value",
-                        "basic auth takes `password` (or value_file / value_command)".into(),
-                    ));
-                }
-                let src = source(&c, "password", c.password.as_ref())?;
-                let password = resolve(&src).unwrap_or_else(placeholder_dummy);
-                let slots = slots("Authorization", Some("Basic"))?;
-                let inj = HeaderInjector::new(slots, HeaderValueSource::Basic { username, password })
-                    .map_err(|x| e("password", x))?;
-                let inline = matches!(&src, Source::Value(t) if t.is_inline());
-                (Box::new(inj), src, inline)
-            }
-            "query" => {
-                let param = c.param.clone().ok_or_else(|| e("param", "query auth needs `param`".into()))?;
-                if c.header.is_some() {
-                    return Err(e("header", "query auth writes `param`, not a header".into()));
-                }
-                let src = source(&c, "value", c.value.as_ref())?;
-                let v = resolve(&src).unwrap_or_else(placeholder_dummy);
-                let inline = matches!(&src, Source::Value(t) if t.is_inline());
-                (Box::new(QueryInjector::new(param, v)), src, inline)
-            }
-            "mtls" => {
-                if c.client_cert.is_none() || c.client_key.is_none() {
-                    return Err(e(
-                        "client_cert",
-                        "auth_type \"mtls\" needs client_cert and client_key".into(),
-                    ));
-                }
-                let cert = Source::File(expand_home(c.client_cert.as_deref().unwrap_or_default()));
-                (Box::new(crate::inject::NoInjection), cert, false)
-            }
-            "aws_sigv4" => {
-                if c.value.is_some() || c.header.is_some() {
-                    return Err(e("value", "aws_sigv4 takes access_key_id and secret_access_key".into()));
-                }
-                let need = |key: &str, v: &Option<String>| -> Result<Source, ConfigError> {
-                    let v = v.as_deref().ok_or_else(|| e(key, format!("aws_sigv4 needs `{key}`")))?;
-                    Ok(Source::Value(template(key, v)?))
-                };
-                let akid_src = need("access_key_id", &c.access_key_id)?;
-                let secret_src = need("secret_access_key", &c.secret_access_key)?;
-                let token_src = match &c.session_token {
-                    Some(v) => Some(Source::Value(template("session_token", v)?)),
-                    None => None,
-                };
-                let access_key_id = resolve(&akid_src).unwrap_or_else(placeholder_dummy);
-                let secret_access_key = resolve(&secret_src).unwrap_or_else(placeholder_dummy);
-                // The session token is optional: an unset variable means "no token".
-                let session_token = match &token_src {
-                    Some(src @ Source::Value(t)) => match src.resolve(self.env, self.vars) {
-                        Resolved::Ready(v) => {
-                            sources.push(v.clone());
-                            Some(v)
-                        }
-                        Resolved::Missing(_) if !t.is_inline() => None,
-                        _ => return Err(e("session_token", "cannot be resolved".into())),
-                    },
-                    _ => None,
-                };
-                let inline = matches!(&secret_src, Source::Value(t) if t.is_inline());
-                let injector = crate::inject::sigv4::SigV4Injector {
-                    access_key_id,
-                    secret_access_key,
-                    session_token,
-                    region: c.region.clone(),
-                    service: c.service.clone(),
-                    max_body: c.max_signed_body.unwrap_or(32 * 1024 * 1024),
-                };
-                (Box::new(injector), secret_src, inline)
-            }
-            "gcp" => {
-                if c.value.is_some() || c.header.is_some() {
-                    return Err(e(
-                        "value",
-                        "gcp mints its own tokens: set credentials_file (or nothing, for ADC)".into(),
-                    ));
-                }
-                let path = match &c.credentials_file {
-                    Some(p) => Some(expand_home(p)),
-                    None => crate::inject::gcp::discover_adc(self.env),
-                };
-                let file = Source::File(path.clone().unwrap_or_default());
-                let source = match path {
-                    Some(p) if p.exists() => match std::fs::metadata(&p)
-                        .map_err(|e| e.to_string())
-                        .and_then(|m| {
-                            crate::secrets::owner_only_writable(&m)
-                                .map_err(|w| format!("{} {w}", p.display()))
-                        })
-                        .and_then(|_| crate::inject::gcp::TokenSource::from_file(&p, &c.scopes))
-                    {
-                        Ok(ts) => Some(std::sync::Arc::new(ts)),
-                        Err(why) => {
-                            state = CredState::Failed(why);
-                            None
-                        }
-                    },
-                    Some(p) => {
-                        state = CredState::Inactive(format!("{} does not exist", p.display()));
-                        None
-                    }
-                    None => {
-                        state = CredState::Inactive("no Google credentials found".into());
-                        None
-                    }
-                };
-                let injector: Box<dyn Injector> = match source {
-                    Some(source) => Box::new(crate::inject::gcp::GcpInjector { source }),
-                    None => Box::new(crate::inject::NoInjection),
-                };
-                (injector, file, false)
-            }
-            other => {
-                return Err(e(
-                    "auth_type",
-                    format!("{other:?}: expected header, bearer, basic, query, mtls or aws_sigv4"),
-                ));
-            }
-        };
-
-        if let Some(t) = c.session_token.as_deref().and_then(|v| Template::parse(v).ok()) {
-            reads.extend(t.variables());
-        }
-        let tls = match (&c.client_cert, &c.client_key, &c.upstream_ca) {
-            (None, None, None) => None,
-            (cert, key, ca) => {
-                let path = |p: &Option<String>| p.as_deref().map(expand_home);
-                let (cert, key, ca) = (path(cert), path(key), path(ca));
-                match crate::secrets::ClientTls::load(cert.as_deref(), key.as_deref(), ca.as_deref()) {
-                    Ok(t) => Some(std::sync::Arc::new(t)),
-                    Err(crate::secrets::TlsLoadError::Missing(why)) => {
-                        if state == CredState::Active {
-                            state = CredState::Inactive(why);
-                        }
-                        None
-                    }
-                    Err(crate::secrets::TlsLoadError::Failed(why)) => {
-                        state = CredState::Failed(why);
-                        None
-                    }
-                }
-            }
-        };
-        let env = match c.env.clone() {
-            Some(list) => list.into_vec(),
-            None => match &primary {
-                Source::Value(t) => t.sole_variable().map(|v| vec![v.to_string()]).unwrap_or_default(),
-                _ => vec![],
-            },
-        };
-        let placeholder = c.placeholder.clone().unwrap_or_else(|| {
-            earlier
-                .iter()
-                .find(|o| o.env.iter().any(|v| env.contains(v)))
-                .map(|o| o.placeholder.clone())
-                .unwrap_or_else(|| format!("latchkey-{name}"))
-        });
-        let rule = CredentialRule {
-            name: name.to_string(),
+        Ok(CredentialRule {
+            name: String::new(),
             patterns,
             paths,
             methods,
@@ -887,30 +685,39 @@ impl Compiler<'_> {
             allowed_origins: c.allowed_origins.clone(),
             require_placeholder: c.require_placeholder,
             except_paths,
-            state,
-            captures,
-        };
-        let cred = Credential {
-            name: name.to_string(),
-            injector,
-            placeholder,
-            env,
-            reads,
-            command_env: c.value_command_env.clone(),
-            sources,
-            source: primary.describe(),
-            inline_secret: inline,
-            pass_cookies: c.pass_cookies,
-            builtin,
-            auth_type,
-            tls,
-            redactor: Default::default(),
+            state: CredState::Active,
+            captures: vec![],
+            never_to: vec![],
+            vends: None,
             limits: crate::limits::Limits {
                 requests_per_minute: c.requests_per_minute,
                 tokens_per_day: c.tokens_per_day,
             },
-        };
-        Ok((rule, cred))
+        })
+    }
+}
+
+/// A credential's client certificate and extra upstream roots (any auth type may set
+/// them; mtls needs them): loaded, or the credential marked inactive or failed.
+fn client_tls(
+    c: &RawCredential,
+    sources: &mut Sources<'_>,
+) -> Option<std::sync::Arc<crate::secrets::ClientTls>> {
+    if c.client_cert.is_none() && c.client_key.is_none() && c.upstream_ca.is_none() {
+        return None;
+    }
+    let path = |p: &Option<String>| p.as_deref().map(expand_home);
+    let (cert, key, ca) = (path(&c.client_cert), path(&c.client_key), path(&c.upstream_ca));
+    match crate::secrets::ClientTls::load(cert.as_deref(), key.as_deref(), ca.as_deref()) {
+        Ok(t) => Some(std::sync::Arc::new(t)),
+        Err(crate::secrets::TlsLoadError::Missing(why)) => {
+            sources.missing(why);
+            None
+        }
+        Err(crate::secrets::TlsLoadError::Failed(why)) => {
+            sources.failed(why);
+            None
+        }
     }
 }
 
@@ -924,18 +731,6 @@ impl Credential {
     }
 }
 
-/// Seed 001's convention: a `${VAR}` credential whose variable is unset reads
-/// `<secrets_dir>/<var in lowercase>` (or the provider's `secret_file`) when it exists.
-fn with_secrets_dir(resolved: Resolved, src: &Source, dir: &Path, hint: Option<&str>) -> Resolved {
-    let (Resolved::Missing(_), Source::Value(t)) = (&resolved, src) else { return resolved };
-    let Some(names) = t.only_variables() else { return resolved };
-    let candidates = hint.into_iter().map(str::to_string).chain(names.iter().map(|n| n.to_ascii_lowercase()));
-    match candidates.map(|f| dir.join(f)).find(|p| p.is_file()) {
-        Some(path) => Source::File(path).resolve(&|_| None, &[]),
-        None => resolved,
-    }
-}
-
 fn parse_cidr(s: &str) -> Option<IpNet> {
     s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
@@ -943,6 +738,23 @@ fn parse_cidr(s: &str) -> Option<IpNet> {
 /// The built-in providers, in table order.
 pub fn builtin_providers() -> IndexMap<String, RawCredential> {
     toml::from_str(PROVIDERS_TOML).expect("the embedded provider table parses")
+}
+
+impl Config {
+    /// The decision for `q` (see `policy::decision`), this config's injectors telling
+    /// whether a request carries a credential's placeholder. The proxy, `explain` and
+    /// the jail all ask this.
+    pub fn decide(&self, q: &Question<'_>) -> Decision {
+        self.policy.decide(q, |i| {
+            let c = &self.credentials[i];
+            q.head.is_some_and(|head| c.injector.carries_placeholder(q.dest, head, &c.placeholder))
+        })
+    }
+
+    /// The name of agent `index`, for logs.
+    pub fn agent_name(&self, index: Option<usize>) -> Option<String> {
+        index.map(|i| self.agents[i].name.clone())
+    }
 }
 
 impl Config {

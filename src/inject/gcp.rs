@@ -4,22 +4,22 @@
 //! writes `Authorization: Bearer`. Client libraries are handed a stub ADC file and get
 //! a dummy token from latchkey (token vending), so the agent never holds a real one.
 
-use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use http::header::{AUTHORIZATION, HeaderValue};
 use http::request::Parts;
 
-use super::{InjectError, Injector, Slot};
-use crate::secrets::Secret;
+use super::build::{BuildError, Built, Sources};
+use super::mint::{MintError, TokenCache, TokenHttp, TokenRequest};
+use super::{Hook, InjectError, Injector, Slot, Vended};
+use crate::config::raw::RawCredential;
+use crate::policy::{Destination, Endpoint, Host, RequestHead};
+use crate::secrets::{Secret, Source};
 
-/// Refresh this long before expiry, so no request carries a token about to lapse.
-const MARGIN: Duration = Duration::from_secs(300);
 pub const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
 pub const DEFAULT_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
 /// Google endpoints that exchange a token for new credentials.
@@ -28,15 +28,6 @@ const MINTING_HOSTS: &[&str] =
 
 /// What latchkey hands a client library that asks for a token (never a real one).
 pub const VENDED_TOKEN: &str = "latchkey-vended-gcp-token";
-
-/// A token endpoint's answer: (status, body), or why there was none.
-pub type TokenReply<'a> = Pin<Box<dyn Future<Output = Result<(u16, Vec<u8>), String>> + Send + 'a>>;
-
-/// POSTs a form to a token endpoint: (status, body). Implemented by the proxy with its
-/// own upstream client (same trust roots, SSRF rules and `[upstream.resolve]`).
-pub trait TokenHttp: Send + Sync {
-    fn post_form<'a>(&'a self, url: &'a str, body: String) -> TokenReply<'a>;
-}
 
 enum Grant {
     ServiceAccount { client_email: String, key: aws_lc_rs::signature::RsaKeyPair },
@@ -47,8 +38,7 @@ pub struct TokenSource {
     grant: Grant,
     token_uri: String,
     scope: String,
-    cache: Mutex<Option<(Secret, Instant)>>,
-    refreshing: tokio::sync::Mutex<()>,
+    cache: TokenCache,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -59,7 +49,7 @@ impl std::fmt::Debug for TokenSource {
 
 impl TokenSource {
     /// Read a service-account or authorized_user JSON file.
-    pub fn from_file(path: &Path, scopes: &[String]) -> Result<TokenSource, String> {
+    pub fn from_file(path: &Path, scopes: &[String]) -> Result<TokenSource, MintError> {
         let text = zeroize::Zeroizing::new(
             std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
         );
@@ -82,51 +72,25 @@ impl TokenSource {
                 client_secret: Secret::new(field("client_secret")?),
                 refresh_token: Secret::new(field("refresh_token")?),
             },
-            other => return Err(format!("{}: unsupported credential type {other:?}", path.display())),
+            other => return Err(format!("{}: unsupported credential type {other:?}", path.display()).into()),
         };
         let token_uri = json["token_uri"].as_str().unwrap_or(DEFAULT_TOKEN_URI).to_string();
         let scope = if scopes.is_empty() { DEFAULT_SCOPE.to_string() } else { scopes.join(" ") };
-        Ok(TokenSource {
-            grant,
-            token_uri,
-            scope,
-            cache: Mutex::new(None),
-            refreshing: tokio::sync::Mutex::new(()),
-        })
+        Ok(TokenSource { grant, token_uri, scope, cache: TokenCache::default() })
     }
 
     /// A token that is still valid now (never one past its expiry).
     pub fn current(&self) -> Option<Secret> {
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.as_ref().filter(|(_, until)| *until > Instant::now()).map(|(t, _)| t.clone())
-    }
-
-    fn fresh(&self) -> bool {
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.as_ref().is_some_and(|(_, until)| *until > Instant::now() + MARGIN)
+        self.cache.current()
     }
 
     /// Make sure a token with life left is cached. `stale`: the token an upstream just
-    /// refused (401); it is replaced even if it has not expired. One refresh at a time;
-    /// the others wait for it and use its result.
-    pub async fn ensure(&self, http: &dyn TokenHttp, stale: Option<&Secret>) -> Result<(), String> {
-        let needed = |s: &Self| match stale {
-            Some(old) => s.current().as_ref() == Some(old) || !s.fresh(),
-            None => !s.fresh(),
-        };
-        if !needed(self) {
-            return Ok(());
-        }
-        let _one = self.refreshing.lock().await;
-        if !needed(self) {
-            return Ok(());
-        }
-        let (token, lifetime) = self.fetch(http).await?;
-        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((token, Instant::now() + lifetime));
-        Ok(())
+    /// refused (401); it is replaced even if it has not expired.
+    pub async fn ensure(&self, http: &dyn TokenHttp, stale: Option<&Secret>) -> Result<(), MintError> {
+        self.cache.ensure(stale, || self.fetch(http)).await
     }
 
-    async fn fetch(&self, http: &dyn TokenHttp) -> Result<(Secret, Duration), String> {
+    async fn fetch(&self, http: &dyn TokenHttp) -> Result<(Secret, Duration), MintError> {
         let form = match &self.grant {
             Grant::ServiceAccount { client_email, key } => {
                 let assertion = self.jwt(client_email, key)?;
@@ -141,9 +105,9 @@ impl TokenSource {
                 super::encode_component(refresh_token.expose())
             ),
         };
-        let (status, body) = http.post_form(&self.token_uri, form).await?;
+        let (status, body) = http.post(TokenRequest::form(&self.token_uri, form)).await?;
         if status != 200 {
-            return Err(format!("the token endpoint answered {status}"));
+            return Err(format!("the token endpoint answered {status}").into());
         }
         let json: serde_json::Value =
             serde_json::from_slice(&body).map_err(|_| "the token endpoint sent no JSON".to_string())?;
@@ -152,7 +116,7 @@ impl TokenSource {
         Ok((Secret::new(token.to_string()), lifetime))
     }
 
-    fn jwt(&self, client_email: &str, key: &aws_lc_rs::signature::RsaKeyPair) -> Result<String, String> {
+    fn jwt(&self, client_email: &str, key: &aws_lc_rs::signature::RsaKeyPair) -> Result<String, MintError> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs();
         let header = B64URL.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
         let claims = serde_json::json!({
@@ -190,15 +154,6 @@ pub struct GcpInjector {
 
 impl Injector for GcpInjector {
     fn inject(&self, parts: &mut Parts, _: &[(String, String)], _: Option<&[u8]>) -> Result<(), InjectError> {
-        // Endpoints that turn a token into new credentials: use would become read.
-        if let Some(host) = parts.uri.host()
-            && MINTING_HOSTS.contains(&host)
-        {
-            return Err(InjectError::Refused {
-                status: 403,
-                message: format!("{host} mints credentials; latchkey does not send its token there"),
-            });
-        }
         let token =
             self.source.current().ok_or_else(|| InjectError::Unavailable("no valid access token".into()))?;
         let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
@@ -209,9 +164,34 @@ impl Injector for GcpInjector {
         Ok(())
     }
 
-    fn carries_placeholder(&self, parts: &Parts, placeholder: &str) -> bool {
-        let auth = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
-        auth == format!("Bearer {placeholder}") || auth == format!("Bearer {VENDED_TOKEN}")
+    fn refresh<'a>(&'a self, http: &'a dyn TokenHttp) -> Hook<'a, Result<(), InjectError>> {
+        Box::pin(async move { Ok(self.source.ensure(http, None).await?) })
+    }
+
+    fn replays_after_401(&self) -> bool {
+        true
+    }
+
+    fn renew<'a>(&'a self, http: &'a dyn TokenHttp) -> Hook<'a, bool> {
+        Box::pin(async move {
+            let used = self.source.current();
+            self.source.ensure(http, used.as_ref()).await.is_ok()
+        })
+    }
+
+    fn vend(&self) -> Option<Vended> {
+        let body = serde_json::json!({
+            "access_token": VENDED_TOKEN,
+            "expires_in": 3599,
+            "token_type": "Bearer",
+        });
+        Some(Vended { content_type: "application/json", body: body.to_string() })
+    }
+
+    fn carries_placeholder(&self, _: &Destination, head: &RequestHead<'_>, placeholder: &str) -> bool {
+        let auth = head.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let bearer = |t: &str| auth.strip_prefix("Bearer ") == Some(t);
+        bearer(placeholder) || bearer(VENDED_TOKEN)
     }
 
     fn slots(&self) -> Vec<Slot> {
@@ -221,8 +201,59 @@ impl Injector for GcpInjector {
     fn secrets(&self) -> Vec<Secret> {
         self.source.current().into_iter().collect()
     }
+}
 
-    fn token_source(&self) -> Option<&Arc<TokenSource>> {
-        Some(&self.source)
+/// `credentials_file` (a service-account or `authorized_user` JSON; default:
+/// Application Default Credentials) and `scopes`. The credential is never written to
+/// Google's minting endpoints, and latchkey answers client libraries' token refreshes
+/// itself.
+pub fn build(c: &RawCredential, sources: &mut Sources<'_>) -> Result<Built, BuildError> {
+    if c.value.is_some() || c.header.is_some() {
+        return Err(BuildError::new(
+            "value",
+            "gcp mints its own tokens: set credentials_file (or nothing, for ADC)",
+        ));
     }
+    let path = match &c.credentials_file {
+        Some(p) => Some(sources.path(p)),
+        None => discover_adc(&|k| sources.env(k)),
+    };
+    let file = Source::File(path.clone().unwrap_or_default());
+    let source = match path {
+        Some(p) if p.exists() => match load(&p, &c.scopes) {
+            Ok(ts) => Some(Arc::new(ts)),
+            Err(why) => {
+                sources.failed(why.to_string());
+                None
+            }
+        },
+        Some(p) => {
+            sources.missing(format!("{} does not exist", p.display()));
+            None
+        }
+        None => {
+            sources.missing("no Google credentials found".into());
+            None
+        }
+    };
+    let injector: Box<dyn Injector> = match source {
+        Some(source) => Box::new(GcpInjector { source }),
+        None => Box::new(super::mtls::NoInjection),
+    };
+    let mut built = Built::new(injector, file);
+    built.never_to = MINTING_HOSTS.iter().map(|h| Host::Domain((*h).to_string())).collect();
+    built.vends = Some(Endpoint { dest: token_endpoint(), method: "POST", path: "/token" });
+    Ok(built)
+}
+
+/// A key file latchkey trusts (nobody else can write it), read.
+fn load(path: &Path, scopes: &[String]) -> Result<TokenSource, MintError> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    crate::secrets::owner_only_writable(&meta).map_err(|w| format!("{} {w}", path.display()))?;
+    TokenSource::from_file(path, scopes)
+}
+
+/// Where client libraries given latchkey's stub credentials file ask for tokens.
+fn token_endpoint() -> Destination {
+    Destination { host: Host::Domain("oauth2.googleapis.com".into()), port: 443 }
 }

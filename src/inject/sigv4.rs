@@ -11,8 +11,11 @@ use aws_sigv4::http_request::{
 use aws_sigv4::sign::v4;
 use http::request::Parts;
 
+use super::build::{BuildError, Built, Sources};
 use super::{InjectError, Injector, Slot};
-use crate::secrets::{Secret, SecretValue};
+use crate::config::raw::RawCredential;
+use crate::policy::{Destination, RefusalKind, RequestHead};
+use crate::secrets::{Secret, SecretValue, Source};
 
 /// Headers of the client's own signature; always replaced.
 const SIGNATURE_HEADERS: &[&str] =
@@ -50,9 +53,14 @@ pub struct Signing<'a> {
     pub sign_session_token: bool,
 }
 
+message_error! {
+    /// Why a request could not be signed.
+    pub SignError
+}
+
 /// Sign `parts` (absolute URI) in place: adds Authorization, X-Amz-Date and, when
 /// present, X-Amz-Security-Token and X-Amz-Content-Sha256.
-pub fn sign_parts(parts: &mut Parts, s: &Signing<'_>) -> Result<(), String> {
+pub fn sign_parts(parts: &mut Parts, s: &Signing<'_>) -> Result<(), SignError> {
     let identity = Credentials::new(
         s.access_key_id,
         s.secret_access_key,
@@ -157,7 +165,7 @@ impl SigV4Injector {
         match (region, service) {
             (Some(r), Some(s)) => Ok((r, s)),
             _ => Err(InjectError::Refused {
-                status: 502,
+                kind: RefusalKind::CredentialUnusable,
                 message: "cannot tell the AWS region and service from this host; set `region` and `service`"
                     .into(),
             }),
@@ -203,7 +211,7 @@ impl Injector for SigV4Injector {
         body: Option<&[u8]>,
     ) -> Result<(), InjectError> {
         if let Some(message) = refused_form(parts) {
-            return Err(InjectError::Refused { status: 400, message });
+            return Err(InjectError::Refused { kind: RefusalKind::CannotApply, message });
         }
         let unavailable = || InjectError::Unavailable("an AWS key source is unavailable".into());
         let akid = self.access_key_id.get(captures).ok_or_else(unavailable)?;
@@ -230,12 +238,14 @@ impl Injector for SigV4Injector {
             double_encode: service != "s3",
             sign_session_token: true,
         };
-        sign_parts(parts, &signing)
-            .map_err(|e| InjectError::Refused { status: 400, message: format!("cannot sign: {e}") })
+        sign_parts(parts, &signing).map_err(|e| InjectError::Refused {
+            kind: RefusalKind::CannotApply,
+            message: format!("cannot sign: {e}"),
+        })
     }
 
-    fn carries_placeholder(&self, parts: &Parts, placeholder: &str) -> bool {
-        let auth = parts.headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    fn carries_placeholder(&self, _: &Destination, head: &RequestHead<'_>, placeholder: &str) -> bool {
+        let auth = head.headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
         auth.contains(&format!("Credential={placeholder}/"))
     }
 
@@ -250,6 +260,36 @@ impl Injector for SigV4Injector {
         }
         v
     }
+}
+
+/// `access_key_id`, `secret_access_key` and an optional `session_token` (templates), the
+/// scope overrides and the largest body hashed.
+pub fn build(c: &RawCredential, sources: &mut Sources<'_>) -> Result<Built, BuildError> {
+    if c.value.is_some() || c.header.is_some() {
+        return Err(BuildError::new("value", "aws_sigv4 takes access_key_id and secret_access_key"));
+    }
+    let need = |sources: &Sources<'_>, key: &'static str, v: &Option<String>| -> Result<Source, BuildError> {
+        let v = v.as_deref().ok_or_else(|| BuildError::new(key, format!("aws_sigv4 needs `{key}`")))?;
+        Ok(Source::Value(sources.template(key, v)?))
+    };
+    let akid_src = need(sources, "access_key_id", &c.access_key_id)?;
+    let secret_src = need(sources, "secret_access_key", &c.secret_access_key)?;
+    // Checked before anything resolves, as the table is read top to bottom.
+    if let Some(v) = &c.session_token {
+        sources.template("session_token", v)?;
+    }
+    let access_key_id = sources.resolve_or_unset(&akid_src);
+    let secret_access_key = sources.resolve_or_unset(&secret_src);
+    let session_token = sources.optional("session_token", c.session_token.as_ref())?;
+    let injector = SigV4Injector {
+        access_key_id,
+        secret_access_key,
+        session_token,
+        region: c.region.clone(),
+        service: c.service.clone(),
+        max_body: c.max_signed_body.unwrap_or(32 * 1024 * 1024),
+    };
+    Ok(Built::new(Box::new(injector), secret_src))
 }
 
 #[cfg(test)]

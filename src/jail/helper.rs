@@ -9,6 +9,7 @@
 //! → CMD. CMD stays in the terminal's foreground process group, so Ctrl-C and job
 //! control reach it as they would unjailed.
 
+use super::JailError;
 use std::ffi::CString;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -58,7 +59,7 @@ pub fn helper_main() -> ExitCode {
     let sockets = match setup(&plan) {
         Ok(s) => s,
         Err(message) => {
-            let _ = send_report(&chan, &Report::Failed { message }, &[]);
+            let _ = send_report(&chan, &Report::Failed { message: message.0 }, &[]);
             return ExitCode::from(1);
         }
     };
@@ -83,7 +84,7 @@ fn send_report(chan: &OwnedFd, report: &Report, fds: &[std::os::fd::BorrowedFd<'
 }
 
 /// Namespaces, files, network; the jail's sockets on success.
-fn setup(plan: &Plan) -> Result<Vec<(SocketKind, OwnedFd)>, String> {
+fn setup(plan: &Plan) -> Result<Vec<(SocketKind, OwnedFd)>, JailError> {
     // SAFETY: plain getters.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let user_ns = uid != 0;
@@ -95,7 +96,7 @@ fn setup(plan: &Plan) -> Result<Vec<(SocketKind, OwnedFd)>, String> {
     }
     // SAFETY: unshare with constant flags; this process is single-threaded.
     if unsafe { libc::unshare(flags) } != 0 {
-        return Err(super::diagnose::unshare_failed(io::Error::last_os_error(), user_ns));
+        return Err(super::diagnose::unshare_failed(io::Error::last_os_error(), user_ns).into());
     }
     if user_ns {
         // Before the process is made non-dumpable: that makes /proc/self root's.
@@ -111,7 +112,8 @@ fn setup(plan: &Plan) -> Result<Vec<(SocketKind, OwnedFd)>, String> {
         return Err(super::diagnose::setup_failed(
             "creating the jail's pid namespace",
             &io::Error::last_os_error(),
-        ));
+        )
+        .into());
     }
     Ok(sockets)
 }
@@ -144,7 +146,7 @@ fn mount(
 
 /// Replace every path to hide by an empty, read-only file or directory, and point
 /// resolv.conf at the jail's resolver.
-fn hide(paths: &[PathBuf]) -> Result<(), String> {
+fn hide(paths: &[PathBuf]) -> Result<(), JailError> {
     let fail = |what: &str, e: io::Error| super::diagnose::setup_failed(what, &e);
     let staging = Path::new(STAGING);
     // Nothing done here may propagate back to the host's mounts.
@@ -178,12 +180,12 @@ fn hide(paths: &[PathBuf]) -> Result<(), String> {
     }
     // SAFETY: umount2 on a NUL-terminated path. The covers keep the tmpfs alive.
     if unsafe { libc::umount2(c"/proc".as_ptr(), libc::MNT_DETACH) } != 0 {
-        return Err(fail("detaching the staging tmpfs", io::Error::last_os_error()));
+        return Err(fail("detaching the staging tmpfs", io::Error::last_os_error()).into());
     }
     Ok(())
 }
 
-fn hide_one(path: &Path, empty_file: &Path, empty_dir: &Path) -> Result<(), String> {
+fn hide_one(path: &Path, empty_file: &Path, empty_dir: &Path) -> Result<(), JailError> {
     if path.starts_with(STAGING) || !path.is_absolute() {
         return Ok(());
     }
@@ -193,13 +195,15 @@ fn hide_one(path: &Path, empty_file: &Path, empty_dir: &Path) -> Result<(), Stri
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied) => {
             return Ok(());
         }
-        Err(e) => return Err(format!("latchkey: cannot hide {}: {e}", path.display())),
+        Err(e) => return Err(format!("latchkey: cannot hide {}: {e}", path.display()).into()),
     };
     let source = if meta.is_dir() { empty_dir } else { empty_file };
     match cover(path, source) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EACCES) => Ok(()),
-        Err(e) => Err(format!("latchkey: cannot hide {} in the jail: {e}; not starting it", path.display())),
+        Err(e) => {
+            Err(format!("latchkey: cannot hide {} in the jail: {e}; not starting it", path.display()).into())
+        }
     }
 }
 
@@ -218,7 +222,7 @@ fn cover(target: &Path, source: &Path) -> io::Result<()> {
 
 /// Loopback with every address local to it; nftables hands every TCP connection to
 /// latchkey's listener and every DNS query to its resolver; the jail's sockets.
-fn network(plan: &Plan) -> Result<Vec<(SocketKind, OwnedFd)>, String> {
+fn network(plan: &Plan) -> Result<Vec<(SocketKind, OwnedFd)>, JailError> {
     let fail = |what: &str, e: io::Error| super::diagnose::setup_failed(what, &e);
     let lo = netlink::loopback_up().map_err(|e| fail("bringing up the jail's loopback", e))?;
     netlink::add_local_default(lo, IpAddr::V4(Ipv4Addr::LOCALHOST))

@@ -37,9 +37,14 @@ pub struct Started {
     chan: OwnedFd,
 }
 
+message_error! {
+    /// Why a jail could not be made, in words for the user (the command never runs then).
+    pub JailError
+}
+
 /// Start the helper with CMD's environment, hand it the plan, and wait for the jail's
 /// sockets. On failure the message says why (the helper has exited or will).
-pub async fn start(plan: &Plan, env: Vec<(OsString, OsString)>) -> Result<(Started, JailSockets), String> {
+pub async fn start(plan: &Plan, env: Vec<(OsString, OsString)>) -> Result<(Started, JailSockets), JailError> {
     let (ours, theirs) = fdpass::seqpacket_pair().map_err(|e| format!("latchkey: socketpair: {e}"))?;
     let mut cmd = tokio::process::Command::new("/proc/self/exe");
     cmd.arg0("latchkey").arg(HELPER_ARG).env_clear().envs(env).kill_on_drop(true);
@@ -85,7 +90,7 @@ pub async fn start(plan: &Plan, env: Vec<(OsString, OsString)>) -> Result<(Start
     if tokio::time::timeout(std::time::Duration::from_secs(5), started.child.wait()).await.is_err() {
         let _ = started.child.kill().await;
     }
-    Err(failed)
+    Err(JailError(failed))
 }
 
 impl Started {

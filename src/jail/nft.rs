@@ -38,7 +38,7 @@ fn nft_program() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-pub fn install(transparent_port: u16) -> Result<(), String> {
+pub fn install(transparent_port: u16) -> Result<(), super::JailError> {
     let Some(nft) = nft_program() else {
         return Err("latchkey: exec --jail needs nftables' `nft` program to send the jail's connections to latchkey, and it is not installed (Debian/Ubuntu: apt install nftables; Fedora: dnf install nftables); not running the command".into());
     };
@@ -58,9 +58,9 @@ pub fn install(transparent_port: u16) -> Result<(), String> {
     if out.status.success() {
         return Ok(());
     }
-    Err(format!(
+    Err(super::JailError(format!(
         "latchkey: the jail's nftables rules were refused ({}): {}. The kernel needs nf_tables with NAT (modules nf_tables, nft_chain_nat, nft_redir, nft_reject_inet: as root, `modprobe` them); not running the command",
         nft.display(),
         String::from_utf8_lossy(&out.stderr).trim()
-    ))
+    )))
 }

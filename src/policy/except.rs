@@ -22,21 +22,21 @@ enum Seg {
 }
 
 impl PathPattern {
-    pub fn parse(raw: &str) -> Result<PathPattern, String> {
+    pub fn parse(raw: &str) -> Result<PathPattern, super::RuleError> {
         let rest = raw.strip_prefix('/').ok_or_else(|| format!("{raw:?} must start with /"))?;
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         let mut segments = Vec::new();
         for s in rest.split('/').filter(|_| !rest.is_empty()) {
             segments.push(match s {
-                "" => return Err(format!("{raw:?} has an empty segment")),
-                "." | ".." => return Err(format!("{raw:?}: dot segments are not allowed")),
+                "" => return Err(format!("{raw:?} has an empty segment").into()),
+                "." | ".." => return Err(format!("{raw:?}: dot segments are not allowed").into()),
                 "*" => Seg::One,
                 "**" => Seg::Any,
                 s if s.contains('*') => {
-                    return Err(format!("{raw:?}: `*` and `**` stand for whole segments"));
+                    return Err(format!("{raw:?}: `*` and `**` stand for whole segments").into());
                 }
                 s if s.contains(['%', ';', '\\', '?', '#']) => {
-                    return Err(format!("{raw:?}: write segments plain (no %, ;, \\, ?, #)"));
+                    return Err(format!("{raw:?}: write segments plain (no %, ;, \\, ?, #)").into());
                 }
                 s => Seg::Lit(s.to_ascii_lowercase()),
             });
@@ -110,7 +110,7 @@ pub fn excluded_by<'a>(patterns: &'a [PathPattern], path: &str) -> Option<&'a st
     if patterns.is_empty() {
         return None;
     }
-    let base = canonical_path(path).unwrap_or_else(|| path.to_string());
+    let base = canonical_path(path).unwrap_or(std::borrow::Cow::Borrowed(path));
     readings(&base)
         .iter()
         .find_map(|segments| patterns.iter().find(|p| p.covers(segments)))
@@ -200,19 +200,10 @@ mod tests {
     /// require_placeholder; `paths` and except_paths combine.
     #[test]
     fn decide_passes_or_refuses_on_excepted_paths() {
-        use crate::policy::{CredState, CredentialRule, Decision, Destination, Pattern, Policy, RequestHead};
+        use crate::policy::{CredentialRule, Decision, Destination, Policy, Question, RequestHead};
         let rule = |name: &str, host: &str, except: &[&str]| CredentialRule {
-            name: name.into(),
-            patterns: vec![Pattern::parse(host).unwrap()],
-            paths: vec![],
-            methods: vec![],
-            ports: vec![],
-            allow_http: false,
-            allowed_origins: vec![],
-            require_placeholder: false,
             except_paths: pats(except),
-            captures: vec![],
-            state: CredState::Active,
+            ..crate::policy::tests::rule(name, &[host])
         };
         let mut gh = rule("github", "api.github.com", &["/user/keys"]);
         gh.paths = vec!["/user".into()];
@@ -222,17 +213,19 @@ mod tests {
         let dest = Destination::parse_authority("api.github.com:443", None).unwrap();
         let decide = |p: &Policy, path: &str| {
             let head = RequestHead { method: "POST", target: path, path, headers: &headers, tls: true };
-            p.decide(&dest, &head, |_| false)
+            p.decide(&Question::now(None, &dest, Some(&head)), |_| false)
         };
         assert!(matches!(decide(&policy, "/user/emails"), Decision::Inject { credential: 1, .. }));
         match decide(&policy, "/user//Keys/") {
-            Decision::Pass(why) => assert!(why.contains("github") && why.contains("except_paths"), "{why}"),
+            Decision::Pass { reason: why, .. } => {
+                assert!(why.contains("github") && why.contains("except_paths"), "{why}")
+            }
             other => panic!("{other:?}"),
         }
         assert!(matches!(decide(&policy, "/repos/x"), Decision::Inject { credential: 0, .. }));
         policy.credentials[1].require_placeholder = true;
         assert!(
-            matches!(decide(&policy, "/user/keys"), Decision::Block(r) if r.status == 403 && r.kind == "except-path")
+            matches!(decide(&policy, "/user/keys"), Decision::Block(r) if r.status() == 403 && r.token() == "except-path")
         );
     }
 

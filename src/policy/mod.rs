@@ -1,17 +1,29 @@
-//! The policy: pure functions from (destination, request head) to a decision.
-//! Compiled once at load; no I/O, no clock, no secrets.
+//! The policy: the routing part of the config, compiled once at load — credentials'
+//! hosts and paths, filters, agents — and the one decision every path asks
+//! (`decision`). Pure: no I/O, no clock, no secrets.
 
+pub mod agents;
+mod decision;
 pub mod except;
 pub mod host;
 pub mod pattern;
+mod refusal;
 pub mod ssrf;
 
 use aho_corasick::AhoCorasick;
 use http::HeaderMap;
 
+pub use agents::AgentRule;
+pub use decision::{Budgets, Decision, Question};
 pub use except::PathPattern;
 pub use host::{Destination, Host, HostError};
 pub use pattern::{Pattern, Specificity};
+pub use refusal::{Refusal, RefusalKind};
+
+message_error! {
+    /// A rule in the config (host pattern, path, blocked pattern) that does not parse: why.
+    pub RuleError
+}
 
 /// Whether a credential can be used right now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +53,21 @@ pub struct CredentialRule {
     /// `${PREFIX{capture}SUFFIX}` references in the credential's secret templates: a
     /// host matches only when each names a variable present at load (SPEC 5).
     pub captures: Vec<CaptureRef>,
+    /// Hosts this credential is never written to, because they would turn it into new
+    /// credentials (requests there are refused rather than passed).
+    pub never_to: Vec<Host>,
+    /// A token endpoint latchkey answers itself for this credential's client libraries.
+    pub vends: Option<Endpoint>,
+    /// `requests_per_minute` / `tokens_per_day` (state kept by the runtime).
+    pub limits: crate::limits::Limits,
+}
+
+/// One endpoint: destination, method, path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub dest: Destination,
+    pub method: &'static str,
+    pub path: &'static str,
 }
 
 /// One `${PREFIX{capture}SUFFIX}` reference: the variable it names for a host is
@@ -71,45 +98,13 @@ pub struct ContentFilter {
 #[derive(Debug, Default)]
 pub struct Policy {
     pub credentials: Vec<CredentialRule>,
+    /// `[agents]`, in config order (an agent index is a position here and in
+    /// `config.agents`).
+    pub agents: Vec<AgentRule>,
     pub filters: Filters,
     pub intercept_all: bool,
     /// Variables present at load that capture references may name (`capture_variables`).
     pub capture_variables: std::collections::BTreeSet<String>,
-}
-
-/// A refusal latchkey answers itself (SPEC section 6).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: u16,
-    pub kind: &'static str,
-    pub message: String,
-    /// Seconds for a `Retry-After` header (429).
-    pub retry_after: Option<u64>,
-}
-
-impl Refusal {
-    pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
-        Refusal { status, kind, message: message.into(), retry_after: None }
-    }
-
-    pub fn retry_after(mut self, secs: u64) -> Self {
-        self.retry_after = Some(secs);
-        self
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ConnectDecision {
-    Block(Refusal),
-    Tunnel,
-    Intercept,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
-    Block(Refusal),
-    Pass(String),
-    Inject { credential: usize, captures: Vec<(String, String)> },
 }
 
 /// What the policy sees of a request.
@@ -130,7 +125,7 @@ impl ContentFilter {
         self.literals.iter().chain(self.regexes.iter().map(|(s, _)| s)).cloned().collect()
     }
 
-    pub fn new(patterns: &[String]) -> Result<Self, String> {
+    pub fn new(patterns: &[String]) -> Result<Self, RuleError> {
         let mut literals = Vec::new();
         let mut regexes = Vec::new();
         for p in patterns {
@@ -176,87 +171,6 @@ impl ContentFilter {
 }
 
 impl Policy {
-    /// The decision for a CONNECT (or any tunnel) before a byte of it is read.
-    pub fn decide_connect(&self, dest: &Destination) -> ConnectDecision {
-        if let Some(refusal) = self.domain_refusal(dest) {
-            return ConnectDecision::Block(refusal);
-        }
-        let needs_intercept = self.intercept_all
-            || !self.filters.content.is_empty()
-            || self
-                .credentials
-                .iter()
-                .any(|c| !matches!(c.state, CredState::Inactive(_)) && host_rank(c, dest).is_some());
-        if needs_intercept { ConnectDecision::Intercept } else { ConnectDecision::Tunnel }
-    }
-
-    /// The decision for one request to `dest`. `carries_placeholder(i)` tells whether
-    /// the request holds credential i's placeholder in its slot (for require_placeholder).
-    pub fn decide(
-        &self,
-        dest: &Destination,
-        head: &RequestHead<'_>,
-        carries_placeholder: impl Fn(usize) -> bool,
-    ) -> Decision {
-        if let Some(refusal) = self.domain_refusal(dest) {
-            return Decision::Block(refusal);
-        }
-        if let Some(pattern) = self.head_pattern(head) {
-            return Decision::Block(Refusal::new(
-                403,
-                "blocked-pattern",
-                format!("request matches blocked pattern {pattern:?}"),
-            ));
-        }
-        let Some(index) = self.winner(dest, head) else {
-            return Decision::Pass(self.pass_reason(dest, head));
-        };
-        let rule = &self.credentials[index];
-        if let Some(pattern) = except::excluded_by(&rule.except_paths, head.path) {
-            return excepted(rule, pattern);
-        }
-        if let CredState::Failed(why) = &rule.state {
-            return Decision::Block(Refusal::new(
-                502,
-                "credential-failed",
-                format!("credential {} is unavailable ({why}); fix its source", rule.name),
-            ));
-        }
-        if !head.tls && !rule.allow_http {
-            return Decision::Block(Refusal::new(
-                403,
-                "plain-http",
-                format!("credential {} is only sent over TLS; use https://{}", rule.name, dest.host),
-            ));
-        }
-        if let Some(origin) = head.headers.get(http::header::ORIGIN) {
-            let allowed = origin
-                .to_str()
-                .map(|o| rule.allowed_origins.iter().any(|a| a.eq_ignore_ascii_case(o)))
-                .unwrap_or(false);
-            if !allowed {
-                return Decision::Pass(format!(
-                    "request carries an Origin not in credential {}'s allowed_origins",
-                    rule.name
-                ));
-            }
-        }
-        if rule.require_placeholder && !carries_placeholder(index) {
-            return Decision::Block(Refusal::new(
-                403,
-                "placeholder-required",
-                format!("credential {} requires its placeholder in the request", rule.name),
-            ));
-        }
-        let captures = rule
-            .patterns
-            .iter()
-            .find(|p| p.is_regex() && self.usable(rule, p, dest))
-            .map(|p| p.captures(&dest.host))
-            .unwrap_or_default();
-        Decision::Inject { credential: index, captures }
-    }
-
     /// The most specific usable credential for this request, if any.
     pub fn winner(&self, dest: &Destination, head: &RequestHead<'_>) -> Option<usize> {
         self.ranked(dest, head).last().map(|(i, _)| *i)
@@ -277,16 +191,18 @@ impl Policy {
     }
 
     /// Why a request that no credential takes passes without one.
-    fn pass_reason(&self, dest: &Destination, head: &RequestHead<'_>) -> String {
+    fn pass_reason(&self, dest: &Destination, head: &RequestHead<'_>) -> std::borrow::Cow<'static, str> {
         let inactive = self
             .credentials
             .iter()
             .find(|c| matches!(c.state, CredState::Inactive(_)) && self.rule_rank(c, dest, head).is_some());
         if let Some(c) = inactive {
-            return format!("credential {} is inactive", c.name);
+            return format!("credential {} is inactive", c.name).into();
         }
         match self.credentials.iter().find_map(|c| Some((c, self.missing_variable(c, dest)?))) {
-            Some((c, var)) => format!("credential {} does not apply to this host: {var} is not set", c.name),
+            Some((c, var)) => {
+                format!("credential {} does not apply to this host: {var} is not set", c.name).into()
+            }
             None => "no credential matches".into(),
         }
     }
@@ -371,8 +287,7 @@ impl Policy {
             .find(|p| p.matches_host(&dest.host).is_some() && p.port.is_none_or(|pp| pp == dest.port))
         {
             return Some(Refusal::new(
-                403,
-                "blocked-domain",
+                RefusalKind::BlockedDomain,
                 format!("{} is blocked by blocked_domains pattern {:?}", dest.host, p.source),
             ));
         }
@@ -383,8 +298,7 @@ impl Policy {
                 .any(|p| p.matches_host(&dest.host).is_some() && default_port_ok(p.port, &[], dest.port))
         {
             return Some(Refusal::new(
-                403,
-                "not-allowlisted",
+                RefusalKind::NotAllowlisted,
                 format!("{} is not in allowed_domains (allowlist_only = true)", dest),
             ));
         }
@@ -413,25 +327,11 @@ impl Policy {
     }
 }
 
-/// The winner's `except_paths` keep it off this path: the request passes without it,
-/// or is refused when the client expects the placeholder to be replaced.
-fn excepted(rule: &CredentialRule, pattern: &str) -> Decision {
-    let why = format!("credential {} is never sent to this path (except_paths {pattern:?})", rule.name);
-    if rule.require_placeholder {
-        return Decision::Block(Refusal::new(
-            403,
-            "except-path",
-            format!("{why}; its placeholder is not replaced here"),
-        ));
-    }
-    Decision::Pass(why)
-}
-
 /// Rank of a credential for a request: host specificity, path prefix length, whether it
 /// narrows by method or port. Larger wins.
 pub type Rank = (Specificity, usize, bool);
 
-fn host_rank(c: &CredentialRule, dest: &Destination) -> Option<Specificity> {
+pub(crate) fn host_rank(c: &CredentialRule, dest: &Destination) -> Option<Specificity> {
     c.patterns
         .iter()
         .filter(|p| default_port_ok(p.port, &c.ports, dest.port))
@@ -440,7 +340,7 @@ fn host_rank(c: &CredentialRule, dest: &Destination) -> Option<Specificity> {
 }
 
 /// Port rule for credentials and allowlists: without any port, 443 and 80.
-fn default_port_ok(pattern_port: Option<u16>, ports: &[u16], port: u16) -> bool {
+pub(crate) fn default_port_ok(pattern_port: Option<u16>, ports: &[u16], port: u16) -> bool {
     match (pattern_port, ports.is_empty()) {
         (Some(p), true) => p == port,
         (Some(p), false) => p == port && ports.contains(&port),
@@ -502,9 +402,14 @@ fn methods_allow(methods: &[String], head: &RequestHead<'_>) -> bool {
 /// - a dot segment together with a `;` (or `%3b`) anywhere, or with an empty segment:
 ///   servers that drop `;params` (`/v1/..;/admin`) or merge slashes (`/v1//../admin`)
 ///   resolve those dot segments against other segments than latchkey would.
-pub fn canonical_path(path: &str) -> Option<String> {
+pub fn canonical_path(path: &str) -> Option<std::borrow::Cow<'_, str>> {
     if !path.starts_with('/') || path.contains('\\') || has_ambiguous_escape(path.as_bytes()) {
         return None;
+    }
+    // Every dot segment (`.`, `..`, `.;x`) starts right after a slash: without one the
+    // path is its own canonical form (the common case, answered without a copy).
+    if !path.contains("/.") {
+        return Some(std::borrow::Cow::Borrowed(path));
     }
     let segments: Vec<&str> = path[1..].split('/').collect();
     if segments.iter().any(|s| matches!(before_params(s), "." | ".."))
@@ -527,7 +432,7 @@ pub fn canonical_path(path: &str) -> Option<String> {
     if trailing_dot && !s.ends_with('/') {
         s.push('/');
     }
-    Some(s)
+    Some(s.into())
 }
 
 /// A segment without its `;params` (as Tomcat and Spring read it), `%3b` counted as `;`.
@@ -549,7 +454,7 @@ fn has_ambiguous_escape(path: &[u8]) -> bool {
 }
 
 /// Config `paths` entry → canonical prefix without trailing slash.
-pub fn canonical_prefix(raw: &str) -> Result<String, String> {
+pub fn canonical_prefix(raw: &str) -> Result<String, RuleError> {
     let p = canonical_path(raw).ok_or_else(|| format!("path {raw:?} must start with / and be plain"))?;
     Ok(p.trim_end_matches('/').to_string())
 }

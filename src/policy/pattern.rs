@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use regex::Regex;
 
+use super::RuleError;
 use super::host::{Host, canonical_ip, split_host_port};
 
 #[derive(Clone, Debug)]
@@ -39,7 +40,7 @@ pub struct Specificity {
 }
 
 impl Pattern {
-    pub fn parse(raw: &str) -> Result<Pattern, String> {
+    pub fn parse(raw: &str) -> Result<Pattern, RuleError> {
         let source = raw.to_string();
         let raw = raw.trim();
         if raw.is_empty() {
@@ -150,7 +151,7 @@ fn is_subdomain(host: &str, domain: &str) -> bool {
         && host.as_bytes()[host.len() - domain.len() - 1] == b'.'
 }
 
-fn normalise_domain(raw: &str) -> Result<String, String> {
+fn normalise_domain(raw: &str) -> Result<String, RuleError> {
     match Host::parse(raw).map_err(|e| e.to_string())? {
         Host::Domain(d) => Ok(d),
         Host::Ip(_) => Err("a suffix or glob needs a domain name, not an IP".into()),
@@ -158,7 +159,7 @@ fn normalise_domain(raw: &str) -> Result<String, String> {
 }
 
 /// A trailing `:PORT` on a regex is its port (hosts never contain `:`).
-fn split_regex_port(re: &str) -> Result<(&str, Option<u16>), String> {
+fn split_regex_port(re: &str) -> Result<(&str, Option<u16>), RuleError> {
     if let Some(i) = re.rfind(':') {
         let port = &re[i + 1..];
         if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {

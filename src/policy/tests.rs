@@ -1,7 +1,7 @@
 use super::*;
 use proptest::prelude::*;
 
-fn rule(name: &str, patterns: &[&str]) -> CredentialRule {
+pub(super) fn rule(name: &str, patterns: &[&str]) -> CredentialRule {
     CredentialRule {
         name: name.into(),
         patterns: patterns.iter().map(|p| Pattern::parse(p).unwrap()).collect(),
@@ -14,6 +14,9 @@ fn rule(name: &str, patterns: &[&str]) -> CredentialRule {
         except_paths: vec![],
         state: CredState::Active,
         captures: vec![],
+        never_to: vec![],
+        vends: None,
+        limits: Default::default(),
     }
 }
 
@@ -27,7 +30,12 @@ fn decide(p: &Policy, d: &str, method: &str, path: &str, tls: bool) -> Decision 
 
 fn decide_h(p: &Policy, d: &str, method: &str, path: &str, tls: bool, h: &HeaderMap) -> Decision {
     let head = RequestHead { method, target: path, path, headers: h, tls };
-    p.decide(&dest(d), &head, |_| false)
+    p.decide(&Question::now(None, &dest(d), Some(&head)), |_| false)
+}
+
+/// The decision for a tunnel to `d`, before a byte of it is read.
+fn connect(p: &Policy, d: &str) -> Decision {
+    p.decide(&Question::now(None, &dest(d), None), |_| false)
 }
 
 fn injected(d: Decision) -> Option<usize> {
@@ -106,7 +114,7 @@ fn plain_http_refused_unless_allowed() {
     let p = Policy { credentials: vec![r.clone()], ..Default::default() };
     match decide(&p, "x.com:80", "GET", "/", false) {
         Decision::Block(refusal) => {
-            assert_eq!(refusal.status, 403);
+            assert_eq!(refusal.status(), 403);
             assert!(refusal.message.contains("credential a"));
             assert!(refusal.message.contains("https"));
         }
@@ -124,10 +132,12 @@ fn inactive_passes_failed_blocks() {
     let mut b = rule("b", &["y.com"]);
     b.state = CredState::Failed("exit 1".into());
     let p = Policy { credentials: vec![a, b], ..Default::default() };
-    assert!(matches!(decide(&p, "x.com:443", "GET", "/", true), Decision::Pass(r) if r.contains("inactive")));
-    assert!(matches!(decide(&p, "y.com:443", "GET", "/", true), Decision::Block(r) if r.status == 502));
-    assert_eq!(p.decide_connect(&dest("x.com:443")), ConnectDecision::Tunnel);
-    assert_eq!(p.decide_connect(&dest("y.com:443")), ConnectDecision::Intercept);
+    assert!(
+        matches!(decide(&p, "x.com:443", "GET", "/", true), Decision::Pass { reason: r, .. } if r.contains("inactive"))
+    );
+    assert!(matches!(decide(&p, "y.com:443", "GET", "/", true), Decision::Block(r) if r.status() == 502));
+    assert_eq!(connect(&p, "x.com:443"), Decision::Tunnel);
+    assert_eq!(connect(&p, "y.com:443"), Decision::Intercept);
 }
 
 #[test]
@@ -136,7 +146,7 @@ fn origin_needs_allow_listing() {
     let p = Policy { credentials: vec![r.clone()], ..Default::default() };
     let mut h = HeaderMap::new();
     h.insert("origin", "https://evil.example".parse().unwrap());
-    assert!(matches!(decide_h(&p, "x.com:443", "GET", "/", true, &h), Decision::Pass(_)));
+    assert!(matches!(decide_h(&p, "x.com:443", "GET", "/", true, &h), Decision::Pass { .. }));
     r.allowed_origins = vec!["https://evil.example".into()];
     let p = Policy { credentials: vec![r], ..Default::default() };
     assert!(injected(decide_h(&p, "x.com:443", "GET", "/", true, &h)).is_some());
@@ -153,7 +163,7 @@ fn filters() {
         },
         ..Default::default()
     };
-    let block = |d: &str| matches!(p.decide_connect(&dest(d)), ConnectDecision::Block(_));
+    let block = |d: &str| matches!(connect(&p, d), Decision::Block(_));
     assert!(block("a.evil.com:443"));
     assert!(block("a.evil.com:8080"), "blocklist covers every port");
     assert!(!block("evil.com:443"), "*. needs a label; allowlisted via .evil.com");
@@ -161,11 +171,11 @@ fn filters() {
     assert!(!block("api.good.com:443"));
     assert!(block("api.good.com:8443"));
     let r = decide(&p, "api.good.com:443", "GET", "/run?cmd=rm%20-rf%20/", true);
-    assert!(matches!(r, Decision::Block(r) if r.kind == "blocked-pattern"));
+    assert!(matches!(r, Decision::Block(r) if r.token() == "blocked-pattern"));
     let mut h = HeaderMap::new();
     h.insert("x-sql", "DROP   TABLE users".parse().unwrap());
     let r = decide_h(&p, "api.good.com:443", "GET", "/", true, &h);
-    assert!(matches!(r, Decision::Block(r) if r.kind == "blocked-pattern"));
+    assert!(matches!(r, Decision::Block(r) if r.token() == "blocked-pattern"));
 }
 
 #[test]
@@ -179,27 +189,32 @@ fn a_capture_naming_no_present_variable_does_not_match() {
         ..Default::default()
     };
     let d = |host: &str| {
-        p.decide(
-            &dest(host),
-            &RequestHead { method: "GET", target: "/", path: "/", headers: &HeaderMap::new(), tls: true },
-            |_| false,
-        )
+        let headers = HeaderMap::new();
+        let head = RequestHead { method: "GET", target: "/", path: "/", headers: &headers, tls: true };
+        p.decide(&Question::now(None, &dest(host), Some(&head)), |_| false)
     };
     assert_eq!(
         d("prod.k8s.test:6443"),
-        Decision::Inject { credential: 0, captures: vec![("cluster".into(), "prod".into())] }
+        Decision::Inject {
+            credential: 0,
+            captures: vec![("cluster".into(), "prod".into())],
+            budgets: Budgets::default()
+        }
     );
     assert_eq!(
         d("dev.k8s.test:6443"),
-        Decision::Pass("credential clusters does not apply to this host: K8S_TOKEN_DEV is not set".into())
+        Decision::Pass {
+            reason: "credential clusters does not apply to this host: K8S_TOKEN_DEV is not set".into(),
+            budgets: Budgets::default()
+        }
     );
     assert!(
-        matches!(d("a-b.k8s.test:6443"), Decision::Pass(_)),
+        matches!(d("a-b.k8s.test:6443"), Decision::Pass { .. }),
         "a capture outside [A-Za-z0-9_] names nothing"
     );
     assert_eq!(
-        p.decide_connect(&dest("dev.k8s.test:6443")),
-        ConnectDecision::Intercept,
+        connect(&p, "dev.k8s.test:6443"),
+        Decision::Intercept,
         "the host is still named: intercepted, logged"
     );
 }

@@ -1,11 +1,12 @@
-//! Who is asking: `[agents]` proxy authentication, and what each agent may use.
+//! Who is asking: `[agents]` proxy authentication — which agent a client is. What an
+//! agent may reach and use is the policy's (`policy::agents`).
 
 use base64::Engine;
 use http::HeaderMap;
 use http::header::PROXY_AUTHORIZATION;
 
 use crate::config::{Agent, Config};
-use crate::policy::{Destination, Refusal};
+use crate::policy::{Refusal, RefusalKind};
 
 /// The agent behind a request's `Proxy-Authorization`. `Ok(None)` when no agents are
 /// configured (anyone allowed in may use the proxy); 407 when they are and the request
@@ -16,8 +17,7 @@ pub fn authenticate(config: &Config, headers: &HeaderMap) -> Result<Option<usize
     }
     let refuse = |why: &str| {
         Refusal::new(
-            407,
-            "proxy-auth",
+            RefusalKind::ProxyAuth,
             format!("{why}; send Proxy-Authorization (see `latchkey env --agent NAME`)"),
         )
     };
@@ -48,35 +48,4 @@ fn token_matches(agent: &Agent, presented: &str) -> bool {
     agent.token.as_ref().is_some_and(|t| {
         aws_lc_rs::constant_time::verify_slices_are_equal(t.expose().as_bytes(), presented.as_bytes()).is_ok()
     })
-}
-
-/// The agent's own allowlist, layered on the global policy.
-pub fn destination_refusal(config: &Config, agent: Option<usize>, dest: &Destination) -> Option<Refusal> {
-    let agent = &config.agents[agent?];
-    if agent.allowed.is_empty() {
-        return None;
-    }
-    let port_ok = |p: Option<u16>| p.map_or(dest.port == 443 || dest.port == 80, |p| p == dest.port);
-    let allowed = agent.allowed.iter().any(|p| p.matches_host(&dest.host).is_some() && port_ok(p.port));
-    (!allowed).then(|| {
-        Refusal::new(
-            403,
-            "not-allowlisted",
-            format!("agent {} may not reach {dest} (its allowed_domains)", agent.name),
-        )
-    })
-}
-
-/// May this agent use credential `index`?
-pub fn credential_refusal(config: &Config, agent: Option<usize>, index: usize) -> Option<Refusal> {
-    let agent = &config.agents[agent?];
-    let allowed = agent.credentials.as_ref().is_none_or(|list| list.contains(&index));
-    (!allowed).then(|| {
-        let cred = &config.credentials[index].name;
-        Refusal::new(403, "agent-credential", format!("agent {} may not use credential {cred}", agent.name))
-    })
-}
-
-pub fn agent_name(config: &Config, agent: Option<usize>) -> Option<String> {
-    agent.map(|i| config.agents[i].name.clone())
 }

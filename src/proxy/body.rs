@@ -1,18 +1,20 @@
-//! Body wrappers: a streaming scanner for `blocked_patterns`, byte counters, and the
-//! response body that writes the audit record when the exchange ends.
+//! Body wrappers. Those that only look at frames as they pass — the `blocked_patterns`
+//! scanner, the byte counter, the request-trailer guard, the response body that records
+//! its exchange — are one wrapper, [`Filtered`], around a [`FrameFilter`]: it forwards
+//! `is_end_stream` and `size_hint` once for all of them (a gRPC trailers-only reply
+//! depends on it). [`Redacted`] changes what passes, so it has its own.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use super::BoxError;
 use crate::config::Config;
-use crate::telemetry::audit::Record;
+use crate::telemetry::Pending;
 
 type FramePoll = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
 
@@ -31,33 +33,79 @@ where
     }
 }
 
-#[derive(Debug)]
-pub struct BlockedBody(pub String);
+/// What a [`Filtered`] body does with each frame before passing it on.
+pub trait FrameFilter: Unpin {
+    /// Look at (or edit) `frame`; an error ends the body with it.
+    fn frame(&mut self, frame: &mut Frame<Bytes>) -> Result<(), BoxError>;
+}
 
-impl std::fmt::Display for BlockedBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "request body matches blocked pattern {:?}", self.0)
+/// A body whose frames pass through a [`FrameFilter`]; the end and the size are the
+/// inner body's.
+pub struct Filtered<B, F> {
+    inner: B,
+    pub filter: F,
+}
+
+impl<B, F> Filtered<B, F> {
+    pub fn with(inner: B, filter: F) -> Self {
+        Filtered { inner, filter }
     }
 }
 
-impl std::error::Error for BlockedBody {}
+impl<B, F> HttpBody for Filtered<B, F>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    F: FrameFilter,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
+        let this = &mut *self;
+        let mut frame = match next_frame(&mut this.inner, cx) {
+            Ok(f) => f,
+            Err(poll) => return poll,
+        };
+        match this.filter.frame(&mut frame) {
+            Ok(()) => Poll::Ready(Some(Ok(frame))),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body matches blocked pattern {0:?}")]
+pub struct BlockedBody(pub String);
 
 /// Scans a request body for blocked patterns as it streams, carrying an overlap
 /// between chunks so a pattern split across them is still found. Bytes past
 /// `inspect_body_bytes` pass unscanned (documented limit).
-pub struct ScanBody<B> {
-    inner: B,
+pub struct Scan {
     config: Arc<Config>,
     carry: Vec<u8>,
     scanned: usize,
     pub hit: Arc<OnceLock<String>>,
 }
 
-impl<B> ScanBody<B> {
-    pub fn new(inner: B, config: Arc<Config>) -> Self {
-        ScanBody { inner, config, carry: Vec::new(), scanned: 0, hit: Arc::new(OnceLock::new()) }
-    }
+pub type ScanBody<B> = Filtered<B, Scan>;
 
+impl<B> Filtered<B, Scan> {
+    pub fn new(inner: B, config: Arc<Config>) -> Self {
+        let scan = Scan { config, carry: Vec::new(), scanned: 0, hit: Arc::new(OnceLock::new()) };
+        Filtered::with(inner, scan)
+    }
+}
+
+impl Scan {
     fn scan(&mut self, data: &[u8]) -> Option<String> {
         let limit = self.config.proxy.limits.inspect_body_bytes;
         if self.scanned >= limit {
@@ -75,175 +123,59 @@ impl<B> ScanBody<B> {
     }
 }
 
-impl<B> HttpBody for ScanBody<B>
-where
-    B: HttpBody<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
-        let frame = match next_frame(&mut self.inner, cx) {
-            Ok(f) => f,
-            Err(poll) => return poll,
-        };
+impl FrameFilter for Scan {
+    fn frame(&mut self, frame: &mut Frame<Bytes>) -> Result<(), BoxError> {
         if let Some(data) = frame.data_ref()
             && let Some(pattern) = self.scan(data)
         {
             let _ = self.hit.set(pattern.clone());
-            return Poll::Ready(Some(Err(Box::new(BlockedBody(pattern)))));
+            return Err(Box::new(BlockedBody(pattern)));
         }
-        Poll::Ready(Some(Ok(frame)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        Ok(())
     }
 }
 
 /// Counts the data bytes that pass.
-pub struct Counted<B> {
-    inner: B,
-    count: Arc<AtomicU64>,
-}
+pub struct Count(Arc<AtomicU64>);
 
-impl<B> Counted<B> {
+pub type Counted<B> = Filtered<B, Count>;
+
+impl<B> Filtered<B, Count> {
     pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
-        Counted { inner, count }
+        Filtered::with(inner, Count(count))
     }
 }
 
-impl<B> HttpBody for Counted<B>
-where
-    B: HttpBody<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
-        let frame = match next_frame(&mut self.inner, cx) {
-            Ok(f) => f,
-            Err(poll) => return poll,
-        };
+impl FrameFilter for Count {
+    fn frame(&mut self, frame: &mut Frame<Bytes>) -> Result<(), BoxError> {
         if let Some(d) = frame.data_ref() {
-            self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+            self.0.fetch_add(d.len() as u64, Ordering::Relaxed);
         }
-        Poll::Ready(Some(Ok(frame)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        Ok(())
     }
 }
 
-/// An audit record waiting for its exchange to end.
-pub struct Pending {
-    /// Held until the response body ends: shutdown waits for it.
-    pub _exchange: super::ExchangeGuard,
-    pub telemetry: Arc<crate::telemetry::Telemetry>,
-    pub record: Record,
-    pub up: Arc<AtomicU64>,
-    pub down: Arc<AtomicU64>,
-    pub started: Instant,
-    /// Time to the upstream's response head.
-    pub upstream: Option<std::time::Duration>,
-    /// Reads LLM token usage from the (redacted) body as it passes.
-    pub meter: Option<crate::telemetry::usage::Meter>,
-    pub span: Option<crate::telemetry::otlp::Span>,
-    /// Up to this many redacted body bytes go on the span.
-    pub capture: Option<(usize, Vec<u8>)>,
-    /// Where every credential's redactor is found when something read out of the
-    /// response (a captured body, a model name) is about to leave latchkey.
-    pub config: Arc<Config>,
-}
-
-impl Pending {
-    fn saw(&mut self, data: &[u8]) {
-        if let Some(m) = &mut self.meter {
-            m.feed(data);
-        }
-        if let Some((cap, buf)) = &mut self.capture {
-            let room = cap.saturating_sub(buf.len());
-            buf.extend_from_slice(&data[..room.min(data.len())]);
-        }
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.record.bytes_up = self.up.load(Ordering::Relaxed);
-        self.record.bytes_down = self.down.load(Ordering::Relaxed);
-        self.record.duration_ms = self.started.elapsed().as_millis() as u64;
-        let usage = self.meter.take().and_then(crate::telemetry::usage::Meter::finish);
-        let read_out = self.capture.is_some() || usage.as_ref().is_some_and(|u| u.model.is_some());
-        // Masked again here: with `redact_responses = false` (or a form the body redactor
-        // does not know) the client saw raw bytes, but no log, label or span carries them.
-        let redactors = if read_out { crate::telemetry::all_redactors(&self.config) } else { Vec::new() };
-        self.record.usage = usage.map(|u| u.redacted(&redactors));
-        let mut span = self.span.take();
-        if let (Some(s), Some((cap, mut body))) = (&mut span, self.capture.take()) {
-            let cut_short = body.len() >= cap;
-            for r in &redactors {
-                r.mask(&mut body);
-                // A form cut off by the capture limit: its start is not exported either.
-                if cut_short {
-                    let cut = r.holdback(&body);
-                    body.truncate(body.len() - cut);
-                }
-            }
-            s.str("latchkey.response.body", String::from_utf8_lossy(&body));
-        }
-        self.telemetry.finish(&self.record, self.upstream, span);
-    }
-}
-
-/// A response body that logs its exchange when it ends (or is dropped).
-pub struct Logged<B> {
-    inner: Counted<B>,
+/// A response body that records its exchange when it ends (or is dropped), and holds
+/// the exchange in flight until then (a shutdown waits for it).
+pub struct Log {
     pending: Pending,
+    _in_flight: super::ExchangeGuard,
 }
 
-impl<B> Logged<B> {
-    pub fn new(inner: B, pending: Pending) -> Self {
-        Logged { inner: Counted::new(inner, pending.down.clone()), pending }
+pub type Logged<B> = Filtered<B, Log>;
+
+impl<B> Filtered<B, Log> {
+    pub fn new(inner: B, pending: Pending, in_flight: super::ExchangeGuard) -> Self {
+        Filtered::with(inner, Log { pending, _in_flight: in_flight })
     }
 }
 
-impl<B> HttpBody for Logged<B>
-where
-    B: HttpBody<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
-        let this = &mut *self;
-        let poll = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &poll
-            && let Some(data) = frame.data_ref()
-        {
-            this.pending.saw(data);
+impl FrameFilter for Log {
+    fn frame(&mut self, frame: &mut Frame<Bytes>) -> Result<(), BoxError> {
+        if let Some(data) = frame.data_ref() {
+            self.pending.saw(data);
         }
-        poll
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        Ok(())
     }
 }
 
@@ -259,9 +191,7 @@ pub struct Redacted<B> {
 impl<B> Redacted<B> {
     /// `headers`: the response's, which tell a gRPC body (released message by message).
     pub fn new(inner: B, set: crate::redact::Set, headers: &http::HeaderMap) -> Self {
-        let grpc = headers
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|ct| ct.as_bytes().to_ascii_lowercase().starts_with(b"application/grpc"));
+        let grpc = super::respond::Protocol::of(headers) == super::respond::Protocol::Grpc;
         let stream = match grpc {
             true => crate::redact::Stream::grpc(set.clone()),
             false => crate::redact::Stream::new(set.clone()),
@@ -279,9 +209,9 @@ pub fn redact_headers(headers: &mut http::HeaderMap, set: &crate::redact::Set) {
         headers.remove(name);
     }
     for value in headers.values_mut() {
-        let mut bytes = value.as_bytes().to_vec();
-        if set.mask(&mut bytes) > 0
-            && let Ok(v) = http::HeaderValue::from_bytes(&bytes)
+        // Copied only when it holds a secret: most headers of most responses do not.
+        if let Some(masked) = set.masked(value.as_bytes())
+            && let Ok(v) = http::HeaderValue::from_bytes(&masked)
         {
             *value = v;
         }
@@ -290,15 +220,14 @@ pub fn redact_headers(headers: &mut http::HeaderMap, set: &crate::redact::Set) {
 
 /// Mask secrets in a response head: the HTTP/1.1 reason phrase, header names and values.
 pub fn redact_head<B>(resp: &mut http::Response<B>, set: &crate::redact::Set) {
-    if let Some(reason) = resp.extensions().get::<hyper::ext::ReasonPhrase>() {
-        let mut bytes = reason.as_bytes().to_vec();
-        if set.mask(&mut bytes) > 0 {
-            // Without the upstream's phrase, hyper writes the canonical one.
-            let masked = hyper::ext::ReasonPhrase::try_from(bytes);
-            resp.extensions_mut().remove::<hyper::ext::ReasonPhrase>();
-            if let Ok(r) = masked {
-                resp.extensions_mut().insert(r);
-            }
+    if let Some(reason) = resp.extensions().get::<hyper::ext::ReasonPhrase>()
+        && let Some(bytes) = set.masked(reason.as_bytes())
+    {
+        // Without the upstream's phrase, hyper writes the canonical one.
+        let masked = hyper::ext::ReasonPhrase::try_from(bytes);
+        resp.extensions_mut().remove::<hyper::ext::ReasonPhrase>();
+        if let Ok(r) = masked {
+            resp.extensions_mut().insert(r);
         }
     }
     redact_headers(resp.headers_mut(), set);

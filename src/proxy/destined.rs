@@ -9,27 +9,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::tunnel::{Identity, Opener};
+use super::tunnel::{Identity, Opener, Tunnel};
 use super::{Generation, Proxy, handler, respond};
 use crate::config::{Config, Limits};
-use crate::policy::{ConnectDecision, Destination, Host, Refusal};
+use crate::policy::{Decision, Destination, Host, Question, Refusal, RefusalKind};
 
 const TLS_HANDSHAKE: u8 = 0x16;
 /// The most ClientHello bytes read to find the SNI of a blind tunnel.
 const MAX_CLIENT_HELLO: usize = 32 * 1024;
-
-/// The decision for a tunnel to `dest`: the agent's own allowlist, then the policy.
-pub(super) fn decide(config: &Config, agent: Option<usize>, dest: &Destination) -> ConnectDecision {
-    match super::agent_auth::destination_refusal(config, agent, dest) {
-        Some(r) => ConnectDecision::Block(r),
-        None => config.policy.decide_connect(dest),
-    }
-}
 
 impl Proxy {
     /// Serve a TCP connection whose destination is already known (the kernel's original
@@ -56,27 +46,10 @@ impl Proxy {
             Ok(a) => a,
             Err(r) => return self.refuse_stream(&generation, stream, peer, &dest, None, r, started).await,
         };
-        let refusal = match decide(&generation.config, agent, &dest) {
-            ConnectDecision::Block(r) => r,
-            ConnectDecision::Tunnel => match generation.dialer.connect_tcp(&dest).await {
-                Ok(upstream) => {
-                    let (proxy, generation) = (self.clone(), generation.clone());
-                    let blind = super::tunnel::Blind { proxy, generation, opener, agent, dest, started };
-                    return blind.run(stream, upstream).await;
-                }
-                Err(e) => respond::upstream_refusal(&e),
-            },
-            // Refuse SSRF targets before any TLS; the connector checks again on connect.
-            ConnectDecision::Intercept => match generation.dialer.addresses(&dest).await {
-                Ok(_) => {
-                    let proxy = self.clone();
-                    let generation = generation.clone();
-                    return super::tunnel::intercept(proxy, generation, opener, agent, dest, stream).await;
-                }
-                Err(e) => respond::upstream_refusal(&e),
-            },
-        };
-        self.refuse_stream(&generation, stream, peer, &dest, agent, refusal, started).await
+        match Tunnel::open(&self, &generation, opener, agent, &dest, started).await {
+            Ok(tunnel) => tunnel.serve(stream).await,
+            Err(r) => self.refuse_stream(&generation, stream, peer, &dest, agent, r, started).await,
+        }
     }
 
     /// Refuse a connection that has no CONNECT to answer: a TLS client gets an
@@ -93,9 +66,8 @@ impl Proxy {
         r: Refusal,
         started: Instant,
     ) {
-        let mut rec = handler::tunnel_record(peer, dest, started);
-        rec.agent = super::agent_auth::agent_name(&generation.config, agent);
-        handler::log_refusal(self, rec, &r);
+        let rec = handler::tunnel_record(&generation.config, peer, agent, dest, started);
+        handler::log_refusal(self, rec, &r, respond::Protocol::Http);
         let limits = &generation.config.proxy.limits;
         let mut first = [0u8; 1];
         match tokio::time::timeout(limits.header_read_timeout, stream.read(&mut first)).await {
@@ -107,13 +79,7 @@ impl Proxy {
             return;
         }
         let io = super::tunnel::Prefixed::new(first.to_vec(), stream);
-        let service = service_fn(move |_req| {
-            let resp = respond::refusal(&r);
-            async move { Ok::<_, std::convert::Infallible>(resp) }
-        });
-        let mut builder = super::builders::server_builder(limits);
-        builder.keep_alive(false);
-        let _ = builder.serve_connection(TokioIo::new(io), service).await;
+        respond::on_stream(io, r, limits).await;
     }
 }
 
@@ -128,9 +94,7 @@ pub(super) fn identify(config: &Config, agent: Option<&str>) -> Result<Option<us
     }
     let found = agent.and_then(|name| config.agents.iter().position(|a| a.name == name));
     found.map(Some).ok_or_else(|| {
-        Refusal::new(
-            407,
-            "proxy-auth",
+        Refusal::new(RefusalKind::ProxyAuth,
             "this connection carries no agent identity; with [agents] configured, start the jail with `latchkey exec --jail --agent NAME`",
         )
     })
@@ -148,28 +112,40 @@ pub(super) fn sni_refusal(
     let sni = sni?;
     let named = match Host::parse(sni) {
         Ok(h) => h,
-        Err(_) => return Some(respond::misdirected(format!("TLS SNI {sni:?} is not a host name"))),
+        Err(_) => return Some(Refusal::misdirected(format!("TLS SNI {sni:?} is not a host name"))),
     };
     match &dest.host {
         Host::Domain(_) if named != dest.host => {
-            Some(respond::misdirected(format!("TLS SNI {sni:?} does not name the destination {}", dest.host)))
+            Some(Refusal::misdirected(format!("TLS SNI {sni:?} does not name the destination {}", dest.host)))
         }
         Host::Domain(_) => None,
-        Host::Ip(_) => match decide(config, agent, &Destination { host: named, port: dest.port }) {
-            ConnectDecision::Block(r) => Some(r),
-            _ => None,
-        },
+        Host::Ip(_) => {
+            match config.decide(&Question::now(agent, &Destination { host: named, port: dest.port }, None)) {
+                Decision::Block(r) => Some(r),
+                _ => None,
+            }
+        }
     }
 }
 
-/// Read until the ClientHello is complete (or proves malformed) and return its SNI.
-/// The bytes read stay in `buf` for the upstream. `Err` when the client goes away or
-/// is too slow.
+/// What a blind tunnel's ClientHello said that latchkey checks.
+pub(super) struct ClientHello {
+    /// The server name it asks for; `None` without one, or when it is not a ClientHello
+    /// latchkey can read (then there is no name to check).
+    pub sni: Option<String>,
+}
+
+/// The client went away, or was too slow, before its ClientHello was complete.
+#[derive(Debug)]
+pub(super) struct Stalled;
+
+/// Read until the ClientHello is complete (or proves malformed). The bytes read stay in
+/// `buf` for the upstream.
 pub(super) async fn read_client_hello<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     limits: &Limits,
-) -> Result<Option<String>, ()> {
+) -> Result<ClientHello, Stalled> {
     let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
     loop {
         let mut acceptor = rustls::server::Acceptor::default();
@@ -177,19 +153,21 @@ pub(super) async fn read_client_hello<S: AsyncRead + Unpin>(
         while !rd.is_empty() {
             match acceptor.read_tls(&mut rd) {
                 Ok(n) if n > 0 => {}
-                _ => return Ok(None),
+                _ => return Ok(ClientHello { sni: None }),
             }
         }
         match acceptor.accept() {
-            Ok(Some(accepted)) => return Ok(accepted.client_hello().server_name().map(str::to_string)),
+            Ok(Some(accepted)) => {
+                return Ok(ClientHello { sni: accepted.client_hello().server_name().map(str::to_string) });
+            }
             Ok(None) if buf.len() < MAX_CLIENT_HELLO => {}
             // Not TLS after all, or not a ClientHello latchkey can read: no SNI to check.
-            _ => return Ok(None),
+            _ => return Ok(ClientHello { sni: None }),
         }
         let mut more = [0u8; 4096];
         match tokio::time::timeout_at(deadline, stream.read(&mut more)).await {
             Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&more[..n]),
-            _ => return Err(()),
+            _ => return Err(Stalled),
         }
     }
 }
@@ -234,6 +212,6 @@ mod tests {
         assert!(sni_refusal(&config, None, &dest, Some("api.example.com")).is_none());
         assert!(sni_refusal(&config, None, &dest, None).is_none());
         let r = sni_refusal(&config, None, &dest, Some("evil.example.net")).unwrap();
-        assert_eq!(r.status, 421);
+        assert_eq!(r.status(), 421);
     }
 }

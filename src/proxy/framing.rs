@@ -26,6 +26,7 @@
 //! reading and discarding, bounded in time and bytes, so the client reads the refusal
 //! rather than a reset.
 
+use crate::policy::RefusalKind;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -107,19 +108,12 @@ impl Malformed {
         Malformed::ALL.into_iter().find(|m| m.code().as_bytes() == code)
     }
 
-    pub fn status(self) -> u16 {
+    /// The refusal this is (its status and `X-Latchkey-Error` token).
+    pub fn kind(self) -> RefusalKind {
         match self {
-            Malformed::UriTooLong => 414,
-            Malformed::TooLarge | Malformed::TooManyHeaders => 431,
-            _ => 400,
-        }
-    }
-
-    /// The `X-Latchkey-Error` kind.
-    pub fn kind(self) -> &'static str {
-        match self.status() {
-            400 => "bad-request",
-            _ => "head-too-large",
+            Malformed::UriTooLong => RefusalKind::UriTooLong,
+            Malformed::TooLarge | Malformed::TooManyHeaders => RefusalKind::HeadTooLarge,
+            _ => RefusalKind::BadRequest,
         }
     }
 
@@ -966,7 +960,7 @@ mod tests {
     fn a_client_written_marker_is_refused_too() {
         let mut map = http::HeaderMap::new();
         map.insert(REFUSED, http::HeaderValue::from_static("200 ok"));
-        assert_eq!(refused(&map).map(|r| r.0.status()), Some(400));
+        assert_eq!(refused(&map).map(|r| r.0.kind().status()), Some(400));
     }
 
     proptest! {

@@ -53,7 +53,7 @@ impl Generation {
         provider: Arc<CryptoProvider>,
         own_sockets: Vec<SocketAddr>,
         budget: Arc<fanout::Budget>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, super::ProxyError> {
         let ca_file = config.upstream.ca_file.as_deref();
         let dialer = |tls: rustls::ClientConfig| {
             Arc::new(Dialer {
@@ -72,7 +72,7 @@ impl Generation {
         for (i, cred) in config.credentials.iter().enumerate() {
             if let Some(material) = &cred.tls {
                 let tls = upstream::client_tls(provider.clone(), ca_file, Some(material))
-                    .map_err(|e| format!("credential {}: {e}", cred.name))?;
+                    .map_err(|source| super::ProxyError::CredentialTls { name: cred.name.clone(), source })?;
                 let d = dialer(tls);
                 let pools = Pools::new(&d);
                 by_credential.insert(i, (d, pools));

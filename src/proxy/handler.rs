@@ -13,16 +13,17 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use super::exchange;
 use super::fanout::{self, ConnBudget};
-use super::forward;
 use super::framing::{self, Gate, Malformed};
-use super::respond::{self, bad_request};
+use super::respond::{self, Protocol};
 use super::route::Route;
-use super::tunnel::{self, Identity, Opener};
+use super::tunnel::{Identity, Opener, Tunnel};
 use super::{Body, Generation, HeldSlot, Proxy};
 use crate::config::Config;
-use crate::policy::{ConnectDecision, Destination, Refusal};
-use crate::telemetry::audit::{Record, now_ts, path_only};
+use crate::policy::{Destination, Refusal, RefusalKind};
+use crate::telemetry::Record;
+use crate::telemetry::record::{self, Path};
 
 /// One client connection on the proxy port.
 pub struct Connection {
@@ -79,13 +80,13 @@ async fn handle(
             match Destination::parse_authority(&authority, Some(80)) {
                 Ok(dest) => {
                     let route = Arc::new(Route::new(dest, false, false, None, peer, agent));
-                    let Ok(resp) = forward::handle(proxy, generation, route, req).await;
+                    let Ok(resp) = exchange::handle(proxy, generation, route, req).await;
                     resp
                 }
-                Err(e) => refuse(bad_request(format!("bad host {authority:?}: {e}"))),
+                Err(e) => refuse(Refusal::bad_request(format!("bad host {authority:?}: {e}"))),
             }
         }
-        Some(_) => refuse(bad_request(
+        Some(_) => refuse(Refusal::bad_request(
             "send https:// requests through CONNECT (set HTTPS_PROXY); latchkey does not fetch them for you",
         )),
         None if req.method() == Method::GET && req.uri().path() == "/ca.crt" => {
@@ -114,7 +115,7 @@ async fn handle(
                 Err(r) => refuse(r),
             }
         }
-        None => refuse(bad_request(
+        None => refuse(Refusal::bad_request(
             "this is a proxy: send absolute-form requests or CONNECT (see `latchkey env`)",
         )),
     }
@@ -124,8 +125,9 @@ async fn handle(
 pub fn client_refusal(config: &Config, peer: SocketAddr) -> Option<Refusal> {
     let clients = &config.proxy.allowed_clients;
     let ip = crate::policy::host::canonical_ip(peer.ip());
-    (!clients.is_empty() && !clients.iter().any(|n| n.contains(&ip)))
-        .then(|| Refusal::new(403, "client-not-allowed", format!("client {ip} is not in allowed_clients")))
+    (!clients.is_empty() && !clients.iter().any(|n| n.contains(&ip))).then(|| {
+        Refusal::new(RefusalKind::ClientNotAllowed, format!("client {ip} is not in allowed_clients"))
+    })
 }
 
 /// Admit whoever opened a tunnel again under `config` (after a reload): the agent its
@@ -159,45 +161,24 @@ async fn connect(
     let dest = match Destination::parse_authority(&authority, None) {
         Ok(d) => d,
         Err(e) => {
-            let r = bad_request(format!("bad CONNECT target {authority:?}: {e}"));
+            let r = Refusal::bad_request(format!("bad CONNECT target {authority:?}: {e}"));
             return refuse_request(&proxy, &generation, peer, agent, &req, r);
         }
     };
-    let agent_name = super::agent_auth::agent_name(&generation.config, agent);
     let refuse = |r: Refusal| {
-        let mut rec = tunnel_record(peer, &dest, started);
-        rec.agent = agent_name.clone();
-        log_refusal(&proxy, rec, &r)
+        let rec = tunnel_record(&generation.config, peer, agent, &dest, started);
+        log_refusal(&proxy, rec, &r, Protocol::Http)
     };
-    let decision = super::destined::decide(&generation.config, agent, &dest);
     let opener = Opener { peer, identity: Identity::ProxyAuth(proxy_auth(req.headers())) };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    match decision {
-        ConnectDecision::Block(r) => refuse(r),
-        ConnectDecision::Tunnel => {
-            let upstream = match generation.dialer.connect_tcp(&dest).await {
-                Ok(s) => s,
-                Err(e) => return refuse(respond::upstream_refusal(&e)),
-            };
-            let slot = super::Slot::take(&slot);
-            let blind = tunnel::Blind { proxy, generation, opener, agent, dest, started };
-            tokio::spawn(async move {
-                let _slot = slot;
-                let Ok(upgraded) = on_upgrade.await else { return };
-                blind.run(TokioIo::new(upgraded), upstream).await;
-            });
-            established()
-        }
-        ConnectDecision::Intercept => {
-            // Refuse SSRF targets before any TLS; the connector checks again on connect.
-            if let Err(e) = generation.dialer.addresses(&dest).await {
-                return refuse(respond::upstream_refusal(&e));
-            }
+    match Tunnel::open(&proxy, &generation, opener, agent, &dest, started).await {
+        Err(r) => refuse(r),
+        Ok(tunnel) => {
             let slot = super::Slot::take(&slot);
             tokio::spawn(async move {
                 let _slot = slot;
                 let Ok(upgraded) = on_upgrade.await else { return };
-                tunnel::intercept(proxy, generation, opener, agent, dest, TokioIo::new(upgraded)).await;
+                tunnel.serve(TokioIo::new(upgraded)).await;
             });
             established()
         }
@@ -210,14 +191,14 @@ fn established() -> Response<Body> {
     resp
 }
 
-/// Write `rec` as a `blocked` line for refusal `r`, and answer with `r`.
-pub fn log_refusal(proxy: &Proxy, mut rec: Record, r: &Refusal) -> Response<Body> {
-    rec.status = Some(r.status);
+/// Write `rec` as a `blocked` line for refusal `r`, and answer with `r` as `protocol`.
+pub fn log_refusal(proxy: &Proxy, mut rec: Record, r: &Refusal, protocol: Protocol) -> Response<Body> {
+    rec.status = Some(r.status());
     rec.decision = "blocked";
-    rec.reason = Some(r.message.clone());
+    rec.reason = Some(r.message.clone().into());
     proxy.telemetry.finish(&rec, None, None);
-    tracing::info!(target: "latchkey::request", host = %rec.host, port = rec.port, method = %rec.method, status = r.status, kind = r.kind, "refused");
-    respond::refusal(r)
+    tracing::info!(target: "latchkey::request", host = %rec.host, port = rec.port, method = %rec.method, status = r.status(), kind = r.token(), "refused");
+    respond::refusal(r, protocol)
 }
 
 /// Refuse a request on the proxy port, logged with what it named.
@@ -237,12 +218,15 @@ pub fn refuse_request<B>(
         .or_else(|| req.headers().get(http::header::HOST).map(|h| framing::escape(h.as_bytes())))
         .unwrap_or_default();
     let (host, port) = loose_authority(&named, if connect { 0 } else { 80 });
-    let mut rec = record(peer, req.method().as_str(), if connect { "https" } else { "http" }, host, port);
+    let mut rec =
+        record(peer, req.method().as_str(), if connect { "https" } else { "http" }, host.into(), port);
     if !connect {
-        rec.path = Some(path_only(req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/")));
+        let target =
+            req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        rec.path = Some(Path::Target(target));
     }
-    rec.agent = super::agent_auth::agent_name(&generation.config, agent);
-    log_refusal(proxy, rec, &r)
+    rec.agent = agent_label(&generation.config, agent);
+    log_refusal(proxy, rec, &r, Protocol::of(req.headers()))
 }
 
 /// Refuse a head the framing guard replaced by a marker, logged with what its first
@@ -266,22 +250,22 @@ pub fn refuse_head(
     let mut rec = match route {
         Some(route) => {
             let scheme = if route.tls { "https" } else { "http" };
-            record(peer, method, scheme, route.dest.host.to_string(), route.dest.port)
+            record(peer, method, scheme, route.host_text.clone(), route.dest.port)
         }
         None => {
             let (host, port) = loose_authority(authority, if connect { 0 } else { 80 });
-            record(peer, method, if connect { "https" } else { "http" }, host, port)
+            record(peer, method, if connect { "https" } else { "http" }, host.into(), port)
         }
     };
     if !connect {
-        rec.path = Some(path_only(if path.is_empty() { "/" } else { path }));
+        rec.path = Some(Path::Text(if path.is_empty() { "/" } else { path }.to_string()));
     }
     let what = if connect && why == Malformed::RequestLine {
         format!("bad CONNECT target \"{target}\": not a host:port latchkey can parse")
     } else {
         format!("{}: \"{line}\"", why.message())
     };
-    log_refusal(proxy, rec, &Refusal::new(why.status(), why.kind(), what))
+    log_refusal(proxy, rec, &Refusal::new(why.kind(), what), Protocol::Http)
 }
 
 /// Host and port as written, for the log of a refused request: normalised when they
@@ -296,32 +280,28 @@ fn loose_authority(raw: &str, default_port: u16) -> (String, u16) {
     }
 }
 
-fn record(peer: SocketAddr, method: &str, scheme: &'static str, host: String, port: u16) -> Record {
-    Record {
-        ts: now_ts(),
-        client: peer.ip().to_string(),
-        agent: None,
-        method: method.to_string(),
-        scheme,
-        host,
-        port,
-        path: None,
-        status: None,
-        decision: "blocked",
-        reason: None,
-        credential: None,
-        bytes_up: 0,
-        bytes_down: 0,
-        duration_ms: 0,
-        usage: None,
-    }
+fn record(peer: SocketAddr, method: &str, scheme: &'static str, host: Arc<str>, port: u16) -> Record {
+    Record::new(peer.ip(), record::method_text(method), scheme, host, port)
 }
 
-/// The record of a CONNECT to `dest` (a tunnel, or its refusal).
-pub fn tunnel_record(peer: SocketAddr, dest: &Destination, started: Instant) -> Record {
-    let mut rec = record(peer, "CONNECT", "https", dest.host.to_string(), dest.port);
+/// The record of a CONNECT (or a redirected connection) from `peer` as `agent` to
+/// `dest`: a tunnel, or its refusal.
+pub fn tunnel_record(
+    config: &Config,
+    peer: SocketAddr,
+    agent: Option<usize>,
+    dest: &Destination,
+    started: Instant,
+) -> Record {
+    let mut rec = record(peer, "CONNECT", "https", dest.host.to_string().into(), dest.port);
+    rec.agent = agent_label(config, agent);
     rec.duration_ms = started.elapsed().as_millis() as u64;
     rec
+}
+
+/// The name of agent `index` as a record carries it.
+pub fn agent_label(config: &Config, agent: Option<usize>) -> Option<Arc<str>> {
+    agent.map(|i| Arc::from(config.agents[i].name.as_str()))
 }
 
 /// The `Proxy-Authorization` a CONNECT presented, marked sensitive.

@@ -9,8 +9,8 @@ mod builders;
 mod capped;
 mod destined;
 mod drain;
+mod exchange;
 mod fanout;
-mod forward;
 pub(crate) mod framing;
 mod generation;
 mod handler;
@@ -49,6 +49,25 @@ use crate::telemetry::audit::Audit;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
+/// Why a proxy could not start, or a config could not be put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    UpstreamTls(#[from] upstream::TlsSetupError),
+    #[error("credential {name}: {source}")]
+    CredentialTls { name: String, source: upstream::TlsSetupError },
+    #[error("hmac_key_file {0}")]
+    HmacKey(#[from] crate::telemetry::audit::KeyFileError),
+    #[error("cannot open log_file {path}: {source}")]
+    LogFile { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Spans(#[from] crate::telemetry::otlp::EndpointError),
+    #[error("[telemetry] otlp_endpoint: this build has no OTLP exporter (cargo feature otlp)")]
+    NoSpanExporter,
+    #[error("{0} changed: that needs a restart; still running the previous config")]
+    RestartNeeded(&'static str),
+}
+
 pub struct Proxy {
     current: RwLock<Arc<Generation>>,
     pub ca: Arc<CertAuthority>,
@@ -62,6 +81,8 @@ pub struct Proxy {
     budget: Arc<fanout::Budget>,
     /// Bumped by every reload, so open blind tunnels check themselves against it.
     reloads: tokio::sync::watch::Sender<u64>,
+    /// Config and CA loaded and the listener serving (`/readyz`).
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl Proxy {
@@ -70,16 +91,16 @@ impl Proxy {
         ca: Arc<CertAuthority>,
         provider: Arc<CryptoProvider>,
         own_sockets: Vec<SocketAddr>,
-    ) -> Result<Arc<Self>, String> {
+    ) -> Result<Arc<Self>, ProxyError> {
         let audit = if config.proxy.log_requests {
             let key = match &config.proxy.hmac_key_file {
-                Some(path) => Some(
-                    crate::telemetry::audit::read_hmac_key(path).map_err(|e| format!("hmac_key_file {e}"))?,
-                ),
+                Some(path) => Some(crate::telemetry::audit::read_hmac_key(path)?),
                 None => None,
             };
-            Audit::open(&config.proxy.log_file, key)
-                .map_err(|e| format!("cannot open log_file {}: {e}", config.proxy.log_file.display()))?
+            Audit::open(&config.proxy.log_file, key).map_err(|source| ProxyError::LogFile {
+                path: config.proxy.log_file.display().to_string(),
+                source,
+            })?
         } else {
             Audit::off()
         };
@@ -91,9 +112,7 @@ impl Proxy {
             )?),
             #[cfg(not(feature = "otlp"))]
             Some(_) => {
-                return Err(
-                    "[telemetry] otlp_endpoint: this build has no OTLP exporter (cargo feature otlp)".into(),
-                );
+                return Err(ProxyError::NoSpanExporter);
             }
             None => None,
         };
@@ -115,7 +134,17 @@ impl Proxy {
             exchanges,
             budget,
             reloads: tokio::sync::watch::Sender::new(0),
+            ready: Default::default(),
         }))
+    }
+
+    /// Serving: `/readyz` answers 200 from now on.
+    pub fn set_ready(&self) {
+        self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn generation(&self) -> Arc<Generation> {
@@ -128,11 +157,11 @@ impl Proxy {
     /// with, and an open blind tunnel is cut if the new config refuses its CONNECT. A
     /// config that changes what only a restart can change is refused, and the running
     /// one stays (fail closed).
-    pub fn reload(&self, mut config: Config) -> Result<(), String> {
+    pub fn reload(&self, mut config: Config) -> Result<(), ProxyError> {
         let old = self.generation();
         let was = &old.config;
         if let Some(what) = crate::config::restart::restart_needed(was, &config) {
-            return Err(format!("{what} changed: that needs a restart; still running the previous config"));
+            return Err(ProxyError::RestartNeeded(what));
         }
         config.proxy.listen = was.proxy.listen;
         for cred in &mut config.credentials {

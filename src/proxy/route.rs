@@ -3,12 +3,13 @@
 //! names the tunnel's host or nothing.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::request::Parts;
+use http::uri::{Authority, Scheme};
 use http::{Method, header};
 
-use super::respond::{bad_request, misdirected};
-use crate::policy::{Destination, Refusal};
+use crate::policy::{Destination, Refusal, RefusalKind};
 
 /// Where requests on this connection go. Fixed before the first request is read.
 #[derive(Debug)]
@@ -25,9 +26,12 @@ pub struct Route {
     pub agent: Option<usize>,
     /// `host:port` of `dest`, computed once per connection rather than per request.
     pub authority: String,
-    /// `scheme://host[:port]` of the upstream URI, the port left out when it is the
+    /// The host as logged, shared by every request's record.
+    pub host_text: Arc<str>,
+    /// Scheme and authority of the upstream URI, the port left out when it is the
     /// scheme's default (HTTP/2 sends it as `:authority`, as clients write it).
-    pub origin: String,
+    pub scheme: Scheme,
+    pub origin: Option<Authority>,
 }
 
 impl Route {
@@ -40,13 +44,11 @@ impl Route {
         agent: Option<usize>,
     ) -> Route {
         let authority = dest.authority();
-        let (scheme, default_port) = if tls { ("https", 443) } else { ("http", 80) };
-        let origin = if dest.port == default_port {
-            format!("{scheme}://{}", dest.host)
-        } else {
-            format!("{scheme}://{authority}")
-        };
-        Route { dest, tls, tunnel, misdirected, peer, agent, authority, origin }
+        let (scheme, default_port) = if tls { (Scheme::HTTPS, 443) } else { (Scheme::HTTP, 80) };
+        let host_text: Arc<str> = dest.host.to_string().into();
+        let origin = if dest.port == default_port { host_text.parse() } else { authority.parse() };
+        let origin = origin.ok();
+        Route { dest, tls, tunnel, misdirected, peer, agent, authority, host_text, scheme, origin }
     }
 
     /// Whether a Host value names this destination exactly as latchkey writes it: the
@@ -63,17 +65,16 @@ impl Route {
 /// Invariant 1: a request inside a tunnel names the tunnel's host or nothing.
 pub fn check(route: &Route, parts: &Parts, h2_websocket: bool) -> Result<(), Refusal> {
     if let Some(why) = &route.misdirected {
-        return Err(misdirected(why.clone()));
+        return Err(Refusal::misdirected(why.clone()));
     }
     if parts.headers.contains_key(super::framing::SMUGGLED) {
         return Err(Refusal::new(
-            400,
-            "smuggling",
+            RefusalKind::Smuggling,
             "Content-Length together with Transfer-Encoding is refused (request smuggling)",
         ));
     }
     if parts.method == Method::CONNECT && !h2_websocket {
-        return Err(bad_request("CONNECT inside a tunnel is refused"));
+        return Err(Refusal::bad_request("CONNECT inside a tunnel is refused"));
     }
     // Inside a tunnel a Host without a port means the tunnel's port (SPEC 3.1): plain
     // HTTP written into `CONNECT host:443` is that host's, and meets invariant 6.
@@ -88,25 +89,33 @@ pub fn check(route: &Route, parts: &Parts, h2_websocket: bool) -> Result<(), Ref
         let scheme_port = match parts.uri.scheme_str() {
             Some("https") => 443,
             Some("http") => 80,
-            _ => return Err(bad_request("unsupported scheme in request target")),
+            _ => return Err(Refusal::bad_request("unsupported scheme in request target")),
         };
-        let named = Destination::parse_authority(authority.as_str(), Some(scheme_port))
-            .map_err(|e| bad_request(format!("bad request target: {e}")))?;
-        if named != route.dest {
-            return Err(misdirected(format!("request names {named} but this tunnel goes to {}", route.dest)));
+        if !route.is_exactly(authority.as_str().as_bytes(), scheme_port) {
+            let named = Destination::parse_authority(authority.as_str(), Some(scheme_port))
+                .map_err(|e| Refusal::bad_request(format!("bad request target: {e}")))?;
+            if named != route.dest {
+                return Err(Refusal::misdirected(format!(
+                    "request names {named} but this tunnel goes to {}",
+                    route.dest
+                )));
+            }
         }
     }
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
-        return Err(bad_request("more than one Host header"));
+        return Err(Refusal::bad_request("more than one Host header"));
     }
     if let Some(value) = host.filter(|v| !route.is_exactly(v.as_bytes(), default_port)) {
-        let text = value.to_str().map_err(|_| bad_request("Host header is not text"))?;
+        let text = value.to_str().map_err(|_| Refusal::bad_request("Host header is not text"))?;
         let named = Destination::parse_authority(text, Some(default_port))
-            .map_err(|e| bad_request(format!("bad Host header {text:?}: {e}")))?;
+            .map_err(|e| Refusal::bad_request(format!("bad Host header {text:?}: {e}")))?;
         if named != route.dest {
-            return Err(misdirected(format!("Host {named} differs from the destination {}", route.dest)));
+            return Err(Refusal::misdirected(format!(
+                "Host {named} differs from the destination {}",
+                route.dest
+            )));
         }
     }
     Ok(())

@@ -3,17 +3,15 @@
 //! into the head, so they get the head's rules: the chosen credential's header slots are
 //! removed (invariant 3) and `blocked_patterns` look at every line.
 
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::HeaderMap;
 use http::header::HeaderName;
-use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body::Frame;
 
 use super::BoxError;
-use super::body::BlockedBody;
+use super::body::{BlockedBody, Filtered, FrameFilter};
 use crate::policy::ContentFilter;
 
 /// What a request's trailers must be cleaned of and scanned for.
@@ -62,52 +60,30 @@ impl TrailerRules {
     }
 }
 
-/// A request body whose trailers pass through `TrailerRules`. A blocked pattern ends the
-/// body with an error (the upstream request is aborted) and is recorded in `hit`.
-pub struct GuardedTrailers<B> {
-    inner: B,
+/// Request trailers through `TrailerRules`: a blocked pattern ends the body with an
+/// error (the upstream request is aborted) and is recorded in `hit`.
+pub struct TrailerGuard {
     rules: TrailerRules,
     pub hit: Arc<OnceLock<String>>,
 }
 
-impl<B> GuardedTrailers<B> {
+/// A request body whose trailers pass through a [`TrailerGuard`].
+pub type GuardedTrailers<B> = Filtered<B, TrailerGuard>;
+
+impl<B> Filtered<B, TrailerGuard> {
     pub fn new(inner: B, rules: TrailerRules, hit: Arc<OnceLock<String>>) -> Self {
-        GuardedTrailers { inner, rules, hit }
+        Filtered::with(inner, TrailerGuard { rules, hit })
     }
 }
 
-impl<B> HttpBody for GuardedTrailers<B>
-where
-    B: HttpBody<Data = Bytes, Error = BoxError> + Unpin,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => frame,
-            other => return other,
-        };
-        let mut trailers = match frame.into_trailers() {
-            Ok(t) => t,
-            Err(frame) => return Poll::Ready(Some(Ok(frame))),
-        };
-        if let Some(pattern) = self.rules.apply(&mut trailers) {
+impl FrameFilter for TrailerGuard {
+    fn frame(&mut self, frame: &mut Frame<Bytes>) -> Result<(), BoxError> {
+        let Some(trailers) = frame.trailers_mut() else { return Ok(()) };
+        if let Some(pattern) = self.rules.apply(trailers) {
             let _ = self.hit.set(pattern.clone());
-            return Poll::Ready(Some(Err(Box::new(BlockedBody(pattern)))));
+            return Err(Box::new(BlockedBody(pattern)));
         }
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        Ok(())
     }
 }
 
@@ -130,6 +106,7 @@ mod tests {
 
     #[test]
     fn end_of_stream_and_size_pass_through() {
+        use http_body::Body as _;
         let body = http_body_util::Full::new(Bytes::from_static(b"abc")).map_err(|e| match e {}).boxed();
         let g = GuardedTrailers::new(body, TrailerRules::default(), Arc::default());
         assert_eq!(g.size_hint().exact(), Some(3));

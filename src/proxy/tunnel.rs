@@ -23,15 +23,16 @@ use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::capped::Capped;
+use super::exchange;
 use super::fanout::{self, ConnBudget};
-use super::forward;
 use super::framing::{self, Gate};
 use super::handler;
+use super::respond::{self, Protocol};
 use super::route::Route;
 use super::{Body, Generation, Proxy};
-use crate::policy::{ConnectDecision, Destination, Host, Refusal};
-use crate::telemetry::audit::{Record, path_only};
+use crate::policy::{Decision, Destination, Host, Question, Refusal, RefusalKind};
 use crate::telemetry::metrics::{KindLabel, ResultLabel};
+use crate::telemetry::record::{self, Path};
 
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -78,7 +79,7 @@ pub async fn intercept<S>(
     let peer = opener.peer;
     if first[0] != TLS_HANDSHAKE {
         let route = Route::new(dest, false, true, None, peer, agent);
-        Box::pin(serve(Conn::new(proxy, &generation, opener, route), io)).await;
+        Box::pin(serve_h1(Conn::new(proxy, &generation, opener, route), io)).await;
         return;
     }
     let accept = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
@@ -119,7 +120,7 @@ pub async fn intercept<S>(
     if h2 {
         Box::pin(serve_h2(conn, tls)).await;
     } else {
-        Box::pin(serve(conn, tls)).await;
+        Box::pin(serve_h1(conn, tls)).await;
     }
 }
 
@@ -167,14 +168,14 @@ impl Conn {
         let peer = self.opener.peer;
         let resp = match (self.route(&generation), framing::refused(req.headers())) {
             (Err((r, route)), _) => {
-                let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-                handler::log_refusal(&self.proxy, request_record(&route, req.method().as_str(), target), &r)
+                let rec = request_record(&route, &req);
+                handler::log_refusal(&self.proxy, rec, &r, Protocol::of(req.headers()))
             }
             (Ok(route), Some((why, line))) => {
                 handler::refuse_head(&self.proxy, peer, Some(&route), why, &line)
             }
             (Ok(route), None) => {
-                let handled = forward::handle(self.proxy.clone(), generation, route, req);
+                let handled = exchange::handle(self.proxy.clone(), generation, route, req);
                 let Ok(resp) = fanout::scope(self.budget.clone(), handled).await;
                 resp
             }
@@ -186,32 +187,32 @@ impl Conn {
     }
 }
 
-fn request_record(route: &Route, method: &str, target: &str) -> Record {
-    Record {
-        ts: crate::telemetry::audit::now_ts(),
-        client: route.peer.ip().to_string(),
-        agent: None,
-        method: method.to_string(),
-        scheme: if route.tls { "https" } else { "http" },
-        host: route.dest.host.to_string(),
-        port: route.dest.port,
-        path: Some(path_only(target)),
-        status: None,
-        decision: "blocked",
-        reason: None,
-        credential: None,
-        bytes_up: 0,
-        bytes_down: 0,
-        duration_ms: 0,
-        usage: None,
-    }
+/// The record of a request refused on an open tunnel.
+fn request_record<B>(route: &Route, req: &Request<B>) -> crate::telemetry::Record {
+    let scheme = if route.tls { "https" } else { "http" };
+    let method = record::method(req.method());
+    let mut rec = crate::telemetry::Record::new(
+        route.peer.ip(),
+        method,
+        scheme,
+        route.host_text.clone(),
+        route.dest.port,
+    );
+    let target =
+        req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    rec.path = Some(Path::Target(target));
+    rec
+}
+
+fn limits(conn: &Conn) -> crate::config::Limits {
+    conn.proxy.generation().config.proxy.limits.clone()
 }
 
 async fn serve_h2<S>(conn: Conn, stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = conn.proxy.generation().config.proxy.limits.clone();
+    let limits = limits(&conn);
     let conn = Arc::new(conn);
     let service = service_fn(move |req| conn.clone().request(req));
     let served = super::builders::h2_builder(&limits).serve_connection(TokioIo::new(stream), service);
@@ -220,20 +221,81 @@ where
     }
 }
 
-async fn serve<S>(mut conn: Conn, stream: S)
+/// HTTP/1.1 behind the framing guard, which learns from the service whether an upgrade
+/// happened.
+async fn serve_h1<S>(mut conn: Conn, stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = conn.proxy.generation().config.proxy.limits.clone();
+    let limits = limits(&conn);
     let stream = framing::Guarded::new(stream, &limits);
     conn.gate = Some(stream.gate());
     let conn = Arc::new(conn);
     let service = service_fn(move |req| conn.clone().request(req));
-    let served = super::builders::server_builder(&limits)
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    if let Err(e) = served.await {
+    let served = super::builders::server_builder(&limits).serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = served.with_upgrades().await {
         tracing::debug!("tunnel: {e}");
+    }
+}
+
+/// A tunnel to a known destination, decided and made ready before a byte of it is
+/// read: what a CONNECT and a connection the jail redirected share.
+pub enum Tunnel {
+    /// Spliced (nothing applies to its host): the upstream is connected already.
+    Blind(Blind, TcpStream),
+    /// Opened: each request inside is decided on its own.
+    Intercept {
+        proxy: Arc<Proxy>,
+        generation: Arc<Generation>,
+        opener: Opener,
+        agent: Option<usize>,
+        dest: Destination,
+    },
+}
+
+impl Tunnel {
+    /// Decide with no request head; a blind tunnel's upstream is connected, an
+    /// intercepted one's addresses checked against the SSRF rule before any TLS (the
+    /// connector checks again on connect).
+    pub async fn open(
+        proxy: &Arc<Proxy>,
+        generation: &Arc<Generation>,
+        opener: Opener,
+        agent: Option<usize>,
+        dest: &Destination,
+        started: Instant,
+    ) -> Result<Tunnel, Refusal> {
+        let (proxy, generation, dest) = (proxy.clone(), generation.clone(), dest.clone());
+        match generation.config.decide(&Question::now(agent, &dest, None)) {
+            Decision::Block(r) => Err(r),
+            Decision::Tunnel => {
+                let upstream =
+                    generation.dialer.connect_tcp(&dest).await.map_err(|e| respond::upstream_refusal(&e))?;
+                Ok(Tunnel::Blind(Blind { proxy, generation, opener, agent, dest, started }, upstream))
+            }
+            Decision::Intercept => {
+                generation.dialer.addresses(&dest).await.map_err(|e| respond::upstream_refusal(&e))?;
+                Ok(Tunnel::Intercept { proxy, generation, opener, agent, dest })
+            }
+            // A question without a request head is answered with a tunnel or a refusal.
+            Decision::Pass { .. } | Decision::Inject { .. } | Decision::Vend { .. } => {
+                Err(Refusal::new(RefusalKind::Internal, "a tunnel was decided as a request"))
+            }
+        }
+    }
+
+    /// Serve the client's side.
+    pub async fn serve<C>(self, client: C)
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        match self {
+            // Boxed: a blind tunnel's sniffing buffers stay out of intercepted tunnels' tasks.
+            Tunnel::Blind(blind, upstream) => Box::pin(blind.run(client, upstream)).await,
+            Tunnel::Intercept { proxy, generation, opener, agent, dest } => {
+                intercept(proxy, generation, opener, agent, dest, client).await
+            }
+        }
     }
 }
 
@@ -254,7 +316,7 @@ enum Sniffed {
     /// Anything else (TLS, SSH, a database protocol...): spliced, these bytes first.
     Other(Vec<u8>),
     /// An HTTP request line after the upstream had spoken: no HTTP server does that.
-    LateHttp,
+    LateHttp(Vec<u8>),
     /// The tunnel ended before its client sent anything that says.
     Ended(Option<String>),
 }
@@ -284,24 +346,24 @@ impl Blind {
                 drop(gauge);
                 return self.serve_http(client, first).await;
             }
-            Sniffed::LateHttp => return self.refuse_late_http(client, &upstream).await,
+            Sniffed::LateHttp(first) => return self.refuse_late_http(client, first, &upstream).await,
             Sniffed::Ended(why) => return self.log(why, &client, &upstream),
         };
         if first.first() == Some(&TLS_HANDSHAKE) {
             // Invariant 1 holds in a blind tunnel too: a ClientHello naming another host
             // (domain fronting past a blocklist) is refused before a byte goes up.
             let sni = match super::destined::read_client_hello(&mut client, &mut first, &limits).await {
-                Ok(sni) => sni,
-                Err(()) => {
+                Ok(hello) => hello.sni,
+                Err(super::destined::Stalled) => {
                     return self.log(Some("the ClientHello never completed".into()), &client, &upstream);
                 }
             };
             let config = &self.generation.config;
             if let Some(r) = super::destined::sni_refusal(config, self.agent, &self.dest, sni.as_deref()) {
                 let _ = client.write_all(&super::destined::TLS_ACCESS_DENIED).await;
-                let mut rec = handler::tunnel_record(self.opener.peer, &self.dest, self.started);
-                rec.agent = super::agent_auth::agent_name(config, self.agent);
-                handler::log_refusal(&self.proxy, rec, &r);
+                let rec =
+                    handler::tunnel_record(config, self.opener.peer, self.agent, &self.dest, self.started);
+                handler::log_refusal(&self.proxy, rec, &r, Protocol::Http);
                 return;
             }
         }
@@ -324,11 +386,11 @@ impl Blind {
 
     /// The tunnel's one `tunnelled` line, with the bytes it carried however it ended.
     fn log<C, U>(&self, why: Option<String>, client: &Capped<C>, upstream: &Capped<U>) {
-        let mut rec = handler::tunnel_record(self.opener.peer, &self.dest, self.started);
-        rec.agent = super::agent_auth::agent_name(&self.generation.config, self.agent);
+        let config = &self.generation.config;
+        let mut rec = handler::tunnel_record(config, self.opener.peer, self.agent, &self.dest, self.started);
         rec.status = Some(200);
         rec.decision = "tunnelled";
-        rec.reason = why;
+        rec.reason = why.map(Into::into);
         rec.bytes_up = upstream.moved().1;
         rec.bytes_down = client.moved().1;
         self.proxy.telemetry.finish(&rec, None, None);
@@ -343,30 +405,24 @@ impl Blind {
         let _open = TunnelGauge::open(&self.proxy, "intercepted");
         let route = Route::new(self.dest, false, true, None, self.opener.peer, self.agent);
         let conn = Conn::new(self.proxy.clone(), &self.generation, self.opener, route);
-        Box::pin(serve(conn, Prefixed::new(first, client))).await;
+        Box::pin(serve_h1(conn, Prefixed::new(first, client))).await;
     }
 
-    async fn refuse_late_http<C, U>(self, mut client: Capped<C>, upstream: &Capped<U>)
+    async fn refuse_late_http<C, U>(self, mut client: Capped<C>, first: Vec<u8>, upstream: &Capped<U>)
     where
-        C: AsyncWrite + Unpin,
+        C: AsyncRead + AsyncWrite + Unpin,
     {
-        let r = super::respond::bad_request(format!(
+        let r = Refusal::bad_request(format!(
             "plain HTTP sent into a tunnel to {} after the server spoke first; that is no HTTP server, and latchkey does not relay HTTP blind",
             self.dest
         ));
-        let body = format!("latchkey: {}\n", r.message);
-        let head = format!(
-            "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\nx-latchkey-error: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-            r.kind,
-            body.len()
-        );
-        let _ = client.write_all(format!("{head}{body}").as_bytes()).await;
-        let _ = client.shutdown().await;
-        let mut rec = handler::tunnel_record(self.opener.peer, &self.dest, self.started);
-        rec.agent = super::agent_auth::agent_name(&self.generation.config, self.agent);
+        let limits = &self.generation.config.proxy.limits;
+        respond::on_stream(Prefixed::new(first, &mut client), r.clone(), limits).await;
+        let config = &self.generation.config;
+        let mut rec = handler::tunnel_record(config, self.opener.peer, self.agent, &self.dest, self.started);
         rec.bytes_down = client.moved().1;
         rec.bytes_up = upstream.moved().1;
-        handler::log_refusal(&self.proxy, rec, &r);
+        handler::log_refusal(&self.proxy, rec, &r, Protocol::Http);
     }
 }
 
@@ -405,7 +461,7 @@ where
                     first.extend_from_slice(&up[..n]);
                     head_by.get_or_insert(tokio::time::Instant::now() + limits.header_read_timeout);
                     match looks_like_http(&first, limits.max_header_bytes) {
-                        Some(true) if spoke => return Sniffed::LateHttp,
+                        Some(true) if spoke => return Sniffed::LateHttp(first),
                         Some(true) => return Sniffed::Http(first),
                         Some(false) => return Sniffed::Other(first),
                         None => {}
@@ -475,13 +531,10 @@ async fn refused_by_reload(
         let config = &proxy.generation().config;
         let refusal = match handler::admit(config, opener) {
             Err(r) => Some(r),
-            Ok(agent) => super::agent_auth::destination_refusal(config, agent, dest).or_else(|| match config
-                .policy
-                .decide_connect(dest)
-            {
-                ConnectDecision::Block(r) => Some(r),
+            Ok(agent) => match config.decide(&Question::now(agent, dest, None)) {
+                Decision::Block(r) => Some(r),
                 _ => None,
-            }),
+            },
         };
         if let Some(r) = refusal {
             return r;

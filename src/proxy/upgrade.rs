@@ -18,7 +18,7 @@ use crate::redact::Set;
 use super::route::Route;
 use super::upstream::Dialer;
 use crate::config::Config;
-use crate::policy::Refusal;
+use crate::policy::{Refusal, RefusalKind};
 
 /// An upgrade latchkey relays.
 pub enum Upgrade {
@@ -100,15 +100,14 @@ pub async fn relay(
     let mut resp = match tokio::time::timeout(config.proxy.timeout, send).await {
         Ok(r) => r?,
         Err(_) => {
-            return Err(Refusal::new(504, "upstream-timeout", format!("{} did not answer", route.dest)));
+            return Err(Refusal::new(RefusalKind::UpstreamTimeout, format!("{} did not answer", route.dest)));
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if redactors.is_some() && resp.headers().contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
             // latchkey offered none: compressed frames (RSV1) would pass unscanned.
             return Err(Refusal::new(
-                502,
-                "upstream-websocket",
+                RefusalKind::UpstreamWebSocket,
                 format!(
                     "{} accepted a WebSocket extension latchkey did not offer; its frames could not be scanned for credentials",
                     route.dest
@@ -152,16 +151,19 @@ fn websocket_key() -> Result<HeaderValue, Refusal> {
     use base64::Engine;
     let mut nonce = [0u8; 16];
     let provider = rustls::crypto::CryptoProvider::get_default()
-        .ok_or_else(|| Refusal::new(502, "internal", "no crypto provider"))?;
-    provider.secure_random.fill(&mut nonce).map_err(|_| Refusal::new(502, "internal", "no randomness"))?;
+        .ok_or_else(|| Refusal::new(RefusalKind::Internal, "no crypto provider"))?;
+    provider
+        .secure_random
+        .fill(&mut nonce)
+        .map_err(|_| Refusal::new(RefusalKind::Internal, "no randomness"))?;
     let key = base64::engine::general_purpose::STANDARD.encode(nonce);
     HeaderValue::from_str(&key).map_err(|_| bad_host())
 }
 
 fn bad_host() -> Refusal {
-    super::respond::bad_request("cannot build the upgrade request")
+    Refusal::bad_request("cannot build the upgrade request")
 }
 
 fn reset(route: &Route, e: hyper::Error) -> Refusal {
-    Refusal::new(502, "upstream-reset", format!("{} failed during the upgrade: {e}", route.dest))
+    Refusal::new(RefusalKind::UpstreamReset, format!("{} failed during the upgrade: {e}", route.dest))
 }

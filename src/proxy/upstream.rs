@@ -310,13 +310,18 @@ fn tls_cause(e: &io::Error) -> String {
     e.get_ref().map(|inner| inner.to_string()).unwrap_or_else(|| e.to_string())
 }
 
+message_error! {
+    /// Why latchkey's upstream TLS could not be set up (a bad `ca_file`, client certificate).
+    pub TlsSetupError
+}
+
 /// Upstream trust: the public roots plus `[upstream] ca_file`, never the latchkey CA
 /// and never `SSL_CERT_FILE`/`SSL_CERT_DIR` (an agent could set those).
 pub fn client_tls(
     provider: Arc<rustls::crypto::CryptoProvider>,
     ca_file: Option<&std::path::Path>,
     credential: Option<&crate::secrets::ClientTls>,
-) -> Result<ClientConfig, String> {
+) -> Result<ClientConfig, TlsSetupError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -328,7 +333,7 @@ pub fn client_tls(
             .collect::<Result<_, _>>()
             .map_err(|e| err(&e))?;
         if certs.is_empty() {
-            return Err(err(&"no certificates"));
+            return Err(err(&"no certificates").into());
         }
         for c in certs {
             roots.add(c).map_err(|e| err(&e))?;

@@ -5,28 +5,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::mpsc::{Sender, channel};
 
-use serde::Serialize;
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Record {
-    pub ts: String,
-    pub client: String,
-    pub agent: Option<String>,
-    pub method: String,
-    pub scheme: &'static str,
-    pub host: String,
-    pub port: u16,
-    pub path: Option<String>,
-    pub status: Option<u16>,
-    pub decision: &'static str,
-    pub reason: Option<String>,
-    pub credential: Option<String>,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    pub duration_ms: u64,
-    /// LLM token usage the response reported (`null` otherwise).
-    pub usage: Option<crate::telemetry::usage::Usage>,
-}
+use super::record::Record;
 
 /// A handle to the log writer thread; cheap to clone, a no-op when logging is off.
 #[derive(Clone, Debug, Default)]
@@ -48,7 +27,7 @@ impl Audit {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let mut prev = chain_tail(path)?;
+        let Anchor(mut prev) = chain_tail(path)?;
         let mut file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
         let key = hmac_key.map(|k| aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &k));
         let (tx, rx) = channel::<String>();
@@ -96,7 +75,7 @@ fn sign(line: &str, key: &aws_lc_rs::hmac::Key) -> String {
 }
 
 /// Check a signed line's `"hmac"`; `Err` says why it fails.
-fn check_hmac(line: &str, v: &serde_json::Value, key: &aws_lc_rs::hmac::Key) -> Result<(), String> {
+fn check_hmac(line: &str, v: &serde_json::Value, key: &aws_lc_rs::hmac::Key) -> Result<(), &'static str> {
     let tag = v["hmac"].as_str().ok_or("no \"hmac\" (line not signed)")?;
     let suffix = format!(",\"hmac\":\"{tag}\"}}");
     let unsigned = line.strip_suffix(&suffix).ok_or("\"hmac\" is not the last key")?;
@@ -104,22 +83,30 @@ fn check_hmac(line: &str, v: &serde_json::Value, key: &aws_lc_rs::hmac::Key) -> 
         (0..tag.len()).step_by(2).map(|i| u8::from_str_radix(tag.get(i..i + 2)?, 16).ok()).collect();
     let bytes = bytes.filter(|b| b.len() == 32).ok_or("\"hmac\" is not 64 hex digits")?;
     aws_lc_rs::hmac::verify(key, format!("{unsigned}}}").as_bytes(), &bytes)
-        .map_err(|_| "HMAC does not match: the line was written without the key".to_string())
+        .map_err(|_| "HMAC does not match: the line was written without the key")
+}
+
+message_error! {
+    /// An HMAC key file latchkey will not use: why (names the file).
+    pub KeyFileError
 }
 
 /// Read an HMAC key file: it must exist, be non-empty, and be readable by its owner only.
-pub fn read_hmac_key(path: &Path) -> Result<Vec<u8>, String> {
+pub fn read_hmac_key(path: &Path) -> Result<Vec<u8>, KeyFileError> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
-        return Err(format!("{}: must not be readable or writable by others (chmod 600)", path.display()));
+        return Err(
+            format!("{}: must not be readable or writable by others (chmod 600)", path.display()).into()
+        );
     }
     let key = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if key.len() < 16 {
         return Err(format!(
             "{}: use at least 16 bytes of key (e.g. head -c 32 /dev/urandom)",
             path.display()
-        ));
+        )
+        .into());
     }
     Ok(key)
 }
@@ -129,22 +116,25 @@ fn hash_hex(bytes: &[u8]) -> String {
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Where a file's hash chain continues: `"prev"` of the next line written.
+struct Anchor(String);
+
 /// Where the chain of an existing file continues: the hash of its last line, or a fresh
 /// random anchor for an empty or new file.
-fn chain_tail(path: &Path) -> std::io::Result<String> {
+fn chain_tail(path: &Path) -> std::io::Result<Anchor> {
     let last = match std::fs::read_to_string(path) {
         Ok(text) => text.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e),
     };
-    Ok(match last {
+    Ok(Anchor(match last {
         Some(line) => hash_hex(line.as_bytes()),
         None => {
             let mut nonce = [0u8; 16];
             aws_lc_rs::rand::fill(&mut nonce).map_err(|_| std::io::Error::other("no randomness"))?;
             format!("nonce:{}", nonce.iter().map(|b| format!("{b:02x}")).collect::<String>())
         }
-    })
+    }))
 }
 
 /// Check a log's chain. `Ok(lines)` when intact; `Err((line number, why))` at the first
@@ -161,7 +151,7 @@ pub fn verify(text: &str, hmac_key: Option<&[u8]>) -> Result<usize, (usize, Stri
         let v: serde_json::Value =
             serde_json::from_str(line).map_err(|_| (n, "not a JSON line".to_string()))?;
         if let Some(key) = &key {
-            check_hmac(line, &v, key).map_err(|why| (n, why))?;
+            check_hmac(line, &v, key).map_err(|why| (n, why.to_string()))?;
         }
         let prev = v["prev"].as_str().ok_or((n, "no \"prev\" (not a chained line)".to_string()))?;
         match &expected {
@@ -179,19 +169,6 @@ pub fn verify(text: &str, hmac_key: Option<&[u8]>) -> Result<usize, (usize, Stri
     Ok(count)
 }
 
-/// RFC 3339 UTC with milliseconds.
-pub fn now_ts() -> String {
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    time::OffsetDateTime::now_utc().format(&fmt).unwrap_or_default()
-}
-
-/// The path of a request target without its query string.
-pub fn path_only(target: &str) -> String {
-    target.split(['?', '#']).next().unwrap_or("").to_string()
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -199,7 +176,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         let lines: Vec<String> = {
-            let mut prev = super::chain_tail(&path).unwrap();
+            let super::Anchor(mut prev) = super::chain_tail(&path).unwrap();
             (0..4)
                 .map(|i| {
                     let line = super::chain(&format!("{{\"n\":{i}}}"), &prev);
@@ -248,13 +225,5 @@ mod tests {
         let rechained = write(&["{\"n\":1}", "{\"n\":9}", "{\"n\":3}"], None);
         assert_eq!(super::verify(&rechained, None), Ok(3));
         assert_eq!(super::verify(&rechained, Some(key_bytes)).unwrap_err().0, 1);
-    }
-
-    #[test]
-    fn ts_and_path() {
-        let ts = super::now_ts();
-        assert_eq!(ts.len(), 24, "{ts}");
-        assert!(ts.ends_with('Z'));
-        assert_eq!(super::path_only("/v1/x?key=secret"), "/v1/x");
     }
 }

@@ -13,24 +13,26 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::telemetry::audit::Record;
+use std::sync::{Arc, LazyLock};
+
+use super::record::Record;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub decision: &'static str,
-    pub credential: String,
+    pub credential: Arc<str>,
     pub status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CredentialLabel {
-    pub credential: String,
+    pub credential: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
     pub direction: &'static str,
-    pub credential: String,
+    pub credential: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,7 +47,7 @@ pub struct ResultLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
-    pub credential: String,
+    pub credential: Arc<str>,
     pub model: String,
     pub kind: &'static str,
 }
@@ -144,7 +146,9 @@ impl Metrics {
 
     /// Count one finished exchange from its audit record.
     pub fn request(&self, record: &Record, upstream: Option<Duration>) {
-        let credential = record.credential.clone().unwrap_or_else(|| "none".into());
+        // Names are shared, not copied: counting a request allocates nothing.
+        static NONE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("none"));
+        let credential = record.credential.clone().unwrap_or_else(|| NONE.clone());
         if let Some(d) = upstream {
             self.upstream_latency
                 .get_or_create(&CredentialLabel { credential: credential.clone() })

@@ -7,9 +7,13 @@
 pub mod audit;
 pub mod metrics;
 pub mod otlp;
+mod pending;
+pub mod record;
 pub mod usage;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+pub use pending::Pending;
+pub use record::Record;
+
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
@@ -17,33 +21,23 @@ use http::HeaderMap;
 use crate::config::Config;
 use crate::inject::Slot;
 use crate::limits::{Limiter, Scope};
-use crate::policy::Refusal;
-use crate::telemetry::audit::{Audit, Record};
-use crate::telemetry::metrics::Metrics;
+use crate::policy::{Budgets, Policy, Refusal, RefusalKind};
+use audit::Audit;
+use metrics::Metrics;
 use otlp::{Exporter, REDACTED, Span};
 
 pub struct Telemetry {
     pub audit: Audit,
     pub metrics: Metrics,
+    /// Rate-limit and token-budget state: spent here from each finished exchange's
+    /// usage, checked by [`Telemetry::admit`] before a request goes out.
     pub limits: Limiter,
     pub spans: Option<Exporter>,
-    /// Config and CA loaded and the listener serving (`/readyz`).
-    pub ready: AtomicBool,
 }
 
 impl Telemetry {
     pub fn new(audit: Audit, spans: Option<Exporter>) -> Telemetry {
-        Telemetry {
-            audit,
-            metrics: Metrics::new(),
-            limits: Limiter::default(),
-            spans,
-            ready: AtomicBool::new(false),
-        }
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        Telemetry { audit, metrics: Metrics::new(), limits: Limiter::default(), spans }
     }
 
     /// Record one finished exchange everywhere it is counted.
@@ -89,35 +83,30 @@ impl Telemetry {
         Some(span)
     }
 
-    /// Admit a request under the limits of its credential and agent (429 beyond them).
-    pub fn admit(
-        &self,
-        config: &Config,
-        credential: Option<usize>,
-        agent: Option<usize>,
-    ) -> Result<(), Refusal> {
-        let mut checks = Vec::with_capacity(2);
-        if let Some(c) = credential.and_then(|i| config.credentials.get(i)) {
-            checks.push((Scope::Credential, c.name.as_str(), c.limits));
-        }
-        if let Some(a) = agent.and_then(|i| config.agents.get(i)) {
-            checks.push((Scope::Agent, a.name.as_str(), a.limits));
-        }
-        if checks.iter().all(|c| c.2.is_empty()) {
+    /// Admit a request under the budgets the decision named (its credential's and its
+    /// agent's limits): 429 beyond them.
+    pub fn admit(&self, policy: &Policy, budgets: Budgets) -> Result<(), Refusal> {
+        if budgets.is_empty() {
             return Ok(());
         }
+        let credential = budgets.credential.map(|i| &policy.credentials[i]);
+        let agent = budgets.agent.map(|i| &policy.agents[i]);
+        let checks: Vec<(Scope, &str, crate::limits::Limits)> = credential
+            .map(|c| (Scope::Credential, c.name.as_str(), c.limits))
+            .into_iter()
+            .chain(agent.map(|a| (Scope::Agent, a.name.as_str(), a.limits)))
+            .collect();
         self.limits.admit(&checks).map_err(|e| {
             self.metrics
                 .limited
-                .get_or_create(&crate::telemetry::metrics::LimitLabels {
+                .get_or_create(&metrics::LimitLabels {
                     scope: e.scope.as_str(),
                     name: e.name.clone(),
                     limit: e.limit,
                 })
                 .inc();
             Refusal::new(
-                429,
-                "rate-limited",
+                RefusalKind::RateLimited,
                 format!(
                     "{} {} is over its {} limit; retry in {}s",
                     e.scope.as_str(),
@@ -148,11 +137,11 @@ fn is_credential_slot(config: &Config, name: &str) -> bool {
 fn fill_span(span: &mut Span, r: &Record) {
     span.end = SystemTime::now();
     span.str("http.request.method", r.method.clone());
-    span.str("server.address", r.host.clone());
+    span.str("server.address", &*r.host);
     span.int("server.port", i64::from(r.port));
     span.str("url.scheme", r.scheme);
     if let Some(p) = &r.path {
-        span.str("url.path", p.clone());
+        span.str("url.path", p.as_str());
     }
     if let Some(s) = r.status {
         span.int("http.response.status_code", i64::from(s));
@@ -160,10 +149,10 @@ fn fill_span(span: &mut Span, r: &Record) {
     }
     span.str("latchkey.decision", r.decision);
     if let Some(c) = &r.credential {
-        span.str("latchkey.credential", c.clone());
+        span.str("latchkey.credential", &**c);
     }
     if let Some(a) = &r.agent {
-        span.str("latchkey.agent", a.clone());
+        span.str("latchkey.agent", &**a);
     }
     if let Some(why) = &r.reason {
         span.str("latchkey.reason", why.clone());

@@ -187,6 +187,11 @@ pub fn encode_request(service: &str, spans: &[Span]) -> Vec<u8> {
 
 // --- export ---
 
+message_error! {
+    /// An `otlp_endpoint` latchkey cannot export to: why.
+    pub EndpointError
+}
+
 /// Spans waiting to be sent; a full queue drops spans rather than slowing requests.
 const QUEUE: usize = 4096;
 const BATCH: usize = 256;
@@ -200,14 +205,15 @@ pub struct Exporter {
 impl Exporter {
     /// Start the export task (needs a tokio runtime). `endpoint` is the collector's base
     /// URL (`http://host:4318`); spans go to `/v1/traces`.
-    pub fn start(endpoint: &str, service: String) -> Result<Exporter, String> {
+    pub fn start(endpoint: &str, service: String) -> Result<Exporter, EndpointError> {
         let base = endpoint.trim_end_matches('/');
         let uri: http::Uri =
             format!("{base}/v1/traces").parse().map_err(|e| format!("otlp_endpoint {endpoint:?}: {e}"))?;
         if uri.scheme_str() != Some("http") {
             return Err(format!(
                 "otlp_endpoint {endpoint:?}: only http:// is supported (a collector on loopback or a sidecar)"
-            ));
+            )
+            .into());
         }
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(rx, uri, service));

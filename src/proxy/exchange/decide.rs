@@ -1,0 +1,91 @@
+//! Phase "decide": ask the one decision (`Config::decide`) about this request, then
+//! admit it under the budgets the decision named (the limiter's state is the runtime's).
+
+use http::request::Parts;
+use http::{Response, header};
+
+use super::super::route::Route;
+use super::super::{Body, respond};
+use crate::config::Config;
+use crate::policy::{Decision, Question, Refusal, RefusalKind, RequestHead};
+use crate::telemetry::{Record, Telemetry};
+
+/// The credential a request gets: its index and the regex captures of its host.
+pub struct Chosen {
+    pub index: usize,
+    pub captures: Vec<(String, String)>,
+}
+
+pub enum Decided {
+    /// Goes upstream, with this credential or none.
+    Forward(Option<Chosen>),
+    /// latchkey answers with this credential's stand-in token.
+    Vend(usize),
+}
+
+pub fn decide(
+    telemetry: &Telemetry,
+    config: &Config,
+    route: &Route,
+    parts: &Parts,
+    record: &mut Record,
+) -> Result<Decided, Refusal> {
+    let head = head(route, parts);
+    let q = Question::now(route.agent, &route.dest, Some(&head));
+    match config.decide(&q) {
+        Decision::Block(r) => {
+            if names_credential(r.kind) {
+                // Refused although a credential would apply: the record names it.
+                record.credential =
+                    config.policy.winner(&route.dest, &head).map(|i| config.credentials[i].label.clone());
+            }
+            Err(r)
+        }
+        Decision::Pass { reason, budgets } => {
+            record.decision = "passed";
+            record.reason = Some(reason);
+            telemetry.admit(&config.policy, budgets)?;
+            Ok(Decided::Forward(None))
+        }
+        Decision::Inject { credential, captures, budgets } => {
+            record.credential = Some(config.credentials[credential].label.clone());
+            telemetry.admit(&config.policy, budgets)?;
+            Ok(Decided::Forward(Some(Chosen { index: credential, captures })))
+        }
+        Decision::Vend { credential } => Ok(Decided::Vend(credential)),
+        // Only a question without a request head is answered with a tunnel.
+        Decision::Tunnel | Decision::Intercept => {
+            Err(Refusal::new(RefusalKind::Internal, "a request was decided as a tunnel"))
+        }
+    }
+}
+
+/// What the policy sees of a request.
+pub fn head<'a>(route: &Route, parts: &'a Parts) -> RequestHead<'a> {
+    RequestHead {
+        method: parts.method.as_str(),
+        target: parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/"),
+        path: parts.uri.path(),
+        headers: &parts.headers,
+        tls: route.tls,
+    }
+}
+
+/// Refusals of a request that had a credential: the agent may not use it, the method
+/// would echo it, the host would mint with it.
+fn names_credential(kind: RefusalKind) -> bool {
+    matches!(kind, RefusalKind::AgentCredential | RefusalKind::TraceRefused | RefusalKind::MintingEndpoint)
+}
+
+/// latchkey's own answer to a client library's token request (the decision `Vend`).
+pub fn vended(config: &Config, credential: usize, record: &mut Record) -> Result<Response<Body>, Refusal> {
+    let vended = config.credentials[credential]
+        .injector
+        .vend()
+        .ok_or_else(|| Refusal::new(RefusalKind::Internal, "this credential vends no token"))?;
+    record.decision = "injected";
+    record.reason = Some("token vended by latchkey (stub credentials)".into());
+    let mut resp = Response::new(respond::full(vended.body));
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(vended.content_type));
+    Ok(resp)
+}

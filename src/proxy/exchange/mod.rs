@@ -1,0 +1,101 @@
+//! One request to a known destination, in named phases — one phase per file, in the
+//! manner of pingora's `ProxyHttp` hooks and linkerd2-proxy's one-layer-per-file stack:
+//!
+//! 1. admit           (`log`)              counted in flight; its record and span begun
+//! 2. check route     (`super::route`)     the request names the connection's destination
+//! 3. decide          (`decide`)           the one decision, then admission under its budgets
+//! 4. prepare         (`upstream_request`) the upstream request: URI from the destination
+//! 5. inject          (`inject`)           the credential written, through its injector's hooks
+//! 6. send            (`send`)             upstream within the timeout; one replay after a 401
+//! 7. filter response (`response`)         redaction, hop-by-hop headers, cookies
+//! 8. log             (`log`)              usage read as the body streams; one record at its end
+//!
+//! This file names no credential scheme: what one needs (a token refreshed, a body
+//! hashed, a replay) it asks for through the `Injector` hooks.
+
+mod decide;
+mod inject;
+mod log;
+mod response;
+mod send;
+mod upstream_request;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+
+use super::route::Route;
+use super::token_client::ClientHttp;
+use super::upgrade::{self, Upgrade};
+use super::{Body, Generation, Proxy};
+use crate::policy::Refusal;
+use decide::Decided;
+
+/// What an exchange ends in, besides a refusal.
+enum Answer {
+    /// The upstream's response, on its way to the client.
+    Forwarded(Response<Body>),
+    /// latchkey answered itself (a vended token).
+    Local(Response<Body>),
+}
+
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    generation: Arc<Generation>,
+    route: Arc<Route>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let mut x = log::Exchange::admit(&proxy, &generation, &route, &parts);
+    // Boxed: hyper keeps a slot sized for this future on every connection, idle or not;
+    // the exchange's state is allocated only while a request is in flight.
+    let answered = Box::pin(exchange(&proxy, &generation, &route, parts, body, &mut x)).await;
+    Ok(x.end(answered, &generation.config, &route))
+}
+
+async fn exchange(
+    proxy: &Proxy,
+    generation: &Generation,
+    route: &Route,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    x: &mut log::Exchange,
+) -> Result<Answer, Refusal> {
+    let config = &generation.config;
+    let upgrade = upgrade::requested(&parts);
+    let h2_websocket = matches!(upgrade, Some(Upgrade::H2WebSocket));
+    super::route::check(route, &parts, h2_websocket)?;
+    if h2_websocket {
+        // Policy, injection and the log see the WebSocket handshake as what it is: a GET.
+        parts.method = Method::GET;
+    }
+    let chosen = match decide::decide(&proxy.telemetry, config, route, &parts, &mut x.record)? {
+        Decided::Vend(credential) => {
+            return decide::vended(config, credential, &mut x.record).map(Answer::Local);
+        }
+        Decided::Forward(chosen) => chosen,
+    };
+    let credential = chosen.as_ref().map(|c| &config.credentials[c.index]);
+    // The pool follows the client's protocol; the request itself goes as HTTP/1.1.
+    let to =
+        send::Upstream::new(generation, route, chosen.as_ref().map(|c| c.index), parts.version, credential);
+    let redact = upstream_request::prepare(&mut parts, route, config)?;
+    let tokens = ClientHttp { client: &generation.client, timeout: config.proxy.timeout };
+    let body = send::request_body(body);
+    let (body, replay) = match (&chosen, credential) {
+        (Some(chosen), Some(cred)) => {
+            let injected =
+                inject::inject(cred, &chosen.captures, &mut parts, body, &tokens, upgrade.is_none()).await?;
+            x.record.decision = "injected";
+            injected
+        }
+        _ => (body, None),
+    };
+    let resp = match upgrade {
+        Some(kind) => to.relay(parts, kind, redact).await?,
+        None => to.send(parts, body, replay, &tokens, &x.up).await?,
+    };
+    response::filter(resp, config, route, credential, redact).map(Answer::Forwarded)
+}

@@ -1,0 +1,165 @@
+//! Phase "send": the request goes upstream within `timeout` — its body counted, scanned
+//! for `blocked_patterns`, its trailers cleaned — on the pool its credential selects;
+//! an upgrade is relayed on a connection of its own. A credential the upstream refuses
+//! with 401 gets one renewal and one replay, when its injector asks for that.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use http::request::Parts;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::Client;
+
+use super::super::body::{Counted, ScanBody};
+use super::super::route::Route;
+use super::super::trailers::{GuardedTrailers, TrailerRules};
+use super::super::upgrade::{self, Upgrade};
+use super::super::upstream::{Connector, Dialer, UpstreamError};
+use super::super::{Body, BoxError, Generation, respond};
+use super::inject::{Replay, write};
+use crate::config::{Config, Credential};
+use crate::inject::TokenHttp;
+use crate::policy::{Refusal, RefusalKind};
+
+/// Where a request goes and what it is sent with.
+pub struct Upstream<'a> {
+    config: &'a Arc<Config>,
+    route: &'a Route,
+    dialer: &'a Arc<Dialer>,
+    client: &'a Client<Connector, Body>,
+    credential: Option<&'a Credential>,
+    trailers: TrailerRules,
+}
+
+impl<'a> Upstream<'a> {
+    /// The dialer and pool for a request of `version` that selected `index` (or none).
+    pub fn new(
+        generation: &'a Generation,
+        route: &'a Route,
+        index: Option<usize>,
+        version: http::Version,
+        credential: Option<&'a Credential>,
+    ) -> Self {
+        let (dialer, client) = generation.upstream(index, version);
+        let config = &generation.config;
+        let trailers = TrailerRules::new(credential, config);
+        Upstream { config, route, dialer, client, credential, trailers }
+    }
+
+    /// Send, and on a 401 to a renewable credential send once more with a new one
+    /// (a second 401 goes back to the client).
+    pub async fn send(
+        &self,
+        parts: Parts,
+        body: Body,
+        replay: Option<Replay>,
+        http: &dyn TokenHttp,
+        up: &Arc<AtomicU64>,
+    ) -> Result<Response<Body>, Refusal> {
+        let resp = self.send_once(parts, body, up.clone()).await?;
+        if resp.status() == StatusCode::UNAUTHORIZED
+            && let (Some(cred), Some(mut again)) = (self.credential, replay)
+            && cred.injector.renew(http).await
+        {
+            let body =
+                write(cred, &again.captures, &mut again.parts, respond::full(again.body), http).await?;
+            let resp = self.send_once(again.parts, body, up.clone()).await?;
+            return Ok(resp.map(|b| b.map_err(box_error).boxed()));
+        }
+        Ok(resp.map(|b| b.map_err(box_error).boxed()))
+    }
+
+    /// An upgrade (WebSocket) relayed on a dedicated upstream connection.
+    pub async fn relay(
+        &self,
+        mut parts: Parts,
+        kind: Upgrade,
+        redact: bool,
+    ) -> Result<Response<Body>, Refusal> {
+        let client = parts
+            .extensions
+            .remove::<OnUpgrade>()
+            .ok_or_else(|| Refusal::bad_request("cannot upgrade here"))?;
+        let redactors = redact.then(|| crate::redact::for_host(self.config, &self.route.dest)).flatten();
+        let resp =
+            upgrade::relay(self.config, self.dialer, self.route, parts, kind, client, redactors).await?;
+        Ok(resp.map(|b| b.map_err(box_error).boxed()))
+    }
+
+    /// Send upstream within `timeout`, scanning the body (and cleaning and scanning its
+    /// trailers) when the trailer rules or content filters ask for it.
+    async fn send_once(
+        &self,
+        parts: Parts,
+        body: Body,
+        up: Arc<AtomicU64>,
+    ) -> Result<Response<Incoming>, Refusal> {
+        let config = self.config;
+        let trailer_hit = Arc::new(std::sync::OnceLock::new());
+        let body = if self.trailers.is_empty() {
+            body
+        } else {
+            GuardedTrailers::new(body, self.trailers.clone(), trailer_hit.clone()).boxed()
+        };
+        let counted = Counted::new(body, up);
+        let (body, hit): (Body, _) = if config.policy.filters.content.is_empty() {
+            (counted.boxed(), None)
+        } else {
+            let scan = ScanBody::new(counted, config.clone());
+            let hit = scan.filter.hit.clone();
+            (scan.boxed(), Some(hit))
+        };
+        let request = self.client.request(Request::from_parts(parts, body));
+        match tokio::time::timeout(config.proxy.timeout, request).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => match (hit.as_ref().and_then(|h| h.get()), trailer_hit.get()) {
+                (Some(pattern), _) => Err(Refusal::new(
+                    RefusalKind::BlockedPattern,
+                    format!("request body matches blocked pattern {pattern:?}"),
+                )),
+                (None, Some(pattern)) => Err(Refusal::new(
+                    RefusalKind::BlockedPattern,
+                    format!("request trailers match blocked pattern {pattern:?}"),
+                )),
+                (None, None) => Err(upstream_failure(self.route, &e)),
+            },
+            Err(_) => Err(Refusal::new(
+                RefusalKind::UpstreamTimeout,
+                format!("{} did not answer within {}s", self.route.dest, config.proxy.timeout.as_secs()),
+            )),
+        }
+    }
+}
+
+/// The client's request body, its read errors told apart from the upstream's.
+pub fn request_body(body: Incoming) -> Body {
+    body.map_err(|e| -> BoxError { Box::new(ClientBodyError(e)) }).boxed()
+}
+
+fn upstream_failure(route: &Route, e: &hyper_util::client::legacy::Error) -> Refusal {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(u) = err.downcast_ref::<UpstreamError>() {
+            return respond::upstream_refusal(u);
+        }
+        if let Some(c) = err.downcast_ref::<ClientBodyError>() {
+            return Refusal::bad_request(c.to_string());
+        }
+        source = err.source();
+    }
+    let cause = std::error::Error::source(e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+    Refusal::new(RefusalKind::UpstreamReset, format!("{} failed: {cause}", route.dest))
+}
+
+/// The client's request body failed (bad chunking, early close): its fault, not the
+/// upstream's, so it is answered with 400 rather than 502.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the request body failed: {0}")]
+struct ClientBodyError(#[source] hyper::Error);
+
+fn box_error(e: hyper::Error) -> BoxError {
+    Box::new(e)
+}

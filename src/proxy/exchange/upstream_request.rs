@@ -1,0 +1,83 @@
+//! Phase "prepare": the request as it goes upstream — its URI built from the
+//! destination (never from a client-written host), hop-by-hop headers removed, HTTP/1.1
+//! semantics, `Via`, and identity encoding asked for when the response will be scanned.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{Uri, Version};
+
+use super::super::route::Route;
+use crate::config::Config;
+use crate::inject::is_hop_by_hop;
+use crate::policy::Refusal;
+
+/// Rewrite the request for the upstream. Returns whether the response will be
+/// redacted: every response from a host a credential names is scanned, whether or not
+/// this request carries the credential (it may return one sent earlier).
+pub fn prepare(parts: &mut Parts, route: &Route, config: &Config) -> Result<bool, Refusal> {
+    // `te: trailers` is the one TE value that crosses hops (gRPC needs it).
+    let trailers =
+        parts.headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    strip_hop_by_hop(&mut parts.headers);
+    if trailers {
+        parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    parts.headers.remove(header::HOST);
+    parts.uri = upstream_uri(&parts.uri, route)?;
+    parts.version = Version::HTTP_11;
+    if config.proxy.via {
+        add_via(&mut parts.headers);
+    }
+    let redact = config.proxy.redact_responses && config.policy.naming_host(&route.dest).next().is_some();
+    if redact {
+        // A compressed body could not be scanned for the secret: ask for identity.
+        parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    }
+    Ok(redact)
+}
+
+/// `scheme://destination/path?query`: the client's path, the connection's destination.
+fn upstream_uri(uri: &Uri, route: &Route) -> Result<Uri, Refusal> {
+    let rebuild = || Refusal::bad_request("cannot rebuild the request URI");
+    let pq = match uri.path_and_query() {
+        Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
+        Some(pq) => format!("/{pq}").parse().map_err(|_| rebuild())?,
+        None => PathAndQuery::from_static("/"),
+    };
+    let mut out = http::uri::Parts::default();
+    out.scheme = Some(route.scheme.clone());
+    out.authority = Some(route.origin.clone().ok_or_else(rebuild)?);
+    out.path_and_query = Some(pq);
+    Uri::from_parts(out).map_err(|_| rebuild())
+}
+
+/// Append latchkey to `Via` (RFC 9110 7.6.3), keeping what earlier hops wrote.
+pub fn add_via(headers: &mut HeaderMap) {
+    const US: &str = "1.1 latchkey";
+    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prior) => HeaderValue::from_str(&format!("{prior}, {US}")),
+        None => Ok(HeaderValue::from_static(US)),
+    };
+    if let Ok(v) = value {
+        headers.insert(header::VIA, v);
+    }
+}
+
+/// Remove hop-by-hop headers and every header the Connection header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let hop: Vec<HeaderName> = headers.keys().filter(|k| is_hop_by_hop(k)).cloned().collect();
+    for name in hop {
+        headers.remove(name);
+    }
+}
