@@ -87,6 +87,69 @@ fn sni_naming_another_host_is_refused() {
 }
 
 #[test]
+fn a_blind_tunnel_refuses_a_client_hello_naming_another_host() {
+    // No credential or filter names other.example.com, so its CONNECT is spliced blind
+    // (domain fronting past a blocklist would look like this). The upstream is a raw
+    // socket that records every byte it gets: a ClientHello for the blocked host must
+    // never reach it.
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = listener.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let got = received.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let got = got.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    got.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("requests.log");
+    let body = format!(
+        "[proxy.logging]\nlog_requests = true\nlog_file = \"{}\"\n[proxy.filters]\nblocked_domains = [\"evil.example.net\"]\n#END-PROXY\n{CRED}",
+        log.display()
+    );
+    let port = free_port();
+    let path = write_config(dir.path(), port, Some(upstream_addr), &body);
+    let lk = Latchkey::spawn(dir, port, path, &[("ANTHROPIC_API_KEY", SECRET)]);
+
+    let (s, head) = tunnel(lk.port, "other.example.com:443");
+    assert!(head.starts_with("HTTP/1.1 200"), "a blind tunnel is established: {head}");
+    let mut t = tls(s, "evil.example.net");
+    let wrote = t.write_all(b"GET / HTTP/1.1\r\nHost: evil.example.net\r\n\r\n").and_then(|_| t.flush());
+    let mut answer = Vec::new();
+    let read = t.read_to_end(&mut answer);
+    let alert = format!("{wrote:?} {read:?}");
+    assert!(wrote.is_err() || read.is_err(), "the handshake must fail: {alert}");
+    assert!(alert.contains("AccessDenied") || alert.contains("access_denied"), "a TLS alert: {alert}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(received.lock().unwrap().is_empty(), "bytes reached the upstream");
+
+    // The tunnel's one line says it was refused, and why.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("\"CONNECT\"")) {
+            break json(l);
+        }
+        assert!(std::time::Instant::now() < deadline, "no log line: {}", lk.stderr());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(line["decision"], "blocked", "{line}");
+    assert_eq!(line["host"], "other.example.com", "{line}");
+    assert!(line["reason"].as_str().unwrap_or("").contains("evil.example.net"), "{line}");
+}
+
+#[test]
 fn connect_inside_a_tunnel_is_refused() {
     let (up, lk) = start("");
     let (s, _) = tunnel(lk.port, "api.anthropic.com:443");

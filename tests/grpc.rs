@@ -100,3 +100,49 @@ fn a_trailers_only_refusal_reaches_the_client_as_sent() {
         ["PERMISSION_DENIED", "project alpha is not yours", "policy-7"]
     );
 }
+
+#[test]
+fn a_grpc_client_reads_latchkeys_refusal_as_a_grpc_status() {
+    // A host blocked while the client's channel is open: the next call is refused at
+    // the request, and a gRPC client can only read a refusal from grpc-status.
+    use std::io::{BufRead, Write};
+    let (_server, lk) = setup(SECRET, false, |_| REDACTING.to_string());
+    let mut child = py("grpc_client.py")
+        .arg("again")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("HOME", lk.dir.path())
+        .env("BUNDLE", lk.bundle())
+        .env("https_proxy", lk.proxy_url())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "OK echo:hi", "{}", lk.stderr());
+
+    let mut config = std::fs::read_to_string(&lk.config_path).unwrap();
+    config.push_str("\n[proxy.filters]\nblocked_domains = [\"api.example.com\"]\n");
+    std::fs::write(&lk.config_path, config).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !lk.stderr().contains("reloaded") {
+        assert!(std::time::Instant::now() < deadline, "no reload: {}", lk.stderr());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        rest.lines().collect::<Vec<_>>(),
+        [
+            "PERMISSION_DENIED",
+            "latchkey: api.example.com is blocked by blocked_domains pattern \"api.example.com\"",
+            "blocked-domain",
+        ],
+        "{}",
+        lk.stderr()
+    );
+}

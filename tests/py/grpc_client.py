@@ -1,7 +1,8 @@
 """A real gRPC client (grpcio) through latchkey via https_proxy, holding a placeholder.
 With the argument `denied`: one call answered trailers-only; prints code, details and
 the trailing metadata. With `chat`: a bidirectional ping-pong that sends each message
-only once the reply to the previous one arrived."""
+only once the reply to the previous one arrived. With `again`: one call, then (on the
+same channel) another once a line arrives on stdin; prints each outcome."""
 import os
 import queue
 import sys
@@ -20,6 +21,23 @@ if sys.argv[1:] == ["denied"]:
         print(e.code().name)
         print(e.details())
         print(dict(e.trailing_metadata() or ()).get("x-denied-by"))
+    sys.exit(0)
+
+def outcome(call):
+    try:
+        response, c = call.with_call(b"hi", metadata=metadata, timeout=20)
+        print("OK", response.decode(), flush=True)
+    except grpc.RpcError as e:
+        print(e.code().name)
+        print(e.details())
+        print(dict(e.trailing_metadata() or ()).get("x-latchkey-error"), flush=True)
+
+
+if sys.argv[1:] == ["again"]:
+    unary = channel.unary_unary("/test.Echo/Unary")
+    outcome(unary)
+    sys.stdin.readline()
+    outcome(unary)
     sys.exit(0)
 
 if sys.argv[1:] == ["chat"]:
