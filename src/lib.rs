@@ -1,7 +1,9 @@
 //! latchkey: a credential-injecting egress proxy for AI agents and other untrusted code.
 //!
 //! Data flows one way: accept → identify destination → decide → (intercept) → inject →
-//! forward → log. Each step has its module.
+//! forward → redact → log. The decision is one pure function (`policy::decision`, asked
+//! through `Config::decide`); the proxy's exchange runs in named phases
+//! (`proxy::exchange`). `docs/architecture.md` is the map.
 
 /// An error that is one message for the user (it names the file, rule or command at
 /// fault): a `thiserror` type around the text, made from a `String` or `&str` by `?`.

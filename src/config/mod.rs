@@ -298,65 +298,7 @@ impl Compiler<'_> {
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let p = &raw.proxy;
-        let pe = |key: &str, msg: String| self.err(&["proxy"], None, key, msg);
-        let bind: IpAddr =
-            p.bind.parse().map_err(|_| pe("bind", format!("{:?} is not an IP address", p.bind)))?;
-        let cidrs = |list: &[String], key: &str| -> Result<Vec<IpNet>, ConfigError> {
-            list.iter()
-                .map(|s| parse_cidr(s).ok_or_else(|| pe(key, format!("{s:?} is not an IP or CIDR"))))
-                .collect()
-        };
-        let allowed_clients = cidrs(&p.allowed_clients, "allowed_clients")?;
-        if !bind.is_loopback() && allowed_clients.is_empty() && raw.agents.is_empty() {
-            return Err(pe(
-                "bind",
-                format!(
-                    "binding to {bind} (not loopback) needs allowed_clients or [agents]: latchkey will not run an open credential proxy"
-                ),
-            ));
-        }
-        let intercept_all = match p.intercept.as_str() {
-            "auto" => false,
-            "all" => true,
-            other => {
-                return Err(pe("intercept", format!("{other:?}: expected \"auto\" or \"all\"")));
-            }
-        };
-        if p.connect_timeout == 0 || p.timeout == 0 {
-            return Err(pe("timeout", "timeouts must be at least 1 second".into()));
-        }
-        let l = &p.limits;
-        let limits = Limits {
-            max_header_bytes: l.max_header_bytes.max(1024),
-            max_headers: l.max_headers.max(8),
-            header_read_timeout: Duration::from_secs(l.header_read_timeout.max(1)),
-            idle_timeout: Duration::from_secs(l.idle_timeout.max(1)),
-            max_connections: l.max_connections.max(1),
-            max_connections_per_client: l.max_connections_per_client.max(1),
-            inspect_body_bytes: l.inspect_body_bytes,
-            tunnel_timeout: Duration::from_secs(l.tunnel_timeout.max(1)),
-            shutdown_grace: Duration::from_secs(l.shutdown_grace),
-            max_tunnel_bytes: (l.max_tunnel_bytes > 0).then_some(l.max_tunnel_bytes),
-            max_upstream_per_connection: l.max_upstream_per_connection.max(1),
-            max_upstream_connections: l.max_upstream_connections.max(2),
-        };
-        let proxy = ProxySettings {
-            listen: SocketAddr::new(bind, p.port),
-            ca_dir: expand_home(&p.ca_dir),
-            generate_certs: p.generate_certs,
-            ca_lifetime_days: p.ca_lifetime.max(1),
-            timeout: Duration::from_secs(p.timeout),
-            connect_timeout: Duration::from_secs(p.connect_timeout.min(p.timeout)),
-            allowed_clients,
-            allow_private: cidrs(&p.allow_private, "allow_private")?,
-            redact_responses: p.redact_responses,
-            via: p.via,
-            mlock: p.mlock,
-            log_requests: p.logging.log_requests,
-            log_file: expand_home(&p.logging.log_file),
-            hmac_key_file: p.logging.hmac_key_file.as_deref().map(expand_home),
-            limits,
-        };
+        let (proxy, intercept_all) = self.proxy_settings(&raw)?;
         let filters = self.filters(&raw.proxy.filters)?;
         let upstream = self.upstream(&raw.upstream)?;
         let admin = match raw.admin.as_ref().and_then(|a| a.listen.as_deref()) {
@@ -427,6 +369,72 @@ impl Compiler<'_> {
             telemetry,
             jail,
         })
+    }
+
+    /// `[proxy]`, `[proxy.logging]` and `[proxy.limits]`; and whether every host is
+    /// intercepted (`intercept = "all"`).
+    fn proxy_settings(&self, raw: &RawConfig) -> Result<(ProxySettings, bool), ConfigError> {
+        let p = &raw.proxy;
+        let pe = |key: &str, msg: String| self.err(&["proxy"], None, key, msg);
+        let bind: IpAddr =
+            p.bind.parse().map_err(|_| pe("bind", format!("{:?} is not an IP address", p.bind)))?;
+        let cidrs = |list: &[String], key: &str| -> Result<Vec<IpNet>, ConfigError> {
+            list.iter()
+                .map(|s| parse_cidr(s).ok_or_else(|| pe(key, format!("{s:?} is not an IP or CIDR"))))
+                .collect()
+        };
+        let allowed_clients = cidrs(&p.allowed_clients, "allowed_clients")?;
+        if !bind.is_loopback() && allowed_clients.is_empty() && raw.agents.is_empty() {
+            return Err(pe(
+                "bind",
+                format!(
+                    "binding to {bind} (not loopback) needs allowed_clients or [agents]: latchkey will not run an open credential proxy"
+                ),
+            ));
+        }
+        let intercept_all = match p.intercept.as_str() {
+            "auto" => false,
+            "all" => true,
+            other => {
+                return Err(pe("intercept", format!("{other:?}: expected \"auto\" or \"all\"")));
+            }
+        };
+        if p.connect_timeout == 0 || p.timeout == 0 {
+            return Err(pe("timeout", "timeouts must be at least 1 second".into()));
+        }
+        let l = &p.limits;
+        let limits = Limits {
+            max_header_bytes: l.max_header_bytes.max(1024),
+            max_headers: l.max_headers.max(8),
+            header_read_timeout: Duration::from_secs(l.header_read_timeout.max(1)),
+            idle_timeout: Duration::from_secs(l.idle_timeout.max(1)),
+            max_connections: l.max_connections.max(1),
+            max_connections_per_client: l.max_connections_per_client.max(1),
+            inspect_body_bytes: l.inspect_body_bytes,
+            tunnel_timeout: Duration::from_secs(l.tunnel_timeout.max(1)),
+            shutdown_grace: Duration::from_secs(l.shutdown_grace),
+            max_tunnel_bytes: (l.max_tunnel_bytes > 0).then_some(l.max_tunnel_bytes),
+            max_upstream_per_connection: l.max_upstream_per_connection.max(1),
+            max_upstream_connections: l.max_upstream_connections.max(2),
+        };
+        let proxy = ProxySettings {
+            listen: SocketAddr::new(bind, p.port),
+            ca_dir: expand_home(&p.ca_dir),
+            generate_certs: p.generate_certs,
+            ca_lifetime_days: p.ca_lifetime.max(1),
+            timeout: Duration::from_secs(p.timeout),
+            connect_timeout: Duration::from_secs(p.connect_timeout.min(p.timeout)),
+            allowed_clients,
+            allow_private: cidrs(&p.allow_private, "allow_private")?,
+            redact_responses: p.redact_responses,
+            via: p.via,
+            mlock: p.mlock,
+            log_requests: p.logging.log_requests,
+            log_file: expand_home(&p.logging.log_file),
+            hmac_key_file: p.logging.hmac_key_file.as_deref().map(expand_home),
+            limits,
+        };
+        Ok((proxy, intercept_all))
     }
 
     /// `value_command_env` names plain variables, none of which holds a secret latchkey

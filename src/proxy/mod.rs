@@ -1,7 +1,10 @@
-//! The proxy: listeners, CONNECT, interception and forwarding.
+//! The proxy: listeners, CONNECT, interception and forwarding — the runtime around the
+//! decision.
 //!
-//! accept → identify destination (CONNECT authority or absolute URI, never a Host
-//! header) → decide → intercept or tunnel → inject → forward → log.
+//! accept (`Proxy::serve`, `slots`, `framing`) → identify destination (`handler`: the
+//! CONNECT authority or absolute URI, never a Host header; `destined`: a connection that
+//! arrived without CONNECT) → decide (`Config::decide`) → tunnel blind or intercept
+//! (`tunnel`) → each request in phases (`exchange`) → log.
 
 pub(crate) mod agent_auth;
 mod body;
