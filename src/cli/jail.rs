@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use super::{load_config, open_ca, provider};
+use super::provider;
 use crate::config::Config;
 use crate::jail::{self, Plan};
 use crate::proxy::Proxy;
@@ -17,28 +17,17 @@ pub fn exec(
     hide: Vec<PathBuf>,
     command: Vec<String>,
 ) -> ExitCode {
-    let config = match load_config(config) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    // The jail reads ca.crt and bundle.pem; in-process serving needs the key too.
-    let ca = match open_ca(&config, false) {
-        Ok(ca) => ca,
-        Err(code) => return code,
-    };
-    let port = match config.proxy.listen.port() {
-        0 => 3128,
-        p => p,
-    };
-    let inside = format!("http://127.0.0.1:{port}");
-    let mut proxy_url = Some(inside);
-    if let Err(code) = super::env::with_agent(&config, agent.as_deref(), &mut proxy_url) {
-        return code;
-    }
-    let running = super::running_active(&config);
-    let vars = super::env::client_env(&config, running.as_deref(), proxy_url, None);
+    // The jail reads ca.crt and bundle.pem; in-process serving needs the key too. The
+    // proxy port inside the jail is on its own loopback.
+    let inside = |config: &Config| Some(format!("http://127.0.0.1:{}", jail_proxy_port(config)));
+    let super::ChildStart { config, ca, vars, running } =
+        match super::child_start(config, agent.as_deref(), inside) {
+            Ok(start) => start,
+            Err(code) => return code,
+        };
     let env = child_env(&super::env::scrub_list(&config), &vars);
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let port = jail_proxy_port(&config);
     let plan = Plan { argv: command, hide: hide_list(&config, &hide, &cwd), proxy_port: port, cwd };
     let foreground = Terminal::foreground();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
@@ -204,5 +193,13 @@ impl Terminal {
             libc::tcsetpgrp(0, libc::getpgrp());
             libc::signal(libc::SIGTTOU, old);
         }
+    }
+}
+
+/// The proxy port inside the jail: the configured one (3128 when it is 0).
+fn jail_proxy_port(config: &Config) -> u16 {
+    match config.proxy.listen.port() {
+        0 => 3128,
+        p => p,
     }
 }

@@ -229,6 +229,31 @@ fn init_tracing(level: Option<&str>) {
 }
 
 /// Load the config or explain why not (exit 2).
+/// What `exec` and `exec --jail` start from: the config, the CA, and the child's
+/// variables — the proxy at `proxy_url` (the configured address when `None`), with the
+/// agent's credentials in it when `--agent` names one.
+pub(crate) struct ChildStart {
+    pub config: Config,
+    pub ca: Arc<CertAuthority>,
+    pub vars: Vec<(String, String)>,
+    /// The credentials active in the latchkey already running with this CA, if one answers.
+    pub running: Option<Vec<String>>,
+}
+
+pub(crate) fn child_start(
+    path: Option<PathBuf>,
+    agent: Option<&str>,
+    proxy_url: impl FnOnce(&Config) -> Option<String>,
+) -> Result<ChildStart, ExitCode> {
+    let config = load_config(path)?;
+    let ca = open_ca(&config, false)?;
+    let mut url = proxy_url(&config);
+    env::with_agent(&config, agent, &mut url)?;
+    let running = running_active(&config);
+    let vars = env::client_env(&config, running.as_deref(), url, None);
+    Ok(ChildStart { config, ca, vars, running })
+}
+
 pub(crate) fn load_config(path: Option<PathBuf>) -> Result<Config, ExitCode> {
     let found = config::find_config(path.as_deref()).map_err(config_error)?;
     config::load(found.as_deref()).map_err(config_error)

@@ -317,20 +317,11 @@ async fn shutdown_signal() {
 }
 
 pub fn exec(config: Option<PathBuf>, agent: Option<String>, command: Vec<String>) -> ExitCode {
-    let config = match load_config(config) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let ca = match open_ca(&config, false) {
-        Ok(ca) => ca,
-        Err(code) => return code,
-    };
-    let mut proxy_url = None;
-    if let Err(code) = super::env::with_agent(&config, agent.as_deref(), &mut proxy_url) {
-        return code;
-    }
-    let running = super::running_active(&config);
-    let vars = super::env::client_env(&config, running.as_deref(), proxy_url, None);
+    let super::ChildStart { config, ca, vars, running } =
+        match super::child_start(config, agent.as_deref(), |_| None) {
+            Ok(start) => start,
+            Err(code) => return code,
+        };
     let mut scrub = super::env::scrub_list(&config);
     scrub.extend(super::env::holding_secrets(&config));
     runtime().block_on(async move {
