@@ -194,6 +194,31 @@ impl CertAuthority {
     }
 }
 
+impl CertAuthority {
+    /// A leaf for the proxy's own names and addresses (`[proxy] tls`), signed by this CA
+    /// with the shared leaf key; valid `LEAF_DAYS`, never past the CA.
+    pub fn own_leaf(&self, names: &[String]) -> Result<Arc<CertifiedKey>, CaError> {
+        let mut p = CertificateParams::new(names.to_vec()).map_err(err)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_else(|| "latchkey".into()));
+        dn.push(DnType::OrganizationName, "latchkey proxy");
+        p.distinguished_name = dn;
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.use_authority_key_identifier_extension = true;
+        p.serial_number = Some(random_serial(&self.provider)?);
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now - Duration::days(1);
+        p.not_after = (now + Duration::days(LEAF_DAYS)).min(self.ca_not_after);
+        let leaf = p.signed_by(&self.leaf_key, &self.issuer).map_err(err)?;
+        Ok(Arc::new(CertifiedKey::new(vec![leaf.der().clone()], self.leaf_signer.clone())))
+    }
+
+    pub fn provider(&self) -> Arc<CryptoProvider> {
+        self.provider.clone()
+    }
+}
+
 fn random_serial(provider: &CryptoProvider) -> Result<SerialNumber, CaError> {
     let mut bytes = [0u8; 16];
     provider.secure_random.fill(&mut bytes).map_err(|_| CaError("the system has no randomness".into()))?;

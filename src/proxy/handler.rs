@@ -26,7 +26,7 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let is_proxy_request = req.method() == Method::CONNECT || req.uri().scheme().is_some();
     let agent = if is_proxy_request {
-        match super::identity::authenticate(&generation.config, req.headers()) {
+        match super::identity::authenticate(&generation.config, req.headers(), req.extensions().get()) {
             Ok(agent) => agent,
             Err(r) => {
                 tracing::info!(target: "latchkey::request", %peer, "proxy authentication failed");

@@ -8,6 +8,7 @@ mod capped;
 mod forward;
 pub(crate) mod framing;
 mod handler;
+pub(crate) mod hop;
 pub(crate) mod identity;
 pub mod ops;
 mod respond;
@@ -29,7 +30,7 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::crypto::CryptoProvider;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::audit::Audit;
@@ -143,6 +144,8 @@ pub struct Proxy {
     connections: Arc<Semaphore>,
     per_client: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
     pub exchanges: Arc<Exchanges>,
+    /// `[proxy] tls`: the TLS side of the proxy port.
+    hop: Option<hop::TlsHop>,
 }
 
 /// A client connection's place under the global and per-client limits, and in the
@@ -289,6 +292,13 @@ impl Proxy {
             None => None,
         };
         let connections = Arc::new(Semaphore::new(config.proxy.limits.max_connections));
+        let hop = match config.proxy.tls {
+            true => Some(hop::TlsHop::new(
+                ca.clone(),
+                hop::own_names(config.proxy.listen.ip(), &config.proxy.tls_names),
+            )?),
+            false => None,
+        };
         let generation = Generation::new(Arc::new(config), provider.clone(), own_sockets.clone())?;
         let exchanges = Arc::new(Exchanges::default());
         let per_client = Default::default();
@@ -301,6 +311,7 @@ impl Proxy {
             connections,
             per_client,
             exchanges,
+            hop,
         }))
     }
 
@@ -354,12 +365,13 @@ impl Proxy {
             let slot = Slot::new(permit, per_client, &self.ops.metrics.connections);
             let proxy = self.clone();
             tokio::spawn(async move {
+                let Some(stream) = proxy.client_stream(stream, peer).await else { return };
                 proxy.serve_client(stream, peer, Arc::new(std::sync::Mutex::new(Some(slot)))).await;
             });
         }
     }
 
-    async fn serve_client(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, slot: HeldSlot) {
+    async fn serve_client(self: Arc<Self>, stream: hop::ClientStream, peer: SocketAddr, slot: HeldSlot) {
         let generation = self.generation();
         let clients = &generation.config.proxy.allowed_clients;
         let ip = crate::policy::host::canonical_ip(peer.ip());
@@ -382,8 +394,13 @@ impl Proxy {
         }
         let _ = stream.set_nodelay(true);
         let limits = generation.config.proxy.limits.clone();
-        let service =
-            service_fn(move |req| handler::handle(self.clone(), generation.clone(), peer, slot.clone(), req));
+        let cert = stream.client_cert();
+        let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+            if let Some(cert) = &cert {
+                req.extensions_mut().insert(cert.clone());
+            }
+            handler::handle(self.clone(), generation.clone(), peer, slot.clone(), req)
+        });
         let stream = framing::Guarded::new(stream, &limits);
         let conn = server_builder(&limits).serve_connection(TokioIo::new(stream), service).with_upgrades();
         if let Err(e) = conn.await {
@@ -400,6 +417,9 @@ fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
     }
     if old.proxy.ca_dir != new.proxy.ca_dir {
         return Some("[proxy] ca_dir");
+    }
+    if old.proxy.tls != new.proxy.tls || old.proxy.tls_names != new.proxy.tls_names {
+        return Some("[proxy] tls or tls_names");
     }
     if old.admin != new.admin {
         return Some("[admin] listen");
