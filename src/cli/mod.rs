@@ -3,6 +3,7 @@
 mod check;
 mod env;
 mod explain;
+mod health;
 mod providers;
 mod run;
 
@@ -134,6 +135,18 @@ enum Command {
         #[command(subcommand)]
         action: CaAction,
     },
+    /// Probe the admin endpoint (a container HEALTHCHECK, where the image has no curl):
+    /// exit 0 when it answers 200, 1 when not, 2 when there is no admin endpoint to ask.
+    Health {
+        #[arg(long, value_name = "PATH", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+        /// The admin address (default: $LATCHKEY_ADMIN_LISTEN, else the config's [admin] listen).
+        #[arg(long, value_name = "IP:PORT")]
+        admin: Option<std::net::SocketAddr>,
+        /// What to probe: /readyz (ready to serve) or /healthz (alive).
+        #[arg(long, default_value = "/readyz", value_name = "PATH")]
+        path: String,
+    },
     /// Print the built-in provider table: where each writes its secret, its variables and hosts.
     Providers,
     /// Request-log tools.
@@ -187,6 +200,7 @@ pub fn main() -> ExitCode {
         Command::Check { config, local } => check::check(config, local),
         Command::Ca { config, action } => ca(config, action),
         Command::Providers => providers::providers(),
+        Command::Health { config, admin, path } => health::health(config, admin, &path),
         Command::Audit { action: AuditAction::Verify { file, hmac_key } } => {
             audit_verify(&file, hmac_key.as_deref())
         }
