@@ -214,6 +214,19 @@ impl CertAuthority {
         Ok(Arc::new(CertifiedKey::new(vec![leaf.der().clone()], self.leaf_signer.clone())))
     }
 
+    /// Write the public half — `ca.crt` and `bundle.pem`, nothing else — into `dir`
+    /// (`[proxy] ca_export_dir`), for agents that must trust latchkey but may not see
+    /// `ca_dir` (which holds the key). Created 0755 when missing.
+    pub fn export_public(&self, dir: &Path) -> Result<(), CaError> {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| CaError(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+        }
+        write_atomic(&dir.join("ca.crt"), self.cert_pem.as_bytes(), 0o644)?;
+        write_bundle(dir, &self.cert_pem)
+    }
+
     pub fn provider(&self) -> Arc<CryptoProvider> {
         self.provider.clone()
     }

@@ -32,15 +32,26 @@ fn variables_override_the_file_in_a_running_proxy() {
         "[credentials.x]\nheader = \"x-key\"\nvalue = \"REAL\"\ndomains = [\"api.example.com\"]\n",
     );
     let ca_dir = dir.path().join("ca-from-env");
+    let public = dir.path().join("public");
     let listen = format!("127.0.0.1:{port}");
     let env = [
         ("LATCHKEY_LISTEN", listen.as_str()),
         ("LATCHKEY_CA_DIR", ca_dir.to_str().unwrap()),
+        ("LATCHKEY_CA_EXPORT_DIR", public.to_str().unwrap()),
         ("LATCHKEY_ALLOWED_DOMAINS", "api.example.com"),
         ("LATCHKEY_ALLOWED_CLIENTS", "127.0.0.1"),
     ];
     let lk = Latchkey::spawn(dir, port, cfg, &env);
     assert!(ca_dir.join("ca.crt").exists(), "the CA is made in LATCHKEY_CA_DIR");
+    // The export directory gets the public half only, readable by the agent's uid.
+    let mut exported: Vec<String> =
+        std::fs::read_dir(&public).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    exported.sort();
+    assert_eq!(exported, ["bundle.pem", "ca.crt"], "never the key");
+    assert_eq!(std::fs::read(public.join("ca.crt")).unwrap(), std::fs::read(ca_dir.join("ca.crt")).unwrap());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(public.join("ca.crt")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644);
     let curl = |url: &str| {
         let out = Command::new("curl")
             .args(["-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}", "-x", &lk.proxy_url()])

@@ -27,6 +27,11 @@ const VARS: &[Var] = &[
     Var { name: "LATCHKEY_LISTEN", key: "proxy.bind", kind: Kind::Listen },
     Var { name: "LATCHKEY_CA_DIR", key: "proxy.ca_dir", kind: Kind::Str(|r| &mut r.proxy.ca_dir) },
     Var {
+        name: "LATCHKEY_CA_EXPORT_DIR",
+        key: "proxy.ca_export_dir",
+        kind: Kind::OptStr(|r| &mut r.proxy.ca_export_dir),
+    },
+    Var {
         name: "LATCHKEY_ALLOWED_CLIENTS",
         key: "proxy.allowed_clients",
         kind: Kind::List(|r| &mut r.proxy.allowed_clients),

@@ -90,6 +90,8 @@ pub struct ProxySettings {
     /// `[proxy] tls`: the proxy port speaks TLS; the names its certificate covers.
     pub tls: bool,
     pub tls_names: Vec<String>,
+    /// `[proxy] ca_export_dir`: where the public half of the CA is copied for agents.
+    pub ca_export_dir: Option<PathBuf>,
     pub log_requests: bool,
     pub log_file: PathBuf,
     pub hmac_key_file: Option<PathBuf>,
@@ -360,6 +362,7 @@ impl Compiler<'_> {
             mlock: p.mlock,
             tls: p.tls,
             tls_names: p.tls_names.clone(),
+            ca_export_dir: p.ca_export_dir.as_deref().map(expand_home),
             log_requests: p.logging.log_requests,
             log_file: expand_home(&p.logging.log_file),
             hmac_key_file: p.logging.hmac_key_file.as_deref().map(expand_home),

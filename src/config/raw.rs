@@ -64,6 +64,8 @@ pub struct RawProxy {
     pub tls: bool,
     /// Names and addresses the proxy's own certificate covers, besides the defaults.
     pub tls_names: Vec<String>,
+    /// A directory that gets only the public `ca.crt` and `bundle.pem`, for agents.
+    pub ca_export_dir: Option<String>,
     pub logging: RawLogging,
     pub filters: RawFilters,
     pub limits: RawLimits,
@@ -89,6 +91,7 @@ impl Default for RawProxy {
             mlock: false,
             tls: false,
             tls_names: vec![],
+            ca_export_dir: None,
             logging: RawLogging::default(),
             filters: RawFilters::default(),
             limits: RawLimits::default(),
