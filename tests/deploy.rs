@@ -243,3 +243,198 @@ fn write_cfg(dir: &Path, name: &str, ca_dir: &Path, port: u16) -> PathBuf {
     set_mode(&path, 0o644);
     path
 }
+
+/// kustomize: `kubectl kustomize` (Debian's kubernetes-client has it), else the
+/// `kustomize` binary; neither is a failure that says what to install.
+fn kustomize(dir: &Path) -> String {
+    let have = |tool: &str| {
+        Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success()
+    };
+    let out = if have("kubectl") {
+        Command::new("kubectl").arg("kustomize").arg(dir).output().unwrap()
+    } else if have("kustomize") {
+        Command::new("kustomize").arg("build").arg(dir).output().unwrap()
+    } else {
+        panic!(
+            "neither kubectl nor kustomize is installed: apt-get install kubernetes-client (scripts/test.sh does)"
+        );
+    };
+    assert!(out.status.success(), "kustomize {}: {}", dir.display(), text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every manifest, as the overlays render them, against the Kubernetes schemas
+/// (kubernetes-validate, offline, strict: unknown fields are errors), for the oldest
+/// version the sidecar needs (1.29: native sidecars) and the newest known.
+#[test]
+fn kubernetes_manifests_render_and_validate() {
+    let k8s = repo().join("deploy/kubernetes");
+    let out = Command::new("kubernetes-validate").arg("--version").output();
+    assert!(
+        out.is_ok_and(|o| o.status.success()),
+        "kubernetes-validate is not installed: python3 -m pip install kubernetes-validate (scripts/test.sh does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut rendered = std::collections::HashMap::new();
+    for name in ["overlays/gateway", "overlays/sidecar", "agent-policy"] {
+        let yaml = kustomize(&k8s.join(name));
+        let file = dir.path().join(format!("{}.yaml", name.replace('/', "-")));
+        std::fs::write(&file, &yaml).unwrap();
+        for version in ["1.29.0", "latest"] {
+            let mut cmd = Command::new("kubernetes-validate");
+            cmd.args(["--strict", "--no-warn"]);
+            if version != "latest" {
+                cmd.args(["-k", version]);
+            }
+            let out = cmd.arg(&file).output().unwrap();
+            assert!(out.status.success(), "{name} against Kubernetes {version}:\n{}", text(&out));
+            assert!(!text(&out).contains("ERROR"), "{name}: {}", text(&out));
+        }
+        rendered.insert(name, yaml);
+    }
+    let gateway = &rendered["overlays/gateway"];
+    for must in [
+        "kind: Deployment",
+        "replicas: 3",
+        "kind: Service",
+        "kind: PodDisruptionBudget",
+        "kind: NetworkPolicy",
+        "kind: ConfigMap",
+        "secretName: latchkey-ca",
+        "secretName: latchkey-credentials",
+        "path: /readyz",
+        "path: /healthz",
+        "readOnlyRootFilesystem: true",
+        "runAsNonRoot: true",
+        "namespace: latchkey",
+    ] {
+        assert!(gateway.contains(must), "the gateway lacks {must:?}");
+    }
+    let sidecar = &rendered["overlays/sidecar"];
+    for must in ["transparent = \"127.0.0.1:3130\"", "- NET_ADMIN", "restartPolicy: Always", "latchkey-rules"]
+    {
+        assert!(sidecar.contains(must), "the sidecar lacks {must:?}");
+    }
+    // The init container is the only one with a capability, and it has only NET_ADMIN.
+    assert_eq!(sidecar.matches("add:").count(), 1, "{sidecar}");
+}
+
+/// The gateway's config.toml, as the ConfigMap carries it, is a valid config.
+#[test]
+fn the_gateway_config_map_holds_a_valid_config() {
+    let yaml = std::fs::read_to_string(repo().join("deploy/kubernetes/base/config.yaml")).unwrap();
+    let body = yaml.split("config.toml: |\n").nth(1).expect("config.toml in the ConfigMap");
+    let toml: String =
+        body.lines().map(|l| l.strip_prefix("    ").unwrap_or(l)).map(|l| format!("{l}\n")).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, format!("{toml}\n[admin]\nlisten = \"127.0.0.1:0\"\n")).unwrap();
+    set_mode(&cfg, 0o600);
+    let out =
+        latchkey_cmd(dir.path(), &[]).args(["check", "--local", "--config"]).arg(&cfg).output().unwrap();
+    assert_ne!(out.status.code(), Some(2), "the ConfigMap's config is invalid: {}", text(&out));
+    // And the compose example's.
+    let cfg = repo().join("deploy/latchkey/config.toml");
+    let out = latchkey_cmd(dir.path(), &[("LATCHKEY_AGENT_TOKEN", "t")])
+        .args(["check", "--local", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(2), "deploy/latchkey/config.toml is invalid: {}", text(&out));
+}
+
+/// The systemd unit: clean under `systemd-analyze verify` (no warning either), with the
+/// isolation it promises.
+#[test]
+fn the_systemd_unit_verifies_and_isolates() {
+    let unit = std::fs::read_to_string(repo().join("deploy/systemd/latchkey.service")).unwrap();
+    for must in [
+        "User=latchkey",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "NoNewPrivileges=yes",
+        "MemoryDenyWriteExecute=yes",
+        "\nCapabilityBoundingSet=\n",
+        "StateDirectory=latchkey",
+        "Environment=LATCHKEY_CA_DIR=/var/lib/latchkey/ca",
+    ] {
+        assert!(unit.contains(must), "the unit lacks {must:?}");
+    }
+    let found = Command::new("sh").args(["-c", "command -v systemd-analyze"]).output().unwrap();
+    assert!(
+        found.status.success(),
+        "systemd-analyze is not installed (apt-get install systemd; scripts/test.sh does)"
+    );
+    // verify checks that ExecStart exists: point it at the binary under test.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("latchkey.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/latchkey", bin())).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    assert!(out.status.success() && out.stderr.is_empty(), "systemd-analyze verify: {}", text(&out));
+}
+
+/// MemoryDenyWriteExecute: the kernel's own version of it (prctl PR_SET_MDWE, inherited
+/// across exec) on `latchkey run`, and a credentialed HTTPS request through it — TLS
+/// both ways, injection, redaction. A JIT or a writable-executable mapping would kill
+/// the process or fail the request.
+#[test]
+fn latchkey_works_under_memory_deny_write_execute() {
+    let up = upstream(true, None);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = write_config(
+        dir.path(),
+        port,
+        Some(up.addr),
+        "[credentials.x]\nheader = \"x-key\"\nvalue = \"REAL\"\ndomains = [\"api.example.com\"]\n",
+    );
+    // PR_SET_MDWE = 65, PR_MDWE_REFUSE_EXEC_GAIN = 1 (Linux 6.3+).
+    let wrapper = "import ctypes, os, sys\nlibc = ctypes.CDLL(None, use_errno=True)\nif libc.prctl(65, 1, 0, 0, 0) != 0:\n    sys.exit('PR_SET_MDWE failed: errno %d (Linux 6.3+ needed)' % ctypes.get_errno())\nos.execv(sys.argv[1], sys.argv[1:])\n";
+    let stderr = dir.path().join("stderr.log");
+    let mut child = Command::new("python3")
+        .args(["-c", wrapper, bin(), "run", "--config"])
+        .arg(&cfg)
+        .env("HOME", dir.path())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("latchkey exited under MDWE ({status}): {}", std::fs::read_to_string(&stderr).unwrap());
+        }
+        assert!(Instant::now() < deadline, "latchkey did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The wrapper really enforces it on what it execs: a writable+executable mapping fails.
+    let probe = "import mmap\ntry:\n    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n    print('mapped')\nexcept OSError as e:\n    print('refused', e.errno)\n";
+    let py =
+        String::from_utf8(Command::new("sh").args(["-c", "command -v python3"]).output().unwrap().stdout)
+            .unwrap();
+    let out = Command::new("python3").args(["-c", wrapper, py.trim(), "-c", probe]).output().unwrap();
+    assert!(text(&out).starts_with("refused"), "MDWE is not enforced across exec here: {}", text(&out));
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-x",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .arg("--cacert")
+        .arg(dir.path().join("ca/bundle.pem"))
+        .args(["-H", "x-key: placeholder", "https://api.example.com/mdwe"])
+        .output()
+        .unwrap();
+    let (code, body) = parse_curl(out);
+    assert_eq!(code, 200, "{body}\n{}", std::fs::read_to_string(&stderr).unwrap());
+    assert_eq!(echoed(&body, "x-key"), ["REAL"]);
+    assert!(child.try_wait().unwrap().is_none(), "latchkey died under MDWE");
+    let _ = child.kill();
+    let _ = child.wait();
+}
