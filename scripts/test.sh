@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs the real clients the integration
-# tests drive (curl, git, Python requests/websockets/grpcio/botocore/google-auth),
-# then fmt, clippy and cargo test.
+# tests drive (curl, git, Python requests/websockets/grpcio/botocore/google-auth,
+# podman, kubectl, systemd-analyze), then fmt, clippy and cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,15 +9,26 @@ need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
 command -v git >/dev/null || need_apt+=(git)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+# Containers (tests/container.rs): podman with runc, podman-compose for compose.yaml,
+# strip for the image's binary. Kubernetes manifests (tests/deploy.rs): kubectl's
+# kustomize. The systemd unit: systemd-analyze. setpriv: the Secret-mount test.
+command -v podman >/dev/null || need_apt+=(podman)
+command -v runc >/dev/null || need_apt+=(runc)
+command -v podman-compose >/dev/null || need_apt+=(podman-compose)
+command -v strip >/dev/null || need_apt+=(binutils)
+command -v kubectl >/dev/null || command -v kustomize >/dev/null || need_apt+=(kubernetes-client)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 # Python clients and servers the integration tests run: requests, websockets, grpcio,
 # botocore (the independent SigV4 verifier), google-auth (a real Google client),
 # prometheus-client (parses /metrics), opentelemetry-proto (decodes OTLP spans) and h2
-# (an OpenSSL-based HTTP/2-only upstream, and raw HTTP/2 clients).
-python3 -c 'import requests, websockets.sync.client, grpc, botocore, google.auth, prometheus_client, opentelemetry.proto, h2' 2>/dev/null ||
-  python3 -m pip install -q requests 'websockets>=15' grpcio botocore google-auth prometheus-client opentelemetry-proto h2
+# (an OpenSSL-based HTTP/2-only upstream, and raw HTTP/2 clients), kubernetes-validate
+# (the Kubernetes manifests against the API schemas, offline).
+python3 -c 'import requests, websockets.sync.client, grpc, botocore, google.auth, prometheus_client, opentelemetry.proto, h2, kubernetes_validate' 2>/dev/null ||
+  python3 -m pip install -q requests 'websockets>=15' grpcio botocore google-auth prometheus-client opentelemetry-proto h2 kubernetes-validate
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
