@@ -151,6 +151,16 @@ fn latchkey_image() -> &'static str {
             "localhost/latchkey-test/latchkey:{}",
             content_tag(&[&binary, &containerfile, base.as_bytes()])
         );
+        // Earlier builds (another binary) are of no further use.
+        let old = podman_ok(&[
+            "images",
+            "--format",
+            "{{.Repository}}:{{.Tag}}",
+            "localhost/latchkey-test/latchkey",
+        ]);
+        for stale in old.lines().filter(|t| *t != tag) {
+            let _ = podman(&["rmi", stale]);
+        }
         let ctx_path = ctx.path().to_str().unwrap().to_string();
         podman_ok(&[
             "build",
@@ -409,6 +419,16 @@ fn compose_agent_gets_out_only_through_latchkey() {
     assert!(!body.contains("sk-ant-REAL"), "the key never reaches the agent: {body}");
     assert_eq!(echoed(&body, "x-api-key"), ["*******************"], "{body}");
 
+    // The agents network is internal: the agent has no default route, only its subnet.
+    let internal =
+        podman_ok(&["network", "inspect", "--format", "{{.Internal}}", &format!("{project}_agents")]);
+    assert_eq!(internal, "true", "compose.yaml's agents network must be internal");
+    let routes = in_agent(&["python3.11", "-c", "print(open('/proc/net/route').read())"]);
+    let default = String::from_utf8_lossy(&routes.stdout)
+        .lines()
+        .skip(1)
+        .any(|l| l.split_whitespace().nth(1) == Some("00000000"));
+    assert!(!default, "the agent has a default route: {}", text(&routes));
     // Directly: no route from the agents network to the upstream, by address or name.
     let url = format!("https://{upstream_ip}/");
     let out = in_agent(&["curl", "-sS", "--noproxy", "*", "--max-time", "5", "-k", &url]);
