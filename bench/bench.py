@@ -192,13 +192,14 @@ http {{
         wait_port(self.up_port)
         wait_port(self.sse_port)
 
-    def start_latchkey(self):
+    def start_latchkey(self, name="latchkey", binary=None):
+        """latchkey (or, as `baseline`, an earlier build of it, to compare two builds in one run)."""
         w, port = self.work, free_port()
-        conf = w / "latchkey.toml"
+        conf = w / f"{name}.toml"
         conf.write_text(f"""
 [proxy]
 port = {port}
-ca_dir = "{w}/latchkey-ca"
+ca_dir = "{w}/{name}-ca"
 allow_private = ["127.0.0.1/32"]
 [upstream]
 ca_file = "{w}/up-ca.pem"
@@ -209,12 +210,13 @@ domains = ["127.0.0.1:{self.up_port}", "127.0.0.1:{self.sse_port}", "{JAIL_HOST}
 [upstream.resolve]
 "{JAIL_HOST}:{self.up_port}" = "127.0.0.1:{self.up_port}"
 """)
-        self.latchkey_conf = conf
+        if name == "latchkey":
+            self.latchkey_conf = conf
         conf.chmod(0o600)
         env = dict(os.environ, BENCH_SECRET=SECRET, RUST_LOG="warn")
-        p = self.spawn("latchkey", [str(self.args.latchkey), "run", "--config", str(conf)], env=env)
+        p = self.spawn(name, [str(binary or self.args.latchkey), "run", "--config", str(conf)], env=env)
         wait_port(port)
-        return Target("latchkey", p.pid, f"http://127.0.0.1:{port}", w / "latchkey-ca" / "ca.crt")
+        return Target(name, p.pid, f"http://127.0.0.1:{port}", w / f"{name}-ca" / "ca.crt")
 
     def start_mitmproxy(self):
         w, port = self.work, free_port()
@@ -385,6 +387,8 @@ def main():
     ap.add_argument("--idle", type=int, default=1000)
     ap.add_argument("--only", default="direct,latchkey,mitmproxy,squid")
     ap.add_argument("--latchkey", type=Path, default=ROOT / "target" / "release" / "latchkey")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="an earlier latchkey build, run as target `baseline` beside `latchkey` in the same rounds")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     ap.add_argument("--no-jail", action="store_true", help="skip the exec --jail rows (Linux, needs nft)")
     args = ap.parse_args()
@@ -404,6 +408,9 @@ def main():
             if name in only:
                 targets.append(start())
         targets = [t for t in targets if t.name in only]
+        if args.baseline:
+            targets.insert(2, bench.start_latchkey("baseline", args.baseline))
+            only.append("baseline")
         for t in targets:
             verify_injection(bench, t)
             print(f"# {t.name}: injection verified" if t.proxy else "# direct: ok", file=sys.stderr)

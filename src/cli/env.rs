@@ -87,7 +87,7 @@ pub fn agent_proxy_url(
         eprintln!("latchkey: the token of agent {name} is not available here");
         return Err(ExitCode::from(2));
     };
-    let base = url.unwrap_or_else(|| format!("http://{}", config.client_proxy_addr()));
+    let base = url.unwrap_or_else(|| config.client_proxy_url());
     let (scheme, rest) = base.split_once("://").unwrap_or(("http", &base));
     let userinfo = format!(
         "{}:{}",
@@ -106,7 +106,7 @@ pub fn client_env(
     proxy_url: Option<String>,
     ca_path: Option<PathBuf>,
 ) -> Vec<(String, String)> {
-    let url = proxy_url.unwrap_or_else(|| format!("http://{}", config.client_proxy_addr()));
+    let url = proxy_url.unwrap_or_else(|| config.client_proxy_url());
     let (bundle, ca) = match ca_path {
         Some(p) => (p.clone(), p),
         None => (config.bundle_path(), config.ca_cert_path()),

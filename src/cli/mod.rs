@@ -3,6 +3,7 @@
 mod check;
 mod env;
 mod explain;
+mod health;
 mod jail;
 mod providers;
 mod run;
@@ -142,6 +143,18 @@ enum Command {
         #[command(subcommand)]
         action: CaAction,
     },
+    /// Probe the admin endpoint (a container HEALTHCHECK, where the image has no curl):
+    /// exit 0 when it answers 200, 1 when not, 2 when there is no admin endpoint to ask.
+    Health {
+        #[arg(long, value_name = "PATH", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+        /// The admin address (default: $LATCHKEY_ADMIN_LISTEN, else the config's [admin] listen).
+        #[arg(long, value_name = "IP:PORT")]
+        admin: Option<std::net::SocketAddr>,
+        /// What to probe: /readyz (ready to serve) or /healthz (alive).
+        #[arg(long, default_value = "/readyz", value_name = "PATH")]
+        path: String,
+    },
     /// Print the built-in provider table: where each writes its secret, its variables and hosts.
     Providers,
     /// Request-log tools.
@@ -198,6 +211,7 @@ pub fn main() -> ExitCode {
         Command::Check { config, local } => check::check(config, local),
         Command::Ca { config, action } => ca(config, action),
         Command::Providers => providers::providers(),
+        Command::Health { config, admin, path } => health::health(config, admin, &path),
         Command::Audit { action: AuditAction::Verify { file, hmac_key } } => {
             audit_verify(&file, hmac_key.as_deref())
         }
@@ -231,8 +245,17 @@ fn init_tracing(level: Option<&str>) {
 /// Load the config or explain why not (exit 2).
 pub(crate) fn load_config(path: Option<PathBuf>) -> Result<Config, ExitCode> {
     let found = config::find_config(path.as_deref()).map_err(config_error)?;
-    config::load(found.as_deref()).map_err(config_error)
+    let config = config::load(found.as_deref()).map_err(config_error)?;
+    if config.proxy.tls {
+        // One config per command: the local queries below speak TLS to a `[proxy] tls`
+        // port, trusting this config's CA.
+        let _ = LOCAL_TLS_CA.set(config.ca_cert_path());
+    }
+    Ok(config)
 }
+
+/// The CA to trust when asking the local latchkey over TLS (`[proxy] tls = true`).
+static LOCAL_TLS_CA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 fn config_error(e: config::ConfigError) -> ExitCode {
     eprintln!("latchkey: config error: {e}");
@@ -257,15 +280,46 @@ pub(crate) fn open_ca(config: &Config, regenerate: bool) -> Result<Arc<CertAutho
 pub(crate) fn fetch_local_status(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let timeout = std::time::Duration::from_secs(2);
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    let s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
+    let mut s: Box<dyn ReadWrite> = match LOCAL_TLS_CA.get() {
+        Some(ca) => Box::new(local_tls(s, addr, ca)?),
+        None => Box::new(s),
+    };
     write!(s, "GET {path} HTTP/1.1\r\nHost: latchkey\r\nConnection: close\r\n\r\n").ok()?;
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
+    // A TLS peer may close without close_notify once the body is complete.
+    if let Err(e) = s.read_to_end(&mut buf)
+        && (buf.is_empty() || e.kind() != std::io::ErrorKind::UnexpectedEof)
+    {
+        return None;
+    }
     let text = String::from_utf8(buf).ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
     let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
     Some((status, body.to_string()))
+}
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+/// A TLS client for the local `[proxy] tls` port, trusting only latchkey's CA.
+fn local_tls(
+    tcp: std::net::TcpStream,
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+) -> Option<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from_pem_file(ca).ok()?).ok()?;
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).ok()?;
+    Some(rustls::StreamOwned::new(conn, tcp))
 }
 
 /// GET `path` from a local latchkey: the body of a 200.

@@ -49,6 +49,12 @@ pub fn run(
         Ok(ca) => ca,
         Err(code) => return code,
     };
+    if let Some(dir) = &config.proxy.ca_export_dir
+        && let Err(e) = ca.export_public(dir)
+    {
+        eprintln!("latchkey: [proxy] ca_export_dir: {e}");
+        return ExitCode::from(2);
+    }
     runtime().block_on(async move {
         let listener = match TcpListener::bind(config.proxy.listen).await {
             Ok(l) => l,

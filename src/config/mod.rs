@@ -1,6 +1,7 @@
 //! Configuration: find the file, parse it (unknown keys are errors), resolve secrets,
 //! and compile it into one immutable `Config` that the proxy swaps whole.
 
+pub mod envvars;
 mod locate;
 pub mod raw;
 
@@ -31,10 +32,15 @@ pub struct ConfigError {
     pub column: usize,
     pub key: String,
     pub message: String,
+    /// The `LATCHKEY_*` variable the offending value came from, when it did.
+    pub variable: Option<&'static str>,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(var) = self.variable {
+            return write!(f, "{var} (overrides {}): {}", self.key, self.message);
+        }
         let file =
             self.file.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "<built-in>".into());
         if self.line > 0 {
@@ -85,6 +91,11 @@ pub struct ProxySettings {
     pub redact_responses: bool,
     pub via: bool,
     pub mlock: bool,
+    /// `[proxy] tls`: the proxy port speaks TLS; the names its certificate covers.
+    pub tls: bool,
+    pub tls_names: Vec<String>,
+    /// `[proxy] ca_export_dir`: where the public half of the CA is copied for agents.
+    pub ca_export_dir: Option<PathBuf>,
     pub log_requests: bool,
     pub log_file: PathBuf,
     pub hmac_key_file: Option<PathBuf>,
@@ -183,6 +194,10 @@ pub struct Agent {
     pub credentials: Option<Vec<usize>>,
     pub allowed: Vec<Pattern>,
     pub limits: crate::limits::Limits,
+    /// Client certificates (SHA-256 of the DER) that identify this agent.
+    pub client_certs: Vec<[u8; 32]>,
+    /// A CA whose client certificates identify this agent.
+    pub client_ca: Option<crate::proxy::identity::ClientCa>,
 }
 
 /// Where the config comes from: `--config` > `$LATCHKEY_CONFIG` > XDG default.
@@ -205,7 +220,14 @@ pub fn find_config(cli: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
 }
 
 fn plain_error(file: Option<&Path>, message: String) -> ConfigError {
-    ConfigError { file: file.map(Path::to_path_buf), line: 0, column: 0, key: String::new(), message }
+    ConfigError {
+        file: file.map(Path::to_path_buf),
+        line: 0,
+        column: 0,
+        key: String::new(),
+        message,
+        variable: None,
+    }
 }
 
 /// Load and compile. `env` is the proxy's environment (tests pass their own).
@@ -231,8 +253,16 @@ pub fn compile(
     env: &dyn Fn(&str) -> Option<String>,
     vars: &[String],
 ) -> Result<Config, ConfigError> {
-    let raw: RawConfig = toml::from_str(src).map_err(|e| toml_error(src, file, &e))?;
-    Compiler { src, file, env, vars }.config(raw)
+    let mut raw: RawConfig = toml::from_str(src).map_err(|e| toml_error(src, file, &e))?;
+    let overrides = envvars::apply(&mut raw, env).map_err(|bad| ConfigError {
+        file: file.map(Path::to_path_buf),
+        line: 0,
+        column: 0,
+        key: bad.key.to_string(),
+        message: bad.message,
+        variable: Some(bad.variable),
+    })?;
+    Compiler { src, file, env, vars, overrides }.config(raw)
 }
 
 fn toml_error(src: &str, file: Option<&Path>, e: &toml::de::Error) -> ConfigError {
@@ -257,7 +287,7 @@ fn toml_error(src: &str, file: Option<&Path>, e: &toml::de::Error) -> ConfigErro
     if message.starts_with("invalid basic string") || message.starts_with("invalid literal string") {
         message.push_str(" (the string is not closed on this line)");
     }
-    ConfigError { file: file.map(Path::to_path_buf), line, column, key, message }
+    ConfigError { file: file.map(Path::to_path_buf), line, column, key, message, variable: None }
 }
 
 struct Compiler<'a> {
@@ -265,6 +295,8 @@ struct Compiler<'a> {
     file: Option<&'a Path>,
     env: &'a dyn Fn(&str) -> Option<String>,
     vars: &'a [String],
+    /// Keys set by `LATCHKEY_*` variables: their errors name the variable.
+    overrides: envvars::Overrides,
 }
 
 impl Compiler<'_> {
@@ -287,12 +319,16 @@ impl Compiler<'_> {
         if !key.is_empty() {
             path.push(key);
         }
+        let key = path.join(".");
+        let variable = self.overrides.variable_for(&key);
+        let (line, column) = if variable.is_some() { (0, 0) } else { (line, column) };
         ConfigError {
             file: self.file.map(Path::to_path_buf),
             line,
             column,
-            key: path.join("."),
+            key,
             message: msg.into(),
+            variable,
         }
     }
 
@@ -352,6 +388,9 @@ impl Compiler<'_> {
             redact_responses: p.redact_responses,
             via: p.via,
             mlock: p.mlock,
+            tls: p.tls,
+            tls_names: p.tls_names.clone(),
+            ca_export_dir: p.ca_export_dir.as_deref().map(expand_home),
             log_requests: p.logging.log_requests,
             log_file: expand_home(&p.logging.log_file),
             hmac_key_file: p.logging.hmac_key_file.as_deref().map(expand_home),
@@ -388,7 +427,7 @@ impl Compiler<'_> {
             rules.push(rule);
             credentials.push(cred);
         }
-        let agents = self.agents(&raw.agents, &credentials)?;
+        let agents = self.agents(&raw.agents, &credentials, raw.proxy.tls)?;
         self.check_command_env(&credentials, &agents)?;
         let telemetry = match &raw.telemetry {
             None => Telemetry { service_name: "latchkey".into(), ..Default::default() },
@@ -479,20 +518,30 @@ impl Compiler<'_> {
         &self,
         raw: &IndexMap<String, toml::Spanned<raw::RawAgent>>,
         credentials: &[Credential],
+        tls: bool,
     ) -> Result<Vec<Agent>, ConfigError> {
         let mut out = Vec::new();
         for (name, spanned) in raw {
             let span = Some(spanned.span());
             let a = spanned.get_ref();
             let e = |key: &str, msg: String| self.err(&["agents", name], span.clone(), key, msg);
+            let (client_certs, client_ca) = self.agent_certs(name, a, span.clone(), tls)?;
+            let by_cert = !client_certs.is_empty() || client_ca.is_some();
             let source = match (&a.token, &a.token_file) {
-                (Some(t), None) => Source::Value(Template::parse(t).map_err(|x| e("token", x))?),
-                (None, Some(f)) => Source::File(expand_home(f)),
-                _ => return Err(e("token", "set one of `token`, `token_file`".into())),
+                (Some(t), None) => Some(Source::Value(Template::parse(t).map_err(|x| e("token", x))?)),
+                (None, Some(f)) => Some(Source::File(expand_home(f))),
+                (None, None) if by_cert => None,
+                _ => {
+                    return Err(e(
+                        "token",
+                        "set one of `token`, `token_file` (or a client certificate: client_cert_sha256, client_ca)"
+                            .into(),
+                    ));
+                }
             };
             // An agent whose token cannot be read can never authenticate (fail closed).
-            let token = match source.resolve(self.env, self.vars) {
-                Resolved::Ready(v) => v.get(&[]),
+            let token = match source.as_ref().map(|s| s.resolve(self.env, self.vars)) {
+                Some(Resolved::Ready(v)) => v.get(&[]),
                 _ => None,
             };
             let credentials = match &a.credentials {
@@ -522,12 +571,87 @@ impl Compiler<'_> {
                 return Err(e("requests_per_minute", "must be at least 1 (remove it for no limit)".into()));
             }
             let reads = match &source {
-                Source::Value(t) => t.variables(),
+                Some(Source::Value(t)) => t.variables(),
                 _ => vec![],
             };
-            out.push(Agent { name: name.clone(), token, reads, credentials, allowed, limits });
+            out.push(Agent {
+                name: name.clone(),
+                token,
+                reads,
+                credentials,
+                allowed,
+                limits,
+                client_certs,
+                client_ca,
+            });
         }
+        self.check_cert_identities(raw, &out)?;
         Ok(out)
+    }
+
+    /// `client_cert_sha256` and `client_ca`: the certificates that identify an agent.
+    fn agent_certs(
+        &self,
+        name: &str,
+        a: &raw::RawAgent,
+        span: Option<std::ops::Range<usize>>,
+        tls: bool,
+    ) -> Result<(Vec<[u8; 32]>, Option<crate::proxy::identity::ClientCa>), ConfigError> {
+        let e = |key: &str, msg: String| self.err(&["agents", name], span.clone(), key, msg);
+        let prints = a.client_cert_sha256.clone().map(raw::OneOrMany::into_vec).unwrap_or_default();
+        let client_certs = prints
+            .iter()
+            .map(|p| {
+                crate::proxy::identity::parse_sha256(p).ok_or_else(|| {
+                    e(
+                        "client_cert_sha256",
+                        format!("{p:?} is not a SHA-256 fingerprint (64 hex digits, colons allowed)"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let client_ca = match &a.client_ca {
+            None => None,
+            Some(path) => Some(
+                crate::proxy::identity::ClientCa::load(&expand_home(path)).map_err(|x| e("client_ca", x))?,
+            ),
+        };
+        if (!client_certs.is_empty() || client_ca.is_some()) && !tls {
+            let key = if client_certs.is_empty() { "client_ca" } else { "client_cert_sha256" };
+            return Err(e(
+                key,
+                "a client certificate is only seen on a TLS proxy port: set [proxy] tls = true".into(),
+            ));
+        }
+        Ok((client_certs, client_ca))
+    }
+
+    /// One certificate, one agent: a fingerprint or a client CA named by two agents would
+    /// make the identity a matter of table order.
+    fn check_cert_identities(
+        &self,
+        raw: &IndexMap<String, toml::Spanned<raw::RawAgent>>,
+        agents: &[Agent],
+    ) -> Result<(), ConfigError> {
+        for (i, a) in agents.iter().enumerate() {
+            for b in &agents[..i] {
+                let span = raw.get(&a.name).map(|s| s.span());
+                if a.client_certs.iter().any(|c| b.client_certs.contains(c)) {
+                    let msg = format!("the same certificate already identifies agent {}", b.name);
+                    return Err(self.err(&["agents", &a.name], span, "client_cert_sha256", msg));
+                }
+                if let (Some(x), Some(y)) = (&a.client_ca, &b.client_ca)
+                    && x.same_roots(y)
+                {
+                    let msg = format!(
+                        "agent {} already trusts this CA; give each agent its own issuing CA, or pin certificates with client_cert_sha256",
+                        b.name
+                    );
+                    return Err(self.err(&["agents", &a.name], span, "client_ca", msg));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn filters(&self, f: &raw::RawFilters) -> Result<Filters, ConfigError> {
@@ -966,6 +1090,12 @@ impl Config {
             ip => ip,
         };
         SocketAddr::new(ip, self.proxy.listen.port())
+    }
+
+    /// The proxy URL clients should use: `https://` on a `[proxy] tls` port.
+    pub fn client_proxy_url(&self) -> String {
+        let scheme = if self.proxy.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.client_proxy_addr())
     }
 
     /// Every secret value of every usable credential (leak checks, redaction).

@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use super::fanout::{self, ConnBudget};
 use super::forward::{self, Route};
 use super::framing::{self, Gate, Malformed};
+use super::identity::ClientCert;
 use super::respond::{self, bad_request};
 use super::tunnel::{self, Identity, Opener};
 use super::{Body, Generation, HeldSlot, Proxy};
@@ -27,6 +28,8 @@ use crate::policy::{ConnectDecision, Destination, Refusal};
 pub struct Connection {
     pub proxy: Arc<Proxy>,
     pub peer: SocketAddr,
+    /// The client certificate presented on a `[proxy] tls` port, if any.
+    pub cert: Option<ClientCert>,
     pub slot: HeldSlot,
     /// Where the framing guard learns whether a CONNECT or upgrade switched protocols.
     pub gate: Arc<Gate>,
@@ -35,8 +38,11 @@ pub struct Connection {
 
 /// One request on the proxy port, decided by the configuration in force when it
 /// arrives (a reload reaches keep-alive connections too).
-pub async fn serve(conn: Arc<Connection>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub async fn serve(conn: Arc<Connection>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let generation = conn.proxy.generation();
+    if let Some(cert) = &conn.cert {
+        req.extensions_mut().insert(cert.clone());
+    }
     let switching = framing::may_switch(&req).then(|| req.method().clone());
     let handled = handle(conn.proxy.clone(), generation, conn.peer, conn.slot.clone(), req);
     let resp = fanout::scope(conn.budget.clone(), handled).await;
@@ -61,7 +67,7 @@ async fn handle(
     }
     let is_proxy_request = req.method() == Method::CONNECT || req.uri().scheme().is_some();
     let agent = if is_proxy_request {
-        match super::identity::authenticate(&generation.config, req.headers()) {
+        match super::identity::authenticate(&generation.config, req.headers(), req.extensions().get()) {
             Ok(agent) => agent,
             Err(r) => return refuse_request(&proxy, &generation, peer, None, &req, r),
         }
@@ -134,12 +140,12 @@ pub fn admit(config: &Config, opener: &Opener) -> Result<Option<usize>, Refusal>
         return Err(r);
     }
     match &opener.identity {
-        Identity::ProxyAuth(auth) => {
+        Identity::ProxyAuth { header, cert } => {
             let mut headers = http::HeaderMap::new();
-            if let Some(v) = auth {
+            if let Some(v) = header {
                 headers.insert(PROXY_AUTHORIZATION, v.clone());
             }
-            super::identity::authenticate(config, &headers)
+            super::identity::authenticate(config, &headers, cert.as_ref())
         }
         Identity::Named(name) => super::destined::identify(config, name.as_deref()),
     }
@@ -169,7 +175,11 @@ async fn connect(
         log_refusal(&proxy, rec, &r)
     };
     let decision = super::destined::decide(&generation.config, agent, &dest);
-    let opener = Opener { peer, identity: Identity::ProxyAuth(proxy_auth(req.headers())) };
+    let identity = Identity::ProxyAuth {
+        header: proxy_auth(req.headers()),
+        cert: req.extensions().get::<ClientCert>().cloned(),
+    };
+    let opener = Opener { peer, identity };
     let on_upgrade = hyper::upgrade::on(&mut req);
     match decision {
         ConnectDecision::Block(r) => refuse(r),

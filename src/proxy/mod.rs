@@ -10,6 +10,7 @@ mod fanout;
 mod forward;
 pub(crate) mod framing;
 mod handler;
+pub(crate) mod hop;
 pub(crate) mod identity;
 pub mod ops;
 mod respond;
@@ -32,7 +33,7 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::crypto::CryptoProvider;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::audit::Audit;
@@ -152,6 +153,8 @@ pub struct Proxy {
     budget: Arc<fanout::Budget>,
     /// Bumped by every reload, so open blind tunnels check themselves against it.
     reloads: tokio::sync::watch::Sender<u64>,
+    /// `[proxy] tls`: the TLS side of the proxy port.
+    hop: Option<hop::TlsHop>,
 }
 
 /// A client connection's place under the global and per-client limits, and in the
@@ -300,6 +303,13 @@ impl Proxy {
         let connections = Arc::new(Semaphore::new(config.proxy.limits.max_connections));
         check_fd_budget(&config.proxy.limits);
         let budget = fanout::Budget::new(config.proxy.limits.max_upstream_connections);
+        let hop = match config.proxy.tls {
+            true => Some(hop::TlsHop::new(
+                ca.clone(),
+                hop::own_names(config.proxy.listen.ip(), &config.proxy.tls_names),
+            )?),
+            false => None,
+        };
         let generation =
             Generation::new(Arc::new(config), provider.clone(), own_sockets.clone(), budget.clone())?;
         let exchanges = Arc::new(Exchanges::default());
@@ -315,6 +325,7 @@ impl Proxy {
             exchanges,
             budget,
             reloads: tokio::sync::watch::Sender::new(0),
+            hop,
         }))
     }
 
@@ -380,6 +391,7 @@ impl Proxy {
             let Some(slot) = self.admit(peer) else { continue };
             let proxy = self.clone();
             tokio::spawn(async move {
+                let Some(stream) = proxy.client_stream(stream, peer).await else { return };
                 proxy.serve_client(stream, peer, Arc::new(std::sync::Mutex::new(Some(slot)))).await;
             });
         }
@@ -400,7 +412,7 @@ impl Proxy {
         Some(Slot::new(permit, per_client, &self.ops.metrics.connections))
     }
 
-    async fn serve_client(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, slot: HeldSlot) {
+    async fn serve_client(self: Arc<Self>, stream: hop::ClientStream, peer: SocketAddr, slot: HeldSlot) {
         let generation = self.generation();
         let limits = generation.config.proxy.limits.clone();
         if let Some(refusal) = handler::client_refusal(&generation.config, peer) {
@@ -417,10 +429,12 @@ impl Proxy {
             return;
         }
         let _ = stream.set_nodelay(true);
+        let cert = stream.client_cert();
         let stream = framing::Guarded::new(stream, &limits);
         let conn = handler::Connection {
             proxy: self,
             peer,
+            cert,
             slot,
             gate: stream.gate(),
             budget: fanout::ConnBudget::new(limits.max_upstream_per_connection),
@@ -472,6 +486,9 @@ fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
     }
     if old.proxy.ca_dir != new.proxy.ca_dir {
         return Some("[proxy] ca_dir");
+    }
+    if old.proxy.tls != new.proxy.tls || old.proxy.tls_names != new.proxy.tls_names {
+        return Some("[proxy] tls or tls_names");
     }
     if old.admin != new.admin {
         return Some("[admin] listen");
