@@ -5,6 +5,7 @@ mod env;
 mod explain;
 mod providers;
 mod run;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,6 +73,10 @@ enum Command {
         /// Authenticate as this `[agents.NAME]` (its token goes into the proxy URL).
         #[arg(long, value_name = "NAME")]
         agent: Option<String>,
+        /// Give the command fresh scoped tokens instead of placeholders, each for its
+        /// credential's hosts (and --agent), expiring after DURATION (30s, 5m, 2h, 1d).
+        #[arg(long, value_name = "DURATION")]
+        token_ttl: Option<String>,
         /// The command and its arguments (put `--` before them).
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
         command: Vec<String>,
@@ -136,6 +141,16 @@ enum Command {
     },
     /// Print the built-in provider table: where each writes its secret, its variables and hosts.
     Providers,
+    /// Scoped tokens: mint, attenuate (offline), inspect, revoke, and the public key.
+    Token {
+        #[arg(long, global = true, value_name = "PATH", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: token::TokenAction,
+    },
+    /// Seal a secret (read on stdin) for this latchkey's seal.key, bound to --host(s):
+    /// prints `lks1:...` for `sealed = "..."` in a config that is safe to commit.
+    Seal(token::SealArgs),
     /// Request-log tools.
     Audit {
         #[command(subcommand)]
@@ -176,7 +191,7 @@ pub fn main() -> ExitCode {
         Command::Run { config, port, bind, regenerate_ca, no_watch } => {
             run::run(config, port, bind, regenerate_ca, !no_watch)
         }
-        Command::Exec { config, agent, command } => run::exec(config, agent, command),
+        Command::Exec { config, agent, token_ttl, command } => run::exec(config, agent, token_ttl, command),
         Command::Reload { config } => run::reload(config),
         Command::Env { config, agent, format, proxy_url, ca_path } => {
             env::env(config, agent, format, proxy_url, ca_path)
@@ -187,6 +202,8 @@ pub fn main() -> ExitCode {
         Command::Check { config, local } => check::check(config, local),
         Command::Ca { config, action } => ca(config, action),
         Command::Providers => providers::providers(),
+        Command::Token { config, action } => token::token(config, action),
+        Command::Seal(args) => token::seal(args),
         Command::Audit { action: AuditAction::Verify { file, hmac_key } } => {
             audit_verify(&file, hmac_key.as_deref())
         }

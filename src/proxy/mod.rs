@@ -143,6 +143,8 @@ pub struct Proxy {
     connections: Arc<Semaphore>,
     per_client: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
     pub exchanges: Arc<Exchanges>,
+    /// Token root key, revocation list and verified-token cache (`crate::token`).
+    pub tokens: Arc<crate::token::state::TokenState>,
 }
 
 /// A client connection's place under the global and per-client limits, and in the
@@ -292,6 +294,8 @@ impl Proxy {
         let generation = Generation::new(Arc::new(config), provider.clone(), own_sockets.clone())?;
         let exchanges = Arc::new(Exchanges::default());
         let per_client = Default::default();
+        let tokens = Arc::new(crate::token::state::TokenState::new(&generation.config.proxy.ca_dir));
+        tokens.watch();
         Ok(Arc::new(Proxy {
             current: RwLock::new(Arc::new(generation)),
             ca,
@@ -301,6 +305,7 @@ impl Proxy {
             connections,
             per_client,
             exchanges,
+            tokens,
         }))
     }
 
