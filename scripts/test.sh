@@ -14,10 +14,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 # Python clients and servers the integration tests run: requests, websockets, grpcio,
 # botocore (the independent SigV4 verifier), google-auth (a real Google client),
-# prometheus-client (parses /metrics), opentelemetry-proto (decodes OTLP spans) and h2
-# (an OpenSSL-based HTTP/2-only upstream, and raw HTTP/2 clients).
-python3 -c 'import requests, websockets.sync.client, grpc, botocore, google.auth, prometheus_client, opentelemetry.proto, h2' 2>/dev/null ||
-  python3 -m pip install -q requests 'websockets>=15' grpcio botocore google-auth prometheus-client opentelemetry-proto h2
+# prometheus-client (parses /metrics), opentelemetry-proto (decodes OTLP spans), h2
+# (an OpenSSL-based HTTP/2-only upstream, and raw HTTP/2 clients) and biscuit-python
+# (another Biscuit library attenuating latchkey's scoped tokens).
+python3 -c 'import requests, websockets.sync.client, grpc, botocore, google.auth, prometheus_client, opentelemetry.proto, h2, biscuit_auth' 2>/dev/null ||
+  python3 -m pip install -q requests 'websockets>=15' grpcio botocore google-auth prometheus-client opentelemetry-proto h2 biscuit-python
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
