@@ -143,8 +143,8 @@ fn token_requests() -> Vec<crate::token::Request<'static>> {
 /// exactly as Biscuit's authorizer does, and the child never accepts what the parent
 /// refused.
 pub fn token(data: &[u8]) {
-    use base64::Engine;
     use crate::token::{Revoked, Target};
+    use base64::Engine;
     let Some((&mode, rest)) = data.split_first() else { return };
     let root = fuzz_token_root();
     let text = if mode % 2 == 0 {
@@ -159,7 +159,8 @@ pub fn token(data: &[u8]) {
     };
     let _ = crate::token::looks_like_token(&text);
     let _ = crate::token::inspect(&text);
-    let _ = crate::token::attenuate(&text, &crate::token::Restriction { ports: vec![443], ..Default::default() });
+    let _ =
+        crate::token::attenuate(&text, &crate::token::Restriction { ports: vec![443], ..Default::default() });
     let Ok(verified) = crate::token::parse(&text, &root.public()) else { return };
     let Ok(biscuit) = biscuit_auth::Biscuit::from_base64(&text, root.public()) else {
         panic!("latchkey verified a token Biscuit does not");
@@ -187,8 +188,10 @@ pub fn sealed(data: &[u8]) {
     for text in texts {
         let Ok(sealed) = crate::seal::parse(&text) else { continue };
         assert!(!sealed.hosts.is_empty(), "a sealed value names its hosts");
-        let domains: Vec<crate::policy::Pattern> =
-            ["api.example.com", ".example.org"].iter().filter_map(|p| crate::policy::Pattern::parse(p).ok()).collect();
+        let domains: Vec<crate::policy::Pattern> = ["api.example.com", ".example.org"]
+            .iter()
+            .filter_map(|p| crate::policy::Pattern::parse(p).ok())
+            .collect();
         let _ = sealed.uncovered(&domains, &[443]);
         if let Ok(secret) = sealed.open(&key) {
             assert!(!secret.expose().is_empty(), "an opened secret is never empty");

@@ -151,3 +151,47 @@ impl TokenState {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::{Request, Restriction, Target, keys};
+
+    fn write_key(dir: &Path, key: &biscuit_auth::KeyPair) {
+        let text = format!("{}\n", key.private().to_prefixed_string());
+        crate::ca::write_atomic(&dir.join(keys::TOKEN_KEY), text.as_bytes(), 0o600).unwrap();
+    }
+
+    /// A replaced token.key invalidates every token at once, cached ones included; the
+    /// revocation list is re-read when it changes; an unreadable list refuses all.
+    #[test]
+    fn key_rotation_and_revocation_reach_cached_tokens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let old = biscuit_auth::KeyPair::new();
+        write_key(dir, &old);
+        let state = TokenState::new(dir);
+        let token = crate::token::mint(&old, "api", &Restriction::default()).unwrap();
+        let use_it = || {
+            let snap = state.snapshot();
+            let v = state.verified(&token, &snap)?;
+            let revoked = snap.revoked.clone().map_err(TokenRefusal::RevocationUnknown)?;
+            let req =
+                Request { host: "h", port: 443, path: Some("/"), method: Some("GET"), agent: None, now: 1 };
+            crate::token::authorize(&v, &revoked, &Target { name: "api", shares_placeholder_with: &[] }, &req)
+        };
+        assert_eq!(use_it(), Ok(()));
+        assert_eq!(state.cached(), 1);
+        let id = crate::token::inspect(&token).unwrap().id;
+        keys::add_revoked(dir, &id, "test").unwrap();
+        state.refresh(false);
+        assert_eq!(use_it(), Err(TokenRefusal::Revoked(id)));
+        std::fs::write(dir.join(keys::REVOKED), "not an id\n").unwrap();
+        state.refresh(false);
+        assert_eq!(use_it().unwrap_err().check(), "revocation", "unreadable list: fail closed");
+        std::fs::remove_file(dir.join(keys::REVOKED)).unwrap();
+        write_key(dir, &biscuit_auth::KeyPair::new());
+        state.refresh(false);
+        assert_eq!(use_it().unwrap_err().check(), "signature", "the old key's tokens are gone");
+    }
+}
