@@ -122,6 +122,18 @@ fn facts_in_an_attenuation_prove_nothing() {
     let admin =
         verify(&forged, &key.public(), &Revoked::default(), &target("admin"), &req("h", "/v1", "GET"));
     assert_eq!(admin.unwrap_err().check(), "credential");
+    // A block whose own fact satisfies its own check restricts nothing (Datalog's
+    // meaning): such a block must not be read as a plain path check.
+    let open = mint(&key, "api", &Restriction::default()).unwrap();
+    let bytes = decode(&open).unwrap();
+    let self_satisfied = UnverifiedBiscuit::from(&bytes)
+        .unwrap()
+        .append(BlockBuilder::new().code(r#"path("/v1"); check if path($path), $path == "/v1";"#).unwrap())
+        .unwrap()
+        .to_base64()
+        .unwrap();
+    assert!(!parse(&self_satisfied, &key.public()).unwrap().is_compiled());
+    assert_eq!(check(&self_satisfied, &key, &req("api.example.com", "/v2", "GET")), Ok(()));
 }
 
 #[test]
@@ -211,8 +223,16 @@ fn durations() {
 
 // --- properties ------------------------------------------------------------------------
 
-const HOSTS: [&str; 6] =
-    ["api.example.com", "example.com", "a.example.com", "b.a.example.com", "evil.example.net", "127.0.0.1"];
+const HOSTS: [&str; 8] = [
+    "api.example.com",
+    "example.com",
+    "a.example.com",
+    "b.a.example.com",
+    "badexample.com",
+    "example.com.evil.net",
+    "evil.example.net",
+    "127.0.0.1",
+];
 const PATHS: [&str; 7] = ["/", "/v1", "/v1/messages", "/v1beta", "/v1/messages/x", "/v2", "/v1/"];
 const METHODS: [&str; 4] = ["GET", "POST", "DELETE", "get"];
 
