@@ -193,5 +193,15 @@ mod tests {
         write_key(dir, &biscuit_auth::KeyPair::new());
         state.refresh(false);
         assert_eq!(use_it().unwrap_err().check(), "signature", "the old key's tokens are gone");
+        // A request that read the old key before the rotation and cached its token after
+        // the cache was emptied: the entry is the old key's, never served under the new.
+        let tmp = tempfile::tempdir().unwrap();
+        write_key(tmp.path(), &old);
+        let state = TokenState::new(tmp.path());
+        let before = state.snapshot();
+        write_key(tmp.path(), &biscuit_auth::KeyPair::new());
+        state.refresh(false);
+        assert!(state.verified(&token, &before).is_ok(), "in flight under the old key");
+        assert_eq!(state.verified(&token, &state.snapshot()).unwrap_err().check(), "signature");
     }
 }
