@@ -492,3 +492,16 @@ fn sealed_secrets_in_a_committed_config() {
         "{err}"
     );
 }
+
+/// `require_placeholder`: a token stands where the placeholder goes.
+#[test]
+fn a_token_counts_as_the_placeholder_for_require_placeholder() {
+    let up = upstream(true, None);
+    let cfg = "[credentials.strict]\nheader = \"x-api-key\"\nvalue = \"strict-REAL\"\ndomains = [\"api.example.com\"]\nrequire_placeholder = true\n";
+    let lk = Latchkey::start(Some(&up), cfg, &[]);
+    let token = token_cli(&lk, &["mint", "--credential", "strict"]);
+    let (status, out) = lk.curl(&["-H", &format!("x-api-key: {token}"), "https://api.example.com/x"]);
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(echoed(&out, "x-api-key"), ["strict-REAL"]);
+    assert_eq!(lk.curl(&["-H", "x-api-key: other", "https://api.example.com/x"]).0, 403);
+}
