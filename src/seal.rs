@@ -101,7 +101,7 @@ pub fn seal(to: &SealPublic, hosts: &[String], secret: &str) -> Result<String, S
     }
     let hosts = hosts.iter().map(|h| normalise_host(h)).collect::<Result<Vec<_>, _>>()?;
     let header = encode_hosts(&hosts)?;
-    let aad = [PREFIX.as_bytes(), &header].concat();
+    let aad = associated_data(&header);
     let (enc, ct) = hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256>(
         &OpModeS::Base,
         &to.0,
@@ -114,6 +114,12 @@ pub fn seal(to: &SealPublic, hosts: &[String], secret: &str) -> Result<String, S
     out.extend_from_slice(&enc.to_bytes());
     out.extend_from_slice(&ct);
     Ok(format!("{PREFIX}{}", B64.encode(out)))
+}
+
+/// What the AEAD authenticates besides the secret: the version and the host list, so
+/// that neither can be changed without the value failing to open.
+fn associated_data(header: &[u8]) -> Vec<u8> {
+    [PREFIX.as_bytes(), header].concat()
 }
 
 fn normalise_host(raw: &str) -> Result<String, String> {
@@ -184,7 +190,7 @@ impl Sealed {
         let (enc, ct) = rest.split_at(ENC_LEN);
         let enc =
             <X25519HkdfSha256 as Kem>::EncappedKey::from_bytes(enc).map_err(|_| "bad encapsulated key")?;
-        let aad = [PREFIX.as_bytes(), header].concat();
+        let aad = associated_data(header);
         let plain = Zeroizing::new(
             hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256>(
                 &OpModeR::Base,
