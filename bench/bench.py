@@ -214,7 +214,11 @@ domains = ["127.0.0.1:{self.up_port}", "127.0.0.1:{self.sse_port}", "{JAIL_HOST}
             self.latchkey_conf = conf
         conf.chmod(0o600)
         env = dict(os.environ, BENCH_SECRET=SECRET, RUST_LOG="warn")
-        p = self.spawn(name, [str(binary or self.args.latchkey), "run", "--config", str(conf)], env=env)
+        binary = str(binary or self.args.latchkey)
+        # A scoped token for the token row (docs/tokens.md); minting creates token.key.
+        self.token = sh(binary, "token", "--config", str(conf), "mint", "--credential", "bench",
+                        "--path", "/", "--ttl", "1d").stdout.strip() if name == "latchkey" else None
+        p = self.spawn(name, [binary, "run", "--config", str(conf)], env=env)
         wait_port(port)
         return Target(name, p.pid, f"http://127.0.0.1:{port}", w / f"{name}-ca" / "ca.crt")
 
@@ -378,6 +382,14 @@ SCENARIOS = [
 ]
 
 
+# latchkey only: the same keep-alive load with the placeholder in the credential's slot,
+# then with a scoped token there (verified per request, from the verified-token cache).
+TOKEN_SCENARIOS = [
+    ("keep-alive, 32 connections, plain placeholder", "placeholder"),
+    ("keep-alive, 32 connections, scoped token", "token"),
+]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short runs, one round, 30 s soak")
@@ -429,6 +441,19 @@ def main():
                     print(f"# round {r + 1} {name} {t.name}: {res['rps']:.0f}/s p50 {res['p50']:.3f} ms",
                           file=sys.stderr)
 
+        lk = next((t for t in targets if t.name == "latchkey"), None)
+        token_results = {}
+        if lk:
+            for r in range(args.rounds):
+                order = TOKEN_SCENARIOS if r % 2 == 0 else TOKEN_SCENARIOS[::-1]
+                for name, kind in order:
+                    value = bench.token if kind == "token" else "latchkey-bench"
+                    res = oha(bench, lk, url + "/", 32, args.duration, ("-H", f"x-api-key: {value}"))
+                    if res is None:
+                        raise SystemExit(f"latchkey failed the {name} scenario")
+                    token_results.setdefault(name, []).append(res)
+                    print(f"# round {r + 1} {name}: {res['rps']:.0f}/s p50 {res['p50']:.3f} ms", file=sys.stderr)
+
         extra_rows = {}
         for t in targets:
             extra_rows.setdefault("SSE first event (ms, median of 200)", {})[t.name] = sse_first_byte(bench, t, 200)
@@ -436,12 +461,11 @@ def main():
                 before, after = idle_connections(bench, t, args.idle)
                 extra_rows.setdefault(f"RSS idle → {args.idle} idle intercepted connections (MiB)",
                                       {})[t.name] = (before, after)
-        lk = next((t for t in targets if t.name == "latchkey"), None)
         jail = jail_rows(bench, lk) if lk and not args.no_jail else None
         soak = None
         if lk and args.soak:
             soak = run_soak(bench, lk, url, args.soak)
-        table = render(targets, results, extra_rows, soak, args)
+        table = render(targets, results, extra_rows, soak, args) + render_tokens(token_results)
         if jail:
             table += jail
         print(table)
@@ -526,6 +550,21 @@ def run_soak(bench, t, url, seconds):
     slope = sum((x - mx) * (y - my) for x, y in pts) / max(sum((x - mx) ** 2 for x, _ in pts), 1e-9)
     return {"seconds": seconds, "first": pts[0][1], "last": pts[-1][1], "peak": s.peak / 1024,
             "slope_mib_per_hour": slope * 3600}
+
+
+def render_tokens(token_results):
+    if len(token_results) < 2:
+        return ""
+    (plain_name, _), (token_name, _) = TOKEN_SCENARIOS
+    plain, token = med(token_results[plain_name], "rps"), med(token_results[token_name], "rps")
+    lines = ["", "Scoped tokens (latchkey, keep-alive, 32 connections, same run; target ≥ 0.9×):", "",
+             "| credential slot holds | rate | p50 / p99 |", "|---|---|---|"]
+    for name, rate in [(plain_name, plain), (token_name, token)]:
+        runs = token_results[name]
+        lines.append(f"| {name.rsplit(', ', 1)[1]} | {rate:,.0f} req/s | {med(runs, 'p50'):.2f} / {med(runs, 'p99'):.2f} ms |")
+    lines.append("")
+    lines.append(f"Token / placeholder: **{token / plain:.2f}×**.")
+    return "\n".join(lines) + "\n"
 
 
 def med(runs, key):

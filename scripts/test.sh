@@ -29,14 +29,8 @@ command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
-# Python clients and servers the integration tests run: requests, websockets, grpcio,
-# botocore (the independent SigV4 verifier), google-auth (a real Google client),
-# prometheus-client (parses /metrics), opentelemetry-proto (decodes OTLP spans), h2 (an
-# OpenSSL-based HTTP/2-only upstream, and raw HTTP/2 clients for the trailer and fan-out
-# attacks), anthropic (a real SDK client run inside exec --jail) and kubernetes-validate
-# (the Kubernetes manifests against the API schemas, offline).
-python3 -c 'import requests, websockets.sync.client, grpc, botocore, google.auth, prometheus_client, opentelemetry.proto, h2, anthropic, kubernetes_validate' 2>/dev/null ||
-  python3 -m pip install -q requests 'websockets>=15' grpcio botocore google-auth prometheus-client opentelemetry-proto h2 anthropic kubernetes-validate
+# Python clients and servers the integration tests run (tests/requirements.txt).
+python3 -m pip install -q --disable-pip-version-check -r tests/requirements.txt
 # The real Claude Code CLI, run jailed against a loopback fake of the Messages API.
 command -v claude >/dev/null || npm install -g --silent @anthropic-ai/claude-code
 

@@ -242,7 +242,7 @@ fn random_serial(provider: &CryptoProvider) -> Result<SerialNumber, CaError> {
 /// Create (or tighten) a directory only its owner can use. A directory that cannot be
 /// tightened (read-only) is accepted when nobody else can write it: the key file's own
 /// mode is checked on its own.
-fn ensure_private_dir(dir: &Path) -> Result<(), CaError> {
+pub(crate) fn ensure_private_dir(dir: &Path) -> Result<(), CaError> {
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(|e| CaError(format!("cannot create {}: {e}", dir.display())))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
@@ -264,15 +264,15 @@ fn ensure_private_dir(dir: &Path) -> Result<(), CaError> {
 
 /// An exclusive `flock` on `<ca_dir>/ca.lock`, released on drop. Replicas (separate
 /// processes, possibly in separate containers sharing the directory) serialise CA
-/// creation on it.
-struct DirLock {
+/// creation on it, and the creation of the token and seal keys (`crate::token::keys`).
+pub(crate) struct DirLock {
     _file: std::fs::File,
 }
 
 impl DirLock {
     /// `Ok(None)` when the directory is read-only (nothing can be created there, so
     /// there is nothing to serialise).
-    fn exclusive(dir: &Path) -> Result<Option<DirLock>, CaError> {
+    pub(crate) fn exclusive(dir: &Path) -> Result<Option<DirLock>, CaError> {
         use std::os::fd::AsRawFd;
         let path = dir.join("ca.lock");
         let file = match std::fs::OpenOptions::new()

@@ -88,8 +88,7 @@ pub fn explain(config: &Config, q: &Question<'_>) -> Result<Explanation, String>
     let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let head = RequestHead { method: &method, target, path: uri.path(), headers: q.headers, tls };
     let decision = config.policy.decide(&dest, &head, |i| {
-        let c = &config.credentials[i];
-        c.injector.carries_placeholder(&parts, &c.placeholder)
+        crate::token::gate::holds_placeholder_or_token(&config.credentials[i], &parts)
     });
     Ok(match decision {
         Decision::Block(r) => block(r),

@@ -20,5 +20,7 @@ pub mod otlp;
 pub mod policy;
 pub mod proxy;
 pub mod redact;
+pub mod seal;
 pub mod secrets;
+pub mod token;
 pub mod usage;

@@ -7,6 +7,7 @@ mod health;
 mod jail;
 mod providers;
 mod run;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,6 +82,10 @@ enum Command {
         /// With --jail: also replace this path by an empty, read-only one (repeatable).
         #[arg(long, requires = "jail", value_name = "PATH")]
         hide: Vec<PathBuf>,
+        /// Give the command fresh scoped tokens instead of placeholders, each for its
+        /// credential's hosts (and --agent), expiring after DURATION (30s, 5m, 2h, 1d).
+        #[arg(long, value_name = "DURATION")]
+        token_ttl: Option<String>,
         /// The command and its arguments (put `--` before them).
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
         command: Vec<String>,
@@ -157,6 +162,16 @@ enum Command {
     },
     /// Print the built-in provider table: where each writes its secret, its variables and hosts.
     Providers,
+    /// Scoped tokens: mint, attenuate (offline), inspect, revoke, and the public key.
+    Token {
+        #[arg(long, global = true, value_name = "PATH", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: token::TokenAction,
+    },
+    /// Seal a secret (read on stdin) for this latchkey's seal.key, bound to --host(s):
+    /// prints `lks1:...` for `sealed = "..."` in a config that is safe to commit.
+    Seal(token::SealArgs),
     /// Request-log tools.
     Audit {
         #[command(subcommand)]
@@ -197,10 +212,12 @@ pub fn main() -> ExitCode {
         Command::Run { config, port, bind, regenerate_ca, no_watch } => {
             run::run(config, port, bind, regenerate_ca, !no_watch)
         }
-        Command::Exec { config, agent, jail: true, hide, command } => {
+        Command::Exec { config, agent, jail: true, hide, command, .. } => {
             jail::exec(config, agent, hide, command)
         }
-        Command::Exec { config, agent, command, .. } => run::exec(config, agent, command),
+        Command::Exec { config, agent, token_ttl, command, .. } => {
+            run::exec(config, agent, token_ttl, command)
+        }
         Command::Reload { config } => run::reload(config),
         Command::Env { config, agent, format, proxy_url, ca_path } => {
             env::env(config, agent, format, proxy_url, ca_path)
@@ -212,6 +229,8 @@ pub fn main() -> ExitCode {
         Command::Ca { config, action } => ca(config, action),
         Command::Providers => providers::providers(),
         Command::Health { config, admin, path } => health::health(config, admin, &path),
+        Command::Token { config, action } => token::token(config, action),
+        Command::Seal(args) => token::seal(args),
         Command::Audit { action: AuditAction::Verify { file, hmac_key } } => {
             audit_verify(&file, hmac_key.as_deref())
         }

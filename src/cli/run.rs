@@ -321,10 +321,22 @@ async fn shutdown_signal() {
     }
 }
 
-pub fn exec(config: Option<PathBuf>, agent: Option<String>, command: Vec<String>) -> ExitCode {
+pub fn exec(
+    config: Option<PathBuf>,
+    agent: Option<String>,
+    token_ttl: Option<String>,
+    command: Vec<String>,
+) -> ExitCode {
     let config = match load_config(config) {
         Ok(c) => c,
         Err(code) => return code,
+    };
+    let token_ttl = match token_ttl.as_deref().map(crate::token::parse_duration).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("latchkey: --token-ttl {e}");
+            return ExitCode::from(2);
+        }
     };
     let ca = match open_ca(&config, false) {
         Ok(ca) => ca,
@@ -335,7 +347,20 @@ pub fn exec(config: Option<PathBuf>, agent: Option<String>, command: Vec<String>
         Err(code) => return code,
     };
     let running = super::running_active(&config);
-    let vars = super::env::client_env(&config, running.as_deref(), proxy_url, None);
+    let mut vars = super::env::client_env(&config, running.as_deref(), proxy_url.clone(), None);
+    if let Some(ttl) = token_ttl
+        && let Err(e) = super::token::exec_tokens(
+            &config,
+            &mut vars,
+            ttl,
+            agent.as_deref(),
+            proxy_url.as_deref(),
+            running.as_deref(),
+        )
+    {
+        eprintln!("latchkey: {e}");
+        return ExitCode::from(1);
+    }
     let mut scrub = super::env::scrub_list(&config);
     scrub.extend(super::env::holding_secrets(&config));
     runtime().block_on(async move {

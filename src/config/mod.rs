@@ -128,6 +128,8 @@ pub struct Credential {
     pub source: String,
     pub inline_secret: bool,
     pub pass_cookies: bool,
+    /// Refuse requests whose slot holds no valid scoped token (`crate::token::gate`).
+    pub require_token: bool,
     pub builtin: bool,
     pub auth_type: String,
     /// Client certificate and/or extra roots for this credential's upstream connections.
@@ -418,12 +420,12 @@ impl Compiler<'_> {
             entries.retain(|(n, ..)| *n != name);
             entries.push((name, c.into_inner(), Some(span), false));
         }
-        let secrets_dir = expand_home(&p.secrets_dir);
-        let jail = self.jail_settings(&raw.jail, &raw.agents, &raw.proxy.logging, &entries, &secrets_dir);
+        let dirs = SourceDirs { secrets: expand_home(&p.secrets_dir), keys: proxy.ca_dir.clone() };
+        let jail = self.jail_settings(&raw.jail, &raw.agents, &raw.proxy.logging, &entries, &dirs.secrets);
         let mut rules = Vec::new();
         let mut credentials: Vec<Credential> = Vec::new();
         for (name, rc, span, builtin) in entries {
-            let (rule, cred) = self.credential(&name, rc, span, builtin, &credentials, &secrets_dir)?;
+            let (rule, cred) = self.credential(&name, rc, span, builtin, &credentials, &dirs)?;
             rules.push(rule);
             credentials.push(cred);
         }
@@ -690,8 +692,9 @@ impl Compiler<'_> {
         span: Option<std::ops::Range<usize>>,
         builtin: bool,
         earlier: &[Credential],
-        secrets_dir: &Path,
+        dirs: &SourceDirs,
     ) -> Result<(CredentialRule, Credential), ConfigError> {
+        let secrets_dir = dirs.secrets.as_path();
         let table = ["credentials", name];
         let e = |key: &str, msg: String| self.err(&table, span.clone(), key, msg);
         if c.domains.is_empty() {
@@ -735,27 +738,48 @@ impl Compiler<'_> {
             (None, Some(_)) => "header".into(),
             (None, None) => return Err(e("auth_type", "set `header` or `auth_type`".into())),
         };
+        // Tokens and sealed values go where a placeholder or `value` does.
+        let slotted = matches!(auth_type.as_str(), "header" | "bearer" | "basic" | "query");
+        if c.sealed.is_some() && !slotted {
+            return Err(e(
+                "sealed",
+                format!("auth_type {auth_type:?} takes no sealed value (header, bearer, basic and query do)"),
+            ));
+        }
+        if c.require_token && !slotted {
+            return Err(e(
+                "require_token",
+                format!("auth_type {auth_type:?} has no slot a token could go in"),
+            ));
+        }
+        if let Some(blob) = &c.sealed {
+            check_sealed(blob, &patterns, &c.ports, &dirs.keys).map_err(|x| e("sealed", x))?;
+        }
         let template = |key: &str, v: &str| Template::parse(v).map_err(|x| e(key, x));
         let source =
             |c: &RawCredential, value_key: &str, value: Option<&String>| -> Result<Source, ConfigError> {
-                let given = [value.is_some(), c.value_file.is_some(), c.value_command.is_some()];
+                let given =
+                    [value.is_some(), c.value_file.is_some(), c.value_command.is_some(), c.sealed.is_some()];
                 match given.iter().filter(|g| **g).count() {
                     1 => {}
                     0 => {
                         return Err(e(
                             value_key,
-                            format!("set one of `{value_key}`, `value_file`, `value_command`"),
+                            format!("set one of `{value_key}`, `value_file`, `value_command`, `sealed`"),
                         ));
                     }
                     _ => {
                         return Err(e(
                             value_key,
-                            format!("set only one of `{value_key}`, `value_file`, `value_command`"),
+                            format!("set only one of `{value_key}`, `value_file`, `value_command`, `sealed`"),
                         ));
                     }
                 }
                 Ok(if let Some(v) = value {
                     Source::Value(template(value_key, v)?)
+                } else if let Some(blob) = &c.sealed {
+                    let sealed = crate::seal::parse(blob).map_err(|x| e("sealed", x))?;
+                    Source::Sealed { sealed: Box::new(sealed), key_dir: dirs.keys.clone() }
                 } else if let Some(f) = &c.value_file {
                     Source::File(expand_home(f))
                 } else {
@@ -1024,6 +1048,7 @@ impl Compiler<'_> {
             source: primary.describe(),
             inline_secret: inline,
             pass_cookies: c.pass_cookies,
+            require_token: c.require_token,
             builtin,
             auth_type,
             tls,
@@ -1045,6 +1070,33 @@ impl Credential {
             s.ensure().await;
         }
     }
+}
+
+/// Directories secret sources read: `secrets_dir`, and the CA directory (`seal.key`).
+struct SourceDirs {
+    secrets: PathBuf,
+    keys: PathBuf,
+}
+
+/// A sealed value must be bound to every host its credential may send it to, and (when
+/// this latchkey's `seal.key` is readable here) open with that key: anything else is a
+/// mistake in the file, reported as a config error. Without the key here the credential
+/// is inactive (or failed) instead, as for any source that cannot be read.
+fn check_sealed(blob: &str, domains: &[Pattern], ports: &[u16], key_dir: &Path) -> Result<(), String> {
+    let sealed = crate::seal::parse(blob)?;
+    let uncovered: Vec<&str> = sealed.uncovered(domains, ports).iter().map(|p| p.source.as_str()).collect();
+    if !uncovered.is_empty() {
+        return Err(format!(
+            "sealed for {} only, which does not cover {}: seal it again with a --host for each of the credential's domains",
+            sealed.hosts.join(", "),
+            uncovered.join(", ")
+        ));
+    }
+    if let Ok(Some(text)) = crate::token::keys::read_key(key_dir, crate::token::keys::SEAL_KEY) {
+        let key = crate::seal::SealKey::from_text(&text)?;
+        sealed.open(&key)?;
+    }
+    Ok(())
 }
 
 /// Seed 001's convention: a `${VAR}` credential whose variable is unset reads

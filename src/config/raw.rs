@@ -224,6 +224,9 @@ pub struct RawCredential {
     pub value: Option<String>,
     pub value_file: Option<String>,
     pub value_command: Option<Vec<String>>,
+    /// A sealed secret (`lks1:...`, made by `latchkey seal`) in place of `value` (or
+    /// `password`): opened with `seal.key`, bound to the hosts it was sealed for.
+    pub sealed: Option<String>,
     /// Seconds a value_command's output is used before the command runs again.
     pub value_command_ttl: Option<u64>,
     /// Variables of latchkey's environment the value_command gets besides PATH, HOME
@@ -242,6 +245,8 @@ pub struct RawCredential {
     pub placeholder: Option<String>,
     pub env: Option<OneOrMany>,
     pub require_placeholder: bool,
+    /// Refuse requests whose slot holds no valid scoped token (`latchkey token mint`).
+    pub require_token: bool,
     pub allowed_origins: Vec<String>,
     pub pass_cookies: bool,
     /// PEM certificate chain latchkey presents to the upstream (with `client_key`).

@@ -50,6 +50,13 @@ pub trait Injector: Send + Sync + Debug {
     }
     /// Does the request carry `placeholder` where this injector writes?
     fn carries_placeholder(&self, parts: &Parts, placeholder: &str) -> bool;
+    /// What the client wrote where this injector writes (its placeholder, a scoped
+    /// token, anything): the slot's value without its scheme prefix, the password of a
+    /// basic credential, the query parameter's decoded value. `None`: nothing there, or
+    /// an injector without such a slot.
+    fn presented(&self, _parts: &Parts) -> Option<String> {
+        None
+    }
     fn slots(&self) -> Vec<Slot>;
     /// The values this injector may write, for leak checks and redaction.
     fn secrets(&self) -> Vec<Secret>;
@@ -172,25 +179,26 @@ impl Injector for HeaderInjector {
     }
 
     fn carries_placeholder(&self, parts: &Parts, placeholder: &str) -> bool {
+        self.presented(parts).is_some_and(|v| v == placeholder)
+    }
+
+    fn presented(&self, parts: &Parts) -> Option<String> {
         let slot = &self.slots[self.chosen_slot(parts)];
-        let Some(Ok(value)) = parts.headers.get(&slot.name).map(|v| v.to_str()) else {
-            return false;
-        };
+        let value = parts.headers.get(&slot.name)?.to_str().ok()?;
         let body = match &slot.prefix {
             Some(p) => match value.split_once(' ') {
                 Some((scheme, rest)) if scheme.eq_ignore_ascii_case(p) => rest.trim(),
-                _ => return false,
+                _ => return None,
             },
             None => value.trim(),
         };
         match &self.source {
-            HeaderValueSource::Raw(_) => body == placeholder,
+            HeaderValueSource::Raw(_) => Some(body.to_string()),
             HeaderValueSource::Basic { .. } => B64
                 .decode(body)
                 .ok()
                 .and_then(|d| String::from_utf8(d).ok())
-                .and_then(|d| d.split_once(':').map(|(_, p)| p == placeholder))
-                .unwrap_or(false),
+                .and_then(|d| d.split_once(':').map(|(_, p)| p.to_string())),
         }
     }
 
@@ -265,6 +273,12 @@ impl Injector for QueryInjector {
                 && p.split_once('=').map(|(_, v)| crate::policy::percent_decode(v.as_bytes()))
                     == Some(placeholder.as_bytes().to_vec())
         })
+    }
+
+    fn presented(&self, parts: &Parts) -> Option<String> {
+        let pair = parts.uri.query()?.split('&').find(|p| self.is_param(p))?;
+        let (_, value) = pair.split_once('=')?;
+        Some(String::from_utf8_lossy(&crate::policy::percent_decode(value.as_bytes())).into_owned())
     }
 
     fn slots(&self) -> Vec<Slot> {

@@ -449,7 +449,8 @@ fn default_port_ok(pattern_port: Option<u16>, ports: &[u16], port: u16) -> bool 
     }
 }
 
-fn path_has_prefix(path: &str, prefix: &str) -> bool {
+/// Whole-segment prefix match of a canonical path (`""` is the root).
+pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
     prefix.is_empty() || path == prefix || (path.starts_with(prefix) && path.as_bytes()[prefix.len()] == b'/')
 }
 

@@ -104,7 +104,16 @@ pub async fn handle(
     let up = Arc::new(AtomicU64::new(0));
     // Boxed: hyper keeps a slot sized for this future on every connection, idle or not;
     // the exchange's state is allocated only while a request is in flight.
-    let exchanged = Box::pin(exchange(&proxy.ops, &generation, &route, parts, body, &mut record, up.clone()));
+    let exchanged = Box::pin(exchange(
+        &proxy.ops,
+        &proxy.tokens,
+        &generation,
+        &route,
+        parts,
+        body,
+        &mut record,
+        up.clone(),
+    ));
     match exchanged.await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
@@ -147,8 +156,10 @@ pub async fn handle(
 
 /// check → decide → inject → forward; the response comes back with hop-by-hop headers
 /// (and, on credentialed routes, `Set-Cookie`) removed.
+#[allow(clippy::too_many_arguments)]
 async fn exchange(
     ops: &super::ops::Ops,
+    tokens: &crate::token::state::TokenState,
     generation: &Generation,
     route: &Route,
     mut parts: Parts,
@@ -172,6 +183,12 @@ async fn exchange(
         chosen.as_ref().and_then(|(i, _)| super::identity::credential_refusal(config, route.agent, *i))
     {
         return Err(r);
+    }
+    // A scoped token in the credential's slot is checked here, before anything is sent.
+    if let Some((index, _)) = &chosen
+        && let Some(id) = crate::token::gate::check(tokens, config, *index, &route.dest, &parts, route.agent)?
+    {
+        record.reason = Some(format!("token {id}"));
     }
     ops.admit(config, chosen.as_ref().map(|(i, _)| *i), route.agent)?;
     let (dialer, client) = generation.upstream(chosen.as_ref().map(|(i, _)| *i), parts.version);
@@ -314,8 +331,7 @@ fn decide(
         tls: route.tls,
     };
     let decision = config.policy.decide(&route.dest, &head, |i| {
-        let c = &config.credentials[i];
-        c.injector.carries_placeholder(parts, &c.placeholder)
+        crate::token::gate::holds_placeholder_or_token(&config.credentials[i], parts)
     });
     match decision {
         Decision::Block(r) => Err(r),

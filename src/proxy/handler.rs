@@ -99,6 +99,22 @@ async fn handle(
                 .insert(http::header::CONTENT_TYPE, "application/x-pem-file".parse().expect("static"));
             resp
         }
+        // `exec --token-ttl` where token.key is not readable (see `crate::token::endpoint`).
+        None if req.method() == Method::GET && req.uri().path() == crate::token::endpoint::PATH => {
+            let minted = crate::token::endpoint::answer(
+                &proxy.tokens,
+                &generation.config,
+                peer,
+                req.headers(),
+                req.extensions().get(),
+                req.uri().query(),
+            )
+            .await;
+            match minted {
+                Ok(token) => Response::new(respond::full(token)),
+                Err(r) => refuse(r),
+            }
+        }
         // `/latchkey/...`: what this instance would do, by name (never a value), for
         // `env`, `exec`, `explain` and `check` running where the secrets are not.
         None if req.method() == Method::GET

@@ -155,6 +155,8 @@ pub struct Proxy {
     reloads: tokio::sync::watch::Sender<u64>,
     /// `[proxy] tls`: the TLS side of the proxy port.
     hop: Option<hop::TlsHop>,
+    /// Token root key, revocation list and verified-token cache (`crate::token`).
+    pub tokens: Arc<crate::token::state::TokenState>,
 }
 
 /// A client connection's place under the global and per-client limits, and in the
@@ -314,6 +316,8 @@ impl Proxy {
             Generation::new(Arc::new(config), provider.clone(), own_sockets.clone(), budget.clone())?;
         let exchanges = Arc::new(Exchanges::default());
         let per_client = Default::default();
+        let tokens = Arc::new(crate::token::state::TokenState::new(&generation.config.proxy.ca_dir));
+        tokens.watch();
         Ok(Arc::new(Proxy {
             current: RwLock::new(Arc::new(generation)),
             ca,
@@ -326,6 +330,7 @@ impl Proxy {
             budget,
             reloads: tokio::sync::watch::Sender::new(0),
             hop,
+            tokens,
         }))
     }
 
