@@ -127,6 +127,7 @@ class Bench:
         self.work = work
         self.args = args
         self.procs = []
+        self.token = None  # a scoped token for the token row, when latchkey can mint one
         self.up_port = free_port()  # HTTP/2 and HTTP/1.1 by ALPN, as provider APIs are
         self.sse_port = free_port()
 
@@ -216,8 +217,10 @@ domains = ["127.0.0.1:{self.up_port}", "127.0.0.1:{self.sse_port}", "{JAIL_HOST}
         env = dict(os.environ, BENCH_SECRET=SECRET, RUST_LOG="warn")
         binary = str(binary or self.args.latchkey)
         # A scoped token for the token row (docs/tokens.md); minting creates token.key.
-        self.token = sh(binary, "token", "--config", str(conf), "mint", "--credential", "bench",
-                        "--path", "/", "--ttl", "1d").stdout.strip() if name == "latchkey" else None
+        if name == "latchkey":
+            minted = subprocess.run([binary, "token", "--config", str(conf), "mint", "--credential", "bench",
+                                     "--path", "/", "--ttl", "1d"], capture_output=True, text=True)
+            self.token = minted.stdout.strip() if minted.returncode == 0 else None
         p = self.spawn(name, [binary, "run", "--config", str(conf)], env=env)
         wait_port(port)
         return Target(name, p.pid, f"http://127.0.0.1:{port}", w / f"{name}-ca" / "ca.crt")
@@ -443,7 +446,7 @@ def main():
 
         lk = next((t for t in targets if t.name == "latchkey"), None)
         token_results = {}
-        if lk:
+        if lk and bench.token:
             for r in range(args.rounds):
                 order = TOKEN_SCENARIOS if r % 2 == 0 else TOKEN_SCENARIOS[::-1]
                 for name, kind in order:
