@@ -127,6 +127,7 @@ class Bench:
         self.work = work
         self.args = args
         self.procs = []
+        self.token = None  # a scoped token for the token row, when latchkey can mint one
         self.up_port = free_port()  # HTTP/2 and HTTP/1.1 by ALPN, as provider APIs are
         self.sse_port = free_port()
 
@@ -192,13 +193,14 @@ http {{
         wait_port(self.up_port)
         wait_port(self.sse_port)
 
-    def start_latchkey(self):
+    def start_latchkey(self, name="latchkey", binary=None):
+        """latchkey (or, as `baseline`, an earlier build of it, to compare two builds in one run)."""
         w, port = self.work, free_port()
-        conf = w / "latchkey.toml"
+        conf = w / f"{name}.toml"
         conf.write_text(f"""
 [proxy]
 port = {port}
-ca_dir = "{w}/latchkey-ca"
+ca_dir = "{w}/{name}-ca"
 allow_private = ["127.0.0.1/32"]
 [upstream]
 ca_file = "{w}/up-ca.pem"
@@ -209,12 +211,19 @@ domains = ["127.0.0.1:{self.up_port}", "127.0.0.1:{self.sse_port}", "{JAIL_HOST}
 [upstream.resolve]
 "{JAIL_HOST}:{self.up_port}" = "127.0.0.1:{self.up_port}"
 """)
-        self.latchkey_conf = conf
+        if name == "latchkey":
+            self.latchkey_conf = conf
         conf.chmod(0o600)
         env = dict(os.environ, BENCH_SECRET=SECRET, RUST_LOG="warn")
-        p = self.spawn("latchkey", [str(self.args.latchkey), "run", "--config", str(conf)], env=env)
+        binary = str(binary or self.args.latchkey)
+        # A scoped token for the token row (docs/tokens.md); minting creates token.key.
+        if name == "latchkey":
+            minted = subprocess.run([binary, "token", "--config", str(conf), "mint", "--credential", "bench",
+                                     "--path", "/", "--ttl", "1d"], capture_output=True, text=True)
+            self.token = minted.stdout.strip() if minted.returncode == 0 else None
+        p = self.spawn(name, [binary, "run", "--config", str(conf)], env=env)
         wait_port(port)
-        return Target("latchkey", p.pid, f"http://127.0.0.1:{port}", w / "latchkey-ca" / "ca.crt")
+        return Target(name, p.pid, f"http://127.0.0.1:{port}", w / f"{name}-ca" / "ca.crt")
 
     def start_mitmproxy(self):
         w, port = self.work, free_port()
@@ -376,6 +385,14 @@ SCENARIOS = [
 ]
 
 
+# latchkey only: the same keep-alive load with the placeholder in the credential's slot,
+# then with a scoped token there (verified per request, from the verified-token cache).
+TOKEN_SCENARIOS = [
+    ("keep-alive, 32 connections, plain placeholder", "placeholder"),
+    ("keep-alive, 32 connections, scoped token", "token"),
+]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short runs, one round, 30 s soak")
@@ -385,6 +402,8 @@ def main():
     ap.add_argument("--idle", type=int, default=1000)
     ap.add_argument("--only", default="direct,latchkey,mitmproxy,squid")
     ap.add_argument("--latchkey", type=Path, default=ROOT / "target" / "release" / "latchkey")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="an earlier latchkey build, run as target `baseline` beside `latchkey` in the same rounds")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     ap.add_argument("--no-jail", action="store_true", help="skip the exec --jail rows (Linux, needs nft)")
     args = ap.parse_args()
@@ -404,6 +423,9 @@ def main():
             if name in only:
                 targets.append(start())
         targets = [t for t in targets if t.name in only]
+        if args.baseline:
+            targets.insert(2, bench.start_latchkey("baseline", args.baseline))
+            only.append("baseline")
         for t in targets:
             verify_injection(bench, t)
             print(f"# {t.name}: injection verified" if t.proxy else "# direct: ok", file=sys.stderr)
@@ -422,6 +444,19 @@ def main():
                     print(f"# round {r + 1} {name} {t.name}: {res['rps']:.0f}/s p50 {res['p50']:.3f} ms",
                           file=sys.stderr)
 
+        lk = next((t for t in targets if t.name == "latchkey"), None)
+        token_results = {}
+        if lk and bench.token:
+            for r in range(args.rounds):
+                order = TOKEN_SCENARIOS if r % 2 == 0 else TOKEN_SCENARIOS[::-1]
+                for name, kind in order:
+                    value = bench.token if kind == "token" else "latchkey-bench"
+                    res = oha(bench, lk, url + "/", 32, args.duration, ("-H", f"x-api-key: {value}"))
+                    if res is None:
+                        raise SystemExit(f"latchkey failed the {name} scenario")
+                    token_results.setdefault(name, []).append(res)
+                    print(f"# round {r + 1} {name}: {res['rps']:.0f}/s p50 {res['p50']:.3f} ms", file=sys.stderr)
+
         extra_rows = {}
         for t in targets:
             extra_rows.setdefault("SSE first event (ms, median of 200)", {})[t.name] = sse_first_byte(bench, t, 200)
@@ -429,12 +464,11 @@ def main():
                 before, after = idle_connections(bench, t, args.idle)
                 extra_rows.setdefault(f"RSS idle → {args.idle} idle intercepted connections (MiB)",
                                       {})[t.name] = (before, after)
-        lk = next((t for t in targets if t.name == "latchkey"), None)
         jail = jail_rows(bench, lk) if lk and not args.no_jail else None
         soak = None
         if lk and args.soak:
             soak = run_soak(bench, lk, url, args.soak)
-        table = render(targets, results, extra_rows, soak, args)
+        table = render(targets, results, extra_rows, soak, args) + render_tokens(token_results)
         if jail:
             table += jail
         print(table)
@@ -519,6 +553,21 @@ def run_soak(bench, t, url, seconds):
     slope = sum((x - mx) * (y - my) for x, y in pts) / max(sum((x - mx) ** 2 for x, _ in pts), 1e-9)
     return {"seconds": seconds, "first": pts[0][1], "last": pts[-1][1], "peak": s.peak / 1024,
             "slope_mib_per_hour": slope * 3600}
+
+
+def render_tokens(token_results):
+    if len(token_results) < 2:
+        return ""
+    (plain_name, _), (token_name, _) = TOKEN_SCENARIOS
+    plain, token = med(token_results[plain_name], "rps"), med(token_results[token_name], "rps")
+    lines = ["", "Scoped tokens (latchkey, keep-alive, 32 connections, same run; target ≥ 0.9×):", "",
+             "| credential slot holds | rate | p50 / p99 |", "|---|---|---|"]
+    for name, rate in [(plain_name, plain), (token_name, token)]:
+        runs = token_results[name]
+        lines.append(f"| {name.rsplit(', ', 1)[1]} | {rate:,.0f} req/s | {med(runs, 'p50'):.2f} / {med(runs, 'p99'):.2f} ms |")
+    lines.append("")
+    lines.append(f"Token / placeholder: **{token / plain:.2f}×**.")
+    return "\n".join(lines) + "\n"
 
 
 def med(runs, key):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs the real clients the integration
 # tests drive (curl, git, Node, Claude Code, Python requests/websockets/grpcio/botocore/
-# google-auth/anthropic, nftables for exec --jail),
+# google-auth/anthropic, nftables for exec --jail, podman, kubectl, systemd-analyze),
 # then fmt, clippy and cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,16 +17,20 @@ command -v nft >/dev/null || need_apt+=(nftables)
 command -v script >/dev/null || need_apt+=(bsdutils)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v node >/dev/null || need_apt+=(nodejs npm)
+# Containers (tests/container.rs): podman with runc, podman-compose for compose.yaml,
+# strip for the image's binary. Kubernetes manifests (tests/deploy.rs): kubectl's
+# kustomize. The systemd unit: systemd-analyze. setpriv: the Secret-mount test.
+command -v podman >/dev/null || need_apt+=(podman)
+command -v runc >/dev/null || need_apt+=(runc)
+command -v podman-compose >/dev/null || need_apt+=(podman-compose)
+command -v strip >/dev/null || need_apt+=(binutils)
+command -v kubectl >/dev/null || command -v kustomize >/dev/null || need_apt+=(kubernetes-client)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
-# Python clients and servers the integration tests run: requests, websockets, grpcio,
-# botocore (the independent SigV4 verifier), google-auth (a real Google client),
-# prometheus-client (parses /metrics), opentelemetry-proto (decodes OTLP spans), h2 (an
-# OpenSSL-based HTTP/2-only upstream, and raw HTTP/2 clients for the trailer and fan-out
-# attacks) and anthropic (a real SDK client run inside exec --jail).
-python3 -c 'import requests, websockets.sync.client, grpc, botocore, google.auth, prometheus_client, opentelemetry.proto, h2, anthropic' 2>/dev/null ||
-  python3 -m pip install -q requests 'websockets>=15' grpcio botocore google-auth prometheus-client opentelemetry-proto h2 anthropic
+# Python clients and servers the integration tests run (tests/requirements.txt).
+python3 -m pip install -q --disable-pip-version-check -r tests/requirements.txt
 # The real Claude Code CLI, run jailed against a loopback fake of the Messages API.
 command -v claude >/dev/null || npm install -g --silent @anthropic-ai/claude-code
 

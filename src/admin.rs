@@ -118,6 +118,8 @@ pub fn effective(config: &Config) -> Value {
                 "allowed_domains": patterns(&rule.allowed),
                 "requests_per_minute": rule.limits.requests_per_minute,
                 "tokens_per_day": rule.limits.tokens_per_day,
+                "client_certs": a.client_certs.len(),
+                "client_ca": a.client_ca.is_some(),
             })
         })
         .collect();
@@ -134,6 +136,9 @@ pub fn effective(config: &Config) -> Value {
             "log_requests": p.log_requests,
             "log_file": p.log_file.display().to_string(),
             "timeout_secs": p.timeout.as_secs(),
+            "tls": p.tls,
+            "tls_names": p.tls_names,
+            "ca_export_dir": p.ca_export_dir.as_ref().map(|d| d.display().to_string()),
         },
         "filters": {
             "blocked_domains": patterns(&f.blocked),

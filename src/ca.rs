@@ -187,6 +187,44 @@ impl CertAuthority {
     }
 }
 
+impl CertAuthority {
+    /// A leaf for the proxy's own names and addresses (`[proxy] tls`), signed by this CA
+    /// with the shared leaf key; valid `LEAF_DAYS`, never past the CA.
+    pub fn own_leaf(&self, names: &[String]) -> Result<Arc<CertifiedKey>, CaError> {
+        let mut p = CertificateParams::new(names.to_vec()).map_err(err)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_else(|| "latchkey".into()));
+        dn.push(DnType::OrganizationName, "latchkey proxy");
+        p.distinguished_name = dn;
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.use_authority_key_identifier_extension = true;
+        p.serial_number = Some(random_serial(&self.provider)?);
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now - Duration::days(1);
+        p.not_after = (now + Duration::days(LEAF_DAYS)).min(self.ca_not_after);
+        let leaf = p.signed_by(&self.leaf_key, &self.issuer).map_err(err)?;
+        Ok(Arc::new(CertifiedKey::new(vec![leaf.der().clone()], self.leaf_signer.clone())))
+    }
+
+    /// Write the public half — `ca.crt` and `bundle.pem`, nothing else — into `dir`
+    /// (`[proxy] ca_export_dir`), for agents that must trust latchkey but may not see
+    /// `ca_dir` (which holds the key). Created 0755 when missing.
+    pub fn export_public(&self, dir: &Path) -> Result<(), CaError> {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| CaError(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+        }
+        write_atomic(&dir.join("ca.crt"), self.cert_pem.as_bytes(), 0o644)?;
+        write_bundle(dir, &self.cert_pem)
+    }
+
+    pub fn provider(&self) -> Arc<CryptoProvider> {
+        self.provider.clone()
+    }
+}
+
 fn random_serial(provider: &CryptoProvider) -> Result<SerialNumber, CaError> {
     let mut bytes = [0u8; 16];
     provider.secure_random.fill(&mut bytes).map_err(|_| CaError("the system has no randomness".into()))?;
@@ -197,14 +235,18 @@ fn random_serial(provider: &CryptoProvider) -> Result<SerialNumber, CaError> {
 /// Create (or tighten) a directory only its owner can use. A directory that cannot be
 /// tightened (read-only) is accepted when nobody else can write it: the key file's own
 /// mode is checked on its own.
-fn ensure_private_dir(dir: &Path) -> Result<(), CaError> {
+pub(crate) fn ensure_private_dir(dir: &Path) -> Result<(), CaError> {
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(|e| CaError(format!("cannot create {}: {e}", dir.display())))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     }
     let meta = std::fs::metadata(dir).map_err(err)?;
-    crate::secrets::owner_only_writable(&meta)
-        .map_err(|w| CaError(format!("ca_dir {} {w}", dir.display())))?;
+    // A read-only mount cannot be written through whatever its mode says (a Kubernetes
+    // Secret volume is a world-writable, sticky tmpfs mounted read-only).
+    if !on_read_only_mount(dir) {
+        crate::secrets::owner_only_writable(&meta)
+            .map_err(|w| CaError(format!("ca_dir {} {w}", dir.display())))?;
+    }
     if meta.permissions().mode() & 0o077 != 0
         && let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
     {
@@ -215,15 +257,15 @@ fn ensure_private_dir(dir: &Path) -> Result<(), CaError> {
 
 /// An exclusive `flock` on `<ca_dir>/ca.lock`, released on drop. Replicas (separate
 /// processes, possibly in separate containers sharing the directory) serialise CA
-/// creation on it.
-struct DirLock {
+/// creation on it, and the creation of the token and seal keys (`crate::token::keys`).
+pub(crate) struct DirLock {
     _file: std::fs::File,
 }
 
 impl DirLock {
     /// `Ok(None)` when the directory is read-only (nothing can be created there, so
     /// there is nothing to serialise).
-    fn exclusive(dir: &Path) -> Result<Option<DirLock>, CaError> {
+    pub(crate) fn exclusive(dir: &Path) -> Result<Option<DirLock>, CaError> {
         use std::os::fd::AsRawFd;
         let path = dir.join("ca.lock");
         let file = match std::fs::OpenOptions::new()
@@ -265,7 +307,7 @@ struct Pair {
 fn read_pair(key_path: &Path, cert_path: &Path) -> Result<Pair, CaError> {
     let meta = std::fs::metadata(key_path).map_err(err)?;
     crate::secrets::owner_only_writable(&meta).map_err(|w| CaError(format!("{} {w}", key_path.display())))?;
-    if meta.permissions().mode() & 0o077 != 0 {
+    if meta.permissions().mode() & 0o077 != 0 && !secret_mount_key(key_path, &meta) {
         return Err(CaError(format!(
             "{} is readable by other users; run chmod 600 on it",
             key_path.display()
@@ -274,6 +316,41 @@ fn read_pair(key_path: &Path, cert_path: &Path) -> Result<Pair, CaError> {
     let key_pem = zeroize::Zeroizing::new(std::fs::read_to_string(key_path).map_err(err)?);
     let cert_pem = std::fs::read_to_string(cert_path).map_err(err)?;
     Ok(Pair { key_pem, cert_pem })
+}
+
+/// Is `dir` on a file system mounted read-only?
+fn on_read_only_mount(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs reads a NUL-terminated path and fills the struct it is given.
+    unsafe { libc::statvfs(c.as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_RDONLY != 0 }
+}
+
+/// A key as Kubernetes mounts a Secret for a pod with `fsGroup`: on a read-only mount,
+/// owned by root, writable by nobody, readable by the owner and by a group this process
+/// is in (kubelet adds the group read bit whatever `defaultMode` says), by no one else.
+fn secret_mount_key(path: &Path, meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.permissions().mode() & 0o777;
+    meta.uid() == 0
+        && mode & !0o440 == 0
+        && mode & 0o040 != 0
+        && in_group(meta.gid())
+        && on_read_only_mount(path)
+}
+
+/// Is `gid` this process's effective group or one of its supplementary groups?
+fn in_group(gid: u32) -> bool {
+    // SAFETY: getegid has no arguments; getgroups fills at most `groups.len()` entries.
+    unsafe {
+        if libc::getegid() == gid {
+            return true;
+        }
+        let mut groups = [0 as libc::gid_t; 256];
+        let n = libc::getgroups(groups.len() as libc::c_int, groups.as_mut_ptr());
+        n > 0 && groups[..n as usize].contains(&gid)
+    }
 }
 
 /// Does `cert_pem` certify `key`'s public key? A mismatched pair (written by two

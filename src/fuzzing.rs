@@ -136,6 +136,101 @@ pub fn dns(data: &[u8]) {
     }
 }
 
+/// The fuzzers' fixed token root key, so seeds minted with it verify.
+pub fn fuzz_token_root() -> biscuit_auth::KeyPair {
+    let key = biscuit_auth::PrivateKey::from_bytes(&[7u8; 32], biscuit_auth::builder::Algorithm::Ed25519)
+        .expect("32 bytes are an Ed25519 key");
+    biscuit_auth::KeyPair::from(&key)
+}
+
+/// The fuzzers' fixed seal key.
+pub fn fuzz_seal_key() -> crate::seal::SealKey {
+    crate::seal::SealKey::from_text(&format!("x25519-private/{}", "09".repeat(32))).expect("a valid key")
+}
+
+/// Requests every token is checked against: in and out of typical scopes.
+fn token_requests() -> Vec<crate::token::Request<'static>> {
+    let base = crate::token::Request {
+        host: "api.example.com",
+        port: 443,
+        path: Some("/v1/messages"),
+        method: Some("POST"),
+        agent: None,
+        now: 1_800_000_000,
+    };
+    vec![
+        base,
+        crate::token::Request { host: "evil.example.net", port: 8443, ..base },
+        crate::token::Request { path: Some("/v1beta"), method: Some("GET"), agent: Some("claude"), ..base },
+        crate::token::Request { path: None, method: None, now: 2_000_000_000, ..base },
+        crate::token::Request { host: "127.0.0.1", path: Some("/"), now: 0, ..base },
+    ]
+}
+
+/// Scoped tokens. First byte even: the rest is a token's bytes (as the slot's base64
+/// would carry them): parsing, inspecting and attenuating never panic, and whatever
+/// verifies is decided the same by the compiled checks and by Biscuit's authorizer.
+/// Odd: the rest is the Datalog source of an attenuation block appended to a fixed
+/// token: the compiled checks (when latchkey compiles the block) decide every request
+/// exactly as Biscuit's authorizer does, and the child never accepts what the parent
+/// refused.
+pub fn token(data: &[u8]) {
+    use crate::token::{Revoked, Target};
+    use base64::Engine;
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let root = fuzz_token_root();
+    let text = if mode % 2 == 0 {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rest)
+    } else {
+        let Ok(source) = std::str::from_utf8(rest) else { return };
+        let Ok(block) = biscuit_auth::builder::BlockBuilder::new().code(source) else { return };
+        let parent = crate::token::mint(&root, "api", &crate::token::Restriction::default()).expect("mint");
+        let Ok(unverified) = biscuit_auth::UnverifiedBiscuit::from_base64(&parent) else { return };
+        let Ok(child) = unverified.append(block).and_then(|c| c.to_base64()) else { return };
+        child
+    };
+    let _ = crate::token::looks_like_token(&text);
+    let _ = crate::token::inspect(&text);
+    let _ =
+        crate::token::attenuate(&text, &crate::token::Restriction { ports: vec![443], ..Default::default() });
+    let Ok(verified) = crate::token::parse(&text, &root.public()) else { return };
+    let Ok(biscuit) = biscuit_auth::Biscuit::from_base64(&text, root.public()) else {
+        panic!("latchkey verified a token Biscuit does not");
+    };
+    let target = Target { name: &verified.credential, shares_placeholder_with: &[] };
+    for req in token_requests() {
+        let ours = crate::token::authorize(&verified, &Revoked::default(), &target, &req);
+        match crate::token::run_authorizer(&biscuit, &req) {
+            Err(crate::token::TokenRefusal::TooCostly(_)) => {}
+            theirs => assert_eq!(ours.is_ok(), theirs.is_ok(), "{req:?}: {ours:?} vs {theirs:?}"),
+        }
+    }
+}
+
+/// Sealed values: parsing and opening never panic, whatever the text (raw, or `lks1:`
+/// with the input's bytes); what opens was sealed to the fuzz key for the hosts it
+/// shows, and says nothing when altered.
+pub fn sealed(data: &[u8]) {
+    use base64::Engine;
+    let key = fuzz_seal_key();
+    let texts = [
+        String::from_utf8_lossy(data).into_owned(),
+        format!("lks1:{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)),
+    ];
+    for text in texts {
+        let Ok(sealed) = crate::seal::parse(&text) else { continue };
+        assert!(!sealed.hosts.is_empty(), "a sealed value names its hosts");
+        let domains: Vec<crate::policy::Pattern> = ["api.example.com", ".example.org"]
+            .iter()
+            .filter_map(|p| crate::policy::Pattern::parse(p).ok())
+            .collect();
+        let _ = sealed.uncovered(&domains, &[443]);
+        if let Ok(secret) = sealed.open(&key) {
+            assert!(!secret.expose().is_empty(), "an opened secret is never empty");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -156,7 +251,27 @@ mod tests {
             super::config(input);
             super::request(input);
             super::framing(input);
+            super::token(input);
+            super::sealed(input);
         }
+    }
+
+    /// The committed seeds are what they claim: a token the fuzz key verifies, a block
+    /// the compiler takes, a sealed value the fuzz key opens.
+    #[test]
+    fn token_and_sealed_seeds() {
+        use base64::Engine;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        let raw = std::fs::read(dir.join("token/minted")).unwrap();
+        let text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw[1..]);
+        assert!(crate::token::parse(&text, &super::fuzz_token_root().public()).unwrap().is_compiled());
+        for name in ["minted", "block", "block-datalog"] {
+            super::token(&std::fs::read(dir.join("token").join(name)).unwrap());
+        }
+        let blob = std::fs::read_to_string(dir.join("sealed/seed")).unwrap();
+        let opened = crate::seal::parse(&blob).unwrap().open(&super::fuzz_seal_key()).unwrap();
+        assert_eq!(opened.expose(), "fuzz-secret");
+        super::sealed(blob.as_bytes());
     }
 
     proptest! {
@@ -166,6 +281,8 @@ mod tests {
             super::config(&data);
             super::request(&data);
             super::framing(&data);
+            super::token(&data);
+            super::sealed(&data);
         }
 
         #[test]

@@ -43,5 +43,7 @@ pub mod limits;
 pub mod policy;
 pub mod proxy;
 pub mod redact;
+pub mod seal;
 pub mod secrets;
 pub mod telemetry;
+pub mod token;

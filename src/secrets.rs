@@ -477,6 +477,11 @@ pub enum Source {
     Value(Template),
     File(PathBuf),
     Command(CommandSpec),
+    /// `sealed = "lks1:..."`, opened with `seal.key` in `key_dir` (the CA directory).
+    Sealed {
+        sealed: Box<crate::seal::Sealed>,
+        key_dir: PathBuf,
+    },
 }
 
 /// `value_command`: argv, how long its output is used (None: for ever), and the names
@@ -529,6 +534,7 @@ impl Source {
                     (other, _) => other,
                 }
             }
+            Source::Sealed { sealed, key_dir } => open_sealed(sealed, key_dir),
         }
     }
 
@@ -540,7 +546,22 @@ impl Source {
             Source::Command(spec) => {
                 format!("command {}", spec.argv.first().map(String::as_str).unwrap_or(""))
             }
+            Source::Sealed { sealed, .. } => format!("sealed for {}", sealed.hosts.join(", ")),
         }
+    }
+}
+
+/// A sealed value: missing while this latchkey has no `seal.key` (the credential is
+/// inactive), failed when the key is unusable or does not open it.
+fn open_sealed(sealed: &crate::seal::Sealed, key_dir: &Path) -> Resolved {
+    use crate::token::keys::{SEAL_KEY, read_key};
+    match read_key(key_dir, SEAL_KEY) {
+        Ok(None) => Resolved::Missing(format!("no {SEAL_KEY} in {}", key_dir.display())),
+        Err(why) => Resolved::Failed(why),
+        Ok(Some(text)) => match crate::seal::SealKey::from_text(&text).and_then(|k| sealed.open(&k)) {
+            Ok(secret) => Resolved::Ready(SecretValue::Static(secret)),
+            Err(why) => Resolved::Failed(format!("sealed value {why}")),
+        },
     }
 }
 

@@ -84,7 +84,7 @@ pub fn with_agent(config: &Config, agent: Option<&str>, url: &mut Option<String>
         eprintln!("latchkey: the token of agent {name} is not available here");
         return Err(ExitCode::from(2));
     };
-    let base = url.take().unwrap_or_else(|| format!("http://{}", config.client_proxy_addr()));
+    let base = url.take().unwrap_or_else(|| config.client_proxy_url());
     let (scheme, rest) = base.split_once("://").unwrap_or(("http", &base));
     let userinfo = format!(
         "{}:{}",
@@ -104,7 +104,7 @@ pub fn client_env(
     proxy_url: Option<String>,
     ca_path: Option<PathBuf>,
 ) -> Vec<(String, String)> {
-    let url = proxy_url.unwrap_or_else(|| format!("http://{}", config.client_proxy_addr()));
+    let url = proxy_url.unwrap_or_else(|| config.client_proxy_url());
     let (bundle, ca) = match ca_path {
         Some(p) => (p.clone(), p),
         None => (config.bundle_path(), config.ca_cert_path()),

@@ -15,13 +15,14 @@ pub fn exec(
     config: Option<PathBuf>,
     agent: Option<String>,
     hide: Vec<PathBuf>,
+    token_ttl: Option<String>,
     command: Vec<String>,
 ) -> ExitCode {
     // The jail reads ca.crt and bundle.pem; in-process serving needs the key too. The
     // proxy port inside the jail is on its own loopback.
     let inside = |config: &Config| Some(format!("http://127.0.0.1:{}", jail_proxy_port(config)));
     let super::ChildStart { config, ca, vars, running } =
-        match super::child_start(config, agent.as_deref(), inside) {
+        match super::child_start(config, agent.as_deref(), token_ttl.as_deref(), inside) {
             Ok(start) => start,
             Err(code) => return code,
         };

@@ -3,9 +3,11 @@
 mod check;
 mod env;
 mod explain;
+mod health;
 mod jail;
 mod providers;
 mod run;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,6 +82,10 @@ enum Command {
         /// With --jail: also replace this path by an empty, read-only one (repeatable).
         #[arg(long, requires = "jail", value_name = "PATH")]
         hide: Vec<PathBuf>,
+        /// Give the command fresh scoped tokens instead of placeholders, each for its
+        /// credential's hosts (and --agent), expiring after DURATION (30s, 5m, 2h, 1d).
+        #[arg(long, value_name = "DURATION")]
+        token_ttl: Option<String>,
         /// The command and its arguments (put `--` before them).
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
         command: Vec<String>,
@@ -142,8 +148,30 @@ enum Command {
         #[command(subcommand)]
         action: CaAction,
     },
+    /// Probe the admin endpoint (a container HEALTHCHECK, where the image has no curl):
+    /// exit 0 when it answers 200, 1 when not, 2 when there is no admin endpoint to ask.
+    Health {
+        #[arg(long, value_name = "PATH", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+        /// The admin address (default: $LATCHKEY_ADMIN_LISTEN, else the config's [admin] listen).
+        #[arg(long, value_name = "IP:PORT")]
+        admin: Option<std::net::SocketAddr>,
+        /// What to probe: /readyz (ready to serve) or /healthz (alive).
+        #[arg(long, default_value = "/readyz", value_name = "PATH")]
+        path: String,
+    },
     /// Print the built-in provider table: where each writes its secret, its variables and hosts.
     Providers,
+    /// Scoped tokens: mint, attenuate (offline), inspect, revoke, and the public key.
+    Token {
+        #[arg(long, global = true, value_name = "PATH", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: token::TokenAction,
+    },
+    /// Seal a secret (read on stdin) for this latchkey's seal.key, bound to --host(s):
+    /// prints `lks1:...` for `sealed = "..."` in a config that is safe to commit.
+    Seal(token::SealArgs),
     /// Request-log tools.
     Audit {
         #[command(subcommand)]
@@ -184,10 +212,12 @@ pub fn main() -> ExitCode {
         Command::Run { config, port, bind, regenerate_ca, no_watch } => {
             run::run(config, port, bind, regenerate_ca, !no_watch)
         }
-        Command::Exec { config, agent, jail: true, hide, command } => {
-            jail::exec(config, agent, hide, command)
+        Command::Exec { config, agent, jail: true, hide, token_ttl, command } => {
+            jail::exec(config, agent, hide, token_ttl, command)
         }
-        Command::Exec { config, agent, command, .. } => run::exec(config, agent, command),
+        Command::Exec { config, agent, token_ttl, command, .. } => {
+            run::exec(config, agent, token_ttl, command)
+        }
         Command::Reload { config } => run::reload(config),
         Command::Env { config, agent, format, proxy_url, ca_path } => {
             env::env(config, agent, format, proxy_url, ca_path)
@@ -198,6 +228,9 @@ pub fn main() -> ExitCode {
         Command::Check { config, local } => check::check(config, local),
         Command::Ca { config, action } => ca(config, action),
         Command::Providers => providers::providers(),
+        Command::Health { config, admin, path } => health::health(config, admin, &path),
+        Command::Token { config, action } => token::token(config, action),
+        Command::Seal(args) => token::seal(args),
         Command::Audit { action: AuditAction::Verify { file, hmac_key } } => {
             audit_verify(&file, hmac_key.as_deref())
         }
@@ -231,7 +264,8 @@ fn init_tracing(level: Option<&str>) {
 /// Load the config or explain why not (exit 2).
 /// What `exec` and `exec --jail` start from: the config, the CA, and the child's
 /// variables — the proxy at `proxy_url` (the configured address when `None`), with the
-/// agent's credentials in it when `--agent` names one.
+/// agent's credentials in it when `--agent` names one, and with `--token-ttl` fresh
+/// scoped tokens in place of the placeholders.
 pub(crate) struct ChildStart {
     pub config: Config,
     pub ca: Arc<CertAuthority>,
@@ -243,21 +277,43 @@ pub(crate) struct ChildStart {
 pub(crate) fn child_start(
     path: Option<PathBuf>,
     agent: Option<&str>,
+    token_ttl: Option<&str>,
     proxy_url: impl FnOnce(&Config) -> Option<String>,
 ) -> Result<ChildStart, ExitCode> {
     let config = load_config(path)?;
+    let token_ttl = token_ttl.map(crate::token::parse_duration).transpose().map_err(|e| {
+        eprintln!("latchkey: --token-ttl {e}");
+        ExitCode::from(2)
+    })?;
     let ca = open_ca(&config, false)?;
     let mut url = proxy_url(&config);
     env::with_agent(&config, agent, &mut url)?;
     let running = running_active(&config);
-    let vars = env::client_env(&config, running.as_deref(), url, None);
+    let mut vars = env::client_env(&config, running.as_deref(), url.clone(), None);
+    if let Some(ttl) = token_ttl {
+        token::exec_tokens(&config, &mut vars, ttl, agent, url.as_deref(), running.as_deref()).map_err(
+            |e| {
+                eprintln!("latchkey: {e}");
+                ExitCode::from(1)
+            },
+        )?;
+    }
     Ok(ChildStart { config, ca, vars, running })
 }
 
 pub(crate) fn load_config(path: Option<PathBuf>) -> Result<Config, ExitCode> {
     let found = config::find_config(path.as_deref()).map_err(config_error)?;
-    config::load(found.as_deref()).map_err(config_error)
+    let config = config::load(found.as_deref()).map_err(config_error)?;
+    if config.proxy.tls {
+        // One config per command: the local queries below speak TLS to a `[proxy] tls`
+        // port, trusting this config's CA.
+        let _ = LOCAL_TLS_CA.set(config.ca_cert_path());
+    }
+    Ok(config)
 }
+
+/// The CA to trust when asking the local latchkey over TLS (`[proxy] tls = true`).
+static LOCAL_TLS_CA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 fn config_error(e: config::ConfigError) -> ExitCode {
     eprintln!("latchkey: config error: {e}");
@@ -282,15 +338,46 @@ pub(crate) fn open_ca(config: &Config, regenerate: bool) -> Result<Arc<CertAutho
 pub(crate) fn fetch_local_status(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let timeout = std::time::Duration::from_secs(2);
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    let s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
+    let mut s: Box<dyn ReadWrite> = match LOCAL_TLS_CA.get() {
+        Some(ca) => Box::new(local_tls(s, addr, ca)?),
+        None => Box::new(s),
+    };
     write!(s, "GET {path} HTTP/1.1\r\nHost: latchkey\r\nConnection: close\r\n\r\n").ok()?;
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
+    // A TLS peer may close without close_notify once the body is complete.
+    if let Err(e) = s.read_to_end(&mut buf)
+        && (buf.is_empty() || e.kind() != std::io::ErrorKind::UnexpectedEof)
+    {
+        return None;
+    }
     let text = String::from_utf8(buf).ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
     let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
     Some((status, body.to_string()))
+}
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+/// A TLS client for the local `[proxy] tls` port, trusting only latchkey's CA.
+fn local_tls(
+    tcp: std::net::TcpStream,
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+) -> Option<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from_pem_file(ca).ok()?).ok()?;
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).ok()?;
+    Some(rustls::StreamOwned::new(conn, tcp))
 }
 
 /// GET `path` from a local latchkey: the body of a 200.

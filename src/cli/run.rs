@@ -49,6 +49,12 @@ pub fn run(
         Ok(ca) => ca,
         Err(code) => return code,
     };
+    if let Some(dir) = &config.proxy.ca_export_dir
+        && let Err(e) = ca.export_public(dir)
+    {
+        eprintln!("latchkey: [proxy] ca_export_dir: {e}");
+        return ExitCode::from(2);
+    }
     runtime().block_on(async move {
         let listener = match TcpListener::bind(config.proxy.listen).await {
             Ok(l) => l,
@@ -316,9 +322,14 @@ async fn shutdown_signal() {
     }
 }
 
-pub fn exec(config: Option<PathBuf>, agent: Option<String>, command: Vec<String>) -> ExitCode {
+pub fn exec(
+    config: Option<PathBuf>,
+    agent: Option<String>,
+    token_ttl: Option<String>,
+    command: Vec<String>,
+) -> ExitCode {
     let super::ChildStart { config, ca, vars, running } =
-        match super::child_start(config, agent.as_deref(), |_| None) {
+        match super::child_start(config, agent.as_deref(), token_ttl.as_deref(), |_| None) {
             Ok(start) => start,
             Err(code) => return code,
         };

@@ -1,6 +1,7 @@
 //! Configuration: find the file, parse it (unknown keys are errors), resolve secrets,
 //! and compile it into one immutable `Config` that the proxy swaps whole.
 
+pub mod envvars;
 mod locate;
 pub mod raw;
 pub mod restart;
@@ -33,10 +34,15 @@ pub struct ConfigError {
     pub column: usize,
     pub key: String,
     pub message: String,
+    /// The `LATCHKEY_*` variable the offending value came from, when it did.
+    pub variable: Option<&'static str>,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(var) = self.variable {
+            return write!(f, "{var} (overrides {}): {}", self.key, self.message);
+        }
         let file =
             self.file.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "<built-in>".into());
         if self.line > 0 {
@@ -87,6 +93,11 @@ pub struct ProxySettings {
     pub redact_responses: bool,
     pub via: bool,
     pub mlock: bool,
+    /// `[proxy] tls`: the proxy port speaks TLS; the names its certificate covers.
+    pub tls: bool,
+    pub tls_names: Vec<String>,
+    /// `[proxy] ca_export_dir`: where the public half of the CA is copied for agents.
+    pub ca_export_dir: Option<PathBuf>,
     pub log_requests: bool,
     pub log_file: PathBuf,
     pub hmac_key_file: Option<PathBuf>,
@@ -121,6 +132,8 @@ pub struct Credential {
     pub source: String,
     pub inline_secret: bool,
     pub pass_cookies: bool,
+    /// Refuse requests whose slot holds no valid scoped token (`crate::token::gate`).
+    pub require_token: bool,
     pub builtin: bool,
     pub auth_type: String,
     /// Client certificate and/or extra roots for this credential's upstream connections.
@@ -183,6 +196,10 @@ pub struct Agent {
     pub token: Option<crate::secrets::Secret>,
     /// Variables the token is read from (scrubbed from every `exec` child).
     pub reads: Vec<String>,
+    /// Client certificates (SHA-256 of the DER) that identify this agent.
+    pub client_certs: Vec<[u8; 32]>,
+    /// A CA whose client certificates identify this agent.
+    pub client_ca: Option<crate::proxy::agent_auth::ClientCa>,
 }
 
 /// Where the config comes from: `--config` > `$LATCHKEY_CONFIG` > XDG default.
@@ -205,7 +222,14 @@ pub fn find_config(cli: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
 }
 
 fn plain_error(file: Option<&Path>, message: String) -> ConfigError {
-    ConfigError { file: file.map(Path::to_path_buf), line: 0, column: 0, key: String::new(), message }
+    ConfigError {
+        file: file.map(Path::to_path_buf),
+        line: 0,
+        column: 0,
+        key: String::new(),
+        message,
+        variable: None,
+    }
 }
 
 /// Load and compile. `env` is the proxy's environment (tests pass their own).
@@ -231,8 +255,16 @@ pub fn compile(
     env: &dyn Fn(&str) -> Option<String>,
     vars: &[String],
 ) -> Result<Config, ConfigError> {
-    let raw: RawConfig = toml::from_str(src).map_err(|e| toml_error(src, file, &e))?;
-    Compiler { src, file, env, vars }.config(raw)
+    let mut raw: RawConfig = toml::from_str(src).map_err(|e| toml_error(src, file, &e))?;
+    let overrides = envvars::apply(&mut raw, env).map_err(|bad| ConfigError {
+        file: file.map(Path::to_path_buf),
+        line: 0,
+        column: 0,
+        key: bad.key.to_string(),
+        message: bad.message,
+        variable: Some(bad.variable),
+    })?;
+    Compiler { src, file, env, vars, overrides }.config(raw)
 }
 
 fn toml_error(src: &str, file: Option<&Path>, e: &toml::de::Error) -> ConfigError {
@@ -257,7 +289,7 @@ fn toml_error(src: &str, file: Option<&Path>, e: &toml::de::Error) -> ConfigErro
     if message.starts_with("invalid basic string") || message.starts_with("invalid literal string") {
         message.push_str(" (the string is not closed on this line)");
     }
-    ConfigError { file: file.map(Path::to_path_buf), line, column, key, message }
+    ConfigError { file: file.map(Path::to_path_buf), line, column, key, message, variable: None }
 }
 
 struct Compiler<'a> {
@@ -265,6 +297,8 @@ struct Compiler<'a> {
     file: Option<&'a Path>,
     env: &'a dyn Fn(&str) -> Option<String>,
     vars: &'a [String],
+    /// Keys set by `LATCHKEY_*` variables: their errors name the variable.
+    overrides: envvars::Overrides,
 }
 
 impl Compiler<'_> {
@@ -287,12 +321,16 @@ impl Compiler<'_> {
         if !key.is_empty() {
             path.push(key);
         }
+        let key = path.join(".");
+        let variable = self.overrides.variable_for(&key);
+        let (line, column) = if variable.is_some() { (0, 0) } else { (line, column) };
         ConfigError {
             file: self.file.map(Path::to_path_buf),
             line,
             column,
-            key: path.join("."),
+            key,
             message: msg.into(),
+            variable,
         }
     }
 
@@ -321,16 +359,16 @@ impl Compiler<'_> {
             entries.retain(|(n, ..)| *n != name);
             entries.push((name, c.into_inner(), Some(span), false));
         }
-        let secrets_dir = expand_home(&p.secrets_dir);
-        let jail = self.jail_settings(&raw.jail, &raw.agents, &raw.proxy.logging, &entries, &secrets_dir);
+        let dirs = SourceDirs { secrets: expand_home(&p.secrets_dir), keys: proxy.ca_dir.clone() };
+        let jail = self.jail_settings(&raw.jail, &raw.agents, &raw.proxy.logging, &entries, &dirs.secrets);
         let mut rules = Vec::new();
         let mut credentials: Vec<Credential> = Vec::new();
         for (name, rc, span, builtin) in entries {
-            let (rule, cred) = self.credential(&name, rc, span, builtin, &credentials, &secrets_dir)?;
+            let (rule, cred) = self.credential(&name, rc, span, builtin, &credentials, &dirs)?;
             rules.push(rule);
             credentials.push(cred);
         }
-        let (agents, agent_rules) = self.agents(&raw.agents, &credentials)?;
+        let (agents, agent_rules) = self.agents(&raw.agents, &credentials, raw.proxy.tls)?;
         self.check_command_env(&credentials, &agents)?;
         let telemetry = match &raw.telemetry {
             None => Telemetry { service_name: "latchkey".into(), ..Default::default() },
@@ -429,6 +467,9 @@ impl Compiler<'_> {
             redact_responses: p.redact_responses,
             via: p.via,
             mlock: p.mlock,
+            tls: p.tls,
+            tls_names: p.tls_names.clone(),
+            ca_export_dir: p.ca_export_dir.as_deref().map(expand_home),
             log_requests: p.logging.log_requests,
             log_file: expand_home(&p.logging.log_file),
             hmac_key_file: p.logging.hmac_key_file.as_deref().map(expand_home),
@@ -493,20 +534,32 @@ impl Compiler<'_> {
         &self,
         raw: &IndexMap<String, toml::Spanned<raw::RawAgent>>,
         credentials: &[Credential],
+        tls: bool,
     ) -> Result<(Vec<Agent>, Vec<AgentRule>), ConfigError> {
         let (mut out, mut rules) = (Vec::new(), Vec::new());
         for (name, spanned) in raw {
             let span = Some(spanned.span());
             let a = spanned.get_ref();
             let e = |key: &str, msg: String| self.err(&["agents", name], span.clone(), key, msg);
+            let (client_certs, client_ca) = self.agent_certs(name, a, span.clone(), tls)?;
+            let by_cert = !client_certs.is_empty() || client_ca.is_some();
             let source = match (&a.token, &a.token_file) {
-                (Some(t), None) => Source::Value(Template::parse(t).map_err(|x| e("token", x.to_string()))?),
-                (None, Some(f)) => Source::File(expand_home(f)),
-                _ => return Err(e("token", "set one of `token`, `token_file`".into())),
+                (Some(t), None) => {
+                    Some(Source::Value(Template::parse(t).map_err(|x| e("token", x.to_string()))?))
+                }
+                (None, Some(f)) => Some(Source::File(expand_home(f))),
+                (None, None) if by_cert => None,
+                _ => {
+                    return Err(e(
+                        "token",
+                        "set one of `token`, `token_file` (or a client certificate: client_cert_sha256, client_ca)"
+                            .into(),
+                    ));
+                }
             };
             // An agent whose token cannot be read can never authenticate (fail closed).
-            let token = match source.resolve(self.env, self.vars) {
-                Resolved::Ready(v) => v.get(&[]),
+            let token = match source.as_ref().map(|s| s.resolve(self.env, self.vars)) {
+                Some(Resolved::Ready(v)) => v.get(&[]),
                 _ => None,
             };
             let credentials = match &a.credentials {
@@ -536,13 +589,80 @@ impl Compiler<'_> {
                 return Err(e("requests_per_minute", "must be at least 1 (remove it for no limit)".into()));
             }
             let reads = match &source {
-                Source::Value(t) => t.variables(),
+                Some(Source::Value(t)) => t.variables(),
                 _ => vec![],
             };
-            out.push(Agent { name: name.clone(), token, reads });
+            out.push(Agent { name: name.clone(), token, reads, client_certs, client_ca });
             rules.push(AgentRule { name: name.clone(), credentials, allowed, limits });
         }
+        self.check_cert_identities(raw, &out)?;
         Ok((out, rules))
+    }
+
+    /// `client_cert_sha256` and `client_ca`: the certificates that identify an agent.
+    fn agent_certs(
+        &self,
+        name: &str,
+        a: &raw::RawAgent,
+        span: Option<std::ops::Range<usize>>,
+        tls: bool,
+    ) -> Result<(Vec<[u8; 32]>, Option<crate::proxy::agent_auth::ClientCa>), ConfigError> {
+        let e = |key: &str, msg: String| self.err(&["agents", name], span.clone(), key, msg);
+        let prints = a.client_cert_sha256.clone().map(raw::OneOrMany::into_vec).unwrap_or_default();
+        let client_certs = prints
+            .iter()
+            .map(|p| {
+                crate::proxy::agent_auth::parse_sha256(p).ok_or_else(|| {
+                    e(
+                        "client_cert_sha256",
+                        format!("{p:?} is not a SHA-256 fingerprint (64 hex digits, colons allowed)"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let client_ca = match &a.client_ca {
+            None => None,
+            Some(path) => Some(
+                crate::proxy::agent_auth::ClientCa::load(&expand_home(path))
+                    .map_err(|x| e("client_ca", x))?,
+            ),
+        };
+        if (!client_certs.is_empty() || client_ca.is_some()) && !tls {
+            let key = if client_certs.is_empty() { "client_ca" } else { "client_cert_sha256" };
+            return Err(e(
+                key,
+                "a client certificate is only seen on a TLS proxy port: set [proxy] tls = true".into(),
+            ));
+        }
+        Ok((client_certs, client_ca))
+    }
+
+    /// One certificate, one agent: a fingerprint or a client CA named by two agents would
+    /// make the identity a matter of table order.
+    fn check_cert_identities(
+        &self,
+        raw: &IndexMap<String, toml::Spanned<raw::RawAgent>>,
+        agents: &[Agent],
+    ) -> Result<(), ConfigError> {
+        for (i, a) in agents.iter().enumerate() {
+            for b in &agents[..i] {
+                let span = raw.get(&a.name).map(|s| s.span());
+                if a.client_certs.iter().any(|c| b.client_certs.contains(c)) {
+                    let msg = format!("the same certificate already identifies agent {}", b.name);
+                    return Err(self.err(&["agents", &a.name], span, "client_cert_sha256", msg));
+                }
+                if let (Some(x), Some(y)) = (&a.client_ca, &b.client_ca)
+                    && x.same_roots(y)
+                {
+                    let msg = format!(
+                        "agent {} already trusts this CA; give each agent its own issuing CA, or pin certificates with client_cert_sha256",
+                        b.name
+                    );
+                    return Err(self.err(&["agents", &a.name], span, "client_ca", msg));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn filters(&self, f: &raw::RawFilters) -> Result<Filters, ConfigError> {
@@ -581,7 +701,7 @@ impl Compiler<'_> {
         span: Option<std::ops::Range<usize>>,
         builtin: bool,
         earlier: &[Credential],
-        secrets_dir: &Path,
+        dirs: &SourceDirs,
     ) -> Result<(CredentialRule, Credential), ConfigError> {
         let e = |key: &str, msg: String| self.err(&["credentials", name], span.clone(), key, msg);
         let routing = self.routing(&c, &e)?;
@@ -593,7 +713,8 @@ impl Compiler<'_> {
         if !c.value_command_env.is_empty() && c.value_command.is_none() {
             return Err(e("value_command_env", "only a value_command takes value_command_env".into()));
         }
-        let mut sources = Sources::new(&c, self.env, self.vars, secrets_dir);
+        slotted_only(&c, &auth_type, &routing.patterns, &dirs.keys, &e)?;
+        let mut sources = Sources::new(&c, self.env, self.vars, &dirs.secrets, &dirs.keys);
         let built = crate::inject::build::builder(&auth_type)
             .and_then(|build| build(&c, &mut sources))
             .map_err(|b| e(b.key, b.message))?;
@@ -633,6 +754,7 @@ impl Compiler<'_> {
             source: built.primary.describe(),
             inline_secret: built.inline,
             pass_cookies: c.pass_cookies,
+            require_token: c.require_token,
             builtin,
             auth_type,
             tls,
@@ -739,6 +861,59 @@ impl Credential {
     }
 }
 
+/// Directories secret sources read: `secrets_dir`, and the CA directory (`seal.key`).
+struct SourceDirs {
+    secrets: PathBuf,
+    keys: PathBuf,
+}
+
+/// Scoped tokens and sealed values go where a placeholder or `value` does: only auth
+/// types with such a slot take `require_token` or `sealed`; a sealed value is checked
+/// against the credential's hosts (and this latchkey's `seal.key`, when readable).
+fn slotted_only(
+    c: &RawCredential,
+    auth_type: &str,
+    patterns: &[Pattern],
+    key_dir: &Path,
+    e: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let slotted = matches!(auth_type, "header" | "bearer" | "basic" | "query");
+    if c.sealed.is_some() && !slotted {
+        return Err(e(
+            "sealed",
+            format!("auth_type {auth_type:?} takes no sealed value (header, bearer, basic and query do)"),
+        ));
+    }
+    if c.require_token && !slotted {
+        return Err(e("require_token", format!("auth_type {auth_type:?} has no slot a token could go in")));
+    }
+    if let Some(blob) = &c.sealed {
+        check_sealed(blob, patterns, &c.ports, key_dir).map_err(|x| e("sealed", x))?;
+    }
+    Ok(())
+}
+
+/// A sealed value must be bound to every host its credential may send it to, and (when
+/// this latchkey's `seal.key` is readable here) open with that key: anything else is a
+/// mistake in the file, reported as a config error. Without the key here the credential
+/// is inactive (or failed) instead, as for any source that cannot be read.
+fn check_sealed(blob: &str, domains: &[Pattern], ports: &[u16], key_dir: &Path) -> Result<(), String> {
+    let sealed = crate::seal::parse(blob)?;
+    let uncovered: Vec<&str> = sealed.uncovered(domains, ports).iter().map(|p| p.source.as_str()).collect();
+    if !uncovered.is_empty() {
+        return Err(format!(
+            "sealed for {} only, which does not cover {}: seal it again with a --host for each of the credential's domains",
+            sealed.hosts.join(", "),
+            uncovered.join(", ")
+        ));
+    }
+    if let Ok(Some(text)) = crate::token::keys::read_key(key_dir, crate::token::keys::SEAL_KEY) {
+        let key = crate::seal::SealKey::from_text(&text)?;
+        sealed.open(&key)?;
+    }
+    Ok(())
+}
+
 fn parse_cidr(s: &str) -> Option<IpNet> {
     s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
@@ -755,7 +930,7 @@ impl Config {
     pub fn decide(&self, q: &Question<'_>) -> Decision {
         self.policy.decide(q, |i| {
             let c = &self.credentials[i];
-            q.head.is_some_and(|head| c.injector.carries_placeholder(q.dest, head, &c.placeholder))
+            q.head.is_some_and(|head| crate::token::gate::holds_placeholder_or_token(c, q.dest, head))
         })
     }
 
@@ -787,6 +962,12 @@ impl Config {
             ip => ip,
         };
         SocketAddr::new(ip, self.proxy.listen.port())
+    }
+
+    /// The proxy URL clients should use: `https://` on a `[proxy] tls` port.
+    pub fn client_proxy_url(&self) -> String {
+        let scheme = if self.proxy.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.client_proxy_addr())
     }
 
     /// Every secret value of every usable credential (leak checks, redaction).

@@ -42,6 +42,11 @@ pub struct RawAgent {
     pub allowed_domains: Vec<String>,
     pub requests_per_minute: Option<u32>,
     pub tokens_per_day: Option<u64>,
+    /// SHA-256 fingerprints of client certificates that identify this agent on a
+    /// `[proxy] tls = true` port (hex, colons allowed).
+    pub client_cert_sha256: Option<OneOrMany>,
+    /// A PEM CA file: a client certificate it issued identifies this agent.
+    pub client_ca: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -65,6 +70,12 @@ pub struct RawProxy {
     pub via: bool,
     /// Lock all of latchkey's memory (mlockall) so secrets are never swapped out.
     pub mlock: bool,
+    /// Serve the proxy port over TLS (an `https://` proxy URL), with a leaf from the CA.
+    pub tls: bool,
+    /// Names and addresses the proxy's own certificate covers, besides the defaults.
+    pub tls_names: Vec<String>,
+    /// A directory that gets only the public `ca.crt` and `bundle.pem`, for agents.
+    pub ca_export_dir: Option<String>,
     pub logging: RawLogging,
     pub filters: RawFilters,
     pub limits: RawLimits,
@@ -88,6 +99,9 @@ impl Default for RawProxy {
             secrets_dir: "~/.config/secrets".into(),
             via: true,
             mlock: false,
+            tls: false,
+            tls_names: vec![],
+            ca_export_dir: None,
             logging: RawLogging::default(),
             filters: RawFilters::default(),
             limits: RawLimits::default(),
@@ -210,6 +224,9 @@ pub struct RawCredential {
     pub value: Option<String>,
     pub value_file: Option<String>,
     pub value_command: Option<Vec<String>>,
+    /// A sealed secret (`lks1:...`, made by `latchkey seal`) in place of `value` (or
+    /// `password`): opened with `seal.key`, bound to the hosts it was sealed for.
+    pub sealed: Option<String>,
     /// Seconds a value_command's output is used before the command runs again.
     pub value_command_ttl: Option<u64>,
     /// Variables of latchkey's environment the value_command gets besides PATH, HOME
@@ -228,6 +245,8 @@ pub struct RawCredential {
     pub placeholder: Option<String>,
     pub env: Option<OneOrMany>,
     pub require_placeholder: bool,
+    /// Refuse requests whose slot holds no valid scoped token (`latchkey token mint`).
+    pub require_token: bool,
     pub allowed_origins: Vec<String>,
     pub pass_cookies: bool,
     /// PEM certificate chain latchkey presents to the upstream (with `client_key`).

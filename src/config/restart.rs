@@ -13,6 +13,9 @@ pub fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
     if old.proxy.ca_dir != new.proxy.ca_dir {
         return Some("[proxy] ca_dir");
     }
+    if old.proxy.tls != new.proxy.tls || old.proxy.tls_names != new.proxy.tls_names {
+        return Some("[proxy] tls or tls_names");
+    }
     if old.admin != new.admin {
         return Some("[admin] listen");
     }

@@ -92,3 +92,97 @@ fn debug_has_no_secrets() {
     assert!(!dbg.contains("sk-ant-REAL") && !dbg.contains("ghp_REAL"));
     assert!(!c.secret_values().is_empty());
 }
+
+fn compile_env(src: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let lookup = move |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).or_else(|| env(k));
+    compile(src, Some(Path::new("/etc/latchkey.toml")), &lookup, &[])
+}
+
+/// `LATCHKEY_*` variables override the file's keys (containers configure by environment).
+#[test]
+fn environment_overrides_the_file() {
+    let src = "[proxy]\nport = 1\nca_dir = \"/file/ca\"\nallowed_clients = [\"10.0.0.1\"]\n";
+    let c = compile_env(
+        src,
+        &[
+            ("LATCHKEY_LISTEN", "0.0.0.0:3128"),
+            ("LATCHKEY_CA_DIR", "/data/ca"),
+            ("LATCHKEY_ALLOWED_CLIENTS", "10.89.0.0/24, 192.0.2.7"),
+            ("LATCHKEY_ALLOWED_DOMAINS", ".anthropic.com,github.com"),
+            ("LATCHKEY_ADMIN_LISTEN", "0.0.0.0:9090"),
+            ("LATCHKEY_LOG_REQUESTS", "yes"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.proxy.listen, "0.0.0.0:3128".parse().unwrap());
+    assert_eq!(c.proxy.ca_dir, Path::new("/data/ca"));
+    let clients: Vec<String> = c.proxy.allowed_clients.iter().map(|n| n.to_string()).collect();
+    assert_eq!(clients, ["10.89.0.0/24", "192.0.2.7/32"]);
+    assert!(c.policy.filters.allowlist_only, "an allowlist given by variable is enforced");
+    assert_eq!(c.policy.filters.allowed.len(), 2);
+    assert_eq!(c.admin, Some("0.0.0.0:9090".parse().unwrap()));
+    assert!(c.proxy.log_requests);
+    // Without variables, the file's values stand.
+    let c = compile_env(src, &[]).unwrap();
+    assert_eq!(c.proxy.listen.port(), 1);
+    assert_eq!(c.proxy.ca_dir, Path::new("/file/ca"));
+    // An empty allowlist variable is no allowlist; LATCHKEY_ALLOWLIST_ONLY has the last word.
+    let c = compile_env("", &[("LATCHKEY_ALLOWED_DOMAINS", "")]).unwrap();
+    assert!(!c.policy.filters.allowlist_only);
+    let c = compile_env("", &[("LATCHKEY_ALLOWED_DOMAINS", "a.com"), ("LATCHKEY_ALLOWLIST_ONLY", "false")])
+        .unwrap();
+    assert!(!c.policy.filters.allowlist_only);
+}
+
+/// A bad value from a variable gets the file's validation, and the error names the variable.
+#[test]
+fn environment_errors_name_the_variable() {
+    let e = compile_env("", &[("LATCHKEY_ALLOWED_CLIENTS", "10.0.0.0/8,nonsense")]).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "LATCHKEY_ALLOWED_CLIENTS (overrides proxy.allowed_clients): \"nonsense\" is not an IP or CIDR"
+    );
+    let e = compile_env("", &[("LATCHKEY_LISTEN", "3128")]).unwrap_err().to_string();
+    assert!(e.starts_with("LATCHKEY_LISTEN (overrides proxy.bind): \"3128\" is not ip:port"), "{e}");
+    // The open-proxy rule applies to an address given by variable, and says which variable.
+    let e = compile_env("", &[("LATCHKEY_LISTEN", "0.0.0.0:3128")]).unwrap_err().to_string();
+    assert!(e.starts_with("LATCHKEY_LISTEN (overrides proxy.bind): binding to 0.0.0.0"), "{e}");
+    let e = compile_env("", &[("LATCHKEY_ALLOWED_DOMAINS", "~(")]).unwrap_err().to_string();
+    assert!(
+        e.starts_with("LATCHKEY_ALLOWED_DOMAINS (overrides proxy.filters.allowed_domains): \"~(\""),
+        "{e}"
+    );
+    let e = compile_env("", &[("LATCHKEY_PROXY_TLS", "maybe")]).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "LATCHKEY_PROXY_TLS (overrides proxy.tls): \"maybe\" is not a boolean (true/false, 1/0, yes/no)"
+    );
+    let e = compile_env("", &[("LATCHKEY_INTERCEPT", "some")]).unwrap_err().to_string();
+    assert!(e.starts_with("LATCHKEY_INTERCEPT (overrides proxy.intercept): "), "{e}");
+    let e = compile_env("", &[("LATCHKEY_ADMIN_LISTEN", "localhost")]).unwrap_err().to_string();
+    assert!(e.starts_with("LATCHKEY_ADMIN_LISTEN (overrides admin.listen): "), "{e}");
+    // The same mistake in the file still points at the file.
+    let e = err("[proxy]\nallowed_clients = [\"nonsense\"]\n");
+    assert!(e.starts_with("/etc/latchkey.toml:2:1: proxy.allowed_clients: "), "{e}");
+}
+
+#[test]
+fn client_certificate_identities_are_checked() {
+    let fp = "AB:".repeat(31) + "AB";
+    let agent = format!("[agents.a]\nclient_cert_sha256 = \"{fp}\"\n");
+    let e = err(&agent);
+    assert!(e.contains("agents.a.client_cert_sha256: ") && e.contains("[proxy] tls = true"), "{e}");
+    let c = compile_str(&format!("[proxy]\ntls = true\n{agent}")).unwrap();
+    assert_eq!(c.agents[0].client_certs, [[0xab; 32]], "colons and case are accepted");
+    assert!(c.agents[0].token.is_none(), "a certificate alone identifies the agent");
+    let e = err("[proxy]\ntls = true\n[agents.a]\nclient_cert_sha256 = \"abcd\"\n");
+    assert!(e.contains("is not a SHA-256 fingerprint"), "{e}");
+    let e = err(&format!("[proxy]\ntls = true\n{agent}[agents.b]\nclient_cert_sha256 = [\"{fp}\"]\n"));
+    assert!(
+        e.contains("agents.b.client_cert_sha256: the same certificate already identifies agent a"),
+        "{e}"
+    );
+    let e = err("[agents.a]\nallowed_domains = [\"a.com\"]\n");
+    assert!(e.contains("agents.a.token: set one of"), "{e}");
+}

@@ -81,6 +81,8 @@ pub struct Sources<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     vars: &'a [String],
     secrets_dir: &'a Path,
+    /// Where `seal.key` is (the CA directory), for `sealed` values.
+    key_dir: &'a Path,
     /// Variables the secret templates read (scrubbed from `exec` children).
     pub reads: Vec<String>,
     /// `${PREFIX{capture}}` references in those templates.
@@ -96,12 +98,14 @@ impl<'a> Sources<'a> {
         env: &'a dyn Fn(&str) -> Option<String>,
         vars: &'a [String],
         secrets_dir: &'a Path,
+        key_dir: &'a Path,
     ) -> Self {
         Sources {
             raw,
             env,
             vars,
             secrets_dir,
+            key_dir,
             reads: Vec::new(),
             captures: Vec::new(),
             state: CredState::Active,
@@ -118,24 +122,27 @@ impl<'a> Sources<'a> {
         Template::parse(value).map_err(|e| BuildError::new(key, e.to_string()))
     }
 
-    /// The secret source of `value_key`: exactly one of it, `value_file` and
-    /// `value_command`.
+    /// The secret source of `value_key`: exactly one of it, `value_file`,
+    /// `value_command` and `sealed`.
     pub fn source(&self, value_key: &'static str, value: Option<&String>) -> Result<Source, BuildError> {
         let c = self.raw;
-        let given = [value.is_some(), c.value_file.is_some(), c.value_command.is_some()];
+        let given = [value.is_some(), c.value_file.is_some(), c.value_command.is_some(), c.sealed.is_some()];
         match given.iter().filter(|g| **g).count() {
             1 => {}
             0 => {
-                let msg = format!("set one of `{value_key}`, `value_file`, `value_command`");
+                let msg = format!("set one of `{value_key}`, `value_file`, `value_command`, `sealed`");
                 return Err(BuildError::new(value_key, msg));
             }
             _ => {
-                let msg = format!("set only one of `{value_key}`, `value_file`, `value_command`");
+                let msg = format!("set only one of `{value_key}`, `value_file`, `value_command`, `sealed`");
                 return Err(BuildError::new(value_key, msg));
             }
         }
         Ok(if let Some(v) = value {
             Source::Value(self.template(value_key, v)?)
+        } else if let Some(blob) = &c.sealed {
+            let sealed = crate::seal::parse(blob).map_err(|x| BuildError::new("sealed", x.to_string()))?;
+            Source::Sealed { sealed: Box::new(sealed), key_dir: self.key_dir.to_path_buf() }
         } else if let Some(f) = &c.value_file {
             Source::File(crate::config::expand_home(f))
         } else {

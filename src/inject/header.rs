@@ -1,6 +1,8 @@
 //! Header credentials — `auth_type = "header"`, `"bearer"` and `"basic"` — and their
 //! builders: the secret written into one header slot, in the form the client chose.
 
+use std::borrow::Cow;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use http::header::{HeaderName, HeaderValue};
@@ -133,26 +135,28 @@ impl Injector for HeaderInjector {
         Ok(())
     }
 
-    fn carries_placeholder(&self, _: &Destination, head: &RequestHead<'_>, placeholder: &str) -> bool {
-        let slot = &self.slots[self.chosen_slot(head.headers)];
-        let Some(Ok(value)) = head.headers.get(&slot.name).map(|v| v.to_str()) else {
-            return false;
-        };
+    fn carries_placeholder(&self, dest: &Destination, head: &RequestHead<'_>, placeholder: &str) -> bool {
+        self.presented(dest, head).is_some_and(|v| v == placeholder)
+    }
+
+    fn presented<'h>(&self, _: &Destination, head: &RequestHead<'h>) -> Option<Cow<'h, str>> {
+        let headers: &'h http::HeaderMap = head.headers;
+        let slot = &self.slots[self.chosen_slot(headers)];
+        let value = headers.get(&slot.name)?.to_str().ok()?;
         let body = match &slot.prefix {
             Some(p) => match value.split_once(' ') {
                 Some((scheme, rest)) if scheme.eq_ignore_ascii_case(p) => rest.trim(),
-                _ => return false,
+                _ => return None,
             },
             None => value.trim(),
         };
         match &self.source {
-            HeaderValueSource::Raw(_) => body == placeholder,
+            HeaderValueSource::Raw(_) => Some(Cow::Borrowed(body)),
             HeaderValueSource::Basic { .. } => B64
                 .decode(body)
                 .ok()
                 .and_then(|d| String::from_utf8(d).ok())
-                .and_then(|d| d.split_once(':').map(|(_, p)| p == placeholder))
-                .unwrap_or(false),
+                .and_then(|d| d.split_once(':').map(|(_, p)| Cow::Owned(p.to_string()))),
         }
     }
 

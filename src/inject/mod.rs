@@ -15,6 +15,7 @@ pub mod mtls;
 pub mod query;
 pub mod sigv4;
 
+use std::borrow::Cow;
 use std::fmt::Debug;
 use std::future::Future;
 use std::pin::Pin;
@@ -105,6 +106,14 @@ pub trait Injector: Send + Sync + Debug {
 
     /// Does the request carry `placeholder` where this injector writes on `dest`?
     fn carries_placeholder(&self, dest: &Destination, head: &RequestHead<'_>, placeholder: &str) -> bool;
+
+    /// What the client wrote where this injector writes on `dest` (its placeholder, a
+    /// scoped token, anything): the slot's value without its scheme prefix, the password
+    /// of a basic credential, the query parameter's decoded value. `None`: nothing
+    /// there, or an injector without such a slot (no token can stand in for it).
+    fn presented<'h>(&self, _dest: &Destination, _head: &RequestHead<'h>) -> Option<Cow<'h, str>> {
+        None
+    }
     fn slots(&self) -> Vec<Slot>;
     /// The values this injector may write, for leak checks and redaction.
     fn secrets(&self) -> Vec<Secret>;

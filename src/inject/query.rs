@@ -1,5 +1,7 @@
 //! `auth_type = "query"`: the secret as one query parameter, and its builder.
 
+use std::borrow::Cow;
+
 use http::request::Parts;
 
 use super::build::{BuildError, Built, Sources};
@@ -64,6 +66,14 @@ impl Injector for QueryInjector {
                 && p.split_once('=').map(|(_, v)| crate::policy::percent_decode(v.as_bytes()))
                     == Some(placeholder.as_bytes().to_vec())
         })
+    }
+
+    fn presented<'h>(&self, _: &Destination, head: &RequestHead<'h>) -> Option<Cow<'h, str>> {
+        let query = head.target.split_once('?')?.1;
+        let (_, value) = query.split('&').find(|p| self.is_param(p))?.split_once('=')?;
+        Some(Cow::Owned(
+            String::from_utf8_lossy(&crate::policy::percent_decode(value.as_bytes())).into_owned(),
+        ))
     }
 
     fn slots(&self) -> Vec<Slot> {

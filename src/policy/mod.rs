@@ -349,7 +349,8 @@ pub(crate) fn default_port_ok(pattern_port: Option<u16>, ports: &[u16], port: u1
     }
 }
 
-fn path_has_prefix(path: &str, prefix: &str) -> bool {
+/// Whole-segment prefix match of a canonical path (`""` is the root).
+pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
     prefix.is_empty() || path == prefix || (path.starts_with(prefix) && path.as_bytes()[prefix.len()] == b'/')
 }
 

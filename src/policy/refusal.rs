@@ -32,6 +32,10 @@ pub enum RefusalKind {
     TraceRefused,
     /// The credential is never written to this host: it would mint new credentials.
     MintingEndpoint,
+    /// A scoped token in the credential's slot is refused (damaged, foreign, revoked,
+    /// for another credential, or outside its scope), or `require_token` and none is
+    /// there.
+    Token,
     /// The request is in a form the credential cannot be applied to (presigned URL,
     /// chunk signatures...).
     CannotApply,
@@ -76,7 +80,9 @@ impl RefusalKind {
         use RefusalKind::*;
         match self {
             BlockedDomain | NotAllowlisted | BlockedPattern | Ssrf | PlainHttp | ClientNotAllowed
-            | AgentCredential | PlaceholderRequired | ExceptPath | TraceRefused | MintingEndpoint => 403,
+            | AgentCredential | PlaceholderRequired | ExceptPath | TraceRefused | MintingEndpoint | Token => {
+                403
+            }
             ProxyAuth => 407,
             Misdirected => 421,
             BadRequest | Smuggling | CannotApply => 400,
@@ -108,6 +114,7 @@ impl RefusalKind {
             ExceptPath => "except-path",
             TraceRefused => "trace-refused",
             MintingEndpoint | CannotApply | CredentialUnusable => "credential-refused",
+            Token => "token",
             CredentialFailed => "credential-failed",
             Misdirected => "misdirected",
             BadRequest => "bad-request",
@@ -186,6 +193,7 @@ mod tests {
             (RefusalKind::UriTooLong, 414, "head-too-large"),
             (RefusalKind::HeadTooLarge, 431, "head-too-large"),
             (RefusalKind::MintingEndpoint, 403, "credential-refused"),
+            (RefusalKind::Token, 403, "token"),
             (RefusalKind::CannotApply, 400, "credential-refused"),
             (RefusalKind::CredentialUnusable, 502, "credential-refused"),
             (RefusalKind::RateLimited, 429, "rate-limited"),

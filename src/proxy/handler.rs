@@ -13,6 +13,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use super::agent_auth::ClientCert;
 use super::exchange;
 use super::fanout::{self, ConnBudget};
 use super::framing::{self, Gate, Malformed};
@@ -29,6 +30,8 @@ use crate::telemetry::record::{self, Path};
 pub struct Connection {
     pub proxy: Arc<Proxy>,
     pub peer: SocketAddr,
+    /// The client certificate presented on a `[proxy] tls` port, if any.
+    pub cert: Option<ClientCert>,
     pub slot: HeldSlot,
     /// Where the framing guard learns whether a CONNECT or upgrade switched protocols.
     pub gate: Arc<Gate>,
@@ -37,8 +40,11 @@ pub struct Connection {
 
 /// One request on the proxy port, decided by the configuration in force when it
 /// arrives (a reload reaches keep-alive connections too).
-pub async fn serve(conn: Arc<Connection>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub async fn serve(conn: Arc<Connection>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let generation = conn.proxy.generation();
+    if let Some(cert) = &conn.cert {
+        req.extensions_mut().insert(cert.clone());
+    }
     let switching = framing::may_switch(&req).then(|| req.method().clone());
     let handled = handle(conn.proxy.clone(), generation, conn.peer, conn.slot.clone(), req);
     let resp = fanout::scope(conn.budget.clone(), handled).await;
@@ -63,7 +69,7 @@ async fn handle(
     }
     let is_proxy_request = req.method() == Method::CONNECT || req.uri().scheme().is_some();
     let agent = if is_proxy_request {
-        match super::agent_auth::authenticate(&generation.config, req.headers()) {
+        match super::agent_auth::authenticate(&generation.config, req.headers(), req.extensions().get()) {
             Ok(agent) => agent,
             Err(r) => return refuse_request(&proxy, &generation, peer, None, &req, r),
         }
@@ -94,6 +100,22 @@ async fn handle(
             resp.headers_mut()
                 .insert(http::header::CONTENT_TYPE, "application/x-pem-file".parse().expect("static"));
             resp
+        }
+        // `exec --token-ttl` where token.key is not readable (see `crate::token::endpoint`).
+        None if req.method() == Method::GET && req.uri().path() == crate::token::endpoint::PATH => {
+            let minted = crate::token::endpoint::answer(
+                &proxy.tokens,
+                &generation.config,
+                peer,
+                req.headers(),
+                req.extensions().get(),
+                req.uri().query(),
+            )
+            .await;
+            match minted {
+                Ok(token) => Response::new(respond::full(token)),
+                Err(r) => refuse(r),
+            }
         }
         // `/latchkey/...`: what this instance would do, by name (never a value), for
         // `env`, `exec`, `explain` and `check` running where the secrets are not.
@@ -137,12 +159,12 @@ pub fn admit(config: &Config, opener: &Opener) -> Result<Option<usize>, Refusal>
         return Err(r);
     }
     match &opener.identity {
-        Identity::ProxyAuth(auth) => {
+        Identity::ProxyAuth { header, cert } => {
             let mut headers = http::HeaderMap::new();
-            if let Some(v) = auth {
+            if let Some(v) = header {
                 headers.insert(PROXY_AUTHORIZATION, v.clone());
             }
-            super::agent_auth::authenticate(config, &headers)
+            super::agent_auth::authenticate(config, &headers, cert.as_ref())
         }
         Identity::Named(name) => super::destined::identify(config, name.as_deref()),
     }
@@ -169,7 +191,11 @@ async fn connect(
         let rec = tunnel_record(&generation.config, peer, agent, &dest, started);
         log_refusal(&proxy, rec, &r, Protocol::Http)
     };
-    let opener = Opener { peer, identity: Identity::ProxyAuth(proxy_auth(req.headers())) };
+    let identity = Identity::ProxyAuth {
+        header: proxy_auth(req.headers()),
+        cert: req.extensions().get::<ClientCert>().cloned(),
+    };
+    let opener = Opener { peer, identity };
     let on_upgrade = hyper::upgrade::on(&mut req);
     match Tunnel::open(&proxy, &generation, opener, agent, &dest, started).await {
         Err(r) => refuse(r),

@@ -17,6 +17,7 @@ mod fanout;
 pub(crate) mod framing;
 mod generation;
 mod handler;
+pub(crate) mod hop;
 mod respond;
 mod route;
 mod slots;
@@ -42,7 +43,7 @@ use http_body_util::combinators::BoxBody;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rustls::crypto::CryptoProvider;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::ca::CertAuthority;
@@ -67,6 +68,8 @@ pub enum ProxyError {
     Spans(#[from] crate::telemetry::otlp::EndpointError),
     #[error("[telemetry] otlp_endpoint: this build has no OTLP exporter (cargo feature otlp)")]
     NoSpanExporter,
+    #[error("{0}")]
+    TlsHop(#[from] hop::HopError),
     #[error("{0} changed: that needs a restart; still running the previous config")]
     RestartNeeded(&'static str),
 }
@@ -86,6 +89,10 @@ pub struct Proxy {
     reloads: tokio::sync::watch::Sender<u64>,
     /// Config and CA loaded and the listener serving (`/readyz`).
     ready: std::sync::atomic::AtomicBool,
+    /// `[proxy] tls`: the TLS side of the proxy port.
+    hop: Option<hop::TlsHop>,
+    /// Token root key, revocation list and verified-token cache (`crate::token`).
+    pub tokens: Arc<crate::token::state::TokenState>,
 }
 
 impl Proxy {
@@ -122,10 +129,19 @@ impl Proxy {
         let connections = Arc::new(Semaphore::new(config.proxy.limits.max_connections));
         slots::check_fd_budget(&config.proxy.limits);
         let budget = fanout::Budget::new(config.proxy.limits.max_upstream_connections);
+        let hop = match config.proxy.tls {
+            true => Some(hop::TlsHop::new(
+                ca.clone(),
+                hop::own_names(config.proxy.listen.ip(), &config.proxy.tls_names),
+            )?),
+            false => None,
+        };
         let generation =
             Generation::new(Arc::new(config), provider.clone(), own_sockets.clone(), budget.clone())?;
         let exchanges = Arc::new(Exchanges::default());
         let per_client = Default::default();
+        let tokens = Arc::new(crate::token::state::TokenState::new(&generation.config.proxy.ca_dir));
+        tokens.watch();
         Ok(Arc::new(Proxy {
             current: RwLock::new(Arc::new(generation)),
             ca,
@@ -138,6 +154,8 @@ impl Proxy {
             budget,
             reloads: tokio::sync::watch::Sender::new(0),
             ready: Default::default(),
+            hop,
+            tokens,
         }))
     }
 
@@ -212,12 +230,13 @@ impl Proxy {
             let Some(slot) = self.admit(peer) else { continue };
             let proxy = self.clone();
             tokio::spawn(async move {
+                let Some(stream) = proxy.client_stream(stream, peer).await else { return };
                 proxy.serve_client(stream, peer, Arc::new(std::sync::Mutex::new(Some(slot)))).await;
             });
         }
     }
 
-    async fn serve_client(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, slot: HeldSlot) {
+    async fn serve_client(self: Arc<Self>, stream: hop::ClientStream, peer: SocketAddr, slot: HeldSlot) {
         let generation = self.generation();
         let limits = generation.config.proxy.limits.clone();
         if let Some(refusal) = handler::client_refusal(&generation.config, peer) {
@@ -234,10 +253,12 @@ impl Proxy {
             return;
         }
         let _ = stream.set_nodelay(true);
+        let cert = stream.client_cert();
         let stream = framing::Guarded::new(stream, &limits);
         let conn = handler::Connection {
             proxy: self,
             peer,
+            cert,
             slot,
             gate: stream.gate(),
             budget: fanout::ConnBudget::new(limits.max_upstream_per_connection),

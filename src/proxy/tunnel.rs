@@ -50,8 +50,9 @@ pub struct Opener {
 /// How a tunnel's client said who it is.
 #[derive(Clone)]
 pub enum Identity {
-    /// What the CONNECT presented (marked sensitive; never logged).
-    ProxyAuth(Option<HeaderValue>),
+    /// What the CONNECT presented: its `Proxy-Authorization` (marked sensitive; never
+    /// logged) and the client certificate of a `[proxy] tls` port.
+    ProxyAuth { header: Option<HeaderValue>, cert: Option<super::agent_auth::ClientCert> },
     /// A connection that arrived without CONNECT (the jail) carries the agent it was
     /// started for, by name.
     Named(Option<String>),

@@ -9,6 +9,7 @@ use super::super::{Body, respond};
 use crate::config::Config;
 use crate::policy::{Decision, Question, Refusal, RefusalKind, RequestHead};
 use crate::telemetry::{Record, Telemetry};
+use crate::token::state::TokenState;
 
 /// The credential a request gets: its index and the regex captures of its host.
 pub struct Chosen {
@@ -25,6 +26,7 @@ pub enum Decided {
 
 pub fn decide(
     telemetry: &Telemetry,
+    tokens: &TokenState,
     config: &Config,
     route: &Route,
     parts: &Parts,
@@ -49,6 +51,13 @@ pub fn decide(
         }
         Decision::Inject { credential, captures, budgets } => {
             record.credential = Some(config.credentials[credential].label.clone());
+            // A scoped token in the credential's slot is checked here, before anything
+            // is sent.
+            if let Some(id) =
+                crate::token::gate::check(tokens, config, credential, &route.dest, &head, route.agent)?
+            {
+                record.reason = Some(format!("token {id}").into());
+            }
             telemetry.admit(&config.policy, budgets)?;
             Ok(Decided::Forward(Some(Chosen { index: credential, captures })))
         }
