@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::inject::Slot;
 use crate::policy::{CredState, Decision, Destination, Question as Ask, Refusal, RefusalKind, RequestHead};
+use crate::token::state::TokenState;
 
 /// The decision for one request (SPEC 4, `explain --json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,8 +57,9 @@ pub enum ExplainError {
 
 /// Decide exactly as the proxy does: `Config::decide`, asked first without a request
 /// head for an https URL (the CONNECT), then with one (each request in the tunnel, or
-/// the absolute-form request for http).
-pub fn explain(config: &Config, q: &Question<'_>) -> Result<Explanation, ExplainError> {
+/// the absolute-form request for http). A scoped token among the headers is verified
+/// with `tokens` — the running proxy's own state when it answers `/latchkey/explain`.
+pub fn explain(config: &Config, tokens: &TokenState, q: &Question<'_>) -> Result<Explanation, ExplainError> {
     let url = || q.url.to_string();
     let uri: Uri = q
         .url
@@ -89,7 +91,7 @@ pub fn explain(config: &Config, q: &Question<'_>) -> Result<Explanation, Explain
         return Ok(outcome("block", why.into()));
     }
     if tls {
-        match config.decide(&Ask::now(agent, &dest, None)) {
+        match config.decide(&Ask::now(agent, &dest, None), tokens) {
             Decision::Intercept => {}
             Decision::Tunnel => {
                 return Ok(outcome("tunnel", "no credential or filter applies to this host".into()));
@@ -99,7 +101,7 @@ pub fn explain(config: &Config, q: &Question<'_>) -> Result<Explanation, Explain
     }
     let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let head = RequestHead { method: method.as_str(), target, path: uri.path(), headers: q.headers, tls };
-    Ok(described(config, &dest, config.decide(&Ask::now(agent, &dest, Some(&head)))))
+    Ok(described(config, &dest, config.decide(&Ask::now(agent, &dest, Some(&head)), tokens)))
 }
 
 fn outcome(decision: &str, reason: String) -> Explanation {
@@ -129,9 +131,13 @@ fn described(config: &Config, dest: &Destination, decision: Decision) -> Explana
     match decision {
         Decision::Block(r) => outcome("block", r.message),
         Decision::Pass { reason, .. } => outcome("pass", reason.into_owned()),
-        Decision::Inject { credential: i, .. } => {
+        Decision::Inject { credential: i, token: None, .. } => {
             credential(i, format!("most specific credential for {dest}"))
         }
+        Decision::Inject { credential: i, token: Some(id), .. } => credential(
+            i,
+            format!("most specific credential for {dest}; scoped token {id} allows this request"),
+        ),
         Decision::Vend { credential: i } => Explanation {
             inject: vec![],
             ..credential(
@@ -177,6 +183,7 @@ pub fn credential_states(config: &Config) -> Vec<CredentialState> {
 /// refusal. Only loopback clients and those in `allowed_clients` may ask.
 pub fn local_endpoint(
     config: &Config,
+    tokens: &TokenState,
     peer: SocketAddr,
     path: &str,
     query: Option<&str>,
@@ -184,7 +191,7 @@ pub fn local_endpoint(
     let answer = match path {
         "/latchkey/active" => Ok((active(config), "text/plain")),
         "/latchkey/credentials" => json(&credential_states(config)),
-        "/latchkey/explain" => explain_query(config, query.unwrap_or("")),
+        "/latchkey/explain" => explain_query(config, tokens, query.unwrap_or("")),
         _ => return None,
     };
     Some(local_client_refusal(config, peer).map_or(answer, Err))
@@ -215,7 +222,11 @@ fn local_client_refusal(config: &Config, peer: SocketAddr) -> Option<Refusal> {
 }
 
 /// `/latchkey/explain?url=U&method=M&agent=A&header=K%3A%20V...`.
-fn explain_query(config: &Config, query: &str) -> Result<(String, &'static str), Refusal> {
+fn explain_query(
+    config: &Config,
+    tokens: &TokenState,
+    query: &str,
+) -> Result<(String, &'static str), Refusal> {
     let bad = |m: String| Refusal::new(RefusalKind::BadRequest, m);
     let (mut url, mut method, mut agent, mut headers) = (None, "GET".to_string(), None, HeaderMap::new());
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -235,7 +246,7 @@ fn explain_query(config: &Config, query: &str) -> Result<(String, &'static str),
     }
     let url = url.ok_or_else(|| bad("url= is required".into()))?;
     let q = Question { method: &method, headers: &headers, url: &url, agent: agent.as_deref() };
-    json(&explain(config, &q).map_err(|e| bad(e.to_string()))?)
+    json(&explain(config, tokens, &q).map_err(|e| bad(e.to_string()))?)
 }
 
 /// A `--header` that is not `Name: value`.
@@ -287,20 +298,38 @@ mod tests {
         let c = config("");
         let q = Some("url=https%3A%2F%2Fapi.anthropic.com%2Fv1%2Fmessages");
         for ip in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
-            assert!(local_endpoint(&c, peer(ip), "/latchkey/explain", q).unwrap().is_ok(), "{ip}");
+            assert!(
+                local_endpoint(&c, &TokenState::keyless(), peer(ip), "/latchkey/explain", q).unwrap().is_ok(),
+                "{ip}"
+            );
         }
-        let refused = local_endpoint(&c, peer("10.1.2.3"), "/latchkey/explain", q).unwrap().unwrap_err();
+        let refused = local_endpoint(&c, &TokenState::keyless(), peer("10.1.2.3"), "/latchkey/explain", q)
+            .unwrap()
+            .unwrap_err();
         assert_eq!((refused.status(), refused.token()), (403, "client-not-allowed"));
         let c = config("[proxy]\nbind = \"0.0.0.0\"\nallowed_clients = [\"10.0.0.0/8\"]\n");
-        assert!(local_endpoint(&c, peer("10.1.2.3"), "/latchkey/credentials", None).unwrap().is_ok());
-        assert!(local_endpoint(&c, peer("192.168.1.1"), "/latchkey/active", None).unwrap().is_err());
-        assert!(local_endpoint(&c, peer("127.0.0.1"), "/latchkey/other", None).is_none());
+        assert!(
+            local_endpoint(&c, &TokenState::keyless(), peer("10.1.2.3"), "/latchkey/credentials", None)
+                .unwrap()
+                .is_ok()
+        );
+        assert!(
+            local_endpoint(&c, &TokenState::keyless(), peer("192.168.1.1"), "/latchkey/active", None)
+                .unwrap()
+                .is_err()
+        );
+        assert!(
+            local_endpoint(&c, &TokenState::keyless(), peer("127.0.0.1"), "/latchkey/other", None).is_none()
+        );
     }
 
     #[test]
     fn the_endpoint_answers_names_never_values() {
         let c = config("");
-        let ask = |q: &str| local_endpoint(&c, peer("127.0.0.1"), "/latchkey/explain", Some(q)).unwrap();
+        let ask = |q: &str| {
+            local_endpoint(&c, &TokenState::keyless(), peer("127.0.0.1"), "/latchkey/explain", Some(q))
+                .unwrap()
+        };
         let headers = HeaderMap::new();
         let q = Question {
             method: "post",
@@ -318,7 +347,9 @@ mod tests {
         assert_eq!(ask("url=ftp%3A%2F%2Fx").unwrap_err().status(), 400);
         assert_eq!(ask("url=https%3A%2F%2Fx&agent=nobody").unwrap_err().status(), 400);
         let (body, _) =
-            local_endpoint(&c, peer("127.0.0.1"), "/latchkey/credentials", None).unwrap().unwrap();
+            local_endpoint(&c, &TokenState::keyless(), peer("127.0.0.1"), "/latchkey/credentials", None)
+                .unwrap()
+                .unwrap();
         let states: Vec<CredentialState> = serde_json::from_str(&body).unwrap();
         let anthropic = states.iter().find(|s| s.name == "anthropic").unwrap();
         assert_eq!(anthropic.state, "active");

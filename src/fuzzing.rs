@@ -107,7 +107,9 @@ pub fn request(data: &[u8]) {
         headers: &parts.headers,
         tls: true,
     };
-    let decision = config.decide(&crate::policy::Question::now(None, &dest, Some(&head)));
+    static TOKENS: std::sync::OnceLock<crate::token::state::TokenState> = std::sync::OnceLock::new();
+    let tokens = TOKENS.get_or_init(crate::token::state::TokenState::keyless);
+    let decision = config.decide(&crate::policy::Question::now(None, &dest, Some(&head)), tokens);
     if let crate::policy::Decision::Inject { credential, captures, .. } = decision {
         let cred = &config.credentials[credential];
         if cred.injector.inject(&mut parts, &captures, None).is_ok() && cred.name == "a" {

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::load_config;
 use crate::explain::{Explanation, Question};
+use crate::token::state::TokenState;
 
 /// Which latchkey an answer describes.
 pub enum Described {
@@ -69,7 +70,9 @@ pub fn explain(config: Option<PathBuf>, args: Args) -> ExitCode {
     let running = if args.local { None } else { super::running_instance(&config) };
     let answer = match running {
         Some(addr) => ask(addr, &q).map(|e| (e, Described::Running(addr))),
-        None => crate::explain::explain(&config, &q)
+        // This shell's view: tokens are verified with the key in ca_dir when it can
+        // read it (else every token is refused, and the reason says why).
+        None => crate::explain::explain(&config, &TokenState::new(&config.proxy.ca_dir), &q)
             .map(|e| (e, Described::Config((!args.local).then(|| config.client_proxy_addr()))))
             .map_err(AskError::from),
     };

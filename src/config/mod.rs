@@ -18,10 +18,11 @@ use ipnet::IpNet;
 use crate::inject::Injector;
 use crate::inject::build::Sources;
 use crate::policy::{
-    AgentRule, ContentFilter, CredState, CredentialRule, Decision, Destination, Filters, Pattern, Policy,
-    Question, canonical_prefix,
+    AgentRule, ContentFilter, CredState, CredentialRule, Decision, Destination, Filters, InSlot, Pattern,
+    Policy, Question, RequestHead, canonical_prefix,
 };
 use crate::secrets::{Resolved, SecretValue, Source, Template};
+use crate::token::state::TokenState;
 use raw::{RawConfig, RawCredential};
 
 /// The built-in provider table (SPEC section 5), kept as data.
@@ -132,8 +133,6 @@ pub struct Credential {
     pub source: String,
     pub inline_secret: bool,
     pub pass_cookies: bool,
-    /// Refuse requests whose slot holds no valid scoped token (`crate::token::gate`).
-    pub require_token: bool,
     pub builtin: bool,
     pub auth_type: String,
     /// Client certificate and/or extra roots for this credential's upstream connections.
@@ -368,6 +367,7 @@ impl Compiler<'_> {
             rules.push(rule);
             credentials.push(cred);
         }
+        share_placeholders(&credentials, &mut rules);
         let (agents, agent_rules) = self.agents(&raw.agents, &credentials, raw.proxy.tls)?;
         self.check_command_env(&credentials, &agents)?;
         let telemetry = match &raw.telemetry {
@@ -740,6 +740,7 @@ impl Compiler<'_> {
             captures,
             never_to: built.never_to,
             vends: built.vends,
+            token_slot: slots_in_words(built.injector.as_ref()),
             ..routing
         };
         let cred = Credential {
@@ -754,7 +755,6 @@ impl Compiler<'_> {
             source: built.primary.describe(),
             inline_secret: built.inline,
             pass_cookies: c.pass_cookies,
-            require_token: c.require_token,
             builtin,
             auth_type,
             tls,
@@ -814,6 +814,9 @@ impl Compiler<'_> {
             allow_http: c.allow_http,
             allowed_origins: c.allowed_origins.clone(),
             require_placeholder: c.require_placeholder,
+            require_token: c.require_token,
+            shares_placeholder_with: vec![],
+            token_slot: String::new(),
             except_paths,
             state: CredState::Active,
             captures: vec![],
@@ -859,6 +862,32 @@ impl Credential {
             s.ensure().await;
         }
     }
+}
+
+/// Credentials sharing a placeholder are one credential to the client (SPEC 5): each
+/// accepts the others' scoped tokens, as it accepts the shared placeholder.
+fn share_placeholders(credentials: &[Credential], rules: &mut [CredentialRule]) {
+    for (i, rule) in rules.iter_mut().enumerate() {
+        let own = &credentials[i];
+        rule.shares_placeholder_with = credentials
+            .iter()
+            .filter(|c| c.name != own.name && c.placeholder == own.placeholder)
+            .map(|c| c.name.clone())
+            .collect();
+    }
+}
+
+/// Where an injector writes, in words ("x-api-key or authorization").
+fn slots_in_words(injector: &dyn Injector) -> String {
+    let slots: Vec<String> = injector
+        .slots()
+        .into_iter()
+        .map(|s| match s {
+            crate::inject::Slot::Header { header } => header,
+            crate::inject::Slot::Query { query } => format!("query parameter {query}"),
+        })
+        .collect();
+    if slots.is_empty() { "its slot".into() } else { slots.join(" or ") }
 }
 
 /// Directories secret sources read: `secrets_dir`, and the CA directory (`seal.key`).
@@ -925,13 +954,26 @@ pub fn builtin_providers() -> IndexMap<String, RawCredential> {
 
 impl Config {
     /// The decision for `q` (see `policy::decision`), this config's injectors telling
-    /// whether a request carries a credential's placeholder. The proxy, `explain` and
-    /// the jail all ask this.
-    pub fn decide(&self, q: &Question<'_>) -> Decision {
-        self.policy.decide(q, |i| {
-            let c = &self.credentials[i];
-            q.head.is_some_and(|head| crate::token::gate::holds_placeholder_or_token(c, q.dest, head))
+    /// what a request holds in a credential's slot, and `tokens` (the root key and
+    /// revocation list in force, and the verified-token cache) verifying the signatures
+    /// of a scoped token found there. The proxy, `explain` and the jail all ask this.
+    pub fn decide(&self, q: &Question<'_>, tokens: &TokenState) -> Decision {
+        self.policy.decide(q, |i| match q.head {
+            Some(head) => self.in_slot(i, q.dest, head, tokens),
+            None => InSlot::Other,
         })
+    }
+
+    /// What `head` holds where credential `i` writes on `dest`.
+    fn in_slot(&self, i: usize, dest: &Destination, head: &RequestHead<'_>, tokens: &TokenState) -> InSlot {
+        let c = &self.credentials[i];
+        if c.injector.carries_placeholder(dest, head, &c.placeholder) {
+            return InSlot::Placeholder;
+        }
+        match c.injector.presented(dest, head) {
+            Some(v) if crate::token::looks_like_token(&v) => InSlot::Token(tokens.signed(&v)),
+            _ => InSlot::Other,
+        }
     }
 
     /// The name of agent `index`, for logs.

@@ -3,12 +3,15 @@
 //! CONNECT and a connection the jail redirected (no request head), each request on the
 //! proxy port or inside an intercepted tunnel, `latchkey explain` and `/latchkey/explain`.
 //! Nothing here does I/O, reads a clock or sees a secret; what changes between calls
-//! (rate-limit state, token caches) stays in the runtime, which is told here which
-//! budgets to check.
+//! (rate-limit state, the verified-token cache) stays in the runtime, which is told
+//! here which budgets to check, and which hands in what a request holds in a
+//! credential's slot (`InSlot`: its placeholder, or a scoped token with its signatures
+//! already verified — the token's scope, revocation and expiry are checked here).
 
 use std::borrow::Cow;
 use std::time::SystemTime;
 
+use super::scoped::{self, InSlot};
 use super::{
     CredState, CredentialRule, Destination, Policy, Refusal, RefusalKind, RequestHead, except, is_trace,
 };
@@ -23,8 +26,8 @@ pub struct Question<'a> {
     pub dest: &'a Destination,
     /// The request; `None` for a tunnel before a byte of it is read.
     pub head: Option<&'a RequestHead<'a>>,
-    /// When it is asked: rules that expire (scoped tokens) compare against this, never
-    /// against the clock.
+    /// When it is asked: rules that expire (a scoped token's time checks) compare
+    /// against this, never against the clock.
     pub at: SystemTime,
 }
 
@@ -47,8 +50,9 @@ pub enum Decision {
     /// Forwarded without a credential, and why.
     Pass { reason: Cow<'static, str>, budgets: Budgets },
     /// Forwarded with `credential` written in (regex captures of its host pattern, for
-    /// `${PREFIX{capture}}` secrets).
-    Inject { credential: usize, captures: Vec<(String, String)>, budgets: Budgets },
+    /// `${PREFIX{capture}}` secrets), in place of the placeholder or of `token`, the id
+    /// of the scoped token that allowed it.
+    Inject { credential: usize, captures: Vec<(String, String)>, budgets: Budgets, token: Option<String> },
     /// Answered by latchkey itself with `credential`'s stand-in token (a client library's
     /// token refresh against latchkey's stub credentials file); never forwarded.
     Vend { credential: usize },
@@ -69,10 +73,10 @@ impl Budgets {
 }
 
 impl Policy {
-    /// The decision. `carries_placeholder(i)`: whether the request holds credential
-    /// i's placeholder where that credential writes (for `require_placeholder`); only
-    /// asked when it matters.
-    pub fn decide(&self, q: &Question<'_>, carries_placeholder: impl Fn(usize) -> bool) -> Decision {
+    /// The decision. `in_slot(i)`: what the request holds where credential i writes
+    /// (its placeholder, a scoped token — verified by the runtime — or other); asked
+    /// once, for the credential that would be injected.
+    pub fn decide(&self, q: &Question<'_>, in_slot: impl Fn(usize) -> InSlot) -> Decision {
         if let Some(r) = q.agent.and_then(|a| self.agents[a].destination_refusal(q.dest)) {
             return Decision::Block(r);
         }
@@ -85,7 +89,7 @@ impl Policy {
         if let Some(credential) = self.vending(q.dest, head) {
             return Decision::Vend { credential };
         }
-        self.request(q, head, carries_placeholder)
+        self.request(q, head, in_slot)
     }
 
     /// A tunnel is opened when anything could apply inside it: a credential (not
@@ -116,12 +120,13 @@ impl Policy {
     }
 
     /// One request: content filters, the winning credential and every rule that keeps
-    /// it off this request, the agent's credentials, then the budgets to admit it under.
+    /// it off this request, the agent's credentials, a scoped token in its slot, then
+    /// the budgets to admit it under.
     fn request(
         &self,
         q: &Question<'_>,
         head: &RequestHead<'_>,
-        carries_placeholder: impl Fn(usize) -> bool,
+        in_slot: impl Fn(usize) -> InSlot,
     ) -> Decision {
         if let Some(pattern) = self.head_pattern(head) {
             return Decision::Block(Refusal::new(
@@ -141,7 +146,8 @@ impl Policy {
         if let Some(d) = self.keeps_off(rule, q.dest, head, agent_budget) {
             return d;
         }
-        if rule.require_placeholder && !carries_placeholder(index) {
+        let held = in_slot(index);
+        if rule.require_placeholder && !held.stands_for_placeholder() {
             return Decision::Block(Refusal::new(
                 RefusalKind::PlaceholderRequired,
                 format!("credential {} requires its placeholder in the request", rule.name),
@@ -165,6 +171,11 @@ impl Policy {
                 ),
             ));
         }
+        let agent_name = q.agent.map(|a| self.agents[a].name.as_str());
+        let token = match scoped::check(rule, agent_name, q, head, held) {
+            Ok(token) => token,
+            Err(r) => return Decision::Block(r),
+        };
         let captures = rule
             .patterns
             .iter()
@@ -173,7 +184,7 @@ impl Policy {
             .unwrap_or_default();
         let credential_budget = (!rule.limits.is_empty()).then_some(index);
         let budgets = Budgets { credential: credential_budget, agent: agent_budget };
-        Decision::Inject { credential: index, captures, budgets }
+        Decision::Inject { credential: index, captures, budgets, token }
     }
 
     /// What keeps the winning credential off this request: it failed, the request is

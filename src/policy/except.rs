@@ -200,7 +200,7 @@ mod tests {
     /// require_placeholder; `paths` and except_paths combine.
     #[test]
     fn decide_passes_or_refuses_on_excepted_paths() {
-        use crate::policy::{CredentialRule, Decision, Destination, Policy, Question, RequestHead};
+        use crate::policy::{CredentialRule, Decision, Destination, InSlot, Policy, Question, RequestHead};
         let rule = |name: &str, host: &str, except: &[&str]| CredentialRule {
             except_paths: pats(except),
             ..crate::policy::tests::rule(name, &[host])
@@ -213,7 +213,7 @@ mod tests {
         let dest = Destination::parse_authority("api.github.com:443", None).unwrap();
         let decide = |p: &Policy, path: &str| {
             let head = RequestHead { method: "POST", target: path, path, headers: &headers, tls: true };
-            p.decide(&Question::now(None, &dest, Some(&head)), |_| false)
+            p.decide(&Question::now(None, &dest, Some(&head)), |_| InSlot::Other)
         };
         assert!(matches!(decide(&policy, "/user/emails"), Decision::Inject { credential: 1, .. }));
         match decide(&policy, "/user//Keys/") {

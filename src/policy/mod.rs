@@ -8,6 +8,7 @@ pub mod except;
 pub mod host;
 pub mod pattern;
 mod refusal;
+mod scoped;
 pub mod ssrf;
 
 use aho_corasick::AhoCorasick;
@@ -19,6 +20,7 @@ pub use except::PathPattern;
 pub use host::{Destination, Host, HostError};
 pub use pattern::{Pattern, Specificity};
 pub use refusal::{Refusal, RefusalKind};
+pub use scoped::InSlot;
 
 message_error! {
     /// A rule in the config (host pattern, path, blocked pattern) that does not parse: why.
@@ -47,6 +49,15 @@ pub struct CredentialRule {
     pub allow_http: bool,
     pub allowed_origins: Vec<String>,
     pub require_placeholder: bool,
+    /// `require_token`: refused unless its slot holds a scoped token that allows the
+    /// request.
+    pub require_token: bool,
+    /// Credentials sharing its placeholder (one credential to the client, SPEC 5): a
+    /// token naming any of them is accepted too.
+    pub shares_placeholder_with: Vec<String>,
+    /// Where its slot is, in words, for the `require_token` refusal ("x-api-key or
+    /// authorization").
+    pub token_slot: String,
     /// Paths where this credential is never injected, even though `paths` match.
     pub except_paths: Vec<PathPattern>,
     pub state: CredState,

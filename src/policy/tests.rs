@@ -11,6 +11,9 @@ pub(super) fn rule(name: &str, patterns: &[&str]) -> CredentialRule {
         allow_http: false,
         allowed_origins: vec![],
         require_placeholder: false,
+        require_token: false,
+        shares_placeholder_with: vec![],
+        token_slot: String::new(),
         except_paths: vec![],
         state: CredState::Active,
         captures: vec![],
@@ -30,12 +33,12 @@ fn decide(p: &Policy, d: &str, method: &str, path: &str, tls: bool) -> Decision 
 
 fn decide_h(p: &Policy, d: &str, method: &str, path: &str, tls: bool, h: &HeaderMap) -> Decision {
     let head = RequestHead { method, target: path, path, headers: h, tls };
-    p.decide(&Question::now(None, &dest(d), Some(&head)), |_| false)
+    p.decide(&Question::now(None, &dest(d), Some(&head)), |_| InSlot::Other)
 }
 
 /// The decision for a tunnel to `d`, before a byte of it is read.
 fn connect(p: &Policy, d: &str) -> Decision {
-    p.decide(&Question::now(None, &dest(d), None), |_| false)
+    p.decide(&Question::now(None, &dest(d), None), |_| InSlot::Other)
 }
 
 fn injected(d: Decision) -> Option<usize> {
@@ -191,14 +194,15 @@ fn a_capture_naming_no_present_variable_does_not_match() {
     let d = |host: &str| {
         let headers = HeaderMap::new();
         let head = RequestHead { method: "GET", target: "/", path: "/", headers: &headers, tls: true };
-        p.decide(&Question::now(None, &dest(host), Some(&head)), |_| false)
+        p.decide(&Question::now(None, &dest(host), Some(&head)), |_| InSlot::Other)
     };
     assert_eq!(
         d("prod.k8s.test:6443"),
         Decision::Inject {
             credential: 0,
             captures: vec![("cluster".into(), "prod".into())],
-            budgets: Budgets::default()
+            budgets: Budgets::default(),
+            token: None
         }
     );
     assert_eq!(

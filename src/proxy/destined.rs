@@ -105,6 +105,7 @@ pub(super) fn identify(config: &Config, agent: Option<&str>) -> Result<Option<us
 /// for an IP destination an SNI may name any host the policy would let through.
 pub(super) fn sni_refusal(
     config: &Config,
+    tokens: &crate::token::state::TokenState,
     agent: Option<usize>,
     dest: &Destination,
     sni: Option<&str>,
@@ -120,7 +121,8 @@ pub(super) fn sni_refusal(
         }
         Host::Domain(_) => None,
         Host::Ip(_) => {
-            match config.decide(&Question::now(agent, &Destination { host: named, port: dest.port }, None)) {
+            let named = Destination { host: named, port: dest.port };
+            match config.decide(&Question::now(agent, &named, None), tokens) {
                 Decision::Block(r) => Some(r),
                 _ => None,
             }
@@ -208,10 +210,11 @@ mod tests {
     #[test]
     fn an_sni_must_name_the_destination() {
         let config = Config::defaults().unwrap();
+        let tokens = crate::token::state::TokenState::keyless();
         let dest = Destination::parse_authority("api.example.com:443", None).unwrap();
-        assert!(sni_refusal(&config, None, &dest, Some("api.example.com")).is_none());
-        assert!(sni_refusal(&config, None, &dest, None).is_none());
-        let r = sni_refusal(&config, None, &dest, Some("evil.example.net")).unwrap();
+        assert!(sni_refusal(&config, &tokens, None, &dest, Some("api.example.com")).is_none());
+        assert!(sni_refusal(&config, &tokens, None, &dest, None).is_none());
+        let r = sni_refusal(&config, &tokens, None, &dest, Some("evil.example.net")).unwrap();
         assert_eq!(r.status(), 421);
     }
 }

@@ -122,6 +122,7 @@ async fn handle(
         None if req.method() == Method::GET
             && let Some(answer) = crate::explain::local_endpoint(
                 &generation.config,
+                &proxy.tokens,
                 peer,
                 req.uri().path(),
                 req.uri().query(),

@@ -267,7 +267,7 @@ impl Tunnel {
         started: Instant,
     ) -> Result<Tunnel, Refusal> {
         let (proxy, generation, dest) = (proxy.clone(), generation.clone(), dest.clone());
-        match generation.config.decide(&Question::now(agent, &dest, None)) {
+        match generation.config.decide(&Question::now(agent, &dest, None), &proxy.tokens) {
             Decision::Block(r) => Err(r),
             Decision::Tunnel => {
                 let upstream =
@@ -360,7 +360,10 @@ impl Blind {
                 }
             };
             let config = &self.generation.config;
-            if let Some(r) = super::destined::sni_refusal(config, self.agent, &self.dest, sni.as_deref()) {
+            let tokens = &self.proxy.tokens;
+            if let Some(r) =
+                super::destined::sni_refusal(config, tokens, self.agent, &self.dest, sni.as_deref())
+            {
                 let _ = client.write_all(&super::destined::TLS_ACCESS_DENIED).await;
                 let rec =
                     handler::tunnel_record(config, self.opener.peer, self.agent, &self.dest, self.started);
@@ -532,7 +535,7 @@ async fn refused_by_reload(
         let config = &proxy.generation().config;
         let refusal = match handler::admit(config, opener) {
             Err(r) => Some(r),
-            Ok(agent) => match config.decide(&Question::now(agent, dest, None)) {
+            Ok(agent) => match config.decide(&Question::now(agent, dest, None), &proxy.tokens) {
                 Decision::Block(r) => Some(r),
                 _ => None,
             },

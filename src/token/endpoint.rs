@@ -83,7 +83,7 @@ pub fn mint(
     if let Some(r) = agent.and_then(|a| config.policy.agents[a].credential_refusal(index, &name)) {
         return Err(r);
     }
-    if agent.is_none() && config.credentials[index].require_token {
+    if agent.is_none() && config.policy.credentials[index].require_token {
         return Err(Refusal::new(
             RefusalKind::Token,
             format!(

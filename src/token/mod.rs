@@ -5,10 +5,12 @@
 //!
 //! `verify` is pure: (token, root public key, revocation set, the credential the policy
 //! chose, the request facts) → the verified token or a typed refusal naming the check
-//! that failed. The request path reaches it through `gate` and the cache in `state`.
+//! that failed. It comes in two halves: `parse` (signatures, against the root key; the
+//! runtime caches it in `state`) and `authorize` (revocation, credential, scope, time),
+//! which the one decision (`policy::decision`) runs on every request that would get
+//! the credential.
 
 pub mod endpoint;
-pub mod gate;
 pub mod keys;
 pub mod scope;
 pub mod state;
@@ -183,6 +185,15 @@ impl Verified {
     }
 }
 
+/// A token whose signatures this latchkey verified, with the revocation list in force
+/// when it was read: what the decision (`policy::decision`) checks against the request
+/// with `authorize`, a pure function of the two, the credential and the request facts.
+#[derive(Clone, Debug)]
+pub struct Signed {
+    pub token: std::sync::Arc<Verified>,
+    pub revoked: std::sync::Arc<Revoked>,
+}
+
 /// Parse and check the signatures (the expensive part, cached by `state`).
 pub fn parse(text: &str, root: &PublicKey) -> Result<Verified, TokenRefusal> {
     let bytes = decode(text)?;
@@ -246,7 +257,7 @@ pub fn short_id(revocation_id: &[u8]) -> String {
 /// placeholder (one credential to the client, SPEC 5), any of which a token may name.
 pub struct Target<'a> {
     pub name: &'a str,
-    pub shares_placeholder_with: &'a [&'a str],
+    pub shares_placeholder_with: &'a [String],
 }
 
 /// May this verified token be used for this request? Cheap: the request path runs it
@@ -261,7 +272,7 @@ pub fn authorize(
         return Err(TokenRefusal::Revoked(id.clone()));
     }
     let named = token.credential.as_str();
-    if named != target.name && !target.shares_placeholder_with.contains(&named) {
+    if named != target.name && !target.shares_placeholder_with.iter().any(|n| n == named) {
         return Err(TokenRefusal::WrongCredential {
             token: named.to_string(),
             here: target.name.to_string(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use biscuit_auth::PublicKey;
 use lru::LruCache;
 
-use super::{Revoked, TokenRefusal, Verified, keys};
+use super::{Revoked, Signed, TokenRefusal, Verified, keys};
 
 /// Tokens kept verified at once.
 pub const CACHE_SIZE: usize = 4096;
@@ -24,7 +24,7 @@ pub const RECHECK: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct Snapshot {
     pub root: Result<Option<PublicKey>, String>,
-    pub revoked: Result<Revoked, String>,
+    pub revoked: Result<Arc<Revoked>, String>,
 }
 
 type Stamp = Option<(u64, u64, i64, i64, i64)>;
@@ -59,12 +59,18 @@ impl TokenState {
     pub fn new(ca_dir: &Path) -> TokenState {
         let state = TokenState {
             dir: ca_dir.to_path_buf(),
-            current: RwLock::new(Arc::new(Snapshot { root: Ok(None), revoked: Ok(Revoked::default()) })),
+            current: RwLock::new(Arc::new(Snapshot { root: Ok(None), revoked: Ok(Arc::default()) })),
             stamps: Mutex::new((None, None)),
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(CACHE_SIZE).expect("non-zero"))),
         };
         state.refresh(true);
         state
+    }
+
+    /// A state with no key and no directory: every token is refused (`signature`).
+    /// For callers that decide without a running proxy's key (tests, fuzzing).
+    pub fn keyless() -> TokenState {
+        TokenState::new(Path::new("/nonexistent/latchkey-no-token-key"))
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -91,7 +97,8 @@ impl TokenState {
         } else {
             old.root.clone()
         };
-        let revoked = if list_changed { keys::read_revoked(&self.dir) } else { old.revoked.clone() };
+        let revoked =
+            if list_changed { keys::read_revoked(&self.dir).map(Arc::new) } else { old.revoked.clone() };
         if key_changed {
             match &root {
                 Ok(Some(k)) => tracing::info!("token root key {k}"),
@@ -119,6 +126,23 @@ impl TokenState {
                 let _ = tokio::task::spawn_blocking(move || state.refresh(false)).await;
             }
         });
+    }
+
+    /// A token from a request's slot, its signatures verified against the root key in
+    /// force, with the revocation list in force — the decision's input — or why not (no
+    /// key, an unreadable list, a bad signature or format).
+    pub fn signed(&self, text: &str) -> Result<Signed, TokenRefusal> {
+        let mut snapshot = self.snapshot();
+        if matches!(snapshot.root, Ok(None)) {
+            // Created a moment ago (`latchkey token mint`, `exec --token-ttl`): look now
+            // rather than at the next periodic check. Only tokens sent to a keyless
+            // proxy come here.
+            self.refresh(false);
+            snapshot = self.snapshot();
+        }
+        let revoked = snapshot.revoked.clone().map_err(TokenRefusal::RevocationUnknown)?;
+        let token = self.verified(text, &snapshot)?;
+        Ok(Signed { token, revoked })
     }
 
     /// The token verified against the current root key: from the cache, or parsed and
@@ -173,12 +197,11 @@ mod tests {
         let state = TokenState::new(dir);
         let token = crate::token::mint(&old, "api", &Restriction::default()).unwrap();
         let use_it = || {
-            let snap = state.snapshot();
-            let v = state.verified(&token, &snap)?;
-            let revoked = snap.revoked.clone().map_err(TokenRefusal::RevocationUnknown)?;
+            let signed = state.signed(&token)?;
             let req =
                 Request { host: "h", port: 443, path: Some("/"), method: Some("GET"), agent: None, now: 1 };
-            crate::token::authorize(&v, &revoked, &Target { name: "api", shares_placeholder_with: &[] }, &req)
+            let target = Target { name: "api", shares_placeholder_with: &[] };
+            crate::token::authorize(&signed.token, &signed.revoked, &target, &req)
         };
         assert_eq!(use_it(), Ok(()));
         assert_eq!(state.cached(), 1);

@@ -145,7 +145,7 @@ fn a_token_is_for_its_credential_only() {
     let refused = on(target("anthropic")).unwrap_err();
     assert_eq!(refused, TokenRefusal::WrongCredential { token: "openai".into(), here: "anthropic".into() });
     assert_eq!(on(target("openai")), Ok(()));
-    assert_eq!(on(Target { name: "codex", shares_placeholder_with: &["openai"] }), Ok(()));
+    assert_eq!(on(Target { name: "codex", shares_placeholder_with: &["openai".to_string()] }), Ok(()));
 }
 
 #[test]

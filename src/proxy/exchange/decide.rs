@@ -34,7 +34,7 @@ pub fn decide(
 ) -> Result<Decided, Refusal> {
     let head = head(route, parts);
     let q = Question::now(route.agent, &route.dest, Some(&head));
-    match config.decide(&q) {
+    match config.decide(&q, tokens) {
         Decision::Block(r) => {
             if names_credential(r.kind) {
                 // Refused although a credential would apply: the record names it.
@@ -49,13 +49,10 @@ pub fn decide(
             telemetry.admit(&config.policy, budgets)?;
             Ok(Decided::Forward(None))
         }
-        Decision::Inject { credential, captures, budgets } => {
+        Decision::Inject { credential, captures, budgets, token } => {
             record.credential = Some(config.credentials[credential].label.clone());
-            // A scoped token in the credential's slot is checked here, before anything
-            // is sent.
-            if let Some(id) =
-                crate::token::gate::check(tokens, config, credential, &route.dest, &head, route.agent)?
-            {
+            if let Some(id) = token {
+                // The scoped token the decision accepted, by id (never the token).
                 record.reason = Some(format!("token {id}").into());
             }
             telemetry.admit(&config.policy, budgets)?;
@@ -81,9 +78,15 @@ pub fn head<'a>(route: &Route, parts: &'a Parts) -> RequestHead<'a> {
 }
 
 /// Refusals of a request that had a credential: the agent may not use it, the method
-/// would echo it, the host would mint with it.
+/// would echo it, the host would mint with it, the token in its slot does not allow it.
 fn names_credential(kind: RefusalKind) -> bool {
-    matches!(kind, RefusalKind::AgentCredential | RefusalKind::TraceRefused | RefusalKind::MintingEndpoint)
+    matches!(
+        kind,
+        RefusalKind::AgentCredential
+            | RefusalKind::TraceRefused
+            | RefusalKind::MintingEndpoint
+            | RefusalKind::Token
+    )
 }
 
 /// latchkey's own answer to a client library's token request (the decision `Vend`).
