@@ -515,18 +515,26 @@ fn value_command_output_is_renewed_after_its_ttl() {
     let file = dir.path().join("vault");
     std::fs::write(&file, "cmd-secret-1").unwrap();
     let cfg = format!(
-        "[credentials.vault]\nheader = \"x-token\"\nvalue_command = [\"cat\", \"{}\"]\nvalue_command_ttl = 1\ndomains = [\"api.example.com\"]\n",
+        "[credentials.vault]\nheader = \"x-token\"\nvalue_command = [\"cat\", \"{}\"]\nvalue_command_ttl = 3\ndomains = [\"api.example.com\"]\n",
         file.display()
     );
     let lk = Latchkey::start(Some(&up), &cfg, &[]);
     let get = || lk.curl(&["https://api.example.com/"]);
+    // A 3 s TTL: with 1 s, two curls on a loaded 2-core machine were sometimes more than
+    // a TTL apart and the "cached" check failed although latchkey was right.
+    let first = std::time::Instant::now();
     assert_eq!(echoed(&get().1, "x-token"), ["cmd-secret-1"]);
     std::fs::write(&file, "cmd-secret-2").unwrap();
-    assert_eq!(echoed(&get().1, "x-token"), ["cmd-secret-1"], "within the TTL: the cached output");
-    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let cached = echoed(&get().1, "x-token");
+    assert!(
+        first.elapsed() < std::time::Duration::from_secs(3),
+        "the machine is too slow for this test's TTL"
+    );
+    assert_eq!(cached, ["cmd-secret-1"], "within the TTL: the cached output");
+    std::thread::sleep(std::time::Duration::from_millis(3100));
     assert_eq!(echoed(&get().1, "x-token"), ["cmd-secret-2"], "after the TTL: the command ran again");
     std::fs::remove_file(&file).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1100));
+    std::thread::sleep(std::time::Duration::from_millis(3100));
     let before = up.count();
     let (code, body) = get();
     assert_eq!(code, 502, "a failing command never leaves a stale value in use: {body}");

@@ -505,3 +505,35 @@ fn a_token_counts_as_the_placeholder_for_require_placeholder() {
     assert_eq!(echoed(&out, "x-api-key"), ["strict-REAL"]);
     assert_eq!(lk.curl(&["-H", "x-api-key: other", "https://api.example.com/x"]).0, 403);
 }
+
+/// `explain` asks the same decision as the proxy, token checks included: against the
+/// running instance (its key and revocation list) and from the config alone (`--local`,
+/// the key beside the CA), it allows a token inside its scope and refuses it outside.
+#[test]
+fn explain_agrees_with_the_proxy_on_a_token() {
+    let up = upstream(true, None);
+    let lk = start(&up, "");
+    let token = token_cli(&lk, &["mint", "--credential", "anthropic", "--path", "/v1", "--ttl", "10m"]);
+    let header = format!("x-api-key: {token}");
+    for local in [false, true] {
+        let explain = |url: &str| {
+            let mut args = vec!["explain", "--json", "--header", &header];
+            if local {
+                args.push("--local");
+            }
+            args.push(url);
+            let out = lk.cli(&args, ENV);
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+            json
+        };
+        let inside = explain("https://api.anthropic.com/v1/messages");
+        assert_eq!(inside["decision"], "inject", "local={local}: {inside}");
+        assert!(inside["reason"].as_str().unwrap().contains("scoped token"), "{inside}");
+        let outside = explain("https://api.anthropic.com/v1beta/x");
+        assert_eq!(outside["decision"], "block", "local={local}: {outside}");
+        assert!(outside["reason"].as_str().unwrap().contains("path"), "{outside}");
+        let (status, out) = curl(&lk, &header, "https://api.anthropic.com/v1beta/x", &[]);
+        assert!(refused_as_token(status, &out), "the proxy agrees: {out}");
+    }
+}
