@@ -406,14 +406,14 @@ python3 -c "$RAW_TLS" {a4} api.anthropic.com "$CA"
     let o = pod.agent(&script, &[("CA", &sidecar.bundle()), ("RAW_TLS", RAW_TLS)]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let all = format!("{}\n--- latchkey\n{}", text(&o), sidecar.stderr());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(attacker.connections().is_empty(), "the attacker's address was dialled: {all}");
+    assert!(attacker6.connections().is_empty(), "the attacker's address was dialled: {all}");
     assert!(out.contains(&format!("curl {a4} 200")), "{all}");
     assert!(out.contains(&format!("curl [{a6}] 200")), "IPv6 (IP6T_SO_ORIGINAL_DST): {all}");
     assert!(out.contains("raw HTTP/1.1 200"), "{all}");
     let keys: Vec<String> = tls.requests().iter().flat_map(|r| r.header_all("x-api-key")).collect();
     assert_eq!(keys, [SECRET, SECRET, SECRET], "each went to latchkey's own resolution: {all}");
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(attacker.connections().is_empty(), "the attacker's address was dialled: {all}");
-    assert!(attacker6.connections().is_empty(), "the attacker's address was dialled: {all}");
 
     // Without SNI there is no name: the connection is CONNECT IP:PORT to the address
     // the agent dialled (blind here: an address matches no credential).
