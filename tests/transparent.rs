@@ -181,7 +181,8 @@ struct Sidecar {
 }
 
 impl Sidecar {
-    fn start(pod: &Pod, tls: &Upstream, plain: &Upstream, proxy_extra: &str) -> Sidecar {
+    /// `proxy_extra`: more `[proxy]` keys; `rest`: more tables.
+    fn start(pod: &Pod, tls: &Upstream, plain: &Upstream, proxy_extra: &str, rest: &str) -> Sidecar {
         let bin = PathBuf::from(bin());
         for dir in bin.ancestors().skip(1) {
             use std::os::unix::fs::MetadataExt;
@@ -193,7 +194,7 @@ impl Sidecar {
         let tport = free_port();
         let x = pod.x;
         let body = format!(
-            "transparent = \"127.0.0.1:{tport}\"\nallow_private = [\"10.213.{x}.0/24\", \"fd00:213:{x}::/64\"]\n{proxy_extra}[proxy.logging]\nlog_requests = true\nlog_file = \"{}\"\n[proxy.filters]\nblocked_domains = [\"evil.example.net\"]\n#END-PROXY\n{CRED}",
+            "transparent = \"127.0.0.1:{tport}\"\nallow_private = [\"10.213.{x}.0/24\", \"fd00:213:{x}::/64\"]\n{proxy_extra}[proxy.logging]\nlog_requests = true\nlog_file = \"{}\"\n[proxy.filters]\nblocked_domains = [\"evil.example.net\"]\n#END-PROXY\n{CRED}{rest}",
             log.display()
         );
         let config = write_config2(dir.path(), free_port(), Some(tls.addr), Some(plain.addr), &body);
@@ -337,17 +338,17 @@ except OSError as e:
     print("udp refused", type(e).__name__)
 "#;
 
-fn setup(pod: &Pod) -> (Upstream, Upstream, Sidecar) {
+fn setup(pod: &Pod, proxy_extra: &str, rest: &str) -> (Upstream, Upstream, Sidecar) {
     let tls = upstream_with(UpstreamOpts { tls: true, bind: Some(pod.host()), ..Default::default() });
     let plain = upstream_with(UpstreamOpts { tls: false, bind: Some(pod.host()), ..Default::default() });
-    let sidecar = Sidecar::start(pod, &tls, &plain, "");
+    let sidecar = Sidecar::start(pod, &tls, &plain, proxy_extra, rest);
     (tls, plain, sidecar)
 }
 
 #[test]
 fn an_agent_that_ignores_the_proxy_still_gets_injection_and_filtering() {
     let pod = Pod::new();
-    let (tls, plain, sidecar) = setup(&pod);
+    let (tls, plain, sidecar) = setup(&pod, "", "");
     let host = pod.host().to_string();
     let attacker = pod.attacker().to_string();
     let udp = std::net::UdpSocket::bind((pod.host(), 0)).unwrap();
@@ -390,7 +391,9 @@ fn the_key_goes_only_to_latchkeys_resolution_never_to_the_address_the_agent_chos
     let pod = Pod::new();
     let attacker = Listener::new(pod.attacker(), 443);
     let attacker6 = Listener::new(pod.attacker6(), 443);
-    let (tls, _plain, sidecar) = setup(&pod);
+    // With [agents], redirected connections are the agent transparent_agent names.
+    let agents = "\n[agents.coder]\ntoken = \"t-coder\"\n";
+    let (tls, _plain, sidecar) = setup(&pod, "transparent_agent = \"coder\"\n", agents);
     let (a4, a6) = (pod.attacker().to_string(), pod.attacker6().to_string());
     // The agent resolves api.anthropic.com to the attacker (v4 and v6) and connects
     // there with SNI api.anthropic.com: curl, and a raw TLS socket.
@@ -414,6 +417,8 @@ python3 -c "$RAW_TLS" {a4} api.anthropic.com "$CA"
     assert!(out.contains("raw HTTP/1.1 200"), "{all}");
     let keys: Vec<String> = tls.requests().iter().flat_map(|r| r.header_all("x-api-key")).collect();
     assert_eq!(keys, [SECRET, SECRET, SECRET], "each went to latchkey's own resolution: {all}");
+    let lines = sidecar.log_lines("api.anthropic.com");
+    assert!(lines.len() >= 3 && lines.iter().all(|l| l["agent"] == "coder"), "{lines:?}");
 
     // Without SNI there is no name: the connection is CONNECT IP:PORT to the address
     // the agent dialled (blind here: an address matches no credential).
