@@ -181,8 +181,16 @@ struct Sidecar {
 }
 
 impl Sidecar {
-    /// `proxy_extra`: more `[proxy]` keys; `rest`: more tables.
-    fn start(pod: &Pod, tls: &Upstream, plain: &Upstream, proxy_extra: &str, rest: &str) -> Sidecar {
+    /// `proxy_extra`: more `[proxy]` keys; `rest`: more tables; `exempt`: the uid the
+    /// rules exempt (latchkey's, unless a test gets it wrong on purpose).
+    fn start(
+        pod: &Pod,
+        tls: &Upstream,
+        plain: &Upstream,
+        proxy_extra: &str,
+        rest: &str,
+        exempt: u32,
+    ) -> Sidecar {
         let bin = PathBuf::from(bin());
         for dir in bin.ancestors().skip(1) {
             use std::os::unix::fs::MetadataExt;
@@ -225,7 +233,7 @@ impl Sidecar {
         }
         assert!(stderr().contains(&format!("transparent listener on [::1]:{tport}")), "{}", stderr());
         let port = tport.to_string();
-        let uid = LATCHKEY_UID.to_string();
+        let uid = exempt.to_string();
         let o = load_rules(&pod.ns, &["--port", &port, "--exclude-uid", &uid], &["-f"]);
         assert!(o.status.success(), "the printed rules did not load: {}", text(&o));
         let agent_dir = tempfile::tempdir().unwrap();
@@ -341,7 +349,7 @@ except OSError as e:
 fn setup(pod: &Pod, proxy_extra: &str, rest: &str) -> (Upstream, Upstream, Sidecar) {
     let tls = upstream_with(UpstreamOpts { tls: true, bind: Some(pod.host()), ..Default::default() });
     let plain = upstream_with(UpstreamOpts { tls: false, bind: Some(pod.host()), ..Default::default() });
-    let sidecar = Sidecar::start(pod, &tls, &plain, proxy_extra, rest);
+    let sidecar = Sidecar::start(pod, &tls, &plain, proxy_extra, rest, LATCHKEY_UID);
     (tls, plain, sidecar)
 }
 
@@ -437,6 +445,33 @@ python3 -c "$RAW_TLS" {a4} api.anthropic.com "$CA"
     assert_eq!(seen[0].0.ip().to_string(), format!("10.213.{}.2", pod.x), "from the pod: {all}");
     let lines = sidecar.log_lines(&a4);
     assert!(lines.iter().any(|l| l["decision"] == "tunnelled" && l["port"] == 443), "{lines:?}\n{all}");
+}
+
+/// Rules that do not exempt latchkey's uid send its own upstream connections back to
+/// it: latchkey refuses them at once (naming the fix) instead of looping.
+#[test]
+fn rules_that_forget_latchkeys_uid_fail_closed_without_a_loop() {
+    let pod = Pod::new();
+    let tls = upstream_with(UpstreamOpts { tls: true, bind: Some(pod.host()), ..Default::default() });
+    let plain = upstream_with(UpstreamOpts { tls: false, bind: Some(pod.host()), ..Default::default() });
+    let sidecar = Sidecar::start(&pod, &tls, &plain, "", "", 4242);
+    let host = pod.host();
+    let script = format!(
+        r#"curl -sS --noproxy '*' --max-time 10 --cacert "$CA" -o /dev/null -w 'wrong %{{http_code}}\n' \
+  -H 'x-api-key: latchkey-anthropic' --resolve api.anthropic.com:443:{host} https://api.anthropic.com/v1/messages
+curl -sS --noproxy '*' --max-time 10 -k -o /dev/null -w 'blind %{{http_code}}\n' \
+  --resolve other.example.com:443:{host} https://other.example.com/
+"#
+    );
+    let o = pod.agent(&script, &[("CA", &sidecar.bundle())]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let all = format!("{}\n--- latchkey\n{}", text(&o), sidecar.stderr());
+    assert!(out.contains("wrong 502") && out.contains("blind 000"), "{all}");
+    assert_eq!(tls.count(), 0, "{all}");
+    let stderr = sidecar.stderr();
+    let refused = stderr.matches("the transparent rules must exempt this uid").count();
+    assert_eq!(refused, 2, "each upstream connection came back once, and was refused: {all}");
+    assert!(stderr.contains(&format!("--exclude-uid {LATCHKEY_UID}")), "{all}");
 }
 
 #[test]

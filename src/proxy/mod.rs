@@ -18,6 +18,7 @@ pub(crate) mod framing;
 mod generation;
 mod handler;
 pub(crate) mod hop;
+mod own_socket;
 mod respond;
 mod route;
 mod slots;

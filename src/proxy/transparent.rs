@@ -81,6 +81,9 @@ impl Proxy {
             tracing::debug!("{peer} connected to the transparent listener directly; closing");
             return None;
         }
+        if self.looped(peer, orig) {
+            return None;
+        }
         let limits = self.generation().config.proxy.limits.clone();
         let mut first = Vec::new();
         let named = match first_name(&mut stream, &mut first, &limits).await {
@@ -89,6 +92,29 @@ impl Proxy {
         };
         let host = named.and_then(|n| Host::parse(&n).ok()).unwrap_or(Host::Ip(orig.ip()));
         Some((Destination { host, port: orig.port() }, Prefixed::new(first, stream)))
+    }
+}
+
+impl Proxy {
+    /// Whether a redirected connection comes from a socket of latchkey's own uid: its
+    /// own upstream connection, sent back by rules that do not exempt it. Refused (the
+    /// upstream side then fails, and the request with it) rather than served in a loop.
+    fn looped(&self, peer: SocketAddr, orig: SocketAddr) -> bool {
+        // SAFETY: geteuid has no arguments.
+        let me = unsafe { libc::geteuid() };
+        match super::own_socket::tcp_owner(peer, orig) {
+            Ok(Some(uid)) if uid == me => {
+                tracing::error!(
+                    "a connection from latchkey's own uid {me} to {orig} was redirected back to latchkey: the transparent rules must exempt this uid (latchkey transparent-rules --exclude-uid {me}); refused"
+                );
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::debug!("cannot tell who owns {peer}: {e}");
+                false
+            }
+        }
     }
 }
 
