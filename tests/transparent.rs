@@ -474,6 +474,42 @@ curl -sS --noproxy '*' --max-time 10 -k -o /dev/null -w 'blind %{{http_code}}\n'
     assert!(stderr.contains(&format!("--exclude-uid {LATCHKEY_UID}")), "{all}");
 }
 
+/// The sidecar's init container runs the rules image's ENTRYPOINT as the Containerfile
+/// writes it: with the values the overlay gives it, in a fresh namespace, it loads the
+/// rules for latchkey's port and uid.
+#[test]
+fn the_init_containers_entrypoint_loads_the_rules() {
+    require_root_and_tools();
+    let containerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("Containerfile");
+    let file = std::fs::read_to_string(containerfile).unwrap();
+    let line = file
+        .lines()
+        .find(|l| l.starts_with("ENTRYPOINT [\"/bin/sh\""))
+        .expect("the rules stage's ENTRYPOINT");
+    let argv: Vec<String> = serde_json::from_str(line.trim_start_matches("ENTRYPOINT ")).unwrap();
+    let ns = format!("lk-tp-init-{}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    run(&["ip", "netns", "add", &ns]);
+    let bin_dir = Path::new(bin()).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let o = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .args(&argv)
+        .env_clear()
+        .env("PATH", path)
+        .env("LATCHKEY_TRANSPARENT_PORT", "3130")
+        .env("LATCHKEY_UID", "65532")
+        .output()
+        .unwrap();
+    let listed = Command::new("ip")
+        .args(["netns", "exec", &ns, "nft", "list", "table", "inet", "latchkey_transparent"])
+        .output();
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    assert!(o.status.success(), "the init container's command failed: {}", text(&o));
+    let listed = String::from_utf8_lossy(&listed.unwrap().stdout).into_owned();
+    assert!(listed.contains("meta skuid 65532 return") && listed.contains("redirect to :3130"), "{listed}");
+}
+
 #[test]
 fn the_printed_rules_pass_nft_check() {
     require_root_and_tools();
