@@ -93,9 +93,7 @@ impl Proxy {
         let host = named.and_then(|n| Host::parse(&n).ok()).unwrap_or(Host::Ip(orig.ip()));
         Some((Destination { host, port: orig.port() }, Prefixed::new(first, stream)))
     }
-}
 
-impl Proxy {
     /// Whether a redirected connection comes from a socket of latchkey's own uid: its
     /// own upstream connection, sent back by rules that do not exempt it. Refused (the
     /// upstream side then fails, and the request with it) rather than served in a loop.
