@@ -213,6 +213,10 @@ domains = ["127.0.0.1:{self.up_port}", "127.0.0.1:{self.sse_port}", "{JAIL_HOST}
 """)
         if name == "latchkey":
             self.latchkey_conf = conf
+            # Transparent mode (SPEC 9) for the transparent row; `[proxy]` is the first table.
+            self.transparent_port = free_port()
+            conf.write_text(conf.read_text().replace(
+                "[proxy]\n", f'[proxy]\ntransparent = "127.0.0.1:{self.transparent_port}"\n', 1))
         conf.chmod(0o600)
         env = dict(os.environ, BENCH_SECRET=SECRET, RUST_LOG="warn")
         binary = str(binary or self.args.latchkey)
@@ -406,6 +410,8 @@ def main():
                     help="an earlier latchkey build, run as target `baseline` beside `latchkey` in the same rounds")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     ap.add_argument("--no-jail", action="store_true", help="skip the exec --jail rows (Linux, needs nft)")
+    ap.add_argument("--no-transparent", action="store_true",
+                    help="skip the transparent-mode row (Linux, needs root and nft)")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.duration, args.soak = 1, 3, 30
@@ -465,12 +471,15 @@ def main():
                 extra_rows.setdefault(f"RSS idle → {args.idle} idle intercepted connections (MiB)",
                                       {})[t.name] = (before, after)
         jail = jail_rows(bench, lk) if lk and not args.no_jail else None
+        transparent = transparent_rows(bench, lk) if lk and not args.no_transparent else None
         soak = None
         if lk and args.soak:
             soak = run_soak(bench, lk, url, args.soak)
         table = render(targets, results, extra_rows, soak, args) + render_tokens(token_results)
         if jail:
             table += jail
+        if transparent:
+            table += transparent
         print(table)
         if args.out:
             args.out.write_text(table)
@@ -538,6 +547,67 @@ def jail_rows(bench, lk):
         lines.append(f"| one request from a fresh process, wall ms (median of {len(first['exec --jail'])}) | "
                      f"exec {a:.1f} | exec --jail {b:.1f} | **+{b - a:.1f} ms** (target < 50) |")
     return "\n".join(lines) + "\n"
+
+
+# --- transparent mode (SPEC 9): REDIRECTed keep-alive vs the explicit proxy ---
+
+BENCH_AGENT_UID = 64999
+
+
+def transparent_rows(bench, lk):
+    """Keep-alive through `[proxy] transparent`: oha runs as its own uid with no proxy
+    settings and dials the name at 127.0.0.2; an nftables rule in this namespace
+    redirects exactly that uid's connections to 127.0.0.2:<port> (nothing else on the
+    machine) to latchkey's transparent port, where the SNI names the destination. Against
+    oha -x through the same latchkey, same URL, alternating rounds."""
+    args = bench.args
+    if os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("setpriv"):
+        return "\ntransparent mode: not measured (needs root, nft and setpriv).\n"
+    w, port = bench.work, bench.up_port
+    # The agent uid reads neither /root nor latchkey's ca_dir: its own copies.
+    oha_bin, ca = w / "oha", w / "transparent-ca.crt"
+    shutil.copy(shutil.which("oha"), oha_bin)
+    shutil.copy(lk.ca, ca)
+    ca.chmod(0o644)
+    rules = (f"table inet latchkey_bench {{\n  chain out {{\n"
+             f"    type nat hook output priority -100; policy accept;\n"
+             f"    meta skuid {BENCH_AGENT_UID} ip daddr 127.0.0.2 tcp dport {port} "
+             f"redirect to :{bench.transparent_port}\n  }}\n}}\n")
+    loaded = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+    if loaded.returncode != 0:
+        return f"\ntransparent mode: not measured (nft: {loaded.stderr.strip()}).\n"
+    url = f"https://{JAIL_HOST}:{port}/"
+    runs = {"explicit": [], "transparent": []}
+    try:
+        for r in range(args.rounds):
+            for mode in (["explicit", "transparent"] if r % 2 == 0 else ["transparent", "explicit"]):
+                cmd = [str(oha_bin), "-z", f"{args.duration}s", "-c", "32", "--no-tui", "--output-format", "json",
+                       "--cacert", str(ca)]
+                if mode == "explicit":
+                    cmd += ["-x", lk.proxy, url]
+                else:
+                    cmd = ["setpriv", f"--reuid={BENCH_AGENT_UID}", f"--regid={BENCH_AGENT_UID}", "--clear-groups",
+                           *cmd, "--connect-to", f"{JAIL_HOST}:{port}:127.0.0.2:{port}", url]
+                with Sampler(lk.pid) as s:
+                    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60)
+                try:
+                    d = json.loads(out.stdout)
+                    ok = d.get("statusCodeDistribution", {}).get("200", 0)
+                    runs[mode].append({"rps": ok / d["summary"]["total"], "cpu": s.cpu})
+                    print(f"# transparent round {r + 1} {mode}: {runs[mode][-1]['rps']:.0f}/s", file=sys.stderr)
+                except (json.JSONDecodeError, KeyError, ZeroDivisionError):
+                    print(f"# transparent round {r + 1} {mode}: failed: {out.stderr[-300:]}", file=sys.stderr)
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", "latchkey_bench"], capture_output=True)
+    if not runs["explicit"] or not runs["transparent"]:
+        return "\ntransparent mode: could not be measured (see the log above).\n"
+    explicit, transparent = med(runs["explicit"], "rps"), med(runs["transparent"], "rps")
+    return "\n".join([
+        "", "transparent mode (same latchkey, same URL by name, 32 keep-alive connections):", "",
+        "| | explicit proxy (-x) | transparent (REDIRECT, no proxy settings) | ratio |", "|---|---|---|---|",
+        f"| keep-alive req/s | {explicit:,.0f} (CPU {med(runs['explicit'], 'cpu'):.0f}%) | "
+        f"{transparent:,.0f} (CPU {med(runs['transparent'], 'cpu'):.0f}%) | **{transparent / explicit:.2f}×** |",
+    ]) + "\n"
 
 
 def run_soak(bench, t, url, seconds):

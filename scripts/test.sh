@@ -17,6 +17,8 @@ command -v nft >/dev/null || need_apt+=(nftables)
 command -v script >/dev/null || need_apt+=(bsdutils)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v node >/dev/null || need_apt+=(nodejs npm)
+# Transparent mode (tests/transparent.rs): `ip netns` and veth pairs, plus nft above.
+command -v ip >/dev/null || need_apt+=(iproute2)
 # Containers (tests/container.rs): podman with runc, podman-compose for compose.yaml,
 # strip for the image's binary. Kubernetes manifests (tests/deploy.rs): kubectl's
 # kustomize. The systemd unit: systemd-analyze. setpriv: the Secret-mount test.

@@ -69,6 +69,12 @@ fn syntax_errors_name_file_line_column_and_key() {
 #[test]
 fn run_summarises_inactive_builtin_providers_in_one_line() {
     let summary = |lk: &Latchkey| -> (usize, String) {
+        // The port answers as soon as it is bound, a moment before the credentials are
+        // reported: wait for the line rather than race it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !lk.stderr().contains("latchkey listening on") && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let log = lk.stderr();
         let line = log.lines().find(|l| l.contains("built-in providers inactive")).unwrap_or_default();
         let n =

@@ -317,22 +317,40 @@ fn kubernetes_manifests_render_and_validate() {
     }
     // The init container is the only one with a capability, and it has only NET_ADMIN.
     assert_eq!(sidecar.matches("add:").count(), 1, "{sidecar}");
+    // Its rules redirect to the port latchkey listens on and exempt the uid it runs as.
+    assert_eq!(env_value(sidecar, "LATCHKEY_TRANSPARENT_PORT").as_deref(), Some("3130"), "{sidecar}");
+    assert_eq!(env_value(sidecar, "LATCHKEY_UID").as_deref(), Some("65532"), "{sidecar}");
+    assert!(sidecar.contains("runAsUser: 65532") && sidecar.contains("runAsUser: 1000"), "{sidecar}");
 }
 
-/// The gateway's config.toml, as the ConfigMap carries it, is a valid config.
+/// The value of the first `- name: NAME` / `value: "..."` pair in rendered YAML.
+fn env_value(yaml: &str, name: &str) -> Option<String> {
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != format!("- name: {name}"));
+    lines.next()?;
+    let value = lines.next()?.trim().strip_prefix("value: ")?;
+    Some(value.trim_matches('"').to_string())
+}
+
+/// The config.toml a ConfigMap manifest carries.
+fn config_map_toml(rel: &str) -> String {
+    let yaml = std::fs::read_to_string(repo().join(rel)).unwrap();
+    let body = yaml.split("config.toml: |\n").nth(1).expect("config.toml in the ConfigMap");
+    body.lines().map(|l| l.strip_prefix("    ").unwrap_or(l)).map(|l| format!("{l}\n")).collect()
+}
+
+/// The gateway's and the sidecar's config.toml, as the ConfigMaps carry them, are valid.
 #[test]
 fn the_gateway_config_map_holds_a_valid_config() {
-    let yaml = std::fs::read_to_string(repo().join("deploy/kubernetes/base/config.yaml")).unwrap();
-    let body = yaml.split("config.toml: |\n").nth(1).expect("config.toml in the ConfigMap");
-    let toml: String =
-        body.lines().map(|l| l.strip_prefix("    ").unwrap_or(l)).map(|l| format!("{l}\n")).collect();
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("config.toml");
-    std::fs::write(&cfg, format!("{toml}\n[admin]\nlisten = \"127.0.0.1:0\"\n")).unwrap();
-    set_mode(&cfg, 0o600);
-    let out =
-        latchkey_cmd(dir.path(), &[]).args(["check", "--local", "--config"]).arg(&cfg).output().unwrap();
-    assert_ne!(out.status.code(), Some(2), "the ConfigMap's config is invalid: {}", text(&out));
+    for rel in ["deploy/kubernetes/base/config.yaml", "deploy/kubernetes/overlays/sidecar/config.yaml"] {
+        let toml = config_map_toml(rel);
+        std::fs::write(&cfg, format!("{toml}\n[admin]\nlisten = \"127.0.0.1:0\"\n")).unwrap();
+        set_mode(&cfg, 0o600);
+        let out =
+            latchkey_cmd(dir.path(), &[]).args(["check", "--local", "--config"]).arg(&cfg).output().unwrap();
+        assert_ne!(out.status.code(), Some(2), "{rel}: the ConfigMap's config is invalid: {}", text(&out));
+    }
     // And the compose example's.
     let cfg = repo().join("deploy/latchkey/config.toml");
     let out = latchkey_cmd(dir.path(), &[("LATCHKEY_AGENT_TOKEN", "t")])

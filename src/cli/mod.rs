@@ -8,6 +8,7 @@ mod jail;
 mod providers;
 mod run;
 mod token;
+mod transparent;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -162,6 +163,16 @@ enum Command {
     },
     /// Print the built-in provider table: where each writes its secret, its variables and hosts.
     Providers,
+    /// Print the nftables rules that send this network namespace's outbound TCP to
+    /// `[proxy] transparent` (load them with `nft -f -`; needs NET_ADMIN, latchkey does not).
+    TransparentRules {
+        /// The port of `[proxy] transparent`.
+        #[arg(long, value_name = "N", default_value_t = transparent::DEFAULT_PORT)]
+        port: u16,
+        /// latchkey's own uid, whose connections go out directly (default: this user's).
+        #[arg(long, value_name = "UID")]
+        exclude_uid: Option<u32>,
+    },
     /// Scoped tokens: mint, attenuate (offline), inspect, revoke, and the public key.
     Token {
         #[arg(long, global = true, value_name = "PATH", help = CONFIG_HELP)]
@@ -228,6 +239,7 @@ pub fn main() -> ExitCode {
         Command::Check { config, local } => check::check(config, local),
         Command::Ca { config, action } => ca(config, action),
         Command::Providers => providers::providers(),
+        Command::TransparentRules { port, exclude_uid } => transparent::print(port, exclude_uid),
         Command::Health { config, admin, path } => health::health(config, admin, &path),
         Command::Token { config, action } => token::token(config, action),
         Command::Seal(args) => token::seal(args),

@@ -73,9 +73,16 @@ pub fn run(
             },
             None => None,
         };
+        let transparent = match config.proxy.transparent {
+            Some(addr) => match bind_transparent(addr).await {
+                Ok(l) => l,
+                Err(code) => return code,
+            },
+            None => Vec::new(),
+        };
         let file = config.file.clone();
         let pid_file = config.proxy.ca_dir.join("latchkey.pid");
-        let proxy = match start(config, ca, &listener) {
+        let proxy = match start(config, ca, &listener, &transparent) {
             Ok(p) => p,
             Err(code) => return code,
         };
@@ -90,6 +97,13 @@ pub fn run(
             Err(e) => tracing::warn!("no jail control socket: {e}"),
         }
         tokio::spawn(watch(proxy.clone(), file, overrides, watch_file));
+        for l in transparent {
+            tracing::info!(
+                "transparent listener on {}",
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            );
+            tokio::spawn(proxy.clone().serve_transparent(l));
+        }
         proxy.set_ready();
         tracing::info!("ready in {} ms", started.elapsed().as_millis());
         let grace = proxy.generation().config.proxy.limits.shutdown_grace;
@@ -112,13 +126,42 @@ pub fn run(
     })
 }
 
+/// `[proxy] transparent`'s listeners. On loopback, the other family's loopback too, on
+/// the same port: REDIRECT sends IPv4 connections to 127.0.0.1 and IPv6 ones to ::1,
+/// and `transparent-rules` redirects both (a kernel without IPv6 gets IPv4 only).
+async fn bind_transparent(addr: std::net::SocketAddr) -> Result<Vec<TcpListener>, ExitCode> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    let l = TcpListener::bind(addr).await.map_err(|e| {
+        eprintln!("latchkey: cannot listen on [proxy] transparent {addr}: {e}");
+        ExitCode::from(1)
+    })?;
+    let mut out = vec![l];
+    if addr.ip().is_loopback() {
+        let other: IpAddr = match addr.ip() {
+            IpAddr::V4(_) => Ipv6Addr::LOCALHOST.into(),
+            IpAddr::V6(_) => Ipv4Addr::LOCALHOST.into(),
+        };
+        match TcpListener::bind(SocketAddr::new(other, addr.port())).await {
+            Ok(l) => out.push(l),
+            Err(e) => tracing::warn!("[proxy] transparent: not listening on {other} as well: {e}"),
+        }
+    }
+    Ok(out)
+}
+
 /// Report the credentials and build the proxy for a bound listener.
-fn start(mut config: Config, ca: Arc<CertAuthority>, listener: &TcpListener) -> Result<Arc<Proxy>, ExitCode> {
+fn start(
+    mut config: Config,
+    ca: Arc<CertAuthority>,
+    listener: &TcpListener,
+    transparent: &[TcpListener],
+) -> Result<Arc<Proxy>, ExitCode> {
     let local = listener.local_addr().map_err(|_| ExitCode::from(1))?;
     config.proxy.listen = local;
     report_credentials(&config);
     let mut own = vec![local];
     own.extend(config.admin);
+    own.extend(transparent.iter().filter_map(|l| l.local_addr().ok()));
     let ca_path = config.ca_cert_path();
     let proxy = Proxy::new(config, ca, provider(), own).map_err(|e| {
         eprintln!("latchkey: {e}");
@@ -349,7 +392,8 @@ pub fn exec(
                     return ExitCode::from(1);
                 }
             };
-            let proxy = match start(config, ca, &listener) {
+            // `exec` serves its child through the proxy port: no transparent listener.
+            let proxy = match start(config, ca, &listener, &[]) {
                 Ok(p) => p,
                 Err(code) => return code,
             };

@@ -62,6 +62,16 @@ const VARS: &[Var] = &[
         key: "proxy.secrets_dir",
         kind: Kind::Str(|r| &mut r.proxy.secrets_dir),
     },
+    Var {
+        name: "LATCHKEY_TRANSPARENT",
+        key: "proxy.transparent",
+        kind: Kind::OptStr(|r| &mut r.proxy.transparent),
+    },
+    Var {
+        name: "LATCHKEY_TRANSPARENT_AGENT",
+        key: "proxy.transparent_agent",
+        kind: Kind::OptStr(|r| &mut r.proxy.transparent_agent),
+    },
     Var { name: "LATCHKEY_PROXY_TLS", key: "proxy.tls", kind: Kind::Bool(|r| &mut r.proxy.tls) },
     Var { name: "LATCHKEY_TLS_NAMES", key: "proxy.tls_names", kind: Kind::List(|r| &mut r.proxy.tls_names) },
     Var {

@@ -99,6 +99,10 @@ pub struct ProxySettings {
     pub tls_names: Vec<String>,
     /// `[proxy] ca_export_dir`: where the public half of the CA is copied for agents.
     pub ca_export_dir: Option<PathBuf>,
+    /// `[proxy] transparent`: the listener for redirected connections (SPEC 9).
+    pub transparent: Option<SocketAddr>,
+    /// `[proxy] transparent_agent`: the `[agents]` name transparent connections carry.
+    pub transparent_agent: Option<String>,
     pub log_requests: bool,
     pub log_file: PathBuf,
     pub hmac_key_file: Option<PathBuf>,
@@ -455,6 +459,7 @@ impl Compiler<'_> {
             max_upstream_per_connection: l.max_upstream_per_connection.max(1),
             max_upstream_connections: l.max_upstream_connections.max(2),
         };
+        let transparent = self.transparent(raw, SocketAddr::new(bind, p.port), &allowed_clients)?;
         let proxy = ProxySettings {
             listen: SocketAddr::new(bind, p.port),
             ca_dir: expand_home(&p.ca_dir),
@@ -470,12 +475,62 @@ impl Compiler<'_> {
             tls: p.tls,
             tls_names: p.tls_names.clone(),
             ca_export_dir: p.ca_export_dir.as_deref().map(expand_home),
+            transparent,
+            transparent_agent: p.transparent_agent.clone(),
             log_requests: p.logging.log_requests,
             log_file: expand_home(&p.logging.log_file),
             hmac_key_file: p.logging.hmac_key_file.as_deref().map(expand_home),
             limits,
         };
         Ok((proxy, intercept_all))
+    }
+
+    /// `[proxy] transparent` and `transparent_agent`: a fixed port apart from the proxy's,
+    /// an open listener only with `allowed_clients`, and with `[agents]` configured the
+    /// agent every redirected connection is (it cannot present Proxy-Authorization).
+    fn transparent(
+        &self,
+        raw: &RawConfig,
+        listen: SocketAddr,
+        allowed_clients: &[IpNet],
+    ) -> Result<Option<SocketAddr>, ConfigError> {
+        let p = &raw.proxy;
+        let pe = |key: &str, msg: String| self.err(&["proxy"], None, key, msg);
+        let Some(text) = &p.transparent else {
+            if p.transparent_agent.is_some() {
+                return Err(pe("transparent_agent", "only means something with [proxy] transparent".into()));
+            }
+            return Ok(None);
+        };
+        let addr: SocketAddr = text.parse().map_err(|_| {
+            pe("transparent", format!("{text:?} is not an address and port, like \"127.0.0.1:3130\""))
+        })?;
+        if addr.port() == 0 {
+            return Err(pe("transparent", "needs a fixed port: the nftables rules redirect to it".into()));
+        }
+        let same_ip = addr.ip() == listen.ip() || addr.ip().is_unspecified() || listen.ip().is_unspecified();
+        if addr.port() == listen.port() && same_ip {
+            return Err(pe("transparent", format!("{addr} is the proxy port; give it a port of its own")));
+        }
+        if !addr.ip().is_loopback() && allowed_clients.is_empty() {
+            return Err(pe(
+                "transparent",
+                format!(
+                    "listening on {} (not loopback) needs allowed_clients: latchkey will not run an open credential proxy",
+                    addr.ip()
+                ),
+            ));
+        }
+        match (&p.transparent_agent, raw.agents.is_empty()) {
+            (None, false) => Err(pe(
+                "transparent_agent",
+                "[agents] is configured and redirected connections carry no Proxy-Authorization: name the agent they are served as (transparent_agent = \"NAME\")".into(),
+            )),
+            (Some(name), _) if !raw.agents.contains_key(name) => {
+                Err(pe("transparent_agent", format!("{name:?} is not an [agents] entry")))
+            }
+            _ => Ok(Some(addr)),
+        }
     }
 
     /// `value_command_env` names plain variables, none of which holds a secret latchkey

@@ -76,6 +76,10 @@ pub struct RawProxy {
     pub tls_names: Vec<String>,
     /// A directory that gets only the public `ca.crt` and `bundle.pem`, for agents.
     pub ca_export_dir: Option<String>,
+    /// Transparent mode (SPEC 9): `ip:port` where nftables REDIRECTs connections.
+    pub transparent: Option<String>,
+    /// The `[agents]` name every transparent connection is served as.
+    pub transparent_agent: Option<String>,
     pub logging: RawLogging,
     pub filters: RawFilters,
     pub limits: RawLimits,
@@ -102,6 +106,8 @@ impl Default for RawProxy {
             tls: false,
             tls_names: vec![],
             ca_export_dir: None,
+            transparent: None,
+            transparent_agent: None,
             logging: RawLogging::default(),
             filters: RawFilters::default(),
             limits: RawLimits::default(),

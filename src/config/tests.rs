@@ -186,3 +186,47 @@ fn client_certificate_identities_are_checked() {
     let e = err("[agents.a]\nallowed_domains = [\"a.com\"]\n");
     assert!(e.contains("agents.a.token: set one of"), "{e}");
 }
+
+#[test]
+fn transparent_listener_is_checked() {
+    let c = compile_str("[proxy]\ntransparent = \"127.0.0.1:3130\"\n").unwrap();
+    assert_eq!(c.proxy.transparent, Some("127.0.0.1:3130".parse().unwrap()));
+    assert_eq!(compile_str("").unwrap().proxy.transparent, None);
+    let e = err("[proxy]\nport = 3128\ntransparent = \"3130\"\n");
+    assert!(
+        e.starts_with("/etc/latchkey.toml:3:1: proxy.transparent: ") && e.contains("127.0.0.1:3130"),
+        "{e}"
+    );
+    let e = err("[proxy]\ntransparent = \"127.0.0.1:0\"\n");
+    assert!(e.contains("proxy.transparent: needs a fixed port"), "{e}");
+    let e = err("[proxy]\nport = 3130\ntransparent = \"127.0.0.1:3130\"\n");
+    assert!(e.contains("is the proxy port"), "{e}");
+    let e = err("[proxy]\ntransparent = \"0.0.0.0:3130\"\n");
+    assert!(e.contains("proxy.transparent: ") && e.contains("allowed_clients"), "{e}");
+    assert!(
+        compile_str("[proxy]\ntransparent = \"0.0.0.0:3130\"\nallowed_clients = [\"10.0.0.0/8\"]\n").is_ok()
+    );
+    // Redirected connections cannot present Proxy-Authorization: with [agents], one is named.
+    let agents = "[agents.coder]\ntoken = \"t-coder\"\n";
+    let e = err(&format!("[proxy]\ntransparent = \"127.0.0.1:3130\"\n{agents}"));
+    assert!(e.contains("proxy.transparent_agent: [agents] is configured"), "{e}");
+    let e =
+        err(&format!("[proxy]\ntransparent = \"127.0.0.1:3130\"\ntransparent_agent = \"nope\"\n{agents}"));
+    assert!(e.contains("\"nope\" is not an [agents] entry"), "{e}");
+    let c = compile_str(&format!(
+        "[proxy]\ntransparent = \"127.0.0.1:3130\"\ntransparent_agent = \"coder\"\n{agents}"
+    ));
+    assert_eq!(c.unwrap().proxy.transparent_agent.as_deref(), Some("coder"));
+    let e = err("[proxy]\ntransparent_agent = \"coder\"\n");
+    assert!(e.contains("only means something with [proxy] transparent"), "{e}");
+}
+
+#[test]
+fn a_changed_transparent_listener_needs_a_restart() {
+    let a = compile_str("[proxy]\ntransparent = \"127.0.0.1:3130\"\n").unwrap();
+    let b = compile_str("[proxy]\ntransparent = \"127.0.0.1:3131\"\n").unwrap();
+    let none = compile_str("").unwrap();
+    assert_eq!(restart::restart_needed(&a, &b), Some("[proxy] transparent"));
+    assert_eq!(restart::restart_needed(&none, &a), Some("[proxy] transparent"));
+    assert_eq!(restart::restart_needed(&a, &a), None);
+}

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::tunnel::{Identity, Opener, Tunnel};
@@ -37,10 +37,24 @@ impl Proxy {
         agent: Option<&str>,
     ) {
         let Some(slot) = self.admit(peer) else { return };
-        let _slot = slot;
-        let started = Instant::now();
-        let generation = self.generation();
         let _ = stream.set_nodelay(true);
+        self.serve_admitted(slot, stream, peer, dest, agent, Instant::now()).await
+    }
+
+    /// `serve_destined` for a connection already holding its slot, whose first bytes
+    /// latchkey may have read (transparent mode puts them back in front).
+    pub(super) async fn serve_admitted<S>(
+        self: Arc<Self>,
+        _slot: super::Slot,
+        stream: S,
+        peer: SocketAddr,
+        dest: Destination,
+        agent: Option<&str>,
+        started: Instant,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let generation = self.generation();
         let opener = Opener { peer, identity: Identity::Named(agent.map(str::to_string)) };
         let agent = match handler::admit(&generation.config, &opener) {
             Ok(a) => a,
@@ -56,10 +70,10 @@ impl Proxy {
     /// `access_denied` alert, a plain-HTTP client latchkey's own refusal (SPEC 6), and
     /// the refusal is logged as `blocked` like a refused CONNECT.
     #[allow(clippy::too_many_arguments)]
-    async fn refuse_stream(
+    async fn refuse_stream<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         generation: &Generation,
-        mut stream: TcpStream,
+        mut stream: S,
         peer: SocketAddr,
         dest: &Destination,
         agent: Option<usize>,
@@ -95,7 +109,7 @@ pub(super) fn identify(config: &Config, agent: Option<&str>) -> Result<Option<us
     let found = agent.and_then(|name| config.agents.iter().position(|a| a.name == name));
     found.map(Some).ok_or_else(|| {
         Refusal::new(RefusalKind::ProxyAuth,
-            "this connection carries no agent identity; with [agents] configured, start the jail with `latchkey exec --jail --agent NAME`",
+            "this connection carries no agent identity; with [agents] configured, start the jail with `latchkey exec --jail --agent NAME` (transparent mode: [proxy] transparent_agent)",
         )
     })
 }
@@ -183,7 +197,13 @@ pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
     let local = stream.local_addr()?;
     // SAFETY: getsockopt writes at most `len` bytes into the sockaddr we own.
     unsafe {
-        if local.is_ipv4() {
+        // An IPv4 connection accepted on a dual-stack socket has a v4-mapped address:
+        // its conntrack entry is IPv4.
+        let v4 = match local.ip() {
+            std::net::IpAddr::V4(_) => true,
+            std::net::IpAddr::V6(a) => a.to_ipv4_mapped().is_some(),
+        };
+        if v4 {
             let mut sa: libc::sockaddr_in = std::mem::zeroed();
             let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             if libc::getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST, (&raw mut sa).cast(), &mut len) != 0 {

@@ -3,7 +3,7 @@
 //!
 //! accept (`Proxy::serve`, `slots`, `framing`) → identify destination (`handler`: the
 //! CONNECT authority or absolute URI, never a Host header; `destined`: a connection that
-//! arrived without CONNECT) → decide (`Config::decide`) → tunnel blind or intercept
+//! arrived without CONNECT; `transparent`: one nftables redirected) → decide (`Config::decide`) → tunnel blind or intercept
 //! (`tunnel`) → each request in phases (`exchange`) → log.
 
 pub(crate) mod agent_auth;
@@ -18,11 +18,13 @@ pub(crate) mod framing;
 mod generation;
 mod handler;
 pub(crate) mod hop;
+mod own_socket;
 mod respond;
 mod route;
 mod slots;
 mod token_client;
 mod trailers;
+mod transparent;
 mod tunnel;
 mod upgrade;
 pub mod upstream;

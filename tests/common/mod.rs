@@ -150,6 +150,8 @@ pub struct UpstreamOpts {
     /// Require a client certificate signed by the test CA (mTLS).
     pub client_auth: bool,
     pub git: Option<GitServer>,
+    /// Listen on this address instead of 127.0.0.1 (a veth address in a netns test).
+    pub bind: Option<std::net::IpAddr>,
 }
 
 /// Start an echo upstream on loopback (TLS when `tls`); `git` enables /org/.
@@ -162,7 +164,8 @@ type EchoBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 pub fn upstream_with(opts: UpstreamOpts) -> Upstream {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let listener = runtime().block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let ip = opts.bind.unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+    let listener = runtime().block_on(TcpListener::bind((ip, 0))).unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = opts.tls.then(|| {
         use rustls::pki_types::pem::PemObject;
