@@ -295,7 +295,8 @@ const LLM_ENV: &[(&str, &str)] = &[("ANTHROPIC_API_KEY", "sk-ant-cluster-0123456
 /// log line is written when the stream ends, and the spend follows it to Redis).
 fn llm_call(r: &Replica, ca: &Path) -> (u16, String) {
     let before = r.log().len();
-    let (code, out) = curl_one(r.port, ca, "https://api.anthropic.com/v1/messages", &["-X", "POST", "-d", "{}"]);
+    let (code, out) =
+        curl_one(r.port, ca, "https://api.anthropic.com/v1/messages", &["-X", "POST", "-d", "{}"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while r.log().len() == before {
         assert!(Instant::now() < deadline, "no log line for a {code}");
@@ -374,7 +375,8 @@ fn redis_down_is_refused_closed_and_recovers_without_restart() {
         assert_eq!(llm_call(r, &ca).0, 429);
         assert!(r.metrics().contains("latchkey_shared_state_up 1"));
     }
-    let upstream_calls: usize = rs.iter().map(|r| r.log().iter().filter(|l| l["status"] == 200).count()).sum();
+    let upstream_calls: usize =
+        rs.iter().map(|r| r.log().iter().filter(|l| l["status"] == 200).count()).sum();
     assert_eq!(upstream_calls, 5);
 }
 
@@ -437,10 +439,11 @@ fn stopping_a_replica_mid_load_loses_no_log_line() {
 }
 
 /// `latchkey token revoke` writes the id to Redis; every replica refuses the token even
-/// where the revocation file does not reach (here: removed after the revoke).
+/// where the revocation file does not reach (here: removed after the revoke). With the
+/// set out of reach for longer than its staleness bound, tokens get 503 (closed).
 #[test]
 fn a_revocation_in_redis_reaches_every_replica() {
-    let redis = Redis::start();
+    let mut redis = Redis::start();
     let up = upstream(true, None);
     let shared = tempfile::tempdir().unwrap();
     let creds = "[credentials.example]\nheader = \"x-token\"\nvalue = \"${X_TOKEN}\"\ndomains = [\"api.example.com\"]\n";
@@ -467,4 +470,21 @@ fn a_revocation_in_redis_reaches_every_replica() {
         assert_eq!(code, 403, "replica {}: {out}", r.port);
         assert!(out.contains("revoked"), "{out}");
     }
+    // Another token, never revoked: refused while the shared set cannot be read.
+    let out = rs[0].cli(&["token", "mint", "--credential", "example"]);
+    let other = format!("x-token: {}", String::from_utf8_lossy(&out.stdout).trim());
+    assert_eq!(curl_one(rs[0].port, &ca, "https://api.example.com/", &["-H", &other]).0, 200);
+    redis.kill();
+    std::thread::sleep(Duration::from_millis(4500));
+    let (code, out) = curl_one(rs[1].port, &ca, "https://api.example.com/", &["-H", &other]);
+    assert_eq!(code, 503, "{out}");
+    assert!(out.contains("latchkey: shared state unavailable: the token revocation set"), "{out}");
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while curl_one(rs[1].port, &ca, "https://api.example.com/", &["-H", &other]).0 != 200 {
+        assert!(Instant::now() < deadline, "tokens still refused after Redis came back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, _) = curl_one(rs[1].port, &ca, "https://api.example.com/", &["-H", &header]);
+    assert_eq!(code, 403, "the revoked one stays revoked (Redis kept it)");
 }

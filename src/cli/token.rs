@@ -204,7 +204,10 @@ fn revoke(config: &Config, token_or_id: &str) -> Result<(), String> {
     let list = dir.join(keys::REVOKED);
     let Some(cluster) = &config.cluster else {
         match in_file? {
-            true => println!("revoked {id} (in {}); a running latchkey refuses it within a second", list.display()),
+            true => println!(
+                "revoked {id} (in {}); a running latchkey refuses it within a second",
+                list.display()
+            ),
             false => println!("{id} was already revoked (in {})", list.display()),
         }
         return Ok(());
@@ -232,7 +235,10 @@ fn revoke(config: &Config, token_or_id: &str) -> Result<(), String> {
             Ok(())
         }
         (Err(f), Ok(_)) => {
-            println!("revoked {id} in Redis at {server}; every replica refuses it within {within}s (not in {}: {f})", list.display());
+            println!(
+                "revoked {id} in Redis at {server}; every replica refuses it within {within}s (not in {}: {f})",
+                list.display()
+            );
             Ok(())
         }
     }
@@ -242,7 +248,8 @@ fn revoke(config: &Config, token_or_id: &str) -> Result<(), String> {
 fn revoke_shared(cluster: &crate::cluster::ClusterSettings, id: &str) -> Result<bool, String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let store = crate::cluster::store::Store::open(cluster, Default::default()).map_err(|e| e.to_string())?;
+        let store =
+            crate::cluster::store::Store::open(cluster, Default::default()).map_err(|e| e.to_string())?;
         crate::cluster::revoked::add(&store, id).await.map_err(|_| "Redis does not answer".to_string())
     })
 }

@@ -177,10 +177,9 @@ impl SharedLimits {
                 local[i] = true;
             }
         }
-        let done = checks
-            .iter()
-            .zip(&local)
-            .all(|((_, _, l), took)| l.tokens_per_day.is_none() && (l.requests_per_minute.is_none() || *took));
+        let done = checks.iter().zip(&local).all(|((_, _, l), took)| {
+            l.tokens_per_day.is_none() && (l.requests_per_minute.is_none() || *took)
+        });
         (local, done)
     }
 
@@ -203,7 +202,8 @@ impl SharedLimits {
                 // Concurrent batches add up; they expire with the oldest (never later).
                 Some(h) if h.rpm == rpm && h.taken.elapsed() < HELD_FOR => h.permits += g - 1,
                 _ => {
-                    held[slot(*scope)].insert((*name).into(), Held { permits: g - 1, taken: Instant::now(), rpm });
+                    held[slot(*scope)]
+                        .insert((*name).into(), Held { permits: g - 1, taken: Instant::now(), rpm });
                 }
             }
         }
@@ -226,7 +226,8 @@ impl SharedLimits {
             let budget = limits.tokens_per_day.map(|b| b.min(i64::MAX as u64) as i64).unwrap_or(-1);
             inv.arg(rpm).arg(want).arg(budget);
         }
-        let reply: Vec<i64> = self.store.run("admit", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        let reply: Vec<i64> =
+            self.store.run("admit", |mut c| async move { inv.invoke_async(&mut c).await }).await?;
         let exceeded = |i: i64, which: i64, retry: i64| {
             let (scope, name, _) = checks[(i - 1).max(0) as usize];
             Exceeded {
@@ -240,7 +241,9 @@ impl SharedLimits {
             [0, granted @ ..] if granted.len() == checks.len() => {
                 Ok(Ok(granted.iter().map(|g| (*g).clamp(0, i64::from(u32::MAX)) as u32).collect()))
             }
-            [i, which, retry] if *i >= 1 && (*i as usize) <= checks.len() => Ok(Err(exceeded(*i, *which, *retry))),
+            [i, which, retry] if *i >= 1 && (*i as usize) <= checks.len() => {
+                Ok(Err(exceeded(*i, *which, *retry)))
+            }
             _ => {
                 tracing::error!("shared state: unexpected answer from the admission script: {reply:?}");
                 Err(Unavailable)
@@ -251,7 +254,8 @@ impl SharedLimits {
     /// Add LLM tokens a response reported to the shared budgets (in the background;
     /// kept and sent later while Redis is down).
     pub fn spend(self: &Arc<Self>, scope: Scope, name: &str, tokens: u64) {
-        *self.unsent.lock().unwrap_or_else(|p| p.into_inner()).entry((scope, name.into())).or_default() += tokens;
+        *self.unsent.lock().unwrap_or_else(|p| p.into_inner()).entry((scope, name.into())).or_default() +=
+            tokens;
         if self.flushing.swap(true, Ordering::AcqRel) {
             return;
         }

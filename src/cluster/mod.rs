@@ -109,7 +109,9 @@ impl ClusterSettings {
             Some(ms) => Duration::from_millis(ms),
         };
         let key_prefix = key_prefix.unwrap_or("latchkey").to_string();
-        if key_prefix.is_empty() || key_prefix.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        if key_prefix.is_empty()
+            || key_prefix.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
             return Err(bad("key_prefix", format!("{key_prefix:?}: use a short word without spaces")));
         }
         Ok(ClusterSettings { url, on_store_error, timeout, key_prefix })
@@ -150,7 +152,10 @@ mod tests {
     #[test]
     fn urls_and_secrets() {
         let s = parse("redis://127.0.0.1:6390/0").unwrap();
-        assert_eq!((s.server().as_str(), s.on_store_error, s.timeout), ("127.0.0.1:6390", OnStoreError::Closed, DEFAULT_TIMEOUT));
+        assert_eq!(
+            (s.server().as_str(), s.on_store_error, s.timeout),
+            ("127.0.0.1:6390", OnStoreError::Closed, DEFAULT_TIMEOUT)
+        );
         let s = parse("${R}").unwrap();
         assert_eq!(s.url(), "redis://:pw@h:7/1");
         assert!(!format!("{s:?}").contains("pw"), "the password is never shown");

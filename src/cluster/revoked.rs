@@ -5,7 +5,8 @@
 //! Staleness is bounded: a revocation reaches every replica within `POLL` plus one
 //! Redis time limit. If the set cannot be read for longer than [`STALE`], a replica
 //! with `on_store_error = "closed"` refuses every token (revocation unknown) until it
-//! can; with `"open"` it keeps the last list it read.
+//! can (503 `shared-state`, like a shared limit); with `"open"` it keeps the last list
+//! it read.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -84,5 +85,9 @@ pub fn watch(store: Arc<Store>, tokens: &Arc<TokenState>) {
 }
 
 fn unknown(store: &Store) -> String {
-    format!("shared state unavailable: the revocation set in Redis at {} cannot be read", store.server())
+    format!(
+        "{}: the token revocation set in Redis at {} cannot be read; nothing was sent, retry shortly",
+        crate::token::SHARED_UNAVAILABLE,
+        store.server()
+    )
 }

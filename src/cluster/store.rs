@@ -147,7 +147,10 @@ impl Store {
     fn mark_up(&self) {
         if !self.up.swap(true, Ordering::Relaxed) {
             self.metrics.up.set(1);
-            tracing::warn!("shared state: Redis at {} answers again; shared limits are enforced again", self.server);
+            tracing::warn!(
+                "shared state: Redis at {} answers again; shared limits are enforced again",
+                self.server
+            );
         }
     }
 

@@ -146,11 +146,7 @@ impl Metrics {
             "Requests refused with 429, by scope (credential|agent), name and limit",
             m.limited.clone(),
         );
-        registry.register(
-            "shared_state_up",
-            "[cluster] Redis answers (1) or not (0)",
-            m.shared.up.clone(),
-        );
+        registry.register("shared_state_up", "[cluster] Redis answers (1) or not (0)", m.shared.up.clone());
         registry.register(
             "shared_state_errors",
             "[cluster] Redis operations that failed or were not tried while it was down, by op",

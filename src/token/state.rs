@@ -27,6 +27,9 @@ pub struct Snapshot {
     pub revoked: Result<Arc<Revoked>, String>,
 }
 
+/// A revocation list, or why it cannot be read.
+type RevokedList = Result<Arc<Revoked>, String>;
+
 type Stamp = Option<(u64, u64, i64, i64, i64)>;
 
 /// Verified tokens by their text, each with the root key it was verified with.
@@ -41,7 +44,7 @@ pub struct TokenState {
     cache: Mutex<Cache>,
     /// The two revocation lists the snapshot's is the union of: the file's, and the
     /// shared one (`[cluster]`, `crate::cluster::revoked`; `None` without a cluster).
-    lists: Mutex<(Result<Arc<Revoked>, String>, Option<Result<Arc<Revoked>, String>>)>,
+    lists: Mutex<(RevokedList, Option<RevokedList>)>,
 }
 
 impl std::fmt::Debug for TokenState {
