@@ -186,3 +186,20 @@ fn client_certificate_identities_are_checked() {
     let e = err("[agents.a]\nallowed_domains = [\"a.com\"]\n");
     assert!(e.contains("agents.a.token: set one of"), "{e}");
 }
+
+/// `[cluster]`: each bad key is named with its line; a good table compiles.
+#[test]
+fn cluster_table_errors_name_the_key() {
+    let e = err("[proxy]\nport = 1\n\n[cluster]\non_store_error = \"open\"\n");
+    assert!(e.starts_with("/etc/latchkey.toml:4:1: cluster.redis:"), "{e}");
+    let e = err("[cluster]\nredis = \"redis://127.0.0.1\"\non_store_error = \"sometimes\"\n");
+    assert!(e.starts_with("/etc/latchkey.toml:3:1: cluster.on_store_error:"), "{e}");
+    let e = err("[cluster]\nredis = \"http://127.0.0.1\"\n");
+    assert!(e.contains("cluster.redis: not a Redis URL"), "{e}");
+    let e = err("[cluster]\nredis = \"redis://h\"\nredis_url = \"x\"\n");
+    assert!(e.contains("unknown key `redis_url`"), "{e}");
+    let c = compile_str("[cluster]\nredis = \"redis://10.0.0.5:6380/2\"\ntimeout_ms = 50\n").unwrap();
+    let cluster = c.cluster.unwrap();
+    assert_eq!((cluster.server().as_str(), cluster.timeout), ("10.0.0.5:6380", Duration::from_millis(50)));
+    assert!(compile_str("").unwrap().cluster.is_none());
+}
