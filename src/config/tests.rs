@@ -203,3 +203,22 @@ fn cluster_table_errors_name_the_key() {
     assert_eq!((cluster.server().as_str(), cluster.timeout), ("10.0.0.5:6380", Duration::from_millis(50)));
     assert!(compile_str("").unwrap().cluster.is_none());
 }
+
+/// `LATCHKEY_REDIS` sets up `[cluster]`; a bad value names the variable.
+#[test]
+fn cluster_from_the_environment() {
+    let vars = |redis: &'static str| {
+        move |k: &str| match k {
+            "LATCHKEY_REDIS" => Some(redis.to_string()),
+            "LATCHKEY_ON_STORE_ERROR" => Some("open".to_string()),
+            _ => None,
+        }
+    };
+    let c = compile("", None, &vars("redis://:pw@10.1.2.3:6379/0"), &[]).unwrap().cluster.unwrap();
+    assert_eq!(
+        (c.server().as_str(), c.on_store_error),
+        ("10.1.2.3:6379", crate::cluster::OnStoreError::Open)
+    );
+    let e = compile("", None, &vars("http://x"), &[]).unwrap_err().to_string();
+    assert!(e.contains("LATCHKEY_REDIS") && e.contains("not a Redis URL"), "{e}");
+}
