@@ -487,6 +487,16 @@ fn a_revocation_in_redis_reaches_every_replica() {
     }
     let (code, _) = curl_one(rs[1].port, &ca, "https://api.example.com/", &["-H", &header]);
     assert_eq!(code, 403, "the revoked one stays revoked (Redis kept it)");
+    // A revocation Redis did not take is not reported as done.
+    redis.kill();
+    let token = other.trim_start_matches("x-token: ");
+    let out = rs[0].cli(&["token", "revoke", token]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("is NOT revoked in Redis at 127.0.0.1") && said.contains("this host only"),
+        "{said}"
+    );
 }
 
 /// Above 600 per minute a replica takes permits in batches (here 2 at a time): the
