@@ -438,7 +438,14 @@ fn stopping_a_replica_mid_load_loses_no_log_line() {
     for (r, codes) in rs.iter().zip(&seen) {
         let completed = codes.iter().filter(|c| **c == 200).count();
         let logged = r.log().iter().filter(|l| l["status"] == 200).count();
-        assert_eq!(logged, completed, "replica {}: {completed} completed, {logged} logged", r.port);
+        // Every completed request has its line. The request in flight when the replica
+        // stopped may be logged (it went upstream) while its client saw the connection
+        // close before the answer: at most one such per client connection.
+        assert!(
+            (completed..=completed + 1).contains(&logged),
+            "replica {}: {completed} completed, {logged} logged",
+            r.port
+        );
     }
     assert!(seen[1].iter().filter(|c| **c == 200).count() < 400, "replica 1 stopped mid-load");
     assert_eq!(seen[0].iter().filter(|c| **c == 200).count(), 400);
