@@ -193,8 +193,9 @@ http {{
         wait_port(self.up_port)
         wait_port(self.sse_port)
 
-    def start_latchkey(self, name="latchkey", binary=None):
-        """latchkey (or, as `baseline`, an earlier build of it, to compare two builds in one run)."""
+    def start_latchkey(self, name="latchkey", binary=None, cred_extra="", tail=""):
+        """latchkey (or, as `baseline`, an earlier build of it, to compare two builds in one run).
+        `cred_extra` goes into the credential's table, `tail` at the end of the config."""
         w, port = self.work, free_port()
         conf = w / f"{name}.toml"
         conf.write_text(f"""
@@ -208,8 +209,10 @@ ca_file = "{w}/up-ca.pem"
 header = "x-api-key"
 value = "${{BENCH_SECRET}}"
 domains = ["127.0.0.1:{self.up_port}", "127.0.0.1:{self.sse_port}", "{JAIL_HOST}:{self.up_port}"]
+{cred_extra}
 [upstream.resolve]
 "{JAIL_HOST}:{self.up_port}" = "127.0.0.1:{self.up_port}"
+{tail}
 """)
         if name == "latchkey":
             self.latchkey_conf = conf
@@ -397,6 +400,53 @@ TOKEN_SCENARIOS = [
 ]
 
 
+# latchkey only: a rate limit on the credential kept per replica, then in Redis
+# (`[cluster] redis`, SPEC 12), same keep-alive load. The limit is far above the load, so
+# every request is admitted: the row measures the cost of asking, not of refusing.
+# Permits are taken from Redis in batches (src/cluster/limits.rs); target ≥ 0.85×.
+CLUSTER_SCENARIOS = [
+    ("keep-alive, 32 connections, requests_per_minute, per-replica state", "limited"),
+    ("keep-alive, 32 connections, requests_per_minute in Redis ([cluster])", "shared"),
+]
+CLUSTER_LIMIT = "requests_per_minute = 1000000000"
+
+
+def cluster_rows(bench, url, args):
+    """Both limited latchkeys and a redis-server of the bench's own; None without redis-server."""
+    if not shutil.which("redis-server"):
+        print("# no redis-server: the [cluster] rows are skipped (apt-get install redis-server)", file=sys.stderr)
+        return None
+    rport = free_port()
+    bench.spawn("redis", ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no", "--dir", str(bench.work)])
+    wait_port(rport)
+    targets = {
+        "limited": bench.start_latchkey("limited", cred_extra=CLUSTER_LIMIT),
+        "shared": bench.start_latchkey("shared", cred_extra=CLUSTER_LIMIT,
+                                       tail=f'[cluster]\nredis = "redis://127.0.0.1:{rport}/0"\n'),
+    }
+    results = {}
+    for r in range(args.rounds):
+        order = CLUSTER_SCENARIOS if r % 2 == 0 else CLUSTER_SCENARIOS[::-1]
+        for name, kind in order:
+            res = oha(bench, targets[kind], url + "/", 32, args.duration, ("-H", "x-api-key: latchkey-bench"))
+            if res is None:
+                raise SystemExit(f"latchkey failed the {name} scenario")
+            results.setdefault(name, []).append(res)
+            print(f"# round {r + 1} {name}: {res['rps']:.0f}/s p50 {res['p50']:.3f} ms", file=sys.stderr)
+    (local_name, _), (shared_name, _) = CLUSTER_SCENARIOS
+    local, shared = med(results[local_name], "rps"), med(results[shared_name], "rps")
+    lines = ["", "Shared state (latchkey, keep-alive, 32 connections, same run; target ≥ 0.85×):", "",
+             "| rate limit kept | rate | p50 / p99 |", "|---|---|---|"]
+    for name, rate in [(local_name, local), (shared_name, shared)]:
+        runs = results[name]
+        lines.append(f"| {name.split(', ', 2)[2]} | {rate:,.0f} req/s | "
+                     f"{med(runs, 'p50'):.2f} / {med(runs, 'p99'):.2f} ms |")
+    lines.append("")
+    lines.append(f"Redis / per-replica: **{shared / local:.2f}×**.")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short runs, one round, 30 s soak")
@@ -412,6 +462,7 @@ def main():
     ap.add_argument("--no-jail", action="store_true", help="skip the exec --jail rows (Linux, needs nft)")
     ap.add_argument("--no-transparent", action="store_true",
                     help="skip the transparent-mode row (Linux, needs root and nft)")
+    ap.add_argument("--no-cluster", action="store_true", help="skip the [cluster] redis rows (needs redis-server)")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.duration, args.soak = 1, 3, 30
@@ -472,6 +523,7 @@ def main():
                                       {})[t.name] = (before, after)
         jail = jail_rows(bench, lk) if lk and not args.no_jail else None
         transparent = transparent_rows(bench, lk) if lk and not args.no_transparent else None
+        cluster = cluster_rows(bench, url, args) if lk and not args.no_cluster else None
         soak = None
         if lk and args.soak:
             soak = run_soak(bench, lk, url, args.soak)
@@ -480,6 +532,8 @@ def main():
             table += jail
         if transparent:
             table += transparent
+        if cluster:
+            table += cluster
         print(table)
         if args.out:
             args.out.write_text(table)

@@ -31,6 +31,7 @@ macro_rules! message_error {
 pub mod admin;
 pub mod ca;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod explain;
 /// Fuzz entry points, for `fuzz/` (feature `fuzzing`) and the unit tests.

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 
@@ -121,6 +121,11 @@ pub fn run(
         );
         if !proxy.exchanges.drained(grace).await {
             tracing::warn!("requests still in flight after {}s; exiting anyway", grace.as_secs());
+        }
+        // The log thread would die with the process: every finished request's line first.
+        let audit = proxy.telemetry.audit.clone();
+        if !tokio::task::spawn_blocking(move || audit.flush(Duration::from_secs(5))).await.unwrap_or(false) {
+            tracing::warn!("the request log could not be flushed before exit");
         }
         ExitCode::SUCCESS
     })

@@ -2,7 +2,7 @@
 //! tokens `exec --token-ttl` puts where the placeholders go (SPEC 11).
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
@@ -128,7 +128,7 @@ fn with_config(config: &Config, action: TokenAction) -> Result<(), String> {
     let dir = &config.proxy.ca_dir;
     match action {
         TokenAction::Mint { credential, scope } => mint(config, &credential, &scope),
-        TokenAction::Revoke { token } => revoke(dir, &token),
+        TokenAction::Revoke { token } => revoke(config, &token),
         TokenAction::Pubkey => {
             let root = keys::token_root(dir, true)?.ok_or("no token key")?;
             println!("{}", root.public());
@@ -191,7 +191,8 @@ fn inspect(token: &str, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn revoke(dir: &Path, token_or_id: &str) -> Result<(), String> {
+fn revoke(config: &Config, token_or_id: &str) -> Result<(), String> {
+    let dir = &config.proxy.ca_dir;
     let arg = read_arg(token_or_id)?;
     let id = if crate::token::looks_like_token(&arg) {
         crate::token::inspect(&arg)?.id
@@ -199,14 +200,58 @@ fn revoke(dir: &Path, token_or_id: &str) -> Result<(), String> {
         keys::normalise_id(&arg)?
     };
     let note = format!("revoked {}", crate::token::rfc3339(crate::token::now()));
-    let added = keys::add_revoked(dir, &id, &note)?;
+    let in_file = keys::add_revoked(dir, &id, &note);
     let list = dir.join(keys::REVOKED);
-    if added {
-        println!("revoked {id} (in {}); a running latchkey refuses it within a second", list.display());
-    } else {
-        println!("{id} was already revoked (in {})", list.display());
+    let Some(cluster) = &config.cluster else {
+        match in_file? {
+            true => println!(
+                "revoked {id} (in {}); a running latchkey refuses it within a second",
+                list.display()
+            ),
+            false => println!("{id} was already revoked (in {})", list.display()),
+        }
+        return Ok(());
+    };
+    // Every replica reads the shared set; the file is this host's copy (it may be
+    // read-only here, a mounted Secret: then Redis alone carries the revocation).
+    let shared = revoke_shared(cluster, &id);
+    let server = cluster.server();
+    let within = (crate::cluster::revoked::POLL + cluster.timeout).as_secs_f64().ceil();
+    match (in_file, shared) {
+        (file, Err(e)) => {
+            let file = match file {
+                Ok(_) => format!("it is in {} (this host only)", list.display()),
+                Err(f) => format!("nor in {}: {f}", list.display()),
+            };
+            Err(format!(
+                "{id} is NOT revoked in Redis at {server} ({e}); {file}. Run `latchkey token revoke` again when Redis answers"
+            ))
+        }
+        (Ok(_), Ok(_)) => {
+            println!(
+                "revoked {id} (in {} and in Redis at {server}); every replica refuses it within {within}s",
+                list.display()
+            );
+            Ok(())
+        }
+        (Err(f), Ok(_)) => {
+            println!(
+                "revoked {id} in Redis at {server}; every replica refuses it within {within}s (not in {}: {f})",
+                list.display()
+            );
+            Ok(())
+        }
     }
-    Ok(())
+}
+
+/// Add `id` to the shared revocation set, on a runtime of its own (the CLI has none).
+fn revoke_shared(cluster: &crate::cluster::ClusterSettings, id: &str) -> Result<bool, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let store =
+            crate::cluster::store::Store::open(cluster, Default::default()).map_err(|e| e.to_string())?;
+        crate::cluster::revoked::add(&store, id).await.map_err(|_| "Redis does not answer".to_string())
+    })
 }
 
 /// A command-line token, or stdin for `-` (a token in argv is visible to `ps`).

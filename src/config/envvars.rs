@@ -89,6 +89,16 @@ const VARS: &[Var] = &[
         key: "admin.listen",
         kind: Kind::OptStr(|r| &mut r.admin.get_or_insert(RawAdmin { listen: None }).listen),
     },
+    Var {
+        name: "LATCHKEY_REDIS",
+        key: "cluster.redis",
+        kind: Kind::OptStr(|r| &mut r.cluster.get_or_insert_with(Default::default).redis),
+    },
+    Var {
+        name: "LATCHKEY_ON_STORE_ERROR",
+        key: "cluster.on_store_error",
+        kind: Kind::OptStr(|r| &mut r.cluster.get_or_insert_with(Default::default).on_store_error),
+    },
 ];
 
 /// The names of every overriding variable (for docs and `check`).

@@ -160,6 +160,8 @@ pub struct Config {
     pub agents: Vec<Agent>,
     pub telemetry: Telemetry,
     pub jail: JailSettings,
+    /// `[cluster]`: shared state in Redis, when set.
+    pub cluster: Option<crate::cluster::ClusterSettings>,
 }
 
 /// What `exec --jail` hides (SPEC section 9).
@@ -374,6 +376,7 @@ impl Compiler<'_> {
         share_placeholders(&credentials, &mut rules);
         let (agents, agent_rules) = self.agents(&raw.agents, &credentials, raw.proxy.tls)?;
         self.check_command_env(&credentials, &agents)?;
+        let cluster = self.cluster(raw.cluster.as_ref())?;
         let telemetry = match &raw.telemetry {
             None => Telemetry { service_name: "latchkey".into(), ..Default::default() },
             Some(t) => Telemetry {
@@ -410,7 +413,29 @@ impl Compiler<'_> {
             agents,
             telemetry,
             jail,
+            cluster,
         })
+    }
+
+    /// `[cluster]`: a table without `redis` is an error (nothing would be shared).
+    fn cluster(
+        &self,
+        raw: Option<&raw::RawCluster>,
+    ) -> Result<Option<crate::cluster::ClusterSettings>, ConfigError> {
+        let Some(c) = raw else { return Ok(None) };
+        let err = |key: &str, msg: String| self.err(&["cluster"], None, key, msg);
+        let url = c.redis.as_deref().ok_or_else(|| {
+            err("redis", "[cluster] needs `redis = \"redis://HOST:6379/0\"` (or remove the table)".into())
+        })?;
+        crate::cluster::ClusterSettings::parse(
+            url,
+            c.on_store_error.as_deref(),
+            c.timeout_ms,
+            c.key_prefix.as_deref(),
+            self.env,
+        )
+        .map(Some)
+        .map_err(|bad| err(bad.key, bad.message))
     }
 
     /// `[proxy]`, `[proxy.logging]` and `[proxy.limits]`; and whether every host is

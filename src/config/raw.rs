@@ -19,6 +19,22 @@ pub struct RawConfig {
     pub agents: IndexMap<String, Spanned<RawAgent>>,
     #[serde(default)]
     pub jail: RawJail,
+    /// `[cluster]`: state shared by replicas (SPEC 12).
+    pub cluster: Option<RawCluster>,
+}
+
+/// `[cluster]`: where replicas keep the state they share.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCluster {
+    /// `redis://[user:password@]HOST[:PORT][/DB]`, or `${VAR}` holding one.
+    pub redis: Option<String>,
+    /// `closed` (default): 503 while Redis is unreachable; `open`: per-replica state.
+    pub on_store_error: Option<String>,
+    /// Each Redis operation's time limit, in milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Prefix of every key latchkey writes (several deployments can share one Redis).
+    pub key_prefix: Option<String>,
 }
 
 /// `[jail]`: what `latchkey exec --jail` hides besides latchkey's own secret sources.

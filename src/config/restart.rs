@@ -19,6 +19,9 @@ pub fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
     if old.proxy.transparent != new.proxy.transparent {
         return Some("[proxy] transparent");
     }
+    if old.cluster != new.cluster {
+        return Some("[cluster]");
+    }
     if old.admin != new.admin {
         return Some("[admin] listen");
     }

@@ -230,3 +230,39 @@ fn a_changed_transparent_listener_needs_a_restart() {
     assert_eq!(restart::restart_needed(&none, &a), Some("[proxy] transparent"));
     assert_eq!(restart::restart_needed(&a, &a), None);
 }
+
+/// `[cluster]`: each bad key is named with its line; a good table compiles.
+#[test]
+fn cluster_table_errors_name_the_key() {
+    let e = err("[proxy]\nport = 1\n\n[cluster]\non_store_error = \"open\"\n");
+    assert!(e.starts_with("/etc/latchkey.toml:4:1: cluster.redis:"), "{e}");
+    let e = err("[cluster]\nredis = \"redis://127.0.0.1\"\non_store_error = \"sometimes\"\n");
+    assert!(e.starts_with("/etc/latchkey.toml:3:1: cluster.on_store_error:"), "{e}");
+    let e = err("[cluster]\nredis = \"http://127.0.0.1\"\n");
+    assert!(e.contains("cluster.redis: not a Redis URL"), "{e}");
+    let e = err("[cluster]\nredis = \"redis://h\"\nredis_url = \"x\"\n");
+    assert!(e.contains("unknown key `redis_url`"), "{e}");
+    let c = compile_str("[cluster]\nredis = \"redis://10.0.0.5:6380/2\"\ntimeout_ms = 50\n").unwrap();
+    let cluster = c.cluster.unwrap();
+    assert_eq!((cluster.server().as_str(), cluster.timeout), ("10.0.0.5:6380", Duration::from_millis(50)));
+    assert!(compile_str("").unwrap().cluster.is_none());
+}
+
+/// `LATCHKEY_REDIS` sets up `[cluster]`; a bad value names the variable.
+#[test]
+fn cluster_from_the_environment() {
+    let vars = |redis: &'static str| {
+        move |k: &str| match k {
+            "LATCHKEY_REDIS" => Some(redis.to_string()),
+            "LATCHKEY_ON_STORE_ERROR" => Some("open".to_string()),
+            _ => None,
+        }
+    };
+    let c = compile("", None, &vars("redis://:pw@10.1.2.3:6379/0"), &[]).unwrap().cluster.unwrap();
+    assert_eq!(
+        (c.server().as_str(), c.on_store_error),
+        ("10.1.2.3:6379", crate::cluster::OnStoreError::Open)
+    );
+    let e = compile("", None, &vars("http://x"), &[]).unwrap_err().to_string();
+    assert!(e.contains("LATCHKEY_REDIS") && e.contains("not a Redis URL"), "{e}");
+}

@@ -71,6 +71,9 @@ pub enum RefusalKind {
     UpstreamTimeout,
     /// No upstream connection is free under the fan-out limits right now.
     UpstreamBusy,
+    /// `[cluster]` with `on_store_error = "closed"`: the request is under a shared limit
+    /// and Redis, which keeps it, does not answer.
+    SharedState,
     /// Something latchkey itself could not do.
     Internal,
 }
@@ -93,7 +96,7 @@ impl RefusalKind {
             CredentialFailed | CredentialUnusable | UpstreamUnreachable | UpstreamTls | UpstreamReset
             | UpstreamEncoding | UpstreamWebSocket => 502,
             UpstreamTimeout => 504,
-            UpstreamBusy => 503,
+            UpstreamBusy | SharedState => 503,
             Internal => 500,
         }
     }
@@ -129,6 +132,7 @@ impl RefusalKind {
             UpstreamWebSocket => "upstream-websocket",
             UpstreamTimeout => "upstream-timeout",
             UpstreamBusy => "upstream-busy",
+            SharedState => "shared-state",
             Internal => "internal",
         }
     }
@@ -198,6 +202,7 @@ mod tests {
             (RefusalKind::CredentialUnusable, 502, "credential-refused"),
             (RefusalKind::RateLimited, 429, "rate-limited"),
             (RefusalKind::UpstreamBusy, 503, "upstream-busy"),
+            (RefusalKind::SharedState, 503, "shared-state"),
             (RefusalKind::UpstreamTimeout, 504, "upstream-timeout"),
         ];
         for (kind, status, token) in cases {

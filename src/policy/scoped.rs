@@ -77,6 +77,12 @@ fn plain_method<'a>(head: &RequestHead<'a>) -> Option<&'a str> {
 }
 
 fn refused(id: Option<&str>, why: &TokenRefusal) -> Refusal {
+    if let TokenRefusal::RevocationUnknown(m) = why
+        && m.starts_with(crate::token::SHARED_UNAVAILABLE)
+    {
+        // Nothing is wrong with the token: the shared revocation set is out of reach.
+        return Refusal::new(RefusalKind::SharedState, m.clone()).retry_after(1);
+    }
     let message = match id {
         Some(id) => format!("token {id} refused: {why}"),
         None => format!("token refused: {why}"),

@@ -64,6 +64,8 @@ pub enum ProxyError {
     CredentialTls { name: String, source: upstream::TlsSetupError },
     #[error("hmac_key_file {0}")]
     HmacKey(#[from] crate::telemetry::audit::KeyFileError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::store::StoreError),
     #[error("cannot open log_file {path}: {source}")]
     LogFile { path: String, source: std::io::Error },
     #[error("{0}")]
@@ -144,10 +146,14 @@ impl Proxy {
         let per_client = Default::default();
         let tokens = Arc::new(crate::token::state::TokenState::new(&generation.config.proxy.ca_dir));
         tokens.watch();
+        let mut telemetry = crate::telemetry::Telemetry::new(audit, spans);
+        if let Some(settings) = &generation.config.cluster {
+            telemetry.shared = Some(crate::cluster::join(settings, &telemetry.metrics, &tokens)?);
+        }
         Ok(Arc::new(Proxy {
             current: RwLock::new(Arc::new(generation)),
             ca,
-            telemetry: Arc::new(crate::telemetry::Telemetry::new(audit, spans)),
+            telemetry: Arc::new(telemetry),
             provider,
             own_sockets,
             connections,

@@ -10,7 +10,16 @@ use super::record::Record;
 /// A handle to the log writer thread; cheap to clone, a no-op when logging is off.
 #[derive(Clone, Debug, Default)]
 pub struct Audit {
-    tx: Option<Sender<String>>,
+    tx: Option<Sender<Entry>>,
+}
+
+/// What the writer thread receives: a line, or a request to say when every line sent
+/// before it is written (shutdown: a replica stopped mid-load keeps every line of the
+/// requests it completed).
+#[derive(Debug)]
+enum Entry {
+    Line(String),
+    Flushed(std::sync::mpsc::SyncSender<()>),
 }
 
 impl Audit {
@@ -30,9 +39,17 @@ impl Audit {
         let Anchor(mut prev) = chain_tail(path)?;
         let mut file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
         let key = hmac_key.map(|k| aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &k));
-        let (tx, rx) = channel::<String>();
+        let (tx, rx) = channel::<Entry>();
         std::thread::Builder::new().name("latchkey-audit".into()).spawn(move || {
-            for record in rx {
+            for entry in rx {
+                let record = match entry {
+                    Entry::Line(record) => record,
+                    Entry::Flushed(done) => {
+                        let _ = file.sync_data();
+                        let _ = done.send(());
+                        continue;
+                    }
+                };
                 let mut line = chain(&record, &prev);
                 if let Some(key) = &key {
                     line = sign(&line, key);
@@ -54,8 +71,15 @@ impl Audit {
         if let Some(tx) = &self.tx
             && let Ok(line) = serde_json::to_string(record)
         {
-            let _ = tx.send(line);
+            let _ = tx.send(Entry::Line(line));
         }
+    }
+
+    /// Wait (up to `limit`) until every line logged so far is written and synced.
+    pub fn flush(&self, limit: std::time::Duration) -> bool {
+        let Some(tx) = &self.tx else { return true };
+        let (done, written) = std::sync::mpsc::sync_channel(1);
+        tx.send(Entry::Flushed(done)).is_ok() && written.recv_timeout(limit).is_ok()
     }
 }
 

@@ -59,6 +59,12 @@ pub struct LimitLabels {
     pub limit: &'static str,
 }
 
+/// A shared-state operation (`[cluster]`): admit, spend, revoked...
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -71,6 +77,10 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     pub tokens: Family<TokenLabels, Counter>,
     pub limited: Family<LimitLabels, Counter>,
+    /// `[cluster]`: Redis reachable (1) or not (0), its failures, and the requests an
+    /// open store served under per-replica limits.
+    pub shared: crate::cluster::store::StoreMetrics,
+    pub shared_fallback: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -98,6 +108,8 @@ impl Metrics {
             reloads: Family::default(),
             tokens: Family::default(),
             limited: Family::default(),
+            shared: Default::default(),
+            shared_fallback: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -133,6 +145,17 @@ impl Metrics {
             "rate_limited",
             "Requests refused with 429, by scope (credential|agent), name and limit",
             m.limited.clone(),
+        );
+        registry.register("shared_state_up", "[cluster] Redis answers (1) or not (0)", m.shared.up.clone());
+        registry.register(
+            "shared_state_errors",
+            "[cluster] Redis operations that failed or were not tried while it was down, by op",
+            m.shared.errors.clone(),
+        );
+        registry.register(
+            "shared_state_fallback",
+            "Requests admitted under per-replica limits while Redis was down (on_store_error = \"open\")",
+            m.shared_fallback.clone(),
         );
         Metrics { registry, ..m }
     }

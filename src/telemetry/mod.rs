@@ -14,10 +14,13 @@ pub mod usage;
 pub use pending::Pending;
 pub use record::Record;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 
+use crate::cluster::limits::SharedLimits;
+use crate::cluster::store::Unavailable;
 use crate::config::Config;
 use crate::inject::Slot;
 use crate::limits::{Limiter, Scope};
@@ -32,12 +35,15 @@ pub struct Telemetry {
     /// Rate-limit and token-budget state: spent here from each finished exchange's
     /// usage, checked by [`Telemetry::admit`] before a request goes out.
     pub limits: Limiter,
+    /// `[cluster]`: the same limits kept in Redis for every replica; `limits` then
+    /// serves only while Redis is down with `on_store_error = "open"`.
+    pub shared: Option<Arc<SharedLimits>>,
     pub spans: Option<Exporter>,
 }
 
 impl Telemetry {
     pub fn new(audit: Audit, spans: Option<Exporter>) -> Telemetry {
-        Telemetry { audit, metrics: Metrics::new(), limits: Limiter::default(), spans }
+        Telemetry { audit, metrics: Metrics::new(), limits: Limiter::default(), shared: None, spans }
     }
 
     /// Record one finished exchange everywhere it is counted.
@@ -45,11 +51,12 @@ impl Telemetry {
         self.audit.log(record);
         self.metrics.request(record, upstream);
         if let Some(tokens) = record.usage.as_ref().map(|u| u.total()).filter(|t| *t > 0) {
-            if let Some(c) = &record.credential {
-                self.limits.spend(Scope::Credential, c, tokens);
-            }
-            if let Some(a) = &record.agent {
-                self.limits.spend(Scope::Agent, a, tokens);
+            let named = [(Scope::Credential, &record.credential), (Scope::Agent, &record.agent)];
+            for (scope, name) in named.iter().filter_map(|(s, n)| n.as_ref().map(|n| (*s, n))) {
+                self.limits.spend(scope, name, tokens);
+                if let Some(shared) = &self.shared {
+                    shared.spend(scope, name, tokens);
+                }
             }
         }
         if let (Some(exporter), Some(mut span)) = (&self.spans, span) {
@@ -84,8 +91,9 @@ impl Telemetry {
     }
 
     /// Admit a request under the budgets the decision named (its credential's and its
-    /// agent's limits): 429 beyond them.
-    pub fn admit(&self, policy: &Policy, budgets: Budgets) -> Result<(), Refusal> {
+    /// agent's limits): 429 beyond them. With `[cluster]`, in Redis; while it is down,
+    /// 503 (`closed`) or this replica's own state (`open`).
+    pub async fn admit(&self, policy: &Policy, budgets: Budgets) -> Result<(), Refusal> {
         if budgets.is_empty() {
             return Ok(());
         }
@@ -96,7 +104,18 @@ impl Telemetry {
             .into_iter()
             .chain(agent.map(|a| (Scope::Agent, a.name.as_str(), a.limits)))
             .collect();
-        self.limits.admit(&checks).map_err(|e| {
+        let admitted = match &self.shared {
+            None => self.limits.admit(&checks),
+            Some(shared) => match shared.admit(&checks).await {
+                Ok(answer) => answer,
+                Err(Unavailable) if shared.store().fails_open() => {
+                    self.metrics.shared_fallback.inc();
+                    self.limits.admit(&checks)
+                }
+                Err(Unavailable) => return Err(shared_unavailable(shared.store())),
+            },
+        };
+        admitted.map_err(|e| {
             self.metrics
                 .limited
                 .get_or_create(&metrics::LimitLabels {
@@ -118,6 +137,18 @@ impl Telemetry {
             .retry_after(e.retry_after_secs)
         })
     }
+}
+
+/// 503: the request needs shared state Redis holds, and Redis does not answer.
+fn shared_unavailable(store: &crate::cluster::store::Store) -> Refusal {
+    Refusal::new(
+        RefusalKind::SharedState,
+        format!(
+            "shared state unavailable: the rate limits and budgets are kept in Redis at {}, which does not answer; nothing was sent, retry shortly",
+            store.server()
+        ),
+    )
+    .retry_after(1)
 }
 
 /// The redactors of every credential (only used when spans are exported).

@@ -121,6 +121,11 @@ impl fmt::Display for TokenRefusal {
     }
 }
 
+/// How a revocation list that cannot be read *because Redis does not answer* begins
+/// (`[cluster]`, `crate::cluster::revoked`): such a refusal is a 503 `shared-state`,
+/// not a 403 about the token.
+pub const SHARED_UNAVAILABLE: &str = "shared state unavailable";
+
 /// Revocation ids (lower-case hex, `ID_HEX` long), as read from the `revoked` list.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Revoked(pub HashSet<String>);

@@ -27,6 +27,9 @@ pub struct Snapshot {
     pub revoked: Result<Arc<Revoked>, String>,
 }
 
+/// A revocation list, or why it cannot be read.
+type RevokedList = Result<Arc<Revoked>, String>;
+
 type Stamp = Option<(u64, u64, i64, i64, i64)>;
 
 /// Verified tokens by their text, each with the root key it was verified with.
@@ -39,6 +42,9 @@ pub struct TokenState {
     /// Each entry remembers the root key it was verified with (a rotation mid-request
     /// must not leave a token verified by the old key in the cache).
     cache: Mutex<Cache>,
+    /// The two revocation lists the snapshot's is the union of: the file's, and the
+    /// shared one (`[cluster]`, `crate::cluster::revoked`; `None` without a cluster).
+    lists: Mutex<(RevokedList, Option<RevokedList>)>,
 }
 
 impl std::fmt::Debug for TokenState {
@@ -62,6 +68,7 @@ impl TokenState {
             current: RwLock::new(Arc::new(Snapshot { root: Ok(None), revoked: Ok(Arc::default()) })),
             stamps: Mutex::new((None, None)),
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(CACHE_SIZE).expect("non-zero"))),
+            lists: Mutex::new((Ok(Arc::default()), None)),
         };
         state.refresh(true);
         state
@@ -97,8 +104,13 @@ impl TokenState {
         } else {
             old.root.clone()
         };
-        let revoked =
-            if list_changed { keys::read_revoked(&self.dir).map(Arc::new) } else { old.revoked.clone() };
+        // Held until the snapshot is written: a shared list put in force meanwhile
+        // (`set_shared_revoked`) is not overwritten by a stale union.
+        let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
+        if list_changed {
+            lists.0 = keys::read_revoked(&self.dir).map(Arc::new);
+        }
+        let revoked = union(&lists.0, lists.1.as_ref());
         if key_changed {
             match &root {
                 Ok(Some(k)) => tracing::info!("token root key {k}"),
@@ -107,10 +119,24 @@ impl TokenState {
             }
             self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
-        if list_changed && let Err(e) = &revoked {
+        if list_changed && let Err(e) = &lists.0 {
             tracing::warn!("revocation list unreadable, every token is refused: {e}");
         }
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Snapshot { root, revoked });
+        drop(lists);
+    }
+
+    /// Put the shared revocation list (`[cluster]`) in force beside the file's, or
+    /// why it is unknown (then every token is refused: fail closed).
+    pub fn set_shared_revoked(&self, shared: Result<Arc<Revoked>, String>) {
+        let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
+        if lists.1.as_ref() == Some(&shared) {
+            return;
+        }
+        lists.1 = Some(shared);
+        let revoked = union(&lists.0, lists.1.as_ref());
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        *current = Arc::new(Snapshot { root: current.root.clone(), revoked });
     }
 
     /// Keep the snapshot current: a task that re-reads changed files every `RECHECK`,
@@ -173,6 +199,20 @@ impl TokenState {
     /// Tokens in the cache (for tests and metrics).
     pub fn cached(&self) -> usize {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// The file's list and the shared one together; unknown if either is.
+fn union(
+    file: &Result<Arc<Revoked>, String>,
+    shared: Option<&Result<Arc<Revoked>, String>>,
+) -> Result<Arc<Revoked>, String> {
+    let file = file.clone()?;
+    match shared {
+        None => Ok(file),
+        Some(Err(e)) => Err(e.clone()),
+        Some(Ok(s)) if s.0.is_empty() => Ok(file),
+        Some(Ok(s)) => Ok(Arc::new(Revoked(file.0.union(&s.0).cloned().collect()))),
     }
 }
 

@@ -24,7 +24,7 @@ pub enum Decided {
     Vend(usize),
 }
 
-pub fn decide(
+pub async fn decide(
     telemetry: &Telemetry,
     tokens: &TokenState,
     config: &Config,
@@ -46,7 +46,7 @@ pub fn decide(
         Decision::Pass { reason, budgets } => {
             record.decision = "passed";
             record.reason = Some(reason);
-            telemetry.admit(&config.policy, budgets)?;
+            telemetry.admit(&config.policy, budgets).await?;
             Ok(Decided::Forward(None))
         }
         Decision::Inject { credential, captures, budgets, token } => {
@@ -55,7 +55,7 @@ pub fn decide(
                 // The scoped token the decision accepted, by id (never the token).
                 record.reason = Some(format!("token {id}").into());
             }
-            telemetry.admit(&config.policy, budgets)?;
+            telemetry.admit(&config.policy, budgets).await?;
             Ok(Decided::Forward(Some(Chosen { index: credential, captures })))
         }
         Decision::Vend { credential } => Ok(Decided::Vend(credential)),

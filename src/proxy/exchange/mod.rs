@@ -71,8 +71,8 @@ async fn exchange(
         // Policy, injection and the log see the WebSocket handshake as what it is: a GET.
         parts.method = Method::GET;
     }
-    let chosen = match decide::decide(&proxy.telemetry, &proxy.tokens, config, route, &parts, &mut x.record)?
-    {
+    let decided = decide::decide(&proxy.telemetry, &proxy.tokens, config, route, &parts, &mut x.record);
+    let chosen = match decided.await? {
         Decided::Vend(credential) => {
             return decide::vended(config, credential, &mut x.record).map(Answer::Local);
         }
