@@ -26,16 +26,18 @@ pub const BUILDERS: &[(&str, Builder)] = &[
     ("mtls", super::mtls::build),
     ("aws_sigv4", super::sigv4::build),
     ("gcp", super::gcp::build),
+    ("oauth2_client_credentials", super::oauth2::build),
 ];
 
 /// The builder for `auth_type`, or the error naming the ones there are.
 pub fn builder(auth_type: &str) -> Result<Builder, BuildError> {
     BUILDERS.iter().find(|(name, _)| *name == auth_type).map(|(_, b)| *b).ok_or_else(|| {
-        BuildError::new(
-            "auth_type",
-            format!("{auth_type:?}: expected header, bearer, basic, query, mtls or aws_sigv4"),
-        )
+        BuildError::new("auth_type", format!("{auth_type:?}: expected one of {}", names().join(", ")))
     })
+}
+
+fn names() -> Vec<&'static str> {
+    BUILDERS.iter().map(|(name, _)| *name).collect()
 }
 
 /// What a builder makes.

@@ -12,6 +12,7 @@ pub mod gcp;
 pub mod header;
 pub mod mint;
 pub mod mtls;
+pub mod oauth2;
 pub mod query;
 pub mod sigv4;
 
