@@ -181,6 +181,10 @@ impl Default for RawLimits {
 pub struct RawUpstream {
     pub ca_file: Option<String>,
     pub resolve: IndexMap<String, String>,
+    /// `http://[USER:PASS@]HOST:PORT`: a corporate proxy every upstream connection goes through.
+    pub proxy: Option<String>,
+    /// Destinations reached directly, not through `proxy` (host patterns).
+    pub no_proxy: Vec<String>,
 }
 
 #[derive(Deserialize, Debug)]
