@@ -27,6 +27,7 @@ pub const BUILDERS: &[(&str, Builder)] = &[
     ("aws_sigv4", super::sigv4::build),
     ("gcp", super::gcp::build),
     ("oauth2_client_credentials", super::oauth2::build),
+    ("github_app", super::github_app::build),
 ];
 
 /// The builder for `auth_type`, or the error naming the ones there are.

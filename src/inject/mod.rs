@@ -9,6 +9,7 @@
 
 pub mod build;
 pub mod gcp;
+pub mod github_app;
 pub mod header;
 pub mod mint;
 pub mod mtls;
