@@ -171,10 +171,10 @@ pub fn build(c: &RawCredential, sources: &mut Sources<'_>) -> Result<Built, Buil
         c.installation_id.ok_or_else(|| BuildError::new("installation_id", "required (an integer)"))?;
     let primary = sources.source("private_key", c.private_key.as_ref())?;
     let private_key = sources.resolve_or_unset(&primary);
-    if let Some(pem) = private_key.get(&[]).filter(|_| sources.state == crate::policy::CredState::Active) {
-        if let Err(e) = mint::rsa_key(pem.expose()) {
-            sources.failed(format!("private_key: {e}"));
-        }
+    if let Some(pem) = private_key.get(&[]).filter(|_| sources.state == crate::policy::CredState::Active)
+        && let Err(e) = mint::rsa_key(pem.expose())
+    {
+        sources.failed(format!("private_key: {e}"));
     }
     let mut narrowing = serde_json::Map::new();
     if let Some(repos) = &c.repositories {

@@ -43,10 +43,11 @@ pub fn prepare(parts: &mut Parts, route: &Route, config: &Config) -> Result<bool
 /// hop-by-hop headers).
 fn proxy_authorization(parts: &mut Parts, route: &Route, config: &Config) {
     let Some(proxy) = config.upstream.proxy.as_ref() else { return };
-    if route.scheme == http::uri::Scheme::HTTP && proxy.applies(&route.dest) {
-        if let Some(value) = proxy.authorization() {
-            parts.headers.insert(header::PROXY_AUTHORIZATION, value);
-        }
+    if route.scheme == http::uri::Scheme::HTTP
+        && proxy.applies(&route.dest)
+        && let Some(value) = proxy.authorization()
+    {
+        parts.headers.insert(header::PROXY_AUTHORIZATION, value);
     }
 }
 
