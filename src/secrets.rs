@@ -416,6 +416,11 @@ impl KeyringSecret {
         self.state
             .refresh(KEYRING_RECHECK, move |_| match read_keyring(&service, &account) {
                 Resolved::Ready(SecretValue::Static(s)) => Some(Some(s)),
+                Resolved::Missing(why) | Resolved::Failed(why) => {
+                    // The request only says the credential cannot be used; the cause is here.
+                    tracing::warn!("{why}: requests that need it get 502 until it can be read");
+                    Some(None)
+                }
                 _ => Some(None),
             })
             .await

@@ -269,3 +269,47 @@ fn plain_http_goes_to_squid_in_absolute_form_with_the_proxy_password() {
     assert!(access.contains(&format!("GET {url}")) && access.contains(PROXY_USER), "{access}");
     assert!(!lk.stderr().contains(PROXY_PASSWORD) && !request_log(&lk).contains(PROXY_PASSWORD));
 }
+
+#[test]
+fn token_endpoints_go_through_squid_too() {
+    // The OAuth2 stand-in serves both the token endpoint (other.example.com) and the API.
+    let squid = squid(false);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("up.crt"), dir.path().join("up.key"));
+    std::fs::write(&cert, &pki().cert_pem).unwrap();
+    std::fs::write(&key, &pki().key_pem).unwrap();
+    let mut cmd = py("oauth2_server.py");
+    cmd.args([&cert, &key]).args([
+        "svc-client",
+        "cs-secret",
+        "read",
+        "3600",
+        "0",
+        "client_secret_basic",
+        "-",
+    ]);
+    let (_server, addr) = python_upstream(cmd);
+    let port = free_port();
+    let body = format!(
+        "proxy = \"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{}\"\n#END-UPSTREAM\n\
+         [credentials.things]\nauth_type = \"oauth2_client_credentials\"\ntoken_url = \"https://other.example.com/oauth/token\"\n\
+         client_id = \"svc-client\"\nclient_secret = \"${{OAUTH_SECRET}}\"\nscopes = [\"read\"]\ndomains = [\"api.example.com\"]\n",
+        squid.port
+    );
+    let config = write_config(dir.path(), port, Some(addr), &body);
+    let lk = Latchkey::spawn(dir, port, config, &[("OAUTH_SECRET", "cs-secret")]);
+    let (code, text) = lk.curl(&["https://api.example.com/v1/x"]);
+    assert_eq!(code, 200, "{text}\n{}", lk.stderr());
+    assert_eq!(json(&text)["token_requests"], 1);
+    drop(lk);
+    let target = format!("CONNECT 127.0.0.1:{}", addr.port());
+    let access = squid.wait_log(&target);
+    // One tunnel for the token endpoint, one for the API (never shared across hosts).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut access = access;
+    while access.matches(&target).count() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        access = squid.access_log();
+    }
+    assert_eq!(access.matches(&target).count(), 2, "{access}");
+}

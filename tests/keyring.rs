@@ -106,6 +106,7 @@ fn a_keyring_secret_is_injected_and_a_locked_keyring_is_a_502() {
     let (code, text) = lk.curl(&["https://api.example.com/locked"]);
     assert_eq!(code, 502, "a locked keyring fails closed: {text}");
     assert!(text.contains("credential api"), "{text}");
+    assert!(lk.stderr().contains("keyring entry latchkey-test/api"), "the cause is logged: {}", lk.stderr());
     assert!(!lk.stderr().contains(SECRET), "the value is never logged");
     assert_eq!(up.count(), 1, "nothing went upstream after the lock");
 }
