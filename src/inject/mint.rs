@@ -209,3 +209,30 @@ pub fn unix_now() -> Result<u64, MintError> {
     use std::time::{SystemTime, UNIX_EPOCH};
     Ok(SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_lived_tokens_refresh_at_half_life() {
+        assert_eq!(margin(Duration::from_secs(3600)), MARGIN);
+        assert_eq!(margin(Duration::from_secs(301)), MARGIN);
+        assert_eq!(margin(Duration::from_secs(300)), Duration::from_secs(150));
+        assert_eq!(margin(Duration::from_secs(2)), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn token_errors_name_the_endpoint_and_a_code_never_an_echo() {
+        let url = "https://auth.example.com/token";
+        let e = access_token(url, 401, br#"{"error":"invalid_client"}"#).unwrap_err().0;
+        assert_eq!(e, "the token endpoint https://auth.example.com/token answered 401 (invalid_client)");
+        let e = access_token(url, 400, br#"{"error":"bad secret=cs-123 echoed"}"#).unwrap_err().0;
+        assert!(!e.contains("cs-123"), "{e}");
+        let e = access_token(url, 200, br#"{"access_token":"t","token_type":"mac"}"#).unwrap_err().0;
+        assert!(e.contains("bearer tokens only"), "{e}");
+        let (t, life) =
+            access_token(url, 200, br#"{"access_token":"t","token_type":"bearer","expires_in":60}"#).unwrap();
+        assert_eq!((t.expose(), life), ("t", Duration::from_secs(60)));
+    }
+}
