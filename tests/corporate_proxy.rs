@@ -313,3 +313,16 @@ fn token_endpoints_go_through_squid_too() {
     }
     assert_eq!(access.matches(&target).count(), 2, "{access}");
 }
+
+#[test]
+fn the_ssrf_rule_holds_before_the_proxy_is_asked() {
+    let up = upstream(true, None);
+    let squid = squid(false);
+    let lk = latchkey_via(&up, &squid, PROXY_PASSWORD, "");
+    // localhost resolves (for latchkey) to loopback: refused before any CONNECT is sent.
+    let text = curl_i(&lk, "https://localhost:4443/");
+    assert!(text.contains("403") && text.to_ascii_lowercase().contains("x-latchkey-error: ssrf"), "{text}");
+    drop(lk);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!squid.access_log().contains("localhost"), "{}", squid.access_log());
+}
