@@ -31,6 +31,13 @@ command -v kubectl >/dev/null || command -v kustomize >/dev/null || need_apt+=(k
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 # Many replicas, one state (tests/cluster.rs): the tests start their own redis-server.
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+# Issue 19: squid as the corporate proxy (tests/corporate_proxy.rs; openssl makes its
+# password file), gnome-keyring + secret-tool under dbus-run-session (tests/keyring.rs).
+command -v squid >/dev/null || need_apt+=(squid-openssl)
+command -v openssl >/dev/null || need_apt+=(openssl)
+command -v gnome-keyring-daemon >/dev/null || need_apt+=(gnome-keyring)
+command -v secret-tool >/dev/null || need_apt+=(libsecret-tools)
+command -v dbus-run-session >/dev/null || need_apt+=(dbus-daemon)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi

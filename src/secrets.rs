@@ -226,6 +226,8 @@ pub enum SecretValue {
     File(Arc<WatchedFile>),
     /// `value_command` with `value_command_ttl`: run again once its output is that old.
     Command(Arc<CommandSecret>),
+    /// `value_keyring`: read again from the OS keyring every `KEYRING_RECHECK`.
+    Keyring(Arc<KeyringSecret>),
 }
 
 impl SecretValue {
@@ -236,6 +238,7 @@ impl SecretValue {
             SecretValue::Dynamic { template, vars } => template.render_dynamic(vars, captures),
             SecretValue::File(f) => f.get(),
             SecretValue::Command(c) => c.get(),
+            SecretValue::Keyring(k) => k.state.current(KEYRING_RECHECK),
         }
     }
 
@@ -252,6 +255,7 @@ impl SecretValue {
             SecretValue::Dynamic { vars, .. } => vars.values().cloned().collect(),
             SecretValue::File(f) => f.state.last_good().into_iter().collect(),
             SecretValue::Command(c) => c.state.last_good().into_iter().collect(),
+            SecretValue::Keyring(k) => k.state.last_good().into_iter().collect(),
         }
     }
 
@@ -261,6 +265,7 @@ impl SecretValue {
         match self {
             SecretValue::File(f) => f.ensure().await,
             SecretValue::Command(c) => c.ensure().await,
+            SecretValue::Keyring(k) => k.ensure().await,
             SecretValue::Static(_) | SecretValue::Dynamic { .. } => {}
         }
     }
@@ -387,6 +392,88 @@ impl CommandSecret {
     }
 }
 
+/// How long a keyring read is trusted: a locked keyring or a removed entry takes
+/// effect within this time, without a D-Bus round trip on every request.
+pub const KEYRING_RECHECK: Duration = Duration::from_secs(2);
+
+/// A keyring read that hangs (a keyring waiting on an unlock prompt nobody answers)
+/// counts as failed after this long.
+const KEYRING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A secret in the OS keyring (Secret Service on Linux, Keychain on macOS), re-read
+/// every `KEYRING_RECHECK`; a failed read (locked keyring, D-Bus gone, entry removed)
+/// leaves no value, so requests get 502 instead of a stale secret.
+#[derive(Debug)]
+pub struct KeyringSecret {
+    service: String,
+    account: String,
+    state: Arc<Refreshed>,
+}
+
+impl KeyringSecret {
+    pub async fn ensure(&self) {
+        let (service, account) = (self.service.clone(), self.account.clone());
+        self.state
+            .refresh(KEYRING_RECHECK, move |_| match read_keyring(&service, &account) {
+                Resolved::Ready(SecretValue::Static(s)) => Some(Some(s)),
+                Resolved::Missing(why) | Resolved::Failed(why) => {
+                    // The request only says the credential cannot be used; the cause is here.
+                    tracing::warn!("{why}: requests that need it get 502 until it can be read");
+                    Some(None)
+                }
+                _ => Some(None),
+            })
+            .await
+    }
+}
+
+/// One read of `service`/`account` (blocking, on its own thread so that a keyring
+/// that never answers cannot hold the caller past `KEYRING_TIMEOUT`).
+fn read_keyring(service: &str, account: &str) -> Resolved {
+    let name = format!("keyring entry {service}/{account}");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (svc, acct) = (service.to_string(), account.to_string());
+    std::thread::spawn(move || {
+        let read = keyring::Entry::new(&svc, &acct).and_then(|e| e.get_password()).map(Secret::new);
+        let _ = tx.send(read);
+    });
+    match rx.recv_timeout(KEYRING_TIMEOUT) {
+        Ok(Ok(secret)) => Resolved::Ready(SecretValue::Static(secret)),
+        Ok(Err(keyring::Error::NoEntry)) => Resolved::Missing(format!("no {name}")),
+        Ok(Err(e)) => Resolved::Failed(format!("{name}: {}", keyring_error(&e))),
+        Err(_) => Resolved::Failed(format!(
+            "{name}: the keyring did not answer within {} s",
+            KEYRING_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// A keyring error in words, never the entry's value.
+fn keyring_error(e: &keyring::Error) -> String {
+    match e {
+        keyring::Error::NoStorageAccess(inner) => format!("the keyring cannot be used (locked?): {inner}"),
+        keyring::Error::PlatformFailure(inner) => format!("the keyring failed: {inner}"),
+        keyring::Error::BadEncoding(_) => "the value is not UTF-8".into(),
+        other => other.to_string(),
+    }
+}
+
+/// `value_keyring = "SERVICE/ACCOUNT"` read now: missing entry = inactive, any other
+/// failure = failed.
+fn open_keyring(service: &str, account: &str) -> Resolved {
+    match read_keyring(service, account) {
+        Resolved::Ready(SecretValue::Static(secret)) => {
+            let k = KeyringSecret {
+                service: service.to_string(),
+                account: account.to_string(),
+                state: Arc::new(Refreshed::new(Some(secret))),
+            };
+            Resolved::Ready(SecretValue::Keyring(Arc::new(k)))
+        }
+        other => other,
+    }
+}
+
 /// How long a `value_file` check is trusted: a rotated, removed or unreadable file
 /// takes effect within this time, without a `stat` on every request.
 pub const FILE_RECHECK: Duration = Duration::from_secs(1);
@@ -482,6 +569,11 @@ pub enum Source {
         sealed: Box<crate::seal::Sealed>,
         key_dir: PathBuf,
     },
+    /// `value_keyring = "SERVICE/ACCOUNT"`.
+    Keyring {
+        service: String,
+        account: String,
+    },
 }
 
 /// `value_command`: argv, how long its output is used (None: for ever), and the names
@@ -535,6 +627,7 @@ impl Source {
                 }
             }
             Source::Sealed { sealed, key_dir } => open_sealed(sealed, key_dir),
+            Source::Keyring { service, account } => open_keyring(service, account),
         }
     }
 
@@ -547,6 +640,7 @@ impl Source {
                 format!("command {}", spec.argv.first().map(String::as_str).unwrap_or(""))
             }
             Source::Sealed { sealed, .. } => format!("sealed for {}", sealed.hosts.join(", ")),
+            Source::Keyring { service, account } => format!("keyring {service}/{account}"),
         }
     }
 }

@@ -114,6 +114,8 @@ pub struct UpstreamSettings {
     pub ca_file: Option<PathBuf>,
     /// `host:port` → address, like curl --resolve.
     pub resolve: HashMap<Destination, SocketAddr>,
+    /// `proxy` and `no_proxy`: the corporate proxy upstream connections go through.
+    pub proxy: Option<std::sync::Arc<crate::proxy::corporate::CorporateProxy>>,
 }
 
 /// A credential as the proxy uses it. Its routing lives in `policy.credentials[i]`.
@@ -771,7 +773,17 @@ impl Compiler<'_> {
                 v.parse().map_err(|_| e(format!("{k:?} = {v:?}: the value must be ip:port")))?;
             resolve.insert(dest, addr);
         }
-        Ok(UpstreamSettings { ca_file: u.ca_file.as_deref().map(expand_home), resolve })
+        let proxy = match &u.proxy {
+            Some(url) => Some(std::sync::Arc::new(
+                crate::proxy::corporate::CorporateProxy::parse(url, &u.no_proxy)
+                    .map_err(|m| self.err(&["upstream"], None, "proxy", m))?,
+            )),
+            None if !u.no_proxy.is_empty() => {
+                return Err(self.err(&["upstream"], None, "no_proxy", "no_proxy needs proxy"));
+            }
+            None => None,
+        };
+        Ok(UpstreamSettings { ca_file: u.ca_file.as_deref().map(expand_home), resolve, proxy })
     }
 
     fn credential(

@@ -203,6 +203,10 @@ impl Default for RawLimits {
 pub struct RawUpstream {
     pub ca_file: Option<String>,
     pub resolve: IndexMap<String, String>,
+    /// `http://[USER:PASS@]HOST:PORT`: a corporate proxy every upstream connection goes through.
+    pub proxy: Option<String>,
+    /// Destinations reached directly, not through `proxy` (host patterns).
+    pub no_proxy: Vec<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -288,6 +292,22 @@ pub struct RawCredential {
     /// Credentials discovery), and the OAuth2 scopes to ask for.
     pub credentials_file: Option<String>,
     pub scopes: Vec<String>,
+    /// oauth2_client_credentials: the token endpoint, the client, its secret (a secret
+    /// source), the audience asked for and how the client authenticates.
+    pub token_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    pub audience: Option<String>,
+    pub token_endpoint_auth_method: Option<String>,
+    /// github_app: the app, its installation, its private key (PEM, a secret source),
+    /// and what each minted installation token is narrowed to.
+    pub app_id: Option<u64>,
+    pub installation_id: Option<u64>,
+    pub private_key: Option<String>,
+    pub repositories: Option<Vec<String>>,
+    pub permissions: Option<IndexMap<String, String>>,
+    /// A secret in the OS keyring: `"SERVICE/ACCOUNT"`.
+    pub value_keyring: Option<String>,
     /// Limits on this credential (see `crate::limits`).
     pub requests_per_minute: Option<u32>,
     pub tokens_per_day: Option<u64>,

@@ -266,3 +266,46 @@ fn cluster_from_the_environment() {
     let e = compile("", None, &vars("http://x"), &[]).unwrap_err().to_string();
     assert!(e.contains("LATCHKEY_REDIS") && e.contains("not a Redis URL"), "{e}");
 }
+
+/// Issue 19's keys: errors name file:line:column and the key, and never repeat a
+/// proxy password.
+#[test]
+fn minted_credentials_keyring_and_proxy_errors_point_at_the_key() {
+    let oauth = "[credentials.o]\nauth_type = \"oauth2_client_credentials\"\nclient_id = \"c\"\nclient_secret = \"${S}\"\ndomains = [\"a.com\"]\n";
+    let e = err(oauth);
+    assert!(e.contains("credentials.o.token_url: required"), "{e}");
+    let e = err(&oauth.replace("client_id", "token_url = \"http://auth.a.com/t\"\nclient_id"));
+    assert!(e.contains("credentials.o.token_url: ") && e.contains("https://"), "{e}");
+    let e = err(&oauth.replace(
+        "client_id",
+        "token_url = \"https://auth.a.com/t\"\ntoken_endpoint_auth_method = \"jwt\"\nclient_id",
+    ));
+    assert!(
+        e.contains("credentials.o.token_endpoint_auth_method: ") && e.contains("client_secret_post"),
+        "{e}"
+    );
+    let e = err(
+        "[credentials.g]\nauth_type = \"github_app\"\ninstallation_id = 1\nvalue = \"x\"\ndomains = [\"github.com\"]\n",
+    );
+    assert!(e.contains("credentials.g.value: github_app mints its own tokens"), "{e}");
+    let e = err(
+        "[credentials.g]\nauth_type = \"github_app\"\ninstallation_id = 1\nprivate_key = \"${K}\"\ndomains = [\"github.com\"]\n",
+    );
+    assert!(e.contains("credentials.g.app_id: required"), "{e}");
+    let e =
+        err("[credentials.k]\nauth_type = \"bearer\"\nvalue_keyring = \"no-slash\"\ndomains = [\"a.com\"]\n");
+    assert!(e.contains("credentials.k.value_keyring: ") && e.contains("SERVICE/ACCOUNT"), "{e}");
+    let e = err("[upstream]\nproxy = \"https://u:hunter2@proxy:3128\"\n");
+    assert!(
+        e.starts_with("/etc/latchkey.toml:") && e.contains("upstream.proxy: must be an http:// URL"),
+        "{e}"
+    );
+    assert!(!e.contains("hunter2"), "{e}");
+    let e = err("[upstream]\nproxy = \"http://u:hunter2@proxy\"\n");
+    assert!(e.contains("upstream.proxy: ") && e.contains("port") && !e.contains("hunter2"), "{e}");
+    let e = err("[upstream]\nno_proxy = [\".corp\"]\n");
+    assert!(e.contains("upstream.no_proxy: no_proxy needs proxy"), "{e}");
+    let c = compile_str("[upstream]\nproxy = \"http://u:hunter2@proxy.corp:3128\"\nno_proxy = [\".corp\"]\n")
+        .unwrap();
+    assert!(!format!("{:?}", c.upstream).contains("hunter2"));
+}

@@ -26,16 +26,19 @@ pub const BUILDERS: &[(&str, Builder)] = &[
     ("mtls", super::mtls::build),
     ("aws_sigv4", super::sigv4::build),
     ("gcp", super::gcp::build),
+    ("oauth2_client_credentials", super::oauth2::build),
+    ("github_app", super::github_app::build),
 ];
 
 /// The builder for `auth_type`, or the error naming the ones there are.
 pub fn builder(auth_type: &str) -> Result<Builder, BuildError> {
     BUILDERS.iter().find(|(name, _)| *name == auth_type).map(|(_, b)| *b).ok_or_else(|| {
-        BuildError::new(
-            "auth_type",
-            format!("{auth_type:?}: expected header, bearer, basic, query, mtls or aws_sigv4"),
-        )
+        BuildError::new("auth_type", format!("{auth_type:?}: expected one of {}", names().join(", ")))
     })
+}
+
+fn names() -> Vec<&'static str> {
+    BUILDERS.iter().map(|(name, _)| *name).collect()
 }
 
 /// What a builder makes.
@@ -126,23 +129,30 @@ impl<'a> Sources<'a> {
     /// `value_command` and `sealed`.
     pub fn source(&self, value_key: &'static str, value: Option<&String>) -> Result<Source, BuildError> {
         let c = self.raw;
-        let given = [value.is_some(), c.value_file.is_some(), c.value_command.is_some(), c.sealed.is_some()];
+        let given = [
+            value.is_some(),
+            c.value_file.is_some(),
+            c.value_command.is_some(),
+            c.sealed.is_some(),
+            c.value_keyring.is_some(),
+        ];
+        let keys = format!("`{value_key}`, `value_file`, `value_command`, `value_keyring`, `sealed`");
         match given.iter().filter(|g| **g).count() {
             1 => {}
-            0 => {
-                let msg = format!("set one of `{value_key}`, `value_file`, `value_command`, `sealed`");
-                return Err(BuildError::new(value_key, msg));
-            }
-            _ => {
-                let msg = format!("set only one of `{value_key}`, `value_file`, `value_command`, `sealed`");
-                return Err(BuildError::new(value_key, msg));
-            }
+            0 => return Err(BuildError::new(value_key, format!("set one of {keys}"))),
+            _ => return Err(BuildError::new(value_key, format!("set only one of {keys}"))),
         }
         Ok(if let Some(v) = value {
             Source::Value(self.template(value_key, v)?)
         } else if let Some(blob) = &c.sealed {
             let sealed = crate::seal::parse(blob).map_err(|x| BuildError::new("sealed", x.to_string()))?;
             Source::Sealed { sealed: Box::new(sealed), key_dir: self.key_dir.to_path_buf() }
+        } else if let Some(entry) = &c.value_keyring {
+            let (service, account) =
+                entry.split_once('/').filter(|(s, a)| !s.is_empty() && !a.is_empty()).ok_or_else(|| {
+                    BuildError::new("value_keyring", format!("{entry:?}: write \"SERVICE/ACCOUNT\""))
+                })?;
+            Source::Keyring { service: service.into(), account: account.into() }
         } else if let Some(f) = &c.value_file {
             Source::File(crate::config::expand_home(f))
         } else {

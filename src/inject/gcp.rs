@@ -6,15 +6,13 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
-use http::header::{AUTHORIZATION, HeaderValue};
+use http::header::AUTHORIZATION;
 use http::request::Parts;
 
 use super::build::{BuildError, Built, Sources};
-use super::mint::{MintError, TokenCache, TokenHttp, TokenRequest};
+use super::mint::{self, MintError, TokenCache, TokenHttp, TokenRequest};
 use super::{Hook, InjectError, Injector, Slot, Vended};
 use crate::config::raw::RawCredential;
 use crate::policy::{Destination, Endpoint, Host, RequestHead};
@@ -61,10 +59,7 @@ impl TokenSource {
         let grant = match json["type"].as_str() {
             Some("service_account") => {
                 let pem = zeroize::Zeroizing::new(field("private_key")?);
-                let der =
-                    pem_body(&pem).ok_or_else(|| format!("{}: private_key is not PEM", path.display()))?;
-                let key = aws_lc_rs::signature::RsaKeyPair::from_pkcs8(&der)
-                    .map_err(|e| format!("{}: private_key: {e}", path.display()))?;
+                let key = mint::rsa_key(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
                 Grant::ServiceAccount { client_email: field("client_email")?, key }
             }
             Some("authorized_user") => Grant::AuthorizedUser {
@@ -106,34 +101,16 @@ impl TokenSource {
             ),
         };
         let (status, body) = http.post(TokenRequest::form(&self.token_uri, form)).await?;
-        if status != 200 {
-            return Err(format!("the token endpoint answered {status}").into());
-        }
-        let json: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|_| "the token endpoint sent no JSON".to_string())?;
-        let token = json["access_token"].as_str().ok_or("no access_token in the token response")?;
-        let lifetime = Duration::from_secs(json["expires_in"].as_u64().unwrap_or(3600));
-        Ok((Secret::new(token.to_string()), lifetime))
+        mint::access_token(&self.token_uri, status, &body)
     }
 
     fn jwt(&self, client_email: &str, key: &aws_lc_rs::signature::RsaKeyPair) -> Result<String, MintError> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs();
-        let header = B64URL.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
+        let now = mint::unix_now()?;
         let claims = serde_json::json!({
             "iss": client_email, "scope": self.scope, "aud": self.token_uri, "iat": now, "exp": now + 3600,
         });
-        let signing_input = format!("{header}.{}", B64URL.encode(claims.to_string()));
-        let mut sig = vec![0u8; key.public_modulus_len()];
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        key.sign(&aws_lc_rs::signature::RSA_PKCS1_SHA256, &rng, signing_input.as_bytes(), &mut sig)
-            .map_err(|_| "signing the JWT failed".to_string())?;
-        Ok(format!("{signing_input}.{}", B64URL.encode(sig)))
+        mint::rs256_jwt(&claims, key)
     }
-}
-
-fn pem_body(pem: &str) -> Option<Vec<u8>> {
-    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()
 }
 
 /// Where Application Default Credentials live when `credentials_file` is not set.
@@ -156,12 +133,7 @@ impl Injector for GcpInjector {
     fn inject(&self, parts: &mut Parts, _: &[(String, String)], _: Option<&[u8]>) -> Result<(), InjectError> {
         let token =
             self.source.current().ok_or_else(|| InjectError::Unavailable("no valid access token".into()))?;
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
-            .map_err(|_| InjectError::Unavailable("the token is not a valid header value".into()))?;
-        value.set_sensitive(true);
-        while parts.headers.remove(AUTHORIZATION).is_some() {}
-        parts.headers.insert(AUTHORIZATION, value);
-        Ok(())
+        mint::write_authorization(parts, &format!("Bearer {}", token.expose()))
     }
 
     fn refresh<'a>(&'a self, http: &'a dyn TokenHttp) -> Hook<'a, Result<(), InjectError>> {
@@ -173,10 +145,7 @@ impl Injector for GcpInjector {
     }
 
     fn renew<'a>(&'a self, http: &'a dyn TokenHttp) -> Hook<'a, bool> {
-        Box::pin(async move {
-            let used = self.source.current();
-            self.source.ensure(http, used.as_ref()).await.is_ok()
-        })
+        Box::pin(self.source.cache.renew(|| self.source.fetch(http)))
     }
 
     fn vend(&self) -> Option<Vended> {

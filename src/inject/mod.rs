@@ -9,9 +9,11 @@
 
 pub mod build;
 pub mod gcp;
+pub mod github_app;
 pub mod header;
 pub mod mint;
 pub mod mtls;
+pub mod oauth2;
 pub mod query;
 pub mod sigv4;
 

@@ -65,6 +65,7 @@ impl Generation {
                 tls_h1: tokio_rustls::TlsConnector::from(Arc::new(h1_only(&tls))),
                 tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
                 alpn: Default::default(),
+                proxy: config.upstream.proxy.clone(),
             })
         };
         let default = dialer(upstream::client_tls(provider.clone(), ca_file, None)?);

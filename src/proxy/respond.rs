@@ -134,7 +134,9 @@ pub fn upstream_refusal(e: &UpstreamError) -> Refusal {
         UpstreamError::Refused { .. } => RefusalKind::Ssrf,
         UpstreamError::Tls { .. } | UpstreamError::NoCommonProtocol { .. } => RefusalKind::UpstreamTls,
         UpstreamError::Timeout { .. } => RefusalKind::UpstreamTimeout,
-        UpstreamError::Resolve { .. } | UpstreamError::Connect { .. } => RefusalKind::UpstreamUnreachable,
+        UpstreamError::Resolve { .. } | UpstreamError::Connect { .. } | UpstreamError::Proxy { .. } => {
+            RefusalKind::UpstreamUnreachable
+        }
         UpstreamError::Busy { .. } => {
             return Refusal::new(RefusalKind::UpstreamBusy, e.to_string()).retry_after(1);
         }

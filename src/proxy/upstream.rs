@@ -51,6 +51,12 @@ pub enum UpstreamError {
     Timeout {
         host: String,
     },
+    /// The corporate proxy (`[upstream] proxy`) could not be reached or refused the tunnel.
+    Proxy {
+        proxy: String,
+        host: String,
+        why: String,
+    },
     /// No upstream connection may be opened now: a `[proxy.limits]` budget is spent.
     Busy {
         host: String,
@@ -69,6 +75,9 @@ impl std::fmt::Display for UpstreamError {
             UpstreamError::Connect { host, why } => write!(f, "cannot connect to {host}: {why}"),
             UpstreamError::Tls { host, why } => write!(f, "TLS with {host} failed: {why}"),
             UpstreamError::Timeout { host } => write!(f, "{host} did not answer in time"),
+            UpstreamError::Proxy { proxy, host, why } => {
+                write!(f, "cannot reach {host} through the upstream proxy {proxy}: {why}")
+            }
             UpstreamError::Busy { host, what } => write!(
                 f,
                 "no connection to {host} could be opened: too many upstream connections open ([proxy.limits] {what}); try again"
@@ -97,6 +106,8 @@ pub struct Dialer {
     pub tls_h1: TlsConnector,
     /// Destinations that answered an HTTP/1.1-only offer with no protocol.
     pub alpn: AlpnMemo,
+    /// `[upstream] proxy`: the corporate proxy connections leave through.
+    pub proxy: Option<Arc<super::corporate::CorporateProxy>>,
 }
 
 /// What a destination did when offered HTTP/1.1 only.
@@ -193,8 +204,48 @@ impl Dialer {
         Ok(())
     }
 
-    /// TCP to the first checked address that answers.
+    /// The corporate proxy a connection to `dest` goes through, if any.
+    fn proxy_for(&self, dest: &Destination) -> Option<&super::corporate::CorporateProxy> {
+        self.proxy.as_deref().filter(|p| p.applies(dest))
+    }
+
+    /// What to CONNECT to through the corporate proxy, after the same SSRF check as a
+    /// direct connection: an `[upstream.resolve]` override's address, else the name
+    /// (the proxy resolves it; a name latchkey cannot resolve itself, common behind
+    /// corporate proxies, is left to the proxy).
+    async fn proxy_target(&self, dest: &Destination) -> Result<String, UpstreamError> {
+        if let Some(addr) = self.resolve.get(dest) {
+            self.check_own(&dest.to_string(), *addr)?;
+            return Ok(addr.to_string());
+        }
+        match self.addresses(dest).await {
+            Ok(_) | Err(UpstreamError::Resolve { .. }) => Ok(dest.to_string()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A tunnel to `dest` through the corporate proxy, within the connect timeout.
+    async fn connect_proxied(
+        &self,
+        proxy: &super::corporate::CorporateProxy,
+        dest: &Destination,
+    ) -> Result<TcpStream, UpstreamError> {
+        let host = dest.to_string();
+        let attempt = async {
+            let target = self.proxy_target(dest).await?;
+            proxy.tunnel(&target, &host).await
+        };
+        tokio::time::timeout(self.connect_timeout, attempt)
+            .await
+            .map_err(|_| UpstreamError::Timeout { host })?
+    }
+
+    /// TCP to the first checked address that answers (a tunnel through the corporate
+    /// proxy when there is one).
     pub async fn connect_tcp(&self, dest: &Destination) -> Result<TcpStream, UpstreamError> {
+        if let Some(proxy) = self.proxy_for(dest) {
+            return self.connect_proxied(proxy, dest).await;
+        }
         let host = dest.to_string();
         let addrs = self.addresses(dest).await?;
         let attempt = async {
@@ -282,6 +333,7 @@ impl Dialer {
                 io: TokioIo::new(Stream::Plain(tcp)),
                 h2: false,
                 no_alpn: false,
+                proxied: false,
                 _permit: permit,
             });
         }
@@ -298,11 +350,47 @@ impl Dialer {
                 Some(rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)) => {
                     UpstreamError::NoCommonProtocol { host: host.clone() }
                 }
-                _ => UpstreamError::Tls { host, why: tls_cause(&e) },
+                _ => UpstreamError::Tls { why: self.tls_cause_via(&dest, &e), host },
             })?;
         let alpn = stream.get_ref().1.alpn_protocol();
         let (h2, no_alpn) = (alpn == Some(b"h2"), alpn.is_none());
-        Ok(UpstreamIo { io: TokioIo::new(Stream::Tls(Box::new(stream))), h2, no_alpn, _permit: permit })
+        Ok(UpstreamIo {
+            io: TokioIo::new(Stream::Tls(Box::new(stream))),
+            h2,
+            no_alpn,
+            proxied: false,
+            _permit: permit,
+        })
+    }
+
+    /// A TLS failure, naming the corporate proxy when the connection went through one
+    /// (a proxy that intercepts TLS shows up here: its CA is never trusted).
+    fn tls_cause_via(&self, dest: &Destination, e: &io::Error) -> String {
+        match self.proxy_for(dest) {
+            Some(p) => format!("{} (through the upstream proxy {})", tls_cause(e), p.shown),
+            None => tls_cause(e),
+        }
+    }
+
+    /// A plain-HTTP connection to the corporate proxy itself, for requests written in
+    /// absolute form (after the destination's SSRF check); `None` without a proxy.
+    async fn connect_plain_proxied(&self, dest: &Destination) -> Option<Result<UpstreamIo, UpstreamError>> {
+        let proxy = self.proxy_for(dest)?;
+        let host = dest.to_string();
+        let attempt = async {
+            let permit = self.budget.acquire(&host, self.connect_timeout).await?;
+            self.proxy_target(dest).await?;
+            let tcp = proxy.connect(&host).await?;
+            Ok(UpstreamIo {
+                io: TokioIo::new(Stream::Plain(tcp)),
+                h2: false,
+                no_alpn: false,
+                proxied: true,
+                _permit: permit,
+            })
+        };
+        let timed = tokio::time::timeout(self.connect_timeout, attempt).await;
+        Some(timed.unwrap_or(Err(UpstreamError::Timeout { host })))
     }
 }
 
@@ -383,6 +471,9 @@ impl tower_service::Service<Uri> for Connector {
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
             let dest = Destination::parse_authority(authority, Some(if tls { 443 } else { 80 }))
                 .map_err(|e| UpstreamError::Resolve { host: authority.into(), why: e.to_string() })?;
+            if !tls && let Some(proxied) = dialer.connect_plain_proxied(&dest).await {
+                return proxied;
+            }
             if h1_only { dialer.connect_prefer_h1(dest, tls).await } else { dialer.connect(dest, tls).await }
         })
     }
@@ -446,12 +537,14 @@ pub struct UpstreamIo {
     h2: bool,
     /// TLS completed without an application protocol.
     no_alpn: bool,
+    /// A plain connection to the corporate proxy: hyper writes requests in absolute form.
+    proxied: bool,
     _permit: super::fanout::Permit,
 }
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
-        let c = Connected::new();
+        let c = Connected::new().proxy(self.proxied);
         if self.h2 { c.negotiated_h2() } else { c }
     }
 }

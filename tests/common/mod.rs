@@ -512,7 +512,10 @@ pub fn write_config2(
         cfg.push_str("redact_responses = false\n");
     }
     cfg.push_str(proxy_extra.strip_prefix("[proxy]\n").unwrap_or(proxy_extra));
-    cfg.push_str(&format!("\n[upstream]\nca_file = \"{}\"\n[upstream.resolve]\n", ca_file.display()));
+    // Keys of [upstream] itself (a corporate proxy) come before `#END-UPSTREAM`.
+    let (upstream_extra, rest) = rest.split_once("#END-UPSTREAM\n").unwrap_or(("", rest));
+    cfg.push_str(&format!("\n[upstream]\nca_file = \"{}\"\n{upstream_extra}", ca_file.display()));
+    cfg.push_str("[upstream.resolve]\n");
     for h in UPSTREAM_HOSTS {
         if let Some(addr) = upstream {
             cfg.push_str(&format!("\"{h}:443\" = \"{addr}\"\n"));

@@ -24,6 +24,7 @@ pub fn prepare(parts: &mut Parts, route: &Route, config: &Config) -> Result<bool
         parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     parts.headers.remove(header::HOST);
+    proxy_authorization(parts, route, config);
     parts.uri = upstream_uri(&parts.uri, route)?;
     parts.version = Version::HTTP_11;
     if config.proxy.via {
@@ -35,6 +36,19 @@ pub fn prepare(parts: &mut Parts, route: &Route, config: &Config) -> Result<bool
         parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     }
     Ok(redact)
+}
+
+/// A plain-HTTP request through the corporate proxy goes to it in absolute form, with
+/// latchkey's own `Proxy-Authorization` (the client's was removed with the other
+/// hop-by-hop headers).
+fn proxy_authorization(parts: &mut Parts, route: &Route, config: &Config) {
+    let Some(proxy) = config.upstream.proxy.as_ref() else { return };
+    if route.scheme == http::uri::Scheme::HTTP
+        && proxy.applies(&route.dest)
+        && let Some(value) = proxy.authorization()
+    {
+        parts.headers.insert(header::PROXY_AUTHORIZATION, value);
+    }
 }
 
 /// `scheme://destination/path?query`: the client's path, the connection's destination.
