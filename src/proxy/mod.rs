@@ -18,6 +18,8 @@ pub(crate) mod framing;
 mod generation;
 mod handler;
 pub(crate) mod hop;
+mod linger;
+mod pool;
 mod respond;
 mod route;
 mod slots;
@@ -107,9 +109,8 @@ impl Proxy {
                 Some(path) => Some(crate::telemetry::audit::read_hmac_key(path)?),
                 None => None,
             };
-            Audit::open(&config.proxy.log_file, key).map_err(|source| ProxyError::LogFile {
-                path: config.proxy.log_file.display().to_string(),
-                source,
+            Audit::open(&config.proxy.log_file, key, config.proxy.on_log_error).map_err(|source| {
+                ProxyError::LogFile { path: config.proxy.log_file.display().to_string(), source }
             })?
         } else {
             Audit::off()
