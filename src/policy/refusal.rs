@@ -71,6 +71,8 @@ pub enum RefusalKind {
     UpstreamTimeout,
     /// No upstream connection is free under the fan-out limits right now.
     UpstreamBusy,
+    /// The request log is required (`on_log_error = "block"`) and cannot be written.
+    LogUnavailable,
     /// Something latchkey itself could not do.
     Internal,
 }
@@ -94,6 +96,7 @@ impl RefusalKind {
             | UpstreamEncoding | UpstreamWebSocket => 502,
             UpstreamTimeout => 504,
             UpstreamBusy => 503,
+            LogUnavailable => 503,
             Internal => 500,
         }
     }
@@ -129,6 +132,7 @@ impl RefusalKind {
             UpstreamWebSocket => "upstream-websocket",
             UpstreamTimeout => "upstream-timeout",
             UpstreamBusy => "upstream-busy",
+            LogUnavailable => "log-unavailable",
             Internal => "internal",
         }
     }
@@ -198,6 +202,7 @@ mod tests {
             (RefusalKind::CredentialUnusable, 502, "credential-refused"),
             (RefusalKind::RateLimited, 429, "rate-limited"),
             (RefusalKind::UpstreamBusy, 503, "upstream-busy"),
+            (RefusalKind::LogUnavailable, 503, "log-unavailable"),
             (RefusalKind::UpstreamTimeout, 504, "upstream-timeout"),
         ];
         for (kind, status, token) in cases {
