@@ -233,10 +233,10 @@ fn set_host(req: &mut Request<Body>) {
         return;
     }
     let uri = req.uri();
-    let default = match (uri.port_u16(), uri.scheme() == Some(&Scheme::HTTPS)) {
-        (Some(443), true) | (Some(80), false) | (None, _) => true,
-        _ => false,
-    };
+    let default = matches!(
+        (uri.port_u16(), uri.scheme() == Some(&Scheme::HTTPS)),
+        (Some(443), true) | (Some(80), false) | (None, _)
+    );
     let text = match (default, uri.authority()) {
         (true, _) => uri.host().unwrap_or(""),
         (false, Some(a)) => a.as_str(),
