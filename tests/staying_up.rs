@@ -336,3 +336,27 @@ fn an_upstream_reset_mid_body_is_an_aborted_body_never_a_complete_one() {
     }
     assert!(Path::new(&format!("/proc/{}", lk.child.id())).exists(), "latchkey is still up");
 }
+
+#[test]
+fn an_upstream_head_without_end_is_cut_off_at_a_cap() {
+    // 4 MB of header lines and never the blank line that ends a head.
+    let script: Script = std::sync::Arc::new(|_: &ScriptedRequest| {
+        let mut out = b"HTTP/1.1 200 OK\r\n".to_vec();
+        while out.len() < 4 << 20 {
+            out.extend_from_slice(b"x-pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        out
+    });
+    let up = scripted_upstream(script);
+    let lk = Latchkey::start(Some(&up), CRED, ENV);
+    let pid = lk.child.id();
+    let before = rss_kib(pid);
+    let (exit, status, text) = curl_raw(&lk, &["https://api.anthropic.com/v1/x"]);
+    assert_eq!((exit, status), (0, 502), "refused in latchkey's words: {text}");
+    assert!(text.starts_with("latchkey: ") && text.contains("too large"), "cut at the cap: {text}");
+    assert!(
+        rss_kib(pid) < before + 16 * 1024,
+        "the head was not buffered whole: {before} -> {} KiB",
+        rss_kib(pid)
+    );
+}
