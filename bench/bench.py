@@ -128,6 +128,7 @@ class Bench:
         self.args = args
         self.procs = []
         self.token = None  # a scoped token for the token row, when latchkey can mint one
+        self.nginx_connections = 8192  # bench/scale.py raises it for 10,000 connections
         self.up_port = free_port()  # HTTP/2 and HTTP/1.1 by ALPN, as provider APIs are
         self.sse_port = free_port()
 
@@ -169,7 +170,8 @@ worker_processes 1;
 pid {w}/nginx.pid;
 error_log {w}/nginx.err warn;
 daemon off;
-events {{ worker_connections 8192; }}
+worker_rlimit_nofile {self.nginx_connections * 2};
+events {{ worker_connections {self.nginx_connections}; }}
 http {{
   access_log off;
   keepalive_requests 10000000;
@@ -193,9 +195,10 @@ http {{
         wait_port(self.up_port)
         wait_port(self.sse_port)
 
-    def start_latchkey(self, name="latchkey", binary=None, cred_extra="", tail=""):
+    def start_latchkey(self, name="latchkey", binary=None, cred_extra="", tail="", wrapper=()):
         """latchkey (or, as `baseline`, an earlier build of it, to compare two builds in one run).
-        `cred_extra` goes into the credential's table, `tail` at the end of the config."""
+        `cred_extra` goes into the credential's table, `tail` at the end of the config;
+        `wrapper` runs it under another command (bench/cpu.py: valgrind)."""
         w, port = self.work, free_port()
         conf = w / f"{name}.toml"
         conf.write_text(f"""
@@ -228,8 +231,8 @@ domains = ["127.0.0.1:{self.up_port}", "127.0.0.1:{self.sse_port}", "{JAIL_HOST}
             minted = subprocess.run([binary, "token", "--config", str(conf), "mint", "--credential", "bench",
                                      "--path", "/", "--ttl", "1d"], capture_output=True, text=True)
             self.token = minted.stdout.strip() if minted.returncode == 0 else None
-        p = self.spawn(name, [binary, "run", "--config", str(conf)], env=env)
-        wait_port(port)
+        p = self.spawn(name, [*wrapper, binary, "run", "--config", str(conf)], env=env)
+        wait_port(port, timeout=120 if wrapper else 30)
         return Target(name, p.pid, f"http://127.0.0.1:{port}", w / f"{name}-ca" / "ca.crt")
 
     def start_mitmproxy(self):

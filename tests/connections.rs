@@ -551,3 +551,77 @@ fn a_reload_reaches_connections_already_open() {
     assert_latchkeys(&response(&mut p), 407, "a removed agent's keep-alive connection");
     assert_eq!((up.count(), plain.count()), (1, 1));
 }
+
+/// One keep-alive request on an open stream: its status (the body read by Content-Length).
+fn keep_alive_get<S: Read + Write>(s: &mut S, host: &str) -> u16 {
+    write!(s, "GET /v1/x HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    loop {
+        let n = s.read(&mut b).unwrap_or(0);
+        if n == 0 {
+            return 0;
+        }
+        got.extend_from_slice(&b[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if body.len() >= len {
+                return status(head);
+            }
+        }
+    }
+}
+
+#[test]
+fn descriptors_at_the_limit_back_off_keep_open_connections_and_recover() {
+    let up = upstream(true, None);
+    let lk = start_with_fd_limit(&up, CRED, 64);
+    // A client with an open, intercepted keep-alive connection.
+    let (stream, head) = tunnel(lk.port, "api.anthropic.com:443");
+    assert_eq!(status(&head), 200, "{head}");
+    let mut open = tls(stream, "api.anthropic.com");
+    assert_eq!(keep_alive_get(&mut open, "api.anthropic.com"), 200);
+    // Others take every descriptor latchkey has left: accept fails (EMFILE).
+    let hogs: Vec<TcpStream> =
+        (0..100).filter_map(|_| TcpStream::connect(("127.0.0.1", lk.port)).ok()).collect();
+    wait_until("accept to fail", || lk.stderr().contains("accept failed"));
+    std::thread::sleep(Duration::from_millis(500));
+    // The open connection goes on being served meanwhile.
+    assert_eq!(keep_alive_get(&mut open, "api.anthropic.com"), 200, "{}", lk.stderr());
+    // Backing off, not spinning: one warning per episode, not one per failed accept, and
+    // well under a core of CPU while the pending connections cannot be accepted (a
+    // spinning accept loop takes a whole core; the bound is loose for a loaded machine).
+    let warnings = lk.stderr().matches("accept failed").count();
+    assert!(warnings <= 2, "{warnings} accept warnings");
+    let before = cpu_ticks(lk.child.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(lk.child.id()) - before;
+    assert!(used < 60, "{used} ticks of CPU in 2 s at EMFILE: the accept loop spins");
+    // Descriptors free again: new clients are served.
+    drop(hogs);
+    let mut served = false;
+    for _ in 0..50 {
+        if lk.curl(&["https://api.anthropic.com/v1/x"]).0 == 200 {
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(served, "recovered after descriptors were freed: {}", lk.stderr());
+}
+
+/// utime + stime of a process, in clock ticks (100 per second).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}

@@ -106,6 +106,7 @@ pub struct ProxySettings {
     pub log_requests: bool,
     pub log_file: PathBuf,
     pub hmac_key_file: Option<PathBuf>,
+    pub on_log_error: crate::telemetry::audit::OnLogError,
     pub limits: Limits,
 }
 
@@ -310,6 +311,20 @@ struct Compiler<'a> {
 
 impl Compiler<'_> {
     /// An error at `key` inside the table at `table` (located by header or span).
+    fn on_log_error(&self, l: &raw::RawLogging) -> Result<crate::telemetry::audit::OnLogError, ConfigError> {
+        use crate::telemetry::audit::OnLogError;
+        match l.on_log_error.as_str() {
+            "block" => Ok(OnLogError::Block),
+            "continue" => Ok(OnLogError::Continue),
+            other => Err(self.err(
+                &["proxy", "logging"],
+                None,
+                "on_log_error",
+                format!("{other:?}: expected \"block\" or \"continue\""),
+            )),
+        }
+    }
+
     fn err(
         &self,
         table: &[&str],
@@ -507,6 +522,7 @@ impl Compiler<'_> {
             log_requests: p.logging.log_requests,
             log_file: expand_home(&p.logging.log_file),
             hmac_key_file: p.logging.hmac_key_file.as_deref().map(expand_home),
+            on_log_error: self.on_log_error(&p.logging)?,
             limits,
         };
         Ok((proxy, intercept_all))

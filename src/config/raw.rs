@@ -138,6 +138,8 @@ pub struct RawLogging {
     pub log_file: String,
     /// A key file (0600) for a per-line HMAC in the request log.
     pub hmac_key_file: Option<String>,
+    /// `"block"` (refuse requests while the log cannot be written) or `"continue"`.
+    pub on_log_error: String,
 }
 
 impl Default for RawLogging {
@@ -146,6 +148,7 @@ impl Default for RawLogging {
             log_requests: false,
             log_file: "~/.config/latchkey/proxy.log".into(),
             hmac_key_file: None,
+            on_log_error: "block".into(),
         }
     }
 }

@@ -28,6 +28,7 @@ pub fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
     if old.proxy.log_requests != new.proxy.log_requests
         || old.proxy.log_file != new.proxy.log_file
         || old.proxy.hmac_key_file != new.proxy.hmac_key_file
+        || old.proxy.on_log_error != new.proxy.on_log_error
     {
         return Some("[proxy.logging]");
     }

@@ -74,6 +74,8 @@ pub enum RefusalKind {
     /// `[cluster]` with `on_store_error = "closed"`: the request is under a shared limit
     /// and Redis, which keeps it, does not answer.
     SharedState,
+    /// The request log is required (`on_log_error = "block"`) and cannot be written.
+    LogUnavailable,
     /// Something latchkey itself could not do.
     Internal,
 }
@@ -96,7 +98,7 @@ impl RefusalKind {
             CredentialFailed | CredentialUnusable | UpstreamUnreachable | UpstreamTls | UpstreamReset
             | UpstreamEncoding | UpstreamWebSocket => 502,
             UpstreamTimeout => 504,
-            UpstreamBusy | SharedState => 503,
+            UpstreamBusy | SharedState | LogUnavailable => 503,
             Internal => 500,
         }
     }
@@ -133,6 +135,7 @@ impl RefusalKind {
             UpstreamTimeout => "upstream-timeout",
             UpstreamBusy => "upstream-busy",
             SharedState => "shared-state",
+            LogUnavailable => "log-unavailable",
             Internal => "internal",
         }
     }
@@ -203,6 +206,7 @@ mod tests {
             (RefusalKind::RateLimited, 429, "rate-limited"),
             (RefusalKind::UpstreamBusy, 503, "upstream-busy"),
             (RefusalKind::SharedState, 503, "shared-state"),
+            (RefusalKind::LogUnavailable, 503, "log-unavailable"),
             (RefusalKind::UpstreamTimeout, 504, "upstream-timeout"),
         ];
         for (kind, status, token) in cases {

@@ -3,15 +3,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::crypto::CryptoProvider;
 
-use super::Body;
 use super::fanout;
-use super::upstream::{self, Connector, Dialer};
+use super::pool::Pool;
+use super::upstream::{self, Dialer};
 use crate::config::Config;
 
 /// Everything derived from one loaded config. Swapped whole, never edited: a
@@ -21,8 +18,8 @@ pub struct Generation {
     /// For requests without a credential, and credentials without TLS material.
     pub dialer: Arc<Dialer>,
     /// Offers h2 and HTTP/1.1 by ALPN: for HTTP/2 clients, and latchkey's own calls.
-    pub client: Client<Connector, Body>,
-    client_h1: Client<Connector, Body>,
+    pub client: Pool,
+    client_h1: Pool,
     /// Credentials with a client certificate or their own roots get their own dialer
     /// and pools: such a connection serves only requests that selected that credential.
     by_credential: std::collections::HashMap<usize, (Arc<Dialer>, Pools)>,
@@ -33,16 +30,16 @@ pub struct Generation {
 /// connection would funnel them all through one task: 1 MiB downloads ran at 0.36x of
 /// direct that way, 0.55x on HTTP/1.1), and an h2 client (gRPC) gets h2.
 struct Pools {
-    h2: Client<Connector, Body>,
-    h1: Client<Connector, Body>,
+    h2: Pool,
+    h1: Pool,
 }
 
 impl Pools {
     fn new(dialer: &Arc<Dialer>) -> Pools {
-        Pools { h2: pooled(dialer.clone(), false), h1: pooled(dialer.clone(), true) }
+        Pools { h2: Pool::new(dialer.clone(), false), h1: Pool::new(dialer.clone(), true) }
     }
 
-    fn for_version(&self, version: http::Version) -> &Client<Connector, Body> {
+    fn for_version(&self, version: http::Version) -> &Pool {
         if version == http::Version::HTTP_2 { &self.h2 } else { &self.h1 }
     }
 }
@@ -84,25 +81,13 @@ impl Generation {
     }
 
     /// The dialer and pool for a request of `version` that selected `credential` (or none).
-    pub fn upstream(
-        &self,
-        credential: Option<usize>,
-        version: http::Version,
-    ) -> (&Arc<Dialer>, &Client<Connector, Body>) {
+    pub fn upstream(&self, credential: Option<usize>, version: http::Version) -> (&Arc<Dialer>, &Pool) {
         match credential.and_then(|i| self.by_credential.get(&i)) {
             Some((d, pools)) => (d, pools.for_version(version)),
             None if version == http::Version::HTTP_2 => (&self.dialer, &self.client),
             None => (&self.dialer, &self.client_h1),
         }
     }
-}
-
-fn pooled(dialer: Arc<Dialer>, h1_only: bool) -> Client<Connector, Body> {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_timer(TokioTimer::new())
-        .pool_max_idle_per_host(64)
-        .build(Connector { dialer, h1_only })
 }
 
 fn h1_only(tls: &rustls::ClientConfig) -> rustls::ClientConfig {

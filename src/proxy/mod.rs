@@ -20,6 +20,8 @@ mod generation;
 mod handler;
 pub(crate) mod hop;
 mod own_socket;
+mod linger;
+mod pool;
 mod respond;
 mod route;
 mod slots;
@@ -112,9 +114,8 @@ impl Proxy {
                 Some(path) => Some(crate::telemetry::audit::read_hmac_key(path)?),
                 None => None,
             };
-            Audit::open(&config.proxy.log_file, key).map_err(|source| ProxyError::LogFile {
-                path: config.proxy.log_file.display().to_string(),
-                source,
+            Audit::open(&config.proxy.log_file, key, config.proxy.on_log_error).map_err(|source| {
+                ProxyError::LogFile { path: config.proxy.log_file.display().to_string(), source }
             })?
         } else {
             Audit::off()

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use http::{Request, header};
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::Client;
 
-use super::upstream::Connector;
-use super::{Body, respond};
+use super::pool::Pool;
+use super::respond;
 use crate::inject::TokenHttp;
 use crate::inject::mint::{MintError, TokenReply, TokenRequest};
 
@@ -17,7 +16,7 @@ use crate::inject::mint::{MintError, TokenReply, TokenRequest};
 const MAX_REPLY: usize = 64 * 1024;
 
 pub struct ClientHttp<'a> {
-    pub client: &'a Client<Connector, Body>,
+    pub client: &'a Pool,
     pub timeout: Duration,
 }
 
@@ -34,11 +33,24 @@ impl TokenHttp for ClientHttp<'_> {
             let send = async {
                 let resp = self.client.request(request).await.map_err(|e| format!("{url}: {e}"))?;
                 let status = resp.status().as_u16();
-                let limited = http_body_util::Limited::new(resp.into_body(), MAX_REPLY);
-                let body = limited.collect().await.map_err(|e| format!("{url}: {e}"))?.to_bytes();
-                Ok::<_, MintError>((status, body.to_vec()))
+                let body = read_limited(resp.into_body()).await.map_err(|e| format!("{url}: {e}"))?;
+                Ok::<_, MintError>((status, body))
             };
             tokio::time::timeout(self.timeout, send).await.map_err(|_| format!("{url}: timed out"))?
         })
     }
+}
+
+/// The reply body, up to `MAX_REPLY` bytes.
+async fn read_limited(mut body: super::Body) -> Result<Vec<u8>, super::BoxError> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame?.data_ref() {
+            if out.len() + data.len() > MAX_REPLY {
+                return Err("length limit exceeded".into());
+            }
+            out.extend_from_slice(data);
+        }
+    }
+    Ok(out)
 }

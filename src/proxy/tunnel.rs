@@ -270,6 +270,7 @@ impl Tunnel {
         match generation.config.decide(&Question::now(agent, &dest, None), &proxy.tokens) {
             Decision::Block(r) => Err(r),
             Decision::Tunnel => {
+                proxy.telemetry.log_ready()?;
                 let upstream =
                     generation.dialer.connect_tcp(&dest).await.map_err(|e| respond::upstream_refusal(&e))?;
                 Ok(Tunnel::Blind(Blind { proxy, generation, opener, agent, dest, started }, upstream))

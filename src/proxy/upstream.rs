@@ -2,7 +2,6 @@
 //! addresses at the moment of connecting, TCP + TLS with public roots, pooled.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -10,8 +9,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use rustls::ClientConfig;
@@ -274,7 +271,7 @@ impl Dialer {
         self.connect_with(dest, tls, &self.tls_h1).await
     }
 
-    async fn connect(&self, dest: Destination, tls: bool) -> Result<UpstreamIo, UpstreamError> {
+    pub async fn connect(&self, dest: Destination, tls: bool) -> Result<UpstreamIo, UpstreamError> {
         self.connect_with(dest, tls, &self.tls).await
     }
 
@@ -374,7 +371,7 @@ impl Dialer {
 
     /// A plain-HTTP connection to the corporate proxy itself, for requests written in
     /// absolute form (after the destination's SSRF check); `None` without a proxy.
-    async fn connect_plain_proxied(&self, dest: &Destination) -> Option<Result<UpstreamIo, UpstreamError>> {
+    pub(super) async fn connect_plain_proxied(&self, dest: &Destination) -> Option<Result<UpstreamIo, UpstreamError>> {
         let proxy = self.proxy_for(dest)?;
         let host = dest.to_string();
         let attempt = async {
@@ -445,40 +442,6 @@ pub fn client_tls(
     Ok(cfg)
 }
 
-/// The connector the pooled client uses. The pool key is scheme + authority, and the
-/// authority is always latchkey's normalised destination, so no connection is shared
-/// across hosts; one client exists per config generation.
-#[derive(Clone, Debug)]
-pub struct Connector {
-    pub dialer: Arc<Dialer>,
-    /// Offer only HTTP/1.1 by ALPN (the pool for HTTP/1.1 clients).
-    pub h1_only: bool,
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = UpstreamIo;
-    type Error = UpstreamError;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, UpstreamError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let (dialer, h1_only) = (self.dialer.clone(), self.h1_only);
-        Box::pin(async move {
-            let tls = uri.scheme_str() == Some("https");
-            let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
-            let dest = Destination::parse_authority(authority, Some(if tls { 443 } else { 80 }))
-                .map_err(|e| UpstreamError::Resolve { host: authority.into(), why: e.to_string() })?;
-            if !tls && let Some(proxied) = dialer.connect_plain_proxied(&dest).await {
-                return proxied;
-            }
-            if h1_only { dialer.connect_prefer_h1(dest, tls).await } else { dialer.connect(dest, tls).await }
-        })
-    }
-}
-
 enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
@@ -542,10 +505,15 @@ pub struct UpstreamIo {
     _permit: super::fanout::Permit,
 }
 
-impl Connection for UpstreamIo {
-    fn connected(&self) -> Connected {
-        let c = Connected::new().proxy(self.proxied);
-        if self.h2 { c.negotiated_h2() } else { c }
+impl UpstreamIo {
+    /// ALPN chose h2: the connection is shared by every concurrent request to its destination.
+    pub(super) fn is_h2(&self) -> bool {
+        self.h2
+    }
+
+    /// A plain connection to the corporate proxy: requests on it go in absolute form.
+    pub(super) fn is_proxied(&self) -> bool {
+        self.proxied
     }
 }
 

@@ -1,9 +1,13 @@
 //! The request log (SPEC section 7): one JSON line per request when `log_requests`.
 //! Records carry names and paths, never values or query strings.
 
+use std::collections::VecDeque;
 use std::io::Write;
-use std::path::Path;
-use std::sync::mpsc::{Sender, channel};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::time::Duration;
 
 use super::record::Record;
 
@@ -11,11 +15,12 @@ use super::record::Record;
 #[derive(Clone, Debug, Default)]
 pub struct Audit {
     tx: Option<Sender<Entry>>,
+    health: Arc<Health>,
 }
 
 /// What the writer thread receives: a line, or a request to say when every line sent
-/// before it is written (shutdown: a replica stopped mid-load keeps every line of the
-/// requests it completed).
+/// before it is written and synced (shutdown: a replica stopped mid-load keeps every
+/// line of the requests it completed).
 #[derive(Debug)]
 enum Entry {
     Line(String),
@@ -24,47 +29,36 @@ enum Entry {
 
 impl Audit {
     pub fn off() -> Self {
-        Audit { tx: None }
+        Audit::default()
     }
 
     /// Open `path` for appending (0600, parent created) and write from a thread, so a
     /// slow disk never stalls the proxy's workers. Lines are hash-chained: each ends with
     /// `"prev"`, the SHA-256 of the line before it (the first line of a file: a random
     /// nonce), so an edited or removed line breaks the chain (`latchkey audit verify`).
-    pub fn open(path: &Path, hmac_key: Option<Vec<u8>>) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let Anchor(mut prev) = chain_tail(path)?;
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    /// A write that fails (disk full) or a file that was removed is retried until it
+    /// succeeds, the lines held meanwhile; `on_error` says whether requests are refused
+    /// until then.
+    pub fn open(path: &Path, hmac_key: Option<Vec<u8>>, on_error: OnLogError) -> std::io::Result<Self> {
+        let (file, prev) = Writer::open(path)?;
         let key = hmac_key.map(|k| aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &k));
+        let health =
+            Arc::new(Health { failing: AtomicBool::new(false), block: on_error == OnLogError::Block });
+        let writer =
+            Writer { path: path.to_path_buf(), file, prev, key, backlog: VecDeque::new(), dropped: 0 };
         let (tx, rx) = channel::<Entry>();
-        std::thread::Builder::new().name("latchkey-audit".into()).spawn(move || {
-            for entry in rx {
-                let record = match entry {
-                    Entry::Line(record) => record,
-                    Entry::Flushed(done) => {
-                        let _ = file.sync_data();
-                        let _ = done.send(());
-                        continue;
-                    }
-                };
-                let mut line = chain(&record, &prev);
-                if let Some(key) = &key {
-                    line = sign(&line, key);
-                }
-                prev = hash_hex(line.as_bytes());
-                if let Err(e) = file.write_all(format!("{line}\n").as_bytes()) {
-                    tracing::error!("request log write failed: {e}");
-                }
-            }
-        })?;
-        Ok(Audit { tx: Some(tx) })
+        let shared = health.clone();
+        std::thread::Builder::new().name("latchkey-audit".into()).spawn(move || writer.run(rx, shared))?;
+        Ok(Audit { tx: Some(tx), health })
     }
 
     pub fn enabled(&self) -> bool {
         self.tx.is_some()
+    }
+
+    /// The log is required (`on_log_error = "block"`) and cannot be written now.
+    pub fn refusing(&self) -> bool {
+        self.health.block && self.health.failing.load(Ordering::Relaxed)
     }
 
     pub fn log(&self, record: &Record) {
@@ -80,6 +74,139 @@ impl Audit {
         let Some(tx) = &self.tx else { return true };
         let (done, written) = std::sync::mpsc::sync_channel(1);
         tx.send(Entry::Flushed(done)).is_ok() && written.recv_timeout(limit).is_ok()
+    }
+}
+
+/// What latchkey does with requests while the request log cannot be written
+/// (`[proxy.logging] on_log_error`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnLogError {
+    /// Refuse every request (503 `log-unavailable`) until the log is written again:
+    /// nothing is served unlogged when the log is required.
+    #[default]
+    Block,
+    /// Keep serving; the lines wait in memory (up to `MAX_BACKLOG`) for the log to recover.
+    Continue,
+}
+
+/// Lines held while the log cannot be written; beyond this the oldest are dropped (and
+/// said so on stderr). In `block` mode no new request is admitted meanwhile, so only the
+/// exchanges already in flight can add to it.
+const MAX_BACKLOG: usize = 100_000;
+/// How often a failing log is tried again, and a healthy one checked for removal.
+const RETRY: Duration = Duration::from_millis(250);
+const CHECK: Duration = Duration::from_secs(1);
+
+/// Whether the log is being written; shared by the writer thread and the request path.
+#[derive(Debug, Default)]
+struct Health {
+    failing: AtomicBool,
+    block: bool,
+}
+
+/// The writer thread's side: the file, the chain, the lines not yet written.
+struct Writer {
+    path: PathBuf,
+    file: std::fs::File,
+    prev: String,
+    key: Option<aws_lc_rs::hmac::Key>,
+    backlog: VecDeque<String>,
+    dropped: u64,
+}
+
+impl Writer {
+    fn open(path: &Path) -> std::io::Result<(std::fs::File, String)> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let Anchor(prev) = chain_tail(path)?;
+        let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+        Ok((file, prev))
+    }
+
+    fn run(mut self, rx: Receiver<Entry>, health: Arc<Health>) {
+        loop {
+            let wait = if self.backlog.is_empty() { CHECK } else { RETRY };
+            match rx.recv_timeout(wait) {
+                Ok(entry) => self.take(entry),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    let _ = self.flush();
+                    return;
+                }
+            }
+            while let Ok(entry) = rx.try_recv() {
+                self.take(entry);
+            }
+            let result = self.flush();
+            let was = health.failing.swap(result.is_err(), Ordering::Relaxed);
+            match (was, result) {
+                (false, Err(e)) => tracing::error!(
+                    "request log {} cannot be written: {e}; {}",
+                    self.path.display(),
+                    if health.block {
+                        "refusing requests until it can"
+                    } else {
+                        "holding its lines in memory"
+                    }
+                ),
+                (true, Ok(())) => tracing::warn!("request log {} is written again", self.path.display()),
+                _ => {}
+            }
+        }
+    }
+
+    fn take(&mut self, entry: Entry) {
+        match entry {
+            Entry::Line(record) => self.hold(record),
+            // Answered only once what came before is on disk; a log that cannot be
+            // written leaves the caller to its time limit.
+            Entry::Flushed(done) => {
+                if self.flush().is_ok() && self.file.sync_data().is_ok() {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    fn hold(&mut self, record: String) {
+        if self.backlog.len() >= MAX_BACKLOG {
+            self.backlog.pop_front();
+            self.dropped += 1;
+            if self.dropped.is_power_of_two() {
+                tracing::error!("request log: {} lines dropped while it could not be written", self.dropped);
+            }
+        }
+        self.backlog.push_back(record);
+    }
+
+    /// Write every held line, in order. A removed file is created again (its chain
+    /// starts afresh); a failed write is cut back off the file (no half line) and its
+    /// line stays held.
+    fn flush(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self.file.metadata()?;
+        if meta.nlink() == 0 {
+            (self.file, self.prev) = Writer::open(&self.path)?;
+        }
+        let mut len = self.file.metadata()?.len();
+        while let Some(record) = self.backlog.front() {
+            let mut line = chain(record, &self.prev);
+            if let Some(key) = &self.key {
+                line = sign(&line, key);
+            }
+            let hash = hash_hex(line.as_bytes());
+            line.push('\n');
+            if let Err(e) = self.file.write_all(line.as_bytes()) {
+                let _ = self.file.set_len(len);
+                return Err(e);
+            }
+            len += line.len() as u64;
+            self.prev = hash;
+            self.backlog.pop_front();
+        }
+        Ok(())
     }
 }
 

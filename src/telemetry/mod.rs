@@ -90,6 +90,19 @@ impl Telemetry {
         Some(span)
     }
 
+    /// Refuse while the request log is required and cannot be written (`[proxy.logging]
+    /// on_log_error = "block"`): nothing is served unlogged.
+    pub fn log_ready(&self) -> Result<(), Refusal> {
+        match self.audit.refusing() {
+            false => Ok(()),
+            true => Err(Refusal::new(
+                RefusalKind::LogUnavailable,
+                "the request log cannot be written (disk full or file unwritable); requests are refused until it can ([proxy.logging] on_log_error = \"block\")",
+            )
+            .retry_after(1)),
+        }
+    }
+
     /// Admit a request under the budgets the decision named (its credential's and its
     /// agent's limits): 429 beyond them. With `[cluster]`, in Redis; while it is down,
     /// 503 (`closed`) or this replica's own state (`open`).

@@ -32,6 +32,7 @@ pub async fn decide(
     parts: &Parts,
     record: &mut Record,
 ) -> Result<Decided, Refusal> {
+    telemetry.log_ready()?;
     let head = head(route, parts);
     let q = Question::now(route.agent, &route.dest, Some(&head));
     match config.decide(&q, tokens) {

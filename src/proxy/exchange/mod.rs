@@ -26,6 +26,7 @@ use std::sync::Arc;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
+use super::linger::Lingering;
 use super::route::Route;
 use super::token_client::ClientHttp;
 use super::upgrade::{self, Upgrade};
@@ -48,6 +49,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
+    let body = Lingering::new(body, parts.version);
     let mut x = log::Exchange::admit(&proxy, &generation, &route, &parts);
     // Boxed: hyper keeps a slot sized for this future on every connection, idle or not;
     // the exchange's state is allocated only while a request is in flight.
@@ -60,7 +62,7 @@ async fn exchange(
     generation: &Generation,
     route: &Route,
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: Lingering,
     x: &mut log::Exchange,
 ) -> Result<Answer, Refusal> {
     let config = &generation.config;

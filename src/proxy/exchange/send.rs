@@ -9,15 +9,15 @@ use std::sync::atomic::AtomicU64;
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::Client;
 
 use super::super::body::{Counted, ScanBody};
+use super::super::linger::Lingering;
+use super::super::pool::{Pool, SendError};
 use super::super::route::Route;
 use super::super::trailers::{GuardedTrailers, TrailerRules};
 use super::super::upgrade::{self, Upgrade};
-use super::super::upstream::{Connector, Dialer, UpstreamError};
+use super::super::upstream::{Dialer, UpstreamError};
 use super::super::{Body, BoxError, Generation, respond};
 use super::inject::{Replay, write};
 use crate::config::{Config, Credential};
@@ -29,7 +29,7 @@ pub struct Upstream<'a> {
     config: &'a Arc<Config>,
     route: &'a Route,
     dialer: &'a Arc<Dialer>,
-    client: &'a Client<Connector, Body>,
+    client: &'a Pool,
     credential: Option<&'a Credential>,
     trailers: TrailerRules,
 }
@@ -66,10 +66,9 @@ impl<'a> Upstream<'a> {
         {
             let body =
                 write(cred, &again.captures, &mut again.parts, respond::full(again.body), http).await?;
-            let resp = self.send_once(again.parts, body, up.clone()).await?;
-            return Ok(resp.map(|b| b.map_err(box_error).boxed()));
+            return self.send_once(again.parts, body, up.clone()).await;
         }
-        Ok(resp.map(|b| b.map_err(box_error).boxed()))
+        Ok(resp)
     }
 
     /// An upgrade (WebSocket) relayed on a dedicated upstream connection.
@@ -96,7 +95,7 @@ impl<'a> Upstream<'a> {
         parts: Parts,
         body: Body,
         up: Arc<AtomicU64>,
-    ) -> Result<Response<Incoming>, Refusal> {
+    ) -> Result<Response<Body>, Refusal> {
         let config = self.config;
         let trailer_hit = Arc::new(std::sync::OnceLock::new());
         let body = if self.trailers.is_empty() {
@@ -135,11 +134,11 @@ impl<'a> Upstream<'a> {
 }
 
 /// The client's request body, its read errors told apart from the upstream's.
-pub fn request_body(body: Incoming) -> Body {
+pub fn request_body(body: Lingering) -> Body {
     body.map_err(|e| -> BoxError { Box::new(ClientBodyError(e)) }).boxed()
 }
 
-fn upstream_failure(route: &Route, e: &hyper_util::client::legacy::Error) -> Refusal {
+fn upstream_failure(route: &Route, e: &SendError) -> Refusal {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(u) = err.downcast_ref::<UpstreamError>() {

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""What a request costs latchkey, in units that survive a noisy machine (issue 20).
+
+Three measurements, each against the same nginx upstream bench/bench.py starts:
+
+  --cpu        CPU µs per request of latchkey and of nginx in the same run: utime+stime
+               from /proc/<pid>/stat over a fixed number of requests sent by `oha -n`
+               (keep-alive, HTTP/1.1 and HTTP/2 clients), next to nginx alone (direct).
+               CPU time, not wall time: other processes slow a run down but do not add
+               to its CPU time (caches and frequency still move it a few percent).
+  --callgrind  instructions per request under `valgrind --tool=callgrind`: latchkey is
+               started afresh under callgrind for N=100 and N=300 requests of each kind
+               (one client connection, sequential), and (Ir(300) - Ir(100)) / 200 is the
+               per-request cost, start-up, handshakes and the first upstream connection
+               cancelling out. Deterministic to within ~1%: use it to judge a change.
+  --idle N     RSS of a fresh latchkey before and after N idle intercepted keep-alive
+               connections (each served one request), the SPEC 8 row.
+
+`--baseline PATH` measures an earlier build the same way in the same run (A/B).
+Everything binds to 127.0.0.1; every process started here is stopped here by PID.
+
+    cargo build --release && python3 bench/cpu.py --callgrind
+    python3 bench/cpu.py --cpu --requests 50000 --baseline /tmp/latchkey-main
+"""
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench as b  # noqa: E402
+
+# The request kinds of the fixed mix: name, extra oha arguments.
+KINDS = [
+    ("HTTP/1.1 keep-alive", ()),
+    ("HTTP/2 keep-alive", ("--http2",)),
+]
+
+
+def oha_n(t, url, n, conns, extra, ca):
+    """`n` requests on `conns` connections; fails loudly unless every one got a 200."""
+    cmd = ["oha", "-n", str(n), "-c", str(conns), "--no-tui", "--output-format", "json", "--cacert", str(ca),
+           *extra]
+    if t.proxy:
+        cmd += ["-x", t.proxy]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=600)
+    import json
+    d = json.loads(out.stdout)
+    ok = d.get("statusCodeDistribution", {}).get("200", 0)
+    if ok != n:
+        raise SystemExit(f"{t.name}: {ok} of {n} requests answered 200: {d.get('errorDistribution')}")
+
+
+def ticks(pid):
+    return b.cpu_ticks(b.tree(pid))
+
+
+def cpu_rows(bench, targets, nginx_pid, args):
+    """CPU µs per request, median over rounds, targets alternating."""
+    url = f"https://127.0.0.1:{bench.up_port}/"
+    runs = {}
+    for r in range(args.rounds):
+        for kind, extra in KINDS:
+            order = targets[r % len(targets):] + targets[:r % len(targets)]
+            for t in order:
+                ca = t.ca if t.proxy else bench.work / "up-ca.pem"
+                oha_n(t, url, 2000, args.conns, extra, ca)  # warm: connections, pools, caches
+                p0, n0 = (ticks(t.pid) if t.pid else 0), ticks(nginx_pid)
+                oha_n(t, url, args.requests, args.conns, extra, ca)
+                p1, n1 = (ticks(t.pid) if t.pid else 0), ticks(nginx_pid)
+                per = lambda d: d / b.HZ / args.requests * 1e6  # noqa: E731
+                runs.setdefault((kind, t.name), []).append((per(p1 - p0), per(n1 - n0)))
+                print(f"# round {r + 1} {kind} {t.name}: proxy {per(p1 - p0):.1f} µs, nginx {per(n1 - n0):.1f} µs",
+                      file=sys.stderr)
+    lines = [f"CPU µs per request ({args.requests} requests, {args.conns} keep-alive connections, "
+             f"median of {args.rounds}; /proc/<pid>/stat utime+stime):", "",
+             "| request kind | target | proxy µs/req | nginx µs/req |", "|---|---|---|---|"]
+    for kind, _ in KINDS:
+        for t in targets:
+            got = runs[(kind, t.name)]
+            proxy = statistics.median(x[0] for x in got)
+            nginx = statistics.median(x[1] for x in got)
+            lines.append(f"| {kind} | {t.name} | {'—' if not t.pid else f'{proxy:.1f}'} | {nginx:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def callgrind_ir(bench, name, binary, n, extra):
+    """Total instructions latchkey executed from start to exit, serving n requests."""
+    out = bench.work / f"callgrind.{name}.{n}.{len(extra)}.out"
+    wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"]
+    t = bench.start_latchkey(name, binary, wrapper=wrapper)
+    url = f"https://127.0.0.1:{bench.up_port}/"
+    try:
+        oha_n(t, url, n, 1, extra, t.ca)
+    finally:
+        proc = next(p for nm, p in bench.procs if p.pid == t.pid)
+        proc.terminate()
+        proc.wait(timeout=120)
+    text = out.read_text()
+    m = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
+    if not m:
+        raise SystemExit(f"no totals in {out}")
+    return int(m.group(1))
+
+
+def callgrind_rows(bench, builds, args):
+    lines = ["Instructions per request under callgrind ((Ir(N=300) - Ir(N=100)) / 200, one connection, "
+             "sequential):", "", "| request kind | " + " | ".join(n for n, _ in builds) + " |",
+             "|---|" + "---|" * len(builds)]
+    for kind, extra in KINDS:
+        cells = []
+        for name, binary in builds:
+            small = callgrind_ir(bench, name, binary, 100, extra)
+            big = callgrind_ir(bench, name, binary, 300, extra)
+            per = (big - small) / 200
+            print(f"# {kind} {name}: Ir(100)={small} Ir(300)={big} → {per:,.0f}/request", file=sys.stderr)
+            cells.append(f"{per:,.0f}")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def idle_rows(bench, builds, n):
+    lines = [f"RSS of a fresh process before → after {n} idle intercepted connections (MiB):", ""]
+    for name, binary in builds:
+        t = bench.start_latchkey(name, binary)
+        time.sleep(1)
+        before, after = b.idle_connections(bench, t, n)
+        lines.append(f"- {name}: {before:.1f} → {after:.1f} (+{after - before:.1f}, "
+                     f"{(after - before) * 1024 / n:.1f} KiB per connection)")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--callgrind", action="store_true")
+    ap.add_argument("--idle", type=int, default=0, metavar="N")
+    ap.add_argument("--requests", type=int, default=50000, help="requests per --cpu run")
+    ap.add_argument("--conns", type=int, default=32, help="connections per --cpu run")
+    ap.add_argument("--rounds", type=int, default=3, help="--cpu rounds")
+    ap.add_argument("--latchkey", type=Path, default=b.ROOT / "target" / "release" / "latchkey")
+    ap.add_argument("--baseline", type=Path, default=None, help="an earlier build, measured the same way")
+    ap.add_argument("--out", type=Path, default=None, help="also write the tables here")
+    args = ap.parse_args()
+    if not (args.cpu or args.callgrind or args.idle):
+        ap.error("choose at least one of --cpu, --callgrind, --idle N")
+    builds = [("latchkey", args.latchkey)] + ([("baseline", args.baseline)] if args.baseline else [])
+
+    work = Path(tempfile.mkdtemp(prefix="latchkey-cpu-"))
+    work.chmod(0o755)
+    args.no_jail = True
+    bench = b.Bench(work, args)
+    out = []
+    try:
+        bench.certs()
+        bench.start_nginx()
+        nginx_pid = next(p.pid for name, p in bench.procs if name == "nginx")
+        if args.callgrind:
+            out.append(callgrind_rows(bench, builds, args))
+        if args.idle:
+            out.append(idle_rows(bench, builds, args.idle))
+        if args.cpu:
+            targets = [b.Target("direct", None, None, None)]
+            targets += [bench.start_latchkey(name, binary) for name, binary in builds]
+            for t in targets:
+                b.verify_injection(bench, t)
+            out.append(cpu_rows(bench, targets, nginx_pid, args))
+    finally:
+        bench.stop_all()
+    text = "\n".join(out)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

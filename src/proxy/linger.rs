@@ -1,0 +1,78 @@
+//! An HTTP/2 request body latchkey stops reading early — a refusal decided on the head,
+//! an upstream that answered before the upload ended — is read to its end (up to
+//! `MAX_BYTES` or `MAX_TIME`) and thrown away instead of reset at once. Resetting a
+//! stream the client is still uploading on makes clients such as curl report a stream
+//! error instead of the response (the 403 they should read); draining lets the upload
+//! finish, so the stream closes cleanly after the refusal. This is HTTP/2's lingering
+//! close: HTTP/1.1 has it in hyper (the connection closes after the response).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+const MAX_BYTES: usize = 16 << 20;
+const MAX_TIME: Duration = Duration::from_secs(5);
+
+/// A client's request body that drains itself when dropped unfinished (HTTP/2 only).
+pub struct Lingering {
+    body: Option<Incoming>,
+    h2: bool,
+}
+
+impl Lingering {
+    pub fn new(body: Incoming, version: http::Version) -> Lingering {
+        Lingering { body: Some(body), h2: version == http::Version::HTTP_2 }
+    }
+}
+
+impl Body for Lingering {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.body.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.as_ref().map(|b| b.size_hint()).unwrap_or_default()
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(body) = self.body.take() else { return };
+        if !self.h2 || body.is_end_stream() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(drain(body));
+        }
+    }
+}
+
+async fn drain(mut body: Incoming) {
+    let read = async {
+        let mut n = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            n += frame.data_ref().map_or(0, |d| d.len());
+            if n > MAX_BYTES {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(MAX_TIME, read).await;
+}

@@ -1,0 +1,336 @@
+//! latchkey's own upstream connection pool, over hyper's low-level `client::conn`.
+//!
+//! It replaces hyper-util's legacy `Client`, which per request built a `String` pool key,
+//! raced a boxed checkout against a lazy connect, and for HTTP/1.1 spawned a task that
+//! waited for the connection to become idle again before returning it (issue 20,
+//! docs/performance.md). Here a request takes an idle connection under one short lock,
+//! and its response body puts the connection back when it has been read to its end —
+//! no task, no key text. What stays the same: the pool key is the request URI's scheme
+//! and authority, which is always latchkey's normalised destination (no connection is
+//! shared across hosts); an h2 connection is shared by every concurrent request to its
+//! destination; a request that could not even be written on a reused connection (the
+//! upstream closed it while idle) is sent again on another; idle connections close after
+//! `IDLE_TIMEOUT`, at most `MAX_IDLE_PER_HOST` are kept per destination.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Request, Response, Uri, header};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::Body;
+use super::upstream::{Dialer, UpstreamError, UpstreamIo};
+use crate::policy::Destination;
+
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+const MAX_IDLE_PER_HOST: usize = 64;
+const READY_WAIT: Duration = Duration::from_millis(100);
+
+/// Why a request could not be sent upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    #[error("the request URI names no destination")]
+    NoDestination,
+}
+
+/// Connections to one scheme + authority.
+#[derive(Default)]
+struct Host {
+    idle: Vec<(http1::SendRequest<Body>, Instant)>,
+    /// The destination's h2 connection, shared.
+    h2: Option<http2::SendRequest<Body>>,
+    /// Plain HTTP through the corporate proxy: every connection here goes to it (the
+    /// pool lives as long as the config that says so).
+    proxied: bool,
+}
+
+type Key = (bool, Authority);
+
+struct Inner {
+    dialer: Arc<Dialer>,
+    /// Offer HTTP/1.1 only by ALPN (the pool for HTTP/1.1 clients).
+    h1_only: bool,
+    hosts: Mutex<HashMap<Key, Host>>,
+}
+
+/// One pool: per config generation, per dialer, per client protocol.
+#[derive(Clone)]
+pub struct Pool(Arc<Inner>);
+
+/// What a request is sent on.
+enum Conn {
+    /// An HTTP/1.1 connection; `true` when it goes to the corporate proxy (`[upstream]
+    /// proxy`), which takes requests in absolute form.
+    H1(http1::SendRequest<Body>, bool),
+    H2(http2::SendRequest<Body>),
+}
+
+impl Pool {
+    pub fn new(dialer: Arc<Dialer>, h1_only: bool) -> Pool {
+        let inner = Arc::new(Inner { dialer, h1_only, hosts: Mutex::default() });
+        reap_idle(Arc::downgrade(&inner));
+        Pool(inner)
+    }
+
+    /// Send `req` (an absolute URI) upstream; its response body returns the connection.
+    /// Boxed: callers' futures must be `Send`, and the compiler cannot prove it through
+    /// hyper's generic body bounds (a higher-ranked `From` for the error type) unboxed.
+    pub fn request(
+        &self,
+        req: Request<Body>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, SendError>> + Send + '_>>
+    {
+        Box::pin(self.request_inner(req))
+    }
+
+    async fn request_inner(&self, mut req: Request<Body>) -> Result<Response<Body>, SendError> {
+        let tls = req.uri().scheme() == Some(&Scheme::HTTPS);
+        let key: Key = (tls, req.uri().authority().cloned().ok_or(SendError::NoDestination)?);
+        let uri = req.uri().clone();
+        loop {
+            let (conn, reused) = match self.checkout(&key).await {
+                Some(conn) => (conn, true),
+                None => (self.connect(&key).await?, false),
+            };
+            match self.send(conn, &key, req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    // Not written: the upstream closed an idle connection under us.
+                    Some(mut again) if reused => {
+                        *again.uri_mut() = uri.clone();
+                        req = again;
+                    }
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        conn: Conn,
+        key: &Key,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, hyper::client::conn::TrySendError<Request<Body>>> {
+        match conn {
+            Conn::H2(mut tx) => {
+                let resp = tx.try_send_request(req).await?;
+                Ok(resp.map(|body| boxed(Returning { body, back: None })))
+            }
+            Conn::H1(mut tx, proxied) => {
+                set_host(&mut req);
+                if !proxied {
+                    origin_form(req.uri_mut());
+                }
+                let resp = tx.try_send_request(req).await?;
+                let back = Some(Back { pool: Arc::downgrade(&self.0), key: key.clone(), tx });
+                Ok(resp.map(|body| {
+                    let mut body = Returning { body, back };
+                    body.maybe_return();
+                    boxed(body)
+                }))
+            }
+        }
+    }
+
+    /// An idle HTTP/1.1 connection, or the destination's h2 connection.
+    async fn checkout(&self, key: &Key) -> Option<Conn> {
+        loop {
+            let candidate = {
+                let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
+                let host = hosts.get_mut(key)?;
+                if let Some(h2) = &host.h2 {
+                    if !h2.is_closed() {
+                        return Some(Conn::H2(h2.clone()));
+                    }
+                    host.h2 = None;
+                }
+                host.idle.pop().map(|idle| (idle, host.proxied))
+            };
+            let ((mut tx, since), proxied) = candidate?;
+            if tx.is_closed() || since.elapsed() > IDLE_TIMEOUT {
+                continue;
+            }
+            // Put back when its last response was read; its task marks it ready a moment
+            // later. One still busy past that (a request body still going up after an
+            // early response) is closed rather than waited for.
+            if tx.is_ready() || matches!(tokio::time::timeout(READY_WAIT, tx.ready()).await, Ok(Ok(()))) {
+                return Some(Conn::H1(tx, proxied));
+            }
+        }
+    }
+
+    async fn connect(&self, key: &Key) -> Result<Conn, SendError> {
+        let (tls, authority) = key;
+        let dest = Destination::parse_authority(authority.as_str(), Some(if *tls { 443 } else { 80 }))
+            .map_err(|e| UpstreamError::Resolve { host: authority.to_string(), why: e.to_string() })?;
+        let dialer = &self.0.dialer;
+        // Plain HTTP through the corporate proxy: a connection to the proxy itself.
+        let proxied = match tls {
+            false => dialer.connect_plain_proxied(&dest).await.transpose()?,
+            true => None,
+        };
+        let io = match (proxied, self.0.h1_only) {
+            (Some(io), _) => io,
+            (None, true) => dialer.connect_prefer_h1(dest, *tls).await?,
+            (None, false) => dialer.connect(dest, *tls).await?,
+        };
+        if io.is_h2() {
+            let tx = handshake_h2(io).await?;
+            let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
+            hosts.entry(key.clone()).or_default().h2 = Some(tx.clone());
+            return Ok(Conn::H2(tx));
+        }
+        let proxied = io.is_proxied();
+        let (tx, conn) = http1::Builder::new().handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("upstream connection: {e}");
+            }
+        });
+        if proxied {
+            let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
+            hosts.entry(key.clone()).or_default().proxied = true;
+        }
+        Ok(Conn::H1(tx, proxied))
+    }
+
+    fn put_back(&self, key: Key, tx: http1::SendRequest<Body>) {
+        let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        let host = hosts.entry(key).or_default();
+        if host.idle.len() < MAX_IDLE_PER_HOST {
+            host.idle.push((tx, Instant::now()));
+        }
+    }
+}
+
+async fn handshake_h2(io: UpstreamIo) -> Result<http2::SendRequest<Body>, hyper::Error> {
+    let (mut tx, conn) =
+        http2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).handshake(io).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("upstream h2 connection: {e}");
+        }
+    });
+    tx.ready().await?;
+    Ok(tx)
+}
+
+/// Idle connections past `IDLE_TIMEOUT` are closed (their sender dropped); the reaper
+/// ends with its pool.
+fn reap_idle(pool: Weak<Inner>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    runtime.spawn(async move {
+        loop {
+            tokio::time::sleep(IDLE_TIMEOUT / 3).await;
+            let Some(pool) = pool.upgrade() else { return };
+            let mut hosts = pool.hosts.lock().unwrap_or_else(|p| p.into_inner());
+            hosts.retain(|_, host| {
+                host.idle.retain(|(tx, since)| !tx.is_closed() && since.elapsed() <= IDLE_TIMEOUT);
+                host.h2 = host.h2.take().filter(|h2| !h2.is_closed());
+                !host.idle.is_empty() || host.h2.is_some()
+            });
+        }
+    });
+}
+
+/// HTTP/1.1 needs a Host header: the URI's authority, without a default port.
+fn set_host(req: &mut Request<Body>) {
+    if req.headers().contains_key(header::HOST) {
+        return;
+    }
+    let uri = req.uri();
+    let default = matches!(
+        (uri.port_u16(), uri.scheme() == Some(&Scheme::HTTPS)),
+        (Some(443), true) | (Some(80), false) | (None, _)
+    );
+    let text = match (default, uri.authority()) {
+        (true, _) => uri.host().unwrap_or(""),
+        (false, Some(a)) => a.as_str(),
+        (false, None) => "",
+    };
+    if let Ok(v) = HeaderValue::from_str(text) {
+        req.headers_mut().insert(header::HOST, v);
+    }
+}
+
+/// `/path?query`: what an HTTP/1.1 request line carries to an origin server.
+fn origin_form(uri: &mut Uri) {
+    *uri = match uri.path_and_query() {
+        Some(pq) if pq.as_str() != "/" => {
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(pq.clone());
+            Uri::from_parts(parts).unwrap_or_default()
+        }
+        _ => Uri::default(),
+    };
+}
+
+fn boxed(b: Returning) -> Body {
+    use http_body_util::BodyExt;
+    b.boxed()
+}
+
+/// Where an HTTP/1.1 connection goes back to once its response has been read.
+struct Back {
+    pool: Weak<Inner>,
+    key: Key,
+    tx: http1::SendRequest<Body>,
+}
+
+/// A response body that returns its HTTP/1.1 connection to the pool when it ends. A body
+/// dropped before its end leaves the connection to close (hyper closes it: the rest of
+/// the response was never read).
+struct Returning {
+    body: Incoming,
+    back: Option<Back>,
+}
+
+impl Returning {
+    fn maybe_return(&mut self) {
+        use hyper::body::Body as _;
+        if self.body.is_end_stream()
+            && let Some(Back { pool, key, tx }) = self.back.take()
+            && let Some(pool) = pool.upgrade()
+        {
+            Pool(pool).put_back(key, tx);
+        }
+    }
+}
+
+impl hyper::body::Body for Returning {
+    type Data = Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) | Poll::Ready(Some(Ok(_))) => self.maybe_return(),
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            Poll::Pending => {}
+        }
+        polled.map(|f| f.map(|r| r.map_err(|e| Box::new(e) as super::BoxError)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
