@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs the real clients the integration
 # tests drive (curl, git, Node, Claude Code, Python requests/websockets/grpcio/botocore/
-# google-auth/anthropic, nftables for exec --jail, podman, kubectl, systemd-analyze),
+# google-auth/anthropic, nftables for exec --jail, podman, kubectl, systemd-analyze,
+# Chromium + Playwright for the live view),
 # then fmt, clippy and cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,9 @@ command -v podman-compose >/dev/null || need_apt+=(podman-compose)
 command -v strip >/dev/null || need_apt+=(binutils)
 command -v kubectl >/dev/null || command -v kustomize >/dev/null || need_apt+=(kubernetes-client)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+# The live view's browser test (tests/live_view.rs): Debian's Chromium, driven by
+# Playwright from PyPI (tests/requirements.txt) with executable_path=/usr/bin/chromium.
+command -v chromium >/dev/null || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi

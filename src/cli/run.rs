@@ -80,8 +80,18 @@ pub fn run(
             Err(code) => return code,
         };
         if let Some(l) = admin {
+            let token = match crate::admin::auth::Token::load_or_create(
+                &proxy.generation().config.admin_access.token_file,
+            ) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("latchkey: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let _ = proxy.admin_token.set(token.key());
             tracing::info!("admin endpoint on {}", l.local_addr().map(|a| a.to_string()).unwrap_or_default());
-            tokio::spawn(crate::admin::serve(proxy.clone(), l));
+            tokio::spawn(crate::admin::serve(proxy.clone(), token, l));
         }
         let _pid = PidFile::write(pid_file);
         // Where `exec --jail` hands this instance a jail to serve.

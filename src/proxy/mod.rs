@@ -17,6 +17,7 @@ mod fanout;
 pub(crate) mod framing;
 mod generation;
 mod handler;
+mod held;
 pub(crate) mod hop;
 mod respond;
 mod route;
@@ -93,6 +94,11 @@ pub struct Proxy {
     hop: Option<hop::TlsHop>,
     /// Token root key, revocation list and verified-token cache (`crate::token`).
     pub tokens: Arc<crate::token::state::TokenState>,
+    /// Connections held for a person's answer, and the answers that stand (SPEC 10).
+    pub approvals: Arc<crate::approvals::Approvals>,
+    /// The admin token, once the admin listener has read or created it (it signs the
+    /// approvals webhook).
+    pub admin_token: std::sync::OnceLock<Arc<[u8]>>,
 }
 
 impl Proxy {
@@ -142,6 +148,7 @@ impl Proxy {
         let per_client = Default::default();
         let tokens = Arc::new(crate::token::state::TokenState::new(&generation.config.proxy.ca_dir));
         tokens.watch();
+        let approvals = crate::approvals::Approvals::new(generation.config.approvals_path());
         Ok(Arc::new(Proxy {
             current: RwLock::new(Arc::new(generation)),
             ca,
@@ -156,6 +163,8 @@ impl Proxy {
             ready: Default::default(),
             hop,
             tokens,
+            approvals,
+            admin_token: Default::default(),
         }))
     }
 

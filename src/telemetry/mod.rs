@@ -5,6 +5,7 @@
 //! metrics, the budgets and the traces agree.
 
 pub mod audit;
+pub mod live;
 pub mod metrics;
 pub mod otlp;
 mod pending;
@@ -33,11 +34,19 @@ pub struct Telemetry {
     /// usage, checked by [`Telemetry::admit`] before a request goes out.
     pub limits: Limiter,
     pub spans: Option<Exporter>,
+    /// The live view's feed (`GET /api/events`).
+    pub live: live::Live,
 }
 
 impl Telemetry {
     pub fn new(audit: Audit, spans: Option<Exporter>) -> Telemetry {
-        Telemetry { audit, metrics: Metrics::new(), limits: Limiter::default(), spans }
+        Telemetry {
+            audit,
+            metrics: Metrics::new(),
+            limits: Limiter::default(),
+            spans,
+            live: Default::default(),
+        }
     }
 
     /// Record one finished exchange everywhere it is counted.
@@ -52,6 +61,7 @@ impl Telemetry {
                 self.limits.spend(Scope::Agent, a, tokens);
             }
         }
+        self.live.publish(record);
         if let (Some(exporter), Some(mut span)) = (&self.spans, span) {
             fill_span(&mut span, record);
             exporter.export(span);
