@@ -475,3 +475,30 @@ fn a_watcher_that_stops_reading_is_disconnected_and_costs_the_proxy_nothing() {
         "the stalled watcher's connection is still open"
     );
 }
+
+/// The jail's redirected connections (no CONNECT: `serve_destined`) are held the same
+/// way: a curl that ignores every proxy setting waits inside the jail until allowed.
+#[test]
+fn a_jailed_connection_is_held_until_allowed() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "exec --jail tests run as root (scripts/test.sh does)");
+    let up = upstream(true, None);
+    let a = Admin::start(&up, ASK);
+    let (dir, config) = (a.lk.dir.path().to_path_buf(), a.lk.config_path.clone());
+    let jailed = std::thread::spawn(move || {
+        latchkey_cmd(&dir, &[])
+            .args(["exec", "--jail", "--config"])
+            .arg(&config)
+            .args(["--", "curl", "-sS", "--noproxy", "*", "-o", "/dev/null", "-w", "jailed %{http_code}"])
+            .arg("https://api.example.com/from-the-jail")
+            .output()
+            .unwrap()
+    });
+    let id = a.wait_pending("api.example.com", 1);
+    assert_eq!(up.count(), 0, "nothing reached the upstream while held");
+    assert!(a.cli(&["approvals", "allow", &id]).status.success());
+    let out = jailed.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("jailed 200"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(up.requests().iter().any(|r| r.path == "/from-the-jail"));
+}
