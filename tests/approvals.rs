@@ -505,3 +505,22 @@ fn a_jailed_connection_is_held_until_allowed() {
     assert!(stdout.contains("jailed 200"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(up.requests().iter().any(|r| r.path == "/from-the-jail"));
 }
+
+/// A token file latchkey cannot create (a read-only config directory in a container)
+/// leaves the public endpoints up and everything else closed.
+#[test]
+fn without_a_token_file_only_the_public_endpoints_answer() {
+    let port = free_port();
+    let body = format!(
+        "[admin]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"/proc/latchkey-nowhere/admin.token\"\n"
+    );
+    let lk = Latchkey::start(None, &body, &[]);
+    let a = Admin { lk, port };
+    wait_until("the admin port", || a.request("GET", "/healthz", &[], "").0 == 200);
+    // (/readyz may answer 503 for a moment: the admin port opens before the proxy's.)
+    wait_until("ready", || a.request("GET", "/readyz", &[], "").0 == 200);
+    let (status, _, body) = a.request("GET", "/metrics", &[("Authorization", "Bearer anything")], "");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no admin token"), "{body}");
+    assert!(a.lk.stderr().contains("serves /healthz, /readyz and /ca.crt only"), "{}", a.lk.stderr());
+}

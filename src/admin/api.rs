@@ -7,7 +7,8 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Admin, Reply, json_reply, refused};
+use super::auth::Token;
+use super::{Reply, json_reply, refused};
 use crate::approvals::{Choice, DecideError, Scope};
 use crate::config::Config;
 use crate::limits;
@@ -33,16 +34,16 @@ struct Login {
 }
 
 /// `POST /login` `{"token": ...}`: the view's login; sets the session cookie.
-pub async fn login(admin: &Admin, req: Request<Incoming>) -> Reply {
+pub async fn login(token: &Token, req: Request<Incoming>) -> Reply {
     let login: Login = match body_json(req).await {
         Ok(l) => l,
         Err(r) => return r,
     };
-    if !admin.token.is(&login.token) {
+    if !token.is(&login.token) {
         return refused(StatusCode::UNAUTHORIZED, "wrong admin token");
     }
-    let mut r = json_reply(StatusCode::OK, &json!({ "csrf": admin.token.csrf() }));
-    if let Ok(v) = HeaderValue::from_str(&admin.token.set_cookie()) {
+    let mut r = json_reply(StatusCode::OK, &json!({ "csrf": token.csrf() }));
+    if let Ok(v) = HeaderValue::from_str(&token.set_cookie()) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r

@@ -38,10 +38,12 @@ const JSON: &str = "application/json";
 /// What every admin connection shares.
 pub struct Admin {
     pub proxy: Arc<Proxy>,
-    pub token: Token,
+    /// `None` when the token file could not be read or created: then only the public
+    /// endpoints answer (fail closed, but health probes keep working).
+    pub token: Option<Token>,
 }
 
-pub async fn serve(proxy: Arc<Proxy>, token: Token, listener: TcpListener) {
+pub async fn serve(proxy: Arc<Proxy>, token: Option<Token>, listener: TcpListener) {
     let admin = Arc::new(Admin { proxy, token });
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
@@ -123,10 +125,16 @@ async fn answer(admin: &Admin, req: Request<Incoming>, cut: Arc<Notify>) -> Repl
     if ui && let Some(asset) = ui::asset(req.method(), &path) {
         return asset;
     }
+    let Some(token) = &admin.token else {
+        return refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no admin token ([admin] token_file could not be read or created; see latchkey's log): only /healthz, /readyz and /ca.crt are served",
+        );
+    };
     if path == "/login" && req.method() == Method::POST {
-        return api::login(admin, req).await;
+        return api::login(token, req).await;
     }
-    let Some(proof) = admin.token.proof(req.headers()) else {
+    let Some(proof) = token.proof(req.headers()) else {
         let mut r = refused(
             StatusCode::UNAUTHORIZED,
             "the admin token is needed (Authorization: Bearer, from [admin] token_file)",
@@ -138,17 +146,23 @@ async fn answer(admin: &Admin, req: Request<Incoming>, cut: Arc<Notify>) -> Repl
     let changes_state = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     if changes_state
         && proof == Proof::Cookie
-        && !(req.headers().contains_key(header::ORIGIN) && admin.token.csrf_ok(req.headers()))
+        && !(req.headers().contains_key(header::ORIGIN) && token.csrf_ok(req.headers()))
     {
         return refused(
             StatusCode::FORBIDDEN,
             "a change made with the view's session needs its Origin and CSRF token",
         );
     }
-    authorized(admin, req, &path, cut).await
+    authorized(admin, token, req, &path, cut).await
 }
 
-async fn authorized(admin: &Admin, req: Request<Incoming>, path: &str, cut: Arc<Notify>) -> Reply {
+async fn authorized(
+    admin: &Admin,
+    token: &Token,
+    req: Request<Incoming>,
+    path: &str,
+    cut: Arc<Notify>,
+) -> Reply {
     let proxy = &admin.proxy;
     let get = req.method() == Method::GET || req.method() == Method::HEAD;
     match path {
@@ -162,7 +176,7 @@ async fn authorized(admin: &Admin, req: Request<Incoming>, path: &str, cut: Arc<
                 serde_json::to_string_pretty(&effective(&proxy.generation().config)).unwrap_or_default();
             reply(StatusCode::OK, JSON, body + "\n")
         }
-        "/api/session" if get => json_reply(StatusCode::OK, &json!({ "csrf": admin.token.csrf() })),
+        "/api/session" if get => json_reply(StatusCode::OK, &json!({ "csrf": token.csrf() })),
         "/api/events" if get => events::stream(proxy, cut),
         "/api/approvals" if get => json_reply(StatusCode::OK, &json!(proxy.approvals.store.pending())),
         "/api/credentials" if get => {

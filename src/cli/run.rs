@@ -80,16 +80,21 @@ pub fn run(
             Err(code) => return code,
         };
         if let Some(l) = admin {
-            let token = match crate::admin::auth::Token::load_or_create(
-                &proxy.generation().config.admin_access.token_file,
-            ) {
-                Ok(t) => t,
+            let token_file = proxy.generation().config.admin_access.token_file.clone();
+            // Without a token (a read-only config directory in a container, say) the
+            // listener still serves the public endpoints, and nothing else.
+            let token = match crate::admin::auth::Token::load_or_create(&token_file) {
+                Ok(t) => Some(t),
                 Err(e) => {
-                    eprintln!("latchkey: {e}");
-                    return ExitCode::from(2);
+                    tracing::warn!(
+                        "{e}; the admin listener serves /healthz, /readyz and /ca.crt only (set [admin] token_file to a writable path, or create the file)"
+                    );
+                    None
                 }
             };
-            let _ = proxy.admin_token.set(token.key());
+            if let Some(t) = &token {
+                let _ = proxy.admin_token.set(t.key());
+            }
             tracing::info!("admin endpoint on {}", l.local_addr().map(|a| a.to_string()).unwrap_or_default());
             tokio::spawn(crate::admin::serve(proxy.clone(), token, l));
         }
