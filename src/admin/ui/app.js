@@ -82,6 +82,15 @@ function addRow(r) {
   if (r.credential && !state.creds.has(r.credential)) { state.creds.add(r.credential); addOption("#f-credential", r.credential); }
   if (matches(r)) { const tb = $("#requests tbody"); tb.prepend(...rows(r, true)); while (tb.rows.length > 2 * MAX_ROWS) tb.deleteRow(-1); }
   $("#no-requests").hidden = state.rows.length > 0;
+  scheduleUsage();
+}
+
+// The per-minute meters follow the feed, at most a few times a second.
+let usageQueued = false;
+function scheduleUsage() {
+  if (usageQueued) return;
+  usageQueued = true;
+  setTimeout(() => { usageQueued = false; renderUsage(); }, 250);
 }
 
 function addOption(sel, value) { $(sel).append(el("option", { value }, value)); }
