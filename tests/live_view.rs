@@ -1,6 +1,6 @@
 //! The live view in headless Chromium (Debian's `chromium`, driven by Playwright from
 //! PyPI with `executable_path=/usr/bin/chromium`; no browser download): the steps are in
-//! tests/py/live_view.py. Screenshots go to docs/img/.
+//! tests/py/live_view.py. `LATCHKEY_SCREENSHOTS=1` writes its screenshots to docs/img/.
 
 mod common;
 use common::*;
@@ -52,7 +52,12 @@ fn the_live_view_in_a_real_browser() {
     while !token.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/img");
+    // Screenshots: into docs/img/ when asked (LATCHKEY_SCREENSHOTS=1), so an ordinary
+    // run leaves the committed ones alone; else beside the test's latchkey.
+    let shots = match std::env::var_os("LATCHKEY_SCREENSHOTS") {
+        Some(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/img"),
+        None => lk.dir.path().join("screenshots"),
+    };
     std::fs::create_dir_all(&shots).unwrap();
     let out = py("live_view.py")
         .arg(format!("http://127.0.0.1:{admin}/"))
