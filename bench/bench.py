@@ -11,6 +11,7 @@ Usage: bench/run.sh [--quick] [--rounds N] [--duration S] [--soak S] [--only a,b
 
 import argparse
 import json
+import selectors
 import os
 import platform
 import shutil
@@ -223,6 +224,11 @@ domains = ["127.0.0.1:{self.up_port}", "127.0.0.1:{self.sse_port}", "{JAIL_HOST}
             self.transparent_port = free_port()
             conf.write_text(conf.read_text().replace(
                 "[proxy]\n", f'[proxy]\ntransparent = "127.0.0.1:{self.transparent_port}"\n', 1))
+            # The admin listener with the live view, for the live-view rows; the admin
+            # token is created beside the config at start.
+            self.admin_port = free_port()
+            with conf.open("a") as f:
+                f.write(f'[admin]\nlisten = "127.0.0.1:{self.admin_port}"\nui = true\n')
         conf.chmod(0o600)
         env = dict(os.environ, BENCH_SECRET=SECRET, RUST_LOG="warn")
         binary = str(binary or self.args.latchkey)
@@ -527,6 +533,7 @@ def main():
         jail = jail_rows(bench, lk) if lk and not args.no_jail else None
         transparent = transparent_rows(bench, lk) if lk and not args.no_transparent else None
         cluster = cluster_rows(bench, url, args) if lk and not args.no_cluster else None
+        live = live_view_rows(bench, lk, args) if lk else ""
         soak = None
         if lk and args.soak:
             soak = run_soak(bench, lk, url, args.soak)
@@ -537,11 +544,77 @@ def main():
             table += transparent
         if cluster:
             table += cluster
+        table += live
         print(table)
         if args.out:
             args.out.write_text(table)
     finally:
         bench.stop_all()
+
+
+# --- the live view (issue 15): keep-alive with one SSE watcher >= 0.95x without; 100 watchers < 10 MiB ---
+
+
+class Watchers:
+    """N clients of GET /api/events on the admin listener, read continuously by one thread."""
+
+    def __init__(self, port, token, n):
+        self.socks, self.bytes, self.stop = [], 0, threading.Event()
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(f"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                      f"Authorization: Bearer {token}\r\n\r\n".encode())
+            s.setblocking(False)
+            self.socks.append(s)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        sel = selectors.DefaultSelector()
+        for s in self.socks:
+            sel.register(s, selectors.EVENT_READ)
+        while not self.stop.is_set():
+            for key, _ in sel.select(timeout=0.2):
+                try:
+                    self.bytes += len(key.fileobj.recv(1 << 16))
+                except BlockingIOError:
+                    pass
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        for s in self.socks:
+            s.close()
+
+
+def live_view_rows(bench, lk, args):
+    token = (bench.work / "admin.token").read_text().strip()
+    url = f"https://127.0.0.1:{bench.up_port}/"
+    without, with_one = [], []
+    for r in range(args.rounds):
+        # Alternate the order, so neither side always runs on a warmer process.
+        for watched in ([False, True] if r % 2 == 0 else [True, False]):
+            w = Watchers(bench.admin_port, token, 1) if watched else None
+            res = oha(bench, lk, url, 32, args.duration)
+            if w:
+                w.close()
+                if not w.bytes:
+                    raise SystemExit("the live-view watcher received nothing")
+            (with_one if watched else without).append(res)
+            print(f"# round {r + 1} keep-alive, live view watched={watched}: {res['rps']:.0f}/s", file=sys.stderr)
+    base, watched = med(without, "rps"), med(with_one, "rps")
+    time.sleep(1)
+    before = rss_kib([lk.pid])
+    w = Watchers(bench.admin_port, token, 100)
+    oha(bench, lk, url, 32, max(3, args.duration // 2))  # events flow to all 100 while they are measured
+    after = rss_kib([lk.pid])
+    got = w.bytes
+    w.close()
+    return ("\n| live view (latchkey) | value |\n|---|---|\n"
+            f"| keep-alive, 32 connections, no watcher | {base:.0f} req/s |\n"
+            f"| keep-alive, 32 connections, one live-view watcher | {watched:.0f} req/s (**{watched / base:.2f}×**) |\n"
+            f"| RSS with 100 live-view watchers, under load | {before / 1024:.1f} → {after / 1024:.1f} MiB "
+            f"(+{(after - before) / 1024:.1f}); {got / 1048576:.1f} MiB of events delivered |\n")
 
 
 # --- exec --jail (SPEC 8: jailed keep-alive >= 0.8x explicit proxy; fresh jail < 50 ms added) ---

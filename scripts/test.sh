@@ -2,7 +2,7 @@
 # The whole test suite on a fresh machine: installs the real clients the integration
 # tests drive (curl, git, Node, Claude Code, Python requests/websockets/grpcio/botocore/
 # google-auth/anthropic, nftables for exec --jail, podman, kubectl, systemd-analyze,
-# redis-server),
+# redis-server, squid, gnome-keyring, Chromium + Playwright for the live view),
 # then fmt, clippy and cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +38,9 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 command -v gnome-keyring-daemon >/dev/null || need_apt+=(gnome-keyring)
 command -v secret-tool >/dev/null || need_apt+=(libsecret-tools)
 command -v dbus-run-session >/dev/null || need_apt+=(dbus-daemon)
+# The live view's browser test (tests/live_view.rs): Debian's Chromium, driven by
+# Playwright from PyPI (tests/requirements.txt) with executable_path=/usr/bin/chromium.
+command -v chromium >/dev/null || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi

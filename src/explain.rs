@@ -149,6 +149,13 @@ fn described(config: &Config, dest: &Destination, decision: Decision) -> Explana
         Decision::Intercept => {
             outcome("pass", "latchkey opens this tunnel and decides each request in it".into())
         }
+        Decision::Ask => outcome(
+            "ask",
+            format!(
+                "{} is not in allowed_domains: latchkey holds it until a person answers (on_unlisted = \"ask\")",
+                dest.host
+            ),
+        ),
     }
 }
 

@@ -29,6 +29,7 @@ macro_rules! message_error {
 }
 
 pub mod admin;
+pub mod approvals;
 pub mod ca;
 pub mod cli;
 pub mod cluster;

@@ -120,6 +120,13 @@ impl Limiter {
         Ok(())
     }
 
+    /// LLM tokens charged to `name` today (UTC), for the live view.
+    pub fn tokens_today(&self, scope: Scope, name: &str) -> u64 {
+        let (day, _) = utc_day_and_secs_left();
+        let map = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&(scope, name.to_string())).filter(|st| st.day == day).map_or(0, |st| st.tokens_today)
+    }
+
     /// Charge LLM tokens a response reported.
     pub fn spend(&self, scope: Scope, name: &str, tokens: u64) {
         let (day, _) = utc_day_and_secs_left();

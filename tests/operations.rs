@@ -47,10 +47,16 @@ fn authorization_of(lk: &Latchkey) -> String {
     echoed(&body, "authorization").join(",")
 }
 
-fn admin_get(port: u16, path: &str) -> (u16, String) {
+/// GET on the admin listener with the admin token (created by latchkey beside its config).
+fn admin_get(lk: &Latchkey, port: u16, path: &str) -> (u16, String) {
+    let token = std::fs::read_to_string(lk.dir.path().join("admin.token")).unwrap_or_default();
+    let token = token.trim();
     let resp = raw::exchange(
         port,
-        format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     );
     let status = resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
@@ -125,7 +131,7 @@ fn a_broken_config_keeps_the_old_one_and_readyz_stays_ready() {
     let up = upstream(true, None);
     let (lk, admin) = start_with_admin(&up, &credential("KEY_OLD", ""), &[("KEY_OLD", OLD)]);
     // The admin port may answer a moment before the proxy is ready: that is the point.
-    wait_until("ready", || admin_get(admin, "/readyz") == (200, "ready\n".into()));
+    wait_until("ready", || admin_get(&lk, admin, "/readyz") == (200, "ready\n".into()));
     let broken = std::fs::read_to_string(&lk.config_path).unwrap() + "\n[credentials.bad]\nheadr = \"x\"\n";
     let aside = lk.dir.path().join("broken.toml");
     std::fs::write(&aside, broken).unwrap();
@@ -133,8 +139,8 @@ fn a_broken_config_keeps_the_old_one_and_readyz_stays_ready() {
     wait_until("the failed reload", || lk.stderr().contains("reload (the config file changed) failed"));
     assert!(lk.stderr().contains("unknown key `headr`"), "the error names the key: {}", lk.stderr());
     assert_eq!(authorization_of(&lk), format!("Bearer {OLD}"), "the last good config stays");
-    assert_eq!(admin_get(admin, "/readyz"), (200, "ready\n".into()));
-    let (_, metrics) = admin_get(admin, "/metrics");
+    assert_eq!(admin_get(&lk, admin, "/readyz"), (200, "ready\n".into()));
+    let (_, metrics) = admin_get(&lk, admin, "/metrics");
     assert!(metrics.contains("latchkey_reloads_total{result=\"failed\"} 1"), "{metrics}");
 }
 
@@ -175,9 +181,10 @@ fn metrics_count_known_traffic_and_carry_no_secret() {
     assert_eq!(lk.curl(&["-k", "https://other.example.com/"]).0, 200);
     let tunnelled = [("decision", "tunnelled"), ("credential", "none")];
     wait_until("the tunnel to be counted", || {
-        sample(&parse_metrics(&admin_get(admin, "/metrics").1), "latchkey_requests_total", &tunnelled) == 1.0
+        sample(&parse_metrics(&admin_get(&lk, admin, "/metrics").1), "latchkey_requests_total", &tunnelled)
+            == 1.0
     });
-    let (code, text) = admin_get(admin, "/metrics");
+    let (code, text) = admin_get(&lk, admin, "/metrics");
     assert_eq!(code, 200);
     let s = parse_metrics(&text);
     let injected = [("decision", "injected"), ("credential", "example"), ("status", "2xx")];
@@ -192,14 +199,14 @@ fn metrics_count_known_traffic_and_carry_no_secret() {
 
     // /config names sources, never values; /ca.crt is the CA; the admin port is not a
     // destination the proxy will reach.
-    let (_, config) = admin_get(admin, "/config");
+    let (_, config) = admin_get(&lk, admin, "/config");
     let v: serde_json::Value = serde_json::from_str(&config).unwrap();
     assert_eq!(
         v["credentials"].as_array().unwrap().iter().find(|c| c["name"] == "example").unwrap()["source"],
         "env KEY_OLD"
     );
     assert_no_secret(&config, OLD);
-    let (_, ca) = admin_get(admin, "/ca.crt");
+    let (_, ca) = admin_get(&lk, admin, "/ca.crt");
     assert_eq!(ca, std::fs::read_to_string(lk.dir.path().join("ca/ca.crt")).unwrap());
     let (code, _) = lk.curl(&[&format!("http://127.0.0.1:{admin}/metrics")]);
     assert_eq!(code, 403, "the admin port through the proxy");
@@ -269,7 +276,7 @@ fn llm_usage_is_exact_in_the_log_and_the_metrics() {
         usage("openai"),
         serde_json::json!({"model": "gpt-4o-2024-08-06", "input_tokens": 19, "output_tokens": 10})
     );
-    let s = parse_metrics(&admin_get(admin, "/metrics").1);
+    let s = parse_metrics(&admin_get(&lk, admin, "/metrics").1);
     let tokens = |cred: &str, kind: &str| {
         sample(&s, "latchkey_llm_tokens_total", &[("credential", cred), ("kind", kind)])
     };

@@ -201,7 +201,12 @@ fn a_unicode_escaped_secret_reaches_no_client_log_label_or_span() {
     let record = json(line.lines().next().unwrap());
     assert_eq!(record["usage"]["model"], "other", "{line}");
     assert_eq!(record["usage"]["input_tokens"], 3, "usage itself is still read");
-    let metrics = raw::exchange(admin, b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    let token = std::fs::read_to_string(lk.dir.path().join("admin.token")).unwrap();
+    let get = format!(
+        "GET /metrics HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        token.trim()
+    );
+    let metrics = raw::exchange(admin, get.as_bytes());
     assert!(metrics.contains("model=\"other\""), "{metrics}");
     wait_for("a span", || std::fs::read_to_string(&spans_file).is_ok_and(|t| !t.is_empty()));
     let spans = std::fs::read_to_string(&spans_file).unwrap();

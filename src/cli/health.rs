@@ -50,7 +50,7 @@ fn admin_from_config(path: Option<PathBuf>) -> Result<SocketAddr, String> {
 }
 
 /// A wildcard listen address is probed on loopback.
-fn local(addr: SocketAddr) -> SocketAddr {
+pub(super) fn local(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
         IpAddr::V4(v4) if v4.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
         IpAddr::V6(v6) if v6.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),

@@ -1,5 +1,6 @@
 //! The command line (SPEC section 4).
 
+mod approvals;
 mod check;
 mod env;
 mod explain;
@@ -41,6 +42,24 @@ pub struct Cli {
 /// `--config`, shared by every command that reads the config.
 const CONFIG_HELP: &str =
     "Config file (default: $LATCHKEY_CONFIG, then ~/.config/latchkey/config.toml, else built-in defaults)";
+
+/// `--scope` of `latchkey approvals`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ScopeArg {
+    Once,
+    Run,
+    Always,
+}
+
+impl From<ScopeArg> for crate::approvals::Scope {
+    fn from(s: ScopeArg) -> Self {
+        match s {
+            ScopeArg::Once => crate::approvals::Scope::Once,
+            ScopeArg::Run => crate::approvals::Scope::Run,
+            ScopeArg::Always => crate::approvals::Scope::Always,
+        }
+    }
+}
 
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -173,6 +192,25 @@ enum Command {
         #[arg(long, value_name = "UID")]
         exclude_uid: Option<u32>,
     },
+    /// Pending approvals of the running instance (on_unlisted = "ask"): list, allow or
+    /// deny them through its admin API, with the admin token.
+    Approvals {
+        #[arg(long, global = true, value_name = "PATH", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+        /// How long an answer holds: once (the waiting requests), run (until latchkey
+        /// restarts; allow only), always (written to approvals.toml).
+        #[arg(long, global = true, value_enum, default_value = "once")]
+        scope: ScopeArg,
+        #[command(subcommand)]
+        action: Option<approvals::ApprovalsAction>,
+    },
+    /// Allowlist tools: `suggest` prints an allowed_domains snippet from the request log.
+    Allowlist {
+        #[arg(long, global = true, value_name = "PATH", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: approvals::AllowlistAction,
+    },
     /// Scoped tokens: mint, attenuate (offline), inspect, revoke, and the public key.
     Token {
         #[arg(long, global = true, value_name = "PATH", help = CONFIG_HELP)]
@@ -240,6 +278,8 @@ pub fn main() -> ExitCode {
         Command::Ca { config, action } => ca(config, action),
         Command::Providers => providers::providers(),
         Command::TransparentRules { port, exclude_uid } => transparent::print(port, exclude_uid),
+        Command::Approvals { config, scope, action } => approvals::approvals(config, action, scope.into()),
+        Command::Allowlist { config, action } => approvals::allowlist(config, action),
         Command::Health { config, admin, path } => health::health(config, admin, &path),
         Command::Token { config, action } => token::token(config, action),
         Command::Seal(args) => token::seal(args),

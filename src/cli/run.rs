@@ -87,8 +87,23 @@ pub fn run(
             Err(code) => return code,
         };
         if let Some(l) = admin {
+            let token_file = proxy.generation().config.admin_access.token_file.clone();
+            // Without a token (a read-only config directory in a container, say) the
+            // listener still serves the public endpoints, and nothing else.
+            let token = match crate::admin::auth::Token::load_or_create(&token_file) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(
+                        "{e}; the admin listener serves /healthz, /readyz and /ca.crt only (set [admin] token_file to a writable path, or create the file)"
+                    );
+                    None
+                }
+            };
+            if let Some(t) = &token {
+                let _ = proxy.admin_token.set(t.key());
+            }
             tracing::info!("admin endpoint on {}", l.local_addr().map(|a| a.to_string()).unwrap_or_default());
-            tokio::spawn(crate::admin::serve(proxy.clone(), l));
+            tokio::spawn(crate::admin::serve(proxy.clone(), token, l));
         }
         let _pid = PidFile::write(pid_file);
         // Where `exec --jail` hands this instance a jail to serve.

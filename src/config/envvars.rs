@@ -87,7 +87,7 @@ const VARS: &[Var] = &[
     Var {
         name: "LATCHKEY_ADMIN_LISTEN",
         key: "admin.listen",
-        kind: Kind::OptStr(|r| &mut r.admin.get_or_insert(RawAdmin { listen: None }).listen),
+        kind: Kind::OptStr(|r| &mut r.admin.get_or_insert_with(RawAdmin::default).listen),
     },
     Var {
         name: "LATCHKEY_REDIS",

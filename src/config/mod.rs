@@ -18,8 +18,8 @@ use ipnet::IpNet;
 use crate::inject::Injector;
 use crate::inject::build::Sources;
 use crate::policy::{
-    AgentRule, ContentFilter, CredState, CredentialRule, Decision, Destination, Filters, InSlot, Pattern,
-    Policy, Question, RequestHead, canonical_prefix,
+    AgentRule, ContentFilter, CredState, CredentialRule, Decision, Destination, Filters, InSlot, OnUnlisted,
+    Pattern, Policy, Question, RequestHead, canonical_prefix,
 };
 use crate::secrets::{Resolved, SecretValue, Source, Template};
 use crate::token::state::TokenState;
@@ -155,6 +155,8 @@ pub struct Config {
     pub proxy: ProxySettings,
     pub upstream: UpstreamSettings,
     pub admin: Option<SocketAddr>,
+    /// `[admin]`'s access settings: the view, the token, the approvals webhook.
+    pub admin_access: AdminAccess,
     pub policy: Policy,
     pub credentials: Vec<Credential>,
     /// Variables present at load that capture templates may use (listed by `check`).
@@ -165,6 +167,17 @@ pub struct Config {
     pub jail: JailSettings,
     /// `[cluster]`: shared state in Redis, when set.
     pub cluster: Option<crate::cluster::ClusterSettings>,
+}
+
+/// `[admin]` beyond `listen` (SPEC 10).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminAccess {
+    /// `ui = true`: the web view at `/`.
+    pub ui: bool,
+    /// `token_file`: default `admin.token` beside the config file (else in `ca_dir`).
+    pub token_file: PathBuf,
+    /// `webhook`: approval requests are POSTed here.
+    pub webhook: Option<String>,
 }
 
 /// What `exec --jail` hides (SPEC section 9).
@@ -368,6 +381,7 @@ impl Compiler<'_> {
                     .map_err(|_| self.err(&["admin"], None, "listen", format!("{s:?} is not ip:port")))?,
             ),
         };
+        let admin_access = self.admin_access(raw.admin.as_ref(), &proxy.ca_dir)?;
 
         let mut entries: Vec<(String, RawCredential, Option<std::ops::Range<usize>>, bool)> = Vec::new();
         if raw.credentials.is_none() || p.builtin_providers {
@@ -418,6 +432,7 @@ impl Compiler<'_> {
             proxy,
             upstream,
             admin,
+            admin_access,
             policy: Policy {
                 credentials: rules,
                 agents: agent_rules,
@@ -770,13 +785,56 @@ impl Compiler<'_> {
                 .map(|s| Pattern::parse(s).map_err(|e| self.err(&t, None, key, format!("{s:?}: {e}"))))
                 .collect()
         };
+        let on_unlisted = match f.on_unlisted.as_deref() {
+            None | Some("deny") => OnUnlisted::Deny,
+            Some("ask") => OnUnlisted::Ask,
+            Some("warn") => OnUnlisted::Warn,
+            Some(other) => {
+                let msg = format!("{other:?}: expected \"deny\", \"ask\" or \"warn\"");
+                return Err(self.err(&t, None, "on_unlisted", msg));
+            }
+        };
+        if f.ask_timeout == Some(0) {
+            return Err(self.err(&t, None, "ask_timeout", "must be at least 1 second"));
+        }
         Ok(Filters {
+            on_unlisted,
+            ask_timeout: Duration::from_secs(f.ask_timeout.unwrap_or(60)),
             blocked: patterns(&f.blocked_domains, "blocked_domains")?,
             allowlist_only: f.allowlist_only,
             allowed: patterns(&f.allowed_domains, "allowed_domains")?,
             content: ContentFilter::new(&f.blocked_patterns)
                 .map_err(|e| self.err(&t, None, "blocked_patterns", e.to_string()))?,
         })
+    }
+
+    fn admin_access(&self, a: Option<&raw::RawAdmin>, ca_dir: &Path) -> Result<AdminAccess, ConfigError> {
+        let default = || self.state_dir(ca_dir).join("admin.token");
+        let Some(a) = a else { return Ok(AdminAccess { token_file: default(), ..Default::default() }) };
+        if let Some(w) = &a.webhook
+            && !(w.starts_with("http://") || w.starts_with("https://"))
+        {
+            return Err(self.err(
+                &["admin"],
+                None,
+                "webhook",
+                format!("{w:?}: expected an http:// or https:// URL"),
+            ));
+        }
+        Ok(AdminAccess {
+            ui: a.ui,
+            token_file: a.token_file.as_deref().map(expand_home).unwrap_or_else(default),
+            webhook: a.webhook.clone(),
+        })
+    }
+
+    /// Where latchkey keeps what it writes for the user (admin token, approvals):
+    /// beside the config file, else in `ca_dir`.
+    fn state_dir(&self, ca_dir: &Path) -> PathBuf {
+        match self.file.and_then(Path::parent) {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => ca_dir.to_path_buf(),
+        }
     }
 
     fn upstream(&self, u: &raw::RawUpstream) -> Result<UpstreamSettings, ConfigError> {
@@ -1094,6 +1152,18 @@ impl Config {
     /// The zero-config defaults (no file).
     pub fn defaults() -> Result<Config, ConfigError> {
         load(None)
+    }
+
+    /// `approvals.toml`: the hosts a person allowed or denied `always` (SPEC 10), beside
+    /// the admin token (the config file's directory, else `ca_dir`).
+    pub fn approvals_path(&self) -> PathBuf {
+        let dir = self.admin_access.token_file.parent().map(Path::to_path_buf);
+        let beside_config = self.file.as_deref().and_then(Path::parent).filter(|d| !d.as_os_str().is_empty());
+        beside_config
+            .map(Path::to_path_buf)
+            .or(dir)
+            .unwrap_or_else(|| self.proxy.ca_dir.clone())
+            .join("approvals.toml")
     }
 
     pub fn ca_cert_path(&self) -> PathBuf {

@@ -160,6 +160,10 @@ pub struct RawFilters {
     pub blocked_patterns: Vec<String>,
     pub allowlist_only: bool,
     pub allowed_domains: Vec<String>,
+    /// "deny" (default) | "ask" | "warn" (SPEC 10).
+    pub on_unlisted: Option<String>,
+    /// Seconds a held connection waits for a person (default 60).
+    pub ask_timeout: Option<u64>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -212,10 +216,16 @@ pub struct RawUpstream {
     pub no_proxy: Vec<String>,
 }
 
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawAdmin {
     pub listen: Option<String>,
+    /// The web view at `/`.
+    pub ui: bool,
+    /// The admin token (created 0600 at first start when absent).
+    pub token_file: Option<String>,
+    /// Every approval request is POSTed here, signed with the admin token.
+    pub webhook: Option<String>,
 }
 
 /// `[telemetry]`: OpenTelemetry export.

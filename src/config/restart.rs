@@ -25,6 +25,11 @@ pub fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
     if old.admin != new.admin {
         return Some("[admin] listen");
     }
+    if old.admin_access.ui != new.admin_access.ui
+        || old.admin_access.token_file != new.admin_access.token_file
+    {
+        return Some("[admin] ui or token_file");
+    }
     if old.proxy.log_requests != new.proxy.log_requests
         || old.proxy.log_file != new.proxy.log_file
         || old.proxy.hmac_key_file != new.proxy.hmac_key_file

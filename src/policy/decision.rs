@@ -29,12 +29,33 @@ pub struct Question<'a> {
     /// When it is asked: rules that expire (a scoped token's time checks) compare
     /// against this, never against the clock.
     pub at: SystemTime,
+    /// What a person said about this destination (`on_unlisted = "ask"`): the runtime
+    /// keeps the answers (approvals are state, like rate limits) and asks again with
+    /// the one it holds.
+    pub person: Verdict,
+}
+
+/// A person's answer about an unlisted destination, as handed in with the question.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nobody has said anything (yet): an unlisted host is asked about.
+    #[default]
+    Unasked,
+    Allowed,
+    Denied,
+    /// Nobody answered within `ask_timeout`.
+    Unanswered,
 }
 
 impl<'a> Question<'a> {
     /// A question asked now.
     pub fn now(agent: Option<usize>, dest: &'a Destination, head: Option<&'a RequestHead<'a>>) -> Self {
-        Question { agent, dest, head, at: SystemTime::now() }
+        Question { agent, dest, head, at: SystemTime::now(), person: Verdict::Unasked }
+    }
+
+    /// The same question, with what a person answered.
+    pub fn answered(self, person: Verdict) -> Self {
+        Question { person, ..self }
     }
 }
 
@@ -56,6 +77,10 @@ pub enum Decision {
     /// Answered by latchkey itself with `credential`'s stand-in token (a client library's
     /// token refresh against latchkey's stub credentials file); never forwarded.
     Vend { credential: usize },
+    /// Unlisted, and `on_unlisted = "ask"`: hold the connection or request (nothing goes
+    /// upstream) until a person answers, then ask again with the answer
+    /// (`Question::person`).
+    Ask,
 }
 
 /// The rate limits and token budgets a forwarded request must be admitted under (the
@@ -82,6 +107,17 @@ impl Policy {
         }
         if let Some(r) = self.domain_refusal(q.dest) {
             return Decision::Block(r);
+        }
+        if self.filters.on_unlisted == super::OnUnlisted::Ask && self.unlisted(q.dest) {
+            match q.person {
+                Verdict::Allowed => {}
+                Verdict::Unasked => return Decision::Ask,
+                Verdict::Denied => return Decision::Block(not_approved(q.dest, "denied".into())),
+                Verdict::Unanswered => {
+                    let why = format!("no answer in {} s", self.filters.ask_timeout.as_secs());
+                    return Decision::Block(not_approved(q.dest, why));
+                }
+            }
         }
         let Some(head) = q.head else {
             return self.tunnel(q.dest);
@@ -233,4 +269,16 @@ fn excepted(rule: &CredentialRule, pattern: &str, agent: Option<usize>) -> Decis
         ));
     }
     Decision::Pass { reason: why.into(), budgets: Budgets { credential: None, agent } }
+}
+
+/// The refusal of an unlisted host a person denied or left unanswered, written for the
+/// model to relay to its user (SPEC 10).
+fn not_approved(dest: &Destination, why: String) -> Refusal {
+    Refusal::new(
+        RefusalKind::NotApproved,
+        format!(
+            "{} is not allowed by the user's egress policy ({why}); ask the user to allow it with latchkey approvals or the web view",
+            dest.host
+        ),
+    )
 }

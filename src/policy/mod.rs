@@ -15,7 +15,7 @@ use aho_corasick::AhoCorasick;
 use http::HeaderMap;
 
 pub use agents::AgentRule;
-pub use decision::{Budgets, Decision, Question};
+pub use decision::{Budgets, Decision, Question, Verdict};
 pub use except::PathPattern;
 pub use host::{Destination, Host, HostError};
 pub use pattern::{Pattern, Specificity};
@@ -96,6 +96,22 @@ pub struct Filters {
     pub allowlist_only: bool,
     pub allowed: Vec<Pattern>,
     pub content: ContentFilter,
+    /// What happens to a host outside `allowed_domains` (SPEC 10).
+    pub on_unlisted: OnUnlisted,
+    /// `ask_timeout`: how long a held connection waits for a person; named in the
+    /// refusal of one nobody answered.
+    pub ask_timeout: std::time::Duration,
+}
+
+/// `on_unlisted`: a host outside `allowed_domains` is refused (`deny`, the default,
+/// only with `allowlist_only`), held until a person decides (`ask`), or let through and
+/// logged as `warned` (`warn`). `ask` and `warn` imply an allowlist.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnUnlisted {
+    #[default]
+    Deny,
+    Ask,
+    Warn,
 }
 
 /// `blocked_patterns`: literal substrings (one automaton) and `~regex`es.
@@ -302,18 +318,29 @@ impl Policy {
                 format!("{} is blocked by blocked_domains pattern {:?}", dest.host, p.source),
             ));
         }
-        if f.allowlist_only
-            && !f
-                .allowed
-                .iter()
-                .any(|p| p.matches_host(&dest.host).is_some() && default_port_ok(p.port, &[], dest.port))
-        {
+        if f.allowlist_only && f.on_unlisted == OnUnlisted::Deny && self.unlisted(dest) {
             return Some(Refusal::new(
                 RefusalKind::NotAllowlisted,
                 format!("{} is not in allowed_domains (allowlist_only = true)", dest),
             ));
         }
         None
+    }
+
+    /// Outside `allowed_domains`, when there is an allowlist (`allowlist_only`, or
+    /// `on_unlisted` asking or warning about what is outside it).
+    pub fn unlisted(&self, dest: &Destination) -> bool {
+        let f = &self.filters;
+        (f.allowlist_only || f.on_unlisted != OnUnlisted::Deny)
+            && !f
+                .allowed
+                .iter()
+                .any(|p| p.matches_host(&dest.host).is_some() && default_port_ok(p.port, &[], dest.port))
+    }
+
+    /// Let through although unlisted (`on_unlisted = "warn"`): logged as `warned`.
+    pub fn warned(&self, dest: &Destination) -> bool {
+        self.filters.on_unlisted == OnUnlisted::Warn && self.unlisted(dest)
     }
 
     fn head_pattern(&self, head: &RequestHead<'_>) -> Option<&str> {

@@ -12,6 +12,8 @@ pub enum RefusalKind {
     BlockedDomain,
     /// Outside `allowed_domains` (global with `allowlist_only`, or the agent's own).
     NotAllowlisted,
+    /// Unlisted with `on_unlisted = "ask"`, and a person denied it or nobody answered.
+    NotApproved,
     /// A `blocked_patterns` entry in the request line, headers, body or trailers.
     BlockedPattern,
     /// The destination resolves to a private, loopback or metadata address (invariant 12).
@@ -84,10 +86,9 @@ impl RefusalKind {
     pub fn status(self) -> u16 {
         use RefusalKind::*;
         match self {
-            BlockedDomain | NotAllowlisted | BlockedPattern | Ssrf | PlainHttp | ClientNotAllowed
-            | AgentCredential | PlaceholderRequired | ExceptPath | TraceRefused | MintingEndpoint | Token => {
-                403
-            }
+            BlockedDomain | NotAllowlisted | NotApproved | BlockedPattern | Ssrf | PlainHttp
+            | ClientNotAllowed | AgentCredential | PlaceholderRequired | ExceptPath | TraceRefused
+            | MintingEndpoint | Token => 403,
             ProxyAuth => 407,
             Misdirected => 421,
             BadRequest | Smuggling | CannotApply => 400,
@@ -109,6 +110,7 @@ impl RefusalKind {
         match self {
             BlockedDomain => "blocked-domain",
             NotAllowlisted => "not-allowlisted",
+            NotApproved => "not-approved",
             BlockedPattern => "blocked-pattern",
             Ssrf => "ssrf",
             PlainHttp => "plain-http",
@@ -201,6 +203,7 @@ mod tests {
             (RefusalKind::HeadTooLarge, 431, "head-too-large"),
             (RefusalKind::MintingEndpoint, 403, "credential-refused"),
             (RefusalKind::Token, 403, "token"),
+            (RefusalKind::NotApproved, 403, "not-approved"),
             (RefusalKind::CannotApply, 400, "credential-refused"),
             (RefusalKind::CredentialUnusable, 502, "credential-refused"),
             (RefusalKind::RateLimited, 429, "rate-limited"),

@@ -163,6 +163,7 @@ fn filters() {
             allowlist_only: true,
             allowed: vec![Pattern::parse("api.good.com").unwrap(), Pattern::parse(".evil.com").unwrap()],
             content: ContentFilter::new(&["rm -rf /".into(), "~DROP\\s+TABLE".into()]).unwrap(),
+            ..Default::default()
         },
         ..Default::default()
     };
@@ -430,4 +431,53 @@ proptest! {
             );
         }
     }
+}
+
+#[test]
+fn unlisted_hosts_are_asked_about_and_the_answer_decides() {
+    let p = Policy {
+        filters: Filters {
+            blocked: vec![Pattern::parse("bad.example").unwrap()],
+            allowlist_only: true,
+            allowed: vec![Pattern::parse("api.good.com").unwrap()],
+            on_unlisted: OnUnlisted::Ask,
+            ask_timeout: std::time::Duration::from_secs(60),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let d = dest("new.example:443");
+    let ask = |person| p.decide(&Question::now(None, &d, None).answered(person), |_| InSlot::Other);
+    assert_eq!(ask(Verdict::Unasked), Decision::Ask);
+    assert_eq!(ask(Verdict::Allowed), Decision::Tunnel);
+    let Decision::Block(r) = ask(Verdict::Denied) else { panic!("a denied host is refused") };
+    assert_eq!((r.status(), r.token()), (403, "not-approved"));
+    assert_eq!(
+        r.message,
+        "new.example is not allowed by the user's egress policy (denied); ask the user to allow it with latchkey approvals or the web view"
+    );
+    let Decision::Block(r) = ask(Verdict::Unanswered) else { panic!("an unanswered host is refused") };
+    assert!(r.message.contains("(no answer in 60 s)"), "{}", r.message);
+    // Listed hosts are never asked about; a blocked one is refused, never asked about.
+    assert_eq!(connect(&p, "api.good.com:443"), Decision::Tunnel);
+    assert!(
+        matches!(connect(&p, "bad.example:443"), Decision::Block(r) if r.kind == RefusalKind::BlockedDomain)
+    );
+    // A request head is asked about too (plain HTTP on the proxy port).
+    assert_eq!(decide(&p, "new.example:80", "GET", "/", false), Decision::Ask);
+}
+
+#[test]
+fn warn_lets_unlisted_hosts_through_and_says_so() {
+    let p = Policy {
+        filters: Filters {
+            allowed: vec![Pattern::parse("api.good.com").unwrap()],
+            on_unlisted: OnUnlisted::Warn,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    assert_eq!(connect(&p, "new.example:443"), Decision::Tunnel);
+    assert!(p.warned(&dest("new.example:443")));
+    assert!(!p.warned(&dest("api.good.com:443")));
 }

@@ -138,6 +138,14 @@ pub(super) fn sni_refusal(
             let named = Destination { host: named, port: dest.port };
             match config.decide(&Question::now(agent, &named, None), tokens) {
                 Decision::Block(r) => Some(r),
+                // A name nobody approved is not let through behind an approved address.
+                Decision::Ask => Some(Refusal::new(
+                    RefusalKind::NotApproved,
+                    format!(
+                        "TLS SNI {sni:?} names a host nobody approved; the tunnel to {} does not carry it",
+                        dest.host
+                    ),
+                )),
                 _ => None,
             }
         }

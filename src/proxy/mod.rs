@@ -18,9 +18,10 @@ mod fanout;
 pub(crate) mod framing;
 mod generation;
 mod handler;
+mod held;
 pub(crate) mod hop;
-mod own_socket;
 mod linger;
+mod own_socket;
 mod pool;
 mod respond;
 mod route;
@@ -100,6 +101,11 @@ pub struct Proxy {
     hop: Option<hop::TlsHop>,
     /// Token root key, revocation list and verified-token cache (`crate::token`).
     pub tokens: Arc<crate::token::state::TokenState>,
+    /// Connections held for a person's answer, and the answers that stand (SPEC 10).
+    pub approvals: Arc<crate::approvals::Approvals>,
+    /// The admin token, once the admin listener has read or created it (it signs the
+    /// approvals webhook).
+    pub admin_token: std::sync::OnceLock<Arc<[u8]>>,
 }
 
 impl Proxy {
@@ -152,6 +158,7 @@ impl Proxy {
         if let Some(settings) = &generation.config.cluster {
             telemetry.shared = Some(crate::cluster::join(settings, &telemetry.metrics, &tokens)?);
         }
+        let approvals = crate::approvals::Approvals::new(generation.config.approvals_path());
         Ok(Arc::new(Proxy {
             current: RwLock::new(Arc::new(generation)),
             ca,
@@ -166,6 +173,8 @@ impl Proxy {
             ready: Default::default(),
             hop,
             tokens,
+            approvals,
+            admin_token: Default::default(),
         }))
     }
 

@@ -9,7 +9,7 @@ use http::request::Parts;
 use http::uri::{Authority, Scheme};
 use http::{Method, header};
 
-use crate::policy::{Destination, Refusal, RefusalKind};
+use crate::policy::{Destination, Refusal, RefusalKind, Verdict};
 
 /// Where requests on this connection go. Fixed before the first request is read.
 #[derive(Debug)]
@@ -32,6 +32,9 @@ pub struct Route {
     /// scheme's default (HTTP/2 sends it as `:authority`, as clients write it).
     pub scheme: Scheme,
     pub origin: Option<Authority>,
+    /// What a person answered about this destination when the connection was held
+    /// (`on_unlisted = "ask"`, scope `once`: for the connection's life).
+    pub person: Verdict,
 }
 
 impl Route {
@@ -48,7 +51,14 @@ impl Route {
         let host_text: Arc<str> = dest.host.to_string().into();
         let origin = if dest.port == default_port { host_text.parse() } else { authority.parse() };
         let origin = origin.ok();
-        Route { dest, tls, tunnel, misdirected, peer, agent, authority, host_text, scheme, origin }
+        let person = Verdict::Unasked;
+        Route { dest, tls, tunnel, misdirected, peer, agent, authority, host_text, scheme, origin, person }
+    }
+
+    /// The route of a connection a person answered about.
+    pub fn answered(mut self, person: Verdict) -> Route {
+        self.person = person;
+        self
     }
 
     /// Whether a Host value names this destination exactly as latchkey writes it: the

@@ -30,7 +30,7 @@ use super::handler;
 use super::respond::{self, Protocol};
 use super::route::Route;
 use super::{Body, Generation, Proxy};
-use crate::policy::{Decision, Destination, Host, Question, Refusal, RefusalKind};
+use crate::policy::{Decision, Destination, Host, Question, Refusal, RefusalKind, Verdict};
 use crate::telemetry::metrics::{KindLabel, ResultLabel};
 use crate::telemetry::record::{self, Path};
 
@@ -64,6 +64,7 @@ pub async fn intercept<S>(
     opener: Opener,
     agent: Option<usize>,
     dest: Destination,
+    person: Verdict,
     client: S,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -79,7 +80,7 @@ pub async fn intercept<S>(
     let io = Prefixed::new(first.to_vec(), io);
     let peer = opener.peer;
     if first[0] != TLS_HANDSHAKE {
-        let route = Route::new(dest, false, true, None, peer, agent);
+        let route = Route::new(dest, false, true, None, peer, agent).answered(person);
         Box::pin(serve_h1(Conn::new(proxy, &generation, opener, route), io)).await;
         return;
     }
@@ -114,7 +115,7 @@ pub async fn intercept<S>(
         Err(_) => return,
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let route = Route::new(dest, true, true, misdirected, peer, agent);
+    let route = Route::new(dest, true, true, misdirected, peer, agent).answered(person);
     let conn = Conn::new(proxy, &generation, opener, route);
     // Boxed: the task then holds only the connection kind it serves (an h2 server's
     // state is several KiB an HTTP/1.1 connection would otherwise carry while idle).
@@ -153,7 +154,8 @@ impl Conn {
         let old = cached.1.clone();
         let agent = handler::admit(&generation.config, &self.opener).map_err(|r| (r, old.clone()))?;
         let route =
-            Route::new(old.dest.clone(), old.tls, old.tunnel, old.misdirected.clone(), old.peer, agent);
+            Route::new(old.dest.clone(), old.tls, old.tunnel, old.misdirected.clone(), old.peer, agent)
+                .answered(old.person);
         *cached = (Arc::downgrade(generation), Arc::new(route));
         Ok(cached.1.clone())
     }
@@ -251,6 +253,8 @@ pub enum Tunnel {
         opener: Opener,
         agent: Option<usize>,
         dest: Destination,
+        /// What a person answered about it (`on_unlisted = "ask"`): its requests carry it.
+        person: Verdict,
     },
 }
 
@@ -267,20 +271,30 @@ impl Tunnel {
         started: Instant,
     ) -> Result<Tunnel, Refusal> {
         let (proxy, generation, dest) = (proxy.clone(), generation.clone(), dest.clone());
-        match generation.config.decide(&Question::now(agent, &dest, None), &proxy.tokens) {
+        let q = Question::now(agent, &dest, None);
+        let mut decision = generation.config.decide(&q, &proxy.tokens);
+        let mut person = Verdict::Unasked;
+        if decision == Decision::Ask {
+            // Held before any byte goes upstream (or any TLS is spoken) until a person answers.
+            let asking = super::held::asking(&generation.config, &dest, agent, "CONNECT", None, None);
+            person = proxy.held(&generation.config, asking).await;
+            decision = generation.config.decide(&q.answered(person), &proxy.tokens);
+        }
+        match decision {
             Decision::Block(r) => Err(r),
             Decision::Tunnel => {
                 proxy.telemetry.log_ready()?;
                 let upstream =
                     generation.dialer.connect_tcp(&dest).await.map_err(|e| respond::upstream_refusal(&e))?;
-                Ok(Tunnel::Blind(Blind { proxy, generation, opener, agent, dest, started }, upstream))
+                Ok(Tunnel::Blind(Blind { proxy, generation, opener, agent, dest, started, person }, upstream))
             }
             Decision::Intercept => {
                 generation.dialer.addresses(&dest).await.map_err(|e| respond::upstream_refusal(&e))?;
-                Ok(Tunnel::Intercept { proxy, generation, opener, agent, dest })
+                Ok(Tunnel::Intercept { proxy, generation, opener, agent, dest, person })
             }
-            // A question without a request head is answered with a tunnel or a refusal.
-            Decision::Pass { .. } | Decision::Inject { .. } | Decision::Vend { .. } => {
+            // A question without a request head is answered with a tunnel or a refusal,
+            // and one that carries a person's answer is not asked about again.
+            Decision::Pass { .. } | Decision::Inject { .. } | Decision::Vend { .. } | Decision::Ask => {
                 Err(Refusal::new(RefusalKind::Internal, "a tunnel was decided as a request"))
             }
         }
@@ -294,8 +308,8 @@ impl Tunnel {
         match self {
             // Boxed: a blind tunnel's sniffing buffers stay out of intercepted tunnels' tasks.
             Tunnel::Blind(blind, upstream) => Box::pin(blind.run(client, upstream)).await,
-            Tunnel::Intercept { proxy, generation, opener, agent, dest } => {
-                intercept(proxy, generation, opener, agent, dest, client).await
+            Tunnel::Intercept { proxy, generation, opener, agent, dest, person } => {
+                intercept(proxy, generation, opener, agent, dest, person, client).await
             }
         }
     }
@@ -309,6 +323,8 @@ pub struct Blind {
     pub agent: Option<usize>,
     pub dest: Destination,
     pub started: Instant,
+    /// What a person answered about it (`on_unlisted = "ask"`).
+    pub person: Verdict,
 }
 
 /// What a blind tunnel's first bytes turned out to be.
@@ -394,7 +410,7 @@ impl Blind {
         let config = &self.generation.config;
         let mut rec = handler::tunnel_record(config, self.opener.peer, self.agent, &self.dest, self.started);
         rec.status = Some(200);
-        rec.decision = "tunnelled";
+        rec.decision = if config.policy.warned(&self.dest) { "warned" } else { "tunnelled" };
         rec.reason = why.map(Into::into);
         rec.bytes_up = upstream.moved().1;
         rec.bytes_down = client.moved().1;
@@ -408,7 +424,8 @@ impl Blind {
         C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let _open = TunnelGauge::open(&self.proxy, "intercepted");
-        let route = Route::new(self.dest, false, true, None, self.opener.peer, self.agent);
+        let route =
+            Route::new(self.dest, false, true, None, self.opener.peer, self.agent).answered(self.person);
         let conn = Conn::new(self.proxy.clone(), &self.generation, self.opener, route);
         Box::pin(serve_h1(conn, Prefixed::new(first, client))).await;
     }

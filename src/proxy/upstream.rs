@@ -371,7 +371,10 @@ impl Dialer {
 
     /// A plain-HTTP connection to the corporate proxy itself, for requests written in
     /// absolute form (after the destination's SSRF check); `None` without a proxy.
-    pub(super) async fn connect_plain_proxied(&self, dest: &Destination) -> Option<Result<UpstreamIo, UpstreamError>> {
+    pub(super) async fn connect_plain_proxied(
+        &self,
+        dest: &Destination,
+    ) -> Option<Result<UpstreamIo, UpstreamError>> {
         let proxy = self.proxy_for(dest)?;
         let host = dest.to_string();
         let attempt = async {

@@ -5,6 +5,7 @@
 //! metrics, the budgets and the traces agree.
 
 pub mod audit;
+pub mod live;
 pub mod metrics;
 pub mod otlp;
 mod pending;
@@ -39,11 +40,20 @@ pub struct Telemetry {
     /// serves only while Redis is down with `on_store_error = "open"`.
     pub shared: Option<Arc<SharedLimits>>,
     pub spans: Option<Exporter>,
+    /// The live view's feed (`GET /api/events`).
+    pub live: live::Live,
 }
 
 impl Telemetry {
     pub fn new(audit: Audit, spans: Option<Exporter>) -> Telemetry {
-        Telemetry { audit, metrics: Metrics::new(), limits: Limiter::default(), shared: None, spans }
+        Telemetry {
+            audit,
+            metrics: Metrics::new(),
+            limits: Limiter::default(),
+            shared: None,
+            spans,
+            live: Default::default(),
+        }
     }
 
     /// Record one finished exchange everywhere it is counted.
@@ -59,6 +69,7 @@ impl Telemetry {
                 }
             }
         }
+        self.live.publish(record);
         if let (Some(exporter), Some(mut span)) = (&self.spans, span) {
             fill_span(&mut span, record);
             exporter.export(span);

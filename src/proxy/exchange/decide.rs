@@ -7,7 +7,7 @@ use http::{Response, header};
 use super::super::route::Route;
 use super::super::{Body, respond};
 use crate::config::Config;
-use crate::policy::{Decision, Question, Refusal, RefusalKind, RequestHead};
+use crate::policy::{Decision, Question, Refusal, RefusalKind, RequestHead, Verdict};
 use crate::telemetry::{Record, Telemetry};
 use crate::token::state::TokenState;
 
@@ -22,6 +22,8 @@ pub enum Decided {
     Forward(Option<Chosen>),
     /// latchkey answers with this credential's stand-in token.
     Vend(usize),
+    /// Unlisted (`on_unlisted = "ask"`): hold it for a person, then decide again.
+    Ask,
 }
 
 pub async fn decide(
@@ -30,11 +32,12 @@ pub async fn decide(
     config: &Config,
     route: &Route,
     parts: &Parts,
+    person: Verdict,
     record: &mut Record,
 ) -> Result<Decided, Refusal> {
     telemetry.log_ready()?;
     let head = head(route, parts);
-    let q = Question::now(route.agent, &route.dest, Some(&head));
+    let q = Question::now(route.agent, &route.dest, Some(&head)).answered(person);
     match config.decide(&q, tokens) {
         Decision::Block(r) => {
             if names_credential(r.kind) {
@@ -60,6 +63,11 @@ pub async fn decide(
             Ok(Decided::Forward(Some(Chosen { index: credential, captures })))
         }
         Decision::Vend { credential } => Ok(Decided::Vend(credential)),
+        Decision::Ask if person == Verdict::Unasked => Ok(Decided::Ask),
+        Decision::Ask => Err(Refusal::new(
+            RefusalKind::Internal,
+            "a request a person answered about was asked about again",
+        )),
         // Only a question without a request head is answered with a tunnel.
         Decision::Tunnel | Decision::Intercept => {
             Err(Refusal::new(RefusalKind::Internal, "a request was decided as a tunnel"))
@@ -101,4 +109,18 @@ pub fn vended(config: &Config, credential: usize, record: &mut Record) -> Result
     let mut resp = Response::new(respond::full(vended.body));
     resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(vended.content_type));
     Ok(resp)
+}
+
+/// What a person is shown about a held request: its destination, agent, method, path
+/// (without query) and the credential it would get.
+pub fn asking(config: &Config, route: &Route, parts: &Parts) -> crate::approvals::Asking {
+    let credential = config.policy.winner(&route.dest, &head(route, parts));
+    super::super::held::asking(
+        config,
+        &route.dest,
+        route.agent,
+        parts.method.as_str(),
+        Some(parts.uri.path()),
+        credential,
+    )
 }

@@ -61,11 +61,15 @@ impl Exchange {
 
     /// Phase "log": what the client gets, the record written when it has got it.
     pub fn end(
-        self,
+        mut self,
         answered: Result<Answer, Refusal>,
         config: &Arc<Config>,
         route: &Route,
     ) -> Response<Body> {
+        if answered.is_ok() && config.policy.warned(&route.dest) {
+            // Let through although unlisted (`on_unlisted = "warn"`): shown as such.
+            self.record.decision = "warned";
+        }
         match answered {
             Ok(Answer::Forwarded(resp)) => self.streamed(resp, config, route),
             Ok(Answer::Local(resp)) => self.at_once(resp),

@@ -73,12 +73,22 @@ async fn exchange(
         // Policy, injection and the log see the WebSocket handshake as what it is: a GET.
         parts.method = Method::GET;
     }
-    let decided = decide::decide(&proxy.telemetry, &proxy.tokens, config, route, &parts, &mut x.record);
-    let chosen = match decided.await? {
+    let mut decided =
+        decide::decide(&proxy.telemetry, &proxy.tokens, config, route, &parts, route.person, &mut x.record)
+            .await?;
+    if let Decided::Ask = decided {
+        // Held before anything goes upstream, until a person answers.
+        let person = proxy.held(config, decide::asking(config, route, &parts)).await;
+        decided =
+            decide::decide(&proxy.telemetry, &proxy.tokens, config, route, &parts, person, &mut x.record)
+                .await?;
+    }
+    let chosen = match decided {
         Decided::Vend(credential) => {
             return decide::vended(config, credential, &mut x.record).map(Answer::Local);
         }
         Decided::Forward(chosen) => chosen,
+        Decided::Ask => return Err(Refusal::new(crate::policy::RefusalKind::Internal, "asked twice")),
     };
     let credential = chosen.as_ref().map(|c| &config.credentials[c.index]);
     // The pool follows the client's protocol; the request itself goes as HTTP/1.1.
