@@ -154,9 +154,13 @@ impl Replica {
             .collect()
     }
 
+    /// `/metrics`, with the admin token latchkey created beside the config (issue 15).
     fn metrics(&self) -> String {
+        let token =
+            std::fs::read_to_string(self.config.parent().unwrap().join("admin.token")).unwrap_or_default();
         let out = Command::new("curl")
-            .args(["-sS", "--max-time", "5", &format!("http://127.0.0.1:{}/metrics", self.admin)])
+            .args(["-sS", "--max-time", "5", "-H", &format!("authorization: Bearer {}", token.trim())])
+            .arg(format!("http://127.0.0.1:{}/metrics", self.admin))
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()

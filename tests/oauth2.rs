@@ -103,12 +103,14 @@ fn an_expired_token_is_refreshed_once_however_many_requests_wait() {
             (0..12).map(|i| s.spawn(move || lk.curl(&[&format!("https://api.example.com/w{i}")]))).collect();
         all.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    // Each answer says how many token requests the endpoint had seen by then: one
+    // refresh for all twelve. (Asked of the twelve answers themselves, not of a later
+    // request, which may rightly find at-2 past half its life on a loaded machine.)
     for (code, body) in &answers {
         assert_eq!(*code, 200, "{body}");
         assert_eq!(json(body)["token"], "at-2", "{body}");
+        assert_eq!(json(body)["token_requests"], 2, "one refresh for all twelve: {body}");
     }
-    let (_, body) = lk.curl(&["https://api.example.com/after"]);
-    assert_eq!(json(&body)["token_requests"], 2, "one refresh for all twelve: {body}");
 }
 
 #[test]
