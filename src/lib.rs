@@ -32,6 +32,7 @@ pub mod admin;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod dlp;
 pub mod explain;
 /// Fuzz entry points, for `fuzz/` (feature `fuzzing`) and the unit tests.
 #[cfg(any(test, feature = "fuzzing"))]

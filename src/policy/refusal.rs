@@ -14,6 +14,9 @@ pub enum RefusalKind {
     NotAllowlisted,
     /// A `blocked_patterns` entry in the request line, headers, body or trailers.
     BlockedPattern,
+    /// Outbound scanning (`[proxy.dlp]`) found a secret that may not go there, or one of
+    /// latchkey's own live secrets (always), or a body it cannot scan.
+    Dlp,
     /// The destination resolves to a private, loopback or metadata address (invariant 12).
     Ssrf,
     /// A credential would go over plain HTTP (invariant 6).
@@ -79,7 +82,7 @@ impl RefusalKind {
     pub fn status(self) -> u16 {
         use RefusalKind::*;
         match self {
-            BlockedDomain | NotAllowlisted | BlockedPattern | Ssrf | PlainHttp | ClientNotAllowed
+            BlockedDomain | NotAllowlisted | BlockedPattern | Dlp | Ssrf | PlainHttp | ClientNotAllowed
             | AgentCredential | PlaceholderRequired | ExceptPath | TraceRefused | MintingEndpoint | Token => {
                 403
             }
@@ -105,6 +108,7 @@ impl RefusalKind {
             BlockedDomain => "blocked-domain",
             NotAllowlisted => "not-allowlisted",
             BlockedPattern => "blocked-pattern",
+            Dlp => "dlp",
             Ssrf => "ssrf",
             PlainHttp => "plain-http",
             ClientNotAllowed => "client-not-allowed",
@@ -194,6 +198,7 @@ mod tests {
             (RefusalKind::HeadTooLarge, 431, "head-too-large"),
             (RefusalKind::MintingEndpoint, 403, "credential-refused"),
             (RefusalKind::Token, 403, "token"),
+            (RefusalKind::Dlp, 403, "dlp"),
             (RefusalKind::CannotApply, 400, "credential-refused"),
             (RefusalKind::CredentialUnusable, 502, "credential-refused"),
             (RefusalKind::RateLimited, 429, "rate-limited"),

@@ -84,8 +84,9 @@ impl<'a> Upstream<'a> {
             .remove::<OnUpgrade>()
             .ok_or_else(|| Refusal::bad_request("cannot upgrade here"))?;
         let redactors = redact.then(|| crate::redact::for_host(self.config, &self.route.dest)).flatten();
-        let resp =
-            upgrade::relay(self.config, self.dialer, self.route, parts, kind, client, redactors).await?;
+        let screen = super::dlp::ws_screen(self.config, self.route);
+        let resp = upgrade::relay(self.config, self.dialer, self.route, parts, kind, client, redactors, screen)
+            .await?;
         Ok(resp.map(|b| b.map_err(box_error).boxed()))
     }
 
@@ -147,6 +148,9 @@ fn upstream_failure(route: &Route, e: &hyper_util::client::legacy::Error) -> Ref
         }
         if let Some(c) = err.downcast_ref::<ClientBodyError>() {
             return Refusal::bad_request(c.to_string());
+        }
+        if let Some(b) = err.downcast_ref::<super::dlp::BlockedSecret>() {
+            return b.0.clone();
         }
         source = err.source();
     }

@@ -1,0 +1,390 @@
+//! Phase "screen" (`[proxy.dlp]`, docs/dlp.md): the request is scanned for secrets
+//! before anything of it goes upstream — its target, its headers (not the credential's
+//! own slot: injection overwrites it), and its body: up to `hold_bytes` held and
+//! scanned whole (decoded first when compressed), the rest scanned as it streams with
+//! the tail a match could start in held back. The decision is `policy::dlp`'s.
+//!
+//! Past `hold_bytes` the request has already started upstream; a refused match there
+//! ends the upstream request before the matching bytes are sent (the upstream sees a
+//! body cut short, never the secret) and the client gets the same 403.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderName;
+use http::request::Parts;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+
+use super::super::respond::{self, Protocol};
+use super::super::route::Route;
+use super::super::{Body, BoxError};
+use crate::config::{Config, Credential};
+use crate::dlp::{Findings, Hit, Settings, stream::Stream};
+use crate::inject::Slot;
+use crate::policy::{DlpAction, DlpVerdict, Refusal, RefusalKind};
+use crate::redact::Set;
+use crate::telemetry::Record;
+
+/// What screening did, for the exchange's record (and `warned`).
+pub struct Screened {
+    pub body: Body,
+    pub warned: bool,
+}
+
+/// Screen the request (head and held body); the body to forward comes back.
+pub async fn screen(
+    config: &Arc<Config>,
+    route: &Route,
+    parts: &mut Parts,
+    body: Body,
+    credential: Option<&Credential>,
+    upgrade: bool,
+    record: &mut Record,
+) -> Result<Screened, Refusal> {
+    let Some(dlp) = config.dlp.clone() else { return Ok(Screened { body, warned: false }) };
+    let own = own_secrets(config);
+    let slots = credential.map(slot_headers).unwrap_or_default();
+    let mut head = scan_head(&dlp, own.as_ref(), parts, &slots);
+    let grpc = Protocol::of(&parts.headers) == Protocol::Grpc;
+    let held = match upgrade {
+        true => Held { bytes: BytesMut::new(), rest: None },
+        false => hold(body, dlp.hold_bytes, grpc).await?,
+    };
+    let codings = crate::dlp::decode::codings(&parts.headers).map_err(|c| {
+        refusal(format!("the request body is in Content-Encoding {c:?}, which latchkey cannot decode to scan"))
+    })?;
+    let compressed = !codings.is_empty() && !held.bytes.is_empty();
+    let body_found = if compressed {
+        if held.rest.is_some() {
+            return Err(refusal(format!(
+                "a compressed request body over [proxy.dlp] hold_bytes ({} bytes) cannot be scanned",
+                dlp.hold_bytes
+            )));
+        }
+        let plain = crate::dlp::decode::decode(&held.bytes, &codings, 16 * dlp.hold_bytes)
+            .map_err(|e| refusal(format!("the compressed request body cannot be scanned: {e}")))?;
+        dlp.scanner.scan(&plain, own.as_ref())
+    } else {
+        dlp.scanner.scan(&held.bytes, own.as_ref())
+    };
+    let all = head.iter().flat_map(|(_, f)| f.hits.iter()).chain(&body_found.hits);
+    let counted: Vec<&Hit> = all.filter(|h| !config.policy.dlp.allowed(&dlp.scanner.ids[h.rule], &route.dest)).collect();
+    let own_count = head.iter().map(|(_, f)| f.own).sum::<usize>() + body_found.own;
+    let ids: Vec<&str> = counted.iter().map(|h| &*dlp.scanner.ids[h.rule]).collect();
+    let verdict = config.policy.dlp.verdict(&route.dest, own_count, &ids);
+    let mut bytes = held.bytes;
+    let mut warned = false;
+    if !matches!(verdict, DlpVerdict::Forward) || own_count + counted.len() > 0 {
+        let mut all = Findings { own: own_count, hits: Vec::new() };
+        for (_, f) in &head {
+            all.hits.extend(f.hits.iter().cloned());
+        }
+        all.hits.extend(body_found.hits.iter().cloned());
+        note(record, &dlp, &all, &verdict, &config.policy.dlp, route);
+    }
+    match verdict {
+        DlpVerdict::Forward => {}
+        DlpVerdict::Block(r) => return Err(r),
+        DlpVerdict::Warn => warned = true,
+        DlpVerdict::Redact => {
+            if compressed && !body_found.hits.is_empty() {
+                return Err(refusal(
+                    "the compressed request body holds a secret that cannot be masked in place; send it uncompressed"
+                        .into(),
+                ));
+            }
+            let allowed = |h: &&Hit| !config.policy.dlp.allowed(&dlp.scanner.ids[h.rule], &route.dest);
+            let body_hits: Vec<&Hit> = body_found.hits.iter().filter(allowed).collect();
+            crate::dlp::mask(&mut bytes, &body_hits);
+            mask_head(parts, &mut head, allowed)?;
+        }
+    }
+    let prefix = bytes.freeze();
+    let body = match held.rest {
+        None => respond::full(prefix),
+        Some(rest) => {
+            let offset = prefix.len() as u64;
+            let tail = Tail {
+                inner: rest,
+                prefix: Some(prefix).filter(|p| !p.is_empty()),
+                stream: Stream::new(offset, grpc),
+                dlp,
+                own,
+                config: config.clone(),
+                dest: route.dest.clone(),
+                trailers: None,
+                done: false,
+            };
+            tail.boxed()
+        }
+    };
+    Ok(Screened { body, warned })
+}
+
+fn refusal(message: String) -> Refusal {
+    Refusal::new(RefusalKind::Dlp, message)
+}
+
+/// What the WebSocket relay needs to scan the client's messages (`None`: DLP is off).
+pub fn ws_screen(config: &Arc<Config>, route: &Route) -> Option<super::super::wsscreen::WsScreen> {
+    let dlp = config.dlp.clone()?;
+    Some(super::super::wsscreen::WsScreen {
+        dlp,
+        own: own_secrets(config),
+        config: config.clone(),
+        dest: route.dest.clone(),
+    })
+}
+
+/// Every credential's live (and recently rotated) secrets: none may leave in a request.
+fn own_secrets(config: &Config) -> Option<Set> {
+    Set::new(config.credentials.iter().filter_map(|c| c.redactor.get(c.injector.secrets())).collect())
+}
+
+/// The headers a credential writes: what the client put there is overwritten.
+fn slot_headers(c: &Credential) -> Vec<HeaderName> {
+    c.injector
+        .slots()
+        .into_iter()
+        .filter_map(|s| match s {
+            Slot::Header { header } => header.split(':').next().and_then(|n| n.trim().parse().ok()),
+            Slot::Query { .. } => None,
+        })
+        .collect()
+}
+
+/// A part of the request head that held something.
+enum HeadPart {
+    Target,
+    Header(usize),
+}
+
+fn scan_head(
+    dlp: &Settings,
+    own: Option<&Set>,
+    parts: &Parts,
+    slots: &[HeaderName],
+) -> Vec<(HeadPart, Findings)> {
+    let mut out = Vec::new();
+    if let Some(pq) = parts.uri.path_and_query() {
+        let f = dlp.scanner.scan(pq.as_str().as_bytes(), own);
+        if !f.is_empty() {
+            out.push((HeadPart::Target, f));
+        }
+    }
+    for (i, (name, value)) in parts.headers.iter().enumerate() {
+        if slots.contains(name) {
+            continue;
+        }
+        let f = dlp.scanner.scan(value.as_bytes(), own);
+        if !f.is_empty() {
+            out.push((HeadPart::Header(i), f));
+        }
+    }
+    out
+}
+
+/// Mask what `redact` masks in the target and header values (same length).
+fn mask_head(
+    parts: &mut Parts,
+    head: &mut [(HeadPart, Findings)],
+    counted: impl Fn(&&Hit) -> bool,
+) -> Result<(), Refusal> {
+    let bad = || refusal("cannot rebuild the request after masking".into());
+    for (part, f) in head.iter() {
+        let hits: Vec<&Hit> = f.hits.iter().filter(&counted).collect();
+        if hits.is_empty() {
+            continue;
+        }
+        match part {
+            HeadPart::Target => {
+                let mut pq = parts.uri.path_and_query().map(|p| p.as_str().as_bytes().to_vec()).unwrap_or_default();
+                crate::dlp::mask(&mut pq, &hits);
+                let mut uri = std::mem::take(&mut parts.uri).into_parts();
+                uri.path_and_query = Some(http::uri::PathAndQuery::try_from(pq).map_err(|_| bad())?);
+                parts.uri = http::Uri::from_parts(uri).map_err(|_| bad())?;
+            }
+            HeadPart::Header(i) => {
+                if let Some((_, value)) = parts.headers.iter_mut().nth(*i) {
+                    let mut v = value.as_bytes().to_vec();
+                    crate::dlp::mask(&mut v, &hits);
+                    *value = http::HeaderValue::from_bytes(&v).map_err(|_| bad())?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The log line, the span and the record name the rule ids and counts, never the text.
+fn note(
+    record: &mut Record,
+    dlp: &Settings,
+    found: &Findings,
+    verdict: &DlpVerdict,
+    policy: &crate::policy::DlpPolicy,
+    route: &Route,
+) {
+    let summary = crate::dlp::summary(&dlp.scanner.ids, found, |_| true);
+    let action = match verdict {
+        DlpVerdict::Forward => "allowed",
+        DlpVerdict::Block(_) => "block",
+        DlpVerdict::Redact => DlpAction::Redact.name(),
+        DlpVerdict::Warn => DlpAction::Warn.name(),
+    };
+    let rules: Vec<String> = summary.iter().map(|(id, n)| format!("{id}:{n}")).collect();
+    let rules = rules.join(",");
+    tracing::warn!(target: "latchkey::dlp", dest = %route.dest, action, configured = policy.action.name(), rules = %rules, "outbound secret");
+    record.dlp = Some(crate::telemetry::record::Dlp { action, rules: summary });
+}
+
+/// The request body held whole (up to the limit), and what follows it.
+struct Held {
+    bytes: BytesMut,
+    rest: Option<Body>,
+}
+
+/// Read the body until it ends or `limit` bytes are held; a gRPC body stops at a
+/// message's end too (a streaming call waits for its first answer before it sends on).
+async fn hold(mut body: Body, limit: usize, grpc: bool) -> Result<Held, Refusal> {
+    let mut bytes = BytesMut::new();
+    let mut messages = crate::redact::GrpcMessages::default();
+    if body.is_end_stream() {
+        return Ok(Held { bytes, rest: None });
+    }
+    loop {
+        match body.frame().await {
+            None => return Ok(Held { bytes, rest: None }),
+            Some(Err(e)) => return Err(Refusal::bad_request(format!("reading the request body failed: {e}"))),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let message_end = grpc && messages.feed(&data);
+                    bytes.extend_from_slice(&data);
+                    if body.is_end_stream() {
+                        return Ok(Held { bytes, rest: None });
+                    }
+                    if bytes.len() >= limit || message_end {
+                        return Ok(Held { bytes, rest: Some(body) });
+                    }
+                }
+                Err(frame) => {
+                    // Trailers end the body: they follow the held bytes.
+                    let trailers = frame.into_trailers().unwrap_or_default();
+                    let rest = http_body_util::Empty::<Bytes>::new()
+                        .map_err(|e| -> BoxError { match e {} })
+                        .with_trailers(async move { Some(Ok(trailers)) })
+                        .boxed();
+                    return Ok(Held { bytes, rest: Some(rest) });
+                }
+            },
+        }
+    }
+}
+
+/// The body past what was held: scanned as it streams (see the module doc).
+struct Tail {
+    inner: Body,
+    prefix: Option<Bytes>,
+    stream: Stream,
+    dlp: Arc<Settings>,
+    own: Option<Set>,
+    config: Arc<Config>,
+    dest: crate::policy::Destination,
+    trailers: Option<http::HeaderMap>,
+    done: bool,
+}
+
+/// A secret found past the held part, refused: the upstream request is ended.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BlockedSecret(pub Refusal);
+
+impl Tail {
+    /// Scan a chunk; what may be released, or the refusal.
+    fn pass(&mut self, data: &[u8], last: bool) -> Result<Bytes, BoxError> {
+        let found = self.stream.feed(data, &self.dlp.scanner, self.own.as_ref(), last);
+        if !found.is_empty() {
+            let policy = &self.config.policy.dlp;
+            let counted: Vec<&Hit> =
+                found.hits.iter().filter(|h| !policy.allowed(&self.dlp.scanner.ids[h.rule], &self.dest)).collect();
+            let ids: Vec<&str> = counted.iter().map(|h| &*self.dlp.scanner.ids[h.rule]).collect();
+            let verdict = policy.verdict(&self.dest, found.own, &ids);
+            let summary = crate::dlp::summary(&self.dlp.scanner.ids, &found, |_| true);
+            let rules: Vec<String> = summary.iter().map(|(id, n)| format!("{id}:{n}")).collect();
+            tracing::warn!(target: "latchkey::dlp", dest = %self.dest, rules = %rules.join(","), "outbound secret in a streamed body");
+            match verdict {
+                DlpVerdict::Block(r) => return Err(Box::new(BlockedSecret(r))),
+                DlpVerdict::Redact => crate::dlp::mask(self.stream.window(), &counted),
+                DlpVerdict::Warn | DlpVerdict::Forward => {}
+            }
+        }
+        Ok(self.stream.release(self.own.as_ref(), last))
+    }
+}
+
+impl HttpBody for Tail {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(p) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
+        loop {
+            if this.done {
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let last = this.inner.is_end_stream();
+                        this.done = last;
+                        match this.pass(&data, last) {
+                            Err(e) => return Poll::Ready(Some(Err(e))),
+                            Ok(out) if !out.is_empty() => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                            Ok(_) => {}
+                        }
+                    }
+                    Err(frame) => {
+                        this.trailers = frame.into_trailers().ok();
+                        this.done = true;
+                        match this.pass(&[], true) {
+                            Err(e) => return Poll::Ready(Some(Err(e))),
+                            Ok(out) if !out.is_empty() => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                            Ok(_) => {}
+                        }
+                    }
+                },
+                Poll::Ready(None) => {
+                    this.done = true;
+                    match this.pass(&[], true) {
+                        Err(e) => return Poll::Ready(Some(Err(e))),
+                        Ok(out) if !out.is_empty() => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.done && self.stream.held() == 0 && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let inner = self.inner.size_hint();
+        let before = (self.stream.held() + self.prefix.as_ref().map_or(0, Bytes::len)) as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + before);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + before);
+        }
+        hint
+    }
+}
