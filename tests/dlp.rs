@@ -20,15 +20,16 @@ const GITHUB: &str = "ghp_aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5";
 const OWN: &str = "sk-ant-api03-OWNliveSECRETdlp0123456789";
 
 fn dotenv() -> String {
-    format!("DATABASE_URL=postgres://localhost/app\nAWS_ACCESS_KEY_ID={AWS_ID}\nAWS_SECRET_ACCESS_KEY={AWS_SECRET}\n")
+    format!(
+        "DATABASE_URL=postgres://localhost/app\nAWS_ACCESS_KEY_ID={AWS_ID}\nAWS_SECRET_ACCESS_KEY={AWS_SECRET}\n"
+    )
 }
 
 fn dlp(action: &str, extra: &str) -> String {
     format!("[proxy.dlp]\nenabled = true\naction = \"{action}\"\n{extra}#END-PROXY\n")
 }
 
-const ANTHROPIC: &str =
-    "[credentials.anthropic]\nheader = \"x-api-key\"\nvalue = \"${ANTHROPIC_API_KEY}\"\ndomains = [\"api.anthropic.com\"]\n";
+const ANTHROPIC: &str = "[credentials.anthropic]\nheader = \"x-api-key\"\nvalue = \"${ANTHROPIC_API_KEY}\"\ndomains = [\"api.anthropic.com\"]\n";
 
 /// The fake Messages API, and latchkey in front of it with `action`.
 fn anthropic_setup(action: &str) -> (PyServer, Latchkey, std::path::PathBuf) {
@@ -88,7 +89,8 @@ fn the_anthropic_sdk_prompt_is_redacted_and_stays_valid_json() {
     let line = wait_for(&fake_log, "/v1/messages");
     let seen: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
     assert_eq!(seen["key_ok"], true, "the credential is injected as usual");
-    let body: serde_json::Value = serde_json::from_str(seen["body"].as_str().unwrap()).expect("valid JSON upstream");
+    let body: serde_json::Value =
+        serde_json::from_str(seen["body"].as_str().unwrap()).expect("valid JSON upstream");
     let prompt = body["messages"][0]["content"].as_str().unwrap();
     assert!(!prompt.contains(AWS_ID) && !prompt.contains(AWS_SECRET), "{prompt}");
     let masked = format!("AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n", "*".repeat(20), "*".repeat(40));
@@ -176,16 +178,22 @@ fn every_encoding_of_the_secret_is_caught() {
     let out = Command::new("python3")
         .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/h2_split.py"))
         .args([&lk.port.to_string(), "api.example.com", "/v1/upload", &cut.to_string()])
-        .stdin(std::fs::File::open({
-            let p = lk.dir.path().join("h2body");
-            std::fs::write(&p, &body).unwrap();
-            p
-        })
-        .unwrap())
+        .stdin(
+            std::fs::File::open({
+                let p = lk.dir.path().join("h2body");
+                std::fs::write(&p, &body).unwrap();
+                p
+            })
+            .unwrap(),
+        )
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with("403\nlatchkey: "), "HTTP/2 split: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.starts_with("403\nlatchkey: "),
+        "HTTP/2 split: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(up.count(), 0);
 
     // Nothing in it: every one of these forms passes.
@@ -215,7 +223,10 @@ fn a_websocket_message_fragmented_in_three_is_caught() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     };
-    assert_eq!(client("a harmless message in three parts").trim(), "echo: a harmless message in three parts\necho: hello");
+    assert_eq!(
+        client("a harmless message in three parts").trim(),
+        "echo: a harmless message in three parts\necho: hello"
+    );
     let out = client(&format!("my env: {}", dotenv()));
     assert_eq!(out.trim(), "closed", "{out}\n{}", lk.stderr());
     assert!(lk.stderr().contains("aws-access-key:1"), "{}", lk.stderr());
@@ -234,7 +245,8 @@ fn latchkeys_own_secret_is_refused_anywhere_even_with_warn() {
     let (s, _) = lk.curl(&[&format!("{url}?k={}", OWN.replace('-', "%2D"))]);
     assert_eq!(s, 403, "in the query, URL-encoded");
     // Even to its own host, outside its slot; in its slot it is overwritten.
-    let (s, _) = post(&lk, "https://api.anthropic.com/v1/messages", format!("{{\"k\":\"{OWN}\"}}").as_bytes(), &[]);
+    let (s, _) =
+        post(&lk, "https://api.anthropic.com/v1/messages", format!("{{\"k\":\"{OWN}\"}}").as_bytes(), &[]);
     assert_eq!(s, 403, "in the body to its own host");
     let (s, _) = lk.curl(&["-H", &format!("x-api-key: {OWN}"), "https://api.anthropic.com/v1/models"]);
     assert_eq!(s, 200, "in the credential's own slot");
@@ -268,7 +280,12 @@ fn bad_dlp_config_is_an_error_with_its_place() {
         ("allow = [{ rule = \"latchkey-secret\", hosts = [\"x.com\"] }]\n", "proxy.dlp.allow"),
         ("[[proxy.dlp.rule]]\nid = \"jwt\"\nregex = \"x+\"\n", "proxy.dlp.rule"),
     ] {
-        let path = write_config(dir.path(), free_port(), None, &format!("[proxy.dlp]\nenabled = true\n{extra}#END-PROXY\n"));
+        let path = write_config(
+            dir.path(),
+            free_port(),
+            None,
+            &format!("[proxy.dlp]\nenabled = true\n{extra}#END-PROXY\n"),
+        );
         let out = latchkey_cmd(dir.path(), &[]).args(["check", "--config"]).arg(&path).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{extra}: {err}");

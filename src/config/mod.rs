@@ -698,7 +698,9 @@ impl Compiler<'_> {
             "block" => DlpAction::Block,
             "redact" => DlpAction::Redact,
             "warn" => DlpAction::Warn,
-            other => return Err(e("action", format!("{other:?}: expected \"block\", \"redact\" or \"warn\""))),
+            other => {
+                return Err(e("action", format!("{other:?}: expected \"block\", \"redact\" or \"warn\"")));
+            }
         };
         let builtin = match d.rules.as_str() {
             "builtin" => true,

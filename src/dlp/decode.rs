@@ -48,9 +48,9 @@ fn decode_one(body: &[u8], coding: Coding, limit: usize) -> Result<Vec<u8>, Stri
         Coding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
         Coding::Deflate => Box::new(flate2::read::ZlibDecoder::new(body)),
         Coding::Brotli => Box::new(brotli_decompressor::Decompressor::new(body, 4096)),
-        Coding::Zstd => Box::new(
-            ruzstd::decoding::StreamingDecoder::new(body).map_err(|e| format!("zstd: {e}"))?,
-        ),
+        Coding::Zstd => {
+            Box::new(ruzstd::decoding::StreamingDecoder::new(body).map_err(|e| format!("zstd: {e}"))?)
+        }
     };
     let mut out = Vec::new();
     reader

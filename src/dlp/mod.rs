@@ -36,7 +36,8 @@ pub struct Settings {
 
 /// A `[[proxy.dlp.rule]]` checked and compiled; `Err` says what is wrong with it.
 pub fn user_rule(r: &crate::config::raw::RawDlpRule, builtin: bool) -> Result<UserRule, String> {
-    let valid = !r.id.is_empty() && r.id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let valid =
+        !r.id.is_empty() && r.id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !valid {
         return Err(format!("{:?}: an id is lowercase letters, digits and '-'", r.id));
     }
@@ -44,9 +45,9 @@ pub fn user_rule(r: &crate::config::raw::RawDlpRule, builtin: bool) -> Result<Us
         return Err(format!("{:?} is a bundled rule's id already", r.id));
     }
     let matcher = match (&r.regex, &r.literal) {
-        (Some(re), None) => UserMatch::Regex(
-            regex::bytes::Regex::new(re).map_err(|e| format!("{}: bad regex: {e}", r.id))?,
-        ),
+        (Some(re), None) => {
+            UserMatch::Regex(regex::bytes::Regex::new(re).map_err(|e| format!("{}: bad regex: {e}", r.id))?)
+        }
         (None, Some(l)) if l.len() >= 4 => UserMatch::Literal(l.as_bytes().to_vec()),
         (None, Some(_)) => return Err(format!("{}: a literal needs at least 4 bytes", r.id)),
         _ => return Err(format!("{}: set exactly one of `regex` and `literal`", r.id)),
@@ -211,11 +212,11 @@ impl Scanner {
             }
         }
         for (rule, re) in &self.regexes {
-            out.extend(
-                re.find_iter(text)
-                    .filter(|m| !m.is_empty())
-                    .map(|m| Hit { rule: *rule, range: m.range(), also: None }),
-            );
+            out.extend(re.find_iter(text).filter(|m| !m.is_empty()).map(|m| Hit {
+                rule: *rule,
+                range: m.range(),
+                also: None,
+            }));
         }
     }
 
@@ -265,18 +266,20 @@ impl Scanner {
         for run in base64_runs(text) {
             for skip in 0..4 {
                 let chars = &text[run.start + skip..run.end];
-                let whole = chars.len() / 4 * 4;
-                if whole < MIN_BASE64_RUN {
+                // A last quantum of one character holds no byte; two or three hold some.
+                let usable = chars.len() - usize::from(chars.len() % 4 == 1);
+                if usable < MIN_BASE64_RUN {
                     break;
                 }
                 decoded.clear();
-                if !decode_any_base64(&chars[..whole], &mut decoded) {
+                if !decode_any_base64(&chars[..usable], &mut decoded) {
                     continue;
                 }
                 found.clear();
                 self.scan_text(&decoded, &mut found);
                 let base = run.start + skip;
-                let enc = |r: &Range<usize>| base + r.start / 3 * 4..(base + r.end.div_ceil(3) * 4).min(run.end);
+                let enc =
+                    |r: &Range<usize>| base + r.start / 3 * 4..(base + r.end.div_ceil(3) * 4).min(run.end);
                 out.extend(found.drain(..).map(|h| Hit {
                     rule: h.rule,
                     range: enc(&h.range),
@@ -287,7 +290,17 @@ impl Scanner {
     }
 }
 
-/// Decode base64 in either alphabet (no padding, a multiple of four characters).
+/// Standard base64 without padding, lenient about the unused bits of a last quantum
+/// (a run cut at any alignment has them).
+const LENIENT: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+/// Decode base64 in either alphabet (no padding).
 fn decode_any_base64(chars: &[u8], out: &mut Vec<u8>) -> bool {
     let std: Vec<u8>;
     let chars = if chars.iter().any(|b| *b == b'-' || b == &b'_') {
@@ -303,7 +316,7 @@ fn decode_any_base64(chars: &[u8], out: &mut Vec<u8>) -> bool {
     } else {
         chars
     };
-    base64::engine::general_purpose::STANDARD_NO_PAD.decode_vec(chars, out).is_ok()
+    LENIENT.decode_vec(chars, out).is_ok()
 }
 
 /// Bytes of either base64 alphabet.
@@ -347,7 +360,11 @@ fn base64_runs(text: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
 }
 
 /// Rule ids and counts, for the log line and the span: never the matched text.
-pub fn summary(ids: &[Arc<str>], findings: &Findings, counted: impl Fn(&Hit) -> bool) -> Vec<(Arc<str>, u32)> {
+pub fn summary(
+    ids: &[Arc<str>],
+    findings: &Findings,
+    counted: impl Fn(&Hit) -> bool,
+) -> Vec<(Arc<str>, u32)> {
     let mut out: Vec<(Arc<str>, u32)> = Vec::new();
     if findings.own > 0 {
         out.push((Arc::from(rules::OWN_SECRET), findings.own as u32));

@@ -72,7 +72,13 @@ const SPECS: [Spec; 10] = [
         true,
         Extra::None,
     ),
-    (4, &["xoxb-", "xoxp-", "xoxa-", "xoxr-", "xoxs-"], r"^xox[baprs]-(?:[0-9]+-){1,3}[A-Za-z0-9]{8,64}", true, Extra::None),
+    (
+        4,
+        &["xoxb-", "xoxp-", "xoxa-", "xoxr-", "xoxs-"],
+        r"^xox[baprs]-(?:[0-9]+-){1,3}[A-Za-z0-9]{8,64}",
+        true,
+        Extra::None,
+    ),
     (5, &["sk_live_", "rk_live_"], r"^[sr]k_live_[A-Za-z0-9]{20,247}", true, Extra::None),
     (6, &["AIza"], r"^AIza[0-9A-Za-z_-]{35}", true, Extra::None),
     (
@@ -83,7 +89,13 @@ const SPECS: [Spec; 10] = [
         Extra::PemBlock,
     ),
     (8, &["\"private_key_id\""], r#"^"private_key_id"\s{0,8}:\s{0,8}"([0-9a-f]{40})""#, false, Extra::Group),
-    (9, &["eyJ"], r"^eyJ[A-Za-z0-9_-]{10,4000}\.eyJ[A-Za-z0-9_-]{10,8000}\.[A-Za-z0-9_-]{20,1000}", true, Extra::JwtKid),
+    (
+        9,
+        &["eyJ"],
+        r"^eyJ[A-Za-z0-9_-]{10,4000}\.eyJ[A-Za-z0-9_-]{10,8000}\.[A-Za-z0-9_-]{20,1000}",
+        true,
+        Extra::JwtKid,
+    ),
 ];
 
 pub fn builtin_checks() -> Vec<Check> {

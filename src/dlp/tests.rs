@@ -20,9 +20,15 @@ fn samples() -> Vec<(&'static str, String)> {
         ("google-api-key", "key=AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q&x".into()),
         (
             "private-key",
-            format!("-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----\n", "MIIEow".repeat(11)),
+            format!(
+                "-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----\n",
+                "MIIEow".repeat(11)
+            ),
         ),
-        ("gcp-service-account", format!(r#"{{"type": "service_account", "private_key_id": "{}"}}"#, "0a1b".repeat(10))),
+        (
+            "gcp-service-account",
+            format!(r#"{{"type": "service_account", "private_key_id": "{}"}}"#, "0a1b".repeat(10)),
+        ),
         ("jwt", format!("Bearer {jwt_header}.{jwt_body}.c2lnbmF0dXJlLXNpZ25hdHVyZS1zaWc")),
     ]
 }
@@ -68,9 +74,12 @@ fn near_misses_are_not_matches() {
 #[test]
 fn encoded_forms_are_found_and_masked_in_place() {
     let s = scanner();
-    let env = format!("AWS_ACCESS_KEY_ID={AWS_ID}\nAWS_SECRET_ACCESS_KEY={AWS_SECRET}\n");
+    let env = format!(
+        "DATABASE_URL=postgres://localhost/app\nAWS_ACCESS_KEY_ID={AWS_ID}\nAWS_SECRET_ACCESS_KEY={AWS_SECRET}\n"
+    );
     let b64 = base64::engine::general_purpose::STANDARD.encode(&env);
-    let json = serde_json::json!({"messages": [{"role": "user", "content": format!("my .env:\n{env}")}]}).to_string();
+    let json = serde_json::json!({"messages": [{"role": "user", "content": format!("my .env:\n{env}")}]})
+        .to_string();
     let escaped: String = env.chars().map(|c| format!("\\u{:04x}", c as u32)).collect();
     let unicode = format!(r#"{{"content":"{escaped}"}}"#);
     let url = format!("/search?q={}", crate::inject::encode_component(&env));
@@ -92,6 +101,11 @@ fn encoded_forms_are_found_and_masked_in_place() {
     mask(&mut bytes, &f.hits.iter().collect::<Vec<_>>());
     let out = String::from_utf8(bytes).unwrap();
     assert!(out.contains("AWS_ACCESS_KEY_ID=********************\\nAWS_SECRET_ACCESS_KEY=****"), "{out}");
+    // Every length of .env prefix: the run's last quantum is decoded too.
+    for pad in 0..3 {
+        let text = base64::engine::general_purpose::STANDARD.encode(format!("{}{env}", "x".repeat(pad)));
+        assert_eq!(ids(&s, &s.scan(text.as_bytes(), None)), vec!["aws-access-key"], "pad {pad}");
+    }
 }
 
 #[test]
@@ -128,7 +142,8 @@ fn user_rules_literal_and_regex() {
 #[test]
 fn a_match_split_across_chunks_is_found_once_and_before_release() {
     let s = scanner();
-    let text = format!("{}ghp_aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5{}", "a ".repeat(20_000), " b".repeat(20_000));
+    let text =
+        format!("{}ghp_aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5{}", "a ".repeat(20_000), " b".repeat(20_000));
     let bytes = text.as_bytes();
     for cut in [40_010, 40_020, 40_039] {
         let mut st = stream::Stream::new(0, false);
@@ -155,4 +170,34 @@ fn base64_runs_are_found_at_any_place() {
     assert_eq!(&text[runs[0].clone()], b"QUtJQVo3UVdFUlRZMlVJT1BMS0o");
     assert_eq!(base64_runs(&[b'a'; 26]).count(), 0);
     assert_eq!(base64_runs(&[b'a'; 27]).count(), 1);
+}
+
+/// False positives (tests/data/dlp-corpus/README.md): ordinary files hold no match of
+/// a bundled rule, whole or streamed in pieces. The count printed is the measurement.
+#[test]
+fn the_corpus_has_no_matches() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("tests/data/dlp-corpus");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.retain(|p| p.file_name().is_some_and(|n| n != "README.md"));
+    files.push(root.join("Cargo.lock"));
+    assert!(files.len() >= 10, "the corpus is there: {files:?}");
+    let s = scanner();
+    let (mut bytes, mut matches) = (0usize, Vec::new());
+    for path in &files {
+        let text = std::fs::read(path).unwrap();
+        bytes += text.len();
+        let whole = s.scan(&text, None);
+        matches.extend(whole.hits.iter().map(|h| format!("{}: {}", path.display(), s.ids[h.rule])));
+        let mut st = stream::Stream::new(0, false);
+        let pieces: Vec<&[u8]> = text.chunks(4096).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            let f = st.feed(piece, &s, None, i + 1 == pieces.len());
+            matches
+                .extend(f.hits.iter().map(|h| format!("{} (streamed): {}", path.display(), s.ids[h.rule])));
+            st.release(None, i + 1 == pieces.len());
+        }
+    }
+    println!("dlp corpus: {} files, {bytes} bytes, {} matches", files.len(), matches.len());
+    assert!(matches.is_empty(), "false positives: {matches:#?}");
 }

@@ -95,10 +95,8 @@ pub fn counted(rules: &[&str]) -> String {
             None => seen.push((r, 1)),
         }
     }
-    let parts: Vec<String> = seen
-        .iter()
-        .map(|(id, n)| if *n == 1 { id.to_string() } else { format!("{n}× {id}") })
-        .collect();
+    let parts: Vec<String> =
+        seen.iter().map(|(id, n)| if *n == 1 { id.to_string() } else { format!("{n}× {id}") }).collect();
     parts.join(", ")
 }
 

@@ -48,6 +48,13 @@ pub fn requested(parts: &Parts) -> Option<Upgrade> {
         .then(|| Upgrade::H1(protocol.clone()))
 }
 
+/// What is scanned on an upgraded connection: the upstream's frames for the
+/// credentials' secrets (response redaction), the client's messages for `[proxy.dlp]`.
+pub struct Scans {
+    pub redactors: Option<Set>,
+    pub screen: Option<super::wsscreen::WsScreen>,
+}
+
 /// Send an (already injected, hop-by-hop-free) upgrade request upstream. On 101, join
 /// the client's and the upstream's upgraded streams in the background.
 pub async fn relay(
@@ -57,9 +64,9 @@ pub async fn relay(
     mut parts: Parts,
     kind: Upgrade,
     client: OnUpgrade,
-    redactors: Option<Set>,
-    screen: Option<super::wsscreen::WsScreen>,
+    scans: Scans,
 ) -> Result<Response<Incoming>, Refusal> {
+    let Scans { redactors, screen } = scans;
     if redactors.is_some() || screen.is_some() {
         // Compressed frames could not be scanned: no permessage-deflate (or any extension).
         parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);

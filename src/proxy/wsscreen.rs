@@ -100,7 +100,8 @@ impl WsScreen {
     /// Scan a message's frames (each: the frame and its header length) as one text;
     /// masks what `redact` masks; `Err` when the policy refuses the message.
     fn message(&self, frames: &mut [(BytesMut, usize)]) -> std::io::Result<()> {
-        let key = |f: &BytesMut, hlen: usize| -> [u8; 4] { [f[hlen - 4], f[hlen - 3], f[hlen - 2], f[hlen - 1]] };
+        let key =
+            |f: &BytesMut, hlen: usize| -> [u8; 4] { [f[hlen - 4], f[hlen - 3], f[hlen - 2], f[hlen - 1]] };
         let mut text = Vec::new();
         for (f, hlen) in frames.iter() {
             let mut p = f[*hlen..].to_vec();
@@ -113,7 +114,8 @@ impl WsScreen {
         }
         let policy = &self.config.policy.dlp;
         let ids = &self.dlp.scanner.ids;
-        let counted: Vec<&Hit> = found.hits.iter().filter(|h| !policy.allowed(&ids[h.rule], &self.dest)).collect();
+        let counted: Vec<&Hit> =
+            found.hits.iter().filter(|h| !policy.allowed(&ids[h.rule], &self.dest)).collect();
         let names: Vec<&str> = counted.iter().map(|h| &*ids[h.rule]).collect();
         let summary = crate::dlp::summary(ids, &found, |_| true);
         let rules: Vec<String> = summary.iter().map(|(id, n)| format!("{id}:{n}")).collect();

@@ -7,13 +7,12 @@ usage: PROXY=... BUNDLE=... ENV_FILE=... dlp_anthropic.py
 import os
 
 import anthropic
-import httpx
 
 env = open(os.environ["ENV_FILE"]).read()
 client = anthropic.Anthropic(
     api_key="latchkey-anthropic",
     base_url="https://api.anthropic.com",
-    http_client=httpx.Client(proxy=os.environ["PROXY"], verify=os.environ["BUNDLE"], trust_env=False),
+    http_client=anthropic.DefaultHttpxClient(proxy=os.environ["PROXY"], verify=os.environ["BUNDLE"], trust_env=False),
     max_retries=0,
 )
 try:

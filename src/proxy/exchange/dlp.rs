@@ -54,7 +54,9 @@ pub async fn screen(
         false => hold(body, dlp.hold_bytes, grpc).await?,
     };
     let codings = crate::dlp::decode::codings(&parts.headers).map_err(|c| {
-        refusal(format!("the request body is in Content-Encoding {c:?}, which latchkey cannot decode to scan"))
+        refusal(format!(
+            "the request body is in Content-Encoding {c:?}, which latchkey cannot decode to scan"
+        ))
     })?;
     let compressed = !codings.is_empty() && !held.bytes.is_empty();
     let body_found = if compressed {
@@ -71,7 +73,8 @@ pub async fn screen(
         dlp.scanner.scan(&held.bytes, own.as_ref())
     };
     let all = head.iter().flat_map(|(_, f)| f.hits.iter()).chain(&body_found.hits);
-    let counted: Vec<&Hit> = all.filter(|h| !config.policy.dlp.allowed(&dlp.scanner.ids[h.rule], &route.dest)).collect();
+    let counted: Vec<&Hit> =
+        all.filter(|h| !config.policy.dlp.allowed(&dlp.scanner.ids[h.rule], &route.dest)).collect();
     let own_count = head.iter().map(|(_, f)| f.own).sum::<usize>() + body_found.own;
     let ids: Vec<&str> = counted.iter().map(|h| &*dlp.scanner.ids[h.rule]).collect();
     let verdict = config.policy.dlp.verdict(&route.dest, own_count, &ids);
@@ -201,7 +204,8 @@ fn mask_head(
         }
         match part {
             HeadPart::Target => {
-                let mut pq = parts.uri.path_and_query().map(|p| p.as_str().as_bytes().to_vec()).unwrap_or_default();
+                let mut pq =
+                    parts.uri.path_and_query().map(|p| p.as_str().as_bytes().to_vec()).unwrap_or_default();
                 crate::dlp::mask(&mut pq, &hits);
                 let mut uri = std::mem::take(&mut parts.uri).into_parts();
                 uri.path_and_query = Some(http::uri::PathAndQuery::try_from(pq).map_err(|_| bad())?);
@@ -258,7 +262,9 @@ async fn hold(mut body: Body, limit: usize, grpc: bool) -> Result<Held, Refusal>
     loop {
         match body.frame().await {
             None => return Ok(Held { bytes, rest: None }),
-            Some(Err(e)) => return Err(Refusal::bad_request(format!("reading the request body failed: {e}"))),
+            Some(Err(e)) => {
+                return Err(Refusal::bad_request(format!("reading the request body failed: {e}")));
+            }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     let message_end = grpc && messages.feed(&data);
@@ -308,8 +314,11 @@ impl Tail {
         let found = self.stream.feed(data, &self.dlp.scanner, self.own.as_ref(), last);
         if !found.is_empty() {
             let policy = &self.config.policy.dlp;
-            let counted: Vec<&Hit> =
-                found.hits.iter().filter(|h| !policy.allowed(&self.dlp.scanner.ids[h.rule], &self.dest)).collect();
+            let counted: Vec<&Hit> = found
+                .hits
+                .iter()
+                .filter(|h| !policy.allowed(&self.dlp.scanner.ids[h.rule], &self.dest))
+                .collect();
             let ids: Vec<&str> = counted.iter().map(|h| &*self.dlp.scanner.ids[h.rule]).collect();
             let verdict = policy.verdict(&self.dest, found.own, &ids);
             let summary = crate::dlp::summary(&self.dlp.scanner.ids, &found, |_| true);
@@ -329,7 +338,10 @@ impl HttpBody for Tail {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Some(p) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(p))));

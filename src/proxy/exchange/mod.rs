@@ -87,7 +87,8 @@ async fn exchange(
     let redact = upstream_request::prepare(&mut parts, route, config)?;
     let tokens = ClientHttp { client: &generation.client, timeout: config.proxy.timeout };
     let body = send::request_body(body);
-    let screened = dlp::screen(config, route, &mut parts, body, credential, upgrade.is_some(), &mut x.record).await?;
+    let screened =
+        dlp::screen(config, route, &mut parts, body, credential, upgrade.is_some(), &mut x.record).await?;
     let body = screened.body;
     let (body, replay) = match (&chosen, credential) {
         (Some(chosen), Some(cred)) => {

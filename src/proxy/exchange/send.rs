@@ -84,9 +84,8 @@ impl<'a> Upstream<'a> {
             .remove::<OnUpgrade>()
             .ok_or_else(|| Refusal::bad_request("cannot upgrade here"))?;
         let redactors = redact.then(|| crate::redact::for_host(self.config, &self.route.dest)).flatten();
-        let screen = super::dlp::ws_screen(self.config, self.route);
-        let resp = upgrade::relay(self.config, self.dialer, self.route, parts, kind, client, redactors, screen)
-            .await?;
+        let scans = upgrade::Scans { redactors, screen: super::dlp::ws_screen(self.config, self.route) };
+        let resp = upgrade::relay(self.config, self.dialer, self.route, parts, kind, client, scans).await?;
         Ok(resp.map(|b| b.map_err(box_error).boxed()))
     }
 
