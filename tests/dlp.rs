@@ -292,3 +292,32 @@ fn bad_dlp_config_is_an_error_with_its_place() {
         assert!(err.contains(key), "{extra}: {err}");
     }
 }
+
+#[test]
+fn past_hold_bytes_the_secret_is_still_never_sent() {
+    let filler = |n: usize| "lorem ipsum dolor sit amet ".repeat(n / 27);
+    let body = format!("{}{}{}", filler(200_000), dotenv(), filler(50_000));
+    let hold = "hold_bytes = 65536\n";
+    let (up, lk) = echo_setup(&dlp("block", hold), "");
+    let (s, b) = post(&lk, "https://api.example.com/v1/upload", body.as_bytes(), &[]);
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains("aws-access-key"), "{b}");
+    for seen in up.requests() {
+        assert!(!String::from_utf8_lossy(&seen.body).contains(AWS_ID), "the upstream got the key");
+    }
+    let (up, lk) = echo_setup(&dlp("redact", hold), "");
+    let (s, _) = post(&lk, "https://api.example.com/v1/upload", body.as_bytes(), &[]);
+    assert_eq!(s, 200);
+    let got = String::from_utf8(up.requests()[0].body.clone()).unwrap();
+    assert_eq!(got.len(), body.len());
+    assert!(!got.contains(AWS_ID) && !got.contains(AWS_SECRET));
+    assert_eq!(got.replace('*', ""), body.replace(AWS_ID, "").replace(AWS_SECRET, ""));
+}
+
+#[test]
+fn check_says_dlp_is_advisory_without_enforced_egress() {
+    let (_up, lk) = echo_setup(&dlp("block", ""), "");
+    let out = lk.cli(&["check"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[proxy.dlp] is advisory unless egress is enforced"), "{text}");
+}
