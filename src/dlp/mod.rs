@@ -234,7 +234,7 @@ impl Scanner {
             }
             _ => (at..at + c.regex.find(window)?.end(), None),
         };
-        if c.token_tail && text.get(range.end).is_some_and(|b| rules::is_token_byte(*b)) {
+        if c.token_tail && text.get(range.end).is_some_and(|b| rules::continues(*b, c.dashes)) {
             return None;
         }
         let mut also = None;
@@ -377,6 +377,23 @@ pub fn summary(
         }
     }
     out
+}
+
+impl Scanner {
+    /// Mask `first` in place, then what masking brought to light (a token glued to a
+    /// masked one stands alone once its neighbour is `*`), until nothing `counted` is
+    /// left (a few rounds at most: each masks more bytes).
+    pub fn mask_all(&self, buf: &mut [u8], first: &[&Hit], counted: impl Fn(&Hit) -> bool) {
+        mask(buf, first);
+        for _ in 0..8 {
+            let more = self.scan(buf, None);
+            let left: Vec<&Hit> = more.hits.iter().filter(|h| counted(h)).collect();
+            if left.is_empty() {
+                return;
+            }
+            mask(buf, &left);
+        }
+    }
 }
 
 /// Mask the hits' bytes in place (same length).

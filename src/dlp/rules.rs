@@ -47,13 +47,19 @@ pub struct Check {
     pub rule: usize,
     pub literals: &'static [&'static str],
     pub regex: Regex,
-    /// The byte after the match may not be one of these (the token would go on).
+    /// The match must stand alone: no token byte before it, and after it no byte of
+    /// its own alphabet (the token would go on).
     pub token_tail: bool,
+    /// The token's own alphabet goes on with `-` and `_` besides letters and digits.
+    pub dashes: bool,
     pub extra: Extra,
 }
 
-/// (rule index in `BUILTIN_IDS`, literals, anchored regex, token tail, extra).
+/// (rule index in `BUILTIN_IDS`, literals, anchored regex, stands alone, extra).
 type Spec = (usize, &'static [&'static str], &'static str, bool, Extra);
+
+/// Rules whose tokens hold `-` or `_` after their prefix.
+const DASHED: [usize; 4] = [2, 3, 6, 9];
 
 const SPECS: [Spec; 10] = [
     (0, &["AKIA", "ASIA"], r"^(?:AKIA|ASIA)[A-Z2-7]{16}", true, Extra::AwsSecretNearby),
@@ -106,14 +112,20 @@ pub fn builtin_checks() -> Vec<Check> {
             literals,
             regex: Regex::new(re).expect("bundled DLP regexes compile"),
             token_tail,
+            dashes: DASHED.contains(&rule),
             extra,
         })
         .collect()
 }
 
-/// Bytes a token goes on with: its match must not be followed by one.
+/// Bytes a token may be glued to: its match must not follow one.
 pub fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
+}
+
+/// Does `b` continue a token of this alphabet (so the match is not whole)?
+pub fn continues(b: u8, dashes: bool) -> bool {
+    b.is_ascii_alphanumeric() || (dashes && (b == b'_' || b == b'-'))
 }
 
 /// How far from an AWS key id its secret may be.

@@ -125,7 +125,8 @@ impl WsScreen {
             DlpVerdict::Block(r) => Err(failed(format!("WebSocket message refused: {}", r.message))),
             DlpVerdict::Warn | DlpVerdict::Forward => Ok(()),
             DlpVerdict::Redact => {
-                crate::dlp::mask(&mut text, &counted);
+                let keep = |h: &Hit| !policy.allowed(&ids[h.rule], &self.dest);
+                self.dlp.scanner.mask_all(&mut text, &counted, keep);
                 let mut at = 0;
                 for (f, hlen) in frames.iter_mut() {
                     let k = key(f, *hlen);

@@ -101,8 +101,8 @@ pub async fn screen(
             }
             let allowed = |h: &&Hit| !config.policy.dlp.allowed(&dlp.scanner.ids[h.rule], &route.dest);
             let body_hits: Vec<&Hit> = body_found.hits.iter().filter(allowed).collect();
-            crate::dlp::mask(&mut bytes, &body_hits);
-            mask_head(parts, &mut head, allowed)?;
+            dlp.scanner.mask_all(&mut bytes, &body_hits, |h| allowed(&h));
+            mask_head(&dlp.scanner, parts, &mut head, allowed)?;
         }
     }
     let prefix = bytes.freeze();
@@ -192,6 +192,7 @@ fn scan_head(
 
 /// Mask what `redact` masks in the target and header values (same length).
 fn mask_head(
+    scanner: &crate::dlp::Scanner,
     parts: &mut Parts,
     head: &mut [(HeadPart, Findings)],
     counted: impl Fn(&&Hit) -> bool,
@@ -206,7 +207,7 @@ fn mask_head(
             HeadPart::Target => {
                 let mut pq =
                     parts.uri.path_and_query().map(|p| p.as_str().as_bytes().to_vec()).unwrap_or_default();
-                crate::dlp::mask(&mut pq, &hits);
+                scanner.mask_all(&mut pq, &hits, |h| counted(&h));
                 let mut uri = std::mem::take(&mut parts.uri).into_parts();
                 uri.path_and_query = Some(http::uri::PathAndQuery::try_from(pq).map_err(|_| bad())?);
                 parts.uri = http::Uri::from_parts(uri).map_err(|_| bad())?;
@@ -214,7 +215,7 @@ fn mask_head(
             HeadPart::Header(i) => {
                 if let Some((_, value)) = parts.headers.iter_mut().nth(*i) {
                     let mut v = value.as_bytes().to_vec();
-                    crate::dlp::mask(&mut v, &hits);
+                    scanner.mask_all(&mut v, &hits, |h| counted(&h));
                     *value = http::HeaderValue::from_bytes(&v).map_err(|_| bad())?;
                 }
             }
@@ -326,7 +327,11 @@ impl Tail {
             tracing::warn!(target: "latchkey::dlp", dest = %self.dest, rules = %rules.join(","), "outbound secret in a streamed body");
             match verdict {
                 DlpVerdict::Block(r) => return Err(Box::new(BlockedSecret(r))),
-                DlpVerdict::Redact => crate::dlp::mask(self.stream.window(), &counted),
+                DlpVerdict::Redact => {
+                    let (scanner, dest) = (&self.dlp.scanner, &self.dest);
+                    let keep = |h: &Hit| !policy.allowed(&scanner.ids[h.rule], dest);
+                    scanner.mask_all(self.stream.window(), &counted, keep);
+                }
                 DlpVerdict::Warn | DlpVerdict::Forward => {}
             }
         }
