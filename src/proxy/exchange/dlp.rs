@@ -51,7 +51,13 @@ pub async fn screen(
     let grpc = Protocol::of(&parts.headers) == Protocol::Grpc;
     let held = match upgrade {
         true => Held { bytes: BytesMut::new(), rest: None },
-        false => hold(body, dlp.hold_bytes, grpc).await?,
+        false => {
+            // A body trickling in is bounded as the upstream would bound it.
+            let limit = config.proxy.timeout;
+            tokio::time::timeout(limit, hold(body, dlp.hold_bytes, grpc)).await.map_err(|_| {
+                Refusal::bad_request(format!("the request body did not arrive within {}s", limit.as_secs()))
+            })??
+        }
     };
     let codings = crate::dlp::decode::codings(&parts.headers).map_err(|c| {
         refusal(format!(
