@@ -49,88 +49,89 @@ pub async fn screen(
     let slots = credential.map(slot_headers).unwrap_or_default();
     let mut head = scan_head(&dlp, own.as_ref(), parts, &slots);
     let grpc = Protocol::of(&parts.headers) == Protocol::Grpc;
-    let held = match upgrade {
+    let mut held = match upgrade {
         true => Held { bytes: BytesMut::new(), rest: None },
-        false => {
-            // A body trickling in is bounded as the upstream would bound it.
-            let limit = config.proxy.timeout;
-            tokio::time::timeout(limit, hold(body, dlp.hold_bytes, grpc)).await.map_err(|_| {
-                Refusal::bad_request(format!("the request body did not arrive within {}s", limit.as_secs()))
-            })??
-        }
+        false => held_body(config, &dlp, body, grpc).await?,
     };
-    let codings = crate::dlp::decode::codings(&parts.headers).map_err(|c| {
-        refusal(format!(
-            "the request body is in Content-Encoding {c:?}, which latchkey cannot decode to scan"
-        ))
-    })?;
-    let compressed = !codings.is_empty() && !held.bytes.is_empty();
-    let body_found = if compressed {
-        if held.rest.is_some() {
-            return Err(refusal(format!(
-                "a compressed request body over [proxy.dlp] hold_bytes ({} bytes) cannot be scanned",
-                dlp.hold_bytes
-            )));
-        }
-        let plain = crate::dlp::decode::decode(&held.bytes, &codings, 16 * dlp.hold_bytes)
-            .map_err(|e| refusal(format!("the compressed request body cannot be scanned: {e}")))?;
-        dlp.scanner.scan(&plain, own.as_ref())
-    } else {
-        dlp.scanner.scan(&held.bytes, own.as_ref())
-    };
-    let all = head.iter().flat_map(|(_, f)| f.hits.iter()).chain(&body_found.hits);
-    let counted: Vec<&Hit> =
-        all.filter(|h| !config.policy.dlp.allowed(&dlp.scanner.ids[h.rule], &route.dest)).collect();
-    let own_count = head.iter().map(|(_, f)| f.own).sum::<usize>() + body_found.own;
-    let ids: Vec<&str> = counted.iter().map(|h| &*dlp.scanner.ids[h.rule]).collect();
-    let verdict = config.policy.dlp.verdict(&route.dest, own_count, &ids);
-    let mut bytes = held.bytes;
-    let mut warned = false;
-    if !matches!(verdict, DlpVerdict::Forward) || own_count + counted.len() > 0 {
-        let mut all = Findings { own: own_count, hits: Vec::new() };
-        for (_, f) in &head {
-            all.hits.extend(f.hits.iter().cloned());
-        }
-        all.hits.extend(body_found.hits.iter().cloned());
-        note(record, &dlp, &all, &verdict, &config.policy.dlp, route);
+    let (in_body, compressed) = scan_body(&dlp, own.as_ref(), parts, &held)?;
+    let policy = &config.policy.dlp;
+    let counted = |h: &&Hit| !policy.allowed(&dlp.scanner.ids[h.rule], &route.dest);
+    let all: Vec<&Hit> = head.iter().flat_map(|(_, f)| f.hits.iter()).chain(&in_body.hits).collect();
+    let own_count = head.iter().map(|(_, f)| f.own).sum::<usize>() + in_body.own;
+    let ids: Vec<&str> = all.iter().filter(|h| counted(h)).map(|h| &*dlp.scanner.ids[h.rule]).collect();
+    let verdict = policy.verdict(&route.dest, own_count, &ids);
+    if own_count > 0 || !all.is_empty() {
+        let found = Findings { own: own_count, hits: all.iter().map(|h| (*h).clone()).collect() };
+        note(record, &dlp, &found, &verdict, policy, route);
     }
+    let warned = matches!(verdict, DlpVerdict::Warn);
     match verdict {
-        DlpVerdict::Forward => {}
+        DlpVerdict::Forward | DlpVerdict::Warn => {}
         DlpVerdict::Block(r) => return Err(r),
-        DlpVerdict::Warn => warned = true,
         DlpVerdict::Redact => {
-            if compressed && !body_found.hits.is_empty() {
+            let body_hits: Vec<&Hit> = in_body.hits.iter().filter(counted).collect();
+            if compressed && !body_hits.is_empty() {
                 return Err(refusal(
                     "the compressed request body holds a secret that cannot be masked in place; send it uncompressed"
                         .into(),
                 ));
             }
-            let allowed = |h: &&Hit| !config.policy.dlp.allowed(&dlp.scanner.ids[h.rule], &route.dest);
-            let body_hits: Vec<&Hit> = body_found.hits.iter().filter(allowed).collect();
-            dlp.scanner.mask_all(&mut bytes, &body_hits, |h| allowed(&h));
-            mask_head(&dlp.scanner, parts, &mut head, allowed)?;
+            dlp.scanner.mask_all(&mut held.bytes, &body_hits, |h| counted(&h));
+            mask_head(&dlp.scanner, parts, &mut head, counted)?;
         }
     }
-    let prefix = bytes.freeze();
-    let body = match held.rest {
+    let body = forward(held, Tail::new(dlp, own, config.clone(), route.dest.clone(), grpc));
+    Ok(Screened { body, warned })
+}
+
+/// The body held whole, within `[proxy] timeout` (a body trickling in is bounded as
+/// the upstream would bound it).
+async fn held_body(config: &Config, dlp: &Settings, body: Body, grpc: bool) -> Result<Held, Refusal> {
+    let limit = config.proxy.timeout;
+    tokio::time::timeout(limit, hold(body, dlp.hold_bytes, grpc)).await.map_err(|_| {
+        Refusal::bad_request(format!("the request body did not arrive within {}s", limit.as_secs()))
+    })?
+}
+
+/// What the held body holds (decoded first when compressed), and whether it was.
+fn scan_body(
+    dlp: &Settings,
+    own: Option<&Set>,
+    parts: &Parts,
+    held: &Held,
+) -> Result<(Findings, bool), Refusal> {
+    let codings = crate::dlp::decode::codings(&parts.headers).map_err(|c| {
+        refusal(format!(
+            "the request body is in Content-Encoding {c:?}, which latchkey cannot decode to scan"
+        ))
+    })?;
+    if codings.is_empty() || held.bytes.is_empty() {
+        return Ok((dlp.scanner.scan(&held.bytes, own), false));
+    }
+    if held.rest.is_some() {
+        return Err(refusal(format!(
+            "a compressed request body over [proxy.dlp] hold_bytes ({} bytes) cannot be scanned",
+            dlp.hold_bytes
+        )));
+    }
+    let plain = crate::dlp::decode::decode(&held.bytes, &codings, 16 * dlp.hold_bytes)
+        .map_err(|e| refusal(format!("the compressed request body cannot be scanned: {e}")))?;
+    Ok((dlp.scanner.scan(&plain, own), true))
+}
+
+/// The body that goes upstream: the held bytes, then (if the body went on) the rest,
+/// scanned as it streams.
+fn forward(held: Held, mut tail: Tail) -> Body {
+    let prefix = held.bytes.freeze();
+    match held.rest {
         None => respond::full(prefix),
         Some(rest) => {
-            let offset = prefix.len() as u64;
-            let tail = Tail {
-                inner: rest,
-                prefix: Some(prefix).filter(|p| !p.is_empty()),
-                stream: Stream::new(offset, grpc),
-                dlp,
-                own,
-                config: config.clone(),
-                dest: route.dest.clone(),
-                trailers: None,
-                done: false,
-            };
+            tail.stream = Stream::new(prefix.len() as u64, tail.grpc);
+            tail.prefix = Some(prefix).filter(|p| !p.is_empty());
+            tail.inner = Some(rest);
             tail.boxed()
         }
-    };
-    Ok(Screened { body, warned })
+    }
 }
 
 fn refusal(message: String) -> Refusal {
@@ -299,9 +300,10 @@ async fn hold(mut body: Body, limit: usize, grpc: bool) -> Result<Held, Refusal>
 
 /// The body past what was held: scanned as it streams (see the module doc).
 struct Tail {
-    inner: Body,
+    inner: Option<Body>,
     prefix: Option<Bytes>,
     stream: Stream,
+    grpc: bool,
     dlp: Arc<Settings>,
     own: Option<Set>,
     config: Arc<Config>,
@@ -316,6 +318,27 @@ struct Tail {
 pub struct BlockedSecret(pub Refusal);
 
 impl Tail {
+    fn new(
+        dlp: Arc<Settings>,
+        own: Option<Set>,
+        config: Arc<Config>,
+        dest: crate::policy::Destination,
+        grpc: bool,
+    ) -> Tail {
+        Tail {
+            inner: None,
+            prefix: None,
+            stream: Stream::new(0, grpc),
+            grpc,
+            dlp,
+            own,
+            config,
+            dest,
+            trailers: None,
+            done: false,
+        }
+    }
+
     /// Scan a chunk; what may be released, or the refusal.
     fn pass(&mut self, data: &[u8], last: bool) -> Result<Bytes, BoxError> {
         let found = self.stream.feed(data, &self.dlp.scanner, self.own.as_ref(), last);
@@ -361,12 +384,13 @@ impl HttpBody for Tail {
             if this.done {
                 return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
+            let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+            match Pin::new(inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        let last = this.inner.is_end_stream();
+                        let last = this.inner.as_ref().is_none_or(|b| b.is_end_stream());
                         this.done = last;
                         match this.pass(&data, last) {
                             Err(e) => return Poll::Ready(Some(Err(e))),
@@ -401,7 +425,7 @@ impl HttpBody for Tail {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let inner = self.inner.size_hint();
+        let inner = self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_default();
         let before = (self.stream.held() + self.prefix.as_ref().map_or(0, Bytes::len)) as u64;
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower() + before);
