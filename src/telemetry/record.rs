@@ -211,6 +211,7 @@ mod tests {
             "bytes_down",
             "duration_ms",
             "usage",
+            "dlp",
         ];
         let at: Vec<usize> = keys.iter().map(|k| line.find(&format!("\"{k}\":")).expect(k)).collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{line}");
