@@ -5,7 +5,7 @@ where the wall-clock rows of bench.py do not).
 
 For each setting, latchkey (release build) runs under callgrind; curl sends WARM
 requests, then callgrind's counters are zeroed and N requests are sent one at a time over
-one keep-alive connection (curl reuses it); the instructions counted from the zeroing
+one keep-alive connection (curl reuses it; its TLS handshake is counted, shared by the N); the instructions counted from the zeroing
 to the end are divided by N. Two loads, as bench.py's DLP rows: 1 MiB JSON uploads, and
 small GETs (keep-alive). Every process started here is stopped here, by PID.
 
@@ -86,14 +86,16 @@ def measure(args, w, up_port, dlp, load):
     name = f"{'on' if dlp else 'off'}-{load}"
     conf = w / f"{name}.toml"
     extra = '[proxy.dlp]\nenabled = true\naction = "block"\n' if dlp else ""
+    # As in bench.py: a credential for the host, so both settings intercept and inject.
     conf.write_text(f'[proxy]\nport = {port}\nca_dir = "{w}/lk-ca"\n{extra}'
-                    f'[upstream]\nca_file = "{w}/ca.pem"\n[upstream.resolve]\n"{HOST}:443" = "127.0.0.1:{up_port}"\n')
+                    f'[upstream]\nca_file = "{w}/ca.pem"\n[upstream.resolve]\n"{HOST}:443" = "127.0.0.1:{up_port}"\n'
+                    f'[credentials.bench]\nheader = "x-api-key"\nvalue = "${{BENCH_SECRET}}"\ndomains = ["{HOST}"]\n')
     conf.chmod(0o600)
     out = w / f"callgrind.{name}"
     p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                           str(args.latchkey), "run", "--config", str(conf)],
                          stdout=subprocess.DEVNULL, stderr=open(w / f"{name}.log", "w"),
-                         env=dict(os.environ, RUST_LOG="warn", HOME=str(w)), start_new_session=True)
+                         env=dict(os.environ, RUST_LOG="warn", HOME=str(w), BENCH_SECRET="bench-secret-value-0123456789"), start_new_session=True)
     try:
         deadline = time.time() + 120
         while True:
@@ -121,9 +123,10 @@ def measure(args, w, up_port, dlp, load):
             if codes != ["200"] * n:
                 raise SystemExit(f"{name}: {codes}")
 
+        n = args.n if load == "upload" else args.n_small
         curl(args.warm)
         subprocess.run(["callgrind_control", "--zero", str(p.pid)], check=True, capture_output=True)
-        curl(args.n)
+        curl(n)
         subprocess.run(["callgrind_control", "--dump", str(p.pid)], check=True, capture_output=True)
     finally:
         os.killpg(p.pid, signal.SIGINT)
@@ -137,13 +140,14 @@ def measure(args, w, up_port, dlp, load):
             totals.append((d, int(m.group(1))))
     # The explicit dump (after zeroing) is the measured part.
     measured = [t for d, t in totals if d.name != f"callgrind.{name}"] or [totals[-1][1]]
-    return measured[0] / args.n
+    return measured[0] / n
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--latchkey", type=Path, default=ROOT / "target" / "release" / "latchkey")
-    ap.add_argument("-n", type=int, default=20)
+    ap.add_argument("-n", type=int, default=20, help="1 MiB uploads measured")
+    ap.add_argument("--n-small", type=int, default=200, help="small GETs measured (the connection's handshake is shared by them)")
     ap.add_argument("--warm", type=int, default=3)
     args = ap.parse_args()
     w = Path(tempfile.mkdtemp(prefix="latchkey-callgrind-"))

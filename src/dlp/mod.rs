@@ -20,7 +20,7 @@ pub mod stream;
 use std::ops::Range;
 use std::sync::Arc;
 
-use aho_corasick::{AhoCorasick, MatchKind};
+use aho_corasick::{AhoCorasick, Input, MatchKind, Span, packed};
 use base64::Engine;
 
 use crate::redact::{Decoded, Set};
@@ -82,8 +82,9 @@ pub struct Scanner {
     /// Rule ids by index: the bundled ones (when on) first, then the user's.
     pub ids: Vec<Arc<str>>,
     checks: Vec<Check>,
-    literals: Option<AhoCorasick>,
-    targets: Vec<Target>,
+    literals: Option<Literals>,
+    /// Each literal and where it leads (a literal may start several rules' matches).
+    patterns: Vec<(Vec<u8>, Target)>,
     regexes: Vec<(usize, regex::bytes::Regex)>,
 }
 
@@ -148,14 +149,10 @@ impl Scanner {
         }
         let literals = match patterns.is_empty() {
             true => None,
-            false => Some(
-                AhoCorasick::builder()
-                    .match_kind(MatchKind::Standard)
-                    .build(&patterns)
-                    .map_err(|e| e.to_string())?,
-            ),
+            false => Some(Literals::new(&patterns)?),
         };
-        Ok(Scanner { ids, checks, literals, targets, regexes })
+        let patterns = patterns.into_iter().zip(targets).collect();
+        Ok(Scanner { ids, checks, literals, patterns, regexes })
     }
 
     /// Everything `buf` holds: own secrets (when `own` is given) and rule matches.
@@ -170,7 +167,7 @@ impl Scanner {
     /// rule matches through the JSON-escape and percent-escape views, mapped back.
     fn scan_views(&self, src: &[u8], own: Option<&Set>, found: &mut Findings) {
         let mut json = Decoded::default();
-        if memchr::memchr(b'\\', src).is_some() {
+        if hides_token_bytes(src) {
             json.decode(src);
         }
         let v1: &[u8] = if json.changed() { &json.text } else { src };
@@ -201,14 +198,23 @@ impl Scanner {
 
     /// Bundled checks where their literals occur, user literals and user regexes.
     fn scan_text(&self, text: &[u8], out: &mut Vec<Hit>) {
-        if let Some(ac) = &self.literals {
-            for m in ac.find_overlapping_iter(text) {
-                match self.targets[m.pattern().as_usize()] {
-                    Target::Check(i) => out.extend(self.verify(i, text, m.start())),
-                    Target::Literal { rule, len } => {
-                        out.push(Hit { rule, range: m.start()..m.start() + len, also: None })
+        if let Some(literals) = &self.literals {
+            // Every position where some literal starts (one SIMD search, resumed a byte
+            // on), then every literal that starts there.
+            let mut at = 0;
+            while let Some(p) = literals.find(text, at) {
+                for (lit, target) in &self.patterns {
+                    if !text[p..].starts_with(lit) {
+                        continue;
+                    }
+                    match *target {
+                        Target::Check(i) => out.extend(self.verify(i, text, p)),
+                        Target::Literal { rule, len } => {
+                            out.push(Hit { rule, range: p..p + len, also: None })
+                        }
                     }
                 }
+                at = p + 1;
             }
         }
         for (rule, re) in &self.regexes {
@@ -223,7 +229,7 @@ impl Scanner {
     /// A bundled check at `at`, where one of its literals starts.
     fn verify(&self, i: usize, text: &[u8], at: usize) -> Option<Hit> {
         let c = &self.checks[i];
-        if c.token_tail && at > 0 && rules::is_token_byte(text[at - 1]) {
+        if c.token_tail && at > 0 && rules::is_token_byte(text[at - 1]) && !rules::after_escape(text, at) {
             return None;
         }
         let window = &text[at..(at + rules::LONGEST_MATCH).min(text.len())];
@@ -286,6 +292,55 @@ impl Scanner {
                     also: h.also.as_ref().map(enc),
                 }));
             }
+        }
+    }
+}
+
+/// Does `src` hold a JSON escape that stands for a byte a match could hold (`\/`, or
+/// `\uXXXX` of printable ASCII)? The common escapes (`\n`, `\"`, `\\`, `\t`, non-ASCII
+/// `\u`) stand for bytes no match holds; the checks see past them where they sit
+/// (`rules::after_escape`), so most JSON bodies are searched as they are, uncopied.
+fn hides_token_bytes(src: &[u8]) -> bool {
+    memchr::memchr_iter(b'\\', src).any(|at| match src.get(at + 1) {
+        Some(b'/') => true,
+        Some(b'u') => src.get(at + 2..at + 6).is_some_and(|h| {
+            let hex = std::str::from_utf8(h).ok().and_then(|h| u32::from_str_radix(h, 16).ok());
+            hex.is_some_and(|c| (0x21..0x7f).contains(&c))
+        }),
+        _ => false,
+    })
+}
+
+/// The literal search: SIMD (Teddy) for a handful of literals, as in `redact`; the
+/// automaton with its prefilter otherwise.
+#[derive(Debug)]
+enum Literals {
+    Packed(packed::Searcher),
+    Automaton(AhoCorasick),
+}
+
+impl Literals {
+    fn new(patterns: &[Vec<u8>]) -> Result<Literals, String> {
+        let packed = packed::Config::new()
+            .match_kind(packed::MatchKind::LeftmostFirst)
+            .builder()
+            .extend(patterns)
+            .build();
+        match packed {
+            Some(s) => Ok(Literals::Packed(s)),
+            None => AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostFirst)
+                .build(patterns)
+                .map(Literals::Automaton)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Where the first literal at or after `at` starts.
+    fn find(&self, text: &[u8], at: usize) -> Option<usize> {
+        match self {
+            Literals::Packed(s) => s.find_in(text, Span::from(at..text.len())).map(|m| m.start()),
+            Literals::Automaton(ac) => ac.find(Input::new(text).span(at..text.len())).map(|m| m.start()),
         }
     }
 }

@@ -61,7 +61,7 @@ type Spec = (usize, &'static [&'static str], &'static str, bool, Extra);
 /// Rules whose tokens hold `-` or `_` after their prefix.
 const DASHED: [usize; 4] = [2, 3, 6, 9];
 
-const SPECS: [Spec; 10] = [
+const SPECS: [Spec; 11] = [
     (0, &["AKIA", "ASIA"], r"^(?:AKIA|ASIA)[A-Z2-7]{16}", true, Extra::AwsSecretNearby),
     (
         1,
@@ -90,11 +90,19 @@ const SPECS: [Spec; 10] = [
     (
         7,
         &["-----BEGIN "],
-        r"^-----BEGIN (?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----\s+[A-Za-z0-9+/=]{40}",
+        r"^-----BEGIN (?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----(?:\s|\\[nrt])+[A-Za-z0-9+/=]{40}",
         false,
         Extra::PemBlock,
     ),
     (8, &["\"private_key_id\""], r#"^"private_key_id"\s{0,8}:\s{0,8}"([0-9a-f]{40})""#, false, Extra::Group),
+    // The same inside a JSON string (a key file pasted into a prompt).
+    (
+        8,
+        &["\\\"private_key_id\\\""],
+        r#"^\\"private_key_id\\"\s{0,8}:\s{0,8}\\"([0-9a-f]{40})\\""#,
+        false,
+        Extra::Group,
+    ),
     (
         9,
         &["eyJ"],
@@ -123,6 +131,12 @@ pub fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
 }
 
+/// Is the byte before `at` the letter of a JSON escape (`\n`, `\r`, `\t`, `\"`)? Such a
+/// token stands alone in the text the JSON stands for.
+pub fn after_escape(text: &[u8], at: usize) -> bool {
+    at >= 2 && text[at - 2] == b'\\' && matches!(text[at - 1], b'n' | b'r' | b't' | b'"')
+}
+
 /// Does `b` continue a token of this alphabet (so the match is not whole)?
 pub fn continues(b: u8, dashes: bool) -> bool {
     b.is_ascii_alphanumeric() || (dashes && (b == b'_' || b == b'-'))
@@ -148,6 +162,8 @@ pub fn aws_secret_near(text: &[u8], key: std::ops::Range<usize>) -> Option<std::
         while i < text.len() && alpha(text[i]) {
             i += 1;
         }
+        // A run right after a JSON escape (`\nZx9...`) starts after its letter.
+        let start = if rules_escape_start(text, start) { start + 1 } else { start };
         let run = &text[start..i];
         let alone = text.get(i).is_none_or(|b| *b != b'=');
         if run.len() == 40
@@ -160,6 +176,10 @@ pub fn aws_secret_near(text: &[u8], key: std::ops::Range<usize>) -> Option<std::
         }
     }
     None
+}
+
+fn rules_escape_start(text: &[u8], start: usize) -> bool {
+    start >= 1 && text[start - 1] == b'\\' && matches!(text[start], b'n' | b'r' | b't')
 }
 
 /// Does a JWT's header (its first segment, base64url) name a `kid`?

@@ -51,6 +51,17 @@ fn every_bundled_rule_finds_its_sample() {
 }
 
 #[test]
+fn every_sample_is_found_inside_a_json_string_too() {
+    // Pasted into a prompt: newlines and quotes escaped, read without decoding.
+    let s = scanner();
+    for (id, text) in samples() {
+        let json = serde_json::json!({ "content": format!("look:\n{text}\n") }).to_string();
+        let f = s.scan(json.as_bytes(), None);
+        assert_eq!(ids(&s, &f), vec![id.to_string()], "{json}");
+    }
+}
+
+#[test]
 fn near_misses_are_not_matches() {
     let s = scanner();
     for text in [
