@@ -301,14 +301,12 @@ impl Scanner {
 /// `\u`) stand for bytes no match holds; the checks see past them where they sit
 /// (`rules::after_escape`), so most JSON bodies are searched as they are, uncopied.
 fn hides_token_bytes(src: &[u8]) -> bool {
-    memchr::memchr_iter(b'\\', src).any(|at| match src.get(at + 1) {
-        Some(b'/') => true,
-        Some(b'u') => src.get(at + 2..at + 6).is_some_and(|h| {
-            let hex = std::str::from_utf8(h).ok().and_then(|h| u32::from_str_radix(h, 16).ok());
-            hex.is_some_and(|c| (0x21..0x7f).contains(&c))
-        }),
-        _ => false,
-    })
+    // Two SIMD substring searches; `\u00XX` is the only `\u` form of printable ASCII.
+    memchr::memmem::find(src, b"\\/").is_some()
+        || memchr::memmem::find_iter(src, b"\\u00").any(|at| {
+            let hex = src.get(at + 4..at + 6).and_then(|h| std::str::from_utf8(h).ok());
+            hex.and_then(|h| u8::from_str_radix(h, 16).ok()).is_some_and(|c| (0x21..0x7f).contains(&c))
+        })
 }
 
 /// The literal search: SIMD (Teddy) for a handful of literals, as in `redact`; the

@@ -262,7 +262,9 @@ struct Held {
 /// Read the body until it ends or `limit` bytes are held; a gRPC body stops at a
 /// message's end too (a streaming call waits for its first answer before it sends on).
 async fn hold(mut body: Body, limit: usize, grpc: bool) -> Result<Held, Refusal> {
-    let mut bytes = BytesMut::new();
+    // Sized once from the length the body declares (no copies as it grows).
+    let declared = usize::try_from(body.size_hint().lower()).unwrap_or(limit);
+    let mut bytes = BytesMut::with_capacity(declared.min(limit));
     let mut messages = crate::redact::GrpcMessages::default();
     if body.is_end_stream() {
         return Ok(Held { bytes, rest: None });
