@@ -162,6 +162,7 @@ class Bench:
            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
         (w / "www").mkdir()
         (w / "www" / "1m.bin").write_bytes(os.urandom(1 << 20))
+        (w / "upload.json").write_bytes(upload_body(1 << 20))
 
     def start_nginx(self):
         w = self.work
@@ -183,6 +184,7 @@ http {{
     ssl_certificate_key {w}/up.key;
     root {w}/www;
     location = / {{ return 200 "hello from upstream\\n"; }}
+    location = /upload {{ client_max_body_size 4m; return 200 "uploaded\\n"; }}
     location = /check {{
       if ($http_x_api_key = "{SECRET}") {{ return 200 "injected\\n"; }}
       return 403 "no credential\\n";
@@ -196,10 +198,11 @@ http {{
         wait_port(self.up_port)
         wait_port(self.sse_port)
 
-    def start_latchkey(self, name="latchkey", binary=None, cred_extra="", tail="", wrapper=()):
+    def start_latchkey(self, name="latchkey", binary=None, cred_extra="", tail="", wrapper=(), proxy_extra=""):
         """latchkey (or, as `baseline`, an earlier build of it, to compare two builds in one run).
         `cred_extra` goes into the credential's table, `tail` at the end of the config;
-        `wrapper` runs it under another command (bench/cpu.py: valgrind)."""
+        `wrapper` runs it under another command (bench/cpu.py: valgrind); `proxy_extra`:
+        more of `[proxy]` (the DLP rows' second instance)."""
         w, port = self.work, free_port()
         conf = w / f"{name}.toml"
         conf.write_text(f"""
@@ -207,6 +210,7 @@ http {{
 port = {port}
 ca_dir = "{w}/{name}-ca"
 allow_private = ["127.0.0.1/32"]
+{proxy_extra}
 [upstream]
 ca_file = "{w}/up-ca.pem"
 [credentials.bench]
@@ -472,6 +476,7 @@ def main():
     ap.add_argument("--no-transparent", action="store_true",
                     help="skip the transparent-mode row (Linux, needs root and nft)")
     ap.add_argument("--no-cluster", action="store_true", help="skip the [cluster] redis rows (needs redis-server)")
+    ap.add_argument("--no-dlp", action="store_true", help="skip the [proxy.dlp] rows")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.duration, args.soak = 1, 3, 30
@@ -534,6 +539,7 @@ def main():
         transparent = transparent_rows(bench, lk) if lk and not args.no_transparent else None
         cluster = cluster_rows(bench, url, args) if lk and not args.no_cluster else None
         live = live_view_rows(bench, lk, args) if lk else ""
+        dlp = dlp_rows(bench, lk, args) if lk and not args.no_dlp else None
         soak = None
         if lk and args.soak:
             soak = run_soak(bench, lk, url, args.soak)
@@ -545,6 +551,8 @@ def main():
         if cluster:
             table += cluster
         table += live
+        if dlp:
+            table += dlp
         print(table)
         if args.out:
             args.out.write_text(table)
@@ -615,6 +623,64 @@ def live_view_rows(bench, lk, args):
             f"| keep-alive, 32 connections, one live-view watcher | {watched:.0f} req/s (**{watched / base:.2f}×**) |\n"
             f"| RSS with 100 live-view watchers, under load | {before / 1024:.1f} → {after / 1024:.1f} MiB "
             f"(+{(after - before) / 1024:.1f}); {got / 1048576:.1f} MiB of events delivered |\n")
+
+
+# --- [proxy.dlp] (issue 18: 1 MiB uploads with DLP on >= 0.85x off; keep-alive >= 0.9x) ---
+
+
+def upload_body(size):
+    """An LLM-style JSON request of about `size` bytes: prose and code in message text, no
+    secret (what DLP scans on every prompt)."""
+    import random
+    rng = random.Random(18)
+    words = ("the function returns a value when the request body is parsed and the test "
+             "fails because config path error line file module import self return None "
+             "def class struct impl fn let mut async await match Some Ok Err").split()
+    parts, total = [], 0
+    while total < size - 200:
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(4, 14)))
+        if rng.random() < 0.2:
+            line = f"    {line}({rng.randint(0, 9999)}) # sha {rng.getrandbits(64):016x}"
+        parts.append(line)
+        total += len(line) + 2
+    text = "\n".join(parts)
+    body = json.dumps({"model": "claude-test", "max_tokens": 16,
+                       "messages": [{"role": "user", "content": text}]})
+    return body.encode()
+
+
+DLP_SCENARIOS = [
+    # name, path, connections, extra oha args, target ratio
+    ("1 MiB upload", "/upload", 4, ("-m", "POST", "-H", "content-type: application/json"), 0.85),
+    ("keep-alive", "/", 32, (), 0.9),
+]
+
+
+def dlp_rows(bench, lk, args):
+    """The same latchkey build with `[proxy.dlp] enabled = true` (block, built-in rules) beside
+    the plain one, alternating within each round."""
+    on = bench.start_latchkey("latchkey-dlp", proxy_extra="[proxy.dlp]\nenabled = true\naction = \"block\"")
+    url = f"https://127.0.0.1:{bench.up_port}"
+    body = str(bench.work / "upload.json")
+    runs = {}
+    for r in range(args.rounds):
+        for name, path, conns, extra, _ in DLP_SCENARIOS:
+            extra = (*extra, "-D", body) if path == "/upload" else extra
+            pair = [("off", lk), ("on", on)] if r % 2 == 0 else [("on", on), ("off", lk)]
+            for label, t in pair:
+                res = oha(bench, t, url + path, conns, args.duration, extra)
+                if res is None:
+                    raise SystemExit(f"latchkey (DLP {label}) failed the {name} scenario")
+                runs.setdefault((name, label), []).append(res)
+                print(f"# round {r + 1} {name} DLP {label}: {res['rps']:.0f}/s", file=sys.stderr)
+    lines = ["", "[proxy.dlp] (same build, built-in rules, action = block; same run):", "",
+             "| scenario | DLP off | DLP on | on / off | target |", "|---|---|---|---|---|"]
+    for name, _, conns, _, target in DLP_SCENARIOS:
+        off, on_ = med(runs[(name, "off")], "rps"), med(runs[(name, "on")], "rps")
+        unit = "MiB/s" if name.startswith("1 MiB") else "req/s"
+        lines.append(f"| {name} DLP on/off, {conns} connections | {off:,.1f} {unit} | {on_:,.1f} {unit} | "
+                     f"**{on_ / off:.2f}×** | ≥ {target}× |")
+    return "\n".join(lines) + "\n"
 
 
 # --- exec --jail (SPEC 8: jailed keep-alive >= 0.8x explicit proxy; fresh jail < 50 ms added) ---

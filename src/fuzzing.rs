@@ -233,6 +233,35 @@ pub fn sealed(data: &[u8]) {
     }
 }
 
+/// Outbound scanning (`[proxy.dlp]`): the first byte cuts the rest into two chunks.
+/// Scanning never panics; every match lies inside the buffer; masking keeps the
+/// length and leaves no match behind; streaming in two chunks releases every byte once.
+pub fn dlp(data: &[u8]) {
+    use std::sync::OnceLock;
+    static SCANNER: OnceLock<crate::dlp::Scanner> = OnceLock::new();
+    let scanner = SCANNER.get_or_init(|| crate::dlp::Scanner::new(true, vec![]).expect("bundled rules"));
+    let Some((&cut, body)) = data.split_first() else { return };
+    let found = scanner.scan(body, None);
+    for h in &found.hits {
+        for r in std::iter::once(&h.range).chain(h.also.as_ref()) {
+            assert!(r.start < r.end && r.end <= body.len(), "{r:?} in {}", body.len());
+        }
+    }
+    let mut masked = body.to_vec();
+    scanner.mask_all(&mut masked, &found.hits.iter().collect::<Vec<_>>(), |_| true);
+    assert_eq!(masked.len(), body.len());
+    let again = scanner.scan(&masked, None);
+    assert!(again.hits.is_empty(), "left after masking: {:?}", again.hits);
+    let cut = usize::from(cut).min(body.len());
+    let mut stream = crate::dlp::stream::Stream::new(0, false);
+    let mut out = Vec::new();
+    for (i, part) in [&body[..cut], &body[cut..]].into_iter().enumerate() {
+        stream.feed(part, scanner, None, i == 1);
+        out.extend_from_slice(&stream.release(None, i == 1));
+    }
+    assert_eq!(out, body, "released once, unchanged (nothing masked here)");
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -285,6 +314,15 @@ mod tests {
             super::framing(&data);
             super::token(&data);
             super::sealed(&data);
+            super::dlp(&data);
+        }
+
+        #[test]
+        fn random_dlp_texts(cut in any::<u8>(), parts in proptest::collection::vec(
+            "(AKIAZ7QWERTY2UIOPLKJ|Zx9Qp2Lm7Vb4Nc8Rt1Yw6Ks3Hd5Gf0Ja2Ue7IoPq|ghp_aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5|eyJ|sk-|\\\\u00|%2|QUtJQVo3|-----BEGIN PRIVATE KEY-----|[ -~]{0,12}|\n)", 0..24)) {
+            let mut data = vec![cut];
+            data.extend_from_slice(parts.concat().as_bytes());
+            super::dlp(&data);
         }
 
         #[test]

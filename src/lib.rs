@@ -34,6 +34,7 @@ pub mod ca;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod dlp;
 pub mod explain;
 /// Fuzz entry points, for `fuzz/` (feature `fuzzing`) and the unit tests.
 #[cfg(any(test, feature = "fuzzing"))]

@@ -252,10 +252,11 @@ fn has_unicode_escape(buf: &[u8]) -> bool {
         .any(|at| buf.get(at + 2..at + 6).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)))
 }
 
-/// Text with its JSON escapes decoded, and where each escape came from.
+/// Text with its JSON (or percent) escapes decoded, and where each escape came from.
+/// Outbound scanning (`crate::dlp`) reads requests through it too.
 #[derive(Default)]
-struct Decoded {
-    text: Vec<u8>,
+pub(crate) struct Decoded {
+    pub(crate) text: Vec<u8>,
     /// One per escape, in order: (start in `text`, decoded length, start in the
     /// source, source length). Bytes between escapes are copied one for one.
     escapes: Vec<(usize, usize, usize, usize)>,
@@ -263,7 +264,7 @@ struct Decoded {
 
 impl Decoded {
     /// JSON string unescaping of `src`; what is not a valid escape is copied as it is.
-    fn decode(&mut self, src: &[u8]) {
+    pub(crate) fn decode(&mut self, src: &[u8]) {
         self.text.clear();
         self.escapes.clear();
         self.text.reserve(src.len());
@@ -296,8 +297,38 @@ impl Decoded {
         self.text.extend_from_slice(&src[i..]);
     }
 
+    /// Percent-decoding of `src` (`%XX`); what is not a valid escape is copied as it is.
+    pub(crate) fn decode_percent(&mut self, src: &[u8]) {
+        self.text.clear();
+        self.escapes.clear();
+        self.text.reserve(src.len());
+        let mut i = 0;
+        while let Some(n) = memchr::memchr(b'%', &src[i..]) {
+            let at = i + n;
+            self.text.extend_from_slice(&src[i..at]);
+            let hex = src.get(at + 1..at + 3).map(|h| (HEX[usize::from(h[0])], HEX[usize::from(h[1])]));
+            match hex {
+                Some((a, b)) if (a | b) & 0x10 == 0 => {
+                    self.escapes.push((self.text.len(), 1, at, 3));
+                    self.text.push(a << 4 | b);
+                    i = at + 3;
+                }
+                _ => {
+                    self.text.push(b'%');
+                    i = at + 1;
+                }
+            }
+        }
+        self.text.extend_from_slice(&src[i..]);
+    }
+
+    /// Were any escapes decoded?
+    pub(crate) fn changed(&self) -> bool {
+        !self.escapes.is_empty()
+    }
+
     /// The source range decoded range `r` came from (escapes it touches count whole).
-    fn source(&self, r: &Range<usize>) -> Range<usize> {
+    pub(crate) fn source(&self, r: &Range<usize>) -> Range<usize> {
         self.source_of(r.start, false)..self.source_of(r.end - 1, true)
     }
 
@@ -413,6 +444,11 @@ impl Set {
         self.members.iter().any(|m| m.names_secret(name))
     }
 
+    /// How many occurrences of the members' secrets `buf` holds (nothing is masked).
+    pub fn count(&self, buf: &[u8]) -> usize {
+        find(self.members.iter().map(|m| &**m), buf).len()
+    }
+
     pub fn holdback(&self, buf: &[u8]) -> usize {
         holdback(buf, &self.alphabet, self.span)
     }
@@ -479,7 +515,7 @@ impl Stream {
 
 /// Where gRPC messages (a flag byte, a 4-byte big-endian length, the message) end.
 #[derive(Debug, Default)]
-struct GrpcMessages {
+pub(crate) struct GrpcMessages {
     /// Prefix bytes of the next message seen so far.
     prefix: Vec<u8>,
     /// Bytes of the current message still to come.
@@ -488,7 +524,7 @@ struct GrpcMessages {
 
 impl GrpcMessages {
     /// Follow `data`; true when it ends exactly where a message ends.
-    fn feed(&mut self, mut data: &[u8]) -> bool {
+    pub(crate) fn feed(&mut self, mut data: &[u8]) -> bool {
         while !data.is_empty() {
             if self.remaining > 0 {
                 let n = data.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));

@@ -146,3 +146,35 @@ fn a_grpc_client_reads_latchkeys_refusal_as_a_grpc_status() {
         lk.stderr()
     );
 }
+
+const DLP: &str = "[proxy.dlp]\nenabled = true\n#END-PROXY\n[credentials.grpc]\nauth_type = \"bearer\"\nvalue = \"${GRPC_TOKEN}\"\ndomains = [\"api.example.com\"]\n";
+
+#[test]
+fn with_dlp_a_bidirectional_call_still_flows_and_a_secret_message_is_refused() {
+    // `[proxy.dlp]` holds a body before forwarding it; a gRPC body only up to a
+    // message's end, or this ping-pong would wait forever.
+    let (_server, lk) = setup(SECRET, false, |_| DLP.to_string());
+    let out = client_with(&lk, &["chat"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["pong:ping0", "pong:ping1", "pong:ping2", "OK"],
+        "{}",
+        lk.stderr()
+    );
+    // latchkey's own secret in a message: a gRPC status, nothing upstream.
+    let out = py("grpc_client.py")
+        .arg("once")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("HOME", lk.dir.path())
+        .env("BUNDLE", lk.bundle())
+        .env("https_proxy", lk.proxy_url())
+        .env("GRPC_MESSAGE", format!("please store {SECRET} for later"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.first(), Some(&"PERMISSION_DENIED"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(lines[1].contains("latchkey-secret") && lines[2] == "dlp", "{text}");
+}

@@ -214,6 +214,9 @@ fn notes(config: &Config) -> Vec<String> {
     if !f.content.is_empty() || !f.blocked.is_empty() || f.allowlist_only {
         out.push("filters are advisory unless egress is enforced (a container network policy): a determined agent can bypass HTTP_PROXY".into());
     }
+    if config.policy.dlp.enabled {
+        out.push("[proxy.dlp] is advisory unless egress is enforced (exec --jail, transparent mode, a container network policy): an agent that ignores HTTP_PROXY sends unscanned (docs/dlp.md)".into());
+    }
     if !config.capture_variables.is_empty() {
         out.push(format!("variables available to regex captures: {}", config.capture_variables.join(", ")));
     }

@@ -167,6 +167,8 @@ pub struct Config {
     pub jail: JailSettings,
     /// `[cluster]`: shared state in Redis, when set.
     pub cluster: Option<crate::cluster::ClusterSettings>,
+    /// `[proxy.dlp]` when enabled: the compiled rules and how much body is held.
+    pub dlp: Option<std::sync::Arc<crate::dlp::Settings>>,
 }
 
 /// `[admin]` beyond `listen` (SPEC 10).
@@ -373,6 +375,7 @@ impl Compiler<'_> {
         let p = &raw.proxy;
         let (proxy, intercept_all) = self.proxy_settings(&raw)?;
         let filters = self.filters(&raw.proxy.filters)?;
+        let (dlp_policy, dlp) = self.dlp(&raw.proxy.dlp)?;
         let upstream = self.upstream(&raw.upstream)?;
         let admin = match raw.admin.as_ref().and_then(|a| a.listen.as_deref()) {
             None => None,
@@ -437,6 +440,7 @@ impl Compiler<'_> {
                 credentials: rules,
                 agents: agent_rules,
                 filters,
+                dlp: dlp_policy,
                 intercept_all,
                 capture_variables: present,
             },
@@ -446,6 +450,7 @@ impl Compiler<'_> {
             telemetry,
             jail,
             cluster,
+            dlp,
         })
     }
 
@@ -835,6 +840,58 @@ impl Compiler<'_> {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
             _ => ca_dir.to_path_buf(),
         }
+    }
+
+    /// `[proxy.dlp]`: the policy part (action, allow) and the compiled rules.
+    fn dlp(
+        &self,
+        d: &raw::RawDlp,
+    ) -> Result<(crate::policy::DlpPolicy, Option<std::sync::Arc<crate::dlp::Settings>>), ConfigError> {
+        use crate::policy::{DlpAction, DlpPolicy};
+        let t = ["proxy", "dlp"];
+        let e = |key: &str, msg: String| self.err(&t, None, key, msg);
+        let action = match d.action.as_str() {
+            "block" => DlpAction::Block,
+            "redact" => DlpAction::Redact,
+            "warn" => DlpAction::Warn,
+            other => {
+                return Err(e("action", format!("{other:?}: expected \"block\", \"redact\" or \"warn\"")));
+            }
+        };
+        let builtin = match d.rules.as_str() {
+            "builtin" => true,
+            "none" => false,
+            other => return Err(e("rules", format!("{other:?}: expected \"builtin\" or \"none\""))),
+        };
+        let mut user = Vec::new();
+        for r in &d.rule {
+            user.push(crate::dlp::user_rule(r, builtin).map_err(|m| e("rule", m))?);
+        }
+        let known = |id: &str| {
+            (builtin && crate::dlp::rules::BUILTIN_IDS.contains(&id)) || d.rule.iter().any(|r| r.id == id)
+        };
+        let mut allow = Vec::new();
+        for a in &d.allow {
+            if a.rule == crate::dlp::rules::OWN_SECRET {
+                return Err(e("allow", "latchkey's own secrets are never allowed anywhere".into()));
+            }
+            if !known(&a.rule) {
+                return Err(e("allow", format!("{:?} names no rule (see docs/dlp.md for the ids)", a.rule)));
+            }
+            let hosts = a
+                .hosts
+                .iter()
+                .map(|h| Pattern::parse(h).map_err(|x| e("allow", format!("{h:?}: {x}"))))
+                .collect::<Result<Vec<_>, _>>()?;
+            allow.push((a.rule.clone(), hosts));
+        }
+        let policy = DlpPolicy { enabled: d.enabled, action, allow };
+        if !d.enabled {
+            return Ok((policy, None));
+        }
+        let scanner = crate::dlp::Scanner::new(builtin, user).map_err(|m| e("rule", m))?;
+        let hold_bytes = d.hold_bytes.max(64 * 1024);
+        Ok((policy, Some(std::sync::Arc::new(crate::dlp::Settings { scanner, hold_bytes }))))
     }
 
     fn upstream(&self, u: &raw::RawUpstream) -> Result<UpstreamSettings, ConfigError> {

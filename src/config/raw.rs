@@ -99,6 +99,7 @@ pub struct RawProxy {
     pub logging: RawLogging,
     pub filters: RawFilters,
     pub limits: RawLimits,
+    pub dlp: RawDlp,
 }
 
 impl Default for RawProxy {
@@ -127,6 +128,7 @@ impl Default for RawProxy {
             logging: RawLogging::default(),
             filters: RawFilters::default(),
             limits: RawLimits::default(),
+            dlp: RawDlp::default(),
         }
     }
 }
@@ -164,6 +166,51 @@ pub struct RawFilters {
     pub on_unlisted: Option<String>,
     /// Seconds a held connection waits for a person (default 60).
     pub ask_timeout: Option<u64>,
+}
+
+/// `[proxy.dlp]`: outbound scanning of requests (docs/dlp.md).
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDlp {
+    pub enabled: bool,
+    /// "block" | "redact" | "warn".
+    pub action: String,
+    /// "builtin" (the bundled rule set) or "none" (only `[[proxy.dlp.rule]]`).
+    pub rules: String,
+    pub allow: Vec<RawDlpAllow>,
+    pub rule: Vec<RawDlpRule>,
+    /// Request body bytes held (and scanned whole) before anything is forwarded.
+    pub hold_bytes: usize,
+}
+
+impl Default for RawDlp {
+    fn default() -> Self {
+        RawDlp {
+            enabled: false,
+            action: "block".into(),
+            rules: "builtin".into(),
+            allow: vec![],
+            rule: vec![],
+            hold_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// `allow = [{ rule = "github-pat", hosts = ["api.github.com"] }]`.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawDlpAllow {
+    pub rule: String,
+    pub hosts: Vec<String>,
+}
+
+/// `[[proxy.dlp.rule]]`: a user's rule, a regex or a literal.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawDlpRule {
+    pub id: String,
+    pub regex: Option<String>,
+    pub literal: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]

@@ -129,11 +129,12 @@ impl Policy {
     }
 
     /// A tunnel is opened when anything could apply inside it: a credential (not
-    /// inactive) naming its host, a content filter, a token endpoint latchkey answers,
-    /// or `intercept = "all"`.
+    /// inactive) naming its host, a content filter, outbound scanning (`[proxy.dlp]`),
+    /// a token endpoint latchkey answers, or `intercept = "all"`.
     fn tunnel(&self, dest: &Destination) -> Decision {
         let needs_intercept = self.intercept_all
             || !self.filters.content.is_empty()
+            || self.dlp.enabled
             || self.credentials.iter().any(|c| {
                 !matches!(c.state, CredState::Inactive(_))
                     && (super::host_rank(c, dest).is_some()

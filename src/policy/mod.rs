@@ -4,6 +4,7 @@
 
 pub mod agents;
 mod decision;
+pub mod dlp;
 pub mod except;
 pub mod host;
 pub mod pattern;
@@ -16,6 +17,7 @@ use http::HeaderMap;
 
 pub use agents::AgentRule;
 pub use decision::{Budgets, Decision, Question, Verdict};
+pub use dlp::{DlpAction, DlpPolicy, DlpVerdict};
 pub use except::PathPattern;
 pub use host::{Destination, Host, HostError};
 pub use pattern::{Pattern, Specificity};
@@ -129,6 +131,8 @@ pub struct Policy {
     /// `config.agents`).
     pub agents: Vec<AgentRule>,
     pub filters: Filters,
+    /// `[proxy.dlp]`: what outbound scanning's findings mean.
+    pub dlp: DlpPolicy,
     pub intercept_all: bool,
     /// Variables present at load that capture references may name (`capture_variables`).
     pub capture_variables: std::collections::BTreeSet<String>,

@@ -16,6 +16,9 @@ pub enum RefusalKind {
     NotApproved,
     /// A `blocked_patterns` entry in the request line, headers, body or trailers.
     BlockedPattern,
+    /// Outbound scanning (`[proxy.dlp]`) found a secret that may not go there, or one of
+    /// latchkey's own live secrets (always), or a body it cannot scan.
+    Dlp,
     /// The destination resolves to a private, loopback or metadata address (invariant 12).
     Ssrf,
     /// A credential would go over plain HTTP (invariant 6).
@@ -86,7 +89,7 @@ impl RefusalKind {
     pub fn status(self) -> u16 {
         use RefusalKind::*;
         match self {
-            BlockedDomain | NotAllowlisted | NotApproved | BlockedPattern | Ssrf | PlainHttp
+            BlockedDomain | NotAllowlisted | NotApproved | BlockedPattern | Dlp | Ssrf | PlainHttp
             | ClientNotAllowed | AgentCredential | PlaceholderRequired | ExceptPath | TraceRefused
             | MintingEndpoint | Token => 403,
             ProxyAuth => 407,
@@ -112,6 +115,7 @@ impl RefusalKind {
             NotAllowlisted => "not-allowlisted",
             NotApproved => "not-approved",
             BlockedPattern => "blocked-pattern",
+            Dlp => "dlp",
             Ssrf => "ssrf",
             PlainHttp => "plain-http",
             ClientNotAllowed => "client-not-allowed",
@@ -204,6 +208,7 @@ mod tests {
             (RefusalKind::MintingEndpoint, 403, "credential-refused"),
             (RefusalKind::Token, 403, "token"),
             (RefusalKind::NotApproved, 403, "not-approved"),
+            (RefusalKind::Dlp, 403, "dlp"),
             (RefusalKind::CannotApply, 400, "credential-refused"),
             (RefusalKind::CredentialUnusable, 502, "credential-refused"),
             (RefusalKind::RateLimited, 429, "rate-limited"),

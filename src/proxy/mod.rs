@@ -33,6 +33,7 @@ mod tunnel;
 mod upgrade;
 pub mod upstream;
 mod wsframes;
+mod wsscreen;
 
 use builders::server_builder;
 pub use destined::original_destination;

@@ -48,6 +48,13 @@ pub fn requested(parts: &Parts) -> Option<Upgrade> {
         .then(|| Upgrade::H1(protocol.clone()))
 }
 
+/// What is scanned on an upgraded connection: the upstream's frames for the
+/// credentials' secrets (response redaction), the client's messages for `[proxy.dlp]`.
+pub struct Scans {
+    pub redactors: Option<Set>,
+    pub screen: Option<super::wsscreen::WsScreen>,
+}
+
 /// Send an (already injected, hop-by-hop-free) upgrade request upstream. On 101, join
 /// the client's and the upstream's upgraded streams in the background.
 pub async fn relay(
@@ -57,9 +64,10 @@ pub async fn relay(
     mut parts: Parts,
     kind: Upgrade,
     client: OnUpgrade,
-    redactors: Option<Set>,
+    scans: Scans,
 ) -> Result<Response<Incoming>, Refusal> {
-    if redactors.is_some() {
+    let Scans { redactors, screen } = scans;
+    if redactors.is_some() || screen.is_some() {
         // Compressed frames could not be scanned: no permessage-deflate (or any extension).
         parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
     }
@@ -104,7 +112,8 @@ pub async fn relay(
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if redactors.is_some() && resp.headers().contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+        let scanned = redactors.is_some() || screen.is_some();
+        if scanned && resp.headers().contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
             // latchkey offered none: compressed frames (RSV1) would pass unscanned.
             return Err(Refusal::new(
                 RefusalKind::UpstreamWebSocket,
@@ -116,7 +125,7 @@ pub async fn relay(
         }
         let upstream = hyper::upgrade::on(&mut resp);
         let limit = config.proxy.limits.tunnel_timeout;
-        tokio::spawn(join(client, upstream, limit, redactors));
+        tokio::spawn(join(client, upstream, limit, redactors, screen));
         if let Upgrade::H2WebSocket = kind {
             // An HTTP/2 client is told 200; the handshake headers are HTTP/1.1's.
             *resp.status_mut() = StatusCode::OK;
@@ -126,21 +135,40 @@ pub async fn relay(
     Ok(resp)
 }
 
-async fn join(client: OnUpgrade, upstream: OnUpgrade, limit: Duration, redactors: Option<Set>) {
+async fn join(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    limit: Duration,
+    redactors: Option<Set>,
+    screen: Option<super::wsscreen::WsScreen>,
+) {
     let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else { return };
     let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
-    let Some(redactors) = redactors else {
+    if redactors.is_none() && screen.is_none() {
         let _ = tokio::time::timeout(limit, tokio::io::copy_bidirectional(&mut a, &mut b)).await;
         return;
+    }
+    // Credentialed: upstream → client frame by frame, masked; with `[proxy.dlp]`,
+    // client → upstream message by message, scanned. Otherwise bytes as they are.
+    let (mut client_read, mut client_write) = tokio::io::split(a);
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(b);
+    let up = async {
+        match screen {
+            Some(s) => super::wsscreen::screen(client_read, upstream_write, s).await,
+            None => tokio::io::copy(&mut client_read, &mut upstream_write).await.map(|_| ()),
+        }
     };
-    // Credentialed: client → upstream as is, upstream → client frame by frame, masked.
-    let (mut client_read, client_write) = tokio::io::split(a);
-    let (upstream_read, mut upstream_write) = tokio::io::split(b);
-    let up = tokio::io::copy(&mut client_read, &mut upstream_write);
-    let down = super::wsframes::mask(upstream_read, client_write, redactors);
+    let down = async {
+        match redactors {
+            Some(r) => super::wsframes::mask(upstream_read, client_write, r).await,
+            None => tokio::io::copy(&mut upstream_read, &mut client_write).await.map(|_| ()),
+        }
+    };
     let both = async {
         tokio::select! {
-            _ = up => {}
+            r = up => if let Err(e) = r {
+                tracing::info!(target: "latchkey::request", "WebSocket closed: {e}");
+            },
             _ = down => {}
         }
     };

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::redact::Set;
 
 /// Largest message latchkey scans; a larger one ends the connection (fail closed).
-const MAX_MESSAGE: u64 = 1 << 20;
+pub(super) const MAX_MESSAGE: u64 = 1 << 20;
 
 /// Close frame, status 1002 (protocol error), no reason.
 const PROTOCOL_ERROR: [u8; 4] = [0x88, 0x02, 0x03, 0xea];
@@ -52,16 +52,16 @@ impl Message {
     }
 }
 
-struct Header {
-    len: usize,
-    payload: u64,
-    opcode: u8,
-    fin: bool,
-    masked: bool,
-    rsv: bool,
+pub(super) struct Header {
+    pub(super) len: usize,
+    pub(super) payload: u64,
+    pub(super) opcode: u8,
+    pub(super) fin: bool,
+    pub(super) masked: bool,
+    pub(super) rsv: bool,
 }
 
-fn header(b: &[u8]) -> Option<Header> {
+pub(super) fn header(b: &[u8]) -> Option<Header> {
     if b.len() < 2 {
         return None;
     }

@@ -212,6 +212,10 @@ fn fill_span(span: &mut Span, r: &Record) {
     if let Some(why) = &r.reason {
         span.str("latchkey.reason", why.clone());
     }
+    if let Some(d) = &r.dlp {
+        span.str("latchkey.dlp.action", d.action);
+        span.str("latchkey.dlp.rules", d.rules_text());
+    }
     span.int("latchkey.bytes_up", r.bytes_up as i64);
     span.int("latchkey.bytes_down", r.bytes_down as i64);
     if let Some(u) = &r.usage {

@@ -40,6 +40,34 @@ pub struct Record {
     pub duration_ms: u64,
     /// LLM token usage the response reported (`null` otherwise).
     pub usage: Option<Usage>,
+    /// What outbound scanning (`[proxy.dlp]`) found: rule ids and counts, never text.
+    pub dlp: Option<Dlp>,
+}
+
+/// `"dlp": {"action": "redact", "rules": {"aws-access-key": 1}}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Dlp {
+    /// `block`, `redact`, `warn`, or `allowed` (every match `allow`ed for the host).
+    pub action: &'static str,
+    #[serde(serialize_with = "counts")]
+    pub rules: Vec<(Arc<str>, u32)>,
+}
+
+fn counts<S: Serializer>(v: &[(Arc<str>, u32)], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(v.len()))?;
+    for (id, n) in v {
+        m.serialize_entry(&**id, n)?;
+    }
+    m.end()
+}
+
+impl Dlp {
+    /// `aws-access-key:1,github-pat:2`, for a span attribute.
+    pub fn rules_text(&self) -> String {
+        let parts: Vec<String> = self.rules.iter().map(|(id, n)| format!("{id}:{n}")).collect();
+        parts.join(",")
+    }
 }
 
 impl Record {
@@ -69,6 +97,7 @@ impl Record {
             bytes_down: 0,
             duration_ms: 0,
             usage: None,
+            dlp: None,
         }
     }
 }
@@ -182,6 +211,7 @@ mod tests {
             "bytes_down",
             "duration_ms",
             "usage",
+            "dlp",
         ];
         let at: Vec<usize> = keys.iter().map(|k| line.find(&format!("\"{k}\":")).expect(k)).collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{line}");

@@ -33,9 +33,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def record(self, ok):
+    def record(self, ok, body=b""):
         with open(log, "a") as f:
-            f.write(json.dumps({"method": self.command, "path": self.path, "key_ok": ok}) + "\n")
+            f.write(json.dumps({"method": self.command, "path": self.path, "key_ok": ok,
+                                "body": body.decode(errors="replace")}) + "\n")
 
     def key_ok(self):
         got = self.headers.get("x-api-key") or (self.headers.get("authorization") or "").removeprefix("Bearer ")
@@ -56,7 +57,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
         ok = self.key_ok()
-        self.record(ok)
+        self.record(ok, body)
         if not ok:
             return self.reply(401, {"type": "error", "error": {"type": "authentication_error",
                                                                "message": "invalid x-api-key"}})

@@ -2,7 +2,8 @@
 With the argument `denied`: one call answered trailers-only; prints code, details and
 the trailing metadata. With `chat`: a bidirectional ping-pong that sends each message
 only once the reply to the previous one arrived. With `again`: one call, then (on the
-same channel) another once a line arrives on stdin; prints each outcome."""
+same channel) another once a line arrives on stdin; prints each outcome. With `once`: one
+call sending $GRPC_MESSAGE (default "hi")."""
 import os
 import queue
 import sys
@@ -25,13 +26,18 @@ if sys.argv[1:] == ["denied"]:
 
 def outcome(call):
     try:
-        response, c = call.with_call(b"hi", metadata=metadata, timeout=20)
+        message = os.environ.get("GRPC_MESSAGE", "hi").encode()
+        response, c = call.with_call(message, metadata=metadata, timeout=20)
         print("OK", response.decode(), flush=True)
     except grpc.RpcError as e:
         print(e.code().name)
         print(e.details())
         print(dict(e.trailing_metadata() or ()).get("x-latchkey-error"), flush=True)
 
+
+if sys.argv[1:] == ["once"]:
+    outcome(channel.unary_unary("/test.Echo/Unary"))
+    sys.exit(0)
 
 if sys.argv[1:] == ["again"]:
     unary = channel.unary_unary("/test.Echo/Unary")

@@ -5,15 +5,17 @@
 //! 2. check route     (`super::route`)     the request names the connection's destination
 //! 3. decide          (`decide`)           the one decision, then admission under its budgets
 //! 4. prepare         (`upstream_request`) the upstream request: URI from the destination
-//! 5. inject          (`inject`)           the credential written, through its injector's hooks
-//! 6. send            (`send`)             upstream within the timeout; one replay after a 401
-//! 7. filter response (`response`)         redaction, hop-by-hop headers, cookies
-//! 8. log             (`log`)              usage read as the body streams; one record at its end
+//! 5. screen          (`dlp`)              `[proxy.dlp]`: secrets in what the client sends
+//! 6. inject          (`inject`)           the credential written, through its injector's hooks
+//! 7. send            (`send`)             upstream within the timeout; one replay after a 401
+//! 8. filter response (`response`)         redaction, hop-by-hop headers, cookies
+//! 9. log             (`log`)              usage read as the body streams; one record at its end
 //!
 //! This file names no credential scheme: what one needs (a token refreshed, a body
 //! hashed, a replay) it asks for through the `Injector` hooks.
 
 mod decide;
+mod dlp;
 mod inject;
 mod log;
 mod response;
@@ -97,6 +99,9 @@ async fn exchange(
     let redact = upstream_request::prepare(&mut parts, route, config)?;
     let tokens = ClientHttp { client: &generation.client, timeout: config.proxy.timeout };
     let body = send::request_body(body);
+    let screened =
+        dlp::screen(config, route, &mut parts, body, credential, upgrade.is_some(), &mut x.record).await?;
+    let body = screened.body;
     let (body, replay) = match (&chosen, credential) {
         (Some(chosen), Some(cred)) => {
             let injected =
@@ -106,6 +111,9 @@ async fn exchange(
         }
         _ => (body, None),
     };
+    if screened.warned {
+        x.record.decision = "warned";
+    }
     let resp = match upgrade {
         Some(kind) => to.relay(parts, kind, redact).await?,
         None => to.send(parts, body, replay, &tokens, &x.up).await?,

@@ -83,8 +83,8 @@ impl<'a> Upstream<'a> {
             .remove::<OnUpgrade>()
             .ok_or_else(|| Refusal::bad_request("cannot upgrade here"))?;
         let redactors = redact.then(|| crate::redact::for_host(self.config, &self.route.dest)).flatten();
-        let resp =
-            upgrade::relay(self.config, self.dialer, self.route, parts, kind, client, redactors).await?;
+        let scans = upgrade::Scans { redactors, screen: super::dlp::ws_screen(self.config, self.route) };
+        let resp = upgrade::relay(self.config, self.dialer, self.route, parts, kind, client, scans).await?;
         Ok(resp.map(|b| b.map_err(box_error).boxed()))
     }
 
@@ -146,6 +146,9 @@ fn upstream_failure(route: &Route, e: &SendError) -> Refusal {
         }
         if let Some(c) = err.downcast_ref::<ClientBodyError>() {
             return Refusal::bad_request(c.to_string());
+        }
+        if let Some(b) = err.downcast_ref::<super::dlp::BlockedSecret>() {
+            return b.0.clone();
         }
         source = err.source();
     }

@@ -1,0 +1,439 @@
+//! Phase "screen" (`[proxy.dlp]`, docs/dlp.md): the request is scanned for secrets
+//! before anything of it goes upstream — its target, its headers (not the credential's
+//! own slot: injection overwrites it), and its body: up to `hold_bytes` held and
+//! scanned whole (decoded first when compressed), the rest scanned as it streams with
+//! the tail a match could start in held back. The decision is `policy::dlp`'s.
+//!
+//! Past `hold_bytes` the request has already started upstream; a refused match there
+//! ends the upstream request before the matching bytes are sent (the upstream sees a
+//! body cut short, never the secret) and the client gets the same 403.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderName;
+use http::request::Parts;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+
+use super::super::respond::{self, Protocol};
+use super::super::route::Route;
+use super::super::{Body, BoxError};
+use crate::config::{Config, Credential};
+use crate::dlp::{Findings, Hit, Settings, stream::Stream};
+use crate::inject::Slot;
+use crate::policy::{DlpAction, DlpVerdict, Refusal, RefusalKind};
+use crate::redact::Set;
+use crate::telemetry::Record;
+
+/// What screening did, for the exchange's record (and `warned`).
+pub struct Screened {
+    pub body: Body,
+    pub warned: bool,
+}
+
+/// Screen the request (head and held body); the body to forward comes back.
+pub async fn screen(
+    config: &Arc<Config>,
+    route: &Route,
+    parts: &mut Parts,
+    body: Body,
+    credential: Option<&Credential>,
+    upgrade: bool,
+    record: &mut Record,
+) -> Result<Screened, Refusal> {
+    let Some(dlp) = config.dlp.clone() else { return Ok(Screened { body, warned: false }) };
+    let own = own_secrets(config);
+    let slots = credential.map(slot_headers).unwrap_or_default();
+    let mut head = scan_head(&dlp, own.as_ref(), parts, &slots);
+    let grpc = Protocol::of(&parts.headers) == Protocol::Grpc;
+    let mut held = match upgrade {
+        true => Held { bytes: BytesMut::new(), rest: None },
+        false => held_body(config, &dlp, body, grpc).await?,
+    };
+    let (in_body, compressed) = scan_body(&dlp, own.as_ref(), parts, &held)?;
+    let policy = &config.policy.dlp;
+    let counted = |h: &&Hit| !policy.allowed(&dlp.scanner.ids[h.rule], &route.dest);
+    let all: Vec<&Hit> = head.iter().flat_map(|(_, f)| f.hits.iter()).chain(&in_body.hits).collect();
+    let own_count = head.iter().map(|(_, f)| f.own).sum::<usize>() + in_body.own;
+    let ids: Vec<&str> = all.iter().filter(|h| counted(h)).map(|h| &*dlp.scanner.ids[h.rule]).collect();
+    let verdict = policy.verdict(&route.dest, own_count, &ids);
+    if own_count > 0 || !all.is_empty() {
+        let found = Findings { own: own_count, hits: all.iter().map(|h| (*h).clone()).collect() };
+        note(record, &dlp, &found, &verdict, policy, route);
+    }
+    let warned = matches!(verdict, DlpVerdict::Warn);
+    match verdict {
+        DlpVerdict::Forward | DlpVerdict::Warn => {}
+        DlpVerdict::Block(r) => return Err(r),
+        DlpVerdict::Redact => {
+            let body_hits: Vec<&Hit> = in_body.hits.iter().filter(counted).collect();
+            if compressed && !body_hits.is_empty() {
+                return Err(refusal(
+                    "the compressed request body holds a secret that cannot be masked in place; send it uncompressed"
+                        .into(),
+                ));
+            }
+            dlp.scanner.mask_all(&mut held.bytes, &body_hits, |h| counted(&h));
+            mask_head(&dlp.scanner, parts, &mut head, counted)?;
+        }
+    }
+    let body = forward(held, Tail::new(dlp, own, config.clone(), route.dest.clone(), grpc));
+    Ok(Screened { body, warned })
+}
+
+/// The body held whole, within `[proxy] timeout` (a body trickling in is bounded as
+/// the upstream would bound it).
+async fn held_body(config: &Config, dlp: &Settings, body: Body, grpc: bool) -> Result<Held, Refusal> {
+    let limit = config.proxy.timeout;
+    tokio::time::timeout(limit, hold(body, dlp.hold_bytes, grpc)).await.map_err(|_| {
+        Refusal::bad_request(format!("the request body did not arrive within {}s", limit.as_secs()))
+    })?
+}
+
+/// What the held body holds (decoded first when compressed), and whether it was.
+fn scan_body(
+    dlp: &Settings,
+    own: Option<&Set>,
+    parts: &Parts,
+    held: &Held,
+) -> Result<(Findings, bool), Refusal> {
+    let codings = crate::dlp::decode::codings(&parts.headers).map_err(|c| {
+        refusal(format!(
+            "the request body is in Content-Encoding {c:?}, which latchkey cannot decode to scan"
+        ))
+    })?;
+    if codings.is_empty() || held.bytes.is_empty() {
+        return Ok((dlp.scanner.scan(&held.bytes, own), false));
+    }
+    if held.rest.is_some() {
+        return Err(refusal(format!(
+            "a compressed request body over [proxy.dlp] hold_bytes ({} bytes) cannot be scanned",
+            dlp.hold_bytes
+        )));
+    }
+    let plain = crate::dlp::decode::decode(&held.bytes, &codings, 16 * dlp.hold_bytes)
+        .map_err(|e| refusal(format!("the compressed request body cannot be scanned: {e}")))?;
+    Ok((dlp.scanner.scan(&plain, own), true))
+}
+
+/// The body that goes upstream: the held bytes, then (if the body went on) the rest,
+/// scanned as it streams.
+fn forward(held: Held, mut tail: Tail) -> Body {
+    let prefix = held.bytes.freeze();
+    match held.rest {
+        None => respond::full(prefix),
+        Some(rest) => {
+            tail.stream = Stream::new(prefix.len() as u64, tail.grpc);
+            tail.prefix = Some(prefix).filter(|p| !p.is_empty());
+            tail.inner = Some(rest);
+            tail.boxed()
+        }
+    }
+}
+
+fn refusal(message: String) -> Refusal {
+    Refusal::new(RefusalKind::Dlp, message)
+}
+
+/// What the WebSocket relay needs to scan the client's messages (`None`: DLP is off).
+pub fn ws_screen(config: &Arc<Config>, route: &Route) -> Option<super::super::wsscreen::WsScreen> {
+    let dlp = config.dlp.clone()?;
+    Some(super::super::wsscreen::WsScreen {
+        dlp,
+        own: own_secrets(config),
+        config: config.clone(),
+        dest: route.dest.clone(),
+    })
+}
+
+/// Every credential's live (and recently rotated) secrets: none may leave in a request.
+fn own_secrets(config: &Config) -> Option<Set> {
+    Set::new(config.credentials.iter().filter_map(|c| c.redactor.get(c.injector.secrets())).collect())
+}
+
+/// The headers a credential writes: what the client put there is overwritten.
+fn slot_headers(c: &Credential) -> Vec<HeaderName> {
+    c.injector
+        .slots()
+        .into_iter()
+        .filter_map(|s| match s {
+            Slot::Header { header } => header.split(':').next().and_then(|n| n.trim().parse().ok()),
+            Slot::Query { .. } => None,
+        })
+        .collect()
+}
+
+/// A part of the request head that held something.
+enum HeadPart {
+    Target,
+    Header(usize),
+}
+
+fn scan_head(
+    dlp: &Settings,
+    own: Option<&Set>,
+    parts: &Parts,
+    slots: &[HeaderName],
+) -> Vec<(HeadPart, Findings)> {
+    let mut out = Vec::new();
+    if let Some(pq) = parts.uri.path_and_query() {
+        let f = dlp.scanner.scan(pq.as_str().as_bytes(), own);
+        if !f.is_empty() {
+            out.push((HeadPart::Target, f));
+        }
+    }
+    for (i, (name, value)) in parts.headers.iter().enumerate() {
+        if slots.contains(name) {
+            continue;
+        }
+        let f = dlp.scanner.scan(value.as_bytes(), own);
+        if !f.is_empty() {
+            out.push((HeadPart::Header(i), f));
+        }
+    }
+    out
+}
+
+/// Mask what `redact` masks in the target and header values (same length).
+fn mask_head(
+    scanner: &crate::dlp::Scanner,
+    parts: &mut Parts,
+    head: &mut [(HeadPart, Findings)],
+    counted: impl Fn(&&Hit) -> bool,
+) -> Result<(), Refusal> {
+    let bad = || refusal("cannot rebuild the request after masking".into());
+    for (part, f) in head.iter() {
+        let hits: Vec<&Hit> = f.hits.iter().filter(&counted).collect();
+        if hits.is_empty() {
+            continue;
+        }
+        match part {
+            HeadPart::Target => {
+                let mut pq =
+                    parts.uri.path_and_query().map(|p| p.as_str().as_bytes().to_vec()).unwrap_or_default();
+                scanner.mask_all(&mut pq, &hits, |h| counted(&h));
+                let mut uri = std::mem::take(&mut parts.uri).into_parts();
+                uri.path_and_query = Some(http::uri::PathAndQuery::try_from(pq).map_err(|_| bad())?);
+                parts.uri = http::Uri::from_parts(uri).map_err(|_| bad())?;
+            }
+            HeadPart::Header(i) => {
+                if let Some((_, value)) = parts.headers.iter_mut().nth(*i) {
+                    let mut v = value.as_bytes().to_vec();
+                    scanner.mask_all(&mut v, &hits, |h| counted(&h));
+                    *value = http::HeaderValue::from_bytes(&v).map_err(|_| bad())?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The log line, the span and the record name the rule ids and counts, never the text.
+fn note(
+    record: &mut Record,
+    dlp: &Settings,
+    found: &Findings,
+    verdict: &DlpVerdict,
+    policy: &crate::policy::DlpPolicy,
+    route: &Route,
+) {
+    let summary = crate::dlp::summary(&dlp.scanner.ids, found, |_| true);
+    let action = match verdict {
+        DlpVerdict::Forward => "allowed",
+        DlpVerdict::Block(_) => "block",
+        DlpVerdict::Redact => DlpAction::Redact.name(),
+        DlpVerdict::Warn => DlpAction::Warn.name(),
+    };
+    let rules: Vec<String> = summary.iter().map(|(id, n)| format!("{id}:{n}")).collect();
+    let rules = rules.join(",");
+    tracing::warn!(target: "latchkey::dlp", dest = %route.dest, action, configured = policy.action.name(), rules = %rules, "outbound secret");
+    record.dlp = Some(crate::telemetry::record::Dlp { action, rules: summary });
+}
+
+/// The request body held whole (up to the limit), and what follows it.
+struct Held {
+    bytes: BytesMut,
+    rest: Option<Body>,
+}
+
+/// Read the body until it ends or `limit` bytes are held; a gRPC body stops at a
+/// message's end too (a streaming call waits for its first answer before it sends on).
+async fn hold(mut body: Body, limit: usize, grpc: bool) -> Result<Held, Refusal> {
+    // Sized once from the length the body declares (no copies as it grows).
+    let declared = usize::try_from(body.size_hint().lower()).unwrap_or(limit);
+    let mut bytes = BytesMut::with_capacity(declared.min(limit));
+    let mut messages = crate::redact::GrpcMessages::default();
+    if body.is_end_stream() {
+        return Ok(Held { bytes, rest: None });
+    }
+    loop {
+        match body.frame().await {
+            None => return Ok(Held { bytes, rest: None }),
+            Some(Err(e)) => {
+                return Err(Refusal::bad_request(format!("reading the request body failed: {e}")));
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let message_end = grpc && messages.feed(&data);
+                    bytes.extend_from_slice(&data);
+                    if body.is_end_stream() {
+                        return Ok(Held { bytes, rest: None });
+                    }
+                    if bytes.len() >= limit || message_end {
+                        return Ok(Held { bytes, rest: Some(body) });
+                    }
+                }
+                Err(frame) => {
+                    // Trailers end the body: they follow the held bytes.
+                    let trailers = frame.into_trailers().unwrap_or_default();
+                    let rest = http_body_util::Empty::<Bytes>::new()
+                        .map_err(|e| -> BoxError { match e {} })
+                        .with_trailers(async move { Some(Ok(trailers)) })
+                        .boxed();
+                    return Ok(Held { bytes, rest: Some(rest) });
+                }
+            },
+        }
+    }
+}
+
+/// The body past what was held: scanned as it streams (see the module doc).
+struct Tail {
+    inner: Option<Body>,
+    prefix: Option<Bytes>,
+    stream: Stream,
+    grpc: bool,
+    dlp: Arc<Settings>,
+    own: Option<Set>,
+    config: Arc<Config>,
+    dest: crate::policy::Destination,
+    trailers: Option<http::HeaderMap>,
+    done: bool,
+}
+
+/// A secret found past the held part, refused: the upstream request is ended.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BlockedSecret(pub Refusal);
+
+impl Tail {
+    fn new(
+        dlp: Arc<Settings>,
+        own: Option<Set>,
+        config: Arc<Config>,
+        dest: crate::policy::Destination,
+        grpc: bool,
+    ) -> Tail {
+        Tail {
+            inner: None,
+            prefix: None,
+            stream: Stream::new(0, grpc),
+            grpc,
+            dlp,
+            own,
+            config,
+            dest,
+            trailers: None,
+            done: false,
+        }
+    }
+
+    /// Scan a chunk; what may be released, or the refusal.
+    fn pass(&mut self, data: &[u8], last: bool) -> Result<Bytes, BoxError> {
+        let found = self.stream.feed(data, &self.dlp.scanner, self.own.as_ref(), last);
+        if !found.is_empty() {
+            let policy = &self.config.policy.dlp;
+            let counted: Vec<&Hit> = found
+                .hits
+                .iter()
+                .filter(|h| !policy.allowed(&self.dlp.scanner.ids[h.rule], &self.dest))
+                .collect();
+            let ids: Vec<&str> = counted.iter().map(|h| &*self.dlp.scanner.ids[h.rule]).collect();
+            let verdict = policy.verdict(&self.dest, found.own, &ids);
+            let summary = crate::dlp::summary(&self.dlp.scanner.ids, &found, |_| true);
+            let rules: Vec<String> = summary.iter().map(|(id, n)| format!("{id}:{n}")).collect();
+            tracing::warn!(target: "latchkey::dlp", dest = %self.dest, rules = %rules.join(","), "outbound secret in a streamed body");
+            match verdict {
+                DlpVerdict::Block(r) => return Err(Box::new(BlockedSecret(r))),
+                DlpVerdict::Redact => {
+                    let (scanner, dest) = (&self.dlp.scanner, &self.dest);
+                    let keep = |h: &Hit| !policy.allowed(&scanner.ids[h.rule], dest);
+                    scanner.mask_all(self.stream.window(), &counted, keep);
+                }
+                DlpVerdict::Warn | DlpVerdict::Forward => {}
+            }
+        }
+        Ok(self.stream.release(self.own.as_ref(), last))
+    }
+}
+
+impl HttpBody for Tail {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(p) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
+        loop {
+            if this.done {
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+            match Pin::new(inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let last = this.inner.as_ref().is_none_or(|b| b.is_end_stream());
+                        this.done = last;
+                        match this.pass(&data, last) {
+                            Err(e) => return Poll::Ready(Some(Err(e))),
+                            Ok(out) if !out.is_empty() => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                            Ok(_) => {}
+                        }
+                    }
+                    Err(frame) => {
+                        this.trailers = frame.into_trailers().ok();
+                        this.done = true;
+                        match this.pass(&[], true) {
+                            Err(e) => return Poll::Ready(Some(Err(e))),
+                            Ok(out) if !out.is_empty() => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                            Ok(_) => {}
+                        }
+                    }
+                },
+                Poll::Ready(None) => {
+                    this.done = true;
+                    match this.pass(&[], true) {
+                        Err(e) => return Poll::Ready(Some(Err(e))),
+                        Ok(out) if !out.is_empty() => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.done && self.stream.held() == 0 && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let inner = self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_default();
+        let before = (self.stream.held() + self.prefix.as_ref().map_or(0, Bytes::len)) as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + before);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + before);
+        }
+        hint
+    }
+}
