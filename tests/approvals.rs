@@ -423,12 +423,20 @@ fn a_watcher_that_stops_reading_is_disconnected_and_costs_the_proxy_nothing() {
     .unwrap();
     // A quick reader first: the feed works.
     let mut quick = raw::connect(a.port);
+    quick.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(quick, "GET /api/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n").unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 8192];
+    // Subscribed once the feed's first event arrives; a request sent before that could
+    // be published before the subscription exists and never reach this reader.
+    while !String::from_utf8_lossy(&seen).contains("event: approvals") {
+        let n = quick.read(&mut chunk).unwrap();
+        assert!(n > 0, "the feed ended");
+        seen.extend_from_slice(&chunk[..n]);
+    }
     let mut proxy = raw::connect(a.lk.port);
     let one = b"GET http://blocked.example/ HTTP/1.1\r\nHost: blocked.example\r\n\r\n";
     proxy.write_all(one).unwrap();
-    let mut seen = Vec::new();
-    let mut chunk = [0u8; 8192];
     while !String::from_utf8_lossy(&seen).contains("event: request") {
         let n = quick.read(&mut chunk).unwrap();
         assert!(n > 0, "the feed ended");
