@@ -231,22 +231,7 @@ impl Proxy {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
         let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => {
-                    backoff = ACCEPT_BACKOFF_MIN;
-                    x
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off, longer each time, instead of
-                    // spinning (and logging) while descriptors are short.
-                    if backoff == ACCEPT_BACKOFF_MIN {
-                        tracing::warn!("accept failed: {e}; backing off");
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                    continue;
-                }
-            };
+            let (stream, peer) = accept(&listener, &mut backoff, "accept").await;
             let Some(slot) = self.admit(peer) else { continue };
             let proxy = self.clone();
             tokio::spawn(async move {
@@ -294,3 +279,28 @@ impl Proxy {
 
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The next connection on `listener`, for every accept loop (proxy port, transparent
+/// listener). EMFILE and friends: back off, longer each time, instead of spinning (and
+/// logging) while descriptors are short; `what` names the listener in the warning.
+async fn accept(
+    listener: &TcpListener,
+    backoff: &mut Duration,
+    what: &str,
+) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(x) => {
+                *backoff = ACCEPT_BACKOFF_MIN;
+                return x;
+            }
+            Err(e) => {
+                if *backoff == ACCEPT_BACKOFF_MIN {
+                    tracing::warn!("{what} failed: {e}; backing off");
+                }
+                tokio::time::sleep(*backoff).await;
+                *backoff = (*backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+        }
+    }
+}

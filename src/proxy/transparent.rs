@@ -26,28 +26,12 @@ const TLS_HANDSHAKE: u8 = 0x16;
 /// a protocol where the server speaks first (SSH, SMTP): then there is no name.
 const FIRST_BYTES: Duration = Duration::from_millis(300);
 
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
 impl Proxy {
     /// Accept redirected connections until the listener fails.
     pub async fn serve_transparent(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
-        let mut backoff = ACCEPT_BACKOFF_MIN;
+        let mut backoff = super::ACCEPT_BACKOFF_MIN;
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => {
-                    backoff = ACCEPT_BACKOFF_MIN;
-                    x
-                }
-                Err(e) => {
-                    if backoff == ACCEPT_BACKOFF_MIN {
-                        tracing::warn!("transparent accept failed: {e}; backing off");
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                    continue;
-                }
-            };
+            let (stream, peer) = super::accept(&listener, &mut backoff, "transparent accept").await;
             let Some(slot) = self.admit(peer) else { continue };
             let proxy = self.clone();
             tokio::spawn(async move {
