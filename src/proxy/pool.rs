@@ -298,10 +298,19 @@ struct Returning {
 }
 
 impl Returning {
+    /// Put the connection back as soon as the body says it has ended (a Content-Length
+    /// body that reached its length, before anyone polls past its last frame).
     fn maybe_return(&mut self) {
         use hyper::body::Body as _;
-        if self.body.is_end_stream()
-            && let Some(Back { pool, key, tx }) = self.back.take()
+        if self.body.is_end_stream() {
+            self.give_back();
+        }
+    }
+
+    /// The body was read to its end. A chunked body never reports `is_end_stream`
+    /// (hyper only knows it ended when the last chunk arrives), so its end is this.
+    fn give_back(&mut self) {
+        if let Some(Back { pool, key, tx }) = self.back.take()
             && let Some(pool) = pool.upgrade()
         {
             Pool(pool).put_back(key, tx);
@@ -319,7 +328,8 @@ impl hyper::body::Body for Returning {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
-            Poll::Ready(None) | Poll::Ready(Some(Ok(_))) => self.maybe_return(),
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Ok(_))) => self.maybe_return(),
             Poll::Ready(Some(Err(_))) => self.back = None,
             Poll::Pending => {}
         }
