@@ -4,6 +4,8 @@
 //! A watcher costs the proxy nothing it could be made to wait on: records go into a
 //! broadcast ring that never blocks its sender, and each watcher has a short queue of
 //! its own. A watcher that falls behind either (it stopped reading) is disconnected.
+//! Records that finish close together go out as one write (see [`BATCH`]): under load
+//! a watcher costs a few wake-ups and writes a second, not one per request.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Response, header};
 use http_body::Frame;
 use http_body_util::BodyExt;
@@ -21,10 +23,15 @@ use super::Reply;
 use crate::approvals::Approvals;
 use crate::proxy::Proxy;
 
-/// Events queued for one watcher before it counts as stalled.
-const QUEUE: usize = 64;
+/// Chunks (a batch of records each, see [`BATCH`]) queued for one watcher before it
+/// counts as stalled: ~0.3 s of events, a few MiB at most at full load.
+const QUEUE: usize = 16;
 /// A comment line this often, so a watcher that went away is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(15);
+/// After the first record of a quiet spell, wait this long and send everything that
+/// came meanwhile as one chunk. Far below the second SPEC 10 allows, and at 20k
+/// requests a second it collects ~400 records: well inside the ring (`live::RING`).
+const BATCH: Duration = Duration::from_millis(20);
 
 struct Sse(mpsc::Receiver<Bytes>);
 
@@ -71,7 +78,13 @@ async fn feed(
         }
         next = tokio::select! {
             r = records.recv() => match r {
-                Ok(text) => Some(event("request", &text)),
+                Ok(text) => match batch(&text, &mut records).await {
+                    Some(events) => Some(events),
+                    None => {
+                        cut.notify_one();
+                        return;
+                    }
+                },
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     cut.notify_one();
                     return;
@@ -89,7 +102,30 @@ async fn feed(
 }
 
 fn event(kind: &str, data: &str) -> Bytes {
-    Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+    let mut out = BytesMut::new();
+    push_event(&mut out, kind, data);
+    out.freeze()
+}
+
+fn push_event(out: &mut BytesMut, kind: &str, data: &str) {
+    for part in ["event: ", kind, "\ndata: ", data, "\n\n"] {
+        out.extend_from_slice(part.as_bytes());
+    }
+}
+
+/// `first` and every record that finishes within [`BATCH`] after it, as one chunk of
+/// `request` events; `None` if the watcher fell behind the ring meanwhile.
+async fn batch(first: &str, records: &mut broadcast::Receiver<Arc<str>>) -> Option<Bytes> {
+    let mut out = BytesMut::with_capacity(first.len() + 32);
+    push_event(&mut out, "request", first);
+    tokio::time::sleep(BATCH).await;
+    loop {
+        match records.try_recv() {
+            Ok(text) => push_event(&mut out, "request", &text),
+            Err(broadcast::error::TryRecvError::Lagged(_)) => return None,
+            Err(_) => return Some(out.freeze()),
+        }
+    }
 }
 
 fn pending(approvals: &Approvals) -> Bytes {
