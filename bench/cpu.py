@@ -13,6 +13,8 @@ Three measurements, each against the same nginx upstream bench/bench.py starts:
                (one client connection, sequential), and (Ir(300) - Ir(100)) / 200 is the
                per-request cost, start-up, handshakes and the first upstream connection
                cancelling out. Deterministic to within ~1%: use it to judge a change.
+  --features   the same instruction counts for what a feature adds: a scoped token in the
+               slot vs the plain placeholder, one live-view watcher vs none (SPEC 8 rows).
   --idle N     RSS of a fresh latchkey before and after N idle intercepted keep-alive
                connections (each served one request), the SPEC 8 row.
 
@@ -39,6 +41,17 @@ import bench as b  # noqa: E402
 KINDS = [
     ("HTTP/1.1 keep-alive", ()),
     ("HTTP/2 keep-alive", ("--http2",)),
+]
+
+# `--features`: what a feature adds to an HTTP/1.1 keep-alive request, each pair measured
+# the same way (SPEC 8: a scoped token >= 0.9x a plain placeholder; the live view with a
+# watcher >= 0.95x without). Extra oha arguments are made once latchkey has started (the
+# token is minted then); "watch" keeps one live-view client reading GET /api/events.
+FEATURE_KINDS = [
+    ("HTTP/1.1, plain placeholder in the slot", lambda bench: ("-H", "x-api-key: latchkey-bench"), False),
+    ("HTTP/1.1, scoped token in the slot", lambda bench: ("-H", f"x-api-key: {bench.token}"), False),
+    ("HTTP/1.1, no live-view watcher", lambda bench: (), False),
+    ("HTTP/1.1, one live-view watcher", lambda bench: (), True),
 ]
 
 
@@ -89,15 +102,30 @@ def cpu_rows(bench, targets, nginx_pid, args):
     return "\n".join(lines) + "\n"
 
 
-def callgrind_ir(bench, name, binary, n, extra):
-    """Total instructions latchkey executed from start to exit, serving n requests."""
-    out = bench.work / f"callgrind.{name}.{n}.{len(extra)}.out"
+def callgrind_ir(bench, name, binary, n, extra, watch=False):
+    """Total instructions latchkey executed from start to exit, serving n requests.
+    `extra` may be a function of the bench (called once latchkey runs); `watch` keeps one
+    live-view watcher reading while the requests are served."""
+    out = bench.work / f"callgrind.{name}.{n}.{time.monotonic_ns()}.out"
     wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"]
-    t = bench.start_latchkey(name, binary, wrapper=wrapper)
+    # The feature rows need the admin listener and the minted token: the "latchkey" instance.
+    t = bench.start_latchkey("latchkey" if callable(extra) else name, binary, wrapper=wrapper)
     url = f"https://127.0.0.1:{bench.up_port}/"
+    watcher = None
     try:
+        if callable(extra):
+            extra = extra(bench)
+        if watch:
+            token = (bench.work / "admin.token").read_text().strip()
+            watcher = b.Watchers(bench.admin_port, token, 1)
         oha_n(t, url, n, 1, extra, t.ca)
+        if watcher:
+            time.sleep(0.5)  # the last batch of events goes out
+            if not watcher.bytes:
+                raise SystemExit("the live-view watcher received nothing")
     finally:
+        if watcher:
+            watcher.close()
         proc = next(p for nm, p in bench.procs if p.pid == t.pid)
         proc.terminate()
         proc.wait(timeout=120)
@@ -108,15 +136,16 @@ def callgrind_ir(bench, name, binary, n, extra):
     return int(m.group(1))
 
 
-def callgrind_rows(bench, builds, args):
+def callgrind_rows(bench, builds, args, kinds=None):
     lines = ["Instructions per request under callgrind ((Ir(N=300) - Ir(N=100)) / 200, one connection, "
              "sequential):", "", "| request kind | " + " | ".join(n for n, _ in builds) + " |",
              "|---|" + "---|" * len(builds)]
-    for kind, extra in KINDS:
+    for kind, extra, *watch in kinds or KINDS:
         cells = []
+        watch = bool(watch and watch[0])
         for name, binary in builds:
-            small = callgrind_ir(bench, name, binary, 100, extra)
-            big = callgrind_ir(bench, name, binary, 300, extra)
+            small = callgrind_ir(bench, name, binary, 100, extra, watch)
+            big = callgrind_ir(bench, name, binary, 300, extra, watch)
             per = (big - small) / 200
             print(f"# {kind} {name}: Ir(100)={small} Ir(300)={big} → {per:,.0f}/request", file=sys.stderr)
             cells.append(f"{per:,.0f}")
@@ -140,6 +169,8 @@ def main():
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--callgrind", action="store_true")
     ap.add_argument("--idle", type=int, default=0, metavar="N")
+    ap.add_argument("--features", action="store_true",
+                    help="callgrind rows: plain placeholder vs scoped token, live view unwatched vs watched")
     ap.add_argument("--requests", type=int, default=50000, help="requests per --cpu run")
     ap.add_argument("--conns", type=int, default=32, help="connections per --cpu run")
     ap.add_argument("--rounds", type=int, default=3, help="--cpu rounds")
@@ -147,8 +178,8 @@ def main():
     ap.add_argument("--baseline", type=Path, default=None, help="an earlier build, measured the same way")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = ap.parse_args()
-    if not (args.cpu or args.callgrind or args.idle):
-        ap.error("choose at least one of --cpu, --callgrind, --idle N")
+    if not (args.cpu or args.callgrind or args.idle or args.features):
+        ap.error("choose at least one of --cpu, --callgrind, --features, --idle N")
     builds = [("latchkey", args.latchkey)] + ([("baseline", args.baseline)] if args.baseline else [])
 
     work = Path(tempfile.mkdtemp(prefix="latchkey-cpu-"))
@@ -162,6 +193,8 @@ def main():
         nginx_pid = next(p.pid for name, p in bench.procs if name == "nginx")
         if args.callgrind:
             out.append(callgrind_rows(bench, builds, args))
+        if args.features:
+            out.append(callgrind_rows(bench, builds, args, FEATURE_KINDS))
         if args.idle:
             out.append(idle_rows(bench, builds, args.idle))
         if args.cpu:
