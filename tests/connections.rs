@@ -625,3 +625,82 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
         + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
 }
+
+/// `latchkey_parked_connections` from the admin listener's `/metrics` (the admin token
+/// is created beside the config).
+fn parked(lk: &Latchkey, admin: u16) -> u64 {
+    let token = std::fs::read_to_string(lk.config_path.parent().unwrap().join("admin.token")).unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-H", &format!("authorization: Bearer {}", token.trim())])
+        .arg(format!("http://127.0.0.1:{admin}/metrics"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("latchkey_parked_connections "))
+        .unwrap_or_else(|| panic!("no parked-connections gauge in /metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Issue 20: an idle HTTP/1.1 keep-alive connection in an intercepted tunnel gives its
+/// HTTP buffers back (parked) and is served as before when the client sends again —
+/// the credential injected, the smuggling guard still on — while a request still in
+/// flight (a slow upstream) is never parked under it.
+#[test]
+fn a_resting_keep_alive_connection_is_parked_and_served_again() {
+    let up = upstream(true, None);
+    let admin = free_port();
+    let lk = Latchkey::start(Some(&up), &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n{CRED}"), ENV);
+    let mut s = tls(tunnel(lk.port, "api.anthropic.com:443").0, "api.anthropic.com");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n");
+    s.write_all(get("/one").as_bytes()).unwrap();
+    assert_eq!(status(&response(&mut s)), 200);
+
+    // A response that takes 4 s: the connection waits for it, it does not rest.
+    s.write_all(get("/slow").as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(parked(&lk, admin), 0, "parked while its request was in flight");
+    let slow = response(&mut s);
+    assert_eq!(status(&slow), 200, "{slow}");
+
+    wait_until("the idle connection to be parked", || parked(&lk, admin) == 1);
+    s.write_all(get("/two").as_bytes()).unwrap();
+    assert_eq!(status(&response(&mut s)), 200, "a parked connection's next request");
+    assert_eq!(parked(&lk, admin), 0);
+    let seen = up.requests();
+    assert_eq!(seen.len(), 3);
+    assert!(seen.iter().all(|r| r.header_all("x-api-key") == [SECRET]));
+
+    // Parked again, then a smuggling attempt: the guard follows the stream across parks.
+    wait_until("the connection to be parked again", || parked(&lk, admin) == 1);
+    s.write_all(
+        b"POST /three HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .unwrap();
+    assert_latchkeys(&response(&mut s), 400, "CL+TE on a connection that was parked");
+    assert_eq!(up.count(), 3, "nothing of the smuggling attempt went upstream");
+}
+
+/// A parked connection keeps the idle limit hyper would have applied: it is closed
+/// after `idle_timeout`, not held for ever.
+#[test]
+fn a_parked_connection_is_closed_after_the_idle_timeout() {
+    let up = upstream(true, None);
+    let admin = free_port();
+    let body = format!("[proxy.limits]\nidle_timeout = 3\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n{CRED}");
+    let lk = Latchkey::start(Some(&up), &body, ENV);
+    let mut s = tls(tunnel(lk.port, "api.anthropic.com:443").0, "api.anthropic.com");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n").unwrap();
+    assert_eq!(status(&response(&mut s)), 200);
+    wait_until("the idle connection to be parked", || parked(&lk, admin) == 1);
+    let started = Instant::now();
+    s.get_mut().set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut b = [0u8; 64];
+    let end = s.read(&mut b);
+    let timed_out = matches!(&end, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+    assert!(!timed_out && !matches!(end, Ok(n) if n > 0), "the parked connection was not closed: {end:?}");
+    assert!(started.elapsed() < Duration::from_secs(15), "closed only after {:?}", started.elapsed());
+    wait_until("the gauge to drop", || parked(&lk, admin) == 0);
+}

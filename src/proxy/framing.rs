@@ -632,6 +632,8 @@ pub struct Guarded<S> {
     /// Write side shut down (FIN sent); then `linger` runs if the client may be sending.
     shut: bool,
     linger: Option<Linger>,
+    /// Whether hyper holds anything worth keeping, for parking (`park`).
+    rest: Arc<super::park::Rest>,
 }
 
 impl<S> Guarded<S> {
@@ -646,7 +648,26 @@ impl<S> Guarded<S> {
             gate: Arc::default(),
             shut: false,
             linger: None,
+            rest: Arc::default(),
         }
+    }
+
+    /// What the serving task reads to decide whether the connection may be parked.
+    pub fn rest(&self) -> Arc<super::park::Rest> {
+        self.rest.clone()
+    }
+
+    /// Waiting for a request head with nothing buffered (after at least one request):
+    /// between two requests of a keep-alive connection.
+    fn at_boundary(&self) -> bool {
+        self.buf.is_empty() && self.scanner.state == State::Head && self.scanner.heads > 0
+    }
+
+    /// Put back what hyper had read and not used when the connection was parked; it was
+    /// scanned already.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        self.buf.splice(0..0, bytes.iter().copied());
+        self.released += bytes.len();
     }
 
     /// Where the service answers requests that may switch protocols.
@@ -721,13 +742,30 @@ impl<S: AsyncRead + Unpin> Guarded<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
+impl<S: AsyncRead + Unpin> Guarded<S> {
+    /// A parked connection's wait: `true` once the client sent its next bytes (scanned,
+    /// and kept for the next hyper connection), `false` at end of input.
+    pub async fn arrival(&mut self) -> io::Result<bool> {
+        std::future::poll_fn(|cx| self.poll_arrival(cx)).await
+    }
+
+    fn poll_arrival(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if !self.buf.is_empty() {
+            return Poll::Ready(Ok(true));
+        }
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
+        let mut rb = ReadBuf::uninit(&mut chunk);
+        std::task::ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+        if rb.filled().is_empty() {
+            return Poll::Ready(Ok(false));
+        }
+        self.buf.extend_from_slice(rb.filled());
+        self.released = self.scanner.scan(&mut self.buf);
+        Poll::Ready(Ok(true))
+    }
+
+    fn poll_guarded(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self;
         loop {
             this.poll_gate(cx);
             if this.released > 0 {
@@ -761,7 +799,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
             // instructions than the rest of a request's head handling (issue 20).
             let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
             let mut rb = ReadBuf::uninit(&mut chunk);
-            std::task::ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
+            if Pin::new(&mut this.io).poll_read(cx, &mut rb)?.is_pending() {
+                if this.at_boundary() {
+                    this.rest.waiting();
+                }
+                return Poll::Pending;
+            }
             if rb.filled().is_empty() {
                 this.released = this.scanner.end_of_input(&mut this.buf);
                 if this.released == 0 {
@@ -775,8 +818,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     }
 }
 
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let polled = self.poll_guarded(cx, out);
+        if polled.is_ready() {
+            self.rest.read();
+        }
+        polled
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.rest.wrote();
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_write_vectored(
@@ -784,13 +842,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.rest.wrote();
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let flushed = Pin::new(&mut self.io).poll_flush(cx);
+        if matches!(flushed, Poll::Ready(Ok(()))) {
+            self.rest.flushed();
+        }
+        flushed
     }
     /// FIN after the response; then, if the client may still be sending, a lingering
     /// close, so that what it sends does not make the kernel reset the connection

@@ -22,6 +22,7 @@ mod held;
 pub(crate) mod hop;
 mod linger;
 mod own_socket;
+mod park;
 mod pool;
 mod respond;
 mod route;

@@ -27,6 +27,7 @@ use super::exchange;
 use super::fanout::{self, ConnBudget};
 use super::framing::{self, Gate};
 use super::handler;
+use super::park;
 use super::respond::{self, Protocol};
 use super::route::Route;
 use super::{Body, Generation, Proxy};
@@ -84,11 +85,37 @@ pub async fn intercept<S>(
         Box::pin(serve_h1(Conn::new(proxy, &generation, opener, route), io)).await;
         return;
     }
-    let accept = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
-    let start = match tokio::time::timeout(limits.header_read_timeout, accept).await {
-        Ok(Ok(s)) => s,
-        _ => return,
+    // Boxed: the handshake's state (rustls' connection twice over, while it is being
+    // built) is freed once it is done instead of sizing the connection's task for life.
+    let Some((tls, misdirected)) = Box::pin(handshake(&proxy, &dest, &limits, peer, io)).await else {
+        return;
     };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let route = Route::new(dest, true, true, misdirected, peer, agent).answered(person);
+    let conn = Conn::new(proxy, &generation, opener, route);
+    // Boxed: the task then holds only the connection kind it serves (an h2 server's
+    // state is several KiB an HTTP/1.1 connection would otherwise carry while idle).
+    if h2 {
+        Box::pin(serve_h2(conn, tls)).await;
+    } else {
+        Box::pin(serve_h1(conn, tls)).await;
+    }
+}
+
+/// The client's TLS handshake, with a leaf certificate for `dest`; the stream and, when
+/// the client's SNI names another host, why its requests are misdirected.
+async fn handshake<S>(
+    proxy: &Proxy,
+    dest: &Destination,
+    limits: &crate::config::Limits,
+    peer: SocketAddr,
+    io: S,
+) -> Option<(tokio_rustls::server::TlsStream<S>, Option<String>)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let accept = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+    let start = tokio::time::timeout(limits.header_read_timeout, accept).await.ok()?.ok()?;
     let misdirected = start.client_hello().server_name().and_then(|sni| match Host::parse(sni) {
         Ok(h) if h == dest.host => None,
         _ => Some(format!("TLS SNI {sni:?} does not name the tunnel's host {}", dest.host)),
@@ -100,29 +127,19 @@ pub async fn intercept<S>(
         Ok(c) => c,
         Err(e) => {
             tracing::error!("cannot mint a certificate for {}: {e}", dest.host);
-            return;
+            return None;
         }
     };
     let handshake = tokio::time::timeout(limits.header_read_timeout, start.into_stream(config)).await;
     let result = if matches!(handshake, Ok(Ok(_))) { "ok" } else { "failed" };
     metrics.handshakes.get_or_create(&ResultLabel { result }).inc();
-    let tls = match handshake {
-        Ok(Ok(s)) => s,
+    match handshake {
+        Ok(Ok(s)) => Some((s, misdirected)),
         Ok(Err(e)) => {
             tracing::debug!("TLS handshake with {peer} for {dest} failed: {e}");
-            return;
+            None
         }
-        Err(_) => return,
-    };
-    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let route = Route::new(dest, true, true, misdirected, peer, agent).answered(person);
-    let conn = Conn::new(proxy, &generation, opener, route);
-    // Boxed: the task then holds only the connection kind it serves (an h2 server's
-    // state is several KiB an HTTP/1.1 connection would otherwise carry while idle).
-    if h2 {
-        Box::pin(serve_h2(conn, tls)).await;
-    } else {
-        Box::pin(serve_h1(conn, tls)).await;
+        Err(_) => None,
     }
 }
 
@@ -225,19 +242,69 @@ where
 }
 
 /// HTTP/1.1 behind the framing guard, which learns from the service whether an upgrade
-/// happened.
-async fn serve_h1<S>(mut conn: Conn, stream: S)
+/// happened. A connection that rests is parked (`park`): hyper lets go of it and its
+/// buffers until the client sends again.
+///
+/// Not an `async fn`: its arguments would stay in the future beside the guarded stream
+/// made of them, for the connection's life (~1.3 KiB each, idle ones included).
+fn serve_h1<S>(mut conn: Conn, stream: S) -> impl std::future::Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = limits(&conn);
-    let stream = framing::Guarded::new(stream, &limits);
+    let mut stream = framing::Guarded::new(stream, &limits);
     conn.gate = Some(stream.gate());
+    let rest = stream.rest();
     let conn = Arc::new(conn);
-    let service = service_fn(move |req| conn.clone().request(req));
-    let served = super::builders::server_builder(&limits).serve_connection(TokioIo::new(stream), service);
-    if let Err(e) = served.with_upgrades().await {
-        tracing::debug!("tunnel: {e}");
+    async move {
+        loop {
+            let (served_conn, busy) = (conn.clone(), rest.clone());
+            let service = service_fn(move |req| {
+                let busy = busy.busy();
+                let conn = served_conn.clone();
+                async move {
+                    let resp = conn.request(req).await?;
+                    Ok::<_, std::convert::Infallible>(resp.map(|body| park::BusyBody::new(body, busy)))
+                }
+            });
+            let builder = super::builders::server_builder(&limits);
+            // Boxed: a parked connection's task then holds no room for hyper's state.
+            let mut served =
+                Box::new(builder.serve_connection(TokioIo::new(stream), service).with_upgrades());
+            // Serve until the connection ends, or rests for `PARK_AFTER`.
+            loop {
+                let seen = rest.activity();
+                tokio::select! {
+                    biased;
+                    done = &mut *served => {
+                        if let Err(e) = done {
+                            tracing::debug!("tunnel: {e}");
+                        }
+                        return;
+                    }
+                    () = tokio::time::sleep(park::PARK_AFTER) => {}
+                }
+                if rest.activity() == seen && rest.at_rest() {
+                    break;
+                }
+            }
+            let Some(parts) = served.into_parts() else { return };
+            stream = parts.io.into_inner();
+            // What hyper read and did not use; its buffer (and the rest of `parts`) is
+            // freed here, not kept while parked.
+            stream.unread(&parts.read_buf);
+            drop((parts.read_buf, parts.service));
+            // Parked: only the client stream is held, for as long as hyper would have kept
+            // the idle connection.
+            let gauge = &conn.proxy.telemetry.metrics.parked;
+            gauge.inc();
+            let arrived = tokio::time::timeout(limits.idle_timeout, stream.arrival()).await;
+            gauge.dec();
+            if !matches!(arrived, Ok(Ok(true))) {
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+                return;
+            }
+        }
     }
 }
 

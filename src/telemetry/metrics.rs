@@ -71,6 +71,8 @@ pub struct Metrics {
     pub upstream_latency: Family<CredentialLabel, Histogram>,
     pub bytes: Family<BytesLabels, Counter>,
     pub connections: Gauge,
+    /// Idle HTTP/1.1 connections hyper let go of until the client sends again.
+    pub parked: Gauge,
     pub tunnels: Family<KindLabel, Gauge>,
     pub handshakes: Family<ResultLabel, Counter>,
     pub leaf_cache: Family<ResultLabel, Counter>,
@@ -102,6 +104,7 @@ impl Metrics {
             upstream_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             bytes: Family::default(),
             connections: Gauge::default(),
+            parked: Gauge::default(),
             tunnels: Family::default(),
             handshakes: Family::default(),
             leaf_cache: Family::default(),
@@ -127,6 +130,11 @@ impl Metrics {
             "client_connections",
             "Client connections open on the proxy port",
             m.connections.clone(),
+        );
+        registry.register(
+            "parked_connections",
+            "Idle keep-alive HTTP/1.1 connections in intercepted tunnels, parked without their HTTP buffers",
+            m.parked.clone(),
         );
         registry.register("tunnels", "CONNECT tunnels open, by kind (intercepted|blind)", m.tunnels.clone());
         registry.register("tls_handshakes", "TLS handshakes with clients, by result", m.handshakes.clone());
