@@ -302,6 +302,8 @@ impl SharedApprovals {
                 ticks += 1;
                 let ids = shared.live_ids();
                 if ids.is_empty() && changed.receiver_count() == 0 {
+                    // Nobody to tell: the next watcher starts from a fresh read.
+                    version = None;
                     continue;
                 }
                 let Ok((now, answers)) = shared.poll(&ids).await else { continue };
@@ -310,7 +312,9 @@ impl SharedApprovals {
                         shared.release(id, v);
                     }
                 }
-                if version.is_some_and(|v| v != now) {
+                // Also on the first read: a watcher may have read the list just before
+                // the change this version counts.
+                if version != Some(now) {
                     changed.send_modify(|n| *n += 1);
                 }
                 version = Some(now);
