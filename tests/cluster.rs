@@ -629,16 +629,50 @@ fn decide(r: &Replica, id: &str, decision: &str, scope: &str) -> (u16, String) {
     admin(r, "POST", &format!("/api/approvals/{id}"), Some(&body))
 }
 
-/// A CONNECT held on replica A is listed by replica B's API and CLI, and allowed once
-/// through replica C: it goes on to the upstream; nothing went up before.
+/// `GET /api/events` on `r`, read until its first `approvals` event (the list now).
+fn watch_events(r: &Replica) -> TcpStream {
+    let file = r.dir.join("admin.token");
+    let token = std::fs::read_to_string(file).unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", r.admin)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {}\r\n\r\n",
+        r.admin,
+        token.trim()
+    )
+    .unwrap();
+    read_until(&mut s, "event: approvals");
+    s
+}
+
+/// Read `s` until `what` has gone by (or it stops for 10 s); what was read.
+fn read_until(s: &mut TcpStream, what: &str) -> String {
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains(what) {
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            _ => break,
+        }
+    }
+    seen
+}
+
+/// A CONNECT held on replica A is listed by replica B's API, CLI and live view, and
+/// allowed once through replica C: it goes on to the upstream; nothing went up before.
 #[test]
 fn a_request_held_on_one_replica_is_listed_and_released_by_another() {
     let redis = Redis::start();
     let up = upstream(true, None);
     let shared = tempfile::tempdir().unwrap();
     let rs = replicas(shared.path(), up.addr, &ask_body(&redis, "", "ask_timeout = 30", ""), &[]);
+    pending(&rs[1]);
+    let mut view = watch_events(&rs[1]);
     let held = curl_held(&rs[0], "https://other.example.com/held");
     let id = wait_pending(&rs[1], "other.example.com", 1);
+    let seen = read_until(&mut view, "other.example.com");
+    assert!(seen.contains("event: approvals") && seen.contains(&id), "B's live view: {seen}");
     let listed = rs[1].cli(&["approvals", "list"]);
     let text = String::from_utf8_lossy(&listed.stdout);
     assert!(text.contains(&id) && text.contains("other.example.com:443"), "{text}");
