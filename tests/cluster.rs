@@ -548,3 +548,292 @@ fn batched_permits_never_over_admit_across_replicas() {
     assert!(ok >= 1200 - 3 * 2, "{ok} admitted in {elapsed:.1}s");
     assert_eq!(up.count(), ok);
 }
+
+/// Unlisted hosts are asked about; `api.github.com` is listed. Lines before the first
+/// table go into the replica's `[admin]`.
+fn ask_body(redis: &Redis, admin: &str, filters: &str, cluster: &str) -> String {
+    format!(
+        "{admin}\n[proxy.filters]\nallowlist_only = true\non_unlisted = \"ask\"\nallowed_domains = [\"api.github.com\"]\n{filters}\n{}",
+        cluster_table(redis, cluster)
+    )
+}
+
+/// The CA a blind tunnel's client must trust: the test upstream's own.
+fn upstream_ca(r: &Replica) -> PathBuf {
+    r.dir.join("upstream-ca.pem")
+}
+
+/// One admin API call on `r` with its admin token: status and body.
+fn admin(r: &Replica, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    // Created by the admin listener, which may start a moment after the proxy port.
+    let file = r.dir.join("admin.token");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !file.exists() {
+        assert!(Instant::now() < deadline, "no admin token: {}", r.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let token = std::fs::read_to_string(file).unwrap();
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}", "-X", method]);
+    c.args(["-H", &format!("authorization: Bearer {}", token.trim())]);
+    if let Some(b) = body {
+        c.args(["-H", "content-type: application/json", "--data", b]);
+    }
+    parse_curl(c.arg(format!("http://127.0.0.1:{}{path}", r.admin)).output().unwrap())
+}
+
+fn pending(r: &Replica) -> Vec<serde_json::Value> {
+    let (status, body) = admin(r, "GET", "/api/approvals", None);
+    assert_eq!(status, 200, "{body}");
+    json(&body).as_array().unwrap().clone()
+}
+
+/// Wait until `r` lists an approval for `host` with `n` waiting; its id.
+fn wait_pending(r: &Replica, host: &str, n: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = pending(r);
+        if let Some(p) = list.iter().find(|p| p["host"] == host && p["waiting"].as_u64() == Some(n)) {
+            return p["id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "{n} waiting on {host} never listed on {}: {list:?}", r.port);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// curl through `r` in the background (it is held).
+fn curl_held(r: &Replica, url: &str) -> std::thread::JoinHandle<(u16, String)> {
+    let (port, ca, url) = (r.port, upstream_ca(r), url.to_string());
+    std::thread::spawn(move || curl_one(port, &ca, &url, &[]))
+}
+
+/// The status a curl through the proxy saw: the response's, or the refused CONNECT's.
+fn status((code, out): &(u16, String)) -> u16 {
+    match code {
+        0 => out
+            .split("CONNECT tunnel failed, response ")
+            .nth(1)
+            .and_then(|r| r.get(..3)?.parse().ok())
+            .unwrap_or(0),
+        c => *c,
+    }
+}
+
+/// A CONNECT through `r`: the head and body of latchkey's answer.
+fn connect(r: &Replica, authority: &str) -> String {
+    raw::tunnel(r.port, authority).1
+}
+
+fn decide(r: &Replica, id: &str, decision: &str, scope: &str) -> (u16, String) {
+    let body = format!(r#"{{"decision":"{decision}","scope":"{scope}"}}"#);
+    admin(r, "POST", &format!("/api/approvals/{id}"), Some(&body))
+}
+
+/// `GET /api/events` on `r`, read until its first `approvals` event (the list now).
+fn watch_events(r: &Replica) -> TcpStream {
+    let file = r.dir.join("admin.token");
+    let token = std::fs::read_to_string(file).unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", r.admin)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {}\r\n\r\n",
+        r.admin,
+        token.trim()
+    )
+    .unwrap();
+    read_until(&mut s, "event: approvals");
+    s
+}
+
+/// Read `s` until `what` has gone by (or it stops for 10 s); what was read.
+fn read_until(s: &mut TcpStream, what: &str) -> String {
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains(what) {
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            _ => break,
+        }
+    }
+    seen
+}
+
+/// A CONNECT held on replica A is listed by replica B's API, CLI and live view, and
+/// allowed once through replica C: it goes on to the upstream; nothing went up before.
+#[test]
+fn a_request_held_on_one_replica_is_listed_and_released_by_another() {
+    let redis = Redis::start();
+    let up = upstream(true, None);
+    let shared = tempfile::tempdir().unwrap();
+    let rs = replicas(shared.path(), up.addr, &ask_body(&redis, "", "ask_timeout = 30", ""), &[]);
+    pending(&rs[1]);
+    let mut view = watch_events(&rs[1]);
+    let held = curl_held(&rs[0], "https://other.example.com/held");
+    let id = wait_pending(&rs[1], "other.example.com", 1);
+    let seen = read_until(&mut view, "other.example.com");
+    assert!(seen.contains("event: approvals") && seen.contains(&id), "B's live view: {seen}");
+    let listed = rs[1].cli(&["approvals", "list"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(text.contains(&id) && text.contains("other.example.com:443"), "{text}");
+    assert_eq!(up.count(), 0, "nothing reached the upstream while held");
+    let (answered, body) = decide(&rs[2], &id, "allow", "once");
+    assert_eq!(answered, 200, "{body}");
+    let (code, out) = held.join().unwrap();
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(up.count(), 1);
+    for r in &rs {
+        assert!(pending(r).is_empty(), "answered: pending nowhere");
+    }
+    // `once` does not stand, on any replica: the next connection asks again.
+    let again = curl_held(&rs[1], "https://other.example.com/again");
+    let id2 = wait_pending(&rs[0], "other.example.com", 1);
+    assert_ne!(id2, id);
+    assert_eq!(decide(&rs[0], &id2, "deny", "once").0, 200);
+    assert_eq!(status(&again.join().unwrap()), 403);
+}
+
+/// A webhook that counts the approvals it is told about and leaves them to a person.
+fn counting_webhook() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (port, calls)
+}
+
+/// The same host asked for on A and B at once: one pending approval with one id on
+/// every replica, one webhook call; one answer (the CLI against A) releases both.
+#[test]
+fn concurrent_asks_on_two_replicas_share_one_approval() {
+    let redis = Redis::start();
+    let up = upstream(true, None);
+    let (hook, calls) = counting_webhook();
+    let shared = tempfile::tempdir().unwrap();
+    let webhook = format!("webhook = \"http://127.0.0.1:{hook}/hook\"");
+    let rs = replicas(shared.path(), up.addr, &ask_body(&redis, &webhook, "ask_timeout = 30", ""), &[]);
+    let on_a = curl_held(&rs[0], "https://other.example.com/a");
+    let on_b = curl_held(&rs[1], "https://other.example.com/b");
+    let id = wait_pending(&rs[2], "other.example.com", 2);
+    for r in &rs {
+        let list = pending(r);
+        assert_eq!(list.len(), 1, "one approval on {}: {list:?}", r.port);
+        assert_eq!(list[0]["id"], id.as_str());
+    }
+    let out = rs[0].cli(&["approvals", "allow", &id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for held in [on_a, on_b] {
+        let (code, out) = held.join().unwrap();
+        assert_eq!(code, 200, "{out}");
+    }
+    assert_eq!(up.count(), 2);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "one approval, one webhook call");
+}
+
+/// `deny always` answered on B refuses the host on A and C at once, without asking;
+/// `allow run` answered on A lets the host through on B without asking. Both are in
+/// Redis, not in any replica's approvals.toml.
+#[test]
+fn standing_answers_given_on_one_replica_hold_on_the_others() {
+    let redis = Redis::start();
+    let up = upstream(true, None);
+    let shared = tempfile::tempdir().unwrap();
+    let rs = replicas(shared.path(), up.addr, &ask_body(&redis, "", "ask_timeout = 30", ""), &[]);
+    let held = curl_held(&rs[0], "https://other.example.com/");
+    let id = wait_pending(&rs[1], "other.example.com", 1);
+    let out = rs[1].cli(&["approvals", "deny", &id, "--scope", "always"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(status(&held.join().unwrap()), 403);
+    for r in [&rs[2], &rs[0]] {
+        let out = connect(r, "other.example.com:443");
+        assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+        assert!(
+            out.contains("other.example.com is not allowed by the user's egress policy (denied)"),
+            "{out}"
+        );
+        assert!(pending(r).is_empty(), "refused without asking");
+    }
+    assert_eq!(redis.cmd(&["HGET", "latchkey:approvals:always", "other.example.com"]), "$4");
+    // allow run, given on A for a request held on C: B lets it through unasked (a held
+    // request would wait 30 s, longer than curl's 20).
+    let held = curl_held(&rs[2], "https://api.example.com/");
+    let id = wait_pending(&rs[0], "api.example.com", 1);
+    assert_eq!(decide(&rs[0], &id, "allow", "run").0, 200);
+    assert_eq!(held.join().unwrap().0, 200);
+    let (code, out) = curl_one(rs[1].port, &upstream_ca(&rs[1]), "https://api.example.com/", &[]);
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(redis.cmd(&["SISMEMBER", "latchkey:approvals:run", "api.example.com:443"]), ":1");
+    for r in &rs {
+        assert!(!r.dir.join("approvals.toml").exists(), "answers are kept in Redis");
+    }
+}
+
+/// The replica that opened an approval dies (SIGKILL): the request held on another
+/// replica is still refused when `ask_timeout` passes, and the approval is gone.
+#[test]
+fn an_approval_ends_on_time_when_its_replica_dies() {
+    let redis = Redis::start();
+    let up = upstream(true, None);
+    let shared = tempfile::tempdir().unwrap();
+    let mut rs = replicas(shared.path(), up.addr, &ask_body(&redis, "", "ask_timeout = 4", ""), &[]);
+    let on_a = curl_held(&rs[0], "https://other.example.com/a");
+    wait_pending(&rs[2], "other.example.com", 1);
+    let port = rs[1].port;
+    let on_b = std::thread::spawn(move || raw::tunnel(port, "other.example.com:443").1);
+    wait_pending(&rs[2], "other.example.com", 2);
+    rs[0].stop(libc::SIGKILL);
+    assert_eq!(on_a.join().unwrap().0, 0, "A's client lost its connection");
+    let out = on_b.join().unwrap();
+    assert!(out.starts_with("HTTP/1.1 403") && out.contains("(no answer in 4 s)"), "{out}");
+    assert!(pending(&rs[2]).is_empty());
+    assert_eq!(up.count(), 0);
+}
+
+/// Redis down, `on_store_error = "closed"`: an ask is refused 503 shared-state at once
+/// (nothing held, nothing sent), the pending list is 503 too; a host allowed in this
+/// replica's approvals.toml still goes through. With `"open"`, the replica asks on its
+/// own: the request is held, listed and allowed there.
+#[test]
+fn redis_down_refuses_asks_closed_and_asks_locally_open() {
+    let mut redis = Redis::start();
+    let up = upstream(true, None);
+    let shared = tempfile::tempdir().unwrap();
+    let file = "[[allow]]\nhost = \"api.example.com\"\n";
+    for i in 0..2 {
+        let dir = shared.path().join(format!("replica{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("approvals.toml"), file).unwrap();
+    }
+    let closed =
+        Replica::start(shared.path(), 0, up.addr, &ask_body(&redis, "", "ask_timeout = 30", ""), &[]);
+    let open_body = ask_body(&redis, "", "ask_timeout = 30", "on_store_error = \"open\"");
+    let open = Replica::start(shared.path(), 1, up.addr, &open_body, &[]);
+    redis.kill();
+    let out = connect(&closed, "other.example.com:443");
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(
+        out.contains("latchkey: shared state unavailable: approvals are kept in Redis at 127.0.0.1"),
+        "{out}"
+    );
+    assert!(out.to_ascii_lowercase().contains("x-latchkey-error: shared-state"), "{out}");
+    let (listed, body) = admin(&closed, "GET", "/api/approvals", None);
+    assert_eq!(listed, 503, "{body}");
+    let (code, out) = curl_one(closed.port, &upstream_ca(&closed), "https://api.example.com/", &[]);
+    assert_eq!(code, 200, "approvals.toml needs no Redis: {out}");
+    assert!(closed.stderr().contains("shared state unavailable: Redis at 127.0.0.1"), "{}", closed.stderr());
+    // Open: held on this replica alone, and answered there.
+    let held = curl_held(&open, "https://other.example.com/");
+    let id = wait_pending(&open, "other.example.com", 1);
+    assert_eq!(decide(&open, &id, "allow", "once").0, 200);
+    assert_eq!(held.join().unwrap().0, 200);
+    assert!(open.stderr().contains("asking on this replica alone"), "{}", open.stderr());
+    assert_eq!(up.count(), 2);
+}

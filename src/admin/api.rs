@@ -66,11 +66,12 @@ pub async fn decide(proxy: &Proxy, id: &str, req: Request<Incoming>) -> Reply {
         Ok(d) => d,
         Err(r) => return r,
     };
-    match proxy.approvals.decide(id, d.decision, d.scope) {
+    match proxy.approvals.decide(id, d.decision, d.scope).await {
         Ok(p) => json_reply(StatusCode::OK, &json!(p)),
         Err(e @ DecideError::Unknown(_)) => refused(StatusCode::NOT_FOUND, &e.to_string()),
         Err(e @ DecideError::DenyRun) => refused(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e @ DecideError::File(_)) => refused(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(e @ DecideError::Shared(_)) => refused(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
 }
 

@@ -178,7 +178,10 @@ async fn authorized(
         }
         "/api/session" if get => json_reply(StatusCode::OK, &json!({ "csrf": token.csrf() })),
         "/api/events" if get => events::stream(proxy, cut),
-        "/api/approvals" if get => json_reply(StatusCode::OK, &json!(proxy.approvals.store.pending())),
+        "/api/approvals" if get => match proxy.approvals.pending().await {
+            Ok(list) => json_reply(StatusCode::OK, &json!(list)),
+            Err(e) => refused(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        },
         "/api/credentials" if get => {
             json_reply(StatusCode::OK, &api::credentials(&proxy.generation().config))
         }

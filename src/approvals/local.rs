@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 use super::file::{self, Standing};
-use super::{Asking, Choice, DecideError, Joined, Pending, Scope, Store, now_text};
+use super::{Asking, Choice, DecideError, Joined, Pending, Scope, new_id, now_text};
 use crate::policy::{Destination, Verdict};
 
 /// How often `approvals.toml` is looked at for edits.
@@ -103,8 +103,9 @@ impl Local {
     }
 }
 
-impl Store for Local {
-    fn standing(&self, dest: &Destination) -> Option<Verdict> {
+impl Local {
+    /// A standing answer about `dest`: allowed for this run or always, or denied always.
+    pub fn standing(&self, dest: &Destination) -> Option<Verdict> {
         let inner = self.lock();
         match inner.file.verdict(dest) {
             Some(v) => Some(v),
@@ -112,7 +113,8 @@ impl Store for Local {
         }
     }
 
-    fn join(&self, asking: &Asking) -> Joined {
+    /// Wait on the pending approval for `asking.dest`, opening one if there is none.
+    pub fn join(&self, asking: &Asking) -> Joined {
         let mut inner = self.lock();
         if let Some(e) = inner.pending.iter_mut().find(|e| e.dest == asking.dest) {
             e.info.waiting += 1;
@@ -135,7 +137,8 @@ impl Store for Local {
         Joined { id, opened: true, answer }
     }
 
-    fn decide(&self, id: &str, choice: Choice, scope: Scope) -> Result<Pending, DecideError> {
+    /// A person's answer: every waiter is released with it; `run`/`always` stand.
+    pub fn decide(&self, id: &str, choice: Choice, scope: Scope) -> Result<Pending, DecideError> {
         if choice == Choice::Deny && scope == Scope::Run {
             return Err(DecideError::DenyRun);
         }
@@ -160,21 +163,19 @@ impl Store for Local {
         Ok(info)
     }
 
-    fn expire(&self, id: &str) {
+    /// Nobody answered in time: its waiters are released as unanswered.
+    pub fn expire(&self, id: &str) {
         self.release(id, Verdict::Unanswered);
     }
 
-    fn pending(&self) -> Vec<Pending> {
+    pub fn pending(&self) -> Vec<Pending> {
         self.lock().pending.iter().map(|e| e.info.clone()).collect()
     }
-}
 
-/// An id a person can type: 8 hex digits, unguessable enough that a stale one never
-/// answers a new request.
-fn new_id() -> String {
-    let mut b = [0u8; 4];
-    let _ = aws_lc_rs::rand::fill(&mut b);
-    hex::encode(b)
+    /// Whether `id` is pending here (held while shared state was out of reach).
+    pub fn holds(&self, id: &str) -> bool {
+        self.lock().pending.iter().any(|e| e.info.id == id)
+    }
 }
 
 #[cfg(test)]

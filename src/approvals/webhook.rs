@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Choice, Pending, Scope, Store};
+use super::{Approvals, Choice, Pending, Scope};
 
 /// How long the webhook has to answer.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,7 +48,7 @@ pub fn signature(key: &[u8], body: &[u8]) -> String {
 
 impl Hook {
     /// Send in the background; apply its answer if it gives one.
-    pub fn send(self, store: Arc<dyn Store>, p: Pending, changed: tokio::sync::watch::Sender<u64>) {
+    pub fn send(self, approvals: Arc<Approvals>, p: Pending) {
         tokio::spawn(async move {
             let body = json!({
                 "id": p.id, "host": p.host, "port": p.port, "agent": p.agent,
@@ -61,13 +61,12 @@ impl Hook {
                 Err(_) => return tracing::warn!("approvals webhook {}: no answer in 10 s", self.url),
             };
             let Some(a) = answer else { return };
-            match store.decide(&p.id, a.decision, a.scope) {
+            match approvals.decide(&p.id, a.decision, a.scope).await {
                 Ok(_) => {
                     tracing::info!(host = %p.host, id = %p.id, decision = ?a.decision, scope = ?a.scope, "approval answered by the webhook")
                 }
                 Err(e) => tracing::info!("approvals webhook answer for {}: {e}", p.id),
             }
-            changed.send_modify(|n| *n += 1);
         });
     }
 

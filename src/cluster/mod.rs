@@ -1,7 +1,6 @@
 //! State shared by replicas (SPEC 12): `[cluster] redis = "redis://..."`. Rate limits,
-//! token budgets and token revocations live in Redis, so N replicas behind one Service
-//! enforce one limit; approvals (issue 15) are meant to join them through the same
-//! [`store::Store`].
+//! token budgets, approvals and token revocations live in Redis, so N replicas behind
+//! one Service enforce one limit, and a request held on one replica is answered on any.
 //!
 //! - `store`: the one connection (redis-rs `ConnectionManager`: multiplexed, so
 //!   concurrent requests share it and are pipelined; it reconnects by itself), a time
@@ -9,12 +8,16 @@
 //! - `limits`: admission under `requests_per_minute` and `tokens_per_day` by a Lua
 //!   script (atomic: replicas never over-admit), with permits taken in small batches
 //!   for high limits; LLM tokens spent are added when a response ends.
+//! - `approvals`: pending approvals (one per destination across replicas, expiring at
+//!   its deadline) and the answers given (`run`, `always`), by Lua scripts; answers
+//!   given elsewhere reach a replica's held requests by polling.
 //! - `revoked`: token revocation ids, written by `latchkey token revoke`, polled by
 //!   every replica into its token state.
 //!
 //! Nothing here decides: the decision names the budgets (`policy`), the runtime asks
 //! this module whether they admit one more request.
 
+pub mod approvals;
 pub mod limits;
 pub mod revoked;
 pub mod store;

@@ -160,8 +160,12 @@ impl Store {
         if self.up.swap(false, Ordering::Relaxed) {
             self.metrics.up.set(0);
             let then = match self.settings.on_store_error {
-                OnStoreError::Closed => "requests that need it get 503 (on_store_error = \"closed\")",
-                OnStoreError::Open => "each replica enforces limits on its own (on_store_error = \"open\")",
+                OnStoreError::Closed => {
+                    "requests that need it (shared limits, approvals) get 503 (on_store_error = \"closed\")"
+                }
+                OnStoreError::Open => {
+                    "each replica enforces limits and asks for approvals on its own (on_store_error = \"open\")"
+                }
             };
             tracing::error!("shared state unavailable: Redis at {} ({op}): {why}; {then}", self.server);
         }

@@ -6,14 +6,19 @@ use std::sync::Arc;
 use super::Proxy;
 use crate::approvals::{Asking, webhook::Hook};
 use crate::config::Config;
-use crate::policy::{Destination, Verdict};
+use crate::policy::{Destination, Refusal, RefusalKind, Verdict};
 
 impl Proxy {
     /// Wait for the answer about `asking` (a standing one comes at once); nobody
-    /// answering within `ask_timeout` is `Unanswered`.
-    pub(super) async fn held(&self, config: &Config, asking: Asking) -> Verdict {
+    /// answering within `ask_timeout` is `Unanswered`. With `[cluster]`, Redis out of
+    /// reach and `on_store_error = "closed"`: 503 `shared-state` (whether a person
+    /// allowed it cannot be known, and nobody on another replica could be asked).
+    pub(super) async fn held(&self, config: &Config, asking: Asking) -> Result<Verdict, Refusal> {
         let timeout = config.policy.filters.ask_timeout;
-        self.approvals.answer(asking, timeout, self.webhook(config)).await
+        self.approvals
+            .answer(asking, timeout, self.webhook(config))
+            .await
+            .map_err(|e| Refusal::new(RefusalKind::SharedState, e.to_string()).retry_after(1))
     }
 
     /// The webhook to tell, signed with the admin token (none without one).

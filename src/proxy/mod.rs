@@ -160,7 +160,12 @@ impl Proxy {
         if let Some(settings) = &generation.config.cluster {
             telemetry.shared = Some(crate::cluster::join(settings, &telemetry.metrics, &tokens)?);
         }
-        let approvals = crate::approvals::Approvals::new(generation.config.approvals_path());
+        let shared_approvals = telemetry
+            .shared
+            .as_ref()
+            .map(|s| crate::cluster::approvals::SharedApprovals::new(s.store().clone()));
+        let approvals =
+            crate::approvals::Approvals::new(generation.config.approvals_path(), shared_approvals);
         Ok(Arc::new(Proxy {
             current: RwLock::new(Arc::new(generation)),
             ca,

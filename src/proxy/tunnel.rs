@@ -344,7 +344,7 @@ impl Tunnel {
         if decision == Decision::Ask {
             // Held before any byte goes upstream (or any TLS is spoken) until a person answers.
             let asking = super::held::asking(&generation.config, &dest, agent, "CONNECT", None, None);
-            person = proxy.held(&generation.config, asking).await;
+            person = proxy.held(&generation.config, asking).await?;
             decision = generation.config.decide(&q.answered(person), &proxy.tokens);
         }
         match decision {

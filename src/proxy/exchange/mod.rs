@@ -80,7 +80,7 @@ async fn exchange(
             .await?;
     if let Decided::Ask = decided {
         // Held before anything goes upstream, until a person answers.
-        let person = proxy.held(config, decide::asking(config, route, &parts)).await;
+        let person = proxy.held(config, decide::asking(config, route, &parts)).await?;
         decided =
             decide::decide(&proxy.telemetry, &proxy.tokens, config, route, &parts, person, &mut x.record)
                 .await?;
