@@ -1,7 +1,9 @@
 //! Staying up when pushed (issue 20), through the real binary: the request log's disk
 //! full or its file removed (`[proxy.logging] on_log_error`), an HTTP/2 upload refused
-//! before its body is read, HTTP/2 floods from a client inside a tunnel, and an upstream
-//! that dies in the middle of a body. Each ends with latchkey serving a normal request.
+//! before its body is read, HTTP/2 floods from a client inside a tunnel (others served
+//! meanwhile at a share of their quiet rate), and upstream faults: a body that dies in
+//! the middle, a head or a body without end, a name that does not resolve or resolves
+//! slowly. Each ends with latchkey serving a normal request.
 
 mod common;
 use common::*;
@@ -256,6 +258,41 @@ fn flood(lk: &Latchkey, attack: &str, seconds: f32) -> Value {
     json(&String::from_utf8_lossy(&out.stdout))
 }
 
+/// How long each flood lasts, and the quiet window others are measured in before it.
+const FLOOD_SECONDS: f32 = 3.0;
+
+/// Another client's requests, one after another, until `done`: (statuses, requests a
+/// second). A rate, so that windows of different lengths compare.
+fn others_until(lk: &Latchkey, done: impl Fn() -> bool) -> (Vec<u16>, f64) {
+    let start = Instant::now();
+    let mut codes = Vec::new();
+    while !done() {
+        codes.push(lk.curl(&["https://api.anthropic.com/v1/x"]).0);
+    }
+    let rate = codes.len() as f64 / start.elapsed().as_secs_f64();
+    (codes, rate)
+}
+
+/// What latchkey must do to each flood's offender.
+#[derive(Clone, Copy, PartialEq)]
+enum Expect {
+    /// Nothing: the flood costs bounded memory and CPU, the connection may stay.
+    Bounded,
+    /// The connection ended (h2's own limits: GOAWAY, or closed).
+    Ended,
+    /// Every connection of a reconnecting offender got GOAWAY ENHANCE_YOUR_CALM
+    /// (`proxy/h2guard.rs`).
+    Calm,
+}
+
+/// The lowest rate of another client during a flood, as a share of its rate in the
+/// quiet window just before. Issue 20 asks for 0.5; the test asserts less because two
+/// loaded cores also run the flooding client (a Python process that takes a core of
+/// its own) and the other helpers' builds, which latchkey cannot help: what it
+/// catches is a flood that starves others (a share near 0). The shares measured are
+/// printed and recorded in docs/performance.md.
+const OTHERS_SHARE: f64 = 0.25;
+
 #[test]
 fn http2_floods_inside_a_tunnel_are_cut_off_while_others_are_served() {
     let up = upstream(true, None);
@@ -263,45 +300,65 @@ fn http2_floods_inside_a_tunnel_are_cut_off_while_others_are_served() {
     let pid = lk.child.id();
     assert_eq!(lk.curl(&["https://api.anthropic.com/v1/x"]).0, 200);
     let baseline = rss_kib(pid);
-    // (attack, whether latchkey must end the offender's connection)
     let attacks = [
-        ("rapid_reset", true),
-        ("continuation", true),
-        ("hpack_bomb", false),
-        ("ping_flood", false),
-        ("settings_flood", false),
-        ("zero_window", false),
-        ("idle_streams", false),
+        ("rapid_reset", Expect::Ended),
+        ("continuation", Expect::Ended),
+        ("hpack_bomb", Expect::Bounded),
+        ("ping_flood_again", Expect::Calm),
+        ("settings_flood_again", Expect::Calm),
+        ("zero_window", Expect::Bounded),
+        ("idle_streams", Expect::Bounded),
     ];
     let mut report = Vec::new();
-    for (attack, must_end) in attacks {
+    let mut failures = Vec::new();
+    for (attack, expect) in attacks {
+        // The other client alone, for as long as a flood lasts.
+        let quiet_until = Instant::now() + Duration::from_secs_f32(FLOOD_SECONDS);
+        let (quiet, quiet_rate) = others_until(&lk, || Instant::now() >= quiet_until);
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (lk_ref, finished) = (&lk, done.clone());
-        let (result, others) = std::thread::scope(|s| {
+        let (result, (others, rate)) = std::thread::scope(|s| {
             let offender = s.spawn(move || {
-                let r = flood(lk_ref, attack, 3.0);
+                let r = flood(lk_ref, attack, FLOOD_SECONDS);
                 finished.store(true, std::sync::atomic::Ordering::SeqCst);
                 r
             });
-            // Another client, meanwhile: its requests are served.
-            let mut others = Vec::new();
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                others.push(lk.curl(&["https://api.anthropic.com/v1/x"]).0);
-            }
+            // The other client, meanwhile.
+            let others = others_until(&lk, || done.load(std::sync::atomic::Ordering::SeqCst));
             (offender.join().unwrap(), others)
         });
-        let ended = result["goaway"].is_number() || result["closed"] == true;
-        report.push(format!("{attack}: {result} others {others:?} rss {} KiB", rss_kib(pid)));
+        let share = rate / quiet_rate;
+        report.push(format!(
+            "{attack}: {result} others {} requests at {share:.2} of their quiet rate ({rate:.1}/s vs {quiet_rate:.1}/s) rss {} KiB",
+            others.len(),
+            rss_kib(pid)
+        ));
+        assert!(quiet.iter().all(|c| *c == 200), "{attack}: served before: {quiet:?}");
         assert!(
             !others.is_empty() && others.iter().all(|c| *c == 200),
             "{attack}: others were served: {others:?}"
         );
-        if must_end {
-            assert!(ended, "{attack}: the offender was cut off: {result}");
+        if share < OTHERS_SHARE {
+            failures.push(format!("{attack}: others got {share:.2} of their quiet rate"));
+        }
+        let ended = result["goaway"].is_number() || result["closed"] == true;
+        match expect {
+            Expect::Bounded => {}
+            Expect::Ended => assert!(ended, "{attack}: the offender was cut off: {result}"),
+            Expect::Calm => {
+                let goaways = result["goaways"].as_array().expect("goaways");
+                assert!(
+                    result["connections"].as_u64() >= Some(2)
+                        && goaways.iter().all(|g| g.as_u64() == Some(0xb)),
+                    "{attack}: each connection ended with GOAWAY ENHANCE_YOUR_CALM: {result}"
+                );
+            }
         }
         assert_eq!(lk.curl(&["https://api.anthropic.com/v1/x"]).0, 200, "{attack}: served afterwards");
     }
     eprintln!("{}", report.join("\n"));
+    assert!(failures.is_empty(), "{failures:?}\n{}", report.join("\n"));
+    assert!(lk.stderr().contains("ENHANCE_YOUR_CALM"), "the disconnect is logged");
     let after = rss_kib(pid);
     assert!(
         after < baseline + 64 * 1024,

@@ -11,6 +11,10 @@ attacks:
                  times (a few bytes on the wire, megabytes decoded), in a loop
   ping_flood     PING frames, never reading the PONGs
   settings_flood SETTINGS frames, never reading the ACKs
+  settings_flood_again, ping_flood_again
+                 the same, connecting again each time latchkey ends the connection,
+                 until SECONDS are over (a flood that lasts while others are measured);
+                 adds "connections" and "goaways" (the GOAWAY codes, one per connection)
   zero_window    a window of 0 never opened, then downloads asked for
   idle_streams   10,000 streams opened (HEADERS without END_STREAM) and left idle
 
@@ -70,14 +74,16 @@ class Seen:
     def feed(self, data):
         self.bytes += len(data)
         self.buf += data
-        while len(self.buf) >= 9:
-            length = int.from_bytes(self.buf[:3], "big")
-            if len(self.buf) < 9 + length:
+        at = 0  # an offset, not a slice per frame: megabytes of ACKs may arrive at once
+        while len(self.buf) - at >= 9:
+            length = int.from_bytes(self.buf[at:at + 3], "big")
+            if len(self.buf) - at < 9 + length:
                 break
-            kind, payload = self.buf[3], self.buf[9:9 + length]
+            kind, payload = self.buf[at + 3], self.buf[at + 9:at + 9 + length]
             if kind == GOAWAY and len(payload) >= 8:
                 self.goaway = struct.unpack(">I", payload[4:8])[0]
-            self.buf = self.buf[9 + length:]
+            at += 9 + length
+        self.buf = self.buf[at:]
 
 
 def reader(tls, seen):
@@ -99,6 +105,24 @@ def request_headers(enc, path="/", method="GET", end_stream=True):
 
 
 def main():
+    if attack.endswith("_again"):
+        return again(attack.removesuffix("_again"))
+    print(json.dumps(flood_once(attack, time.monotonic() + seconds)))
+
+
+def again(kind):
+    deadline = time.monotonic() + seconds
+    results = []
+    while time.monotonic() < deadline:
+        r = flood_once(kind, deadline)
+        if r["sent"]:  # not the one that connected as the time ran out
+            results.append(r)
+    print(json.dumps({"attack": kind + "_again", "connections": len(results),
+                      "goaways": [r["goaway"] for r in results], "sent": sum(r["sent"] for r in results),
+                      "goaway": results[-1]["goaway"], "closed": all(r["closed"] for r in results)}))
+
+
+def flood_once(attack, deadline):
     tls = open_tunnel()
     seen = Seen()
     settings = b""
@@ -110,7 +134,6 @@ def main():
         threading.Thread(target=reader, args=(tls, seen), daemon=True).start()
     enc = hpack.Encoder()
     sent, stream = 0, 1
-    deadline = time.monotonic() + seconds
     tls.settimeout(2)
     try:
         if attack == "continuation":
@@ -192,8 +215,9 @@ def main():
             seen.closed = True
     else:
         time.sleep(0.5)
-    print(json.dumps({"attack": attack, "sent": sent, "goaway": seen.goaway, "closed": seen.closed,
-                      "bytes_read": seen.bytes}))
+    tls.close()
+    return {"attack": attack, "sent": sent, "goaway": seen.goaway, "closed": seen.closed,
+            "bytes_read": seen.bytes}
 
 
 main()
