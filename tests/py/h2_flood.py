@@ -18,7 +18,7 @@ attacks:
   zero_window    a window of 0 never opened, then downloads asked for
   idle_streams   10,000 streams opened (HEADERS without END_STREAM) and left idle
 
-usage: h2_flood.py PROXY_PORT HOST ATTACK SECONDS
+usage: h2_flood.py PROXY_PORT HOST[:PORT] ATTACK SECONDS
 """
 import json
 import socket
@@ -31,6 +31,9 @@ import time
 import hpack
 
 port, host, attack, seconds = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+# HOST may carry a port (bench/floods.py floods 127.0.0.1:PORT); 443 when it does not.
+authority = host if ":" in host else f"{host}:443"
+host = authority.rsplit(":", 1)[0] if authority.endswith(":443") else authority
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
@@ -43,7 +46,7 @@ def frame(kind, flags, stream, payload=b""):
 
 def open_tunnel():
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+    s.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = s.recv(1)
@@ -56,7 +59,7 @@ def open_tunnel():
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.set_alpn_protocols(["h2"])
-    tls = ctx.wrap_socket(s, server_hostname=host)
+    tls = ctx.wrap_socket(s, server_hostname=authority.rsplit(":", 1)[0])
     assert tls.selected_alpn_protocol() == "h2", tls.selected_alpn_protocol()
     return tls
 
