@@ -338,8 +338,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for H2Guard<S> {
             Phase::Closed => return Poll::Ready(Err(closed())),
         }
         // hyper flushes what it has written whenever a read is pending, and the GOAWAY
-        // goes out from there when its output is inside a frame.
+        // goes out from there when its output is inside a frame; the deadline holds
+        // even if that flush never completes (a client that reads nothing).
         if this.out.to_boundary() > 0 {
+            if let Phase::Closing { deadline, .. } = &mut this.phase
+                && deadline.as_mut().poll(cx).is_ready()
+            {
+                this.phase = Phase::Closed;
+                return Poll::Ready(Err(closed()));
+            }
             return Poll::Pending;
         }
         ready!(this.poll_close(cx));
