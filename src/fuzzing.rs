@@ -75,6 +75,24 @@ pub fn framing(data: &[u8]) {
     }
 }
 
+/// A client's HTTP/2 byte stream through the frame-rate guard, split at the points the
+/// first bytes choose: it never panics, and however the stream is cut it stops at the
+/// same frame for the same reason (up to a header's bytes later when that header was
+/// cut: its first bytes went to hyper already), with the clock standing still.
+pub fn h2_frames(data: &[u8]) {
+    use crate::proxy::h2guard::watch_split;
+    let (cuts, input) = data.split_at(data.len().min(4));
+    let cuts: Vec<usize> = cuts.iter().map(|&c| usize::from(c)).collect();
+    let still = std::time::Duration::ZERO;
+    let whole = watch_split(input, &[], still);
+    let split = watch_split(input, &cuts, still);
+    assert_eq!(whole.map(|w| w.1), split.map(|s| s.1), "the same verdict");
+    if let (Some((w, _)), Some((s, _))) = (whole, split) {
+        assert!(w <= s && s - w < 9, "stopped at the same frame: {w} vs {s}");
+        assert!(matches!(input[w + 3], 0x4 | 0x6) && input[w + 4] & 1 == 0, "a SETTINGS or PING");
+    }
+}
+
 /// A request head through policy and injection: never panics, and an injected request
 /// carries exactly one credential header.
 pub fn request(data: &[u8]) {
@@ -277,14 +295,24 @@ mod tests {
             b"POST /?key=1&key=2 q.example.com\r\n",
             include_bytes!("../fuzz/corpus/framing/upgrade-not-switched"),
             include_bytes!("../fuzz/corpus/framing/bad-connect-target"),
+            include_bytes!("../fuzz/corpus/h2_frames/settings-flood"),
         ] {
             super::host(input);
             super::config(input);
             super::request(input);
             super::framing(input);
+            super::h2_frames(input);
             super::token(input);
             super::sealed(input);
         }
+    }
+
+    /// The h2 seed is a flood: the guard stops it.
+    #[test]
+    fn h2_seed_floods() {
+        let seed = include_bytes!("../fuzz/corpus/h2_frames/settings-flood");
+        let stopped = crate::proxy::h2guard::watch_split(&seed[4..], &[], std::time::Duration::ZERO);
+        assert_eq!(stopped.map(|s| s.1), Some(crate::proxy::h2guard::Flood::Settings));
     }
 
     /// The committed seeds are what they claim: a token the fuzz key verifies, a block
@@ -312,6 +340,7 @@ mod tests {
             super::config(&data);
             super::request(&data);
             super::framing(&data);
+            super::h2_frames(&data);
             super::token(&data);
             super::sealed(&data);
             super::dlp(&data);
@@ -330,6 +359,23 @@ mod tests {
             "(POST / HTTP/1.1\r\n|CONNECT a:1 HTTP/1.1\r\n|GET /\t HTTP/1.1\r\n|Content-Length: [0-9]{1,2}\r\n|Transfer-Encoding: chunked\r\n|Upgrade: x\r\n|\r\n|[0-9a-f]{1,2}\r\n|[a-z]{0,9}|\n)", 0..30), switched in any::<bool>()) {
             let first = if switched { '\x01' } else { '\x02' };
             super::framing(format!("{first}\x07\x13\x30{}", parts.concat()).as_bytes());
+        }
+
+        #[test]
+        fn random_h2_streams(cuts in proptest::collection::vec(any::<u8>(), 4..5), frames in proptest::collection::vec(
+            (0u8..10, 0u8..2, 0usize..40, 1usize..60), 0..400)) {
+            // Frames of any type (SETTINGS and PING often, with and without ACK), in
+            // runs, so that floods and near-floods both occur.
+            let mut data = cuts;
+            data.extend_from_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+            for (kind, flags, len, run) in frames {
+                let kind = if kind > 6 { 0x4 } else { kind };
+                for _ in 0..run {
+                    data.extend_from_slice(&[0, 0, len as u8, kind, flags, 0, 0, 0, 1]);
+                    data.extend(std::iter::repeat_n(0u8, len));
+                }
+            }
+            super::h2_frames(&data);
         }
 
         #[test]

@@ -17,6 +17,7 @@ mod exchange;
 mod fanout;
 pub(crate) mod framing;
 mod generation;
+pub(crate) mod h2guard;
 mod handler;
 mod held;
 pub(crate) mod hop;

@@ -233,6 +233,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = limits(&conn);
+    // SETTINGS and PING floods, which h2 would answer without end.
+    let stream = super::h2guard::H2Guard::new(stream, conn.opener.peer);
     let conn = Arc::new(conn);
     let service = service_fn(move |req| conn.clone().request(req));
     let served = super::builders::h2_builder(&limits).serve_connection(TokioIo::new(stream), service);

@@ -11,10 +11,14 @@ attacks:
                  times (a few bytes on the wire, megabytes decoded), in a loop
   ping_flood     PING frames, never reading the PONGs
   settings_flood SETTINGS frames, never reading the ACKs
+  settings_flood_again, ping_flood_again
+                 the same, connecting again each time latchkey ends the connection,
+                 until SECONDS are over (a flood that lasts while others are measured);
+                 adds "connections" and "goaways" (the GOAWAY codes, one per connection)
   zero_window    a window of 0 never opened, then downloads asked for
   idle_streams   10,000 streams opened (HEADERS without END_STREAM) and left idle
 
-usage: h2_flood.py PROXY_PORT HOST ATTACK SECONDS
+usage: h2_flood.py PROXY_PORT HOST[:PORT] ATTACK SECONDS
 """
 import json
 import socket
@@ -27,6 +31,9 @@ import time
 import hpack
 
 port, host, attack, seconds = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+# HOST may carry a port (bench/floods.py floods 127.0.0.1:PORT); 443 when it does not.
+authority = host if ":" in host else f"{host}:443"
+host = authority.rsplit(":", 1)[0] if authority.endswith(":443") else authority
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
@@ -39,7 +46,7 @@ def frame(kind, flags, stream, payload=b""):
 
 def open_tunnel():
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+    s.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = s.recv(1)
@@ -52,7 +59,7 @@ def open_tunnel():
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.set_alpn_protocols(["h2"])
-    tls = ctx.wrap_socket(s, server_hostname=host)
+    tls = ctx.wrap_socket(s, server_hostname=authority.rsplit(":", 1)[0])
     assert tls.selected_alpn_protocol() == "h2", tls.selected_alpn_protocol()
     return tls
 
@@ -70,14 +77,16 @@ class Seen:
     def feed(self, data):
         self.bytes += len(data)
         self.buf += data
-        while len(self.buf) >= 9:
-            length = int.from_bytes(self.buf[:3], "big")
-            if len(self.buf) < 9 + length:
+        at = 0  # an offset, not a slice per frame: megabytes of ACKs may arrive at once
+        while len(self.buf) - at >= 9:
+            length = int.from_bytes(self.buf[at:at + 3], "big")
+            if len(self.buf) - at < 9 + length:
                 break
-            kind, payload = self.buf[3], self.buf[9:9 + length]
+            kind, payload = self.buf[at + 3], self.buf[at + 9:at + 9 + length]
             if kind == GOAWAY and len(payload) >= 8:
                 self.goaway = struct.unpack(">I", payload[4:8])[0]
-            self.buf = self.buf[9 + length:]
+            at += 9 + length
+        self.buf = self.buf[at:]
 
 
 def reader(tls, seen):
@@ -99,6 +108,24 @@ def request_headers(enc, path="/", method="GET", end_stream=True):
 
 
 def main():
+    if attack.endswith("_again"):
+        return again(attack.removesuffix("_again"))
+    print(json.dumps(flood_once(attack, time.monotonic() + seconds)))
+
+
+def again(kind):
+    deadline = time.monotonic() + seconds
+    results = []
+    while time.monotonic() < deadline:
+        r = flood_once(kind, deadline)
+        if r["sent"]:  # not the one that connected as the time ran out
+            results.append(r)
+    print(json.dumps({"attack": kind + "_again", "connections": len(results),
+                      "goaways": [r["goaway"] for r in results], "sent": sum(r["sent"] for r in results),
+                      "goaway": results[-1]["goaway"], "closed": all(r["closed"] for r in results)}))
+
+
+def flood_once(attack, deadline):
     tls = open_tunnel()
     seen = Seen()
     settings = b""
@@ -110,7 +137,6 @@ def main():
         threading.Thread(target=reader, args=(tls, seen), daemon=True).start()
     enc = hpack.Encoder()
     sent, stream = 0, 1
-    deadline = time.monotonic() + seconds
     tls.settimeout(2)
     try:
         if attack == "continuation":
@@ -192,8 +218,9 @@ def main():
             seen.closed = True
     else:
         time.sleep(0.5)
-    print(json.dumps({"attack": attack, "sent": sent, "goaway": seen.goaway, "closed": seen.closed,
-                      "bytes_read": seen.bytes}))
+    tls.close()
+    return {"attack": attack, "sent": sent, "goaway": seen.goaway, "closed": seen.closed,
+            "bytes_read": seen.bytes}
 
 
 main()
