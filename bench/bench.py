@@ -706,7 +706,9 @@ def jail_rows(bench, lk):
                    "--cacert", str(lk.ca)]
             env = None
             if mode == "explicit":
-                cmd += ["-x", lk.proxy, url]
+                # oha looks the URL's name up itself even through a proxy; the name is
+                # the jail's (resolved by latchkey only), so point oha's lookup at loopback.
+                cmd += ["-x", lk.proxy, "--connect-to", f"{JAIL_HOST}:{bench.up_port}:127.0.0.1:{bench.up_port}", url]
             else:
                 cmd, env = jailed(bench, [*cmd, url])
             with Sampler(lk.pid) as s:
@@ -780,7 +782,8 @@ def transparent_rows(bench, lk):
                 cmd = [str(oha_bin), "-z", f"{args.duration}s", "-c", "32", "--no-tui", "--output-format", "json",
                        "--cacert", str(ca)]
                 if mode == "explicit":
-                    cmd += ["-x", lk.proxy, url]
+                    # As in jail_rows: oha resolves the URL's name itself even through -x.
+                    cmd += ["-x", lk.proxy, "--connect-to", f"{JAIL_HOST}:{port}:127.0.0.1:{port}", url]
                 else:
                     cmd = ["setpriv", f"--reuid={BENCH_AGENT_UID}", f"--regid={BENCH_AGENT_UID}", "--clear-groups",
                            *cmd, "--connect-to", f"{JAIL_HOST}:{port}:127.0.0.2:{port}", url]

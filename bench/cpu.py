@@ -171,6 +171,7 @@ def main():
     ap.add_argument("--idle", type=int, default=0, metavar="N")
     ap.add_argument("--features", action="store_true",
                     help="callgrind rows: plain placeholder vs scoped token, live view unwatched vs watched")
+    ap.add_argument("--match", default="", help="only the request kinds whose name contains this")
     ap.add_argument("--requests", type=int, default=50000, help="requests per --cpu run")
     ap.add_argument("--conns", type=int, default=32, help="connections per --cpu run")
     ap.add_argument("--rounds", type=int, default=3, help="--cpu rounds")
@@ -194,7 +195,7 @@ def main():
         if args.callgrind:
             out.append(callgrind_rows(bench, builds, args))
         if args.features:
-            out.append(callgrind_rows(bench, builds, args, FEATURE_KINDS))
+            out.append(callgrind_rows(bench, builds, args, [k for k in FEATURE_KINDS if args.match in k[0]]))
         if args.idle:
             out.append(idle_rows(bench, builds, args.idle))
         if args.cpu:

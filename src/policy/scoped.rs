@@ -53,7 +53,10 @@ pub fn check(
         }
         InSlot::Other | InSlot::Placeholder => return Ok(None),
     };
-    let host = q.dest.host.to_string();
+    let host = match &q.dest.host {
+        super::Host::Domain(d) => std::borrow::Cow::Borrowed(d.as_str()),
+        ip => std::borrow::Cow::Owned(ip.to_string()),
+    };
     let path = canonical_path(head.path);
     let req = Request {
         host: &host,

@@ -321,7 +321,7 @@ impl Scanner {
                     self.skip_body(take);
                 }
                 State::ChunkSize | State::Trailer => {
-                    let (line, done) = match buf[i..].iter().position(|&b| b == b'\n') {
+                    let (line, done) = match memchr::memchr(b'\n', &buf[i..]) {
                         Some(p) => (&buf[i..i + p + 1], true),
                         None => (&buf[i..], false),
                     };
@@ -539,7 +539,7 @@ pub fn switched<B>(method: &http::Method, resp: &http::Response<B>) -> bool {
 fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     let start = from.saturating_sub(2);
     let mut i = start;
-    while let Some(p) = buf[i..].iter().position(|&b| b == b'\n') {
+    while let Some(p) = memchr::memchr(b'\n', &buf[i..]) {
         let nl = i + p;
         match buf.get(nl + 1) {
             Some(b'\n') => return Some(nl + 2),

@@ -142,11 +142,13 @@ impl Revoked {
 /// one, so it is refused rather than treated as "no token".
 pub fn looks_like_token(value: &str) -> bool {
     let b = value.as_bytes();
-    if b.len() < 64 || !b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_=".contains(c)) {
+    if b.len() < 64 {
         return false;
     }
     let Ok(head) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&b[..4]) else { return false };
-    matches!(head.first(), Some(0x08 | 0x12))
+    // No early exit: the fold vectorises (this runs on every request carrying a token).
+    let alphabet = |c: u8| c.is_ascii_alphanumeric() | (c == b'-') | (c == b'_') | (c == b'=');
+    matches!(head.first(), Some(0x08 | 0x12)) && b.iter().fold(true, |ok, &c| ok & alphabet(c))
 }
 
 fn decode(text: &str) -> Result<Vec<u8>, TokenRefusal> {
