@@ -165,7 +165,7 @@ def main():
     try:
         bench.certs()
         bench.start_nginx()
-        t = bench.start_latchkey("latchkey", args.latchkey, extra_config=extra)
+        t = bench.start_latchkey("latchkey", args.latchkey, tail=extra)
         b.verify_injection(bench, t)
         if args.connections:
             out.append(scale(bench, t, args))

@@ -61,7 +61,7 @@ pub fn stream(proxy: &Arc<Proxy>, cut: Arc<Notify>) -> Reply {
 
 async fn feed(
     tx: mpsc::Sender<Bytes>,
-    mut records: broadcast::Receiver<Arc<str>>,
+    mut records: broadcast::Receiver<Bytes>,
     approvals: Arc<Approvals>,
     cut: Arc<Notify>,
 ) {
@@ -78,7 +78,7 @@ async fn feed(
         }
         next = tokio::select! {
             r = records.recv() => match r {
-                Ok(text) => match batch(&text, &mut records).await {
+                Ok(first) => match batch(&first, &mut records).await {
                     Some(events) => Some(events),
                     None => {
                         cut.notify_one();
@@ -113,15 +113,15 @@ fn push_event(out: &mut BytesMut, kind: &str, data: &str) {
     }
 }
 
-/// `first` and every record that finishes within [`BATCH`] after it, as one chunk of
-/// `request` events; `None` if the watcher fell behind the ring meanwhile.
-async fn batch(first: &str, records: &mut broadcast::Receiver<Arc<str>>) -> Option<Bytes> {
-    let mut out = BytesMut::with_capacity(first.len() + 32);
-    push_event(&mut out, "request", first);
+/// `first` and every record that finishes within [`BATCH`] after it (each an `event:
+/// request` already), as one chunk; `None` if the watcher fell behind the ring meanwhile.
+async fn batch(first: &Bytes, records: &mut broadcast::Receiver<Bytes>) -> Option<Bytes> {
     tokio::time::sleep(BATCH).await;
+    let mut out = BytesMut::new();
+    out.extend_from_slice(first);
     loop {
         match records.try_recv() {
-            Ok(text) => push_event(&mut out, "request", &text),
+            Ok(event) => out.extend_from_slice(&event),
             Err(broadcast::error::TryRecvError::Lagged(_)) => return None,
             Err(_) => return Some(out.freeze()),
         }
