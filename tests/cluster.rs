@@ -837,3 +837,67 @@ fn redis_down_refuses_asks_closed_and_asks_locally_open() {
     assert!(open.stderr().contains("asking on this replica alone"), "{}", open.stderr());
     assert_eq!(up.count(), 2);
 }
+
+/// Redis killed while nine clients keep sending through three replicas (issue 16 item 6:
+/// "killing Redis mid-load gives 503s (closed) and no over-spend, and recovery after it
+/// returns"): every request is answered 200, 429 or 503; the outage's are 503; across
+/// the whole run no more than the one shared `requests_per_minute = 10` went upstream
+/// (per-replica buckets would have let up to 30 through); and once Redis is back the
+/// same processes enforce the shared limit again (429, gauge 1).
+#[test]
+fn killing_redis_under_load_refuses_closed_and_never_over_admits() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut redis = Redis::start();
+    let up = upstream(true, None);
+    let shared = tempfile::tempdir().unwrap();
+    let body = format!("{RATE_LIMITED}{}", cluster_table(&redis, ""));
+    let rs = replicas(shared.path(), up.addr, &body, &[("X_TOKEN", "x-REAL")]);
+    let ca = shared.path().join("ca").join("ca.crt");
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let (before, during, after) = std::thread::scope(|s| {
+        let (ca, stop) = (&ca, &stop);
+        let loads: Vec<_> = rs
+            .iter()
+            .flat_map(|r| (0..3).map(move |_| r.port))
+            .map(|port| {
+                s.spawn(move || {
+                    let mut seen = vec![];
+                    while !stop.load(Ordering::Relaxed) {
+                        let codes = curl_many(port, ca, "https://api.example.com/v1/x", 2, &[]);
+                        seen.extend(codes.into_iter().map(|c| (Instant::now(), c)));
+                    }
+                    seen
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(2));
+        let killed = Instant::now();
+        redis.kill();
+        std::thread::sleep(Duration::from_secs(3));
+        let restarted = Instant::now();
+        redis.restart();
+        std::thread::sleep(Duration::from_secs(4));
+        stop.store(true, Ordering::Relaxed);
+        let all: Vec<(Instant, u16)> = loads.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        let part = |from: Instant, to: Instant| -> Vec<u16> {
+            all.iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, c)| *c).collect()
+        };
+        let settle = Duration::from_millis(700); // requests already past admission, probes
+        (
+            part(started, killed),
+            part(killed + settle, restarted),
+            part(restarted + Duration::from_secs(2), Instant::now() + Duration::from_secs(60)),
+        )
+    });
+    let every: Vec<u16> = before.iter().chain(&during).chain(&after).copied().collect();
+    assert!(every.iter().all(|c| [200, 429, 503].contains(c)), "{every:?}");
+    assert!(!during.is_empty() && during.iter().all(|c| *c == 503), "the outage: {during:?}");
+    let ok = up.count();
+    let refilled = (started.elapsed().as_secs() / 6) as usize;
+    assert!(ok <= 10 + refilled, "{ok} went upstream in {:?}: {every:?}", started.elapsed());
+    assert!(after.contains(&429) && !after.contains(&503), "after recovery: {after:?}");
+    for r in &rs {
+        assert!(r.metrics().contains("latchkey_shared_state_up 1"), "{}", r.metrics());
+    }
+}
