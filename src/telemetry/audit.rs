@@ -62,10 +62,13 @@ impl Audit {
     }
 
     pub fn log(&self, record: &Record) {
-        if let Some(tx) = &self.tx
-            && let Ok(line) = serde_json::to_string(record)
-        {
-            let _ = tx.send(Entry::Line(line));
+        if let Some(tx) = &self.tx {
+            let mut line = Vec::with_capacity(512);
+            record.write_json(&mut line);
+            // JSON of UTF-8 text, escaped or copied whole: valid UTF-8 by construction.
+            if let Ok(line) = String::from_utf8(line) {
+                let _ = tx.send(Entry::Line(line));
+            }
         }
     }
 

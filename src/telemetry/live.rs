@@ -33,10 +33,9 @@ impl Live {
         }
         let mut event = Vec::with_capacity(EVENT_CAPACITY);
         event.extend_from_slice(b"event: request\ndata: ");
-        if serde_json::to_writer(&mut event, record).is_ok() {
-            event.extend_from_slice(b"\n\n");
-            let _ = self.tx.send(Bytes::from(event));
-        }
+        record.write_json(&mut event);
+        event.extend_from_slice(b"\n\n");
+        let _ = self.tx.send(Bytes::from(event));
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Bytes> {
