@@ -257,7 +257,7 @@ fn the_quick_pass_clears_only_clean_bodies_at_every_cut() {
 fn the_simd_pass_agrees_with_the_plain_one_on_every_byte() {
     for b in 0..=255u8 {
         quick::assert_passes_agree(&[b; 100]);
-        for at in [0, 26, 27, 31, 32, 33, 63, 64, 65, 90] {
+        for at in 0..100 {
             let mut text = vec![b'a'; 100];
             text[at] = b;
             quick::assert_passes_agree(&text);
