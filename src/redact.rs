@@ -16,6 +16,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use crate::secrets::Secret;
+use zeroize::Zeroizing;
 
 /// How long a value rotated out of a credential stays masked.
 pub const RETIRED_FOR: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
@@ -161,6 +162,8 @@ pub struct Redactor {
     alphabet: [bool; 256],
     /// The most bytes a form can take in a response: the longest form, every byte escaped.
     span: usize,
+    /// The forms themselves, for outbound scanning's quick pass (`dlp::quick`).
+    forms: Vec<Zeroizing<Vec<u8>>>,
 }
 
 impl Redactor {
@@ -179,7 +182,8 @@ impl Redactor {
             alphabet[usize::from(*b)] = true;
         }
         let span = ESCAPE_WIDTH * patterns.iter().map(Vec::len).max().unwrap_or(0);
-        Some(Redactor { matcher, names, alphabet, span })
+        let forms = patterns.into_iter().map(Zeroizing::new).collect();
+        Some(Redactor { matcher, names, alphabet, span, forms })
     }
 
     /// Mask every occurrence in place; returns how many were masked.
@@ -195,6 +199,11 @@ impl Redactor {
             at = m.start + 1;
             out.push(m);
         }
+    }
+
+    /// Every form looked for.
+    pub(crate) fn forms(&self) -> impl Iterator<Item = &[u8]> {
+        self.forms.iter().map(|f| &f[..])
     }
 
     /// Does a header name hold a secret (in any letter case)?
@@ -442,6 +451,10 @@ impl Set {
 
     pub fn names_secret(&self, name: &[u8]) -> bool {
         self.members.iter().any(|m| m.names_secret(name))
+    }
+
+    pub(crate) fn members(&self) -> &[Arc<Redactor>] {
+        &self.members
     }
 
     /// How many occurrences of the members' secrets `buf` holds (nothing is masked).

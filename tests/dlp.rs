@@ -321,3 +321,62 @@ fn check_says_dlp_is_advisory_without_enforced_egress() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("[proxy.dlp] is advisory unless egress is enforced"), "{text}");
 }
+
+/// `body` compressed by Python's `brotli` (Google's encoder) or `zstandard` (the zstd
+/// library): encoders latchkey does not share code with.
+fn compress(coding: &str, body: &[u8]) -> Vec<u8> {
+    let code = match coding {
+        "br" => "import brotli,sys; sys.stdout.buffer.write(brotli.compress(sys.stdin.buffer.read()))",
+        _ => {
+            "import zstandard,sys; sys.stdout.buffer.write(zstandard.ZstdCompressor().compress(sys.stdin.buffer.read()))"
+        }
+    };
+    let mut child = Command::new("python3")
+        .args(["-c", code])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(body).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "python's {coding} encoder (tests/requirements.txt: brotli, zstandard): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `Content-Encoding: br` and `zstd` bodies through the real binary: decoded, scanned and
+/// acted on per `action` — `block` refuses, `redact` refuses too (a compressed body
+/// cannot be masked in place), `warn` forwards the compressed bytes unchanged — and a
+/// body without a secret goes through byte for byte.
+#[test]
+fn br_and_zstd_bodies_are_decoded_and_scanned() {
+    let url = "https://api.example.com/v1/upload";
+    let clean = b"{\"content\":\"nothing to see here\"}";
+    for coding in ["br", "zstd"] {
+        let secret = compress(coding, dotenv().as_bytes());
+        let header = format!("Content-Encoding: {coding}");
+        let (up, lk) = echo_setup(&dlp("block", ""), "");
+        let (s, b) = post(&lk, url, &secret, &[&header]);
+        assert_refused(s, &b, coding, &up);
+        let plain = compress(coding, clean);
+        let (s, b) = post(&lk, url, &plain, &[&header]);
+        assert_eq!((s, up.count()), (200, 1), "{coding} without a secret: {b}");
+        assert_eq!(up.requests()[0].body, plain, "{coding}: the compressed bytes go upstream");
+
+        let (up, lk) = echo_setup(&dlp("redact", ""), "");
+        let (s, b) = post(&lk, url, &secret, &[&header]);
+        assert_eq!((s, up.count()), (403, 0), "{coding}, redact: {b}");
+        assert!(b.contains("cannot be masked in place"), "{coding}: {b}");
+        assert!(lk.stderr().contains("aws-access-key:1"), "{coding}: {}", lk.stderr());
+
+        let (up, lk) = echo_setup(&dlp("warn", ""), "");
+        let (s, _) = post(&lk, url, &secret, &[&header]);
+        assert_eq!((s, up.count()), (200, 1), "{coding}, warn");
+        assert_eq!(up.requests()[0].body, secret, "{coding}, warn: forwarded unchanged");
+        assert!(lk.stderr().contains("aws-access-key:1"), "{coding}: {}", lk.stderr());
+    }
+}

@@ -891,7 +891,7 @@ impl Compiler<'_> {
         }
         let scanner = crate::dlp::Scanner::new(builtin, user).map_err(|m| e("rule", m))?;
         let hold_bytes = d.hold_bytes.max(64 * 1024);
-        Ok((policy, Some(std::sync::Arc::new(crate::dlp::Settings { scanner, hold_bytes }))))
+        Ok((policy, Some(std::sync::Arc::new(crate::dlp::Settings::new(scanner, hold_bytes)))))
     }
 
     fn upstream(&self, u: &raw::RawUpstream) -> Result<UpstreamSettings, ConfigError> {

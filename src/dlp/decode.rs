@@ -80,6 +80,45 @@ mod tests {
         assert!(decode(b"\xff\xff\xff\xff not br", &[Coding::Brotli], 100).is_err());
     }
 
+    fn dotenv() -> String {
+        let (id, secret) = (crate::dlp::tests::AWS_ID, crate::dlp::tests::AWS_SECRET);
+        format!(
+            "DATABASE_URL=postgres://localhost/app\nAWS_ACCESS_KEY_ID={id}\nAWS_SECRET_ACCESS_KEY={secret}\n"
+        )
+    }
+
+    fn scanned(plain: &[u8]) -> Vec<String> {
+        let s = crate::dlp::Scanner::new(true, vec![]).unwrap();
+        s.scan(plain, None).hits.iter().map(|h| s.ids[h.rule].to_string()).collect()
+    }
+
+    /// A body brotli-compressed by Google's encoder (the fixture's README says how it was
+    /// made) decodes whole, and the AWS key pair inside is found.
+    #[test]
+    fn a_brotli_body_decodes_and_its_secret_is_found() {
+        let br = include_bytes!("../../tests/data/dlp-compressed/dotenv.br");
+        let plain = decode(br, &[Coding::Brotli], 1000).unwrap();
+        assert_eq!(plain, dotenv().as_bytes());
+        assert_eq!(scanned(&plain), ["aws-access-key"]);
+        assert!(decode(br, &[Coding::Brotli], 50).is_err(), "over the limit");
+    }
+
+    /// A zstd body (and zstd inside gzip: codings are undone last first) decodes whole,
+    /// and the AWS key pair inside is found.
+    #[test]
+    fn a_zstd_body_decodes_and_its_secret_is_found() {
+        let level = ruzstd::encoding::CompressionLevel::Fastest;
+        let zst = ruzstd::encoding::compress_to_vec(dotenv().as_bytes(), level);
+        let plain = decode(&zst, &[Coding::Zstd], 1000).unwrap();
+        assert_eq!(plain, dotenv().as_bytes());
+        assert_eq!(scanned(&plain), ["aws-access-key"]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&zst).unwrap();
+        let both = decode(&gz.finish().unwrap(), &[Coding::Zstd, Coding::Gzip], 1000).unwrap();
+        assert_eq!(scanned(&both), ["aws-access-key"]);
+        assert!(decode(&zst, &[Coding::Zstd], 50).is_err(), "over the limit");
+    }
+
     #[test]
     fn unknown_codings_are_named() {
         let mut h = http::HeaderMap::new();

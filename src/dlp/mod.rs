@@ -14,6 +14,7 @@
 //! exactly those (same length: JSON stays valid, `Content-Length` stays right).
 
 pub mod decode;
+pub mod quick;
 pub mod rules;
 pub mod stream;
 
@@ -32,6 +33,14 @@ pub struct Settings {
     pub scanner: Scanner,
     /// Request body bytes held and scanned whole before anything is forwarded.
     pub hold_bytes: usize,
+    /// The quick pass over held bodies, for the own secrets in force.
+    pub quick: quick::Cache,
+}
+
+impl Settings {
+    pub fn new(scanner: Scanner, hold_bytes: usize) -> Settings {
+        Settings { scanner, hold_bytes, quick: quick::Cache::default() }
+    }
 }
 
 /// A `[[proxy.dlp.rule]]` checked and compiled; `Err` says what is wrong with it.
@@ -160,6 +169,24 @@ impl Scanner {
         let mut findings = Findings::default();
         self.scan_views(buf, own, &mut findings);
         findings
+    }
+
+    /// A body held in the pieces it arrived in: the quick pass (`quick`) reads them in
+    /// place, and only a body it cannot clear is joined and scanned whole.
+    pub fn scan_pieces(
+        &self,
+        pieces: &[bytes::Bytes],
+        own: Option<&Set>,
+        quick: Option<&quick::Quick>,
+    ) -> Findings {
+        if quick.is_some_and(|q| q.clean(pieces)) {
+            return Findings::default();
+        }
+        match pieces {
+            [] => Findings::default(),
+            [one] => self.scan(one, own),
+            _ => self.scan(&pieces.concat(), own),
+        }
     }
 
     /// Own secrets in the buffer (the redactor knows their encoded forms) and, when it
@@ -318,7 +345,7 @@ enum Literals {
 }
 
 impl Literals {
-    fn new(patterns: &[Vec<u8>]) -> Result<Literals, String> {
+    fn new<P: AsRef<[u8]>>(patterns: &[P]) -> Result<Literals, String> {
         let packed = packed::Config::new()
             .match_kind(packed::MatchKind::LeftmostFirst)
             .builder()

@@ -212,3 +212,67 @@ fn the_corpus_has_no_matches() {
     println!("dlp corpus: {} files, {bytes} bytes, {} matches", files.len(), matches.len());
     assert!(matches.is_empty(), "false positives: {matches:#?}");
 }
+
+/// The quick pass (`quick.rs`) over a body in pieces finds nothing only where the whole
+/// scan finds nothing: every sample and own-secret form, cut at every piece size (so
+/// across every seam), is found exactly as in one piece; a clean body is cleared.
+#[test]
+fn the_quick_pass_clears_only_clean_bodies_at_every_cut() {
+    let secret = crate::secrets::Secret::new("own-live-secret-0123456789".into());
+    let set = Set::new(vec![Arc::new(crate::redact::Redactor::new(&[secret]).unwrap())]).unwrap();
+    let s = scanner();
+    let quick = quick::Cache::default().get(&s, Some(&set)).unwrap();
+    let filler = "the function returns a value when the body is parsed\\n".repeat(3);
+    let mut texts: Vec<String> = samples().into_iter().map(|(_, t)| t).collect();
+    let b64 = base64::engine::general_purpose::STANDARD.encode("x:own-live-secret-0123456789");
+    texts.extend([
+        "own-live-secret-0123456789".to_string(),
+        b64,
+        "q=own%2Dlive-secret-0123456789".into(),
+        format!("\\u0041{} {AWS_SECRET}", &AWS_ID[1..]),
+        // Nothing in it, but a run long enough to be decoded: the whole scan decides.
+        "x".repeat(27),
+    ]);
+    for text in &texts {
+        let body = format!("{filler}\n{text}\n{filler}");
+        let whole = s.scan(body.as_bytes(), Some(&set));
+        assert!(!whole.is_empty() || text.starts_with('x'), "{text}");
+        for size in 1..=70 {
+            let pieces: Vec<bytes::Bytes> =
+                body.as_bytes().chunks(size).map(bytes::Bytes::copy_from_slice).collect();
+            assert!(!quick.clean(&pieces), "size {size}: {text}");
+            let found = s.scan_pieces(&pieces, Some(&set), Some(&quick));
+            assert_eq!((found.own, &found.hits), (whole.own, &whole.hits), "size {size}: {text}");
+        }
+    }
+    let clean = bytes::Bytes::from(filler.repeat(40));
+    assert!(
+        quick.clean(std::slice::from_ref(&clean)) && quick.clean(&[clean.slice(..100), clean.slice(100..)])
+    );
+}
+
+/// The SIMD byte classes are base64's (either alphabet), `\` + `/` or `u`, and `%`:
+/// the vector pass agrees with the plain one on every byte value, in and around runs.
+#[test]
+fn the_simd_pass_agrees_with_the_plain_one_on_every_byte() {
+    for b in 0..=255u8 {
+        quick::assert_passes_agree(&[b; 100]);
+        for at in 0..100 {
+            let mut text = vec![b'a'; 100];
+            text[at] = b;
+            quick::assert_passes_agree(&text);
+            let mut spaced = vec![b' '; 130];
+            spaced[at..at + 26].fill(b'Q');
+            spaced[at + 26] = b;
+            quick::assert_passes_agree(&spaced);
+        }
+    }
+    for text in [&b"\\u0041"[..], b"\\u00", b"\\/", b"\\n", b"%41", b"%4", b"%zz"] {
+        for pad in [0, 30, 60, 64, 100] {
+            let mut t = vec![b' '; pad];
+            t.extend_from_slice(text);
+            t.extend(std::iter::repeat_n(b' ', 70));
+            quick::assert_passes_agree(&t);
+        }
+    }
+}

@@ -8,6 +8,7 @@
 //! ends the upstream request before the matching bytes are sent (the upstream sees a
 //! body cut short, never the secret) and the client gets the same 403.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -50,7 +51,7 @@ pub async fn screen(
     let mut head = scan_head(&dlp, own.as_ref(), parts, &slots);
     let grpc = Protocol::of(&parts.headers) == Protocol::Grpc;
     let mut held = match upgrade {
-        true => Held { bytes: BytesMut::new(), rest: None },
+        true => Held::default(),
         false => held_body(config, &dlp, body, grpc).await?,
     };
     let (in_body, compressed) = scan_body(&dlp, own.as_ref(), parts, &held)?;
@@ -76,7 +77,9 @@ pub async fn screen(
                         .into(),
                 ));
             }
-            dlp.scanner.mask_all(&mut held.bytes, &body_hits, |h| counted(&h));
+            let mut bytes = held.joined();
+            dlp.scanner.mask_all(&mut bytes, &body_hits, |h| counted(&h));
+            held.pieces = vec![bytes.freeze()];
             mask_head(&dlp.scanner, parts, &mut head, counted)?;
         }
     }
@@ -88,9 +91,11 @@ pub async fn screen(
 /// the upstream would bound it).
 async fn held_body(config: &Config, dlp: &Settings, body: Body, grpc: bool) -> Result<Held, Refusal> {
     let limit = config.proxy.timeout;
-    tokio::time::timeout(limit, hold(body, dlp.hold_bytes, grpc)).await.map_err(|_| {
+    let mut held = tokio::time::timeout(limit, hold(body, dlp.hold_bytes, grpc)).await.map_err(|_| {
         Refusal::bad_request(format!("the request body did not arrive within {}s", limit.as_secs()))
-    })?
+    })??;
+    held.flush();
+    Ok(held)
 }
 
 /// What the held body holds (decoded first when compressed), and whether it was.
@@ -105,8 +110,9 @@ fn scan_body(
             "the request body is in Content-Encoding {c:?}, which latchkey cannot decode to scan"
         ))
     })?;
-    if codings.is_empty() || held.bytes.is_empty() {
-        return Ok((dlp.scanner.scan(&held.bytes, own), false));
+    if codings.is_empty() || held.len == 0 {
+        let quick = dlp.quick.get(&dlp.scanner, own);
+        return Ok((dlp.scanner.scan_pieces(&held.pieces, own, quick.as_deref()), false));
     }
     if held.rest.is_some() {
         return Err(refusal(format!(
@@ -114,7 +120,7 @@ fn scan_body(
             dlp.hold_bytes
         )));
     }
-    let plain = crate::dlp::decode::decode(&held.bytes, &codings, 16 * dlp.hold_bytes)
+    let plain = crate::dlp::decode::decode(&held.joined(), &codings, 16 * dlp.hold_bytes)
         .map_err(|e| refusal(format!("the compressed request body cannot be scanned: {e}")))?;
     Ok((dlp.scanner.scan(&plain, own), true))
 }
@@ -122,15 +128,39 @@ fn scan_body(
 /// The body that goes upstream: the held bytes, then (if the body went on) the rest,
 /// scanned as it streams.
 fn forward(held: Held, mut tail: Tail) -> Body {
-    let prefix = held.bytes.freeze();
+    let prefix: VecDeque<Bytes> = held.pieces.into_iter().filter(|p| !p.is_empty()).collect();
     match held.rest {
-        None => respond::full(prefix),
+        None if prefix.len() <= 1 => respond::full(prefix.into_iter().next().unwrap_or_default()),
+        None => Pieces(prefix).boxed(),
         Some(rest) => {
-            tail.stream = Stream::new(prefix.len() as u64, tail.grpc);
-            tail.prefix = Some(prefix).filter(|p| !p.is_empty());
+            tail.stream = Stream::new(held.len as u64, tail.grpc);
+            tail.prefix = prefix;
             tail.inner = Some(rest);
             tail.boxed()
         }
+    }
+}
+
+/// The held body as it arrived, piece by piece (no copy), its length known.
+struct Pieces(VecDeque<Bytes>);
+
+impl HttpBody for Pieces {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(self.0.pop_front().map(|p| Ok(Frame::data(p))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.0.iter().map(|p| p.len() as u64).sum())
     }
 }
 
@@ -253,37 +283,77 @@ fn note(
     record.dlp = Some(crate::telemetry::record::Dlp { action, rules: summary });
 }
 
-/// The request body held whole (up to the limit), and what follows it.
+/// The request body held whole (up to the limit), in the pieces it arrived in (not
+/// copied: most bodies are cleared by the quick pass without being joined), and what
+/// follows it.
+#[derive(Default)]
 struct Held {
-    bytes: BytesMut,
+    pieces: Vec<Bytes>,
+    len: usize,
     rest: Option<Body>,
+    /// Small pieces gathered into one (a body in tiny chunks would otherwise cost a
+    /// `Bytes` and a seam per chunk).
+    small: BytesMut,
+}
+
+/// Pieces smaller than this are gathered (copied) into one.
+const SMALL_PIECE: usize = 4096;
+
+impl Held {
+    /// One copy of the whole held body, to decode or mask.
+    fn joined(&self) -> BytesMut {
+        let mut out = BytesMut::with_capacity(self.len);
+        for p in &self.pieces {
+            out.extend_from_slice(p);
+        }
+        out
+    }
+
+    fn push(&mut self, data: Bytes) {
+        self.len += data.len();
+        if data.len() < SMALL_PIECE {
+            self.small.extend_from_slice(&data);
+            if self.small.len() >= SMALL_PIECE {
+                self.flush();
+            }
+            return;
+        }
+        self.flush();
+        self.pieces.push(data);
+    }
+
+    /// The gathered small pieces become a piece.
+    fn flush(&mut self) {
+        if !self.small.is_empty() {
+            self.pieces.push(self.small.split().freeze());
+        }
+    }
 }
 
 /// Read the body until it ends or `limit` bytes are held; a gRPC body stops at a
 /// message's end too (a streaming call waits for its first answer before it sends on).
 async fn hold(mut body: Body, limit: usize, grpc: bool) -> Result<Held, Refusal> {
-    // Sized once from the length the body declares (no copies as it grows).
-    let declared = usize::try_from(body.size_hint().lower()).unwrap_or(limit);
-    let mut bytes = BytesMut::with_capacity(declared.min(limit));
+    let mut held = Held::default();
     let mut messages = crate::redact::GrpcMessages::default();
     if body.is_end_stream() {
-        return Ok(Held { bytes, rest: None });
+        return Ok(held);
     }
     loop {
         match body.frame().await {
-            None => return Ok(Held { bytes, rest: None }),
+            None => return Ok(held),
             Some(Err(e)) => {
                 return Err(Refusal::bad_request(format!("reading the request body failed: {e}")));
             }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     let message_end = grpc && messages.feed(&data);
-                    bytes.extend_from_slice(&data);
+                    held.push(data);
                     if body.is_end_stream() {
-                        return Ok(Held { bytes, rest: None });
+                        return Ok(held);
                     }
-                    if bytes.len() >= limit || message_end {
-                        return Ok(Held { bytes, rest: Some(body) });
+                    if held.len >= limit || message_end {
+                        held.rest = Some(body);
+                        return Ok(held);
                     }
                 }
                 Err(frame) => {
@@ -293,7 +363,8 @@ async fn hold(mut body: Body, limit: usize, grpc: bool) -> Result<Held, Refusal>
                         .map_err(|e| -> BoxError { match e {} })
                         .with_trailers(async move { Some(Ok(trailers)) })
                         .boxed();
-                    return Ok(Held { bytes, rest: Some(rest) });
+                    held.rest = Some(rest);
+                    return Ok(held);
                 }
             },
         }
@@ -303,7 +374,7 @@ async fn hold(mut body: Body, limit: usize, grpc: bool) -> Result<Held, Refusal>
 /// The body past what was held: scanned as it streams (see the module doc).
 struct Tail {
     inner: Option<Body>,
-    prefix: Option<Bytes>,
+    prefix: VecDeque<Bytes>,
     stream: Stream,
     grpc: bool,
     dlp: Arc<Settings>,
@@ -329,7 +400,7 @@ impl Tail {
     ) -> Tail {
         Tail {
             inner: None,
-            prefix: None,
+            prefix: VecDeque::new(),
             stream: Stream::new(0, grpc),
             grpc,
             dlp,
@@ -379,7 +450,7 @@ impl HttpBody for Tail {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Some(p) = this.prefix.take() {
+        if let Some(p) = this.prefix.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(p))));
         }
         loop {
@@ -423,12 +494,12 @@ impl HttpBody for Tail {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.done && self.stream.held() == 0 && self.trailers.is_none()
+        self.prefix.is_empty() && self.done && self.stream.held() == 0 && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         let inner = self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_default();
-        let before = (self.stream.held() + self.prefix.as_ref().map_or(0, Bytes::len)) as u64;
+        let before = (self.stream.held() + self.prefix.iter().map(Bytes::len).sum::<usize>()) as u64;
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower() + before);
         if let Some(upper) = inner.upper() {
