@@ -323,7 +323,13 @@ mod tests {
     #[test]
     fn write_json_is_what_serde_writes() {
         let odd = "a\"b\\c\n\r\t\u{8}\u{c}\u{1}\u{1f}\u{7f}é✓/";
-        let mut r = Record::new("127.0.0.1".parse().unwrap(), method(&http::Method::GET), "https", "a.example".into(), 443);
+        let mut r = Record::new(
+            "127.0.0.1".parse().unwrap(),
+            method(&http::Method::GET),
+            "https",
+            "a.example".into(),
+            443,
+        );
         let mut records = vec![r.clone()];
         r.client = "2001:db8::1".parse().unwrap();
         r.agent = Some(odd.into());
