@@ -100,8 +100,28 @@ struct Replica {
 
 impl Replica {
     fn start(shared: &Path, i: usize, upstream: SocketAddr, body: &str, env: &[(&str, &str)]) -> Replica {
+        // A port free_port() found can be taken by a parallel test before the replica
+        // binds it: such a start is tried again on new ports, any other failure is not.
+        for _ in 0..3 {
+            match Replica::try_start(shared, i, upstream, body, env) {
+                Ok(r) => return r,
+                Err(stderr) if stderr.contains("Address already in use") => continue,
+                Err(stderr) => panic!("a replica exited: {stderr}"),
+            }
+        }
+        panic!("a replica found its ports taken three times");
+    }
+
+    fn try_start(
+        shared: &Path,
+        i: usize,
+        upstream: SocketAddr,
+        body: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Replica, String> {
         let dir = shared.join(format!("replica{i}"));
         std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join("stderr.log"));
         let (port, admin) = (free_port(), free_port());
         let log = dir.join("audit.jsonl");
         let body = format!(
@@ -117,17 +137,27 @@ impl Replica {
             .unwrap();
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut r = Replica { child: spawn_replica(&dir, &config, &env), port, admin, dir, config, env };
-        r.wait_ready();
-        r
+        r.started()?;
+        Ok(r)
     }
 
     fn wait_ready(&mut self) {
+        if let Err(stderr) = self.started() {
+            panic!("a replica exited: {stderr}");
+        }
+    }
+
+    /// Listening, or the replica's stderr if it exited first.
+    fn started(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(self.child.try_wait().unwrap().is_none(), "a replica exited: {}", self.stderr());
+            if self.child.try_wait().unwrap().is_some() {
+                return Err(self.stderr());
+            }
             assert!(Instant::now() < deadline, "replica did not start: {}", self.stderr());
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     fn restart(&mut self) {
