@@ -692,6 +692,22 @@ def jailed(bench, cmd):
     return [str(bench.args.latchkey), "exec", "--jail", "--config", str(bench.latchkey_conf), "--", *cmd], env
 
 
+def timed_run(lk, cmd, env, timeout, label, into):
+    """One timed oha run (`cmd`, JSON output) while sampling latchkey's CPU: its 200s per
+    second appended to `into`. A run with no 200 at all failed; it is not a rate of 0."""
+    with Sampler(lk.pid) as s:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        d = json.loads(out.stdout)
+        ok = d.get("statusCodeDistribution", {}).get("200", 0)
+        if not ok:
+            raise KeyError(str(d.get("errorDistribution")))
+        into.append({"rps": ok / d["summary"]["total"], "cpu": s.cpu})
+        print(f"# {label}: {into[-1]['rps']:.0f}/s", file=sys.stderr)
+    except (json.JSONDecodeError, KeyError, ZeroDivisionError):
+        print(f"# {label}: failed: {out.stderr[-300:]}", file=sys.stderr)
+
+
 def jail_rows(bench, lk):
     """Keep-alive through the jail (transparent: no proxy variables, oha dials the name)
     against oha with -x through the same latchkey, same URL, alternating rounds; then the
@@ -713,17 +729,7 @@ def jail_rows(bench, lk):
                 cmd += ["-x", lk.proxy, f"https://127.0.0.1:{bench.up_port}/"]
             else:
                 cmd, env = jailed(bench, [*cmd, url])
-            with Sampler(lk.pid) as s:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60, env=env)
-            try:
-                d = json.loads(out.stdout)
-                ok = d.get("statusCodeDistribution", {}).get("200", 0)
-                if not ok:  # every request failed: a failed run, not a rate of 0
-                    raise KeyError(str(d.get("errorDistribution")))
-                runs[mode].append({"rps": ok / d["summary"]["total"], "cpu": s.cpu})
-                print(f"# jail round {r + 1} {mode}: {runs[mode][-1]['rps']:.0f}/s", file=sys.stderr)
-            except (json.JSONDecodeError, KeyError, ZeroDivisionError):
-                print(f"# jail round {r + 1} {mode}: failed: {out.stderr[-300:]}", file=sys.stderr)
+            timed_run(lk, cmd, env, args.duration + 60, f"jail round {r + 1} {mode}", runs[mode])
     if not runs["explicit"] or not runs["jailed"]:
         return "\nexec --jail: could not be measured (see the log above).\n"
     explicit, jail = med(runs["explicit"], "rps"), med(runs["jailed"], "rps")
@@ -792,17 +798,7 @@ def transparent_rows(bench, lk):
                 else:
                     cmd = ["setpriv", f"--reuid={BENCH_AGENT_UID}", f"--regid={BENCH_AGENT_UID}", "--clear-groups",
                            *cmd, "--connect-to", f"{JAIL_HOST}:{port}:127.0.0.2:{port}", url]
-                with Sampler(lk.pid) as s:
-                    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60)
-                try:
-                    d = json.loads(out.stdout)
-                    ok = d.get("statusCodeDistribution", {}).get("200", 0)
-                    if not ok:  # every request failed: a failed run, not a rate of 0
-                        raise KeyError(str(d.get("errorDistribution")))
-                    runs[mode].append({"rps": ok / d["summary"]["total"], "cpu": s.cpu})
-                    print(f"# transparent round {r + 1} {mode}: {runs[mode][-1]['rps']:.0f}/s", file=sys.stderr)
-                except (json.JSONDecodeError, KeyError, ZeroDivisionError):
-                    print(f"# transparent round {r + 1} {mode}: failed: {out.stderr[-300:]}", file=sys.stderr)
+                timed_run(lk, cmd, None, args.duration + 60, f"transparent round {r + 1} {mode}", runs[mode])
     finally:
         subprocess.run(["nft", "delete", "table", "inet", "latchkey_bench"], capture_output=True)
     if not runs["explicit"] or not runs["transparent"]:
