@@ -245,6 +245,19 @@ fn curl_many(port: u16, ca: &Path, url: &str, n: usize, extra: &[&str]) -> Vec<u
     String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().parse().unwrap_or(0)).collect()
 }
 
+/// Three curl processes per replica at once, each sending `n` keep-alive requests to
+/// `url`: every status.
+fn concurrent_load(rs: &[Replica], ca: &Path, url: &str, n: usize) -> Vec<u16> {
+    std::thread::scope(|s| {
+        let loads: Vec<_> = rs
+            .iter()
+            .flat_map(|r| (0..3).map(move |_| r.port))
+            .map(|port| s.spawn(move || curl_many(port, ca, url, n, &[])))
+            .collect();
+        loads.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// One request: status, headers and body.
 fn curl_one(port: u16, ca: &Path, url: &str, extra: &[&str]) -> (u16, String) {
     let out = Command::new("curl")
@@ -276,15 +289,7 @@ fn a_rate_limit_holds_across_three_replicas() {
     let rs = replicas(shared.path(), up.addr, &body, &[("X_TOKEN", "x-REAL")]);
     let ca = shared.path().join("ca").join("ca.crt");
     let started = Instant::now();
-    let statuses: Vec<u16> = std::thread::scope(|s| {
-        let ca = &ca;
-        let loads: Vec<_> = rs
-            .iter()
-            .flat_map(|r| (0..3).map(move |_| r.port))
-            .map(|port| s.spawn(move || curl_many(port, ca, "https://api.example.com/v1/x", 8, &[])))
-            .collect();
-        loads.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    });
+    let statuses = concurrent_load(&rs, &ca, "https://api.example.com/v1/x", 8);
     let elapsed = started.elapsed().as_secs();
     let ok = statuses.iter().filter(|s| **s == 200).count();
     let limited = statuses.iter().filter(|s| **s == 429).count();
@@ -560,15 +565,7 @@ fn batched_permits_never_over_admit_across_replicas() {
     let rs = replicas(shared.path(), up.addr, &body, &[("X_TOKEN", "x-REAL")]);
     let ca = shared.path().join("ca").join("ca.crt");
     let started = Instant::now();
-    let statuses: Vec<u16> = std::thread::scope(|s| {
-        let ca = &ca;
-        let loads: Vec<_> = rs
-            .iter()
-            .flat_map(|r| (0..3).map(move |_| r.port))
-            .map(|port| s.spawn(move || curl_many(port, ca, "https://api.example.com/", 200, &[])))
-            .collect();
-        loads.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    });
+    let statuses = concurrent_load(&rs, &ca, "https://api.example.com/", 200);
     let elapsed = started.elapsed().as_secs_f64();
     let ok = statuses.iter().filter(|s| **s == 200).count();
     assert!(statuses.contains(&429), "the bucket ran dry: {ok} in {elapsed:.1}s");
