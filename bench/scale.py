@@ -89,6 +89,12 @@ def oha(t, url, args, timeout):
     return ok, bad, errors, d
 
 
+def pct(d, which):
+    """A latency percentile of oha's JSON, in ms."""
+    v = (d.get("latencyPercentiles") or {}).get(which)
+    return f"{v * 1000:.0f} ms" if v is not None else "?"
+
+
 def scale(bench, t, args):
     url = f"https://127.0.0.1:{bench.up_port}/"
     base_rss, base_fds = b.rss_kib([t.pid]) / 1024, open_fds(t.pid)
@@ -102,8 +108,10 @@ def scale(bench, t, args):
         f"{args.connections} concurrent keep-alive connections through CONNECT, TLS intercepted, "
         f"{args.duration} s (oha -c {args.connections}):",
         "",
-        f"- requests: {ok:,} answered 200 ({ok / args.duration:,.0f}/s); other statuses {bad}; "
+        f"- requests: {ok:,} answered 200 ({ok / args.duration:,.0f}/s); other statuses {bad} "
+        f"{ {k: v for k, v in d.get('statusCodeDistribution', {}).items() if k != '200'} or ''}; "
         f"errors {sum(errors.values())} {errors if errors else ''}",
+        f"- latency p50 {pct(d, 'p50')} / p99 {pct(d, 'p99')} / max {d.get('summary', {}).get('slowest', 0) * 1000:.0f} ms",
         f"- latchkey RSS {base_rss:.1f} MiB idle → peak {peak_rss:.1f} MiB (target < 300 MiB: {verdict})",
         f"- latchkey open descriptors {base_fds} idle → peak {peak_fds} "
         f"(client + upstream sockets: ≥ {args.connections} means they were all open at once)",

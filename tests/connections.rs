@@ -704,3 +704,39 @@ fn a_parked_connection_is_closed_after_the_idle_timeout() {
     assert!(started.elapsed() < Duration::from_secs(15), "closed only after {:?}", started.elapsed());
     wait_until("the gauge to drop", || parked(&lk, admin) == 0);
 }
+
+#[test]
+fn requests_past_the_upstream_cap_take_turns_instead_of_being_refused() {
+    // Four upstream connections in all (one kept for a client's first), eight client
+    // connections asking at once: requests that find every connection busy must wait
+    // for one to come free, not for a permit only a closed connection gives back.
+    let up = upstream(true, None);
+    let limits = "connect_timeout = 2\n[proxy.limits]\nmax_upstream_connections = 4\n#END-PROXY\n";
+    let lk = Latchkey::start(Some(&up), &format!("{limits}{CRED}"), ENV);
+    let url = "https://api.anthropic.com/source?bytes=300000";
+    let codes: Vec<String> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    let out = Command::new("curl")
+                        .args(["-sS", "--max-time", "30", "-w", "%{http_code}\n"])
+                        .args(["-x", &lk.proxy_url(), "--cacert"])
+                        .arg(lk.bundle())
+                        .args([["-o", "/dev/null", url]; 6].concat())
+                        .output()
+                        .unwrap();
+                    String::from_utf8_lossy(&out.stdout).into_owned()
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap().lines().map(String::from).collect::<Vec<_>>())
+            .collect()
+    });
+    let (opened, peak) = (up.connections.load(std::sync::atomic::Ordering::SeqCst), up.open.peak());
+    eprintln!("48 requests from 8 client connections: {opened} upstream connections, {peak} at once");
+    assert_eq!(codes.len(), 48, "{codes:?}\n{}", lk.stderr());
+    assert!(codes.iter().all(|c| c == "200"), "{codes:?}");
+    assert!(peak <= 4, "{peak} upstream connections open at once past a cap of 4");
+}

@@ -101,6 +101,40 @@ impl Budget {
         };
         Ok(Permit { _total: total, _connection: connection })
     }
+
+    /// Whether `acquire` would get a permit without waiting.
+    pub fn has_room(&self) -> bool {
+        let conn = CONNECTION.try_with(ConnBudget::clone).ok();
+        let first = conn.as_ref().is_some_and(|c| c.held() <= 1);
+        conn.is_none_or(|c| c.sem.available_permits() > 0)
+            && (self.general.available_permits() > 0 || (first && self.reserve.available_permits() > 0))
+    }
+
+    /// Wait up to `wait` until a permit comes free, taking none: the pool waits on this
+    /// and on a connection coming free at once, and dials only when this says there is room.
+    pub async fn room(&self, host: &str, wait: Duration) -> Result<(), UpstreamError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        if let Ok(c) = CONNECTION.try_with(ConnBudget::clone) {
+            freed(&c.sem, deadline, host, "max_upstream_per_connection").await?;
+        }
+        match self.has_room() {
+            true => Ok(()),
+            false => freed(&self.general, deadline, host, "max_upstream_connections").await,
+        }
+    }
+}
+
+/// Wait until `sem` has a permit free, taking none.
+async fn freed(
+    sem: &Semaphore,
+    deadline: tokio::time::Instant,
+    host: &str,
+    what: &'static str,
+) -> Result<(), UpstreamError> {
+    match tokio::time::timeout_at(deadline, sem.acquire()).await {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(UpstreamError::Busy { host: host.to_string(), what }),
+    }
 }
 
 #[cfg(test)]

@@ -11,8 +11,14 @@
 //! destination; a request that could not even be written on a reused connection (the
 //! upstream closed it while idle) is sent again on another; idle connections close after
 //! `IDLE_TIMEOUT`, at most `MAX_IDLE_PER_HOST` are kept per destination.
+//!
+//! A request that finds no idle connection dials a new one. At a cap of upstream
+//! connections (`fanout`) it queues instead, for a connection another response frees or
+//! room for a new one, whichever comes first, up to `connect_timeout`: requests take
+//! turns on the connections there are instead of being refused (SPEC 8: 10,000 client
+//! connections over a bounded number of upstream ones).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
@@ -24,6 +30,7 @@ use http::{HeaderValue, Request, Response, Uri, header};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::oneshot;
 
 use super::Body;
 use super::upstream::{Dialer, UpstreamError, UpstreamIo};
@@ -44,10 +51,17 @@ pub enum SendError {
     NoDestination,
 }
 
+/// An HTTP/1.1 connection handed from a finished response to a waiting request, with
+/// whether it goes to the corporate proxy.
+type Handed = (http1::SendRequest<Body>, bool);
+
 /// Connections to one scheme + authority.
 #[derive(Default)]
 struct Host {
     idle: Vec<(http1::SendRequest<Body>, Instant)>,
+    /// Requests that found no idle connection, oldest first; a connection coming free
+    /// goes to the first still waiting rather than to `idle`.
+    waiters: VecDeque<oneshot::Sender<Handed>>,
     /// The destination's h2 connection, shared.
     h2: Option<http2::SendRequest<Body>>,
     /// Plain HTTP through the corporate proxy: every connection here goes to it (the
@@ -101,7 +115,10 @@ impl Pool {
         loop {
             let (conn, reused) = match self.checkout(&key).await {
                 Some(conn) => (conn, true),
-                None => (self.connect(&key).await?, false),
+                None => match self.connect_or_wait(&key).await? {
+                    Some(got) => got,
+                    None => continue,
+                },
             };
             match self.send(conn, &key, req).await {
                 Ok(resp) => return Ok(resp),
@@ -158,17 +175,45 @@ impl Pool {
                 }
                 host.idle.pop().map(|idle| (idle, host.proxied))
             };
-            let ((mut tx, since), proxied) = candidate?;
-            if tx.is_closed() || since.elapsed() > IDLE_TIMEOUT {
+            let ((tx, since), proxied) = candidate?;
+            if since.elapsed() > IDLE_TIMEOUT {
                 continue;
             }
-            // Put back when its last response was read; its task marks it ready a moment
-            // later. One still busy past that (a request body still going up after an
-            // early response) is closed rather than waited for.
-            if tx.is_ready() || matches!(tokio::time::timeout(READY_WAIT, tx.ready()).await, Ok(Ok(()))) {
+            if let Some(tx) = ready(tx).await {
                 return Some(Conn::H1(tx, proxied));
             }
         }
+    }
+
+    /// A new connection; at the cap of upstream connections, the first of one another
+    /// request's response frees (`true`: used before) or room for a new one. `None`: the
+    /// connection handed over was not fit to use, or room came (ask again).
+    async fn connect_or_wait(&self, key: &Key) -> Result<Option<(Conn, bool)>, SendError> {
+        let budget = &self.0.dialer.budget;
+        if budget.has_room() {
+            return Ok(Some((self.connect(key).await?, false)));
+        }
+        let freed = self.queue(key);
+        let room = budget.room(key.1.as_str(), self.0.dialer.connect_timeout);
+        tokio::select! {
+            biased;
+            Ok((tx, proxied)) = freed => Ok(ready(tx).await.map(|tx| (Conn::H1(tx, proxied), true))),
+            room = room => room.map(|()| None).map_err(SendError::from),
+        }
+    }
+
+    /// Wait in `key`'s queue for a connection coming free.
+    fn queue(&self, key: &Key) -> oneshot::Receiver<Handed> {
+        let (tx, rx) = oneshot::channel();
+        let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        let waiters = &mut hosts.entry(key.clone()).or_default().waiters;
+        // Requests served by their own connection leave their place behind (an h2
+        // destination's are never called): clear those out before they pile up.
+        if waiters.len() >= 16 {
+            waiters.retain(|w| !w.is_closed());
+        }
+        waiters.push_back(tx);
+        rx
     }
 
     async fn connect(&self, key: &Key) -> Result<Conn, SendError> {
@@ -206,13 +251,32 @@ impl Pool {
         Ok(Conn::H1(tx, proxied))
     }
 
-    fn put_back(&self, key: Key, tx: http1::SendRequest<Body>) {
+    /// A connection free for a request: to the first request still waiting for one,
+    /// else idle.
+    fn put_back(&self, key: Key, mut tx: http1::SendRequest<Body>) {
         let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
         let host = hosts.entry(key).or_default();
+        while let Some(waiter) = host.waiters.pop_front() {
+            match waiter.send((tx, host.proxied)) {
+                Ok(()) => return,
+                Err((back, _)) => tx = back,
+            }
+        }
         if host.idle.len() < MAX_IDLE_PER_HOST {
             host.idle.push((tx, Instant::now()));
         }
     }
+}
+
+/// `tx` once ready for a request. A connection is put back when its last response was
+/// read, and its task marks it ready a moment later; one still busy past that (a request
+/// body still going up after an early response) is closed rather than waited for.
+async fn ready(mut tx: http1::SendRequest<Body>) -> Option<http1::SendRequest<Body>> {
+    if tx.is_closed() {
+        return None;
+    }
+    let ready = tx.is_ready() || matches!(tokio::time::timeout(READY_WAIT, tx.ready()).await, Ok(Ok(())));
+    ready.then_some(tx)
 }
 
 async fn handshake_h2(io: UpstreamIo) -> Result<http2::SendRequest<Body>, hyper::Error> {
@@ -239,7 +303,8 @@ fn reap_idle(pool: Weak<Inner>) {
             hosts.retain(|_, host| {
                 host.idle.retain(|(tx, since)| !tx.is_closed() && since.elapsed() <= IDLE_TIMEOUT);
                 host.h2 = host.h2.take().filter(|h2| !h2.is_closed());
-                !host.idle.is_empty() || host.h2.is_some()
+                host.waiters.retain(|w| !w.is_closed());
+                !host.idle.is_empty() || host.h2.is_some() || !host.waiters.is_empty()
             });
         }
     });

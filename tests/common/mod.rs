@@ -120,8 +120,36 @@ pub struct Upstream {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// TCP connections accepted so far.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections open now, and the most that were open at once.
+    pub open: Arc<OpenCount>,
     /// `/sse` sends its second event only once this is notified.
     pub sse_next: Arc<tokio::sync::Notify>,
+}
+
+/// Connections open at once, counted by a guard each connection's task holds.
+#[derive(Default)]
+pub struct OpenCount {
+    now: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+impl OpenCount {
+    fn enter(self: &Arc<Self>) -> impl Drop + Send + use<> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.now.fetch_add(1, SeqCst) + 1;
+        self.peak.fetch_max(now, SeqCst);
+        struct Leave(Arc<OpenCount>);
+        impl Drop for Leave {
+            fn drop(&mut self) {
+                self.0.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        Leave(self.clone())
+    }
+
+    pub fn peak(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl Upstream {
@@ -195,6 +223,8 @@ pub fn upstream_with(opts: UpstreamOpts) -> Upstream {
     let log = seen.clone();
     let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let accepted = connections.clone();
+    let open = Arc::new(OpenCount::default());
+    let counted = open.clone();
     let sse_next = Arc::new(tokio::sync::Notify::new());
     let sse = sse_next.clone();
     runtime().spawn(async move {
@@ -202,7 +232,9 @@ pub fn upstream_with(opts: UpstreamOpts) -> Upstream {
             let Ok((tcp, _)) = listener.accept().await else { return };
             let conn = accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let (log, acceptor, git, sse) = (log.clone(), acceptor.clone(), git.clone(), sse.clone());
+            let guard = counted.enter();
             tokio::spawn(async move {
+                let _open = guard;
                 let svc = service_fn(move |req| echo(req, conn, log.clone(), git.clone(), sse.clone()));
                 match acceptor {
                     Some(a) => {
@@ -225,7 +257,7 @@ pub fn upstream_with(opts: UpstreamOpts) -> Upstream {
             });
         }
     });
-    Upstream { addr, seen, connections, sse_next }
+    Upstream { addr, seen, connections, open, sse_next }
 }
 
 fn full(b: impl Into<Bytes>) -> EchoBody {
@@ -951,5 +983,5 @@ pub fn scripted_upstream(script: Script) -> Upstream {
             });
         }
     });
-    Upstream { addr, seen, connections, sse_next: Arc::new(tokio::sync::Notify::new()) }
+    Upstream { addr, seen, connections, open: Arc::default(), sse_next: Arc::new(tokio::sync::Notify::new()) }
 }
