@@ -538,8 +538,11 @@ fn status_signals_and_orphans(user: User) {
         "{}",
         text(&o)
     );
-    // Everything CMD started goes with it.
-    let marker = format!("{}", 900_000 + std::process::id() % 90_000);
+    // Everything CMD started goes with it. The marker differs per user: the root and
+    // nobody variants run at once, and with one marker each found (and killed) the
+    // other's sleeps while its jail still ran them.
+    let base = if user == User::Root { 900_000 } else { 950_000 };
+    let marker = format!("{}", base + std::process::id() % 50_000);
     // (Their output goes nowhere: a survivor holding a pipe would hang the test.)
     let status =
         s.cmd(&[], &[], &format!("sleep {marker} & sleep {marker} & exit 0")).stdout(Stdio::null()).status();
