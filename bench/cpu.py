@@ -27,6 +27,7 @@ Everything binds to 127.0.0.1; every process started here is stopped here by PID
 
 import argparse
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench as b  # noqa: E402
+
+KEEP = None  # --keep: where callgrind profiles are copied
 
 # The request kinds of the fixed mix: name, extra oha arguments.
 KINDS = [
@@ -130,6 +133,8 @@ def callgrind_ir(bench, name, binary, n, extra, watch=False):
         proc.terminate()
         proc.wait(timeout=120)
     text = out.read_text()
+    if KEEP:
+        shutil.copy(out, KEEP / out.name)
     m = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
     if not m:
         raise SystemExit(f"no totals in {out}")
@@ -184,7 +189,13 @@ def main():
     ap.add_argument("--latchkey", type=Path, default=b.ROOT / "target" / "release" / "latchkey")
     ap.add_argument("--baseline", type=Path, default=None, help="an earlier build, measured the same way")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables here")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="copy each callgrind profile here (for callgrind_annotate --inclusive=yes)")
     args = ap.parse_args()
+    global KEEP
+    KEEP = args.keep
+    if KEEP:
+        KEEP.mkdir(parents=True, exist_ok=True)
     if not (args.cpu or args.callgrind or args.idle or args.features):
         ap.error("choose at least one of --cpu, --callgrind, --features, --idle N")
     builds = [("latchkey", args.latchkey)] + ([("baseline", args.baseline)] if args.baseline else [])
