@@ -327,6 +327,19 @@ fn non_loopback_bind_without_allowed_clients_is_refused() {
     assert!(text(&o).contains("allowed_clients"), "{}", text(&o));
 }
 
+/// The log's text once it has `n` lines (waiting up to 10 s for its writer).
+fn log_lines_at_least(log: &std::path::Path, n: usize) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.lines().count() >= n || std::time::Instant::now() > deadline {
+            assert!(text.lines().count() >= n, "{n} lines expected:\n{text}");
+            return text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn audit_log_is_hash_chained_across_restarts() {
     let up = upstream(true, None);
@@ -336,12 +349,13 @@ fn audit_log_is_hash_chained_across_restarts() {
     let lk = Latchkey::start(Some(&up), &cfg, &[]);
     lk.curl(&["https://api.example.com/one"]);
     lk.curl(&["http://169.254.169.254/"]);
+    // The log's writer runs behind the responses, and dropping `lk` SIGKILLs it: wait
+    // for the lines to be on disk first (a loaded machine once lost them here).
+    log_lines_at_least(&log, 2);
     drop(lk);
     let lk = Latchkey::start(Some(&up), &cfg, &[]);
     lk.curl(&["https://api.example.com/two"]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let log_text = std::fs::read_to_string(&log).unwrap();
-    assert!(log_text.lines().count() >= 3, "{log_text}");
+    let log_text = log_lines_at_least(&log, 3);
     let o = run(lk.dir.path(), &["audit", "verify", log.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     // Edit one line: the chain names the line after it.
