@@ -32,12 +32,14 @@ tokio::task_local! {
 pub struct ConnBudget {
     sem: Arc<Semaphore>,
     size: usize,
+    /// Permits `Budget::room` waited for, kept for the dial that follows it.
+    reserved: Arc<std::sync::Mutex<Vec<Permit>>>,
 }
 
 impl ConnBudget {
     pub fn new(size: usize) -> ConnBudget {
         let size = size.max(1);
-        ConnBudget { sem: Arc::new(Semaphore::new(size)), size }
+        ConnBudget { sem: Arc::new(Semaphore::new(size)), size, reserved: Arc::default() }
     }
 
     /// Upstream connections this client connection holds open.
@@ -78,6 +80,11 @@ impl Budget {
     pub async fn acquire(&self, host: &str, wait: Duration) -> Result<Permit, UpstreamError> {
         // Read before the first await: the task-local is the requesting connection's.
         let conn = CONNECTION.try_with(ConnBudget::clone).ok();
+        if let Some(permit) =
+            conn.as_ref().and_then(|c| c.reserved.lock().unwrap_or_else(|p| p.into_inner()).pop())
+        {
+            return Ok(permit);
+        }
         let busy = |what: &'static str| UpstreamError::Busy { host: host.to_string(), what };
         let connection = match &conn {
             Some(c) => Some(
@@ -102,38 +109,35 @@ impl Budget {
         Ok(Permit { _total: total, _connection: connection })
     }
 
-    /// Whether `acquire` would get a permit without waiting.
-    pub fn has_room(&self) -> bool {
-        let conn = CONNECTION.try_with(ConnBudget::clone).ok();
-        let first = conn.as_ref().is_some_and(|c| c.held() <= 1);
-        conn.is_none_or(|c| c.sem.available_permits() > 0)
-            && (self.general.available_permits() > 0 || (first && self.reserve.available_permits() > 0))
+    /// Take a permit now if there is one, kept for this connection's next `acquire`
+    /// (so the dial that follows never waits outside the pool's queue).
+    pub fn try_reserve(&self) -> bool {
+        let Ok(conn) = CONNECTION.try_with(ConnBudget::clone) else {
+            return self.general.available_permits() > 0;
+        };
+        let Ok(connection) = conn.sem.clone().try_acquire_owned() else { return false };
+        let first = conn.held() <= 1;
+        let total = match self.general.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => match first.then(|| self.reserve.clone().try_acquire_owned().ok()).flatten() {
+                Some(p) => p,
+                None => return false,
+            },
+        };
+        let permit = Permit { _total: total, _connection: Some(connection) };
+        conn.reserved.lock().unwrap_or_else(|p| p.into_inner()).push(permit);
+        true
     }
 
-    /// Wait up to `wait` until a permit comes free, taking none: the pool waits on this
-    /// and on a connection coming free at once, and dials only when this says there is room.
+    /// Wait up to `wait` for a permit and keep it for this connection's next `acquire`:
+    /// the pool waits on this and on a connection coming free at once, then dials. (A
+    /// permit taken and let go here would look free to every other request for a moment,
+    /// and the one that took it would then wait outside the pool's queue.)
     pub async fn room(&self, host: &str, wait: Duration) -> Result<(), UpstreamError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        if let Ok(c) = CONNECTION.try_with(ConnBudget::clone) {
-            freed(&c.sem, deadline, host, "max_upstream_per_connection").await?;
-        }
-        match self.has_room() {
-            true => Ok(()),
-            false => freed(&self.general, deadline, host, "max_upstream_connections").await,
-        }
-    }
-}
-
-/// Wait until `sem` has a permit free, taking none.
-async fn freed(
-    sem: &Semaphore,
-    deadline: tokio::time::Instant,
-    host: &str,
-    what: &'static str,
-) -> Result<(), UpstreamError> {
-    match tokio::time::timeout_at(deadline, sem.acquire()).await {
-        Ok(Ok(_)) => Ok(()),
-        _ => Err(UpstreamError::Busy { host: host.to_string(), what }),
+        let permit = self.acquire(host, wait).await?;
+        // Without a client connection (no scope) there is nowhere to keep it.
+        let _ = CONNECTION.try_with(|c| c.reserved.lock().unwrap_or_else(|p| p.into_inner()).push(permit));
+        Ok(())
     }
 }
 

@@ -186,19 +186,24 @@ impl Pool {
     }
 
     /// A new connection; at the cap of upstream connections, the first of one another
-    /// request's response frees (`true`: used before) or room for a new one. `None`: the
-    /// connection handed over was not fit to use, or room came (ask again).
+    /// request's response frees (`true`: used before) or a new one once there is room.
+    /// `None`: the connection handed over was not fit to use (ask again).
     async fn connect_or_wait(&self, key: &Key) -> Result<Option<(Conn, bool)>, SendError> {
         let budget = &self.0.dialer.budget;
-        if budget.has_room() {
+        if budget.try_reserve() {
             return Ok(Some((self.connect(key).await?, false)));
         }
         let freed = self.queue(key);
-        let room = budget.room(key.1.as_str(), self.0.dialer.connect_timeout);
+        // Room for one is room for whoever asks first: a request that loses that race
+        // waits for its permit still in the queue, not behind it.
+        let dial = async {
+            budget.room(key.1.as_str(), self.0.dialer.connect_timeout).await?;
+            self.connect(key).await
+        };
         tokio::select! {
             biased;
             Ok((tx, proxied)) = freed => Ok(ready(tx).await.map(|tx| (Conn::H1(tx, proxied), true))),
-            room = room => room.map(|()| None).map_err(SendError::from),
+            conn = dial => Ok(Some((conn?, false))),
         }
     }
 
