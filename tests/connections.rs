@@ -740,3 +740,29 @@ fn requests_past_the_upstream_cap_take_turns_instead_of_being_refused() {
     assert!(codes.iter().all(|c| c == "200"), "{codes:?}");
     assert!(peak <= 4, "{peak} upstream connections open at once past a cap of 4");
 }
+
+#[test]
+fn a_client_that_half_closes_still_gets_its_answer() {
+    // latchkey does not read a connection while its request is answered (hyper's check
+    // for a client gone held a second 8-16 KiB read buffer per busy connection): a
+    // client that shuts its sending side after its request, as HTTP/1.1 allows, still
+    // gets the answer. `/slow` answers after 4 s, so the shutdown arrives mid-request.
+    let up = upstream(true, None);
+    let lk = Latchkey::start(Some(&up), CRED, ENV);
+    let (s, head) = tunnel(lk.port, "api.anthropic.com:443");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut t = tls(s, "api.anthropic.com");
+    t.write_all(b"GET /slow HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n").unwrap();
+    t.flush().unwrap();
+    t.conn.send_close_notify();
+    while t.conn.wants_write() {
+        t.conn.write_tls(&mut t.sock).unwrap();
+    }
+    t.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    let _ = t.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "no answer after the client's half-close: {text:?}");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    assert_eq!(echoed(body, "x-api-key"), [SECRET], "{text}");
+}
