@@ -42,6 +42,10 @@ impl ConnBudget {
         ConnBudget { sem: Arc::new(Semaphore::new(size)), size, reserved: Arc::default() }
     }
 
+    fn reserved(&self) -> std::sync::MutexGuard<'_, Vec<Permit>> {
+        self.reserved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Upstream connections this client connection holds open.
     fn held(&self) -> usize {
         self.size - self.sem.available_permits()
@@ -80,9 +84,7 @@ impl Budget {
     pub async fn acquire(&self, host: &str, wait: Duration) -> Result<Permit, UpstreamError> {
         // Read before the first await: the task-local is the requesting connection's.
         let conn = CONNECTION.try_with(ConnBudget::clone).ok();
-        if let Some(permit) =
-            conn.as_ref().and_then(|c| c.reserved.lock().unwrap_or_else(|p| p.into_inner()).pop())
-        {
+        if let Some(permit) = conn.as_ref().and_then(|c| c.reserved().pop()) {
             return Ok(permit);
         }
         let busy = |what: &'static str| UpstreamError::Busy { host: host.to_string(), what };
@@ -95,18 +97,21 @@ impl Budget {
             ),
             None => None,
         };
-        let first = conn.as_ref().is_some_and(|c| c.held() <= 1);
-        let total = match self.general.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => match first.then(|| self.reserve.clone().try_acquire_owned().ok()).flatten() {
-                Some(p) => p,
-                None => tokio::time::timeout(wait, self.general.clone().acquire_owned())
-                    .await
-                    .map_err(|_| busy("max_upstream_connections"))?
-                    .map_err(|_| busy("max_upstream_connections"))?,
-            },
+        let total = match self.try_total(conn.as_ref().is_some_and(|c| c.held() <= 1)) {
+            Some(p) => p,
+            None => tokio::time::timeout(wait, self.general.clone().acquire_owned())
+                .await
+                .map_err(|_| busy("max_upstream_connections"))?
+                .map_err(|_| busy("max_upstream_connections"))?,
         };
         Ok(Permit { _total: total, _connection: connection })
+    }
+
+    /// A process-wide permit without waiting: a general one, else (for a client
+    /// connection's `first` upstream connection) one of the reserve.
+    fn try_total(&self, first: bool) -> Option<OwnedSemaphorePermit> {
+        let reserve = || first.then(|| self.reserve.clone().try_acquire_owned().ok()).flatten();
+        self.general.clone().try_acquire_owned().ok().or_else(reserve)
     }
 
     /// Take a permit now if there is one, kept for this connection's next `acquire`
@@ -116,16 +121,8 @@ impl Budget {
             return self.general.available_permits() > 0;
         };
         let Ok(connection) = conn.sem.clone().try_acquire_owned() else { return false };
-        let first = conn.held() <= 1;
-        let total = match self.general.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => match first.then(|| self.reserve.clone().try_acquire_owned().ok()).flatten() {
-                Some(p) => p,
-                None => return false,
-            },
-        };
-        let permit = Permit { _total: total, _connection: Some(connection) };
-        conn.reserved.lock().unwrap_or_else(|p| p.into_inner()).push(permit);
+        let Some(total) = self.try_total(conn.held() <= 1) else { return false };
+        conn.reserved().push(Permit { _total: total, _connection: Some(connection) });
         true
     }
 
@@ -136,7 +133,7 @@ impl Budget {
     pub async fn room(&self, host: &str, wait: Duration) -> Result<(), UpstreamError> {
         let permit = self.acquire(host, wait).await?;
         // Without a client connection (no scope) there is nowhere to keep it.
-        let _ = CONNECTION.try_with(|c| c.reserved.lock().unwrap_or_else(|p| p.into_inner()).push(permit));
+        let _ = CONNECTION.try_with(|c| c.reserved().push(permit));
         Ok(())
     }
 }
