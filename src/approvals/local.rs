@@ -122,17 +122,7 @@ impl Local {
         }
         let id = new_id();
         let (tx, answer) = watch::channel(None);
-        let info = Pending {
-            id: id.clone(),
-            host: asking.dest.host.to_string(),
-            port: asking.dest.port,
-            agent: asking.agent.clone(),
-            credential: asking.credential.clone(),
-            method: asking.method.clone(),
-            path: asking.path.clone(),
-            since: now_text(),
-            waiting: 1,
-        };
+        let info = asking.pending(id.clone(), 1);
         inner.pending.push(Entry { dest: asking.dest.clone(), info, tx });
         Joined { id, opened: true, answer }
     }

@@ -54,6 +54,23 @@ pub struct Asking {
     pub path: Option<String>,
 }
 
+impl Asking {
+    /// A new pending approval for this ask, first asked now.
+    pub fn pending(&self, id: String, waiting: usize) -> Pending {
+        Pending {
+            id,
+            host: self.dest.host.to_string(),
+            port: self.dest.port,
+            agent: self.agent.clone(),
+            credential: self.credential.clone(),
+            method: self.method.clone(),
+            path: self.path.clone(),
+            since: now_text(),
+            waiting,
+        }
+    }
+}
+
 /// One pending approval, as the API, the CLI and the webhook show it (names, never a
 /// value).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

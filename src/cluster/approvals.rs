@@ -29,7 +29,7 @@ use tokio::sync::watch;
 
 use super::store::{Store, Unavailable};
 use crate::approvals::file::{self, Standing};
-use crate::approvals::{Asking, Choice, DecideError, Pending, Scope, now_text};
+use crate::approvals::{Asking, Choice, DecideError, Pending, Scope};
 use crate::policy::{Destination, Pattern, Verdict};
 
 /// How often a replica holding requests looks for answers given elsewhere.
@@ -185,17 +185,7 @@ impl SharedApprovals {
     /// Wait on the approval pending for `asking.dest` on any replica, opening one (with
     /// `timeout` as its deadline) if there is none.
     pub async fn join(&self, asking: &Asking, timeout: Duration) -> Result<Joined, Unavailable> {
-        let info = Pending {
-            id: crate::approvals::new_id(),
-            host: asking.dest.host.to_string(),
-            port: asking.dest.port,
-            agent: asking.agent.clone(),
-            credential: asking.credential.clone(),
-            method: asking.method.clone(),
-            path: asking.path.clone(),
-            since: now_text(),
-            waiting: 0,
-        };
+        let info = asking.pending(crate::approvals::new_id(), 0);
         let mut inv = self.join.prepare_invoke();
         inv.key(self.key("pending")).key(self.key("version"));
         inv.arg(asking.dest.authority()).arg(self.key("entry:")).arg(&info.id);
