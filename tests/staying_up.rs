@@ -428,17 +428,10 @@ struct Endless {
 }
 
 fn endless_upstream() -> Endless {
-    use rustls::pki_types::pem::PemObject;
     use std::sync::Arc;
     use std::sync::atomic::Ordering::SeqCst;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let p = pki();
-    let certs = vec![rustls::pki_types::CertificateDer::from_pem_slice(p.cert_pem.as_bytes()).unwrap()];
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(p.key_pem.as_bytes()).unwrap();
-    let mut cfg = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = h1_tls_acceptor();
     let listener = runtime().block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -923,20 +923,25 @@ pub struct ScriptedRequest {
 
 pub type Script = Arc<dyn Fn(&ScriptedRequest) -> Vec<u8> + Send + Sync>;
 
-/// A TLS upstream (HTTP/1.1 by ALPN) that answers each connection's first request with
-/// exactly the bytes `script` returns, then closes: for responses no well-behaved
-/// server library would send (duplicate codings, secrets in the status line, raw
-/// WebSocket frames).
-pub fn scripted_upstream(script: Script) -> Upstream {
+/// TLS for a hand-written test upstream: the test leaf, HTTP/1.1 by ALPN.
+pub fn h1_tls_acceptor() -> tokio_rustls::TlsAcceptor {
     use rustls::pki_types::pem::PemObject;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let p = pki();
     let certs = vec![rustls::pki_types::CertificateDer::from_pem_slice(p.cert_pem.as_bytes()).unwrap()];
     let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(p.key_pem.as_bytes()).unwrap();
     let mut cfg = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+}
+
+/// A TLS upstream (HTTP/1.1 by ALPN) that answers each connection's first request with
+/// exactly the bytes `script` returns, then closes: for responses no well-behaved
+/// server library would send (duplicate codings, secrets in the status line, raw
+/// WebSocket frames).
+pub fn scripted_upstream(script: Script) -> Upstream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let acceptor = h1_tls_acceptor();
     let listener = runtime().block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
