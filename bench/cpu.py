@@ -44,6 +44,8 @@ KEEP = None  # --keep: where callgrind profiles are copied
 KINDS = [
     ("HTTP/1.1 keep-alive", ()),
     ("HTTP/2 keep-alive", ("--http2",)),
+    # A TCP connection, CONNECT and a TLS handshake per request (the "new connection" row).
+    ("HTTP/1.1 new connection per request", ("--disable-keepalive",)),
 ]
 
 # `--features`: what a feature adds to an HTTP/1.1 keep-alive request, each pair measured
@@ -78,10 +80,11 @@ def ticks(pid):
 
 def cpu_rows(bench, targets, nginx_pid, args):
     """CPU µs per request, median over rounds, targets alternating."""
+    kinds = [k for k in KINDS if args.match in k[0]]
     url = f"https://127.0.0.1:{bench.up_port}/"
     runs = {}
     for r in range(args.rounds):
-        for kind, extra in KINDS:
+        for kind, extra in kinds:
             order = targets[r % len(targets):] + targets[:r % len(targets)]
             for t in order:
                 ca = t.ca if t.proxy else bench.work / "up-ca.pem"
@@ -96,7 +99,7 @@ def cpu_rows(bench, targets, nginx_pid, args):
     lines = [f"CPU µs per request ({args.requests} requests, {args.conns} keep-alive connections, "
              f"median of {args.rounds}; /proc/<pid>/stat utime+stime):", "",
              "| request kind | target | proxy µs/req | nginx µs/req |", "|---|---|---|---|"]
-    for kind, _ in KINDS:
+    for kind, _ in kinds:
         for t in targets:
             got = runs[(kind, t.name)]
             proxy = statistics.median(x[0] for x in got)
@@ -210,7 +213,7 @@ def main():
         bench.start_nginx()
         nginx_pid = next(p.pid for name, p in bench.procs if name == "nginx")
         if args.callgrind:
-            out.append(callgrind_rows(bench, builds, args))
+            out.append(callgrind_rows(bench, builds, args, [k for k in KINDS if args.match in k[0]]))
         if args.features:
             out.append(callgrind_rows(bench, builds, args, [k for k in FEATURE_KINDS if args.match in k[0]]))
         if args.idle:

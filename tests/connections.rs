@@ -766,3 +766,21 @@ fn a_client_that_half_closes_still_gets_its_answer() {
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     assert_eq!(echoed(body, "x-api-key"), [SECRET], "{text}");
 }
+
+#[test]
+fn intercepted_clients_get_aes_128_gcm_whatever_their_own_order() {
+    // The client below lists TLS13_AES_256_GCM_SHA384 first (aws-lc-rs' default order,
+    // as OpenSSL's); latchkey picks AES-128-GCM-SHA256, whose handshake hashes with
+    // SHA-256 (hardware on most CPUs) and whose blocks take ten rounds, not fourteen.
+    let client_first = rustls::crypto::aws_lc_rs::default_provider().cipher_suites[0].suite();
+    assert_eq!(client_first, rustls::CipherSuite::TLS13_AES_256_GCM_SHA384, "the client must prefer AES-256");
+    let up = upstream(true, None);
+    let lk = Latchkey::start(Some(&up), CRED, ENV);
+    let (s, head) = tunnel(lk.port, "api.anthropic.com:443");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut t = tls(s, "api.anthropic.com");
+    let text = request(&mut t, "GET / HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let suite = t.conn.negotiated_cipher_suite().map(|s| s.suite());
+    assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+}

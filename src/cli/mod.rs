@@ -254,7 +254,7 @@ enum CaAction {
 
 pub fn main() -> ExitCode {
     harden_process();
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = crate::ca::crypto_provider().install_default();
     let cli = Cli::parse();
     init_tracing(cli.log_level.as_deref());
     match cli.command {
@@ -455,7 +455,7 @@ pub(crate) fn running_active(config: &Config) -> Option<Vec<String>> {
 pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     rustls::crypto::CryptoProvider::get_default()
         .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .unwrap_or_else(|| Arc::new(crate::ca::crypto_provider()))
 }
 
 fn ca(config: Option<PathBuf>, action: CaAction) -> ExitCode {

@@ -50,6 +50,7 @@ impl TlsHop {
             .with_cert_resolver(Arc::new(resolver));
         // The proxy port speaks HTTP/1.1 (CONNECT and absolute-form requests).
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.ignore_client_order = true; // see `crate::ca::crypto_provider`
         Ok(TlsHop { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)) })
     }
 
