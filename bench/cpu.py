@@ -51,12 +51,15 @@ KINDS = [
 # `--features`: what a feature adds to an HTTP/1.1 keep-alive request, each pair measured
 # the same way (SPEC 8: a scoped token >= 0.9x a plain placeholder; the live view with a
 # watcher >= 0.95x without). Extra oha arguments are made once latchkey has started (the
-# token is minted then); "watch" keeps one live-view client reading GET /api/events.
+# token is minted then); "watch" keeps one live-view client reading GET /api/events; "dlp"
+# turns `[proxy.dlp]` on (built-in rules, block; SPEC 8: keep-alive >= 0.9x off).
 FEATURE_KINDS = [
-    ("HTTP/1.1, plain placeholder in the slot", lambda bench: ("-H", "x-api-key: latchkey-bench"), False),
-    ("HTTP/1.1, scoped token in the slot", lambda bench: ("-H", f"x-api-key: {bench.token}"), False),
-    ("HTTP/1.1, no live-view watcher", lambda bench: (), False),
-    ("HTTP/1.1, one live-view watcher", lambda bench: (), True),
+    ("HTTP/1.1, plain placeholder in the slot", lambda bench: ("-H", "x-api-key: latchkey-bench"), ""),
+    ("HTTP/1.1, scoped token in the slot", lambda bench: ("-H", f"x-api-key: {bench.token}"), ""),
+    ("HTTP/1.1, no live-view watcher", lambda bench: (), ""),
+    ("HTTP/1.1, one live-view watcher", lambda bench: (), "watch"),
+    ("HTTP/1.1, DLP off", lambda bench: (), ""),
+    ("HTTP/1.1, DLP on", lambda bench: (), "dlp"),
 ]
 
 
@@ -108,20 +111,22 @@ def cpu_rows(bench, targets, nginx_pid, args):
     return "\n".join(lines) + "\n"
 
 
-def callgrind_ir(bench, name, binary, n, extra, watch=False):
+def callgrind_ir(bench, name, binary, n, extra, mode=""):
     """Total instructions latchkey executed from start to exit, serving n requests.
-    `extra` may be a function of the bench (called once latchkey runs); `watch` keeps one
-    live-view watcher reading while the requests are served."""
+    `extra` may be a function of the bench (called once latchkey runs); `mode` "watch" keeps
+    one live-view watcher reading while the requests are served, "dlp" turns on
+    `[proxy.dlp]`."""
     out = bench.work / f"callgrind.{name}.{n}.{time.monotonic_ns()}.out"
     wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"]
     # The feature rows need the admin listener and the minted token: the "latchkey" instance.
-    t = bench.start_latchkey("latchkey" if callable(extra) else name, binary, wrapper=wrapper)
+    dlp = '[proxy.dlp]\nenabled = true\naction = "block"' if mode == "dlp" else ""
+    t = bench.start_latchkey("latchkey" if callable(extra) else name, binary, wrapper=wrapper, proxy_extra=dlp)
     url = f"https://127.0.0.1:{bench.up_port}/"
     watcher = None
     try:
         if callable(extra):
             extra = extra(bench)
-        if watch:
+        if mode == "watch":
             token = (bench.work / "admin.token").read_text().strip()
             watcher = b.Watchers(bench.admin_port, token, 1)
         oha_n(t, url, n, 1, extra, t.ca)
@@ -149,12 +154,12 @@ def callgrind_rows(bench, builds, args, kinds=None):
              f"{args.n_big - args.n_small}, one connection, "
              "sequential):", "", "| request kind | " + " | ".join(n for n, _ in builds) + " |",
              "|---|" + "---|" * len(builds)]
-    for kind, extra, *watch in kinds or KINDS:
+    for kind, extra, *mode in kinds or KINDS:
         cells = []
-        watch = bool(watch and watch[0])
+        mode = mode[0] if mode else ""
         for name, binary in builds:
-            small = callgrind_ir(bench, name, binary, args.n_small, extra, watch)
-            big = callgrind_ir(bench, name, binary, args.n_big, extra, watch)
+            small = callgrind_ir(bench, name, binary, args.n_small, extra, mode)
+            big = callgrind_ir(bench, name, binary, args.n_big, extra, mode)
             per = (big - small) / (args.n_big - args.n_small)
             print(f"# {kind} {name}: Ir({args.n_small})={small} Ir({args.n_big})={big} → {per:,.0f}/request",
                   file=sys.stderr)
