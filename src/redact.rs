@@ -11,9 +11,10 @@ use aho_corasick::{AhoCorasick, Input, MatchKind, Span, packed};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use bytes::{Bytes, BytesMut};
+use memchr::memmem;
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use crate::secrets::Secret;
 use zeroize::Zeroizing;
@@ -257,7 +258,11 @@ fn find<'a>(members: impl Iterator<Item = &'a Redactor> + Clone, buf: &[u8]) -> 
 }
 
 fn has_unicode_escape(buf: &[u8]) -> bool {
-    memchr::memmem::find_iter(buf, b"\\u")
+    // Built once: `memmem::find_iter` builds its searcher on every call (a few hundred
+    // instructions), and this runs on every response chunk and scanned header value.
+    static ESCAPE: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\\u"));
+    ESCAPE
+        .find_iter(buf)
         .any(|at| buf.get(at + 2..at + 6).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)))
 }
 

@@ -19,10 +19,11 @@ pub mod rules;
 pub mod stream;
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use aho_corasick::{AhoCorasick, Input, MatchKind, Span, packed};
 use base64::Engine;
+use memchr::memmem;
 
 use crate::redact::{Decoded, Set};
 use rules::{Check, Extra, UserMatch};
@@ -329,8 +330,11 @@ impl Scanner {
 /// (`rules::after_escape`), so most JSON bodies are searched as they are, uncopied.
 fn hides_token_bytes(src: &[u8]) -> bool {
     // Two SIMD substring searches; `\u00XX` is the only `\u` form of printable ASCII.
-    memchr::memmem::find(src, b"\\/").is_some()
-        || memchr::memmem::find_iter(src, b"\\u00").any(|at| {
+    // The searchers are built once (this runs on every header value of every request).
+    static SLASH: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\\/"));
+    static ASCII: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\\u00"));
+    SLASH.find(src).is_some()
+        || ASCII.find_iter(src).any(|at| {
             let hex = src.get(at + 4..at + 6).and_then(|h| std::str::from_utf8(h).ok());
             hex.and_then(|h| u8::from_str_radix(h, 16).ok()).is_some_and(|c| (0x21..0x7f).contains(&c))
         })

@@ -103,7 +103,8 @@ impl Quick {
         true
     }
 
-    fn clean_text(&self, text: &[u8]) -> bool {
+    /// Is there certainly nothing in `text` for a scan to find?
+    pub fn clean_text(&self, text: &[u8]) -> bool {
         self.literals.find(text, 0).is_none() && !escape_or_base64_run(text)
     }
 }
