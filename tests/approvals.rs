@@ -444,35 +444,25 @@ fn a_watcher_that_stops_reading_is_disconnected_and_costs_the_proxy_nothing() {
     }
     drop(quick);
     let before = rss_kib(a.lk.child.id());
-    // 20,000 refused requests on one keep-alive connection: 20,000 records the stalled
-    // watcher never reads, far past its queue and the ring.
-    let mut sender = proxy.try_clone().unwrap();
-    let writer = std::thread::spawn(move || {
-        for _ in 0..20_000 {
-            if sender.write_all(one).is_err() {
-                break;
-            }
-        }
-    });
-    // Answers are read while the requests are written, so neither side's buffers fill.
-    proxy.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut answered = 0usize;
-    let mut buf = vec![0u8; 1 << 16];
-    let mut tail = String::new();
-    while answered < 20_001 {
-        let n = proxy.read(&mut buf).unwrap();
-        assert!(n > 0, "the proxy closed the connection after {answered} answers");
-        tail.push_str(&String::from_utf8_lossy(&buf[..n]));
-        answered += tail.matches("HTTP/1.1 403").count();
-        tail = tail.rsplit("HTTP/1.1 403").next().unwrap_or("").to_string();
+    // Refused requests on one keep-alive connection, 20,000 at a time, until the
+    // stalled watcher is cut: records it never reads, past its queue (16 chunks of 20
+    // ms each) and the socket buffers. How many that takes depends on the machine's
+    // speed (a fast one answers 20,000 within a few chunks), so the load goes on until
+    // the API counts no watcher (the quick one left above), at most 400,000 requests.
+    let watchers = || json(&a.get("/api/usage").1)["watchers"].as_u64().unwrap();
+    let mut rounds = 0;
+    while watchers() > 0 {
+        rounds += 1;
+        assert!(rounds <= 20, "the stalled watcher was not cut after {} requests", 20_000 * (rounds - 1));
+        refused_burst(&mut proxy, one, 20_000);
     }
-    writer.join().unwrap();
     let after = rss_kib(a.lk.child.id());
     assert!(after < before + 16 * 1024, "RSS grew from {before} KiB to {after} KiB");
     // The stalled watcher was cut: reading now ends (EOF or reset), it does not hang
     // on a connection the server still keeps.
     // (A kept connection would trickle keep-alive comments forever: hence the deadline.)
     watcher.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
     let deadline = Instant::now() + Duration::from_secs(20);
     let ended = loop {
         match watcher.read(&mut buf) {
@@ -485,6 +475,31 @@ fn a_watcher_that_stops_reading_is_disconnected_and_costs_the_proxy_nothing() {
         }
     };
     assert!(ended, "the stalled watcher's connection is still open");
+}
+
+/// `n` requests on `proxy` that latchkey refuses, each answer read while the next are
+/// written (so neither side's buffers fill).
+fn refused_burst(proxy: &mut std::net::TcpStream, one: &'static [u8], n: usize) {
+    let mut sender = proxy.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for _ in 0..n {
+            if sender.write_all(one).is_err() {
+                break;
+            }
+        }
+    });
+    proxy.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut answered = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut tail = String::new();
+    while answered < n {
+        let read = proxy.read(&mut buf).unwrap();
+        assert!(read > 0, "the proxy closed the connection after {answered} answers");
+        tail.push_str(&String::from_utf8_lossy(&buf[..read]));
+        answered += tail.matches("HTTP/1.1 403").count();
+        tail = tail.rsplit("HTTP/1.1 403").next().unwrap_or("").to_string();
+    }
+    writer.join().unwrap();
 }
 
 /// The jail's redirected connections (no CONNECT: `serve_destined`) are held the same
