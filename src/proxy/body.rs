@@ -227,7 +227,7 @@ pub fn redact_headers(headers: &mut http::HeaderMap, set: &crate::redact::Set) {
 /// in one value it finds in the joined text (no escape spans a NUL; a form spanning one
 /// is a false alarm, answered by the search per header). Most heads hold no secret, and
 /// one search costs a fraction of one per header.
-pub fn head_is_clean(headers: &http::HeaderMap, set: &crate::redact::Set) -> bool {
+fn head_is_clean(headers: &http::HeaderMap, set: &crate::redact::Set) -> bool {
     if headers.keys().any(|k| set.names_secret(k.as_str().as_bytes())) {
         return false;
     }
