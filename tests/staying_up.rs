@@ -609,12 +609,8 @@ fn start_with_resolver(dns: &Dns, tls: &Upstream) -> Latchkey {
         .arg(&resolv)
         .arg(bin())
         .args(["run", "--config"])
-        .arg(&config)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", dir.path())
-        .env("RUST_LOG", "debug")
-        .envs(ENV.iter().copied())
+        .arg(&config);
+    latchkey_env(&mut cmd, dir.path(), ENV)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap());
     let child = cmd.spawn().expect("unshare(1)");

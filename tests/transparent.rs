@@ -208,19 +208,16 @@ impl Sidecar {
         let config = write_config2(dir.path(), free_port(), Some(tls.addr), Some(plain.addr), &body);
         chown_r(dir.path(), LATCHKEY_UID);
         let stderr_path = dir.path().join("stderr.log");
-        let child = Command::new("ip")
+        let mut launch = Command::new("ip");
+        launch
             .args(["netns", "exec", &pod.ns, "setpriv"])
             .arg(format!("--reuid={LATCHKEY_UID}"))
             .arg(format!("--regid={LATCHKEY_UID}"))
             .arg("--clear-groups")
             .arg(&bin)
             .args(["run", "--config"])
-            .arg(&config)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", dir.path())
-            .env("RUST_LOG", "debug")
-            .env("ANTHROPIC_API_KEY", SECRET)
+            .arg(&config);
+        let child = latchkey_env(&mut launch, dir.path(), &[("ANTHROPIC_API_KEY", SECRET)])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()

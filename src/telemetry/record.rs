@@ -320,16 +320,21 @@ pub fn path_only(target: &str) -> &str {
 mod tests {
     use super::*;
 
-    #[test]
-    fn write_json_is_what_serde_writes() {
-        let odd = "a\"b\\c\n\r\t\u{8}\u{c}\u{1}\u{1f}\u{7f}é✓/";
-        let mut r = Record::new(
+    /// A GET from 127.0.0.1 to https://a.example:443, nothing else filled in.
+    fn get_a_example() -> Record {
+        Record::new(
             "127.0.0.1".parse().unwrap(),
             method(&http::Method::GET),
             "https",
             "a.example".into(),
             443,
-        );
+        )
+    }
+
+    #[test]
+    fn write_json_is_what_serde_writes() {
+        let odd = "a\"b\\c\n\r\t\u{8}\u{c}\u{1}\u{1f}\u{7f}é✓/";
+        let mut r = get_a_example();
         let mut records = vec![r.clone()];
         r.client = "2001:db8::1".parse().unwrap();
         r.agent = Some(odd.into());
@@ -385,13 +390,7 @@ mod tests {
 
     #[test]
     fn a_line_has_every_key_in_order_and_no_query() {
-        let mut r = Record::new(
-            "127.0.0.1".parse().unwrap(),
-            method(&http::Method::GET),
-            "https",
-            "a.example".into(),
-            443,
-        );
+        let mut r = get_a_example();
         r.path = Some(Path::Target("/p?secret=1".parse().unwrap()));
         r.credential = Some("anthropic".into());
         let line = serde_json::to_string(&r).unwrap();

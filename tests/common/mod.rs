@@ -576,14 +576,18 @@ pub fn bin() -> &'static str {
 /// A `latchkey` command with a clean environment (HOME in `dir`) plus `env`.
 pub fn latchkey_cmd(dir: &Path, env: &[(&str, &str)]) -> Command {
     let mut c = Command::new(bin());
+    latchkey_env(&mut c, dir, env);
+    c
+}
+
+/// The clean environment latchkey runs with in tests (HOME in `dir`) plus `env`, set on
+/// `c`: latchkey itself or a launcher that runs it (unshare, `ip netns exec`, setpriv).
+pub fn latchkey_env<'c>(c: &'c mut Command, dir: &Path, env: &[(&str, &str)]) -> &'c mut Command {
     c.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", dir)
-        .env("RUST_LOG", "debug");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c
+        .env("RUST_LOG", "debug")
+        .envs(env.iter().copied())
 }
 
 impl Latchkey {
