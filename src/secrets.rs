@@ -10,12 +10,16 @@ use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
+/// Shared, not copied: a clone is the same bytes (zeroed when the last holder drops
+/// them), so handing a secret around — each request asks its credential's injector for
+/// its secrets to find the cached redactor — neither allocates nor leaves copies of it
+/// in freed memory.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Zeroizing<String>);
+pub struct Secret(Arc<Zeroizing<String>>);
 
 impl Secret {
     pub fn new(s: String) -> Self {
-        Secret(Zeroizing::new(s))
+        Secret(Arc::new(Zeroizing::new(s)))
     }
     pub fn expose(&self) -> &str {
         &self.0
@@ -844,6 +848,16 @@ pub fn owner_only_writable(meta: &std::fs::Metadata) -> Result<(), Untrusted> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cloned_secret_is_the_same_bytes_not_a_copy() {
+        let a = Secret::new("sk-live-0123456789".into());
+        let b = a.clone();
+        assert_eq!(a.expose().as_ptr(), b.expose().as_ptr(), "a clone must not copy the secret");
+        assert_eq!(a, b);
+        assert_ne!(a, Secret::new("sk-live-other".into()));
+        assert_eq!(a, Secret::new("sk-live-0123456789".into()), "equal by value, not by address");
+    }
 
     fn env(name: &str) -> Option<String> {
         match name {
