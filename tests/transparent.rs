@@ -404,7 +404,7 @@ fn the_key_goes_only_to_latchkeys_resolution_never_to_the_address_the_agent_chos
     // there with SNI api.anthropic.com: curl, and a raw TLS socket.
     let script = format!(
         r#"
-for a in {a4} [{a6}]; do
+for a in {a4} '[{a6}]'; do
   curl -sS --noproxy '*' --max-time 10 --cacert "$CA" -o /dev/null -w "curl $a %{{http_code}}\n" \
     -H 'x-api-key: latchkey-anthropic' --resolve "api.anthropic.com:443:$a" https://api.anthropic.com/v1/messages
 done
