@@ -472,6 +472,20 @@ impl Set {
     }
 }
 
+/// Header values (and a request target) in one buffer, each followed by NUL: a byte none
+/// of them can hold, which ends every escape and base64 run. A search over the result
+/// finds whatever it finds in any one part (each is a substring), so "nothing here"
+/// answers for every part at once; a find spanning a NUL is only a false alarm, which
+/// callers answer by searching part by part.
+pub(crate) fn joined_by_nul<'a>(parts: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut joined = Vec::with_capacity(256);
+    for part in parts {
+        joined.extend_from_slice(part);
+        joined.push(0);
+    }
+    joined
+}
+
 /// The redactors of every credential that names `dest`'s host (`None`: nothing to mask).
 pub fn for_host(config: &crate::config::Config, dest: &crate::policy::Destination) -> Option<Set> {
     let members = config

@@ -223,20 +223,11 @@ pub fn redact_headers(headers: &mut http::HeaderMap, set: &crate::redact::Set) {
 
 /// Does no header name or value hold a secret? Names are asked one by one (the names'
 /// search is case-insensitive, and its prefilter fires often in values); the values in
-/// one search over them joined by NUL, which no value holds: whatever the search finds
-/// in one value it finds in the joined text (no escape spans a NUL; a form spanning one
-/// is a false alarm, answered by the search per header). Most heads hold no secret, and
-/// one search costs a fraction of one per header.
+/// one search over them joined by NUL (`redact::joined_by_nul`). Most heads hold no
+/// secret, and one search costs a fraction of one per header.
 fn head_is_clean(headers: &http::HeaderMap, set: &crate::redact::Set) -> bool {
-    if headers.keys().any(|k| set.names_secret(k.as_str().as_bytes())) {
-        return false;
-    }
-    let mut joined = Vec::with_capacity(256);
-    for value in headers.values() {
-        joined.extend_from_slice(value.as_bytes());
-        joined.push(0);
-    }
-    set.count(&joined) == 0
+    !headers.keys().any(|k| set.names_secret(k.as_str().as_bytes()))
+        && set.count(&crate::redact::joined_by_nul(headers.values().map(|v| v.as_bytes()))) == 0
 }
 
 /// Mask secrets in a response head: the HTTP/1.1 reason phrase, header names and values.

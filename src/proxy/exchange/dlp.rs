@@ -23,7 +23,7 @@ use super::super::respond::{self, Protocol};
 use super::super::route::Route;
 use super::super::{Body, BoxError};
 use crate::config::{Config, Credential};
-use crate::dlp::{Findings, Hit, Settings, stream::Stream};
+use crate::dlp::{Findings, Hit, Settings, quick::Quick, stream::Stream};
 use crate::inject::Slot;
 use crate::policy::{DlpAction, DlpVerdict, Refusal, RefusalKind};
 use crate::redact::Set;
@@ -48,13 +48,15 @@ pub async fn screen(
     let Some(dlp) = config.dlp.clone() else { return Ok(Screened { body, warned: false }) };
     let own = own_secrets(config);
     let slots = credential.map(slot_headers).unwrap_or_default();
-    let mut head = scan_head(&dlp, own.as_ref(), parts, &slots);
+    // The quick pass for the own secrets in force: the head's and the body's.
+    let quick = dlp.quick.get(&dlp.scanner, own.as_ref());
+    let mut head = scan_head(&dlp, own.as_ref(), quick.as_deref(), parts, &slots);
     let grpc = Protocol::of(&parts.headers) == Protocol::Grpc;
     let mut held = match upgrade {
         true => Held::default(),
         false => held_body(config, &dlp, body, grpc).await?,
     };
-    let (in_body, compressed) = scan_body(&dlp, own.as_ref(), parts, &held)?;
+    let (in_body, compressed) = scan_body(&dlp, own.as_ref(), quick.as_deref(), parts, &held)?;
     let policy = &config.policy.dlp;
     let counted = |h: &&Hit| !policy.allowed(&dlp.scanner.ids[h.rule], &route.dest);
     let all: Vec<&Hit> = head.iter().flat_map(|(_, f)| f.hits.iter()).chain(&in_body.hits).collect();
@@ -102,6 +104,7 @@ async fn held_body(config: &Config, dlp: &Settings, body: Body, grpc: bool) -> R
 fn scan_body(
     dlp: &Settings,
     own: Option<&Set>,
+    quick: Option<&Quick>,
     parts: &Parts,
     held: &Held,
 ) -> Result<(Findings, bool), Refusal> {
@@ -111,8 +114,7 @@ fn scan_body(
         ))
     })?;
     if codings.is_empty() || held.len == 0 {
-        let quick = dlp.quick.get(&dlp.scanner, own);
-        return Ok((dlp.scanner.scan_pieces(&held.pieces, own, quick.as_deref()), false));
+        return Ok((dlp.scanner.scan_pieces(&held.pieces, own, quick), false));
     }
     if held.rest.is_some() {
         return Err(refusal(format!(
@@ -205,10 +207,11 @@ enum HeadPart {
 fn scan_head(
     dlp: &Settings,
     own: Option<&Set>,
+    quick: Option<&Quick>,
     parts: &Parts,
     slots: &[HeaderName],
 ) -> Vec<(HeadPart, Findings)> {
-    if head_is_clean(dlp, own, parts, slots) {
+    if quick.is_some_and(|q| head_is_clean(q, parts, slots)) {
         return Vec::new();
     }
     scan_parts(dlp, own, parts, slots)
@@ -241,23 +244,13 @@ fn scan_parts(
 }
 
 /// Does the quick pass (`crate::dlp::quick`) clear the target and every scanned header
-/// value at once? They are joined by NUL, which neither can hold and which ends every
-/// escape and base64 run, so whatever the pass would find in one of them it finds in the
-/// joined text: a clear head holds nothing a scan of each part would find. One pass
-/// costs a fraction of one scan per header.
-fn head_is_clean(dlp: &Settings, own: Option<&Set>, parts: &Parts, slots: &[HeaderName]) -> bool {
-    let Some(quick) = dlp.quick.get(&dlp.scanner, own) else { return false };
-    let mut joined = Vec::with_capacity(256);
-    if let Some(pq) = parts.uri.path_and_query() {
-        joined.extend_from_slice(pq.as_str().as_bytes());
-    }
-    for (name, value) in &parts.headers {
-        if !slots.contains(name) {
-            joined.push(0);
-            joined.extend_from_slice(value.as_bytes());
-        }
-    }
-    quick.clean_text(&joined)
+/// value at once? They are read joined by NUL (`redact::joined_by_nul`): whatever the
+/// pass would find in one of them it finds in the joined text, so a clear head holds
+/// nothing a scan of each part would find. One pass costs a fraction of one per header.
+fn head_is_clean(quick: &Quick, parts: &Parts, slots: &[HeaderName]) -> bool {
+    let target = parts.uri.path_and_query().map(|pq| pq.as_str().as_bytes());
+    let values = parts.headers.iter().filter(|(name, _)| !slots.contains(name)).map(|(_, v)| v.as_bytes());
+    quick.clean_text(&crate::redact::joined_by_nul(target.into_iter().chain(values)))
 }
 
 /// Mask what `redact` masks in the target and header values (same length).
@@ -587,6 +580,11 @@ mod tests {
         .to_vec()
     }
 
+    fn clean_for(dlp: &Settings, own: &Set, parts: &Parts, slots: &[HeaderName]) -> bool {
+        let quick = dlp.quick.get(&dlp.scanner, Some(own)).unwrap();
+        head_is_clean(&quick, parts, slots)
+    }
+
     fn head(target: &str, values: &[String]) -> Parts {
         let mut req = http::Request::builder().uri(format!("/{}", target.replace(['\\', ' '], "_")));
         for (i, v) in values.iter().enumerate() {
@@ -599,21 +597,21 @@ mod tests {
     fn the_joined_head_pass_clears_clean_heads_and_not_a_find_in_any_part() {
         let (dlp, set) = settings();
         let clean = head("v1/messages", &["application/json".into(), "oha/1.16.0".into()]);
-        assert!(head_is_clean(&dlp, Some(&set), &clean, &[]));
+        assert!(clean_for(&dlp, &set, &clean, &[]));
         let finds = ["ghp_aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5", OWN, "own%2Dlive-secret-0123456789"];
         for find in finds {
             for at in 0..3 {
                 let mut values: Vec<String> = vec!["text".into(); 3];
                 values[at] = format!("x {find} y");
                 let h = head("v1/messages", &values);
-                assert!(!head_is_clean(&dlp, Some(&set), &h, &[]), "{find} in header {at}");
+                assert!(!clean_for(&dlp, &set, &h, &[]), "{find} in header {at}");
                 assert!(!scan_parts(&dlp, Some(&set), &h, &[]).is_empty(), "{find} in header {at}");
             }
         }
         // In the credential's slot it is not looked for (injection overwrites it).
         let slot: HeaderName = "x-h0".parse().unwrap();
         let h = head("v1/messages", &[OWN.into()]);
-        assert!(head_is_clean(&dlp, Some(&set), &h, &[slot]));
+        assert!(clean_for(&dlp, &set, &h, &[slot]));
     }
 
     proptest! {
@@ -629,7 +627,7 @@ mod tests {
             let join = |ix: &[usize]| ix.iter().map(|i| p[*i].as_str()).collect::<String>();
             let values: Vec<String> = values.iter().map(|v| join(v)).collect();
             let h = head(&join(&target), &values);
-            if head_is_clean(&dlp, Some(&set), &h, &[]) {
+            if clean_for(&dlp, &set, &h, &[]) {
                 prop_assert!(scan_parts(&dlp, Some(&set), &h, &[]).is_empty(), "{:?}", h);
             }
         }
