@@ -75,6 +75,40 @@ pub fn framing(data: &[u8]) {
     }
 }
 
+/// A request head through latchkey's own HTTP/1.1 codec (`proxy/h1/codec.rs`): it
+/// never panics; a head it takes is taken the same from its own bytes alone, every
+/// shorter prefix of it is incomplete, its request holds none of the input's bytes, and
+/// it carries none of the headers that send a request to hyper, with `Content-Length`
+/// read exactly as the header says.
+pub fn h1(data: &[u8]) {
+    use crate::proxy::h1::codec::{self, Parsed};
+    use http::header;
+    let Parsed::Simple(head) = codec::parse(data, 16) else { return };
+    let own = &data[..head.len];
+    assert!(matches!(codec::parse(own, 16), Parsed::Simple(ref h) if h.len == head.len), "taken alone");
+    for cut in 0..head.len {
+        assert!(matches!(codec::parse(&data[..cut], 16), Parsed::Partial), "a prefix of {cut} bytes");
+    }
+    let r = &head.request;
+    assert_eq!(r.version(), http::Version::HTTP_11);
+    assert_ne!(r.method(), http::Method::CONNECT);
+    for name in [header::TRANSFER_ENCODING, header::UPGRADE, header::EXPECT, header::TE] {
+        assert!(!r.headers().contains_key(&name), "{name} goes to hyper");
+    }
+    let lengths: Vec<u64> = r
+        .headers()
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+        .collect();
+    assert!(lengths.iter().all(|&n| n == head.body), "one length: {lengths:?} vs {}", head.body);
+    assert!(!lengths.is_empty() || head.body == 0);
+    let input = data.as_ptr_range();
+    for v in r.headers().values().filter(|v| !v.is_empty()) {
+        assert!(!input.contains(&v.as_bytes().as_ptr()), "a value borrows the input");
+    }
+}
+
 /// A client's HTTP/2 byte stream through the frame-rate guard, split at the points the
 /// first bytes choose: it never panics, and however the stream is cut it stops at the
 /// same frame for the same reason (up to a header's bytes later when that header was
@@ -319,12 +353,14 @@ mod tests {
             b"POST /?key=1&key=2 q.example.com\r\n",
             include_bytes!("../fuzz/corpus/framing/upgrade-not-switched"),
             include_bytes!("../fuzz/corpus/framing/bad-connect-target"),
+            include_bytes!("../fuzz/corpus/h1/post-with-length"),
             include_bytes!("../fuzz/corpus/h2_frames/settings-flood"),
         ] {
             super::host(input);
             super::config(input);
             super::request(input);
             super::framing(input);
+            super::h1(input);
             super::h2_frames(input);
             super::token(input);
             super::sealed(input);
@@ -364,6 +400,7 @@ mod tests {
             super::config(&data);
             super::request(&data);
             super::framing(&data);
+            super::h1(&data);
             super::h2_frames(&data);
             super::token(&data);
             super::sealed(&data);
@@ -383,6 +420,12 @@ mod tests {
             "(POST / HTTP/1.1\r\n|CONNECT a:1 HTTP/1.1\r\n|GET /\t HTTP/1.1\r\n|Content-Length: [0-9]{1,2}\r\n|Transfer-Encoding: chunked\r\n|Upgrade: x\r\n|\r\n|[0-9a-f]{1,2}\r\n|[a-z]{0,9}|\n)", 0..30), switched in any::<bool>()) {
             let first = if switched { '\x01' } else { '\x02' };
             super::framing(format!("{first}\x07\x13\x30{}", parts.concat()).as_bytes());
+        }
+
+        #[test]
+        fn random_h1_heads(parts in proptest::collection::vec(
+            "(GET|POST|HEAD|CONNECT|G T) (/|/a b|\\*|http://h/x) HTTP/1\\.[01]\r\n|Content-Length: [0-9]{1,3}\r\n|content-length: 0[0-9]\r\n|Transfer-Encoding: chunked\r\n|Upgrade: x\r\n|Expect: 100-continue\r\n|TE: trailers\r\n|Connection: (close|keep-alive)\r\n|X-[a-z]{1,3}: [ -~]{0,8}\r\n|\r\n|\n|[a-z]{0,4}", 0..12)) {
+            super::h1(parts.concat().as_bytes());
         }
 
         #[test]

@@ -784,3 +784,110 @@ fn intercepted_clients_get_aes_128_gcm_whatever_their_own_order() {
     let suite = t.conn.negotiated_cipher_suite().map(|s| s.suite());
     assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
 }
+
+/// One response read off a keep-alive connection, framed as a client frames it: by
+/// `Content-Length`, by chunks, or with no body after a HEAD. The head and the body.
+fn framed_response<S: Read>(s: &mut S, head_request: bool) -> (String, Vec<u8>) {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "the connection ended inside a head: {head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_ascii_lowercase())
+        })
+    };
+    let mut body = Vec::new();
+    if head_request {
+        return (head, body);
+    }
+    if header("transfer-encoding").as_deref() == Some("chunked") {
+        loop {
+            let mut line = Vec::new();
+            while !line.ends_with(b"\r\n") {
+                assert_eq!(s.read(&mut b).unwrap(), 1, "the connection ended inside a chunk size");
+                line.push(b[0]);
+            }
+            let size = usize::from_str_radix(std::str::from_utf8(&line).unwrap().trim(), 16).unwrap();
+            let mut chunk = vec![0u8; size + 2];
+            s.read_exact(&mut chunk).unwrap();
+            assert!(chunk.ends_with(b"\r\n"), "a chunk ends with CRLF");
+            if size == 0 {
+                return (head, body);
+            }
+            body.extend_from_slice(&chunk[..size]);
+        }
+    }
+    let length: usize = header("content-length").map_or(0, |v| v.parse().unwrap());
+    body.resize(length, 0);
+    s.read_exact(&mut body).unwrap();
+    (head, body)
+}
+
+#[test]
+fn one_keep_alive_connection_serves_bodies_pipelines_heads_and_hyper_in_turn() {
+    // latchkey's own HTTP/1.1 server (src/proxy/h1) takes requests without a body or
+    // with a Content-Length one, and gives a connection to hyper from a request it does
+    // not take (a chunked upload here). Every answer must be framed so that the next one
+    // on the same connection reads right, whichever server wrote it.
+    let up = upstream(true, None);
+    let admin = free_port();
+    let body =
+        format!("redact_responses = true\n#END-PROXY\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n{CRED}");
+    let lk = Latchkey::start(Some(&up), &body, ENV);
+    let mut s = tls(tunnel(lk.port, "api.anthropic.com:443").0, "api.anthropic.com");
+    let host = "Host: api.anthropic.com\r\n";
+
+    // A body, and a request pipelined right behind it in the same write.
+    s.write_all(
+        format!("POST /a HTTP/1.1\r\n{host}Content-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\n{host}\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let (a, a_body) = framed_response(&mut s, false);
+    assert!(a.starts_with("HTTP/1.1 200 OK\r\n") && a.contains("\r\ndate: "), "{a}");
+    assert_eq!(json(&String::from_utf8_lossy(&a_body))["body"], "hello");
+    let (b, _) = framed_response(&mut s, false);
+    assert!(b.starts_with("HTTP/1.1 200"), "the pipelined request: {b}");
+
+    // A chunked upload goes to hyper; the connection goes on.
+    s.write_all(
+        format!("POST /c HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let (c, c_body) = framed_response(&mut s, false);
+    assert!(c.starts_with("HTTP/1.1 200"), "{c}");
+    assert_eq!(json(&String::from_utf8_lossy(&c_body))["body"], "abc");
+
+    // Back with the own server once hyper lets go of the resting connection.
+    wait_until("hyper to let go of the resting connection", || parked(&lk, admin) == 1);
+    s.write_all(format!("HEAD /d HTTP/1.1\r\n{host}\r\n").as_bytes()).unwrap();
+    let (d, _) = framed_response(&mut s, true);
+    let length = d.lines().find_map(|l| l.strip_prefix("content-length: ")).unwrap_or("0");
+    assert!(d.starts_with("HTTP/1.1 200") && length != "0", "a HEAD keeps the GET's length: {d}");
+    // A body of unknown length is chunked: the upstream's reflected key comes back masked.
+    s.write_all(format!("GET /reflect/x HTTP/1.1\r\n{host}\r\n").as_bytes()).unwrap();
+    let (e, e_body) = framed_response(&mut s, false);
+    assert!(e.contains("transfer-encoding: chunked"), "{e}");
+    let e_body = String::from_utf8(e_body).unwrap();
+    assert!(e_body.starts_with("you sent ") && !e_body.contains(SECRET), "{e_body}");
+
+    // A client that asks to close is answered so, and the connection ends.
+    s.write_all(format!("GET /f HTTP/1.1\r\n{host}Connection: close\r\n\r\n").as_bytes()).unwrap();
+    let (f, _) = framed_response(&mut s, false);
+    assert!(f.starts_with("HTTP/1.1 200") && f.contains("connection: close"), "{f}");
+    let mut rest = Vec::new();
+    s.get_mut().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let end = s.read_to_end(&mut rest);
+    assert!(end.is_ok() && rest.is_empty(), "closed after the last answer: {end:?} {rest:?}");
+
+    let seen = up.requests();
+    let paths: Vec<&str> = seen.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(paths, ["/a", "/b", "/c", "/d", "/f"]);
+    assert!(seen.iter().all(|r| r.header_all("x-api-key") == [SECRET]), "every request got the key");
+}

@@ -86,7 +86,7 @@ async fn handle(
             match Destination::parse_authority(&authority, Some(80)) {
                 Ok(dest) => {
                     let route = Arc::new(Route::new(dest, false, false, None, peer, agent));
-                    let Ok(resp) = exchange::handle(proxy, generation, route, req).await;
+                    let Ok(resp) = exchange::handle(proxy, generation, route, req.map(Into::into)).await;
                     resp
                 }
                 Err(e) => refuse(Refusal::bad_request(format!("bad host {authority:?}: {e}"))),
@@ -205,7 +205,10 @@ async fn connect(
             tokio::spawn(async move {
                 let _slot = slot;
                 let Ok(upgraded) = on_upgrade.await else { return };
-                tunnel.serve(TokioIo::new(upgraded)).await;
+                // Boxed: the task waits for the upgrade with the tunnel's state inline;
+                // served, it holds a pointer.
+                let serving = Box::pin(tunnel.serve(TokioIo::new(upgraded)));
+                serving.await;
             });
             established()
         }

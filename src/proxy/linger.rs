@@ -14,29 +14,82 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use super::BoxError;
+
 const MAX_BYTES: usize = 16 << 20;
 const MAX_TIME: Duration = Duration::from_secs(5);
 
+/// A client's request body: hyper's, or the own HTTP/1.1 server's (`h1`).
+pub enum ClientBody {
+    Hyper(Incoming),
+    Own(super::Body),
+}
+
+impl ClientBody {
+    pub fn empty() -> ClientBody {
+        ClientBody::own(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+    }
+
+    pub fn own(body: super::Body) -> ClientBody {
+        ClientBody::Own(body)
+    }
+}
+
+impl From<Incoming> for ClientBody {
+    fn from(body: Incoming) -> ClientBody {
+        ClientBody::Hyper(body)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(|e| Box::new(e) as BoxError),
+            ClientBody::Own(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Own(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A client's request body that drains itself when dropped unfinished (HTTP/2 only).
 pub struct Lingering {
-    body: Option<Incoming>,
+    body: Option<ClientBody>,
     h2: bool,
 }
 
 impl Lingering {
-    pub fn new(body: Incoming, version: http::Version) -> Lingering {
+    pub fn new(body: ClientBody, version: http::Version) -> Lingering {
         Lingering { body: Some(body), h2: version == http::Version::HTTP_2 }
     }
 }
 
 impl Body for Lingering {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.body.as_mut() {
             Some(body) => Pin::new(body).poll_frame(cx),
             None => Poll::Ready(None),
@@ -54,7 +107,7 @@ impl Body for Lingering {
 
 impl Drop for Lingering {
     fn drop(&mut self) {
-        let Some(body) = self.body.take() else { return };
+        let Some(ClientBody::Hyper(body)) = self.body.take() else { return };
         if !self.h2 || body.is_end_stream() {
             return;
         }

@@ -17,6 +17,7 @@ mod exchange;
 mod fanout;
 pub(crate) mod framing;
 mod generation;
+pub(crate) mod h1;
 pub(crate) mod h2guard;
 mod handler;
 mod held;

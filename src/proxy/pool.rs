@@ -135,7 +135,7 @@ impl Pool {
         loop {
             let (conn, reused) = match self.checkout(&key).await {
                 Some(conn) => (conn, true),
-                None => match self.connect_or_wait(&key).await? {
+                None => match self.dial(&key).await? {
                     Some(got) => got,
                     None => continue,
                 },
@@ -205,20 +205,26 @@ impl Pool {
         }
     }
 
+    /// `connect_or_wait` boxed by a plain fn: dialing (TCP, TLS, HTTP/2 handshakes) is
+    /// rare next to reuse, and its state would otherwise size every request's future.
+    fn dial<'a>(&'a self, key: &'a Key) -> std::pin::Pin<Box<impl Future<Output = Dialed> + Send + 'a>> {
+        Box::pin(self.connect_or_wait(key))
+    }
+
     /// A new connection; at the cap of upstream connections, the first of one another
     /// request's response frees (`true`: used before) or a new one once there is room.
     /// `None`: the connection handed over was not fit to use (ask again).
-    async fn connect_or_wait(&self, key: &Key) -> Result<Option<(Conn, bool)>, SendError> {
+    async fn connect_or_wait(&self, key: &Key) -> Dialed {
         let budget = &self.0.dialer.budget;
         if budget.try_reserve() {
-            return Ok(Some((self.connect(key).await?, false)));
+            return Ok(Some((self.connecting(key).await?, false)));
         }
         let freed = self.queue(key);
         // Room for one is room for whoever asks first: a request that loses that race
         // waits for its permit still in the queue, not behind it.
         let dial = async {
             budget.room(key.1.as_str(), self.0.dialer.connect_timeout).await?;
-            self.connect(key).await
+            self.connecting(key).await
         };
         tokio::select! {
             biased;
@@ -239,6 +245,16 @@ impl Pool {
         }
         waiters.push_back(tx);
         rx
+    }
+
+    /// `connect` boxed by a plain fn: a request waiting for room among the upstream
+    /// connections (10,000 clients, 1,024 connections) then holds a pointer to it, not
+    /// the room for a TLS handshake it may never make.
+    fn connecting<'a>(
+        &'a self,
+        key: &'a Key,
+    ) -> std::pin::Pin<Box<impl Future<Output = Result<Conn, SendError>> + Send + 'a>> {
+        Box::pin(self.connect(key))
     }
 
     async fn connect(&self, key: &Key) -> Result<Conn, SendError> {
@@ -371,6 +387,10 @@ fn boxed(b: Returning) -> Body {
     use http_body_util::BodyExt;
     b.boxed()
 }
+
+/// A connection dialed or handed over (`true`: used before); `None`: the one handed
+/// over was not fit to use.
+type Dialed = Result<Option<(Conn, bool)>, SendError>;
 
 /// Where an HTTP/1.1 connection goes back to once its response has been read.
 struct Back {

@@ -26,7 +26,9 @@ use super::capped::Capped;
 use super::exchange;
 use super::fanout::{self, ConnBudget};
 use super::framing::{self, Gate};
+use super::h1;
 use super::handler;
+use super::linger::ClientBody;
 use super::park;
 use super::respond::{self, Protocol};
 use super::route::Route;
@@ -59,6 +61,9 @@ pub enum Identity {
     Named(Option<String>),
 }
 
+/// A connection's served part, boxed: what it took to get there is freed by then.
+type Serving = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 pub async fn intercept<S>(
     proxy: Arc<Proxy>,
     generation: Arc<Generation>,
@@ -70,36 +75,50 @@ pub async fn intercept<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = generation.config.proxy.limits.clone();
     let _open = TunnelGauge::open(&proxy, "intercepted");
+    // Two boxes, one after the other: the first read and the TLS handshake take several
+    // KiB of state, which an `async fn` would keep in the connection's task for life
+    // (the largest state any of its awaits needs); served, a connection holds a pointer.
+    let opening = Box::pin(open_intercepted(proxy, generation, opener, agent, dest, person, client));
+    let opened = opening.await;
+    if let Some(serving) = opened {
+        serving.await;
+    }
+}
+
+/// The first byte read, the TLS handshake done: what serves the connection from here.
+async fn open_intercepted<S>(
+    proxy: Arc<Proxy>,
+    generation: Arc<Generation>,
+    opener: Opener,
+    agent: Option<usize>,
+    dest: Destination,
+    person: Verdict,
+    client: S,
+) -> Option<Serving>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = generation.config.proxy.limits.clone();
     let mut io = Capped::new(client, limits.max_tunnel_bytes);
     let mut first = [0u8; 1];
     match tokio::time::timeout(limits.header_read_timeout, io.read(&mut first)).await {
         Ok(Ok(1)) => {}
-        _ => return,
+        _ => return None,
     }
     let io = Prefixed::new(first.to_vec(), io);
     let peer = opener.peer;
     if first[0] != TLS_HANDSHAKE {
         let route = Route::new(dest, false, true, None, peer, agent).answered(person);
-        Box::pin(serve_h1(Conn::new(proxy, &generation, opener, route), io)).await;
-        return;
+        return Some(Box::pin(serve_h1(Conn::new(proxy, &generation, opener, route), io)));
     }
-    // Boxed: the handshake's state (rustls' connection twice over, while it is being
-    // built) is freed once it is done instead of sizing the connection's task for life.
-    let Some((tls, misdirected)) = Box::pin(handshake(&proxy, &dest, &limits, peer, io)).await else {
-        return;
-    };
+    // Boxed: rustls' connection twice over while the handshake builds it.
+    let handshaking = Box::pin(handshake(&proxy, &dest, &limits, peer, io));
+    let (tls, misdirected) = handshaking.await?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let route = Route::new(dest, true, true, misdirected, peer, agent).answered(person);
     let conn = Conn::new(proxy, &generation, opener, route);
-    // Boxed: the task then holds only the connection kind it serves (an h2 server's
-    // state is several KiB an HTTP/1.1 connection would otherwise carry while idle).
-    if h2 {
-        Box::pin(serve_h2(conn, tls)).await;
-    } else {
-        Box::pin(serve_h1(conn, tls)).await;
-    }
+    if h2 { Some(Box::pin(serve_h2(conn, tls))) } else { Some(Box::pin(serve_h1(conn, tls))) }
 }
 
 /// The client's TLS handshake, with a leaf certificate for `dest`; the stream and, when
@@ -181,7 +200,7 @@ impl Conn {
     /// budget of upstream connections.
     async fn request(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
     ) -> Result<Response<Body>, std::convert::Infallible> {
         let generation = self.proxy.generation();
         let switching = (self.gate.is_some() && framing::may_switch(&req)).then(|| req.method().clone());
@@ -236,7 +255,7 @@ where
     // SETTINGS and PING floods, which h2 would answer without end.
     let stream = super::h2guard::H2Guard::new(stream, conn.opener.peer);
     let conn = Arc::new(conn);
-    let service = service_fn(move |req| conn.clone().request(req));
+    let service = service_fn(move |req: Request<Incoming>| conn.clone().request(req.map(Into::into)));
     let served = super::builders::h2_builder(&limits).serve_connection(TokioIo::new(stream), service);
     if let Err(e) = served.await {
         tracing::debug!("h2 tunnel: {e}");
@@ -244,8 +263,8 @@ where
 }
 
 /// HTTP/1.1 behind the framing guard, which learns from the service whether an upgrade
-/// happened. A connection that rests is parked (`park`): hyper lets go of it and its
-/// buffers until the client sends again.
+/// happened. latchkey's own server (`h1`) serves the requests it takes; from a request
+/// it does not, hyper serves the connection until it rests (`park`), and gives it back.
 ///
 /// Not an `async fn`: its arguments would stay in the future beside the guarded stream
 /// made of them, for the connection's life (~1.3 KiB each, idle ones included).
@@ -254,60 +273,90 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = limits(&conn);
-    let mut stream = framing::Guarded::new(stream, &limits);
+    // Boxed: the futures that serve it in turn then each hold a pointer, not a copy's room.
+    let mut stream = Box::new(framing::Guarded::new(stream, &limits));
     conn.gate = Some(stream.gate());
     let rest = stream.rest();
     let conn = Arc::new(conn);
+    let settings = h1::Settings {
+        idle_timeout: limits.idle_timeout,
+        max_headers: limits.max_headers,
+        max_header_bytes: limits.max_header_bytes,
+    };
     async move {
+        let mut between_requests = false;
         loop {
-            let (served_conn, busy) = (conn.clone(), rest.clone());
-            let service = service_fn(move |req| {
-                let busy = busy.busy();
-                let conn = served_conn.clone();
+            let own = conn.clone();
+            let service = move |req| {
+                let conn = own.clone();
                 async move {
-                    let resp = conn.request(req).await?;
-                    Ok::<_, std::convert::Infallible>(resp.map(|body| park::BusyBody::new(body, busy)))
+                    let Ok(resp) = conn.request(req).await;
+                    resp
                 }
-            });
-            let builder = super::builders::server_builder(&limits);
-            // Boxed: a parked connection's task then holds no room for hyper's state.
-            let mut served =
-                Box::new(builder.serve_connection(TokioIo::new(stream), service).with_upgrades());
-            // Serve until the connection ends, or rests for `PARK_AFTER`.
-            loop {
-                let seen = rest.activity();
-                tokio::select! {
-                    biased;
-                    done = &mut *served => {
-                        if let Err(e) = done {
-                            tracing::debug!("tunnel: {e}");
-                        }
-                        return;
-                    }
-                    () = tokio::time::sleep(park::PARK_AFTER) => {}
-                }
-                if rest.activity() == seen && rest.at_rest() {
-                    break;
-                }
+            };
+            let parked = &conn.proxy.telemetry.metrics.parked;
+            // Boxed, and in a statement of its own: a future built in the awaiting
+            // statement keeps room in this one's state too.
+            let own = Box::pin(h1::serve(stream, between_requests, &settings, parked, service));
+            let served = own.await;
+            stream = match served {
+                h1::Served::Closed => return,
+                h1::Served::Hyper(stream) => stream,
+            };
+            let hyper = Box::pin(serve_hyper(&conn, stream, &rest, &limits));
+            match hyper.await {
+                Some(back) => stream = back,
+                None => return,
             }
-            let Some(parts) = served.into_parts() else { return };
-            stream = parts.io.into_inner();
-            // What hyper read and did not use; its buffer (and the rest of `parts`) is
-            // freed here, not kept while parked.
-            stream.unread(&parts.read_buf);
-            drop((parts.read_buf, parts.service));
-            // Parked: only the client stream is held, for as long as hyper would have kept
-            // the idle connection.
-            let gauge = &conn.proxy.telemetry.metrics.parked;
-            gauge.inc();
-            let arrived = tokio::time::timeout(limits.idle_timeout, stream.arrival()).await;
-            gauge.dec();
-            if !matches!(arrived, Ok(Ok(true))) {
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-                return;
-            }
+            between_requests = true;
         }
     }
+}
+
+/// hyper serves the connection until it ends (`None`) or rests for `PARK_AFTER`: then it
+/// lets go of it and its buffers, and the stream comes back.
+async fn serve_hyper<S>(
+    conn: &Arc<Conn>,
+    stream: Box<framing::Guarded<S>>,
+    rest: &Arc<park::Rest>,
+    limits: &crate::config::Limits,
+) -> Option<Box<framing::Guarded<S>>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (served_conn, busy) = (conn.clone(), rest.clone());
+    let service = service_fn(move |req: Request<Incoming>| {
+        let busy = busy.busy();
+        let conn = served_conn.clone();
+        async move {
+            let resp = conn.request(req.map(Into::into)).await?;
+            Ok::<_, std::convert::Infallible>(resp.map(|body| park::BusyBody::new(body, busy)))
+        }
+    });
+    let builder = super::builders::server_builder(limits);
+    // Boxed: a connection back with the own server holds no room for hyper's state.
+    let mut served = Box::new(builder.serve_connection(TokioIo::new(stream), service).with_upgrades());
+    loop {
+        let seen = rest.activity();
+        tokio::select! {
+            biased;
+            done = &mut *served => {
+                if let Err(e) = done {
+                    tracing::debug!("tunnel: {e}");
+                }
+                return None;
+            }
+            () = tokio::time::sleep(park::PARK_AFTER) => {}
+        }
+        if rest.activity() == seen && rest.at_rest() {
+            break;
+        }
+    }
+    let parts = served.into_parts()?;
+    let mut stream = parts.io.into_inner();
+    // What hyper read and did not use; its buffer (and the rest of `parts`) is freed here.
+    stream.unread(&parts.read_buf);
+    Some(stream)
 }
 
 /// A tunnel to a known destination, decided and made ready before a byte of it is
@@ -376,7 +425,10 @@ impl Tunnel {
     {
         match self {
             // Boxed: a blind tunnel's sniffing buffers stay out of intercepted tunnels' tasks.
-            Tunnel::Blind(blind, upstream) => Box::pin(blind.run(client, upstream)).await,
+            Tunnel::Blind(blind, upstream) => {
+                let run = Box::pin(blind.run(client, upstream));
+                run.await
+            }
             Tunnel::Intercept { proxy, generation, opener, agent, dest, person } => {
                 intercept(proxy, generation, opener, agent, dest, person, client).await
             }
@@ -496,7 +548,8 @@ impl Blind {
         let route =
             Route::new(self.dest, false, true, None, self.opener.peer, self.agent).answered(self.person);
         let conn = Conn::new(self.proxy.clone(), &self.generation, self.opener, route);
-        Box::pin(serve_h1(conn, Prefixed::new(first, client))).await;
+        let serving = Box::pin(serve_h1(conn, Prefixed::new(first, client)));
+        serving.await;
     }
 
     async fn refuse_late_http<C, U>(self, mut client: Capped<C>, first: Vec<u8>, upstream: &Capped<U>)

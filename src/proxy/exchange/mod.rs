@@ -27,9 +27,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use http::{Method, Request, Response};
-use hyper::body::Incoming;
 
-use super::linger::Lingering;
+use super::linger::{ClientBody, Lingering};
 use super::route::Route;
 use super::token_client::ClientHttp;
 use super::upgrade::{self, Upgrade};
@@ -58,7 +57,7 @@ pub fn handle(
     proxy: Arc<Proxy>,
     generation: Arc<Generation>,
     route: Arc<Route>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Pin<Box<impl Future<Output = Result<Response<Body>, Infallible>> + Send>> {
     Box::pin(admitted(proxy, generation, route, req))
 }
@@ -67,7 +66,7 @@ async fn admitted(
     proxy: Arc<Proxy>,
     generation: Arc<Generation>,
     route: Arc<Route>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
     let body = Lingering::new(body, parts.version);
@@ -109,7 +108,9 @@ async fn exchange(
             .await?;
     if let Decided::Ask = decided {
         // Held before anything goes upstream, until a person answers.
-        let person = proxy.held(config, decide::asking(config, route, &parts)).await?;
+        // Boxed: a held request is rare, and its wait would size every exchange.
+        let holding = Box::pin(proxy.held(config, decide::asking(config, route, &parts)));
+        let person = holding.await?;
         decided =
             decide::decide(&proxy.telemetry, &proxy.tokens, config, route, &parts, person, &mut x.record)
                 .await?;
@@ -144,7 +145,11 @@ async fn exchange(
         x.record.decision = "warned";
     }
     let resp = match upgrade {
-        Some(kind) => to.relay(parts, kind, redact).await?,
+        // Boxed: an upgrade's handshake state would size every exchange.
+        Some(kind) => {
+            let relaying = Box::pin(to.relay(parts, kind, redact));
+            relaying.await?
+        }
         None => to.send(parts, body, replay, &tokens, &x.up).await?,
     };
     response::filter(resp, config, route, credential, redact).map(Answer::Forwarded)

@@ -160,7 +160,7 @@ fn upstream_failure(route: &Route, e: &SendError) -> Refusal {
 /// upstream's, so it is answered with 400 rather than 502.
 #[derive(Debug, thiserror::Error)]
 #[error("reading the request body failed: {0}")]
-struct ClientBodyError(#[source] hyper::Error);
+struct ClientBodyError(#[source] BoxError);
 
 fn box_error(e: hyper::Error) -> BoxError {
     Box::new(e)

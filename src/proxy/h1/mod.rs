@@ -1,0 +1,308 @@
+//! latchkey's own HTTP/1.1 server for intercepted connections (issue 20).
+//!
+//! hyper's server keeps an 8 KiB read buffer and an 8 KiB write buffer per connection,
+//! parses every head a second time after the framing guard, and hands each request to
+//! its service through a dispatcher. This loop serves the requests agents send most —
+//! HTTP/1.1, no body or a `Content-Length` one — with buffers sized to what a request
+//! holds and freed between requests: the request head is copied once into its own
+//! allocation, the response head is written into a buffer that lives while the response
+//! is written. Whatever it does not take ([`codec::Parsed::Hyper`]) goes to hyper from
+//! that head on, with everything read so far; hyper gives the connection back once it
+//! rests (`park`).
+//!
+//! Every byte has passed the framing guard ([`framing::Guarded`]) first, so smuggling
+//! is refused here exactly as before; the guard also times each head.
+
+mod body;
+pub mod codec;
+
+use std::future::Future;
+use std::io;
+use std::task::Poll;
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+use super::Body;
+use super::framing::Guarded;
+use super::linger::ClientBody;
+use super::park::PARK_AFTER;
+use body::{LengthBody, Reader};
+use codec::{Framing, Parsed};
+
+/// Response bytes gathered before they are written: small bodies go out with their
+/// head in one TLS record and one write.
+const GATHER: usize = 16 * 1024;
+
+/// How the own server let go of a connection.
+pub enum Served<S> {
+    /// The connection is over.
+    Closed,
+    /// hyper serves it from here, starting with what was read and put back.
+    Hyper(Box<Guarded<S>>),
+}
+
+/// What the loop needs from the configuration.
+pub struct Settings {
+    pub idle_timeout: Duration,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+}
+
+/// Serve requests on `io` until it closes or a request needs hyper; `between_requests`
+/// when it comes back from hyper, at rest. `parked` counts the connections resting
+/// between requests longer than [`PARK_AFTER`].
+pub async fn serve<S, F, Fut>(
+    mut io: Box<Guarded<S>>,
+    between_requests: bool,
+    settings: &Settings,
+    parked: &prometheus_client::metrics::gauge::Gauge,
+    mut service: F,
+) -> Served<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: FnMut(Request<ClientBody>) -> Fut,
+    Fut: Future<Output = Response<Body>>,
+{
+    let mut buf: Vec<u8> = Vec::new();
+    let mut first = !between_requests;
+    loop {
+        if buf.is_empty() && !first && !rest(&mut io, settings.idle_timeout, parked).await {
+            let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+            return Served::Closed;
+        }
+        first = false;
+        let head = match read_head(&mut io, &mut buf, settings).await {
+            Ok(Some(head)) => head,
+            Ok(None) => {
+                io.unread(&buf);
+                return Served::Hyper(io);
+            }
+            Err(_) => return Served::Closed,
+        };
+        buf.drain(..head.len);
+        if buf.is_empty() {
+            buf = Vec::new(); // nothing held while the request is served
+        }
+        let head_request = head.request.method() == Method::HEAD;
+        let (close, length) = (head.close, head.body);
+        let kept = if length == 0 {
+            let resp = service(head.request.map(|()| ClientBody::empty())).await;
+            respond(&mut io, resp, head_request, close).await
+        } else {
+            let (rd, mut wr) = tokio::io::split(io);
+            let (back, mut returned) = oneshot::channel();
+            let reader = Reader { io: rd, buf: std::mem::take(&mut buf) };
+            let body = LengthBody::new(reader, length, back);
+            let resp = service(head.request.map(|()| ClientBody::own(body.boxed()))).await;
+            let kept = respond(&mut wr, resp, head_request, close).await;
+            match (kept, returned.try_recv()) {
+                // The body was read to its end: the connection goes on.
+                (Ok(true), Ok(reader)) => {
+                    io = reader.io.unsplit(wr);
+                    buf = reader.buf;
+                    continue;
+                }
+                (Err(_), _) => return Served::Closed,
+                // Closing, or the body was not read to its end (nobody will read the
+                // rest): the guard's lingering close lets the client read the answer.
+                (Ok(_), _) => {
+                    let _ = wr.shutdown().await;
+                    return Served::Closed;
+                }
+            }
+        };
+        match kept {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = io.shutdown().await;
+                return Served::Closed;
+            }
+            Err(_) => return Served::Closed,
+        }
+    }
+}
+
+/// Read until `buf` starts with a complete head: `None` when it is hyper's to serve
+/// (or incomplete at the end of input, which hyper answers as it does), `Err` when the
+/// connection failed or ended between requests.
+async fn read_head<S>(
+    io: &mut Guarded<S>,
+    buf: &mut Vec<u8>,
+    settings: &Settings,
+) -> io::Result<Option<codec::Head>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match codec::parse(buf, settings.max_headers) {
+            Parsed::Simple(head) => return Ok(Some(head)),
+            Parsed::Hyper => return Ok(None),
+            Parsed::Partial if buf.len() > settings.max_header_bytes => return Ok(None),
+            Parsed::Partial => {}
+        }
+        let mut reader = Reader { io: &mut *io, buf: std::mem::take(buf) };
+        let read = std::future::poll_fn(|cx| reader.poll_fill(cx, usize::MAX)).await;
+        *buf = reader.buf;
+        match read? {
+            0 if buf.is_empty() => return Err(io::ErrorKind::UnexpectedEof.into()),
+            0 => return Ok(None),
+            _ => {}
+        }
+    }
+}
+
+/// Rest between two requests: `true` once the client sends again, `false` when it
+/// closes or stays silent for `idle`.
+async fn rest<S>(
+    io: &mut Guarded<S>,
+    idle: Duration,
+    parked: &prometheus_client::metrics::gauge::Gauge,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Ok(arrived) = tokio::time::timeout(PARK_AFTER.min(idle), io.arrival()).await {
+        return matches!(arrived, Ok(true));
+    }
+    parked.inc();
+    let arrived = tokio::time::timeout(idle.saturating_sub(PARK_AFTER), io.arrival()).await;
+    parked.dec();
+    matches!(arrived, Ok(Ok(true)))
+}
+
+/// Write `resp`; `Ok(true)` when the connection may serve another request.
+async fn respond<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    resp: Response<Body>,
+    head_request: bool,
+    close: bool,
+) -> io::Result<bool> {
+    let (parts, mut body) = resp.into_parts();
+    let mut out = Vec::with_capacity(512);
+    let exact = body.size_hint().exact();
+    let written = date::with(|date| codec::encode_head(&parts, exact, head_request, close, date, &mut out));
+    drop(parts);
+    if written.framing == Framing::Empty {
+        drop(body);
+        w.write_all(&out).await?;
+        w.flush().await?;
+        return Ok(!written.close);
+    }
+    let mut left = match written.framing {
+        Framing::Length(n) => Some(n),
+        _ => None,
+    };
+    loop {
+        // A frame ready now joins what waits to be written; before waiting for one, what
+        // waits goes out (a server-sent event must not sit in a buffer).
+        let frame = match std::future::poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut body).poll_frame(cx)))
+            .await
+        {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if !out.is_empty() {
+                    w.write_all(&out).await?;
+                    out.clear();
+                }
+                w.flush().await?;
+                body.frame().await
+            }
+        };
+        let data = match frame {
+            None => break,
+            // The client must see the body cut off, never a shorter body as complete.
+            Some(Err(e)) => return Err(io::Error::other(e)),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue, // trailers: only hyper sends them (`TE: trailers` goes there)
+            },
+        };
+        if data.is_empty() {
+            continue;
+        }
+        let tail = framed(&mut out, data.len(), &mut left)?;
+        if data.len() < GATHER / 4 {
+            out.extend_from_slice(&data);
+            out.extend_from_slice(tail);
+            if out.len() >= GATHER {
+                w.write_all(&out).await?;
+                out.clear();
+            }
+        } else {
+            // Large pieces are not copied: rustls takes the slices as they are.
+            write_all_vectored(
+                w,
+                &mut [io::IoSlice::new(&out), io::IoSlice::new(&data), io::IoSlice::new(tail)],
+            )
+            .await?;
+            out.clear();
+        }
+    }
+    match left {
+        Some(0) | None => {}
+        Some(_) => return Err(io::Error::other("the response body ended before its length")),
+    }
+    if left.is_none() {
+        out.extend_from_slice(codec::LAST_CHUNK);
+    }
+    w.write_all(&out).await?;
+    w.flush().await?;
+    Ok(!written.close)
+}
+
+/// Frame one piece of `len` body bytes: a chunk's size line goes into `out`, and the
+/// bytes that must follow the piece are returned; a length is counted down.
+fn framed(out: &mut Vec<u8>, len: usize, left: &mut Option<u64>) -> io::Result<&'static [u8]> {
+    match left {
+        None => {
+            codec::chunk_head(len, out);
+            Ok(b"\r\n")
+        }
+        Some(n) if len as u64 > *n => Err(io::Error::other("the response body is longer than its length")),
+        Some(n) => {
+            *n -= len as u64;
+            Ok(b"")
+        }
+    }
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut bufs: &mut [io::IoSlice<'_>],
+) -> io::Result<()> {
+    io::IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = w.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+/// The `Date` header's value, formatted once a second per thread, as hyper caches it.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+
+    pub fn with<T>(f: impl FnOnce(&[u8]) -> T) -> T {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
+        CACHED.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != now || c.1.is_empty() {
+                *c = (now, httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(now)));
+            }
+            f(c.1.as_bytes())
+        })
+    }
+}
