@@ -88,41 +88,53 @@ where
         if buf.is_empty() {
             buf = Vec::new(); // nothing held while the request is served
         }
-        let head_request = head.request.method() == Method::HEAD;
-        let (close, length) = (head.close, head.body);
-        let kept = if length == 0 {
-            let resp = service(head.request.map(|()| ClientBody::empty())).await;
-            respond(&mut io, resp, head_request, close).await
-        } else {
-            let (rd, mut wr) = tokio::io::split(io);
-            let (back, mut returned) = oneshot::channel();
-            let reader = Reader { io: rd, buf: std::mem::take(&mut buf) };
-            let body = LengthBody::new(reader, length, back);
-            let resp = service(head.request.map(|()| ClientBody::own(body.boxed()))).await;
-            let kept = respond(&mut wr, resp, head_request, close).await;
-            match (kept, returned.try_recv()) {
-                // The body was read to its end: the connection goes on.
-                (Ok(true), Ok(reader)) => {
-                    io = reader.io.unsplit(wr);
-                    buf = reader.buf;
-                    continue;
-                }
-                (Err(_), _) => return Served::Closed,
-                // Closing, or the body was not read to its end (nobody will read the
-                // rest): the guard's lingering close lets the client read the answer.
-                (Ok(_), _) => {
-                    let _ = wr.shutdown().await;
-                    return Served::Closed;
-                }
+        if head.body > 0 {
+            match with_body(io, std::mem::take(&mut buf), head, &mut service).await {
+                Some((back, rest)) => (io, buf) = (back, rest),
+                None => return Served::Closed,
             }
-        };
-        match kept {
+            continue;
+        }
+        let (head_request, close) = (head.request.method() == Method::HEAD, head.close);
+        let resp = service(head.request.map(|()| ClientBody::empty())).await;
+        match respond(&mut io, resp, head_request, close).await {
             Ok(true) => {}
             Ok(false) => {
                 let _ = io.shutdown().await;
                 return Served::Closed;
             }
             Err(_) => return Served::Closed,
+        }
+    }
+}
+
+/// A request with a `Content-Length` body: the body reads the connection while the
+/// answer is written; the connection and what was read past the body come back when the
+/// body was read to its end and the connection stays open (`None`: it was closed).
+async fn with_body<S, F, Fut>(
+    io: Box<Guarded<S>>,
+    buf: Vec<u8>,
+    head: codec::Head,
+    service: &mut F,
+) -> Option<(Box<Guarded<S>>, Vec<u8>)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: FnMut(Request<ClientBody>) -> Fut,
+    Fut: Future<Output = Response<Body>>,
+{
+    let head_request = head.request.method() == Method::HEAD;
+    let (rd, mut wr) = tokio::io::split(io);
+    let (back, mut returned) = oneshot::channel();
+    let body = LengthBody::new(Reader { io: rd, buf }, head.body, back);
+    let resp = service(head.request.map(|()| ClientBody::own(body.boxed()))).await;
+    match (respond(&mut wr, resp, head_request, head.close).await, returned.try_recv()) {
+        (Ok(true), Ok(reader)) => Some((reader.io.unsplit(wr), reader.buf)),
+        (Err(_), _) => None,
+        // Closing, or the body was not read to its end (nobody will read the rest): the
+        // guard's lingering close lets the client read the answer.
+        (Ok(_), _) => {
+            let _ = wr.shutdown().await;
+            None
         }
     }
 }
@@ -182,7 +194,7 @@ async fn respond<W: AsyncWrite + Unpin>(
     head_request: bool,
     close: bool,
 ) -> io::Result<bool> {
-    let (parts, mut body) = resp.into_parts();
+    let (parts, body) = resp.into_parts();
     let mut out = Vec::with_capacity(512);
     let exact = body.size_hint().exact();
     let written = date::with(|date| codec::encode_head(&parts, exact, head_request, close, date, &mut out));
@@ -193,7 +205,18 @@ async fn respond<W: AsyncWrite + Unpin>(
         w.flush().await?;
         return Ok(!written.close);
     }
-    let mut left = match written.framing {
+    send_body(w, body, out, written.framing).await?;
+    Ok(!written.close)
+}
+
+/// Stream `body` after the head gathered in `out`, framed as the head said.
+async fn send_body<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut body: Body,
+    mut out: Vec<u8>,
+    framing: Framing,
+) -> io::Result<()> {
+    let mut left = match framing {
         Framing::Length(n) => Some(n),
         _ => None,
     };
@@ -251,8 +274,7 @@ async fn respond<W: AsyncWrite + Unpin>(
         out.extend_from_slice(codec::LAST_CHUNK);
     }
     w.write_all(&out).await?;
-    w.flush().await?;
-    Ok(!written.close)
+    w.flush().await
 }
 
 /// Frame one piece of `len` body bytes: a chunk's size line goes into `out`, and the
