@@ -109,7 +109,7 @@ impl Record {
     /// string, IP addresses through `Display`) cost most of what a watcher adds.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"ts\":\"");
-        out.extend_from_slice(format_ts(self.ts).as_bytes());
+        push_ts(out, self.ts);
         out.extend_from_slice(b"\",\"client\":");
         match self.client {
             IpAddr::V4(ip) => {
@@ -164,18 +164,8 @@ impl Record {
     }
 }
 
-fn push_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+fn push_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 fn push_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
@@ -273,27 +263,36 @@ fn opt_str<S: Serializer>(v: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error>
 /// every log record and live-view event carries one, and the `time` crate's general
 /// formatter cost ~1,300 instructions a call (bench/cpu.py --features).
 pub fn format_ts(t: SystemTime) -> String {
+    let mut out = Vec::with_capacity(24);
+    push_ts(&mut out, t);
+    String::from_utf8(out).expect("digits and separators")
+}
+
+/// `t` as `format_ts` writes it, appended to `out` (no allocation of its own: the live
+/// view writes one per request).
+fn push_ts(out: &mut Vec<u8>, t: SystemTime) {
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rest) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days);
+    let millis = u64::from(since.subsec_millis());
+    let mut ts = *b"0000-00-00T00:00:00.000Z";
     let fields = [
-        (year, 4, b'-'),
-        (month, 2, b'-'),
-        (day, 2, b'T'),
-        (rest / 3600, 2, b':'),
-        (rest / 60 % 60, 2, b':'),
-        (rest % 60, 2, b'.'),
-        (u64::from(since.subsec_millis()), 3, b'Z'),
+        (year, 0..4),
+        (month, 5..7),
+        (day, 8..10),
+        (rest / 3600, 11..13),
+        (rest / 60 % 60, 14..16),
+        (rest % 60, 17..19),
+        (millis, 20..23),
     ];
-    let mut out = String::with_capacity(24);
-    for (value, width, after) in fields {
-        for place in (0..width).rev() {
-            out.push(char::from(b'0' + (value / 10u64.pow(place) % 10) as u8));
+    for (mut value, places) in fields {
+        for place in ts[places].iter_mut().rev() {
+            *place = b'0' + (value % 10) as u8;
+            value /= 10;
         }
-        out.push(char::from(after));
     }
-    out
+    out.extend_from_slice(&ts);
 }
 
 /// Year, month, day of a count of days since 1970-01-01 (Howard Hinnant's
