@@ -117,7 +117,14 @@ def callgrind_ir(bench, name, binary, n, extra, mode=""):
     one live-view watcher reading while the requests are served, "dlp" turns on
     `[proxy.dlp]`."""
     out = bench.work / f"callgrind.{name}.{n}.{time.monotonic_ns()}.out"
-    wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"]
+    # aws-lc seeds its random generator once per process from CPU jitter: ~430 million
+    # instructions (over 90% of a 300-request run) whose count varies by millions from
+    # run to run, as much as the requests themselves. Not counting inside it leaves the
+    # requests' difference alone. (--toggle-collect turns collecting at start off, so
+    # --collect-atstart must come after it.)
+    jitter = ["--toggle-collect=tree_jitter_initialize_once"]
+    wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
+               *jitter, "--collect-atstart=yes"]
     # The feature rows need the admin listener and the minted token: the "latchkey" instance.
     dlp = '[proxy.dlp]\nenabled = true\naction = "block"' if mode == "dlp" else ""
     t = bench.start_latchkey("latchkey" if callable(extra) else name, binary, wrapper=wrapper, proxy_extra=dlp)
@@ -186,8 +193,8 @@ def main():
     ap.add_argument("--idle", type=int, default=0, metavar="N")
     ap.add_argument("--features", action="store_true",
                     help="callgrind rows: plain placeholder vs scoped token, live view unwatched vs watched")
-    # Each run generates its own leaf key, whose cost varies by a few hundred thousand
-    # instructions: a larger difference between the two runs divides that noise down.
+    # What still varies between runs (the leaf key generated at start-up, threads) is ~1%
+    # at the default N: a larger difference between the two runs divides it down.
     ap.add_argument("--n-small", type=int, default=100, help="requests in the smaller callgrind run")
     ap.add_argument("--n-big", type=int, default=300, help="requests in the larger callgrind run")
     ap.add_argument("--match", default="", help="only the request kinds whose name contains this")
