@@ -86,10 +86,13 @@ fn build(req: &httparse::Request<'_, '_>, head: &[u8]) -> Option<(Request<()>, u
             header::TRANSFER_ENCODING | header::UPGRADE | header::EXPECT | header::TE => return None,
             header::CONTENT_LENGTH => {
                 let n = content_length(h.value)?;
-                if length.is_some_and(|l| l != n) {
-                    return None;
+                match length {
+                    Some(l) if l != n => return None,
+                    // A repeat that agrees: one line goes on, as hyper keeps it (an
+                    // upstream may refuse two, even equal).
+                    Some(_) => continue,
+                    None => length = Some(n),
                 }
-                length = Some(n);
             }
             header::CONNECTION => close |= has_token(h.value, b"close"),
             _ => {}
@@ -312,8 +315,10 @@ mod tests {
     fn a_length_body_and_a_close_are_read_from_the_head() {
         let head = simple("POST / HTTP/1.1\r\nContent-Length: 12\r\nConnection: keep-alive, Close\r\n\r\n");
         assert_eq!((head.body, head.close), (12, true));
-        let same = simple("POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n");
+        let same = simple("POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 005\r\n\r\n");
         assert_eq!(same.body, 5);
+        let lengths: Vec<_> = same.request.headers().get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["5"], "one length goes on, as hyper sends it");
     }
 
     #[test]
