@@ -705,8 +705,20 @@ impl<S> Guarded<S> {
         if let Some(switched) = self.gate.take(cx) {
             self.scanner.answer(switched);
             if self.released == 0 && !self.buf.is_empty() {
-                self.released = self.scanner.scan(&mut self.buf);
+                self.scan();
             }
+        }
+    }
+
+    /// Scan what is buffered. A head completed ends its deadline: the next head's starts
+    /// when it is first awaited (`check_deadline`), not at the connection's first head.
+    /// (hyper reads every head through `check_deadline`, which clears it between heads;
+    /// latchkey's own server waits for heads in `arrival`, which does not.)
+    fn scan(&mut self) {
+        let heads = self.scanner.heads;
+        self.released = self.scanner.scan(&mut self.buf);
+        if self.scanner.heads != heads {
+            self.deadline = None;
         }
     }
 }
@@ -760,7 +772,7 @@ impl<S: AsyncRead + Unpin> Guarded<S> {
             return Poll::Ready(Ok(false));
         }
         self.buf.extend_from_slice(rb.filled());
-        self.released = self.scanner.scan(&mut self.buf);
+        self.scan();
         Poll::Ready(Ok(true))
     }
 
@@ -813,7 +825,7 @@ impl<S: AsyncRead + Unpin> Guarded<S> {
                 continue;
             }
             this.buf.extend_from_slice(rb.filled());
-            this.released = this.scanner.scan(&mut this.buf);
+            this.scan();
         }
     }
 }

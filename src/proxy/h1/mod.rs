@@ -15,6 +15,8 @@
 
 mod body;
 pub mod codec;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::io;
@@ -26,6 +28,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::Body;
 use super::framing::Guarded;
@@ -69,16 +72,22 @@ where
     Fut: Future<Output = Response<Body>>,
 {
     let mut buf: Vec<u8> = Vec::new();
-    let mut first = !between_requests;
+    // Since when the connection rests between requests (`None` before its first
+    // request, whose head the guard times): empty lines do not end a rest, so they cannot
+    // hold a connection open.
+    let mut resting = between_requests.then(Instant::now);
     loop {
-        if buf.is_empty() && !first && !rest(&mut io, settings.idle_timeout, parked).await {
+        if let Some(since) = resting
+            && buf.is_empty()
+            && !rest(&mut io, since + settings.idle_timeout, parked).await
+        {
             let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
             return Served::Closed;
         }
-        first = false;
-        let head = match read_head(&mut io, &mut buf, settings).await {
-            Ok(Some(head)) => head,
-            Ok(None) => {
+        let head = match read_head(&mut io, &mut buf, settings, resting.is_some()).await {
+            Ok(Read::Head(head)) => head,
+            Ok(Read::Blank) => continue,
+            Ok(Read::Hyper) => {
                 io.unread(&buf);
                 return Served::Hyper(io);
             }
@@ -89,16 +98,17 @@ where
             buf = Vec::new(); // nothing held while the request is served
         }
         if head.body > 0 {
-            match with_body(io, std::mem::take(&mut buf), head, &mut service).await {
+            match with_body(io, std::mem::take(&mut buf), head, settings.idle_timeout, &mut service).await {
                 Some((back, rest)) => (io, buf) = (back, rest),
                 None => return Served::Closed,
             }
+            resting = Some(Instant::now());
             continue;
         }
         let (head_request, close) = (head.request.method() == Method::HEAD, head.close);
         let resp = service(head.request.map(|()| ClientBody::empty())).await;
         match respond(&mut io, resp, head_request, close).await {
-            Ok(true) => {}
+            Ok(true) => resting = Some(Instant::now()),
             Ok(false) => {
                 let _ = io.shutdown().await;
                 return Served::Closed;
@@ -115,6 +125,7 @@ async fn with_body<S, F, Fut>(
     io: Box<Guarded<S>>,
     buf: Vec<u8>,
     head: codec::Head,
+    idle: Duration,
     service: &mut F,
 ) -> Option<(Box<Guarded<S>>, Vec<u8>)>
 where
@@ -127,34 +138,69 @@ where
     let (back, mut returned) = oneshot::channel();
     let body = LengthBody::new(Reader { io: rd, buf }, head.body, back);
     let resp = service(head.request.map(|()| ClientBody::own(body.boxed()))).await;
-    match (respond(&mut wr, resp, head_request, head.close).await, returned.try_recv()) {
-        (Ok(true), Ok(reader)) => Some((reader.io.unsplit(wr), reader.buf)),
-        (Err(_), _) => None,
-        // Closing, or the body was not read to its end (nobody will read the rest): the
-        // guard's lingering close lets the client read the answer.
-        (Ok(_), _) => {
+    let keep = respond(&mut wr, resp, head_request, head.close).await.ok()?;
+    let reader = match returned.try_recv() {
+        Ok(reader) => Some(reader),
+        // Answered while the body is still read (an upstream that answered before the
+        // upload ended): the client's next bytes are that body's, and nothing else reads
+        // the connection until it ends or is dropped, as with hyper. A lingering close
+        // now would read them too.
+        Err(oneshot::error::TryRecvError::Empty) => match tokio::time::timeout(idle, returned).await {
+            Ok(read_out) => read_out.ok(),
+            Err(_) => return None, // still held: closed once its holder lets go
+        },
+        Err(oneshot::error::TryRecvError::Closed) => None,
+    };
+    match reader {
+        Some(reader) if keep => Some((reader.io.unsplit(wr), reader.buf)),
+        Some(reader) => {
+            let _ = reader.io.unsplit(wr).shutdown().await;
+            None
+        }
+        // Dropped before its end (nobody reads the rest): the guard's lingering close
+        // lets the client read the answer.
+        None => {
             let _ = wr.shutdown().await;
             None
         }
     }
 }
 
-/// Read until `buf` starts with a complete head: `None` when it is hyper's to serve
+/// What the next bytes of a connection are.
+// Not boxed, as `Parsed`: made once per request and taken apart at once.
+#[allow(clippy::large_enum_variant)]
+enum Read {
+    Head(codec::Head),
+    /// Empty lines only, between requests: still at rest.
+    Blank,
+    /// Not this server's to serve: hyper takes the connection from here.
+    Hyper,
+}
+
+/// Read until `buf` starts with a complete head: `Hyper` when it is hyper's to serve
 /// (or incomplete at the end of input, which hyper answers as it does), `Err` when the
-/// connection failed or ended between requests.
+/// connection failed or ended between requests. Between requests (`resting`), empty
+/// lines (RFC 9112 2.2) are dropped and read as `Blank`.
 async fn read_head<S>(
     io: &mut Guarded<S>,
     buf: &mut Vec<u8>,
     settings: &Settings,
-) -> io::Result<Option<codec::Head>>
+    resting: bool,
+) -> io::Result<Read>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     loop {
         match codec::parse(buf, settings.max_headers) {
-            Parsed::Simple(head) => return Ok(Some(head)),
-            Parsed::Hyper => return Ok(None),
-            Parsed::Partial if buf.len() > settings.max_header_bytes => return Ok(None),
+            Parsed::Simple(head) => return Ok(Read::Head(head)),
+            Parsed::Hyper => return Ok(Read::Hyper),
+            Parsed::Partial if buf.len() > settings.max_header_bytes => return Ok(Read::Hyper),
+            Parsed::Partial if resting && buf.iter().all(|b| matches!(b, b'\r' | b'\n')) => {
+                if !buf.is_empty() {
+                    buf.clear();
+                    return Ok(Read::Blank);
+                }
+            }
             Parsed::Partial => {}
         }
         let mut reader = Reader { io: &mut *io, buf: std::mem::take(buf) };
@@ -162,29 +208,46 @@ where
         *buf = reader.buf;
         match read? {
             0 if buf.is_empty() => return Err(io::ErrorKind::UnexpectedEof.into()),
-            0 => return Ok(None),
+            0 => return Ok(Read::Hyper),
             _ => {}
         }
     }
 }
 
 /// Rest between two requests: `true` once the client sends again, `false` when it
-/// closes or stays silent for `idle`.
+/// closes or stays silent until `until`.
 async fn rest<S>(
     io: &mut Guarded<S>,
-    idle: Duration,
+    until: Instant,
     parked: &prometheus_client::metrics::gauge::Gauge,
 ) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    if let Ok(arrived) = tokio::time::timeout(PARK_AFTER.min(idle), io.arrival()).await {
+    let park_at = until.min(Instant::now() + PARK_AFTER);
+    if let Ok(arrived) = tokio::time::timeout_at(park_at, io.arrival()).await {
         return matches!(arrived, Ok(true));
     }
-    parked.inc();
-    let arrived = tokio::time::timeout(idle.saturating_sub(PARK_AFTER), io.arrival()).await;
-    parked.dec();
+    let _parked = Parked::count(parked);
+    let arrived = tokio::time::timeout_at(until, io.arrival()).await;
     matches!(arrived, Ok(Ok(true)))
+}
+
+/// One parked connection on the gauge, for as long as it lives (a serve dropped while
+/// parked, at shutdown, does not leave it counted).
+struct Parked<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> Parked<'a> {
+    fn count(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Parked(gauge)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Write `resp`; `Ok(true)` when the connection may serve another request.
