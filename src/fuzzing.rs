@@ -354,6 +354,8 @@ mod tests {
             include_bytes!("../fuzz/corpus/framing/upgrade-not-switched"),
             include_bytes!("../fuzz/corpus/framing/bad-connect-target"),
             include_bytes!("../fuzz/corpus/h1/post-with-length"),
+            include_bytes!("../fuzz/corpus/h1/get-then-head-pipelined"),
+            include_bytes!("../fuzz/corpus/h1/two-lengths-and-chunked"),
             include_bytes!("../fuzz/corpus/h2_frames/settings-flood"),
         ] {
             super::host(input);
