@@ -4,8 +4,9 @@
 //! A watcher costs the proxy nothing it could be made to wait on: records go into a
 //! broadcast ring that never blocks its sender, and each watcher has a short queue of
 //! its own. A watcher that falls behind either (it stopped reading) is disconnected.
-//! Records that finish close together go out as one write (see [`BATCH`]): under load
-//! a watcher costs a few wake-ups and writes a second, not one per request.
+//! Records that finish close together arrive as one batch (`live::BATCH`), written once
+//! for every watcher: under load a watcher costs a few wake-ups and writes a second,
+//! not one per request.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -23,15 +24,12 @@ use super::Reply;
 use crate::approvals::Approvals;
 use crate::proxy::Proxy;
 
-/// Chunks (a batch of records each, see [`BATCH`]) queued for one watcher before it
-/// counts as stalled: ~0.3 s of events, a few MiB at most at full load.
+/// Chunks (a batch of records each, `live::BATCH`) queued for one watcher before it
+/// counts as stalled: ~0.3 s of events, a few MiB at most at full load, shared with
+/// every other watcher's queue.
 const QUEUE: usize = 16;
 /// A comment line this often, so a watcher that went away is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(15);
-/// After the first record of a quiet spell, wait this long and send everything that
-/// came meanwhile as one chunk. Far below the second SPEC 10 allows, and at 20k
-/// requests a second it collects ~400 records: well inside the ring (`live::RING`).
-const BATCH: Duration = Duration::from_millis(20);
 
 struct Sse(mpsc::Receiver<Bytes>);
 
@@ -78,13 +76,7 @@ async fn feed(
         }
         next = tokio::select! {
             r = records.recv() => match r {
-                Ok(first) => match batch(&first, &mut records).await {
-                    Some(events) => Some(events),
-                    None => {
-                        cut.notify_one();
-                        return;
-                    }
-                },
+                Ok(batch) => Some(batch),
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     cut.notify_one();
                     return;
@@ -110,21 +102,6 @@ fn event(kind: &str, data: &str) -> Bytes {
 fn push_event(out: &mut BytesMut, kind: &str, data: &str) {
     for part in ["event: ", kind, "\ndata: ", data, "\n\n"] {
         out.extend_from_slice(part.as_bytes());
-    }
-}
-
-/// `first` and every record that finishes within [`BATCH`] after it (each an `event:
-/// request` already), as one chunk; `None` if the watcher fell behind the ring meanwhile.
-async fn batch(first: &Bytes, records: &mut broadcast::Receiver<Bytes>) -> Option<Bytes> {
-    tokio::time::sleep(BATCH).await;
-    let mut out = BytesMut::new();
-    out.extend_from_slice(first);
-    loop {
-        match records.try_recv() {
-            Ok(event) => out.extend_from_slice(&event),
-            Err(broadcast::error::TryRecvError::Lagged(_)) => return None,
-            Err(_) => return Some(out.freeze()),
-        }
     }
 }
 
