@@ -70,23 +70,12 @@ fn run_sdk(lk: &Latchkey) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn wait_for(path: &std::path::Path, what: &str) -> String {
-    for _ in 0..100 {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains(what) {
-            return text;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("{what:?} never appeared in {}", path.display());
-}
-
 #[test]
 fn the_anthropic_sdk_prompt_is_redacted_and_stays_valid_json() {
     let (_server, lk, fake_log) = anthropic_setup("redact");
     let out = run_sdk(&lk);
     assert_eq!(out.trim(), "hi from the fake API", "{}", lk.stderr());
-    let line = wait_for(&fake_log, "/v1/messages");
+    let line = wait_for_text(&fake_log, "/v1/messages");
     let seen: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
     assert_eq!(seen["key_ok"], true, "the credential is injected as usual");
     let body: serde_json::Value =
@@ -98,7 +87,7 @@ fn the_anthropic_sdk_prompt_is_redacted_and_stays_valid_json() {
     assert!(prompt.contains("DATABASE_URL=postgres://localhost/app"), "the rest is untouched");
     assert_eq!(body["messages"][2]["content"], "Thanks.");
     // The request log names the rule and the count, never the text.
-    let logged = wait_for(&lk.dir.path().join("requests.log"), "\"dlp\"");
+    let logged = wait_for_text(&lk.dir.path().join("requests.log"), "\"dlp\"");
     assert!(logged.contains(r#""dlp":{"action":"redact","rules":{"aws-access-key":1}}"#), "{logged}");
     let all = format!("{logged}{}", lk.stderr());
     assert!(!all.contains(AWS_ID) && !all.contains(AWS_SECRET), "{all}");

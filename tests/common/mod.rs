@@ -161,6 +161,19 @@ impl Upstream {
     }
 }
 
+/// The text of `path` once it contains `what`, waited for up to 5 s: a log record is
+/// written when its exchange ends, which may be just after the client has its answer.
+pub fn wait_for_text(path: &Path, what: &str) -> String {
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(what) {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what:?} never appeared in {}", path.display());
+}
+
 pub fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
