@@ -70,7 +70,8 @@ impl Live {
         }
     }
 
-    /// Batches of `request` events, from now on. Called on the runtime (the admin
+    /// Batches of `request` events, from the next batch sent (which may hold records
+    /// finished just before this call). Called on the runtime (the admin
     /// listener), which the flusher is started on with the first watcher.
     pub fn subscribe(&self) -> broadcast::Receiver<Bytes> {
         let rx = self.0.tx.subscribe();

@@ -86,6 +86,12 @@ where
         }
         let head = match read_head(&mut io, &mut buf, settings, resting.is_some()).await {
             Ok(Read::Head(head)) => head,
+            // A rest ends when its time is up even if empty lines keep arriving: `rest`
+            // only times a wait, and a client sending without pause never lets it wait.
+            Ok(Read::Blank) if resting.is_some_and(|since| since.elapsed() >= settings.idle_timeout) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+                return Served::Closed;
+            }
             Ok(Read::Blank) => continue,
             Ok(Read::Hyper) => {
                 io.unread(&buf);

@@ -117,6 +117,16 @@ async fn empty_lines_between_requests_do_not_hold_a_connection_open() {
     }
     assert!(started.elapsed() <= IDLE + IDLE / 4, "open {:?} after its last request", started.elapsed());
     assert!(served.await.unwrap(), "closed");
+    // Nor can a flood of them, sent faster than they are read: the rest has its time.
+    let (mut c, _, served) = start(Duration::ZERO, Gauge::default());
+    c.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    assert!(read_for(&mut c, Duration::from_millis(10)).await.0.contains("ok:/1"));
+    c.write_all(&[b'\n'; 256 * 1024]).await.unwrap(); // all there before the server reads
+    tokio::time::advance(IDLE * 2).await;
+    let _ = c.write_all(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let (got, closed) = read_for(&mut c, Duration::from_millis(10)).await;
+    assert!(!got.contains("ok:/2") && closed, "{got:?}, closed: {closed}");
+    assert!(served.await.unwrap(), "closed");
     // Between requests they are skipped, and the next request is served.
     let (mut c, _, _) = start(Duration::ZERO, Gauge::default());
     c.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
