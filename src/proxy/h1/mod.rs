@@ -79,19 +79,17 @@ where
     loop {
         if let Some(since) = resting
             && buf.is_empty()
-            && !rest(&mut io, since + settings.idle_timeout, parked).await
         {
-            let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
-            return Served::Closed;
-        }
-        let head = match read_head(&mut io, &mut buf, settings, resting.is_some()).await {
-            Ok(Read::Head(head)) => head,
-            // A rest ends when its time is up even if empty lines keep arriving: `rest`
-            // only times a wait, and a client sending without pause never lets it wait.
-            Ok(Read::Blank) if resting.is_some_and(|since| since.elapsed() >= settings.idle_timeout) => {
+            // `rest` times a wait; a client sending empty lines without pause never lets
+            // it wait, so the rest's end is also checked here.
+            let (now, until) = (Instant::now(), since + settings.idle_timeout);
+            if now >= until || !rest(&mut io, now, until, parked).await {
                 let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
                 return Served::Closed;
             }
+        }
+        let head = match read_head(&mut io, &mut buf, settings, resting.is_some()).await {
+            Ok(Read::Head(head)) => head,
             Ok(Read::Blank) => continue,
             Ok(Read::Hyper) => {
                 io.unread(&buf);
@@ -220,17 +218,18 @@ where
     }
 }
 
-/// Rest between two requests: `true` once the client sends again, `false` when it
-/// closes or stays silent until `until`.
+/// Rest between two requests from `now`: `true` once the client sends again, `false`
+/// when it closes or stays silent until `until`.
 async fn rest<S>(
     io: &mut Guarded<S>,
+    now: Instant,
     until: Instant,
     parked: &prometheus_client::metrics::gauge::Gauge,
 ) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let park_at = until.min(Instant::now() + PARK_AFTER);
+    let park_at = until.min(now + PARK_AFTER);
     if let Ok(arrived) = tokio::time::timeout_at(park_at, io.arrival()).await {
         return matches!(arrived, Ok(true));
     }
