@@ -137,15 +137,21 @@ pub fn encode_component(s: &str) -> String {
 /// Connection-specific headers (RFC 9110 7.6.1) plus the proxy's own. `Trailer` is
 /// end-to-end: it declares the trailer fields a chunked HTTP/1.1 response carries.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "proxy-connection"
-            | "keep-alive"
-            | "te"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-    )
+    hop_by_hop_name(name).is_some()
+}
+
+/// [`is_hop_by_hop`], answered with the name itself as a `&'static str`: a map can be
+/// searched by it while the map is changed, with no name cloned.
+pub fn hop_by_hop_name(name: &HeaderName) -> Option<&'static str> {
+    Some(match name.as_str() {
+        "connection" => "connection",
+        "proxy-connection" => "proxy-connection",
+        "keep-alive" => "keep-alive",
+        "te" => "te",
+        "transfer-encoding" => "transfer-encoding",
+        "upgrade" => "upgrade",
+        "proxy-authorization" => "proxy-authorization",
+        "proxy-authenticate" => "proxy-authenticate",
+        _ => return None,
+    })
 }

@@ -204,21 +204,30 @@ impl ContentFilter {
 impl Policy {
     /// The most specific usable credential for this request, if any.
     pub fn winner(&self, dest: &Destination, head: &RequestHead<'_>) -> Option<usize> {
-        self.ranked(dest, head).last().map(|(i, _)| *i)
+        // The last of `ranked`: `max_by_key` returns the last of equal maxima, so
+        // the last declared wins a tie here too. No list is built per request.
+        self.candidates(dest, head).max_by_key(|(_, r)| *r).map(|(i, _)| i)
     }
 
     /// Candidates sorted from least to most specific (ties keep declaration order,
     /// so the last declared wins).
     pub fn ranked(&self, dest: &Destination, head: &RequestHead<'_>) -> Vec<(usize, Rank)> {
-        let mut v: Vec<(usize, Rank)> = self
-            .credentials
+        let mut v: Vec<(usize, Rank)> = self.candidates(dest, head).collect();
+        v.sort_by_key(|(_, r)| *r);
+        v
+    }
+
+    /// The active credentials that apply to this request, in declaration order.
+    fn candidates<'a>(
+        &'a self,
+        dest: &'a Destination,
+        head: &'a RequestHead<'_>,
+    ) -> impl Iterator<Item = (usize, Rank)> + 'a {
+        self.credentials
             .iter()
             .enumerate()
             .filter(|(_, c)| !matches!(c.state, CredState::Inactive(_)))
             .filter_map(|(i, c)| self.rule_rank(c, dest, head).map(|r| (i, r)))
-            .collect();
-        v.sort_by_key(|(_, r)| *r);
-        v
     }
 
     /// Why a request that no credential takes passes without one.
@@ -397,8 +406,13 @@ pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
 }
 
 /// Headers through which web frameworks let a request stand for another method.
-pub const METHOD_OVERRIDE_HEADERS: [&str; 3] =
-    ["x-http-method-override", "x-http-method", "x-method-override"];
+/// Names, not strings: asked on every request, a name is hashed and found without being
+/// parsed first.
+pub const METHOD_OVERRIDE_HEADERS: [http::HeaderName; 3] = [
+    http::HeaderName::from_static("x-http-method-override"),
+    http::HeaderName::from_static("x-http-method"),
+    http::HeaderName::from_static("x-method-override"),
+];
 
 /// The methods a request claims besides its request line's: method-override headers
 /// (every instance, comma lists split) and the `_method` query parameter, upper-cased as
@@ -406,7 +420,7 @@ pub const METHOD_OVERRIDE_HEADERS: [&str; 3] =
 pub fn override_methods(head: &RequestHead<'_>) -> Vec<String> {
     let mut out = Vec::new();
     for name in METHOD_OVERRIDE_HEADERS {
-        for value in head.headers.get_all(name) {
+        for value in head.headers.get_all(&name) {
             let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
             out.extend(text.split(',').map(|m| m.trim().to_ascii_uppercase()).filter(|m| !m.is_empty()));
         }
@@ -414,7 +428,13 @@ pub fn override_methods(head: &RequestHead<'_>) -> Vec<String> {
     let query = head.target.split_once('?').map(|(_, q)| q).unwrap_or("");
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if percent_decode(name.as_bytes()) == b"_method" {
+        // Only a name with an escape can decode to something else: no copy for the rest.
+        let is_method = if name.contains('%') {
+            percent_decode(name.as_bytes()) == b"_method"
+        } else {
+            name == "_method"
+        };
+        if is_method {
             let value =
                 String::from_utf8_lossy(&percent_decode(value.replace('+', " ").as_bytes())).into_owned();
             out.push(value.trim().to_ascii_uppercase());

@@ -83,11 +83,13 @@ pub struct Meter {
 impl Meter {
     /// A meter for a response of this content type, if it is one that can carry usage.
     pub fn for_content_type(content_type: &str) -> Option<Meter> {
-        let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        let kind = match essence.as_str() {
-            "text/event-stream" => Kind::Sse { line: Vec::new() },
-            "application/json" => Kind::Json { head: Vec::new(), tail: Default::default(), total: 0 },
-            _ => return None,
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        let kind = if essence.eq_ignore_ascii_case("text/event-stream") {
+            Kind::Sse { line: Vec::new() }
+        } else if essence.eq_ignore_ascii_case("application/json") {
+            Kind::Json { head: Vec::new(), tail: Default::default(), total: 0 }
+        } else {
+            return None;
         };
         Some(Meter { kind, usage: Usage::default(), overflow: false })
     }

@@ -2,14 +2,14 @@
 //! destination (never from a client-written host), hop-by-hop headers removed, HTTP/1.1
 //! semantics, `Via`, and identity encoding asked for when the response will be scanned.
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Uri, Version};
 
 use super::super::route::Route;
 use crate::config::Config;
-use crate::inject::is_hop_by_hop;
+use crate::inject::hop_by_hop_name;
 use crate::policy::Refusal;
 
 /// Rewrite the request for the upstream. Returns whether the response will be
@@ -78,20 +78,18 @@ pub fn add_via(headers: &mut HeaderMap) {
     }
 }
 
-/// Remove hop-by-hop headers and every header the Connection header names.
+/// Remove hop-by-hop headers and every header the Connection header names. Runs on
+/// every request and response, so nothing is allocated for a head without them.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
+        let listed: Vec<HeaderValue> = entry.remove_entry_mult().1.collect();
+        // Looked up by `&str`: an invalid or empty name finds nothing.
+        for name in listed.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
+            headers.remove(name.trim());
+        }
     }
-    let hop: Vec<HeaderName> = headers.keys().filter(|k| is_hop_by_hop(k)).cloned().collect();
-    for name in hop {
+    // One pass per hop-by-hop name present, at most eight.
+    while let Some(name) = headers.keys().find_map(hop_by_hop_name) {
         headers.remove(name);
     }
 }
