@@ -477,13 +477,37 @@ impl Set {
 /// finds whatever it finds in any one part (each is a substring), so "nothing here"
 /// answers for every part at once; a find spanning a NUL is only a false alarm, which
 /// callers answer by searching part by part.
-pub(crate) fn joined_by_nul<'a>(parts: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
-    let mut joined = Vec::with_capacity(256);
-    for part in parts {
-        joined.extend_from_slice(part);
-        joined.push(0);
-    }
-    joined
+///
+/// Read by `read` in a buffer the thread keeps: asked of every head, it allocates
+/// nothing once the thread has read one head of this size.
+pub(crate) fn joined_by_nul<'a, R>(
+    parts: impl Iterator<Item = &'a [u8]>,
+    read: impl FnOnce(&[u8]) -> R,
+) -> R {
+    /// A buffer grown past this (a head of many large values) is not kept.
+    const KEEP: usize = 16 * 1024;
+    thread_local!(static JOINED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+    let join = |joined: &mut Vec<u8>| {
+        for part in parts {
+            joined.extend_from_slice(part);
+            joined.push(0);
+        }
+    };
+    JOINED.with(|cell| {
+        let Ok(mut joined) = cell.try_borrow_mut() else {
+            // Asked again from inside `read`: a buffer of its own.
+            let mut own = Vec::new();
+            join(&mut own);
+            return read(&own);
+        };
+        joined.clear();
+        join(&mut joined);
+        let out = read(&joined);
+        if joined.capacity() > KEEP {
+            *joined = Vec::new();
+        }
+        out
+    })
 }
 
 /// The redactors of every credential that names `dest`'s host (`None`: nothing to mask).

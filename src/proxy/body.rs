@@ -221,13 +221,14 @@ pub fn redact_headers(headers: &mut http::HeaderMap, set: &crate::redact::Set) {
     }
 }
 
-/// Does no header name or value hold a secret? Names are asked one by one (the names'
-/// search is case-insensitive, and its prefilter fires often in values); the values in
-/// one search over them joined by NUL (`redact::joined_by_nul`). Most heads hold no
-/// secret, and one search costs a fraction of one per header.
+/// Does no header name or value hold a secret? The names in one search over them
+/// joined by NUL (`redact::joined_by_nul`), apart from the values (the names' search is
+/// case-insensitive, and its prefilter fires often in values); then the values in one
+/// search. Most heads hold no secret, and one search costs a fraction of one per header.
 fn head_is_clean(headers: &http::HeaderMap, set: &crate::redact::Set) -> bool {
-    !headers.keys().any(|k| set.names_secret(k.as_str().as_bytes()))
-        && set.count(&crate::redact::joined_by_nul(headers.values().map(|v| v.as_bytes()))) == 0
+    use crate::redact::joined_by_nul;
+    !joined_by_nul(headers.keys().map(|k| k.as_str().as_bytes()), |names| set.names_secret(names))
+        && joined_by_nul(headers.values().map(|v| v.as_bytes()), |values| set.count(values)) == 0
 }
 
 /// Mask secrets in a response head: the HTTP/1.1 reason phrase, header names and values.
@@ -359,13 +360,14 @@ mod tests {
         #[test]
         fn the_joined_head_search_agrees_with_the_search_per_header(
             heads in proptest::collection::vec(
-                (0usize..3, proptest::collection::vec(0usize..10, 0..5)), 0..6),
+                (0usize..5, proptest::collection::vec(0usize..10, 0..5)), 0..6),
         ) {
             let set = redactors();
             let b64 = base64::engine::general_purpose::STANDARD.encode("u:body-secret-0123456789");
             let pieces = ["body-secret-0123456789", "body-secret-", "0123456789", &b64, "\\", "u0062",
                 "ody-secret-0123456789", "text/html", " ", "%2D"];
-            let names = ["x-a", "body-secret-0123456789", "x-body-secret-0123456789"];
+            // Names are searched joined too: a secret split across two names is none.
+            let names = ["x-a", "body-secret-0123456789", "x-body-secret-0123456789", "body-secret-", "0123456789"];
             let mut headers = http::HeaderMap::new();
             for (name, value) in &heads {
                 let value: String = value.iter().map(|i| pieces[*i]).collect();

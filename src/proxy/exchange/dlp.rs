@@ -250,7 +250,7 @@ fn scan_parts(
 fn head_is_clean(quick: &Quick, parts: &Parts, slots: &[HeaderName]) -> bool {
     let target = parts.uri.path_and_query().map(|pq| pq.as_str().as_bytes());
     let values = parts.headers.iter().filter(|(name, _)| !slots.contains(name)).map(|(_, v)| v.as_bytes());
-    quick.clean_text(&crate::redact::joined_by_nul(target.into_iter().chain(values)))
+    crate::redact::joined_by_nul(target.into_iter().chain(values), |joined| quick.clean_text(joined))
 }
 
 /// Mask what `redact` masks in the target and header values (same length).

@@ -25,7 +25,7 @@ pub fn filter(
     // Looked up now, after any token refresh; and before hop-by-hop headers go, since a
     // Transfer-Encoding coding counts too.
     let mut resp = match redact.then(|| crate::redact::for_host(config, &route.dest)).flatten() {
-        Some(set) => redact_response(&set, resp, route)?,
+        Some(set) => redact_response(set, resp, route)?,
         None => resp,
     };
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
@@ -48,7 +48,7 @@ pub fn filter(
 /// Mask the secrets of every credential naming this host in the response head and, as
 /// it streams, the body. A coding latchkey could not scan through is refused.
 fn redact_response(
-    set: &crate::redact::Set,
+    set: crate::redact::Set,
     mut resp: Response<Body>,
     route: &Route,
 ) -> Result<Response<Body>, Refusal> {
@@ -61,8 +61,8 @@ fn redact_response(
             ),
         ));
     }
-    body::redact_head(&mut resp, set);
+    body::redact_head(&mut resp, &set);
     let (parts, body) = resp.into_parts();
-    let body = Redacted::new(body, set.clone(), &parts.headers).boxed();
+    let body = Redacted::new(body, set, &parts.headers).boxed();
     Ok(Response::from_parts(parts, body))
 }
