@@ -147,6 +147,9 @@ pub struct Credential {
     /// Masks this credential's secrets in the responses to its requests; shared with the
     /// same-named credential of the next config on reload (rotated values stay masked).
     pub redactor: std::sync::Arc<crate::redact::Cache>,
+    /// The header names of the injector's slots, parsed once: request trailers are
+    /// cleaned of them (`proxy::trailers`).
+    pub slot_headers: std::sync::Arc<[http::HeaderName]>,
 }
 
 #[derive(Debug)]
@@ -966,6 +969,17 @@ impl Compiler<'_> {
             token_slot: slots_in_words(built.injector.as_ref()),
             ..routing
         };
+        let slot_headers = built
+            .injector
+            .slots()
+            .into_iter()
+            .filter_map(|s| match s {
+                crate::inject::Slot::Header { header } => {
+                    http::HeaderName::from_bytes(header.as_bytes()).ok()
+                }
+                crate::inject::Slot::Query { .. } => None,
+            })
+            .collect();
         let cred = Credential {
             name: name.to_string(),
             label: name.into(),
@@ -982,6 +996,7 @@ impl Compiler<'_> {
             auth_type,
             tls,
             redactor: Default::default(),
+            slot_headers,
         };
         Ok((rule, cred))
     }

@@ -17,8 +17,8 @@ use crate::policy::ContentFilter;
 /// What a request's trailers must be cleaned of and scanned for.
 #[derive(Clone, Default)]
 pub struct TrailerRules {
-    /// Header names of the injected credential's slots.
-    pub strip: Vec<HeaderName>,
+    /// Header names of the injected credential's slots (parsed once, at load).
+    pub strip: Option<Arc<[HeaderName]>>,
     /// `blocked_patterns`, when any are set.
     pub filter: Option<Arc<crate::config::Config>>,
 }
@@ -26,27 +26,19 @@ pub struct TrailerRules {
 impl TrailerRules {
     /// The slots of the credential a request got, and the content filter when set.
     pub fn new(credential: Option<&crate::config::Credential>, config: &Arc<crate::config::Config>) -> Self {
-        let strip = credential
-            .map(|c| c.injector.slots())
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|s| match s {
-                crate::inject::Slot::Header { header } => HeaderName::from_bytes(header.as_bytes()).ok(),
-                crate::inject::Slot::Query { .. } => None,
-            })
-            .collect();
+        let strip = credential.map(|c| c.slot_headers.clone()).filter(|names| !names.is_empty());
         let filter = (!config.policy.filters.content.is_empty()).then(|| config.clone());
         TrailerRules { strip, filter }
     }
 
     /// Nothing to do: the body is passed on unwrapped.
     pub fn is_empty(&self) -> bool {
-        self.strip.is_empty() && self.filter.is_none()
+        self.strip.is_none() && self.filter.is_none()
     }
 
     /// Clean `trailers`; the blocked pattern they hold, if any.
     fn apply(&self, trailers: &mut HeaderMap) -> Option<String> {
-        for name in &self.strip {
+        for name in self.strip.iter().flat_map(|names| names.iter()) {
             trailers.remove(name);
         }
         let filter: &ContentFilter = &self.filter.as_ref()?.policy.filters.content;
@@ -94,7 +86,8 @@ mod tests {
 
     #[test]
     fn slots_are_removed_in_any_case_and_count() {
-        let rules = TrailerRules { strip: vec![HeaderName::from_static("x-api-key")], filter: None };
+        let rules =
+            TrailerRules { strip: Some(Arc::from([HeaderName::from_static("x-api-key")])), filter: None };
         let mut t = HeaderMap::new();
         t.append("X-Api-Key", "a".parse().unwrap());
         t.append("x-api-key", "b".parse().unwrap());

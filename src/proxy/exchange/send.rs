@@ -97,11 +97,10 @@ impl<'a> Upstream<'a> {
         up: Arc<AtomicU64>,
     ) -> Result<Response<Body>, Refusal> {
         let config = self.config;
-        let trailer_hit = Arc::new(std::sync::OnceLock::new());
-        let body = if self.trailers.is_empty() {
-            body
-        } else {
-            GuardedTrailers::new(body, self.trailers.clone(), trailer_hit.clone()).boxed()
+        let trailer_hit = (!self.trailers.is_empty()).then(|| Arc::new(std::sync::OnceLock::new()));
+        let body = match &trailer_hit {
+            None => body,
+            Some(hit) => GuardedTrailers::new(body, self.trailers.clone(), hit.clone()).boxed(),
         };
         let counted = Counted::new(body, up);
         let (body, hit): (Body, _) = if config.policy.filters.content.is_empty() {
@@ -114,17 +113,19 @@ impl<'a> Upstream<'a> {
         let request = self.client.request(Request::from_parts(parts, body));
         match tokio::time::timeout(config.proxy.timeout, request).await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => match (hit.as_ref().and_then(|h| h.get()), trailer_hit.get()) {
-                (Some(pattern), _) => Err(Refusal::new(
-                    RefusalKind::BlockedPattern,
-                    format!("request body matches blocked pattern {pattern:?}"),
-                )),
-                (None, Some(pattern)) => Err(Refusal::new(
-                    RefusalKind::BlockedPattern,
-                    format!("request trailers match blocked pattern {pattern:?}"),
-                )),
-                (None, None) => Err(upstream_failure(self.route, &e)),
-            },
+            Ok(Err(e)) => {
+                match (hit.as_ref().and_then(|h| h.get()), trailer_hit.as_ref().and_then(|h| h.get())) {
+                    (Some(pattern), _) => Err(Refusal::new(
+                        RefusalKind::BlockedPattern,
+                        format!("request body matches blocked pattern {pattern:?}"),
+                    )),
+                    (None, Some(pattern)) => Err(Refusal::new(
+                        RefusalKind::BlockedPattern,
+                        format!("request trailers match blocked pattern {pattern:?}"),
+                    )),
+                    (None, None) => Err(upstream_failure(self.route, &e)),
+                }
+            }
             Err(_) => Err(Refusal::new(
                 RefusalKind::UpstreamTimeout,
                 format!("{} did not answer within {}s", self.route.dest, config.proxy.timeout.as_secs()),
