@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark: direct vs latchkey vs mitmproxy vs squid (ssl-bump).
+"""Side-by-side benchmark: direct vs latchkey vs mitmproxy vs squid (ssl-bump), and nginx
+as a TLS-terminating reverse proxy (`nginx-proxy`: the yardstick for CPU per request).
 
 Everything binds to 127.0.0.1, every process started here is stopped here by PID, and
 every run is bounded in time. Targets alternate within each round so drift hits all
@@ -282,10 +283,56 @@ max_filedescriptors 16384
         wait_port(port)
         return Target("squid", p.pid, f"http://127.0.0.1:{port}", w / "squid-ca.pem")
 
+    def start_nginx_proxy(self):
+        """nginx as a TLS-terminating reverse proxy that writes the credential in: both TLS
+        legs, HTTP parsed twice, a keep-alive pool upstream — the work latchkey does per
+        request, minus CONNECT (once per connection) and the policy. It is not a
+        credential proxy (no CONNECT, no per-destination decision); it is here as the
+        yardstick for CPU per request: what a mature C proxy gets on this machine."""
+        w, port = self.work, free_port()
+        conf = w / "nginx-proxy.conf"
+        conf.write_text(f"""
+worker_processes auto;
+pid {w}/nginx-proxy.pid;
+error_log {w}/nginx-proxy.err warn;
+daemon off;
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 600s;
+  upstream up {{ server 127.0.0.1:{self.up_port}; keepalive 64; keepalive_requests 10000000; }}
+  server {{
+    listen 127.0.0.1:{port} ssl http2;
+    ssl_certificate {w}/up.pem;
+    ssl_certificate_key {w}/up.key;
+    location / {{
+      proxy_pass https://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host 127.0.0.1:{self.up_port};
+      proxy_set_header X-Api-Key "{SECRET}";
+      proxy_buffering off;
+      proxy_ssl_session_reuse on;
+      proxy_ssl_verify on;
+      proxy_ssl_trusted_certificate {w}/up-ca.pem;
+      proxy_ssl_name {JAIL_HOST};
+    }}
+  }}
+}}
+""")
+        p = self.spawn("nginx-proxy", ["nginx", "-c", str(conf)])
+        wait_port(port)
+        return Target("nginx-proxy", p.pid, None, w / "up-ca.pem", reverse=port)
+
 
 class Target:
-    def __init__(self, name, pid, proxy, ca):
+    def __init__(self, name, pid, proxy, ca, reverse=None):
         self.name, self.pid, self.proxy, self.ca = name, pid, proxy, ca
+        # A reverse proxy (nginx-proxy): the client asks it instead of the upstream, on
+        # this port, with no CONNECT; it has the upstream's certificate.
+        self.reverse = reverse
 
 
 def wait_port(port, timeout=30):
@@ -321,9 +368,9 @@ def open_stream(target, port, path_ca):
 
 
 def verify_injection(bench, t):
-    if not t.proxy:
+    if not t.proxy and not t.reverse:
         return
-    s = open_stream(t, bench.up_port, t.ca)
+    s = open_stream(t, t.reverse or bench.up_port, t.ca)
     s.sendall(f"GET /check HTTP/1.1\r\nHost: 127.0.0.1:{bench.up_port}\r\nConnection: close\r\n\r\n".encode())
     data = b""
     while chunk := s.recv(65536):
@@ -338,6 +385,8 @@ def oha(bench, t, url, conns, duration, extra=()):
            *extra]
     if t.proxy:
         cmd += ["-x", t.proxy]
+    if t.reverse:
+        url = url.replace(f"127.0.0.1:{bench.up_port}", f"127.0.0.1:{t.reverse}", 1)
     cmd.append(url)
     with Sampler(t.pid) as s:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
@@ -467,7 +516,7 @@ def main():
     ap.add_argument("--duration", type=int, default=10, help="seconds per timed run")
     ap.add_argument("--soak", type=int, default=600, help="soak seconds (latchkey)")
     ap.add_argument("--idle", type=int, default=1000)
-    ap.add_argument("--only", default="direct,latchkey,mitmproxy,squid")
+    ap.add_argument("--only", default="direct,latchkey,mitmproxy,squid,nginx-proxy")
     ap.add_argument("--latchkey", type=Path, default=ROOT / "target" / "release" / "latchkey")
     ap.add_argument("--baseline", type=Path, default=None,
                     help="an earlier latchkey build, run as target `baseline` beside `latchkey` in the same rounds")
@@ -490,7 +539,7 @@ def main():
         bench.start_nginx()
         targets = [Target("direct", None, None, None)]
         for name, start in [("latchkey", bench.start_latchkey), ("mitmproxy", bench.start_mitmproxy),
-                            ("squid", bench.start_squid)]:
+                            ("squid", bench.start_squid), ("nginx-proxy", bench.start_nginx_proxy)]:
             if name in only:
                 targets.append(start())
         targets = [t for t in targets if t.name in only]
@@ -499,7 +548,7 @@ def main():
             only.append("baseline")
         for t in targets:
             verify_injection(bench, t)
-            print(f"# {t.name}: injection verified" if t.proxy else "# direct: ok", file=sys.stderr)
+            print(f"# {t.name}: injection verified" if t.proxy or t.reverse else "# direct: ok", file=sys.stderr)
 
         results = {}  # (scenario, target) -> list of runs
         url = f"https://127.0.0.1:{bench.up_port}"
@@ -530,6 +579,8 @@ def main():
 
         extra_rows = {}
         for t in targets:
+            if t.reverse:
+                continue  # it proxies to the one upstream only; holds no intercepted tunnel
             extra_rows.setdefault("SSE first event (ms, median of 200)", {})[t.name] = sse_first_byte(bench, t, 200)
             if t.proxy:
                 before, after = idle_connections(bench, t, args.idle)
