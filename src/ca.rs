@@ -560,6 +560,79 @@ mod tests {
         assert!(CertAuthority::open(&opts, provider()).is_ok(), "regenerate replaces both");
     }
 
+    /// A client connection and the proxy's side of it for `host`, in memory.
+    fn pair(
+        client: &Arc<rustls::ClientConfig>,
+        server: &Arc<ServerConfig>,
+    ) -> (rustls::ClientConnection, rustls::ServerConnection) {
+        let name = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+        (
+            rustls::ClientConnection::new(client.clone(), name).unwrap(),
+            rustls::ServerConnection::new(server.clone()).unwrap(),
+        )
+    }
+
+    /// Carry records both ways until neither side has anything to send: the handshake,
+    /// then the session tickets the server sends after it.
+    fn pump(c: &mut rustls::ClientConnection, s: &mut rustls::ServerConnection) -> rustls::HandshakeKind {
+        loop {
+            let mut moved = false;
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            if !buf.is_empty() {
+                s.read_tls(&mut &buf[..]).unwrap();
+                s.process_new_packets().unwrap();
+                moved = true;
+            }
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            if !buf.is_empty() {
+                c.read_tls(&mut &buf[..]).unwrap();
+                c.process_new_packets().unwrap();
+                moved = true;
+            }
+            if !moved {
+                assert!(!c.is_handshaking() && !s.is_handshaking());
+                return c.handshake_kind().unwrap();
+            }
+        }
+    }
+
+    /// Clients resume: each connection leaves its client tickets for the next ones (two,
+    /// rustls' default: a burst of parallel connections after a few sequential ones
+    /// resumes every one of them).
+    #[test]
+    fn each_connection_leaves_its_client_tickets_for_the_next() {
+        use rustls::HandshakeKind::{Full, Resumed};
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = fresh(&tmp).1;
+        let server = ca.server_config(&Host::parse("api.example.com").unwrap()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()).next().unwrap().unwrap()).unwrap();
+        let client = Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let one = |_| {
+            let (mut c, mut s) = pair(&client, &server);
+            pump(&mut c, &mut s)
+        };
+        assert_eq!((0..3).map(one).collect::<Vec<_>>(), [Full, Resumed, Resumed]);
+        let together = |expected: [rustls::HandshakeKind; 2]| {
+            let (mut c1, mut s1) = pair(&client, &server);
+            let (mut c2, mut s2) = pair(&client, &server);
+            assert_eq!([pump(&mut c1, &mut s1), pump(&mut c2, &mut s2)], expected);
+        };
+        together([Resumed, Resumed]);
+    }
+
     /// Threads opening their own lock file contend like processes do (flock is per open
     /// file): all of them end up with the one CA on disk.
     #[test]
