@@ -415,10 +415,34 @@ impl Scanner {
     }
 
     /// Check a complete head as hyper would, and decide how the body after it is framed.
+    /// The headers' slots are on the stack, uninitialised, up to hyper's default count
+    /// (a vector of them was allocated and filled for every head).
     fn on_head(&mut self, head: &mut [u8]) -> Result<State, Malformed> {
-        let mut headers = vec![httparse::EMPTY_HEADER; self.max_headers];
-        let mut req = httparse::Request::new(&mut headers);
-        match httparse::ParserConfig::default().parse_request(&mut req, head) {
+        const STACK_HEADERS: usize = 100;
+        let (state, smuggled) = if self.max_headers <= STACK_HEADERS {
+            let mut headers = [const { std::mem::MaybeUninit::uninit() }; STACK_HEADERS];
+            self.judge_head(head, &mut headers[..self.max_headers])
+        } else {
+            let mut headers = vec![std::mem::MaybeUninit::uninit(); self.max_headers];
+            self.judge_head(head, &mut headers)
+        }?;
+        // CL with TE: each Content-Length name overwritten, so hyper cannot frame by it.
+        for at in smuggled {
+            head[at..at + SMUGGLED.len()].copy_from_slice(SMUGGLED.as_bytes());
+        }
+        Ok(state)
+    }
+
+    /// [`Self::on_head`]'s reading of the head: the state after it, and where the
+    /// Content-Length names of a head that also has Transfer-Encoding begin (empty, and
+    /// not allocated, for every other head).
+    fn judge_head<'b>(
+        &mut self,
+        head: &'b [u8],
+        headers: &mut [std::mem::MaybeUninit<httparse::Header<'b>>],
+    ) -> Result<(State, Vec<usize>), Malformed> {
+        let mut req = httparse::Request::new(&mut []);
+        match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, head, headers) {
             Ok(httparse::Status::Complete(_)) => {}
             Ok(httparse::Status::Partial) => return Err(Malformed::RequestLine),
             Err(httparse::Error::TooManyHeaders) => return Err(Malformed::TooManyHeaders),
@@ -461,23 +485,22 @@ impl Scanner {
         }
         let lengths: Vec<(usize, Option<u64>)> =
             lengths.into_iter().map(|(at, v)| (at, content_length(v))).collect();
-        match (chunked, lengths.as_slice()) {
+        let state = match (chunked, lengths.as_slice()) {
             (Some(_), [_, ..]) => {
-                for (at, _) in &lengths {
-                    head[*at..*at + SMUGGLED.len()].copy_from_slice(SMUGGLED.as_bytes());
-                }
-                Ok(State::Discard) // answered 400, then the connection closes
+                // Answered 400, then the connection closes.
+                return Ok((State::Discard, lengths.iter().map(|(at, _)| *at).collect()));
             }
-            (Some(true), []) => Ok(State::ChunkSize),
-            (Some(false), []) => Err(Malformed::TransferEncoding),
-            (None, []) | (None, [(_, Some(0))]) => Ok(self.message_end()),
+            (Some(true), []) => State::ChunkSize,
+            (Some(false), []) => return Err(Malformed::TransferEncoding),
+            (None, []) | (None, [(_, Some(0))]) => self.message_end(),
             (None, [(_, Some(n)), rest @ ..]) if rest.iter().all(|(_, m)| *m == Some(*n)) => match *n {
-                0 => Ok(self.message_end()),
-                n if n >= u64::MAX - 1 => Err(Malformed::TooLarge), // hyper: too large
-                n => Ok(State::Fixed(n)),
+                0 => self.message_end(),
+                n if n >= u64::MAX - 1 => return Err(Malformed::TooLarge), // hyper: too large
+                n => State::Fixed(n),
             },
-            (None, _) => Err(Malformed::ContentLength),
-        }
+            (None, _) => return Err(Malformed::ContentLength),
+        };
+        Ok((state, Vec::new()))
     }
 }
 
