@@ -575,31 +575,24 @@ mod tests {
     /// Carry records both ways until neither side has anything to send: the handshake,
     /// then the session tickets the server sends after it.
     fn pump(c: &mut rustls::ClientConnection, s: &mut rustls::ServerConnection) -> rustls::HandshakeKind {
-        loop {
-            let mut moved = false;
-            let mut buf = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut buf).unwrap();
-            }
-            if !buf.is_empty() {
-                s.read_tls(&mut &buf[..]).unwrap();
-                s.process_new_packets().unwrap();
-                moved = true;
-            }
-            let mut buf = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut buf).unwrap();
-            }
-            if !buf.is_empty() {
-                c.read_tls(&mut &buf[..]).unwrap();
-                c.process_new_packets().unwrap();
-                moved = true;
-            }
-            if !moved {
-                assert!(!c.is_handshaking() && !s.is_handshaking());
-                return c.handshake_kind().unwrap();
-            }
+        // Both ways each round (`|`, not `||`): a side may have to answer what it read.
+        while carry(&mut **c, &mut **s) | carry(&mut **s, &mut **c) {}
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        c.handshake_kind().unwrap()
+    }
+
+    /// What `from` has to send, read by `to`; `false` when there was nothing.
+    fn carry<A, B>(from: &mut rustls::ConnectionCommon<A>, to: &mut rustls::ConnectionCommon<B>) -> bool {
+        let mut buf = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut buf).unwrap();
         }
+        if buf.is_empty() {
+            return false;
+        }
+        to.read_tls(&mut &buf[..]).unwrap();
+        to.process_new_packets().unwrap();
+        true
     }
 
     /// Clients resume: each connection leaves its client tickets for the next ones (two,
