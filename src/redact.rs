@@ -472,6 +472,11 @@ impl Set {
     }
 }
 
+thread_local! {
+    /// [`joined_by_nul`]'s buffer, zeroed after each use.
+    static JOINED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Header values (and a request target) in one buffer, each followed by NUL: a byte none
 /// of them can hold, which ends every escape and base64 run. A search over the result
 /// finds whatever it finds in any one part (each is a substring), so "nothing here"
@@ -486,7 +491,6 @@ pub(crate) fn joined_by_nul<'a, R>(
 ) -> R {
     /// A buffer grown past this (a head of many large values) is not kept.
     const KEEP: usize = 16 * 1024;
-    thread_local!(static JOINED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
     let join = |joined: &mut Vec<u8>| {
         for part in parts {
             joined.extend_from_slice(part);
@@ -496,13 +500,15 @@ pub(crate) fn joined_by_nul<'a, R>(
     JOINED.with(|cell| {
         let Ok(mut joined) = cell.try_borrow_mut() else {
             // Asked again from inside `read`: a buffer of its own.
-            let mut own = Vec::new();
+            let mut own = Zeroizing::new(Vec::new());
             join(&mut own);
             return read(&own);
         };
         joined.clear();
         join(&mut joined);
         let out = read(&joined);
+        // What was read may hold a secret an upstream echoed: not left in the buffer.
+        zeroize::Zeroize::zeroize(joined.as_mut_slice());
         if joined.capacity() > KEEP {
             *joined = Vec::new();
         }
@@ -603,6 +609,23 @@ impl GrpcMessages {
 
 #[cfg(test)]
 mod tests {
+    /// What was joined does not stay in the thread's buffer: a response head that echoed
+    /// a secret leaves zeros behind, nested calls included.
+    #[test]
+    fn the_joined_buffer_is_zeroed_after_reading() {
+        let parts = [&b"token sk-live-0123456789"[..], b"x"];
+        let inner = super::joined_by_nul(parts.into_iter(), |outer| {
+            assert_eq!(outer, b"token sk-live-0123456789\0x\0");
+            super::joined_by_nul(parts.into_iter(), |nested| nested.len())
+        });
+        assert_eq!(inner, 27);
+        super::JOINED.with(|buf| {
+            let buf = buf.borrow();
+            assert_eq!(buf.len(), 27, "kept for the next head, zeroed");
+            assert!(buf.iter().all(|b| *b == 0), "{buf:?}");
+        });
+    }
+
     use super::*;
     use proptest::prelude::*;
 
