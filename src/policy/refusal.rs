@@ -81,6 +81,10 @@ pub enum RefusalKind {
     SharedState,
     /// The request log is required (`on_log_error = "block"`) and cannot be written.
     LogUnavailable,
+    /// latchkey is stopping (SIGTERM, SIGINT): it finishes the requests in flight and
+    /// takes no new one, so none is answered after its log line could be flushed. The
+    /// connection closes; a client sends it again on a new one (another replica).
+    ShuttingDown,
     /// Something latchkey itself could not do.
     Internal,
 }
@@ -102,7 +106,7 @@ impl RefusalKind {
             CredentialFailed | CredentialUnusable | UpstreamUnreachable | UpstreamTls | UpstreamReset
             | UpstreamEncoding | UpstreamWebSocket => 502,
             UpstreamTimeout => 504,
-            UpstreamBusy | SharedState | LogUnavailable => 503,
+            UpstreamBusy | SharedState | LogUnavailable | ShuttingDown => 503,
             Internal => 500,
         }
     }
@@ -142,6 +146,7 @@ impl RefusalKind {
             UpstreamBusy => "upstream-busy",
             SharedState => "shared-state",
             LogUnavailable => "log-unavailable",
+            ShuttingDown => "shutting-down",
             Internal => "internal",
         }
     }
@@ -149,7 +154,7 @@ impl RefusalKind {
     /// After this refusal the client's byte stream cannot be trusted to be framed as
     /// the client meant: the connection closes.
     pub fn closes_connection(self) -> bool {
-        self == RefusalKind::Smuggling
+        matches!(self, RefusalKind::Smuggling | RefusalKind::ShuttingDown)
     }
 }
 
@@ -215,12 +220,14 @@ mod tests {
             (RefusalKind::UpstreamBusy, 503, "upstream-busy"),
             (RefusalKind::SharedState, 503, "shared-state"),
             (RefusalKind::LogUnavailable, 503, "log-unavailable"),
+            (RefusalKind::ShuttingDown, 503, "shutting-down"),
             (RefusalKind::UpstreamTimeout, 504, "upstream-timeout"),
         ];
         for (kind, status, token) in cases {
             assert_eq!((kind.status(), kind.token()), (status, token), "{kind:?}");
         }
         assert!(RefusalKind::Smuggling.closes_connection());
+        assert!(RefusalKind::ShuttingDown.closes_connection());
         assert!(!RefusalKind::BadRequest.closes_connection());
     }
 }

@@ -59,7 +59,8 @@ fn text(r: &Refusal, mut line: String) -> Response<Body> {
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     if r.kind.closes_connection() {
-        // The rest of the stream cannot be trusted to be framed as the client meant.
+        // The rest of the stream cannot be trusted to be framed as the client meant, or
+        // latchkey is stopping.
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp

@@ -33,7 +33,7 @@ use super::route::Route;
 use super::token_client::ClientHttp;
 use super::upgrade::{self, Upgrade};
 use super::{Body, Generation, Proxy};
-use crate::policy::Refusal;
+use crate::policy::{Refusal, RefusalKind};
 use decide::Decided;
 
 /// What an exchange ends in, besides a refusal.
@@ -96,6 +96,12 @@ async fn exchange(
     x: &mut log::Exchange,
 ) -> Result<Answer, Refusal> {
     let config = &generation.config;
+    if proxy.exchanges.closing() {
+        return Err(Refusal::new(
+            RefusalKind::ShuttingDown,
+            "latchkey is shutting down; send the request again on a new connection",
+        ));
+    }
     let upgrade = upgrade::requested(&parts);
     let h2_websocket = matches!(upgrade, Some(Upgrade::H2WebSocket));
     super::route::check(route, &parts, h2_websocket)?;
