@@ -541,6 +541,11 @@ impl Stream {
         Stream { set, carry: BytesMut::new(), grpc: None }
     }
 
+    /// The redactors this stream masks with (a body's trailers are masked with them too).
+    pub fn set(&self) -> &Set {
+        &self.set
+    }
+
     /// A stream of gRPC length-prefixed messages. A message is complete in itself, and
     /// a bidirectional call waits for it: at a message's end everything is released.
     /// That point comes from the message lengths, never from a secret.

@@ -183,7 +183,6 @@ impl FrameFilter for Log {
 pub struct Redacted<B> {
     inner: B,
     stream: crate::redact::Stream,
-    set: crate::redact::Set,
     trailers: Option<http::HeaderMap>,
     done: bool,
 }
@@ -193,10 +192,10 @@ impl<B> Redacted<B> {
     pub fn new(inner: B, set: crate::redact::Set, headers: &http::HeaderMap) -> Self {
         let grpc = super::respond::Protocol::of(headers) == super::respond::Protocol::Grpc;
         let stream = match grpc {
-            true => crate::redact::Stream::grpc(set.clone()),
-            false => crate::redact::Stream::new(set.clone()),
+            true => crate::redact::Stream::grpc(set),
+            false => crate::redact::Stream::new(set),
         };
-        Redacted { inner, stream, set, trailers: None, done: false }
+        Redacted { inner, stream, trailers: None, done: false }
     }
 }
 
@@ -291,7 +290,7 @@ where
                     }
                     Err(frame) => {
                         let mut trailers = frame.into_trailers().unwrap_or_default();
-                        redact_headers(&mut trailers, &self.set);
+                        redact_headers(&mut trailers, self.stream.set());
                         self.trailers = Some(trailers);
                         self.done = true;
                         let rest = self.stream.finish();
