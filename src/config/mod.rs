@@ -148,7 +148,7 @@ pub struct Credential {
     /// same-named credential of the next config on reload (rotated values stay masked).
     pub redactor: std::sync::Arc<crate::redact::Cache>,
     /// The header names of the injector's slots, parsed once: request trailers are
-    /// cleaned of them (`proxy::trailers`).
+    /// cleaned of them (`proxy::trailers`), DLP does not scan them, spans hide them.
     pub slot_headers: std::sync::Arc<[http::HeaderName]>,
 }
 
@@ -974,8 +974,9 @@ impl Compiler<'_> {
             .slots()
             .into_iter()
             .filter_map(|s| match s {
+                // A slot may read `Name: prefix`; the name is what is written.
                 crate::inject::Slot::Header { header } => {
-                    http::HeaderName::from_bytes(header.as_bytes()).ok()
+                    header.split(':').next().and_then(|n| n.trim().parse().ok())
                 }
                 crate::inject::Slot::Query { .. } => None,
             })

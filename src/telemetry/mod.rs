@@ -23,7 +23,6 @@ use http::HeaderMap;
 use crate::cluster::limits::SharedLimits;
 use crate::cluster::store::Unavailable;
 use crate::config::Config;
-use crate::inject::Slot;
 use crate::limits::{Limiter, Scope};
 use crate::policy::{Budgets, Policy, Refusal, RefusalKind};
 use audit::Audit;
@@ -181,12 +180,7 @@ pub fn all_redactors(config: &Config) -> Vec<std::sync::Arc<crate::redact::Redac
 }
 
 fn is_credential_slot(config: &Config, name: &str) -> bool {
-    config.credentials.iter().any(|c| {
-        c.injector
-            .slots()
-            .iter()
-            .any(|s| matches!(s, Slot::Header { header } if header.eq_ignore_ascii_case(name)))
-    })
+    config.credentials.iter().any(|c| c.slot_headers.iter().any(|h| h.as_str().eq_ignore_ascii_case(name)))
 }
 
 fn fill_span(span: &mut Span, r: &Record) {

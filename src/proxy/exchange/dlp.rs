@@ -24,7 +24,6 @@ use super::super::route::Route;
 use super::super::{Body, BoxError};
 use crate::config::{Config, Credential};
 use crate::dlp::{Findings, Hit, Settings, quick::Quick, stream::Stream};
-use crate::inject::Slot;
 use crate::policy::{DlpAction, DlpVerdict, Refusal, RefusalKind};
 use crate::redact::Set;
 use crate::telemetry::Record;
@@ -47,10 +46,10 @@ pub async fn screen(
 ) -> Result<Screened, Refusal> {
     let Some(dlp) = config.dlp.clone() else { return Ok(Screened { body, warned: false }) };
     let own = own_secrets(config);
-    let slots = credential.map(slot_headers).unwrap_or_default();
+    let slots = credential.map(|c| &c.slot_headers[..]).unwrap_or_default();
     // The quick pass for the own secrets in force: the head's and the body's.
     let quick = dlp.quick.get(&dlp.scanner, own.as_ref());
-    let mut head = scan_head(&dlp, own.as_ref(), quick.as_deref(), parts, &slots);
+    let mut head = scan_head(&dlp, own.as_ref(), quick.as_deref(), parts, slots);
     let grpc = Protocol::of(&parts.headers) == Protocol::Grpc;
     let mut held = match upgrade {
         true => Held::default(),
@@ -184,18 +183,6 @@ pub fn ws_screen(config: &Arc<Config>, route: &Route) -> Option<super::super::ws
 /// Every credential's live (and recently rotated) secrets: none may leave in a request.
 fn own_secrets(config: &Config) -> Option<Set> {
     Set::new(config.credentials.iter().filter_map(|c| c.redactor.get(c.injector.secrets())).collect())
-}
-
-/// The headers a credential writes: what the client put there is overwritten.
-fn slot_headers(c: &Credential) -> Vec<HeaderName> {
-    c.injector
-        .slots()
-        .into_iter()
-        .filter_map(|s| match s {
-            Slot::Header { header } => header.split(':').next().and_then(|n| n.trim().parse().ok()),
-            Slot::Query { .. } => None,
-        })
-        .collect()
 }
 
 /// A part of the request head that held something.
