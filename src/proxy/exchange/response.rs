@@ -16,12 +16,18 @@ use crate::config::{Config, Credential};
 use crate::policy::{Refusal, RefusalKind};
 
 pub fn filter(
-    resp: Response<Body>,
+    mut resp: Response<Body>,
     config: &Config,
     route: &Route,
     credential: Option<&Credential>,
     redact: bool,
 ) -> Result<Response<Body>, Refusal> {
+    // Framed both ways, the body was read by its transfer coding; a length passed on
+    // beside it would frame the client's copy by the other (RFC 9112 §6.3: an
+    // intermediary removes it).
+    if resp.headers().contains_key(header::TRANSFER_ENCODING) {
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+    }
     // Looked up now, after any token refresh; and before hop-by-hop headers go, since a
     // Transfer-Encoding coding counts too.
     let mut resp = match redact.then(|| crate::redact::for_host(config, &route.dest)).flatten() {
