@@ -109,6 +109,179 @@ pub fn h1(data: &[u8]) {
     }
 }
 
+/// An upstream's response stream through latchkey's own HTTP/1.1 client codec
+/// (`proxy/client/codec.rs`). The first byte: bit 0, the request was `HEAD`; bit 1, also
+/// feed the stream a byte at a time (short streams); the rest scales the cut points the
+/// next three bytes give. It never panics; the stream read whole, at those cuts and a
+/// byte at a time is read the same (head, body bytes, trailers, error, what is left); a
+/// `Length` body is exactly its length, and a finished body leaves exactly the bytes
+/// after it in the buffer.
+pub fn client(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let (cuts, stream) = rest.split_at(rest.len().min(3));
+    let head_request = mode & 1 == 1;
+    let scale = usize::from(mode >> 2) + 1;
+    let cuts: Vec<usize> = cuts.iter().map(|&c| usize::from(c) * scale).collect();
+    let whole = client_read(stream, head_request, &[]);
+    assert_eq!(client_read(stream, head_request, &cuts), whole, "cut at {cuts:?}");
+    if mode & 2 == 2 && stream.len() <= 2048 {
+        let every: Vec<usize> = (1..stream.len()).collect();
+        assert_eq!(client_read(stream, head_request, &every), whole, "a byte at a time");
+    }
+}
+
+/// How reading a response stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ClientEnd {
+    /// The body ended; what the stream holds after it (nothing for a body read to the
+    /// close).
+    Done {
+        left: Vec<u8>,
+    },
+    /// The stream ended before a final head.
+    Closed,
+    Failed(crate::proxy::client::codec::Malformed),
+}
+
+/// What the codec made of a response stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClientRead {
+    /// 1xx heads skipped.
+    pub interim: usize,
+    /// Status, version, reason phrase (when not the canonical one), fields in order.
+    pub head: Option<ClientHead>,
+    pub body: Vec<u8>,
+    pub trailers: Option<Vec<(String, Vec<u8>)>>,
+    pub end: ClientEnd,
+}
+
+/// A final head, comparable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClientHead {
+    pub status: u16,
+    pub version: http::Version,
+    pub reason: Option<Vec<u8>>,
+    pub fields: Vec<(String, Vec<u8>)>,
+    pub framing: crate::proxy::client::codec::Framing,
+    pub reusable: bool,
+}
+
+pub(crate) fn fields_of(map: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
+    map.iter().map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())).collect()
+}
+
+/// Read `stream` as the own client does (`proxy/client/mod.rs`), handing it to the
+/// codec in pieces that end at `cuts`, checking the invariants that hold whatever the
+/// cuts.
+pub(crate) fn client_read(stream: &[u8], head_request: bool, cuts: &[usize]) -> ClientRead {
+    use crate::proxy::client::codec::{Decoder, Framing, Parsed, Step, parse_head};
+    let mut ends: Vec<usize> = cuts.iter().map(|&c| c.min(stream.len())).filter(|&c| c > 0).collect();
+    ends.push(stream.len());
+    ends.sort_unstable();
+    ends.dedup();
+    let mut ends = ends.into_iter();
+    let mut fed = 0;
+    let mut buf = bytes::BytesMut::new();
+    // The next piece; false at the stream's end.
+    let mut feed = |buf: &mut bytes::BytesMut, fed: &mut usize| match ends.next() {
+        Some(end) => {
+            buf.extend_from_slice(&stream[*fed..end]);
+            *fed = end;
+            true
+        }
+        None => false,
+    };
+    let mut read =
+        ClientRead { interim: 0, head: None, body: Vec::new(), trailers: None, end: ClientEnd::Closed };
+    let head = loop {
+        let before = buf.len();
+        match parse_head(&mut buf, head_request) {
+            Ok(Parsed::Final(head)) => break head,
+            Ok(Parsed::Interim) => {
+                assert!(buf.len() < before, "a 1xx head is taken off");
+                read.interim += 1;
+            }
+            Ok(Parsed::Partial) => {
+                assert_eq!(buf.len(), before, "nothing taken from a partial head");
+                if !feed(&mut buf, &mut fed) {
+                    return read;
+                }
+            }
+            Err(e) => {
+                read.end = ClientEnd::Failed(e);
+                return read;
+            }
+        }
+    };
+    let (framing, reusable) = (head.framing, head.reusable);
+    let r = &head.response;
+    read.head = Some(ClientHead {
+        status: r.status().as_u16(),
+        version: r.version(),
+        reason: r.extensions().get::<hyper::ext::ReasonPhrase>().map(|p| p.as_bytes().to_vec()),
+        fields: fields_of(r.headers()),
+        framing,
+        reusable,
+    });
+    assert!(!reusable || framing != Framing::Close, "a body read to the close leaves no connection");
+    // Where the body starts in the stream.
+    let start = fed - buf.len();
+    let mut decoder = Decoder::new(framing);
+    loop {
+        match decoder.step(&mut buf) {
+            Ok(Step::Data(data)) => {
+                assert!(!data.is_empty(), "no empty data frame");
+                read.body.extend_from_slice(&data);
+                if let Framing::Length(n) = framing {
+                    assert!(read.body.len() as u64 <= n, "past the length");
+                    assert_eq!(decoder.remaining(), Some(n - read.body.len() as u64));
+                }
+            }
+            Ok(Step::Trailers(map)) => {
+                assert!(decoder.is_done(), "trailers end the body");
+                read.trailers = Some(fields_of(&map));
+            }
+            Ok(Step::Done) => break,
+            Ok(Step::More) => {
+                if !feed(&mut buf, &mut fed) {
+                    match decoder.eof() {
+                        Ok(()) => {
+                            assert_eq!(framing, Framing::Close, "only a body read to the close ends so");
+                            assert_eq!(read.body, &stream[start..], "the rest of the stream");
+                            assert!(decoder.is_done());
+                            read.end = ClientEnd::Done { left: Vec::new() };
+                        }
+                        Err(e) => read.end = ClientEnd::Failed(e),
+                    }
+                    return read;
+                }
+            }
+            Err(e) => {
+                read.end = ClientEnd::Failed(e);
+                return read;
+            }
+        }
+    }
+    assert!(decoder.is_done());
+    let at_done = buf.clone();
+    assert!(matches!(decoder.step(&mut buf), Ok(Step::Done)), "done stays done");
+    assert_eq!(buf, at_done, "a done body takes nothing more");
+    let end = fed - buf.len();
+    match framing {
+        Framing::Empty => assert_eq!(end, start, "no body"),
+        Framing::Length(n) => {
+            assert_eq!(read.body.len() as u64, n, "the whole length");
+            assert_eq!(&stream[start..end], &read.body[..], "the body is the bytes after the head");
+        }
+        Framing::Chunked => assert!(stream[..end].ends_with(b"\r\n"), "a chunked body ends with its CRLF"),
+        Framing::Close => unreachable!("a body read to the close ends at the close"),
+    }
+    let mut left = buf.to_vec();
+    left.extend_from_slice(&stream[fed..]);
+    read.end = ClientEnd::Done { left };
+    read
+}
+
 /// A client's HTTP/2 byte stream through the frame-rate guard, split at the points the
 /// first bytes choose: it never panics, and however the stream is cut it stops at the
 /// same frame for the same reason (up to a header's bytes later when that header was
@@ -357,15 +530,40 @@ mod tests {
             include_bytes!("../fuzz/corpus/h1/get-then-head-pipelined"),
             include_bytes!("../fuzz/corpus/h1/two-lengths-and-chunked"),
             include_bytes!("../fuzz/corpus/h2_frames/settings-flood"),
+            include_bytes!("../fuzz/corpus/client/interim-chunked-trailers"),
+            include_bytes!("../fuzz/corpus/client/chunked-and-length"),
         ] {
             super::host(input);
             super::config(input);
             super::request(input);
             super::framing(input);
             super::h1(input);
+            super::client(input);
             super::h2_frames(input);
             super::token(input);
             super::sealed(input);
+        }
+    }
+
+    /// The client seeds are read to their end, each as its name says.
+    #[test]
+    fn client_seeds() {
+        use super::{ClientEnd, client_read};
+        use crate::proxy::client::codec::Framing;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/client");
+        for (name, framing, reusable, body, left) in [
+            ("length-then-next", Framing::Length(5), true, &b"hello"[..], &b"HTTP/1.1 200 OK\r\n"[..]),
+            ("interim-chunked-trailers", Framing::Chunked, true, b"hello0123456789", b"rest"),
+            ("head-request-with-body", Framing::Empty, true, b"", b"hello"),
+            ("http10-to-the-close", Framing::Close, false, b"read to the close", b""),
+            ("chunked-and-length", Framing::Chunked, false, b"abc", b""),
+        ] {
+            let seed = std::fs::read(dir.join(name)).unwrap();
+            super::client(&seed);
+            let read = client_read(&seed[4..], seed[0] & 1 == 1, &[]);
+            let head = read.head.expect(name);
+            assert_eq!((head.framing, head.reusable, &read.body[..]), (framing, reusable, body), "{name}");
+            assert_eq!(read.end, ClientEnd::Done { left: left.to_vec() }, "{name}");
         }
     }
 
@@ -403,6 +601,7 @@ mod tests {
             super::request(&data);
             super::framing(&data);
             super::h1(&data);
+            super::client(&data);
             super::h2_frames(&data);
             super::token(&data);
             super::sealed(&data);
@@ -428,6 +627,15 @@ mod tests {
         fn random_h1_heads(parts in proptest::collection::vec(
             "(GET|POST|HEAD|CONNECT|G T) (/|/a b|\\*|http://h/x) HTTP/1\\.[01]\r\n|Content-Length: [0-9]{1,3}\r\n|content-length: 0[0-9]\r\n|Transfer-Encoding: chunked\r\n|Upgrade: x\r\n|Expect: 100-continue\r\n|TE: trailers\r\n|Connection: (close|keep-alive)\r\n|X-[a-z]{1,3}: [ -~]{0,8}\r\n|\r\n|\n|[a-z]{0,4}", 0..12)) {
             super::h1(parts.concat().as_bytes());
+        }
+
+        #[test]
+        fn random_responses(mode in any::<u8>(), cuts in proptest::collection::vec(any::<u8>(), 3..4), parts in proptest::collection::vec(
+            "(HTTP/1\\.[01] (200|204|304|100|101) OK\r\n|Content-Length: [0-9]{1,2}(, ?[0-9])?\r\n|Transfer-Encoding: (gzip, )?chunked\r\n|Connection: (close|keep-alive)\r\n|X-[a-z]: [ -~]{0,4}\r\n|\r\n|[0-9a-fA-F]{1,3}(;x|;[ -~]{0,3})?\r\n|0\r\n|T: v\r\n|[a-z]{0,9}|\n|\r)", 0..24)) {
+            let mut data = vec![mode];
+            data.extend_from_slice(&cuts);
+            data.extend_from_slice(parts.concat().as_bytes());
+            super::client(&data);
         }
 
         #[test]

@@ -10,6 +10,7 @@ pub(crate) mod agent_auth;
 mod body;
 mod builders;
 mod capped;
+pub(crate) mod client;
 pub mod corporate;
 mod destined;
 mod drain;

@@ -12,6 +12,13 @@
 //! upstream closed it while idle) is sent again on another; idle connections close after
 //! `IDLE_TIMEOUT`, at most `MAX_IDLE_PER_HOST` are kept per destination.
 //!
+//! An HTTP/1.1 connection is driven by one of two clients. A request without a body or
+//! with one of known length goes by latchkey's own (`client`), in the request's task; a
+//! chunked upload (a body of unknown length) by hyper's, and every request to the
+//! corporate proxy. Idle connections of both kinds wait in one list, each request
+//! taking one of its kind if there is one: an own connection taken for hyper is
+//! hyper's from then on (hyper cannot give one back).
+//!
 //! A request that finds no idle connection dials a new one. At a cap of upstream
 //! connections (`fanout`) it queues instead, for a connection another response frees or
 //! room for a new one, whichever comes first, up to `connect_timeout`: requests take
@@ -33,6 +40,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::oneshot;
 
 use super::Body;
+use super::client;
 use super::upstream::{Dialer, UpstreamError, UpstreamIo};
 use crate::policy::Destination;
 
@@ -47,18 +55,26 @@ pub enum SendError {
     Upstream(#[from] UpstreamError),
     #[error("{0}")]
     Http(#[from] hyper::Error),
+    #[error("{0}")]
+    Own(#[from] client::Error),
     #[error("the request URI names no destination")]
     NoDestination,
 }
 
+/// An idle HTTP/1.1 connection: hyper's, or the own client's (`client`).
+enum Idle {
+    Hyper(http1::SendRequest<Body>),
+    Own(client::Conn),
+}
+
 /// An HTTP/1.1 connection handed from a finished response to a waiting request, with
 /// whether it goes to the corporate proxy.
-type Handed = (http1::SendRequest<Body>, bool);
+type Handed = (Idle, bool);
 
 /// Connections to one scheme + authority.
 #[derive(Default)]
 struct Host {
-    idle: Vec<(http1::SendRequest<Body>, Instant)>,
+    idle: Vec<(Idle, Instant)>,
     /// Requests that found no idle connection, oldest first; a connection coming free
     /// goes to the first still waiting rather than to `idle`.
     waiters: VecDeque<oneshot::Sender<Handed>>,
@@ -108,6 +124,8 @@ enum Conn {
     /// proxy`), which takes requests in absolute form.
     H1(http1::SendRequest<Body>, bool),
     H2(http2::SendRequest<Body>),
+    /// An HTTP/1.1 connection the own client drives (never to the corporate proxy).
+    Own(client::Conn),
 }
 
 impl Pool {
@@ -132,13 +150,32 @@ impl Pool {
         let tls = req.uri().scheme() == Some(&Scheme::HTTPS);
         let key = Key(tls, req.uri().authority().cloned().ok_or(SendError::NoDestination)?);
         let uri = req.uri().clone();
+        let length = for_own_client(&req);
+        let own = length.is_some();
         loop {
-            let (conn, reused) = match self.checkout(&key).await {
+            let (conn, reused) = match self.checkout(&key, own).await {
                 Some(conn) => (conn, true),
-                None => match self.dial(&key).await? {
+                None => match self.dial(&key, own).await? {
                     Some(got) => got,
                     None => continue,
                 },
+            };
+            let conn = match (conn, length) {
+                (Conn::Own(conn), Some(length)) => match self.send_own(conn, &key, &mut req, length).await {
+                    Ok(resp) => return Ok(resp),
+                    // Nothing came back on a connection idle before: the upstream closed
+                    // it as the request went out. Sent again only when that is harmless
+                    // (and there is no body, which is gone once read).
+                    Err(f) if f.unanswered && reused && length == 0 && req.method().is_idempotent() => {
+                        continue;
+                    }
+                    Err(f) => return Err(f.error.into()),
+                },
+                (Conn::Own(conn), None) => match conn.into_io() {
+                    Some(io) => Conn::H1(handshake_h1(io).await?, false),
+                    None => continue,
+                },
+                (conn, _) => conn,
             };
             match self.send(conn, &key, req).await {
                 Ok(resp) => return Ok(resp),
@@ -154,6 +191,29 @@ impl Pool {
         }
     }
 
+    /// Send a request on the own client, in this task: no body (`length` 0), or a body
+    /// of `length` bytes, which is taken out of `req`.
+    async fn send_own(
+        &self,
+        mut conn: client::Conn,
+        key: &Key,
+        req: &mut Request<Body>,
+        length: u64,
+    ) -> Result<Response<Body>, client::Failed> {
+        set_host(req);
+        let body = (length > 0).then(|| {
+            req.headers_mut().entry(header::CONTENT_LENGTH).or_insert_with(|| HeaderValue::from(length));
+            std::mem::take(req.body_mut())
+        });
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let mut head = Vec::with_capacity(256);
+        client::codec::encode_head(req.method(), target, req.headers(), &mut head);
+        let mut upload = client::Upload::new(head, body, length);
+        let head = conn.exchange(&mut upload, req.method() == http::Method::HEAD).await?;
+        let home = OwnHome { pool: Arc::downgrade(&self.0), key: key.clone() };
+        Ok(client::response(conn, head, upload, home))
+    }
+
     async fn send(
         &self,
         conn: Conn,
@@ -165,6 +225,7 @@ impl Pool {
                 let resp = tx.try_send_request(req).await?;
                 Ok(resp.map(|body| boxed(Returning { body, back: None })))
             }
+            Conn::Own(_) => unreachable!("sent by send_own"),
             Conn::H1(mut tx, proxied) => {
                 set_host(&mut req);
                 if !proxied {
@@ -181,8 +242,9 @@ impl Pool {
         }
     }
 
-    /// An idle HTTP/1.1 connection, or the destination's h2 connection.
-    async fn checkout(&self, key: &Key) -> Option<Conn> {
+    /// An idle HTTP/1.1 connection, or the destination's h2 connection; the most recent
+    /// of the kind the request goes by (`own`), else the most recent.
+    async fn checkout(&self, key: &Key, own: bool) -> Option<Conn> {
         loop {
             let candidate = {
                 let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
@@ -193,42 +255,48 @@ impl Pool {
                     }
                     host.h2 = None;
                 }
-                host.idle.pop().map(|idle| (idle, host.proxied))
+                let kind = host.idle.iter().rposition(|(idle, _)| matches!(idle, Idle::Own(_)) == own);
+                let at = kind.or(host.idle.len().checked_sub(1))?;
+                Some((host.idle.remove(at), host.proxied))
             };
-            let ((tx, since), proxied) = candidate?;
+            let ((idle, since), proxied) = candidate?;
             if since.elapsed() > IDLE_TIMEOUT {
                 continue;
             }
-            if let Some(tx) = ready(tx).await {
-                return Some(Conn::H1(tx, proxied));
+            if let Some(conn) = fit(idle, proxied).await {
+                return Some(conn);
             }
         }
     }
 
     /// `connect_or_wait` boxed by a plain fn: dialing (TCP, TLS, HTTP/2 handshakes) is
     /// rare next to reuse, and its state would otherwise size every request's future.
-    fn dial<'a>(&'a self, key: &'a Key) -> std::pin::Pin<Box<impl Future<Output = Dialed> + Send + 'a>> {
-        Box::pin(self.connect_or_wait(key))
+    fn dial<'a>(
+        &'a self,
+        key: &'a Key,
+        own: bool,
+    ) -> std::pin::Pin<Box<impl Future<Output = Dialed> + Send + 'a>> {
+        Box::pin(self.connect_or_wait(key, own))
     }
 
     /// A new connection; at the cap of upstream connections, the first of one another
     /// request's response frees (`true`: used before) or a new one once there is room.
     /// `None`: the connection handed over was not fit to use (ask again).
-    async fn connect_or_wait(&self, key: &Key) -> Dialed {
+    async fn connect_or_wait(&self, key: &Key, own: bool) -> Dialed {
         let budget = &self.0.dialer.budget;
         if budget.try_reserve() {
-            return Ok(Some((self.connecting(key).await?, false)));
+            return Ok(Some((self.connecting(key, own).await?, false)));
         }
         let freed = self.queue(key);
         // Room for one is room for whoever asks first: a request that loses that race
         // waits for its permit still in the queue, not behind it.
         let dial = async {
             budget.room(key.1.as_str(), self.0.dialer.connect_timeout).await?;
-            self.connecting(key).await
+            self.connecting(key, own).await
         };
         tokio::select! {
             biased;
-            Ok((tx, proxied)) = freed => Ok(ready(tx).await.map(|tx| (Conn::H1(tx, proxied), true))),
+            Ok((idle, proxied)) = freed => Ok(fit(idle, proxied).await.map(|conn| (conn, true))),
             conn = dial => Ok(Some((conn?, false))),
         }
     }
@@ -253,11 +321,14 @@ impl Pool {
     fn connecting<'a>(
         &'a self,
         key: &'a Key,
+        own: bool,
     ) -> std::pin::Pin<Box<impl Future<Output = Result<Conn, SendError>> + Send + 'a>> {
-        Box::pin(self.connect(key))
+        Box::pin(self.connect(key, own))
     }
 
-    async fn connect(&self, key: &Key) -> Result<Conn, SendError> {
+    /// A new connection: h2 if the upstream chose it, else HTTP/1.1 for the own client
+    /// (`own`) or for hyper.
+    async fn connect(&self, key: &Key, own: bool) -> Result<Conn, SendError> {
         let Key(tls, authority) = key;
         let dest = Destination::parse_authority(authority.as_str(), Some(if *tls { 443 } else { 80 }))
             .map_err(|e| UpstreamError::Resolve { host: authority.to_string(), why: e.to_string() })?;
@@ -279,12 +350,10 @@ impl Pool {
             return Ok(Conn::H2(tx));
         }
         let proxied = io.is_proxied();
-        let (tx, conn) = http1::Builder::new().handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("upstream connection: {e}");
-            }
-        });
+        if own && !proxied {
+            return Ok(Conn::Own(client::Conn::new(io)));
+        }
+        let tx = handshake_h1(io).await?;
         if proxied {
             let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
             hosts.entry(key.clone()).or_default().proxied = true;
@@ -294,17 +363,17 @@ impl Pool {
 
     /// A connection free for a request: to the first request still waiting for one,
     /// else idle.
-    fn put_back(&self, key: Key, mut tx: http1::SendRequest<Body>) {
+    fn put_back(&self, key: Key, mut idle: Idle) {
         let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
         let host = hosts.entry(key).or_default();
         while let Some(waiter) = host.waiters.pop_front() {
-            match waiter.send((tx, host.proxied)) {
+            match waiter.send((idle, host.proxied)) {
                 Ok(()) => return,
-                Err((back, _)) => tx = back,
+                Err((back, _)) => idle = back,
             }
         }
         if host.idle.len() < MAX_IDLE_PER_HOST {
-            host.idle.push((tx, Instant::now()));
+            host.idle.push((idle, Instant::now()));
         }
     }
 }
@@ -318,6 +387,47 @@ async fn ready(mut tx: http1::SendRequest<Body>) -> Option<http1::SendRequest<Bo
     }
     let ready = tx.is_ready() || matches!(tokio::time::timeout(READY_WAIT, tx.ready()).await, Ok(Ok(())));
     ready.then_some(tx)
+}
+
+/// An idle connection, if it can take a request now.
+async fn fit(idle: Idle, proxied: bool) -> Option<Conn> {
+    match idle {
+        Idle::Hyper(tx) => ready(tx).await.map(|tx| Conn::H1(tx, proxied)),
+        Idle::Own(mut conn) => conn.is_fit().then_some(Conn::Own(conn)),
+    }
+}
+
+/// What the own client takes, and the body's length: a request in HTTP/1.1 or HTTP/2
+/// (written as HTTP/1.1) without a body (0), or with one of known length whose
+/// `Content-Length`, if it has one, says the same. A request naming a transfer coding
+/// stays with hyper (which drops the header from a bodiless request, and chunks the
+/// rest), as does a body of unknown length.
+fn for_own_client(req: &Request<Body>) -> Option<u64> {
+    use hyper::body::Body as _;
+    let plain = matches!(req.version(), http::Version::HTTP_11 | http::Version::HTTP_2)
+        && !req.headers().contains_key(header::TRANSFER_ENCODING);
+    if !plain {
+        return None;
+    }
+    if req.body().is_end_stream() {
+        return Some(0);
+    }
+    let length = req.body().size_hint().exact().filter(|&n| n > 0)?;
+    match req.headers().get(header::CONTENT_LENGTH) {
+        None => Some(length),
+        Some(v) => (v.as_bytes() == itoa::Buffer::new().format(length).as_bytes()).then_some(length),
+    }
+}
+
+/// hyper's HTTP/1.1 client on `io`, its connection driven by a task of its own.
+async fn handshake_h1(io: UpstreamIo) -> Result<http1::SendRequest<Body>, hyper::Error> {
+    let (tx, conn) = http1::Builder::new().handshake(io).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("upstream connection: {e}");
+        }
+    });
+    Ok(tx)
 }
 
 async fn handshake_h2(io: UpstreamIo) -> Result<http2::SendRequest<Body>, hyper::Error> {
@@ -342,7 +452,13 @@ fn reap_idle(pool: Weak<Inner>) {
             let Some(pool) = pool.upgrade() else { return };
             let mut hosts = pool.hosts.lock().unwrap_or_else(|p| p.into_inner());
             hosts.retain(|_, host| {
-                host.idle.retain(|(tx, since)| !tx.is_closed() && since.elapsed() <= IDLE_TIMEOUT);
+                host.idle.retain(|(idle, since)| {
+                    let open = match idle {
+                        Idle::Hyper(tx) => !tx.is_closed(),
+                        Idle::Own(_) => true,
+                    };
+                    open && since.elapsed() <= IDLE_TIMEOUT
+                });
                 host.h2 = host.h2.take().filter(|h2| !h2.is_closed());
                 host.waiters.retain(|w| !w.is_closed());
                 !host.idle.is_empty() || host.h2.is_some() || !host.waiters.is_empty()
@@ -399,6 +515,20 @@ struct Back {
     tx: http1::SendRequest<Body>,
 }
 
+/// Where the own client's connection goes back to once its response has been read.
+struct OwnHome {
+    pool: Weak<Inner>,
+    key: Key,
+}
+
+impl client::Home for OwnHome {
+    fn take_back(self, conn: client::Conn) {
+        if let Some(pool) = self.pool.upgrade() {
+            Pool(pool).put_back(self.key, Idle::Own(conn));
+        }
+    }
+}
+
 /// A response body that returns its HTTP/1.1 connection to the pool when it ends. A body
 /// dropped before its end leaves the connection to close (hyper closes it: the rest of
 /// the response was never read).
@@ -423,7 +553,7 @@ impl Returning {
         if let Some(Back { pool, key, tx }) = self.back.take()
             && let Some(pool) = pool.upgrade()
         {
-            Pool(pool).put_back(key, tx);
+            Pool(pool).put_back(key, Idle::Hyper(tx));
         }
     }
 }

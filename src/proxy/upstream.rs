@@ -520,6 +520,25 @@ impl UpstreamIo {
     }
 }
 
+/// The own client's side (`client`): the same stream, read and written directly.
+impl AsyncRead for UpstreamIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.get_mut().io.inner_mut()).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(self.get_mut().io.inner_mut()).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.get_mut().io.inner_mut()).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.get_mut().io.inner_mut()).poll_shutdown(cx)
+    }
+}
+
 impl hyper::rt::Read for UpstreamIo {
     fn poll_read(
         self: Pin<&mut Self>,
