@@ -1007,3 +1007,204 @@ pub fn scripted_upstream(script: Script) -> Upstream {
     });
     Upstream { addr, seen, connections, open: Arc::default(), sse_next: Arc::new(tokio::sync::Notify::new()) }
 }
+
+/// What `keepalive_scripted_upstream` does with one request: write `bytes`, then (when
+/// set) `later` after a pause, then close after `close` or read the connection's next
+/// request.
+pub struct Reply {
+    pub bytes: Vec<u8>,
+    pub later: Option<(Duration, Vec<u8>)>,
+    pub close: Option<Duration>,
+}
+
+impl Reply {
+    /// Write `bytes` and wait for the connection's next request.
+    pub fn keep(bytes: impl Into<Vec<u8>>) -> Reply {
+        Reply { bytes: bytes.into(), later: None, close: None }
+    }
+
+    /// Write `bytes`, then close the connection `after` that long.
+    pub fn close(bytes: impl Into<Vec<u8>>, after: Duration) -> Reply {
+        Reply { bytes: bytes.into(), later: None, close: Some(after) }
+    }
+
+    /// Also write `bytes` this long after the reply.
+    pub fn then_later(self, pause: Duration, bytes: impl Into<Vec<u8>>) -> Reply {
+        Reply { later: Some((pause, bytes.into())), ..self }
+    }
+}
+
+/// A request as `keepalive_scripted_upstream` read it, with where it came.
+pub struct KeptRequest {
+    /// Which upstream connection carried it (accept order).
+    pub conn: usize,
+    /// Its place on that connection, from 0.
+    pub index: usize,
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+pub type KeepaliveScript = Arc<dyn Fn(&KeptRequest) -> Reply + Send + Sync>;
+
+/// A TLS upstream (HTTP/1.1 by ALPN) that serves MANY requests per connection, each
+/// answered with exactly the bytes `script` returns for it (request bodies framed by
+/// `Content-Length` or chunked are read first): for the framing of pooled upstream
+/// connections. `connections` counts accepted connections, `seen` logs every request
+/// with its connection.
+pub fn keepalive_scripted_upstream(script: KeepaliveScript) -> Upstream {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let acceptor = h1_tls_acceptor();
+    let listener = runtime().block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (log, accepted) = (seen.clone(), connections.clone());
+    runtime().spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let conn = accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (acceptor, script, log) = (acceptor.clone(), script.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(s) = acceptor.accept(tcp).await else { return };
+                let mut s = BufReader::new(s);
+                for index in 0.. {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match s.read_u8().await {
+                            Ok(b) => head.push(b),
+                            Err(_) => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let mut lines = text.lines();
+                    let mut line = lines.next().unwrap_or("").split(' ');
+                    let method = line.next().unwrap_or("").to_string();
+                    let path = line.next().unwrap_or("/").to_string();
+                    let headers: Vec<(String, String)> = lines
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                        .collect();
+                    let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+                    let mut body = Vec::new();
+                    if find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+                        loop {
+                            let mut size = String::new();
+                            if s.read_line(&mut size).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let hex = size.trim().split(';').next().unwrap_or("");
+                            let Ok(n) = usize::from_str_radix(hex, 16) else { return };
+                            if n == 0 {
+                                // Trailers, up to the blank line.
+                                loop {
+                                    let mut l = String::new();
+                                    if s.read_line(&mut l).await.unwrap_or(0) == 0 || l == "\r\n" {
+                                        break;
+                                    }
+                                }
+                                break;
+                            }
+                            let mut chunk = vec![0u8; n + 2];
+                            if s.read_exact(&mut chunk).await.is_err() {
+                                return;
+                            }
+                            body.extend_from_slice(&chunk[..n]);
+                        }
+                    } else if let Some(n) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+                        body = vec![0u8; n];
+                        if s.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                    }
+                    let req = KeptRequest { conn, index, method, path, headers, body };
+                    let reply = script(&req);
+                    let KeptRequest { method, path, headers, body, .. } = req;
+                    log.lock().unwrap().push(Seen {
+                        conn,
+                        method,
+                        path,
+                        headers,
+                        body,
+                        trailers: Vec::new(),
+                    });
+                    let s = s.get_mut();
+                    let _ = s.write_all(&reply.bytes).await;
+                    let _ = s.flush().await;
+                    if let Some((pause, bytes)) = reply.later {
+                        tokio::time::sleep(pause).await;
+                        let _ = s.write_all(&bytes).await;
+                        let _ = s.flush().await;
+                    }
+                    if let Some(after) = reply.close {
+                        tokio::time::sleep(after).await;
+                        let _ = s.shutdown().await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Upstream { addr, seen, connections, open: Arc::default(), sse_next: Arc::new(tokio::sync::Notify::new()) }
+}
+
+/// The server side of one connection `raw_upstream` accepted: TLS, HTTP/1.1 by ALPN.
+pub type RawStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// One connection `raw_upstream` accepted: its place in accept order, the stream, and
+/// the upstream's log (`Upstream::seen`) for what the handler read.
+pub struct RawConn {
+    pub conn: usize,
+    pub stream: RawStream,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+pub type RawServe =
+    Arc<dyn Fn(RawConn) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+
+/// A TLS upstream (HTTP/1.1 by ALPN) that hands each connection to `serve` as it is:
+/// for exchanges no request-then-response script can play (an answer before the body
+/// was read, a body echoed back as it is read, a close in the middle of an upload).
+/// `connections` counts accepted connections; `serve` logs to `seen` as it likes.
+pub fn raw_upstream(serve: RawServe) -> Upstream {
+    let acceptor = h1_tls_acceptor();
+    let listener = runtime().block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (log, accepted) = (seen.clone(), connections.clone());
+    runtime().spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let conn = accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (acceptor, serve, seen) = (acceptor.clone(), serve.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else { return };
+                serve(RawConn { conn, stream, seen }).await;
+            });
+        }
+    });
+    Upstream { addr, seen, connections, open: Arc::default(), sse_next: Arc::new(tokio::sync::Notify::new()) }
+}
+
+/// Read one request head off `s` byte by byte (nothing past it): as a `Seen` of
+/// connection `conn` with no body yet (header names lowercased). `None`: the connection
+/// ended first.
+pub async fn read_request_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S, conn: usize) -> Option<Seen> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.ok()?);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.lines();
+    let mut line = lines.next().unwrap_or("").split(' ');
+    let method = line.next().unwrap_or("").to_string();
+    let path = line.next().unwrap_or("/").to_string();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Some(Seen { conn, method, path, headers, body: Vec::new(), trailers: Vec::new() })
+}
