@@ -44,6 +44,8 @@ KEEP = None  # --keep: where callgrind profiles are copied
 KINDS = [
     ("HTTP/1.1 keep-alive", ()),
     ("HTTP/2 keep-alive", ("--http2",)),
+    # What agents send most: a JSON body up (a Content-Length upload), a short answer back.
+    ("HTTP/1.1 keep-alive, 1 KiB POST", ("-m", "POST", "-H", "content-type: application/json", "-d", "{\"p\":\"" + "x" * 1014 + "\"}")),
     # A TCP connection, CONNECT and a TLS handshake per request (the "new connection" row).
     ("HTTP/1.1 new connection per request", ("--disable-keepalive",)),
 ]
