@@ -506,8 +506,12 @@ impl HttpBody for Tail {
         }
     }
 
+    /// Ended also before the first poll when the body it wraps has (a request without a
+    /// body): nothing is held back and nothing is left to scan, and the request may then
+    /// go as one without a body (the own upstream client, an h2 HEADERS with END_STREAM).
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && self.done && self.stream.held() == 0 && self.trailers.is_none()
+        let inner_ended = self.done || self.inner.as_ref().is_none_or(|b| b.is_end_stream());
+        self.prefix.is_empty() && inner_ended && self.stream.held() == 0 && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
