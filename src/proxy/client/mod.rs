@@ -37,8 +37,11 @@ pub use upload::Upload;
 
 /// The first read of a response head.
 const HEAD_READ: usize = 4 * 1024;
-/// Largest read of a body at once: a TLS record's worth, and more when it keeps coming.
+/// A body's first read: a TLS record's worth. Reads that fill what they asked for double
+/// the next, up to `MAX_BODY_READ`, as hyper's do: a large download goes out in large
+/// frames (each frame costs a redaction pass and a write to the client).
 const BODY_READ: usize = 16 * 1024;
+const MAX_BODY_READ: usize = 256 * 1024;
 
 /// An HTTP/1.1 upstream connection between exchanges, with what was read and not used.
 pub struct Conn {
@@ -169,6 +172,8 @@ pub struct Returning<H: Home> {
     conn: Option<Conn>,
     decoder: Decoder,
     home: Option<H>,
+    /// The next read's size.
+    read: usize,
 }
 
 /// A response whose body returns its connection to `home`. An upload not finished when
@@ -185,11 +190,23 @@ pub fn response<H: Home>(conn: Conn, head: Head, upload: Upload, home: H) -> Res
         }
         (_, conn) => conn,
     };
-    let mut body = Returning { conn: Some(conn), decoder: Decoder::new(head.framing), home };
+    let mut body = Returning { conn: Some(conn), decoder: Decoder::new(head.framing), home, read: BODY_READ };
     if body.decoder.is_done() {
         body.finish();
     }
     head.response.map(|()| body.boxed())
+}
+
+/// Double the read size after a read that filled a full-sized ask; halve it after one
+/// that came back far short.
+fn next_read(read: usize, got: usize, asked: usize) -> usize {
+    if asked == read && got >= asked {
+        (read * 2).min(MAX_BODY_READ)
+    } else if got < read / 4 {
+        (read / 2).max(BODY_READ)
+    } else {
+        read
+    }
 }
 
 /// The rest of an upload the upstream answered before reading it all. A body that
@@ -251,7 +268,7 @@ impl<H: Home> http_body::Body for Returning<H> {
                 Ok(Step::Done) => continue,
                 Ok(Step::More) => {}
             }
-            let want = this.decoder.remaining().map_or(BODY_READ, |n| n.min(BODY_READ as u64) as usize);
+            let want = this.decoder.remaining().map_or(this.read, |n| n.min(this.read as u64) as usize);
             conn.buf.reserve(want.max(1));
             match ready!(tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)) {
                 Ok(0) => match this.decoder.eof() {
@@ -262,7 +279,7 @@ impl<H: Home> http_body::Body for Returning<H> {
                     }
                     Err(e) => return this.fail(e),
                 },
-                Ok(_) => {}
+                Ok(got) => this.read = next_read(this.read, got, want),
                 Err(e) => return this.fail(e),
             }
         }
