@@ -409,10 +409,12 @@ fn for_own_client(req: &Request<Body>) -> Option<u64> {
     if !plain {
         return None;
     }
-    if req.body().is_end_stream() {
-        return Some(0);
-    }
-    let length = req.body().size_hint().exact().filter(|&n| n > 0)?;
+    // The head must say what the body is: a length the body does not fill would have
+    // the upstream read the next client's request as the rest of this one.
+    let length = match req.body().is_end_stream() {
+        true => 0,
+        false => req.body().size_hint().exact().filter(|&n| n > 0)?,
+    };
     match req.headers().get(header::CONTENT_LENGTH) {
         None => Some(length),
         Some(v) => (v.as_bytes() == itoa::Buffer::new().format(length).as_bytes()).then_some(length),
@@ -452,10 +454,11 @@ fn reap_idle(pool: Weak<Inner>) {
             let Some(pool) = pool.upgrade() else { return };
             let mut hosts = pool.hosts.lock().unwrap_or_else(|p| p.into_inner());
             hosts.retain(|_, host| {
-                host.idle.retain(|(idle, since)| {
+                host.idle.retain_mut(|(idle, since)| {
                     let open = match idle {
                         Idle::Hyper(tx) => !tx.is_closed(),
-                        Idle::Own(_) => true,
+                        // Closed by the upstream: let go of its socket and permits now.
+                        Idle::Own(conn) => conn.is_fit(),
                     };
                     open && since.elapsed() <= IDLE_TIMEOUT
                 });
@@ -582,5 +585,37 @@ impl hyper::body::Body for Returning {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    fn request(body: &'static [u8], length: Option<&'static str>) -> Request<Body> {
+        let body = Full::new(Bytes::from_static(body)).map_err(|e| match e {}).boxed();
+        let mut req = Request::new(body);
+        if let Some(n) = length {
+            req.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static(n));
+        }
+        req
+    }
+
+    #[test]
+    fn the_own_client_takes_a_request_only_when_its_head_says_what_its_body_is() {
+        assert_eq!(for_own_client(&request(b"", None)), Some(0));
+        assert_eq!(for_own_client(&request(b"", Some("0"))), Some(0));
+        assert_eq!(for_own_client(&request(b"abc", None)), Some(3));
+        assert_eq!(for_own_client(&request(b"abc", Some("3"))), Some(3));
+        // A head promising more (or other) than the body holds stays with hyper.
+        assert_eq!(for_own_client(&request(b"", Some("5"))), None);
+        assert_eq!(for_own_client(&request(b"abc", Some("4"))), None);
+        let mut chunked = request(b"abc", None);
+        chunked.headers_mut().insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        assert_eq!(for_own_client(&chunked), None);
+        let mut old = request(b"", None);
+        *old.version_mut() = http::Version::HTTP_10;
+        assert_eq!(for_own_client(&old), None);
     }
 }

@@ -42,6 +42,8 @@ const HEAD_READ: usize = 4 * 1024;
 /// frames (each frame costs a redaction pass and a write to the client).
 const BODY_READ: usize = 16 * 1024;
 const MAX_BODY_READ: usize = 256 * 1024;
+/// Most read buffer an idle connection keeps.
+const IDLE_BUF: usize = 64 * 1024;
 
 /// An HTTP/1.1 upstream connection between exchanges, with what was read and not used.
 pub struct Conn {
@@ -223,10 +225,15 @@ async fn finish_upload(mut upload: Upload, mut write: WriteHalf<UpstreamIo>) {
 impl<H: Home> Returning<H> {
     /// The body has ended: the connection goes home if nothing past the body was sent.
     fn finish(&mut self) {
-        if let (Some(conn), Some(home)) = (self.conn.take(), self.home.take())
+        if let (Some(mut conn), Some(home)) = (self.conn.take(), self.home.take())
             && conn.buf.is_empty()
             && matches!(conn.io, Io::Whole(_))
         {
+            // An idle connection keeps a read buffer only of a usual size (a large head
+            // or body read grew it).
+            if conn.buf.capacity() > IDLE_BUF {
+                conn.buf = BytesMut::new();
+            }
             home.take_back(conn);
         }
     }

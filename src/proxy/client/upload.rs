@@ -82,9 +82,68 @@ impl Upload {
                     let Ok(data) = frame.into_data() else { continue };
                     self.left = self.left.checked_sub(data.len() as u64).ok_or(Error::BodyLength)?;
                     self.out.extend_from_slice(&data);
+                    // The length is all the head promised: done, without waiting for the
+                    // body to say it ended (an HTTP/2 stream may stay open), as hyper.
+                    if self.left == 0 {
+                        self.body = None;
+                    }
                 }
             }
         }
         Ok(!self.out.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body::Frame;
+    use http_body_util::BodyExt;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+
+    /// A body that yields its one piece and then never ends (an HTTP/2 stream left open).
+    struct OpenEnded(Option<Bytes>);
+
+    impl http_body::Body for OpenEnded {
+        type Data = Bytes;
+        type Error = crate::proxy::BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match self.0.take() {
+                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    async fn send(body: &'static [u8], length: u64) -> (Result<(), Error>, Vec<u8>) {
+        let (mut near, mut far) = tokio::io::duplex(1024);
+        let body = OpenEnded(Some(Bytes::from_static(body))).boxed();
+        let mut upload = Upload::new(b"PUT / HTTP/1.1\r\n\r\n".to_vec(), Some(body), length);
+        let sending = std::future::poll_fn(|cx| upload.poll_send(&mut near, cx));
+        let sent = tokio::time::timeout(Duration::from_secs(5), sending).await.expect("not left waiting");
+        drop(near);
+        let mut wrote = Vec::new();
+        far.read_to_end(&mut wrote).await.unwrap();
+        (sent, wrote)
+    }
+
+    #[tokio::test]
+    async fn an_upload_is_done_at_its_length_without_waiting_for_the_body_to_end() {
+        let (sent, wrote) = send(b"abc", 3).await;
+        assert!(sent.is_ok(), "{sent:?}");
+        assert_eq!(wrote, b"PUT / HTTP/1.1\r\n\r\nabc");
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_its_length_is_refused_before_any_of_it_goes() {
+        let (sent, wrote) = send(b"abcd", 3).await;
+        assert!(matches!(sent, Err(Error::BodyLength)), "{sent:?}");
+        assert_eq!(wrote, b"PUT / HTTP/1.1\r\n\r\n", "the head only: nothing past the length");
     }
 }
