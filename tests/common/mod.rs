@@ -1054,99 +1054,82 @@ pub type KeepaliveScript = Arc<dyn Fn(&KeptRequest) -> Reply + Send + Sync>;
 /// connections. `connections` counts accepted connections, `seen` logs every request
 /// with its connection.
 pub fn keepalive_scripted_upstream(script: KeepaliveScript) -> Upstream {
+    raw_upstream(Arc::new(move |RawConn { conn, stream, seen }| {
+        Box::pin(serve_kept(conn, stream, seen, script.clone()))
+    }))
+}
+
+/// One connection of `keepalive_scripted_upstream`: requests read and answered in turn.
+async fn serve_kept(conn: usize, stream: RawStream, seen: Arc<Mutex<Vec<Seen>>>, script: KeepaliveScript) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-    let acceptor = h1_tls_acceptor();
-    let listener = runtime().block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (log, accepted) = (seen.clone(), connections.clone());
-    runtime().spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
-            let conn = accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let (acceptor, script, log) = (acceptor.clone(), script.clone(), log.clone());
-            tokio::spawn(async move {
-                let Ok(s) = acceptor.accept(tcp).await else { return };
-                let mut s = BufReader::new(s);
-                for index in 0.. {
-                    let mut head = Vec::new();
-                    while !head.ends_with(b"\r\n\r\n") {
-                        match s.read_u8().await {
-                            Ok(b) => head.push(b),
-                            Err(_) => return,
-                        }
-                    }
-                    let text = String::from_utf8_lossy(&head).into_owned();
-                    let mut lines = text.lines();
-                    let mut line = lines.next().unwrap_or("").split(' ');
-                    let method = line.next().unwrap_or("").to_string();
-                    let path = line.next().unwrap_or("/").to_string();
-                    let headers: Vec<(String, String)> = lines
-                        .filter_map(|l| l.split_once(':'))
-                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-                        .collect();
-                    let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-                    let mut body = Vec::new();
-                    if find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
-                        loop {
-                            let mut size = String::new();
-                            if s.read_line(&mut size).await.unwrap_or(0) == 0 {
-                                return;
-                            }
-                            let hex = size.trim().split(';').next().unwrap_or("");
-                            let Ok(n) = usize::from_str_radix(hex, 16) else { return };
-                            if n == 0 {
-                                // Trailers, up to the blank line.
-                                loop {
-                                    let mut l = String::new();
-                                    if s.read_line(&mut l).await.unwrap_or(0) == 0 || l == "\r\n" {
-                                        break;
-                                    }
-                                }
-                                break;
-                            }
-                            let mut chunk = vec![0u8; n + 2];
-                            if s.read_exact(&mut chunk).await.is_err() {
-                                return;
-                            }
-                            body.extend_from_slice(&chunk[..n]);
-                        }
-                    } else if let Some(n) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
-                        body = vec![0u8; n];
-                        if s.read_exact(&mut body).await.is_err() {
-                            return;
-                        }
-                    }
-                    let req = KeptRequest { conn, index, method, path, headers, body };
-                    let reply = script(&req);
-                    let KeptRequest { method, path, headers, body, .. } = req;
-                    log.lock().unwrap().push(Seen {
-                        conn,
-                        method,
-                        path,
-                        headers,
-                        body,
-                        trailers: Vec::new(),
-                    });
-                    let s = s.get_mut();
-                    let _ = s.write_all(&reply.bytes).await;
-                    let _ = s.flush().await;
-                    if let Some((pause, bytes)) = reply.later {
-                        tokio::time::sleep(pause).await;
-                        let _ = s.write_all(&bytes).await;
-                        let _ = s.flush().await;
-                    }
-                    if let Some(after) = reply.close {
-                        tokio::time::sleep(after).await;
-                        let _ = s.shutdown().await;
-                        return;
-                    }
-                }
-            });
+    let mut s = BufReader::new(stream);
+    for index in 0.. {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            match s.read_u8().await {
+                Ok(b) => head.push(b),
+                Err(_) => return,
+            }
         }
-    });
-    Upstream { addr, seen, connections, open: Arc::default(), sse_next: Arc::new(tokio::sync::Notify::new()) }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        let mut lines = text.lines();
+        let mut line = lines.next().unwrap_or("").split(' ');
+        let method = line.next().unwrap_or("").to_string();
+        let path = line.next().unwrap_or("/").to_string();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        let mut body = Vec::new();
+        if find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+            loop {
+                let mut size = String::new();
+                if s.read_line(&mut size).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let hex = size.trim().split(';').next().unwrap_or("");
+                let Ok(n) = usize::from_str_radix(hex, 16) else { return };
+                if n == 0 {
+                    // Trailers, up to the blank line.
+                    loop {
+                        let mut l = String::new();
+                        if s.read_line(&mut l).await.unwrap_or(0) == 0 || l == "\r\n" {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                let mut chunk = vec![0u8; n + 2];
+                if s.read_exact(&mut chunk).await.is_err() {
+                    return;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        } else if let Some(n) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            body = vec![0u8; n];
+            if s.read_exact(&mut body).await.is_err() {
+                return;
+            }
+        }
+        let req = KeptRequest { conn, index, method, path, headers, body };
+        let reply = script(&req);
+        let KeptRequest { method, path, headers, body, .. } = req;
+        seen.lock().unwrap().push(Seen { conn, method, path, headers, body, trailers: Vec::new() });
+        let s = s.get_mut();
+        let _ = s.write_all(&reply.bytes).await;
+        let _ = s.flush().await;
+        if let Some((pause, bytes)) = reply.later {
+            tokio::time::sleep(pause).await;
+            let _ = s.write_all(&bytes).await;
+            let _ = s.flush().await;
+        }
+        if let Some(after) = reply.close {
+            tokio::time::sleep(after).await;
+            let _ = s.shutdown().await;
+            return;
+        }
+    }
 }
 
 /// The server side of one connection `raw_upstream` accepted: TLS, HTTP/1.1 by ALPN.
