@@ -957,55 +957,45 @@ pub fn h1_tls_acceptor() -> tokio_rustls::TlsAcceptor {
 /// server library would send (duplicate codings, secrets in the status line, raw
 /// WebSocket frames).
 pub fn scripted_upstream(script: Script) -> Upstream {
+    raw_upstream(Arc::new(move |RawConn { conn, stream, seen }| {
+        Box::pin(serve_scripted(conn, stream, seen, script.clone()))
+    }))
+}
+
+/// One connection of `scripted_upstream`: its first request answered, then closed.
+async fn serve_scripted(conn: usize, mut s: RawStream, seen: Arc<Mutex<Vec<Seen>>>, script: Script) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let acceptor = h1_tls_acceptor();
-    let listener = runtime().block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (log, accepted) = (seen.clone(), connections.clone());
-    runtime().spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
-            let conn = accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let (acceptor, script, log) = (acceptor.clone(), script.clone(), log.clone());
-            tokio::spawn(async move {
-                let Ok(mut s) = acceptor.accept(tcp).await else { return };
-                let mut head = Vec::new();
-                while !head.ends_with(b"\r\n\r\n") {
-                    match s.read_u8().await {
-                        Ok(b) => head.push(b),
-                        Err(_) => return,
-                    }
-                }
-                let text = String::from_utf8_lossy(&head).into_owned();
-                let mut lines = text.lines();
-                let path = lines.next().unwrap_or("").split(' ').nth(1).unwrap_or("/").to_string();
-                let headers: Vec<(String, String)> = lines
-                    .filter_map(|l| l.split_once(':'))
-                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-                    .collect();
-                let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-                let credential = find("x-api-key").or_else(|| find("authorization")).unwrap_or_default();
-                let req = ScriptedRequest { path: path.clone(), credential, headers: headers.clone() };
-                let reply = script(&req);
-                log.lock().unwrap().push(Seen {
-                    conn,
-                    method: String::new(),
-                    path,
-                    headers,
-                    body: Vec::new(),
-                    trailers: Vec::new(),
-                });
-                let _ = s.write_all(&reply).await;
-                let _ = s.flush().await;
-                // Let the proxy read everything before the close.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let _ = s.shutdown().await;
-            });
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read_u8().await {
+            Ok(b) => head.push(b),
+            Err(_) => return,
         }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.lines();
+    let path = lines.next().unwrap_or("").split(' ').nth(1).unwrap_or("/").to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let credential = find("x-api-key").or_else(|| find("authorization")).unwrap_or_default();
+    let req = ScriptedRequest { path: path.clone(), credential, headers: headers.clone() };
+    let reply = script(&req);
+    seen.lock().unwrap().push(Seen {
+        conn,
+        method: String::new(),
+        path,
+        headers,
+        body: Vec::new(),
+        trailers: Vec::new(),
     });
-    Upstream { addr, seen, connections, open: Arc::default(), sse_next: Arc::new(tokio::sync::Notify::new()) }
+    let _ = s.write_all(&reply).await;
+    let _ = s.flush().await;
+    // Let the proxy read everything before the close.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = s.shutdown().await;
 }
 
 /// What `keepalive_scripted_upstream` does with one request: write `bytes`, then (when
