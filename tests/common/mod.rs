@@ -964,22 +964,9 @@ pub fn scripted_upstream(script: Script) -> Upstream {
 
 /// One connection of `scripted_upstream`: its first request answered, then closed.
 async fn serve_scripted(conn: usize, mut s: RawStream, seen: Arc<Mutex<Vec<Seen>>>, script: Script) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read_u8().await {
-            Ok(b) => head.push(b),
-            Err(_) => return,
-        }
-    }
-    let text = String::from_utf8_lossy(&head).into_owned();
-    let mut lines = text.lines();
-    let path = lines.next().unwrap_or("").split(' ').nth(1).unwrap_or("/").to_string();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    use tokio::io::AsyncWriteExt;
+    let Some(Seen { path, headers, .. }) = read_request_head(&mut s, conn).await else { return };
+    let find = |n: &str| headers.iter().find(|(k, _): &&(String, String)| k == n).map(|(_, v)| v.clone());
     let credential = find("x-api-key").or_else(|| find("authorization")).unwrap_or_default();
     let req = ScriptedRequest { path: path.clone(), credential, headers: headers.clone() };
     let reply = script(&req);
@@ -1054,23 +1041,8 @@ async fn serve_kept(conn: usize, stream: RawStream, seen: Arc<Mutex<Vec<Seen>>>,
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let mut s = BufReader::new(stream);
     for index in 0.. {
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            match s.read_u8().await {
-                Ok(b) => head.push(b),
-                Err(_) => return,
-            }
-        }
-        let text = String::from_utf8_lossy(&head).into_owned();
-        let mut lines = text.lines();
-        let mut line = lines.next().unwrap_or("").split(' ');
-        let method = line.next().unwrap_or("").to_string();
-        let path = line.next().unwrap_or("/").to_string();
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-            .collect();
-        let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        let Some(Seen { method, path, headers, .. }) = read_request_head(&mut s, conn).await else { return };
+        let find = |n: &str| headers.iter().find(|(k, _): &&(String, String)| k == n).map(|(_, v)| v.clone());
         let mut body = Vec::new();
         if find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
             loop {
