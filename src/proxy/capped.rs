@@ -77,6 +77,26 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Capped<S> {
         self.written += n as u64;
         Poll::Ready(Ok(n))
     }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let room = self.room()?;
+        let total = bufs.iter().map(|b| b.len()).fold(0usize, usize::saturating_add);
+        if total > room {
+            // Near the cap: one slice, cut at it, as `poll_write` does.
+            let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+            return self.poll_write(cx, first);
+        }
+        let n = std::task::ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs))?;
+        self.charge(n);
+        self.written += n as u64;
+        Poll::Ready(Ok(n))
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
@@ -110,5 +130,28 @@ mod tests {
         let (a, _b) = tokio::io::duplex(64);
         let mut free = Capped::new(a, None);
         free.write_all(&[0u8; 32]).await.unwrap();
+    }
+
+    /// rustls hands a handshake flight or a download's records over as several slices:
+    /// they go out in one write, and the cap still holds to the byte.
+    #[tokio::test]
+    async fn vectored_writes_go_whole_and_stop_at_the_cap() {
+        use std::io::IoSlice;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (mut server, _) = server.unwrap();
+        let mut capped = Capped::new(client.unwrap(), Some(10));
+        assert!(capped.is_write_vectored(), "a TCP stream's vectored writes are not flattened");
+        let n = capped.write_vectored(&[IoSlice::new(b"abc"), IoSlice::new(b"defg")]).await.unwrap();
+        assert_eq!(n, 7, "both slices in one write");
+        let n = capped.write_vectored(&[IoSlice::new(b""), IoSlice::new(b"hijkl")]).await.unwrap();
+        assert_eq!(n, 3, "cut at the cap");
+        assert!(capped.write_vectored(&[IoSlice::new(b"m")]).await.is_err());
+        assert_eq!(capped.moved(), (0, 10));
+        drop(capped);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"abcdefghij");
     }
 }

@@ -39,6 +39,9 @@ use crate::telemetry::record::{self, Path};
 
 const TLS_HANDSHAKE: u8 = 0x16;
 
+/// The first read of an intercepted tunnel: rustls' own read size.
+const FIRST_READ: usize = 4096;
+
 /// How long a blind tunnel waits for the client's first bytes before letting the
 /// upstream speak first (SMTP, SSH and database banners).
 const PEEK: Duration = Duration::from_millis(300);
@@ -101,14 +104,17 @@ where
 {
     let limits = generation.config.proxy.limits.clone();
     let mut io = Capped::new(client, limits.max_tunnel_bytes);
-    let mut first = [0u8; 1];
+    // As much as has come, not one byte: a whole ClientHello is usually there, and the
+    // handshake reads it from here without another syscall.
+    let mut first = vec![0u8; FIRST_READ];
     match tokio::time::timeout(limits.header_read_timeout, io.read(&mut first)).await {
-        Ok(Ok(1)) => {}
+        Ok(Ok(n)) if n > 0 => first.truncate(n),
         _ => return None,
     }
-    let io = Prefixed::new(first.to_vec(), io);
+    let tls = first[0] == TLS_HANDSHAKE;
+    let io = Prefixed::new(first, io);
     let peer = opener.peer;
-    if first[0] != TLS_HANDSHAKE {
+    if !tls {
         let route = Route::new(dest, false, true, None, peer, agent).answered(person);
         return Some(Box::pin(serve_h1(Conn::new(proxy, &generation, opener, route), io)));
     }
@@ -741,6 +747,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
+    // Forwarded so that rustls' records (a handshake flight, a download's 16 KiB
+    // records) leave in one `writev`, not one syscall and one segment each.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
@@ -752,6 +770,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
 #[cfg(test)]
 mod tests {
     use super::looks_like_http;
+
+    /// An intercepted tunnel's TLS writes through `Prefixed<Capped<_>>`: each layer
+    /// passes vectored writes on, or every record of a flight costs a syscall.
+    #[tokio::test]
+    async fn the_intercepted_stream_keeps_vectored_writes() {
+        use tokio::io::AsyncWrite;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let io = super::Prefixed::new(vec![0x16], super::Capped::new(tcp, None));
+        assert!(io.is_write_vectored());
+    }
 
     #[test]
     fn only_an_http_request_line_is_http() {
