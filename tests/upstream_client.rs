@@ -677,6 +677,17 @@ async fn serve_by_hand(RawConn { conn, mut stream, seen }: RawConn) {
                     return;
                 }
             }
+            "/answer-early" => {
+                // Answered before a byte of the body is read, the connection kept open;
+                // the request is logged when the upload's end is seen, whole or not.
+                if !write(s, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly").await {
+                    return;
+                }
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(30), read_body(s, &mut req.body, length)).await;
+                seen.lock().unwrap().push(req);
+                return;
+            }
             "/reject" | "/reject-now" => {
                 let now = req.path == "/reject-now";
                 seen.lock().unwrap().push(req);
@@ -960,6 +971,39 @@ fn an_upload_the_client_abandons_never_reaches_the_upstream_whole_and_latchkey_s
     let got = get_all(&lk, &["/after"]);
     assert_eq!((got[0].status, got[0].body.as_str()), (200, format!("GET {}", digest(b"")).as_str()));
     assert_eq!(trail(&up), ["0 /hash", "1 /after", "1 /duplex", "2 /after"], "neither cut connection reused");
+}
+
+/// An upstream that answered at once goes on reading the upload; a client that then
+/// sends nothing more must not hold that upstream connection (and its own) for ever:
+/// the rest of the upload gets `[proxy] timeout`, as a held body does.
+#[test]
+fn the_rest_of_an_upload_after_an_early_answer_is_bounded_in_time() {
+    use std::io::{Read, Write};
+    let up = raw_upstream(by_hand());
+    let lk = Latchkey::start(Some(&up), &format!("timeout = 2\n#END-PROXY\n{CRED}"), ENV);
+    let sent = payload(1000, 6);
+    let mut tls = by_hand_client(&lk);
+    let head = "POST /answer-early HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: 100000\r\n\r\n";
+    tls.write_all(&[head.as_bytes(), &sent].concat()).unwrap();
+    tls.flush().unwrap();
+    let answer = read_until(&mut tls, b"early");
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    // The client stalls, its connection open. Within the timeout (and the poll's 5 s),
+    // the upstream sees the upload end short.
+    let started = std::time::Instant::now();
+    let seen = wait_requests(&up, 1);
+    assert!(seen[0].body == sent, "the 1000 bytes sent, then the end: {} bytes", seen[0].body.len());
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    // And the stalled client's connection is let go too.
+    tls.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    let ended = tls.read_to_end(&mut rest);
+    let waited = |e: &std::io::Error| {
+        matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+    };
+    assert!(!ended.as_ref().is_err_and(waited), "the client's connection still open: {ended:?}");
+    let got = get_all(&lk, &["/after"]);
+    assert_eq!((got[0].status, got[0].body.as_str()), (200, format!("GET {}", digest(b"")).as_str()));
 }
 
 #[test]

@@ -58,6 +58,7 @@ impl Generation {
                 allow_private: config.proxy.allow_private.clone(),
                 own_sockets: own_sockets.clone(),
                 connect_timeout: config.proxy.connect_timeout,
+                timeout: config.proxy.timeout,
                 budget: budget.clone(),
                 tls_h1: tokio_rustls::TlsConnector::from(Arc::new(h1_only(&tls))),
                 tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),

@@ -211,7 +211,7 @@ impl Pool {
         let mut upload = client::Upload::new(head, body, length);
         let head = conn.exchange(&mut upload, req.method() == http::Method::HEAD).await?;
         let home = OwnHome { pool: Arc::downgrade(&self.0), key: key.clone() };
-        Ok(client::response(conn, head, upload, home))
+        Ok(client::response(conn, head, upload, home, self.0.dialer.timeout))
     }
 
     async fn send(

@@ -95,6 +95,9 @@ pub struct Dialer {
     /// latchkey's own listening sockets: never a destination, whatever the config says.
     pub own_sockets: Vec<SocketAddr>,
     pub connect_timeout: Duration,
+    /// `[proxy] timeout`: also how long the rest of an upload the upstream answered
+    /// early may take (`client::response`).
+    pub timeout: Duration,
     /// Upstream connections opened for requests hold a permit from this (invariant 9).
     pub budget: Arc<super::fanout::Budget>,
     /// ALPN h2 + http/1.1, for the pooled client.

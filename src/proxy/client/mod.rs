@@ -24,6 +24,7 @@ mod upload;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::Response;
@@ -179,15 +180,16 @@ pub struct Returning<H: Home> {
 }
 
 /// A response whose body returns its connection to `home`. An upload not finished when
-/// the head came goes on from a task of its own, and the connection is not reused.
-pub fn response<H: Home>(conn: Conn, head: Head, upload: Upload, home: H) -> Response<Body> {
+/// the head came goes on from a task of its own, for at most `limit`, and the connection
+/// is not reused.
+pub fn response<H: Home>(conn: Conn, head: Head, upload: Upload, home: H, limit: Duration) -> Response<Body> {
     use http_body_util::BodyExt;
     let mut home = head.reusable.then_some(home);
     let conn = match (upload.is_done(), conn) {
         (false, Conn { io: Io::Whole(io), buf }) => {
             let (read, write) = tokio::io::split(io);
             home = None;
-            tokio::spawn(finish_upload(upload, write));
+            tokio::spawn(finish_upload(upload, write, limit));
             Conn { io: Io::Read(read), buf }
         }
         (_, conn) => conn,
@@ -200,14 +202,22 @@ pub fn response<H: Home>(conn: Conn, head: Head, upload: Upload, home: H) -> Res
 }
 
 /// The rest of an upload the upstream answered before reading it all. A body that
-/// fails now (the client's read, a scan that refused it) shuts the connection's write
-/// side: the upstream sees the request cut short, never the refused part.
-async fn finish_upload(mut upload: Upload, mut write: WriteHalf<UpstreamIo>) {
-    let sent = std::future::poll_fn(|cx| upload.poll_send(&mut write, cx)).await;
-    if let Err(e) = sent {
-        tracing::debug!("the rest of an upload after an early response: {e}");
-        let _ = write.shutdown().await;
-    }
+/// fails now (the client's read, a scan that refused it) or is not all sent within
+/// `limit` shuts the connection's write side: the upstream sees the request cut short,
+/// never the refused part. Without the limit a client that stops sending (its
+/// connection or HTTP/2 stream left open) would hold this connection and its own for
+/// ever, past every cap: neither counts once the response has ended.
+async fn finish_upload(mut upload: Upload, mut write: WriteHalf<UpstreamIo>, limit: Duration) {
+    let send = std::future::poll_fn(|cx| upload.poll_send(&mut write, cx));
+    let failed = match tokio::time::timeout(limit, send).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("not sent within {}s", limit.as_secs()),
+    };
+    tracing::debug!("the rest of an upload after an early response: {failed}");
+    drop(upload); // the client's side goes first: its connection is let go
+    // An upstream that reads nothing more may never take the close either.
+    let _ = tokio::time::timeout(Duration::from_secs(1), write.shutdown()).await;
 }
 
 impl<H: Home> Returning<H> {
