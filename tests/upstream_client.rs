@@ -683,8 +683,10 @@ async fn serve_by_hand(RawConn { conn, mut stream, seen }: RawConn) {
                 if !write(s, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly").await {
                     return;
                 }
+                let chunked = !req.header_all("transfer-encoding").is_empty();
+                let want = if chunked { usize::MAX } else { length };
                 let _ =
-                    tokio::time::timeout(Duration::from_secs(30), read_body(s, &mut req.body, length)).await;
+                    tokio::time::timeout(Duration::from_secs(30), read_body(s, &mut req.body, want)).await;
                 seen.lock().unwrap().push(req);
                 return;
             }
@@ -982,26 +984,35 @@ fn the_rest_of_an_upload_after_an_early_answer_is_bounded_in_time() {
     let up = raw_upstream(by_hand());
     let lk = Latchkey::start(Some(&up), &format!("timeout = 2\n#END-PROXY\n{CRED}"), ENV);
     let sent = payload(1000, 6);
-    let mut tls = by_hand_client(&lk);
-    let head = "POST /answer-early HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: 100000\r\n\r\n";
-    tls.write_all(&[head.as_bytes(), &sent].concat()).unwrap();
-    tls.flush().unwrap();
-    let answer = read_until(&mut tls, b"early");
-    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
-    // The client stalls, its connection open. Within the timeout (and the poll's 5 s),
-    // the upstream sees the upload end short.
-    let started = std::time::Instant::now();
-    let seen = wait_requests(&up, 1);
-    assert!(seen[0].body == sent, "the 1000 bytes sent, then the end: {} bytes", seen[0].body.len());
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
-    // And the stalled client's connection is let go too.
-    tls.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut rest = Vec::new();
-    let ended = tls.read_to_end(&mut rest);
-    let waited = |e: &std::io::Error| {
-        matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
-    };
-    assert!(!ended.as_ref().is_err_and(waited), "the client's connection still open: {ended:?}");
+    // A body of known length goes by the own client, a chunked one by hyper's.
+    let length = [&b"Content-Length: 100000\r\n\r\n"[..], &sent].concat();
+    let chunked = [&b"Transfer-Encoding: chunked\r\n\r\n3e8\r\n"[..], &sent, b"\r\n"].concat();
+    // The upstream reads the chunked body as bytes: the one chunk (its size line as
+    // hyper writes it, 7 bytes of framing in all), and no last one.
+    let cases = [("length", length, 0), ("chunked", chunked, 7)];
+    for (i, (what, framing, framed)) in cases.iter().enumerate() {
+        let mut tls = by_hand_client(&lk);
+        let head = "POST /answer-early HTTP/1.1\r\nHost: api.anthropic.com\r\n";
+        tls.write_all(&[head.as_bytes(), framing].concat()).unwrap();
+        tls.flush().unwrap();
+        let answer = read_until(&mut tls, b"early");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{what}: {}", String::from_utf8_lossy(&answer));
+        // The client stalls, its connection open. Within the timeout (and the poll's
+        // 5 s), the upstream sees the upload end short.
+        let started = std::time::Instant::now();
+        let seen = wait_requests(&up, i + 1);
+        let got = &seen[i].body;
+        let whole = got.len() == sent.len() + framed && got.windows(sent.len()).any(|w| w == sent);
+        assert!(whole, "{what}: what was sent, then the end: {}", String::from_utf8_lossy(got));
+        assert!(started.elapsed() < Duration::from_secs(5), "{what}: {:?}", started.elapsed());
+        // And the stalled client's connection is let go too.
+        tls.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let ended = tls.read_to_end(&mut Vec::new());
+        let waited = |e: &std::io::Error| {
+            matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+        };
+        assert!(!ended.as_ref().is_err_and(waited), "{what}: the client's connection still open: {ended:?}");
+    }
     let got = get_all(&lk, &["/after"]);
     assert_eq!((got[0].status, got[0].body.as_str()), (200, format!("GET {}", digest(b"")).as_str()));
 }

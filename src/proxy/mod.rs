@@ -7,6 +7,7 @@
 //! (`tunnel`) → each request in phases (`exchange`) → log.
 
 pub(crate) mod agent_auth;
+mod answered;
 mod body;
 mod builders;
 mod capped;

@@ -30,6 +30,7 @@ use bytes::{Bytes, BytesMut};
 use http::Response;
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::sync::oneshot;
 
 use super::upstream::UpstreamIo;
 use super::{Body, BoxError};
@@ -54,17 +55,18 @@ pub struct Conn {
     buf: BytesMut,
 }
 
-/// The connection, or only its read half once an upload went on without the response.
+/// The connection, or only its read half once an upload went on without the response
+/// (with what tells the upload when the response is over: dropped with the half).
 enum Io {
     Whole(UpstreamIo),
-    Read(ReadHalf<UpstreamIo>),
+    Read { half: ReadHalf<UpstreamIo>, _over: oneshot::Sender<()> },
 }
 
 impl AsyncRead for Io {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Whole(io) => Pin::new(io).poll_read(cx, buf),
-            Io::Read(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Read { half, .. } => Pin::new(half).poll_read(cx, buf),
         }
     }
 }
@@ -180,17 +182,18 @@ pub struct Returning<H: Home> {
 }
 
 /// A response whose body returns its connection to `home`. An upload not finished when
-/// the head came goes on from a task of its own, for at most `limit`, and the connection
-/// is not reused.
+/// the head came goes on from a task of its own, for at most `limit` after the
+/// response's end, and the connection is not reused.
 pub fn response<H: Home>(conn: Conn, head: Head, upload: Upload, home: H, limit: Duration) -> Response<Body> {
     use http_body_util::BodyExt;
     let mut home = head.reusable.then_some(home);
     let conn = match (upload.is_done(), conn) {
         (false, Conn { io: Io::Whole(io), buf }) => {
             let (read, write) = tokio::io::split(io);
+            let (over, response_over) = oneshot::channel();
             home = None;
-            tokio::spawn(finish_upload(upload, write, limit));
-            Conn { io: Io::Read(read), buf }
+            tokio::spawn(finish_upload(upload, write, response_over, limit));
+            Conn { io: Io::Read { half: read, _over: over }, buf }
         }
         (_, conn) => conn,
     };
@@ -203,16 +206,29 @@ pub fn response<H: Home>(conn: Conn, head: Head, upload: Upload, home: H, limit:
 
 /// The rest of an upload the upstream answered before reading it all. A body that
 /// fails now (the client's read, a scan that refused it) or is not all sent within
-/// `limit` shuts the connection's write side: the upstream sees the request cut short,
-/// never the refused part. Without the limit a client that stops sending (its
-/// connection or HTTP/2 stream left open) would hold this connection and its own for
-/// ever, past every cap: neither counts once the response has ended.
-async fn finish_upload(mut upload: Upload, mut write: WriteHalf<UpstreamIo>, limit: Duration) {
+/// `limit` of the response's end shuts the connection's write side: the upstream sees
+/// the request cut short, never the refused part. Without the limit a client that stops
+/// sending (its connection or HTTP/2 stream left open), or an upstream that stops
+/// reading, would hold this connection and the client's for ever (`proxy/answered.rs`
+/// bounds the body the same way on every path; this also bounds a write the upstream
+/// never takes).
+async fn finish_upload(
+    mut upload: Upload,
+    mut write: WriteHalf<UpstreamIo>,
+    response_over: oneshot::Receiver<()>,
+    limit: Duration,
+) {
     let send = std::future::poll_fn(|cx| upload.poll_send(&mut write, cx));
-    let failed = match tokio::time::timeout(limit, send).await {
-        Ok(Ok(())) => return,
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("not sent within {}s", limit.as_secs()),
+    let late = async {
+        let _ = response_over.await; // sent or dropped: over
+        tokio::time::sleep(limit).await;
+    };
+    let failed = tokio::select! {
+        sent = send => match sent {
+            Ok(()) => return,
+            Err(e) => e.to_string(),
+        },
+        () = late => format!("not sent within {}s of the response's end", limit.as_secs()),
     };
     tracing::debug!("the rest of an upload after an early response: {failed}");
     drop(upload); // the client's side goes first: its connection is let go

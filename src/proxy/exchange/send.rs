@@ -11,6 +11,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::upgrade::OnUpgrade;
 
+use super::super::answered;
 use super::super::body::{Counted, ScanBody};
 use super::super::linger::Lingering;
 use super::super::pool::{Pool, SendError};
@@ -110,9 +111,20 @@ impl<'a> Upstream<'a> {
             let hit = scan.filter.hit.clone();
             (scan.boxed(), Some(hit))
         };
+        // An upload outliving its answer gets `timeout` after the answer's end.
+        let (body, answered) = match http_body::Body::is_end_stream(&body) {
+            true => (body, None),
+            false => {
+                let (bounded, answered) = answered::bounded(body, config.proxy.timeout);
+                (bounded.boxed(), Some(answered))
+            }
+        };
         let request = self.client.request(Request::from_parts(parts, body));
         match tokio::time::timeout(config.proxy.timeout, request).await {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => Ok(match answered {
+                Some(answered) => resp.map(|body| answered(body).boxed()),
+                None => resp,
+            }),
             Ok(Err(e)) => {
                 match (hit.as_ref().and_then(|h| h.get()), trailer_hit.as_ref().and_then(|h| h.get())) {
                     (Some(pattern), _) => Err(Refusal::new(
