@@ -106,9 +106,10 @@ where
     let mut io = Capped::new(client, limits.max_tunnel_bytes);
     // As much as has come, not one byte: a whole ClientHello is usually there, and the
     // handshake reads it from here without another syscall.
-    let mut first = vec![0u8; FIRST_READ];
-    match tokio::time::timeout(limits.header_read_timeout, io.read(&mut first)).await {
-        Ok(Ok(n)) if n > 0 => first.truncate(n),
+    // (Not zeroed first: `read_buf` fills spare capacity.)
+    let mut first = Vec::with_capacity(FIRST_READ);
+    match tokio::time::timeout(limits.header_read_timeout, io.read_buf(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => {}
         _ => return None,
     }
     let tls = first[0] == TLS_HANDSHAKE;
