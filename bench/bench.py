@@ -505,7 +505,8 @@ def cluster_rows(bench, url, args):
         lines.append(f"| {name.split(', ', 2)[2]} | {rate:,.0f} req/s | "
                      f"{med(runs, 'p50'):.2f} / {med(runs, 'p99'):.2f} ms |")
     lines.append("")
-    lines.append(f"Redis / per-replica: **{shared / local:.2f}×**.")
+    _, ratio = paired(results[local_name], results[shared_name])
+    lines.append(f"Redis / per-replica: {ratio}.")
     return "\n".join(lines) + "\n"
 
 
@@ -671,7 +672,7 @@ def live_view_rows(bench, lk, args):
     w.close()
     return ("\n| live view (latchkey) | value |\n|---|---|\n"
             f"| keep-alive, 32 connections, no watcher | {base:.0f} req/s |\n"
-            f"| keep-alive, 32 connections, one live-view watcher | {watched:.0f} req/s (**{watched / base:.2f}×**) |\n"
+            f"| keep-alive, 32 connections, one live-view watcher | {watched:.0f} req/s, {paired(without, with_one)[1]} |\n"
             f"| RSS with 100 live-view watchers, under load | {before / 1024:.1f} → {after / 1024:.1f} MiB "
             f"(+{(after - before) / 1024:.1f}); {got / 1048576:.1f} MiB of events delivered |\n")
 
@@ -729,8 +730,9 @@ def dlp_rows(bench, lk, args):
     for name, _, conns, _, target in DLP_SCENARIOS:
         off, on_ = med(runs[(name, "off")], "rps"), med(runs[(name, "on")], "rps")
         unit = "MiB/s" if name.startswith("1 MiB") else "req/s"
+        _, ratio = paired(runs[(name, "off")], runs[(name, "on")])
         lines.append(f"| {name} DLP on/off, {conns} connections | {off:,.1f} {unit} | {on_:,.1f} {unit} | "
-                     f"**{on_ / off:.2f}×** | ≥ {target}× |")
+                     f"{ratio} | ≥ {target}× |")
     return "\n".join(lines) + "\n"
 
 
@@ -800,7 +802,7 @@ def jail_rows(bench, lk):
     lines = ["", "exec --jail (same latchkey, same URL by name, 32 keep-alive connections):", "",
              "| | explicit proxy (-x) | jailed (no proxy variables) | ratio (target ≥ 0.8×) |", "|---|---|---|---|",
              f"| keep-alive req/s | {explicit:,.0f} (CPU {med(runs['explicit'], 'cpu'):.0f}%) | "
-             f"{jail:,.0f} (CPU {med(runs['jailed'], 'cpu'):.0f}%) | **{jail / explicit:.2f}×** |"]
+             f"{jail:,.0f} (CPU {med(runs['jailed'], 'cpu'):.0f}%) | {paired(runs['explicit'], runs['jailed'])[1]} |"]
     if first["exec"] and first["exec --jail"]:
         a, b = statistics.median(first["exec"]), statistics.median(first["exec --jail"])
         lines.append(f"| one request from a fresh process, wall ms (median of {len(first['exec --jail'])}) | "
@@ -859,7 +861,8 @@ def transparent_rows(bench, lk):
         "", "transparent mode (same latchkey, same URL by name, 32 keep-alive connections):", "",
         "| | explicit proxy (-x) | transparent (REDIRECT, no proxy settings) | ratio |", "|---|---|---|---|",
         f"| keep-alive req/s | {explicit:,.0f} (CPU {med(runs['explicit'], 'cpu'):.0f}%) | "
-        f"{transparent:,.0f} (CPU {med(runs['transparent'], 'cpu'):.0f}%) | **{transparent / explicit:.2f}×** |",
+        f"{transparent:,.0f} (CPU {med(runs['transparent'], 'cpu'):.0f}%) | "
+        f"{paired(runs['explicit'], runs['transparent'])[1]} |",
     ]) + "\n"
 
 
@@ -889,12 +892,28 @@ def render_tokens(token_results):
         runs = token_results[name]
         lines.append(f"| {name.rsplit(', ', 1)[1]} | {rate:,.0f} req/s | {med(runs, 'p50'):.2f} / {med(runs, 'p99'):.2f} ms |")
     lines.append("")
-    lines.append(f"Token / placeholder: **{token / plain:.2f}×**.")
+    _, ratio = paired(token_results[plain_name], token_results[token_name])
+    lines.append(f"Token / placeholder: {ratio}.")
     return "\n".join(lines) + "\n"
 
 
 def med(runs, key):
     return statistics.median(r[key] for r in runs)
+
+
+def paired(base, other, key="rps"):
+    """`other` over `base` as the median of each round's own ratio, and the text that
+    shows it with the rounds'. The two runs of a round are back to back; this machine's
+    speed drifts between rounds by more than most features cost (a round at 70k req/s,
+    the next at 40k, both sides alike), and two medians taken apart mix those rounds.
+    Runs that failed unbalance the pairs: then the two medians, said so."""
+    if len(base) != len(other) or not base:
+        ratio = med(other, key) / med(base, key)
+        return ratio, f"**{ratio:.2f}×** (medians; rounds unpaired)"
+    ratios = [o[key] / b[key] for b, o in zip(base, other)]
+    ratio = statistics.median(ratios)
+    each = ", ".join(f"{r:.2f}" for r in ratios)
+    return ratio, f"**{ratio:.2f}×** (median of the rounds' ratios: {each})"
 
 
 def render(targets, results, extra_rows, soak, args):
