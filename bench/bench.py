@@ -925,7 +925,8 @@ def render(targets, results, extra_rows, soak, args):
     except StopIteration:
         model = cpu
     lines = [f"Machine: {os.cpu_count()} cores, {model}, Linux {platform.release()}. "
-             f"Rounds: {args.rounds} × {args.duration} s per cell, targets alternating; medians.", ""]
+             f"Rounds: {args.rounds} × {args.duration} s per cell, targets alternating; medians "
+             "(a ratio to direct: the median of each round's own ratio).", ""]
     lines.append("| scenario | " + " | ".join(names) + " |")
     lines.append("|---|" + "---|" * len(names))
     for name, _, _, _, unit in SCENARIOS:
@@ -940,7 +941,7 @@ def render(targets, results, extra_rows, soak, args):
             shown = rate if unit == "req/s" else rate  # 1 MiB per request
             cell = f"{shown:,.0f} {unit}" if unit == "req/s" else f"{shown:,.0f} MiB/s"
             if direct and n != "direct":
-                cell += f" (**{rate / direct:.2f}×**)"
+                cell += f" (**{paired(results[(name, 'direct')], runs)[0]:.2f}×**)"
             cell += f"<br>p50 {med(runs, 'p50'):.2f} / p99 {med(runs, 'p99'):.2f} ms"
             if n != "direct":
                 cell += f"<br>CPU {med(runs, 'cpu'):.0f}%, RSS {max(r['rss'] for r in runs):.0f} MiB"
@@ -966,6 +967,13 @@ def render(targets, results, extra_rows, soak, args):
                 cells.append(f"{v:.3f}" + (f" (+{v - base:.3f})" if base is not None and n != "direct" else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
+    if "latchkey" in names and "direct" in names:
+        lines.append("latchkey / direct, round by round (how far the machine drifted):")
+        lines.append("")
+        for name, *_ in SCENARIOS:
+            if (name, "latchkey") in results and (name, "direct") in results:
+                lines.append(f"- {name}: {paired(results[(name, 'direct')], results[(name, 'latchkey')])[1]}")
+        lines.append("")
     peers = [n for n in names if n not in ("direct", "latchkey")]
     if "latchkey" in names and peers:
         lines.append("latchkey vs peers (throughput ratio, same run):")
