@@ -1,6 +1,6 @@
 //! Staying up when pushed (issue 20), through the real binary: the request log's disk
 //! full or its file removed (`[proxy.logging] on_log_error`), an HTTP/2 upload refused
-//! before its body is read, HTTP/2 floods from a client inside a tunnel (others served
+//! before its body is read, an HTTP/2 upload stalled after its answer, HTTP/2 floods from a client inside a tunnel (others served
 //! meanwhile at a share of their quiet rate), and upstream faults: a body that dies in
 //! the middle, a head or a body without end, a name that does not resolve or resolves
 //! slowly. Each ends with latchkey serving a normal request.
@@ -236,6 +236,37 @@ fn an_http2_upload_refused_before_its_body_is_read_gets_its_refusal() {
         assert!(text.starts_with("latchkey: "), "{text}");
     }
     assert_eq!(up.count(), 0);
+    let (code, _) =
+        lk.curl(&["--http2", "-H", "x-api-key: latchkey-anthropic", "https://api.anthropic.com/v1/x"]);
+    assert_eq!(code, 200, "{}", lk.stderr());
+}
+
+/// An HTTP/2 client that stalls its upload after the answer came, its stream open: the
+/// upstream stream must not stay open for as long as the client likes. After `[proxy]
+/// timeout` past the answer's end, latchkey cuts the upload (the h2 upstream sees its
+/// stream end short) and still serves others.
+#[test]
+fn an_http2_upload_stalled_after_its_answer_is_cut_at_the_timeout() {
+    let up = upstream_with(UpstreamOpts { tls: true, h2_only: true, ..Default::default() });
+    let lk = Latchkey::start(Some(&up), &format!("timeout = 2\n#END-PROXY\n{CRED}"), ENV);
+    let client = py("h2_stalled_upload.py")
+        .args([&lk.port.to_string(), "api.anthropic.com", "/answer-then-read", "10"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with hpack (scripts/test.sh installs it)");
+    // The client holds its stream for 10 s: an end seen before that is latchkey's doing.
+    let started = Instant::now();
+    wait_for("the upstream to see the upload end", || up.count() == 1);
+    assert!(started.elapsed() < Duration::from_secs(7), "cut after {:?}", started.elapsed());
+    let seen = up.requests();
+    assert_eq!(
+        (seen[0].path.as_str(), seen[0].body.len()),
+        ("/answer-then-read", 1000),
+        "what was sent, cut"
+    );
+    let out = client.wait_with_output().unwrap();
+    let got = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(got["answered"], true, "{got}");
     let (code, _) =
         lk.curl(&["--http2", "-H", "x-api-key: latchkey-anthropic", "https://api.anthropic.com/v1/x"]);
     assert_eq!(code, 200, "{}", lk.stderr());

@@ -346,6 +346,20 @@ async fn echo(
         });
         return Ok(Response::builder().header("content-type", "text/plain").body(body).unwrap());
     }
+    if path == "/answer-then-read" {
+        // Answered at once; the upload read on after, logged when it ends (whole or cut).
+        let (method, headers) = (parts.method.to_string(), headers.clone());
+        tokio::spawn(async move {
+            let mut body = body;
+            let mut got = Vec::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                got.extend_from_slice(frame.data_ref().map_or(&[][..], |d| &d[..]));
+            }
+            let seen = Seen { conn, method, path, headers, body: got, trailers: Vec::new() };
+            log.lock().unwrap().push(seen);
+        });
+        return Ok(Response::new(full("early")));
+    }
     if path == "/trailers" {
         let (mut tx, body) = channel();
         tokio::spawn(async move {
