@@ -5,11 +5,11 @@
 //! own client's task, hyper's connection task, an HTTP/2 stream — and that waits on the
 //! client. A client that stops sending but keeps its connection or stream open would
 //! hold the upstream connection (and its own) for ever, its own no longer counted once
-//! its connection task had given up on it. So a request body is [`bounded`]: once its response
-//! body has ended (or was dropped), the rest of the upload has `limit` to arrive, or it
-//! fails and the upstream sees the upload cut short. While the response still streams,
-//! nothing is timed: a duplex exchange (an echo, a gRPC stream) lasts as long as it is
-//! used.
+//! its connection task had given up on it. So a request body is [`bounded`]: once its
+//! response body has ended (or was dropped), the rest of the upload has `limit` to
+//! arrive, or it fails and the upstream sees the upload cut short. While the response
+//! still streams, nothing is timed: a duplex exchange (an echo, a gRPC stream) lasts as
+//! long as it is used.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -143,14 +143,14 @@ mod tests {
     async fn an_upload_stalled_past_its_answers_end_fails_at_the_limit_and_not_before() {
         let (body, tx) = fed();
         let (mut upload, answered) = bounded(body, LIMIT);
-        let (response, _more) = fed();
+        let (response, more) = fed();
         let mut response = answered(response);
         tx.send(Bytes::from_static(b"one")).await.unwrap();
         assert!(upload.frame().await.unwrap().is_ok());
         // The response still streams: a stalled upload waits as long as it takes.
         let waited = tokio::time::timeout(Duration::from_secs(3600), upload.frame()).await;
         assert!(waited.is_err(), "timed while the answer went on");
-        drop(_more);
+        drop(more);
         assert!(response.frame().await.is_none(), "the answer's end");
         let started = tokio::time::Instant::now();
         let failed = upload.frame().await.unwrap();
