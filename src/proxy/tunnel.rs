@@ -104,9 +104,9 @@ where
 {
     let limits = generation.config.proxy.limits.clone();
     let mut io = Capped::new(client, limits.max_tunnel_bytes);
-    // As much as has come, not one byte: a whole ClientHello is usually there, and the
+    // As much as has come, not one byte, into spare capacity (zeroing 4 KiB first cost
+    // more than the byte it replaced): a whole ClientHello is usually there, and the
     // handshake reads it from here without another syscall.
-    // (Not zeroed first: `read_buf` fills spare capacity.)
     let mut first = Vec::with_capacity(FIRST_READ);
     match tokio::time::timeout(limits.header_read_timeout, io.read_buf(&mut first)).await {
         Ok(Ok(n)) if n > 0 => {}
