@@ -104,14 +104,10 @@ where
 {
     let limits = generation.config.proxy.limits.clone();
     let mut io = Capped::new(client, limits.max_tunnel_bytes);
-    // As much as has come, not one byte, into spare capacity (zeroing 4 KiB first cost
-    // more than the byte it replaced): a whole ClientHello is usually there, and the
-    // handshake reads it from here without another syscall.
-    let mut first = Vec::with_capacity(FIRST_READ);
-    match tokio::time::timeout(limits.header_read_timeout, io.read_buf(&mut first)).await {
-        Ok(Ok(n)) if n > 0 => {}
+    let first = match tokio::time::timeout(limits.header_read_timeout, first_bytes(&mut io)).await {
+        Ok(Ok(first)) if !first.is_empty() => first,
         _ => return None,
-    }
+    };
     let tls = first[0] == TLS_HANDSHAKE;
     let io = Prefixed::new(first, io);
     let peer = opener.peer;
@@ -126,6 +122,20 @@ where
     let route = Route::new(dest, true, true, misdirected, peer, agent).answered(person);
     let conn = Conn::new(proxy, &generation, opener, route);
     if h2 { Some(Box::pin(serve_h2(conn, tls))) } else { Some(Box::pin(serve_h1(conn, tls))) }
+}
+
+/// As much as has come, not one byte: a whole ClientHello is usually there, and the
+/// handshake reads it from the copy without another syscall. The buffer is on the stack
+/// of each poll, not in the waiting future: a tunnel opened and left silent holds no
+/// 4 KiB while it waits (nor is the buffer zeroed: it is read into uninitialised).
+async fn first_bytes<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<Vec<u8>> {
+    std::future::poll_fn(|cx| {
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
+        let mut read = ReadBuf::uninit(&mut buf);
+        std::task::ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
+        Poll::Ready(Ok(read.filled().to_vec()))
+    })
+    .await
 }
 
 /// The client's TLS handshake, with a leaf certificate for `dest`; the stream and, when
