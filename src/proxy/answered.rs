@@ -7,9 +7,14 @@
 //! hold the upstream connection (and its own) for ever, its own no longer counted once
 //! its connection task had given up on it. So a request body is [`bounded`]: once its
 //! response body has ended (or was dropped), the rest of the upload has `limit` to
-//! arrive, or it fails and the upstream sees the upload cut short. While the response
-//! still streams, nothing is timed: a duplex exchange (an echo, a gRPC stream) lasts as
-//! long as it is used.
+//! arrive in all (a total, as `timeout` bounds a request before its answer), or it fails
+//! and the upstream sees the upload cut short. While the response still streams, nothing
+//! is timed: a duplex exchange (an echo, a gRPC stream) lasts as long as it is used.
+//!
+//! The timer runs while the body is polled, that is while the upstream leg wants more
+//! of it: an upstream that stops reading an upload it has answered leaves hyper's
+//! connection task waiting for room to write, the body unpolled and untimed (the own
+//! client's upload task has a deadline of its own for that, `client::finish_upload`).
 
 use std::future::Future;
 use std::pin::Pin;

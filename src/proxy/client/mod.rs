@@ -210,8 +210,8 @@ pub fn response<H: Home>(conn: Conn, head: Head, upload: Upload, home: H, limit:
 /// the request cut short, never the refused part. Without the limit a client that stops
 /// sending (its connection or HTTP/2 stream left open), or an upstream that stops
 /// reading, would hold this connection and the client's for ever (`proxy/answered.rs`
-/// bounds the body the same way on every path; this also bounds a write the upstream
-/// never takes).
+/// bounds the body the same way on every path, but only while it is polled; this also
+/// bounds a write the upstream never takes, which hyper's paths do not).
 async fn finish_upload(
     mut upload: Upload,
     mut write: WriteHalf<UpstreamIo>,
