@@ -5,8 +5,6 @@ with an unfinished body, on CONNECTIONS connections, prints "ready", and holds t
 
 usage: h2_fanout.py PROXY_PORT HOST CONNECTIONS STREAMS
 """
-import socket
-import ssl
 import sys
 import threading
 
@@ -14,27 +12,9 @@ import h2.config
 import h2.connection
 import h2.events
 
+from h2_tunnel import open_h2_tunnel
+
 port, host, connections, streams = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-
-
-def open_tunnel():
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(1)
-        if not chunk:
-            raise SystemExit(f"CONNECT closed: {head!r}")
-        head += chunk
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise SystemExit(f"CONNECT refused: {head!r}")
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["h2"])
-    tls = ctx.wrap_socket(s, server_hostname=host)
-    assert tls.selected_alpn_protocol() == "h2", tls.selected_alpn_protocol()
-    return tls
 
 
 def pump(tls, conn, lock):
@@ -58,7 +38,7 @@ def pump(tls, conn, lock):
 
 held = []
 for _ in range(connections):
-    tls = open_tunnel()
+    tls = open_h2_tunnel(port, f"{host}:443")
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     tls.sendall(conn.data_to_send())

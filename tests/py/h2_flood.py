@@ -30,6 +30,8 @@ import time
 
 import hpack
 
+from h2_tunnel import open_h2_tunnel
+
 port, host, attack, seconds = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
 # HOST may carry a port (bench/floods.py floods 127.0.0.1:PORT); 443 when it does not.
 authority = host if ":" in host else f"{host}:443"
@@ -42,26 +44,6 @@ END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
 
 def frame(kind, flags, stream, payload=b""):
     return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
-
-
-def open_tunnel():
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(1)
-        if not chunk:
-            raise SystemExit(f"CONNECT closed: {head!r}")
-        head += chunk
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise SystemExit(f"CONNECT refused: {head!r}")
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["h2"])
-    tls = ctx.wrap_socket(s, server_hostname=authority.rsplit(":", 1)[0])
-    assert tls.selected_alpn_protocol() == "h2", tls.selected_alpn_protocol()
-    return tls
 
 
 class Seen:
@@ -126,7 +108,7 @@ def again(kind):
 
 
 def flood_once(attack, deadline):
-    tls = open_tunnel()
+    tls = open_h2_tunnel(port, authority)
     seen = Seen()
     settings = b""
     if attack == "zero_window":

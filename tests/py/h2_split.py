@@ -3,28 +3,18 @@ caller chooses (a secret split across them). Prints the response status and body
 
 usage: h2_split.py PROXY_PORT HOST PATH CUT < body
 """
-import socket
-import ssl
 import sys
 
 import h2.config
 import h2.connection
 import h2.events
 
+from h2_tunnel import open_h2_tunnel
+
 port, host, path, cut = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 body = sys.stdin.buffer.read()
 
-s = socket.create_connection(("127.0.0.1", port), timeout=20)
-s.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
-head = b""
-while b"\r\n\r\n" not in head:
-    head += s.recv(1)
-assert head.startswith(b"HTTP/1.1 200"), head
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-ctx.set_alpn_protocols(["h2"])
-tls = ctx.wrap_socket(s, server_hostname=host)
+tls = open_h2_tunnel(port, f"{host}:443", timeout=20)
 conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
 conn.initiate_connection()
 conn.send_headers(1, [(":method", "POST"), (":scheme", "https"), (":authority", host), (":path", path),

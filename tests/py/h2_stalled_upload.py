@@ -16,6 +16,8 @@ import time
 
 import hpack
 
+from h2_tunnel import open_h2_tunnel
+
 port, host, path, seconds = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
 DATA, HEADERS, RST_STREAM, SETTINGS, GOAWAY = 0, 1, 3, 4, 7
 END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
@@ -25,24 +27,8 @@ def frame(kind, flags, stream, payload=b""):
     return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
 
 
-def open_tunnel():
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(1)
-    assert head.startswith(b"HTTP/1.1 200"), head
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["h2"])
-    tls = ctx.wrap_socket(s, server_hostname=host)
-    assert tls.selected_alpn_protocol() == "h2"
-    return tls
-
-
 def main():
-    tls = open_tunnel()
+    tls = open_h2_tunnel(port, f"{host}:443")
     tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0))
     block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "https"), (":authority", host),
                                     (":path", path), ("content-length", "100000")])
