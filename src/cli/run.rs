@@ -14,8 +14,11 @@ use crate::config::Config;
 use crate::policy::CredState;
 use crate::proxy::Proxy;
 
+/// The main runtime: accept loops, the admin listener, reloads and other background
+/// work. Connections are served on the shards (`proxy::shards`), so one worker is
+/// enough here.
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime")
 }
 
 pub fn run(
@@ -117,19 +120,33 @@ pub fn run(
                 "transparent listener on {}",
                 l.local_addr().map(|a| a.to_string()).unwrap_or_default()
             );
-            tokio::spawn(proxy.clone().serve_transparent(l));
+            let p = proxy.clone();
+            if let Err(e) = proxy.spawn_accept(l, move |l| p.serve_transparent(l)) {
+                eprintln!("latchkey: transparent listener: {e}");
+                return ExitCode::from(1);
+            }
         }
         proxy.set_ready();
         tracing::info!("ready in {} ms", started.elapsed().as_millis());
         let grace = proxy.generation().config.proxy.limits.shutdown_grace;
+        let p = proxy.clone();
+        let mut accepting = match proxy.spawn_accept(listener, move |l| p.serve(l)) {
+            Ok(handle) => handle,
+            Err(e) => {
+                eprintln!("latchkey: cannot serve {}: {e}", proxy.generation().config.proxy.listen);
+                return ExitCode::from(1);
+            }
+        };
         tokio::select! {
-            r = proxy.clone().serve(listener) => {
+            r = &mut accepting => {
                 eprintln!("latchkey: listener failed: {r:?}");
                 return ExitCode::from(1);
             }
             _ = shutdown_signal() => {}
         }
-        // The listener is closed (dropped with `serve`); let requests in flight finish.
+        // Close the listener (dropped with the accept loop); let requests in flight finish.
+        accepting.abort();
+        let _ = accepting.await;
         tracing::info!(
             "shutting down: no new connections; waiting up to {}s for requests in flight",
             grace.as_secs()
@@ -187,6 +204,14 @@ fn start(
         eprintln!("latchkey: {e}");
         ExitCode::from(2)
     })?;
+    match crate::proxy::shards::Shards::per_core() {
+        Ok(shards) => {
+            tracing::debug!("serving connections on {} shards", shards.len());
+            let _ = proxy.shards.set(shards);
+        }
+        // Still served, on the main runtime.
+        Err(e) => tracing::warn!("no connection shards ({e}); serving on the main runtime"),
+    }
     tracing::info!("latchkey listening on {local} (CA {})", ca_path.display());
     Ok(proxy)
 }
@@ -417,7 +442,11 @@ pub fn exec(
                 Ok(p) => p,
                 Err(code) => return code,
             };
-            tokio::spawn(proxy.serve(listener));
+            let p = proxy.clone();
+            if let Err(e) = proxy.spawn_accept(listener, move |l| p.serve(l)) {
+                eprintln!("latchkey: cannot serve {addr}: {e}");
+                return ExitCode::from(1);
+            }
         }
         let (program, args) = command.split_first().expect("clap requires a command");
         let mut cmd = tokio::process::Command::new(program);

@@ -88,8 +88,10 @@ async fn redirected(proxy: Arc<Proxy>, listener: TcpListener, map: Map, agent: O
             }
         };
         let Some(dest) = destination(&stream, &map) else { continue };
-        let (proxy, agent) = (proxy.clone(), agent.clone());
-        tokio::spawn(async move { proxy.serve_destined(stream, peer, dest, agent.as_deref()).await });
+        let (p, agent) = (proxy.clone(), agent.clone());
+        proxy.spawn_serving(stream, move |stream| async move {
+            p.serve_destined(stream, peer, dest, agent.as_deref()).await
+        });
     }
 }
 

@@ -30,6 +30,7 @@ mod park;
 mod pool;
 mod respond;
 mod route;
+pub mod shards;
 mod slots;
 mod token_client;
 mod trailers;
@@ -112,6 +113,9 @@ pub struct Proxy {
     /// The admin token, once the admin listener has read or created it (it signs the
     /// approvals webhook).
     pub admin_token: std::sync::OnceLock<Arc<[u8]>>,
+    /// Where accepted connections are served (set by the binary); unset, on the
+    /// runtime that accepted them.
+    pub shards: std::sync::OnceLock<shards::Shards>,
 }
 
 impl Proxy {
@@ -186,6 +190,7 @@ impl Proxy {
             tokens,
             approvals,
             admin_token: Default::default(),
+            shards: Default::default(),
         }))
     }
 
@@ -244,10 +249,39 @@ impl Proxy {
             let (stream, peer) = accept(&listener, &mut backoff, "accept").await;
             let Some(slot) = self.admit(peer) else { continue };
             let proxy = self.clone();
-            tokio::spawn(async move {
+            self.spawn_serving(stream, move |stream| async move {
                 let Some(stream) = proxy.client_stream(stream, peer).await else { return };
                 proxy.serve_client(stream, peer, Arc::new(std::sync::Mutex::new(Some(slot)))).await;
             });
+        }
+    }
+
+    /// Run `accept_loop` over `listener` on the first shard, or (no shards) on this
+    /// runtime. Aborting the handle closes the listener.
+    pub fn spawn_accept<F, Fut>(
+        &self,
+        listener: TcpListener,
+        accept_loop: F,
+    ) -> std::io::Result<tokio::task::JoinHandle<std::io::Result<()>>>
+    where
+        F: FnOnce(TcpListener) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+    {
+        match self.shards.get() {
+            Some(shards) => shards.accept_loop(listener, accept_loop),
+            None => Ok(tokio::spawn(accept_loop(listener))),
+        }
+    }
+
+    /// Serve an accepted connection on a shard, or (no shards) on this runtime.
+    pub(crate) fn spawn_serving<F, Fut>(&self, stream: tokio::net::TcpStream, serve: F)
+    where
+        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match self.shards.get() {
+            Some(shards) => shards.serve(stream, serve),
+            None => drop(tokio::spawn(serve(stream))),
         }
     }
 

@@ -85,16 +85,17 @@ struct Host {
     proxied: bool,
 }
 
-/// What a connection is pooled under: TLS or not, and the destination's authority as
-/// latchkey wrote it. Compared and hashed as its bytes (`Authority`'s own `Hash` feeds
+/// What a connection is pooled under: TLS or not, the destination's authority as
+/// latchkey wrote it, and the shard asking (`shards::current`: a connection is used
+/// on the runtime whose reactor it is registered with, no wake-up crossing threads). Compared and hashed as its bytes (`Authority`'s own `Hash` feeds
 /// one lowercased byte at a time: ~1k instructions a request over two lookups); an
 /// authority spelt in another case would only be pooled apart.
 #[derive(Clone)]
-struct Key(bool, Authority);
+struct Key(bool, Authority, usize);
 
 impl PartialEq for Key {
     fn eq(&self, other: &Key) -> bool {
-        self.0 == other.0 && self.1.as_str() == other.1.as_str()
+        self.0 == other.0 && self.2 == other.2 && self.1.as_str() == other.1.as_str()
     }
 }
 
@@ -103,6 +104,7 @@ impl Eq for Key {}
 impl std::hash::Hash for Key {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         state.write_u8(self.0 as u8);
+        state.write_usize(self.2);
         state.write(self.1.as_str().as_bytes());
     }
 }
@@ -148,7 +150,8 @@ impl Pool {
 
     async fn request_inner(&self, mut req: Request<Body>) -> Result<Response<Body>, SendError> {
         let tls = req.uri().scheme() == Some(&Scheme::HTTPS);
-        let key = Key(tls, req.uri().authority().cloned().ok_or(SendError::NoDestination)?);
+        let authority = req.uri().authority().cloned().ok_or(SendError::NoDestination)?;
+        let key = Key(tls, authority, super::shards::current());
         let uri = req.uri().clone();
         let length = for_own_client(&req);
         let own = length.is_some();
@@ -269,6 +272,18 @@ impl Pool {
         }
     }
 
+    /// At the cap of upstream connections: an idle connection another shard pooled for
+    /// the same destination. Its wake-ups then cross threads, which beats waiting for
+    /// room while it sits idle.
+    async fn checkout_elsewhere(&self, key: &Key, own: bool) -> Option<Conn> {
+        for shard in (0..=super::shards::count()).filter(|&s| s != key.2) {
+            if let Some(conn) = self.checkout(&Key(key.0, key.1.clone(), shard), own).await {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
     /// `connect_or_wait` boxed by a plain fn: dialing (TCP, TLS, HTTP/2 handshakes) is
     /// rare next to reuse, and its state would otherwise size every request's future.
     fn dial<'a>(
@@ -286,6 +301,9 @@ impl Pool {
         let budget = &self.0.dialer.budget;
         if budget.try_reserve() {
             return Ok(Some((self.connecting(key, own).await?, false)));
+        }
+        if let Some(conn) = self.checkout_elsewhere(key, own).await {
+            return Ok(Some((conn, true)));
         }
         let freed = self.queue(key);
         // Room for one is room for whoever asks first: a request that loses that race
@@ -329,7 +347,7 @@ impl Pool {
     /// A new connection: h2 if the upstream chose it, else HTTP/1.1 for the own client
     /// (`own`) or for hyper.
     async fn connect(&self, key: &Key, own: bool) -> Result<Conn, SendError> {
-        let Key(tls, authority) = key;
+        let Key(tls, authority, _) = key;
         let dest = Destination::parse_authority(authority.as_str(), Some(if *tls { 443 } else { 80 }))
             .map_err(|e| UpstreamError::Resolve { host: authority.to_string(), why: e.to_string() })?;
         let dialer = &self.0.dialer;

@@ -34,7 +34,7 @@ impl Proxy {
             let (stream, peer) = super::accept(&listener, &mut backoff, "transparent accept").await;
             let Some(slot) = self.admit(peer) else { continue };
             let proxy = self.clone();
-            tokio::spawn(async move {
+            self.spawn_serving(stream, move |stream| async move {
                 let started = Instant::now();
                 let _ = stream.set_nodelay(true);
                 let Some((dest, stream)) = proxy.redirected(stream, peer).await else { return };
