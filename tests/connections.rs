@@ -891,3 +891,22 @@ fn one_keep_alive_connection_serves_bodies_pipelines_heads_and_hyper_in_turn() {
     assert_eq!(paths, ["/a", "/b", "/c", "/d", "/f"]);
     assert!(seen.iter().all(|r| r.header_all("x-api-key") == [SECRET]), "every request got the key");
 }
+
+/// The proxy port's accept queue holds 4,096 connections (or the kernel's cap): its
+/// accept loop shares a thread with connections it serves (`proxy::shards`), and a
+/// burst of clients must wait in the queue, not have their SYNs dropped and retried a
+/// second later (`bench/scale.py`: with tokio's default of 1,024, 100 of 10,000
+/// clients connecting at once timed out).
+#[test]
+fn the_proxy_port_queues_a_burst_of_connections() {
+    let lk = Latchkey::start(None, CRED, ENV);
+    let out = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", lk.port)])
+        .output()
+        .expect("ss (iproute2) is needed for this test");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // A listening socket's Send-Q is the size of its accept queue.
+    let queue: u32 = text.split_whitespace().nth(2).and_then(|n| n.parse().ok()).unwrap_or(0);
+    let cap: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse().unwrap();
+    assert_eq!(queue, 4096.min(cap), "ss: {text}");
+}

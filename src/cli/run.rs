@@ -14,6 +14,23 @@ use crate::config::Config;
 use crate::policy::CredState;
 use crate::proxy::Proxy;
 
+/// A listener for clients, with room for `BACKLOG` connections the kernel has
+/// completed and latchkey not yet accepted: the accept loop shares a shard with the
+/// connections it serves, and 10,000 clients connecting at once overflowed tokio's
+/// default of 1,024 (dropped SYNs, retried a second or more later).
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// The kernel caps it at `net.core.somaxconn` (4,096 on current kernels).
+const BACKLOG: u32 = 4096;
+
 /// The main runtime: accept loops, the admin listener, reloads and other background
 /// work. Connections are served on the shards (`proxy::shards`), so one worker is
 /// enough here.
@@ -59,7 +76,7 @@ pub fn run(
         return ExitCode::from(2);
     }
     runtime().block_on(async move {
-        let listener = match TcpListener::bind(config.proxy.listen).await {
+        let listener = match listen(config.proxy.listen) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("latchkey: cannot listen on {}: {e}", config.proxy.listen);
@@ -168,7 +185,7 @@ pub fn run(
 /// and `transparent-rules` redirects both (a kernel without IPv6 gets IPv4 only).
 async fn bind_transparent(addr: std::net::SocketAddr) -> Result<Vec<TcpListener>, ExitCode> {
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-    let l = TcpListener::bind(addr).await.map_err(|e| {
+    let l = listen(addr).map_err(|e| {
         eprintln!("latchkey: cannot listen on [proxy] transparent {addr}: {e}");
         ExitCode::from(1)
     })?;
@@ -178,7 +195,7 @@ async fn bind_transparent(addr: std::net::SocketAddr) -> Result<Vec<TcpListener>
             IpAddr::V4(_) => Ipv6Addr::LOCALHOST.into(),
             IpAddr::V6(_) => Ipv4Addr::LOCALHOST.into(),
         };
-        match TcpListener::bind(SocketAddr::new(other, addr.port())).await {
+        match listen(SocketAddr::new(other, addr.port())) {
             Ok(l) => out.push(l),
             Err(e) => tracing::warn!("[proxy] transparent: not listening on {other} as well: {e}"),
         }
@@ -428,7 +445,7 @@ pub fn exec(
         if running.is_some() {
             tracing::debug!("using the latchkey already running at {addr}");
         } else {
-            let listener = match TcpListener::bind(config.proxy.listen).await {
+            let listener = match listen(config.proxy.listen) {
                 Ok(l) => l,
                 Err(e) => {
                     eprintln!(
