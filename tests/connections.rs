@@ -895,7 +895,7 @@ fn one_keep_alive_connection_serves_bodies_pipelines_heads_and_hyper_in_turn() {
 /// The proxy port's accept queue holds 4,096 connections (or the kernel's cap): its
 /// accept loop shares a thread with connections it serves (`proxy::shards`), and a
 /// burst of clients must wait in the queue, not have their SYNs dropped and retried a
-/// second later (`bench/scale.py`: with tokio's default of 1,024, 100 of 10,000
+/// second later (`bench/scale.py`: with tokio's default of 128, 100 of 10,000
 /// clients connecting at once timed out).
 #[test]
 fn the_proxy_port_queues_a_burst_of_connections() {

@@ -17,7 +17,7 @@ use crate::proxy::Proxy;
 /// A listener for clients, with room for `BACKLOG` connections the kernel has
 /// completed and latchkey not yet accepted: the accept loop shares a shard with the
 /// connections it serves, and 10,000 clients connecting at once overflowed tokio's
-/// default of 1,024 (dropped SYNs, retried a second or more later).
+/// default of 128 (dropped SYNs, retried a second or more later).
 fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
         std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
