@@ -94,21 +94,34 @@ fn h2_requests_share_one_upstream_connection() {
         vec![h2::get("api.example.com", "/warm", &[])],
     );
     assert_eq!(first[0].status, 200);
-    let opened = up.connections.load(std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(opened, 1);
+    let opened = || up.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(opened(), 1);
+    // 16 requests at once on one client connection, served on a shard with no pooled
+    // connection yet (`proxy::shards`; each pools its own): a connection held open on
+    // the first shard sends the next one to the second, where a machine has two. It
+    // may open one connection, never one per request.
+    let _held = std::net::TcpStream::connect(("127.0.0.1", lk.port)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let before = opened();
     let reqs = (0..16).map(|i| h2::get("api.example.com", &format!("/r{i}"), &[])).collect();
     let replies = h2::requests(lk.port, "api.example.com:443", "api.example.com", reqs);
     assert!(replies.iter().all(|r| r.status == 200));
     assert_eq!(up.count(), 17);
     assert!(up.requests().iter().all(|r| r.header_all("authorization") == [format!("Bearer {SECRET}")]));
-    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "multiplexed on one connection");
+    assert!(
+        opened() <= before + 1,
+        "multiplexed on one connection: {} opened for 16 requests",
+        opened() - before
+    );
     // HTTP/1.1 clients have their own pool (the upstream leg mirrors the client's
     // protocol); to an h2-only upstream it falls back (after the refused HTTP/1.1
-    // handshake) to one h2 connection, which they then share.
-    for _ in 0..3 {
-        assert_eq!(lk.curl(&["--http1.1", "https://api.example.com/h1"]).0, 200);
-    }
-    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 3, "1 + refused + fallback");
+    // handshake) to one h2 connection, which the next requests share. Three requests
+    // on one client connection (one curl), so on one shard.
+    let before = opened();
+    let url = "https://api.example.com/h1";
+    assert_eq!(lk.curl(&["--http1.1", url, url, url]).0, 200);
+    assert_eq!(up.count(), 20);
+    assert_eq!(opened() - before, 2, "refused + fallback, shared by the other two");
 }
 
 #[test]

@@ -37,7 +37,7 @@ use http::{HeaderValue, Request, Response, Uri, header};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::Body;
 use super::client;
@@ -80,6 +80,11 @@ struct Host {
     waiters: VecDeque<oneshot::Sender<Handed>>,
     /// The destination's h2 connection, shared.
     h2: Option<http2::SendRequest<Body>>,
+    /// An h2 connection has been made here (the destination speaks h2).
+    spoke_h2: bool,
+    /// An h2 connection being dialled, to a destination known to speak h2: requests
+    /// arriving meanwhile wait for it instead of each dialling their own.
+    h2_dialing: Option<watch::Receiver<bool>>,
     /// Plain HTTP through the corporate proxy: every connection here goes to it (the
     /// pool lives as long as the config that says so).
     proxied: bool,
@@ -158,10 +163,17 @@ impl Pool {
         loop {
             let (conn, reused) = match self.checkout(&key, own).await {
                 Some(conn) => (conn, true),
-                None => match self.dial(&key, own).await? {
-                    Some(got) => got,
-                    None => continue,
-                },
+                None => {
+                    if let Some(mut dialing) = self.h2_dialing(&key) {
+                        // Ready or failed (the sender dropped): look again.
+                        let _ = dialing.wait_for(|ready| *ready).await;
+                        continue;
+                    }
+                    match self.dial(&key, own).await? {
+                        Some(got) => got,
+                        None => continue,
+                    }
+                }
             };
             let conn = match (conn, length) {
                 (Conn::Own(conn), Some(length)) => match self.send_own(conn, &key, &mut req, length).await {
@@ -284,6 +296,29 @@ impl Pool {
         None
     }
 
+    /// The h2 connection being dialled for `key`, if one is.
+    fn h2_dialing(&self, key: &Key) -> Option<watch::Receiver<bool>> {
+        let hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        hosts.get(key)?.h2_dialing.clone()
+    }
+
+    /// Mark an h2 dial for `key` under way when the destination is known to speak h2
+    /// (on this shard or another: each shard pools its own, and a burst on a shard with
+    /// none yet would otherwise open one connection per request). `None`: not known,
+    /// or someone else is dialling.
+    fn start_h2_dial(&self, key: &Key) -> Option<H2Dial> {
+        let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        let known = (0..=super::shards::count())
+            .any(|s| hosts.get(&Key(key.0, key.1.clone(), s)).is_some_and(|h| h.spoke_h2));
+        let host = hosts.entry(key.clone()).or_default();
+        if !known || host.h2_dialing.is_some() {
+            return None;
+        }
+        let (tx, rx) = watch::channel(false);
+        host.h2_dialing = Some(rx);
+        Some(H2Dial { pool: Arc::downgrade(&self.0), key: key.clone(), tx })
+    }
+
     /// `connect_or_wait` boxed by a plain fn: dialing (TCP, TLS, HTTP/2 handshakes) is
     /// rare next to reuse, and its state would otherwise size every request's future.
     fn dial<'a>(
@@ -351,6 +386,7 @@ impl Pool {
         let dest = Destination::parse_authority(authority.as_str(), Some(if *tls { 443 } else { 80 }))
             .map_err(|e| UpstreamError::Resolve { host: authority.to_string(), why: e.to_string() })?;
         let dialer = &self.0.dialer;
+        let dialing = self.start_h2_dial(key);
         // Plain HTTP through the corporate proxy: a connection to the proxy itself.
         let proxied = match tls {
             false => dialer.connect_plain_proxied(&dest).await.transpose()?,
@@ -364,7 +400,13 @@ impl Pool {
         if io.is_h2() {
             let tx = handshake_h2(io).await?;
             let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
-            hosts.entry(key.clone()).or_default().h2 = Some(tx.clone());
+            let host = hosts.entry(key.clone()).or_default();
+            host.h2 = Some(tx.clone());
+            host.spoke_h2 = true;
+            drop(hosts);
+            if let Some(d) = dialing {
+                let _ = d.tx.send(true);
+            }
             return Ok(Conn::H2(tx));
         }
         let proxied = io.is_proxied();
@@ -393,6 +435,25 @@ impl Pool {
         if host.idle.len() < MAX_IDLE_PER_HOST {
             host.idle.push((idle, Instant::now()));
         }
+    }
+}
+
+/// An h2 dial others wait for; ended (ready, failed or cancelled) when dropped.
+struct H2Dial {
+    pool: Weak<Inner>,
+    key: Key,
+    tx: watch::Sender<bool>,
+}
+
+impl Drop for H2Dial {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.upgrade() {
+            let mut hosts = pool.hosts.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(host) = hosts.get_mut(&self.key) {
+                host.h2_dialing = None;
+            }
+        }
+        // `tx` goes with it: every waiter wakes.
     }
 }
 
