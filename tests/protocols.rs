@@ -97,10 +97,10 @@ fn h2_requests_share_one_upstream_connection() {
     let opened = || up.connections.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(opened(), 1);
     // 16 requests at once on one client connection, served on a shard with no pooled
-    // connection yet (`proxy::shards`; each pools its own): a connection held open on
-    // the first shard sends the next one to the second, where a machine has two. It
+    // connection yet (`proxy::shards`; each pools its own): two connections held open
+    // on the first shard send the next one to the second, where a machine has two. It
     // may open one connection, never one per request.
-    let _held = std::net::TcpStream::connect(("127.0.0.1", lk.port)).unwrap();
+    let _held = [(); 2].map(|_| std::net::TcpStream::connect(("127.0.0.1", lk.port)).unwrap());
     std::thread::sleep(std::time::Duration::from_millis(100));
     let before = opened();
     let reqs = (0..16).map(|i| h2::get("api.example.com", &format!("/r{i}"), &[])).collect();

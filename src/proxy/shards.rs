@@ -9,10 +9,10 @@
 //! CPU per request from /proc): 12.2 µs user + 12 µs system on the pool against
 //! 7.8 µs + 9–11 µs on two shards (docs/performance.md, "Eleventh session").
 //!
-//! Each accepted connection goes to the shard with the fewest connections at that
-//! moment, ties to the first. The proxy port's and transparent listeners' accept loops
-//! run on the first shard, so a lightly loaded proxy serves everything on one thread
-//! with no hand-off; a connection sent to another shard is taken off the accepting
+//! Each accepted connection goes to the first shard unless another has at least two
+//! fewer connections at that moment (then to the one with fewest). The proxy port's
+//! and transparent listeners' accept loops run on the first shard, so a lightly loaded
+//! proxy serves everything on one thread with no hand-off; a connection sent to another shard is taken off the accepting
 //! runtime's reactor and registered on the shard's. Whatever a connection spawns (an
 //! upstream connection's task, a body drain) runs on its shard too, and the upstream
 //! pool keeps each shard's connections apart (`pool::Key`).
@@ -86,7 +86,7 @@ impl Shards {
         Ok(self.shards[0].handle.spawn(async move { serve(TcpListener::from_std(listener)?).await }))
     }
 
-    /// Serve `stream` with `serve` on the shard with the fewest connections.
+    /// Serve `stream` with `serve` on the shard `least_busy` picks.
     pub fn serve<F, Fut>(&self, stream: TcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
@@ -116,9 +116,15 @@ impl Shards {
         });
     }
 
+    /// The first shard (where the accept loops run) unless another has at least two
+    /// connections fewer. A lightly loaded proxy keeps its work on one thread, and a
+    /// client's connection that has not quite ended yet does not send its next one
+    /// elsewhere (away from the upstream connections its shard pooled).
     fn least_busy(&self) -> &Arc<Shard> {
-        // Ties go to the first: a lightly loaded proxy keeps its work on few threads.
-        self.shards.iter().min_by_key(|s| s.live.load(Ordering::Relaxed)).expect("at least one shard")
+        let live = |s: &Arc<Shard>| s.live.load(Ordering::Relaxed);
+        let first = &self.shards[0];
+        let least = self.shards.iter().min_by_key(|s| live(s)).expect("at least one shard");
+        if live(first) <= live(least) + 1 { first } else { least }
     }
 
     /// Connections each shard is serving now.
@@ -160,7 +166,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn connections_go_to_the_least_busy_shard_and_are_served_there() {
+    fn connections_stay_on_the_first_shard_until_another_has_two_fewer() {
         let shards = Shards::start(2).unwrap();
         let main = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         main.block_on(async {
@@ -182,9 +188,10 @@ mod tests {
                     let _ = done.send(());
                 });
             }
-            // Two each: every hand-off went to the shard with fewer.
+            // The first shard takes connections until it has two more than the other:
+            // [1, 0], [2, 0], [2, 1], [3, 1].
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            assert_eq!(shards.live(), vec![2, 2]);
+            assert_eq!(shards.live(), vec![3, 1]);
             let mut names = Vec::new();
             for mut c in clients {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -196,10 +203,10 @@ mod tests {
             for _ in 0..4 {
                 done_rx.recv().await.unwrap();
             }
-            // Served on the shards' own threads, two on each.
-            names.sort();
+            // Served on the shards' own threads: the first three on one, the third
+            // client's on the other.
             assert!(names.iter().all(|n| n.starts_with("latchkey-shard-")), "{names:?}");
-            assert!(names[0] == names[1] && names[2] == names[3] && names[1] != names[2], "{names:?}");
+            assert!(names[0] == names[1] && names[1] == names[3] && names[2] != names[0], "{names:?}");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             assert_eq!(shards.live(), vec![0, 0]);
         });
