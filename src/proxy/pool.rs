@@ -92,9 +92,10 @@ struct Host {
 
 /// What a connection is pooled under: TLS or not, the destination's authority as
 /// latchkey wrote it, and the shard asking (`shards::current`: a connection is used
-/// on the runtime whose reactor it is registered with, no wake-up crossing threads). Compared and hashed as its bytes (`Authority`'s own `Hash` feeds
-/// one lowercased byte at a time: ~1k instructions a request over two lookups); an
-/// authority spelt in another case would only be pooled apart.
+/// on the runtime whose reactor it is registered with, no wake-up crossing threads).
+/// Compared and hashed as its bytes (`Authority`'s own `Hash` feeds one lowercased
+/// byte at a time: ~1k instructions a request over two lookups); an authority spelt
+/// in another case would only be pooled apart.
 #[derive(Clone)]
 struct Key(bool, Authority, usize);
 

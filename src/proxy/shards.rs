@@ -6,8 +6,9 @@
 //! writable, upstream readable, client writable). On the work-stealing pool each of
 //! them can land on another thread, and idle workers spin looking for work and are
 //! woken by futex. Measured on the bench machine (HTTP/1.1 keep-alive, 32 connections,
-//! CPU per request from /proc): 12.2 µs user + 12 µs system on the pool against
-//! 7.8 µs + 9–11 µs on two shards (docs/performance.md, "Eleventh session").
+//! latchkey's CPU per request from /proc): 22–24 µs (10–12 user) on the pool against
+//! 18.7 µs (8.4–9.8 user) on two shards, 42–44k against 54k req/s in the same runs
+//! (docs/performance.md, "Eleventh session").
 //!
 //! Each accepted connection goes to the first shard unless another has at least two
 //! fewer connections at that moment (then to the one with fewest). The proxy port's
@@ -70,8 +71,8 @@ impl Shards {
         self.shards.is_empty()
     }
 
-    /// Run an accept loop on the first shard: a connection it accepts while that
-    /// shard is the least busy is served there, with no hand-off between threads.
+    /// Run an accept loop on the first shard: a connection `pick` keeps there is
+    /// served with no hand-off between threads.
     /// The listener is registered on the shard; aborting the handle closes it.
     pub fn accept_loop<F, Fut>(
         &self,
@@ -86,13 +87,13 @@ impl Shards {
         Ok(self.shards[0].handle.spawn(async move { serve(TcpListener::from_std(listener)?).await }))
     }
 
-    /// Serve `stream` with `serve` on the shard `least_busy` picks.
+    /// Serve `stream` with `serve` on the shard `pick` chooses.
     pub fn serve<F, Fut>(&self, stream: TcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let shard = self.least_busy().clone();
+        let shard = self.pick().clone();
         shard.live.fetch_add(1, Ordering::Relaxed);
         let counted = Counted(shard.clone());
         if shard.id == current() {
@@ -120,7 +121,7 @@ impl Shards {
     /// connections fewer. A lightly loaded proxy keeps its work on one thread, and a
     /// client's connection that has not quite ended yet does not send its next one
     /// elsewhere (away from the upstream connections its shard pooled).
-    fn least_busy(&self) -> &Arc<Shard> {
+    fn pick(&self) -> &Arc<Shard> {
         let live = |s: &Arc<Shard>| s.live.load(Ordering::Relaxed);
         let first = &self.shards[0];
         let least = self.shards.iter().min_by_key(|s| live(s)).expect("at least one shard");
