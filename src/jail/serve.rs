@@ -89,7 +89,8 @@ async fn redirected(proxy: Arc<Proxy>, listener: TcpListener, map: Map, agent: O
         };
         let Some(dest) = destination(&stream, &map) else { continue };
         let (p, agent) = (proxy.clone(), agent.clone());
-        proxy.spawn_serving(stream, move |stream| async move {
+        proxy.spawn_serving(stream, move |stream, seat| async move {
+            let _seat = seat;
             p.serve_destined(stream, peer, dest, agent.as_deref()).await
         });
     }

@@ -249,7 +249,8 @@ impl Proxy {
             let (stream, peer) = accept(&listener, &mut backoff, "accept").await;
             let Some(slot) = self.admit(peer) else { continue };
             let proxy = self.clone();
-            self.spawn_serving(stream, move |stream| async move {
+            self.spawn_serving(stream, move |stream, seat| async move {
+                let slot = slot.seated(seat);
                 let Some(stream) = proxy.client_stream(stream, peer).await else { return };
                 proxy.serve_client(stream, peer, Arc::new(std::sync::Mutex::new(Some(slot)))).await;
             });
@@ -276,12 +277,12 @@ impl Proxy {
     /// Serve an accepted connection on a shard, or (no shards) on this runtime.
     pub(crate) fn spawn_serving<F, Fut>(&self, stream: tokio::net::TcpStream, serve: F)
     where
-        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        F: FnOnce(tokio::net::TcpStream, shards::Seat) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         match self.shards.get() {
             Some(shards) => shards.serve(stream, serve),
-            None => drop(tokio::spawn(serve(stream))),
+            None => drop(tokio::spawn(serve(stream, shards::Seat::none()))),
         }
     }
 

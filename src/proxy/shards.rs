@@ -87,20 +87,19 @@ impl Shards {
         Ok(self.shards[0].handle.spawn(async move { serve(TcpListener::from_std(listener)?).await }))
     }
 
-    /// Serve `stream` with `serve` on the shard `pick` chooses.
+    /// Serve `stream` with `serve` on the shard `pick` chooses. `serve` is handed the
+    /// connection's `Seat` on that shard, to keep for as long as the connection lives
+    /// (a CONNECT's tunnel outlives the task that answered it).
     pub fn serve<F, Fut>(&self, stream: TcpStream, serve: F)
     where
-        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        F: FnOnce(TcpStream, Seat) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let shard = self.pick().clone();
         shard.live.fetch_add(1, Ordering::Relaxed);
-        let counted = Counted(shard.clone());
+        let seat = Seat(Some(shard.clone()));
         if shard.id == current() {
-            tokio::spawn(async move {
-                let _counted = counted;
-                serve(stream).await
-            });
+            tokio::spawn(serve(stream, seat));
             return;
         }
         // Taken off this runtime's reactor here, registered on the shard's there.
@@ -109,9 +108,8 @@ impl Shards {
             Err(e) => return tracing::debug!("handing a connection to a shard: {e}"),
         };
         shard.handle.spawn(async move {
-            let _counted = counted;
             match TcpStream::from_std(stream) {
-                Ok(stream) => serve(stream).await,
+                Ok(stream) => serve(stream, seat).await,
                 Err(e) => tracing::debug!("registering a connection on its shard: {e}"),
             }
         });
@@ -154,11 +152,21 @@ pub fn current() -> usize {
 }
 
 /// Counts a connection against its shard until the task serving it ends.
-struct Counted(Arc<Shard>);
+/// One connection counted on its shard (`Shards::pick` reads the counts) until dropped;
+/// `Seat::none()` off the shards.
+pub struct Seat(Option<Arc<Shard>>);
 
-impl Drop for Counted {
+impl Seat {
+    pub fn none() -> Seat {
+        Seat(None)
+    }
+}
+
+impl Drop for Seat {
     fn drop(&mut self) {
-        self.0.live.fetch_sub(1, Ordering::Relaxed);
+        if let Some(shard) = &self.0 {
+            shard.live.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -179,14 +187,19 @@ mod tests {
                 clients.push(TcpStream::connect(addr).await.unwrap());
                 let (stream, _) = listener.accept().await.unwrap();
                 let done = done_tx.clone();
-                shards.serve(stream, move |mut stream| async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let name = std::thread::current().name().unwrap_or("").to_string();
-                    let mut byte = [0u8; 1];
-                    // Held open until the client writes: the shard stays busy.
-                    let _ = stream.read(&mut byte).await;
-                    let _ = stream.write_all(name.as_bytes()).await;
-                    let _ = done.send(());
+                // Served by a task of its own, as a CONNECT's tunnel is: the seat goes
+                // with it, and the connection counts until that task ends.
+                shards.serve(stream, move |mut stream, seat| async move {
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let _seat = seat;
+                        let name = std::thread::current().name().unwrap_or("").to_string();
+                        let mut byte = [0u8; 1];
+                        // Held open until the client writes: the shard stays busy.
+                        let _ = stream.read(&mut byte).await;
+                        let _ = stream.write_all(name.as_bytes()).await;
+                        let _ = done.send(());
+                    });
                 });
             }
             // The first shard takes connections until it has two more than the other:

@@ -13,6 +13,8 @@ pub struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
     _per_client: PerClient,
     gauge: prometheus_client::metrics::gauge::Gauge,
+    /// The connection's count on its shard, which goes where the slot goes.
+    _seat: Option<super::shards::Seat>,
 }
 
 /// The slot of a connection still being served as HTTP; a CONNECT takes it.
@@ -25,7 +27,13 @@ impl Slot {
         gauge: &prometheus_client::metrics::gauge::Gauge,
     ) -> Slot {
         gauge.inc();
-        Slot { _permit: permit, _per_client: per_client, gauge: gauge.clone() }
+        Slot { _permit: permit, _per_client: per_client, gauge: gauge.clone(), _seat: None }
+    }
+
+    /// The slot with the connection's seat on its shard, to be let go together.
+    pub fn seated(mut self, seat: super::shards::Seat) -> Slot {
+        self._seat = Some(seat);
+        self
     }
 
     pub fn take(held: &HeldSlot) -> Option<Slot> {

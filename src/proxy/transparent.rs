@@ -34,7 +34,8 @@ impl Proxy {
             let (stream, peer) = super::accept(&listener, &mut backoff, "transparent accept").await;
             let Some(slot) = self.admit(peer) else { continue };
             let proxy = self.clone();
-            self.spawn_serving(stream, move |stream| async move {
+            self.spawn_serving(stream, move |stream, seat| async move {
+                let slot = slot.seated(seat);
                 let started = Instant::now();
                 let _ = stream.set_nodelay(true);
                 let Some((dest, stream)) = proxy.redirected(stream, peer).await else { return };
