@@ -742,6 +742,50 @@ fn requests_past_the_upstream_cap_take_turns_instead_of_being_refused() {
 }
 
 #[test]
+fn a_connection_freed_on_one_shard_goes_to_a_request_waiting_on_another() {
+    // Each shard (`proxy::shards`) pools and queues its own connections; the cap is the
+    // process's. Two upstream connections in all (the least: one general, one kept for
+    // a client's first), both held by slow requests on the second shard; the next
+    // client is kept on the first and waits. When a slow answer ends, the waiting
+    // request gets that connection, rather than waiting out `connect_timeout` (8 s)
+    // while it sits idle in the other shard's pool. Connections held open steer the
+    // placement (a new one stays on the first shard unless another has two fewer):
+    // [1, 0], [2, 0], slow [2, 1], [3, 1], slow [3, 2], next on the first.
+    let up = upstream(true, None);
+    let limits = "connect_timeout = 8\n[proxy.limits]\nmax_upstream_connections = 2\n#END-PROXY\n";
+    let lk = Latchkey::start(Some(&up), &format!("{limits}{CRED}"), ENV);
+    let hold = || {
+        let s = TcpStream::connect(("127.0.0.1", lk.port)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        s
+    };
+    let get = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["-x", &lk.proxy_url(), "--cacert"])
+            .arg(lk.bundle())
+            .arg(format!("https://api.anthropic.com{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let started = Instant::now();
+    let codes: Vec<String> = std::thread::scope(|s| {
+        let _held = [hold(), hold()];
+        let first = s.spawn(|| get("/slow"));
+        wait_until("the first slow request upstream", || up.count() == 1);
+        let _third = hold();
+        let second = s.spawn(|| get("/slow"));
+        wait_until("the second slow request upstream", || up.count() == 2);
+        let next = s.spawn(|| get("/next"));
+        [first, second, next].map(|t| t.join().unwrap()).into()
+    });
+    assert_eq!(codes, ["200"; 3], "{}", lk.stderr());
+    assert!(started.elapsed() < Duration::from_secs(7), "served only after {:?}", started.elapsed());
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[test]
 fn a_client_that_half_closes_still_gets_its_answer() {
     // latchkey does not read a connection while its request is answered (hyper's check
     // for a client gone held a second 8-16 KiB read buffer per busy connection): a

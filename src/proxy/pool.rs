@@ -27,6 +27,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -120,6 +121,9 @@ struct Inner {
     /// Offer HTTP/1.1 only by ALPN (the pool for HTTP/1.1 clients).
     h1_only: bool,
     hosts: Mutex<HashMap<Key, Host>>,
+    /// Requests waiting in every `Host::waiters` (changed under `hosts`): when none
+    /// is, a connection coming free skips looking for one on the other shards.
+    queued: AtomicUsize,
 }
 
 /// One pool: per config generation, per dialer, per client protocol.
@@ -138,7 +142,7 @@ enum Conn {
 
 impl Pool {
     pub fn new(dialer: Arc<Dialer>, h1_only: bool) -> Pool {
-        let inner = Arc::new(Inner { dialer, h1_only, hosts: Mutex::default() });
+        let inner = Arc::new(Inner { dialer, h1_only, hosts: Mutex::default(), queued: AtomicUsize::new(0) });
         reap_idle(Arc::downgrade(&inner));
         Pool(inner)
     }
@@ -341,7 +345,10 @@ impl Pool {
         if let Some(conn) = self.checkout_elsewhere(key, own).await {
             return Ok(Some((conn, true)));
         }
-        let freed = self.queue(key);
+        let freed = match self.queue(key) {
+            Turn::Now(idle, proxied) => return Ok(fit(idle, proxied).await.map(|conn| (conn, true))),
+            Turn::Wait(freed) => freed,
+        };
         // Room for one is room for whoever asks first: a request that loses that race
         // waits for its permit still in the queue, not behind it.
         let dial = async {
@@ -355,18 +362,30 @@ impl Pool {
         }
     }
 
-    /// Wait in `key`'s queue for a connection coming free.
-    fn queue(&self, key: &Key) -> oneshot::Receiver<Handed> {
-        let (tx, rx) = oneshot::channel();
+    /// Wait in `key`'s queue for a connection coming free, unless one came free on any
+    /// shard since the request looked (under the lock that `put_back` takes, so none
+    /// goes idle unseen while this request waits).
+    fn queue(&self, key: &Key) -> Turn {
         let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        for shard in shards_from(key.2) {
+            if let Some(host) = hosts.get_mut(&Key(key.0, key.1.clone(), shard))
+                && let Some(idle) = take_idle(host)
+            {
+                return Turn::Now(idle, host.proxied);
+            }
+        }
+        let (tx, rx) = oneshot::channel();
         let waiters = &mut hosts.entry(key.clone()).or_default().waiters;
         // Requests served by their own connection leave their place behind (an h2
         // destination's are never called): clear those out before they pile up.
         if waiters.len() >= 16 {
+            let before = waiters.len();
             waiters.retain(|w| !w.is_closed());
+            self.0.queued.fetch_sub(before - waiters.len(), Ordering::Relaxed);
         }
         waiters.push_back(tx);
-        rx
+        self.0.queued.fetch_add(1, Ordering::Relaxed);
+        Turn::Wait(rx)
     }
 
     /// `connect` boxed by a plain fn: a request waiting for room among the upstream
@@ -422,21 +441,69 @@ impl Pool {
         Ok(Conn::H1(tx, proxied))
     }
 
-    /// A connection free for a request: to the first request still waiting for one,
+    /// A connection free for a request: to the first request still waiting for one
+    /// on this shard, else on another (each shard queues its own, but the cap of
+    /// upstream connections is the process's: a request queued on one shard would
+    /// otherwise wait out `connect_timeout` while the other's connections go idle),
     /// else idle.
-    fn put_back(&self, key: Key, mut idle: Idle) {
+    fn put_back(&self, key: Key, idle: Idle) {
         let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
-        let host = hosts.entry(key).or_default();
+        let host = hosts.entry(key.clone()).or_default();
+        let Err(mut idle) = self.hand_over(host, idle) else { return };
+        if self.0.queued.load(Ordering::Relaxed) == 0 {
+            return keep_idle(host, idle);
+        }
+        for shard in shards_from(key.2).skip(1) {
+            if let Some(other) = hosts.get_mut(&Key(key.0, key.1.clone(), shard))
+                && !other.waiters.is_empty()
+            {
+                let Err(back) = self.hand_over(other, idle) else { return };
+                idle = back;
+            }
+        }
+        keep_idle(hosts.entry(key).or_default(), idle);
+    }
+
+    /// `idle` to the first of `host`'s waiters still waiting; back if none is.
+    fn hand_over(&self, host: &mut Host, mut idle: Idle) -> Result<(), Idle> {
         while let Some(waiter) = host.waiters.pop_front() {
+            self.0.queued.fetch_sub(1, Ordering::Relaxed);
             match waiter.send((idle, host.proxied)) {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
                 Err((back, _)) => idle = back,
             }
         }
-        if host.idle.len() < MAX_IDLE_PER_HOST {
-            host.idle.push((idle, Instant::now()));
-        }
+        Err(idle)
     }
+}
+
+fn keep_idle(host: &mut Host, idle: Idle) {
+    if host.idle.len() < MAX_IDLE_PER_HOST {
+        host.idle.push((idle, Instant::now()));
+    }
+}
+
+/// A request at the cap of upstream connections: a connection to use now, or its place
+/// in the queue.
+enum Turn {
+    Now(Idle, bool),
+    Wait(oneshot::Receiver<Handed>),
+}
+
+/// The most recent idle connection of `host` not past `IDLE_TIMEOUT` (the older ones
+/// are then past it too).
+fn take_idle(host: &mut Host) -> Option<Idle> {
+    let (idle, since) = host.idle.pop()?;
+    if since.elapsed() > IDLE_TIMEOUT {
+        host.idle.clear();
+        return None;
+    }
+    Some(idle)
+}
+
+/// Shard `first`, then every other shard (`shards::count`; 0 is off the shards).
+fn shards_from(first: usize) -> impl Iterator<Item = usize> {
+    std::iter::once(first).chain((0..=super::shards::count()).filter(move |&s| s != first))
 }
 
 /// An h2 dial others wait for; ended (ready, failed or cancelled) when dropped.
