@@ -636,6 +636,8 @@ async fn write(s: &mut RawStream, bytes: &[u8]) -> bool {
 /// - `/duplex`: `200`, chunked, right after the head; then the body echoed back a chunk
 ///   for each read as it is read (full duplex). A body cut short: closed without the
 ///   last chunk.
+/// - `/answer-and-stall`: `200` right after the head, then nothing read for 8 s, then
+///   the rest read; logged once the connection ends, if within 5 s more.
 /// - `/reject`: `413` with `Connection: close` after the head, nothing of the body read;
 ///   then the write side closed and the body read and thrown away (a lingering close).
 /// - `/reject-now`: the same `413`, then closed at once, the body unread.
@@ -690,6 +692,19 @@ async fn serve_by_hand(RawConn { conn, mut stream, seen }: RawConn) {
                 seen.lock().unwrap().push(req);
                 return;
             }
+            "/answer-and-stall" => {
+                // Answered at once, then nothing read for 8 s (a sender's writes block),
+                // then read to the connection's end: logged only if it ended within 5 s.
+                if !write(s, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly").await {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                let drained = read_body(s, &mut req.body, usize::MAX);
+                if tokio::time::timeout(Duration::from_secs(5), drained).await.is_ok() {
+                    seen.lock().unwrap().push(req);
+                }
+                return;
+            }
             "/reject" | "/reject-now" => {
                 let now = req.path == "/reject-now";
                 seen.lock().unwrap().push(req);
@@ -733,13 +748,27 @@ fn start_by_hand() -> (Upstream, Latchkey) {
 /// The upstream's log once it holds `n` requests (a request cut short is logged when
 /// the upstream sees its end, which may be after the client is done).
 fn wait_requests(up: &Upstream, n: usize) -> Vec<Seen> {
-    for _ in 0..100 {
+    wait_requests_within(up, n, Duration::from_secs(5))
+}
+
+fn wait_requests_within(up: &Upstream, n: usize, within: Duration) -> Vec<Seen> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < within {
         if up.count() >= n {
             return up.requests();
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("the upstream logged {} requests, not {n}: {:?}", up.count(), trail(up));
+}
+
+/// TCP connections established to `port` on this machine (`ss`: the connecting ends).
+fn established_to(port: u16) -> usize {
+    let filter = format!("( dport = :{port} )");
+    let out =
+        Command::new("ss").args(["-Htn", "state", "established", &filter]).output().expect("ss (iproute2)");
+    assert!(out.status.success(), "ss: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
 #[test]
@@ -984,11 +1013,11 @@ fn the_rest_of_an_upload_after_an_early_answer_is_bounded_in_time() {
     let up = raw_upstream(by_hand());
     let lk = Latchkey::start(Some(&up), &format!("timeout = 2\n#END-PROXY\n{CRED}"), ENV);
     let sent = payload(1000, 6);
-    // A body of known length goes by the own client, a chunked one by hyper's.
+    // A body of known length, and a chunked one (both by the own client).
     let length = [&b"Content-Length: 100000\r\n\r\n"[..], &sent].concat();
     let chunked = [&b"Transfer-Encoding: chunked\r\n\r\n3e8\r\n"[..], &sent, b"\r\n"].concat();
-    // The upstream reads the chunked body as bytes: the one chunk (its size line as
-    // hyper writes it, 7 bytes of framing in all), and no last one.
+    // The upstream reads the chunked body as bytes: the one chunk (its size line and
+    // end, 7 bytes of framing in all), and no last one.
     let cases = [("length", length, 0), ("chunked", chunked, 7)];
     for (i, (what, framing, framed)) in cases.iter().enumerate() {
         let mut tls = by_hand_client(&lk);
@@ -1012,6 +1041,65 @@ fn the_rest_of_an_upload_after_an_early_answer_is_bounded_in_time() {
             matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
         };
         assert!(!ended.as_ref().is_err_and(waited), "{what}: the client's connection still open: {ended:?}");
+    }
+    let got = get_all(&lk, &["/after"]);
+    assert_eq!((got[0].status, got[0].body.as_str()), (200, format!("GET {}", digest(b"")).as_str()));
+}
+
+/// An upstream that answers at once and then stops reading the upload must not hold
+/// the upload, the client's connection and its own for ever: `[proxy] timeout` after
+/// the answer latchkey lets go of both (the upstream sees its connection end), for a
+/// body of known length and a chunked one alike. (Chunked uploads went by hyper's
+/// client, whose connection task stayed blocked on the write, untimed.)
+#[test]
+fn an_upstream_that_answers_and_stops_reading_an_upload_is_let_go() {
+    use std::io::{Read, Write};
+    let up = raw_upstream(by_hand());
+    let lk = Latchkey::start(Some(&up), &format!("timeout = 2\n#END-PROXY\n{CRED}"), ENV);
+    let piece = payload(64 * 1024, 9);
+    let chunk = [format!("{:x}\r\n", piece.len()).as_bytes(), &piece, b"\r\n"].concat();
+    let cases = [
+        ("length", "Content-Length: 1000000000\r\n", piece.clone()),
+        ("chunked", "Transfer-Encoding: chunked\r\n", chunk),
+    ];
+    let waited = |e: &std::io::Error| {
+        matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+    };
+    for (i, (what, framing, unit)) in cases.iter().enumerate() {
+        let mut tls = by_hand_client(&lk);
+        let head = format!("POST /answer-and-stall HTTP/1.1\r\nHost: api.anthropic.com\r\n{framing}\r\n");
+        tls.write_all(&[head.as_bytes(), unit].concat()).unwrap();
+        tls.flush().unwrap();
+        let answer = read_until(&mut tls, b"early");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{what}: {}", String::from_utf8_lossy(&answer));
+        // The client goes on sending for as long as latchkey takes it.
+        tls.sock.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
+        tls.sock.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        let answered = std::time::Instant::now();
+        let ended = loop {
+            if answered.elapsed() > Duration::from_secs(15) {
+                panic!("{what}: the client's connection still open 15 s after the answer");
+            }
+            let wrote = tls.write_all(unit);
+            let read = tls.read(&mut [0u8; 1024]);
+            if wrote.is_err_and(|e| !waited(&e)) || matches!(read, Ok(0)) || read.is_err_and(|e| !waited(&e))
+            {
+                break answered.elapsed();
+            }
+        };
+        assert!(ended < Duration::from_secs(6), "{what}: let go only after {ended:?}");
+        // latchkey's end of the upstream connection is closed while the upstream still
+        // reads nothing (it could not see a close it does not read).
+        while established_to(up.addr.port()) > 0 {
+            let held = answered.elapsed();
+            assert!(
+                held < Duration::from_secs(6),
+                "{what}: the upstream connection held {held:?} after the answer"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let seen = wait_requests_within(&up, i + 1, Duration::from_secs(15));
+        assert_eq!(seen[i].path, "/answer-and-stall", "{what}: the upstream's connection ended");
     }
     let got = get_all(&lk, &["/after"]);
     assert_eq!((got[0].status, got[0].body.as_str()), (200, format!("GET {}", digest(b"")).as_str()));

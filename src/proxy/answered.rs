@@ -13,8 +13,11 @@
 //!
 //! The timer runs while the body is polled, that is while the upstream leg wants more
 //! of it: an upstream that stops reading an upload it has answered leaves hyper's
-//! connection task waiting for room to write, the body unpolled and untimed (the own
-//! client's upload task has a deadline of its own for that, `client::finish_upload`).
+//! connection task waiting for room to write, the body unpolled and untimed. The own
+//! client's upload task has a deadline of its own for that (`client::finish_upload`),
+//! and takes every HTTP/1.1 upload but HTTP/1.0 clients' and those to the corporate
+//! proxy. Still untimed there, and for an HTTP/2 upstream that answers and never opens
+//! the stream's window again (hyper's stream task then waits for it; not measured).
 
 use std::future::Future;
 use std::pin::Pin;

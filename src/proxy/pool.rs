@@ -12,12 +12,13 @@
 //! upstream closed it while idle) is sent again on another; idle connections close after
 //! `IDLE_TIMEOUT`, at most `MAX_IDLE_PER_HOST` are kept per destination.
 //!
-//! An HTTP/1.1 connection is driven by one of two clients. A request without a body or
-//! with one of known length goes by latchkey's own (`client`), in the request's task; a
-//! chunked upload (a body of unknown length) by hyper's, and every request to the
-//! corporate proxy. Idle connections of both kinds wait in one list, each request
-//! taking one of its kind if there is one: an own connection taken for hyper is
-//! hyper's from then on (hyper cannot give one back).
+//! An HTTP/1.1 connection is driven by one of two clients. A request without a body, with
+//! one of known length, or chunked (a body of unknown length) goes by latchkey's own
+//! (`client`), in the request's task; what is left (HTTP/1.0, a `Content-Length` the
+//! body does not match) by hyper's, and every request to the corporate proxy. Idle
+//! connections of both kinds wait in one list, each request taking one of its kind if
+//! there is one: an own connection taken for hyper is hyper's from then on (hyper
+//! cannot give one back).
 //!
 //! A request that finds no idle connection dials a new one. At a cap of upstream
 //! connections (`fanout`) it queues instead, for a connection another response frees or
@@ -163,8 +164,8 @@ impl Pool {
         let authority = req.uri().authority().cloned().ok_or(SendError::NoDestination)?;
         let key = Key(tls, authority, super::shards::current());
         let uri = req.uri().clone();
-        let length = for_own_client(&req);
-        let own = length.is_some();
+        let framing = for_own_client(&req);
+        let own = framing.is_some();
         loop {
             let (conn, reused) = match self.checkout(&key, own).await {
                 Some(conn) => (conn, true),
@@ -180,17 +181,24 @@ impl Pool {
                     }
                 }
             };
-            let conn = match (conn, length) {
-                (Conn::Own(conn), Some(length)) => match self.send_own(conn, &key, &mut req, length).await {
-                    Ok(resp) => return Ok(resp),
-                    // Nothing came back on a connection idle before: the upstream closed
-                    // it as the request went out. Sent again only when that is harmless
-                    // (and there is no body, which is gone once read).
-                    Err(f) if f.unanswered && reused && length == 0 && req.method().is_idempotent() => {
-                        continue;
+            let conn = match (conn, framing) {
+                (Conn::Own(conn), Some(framing)) => {
+                    match self.send_own(conn, &key, &mut req, framing).await {
+                        Ok(resp) => return Ok(resp),
+                        // Nothing came back on a connection idle before: the upstream closed
+                        // it as the request went out. Sent again only when that is harmless
+                        // (and there is no body, which is gone once read).
+                        Err(f)
+                            if f.unanswered
+                                && reused
+                                && framing == Framing::Length(0)
+                                && req.method().is_idempotent() =>
+                        {
+                            continue;
+                        }
+                        Err(f) => return Err(f.error.into()),
                     }
-                    Err(f) => return Err(f.error.into()),
-                },
+                }
                 (Conn::Own(conn), None) => match conn.into_io() {
                     Some(io) => Conn::H1(handshake_h1(io).await?, false),
                     None => continue,
@@ -211,24 +219,39 @@ impl Pool {
         }
     }
 
-    /// Send a request on the own client, in this task: no body (`length` 0), or a body
-    /// of `length` bytes, which is taken out of `req`.
+    /// Send a request on the own client, in this task: no body (`Length(0)`), or a body
+    /// framed as `framing` says, which is taken out of `req`.
     async fn send_own(
         &self,
         mut conn: client::Conn,
         key: &Key,
         req: &mut Request<Body>,
-        length: u64,
+        framing: Framing,
     ) -> Result<Response<Body>, client::Failed> {
         set_host(req);
-        let body = (length > 0).then(|| {
-            req.headers_mut().entry(header::CONTENT_LENGTH).or_insert_with(|| HeaderValue::from(length));
-            std::mem::take(req.body_mut())
-        });
+        let headers = req.headers_mut();
+        let body = match framing {
+            Framing::Length(0) => None,
+            Framing::Length(length) => {
+                headers.entry(header::CONTENT_LENGTH).or_insert_with(|| HeaderValue::from(length));
+                Some(std::mem::take(req.body_mut()))
+            }
+            Framing::Chunked => {
+                headers.remove(header::CONTENT_LENGTH);
+                headers.entry(header::TRANSFER_ENCODING).or_insert(HeaderValue::from_static("chunked"));
+                Some(std::mem::take(req.body_mut()))
+            }
+        };
         let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         let mut head = Vec::with_capacity(256);
         client::codec::encode_head(req.method(), target, req.headers(), &mut head);
-        let mut upload = client::Upload::new(head, body, length);
+        let mut upload = match (framing, body) {
+            (Framing::Chunked, Some(body)) => {
+                client::Upload::chunked(head, body, client::declared_trailers(req.headers()))
+            }
+            (Framing::Length(length), body) => client::Upload::new(head, body, length),
+            (Framing::Chunked, None) => unreachable!("a chunked body is taken above"),
+        };
         let head = conn.exchange(&mut upload, req.method() == http::Method::HEAD).await?;
         let home = OwnHome { pool: Arc::downgrade(&self.0), key: key.clone() };
         Ok(client::response(conn, head, upload, home, self.0.dialer.timeout))
@@ -544,27 +567,48 @@ async fn fit(idle: Idle, proxied: bool) -> Option<Conn> {
     }
 }
 
-/// What the own client takes, and the body's length: a request in HTTP/1.1 or HTTP/2
-/// (written as HTTP/1.1) without a body (0), or with one of known length whose
-/// `Content-Length`, if it has one, says the same. A request naming a transfer coding
-/// stays with hyper (which drops the header from a bodiless request, and chunks the
-/// rest), as does a body of unknown length.
-fn for_own_client(req: &Request<Body>) -> Option<u64> {
+/// How the own client frames a request's body.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+}
+
+/// What the own client takes, and how it frames the body: a request in HTTP/1.1 or
+/// HTTP/2 (written as HTTP/1.1) without a body, with one of known length whose
+/// `Content-Length`, if it has one, says the same, or chunked: a request the client
+/// chunked (latchkey's HTTP/1.1 guard lets in no transfer coding but a last `chunked`;
+/// HTTP/2 has none) or a body of unknown length without a `Content-Length`. A bodiless
+/// method's body of unknown length is not sent, as hyper (a `GET` is not chunked). What
+/// is left (HTTP/1.0, a `Content-Length` the body does not match) stays with hyper.
+fn for_own_client(req: &Request<Body>) -> Option<Framing> {
     use hyper::body::Body as _;
-    let plain = matches!(req.version(), http::Version::HTTP_11 | http::Version::HTTP_2)
-        && !req.headers().contains_key(header::TRANSFER_ENCODING);
-    if !plain {
+    if !matches!(req.version(), http::Version::HTTP_11 | http::Version::HTTP_2) {
         return None;
+    }
+    if req.headers().contains_key(header::TRANSFER_ENCODING) {
+        return Some(Framing::Chunked);
     }
     // The head must say what the body is: a length the body does not fill would have
     // the upstream read the next client's request as the rest of this one.
-    let length = match req.body().is_end_stream() {
-        true => 0,
-        false => req.body().size_hint().exact().filter(|&n| n > 0)?,
+    let length = match (req.body().is_end_stream(), req.body().size_hint().exact()) {
+        (true, _) => 0,
+        (false, Some(n)) if n > 0 => n,
+        (false, Some(_)) => return None,
+        (false, None) => {
+            let bodiless = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+            return match req.headers().contains_key(header::CONTENT_LENGTH) {
+                true => None,
+                false if bodiless => Some(Framing::Length(0)),
+                false => Some(Framing::Chunked),
+            };
+        }
     };
     match req.headers().get(header::CONTENT_LENGTH) {
-        None => Some(length),
-        Some(v) => (v.as_bytes() == itoa::Buffer::new().format(length).as_bytes()).then_some(length),
+        None => Some(Framing::Length(length)),
+        Some(v) => {
+            (v.as_bytes() == itoa::Buffer::new().format(length).as_bytes()).then_some(Framing::Length(length))
+        }
     }
 }
 
@@ -749,18 +793,44 @@ mod tests {
         req
     }
 
+    /// A body of unknown length (as an HTTP/2 client's without `content-length`).
+    fn streamed(method: http::Method) -> Request<Body> {
+        struct Streamed;
+        impl hyper::body::Body for Streamed {
+            type Data = Bytes;
+            type Error = crate::proxy::BoxError;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+                Poll::Pending
+            }
+        }
+        let mut req = Request::new(Streamed.boxed());
+        *req.method_mut() = method;
+        req
+    }
+
     #[test]
     fn the_own_client_takes_a_request_only_when_its_head_says_what_its_body_is() {
-        assert_eq!(for_own_client(&request(b"", None)), Some(0));
-        assert_eq!(for_own_client(&request(b"", Some("0"))), Some(0));
-        assert_eq!(for_own_client(&request(b"abc", None)), Some(3));
-        assert_eq!(for_own_client(&request(b"abc", Some("3"))), Some(3));
+        use Framing::*;
+        assert_eq!(for_own_client(&request(b"", None)), Some(Length(0)));
+        assert_eq!(for_own_client(&request(b"", Some("0"))), Some(Length(0)));
+        assert_eq!(for_own_client(&request(b"abc", None)), Some(Length(3)));
+        assert_eq!(for_own_client(&request(b"abc", Some("3"))), Some(Length(3)));
         // A head promising more (or other) than the body holds stays with hyper.
         assert_eq!(for_own_client(&request(b"", Some("5"))), None);
         assert_eq!(for_own_client(&request(b"abc", Some("4"))), None);
+        // The client's chunking is kept; a body of unknown length is chunked, but not
+        // a GET's (hyper's rule: it is not sent).
         let mut chunked = request(b"abc", None);
         chunked.headers_mut().insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        assert_eq!(for_own_client(&chunked), None);
+        assert_eq!(for_own_client(&chunked), Some(Chunked));
+        assert_eq!(for_own_client(&streamed(http::Method::POST)), Some(Chunked));
+        assert_eq!(for_own_client(&streamed(http::Method::GET)), Some(Length(0)));
+        let mut announced = streamed(http::Method::POST);
+        announced.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        assert_eq!(for_own_client(&announced), None);
         let mut old = request(b"", None);
         *old.version_mut() = http::Version::HTTP_10;
         assert_eq!(for_own_client(&old), None);

@@ -6,8 +6,8 @@
 //! in the request's own task: the head (and a small body with it) is written in one
 //! write, the response head is parsed off the connection, and the response body is read
 //! by whoever polls it (the client's connection task), the connection going back to the
-//! pool at the body's last byte. It takes requests without a body or with a body of
-//! known length; a chunked upload stays with hyper.
+//! pool at the body's last byte. It takes requests without a body, with a body of known
+//! length, or chunked (`upload`).
 //!
 //! An upload and its response are full duplex: an upstream may answer before it has read
 //! the whole body, and then keep reading it while it streams its answer. So the body
@@ -35,7 +35,7 @@ use tokio::sync::oneshot;
 use super::upstream::UpstreamIo;
 use super::{Body, BoxError};
 use codec::{Decoder, Head, Malformed, Parsed, Step};
-pub use upload::Upload;
+pub use upload::{Upload, declared_trailers};
 
 /// The first read of a response head.
 const HEAD_READ: usize = 4 * 1024;
