@@ -15,7 +15,7 @@ use common::*;
 const PROXY_USER: &str = "corp-user";
 const PROXY_PASSWORD: &str = "Pr0xy-pa55word-REAL";
 
-/// A squid on loopback; killed on drop.
+/// A squid on loopback; killed on drop, its shared memory segments removed.
 struct Squid {
     child: Child,
     port: u16,
@@ -26,7 +26,20 @@ impl Drop for Squid {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let ours = format!("{}-", service_name(self.port));
+        for entry in std::fs::read_dir("/dev/shm").into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&ours) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
+}
+
+/// A squid's service name of its own: squid names its shared memory segments by it
+/// (/dev/shm/squid-cf__*.shm), and two squids at once, or one killed before it removed
+/// them, would otherwise collide ("File exists").
+fn service_name(port: u16) -> String {
+    format!("latchkeytest{port}")
 }
 
 impl Squid {
@@ -126,7 +139,7 @@ fn squid(bump: bool) -> Squid {
     let child = Command::new("squid")
         .arg("-f")
         .arg(d.join("squid.conf"))
-        .args(["-N", "-d1"])
+        .args(["-N", "-d1", "-n", &service_name(port)])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(d.join("stderr")).unwrap())
         .spawn()
