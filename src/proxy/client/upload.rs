@@ -191,10 +191,11 @@ mod tests {
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
 
-    /// A body that yields its one piece and then never ends (an HTTP/2 stream left open).
-    struct OpenEnded(Option<Bytes>);
+    /// A body of the given frames, then its end (`true`), or nothing more and no end
+    /// (an HTTP/2 stream left open).
+    struct Frames(std::collections::VecDeque<Frame<Bytes>>, bool);
 
-    impl http_body::Body for OpenEnded {
+    impl http_body::Body for Frames {
         type Data = Bytes;
         type Error = crate::proxy::BoxError;
 
@@ -202,8 +203,9 @@ mod tests {
             mut self: Pin<&mut Self>,
             _: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            match self.0.take() {
-                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            match self.0.pop_front() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None if self.1 => Poll::Ready(None),
                 None => Poll::Pending,
             }
         }
@@ -211,7 +213,7 @@ mod tests {
 
     async fn send(body: &'static [u8], length: u64) -> (Result<(), Error>, Vec<u8>) {
         let (mut near, mut far) = tokio::io::duplex(1024);
-        let body = OpenEnded(Some(Bytes::from_static(body))).boxed();
+        let body = Frames([Frame::data(Bytes::from_static(body))].into(), false).boxed();
         let mut upload = Upload::new(b"PUT / HTTP/1.1\r\n\r\n".to_vec(), Some(body), length);
         let sending = std::future::poll_fn(|cx| upload.poll_send(&mut near, cx));
         let sent = tokio::time::timeout(Duration::from_secs(5), sending).await.expect("not left waiting");
@@ -228,21 +230,6 @@ mod tests {
         assert_eq!(wrote, b"PUT / HTTP/1.1\r\n\r\nabc");
     }
 
-    /// A body of the given frames, then its end.
-    struct Frames(std::collections::VecDeque<Frame<Bytes>>);
-
-    impl http_body::Body for Frames {
-        type Data = Bytes;
-        type Error = crate::proxy::BoxError;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            Poll::Ready(self.0.pop_front().map(Ok))
-        }
-    }
-
     #[tokio::test]
     async fn a_chunked_upload_is_a_chunk_per_frame_then_the_declared_trailers() {
         let mut trailers = HeaderMap::new();
@@ -255,7 +242,7 @@ mod tests {
         let mut head = HeaderMap::new();
         head.append(header::TRAILER, "X-Kept, authorization".parse().unwrap());
         let declared = declared_trailers(&head);
-        let body = Frames(frames.collect()).boxed();
+        let body = Frames(frames.collect(), true).boxed();
         let mut upload = Upload::chunked(b"POST / HTTP/1.1\r\n\r\n".to_vec(), body, declared);
         let (mut near, mut far) = tokio::io::duplex(1 << 16);
         std::future::poll_fn(|cx| upload.poll_send(&mut near, cx)).await.unwrap();
@@ -280,8 +267,8 @@ mod tests {
         let frames = || [big(b'a'), Bytes::from_static(b"small"), big(b'b')].map(Frame::data);
         let total = 2 * (GATHER + 3) + 5;
         let uploads = [
-            (Upload::new(b"H".to_vec(), Some(Frames(frames().into()).boxed()), total as u64), false),
-            (Upload::chunked(b"H".to_vec(), Frames(frames().into()).boxed(), Vec::new()), true),
+            (Upload::new(b"H".to_vec(), Some(Frames(frames().into(), true).boxed()), total as u64), false),
+            (Upload::chunked(b"H".to_vec(), Frames(frames().into(), true).boxed(), Vec::new()), true),
         ];
         for (mut upload, chunked) in uploads {
             // A pipe much smaller than a frame: every write is partial.
@@ -313,7 +300,7 @@ mod tests {
     #[tokio::test]
     async fn a_chunked_upload_without_trailers_ends_with_the_last_chunk() {
         let frames = [Frame::data(Bytes::from_static(b"abc"))];
-        let body = Frames(frames.into_iter().collect()).boxed();
+        let body = Frames(frames.into_iter().collect(), true).boxed();
         let mut upload = Upload::chunked(b"PUT / HTTP/1.1\r\n\r\n".to_vec(), body, Vec::new());
         let (mut near, mut far) = tokio::io::duplex(1 << 16);
         std::future::poll_fn(|cx| upload.poll_send(&mut near, cx)).await.unwrap();
