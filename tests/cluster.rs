@@ -141,16 +141,11 @@ impl Replica {
         Ok(r)
     }
 
-    fn wait_ready(&mut self) {
-        if let Err(stderr) = self.started() {
-            panic!("a replica exited: {stderr}");
-        }
-    }
-
-    /// Listening, or the replica's stderr if it exited first.
+    /// Listening (this process, not another that took the port), or the replica's
+    /// stderr if it exited first.
     fn started(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while !listens(self.child.id(), self.port) {
             if self.child.try_wait().unwrap().is_some() {
                 return Err(self.stderr());
             }
@@ -160,10 +155,27 @@ impl Replica {
         Ok(())
     }
 
+    /// Killed and started again on new ports: between the two, a parallel test's
+    /// `free_port()` may hand out the old ones (the restarted replica then could not
+    /// bind, and this test would have talked to another test's latchkey there).
     fn restart(&mut self) {
         self.stop(libc::SIGKILL);
-        self.child = spawn_replica(&self.dir, &self.config, &self.env);
-        self.wait_ready();
+        for _ in 0..3 {
+            let (port, admin) = (free_port(), free_port());
+            let text = std::fs::read_to_string(&self.config).unwrap();
+            let text = text.replacen(&format!("port = {}\n", self.port), &format!("port = {port}\n"), 1);
+            let text =
+                text.replacen(&format!("127.0.0.1:{}\"", self.admin), &format!("127.0.0.1:{admin}\""), 1);
+            std::fs::write(&self.config, text).unwrap();
+            (self.port, self.admin) = (port, admin);
+            self.child = spawn_replica(&self.dir, &self.config, &self.env);
+            match self.started() {
+                Ok(()) => return,
+                Err(stderr) if stderr.contains("Address already in use") => continue,
+                Err(stderr) => panic!("a replica exited: {stderr}"),
+            }
+        }
+        panic!("a restarted replica found its ports taken three times");
     }
 
     fn stop(&mut self, signal: i32) {
@@ -208,6 +220,22 @@ impl Drop for Replica {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Process `pid` holds the socket listening on TCP `port` (/proc/net/tcp's inode among
+/// its descriptors).
+fn listens(pid: u32, port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let inode = table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let local_port = f.get(1)?.rsplit_once(':')?.1;
+        (u16::from_str_radix(local_port, 16).ok()? == port && f.get(3)? == &"0A")
+            .then(|| f.get(9).copied())?
+    });
+    let Some(inode) = inode else { return false };
+    let socket = format!("socket:[{inode}]");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten();
+    fds.filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|link| link.to_string_lossy() == socket)
 }
 
 fn spawn_replica(dir: &Path, config: &Path, env: &[(String, String)]) -> Child {
