@@ -222,22 +222,6 @@ impl Drop for Replica {
     }
 }
 
-/// Process `pid` holds the socket listening on TCP `port` (/proc/net/tcp's inode among
-/// its descriptors).
-fn listens(pid: u32, port: u16) -> bool {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    let inode = table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let local_port = f.get(1)?.rsplit_once(':')?.1;
-        (u16::from_str_radix(local_port, 16).ok()? == port && f.get(3)? == &"0A")
-            .then(|| f.get(9).copied())?
-    });
-    let Some(inode) = inode else { return false };
-    let socket = format!("socket:[{inode}]");
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten();
-    fds.filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|link| link.to_string_lossy() == socket)
-}
-
 fn spawn_replica(dir: &Path, config: &Path, env: &[(String, String)]) -> Child {
     let stderr = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stderr.log")).unwrap();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

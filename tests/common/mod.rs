@@ -529,6 +529,22 @@ pub struct Latchkey {
     pub stderr_path: PathBuf,
 }
 
+/// Process `pid` holds the socket listening on TCP `port` (/proc/net/tcp's inode among
+/// its descriptors).
+pub fn listens(pid: u32, port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let inode = table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let local_port = f.get(1)?.rsplit_once(':')?.1;
+        (u16::from_str_radix(local_port, 16).ok()? == port && f.get(3)? == &"0A")
+            .then(|| f.get(9).copied())?
+    });
+    let Some(inode) = inode else { return false };
+    let socket = format!("socket:[{inode}]");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten();
+    fds.filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|link| link.to_string_lossy() == socket)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -620,21 +636,42 @@ pub fn latchkey_env<'c>(c: &'c mut Command, dir: &Path, env: &[(&str, &str)]) ->
 impl Latchkey {
     /// Start `latchkey run` with a config written by `write_config`.
     pub fn start(upstream: Option<&Upstream>, body: &str, env: &[(&str, &str)]) -> Latchkey {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let config_path = write_config(dir.path(), port, upstream.map(|u| u.addr), body);
-        Self::spawn(dir, port, config_path, env)
+        Self::start_with(|dir, port| write_config(dir, port, upstream.map(|u| u.addr), body), env)
     }
 
     /// With a plain-HTTP upstream on port 80 of every test host.
     pub fn start_plain(tls: &Upstream, plain: &Upstream, body: &str, env: &[(&str, &str)]) -> Latchkey {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let config_path = write_config2(dir.path(), port, Some(tls.addr), Some(plain.addr), body);
-        Self::spawn(dir, port, config_path, env)
+        Self::start_with(|dir, port| write_config2(dir, port, Some(tls.addr), Some(plain.addr), body), env)
+    }
+
+    /// On a port `free_port()` found; a parallel test may take it before latchkey binds
+    /// it, and then latchkey is started again on another.
+    fn start_with(config: impl Fn(&Path, u16) -> PathBuf, env: &[(&str, &str)]) -> Latchkey {
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let port = free_port();
+            let config_path = config(dir.path(), port);
+            match Self::try_spawn(dir, port, config_path, env) {
+                Ok(lk) => return lk,
+                Err(stderr) if stderr.contains("Address already in use") => continue,
+                Err(stderr) => panic!("latchkey did not start: {stderr}"),
+            }
+        }
+        panic!("latchkey found its port taken three times");
     }
 
     pub fn spawn(dir: tempfile::TempDir, port: u16, config_path: PathBuf, env: &[(&str, &str)]) -> Latchkey {
+        Self::try_spawn(dir, port, config_path, env)
+            .unwrap_or_else(|stderr| panic!("latchkey did not start: {stderr}"))
+    }
+
+    /// Started and listening on `port`, or its stderr.
+    fn try_spawn(
+        dir: tempfile::TempDir,
+        port: u16,
+        config_path: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Result<Latchkey, String> {
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let child = latchkey_cmd(dir.path(), env)
@@ -645,20 +682,22 @@ impl Latchkey {
             .stderr(stderr)
             .spawn()
             .unwrap();
-        let lk = Latchkey { port, dir, child, config_path, stderr_path };
-        lk.wait_ready();
-        lk
+        let mut lk = Latchkey { port, dir, child, config_path, stderr_path };
+        lk.wait_ready()?;
+        Ok(lk)
     }
 
-    fn wait_ready(&self) {
+    /// This process listening on the port (a connect could reach another test's
+    /// latchkey that took the port), or its stderr once it exited or after 20 s.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+        while !listens(self.child.id(), self.port) {
+            if self.child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
+                return Err(self.stderr());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("latchkey did not start: {}", self.stderr());
+        Ok(())
     }
 
     pub fn proxy_url(&self) -> String {
