@@ -16,7 +16,9 @@
 //! proxy serves everything on one thread with no hand-off; a connection sent to another shard is taken off the accepting
 //! runtime's reactor and registered on the shard's. Whatever a connection spawns (an
 //! upstream connection's task, a body drain) runs on its shard too, and the upstream
-//! pool keeps each shard's connections apart (`pool::Key`).
+//! pool keeps each shard's connections apart (`pool::Key`). A connection counts on its
+//! shard for as long as its `Seat` lives: the serving closure is handed it and keeps it
+//! with the connection's slot, which a CONNECT's tunnel task takes over.
 
 use std::future::Future;
 use std::io;
