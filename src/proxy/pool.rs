@@ -316,7 +316,7 @@ impl Pool {
     /// the same destination. Its wake-ups then cross threads, which beats waiting for
     /// room while it sits idle.
     async fn checkout_elsewhere(&self, key: &Key, own: bool) -> Option<Conn> {
-        for shard in (0..=super::shards::count()).filter(|&s| s != key.2) {
+        for shard in shards_from(key.2).skip(1) {
             if let Some(conn) = self.checkout(&Key(key.0, key.1.clone(), shard), own).await {
                 return Some(conn);
             }
