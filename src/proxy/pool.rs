@@ -245,12 +245,13 @@ impl Pool {
         let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         let mut head = Vec::with_capacity(256);
         client::codec::encode_head(req.method(), target, req.headers(), &mut head);
-        let mut upload = match (framing, body) {
-            (Framing::Chunked, Some(body)) => {
-                client::Upload::chunked(head, body, client::declared_trailers(req.headers()))
-            }
-            (Framing::Length(length), body) => client::Upload::new(head, body, length),
-            (Framing::Chunked, None) => unreachable!("a chunked body is taken above"),
+        let mut upload = match framing {
+            Framing::Length(length) => client::Upload::new(head, body, length),
+            Framing::Chunked => client::Upload::chunked(
+                head,
+                body.unwrap_or_default(),
+                client::declared_trailers(req.headers()),
+            ),
         };
         let head = conn.exchange(&mut upload, req.method() == http::Method::HEAD).await?;
         let home = OwnHome { pool: Arc::downgrade(&self.0), key: key.clone() };
