@@ -397,3 +397,39 @@ fn an_upstream_connection_is_reused_after_a_chunked_response() {
         "one upstream connection, reused"
     );
 }
+
+/// Bodies many times every flow-control window, both ways, over HTTP/2 on both legs
+/// (latchkey's own h2 upstream client): the download's window is given back as it is
+/// read, the upload waits for room as the upstream reads, and every byte arrives.
+#[test]
+fn h2_bodies_past_every_window_arrive_whole_both_ways() {
+    const SIZE: usize = 48 << 20;
+    let up = upstream_with(UpstreamOpts { tls: true, h2_only: true, ..Default::default() });
+    let lk = start(&up);
+    let down = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+            "-x",
+        ])
+        .arg(lk.proxy_url())
+        .arg("--cacert")
+        .arg(lk.bundle())
+        .arg(format!("https://api.example.com/source?bytes={SIZE}"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&down.stdout), format!("200 {SIZE}"));
+    let file = lk.dir.path().join("up.bin");
+    std::fs::write(&file, vec![b'u'; SIZE]).unwrap();
+    let data = format!("@{}", file.display());
+    let (code, body) =
+        lk.curl(&["--http2", "-X", "POST", "--data-binary", &data, "https://api.example.com/sink"]);
+    assert_eq!((code, body.as_str()), (200, SIZE.to_string().as_str()));
+    assert!(up.requests().iter().all(|r| r.header_all("authorization") == [format!("Bearer {SECRET}")]));
+}

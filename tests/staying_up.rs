@@ -272,6 +272,53 @@ fn an_http2_upload_stalled_after_its_answer_is_cut_at_the_timeout() {
     assert_eq!(code, 200, "{}", lk.stderr());
 }
 
+/// The other side: an HTTP/2 upstream that answers an upload at once and then never
+/// opens its stream's window again. The client's upload and the upstream stream must
+/// not stay open for as long as the upstream likes: `[proxy] timeout` after the answer's
+/// end latchkey resets the upstream stream and lets go of the client's.
+#[test]
+fn an_http2_upstream_that_answers_and_stops_reading_an_upload_is_let_go() {
+    let up = upstream_with(UpstreamOpts { tls: true, h2_only: true, ..Default::default() });
+    let lk = Latchkey::start(Some(&up), &format!("timeout = 2\n#END-PROXY\n{CRED}"), ENV);
+    let held = runtime().block_on(async {
+        let mut client = h2::connect_h2(lk.port, "api.anthropic.com:443", "api.anthropic.com").await;
+        let req = http::Request::post("https://api.anthropic.com/answer-and-hold").body(()).unwrap();
+        let (answer, mut upload) = client.send_request(req, false).unwrap();
+        // The client sends for as long as latchkey takes it; its stream reset ends that.
+        let sending = tokio::spawn(async move {
+            let chunk = bytes::Bytes::from(vec![b'u'; 16 * 1024]);
+            loop {
+                upload.reserve_capacity(chunk.len());
+                match std::future::poll_fn(|cx| upload.poll_capacity(cx)).await {
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return Instant::now(),
+                }
+                if upload.capacity() > 0 && upload.send_data(chunk.clone(), false).is_err() {
+                    return Instant::now();
+                }
+            }
+        });
+        let answer = answer.await.expect("the answer");
+        assert_eq!(answer.status(), 200);
+        let mut body = answer.into_body();
+        while let Some(data) = body.data().await {
+            data.expect("the answer's body");
+        }
+        let answered = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(15), sending)
+            .await
+            .expect("the client still uploading 15 s after the answer")
+            .unwrap();
+        ended - answered
+    });
+    // The upstream holds the stream for 8 s: an end before that is latchkey's doing.
+    assert!(held < Duration::from_secs(6), "the client's upload let go only after {held:?}");
+    assert_eq!(up.requests()[0].path, "/answer-and-hold");
+    let (code, _) =
+        lk.curl(&["--http2", "-H", "x-api-key: latchkey-anthropic", "https://api.anthropic.com/v1/x"]);
+    assert_eq!(code, 200, "{}", lk.stderr());
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()

@@ -16,8 +16,8 @@
 //! connection task waiting for room to write, the body unpolled and untimed. The own
 //! client's upload task has a deadline of its own for that (`client::finish_upload`),
 //! and takes every HTTP/1.1 upload but HTTP/1.0 clients' and those to the corporate
-//! proxy. Still untimed there, and for an HTTP/2 upstream that answers and never opens
-//! the stream's window again (hyper's stream task then waits for it; not measured).
+//! proxy; so does the HTTP/2 leg's (`h2_client`), which waits for the stream's window.
+//! Still untimed on hyper's two remaining paths (not measured).
 
 use std::future::Future;
 use std::pin::Pin;

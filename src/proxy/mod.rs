@@ -20,6 +20,7 @@ mod fanout;
 pub(crate) mod framing;
 mod generation;
 pub(crate) mod h1;
+mod h2_client;
 pub(crate) mod h2guard;
 mod handler;
 mod held;

@@ -1,4 +1,5 @@
-//! latchkey's own upstream connection pool, over hyper's low-level `client::conn`.
+//! latchkey's own upstream connection pool: HTTP/1.1 connections for the own client
+//! or hyper's low-level `client::conn`, HTTP/2 ones for the own h2 leg (`h2_client`).
 //!
 //! It replaces hyper-util's legacy `Client`, which per request built a `String` pool key,
 //! raced a boxed checkout against a lazy connect, and for HTTP/1.1 spawned a task that
@@ -37,12 +38,12 @@ use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri, header};
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::http1;
 use tokio::sync::{oneshot, watch};
 
 use super::Body;
 use super::client;
+use super::h2_client;
 use super::upstream::{Dialer, UpstreamError, UpstreamIo};
 use crate::policy::Destination;
 
@@ -59,6 +60,8 @@ pub enum SendError {
     Http(#[from] hyper::Error),
     #[error("{0}")]
     Own(#[from] client::Error),
+    #[error("{0}")]
+    H2(#[source] super::BoxError),
     #[error("the request URI names no destination")]
     NoDestination,
 }
@@ -81,7 +84,7 @@ struct Host {
     /// goes to the first still waiting rather than to `idle`.
     waiters: VecDeque<oneshot::Sender<Handed>>,
     /// The destination's h2 connection, shared.
-    h2: Option<http2::SendRequest<Body>>,
+    h2: Option<h2_client::Conn>,
     /// An h2 connection has been made here (the destination speaks h2).
     spoke_h2: bool,
     /// An h2 connection being dialled, to a destination known to speak h2: requests
@@ -136,7 +139,7 @@ enum Conn {
     /// An HTTP/1.1 connection; `true` when it goes to the corporate proxy (`[upstream]
     /// proxy`), which takes requests in absolute form.
     H1(http1::SendRequest<Body>, bool),
-    H2(http2::SendRequest<Body>),
+    H2(h2_client::Conn),
     /// An HTTP/1.1 connection the own client drives (never to the corporate proxy).
     Own(client::Conn),
 }
@@ -207,14 +210,12 @@ impl Pool {
             };
             match self.send(conn, &key, req).await {
                 Ok(resp) => return Ok(resp),
-                Err(mut e) => match e.take_message() {
-                    // Not written: the upstream closed an idle connection under us.
-                    Some(mut again) if reused => {
-                        *again.uri_mut() = uri.clone();
-                        req = again;
-                    }
-                    _ => return Err(e.into_error().into()),
-                },
+                // Not written: the upstream closed an idle connection under us.
+                Err(NotSent::Again(mut again, _)) if reused => {
+                    *again.uri_mut() = uri.clone();
+                    req = *again;
+                }
+                Err(NotSent::Again(_, e) | NotSent::Failed(e)) => return Err(e),
             }
         }
     }
@@ -258,24 +259,21 @@ impl Pool {
         Ok(client::response(conn, head, upload, home, self.0.dialer.timeout))
     }
 
-    async fn send(
-        &self,
-        conn: Conn,
-        key: &Key,
-        mut req: Request<Body>,
-    ) -> Result<Response<Body>, hyper::client::conn::TrySendError<Request<Body>>> {
+    async fn send(&self, conn: Conn, key: &Key, mut req: Request<Body>) -> Result<Response<Body>, NotSent> {
         match conn {
-            Conn::H2(mut tx) => {
-                let resp = tx.try_send_request(req).await?;
-                Ok(resp.map(|body| boxed(Returning { body, back: None })))
-            }
+            Conn::H2(h2) => h2.send(req, self.0.dialer.timeout).await.map_err(|failed| match failed {
+                h2_client::Failed::Unsent(req) => {
+                    NotSent::Again(req, SendError::H2("the upstream h2 connection closed".into()))
+                }
+                h2_client::Failed::Error(e) => NotSent::Failed(SendError::H2(e)),
+            }),
             Conn::Own(_) => unreachable!("sent by send_own"),
             Conn::H1(mut tx, proxied) => {
                 set_host(&mut req);
                 if !proxied {
                     origin_form(req.uri_mut());
                 }
-                let resp = tx.try_send_request(req).await?;
+                let resp = tx.try_send_request(req).await.map_err(NotSent::from)?;
                 let back = Some(Back { pool: Arc::downgrade(&self.0), key: key.clone(), tx });
                 Ok(resp.map(|body| {
                     let mut body = Returning { body, back };
@@ -442,7 +440,7 @@ impl Pool {
             (None, false) => dialer.connect(dest, *tls).await?,
         };
         if io.is_h2() {
-            let tx = handshake_h2(io).await?;
+            let tx = h2_client::handshake(io).await.map_err(|e| SendError::H2(e.into()))?;
             let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
             let host = hosts.entry(key.clone()).or_default();
             host.h2 = Some(tx.clone());
@@ -624,18 +622,6 @@ async fn handshake_h1(io: UpstreamIo) -> Result<http1::SendRequest<Body>, hyper:
     Ok(tx)
 }
 
-async fn handshake_h2(io: UpstreamIo) -> Result<http2::SendRequest<Body>, hyper::Error> {
-    let (mut tx, conn) =
-        http2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).handshake(io).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("upstream h2 connection: {e}");
-        }
-    });
-    tx.ready().await?;
-    Ok(tx)
-}
-
 /// Idle connections past `IDLE_TIMEOUT` are closed (their sender dropped); the reaper
 /// ends with its pool.
 fn reap_idle(pool: Weak<Inner>) {
@@ -702,6 +688,22 @@ fn boxed(b: Returning) -> Body {
 /// A connection dialed or handed over (`true`: used before); `None`: the one handed
 /// over was not fit to use.
 type Dialed = Result<Option<(Conn, bool)>, SendError>;
+
+/// A request not sent: to send again on another connection when the one it was
+/// given had been idle (the error if not), or failed.
+enum NotSent {
+    Again(Box<Request<Body>>, SendError),
+    Failed(SendError),
+}
+
+impl From<hyper::client::conn::TrySendError<Request<Body>>> for NotSent {
+    fn from(mut e: hyper::client::conn::TrySendError<Request<Body>>) -> NotSent {
+        match e.take_message() {
+            Some(req) => NotSent::Again(Box::new(req), e.into_error().into()),
+            None => NotSent::Failed(e.into_error().into()),
+        }
+    }
+}
 
 /// Where an HTTP/1.1 connection goes back to once its response has been read.
 struct Back {

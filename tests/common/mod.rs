@@ -360,6 +360,23 @@ async fn echo(
         });
         return Ok(Response::new(full("early")));
     }
+    if path == "/answer-and-hold" {
+        // Answered at once; the upload then left unread, its stream's window never
+        // opened again, for 8 s.
+        log.lock().unwrap().push(Seen {
+            conn,
+            method: parts.method.to_string(),
+            path,
+            headers,
+            body: Vec::new(),
+            trailers: Vec::new(),
+        });
+        tokio::spawn(async move {
+            let _held = body;
+            tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+        });
+        return Ok(Response::new(full("early")));
+    }
     if path == "/trailers" {
         let (mut tx, body) = channel();
         tokio::spawn(async move {
@@ -928,6 +945,29 @@ pub mod h2 {
         target: &str,
         sni: &str,
     ) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+        let tls = tunnel(port, target, sni).await;
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    /// The same on the `h2` crate itself: streams whose flow control the test drives.
+    pub async fn connect_h2(port: u16, target: &str, sni: &str) -> ::h2::client::SendRequest<Bytes> {
+        let tls = tunnel(port, target, sni).await;
+        let (sender, conn) = ::h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    /// A CONNECT tunnel to `target` through latchkey, TLS with `sni` and ALPN h2.
+    async fn tunnel(
+        port: u16,
+        target: &str,
+        sni: &str,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
             .await
@@ -942,12 +982,7 @@ pub mod h2 {
         let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "latchkey offers h2");
-        let (sender, conn) =
-            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        sender
+        tls
     }
 
     pub fn requests(port: u16, target: &str, sni: &str, reqs: Vec<Request<Full<Bytes>>>) -> Vec<Reply> {
