@@ -1058,20 +1058,24 @@ fn an_upstream_that_answers_and_stops_reading_an_upload_is_let_go() {
     let lk = Latchkey::start(Some(&up), &format!("timeout = 2\n#END-PROXY\n{CRED}"), ENV);
     let piece = payload(64 * 1024, 9);
     let chunk = [format!("{:x}\r\n", piece.len()).as_bytes(), &piece, b"\r\n"].concat();
+    // An HTTP/1.0 client's upload too, its connection kept alive so that it goes on
+    // sending (its request goes upstream as HTTP/1.1, by the own client).
     let cases = [
-        ("length", "Content-Length: 1000000000\r\n", piece.clone()),
-        ("chunked", "Transfer-Encoding: chunked\r\n", chunk),
+        ("length", "HTTP/1.1", "Content-Length: 1000000000\r\n", piece.clone()),
+        ("chunked", "HTTP/1.1", "Transfer-Encoding: chunked\r\n", chunk),
+        ("HTTP/1.0", "HTTP/1.0", "Connection: keep-alive\r\nContent-Length: 1000000000\r\n", piece.clone()),
     ];
     let waited = |e: &std::io::Error| {
         matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
     };
-    for (i, (what, framing, unit)) in cases.iter().enumerate() {
+    for (i, (what, version, framing, unit)) in cases.iter().enumerate() {
         let mut tls = by_hand_client(&lk);
-        let head = format!("POST /answer-and-stall HTTP/1.1\r\nHost: api.anthropic.com\r\n{framing}\r\n");
+        let head = format!("POST /answer-and-stall {version}\r\nHost: api.anthropic.com\r\n{framing}\r\n");
         tls.write_all(&[head.as_bytes(), unit].concat()).unwrap();
         tls.flush().unwrap();
         let answer = read_until(&mut tls, b"early");
-        assert!(answer.starts_with(b"HTTP/1.1 200"), "{what}: {}", String::from_utf8_lossy(&answer));
+        let ok = format!("{version} 200 ");
+        assert!(answer.starts_with(ok.as_bytes()), "{what}: {}", String::from_utf8_lossy(&answer));
         // The client goes on sending for as long as latchkey takes it.
         tls.sock.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
         tls.sock.set_read_timeout(Some(Duration::from_millis(1))).unwrap();

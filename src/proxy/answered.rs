@@ -2,7 +2,7 @@
 //!
 //! An upstream may answer before it has read a whole upload (a 413, a short reply). The
 //! rest of the body still goes up, from whatever drives the upstream connection — the
-//! own client's task, hyper's connection task, an HTTP/2 stream — and that waits on the
+//! own client's upload task, the HTTP/2 leg's — and that waits on the
 //! client. A client that stops sending but keeps its connection or stream open would
 //! hold the upstream connection (and its own) for ever, its own no longer counted once
 //! its connection task had given up on it. So a request body is [`bounded`]: once its
@@ -12,12 +12,11 @@
 //! is timed: a duplex exchange (an echo, a gRPC stream) lasts as long as it is used.
 //!
 //! The timer runs while the body is polled, that is while the upstream leg wants more
-//! of it: an upstream that stops reading an upload it has answered leaves hyper's
-//! connection task waiting for room to write, the body unpolled and untimed. The own
-//! client's upload task has a deadline of its own for that (`client::finish_upload`),
-//! and takes every HTTP/1.1 upload but HTTP/1.0 clients' and those to the corporate
-//! proxy; so does the HTTP/2 leg's (`h2_client`), which waits for the stream's window.
-//! Still untimed on hyper's two remaining paths (not measured).
+//! of it: an upstream that stops reading an upload it has answered leaves the upload
+//! waiting for room to write, the body unpolled and untimed. So both upload tasks have
+//! a deadline of their own for that: the own client's (`client::finish_upload`) and
+//! the HTTP/2 leg's (`h2_client`), which waits for the stream's window. (hyper's
+//! client, which took some uploads until the thirteenth session, had none.)
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,5 +1,5 @@
 //! latchkey's own upstream connection pool: HTTP/1.1 connections for the own client
-//! or hyper's low-level `client::conn`, HTTP/2 ones for the own h2 leg (`h2_client`).
+//! (`client`), HTTP/2 ones for the own h2 leg (`h2_client`).
 //!
 //! It replaces hyper-util's legacy `Client`, which per request built a `String` pool key,
 //! raced a boxed checkout against a lazy connect, and for HTTP/1.1 spawned a task that
@@ -13,13 +13,13 @@
 //! upstream closed it while idle) is sent again on another; idle connections close after
 //! `IDLE_TIMEOUT`, at most `MAX_IDLE_PER_HOST` are kept per destination.
 //!
-//! An HTTP/1.1 connection is driven by one of two clients. A request without a body, with
-//! one of known length, or chunked (a body of unknown length) goes by latchkey's own
-//! (`client`), in the request's task; what is left (HTTP/1.0, a `Content-Length` the
-//! body does not match) by hyper's, and every request to the corporate proxy. Idle
-//! connections of both kinds wait in one list, each request taking one of its kind if
-//! there is one: an own connection taken for hyper is hyper's from then on (hyper
-//! cannot give one back).
+//! An HTTP/1.1 connection is driven by latchkey's own client, in the request's task: a
+//! request without a body, with one of known length, or chunked (a body of unknown
+//! length), in absolute form to the corporate proxy (every request reaches the pool as
+//! HTTP/1.1: `exchange::upstream_request`). Until the thirteenth session hyper's client
+//! took the corporate proxy's and a `Content-Length` the body did not match (now
+//! refused: the head must say what the body is), and nothing bounded an upload there
+//! that the upstream answered and stopped reading.
 //!
 //! A request that finds no idle connection dials a new one. At a cap of upstream
 //! connections (`fanout`) it queues instead, for a connection another response frees or
@@ -28,28 +28,22 @@
 //! connections over a bounded number of upstream ones).
 
 use std::collections::{HashMap, VecDeque};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Request, Response, Uri, header};
-use hyper::body::{Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
+use http::{HeaderValue, Request, Response, header};
 use tokio::sync::{oneshot, watch};
 
 use super::Body;
 use super::client;
 use super::h2_client;
-use super::upstream::{Dialer, UpstreamError, UpstreamIo};
+use super::upstream::{Dialer, UpstreamError};
 use crate::policy::Destination;
 
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const MAX_IDLE_PER_HOST: usize = 64;
-const READY_WAIT: Duration = Duration::from_millis(100);
 
 /// Why a request could not be sent upstream.
 #[derive(Debug, thiserror::Error)]
@@ -64,13 +58,12 @@ pub enum SendError {
     H2(#[source] super::BoxError),
     #[error("the request URI names no destination")]
     NoDestination,
+    #[error("the request's Content-Length ({0}) is not its body's length ({1})")]
+    Mismatch(String, u64),
 }
 
-/// An idle HTTP/1.1 connection: hyper's, or the own client's (`client`).
-enum Idle {
-    Hyper(http1::SendRequest<Body>),
-    Own(client::Conn),
-}
+/// An idle HTTP/1.1 connection.
+type Idle = client::Conn;
 
 /// An HTTP/1.1 connection handed from a finished response to a waiting request, with
 /// whether it goes to the corporate proxy.
@@ -136,12 +129,10 @@ pub struct Pool(Arc<Inner>);
 
 /// What a request is sent on.
 enum Conn {
+    H2(h2_client::Conn),
     /// An HTTP/1.1 connection; `true` when it goes to the corporate proxy (`[upstream]
     /// proxy`), which takes requests in absolute form.
-    H1(http1::SendRequest<Body>, bool),
-    H2(h2_client::Conn),
-    /// An HTTP/1.1 connection the own client drives (never to the corporate proxy).
-    Own(client::Conn),
+    Own(client::Conn, bool),
 }
 
 impl Pool {
@@ -166,11 +157,9 @@ impl Pool {
         let tls = req.uri().scheme() == Some(&Scheme::HTTPS);
         let authority = req.uri().authority().cloned().ok_or(SendError::NoDestination)?;
         let key = Key(tls, authority, super::shards::current());
-        let uri = req.uri().clone();
-        let framing = for_own_client(&req);
-        let own = framing.is_some();
+        let framing = framing(&req)?;
         loop {
-            let (conn, reused) = match self.checkout(&key, own).await {
+            let (conn, reused) = match self.checkout(&key).await {
                 Some(conn) => (conn, true),
                 None => {
                     if let Some(mut dialing) = self.h2_dialing(&key) {
@@ -178,44 +167,38 @@ impl Pool {
                         let _ = dialing.wait_for(|ready| *ready).await;
                         continue;
                     }
-                    match self.dial(&key, own).await? {
+                    match self.dial(&key).await? {
                         Some(got) => got,
                         None => continue,
                     }
                 }
             };
-            let conn = match (conn, framing) {
-                (Conn::Own(conn), Some(framing)) => {
-                    match self.send_own(conn, &key, &mut req, framing).await {
-                        Ok(resp) => return Ok(resp),
-                        // Nothing came back on a connection idle before: the upstream closed
-                        // it as the request went out. Sent again only when that is harmless
-                        // (and there is no body, which is gone once read).
-                        Err(f)
-                            if f.unanswered
-                                && reused
-                                && framing == Framing::Length(0)
-                                && req.method().is_idempotent() =>
-                        {
-                            continue;
-                        }
-                        Err(f) => return Err(f.error.into()),
+            match conn {
+                Conn::Own(conn, proxied) => match self.send_own(conn, proxied, &key, &mut req, framing).await
+                {
+                    Ok(resp) => return Ok(resp),
+                    // Nothing came back on a connection idle before: the upstream closed
+                    // it as the request went out. Sent again only when that is harmless
+                    // (and there is no body, which is gone once read).
+                    Err(f)
+                        if f.unanswered
+                            && reused
+                            && framing == Framing::Length(0)
+                            && req.method().is_idempotent() =>
+                    {
+                        continue;
                     }
-                }
-                (Conn::Own(conn), None) => match conn.into_io() {
-                    Some(io) => Conn::H1(handshake_h1(io).await?, false),
-                    None => continue,
+                    Err(f) => return Err(f.error.into()),
                 },
-                (conn, _) => conn,
-            };
-            match self.send(conn, &key, req).await {
-                Ok(resp) => return Ok(resp),
-                // Not written: the upstream closed an idle connection under us.
-                Err(NotSent::Again(mut again, _)) if reused => {
-                    *again.uri_mut() = uri.clone();
-                    req = *again;
-                }
-                Err(NotSent::Again(_, e) | NotSent::Failed(e)) => return Err(e),
+                Conn::H2(h2) => match h2.send(req, self.0.dialer.timeout).await {
+                    Ok(resp) => return Ok(resp),
+                    // Not sent: the connection takes no new stream (closed while idle).
+                    Err(h2_client::Failed::Unsent(again)) if reused => req = *again,
+                    Err(h2_client::Failed::Unsent(_)) => {
+                        return Err(SendError::H2("the upstream h2 connection closed".into()));
+                    }
+                    Err(h2_client::Failed::Error(e)) => return Err(SendError::H2(e)),
+                },
             }
         }
     }
@@ -225,6 +208,7 @@ impl Pool {
     async fn send_own(
         &self,
         mut conn: client::Conn,
+        proxied: bool,
         key: &Key,
         req: &mut Request<Body>,
         framing: Framing,
@@ -243,7 +227,14 @@ impl Pool {
                 Some(std::mem::take(req.body_mut()))
             }
         };
-        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let absolute;
+        let target = match proxied {
+            true => {
+                absolute = req.uri().to_string();
+                &absolute
+            }
+            false => req.uri().path_and_query().map_or("/", |pq| pq.as_str()),
+        };
         let mut head = Vec::with_capacity(256);
         client::codec::encode_head(req.method(), target, req.headers(), &mut head);
         let mut upload = match framing {
@@ -259,34 +250,8 @@ impl Pool {
         Ok(client::response(conn, head, upload, home, self.0.dialer.timeout))
     }
 
-    async fn send(&self, conn: Conn, key: &Key, mut req: Request<Body>) -> Result<Response<Body>, NotSent> {
-        match conn {
-            Conn::H2(h2) => h2.send(req, self.0.dialer.timeout).await.map_err(|failed| match failed {
-                h2_client::Failed::Unsent(req) => {
-                    NotSent::Again(req, SendError::H2("the upstream h2 connection closed".into()))
-                }
-                h2_client::Failed::Error(e) => NotSent::Failed(SendError::H2(e)),
-            }),
-            Conn::Own(_) => unreachable!("sent by send_own"),
-            Conn::H1(mut tx, proxied) => {
-                set_host(&mut req);
-                if !proxied {
-                    origin_form(req.uri_mut());
-                }
-                let resp = tx.try_send_request(req).await.map_err(NotSent::from)?;
-                let back = Some(Back { pool: Arc::downgrade(&self.0), key: key.clone(), tx });
-                Ok(resp.map(|body| {
-                    let mut body = Returning { body, back };
-                    body.maybe_return();
-                    boxed(body)
-                }))
-            }
-        }
-    }
-
-    /// An idle HTTP/1.1 connection, or the destination's h2 connection; the most recent
-    /// of the kind the request goes by (`own`), else the most recent.
-    async fn checkout(&self, key: &Key, own: bool) -> Option<Conn> {
+    /// The destination's h2 connection, or its most recent idle HTTP/1.1 one.
+    async fn checkout(&self, key: &Key) -> Option<Conn> {
         loop {
             let candidate = {
                 let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
@@ -297,15 +262,13 @@ impl Pool {
                     }
                     host.h2 = None;
                 }
-                let kind = host.idle.iter().rposition(|(idle, _)| matches!(idle, Idle::Own(_)) == own);
-                let at = kind.or(host.idle.len().checked_sub(1))?;
-                Some((host.idle.remove(at), host.proxied))
+                Some((host.idle.pop()?, host.proxied))
             };
             let ((idle, since), proxied) = candidate?;
             if since.elapsed() > IDLE_TIMEOUT {
                 continue;
             }
-            if let Some(conn) = fit(idle, proxied).await {
+            if let Some(conn) = fit(idle, proxied) {
                 return Some(conn);
             }
         }
@@ -314,9 +277,9 @@ impl Pool {
     /// At the cap of upstream connections: an idle connection another shard pooled for
     /// the same destination. Its wake-ups then cross threads, which beats waiting for
     /// room while it sits idle.
-    async fn checkout_elsewhere(&self, key: &Key, own: bool) -> Option<Conn> {
+    async fn checkout_elsewhere(&self, key: &Key) -> Option<Conn> {
         for shard in shards_from(key.2).skip(1) {
-            if let Some(conn) = self.checkout(&Key(key.0, key.1.clone(), shard), own).await {
+            if let Some(conn) = self.checkout(&Key(key.0, key.1.clone(), shard)).await {
                 return Some(conn);
             }
         }
@@ -348,38 +311,34 @@ impl Pool {
 
     /// `connect_or_wait` boxed by a plain fn: dialing (TCP, TLS, HTTP/2 handshakes) is
     /// rare next to reuse, and its state would otherwise size every request's future.
-    fn dial<'a>(
-        &'a self,
-        key: &'a Key,
-        own: bool,
-    ) -> std::pin::Pin<Box<impl Future<Output = Dialed> + Send + 'a>> {
-        Box::pin(self.connect_or_wait(key, own))
+    fn dial<'a>(&'a self, key: &'a Key) -> std::pin::Pin<Box<impl Future<Output = Dialed> + Send + 'a>> {
+        Box::pin(self.connect_or_wait(key))
     }
 
     /// A new connection; at the cap of upstream connections, the first of one another
     /// request's response frees (`true`: used before) or a new one once there is room.
     /// `None`: the connection handed over was not fit to use (ask again).
-    async fn connect_or_wait(&self, key: &Key, own: bool) -> Dialed {
+    async fn connect_or_wait(&self, key: &Key) -> Dialed {
         let budget = &self.0.dialer.budget;
         if budget.try_reserve() {
-            return Ok(Some((self.connecting(key, own).await?, false)));
+            return Ok(Some((self.connecting(key).await?, false)));
         }
-        if let Some(conn) = self.checkout_elsewhere(key, own).await {
+        if let Some(conn) = self.checkout_elsewhere(key).await {
             return Ok(Some((conn, true)));
         }
         let freed = match self.queue(key) {
-            Turn::Now(idle, proxied) => return Ok(fit(idle, proxied).await.map(|conn| (conn, true))),
+            Turn::Now(idle, proxied) => return Ok(fit(idle, proxied).map(|conn| (conn, true))),
             Turn::Wait(freed) => freed,
         };
         // Room for one is room for whoever asks first: a request that loses that race
         // waits for its permit still in the queue, not behind it.
         let dial = async {
             budget.room(key.1.as_str(), self.0.dialer.connect_timeout).await?;
-            self.connecting(key, own).await
+            self.connecting(key).await
         };
         tokio::select! {
             biased;
-            Ok((idle, proxied)) = freed => Ok(fit(idle, proxied).await.map(|conn| (conn, true))),
+            Ok((idle, proxied)) = freed => Ok(fit(idle, proxied).map(|conn| (conn, true))),
             conn = dial => Ok(Some((conn?, false))),
         }
     }
@@ -416,14 +375,12 @@ impl Pool {
     fn connecting<'a>(
         &'a self,
         key: &'a Key,
-        own: bool,
     ) -> std::pin::Pin<Box<impl Future<Output = Result<Conn, SendError>> + Send + 'a>> {
-        Box::pin(self.connect(key, own))
+        Box::pin(self.connect(key))
     }
 
-    /// A new connection: h2 if the upstream chose it, else HTTP/1.1 for the own client
-    /// (`own`) or for hyper.
-    async fn connect(&self, key: &Key, own: bool) -> Result<Conn, SendError> {
+    /// A new connection: h2 if the upstream chose it, else HTTP/1.1.
+    async fn connect(&self, key: &Key) -> Result<Conn, SendError> {
         let Key(tls, authority, _) = key;
         let dest = Destination::parse_authority(authority.as_str(), Some(if *tls { 443 } else { 80 }))
             .map_err(|e| UpstreamError::Resolve { host: authority.to_string(), why: e.to_string() })?;
@@ -452,15 +409,11 @@ impl Pool {
             return Ok(Conn::H2(tx));
         }
         let proxied = io.is_proxied();
-        if own && !proxied {
-            return Ok(Conn::Own(client::Conn::new(io)));
-        }
-        let tx = handshake_h1(io).await?;
         if proxied {
             let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
             hosts.entry(key.clone()).or_default().proxied = true;
         }
-        Ok(Conn::H1(tx, proxied))
+        Ok(Conn::Own(client::Conn::new(io), proxied))
     }
 
     /// A connection free for a request: to the first request still waiting for one
@@ -547,23 +500,9 @@ impl Drop for H2Dial {
     }
 }
 
-/// `tx` once ready for a request. A connection is put back when its last response was
-/// read, and its task marks it ready a moment later; one still busy past that (a request
-/// body still going up after an early response) is closed rather than waited for.
-async fn ready(mut tx: http1::SendRequest<Body>) -> Option<http1::SendRequest<Body>> {
-    if tx.is_closed() {
-        return None;
-    }
-    let ready = tx.is_ready() || matches!(tokio::time::timeout(READY_WAIT, tx.ready()).await, Ok(Ok(())));
-    ready.then_some(tx)
-}
-
 /// An idle connection, if it can take a request now.
-async fn fit(idle: Idle, proxied: bool) -> Option<Conn> {
-    match idle {
-        Idle::Hyper(tx) => ready(tx).await.map(|tx| Conn::H1(tx, proxied)),
-        Idle::Own(mut conn) => conn.is_fit().then_some(Conn::Own(conn)),
-    }
+fn fit(mut idle: Idle, proxied: bool) -> Option<Conn> {
+    idle.is_fit().then_some(Conn::Own(idle, proxied))
 }
 
 /// How the own client frames a request's body.
@@ -573,53 +512,43 @@ enum Framing {
     Chunked,
 }
 
-/// What the own client takes, and how it frames the body: a request in HTTP/1.1 or
-/// HTTP/2 (written as HTTP/1.1) without a body, with one of known length whose
-/// `Content-Length`, if it has one, says the same, or chunked: a request the client
-/// chunked (latchkey's HTTP/1.1 guard lets in no transfer coding but a last `chunked`;
-/// HTTP/2 has none) or a body of unknown length without a `Content-Length`. A bodiless
-/// method's body of unknown length is not sent, as hyper (a `GET` is not chunked). What
-/// is left (HTTP/1.0, a `Content-Length` the body does not match) stays with hyper.
-fn for_own_client(req: &Request<Body>) -> Option<Framing> {
+/// How the own client frames a request's body: none (`Length(0)`), one of known length,
+/// or chunked (a request the client chunked — latchkey's HTTP/1.1 guard lets in no
+/// transfer coding but a last `chunked`; HTTP/2 has none — or a body of unknown length
+/// without a `Content-Length`). A bodiless method's body of unknown length is not sent,
+/// as hyper (a `GET` is not chunked). The head must say what the body is: a length the
+/// body does not fill would have the upstream read the next client's request as the
+/// rest of this one, so a `Content-Length` that says other than the body's known length
+/// is refused, and a body of unknown length is held to the one its head names.
+fn framing(req: &Request<Body>) -> Result<Framing, SendError> {
     use hyper::body::Body as _;
-    if !matches!(req.version(), http::Version::HTTP_11 | http::Version::HTTP_2) {
-        return None;
-    }
     if req.headers().contains_key(header::TRANSFER_ENCODING) {
-        return Some(Framing::Chunked);
+        return Ok(Framing::Chunked);
     }
-    // The head must say what the body is: a length the body does not fill would have
-    // the upstream read the next client's request as the rest of this one.
+    let declared = req.headers().get(header::CONTENT_LENGTH);
     let length = match (req.body().is_end_stream(), req.body().size_hint().exact()) {
         (true, _) => 0,
-        (false, Some(n)) if n > 0 => n,
-        (false, Some(_)) => return None,
+        (false, Some(n)) => n,
         (false, None) => {
             let bodiless = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
-            return match req.headers().contains_key(header::CONTENT_LENGTH) {
-                true => None,
-                false if bodiless => Some(Framing::Length(0)),
-                false => Some(Framing::Chunked),
+            return match declared {
+                Some(v) => v
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .map(Framing::Length)
+                    .ok_or_else(|| SendError::Mismatch(String::from_utf8_lossy(v.as_bytes()).into(), 0)),
+                None if bodiless => Ok(Framing::Length(0)),
+                None => Ok(Framing::Chunked),
             };
         }
     };
-    match req.headers().get(header::CONTENT_LENGTH) {
-        None => Some(Framing::Length(length)),
-        Some(v) => {
-            (v.as_bytes() == itoa::Buffer::new().format(length).as_bytes()).then_some(Framing::Length(length))
+    match declared {
+        Some(v) if v.as_bytes() != itoa::Buffer::new().format(length).as_bytes() => {
+            Err(SendError::Mismatch(String::from_utf8_lossy(v.as_bytes()).into(), length))
         }
+        _ => Ok(Framing::Length(length)),
     }
-}
-
-/// hyper's HTTP/1.1 client on `io`, its connection driven by a task of its own.
-async fn handshake_h1(io: UpstreamIo) -> Result<http1::SendRequest<Body>, hyper::Error> {
-    let (tx, conn) = http1::Builder::new().handshake(io).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("upstream connection: {e}");
-        }
-    });
-    Ok(tx)
 }
 
 /// Idle connections past `IDLE_TIMEOUT` are closed (their sender dropped); the reaper
@@ -632,14 +561,8 @@ fn reap_idle(pool: Weak<Inner>) {
             let Some(pool) = pool.upgrade() else { return };
             let mut hosts = pool.hosts.lock().unwrap_or_else(|p| p.into_inner());
             hosts.retain(|_, host| {
-                host.idle.retain_mut(|(idle, since)| {
-                    let open = match idle {
-                        Idle::Hyper(tx) => !tx.is_closed(),
-                        // Closed by the upstream: let go of its socket and permits now.
-                        Idle::Own(conn) => conn.is_fit(),
-                    };
-                    open && since.elapsed() <= IDLE_TIMEOUT
-                });
+                // Closed by the upstream: let go of its socket and permits now.
+                host.idle.retain_mut(|(idle, since)| idle.is_fit() && since.elapsed() <= IDLE_TIMEOUT);
                 host.h2 = host.h2.take().filter(|h2| !h2.is_closed());
                 host.waiters.retain(|w| !w.is_closed());
                 !host.idle.is_empty() || host.h2.is_some() || !host.waiters.is_empty()
@@ -669,48 +592,9 @@ fn set_host(req: &mut Request<Body>) {
 }
 
 /// `/path?query`: what an HTTP/1.1 request line carries to an origin server.
-fn origin_form(uri: &mut Uri) {
-    *uri = match uri.path_and_query() {
-        Some(pq) if pq.as_str() != "/" => {
-            let mut parts = http::uri::Parts::default();
-            parts.path_and_query = Some(pq.clone());
-            Uri::from_parts(parts).unwrap_or_default()
-        }
-        _ => Uri::default(),
-    };
-}
-
-fn boxed(b: Returning) -> Body {
-    use http_body_util::BodyExt;
-    b.boxed()
-}
-
 /// A connection dialed or handed over (`true`: used before); `None`: the one handed
 /// over was not fit to use.
 type Dialed = Result<Option<(Conn, bool)>, SendError>;
-
-/// A request not sent: to send again on another connection when the one it was
-/// given had been idle (the error if not), or failed.
-enum NotSent {
-    Again(Box<Request<Body>>, SendError),
-    Failed(SendError),
-}
-
-impl From<hyper::client::conn::TrySendError<Request<Body>>> for NotSent {
-    fn from(mut e: hyper::client::conn::TrySendError<Request<Body>>) -> NotSent {
-        match e.take_message() {
-            Some(req) => NotSent::Again(Box::new(req), e.into_error().into()),
-            None => NotSent::Failed(e.into_error().into()),
-        }
-    }
-}
-
-/// Where an HTTP/1.1 connection goes back to once its response has been read.
-struct Back {
-    pool: Weak<Inner>,
-    key: Key,
-    tx: http1::SendRequest<Body>,
-}
 
 /// Where the own client's connection goes back to once its response has been read.
 struct OwnHome {
@@ -721,71 +605,19 @@ struct OwnHome {
 impl client::Home for OwnHome {
     fn take_back(self, conn: client::Conn) {
         if let Some(pool) = self.pool.upgrade() {
-            Pool(pool).put_back(self.key, Idle::Own(conn));
+            Pool(pool).put_back(self.key, conn);
         }
-    }
-}
-
-/// A response body that returns its HTTP/1.1 connection to the pool when it ends. A body
-/// dropped before its end leaves the connection to close (hyper closes it: the rest of
-/// the response was never read).
-struct Returning {
-    body: Incoming,
-    back: Option<Back>,
-}
-
-impl Returning {
-    /// Put the connection back as soon as the body says it has ended (a Content-Length
-    /// body that reached its length, before anyone polls past its last frame).
-    fn maybe_return(&mut self) {
-        use hyper::body::Body as _;
-        if self.body.is_end_stream() {
-            self.give_back();
-        }
-    }
-
-    /// The body was read to its end. A chunked body never reports `is_end_stream`
-    /// (hyper only knows it ended when the last chunk arrives), so its end is this.
-    fn give_back(&mut self) {
-        if let Some(Back { pool, key, tx }) = self.back.take()
-            && let Some(pool) = pool.upgrade()
-        {
-            Pool(pool).put_back(key, Idle::Hyper(tx));
-        }
-    }
-}
-
-impl hyper::body::Body for Returning {
-    type Data = Bytes;
-    type Error = super::BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.give_back(),
-            Poll::Ready(Some(Ok(_))) => self.maybe_return(),
-            Poll::Ready(Some(Err(_))) => self.back = None,
-            Poll::Pending => {}
-        }
-        polled.map(|f| f.map(|r| r.map_err(|e| Box::new(e) as super::BoxError)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
+    use hyper::body::Frame;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
 
     fn request(body: &'static [u8], length: Option<&'static str>) -> Request<Body> {
         let body = Full::new(Bytes::from_static(body)).map_err(|e| match e {}).boxed();
@@ -815,27 +647,29 @@ mod tests {
     }
 
     #[test]
-    fn the_own_client_takes_a_request_only_when_its_head_says_what_its_body_is() {
+    fn a_request_is_framed_as_its_head_says_and_a_head_that_says_otherwise_is_refused() {
         use Framing::*;
-        assert_eq!(for_own_client(&request(b"", None)), Some(Length(0)));
-        assert_eq!(for_own_client(&request(b"", Some("0"))), Some(Length(0)));
-        assert_eq!(for_own_client(&request(b"abc", None)), Some(Length(3)));
-        assert_eq!(for_own_client(&request(b"abc", Some("3"))), Some(Length(3)));
-        // A head promising more (or other) than the body holds stays with hyper.
-        assert_eq!(for_own_client(&request(b"", Some("5"))), None);
-        assert_eq!(for_own_client(&request(b"abc", Some("4"))), None);
+        let framed = |req: &Request<Body>| framing(req).ok();
+        assert_eq!(framed(&request(b"", None)), Some(Length(0)));
+        assert_eq!(framed(&request(b"", Some("0"))), Some(Length(0)));
+        assert_eq!(framed(&request(b"abc", None)), Some(Length(3)));
+        assert_eq!(framed(&request(b"abc", Some("3"))), Some(Length(3)));
+        // A head promising more (or other) than the body holds is not sent.
+        assert_eq!(framed(&request(b"", Some("5"))), None);
+        assert_eq!(framed(&request(b"abc", Some("4"))), None);
+        assert_eq!(framed(&request(b"abc", Some("3, 3"))), None);
         // The client's chunking is kept; a body of unknown length is chunked, but not
         // a GET's (hyper's rule: it is not sent).
         let mut chunked = request(b"abc", None);
         chunked.headers_mut().insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        assert_eq!(for_own_client(&chunked), Some(Chunked));
-        assert_eq!(for_own_client(&streamed(http::Method::POST)), Some(Chunked));
-        assert_eq!(for_own_client(&streamed(http::Method::GET)), Some(Length(0)));
+        assert_eq!(framed(&chunked), Some(Chunked));
+        assert_eq!(framed(&streamed(http::Method::POST)), Some(Chunked));
+        assert_eq!(framed(&streamed(http::Method::GET)), Some(Length(0)));
+        // A body of unknown length is held to the length its head names.
         let mut announced = streamed(http::Method::POST);
         announced.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
-        assert_eq!(for_own_client(&announced), None);
-        let mut old = request(b"", None);
-        *old.version_mut() = http::Version::HTTP_10;
-        assert_eq!(for_own_client(&old), None);
+        assert_eq!(framed(&announced), Some(Length(3)));
+        announced.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("x"));
+        assert_eq!(framed(&announced), None);
     }
 }

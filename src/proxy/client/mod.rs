@@ -101,14 +101,6 @@ impl Conn {
         Conn { io: Io::Whole(io), buf: BytesMut::new() }
     }
 
-    /// The connection itself, for hyper; `None` if it holds bytes nobody asked for.
-    pub fn into_io(self) -> Option<UpstreamIo> {
-        match self.io {
-            Io::Whole(io) if self.buf.is_empty() => Some(io),
-            _ => None,
-        }
-    }
-
     /// Still open and silent. An idle upstream connection may have been closed by the
     /// upstream at any moment; a look without waiting finds most such before a request
     /// is written on them (the close, or bytes nobody asked for, are already read).
