@@ -14,9 +14,9 @@
 //! and is then reset (`CANCEL`), which lets go of the client's body and the stream.
 //!
 //! What hyper's client did that is done here too: its connection settings
-//! ([`handshake`]), removing connection-specific headers, a `Content-Length` from a
-//! body of known length, returning the flow-control window as the response body is
-//! read. The `h2` crate itself checks what it receives (framing, `Content-Length`
+//! ([`handshake`]), a `Content-Length` from a body of known length, returning the
+//! flow-control window as the response body is read. (Connection-specific headers,
+//! which hyper removed too, are gone before the pool: `exchange::upstream_request`.) The `h2` crate itself checks what it receives (framing, `Content-Length`
 //! against the DATA, header list size) and resets what breaks it.
 
 use std::future::poll_fn;
@@ -103,8 +103,9 @@ impl Conn {
             }
         };
         let (parts, body) = req.into_parts();
+        // Connection-specific headers are gone already (`exchange::upstream_request`
+        // strips every hop-by-hop one); were one left, `h2` would refuse the request.
         let mut head = Request::from_parts(parts, ());
-        strip_connection_headers(head.headers_mut());
         if let Some(length) = body.size_hint().exact()
             && (length != 0 || !matches!(*head.method(), http::Method::GET | http::Method::HEAD))
         {
@@ -277,56 +278,9 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
     value.to_str().ok()?.trim().parse().ok()
 }
 
-/// HTTP/2 has no connection-specific headers (RFC 9113 8.2.2): removed, with those a
-/// `Connection` header names; `TE` stays only as `trailers`.
-fn strip_connection_headers(headers: &mut HeaderMap) {
-    for name in [
-        header::HeaderName::from_static("keep-alive"),
-        header::HeaderName::from_static("proxy-connection"),
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-    if headers.get(header::TE).is_some_and(|te| te != "trailers") {
-        headers.remove(header::TE);
-    }
-    if let Some(connection) = headers.remove(header::CONNECTION)
-        && let Ok(names) = connection.to_str()
-    {
-        for name in names.split(',') {
-            headers.remove(name.trim());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn connection_specific_headers_and_those_connection_names_are_removed() {
-        let mut headers = HeaderMap::new();
-        for (name, value) in [
-            ("connection", "x-hop, keep-alive"),
-            ("x-hop", "1"),
-            ("keep-alive", "timeout=5"),
-            ("proxy-connection", "keep-alive"),
-            ("transfer-encoding", "chunked"),
-            ("upgrade", "websocket"),
-            ("te", "gzip"),
-            ("x-api-key", "kept"),
-        ] {
-            headers.insert(header::HeaderName::from_static(name), value.parse().unwrap());
-        }
-        strip_connection_headers(&mut headers);
-        let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, ["x-api-key"]);
-        let mut trailers_only = HeaderMap::new();
-        trailers_only.insert(header::TE, "trailers".parse().unwrap());
-        strip_connection_headers(&mut trailers_only);
-        assert_eq!(trailers_only.get(header::TE).unwrap(), "trailers");
-    }
 
     #[test]
     fn a_content_length_counts_only_when_it_is_one_number() {
