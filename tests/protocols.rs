@@ -312,6 +312,24 @@ fn openssl_h2_only() -> (PyServer, Latchkey) {
     (server, Latchkey::spawn(dir, port, config, &[("EXAMPLE_TOKEN", SECRET)]))
 }
 
+/// An h2 upstream going away gracefully before a request's stream did not act on it
+/// (RFC 9113 §6.8): latchkey sends that request again on a new connection instead of
+/// answering 502. nginx does this now and then under load.
+#[test]
+fn a_request_an_h2_upstream_went_away_before_is_sent_again() {
+    let (_server, lk) = openssl_h2_only();
+    let first = "https://api.example.com/goaway-after-first/1";
+    let second = "https://api.example.com/goaway-after-first/2";
+    // One curl, one client connection, one shard: the second request goes on the
+    // pooled connection's next stream, which the upstream refuses.
+    let (code, body) = lk.curl(&["--http1.1", first, second]);
+    assert_eq!(code, 200, "{body}\n{}", lk.stderr());
+    // Each answer is an echo on a line, curl's status for the first before the second.
+    let paths: Vec<String> =
+        body.lines().filter_map(|l| l.find('{').map(|at| h2_seen(&l[at..], ":path").join(""))).collect();
+    assert_eq!(paths, ["/goaway-after-first/1", "/goaway-after-first/2"], "{body}");
+}
+
 /// A header (or pseudo-header) as the h2 upstream saw it.
 fn h2_seen(body: &str, name: &str) -> Vec<String> {
     json(body)["headers"]

@@ -158,6 +158,7 @@ impl Pool {
         let authority = req.uri().authority().cloned().ok_or(SendError::NoDestination)?;
         let key = Key(tls, authority, super::shards::current());
         let framing = framing(&req)?;
+        let mut refusals = 0;
         loop {
             let (conn, reused) = match self.checkout(&key).await {
                 Some(conn) => (conn, true),
@@ -194,6 +195,14 @@ impl Pool {
                     Ok(resp) => return Ok(resp),
                     // Not sent: the connection takes no new stream (closed while idle).
                     Err(h2_client::Failed::Unsent(again)) if reused => req = *again,
+                    // Refused unprocessed: again, on another connection, twice at most.
+                    Err(h2_client::Failed::Refused(again)) if refusals < 2 => {
+                        refusals += 1;
+                        req = *again;
+                    }
+                    Err(h2_client::Failed::Refused(_)) => {
+                        return Err(SendError::H2("the upstream refused the request's stream".into()));
+                    }
                     Err(h2_client::Failed::Unsent(_)) => {
                         return Err(SendError::H2("the upstream h2 connection closed".into()));
                     }

@@ -61,6 +61,7 @@ def serve(sock):
     conn.initiate_connection()
     tls.sendall(conn.data_to_send())
     streams = {}
+    first = None
     try:
         while True:
             data = tls.recv(65536)
@@ -74,6 +75,13 @@ def serve(sock):
                 return
             for ev in events:
                 if isinstance(ev, h2.events.RequestReceived):
+                    first = first or ev.stream_id
+                    path = dict(ev.headers).get(":path", "")
+                    if path.startswith("/goaway-after-first") and ev.stream_id != first:
+                        # Going away gracefully before this stream: it was not processed.
+                        conn.close_connection(error_code=0, last_stream_id=first)
+                        tls.sendall(conn.data_to_send())
+                        return
                     streams[ev.stream_id] = {"headers": ev.headers, "body": bytearray(), "trailers": []}
                 elif isinstance(ev, h2.events.DataReceived):
                     streams[ev.stream_id]["body"] += ev.data
