@@ -314,7 +314,7 @@ fn openssl_h2_only() -> (PyServer, Latchkey) {
 
 /// An h2 upstream going away gracefully before a request's stream did not act on it
 /// (RFC 9113 §6.8): latchkey sends that request again on a new connection instead of
-/// answering 502. nginx does this now and then under load.
+/// answering 502, a small upload with it. nginx does this every `keepalive_requests`.
 #[test]
 fn a_request_an_h2_upstream_went_away_before_is_sent_again() {
     let (_server, lk) = openssl_h2_only();
@@ -328,6 +328,14 @@ fn a_request_an_h2_upstream_went_away_before_is_sent_again() {
     let paths: Vec<String> =
         body.lines().filter_map(|l| l.find('{').map(|at| h2_seen(&l[at..], ":path").join(""))).collect();
     assert_eq!(paths, ["/goaway-after-first/1", "/goaway-after-first/2"], "{body}");
+    // A small upload too: read whole before its stream opens, so sent again whole.
+    let (code, body) = lk.curl(&["--http1.1", "--data", "twelve bytes", first, second]);
+    assert_eq!(code, 200, "{body}\n{}", lk.stderr());
+    let lengths: Vec<u64> = body
+        .lines()
+        .filter_map(|l| l.find('{').map(|at| json(&l[at..])["body_len"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(lengths, [12, 12], "{body}");
 }
 
 /// A header (or pseudo-header) as the h2 upstream saw it.

@@ -60,8 +60,8 @@ pub enum Failed {
     /// untouched, to send on another.
     Unsent(Box<Request<Body>>),
     /// The upstream refused the stream unprocessed (RFC 9113 §8.7: `REFUSED_STREAM`, or
-    /// a graceful GOAWAY below it): a bodiless idempotent request, whole again, to send
-    /// on another connection.
+    /// a graceful GOAWAY below it): the request, whole again (its body was not
+    /// streamed), to send on another connection.
     Refused(Box<Request<Body>>),
     Error(BoxError),
 }
@@ -95,17 +95,10 @@ impl Conn {
         self.closed.load(Ordering::Relaxed)
     }
 
-    /// Send `req` (absolute URI) and wait for its response's head. Its body goes up
-    /// from a task of its own, and gets `limit` from the response's end to finish.
+    /// Send `req` (absolute URI) and wait for its response's head. A small body of
+    /// known length is read first and sent whole; any other goes up from a task of its
+    /// own, and gets `limit` from the response's end to finish.
     pub async fn send(&self, req: Request<Body>, limit: Duration) -> Result<Response<Body>, Failed> {
-        let mut tx = match self.tx.clone().ready().await {
-            Ok(tx) => tx,
-            Err(e) => {
-                tracing::debug!("upstream h2 connection takes no new stream: {e}");
-                self.closed.store(true, Ordering::Relaxed);
-                return Err(Failed::Unsent(Box::new(req)));
-            }
-        };
         let (parts, body) = req.into_parts();
         // Connection-specific headers are gone already (`exchange::upstream_request`
         // strips every hop-by-hop one); were one left, `h2` would refuse the request.
@@ -115,18 +108,36 @@ impl Conn {
         {
             head.headers_mut().entry(header::CONTENT_LENGTH).or_insert_with(|| length.into());
         }
-        let eos = body.is_end_stream();
-        // What a refused stream is sent again with. A copy of the head (~1k instructions);
-        // nginx, for one, sends a GOAWAY now and then under load (`oha --http2 -m POST`,
-        // ~1 request in 40,000 refused).
-        let again = (eos && head.method().is_idempotent()).then(|| copy_head(&head));
-        let (response, send) = tx.send_request(head, eos).map_err(|e| Failed::Error(e.into()))?;
+        let upload = Upload::of(body).await.map_err(Failed::Error)?;
+        let mut tx = match self.tx.clone().ready().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                tracing::debug!("upstream h2 connection takes no new stream: {e}");
+                self.closed.store(true, Ordering::Relaxed);
+                return Err(Failed::Unsent(Box::new(head.map(|()| upload.into_body()))));
+            }
+        };
+        // What a refused stream is sent again with: a copy of the head (~600 instructions)
+        // and the body, if it is not streamed. nginx refuses streams so every
+        // `keepalive_requests` (docs/protocols.md).
+        let again = (!matches!(upload, Upload::Streamed(_))).then(|| copy_head(&head));
+        let eos = matches!(upload, Upload::None(_));
+        let (response, mut send) = tx.send_request(head, eos).map_err(|e| Failed::Error(e.into()))?;
         let (over, answered) = oneshot::channel();
         let (failed_tx, mut failed) = oneshot::channel();
-        let mut body = Some(body);
-        if !eos && let Some(body) = body.take() {
-            tokio::spawn(upload(send, body, answered, limit, failed_tx));
-        }
+        let upload = match upload {
+            Upload::Streamed(body) => {
+                tokio::spawn(self::upload(send, body, answered, limit, failed_tx));
+                None
+            }
+            Upload::Whole(data) => {
+                // Queued whole: the stream's window only paces it, and a stream the
+                // upstream never reads is reset once its answer is dropped.
+                send.send_data(data.clone(), true).map_err(|e| Failed::Error(e.into()))?;
+                Some(Upload::Whole(data))
+            }
+            upload => Some(upload),
+        };
         let resp = match response.await {
             Ok(resp) => resp,
             Err(e) => {
@@ -135,9 +146,9 @@ impl Conn {
                     self.closed.store(true, Ordering::Relaxed);
                 }
                 if unprocessed(&e)
-                    && let (Some(again), Some(body)) = (again, body)
+                    && let (Some(again), Some(upload)) = (again, upload)
                 {
-                    return Err(Failed::Refused(Box::new(again.map(|()| body))));
+                    return Err(Failed::Refused(Box::new(again.map(|()| upload.into_body()))));
                 }
                 // The upload's own failure (the client's body, a blocked pattern) says
                 // more than the reset it caused.
@@ -148,6 +159,47 @@ impl Conn {
         let remaining = content_length(&parts.headers);
         let body = Answer { recv, data_done: false, remaining, over: Some(over) };
         Ok(Response::from_parts(parts, body.boxed()))
+    }
+}
+
+/// A request body as it goes up: none, small and read whole before the stream opens
+/// (sent in one go from the request's task, and kept — shared, not copied — to send
+/// again), or streamed from a task of its own.
+enum Upload {
+    None(Body),
+    Whole(Bytes),
+    Streamed(Body),
+}
+
+/// A body of known length up to this is read whole first. A small upload (an API call's
+/// JSON) arrives at once anyway; reading it first costs no task and makes it replayable.
+const WHOLE: u64 = 64 * 1024;
+
+impl Upload {
+    async fn of(body: Body) -> Result<Upload, BoxError> {
+        if body.is_end_stream() {
+            return Ok(Upload::None(body));
+        }
+        if body.size_hint().exact().is_none_or(|n| n > WHOLE) {
+            return Ok(Upload::Streamed(body));
+        }
+        let whole = body.collect().await?;
+        match whole.trailers() {
+            // Trailers on a small upload: rare; streamed as they come.
+            Some(trailers) => {
+                let trailers = std::future::ready(Some(Ok(trailers.clone())));
+                let data = http_body_util::Full::new(whole.to_bytes()).map_err(|never| match never {});
+                Ok(Upload::Streamed(data.with_trailers(trailers).boxed()))
+            }
+            None => Ok(Upload::Whole(whole.to_bytes())),
+        }
+    }
+
+    fn into_body(self) -> Body {
+        match self {
+            Upload::None(body) | Upload::Streamed(body) => body,
+            Upload::Whole(data) => http_body_util::Full::new(data).map_err(|never| match never {}).boxed(),
+        }
     }
 }
 
