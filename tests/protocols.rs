@@ -338,6 +338,34 @@ fn a_request_an_h2_upstream_went_away_before_is_sent_again() {
     assert_eq!(lengths, [12, 12], "{body}");
 }
 
+/// An h2 upstream that resets a stream in the middle of its body: the client sees the
+/// body cut off (curl fails), never a short body presented as whole, with or without a
+/// `content-length` to tell it by, on either client protocol.
+#[test]
+fn an_h2_upstream_reset_mid_body_is_an_aborted_body_never_a_complete_one() {
+    let (_server, lk) = openssl_h2_only();
+    for path in ["/reset-mid-body", "/reset-mid-body?length"] {
+        for http in ["--http1.1", "--http2"] {
+            let out = std::process::Command::new("curl")
+                .args(["-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}", http, "-x"])
+                .arg(lk.proxy_url())
+                .arg("--cacert")
+                .arg(lk.bundle())
+                .arg(format!("https://api.example.com{path}"))
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "{path} {http}: curl took a cut body as whole (status {}): {stderr}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+    let (code, body) = lk.curl(&["https://api.example.com/after"]);
+    assert_eq!(code, 200, "{body}");
+}
+
 /// A header (or pseudo-header) as the h2 upstream saw it.
 fn h2_seen(body: &str, name: &str) -> Vec<String> {
     json(body)["headers"]

@@ -3,9 +3,14 @@
 //! hyper's HTTP/2 client put every request through a channel to its connection task and
 //! spawned a task per request to wait for the response (and one per request body). Here
 //! the request's own task opens the stream and waits for the answer: no channel, no
-//! task, ~10k instructions a request fewer (docs/performance.md, thirteenth session).
-//! A request body still goes up from a task of its own ([`pipe`]), since it may outlive
-//! the response's head (an early answer, a gRPC stream).
+//! task, ~7k instructions a request fewer (docs/performance.md, thirteenth session). A
+//! small body of known length is read whole first and sent from the request's task; any
+//! other goes up from a task of its own ([`pipe`]), since it may outlive the response's
+//! head (an early answer, a gRPC stream).
+//!
+//! A stream the upstream refused unprocessed (`REFUSED_STREAM`, a graceful GOAWAY below
+//! it) is handed back whole, to be sent again on another connection, when its body was
+//! not streamed ([`Failed::Refused`]).
 //!
 //! It also bounds what hyper could not: an upstream that answers and then never opens
 //! the stream's window again. hyper's body task waited for room for ever, the body
@@ -16,8 +21,9 @@
 //! What hyper's client did that is done here too: its connection settings
 //! ([`handshake`]), a `Content-Length` from a body of known length, returning the
 //! flow-control window as the response body is read. (Connection-specific headers,
-//! which hyper removed too, are gone before the pool: `exchange::upstream_request`.) The `h2` crate itself checks what it receives (framing, `Content-Length`
-//! against the DATA, header list size) and resets what breaks it.
+//! which hyper removed too, are gone before the pool: `exchange::upstream_request`.)
+//! The `h2` crate itself checks what it receives (framing, `Content-Length` against
+//! the DATA, header list size) and resets what breaks it.
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -123,10 +129,13 @@ impl Conn {
         let again = (!matches!(upload, Upload::Streamed(_))).then(|| copy_head(&head));
         let eos = matches!(upload, Upload::None(_));
         let (response, mut send) = tx.send_request(head, eos).map_err(|e| Failed::Error(e.into()))?;
-        let (over, answered) = oneshot::channel();
-        let (failed_tx, mut failed) = oneshot::channel();
+        // A streamed upload's task hears of the answer's end, and tells of its failure.
+        let (mut over, mut failed) = (None, None);
         let upload = match upload {
             Upload::Streamed(body) => {
+                let (over_tx, answered) = oneshot::channel();
+                let (failed_tx, failed_rx) = oneshot::channel();
+                (over, failed) = (Some(over_tx), Some(failed_rx));
                 tokio::spawn(self::upload(send, body, answered, limit, failed_tx));
                 None
             }
@@ -152,12 +161,13 @@ impl Conn {
                 }
                 // The upload's own failure (the client's body, a blocked pattern) says
                 // more than the reset it caused.
-                return Err(Failed::Error(failed.try_recv().unwrap_or_else(|_| e.into())));
+                let upload = failed.as_mut().and_then(|f| f.try_recv().ok());
+                return Err(Failed::Error(upload.unwrap_or_else(|| e.into())));
             }
         };
         let (parts, recv) = resp.into_parts();
         let remaining = content_length(&parts.headers);
-        let body = Answer { recv, data_done: false, remaining, over: Some(over) };
+        let body = Answer { recv, data_done: false, remaining, over };
         Ok(Response::from_parts(parts, body.boxed()))
     }
 }

@@ -27,7 +27,15 @@ ctx.set_alpn_protocols(["h2"])
 
 
 def respond(conn, stream_id, req):
-    if dict(req["headers"]).get(":path") == "/trailers":
+    path = dict(req["headers"]).get(":path", "")
+    if path.startswith("/reset-mid-body"):
+        # 1,000 bytes of a body (of 100,000 if `?length`), then the stream reset.
+        head = [(":status", "200")] + ([("content-length", "100000")] if path.endswith("?length") else [])
+        conn.send_headers(stream_id, head)
+        conn.send_data(stream_id, b"a" * 1000)
+        conn.reset_stream(stream_id, error_code=2)
+        return
+    if path == "/trailers":
         conn.send_headers(stream_id, [(":status", "200"), ("trailer", "x-checksum")])
         conn.send_data(stream_id, b"payload")
         conn.send_headers(stream_id, [("x-checksum", "abc123")], end_stream=True)
