@@ -51,8 +51,6 @@ pub enum SendError {
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
     #[error("{0}")]
-    Http(#[from] hyper::Error),
-    #[error("{0}")]
     Own(#[from] client::Error),
     #[error("{0}")]
     H2(#[source] super::BoxError),
