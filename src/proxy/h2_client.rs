@@ -104,7 +104,9 @@ impl Conn {
     /// Send `req` (absolute URI) and wait for its response's head. A small body of
     /// known length is read first and sent whole; any other goes up from a task of its
     /// own, and gets `limit` from the response's end to finish.
-    pub async fn send(&self, req: Request<Body>, limit: Duration) -> Result<Response<Body>, Failed> {
+    /// Taken by value: the pool hands each request a clone of its own.
+    pub async fn send(self, req: Request<Body>, limit: Duration) -> Result<Response<Body>, Failed> {
+        let Conn { tx, closed } = self;
         let (parts, body) = req.into_parts();
         // Connection-specific headers are gone already (`exchange::upstream_request`
         // strips every hop-by-hop one); were one left, `h2` would refuse the request.
@@ -115,11 +117,11 @@ impl Conn {
             head.headers_mut().entry(header::CONTENT_LENGTH).or_insert_with(|| length.into());
         }
         let upload = Upload::of(body).await.map_err(Failed::Error)?;
-        let mut tx = match self.tx.clone().ready().await {
+        let mut tx = match tx.ready().await {
             Ok(tx) => tx,
             Err(e) => {
                 tracing::debug!("upstream h2 connection takes no new stream: {e}");
-                self.closed.store(true, Ordering::Relaxed);
+                closed.store(true, Ordering::Relaxed);
                 return Err(Failed::Unsent(Box::new(head.map(|()| upload.into_body()))));
             }
         };
@@ -152,7 +154,7 @@ impl Conn {
             Err(e) => {
                 if e.is_go_away() {
                     // Going away: no new stream goes on it.
-                    self.closed.store(true, Ordering::Relaxed);
+                    closed.store(true, Ordering::Relaxed);
                 }
                 if unprocessed(&e)
                     && let (Some(again), Some(upload)) = (again, upload)
