@@ -346,14 +346,7 @@ fn an_h2_upstream_reset_mid_body_is_an_aborted_body_never_a_complete_one() {
     let (_server, lk) = openssl_h2_only();
     for path in ["/reset-mid-body", "/reset-mid-body?length"] {
         for http in ["--http1.1", "--http2"] {
-            let out = std::process::Command::new("curl")
-                .args(["-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}", http, "-x"])
-                .arg(lk.proxy_url())
-                .arg("--cacert")
-                .arg(lk.bundle())
-                .arg(format!("https://api.example.com{path}"))
-                .output()
-                .unwrap();
+            let out = curl_to_null(&lk, http, "%{http_code}", &format!("https://api.example.com{path}"));
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(
                 !out.status.success(),
@@ -364,6 +357,19 @@ fn an_h2_upstream_reset_mid_body_is_an_aborted_body_never_a_complete_one() {
     }
     let (code, body) = lk.curl(&["https://api.example.com/after"]);
     assert_eq!(code, 200, "{body}");
+}
+
+/// curl through `lk` with `http` (its protocol option), the body thrown away and
+/// `write_out` on stdout.
+fn curl_to_null(lk: &Latchkey, http: &str, write_out: &str, url: &str) -> std::process::Output {
+    std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "30", "-o", "/dev/null", "-w", write_out, http, "-x"])
+        .arg(lk.proxy_url())
+        .arg("--cacert")
+        .arg(lk.bundle())
+        .arg(url)
+        .output()
+        .unwrap()
 }
 
 /// A header (or pseudo-header) as the h2 upstream saw it.
@@ -460,24 +466,8 @@ fn h2_bodies_past_every_window_arrive_whole_both_ways() {
     const SIZE: usize = 48 << 20;
     let up = upstream_with(UpstreamOpts { tls: true, h2_only: true, ..Default::default() });
     let lk = start(&up);
-    let down = std::process::Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "30",
-            "--http2",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{size_download}",
-            "-x",
-        ])
-        .arg(lk.proxy_url())
-        .arg("--cacert")
-        .arg(lk.bundle())
-        .arg(format!("https://api.example.com/source?bytes={SIZE}"))
-        .output()
-        .unwrap();
+    let url = format!("https://api.example.com/source?bytes={SIZE}");
+    let down = curl_to_null(&lk, "--http2", "%{http_code} %{size_download}", &url);
     assert_eq!(String::from_utf8_lossy(&down.stdout), format!("200 {SIZE}"));
     let file = lk.dir.path().join("up.bin");
     std::fs::write(&file, vec![b'u'; SIZE]).unwrap();
