@@ -338,6 +338,37 @@ fn a_request_an_h2_upstream_went_away_before_is_sent_again() {
     assert_eq!(lengths, [12, 12], "{body}");
 }
 
+/// The same for a streamed upload (over 64 KiB, or of unknown length): what went up
+/// before the upstream went away was kept, so the body is sent again whole — refused
+/// as its head arrives, or after some of its body did.
+#[test]
+fn a_streamed_upload_an_h2_upstream_went_away_before_is_sent_again_whole() {
+    let (_server, lk) = openssl_h2_only();
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let file = lk.dir.path().join("payload.bin");
+    std::fs::write(&file, &payload).unwrap();
+    let want = sha256_hex(&payload);
+    let data = format!("@{}", file.display());
+    let framings = [&[][..], &["-H", "transfer-encoding: chunked"][..]];
+    for (refused, framing) in
+        ["goaway-after-first", "goaway-after-data"].into_iter().flat_map(|r| framings.map(|f| (r, f)))
+    {
+        let (first, second) =
+            (format!("https://api.example.com/{refused}/1"), format!("https://api.example.com/{refused}/2"));
+        let mut args = vec!["--http1.1", "--data-binary", &data];
+        args.extend_from_slice(framing);
+        args.extend([first.as_str(), second.as_str()]);
+        let (code, body) = lk.curl(&args);
+        assert_eq!(code, 200, "{refused} {framing:?}: {body}\n{}", lk.stderr());
+        let seen: Vec<(u64, String)> = body
+            .lines()
+            .filter_map(|l| l.find('{').map(|at| json(&l[at..])))
+            .map(|j| (j["body_len"].as_u64().unwrap(), j["body_sha256"].as_str().unwrap().to_string()))
+            .collect();
+        assert_eq!(seen, [(300_000, want.clone()), (300_000, want.clone())], "{refused} {framing:?}");
+    }
+}
+
 /// An h2 upstream that resets a stream in the middle of its body: the client sees the
 /// body cut off (curl fails), never a short body presented as whole, with or without a
 /// `content-length` to tell it by, on either client protocol.

@@ -9,8 +9,9 @@
 //! head (an early answer, a gRPC stream).
 //!
 //! A stream the upstream refused unprocessed (`REFUSED_STREAM`, a graceful GOAWAY below
-//! it) is handed back whole, to be sent again on another connection, when its body was
-//! not streamed ([`Failed::Refused`]).
+//! it) is handed back whole, to be sent again on another connection
+//! ([`Failed::Refused`]): a small body from its copy, a streamed one from what its task
+//! kept of what it sent (up to [`KEPT`] bytes) and what is left of it.
 //!
 //! It also bounds what hyper could not: an upstream that answers and then never opens
 //! the stream's window again. hyper's body task waited for room for ever, the body
@@ -25,21 +26,22 @@
 //! The `h2` crate itself checks what it receives (framing, `Content-Length` against
 //! the DATA, header list size) and resets what breaks it.
 
-use std::future::poll_fn;
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use h2::{Reason, RecvStream, SendStream};
+use h2::{Reason, SendStream};
 use http::{HeaderMap, Request, Response, header};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 
+use super::h2_streams::{Keep, Piped, Received, pipe};
 use super::upstream::UpstreamIo;
 use super::{Body, BoxError};
 
@@ -66,8 +68,8 @@ pub enum Failed {
     /// untouched, to send on another.
     Unsent(Box<Request<Body>>),
     /// The upstream refused the stream unprocessed (RFC 9113 §8.7: `REFUSED_STREAM`, or
-    /// a graceful GOAWAY below it): the request, whole again (its body was not
-    /// streamed), to send on another connection.
+    /// a graceful GOAWAY below it): the request, whole again, to send on another
+    /// connection.
     Refused(Box<Request<Body>>),
     Error(BoxError),
 }
@@ -126,19 +128,21 @@ impl Conn {
             }
         };
         // What a refused stream is sent again with: a copy of the head (~600 instructions)
-        // and the body, if it is not streamed. nginx refuses streams so every
-        // `keepalive_requests` (docs/protocols.md).
-        let again = (!matches!(upload, Upload::Streamed(_))).then(|| copy_head(&head));
+        // and the body. nginx refuses streams so every `keepalive_requests`
+        // (docs/protocols.md).
+        let again = copy_head(&head);
         let eos = matches!(upload, Upload::None(_));
         let (response, mut send) = tx.send_request(head, eos).map_err(|e| Failed::Error(e.into()))?;
-        // A streamed upload's task hears of the answer's end, and tells of its failure.
-        let (mut over, mut failed) = (None, None);
+        // A streamed upload's task hears of the answer's head and end, and tells how it
+        // stopped short.
+        let (mut over, mut stopped, mut heard) = (None, None, None);
         let upload = match upload {
             Upload::Streamed(body) => {
                 let (over_tx, answered) = oneshot::channel();
-                let (failed_tx, failed_rx) = oneshot::channel();
-                (over, failed) = (Some(over_tx), Some(failed_rx));
-                tokio::spawn(self::upload(send, body, answered, limit, failed_tx));
+                let (stopped_tx, stopped_rx) = oneshot::channel();
+                let kept = Kept::new();
+                (over, stopped, heard) = (Some(over_tx), Some(stopped_rx), Some(kept.heard.clone()));
+                tokio::spawn(self::upload(send, body, kept, answered, limit, stopped_tx));
                 None
             }
             Upload::Whole(data) => {
@@ -156,20 +160,31 @@ impl Conn {
                     // Going away: no new stream goes on it.
                     closed.store(true, Ordering::Relaxed);
                 }
-                if unprocessed(&e)
-                    && let (Some(again), Some(upload)) = (again, upload)
-                {
-                    return Err(Failed::Refused(Box::new(again.map(|()| upload.into_body()))));
+                let stopped = match stopped {
+                    // The upload's task ends once its stream does.
+                    Some(rx) => tokio::time::timeout(limit, rx).await.ok().and_then(Result::ok),
+                    None => None,
+                };
+                match (unprocessed(&e), upload, stopped) {
+                    (true, Some(upload), _) => {
+                        return Err(Failed::Refused(Box::new(again.map(|()| upload.into_body()))));
+                    }
+                    (true, None, Some(Stopped::Refused(body))) => {
+                        return Err(Failed::Refused(Box::new(again.map(|()| body))));
+                    }
+                    // The upload's own failure (the client's body, a blocked pattern)
+                    // says more than the reset it caused.
+                    (_, _, Some(Stopped::Failed(error))) => return Err(Failed::Error(error)),
+                    _ => return Err(Failed::Error(e.into())),
                 }
-                // The upload's own failure (the client's body, a blocked pattern) says
-                // more than the reset it caused.
-                let upload = failed.as_mut().and_then(|f| f.try_recv().ok());
-                return Err(Failed::Error(upload.unwrap_or_else(|| e.into())));
             }
         };
+        if let Some(heard) = heard {
+            // Processed: what the upload kept to send again can go.
+            heard.store(true, Ordering::Relaxed);
+        }
         let (parts, recv) = resp.into_parts();
-        let remaining = content_length(&parts.headers);
-        let body = Answer { recv, data_done: false, remaining, over };
+        let body = Received::new(recv, &parts.headers, over);
         Ok(Response::from_parts(parts, body.boxed()))
     }
 }
@@ -215,14 +230,25 @@ impl Upload {
     }
 }
 
+/// How a streamed upload stopped short, told to the request's task.
+enum Stopped {
+    /// The body failed (the client's, a blocked pattern).
+    Failed(BoxError),
+    /// The stream was reset before the upstream answered, with all that was sent still
+    /// kept: the body again, whole, in case the upstream refused the stream unprocessed.
+    Refused(Body),
+}
+
 /// The request body up the stream, then its end; reset once the answer has been over
-/// for `limit` without the upload ending. A failure is told to the request's task.
+/// for `limit` without the upload ending. How it stopped short is told to the
+/// request's task.
 async fn upload(
     mut send: SendStream<Bytes>,
-    body: Body,
+    mut body: Body,
+    mut kept: Kept,
     answered: oneshot::Receiver<()>,
     limit: Duration,
-    failed: oneshot::Sender<BoxError>,
+    stopped: oneshot::Sender<Stopped>,
 ) {
     let late = async {
         // Sent or dropped, either way the answer is over.
@@ -230,84 +256,94 @@ async fn upload(
         tokio::time::sleep(limit).await;
     };
     let outcome = tokio::select! {
-        outcome = pipe(&mut send, body) => outcome,
+        outcome = pipe(&mut send, &mut body, &mut kept) => outcome,
         () = late => {
             tracing::debug!("upload not over within {}s of its answer's end: reset", limit.as_secs());
             Err(None)
         }
     };
-    if let Err(error) = outcome {
-        send.send_reset(Reason::CANCEL);
-        if let Some(error) = error {
-            let _ = failed.send(error);
+    let stop = match outcome {
+        Ok(Piped::Whole) => return,
+        Ok(Piped::Reset) => None,
+        Err(error) => {
+            send.send_reset(Reason::CANCEL);
+            error
+        }
+    };
+    let stop = match stop {
+        Some(error) => Some(Stopped::Failed(error)),
+        // Reset, or the stream would take no more (refused, gone with its connection):
+        // the request's task sends it again if the upstream never acted on it.
+        None => kept.again(body).map(Stopped::Refused),
+    };
+    if let Some(stop) = stop {
+        let _ = stopped.send(stop);
+    }
+}
+
+/// What a streamed upload has sent, kept until the upstream answers: were the stream
+/// refused unprocessed (nginx's GOAWAY every `keepalive_requests`), the body is sent
+/// again on another connection from it and what is left. The refusal comes within a
+/// round trip, so little is kept; past [`KEPT`] bytes, or once answered, nothing is,
+/// and a refusal then is a 502.
+struct Kept {
+    data: Vec<Bytes>,
+    bytes: usize,
+    trailers: Option<HeaderMap>,
+    given_up: bool,
+    /// Set by the request's task when the answer's head came.
+    heard: Arc<AtomicBool>,
+}
+
+/// What a streamed upload keeps at most to send again.
+const KEPT: usize = 256 * 1024;
+
+impl Kept {
+    fn new() -> Kept {
+        Kept { data: Vec::new(), bytes: 0, trailers: None, given_up: false, heard: Arc::default() }
+    }
+
+    /// The whole body again: what was sent, then what is left of `rest`; `None` when
+    /// not all that was sent was kept.
+    fn again(self, rest: Body) -> Option<Body> {
+        if self.given_up || self.heard.load(Ordering::Relaxed) {
+            return None;
+        }
+        let replay = Replay { sent: self.data.into(), trailers: self.trailers, rest };
+        Some(replay.boxed())
+    }
+}
+
+impl Keep for Kept {
+    fn data(&mut self, data: &Bytes) {
+        if self.given_up {
+            return;
+        }
+        if self.heard.load(Ordering::Relaxed) || self.bytes + data.len() > KEPT {
+            self.given_up = true;
+            self.data = Vec::new();
+            return;
+        }
+        self.bytes += data.len();
+        self.data.push(data.clone());
+    }
+
+    fn trailers(&mut self, trailers: &HeaderMap) {
+        if !self.given_up {
+            self.trailers = Some(trailers.clone());
         }
     }
 }
 
-/// Each frame of `body` up `send`, waiting for room in the stream's window before each
-/// data frame (so a slow upstream slows the client, not latchkey's memory). An error
-/// is for the stream to be reset, with the body's own error if it failed.
-async fn pipe(send: &mut SendStream<Bytes>, mut body: Body) -> Result<(), Option<BoxError>> {
-    loop {
-        let frame = tokio::select! {
-            biased;
-            reason = poll_fn(|cx| send.poll_reset(cx)) => {
-                tracing::debug!("upstream reset the upload: {reason:?}");
-                return Ok(());
-            }
-            frame = body.frame() => frame,
-        };
-        let frame = match frame {
-            None => return send.send_data(Bytes::new(), true).map_err(|_| None),
-            Some(Err(e)) => return Err(Some(e)),
-            Some(Ok(frame)) => frame,
-        };
-        let frame = match frame.into_data() {
-            Ok(data) => {
-                let eos = body.is_end_stream();
-                if !data.is_empty() {
-                    // As hyper (#4003): a claim of one byte, not the chunk's length, so
-                    // a stream waiting here does not pin the connection's window.
-                    send.reserve_capacity(1);
-                    wait_for_room(send).await?;
-                }
-                send.send_data(data, eos).map_err(|_| None)?;
-                if eos {
-                    return Ok(());
-                }
-                continue;
-            }
-            Err(frame) => frame,
-        };
-        if let Ok(trailers) = frame.into_trailers() {
-            send.reserve_capacity(0);
-            return send.send_trailers(trailers).map_err(|_| None);
-        }
-    }
+/// A body sent again: the chunks sent the first time, then the rest of the body as it
+/// comes (or the trailers the first time ended with).
+struct Replay {
+    sent: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+    rest: Body,
 }
 
-/// Until the stream has room for at least a byte; an error when it was reset.
-async fn wait_for_room(send: &mut SendStream<Bytes>) -> Result<(), Option<BoxError>> {
-    while send.capacity() == 0 {
-        match poll_fn(|cx| send.poll_capacity(cx)).await {
-            Some(Ok(_)) => {}
-            Some(Err(_)) | None => return Err(None),
-        }
-    }
-    Ok(())
-}
-
-/// A response body from the stream: its window returned as it is read, its end (or
-/// its drop) told to the upload.
-struct Answer {
-    recv: RecvStream,
-    data_done: bool,
-    /// What `Content-Length` says is left.
-    remaining: Option<u64>,
-    over: Option<oneshot::Sender<()>>,
-}
-
-impl http_body::Body for Answer {
+impl http_body::Body for Replay {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -315,38 +351,29 @@ impl http_body::Body for Answer {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    if let Some(left) = &mut this.remaining {
-                        *left = left.saturating_sub(data.len() as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => this.data_done = true,
-            }
+        if let Some(data) = self.sent.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
         }
-        let trailers = ready!(this.recv.poll_trailers(cx));
-        this.over = None;
-        Poll::Ready(match trailers {
-            Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
-            Ok(None) => None,
-            Err(e) => Some(Err(e.into())),
-        })
+        if let Some(trailers) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
+        self.sent.is_empty() && self.trailers.is_none() && self.rest.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.remaining {
-            Some(left) => SizeHint::with_exact(left),
-            None => SizeHint::default(),
+        let sent: u64 = self.sent.iter().map(|d| d.len() as u64).sum();
+        let rest = self.rest.size_hint();
+        // Built anew, lower bound first: `SizeHint` asserts lower <= upper at each step.
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(sent));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(sent));
         }
+        hint
     }
 }
 
@@ -366,34 +393,4 @@ fn copy_head(head: &Request<()>) -> Request<()> {
     *copy.version_mut() = head.version();
     *copy.headers_mut() = head.headers().clone();
     copy
-}
-
-/// `Content-Length`, when it is there once and a number.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-    let value = values.next()?;
-    if values.next().is_some() {
-        return None;
-    }
-    value.to_str().ok()?.trim().parse().ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_content_length_counts_only_when_it_is_one_number() {
-        let length = |values: &[&str]| {
-            let mut headers = HeaderMap::new();
-            for v in values {
-                headers.append(header::CONTENT_LENGTH, v.parse().unwrap());
-            }
-            content_length(&headers)
-        };
-        assert_eq!(length(&["42"]), Some(42));
-        assert_eq!(length(&[]), None);
-        assert_eq!(length(&["4x"]), None);
-        assert_eq!(length(&["42", "42"]), None);
-    }
 }

@@ -4,7 +4,11 @@ It offers only `h2` by ALPN; offered nothing it speaks, OpenSSL completes the ha
 with no protocol chosen (no alert), and the server then expects the HTTP/2 preface like
 any h2-only server. Each request is answered with JSON of what arrived: pseudo-headers
 and headers, trailers, body length and SHA-256. `/trailers` answers with a body and a
-trailer (`x-checksum`) declared in a `trailer` header.
+trailer (`x-checksum`) declared in a `trailer` header. `/reset-mid-body[?length]` resets
+its stream after 1,000 bytes of body. On `/goaway-after-first...` a connection's streams
+after its first are refused with a graceful GOAWAY as their head arrives; on
+`/goaway-after-data...`, once some of their body has. Either way the connection is then
+read and closed as nginx closes after its GOAWAY (`linger`).
 
 Arguments: CERT KEY. Prints its port on the first line.
 """
@@ -57,6 +61,18 @@ def respond(conn, stream_id, req):
     conn.send_data(stream_id, out, end_stream=True)
 
 
+def linger(tls):
+    """What the client still sends is read and dropped for a moment before the close, as
+    nginx's lingering close does: closing on unread bytes would reset the connection,
+    and the client could lose the GOAWAY to that reset."""
+    tls.settimeout(1)
+    try:
+        while tls.recv(65536):
+            pass
+    except (ssl.SSLError, OSError):
+        pass
+
+
 def serve(sock):
     try:
         tls = ctx.wrap_socket(sock, server_side=True)
@@ -70,6 +86,7 @@ def serve(sock):
     tls.sendall(conn.data_to_send())
     streams = {}
     first = None
+    doomed = set()
     try:
         while True:
             data = tls.recv(65536)
@@ -85,12 +102,21 @@ def serve(sock):
                 if isinstance(ev, h2.events.RequestReceived):
                     first = first or ev.stream_id
                     path = dict(ev.headers).get(":path", "")
-                    if path.startswith("/goaway-after-first") and ev.stream_id != first:
+                    if path.startswith("/goaway-after-data") and ev.stream_id != first:
+                        # The same, once some of this stream's body has come.
+                        doomed.add(ev.stream_id)
+                    elif path.startswith("/goaway-after-first") and ev.stream_id != first:
                         # Going away gracefully before this stream: it was not processed.
                         conn.close_connection(error_code=0, last_stream_id=first)
                         tls.sendall(conn.data_to_send())
+                        linger(tls)
                         return
                     streams[ev.stream_id] = {"headers": ev.headers, "body": bytearray(), "trailers": []}
+                elif isinstance(ev, h2.events.DataReceived) and ev.stream_id in doomed:
+                    conn.close_connection(error_code=0, last_stream_id=first)
+                    tls.sendall(conn.data_to_send())
+                    linger(tls)
+                    return
                 elif isinstance(ev, h2.events.DataReceived):
                     streams[ev.stream_id]["body"] += ev.data
                     conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
