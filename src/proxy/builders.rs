@@ -1,23 +1,7 @@
 //! The hyper server settings latchkey serves clients with.
 
-use std::time::Duration;
-
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-
-/// HTTP/2 server settings for intercepted tunnels that negotiated `h2`.
-pub(super) fn h2_builder(
-    limits: &crate::config::Limits,
-) -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
-        .enable_connect_protocol()
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    b
-}
+use hyper_util::rt::TokioTimer;
 
 /// HTTP/1.1 server settings shared by the proxy port and intercepted tunnels.
 pub(super) fn server_builder(limits: &crate::config::Limits) -> http1::Builder {

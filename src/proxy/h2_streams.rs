@@ -1,6 +1,6 @@
-//! What the HTTP/2 legs on `h2` do with a stream's body: read one from it
-//! ([`Received`]), write one into it ([`pipe`]). The upstream client (`h2_client`)
-//! writes requests and reads responses.
+//! What both HTTP/2 legs do with a stream's body: read one from it ([`Received`]),
+//! write one into it ([`pipe`]). The client-facing server (`h2_server`) reads requests
+//! and writes responses; the upstream client (`h2_client`) the other way round.
 
 use std::future::poll_fn;
 use std::pin::Pin;

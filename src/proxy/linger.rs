@@ -19,9 +19,12 @@ use super::BoxError;
 const MAX_BYTES: usize = 16 << 20;
 const MAX_TIME: Duration = Duration::from_secs(5);
 
-/// A client's request body: hyper's, or the own HTTP/1.1 server's (`h1`).
+/// A client's request body: hyper's HTTP/1.1 server's, the own HTTP/2 server's
+/// (`h2_server`), or the own HTTP/1.1 server's (`h1`).
 pub enum ClientBody {
     Hyper(Incoming),
+    /// A stream of the own HTTP/2 server (`h2_server`).
+    H2(super::h2_streams::Received),
     Own(super::Body),
 }
 
@@ -51,6 +54,7 @@ impl Body for ClientBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(|e| Box::new(e) as BoxError),
+            ClientBody::H2(b) => Pin::new(b).poll_frame(cx),
             ClientBody::Own(b) => Pin::new(b).poll_frame(cx),
         }
     }
@@ -58,6 +62,7 @@ impl Body for ClientBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
             ClientBody::Own(b) => b.is_end_stream(),
         }
     }
@@ -65,6 +70,7 @@ impl Body for ClientBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::H2(b) => b.size_hint(),
             ClientBody::Own(b) => b.size_hint(),
         }
     }
@@ -73,12 +79,11 @@ impl Body for ClientBody {
 /// A client's request body that drains itself when dropped unfinished (HTTP/2 only).
 pub struct Lingering {
     body: Option<ClientBody>,
-    h2: bool,
 }
 
 impl Lingering {
-    pub fn new(body: ClientBody, version: http::Version) -> Lingering {
-        Lingering { body: Some(body), h2: version == http::Version::HTTP_2 }
+    pub fn new(body: ClientBody) -> Lingering {
+        Lingering { body: Some(body) }
     }
 }
 
@@ -107,8 +112,8 @@ impl Body for Lingering {
 
 impl Drop for Lingering {
     fn drop(&mut self) {
-        let Some(ClientBody::Hyper(body)) = self.body.take() else { return };
-        if !self.h2 || body.is_end_stream() {
+        let Some(ClientBody::H2(body)) = self.body.take() else { return };
+        if body.is_end_stream() {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -117,7 +122,7 @@ impl Drop for Lingering {
     }
 }
 
-async fn drain(mut body: Incoming) {
+async fn drain(mut body: super::h2_streams::Received) {
     let read = async {
         let mut n = 0;
         while let Some(Ok(frame)) = body.frame().await {

@@ -21,6 +21,7 @@ pub(crate) mod framing;
 mod generation;
 pub(crate) mod h1;
 mod h2_client;
+mod h2_server;
 mod h2_streams;
 pub(crate) mod h2guard;
 mod handler;

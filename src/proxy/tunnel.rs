@@ -272,11 +272,14 @@ where
     // SETTINGS and PING floods, which h2 would answer without end.
     let stream = super::h2guard::H2Guard::new(stream, conn.opener.peer);
     let conn = Arc::new(conn);
-    let service = service_fn(move |req: Request<Incoming>| conn.clone().request(req.map(Into::into)));
-    let served = super::builders::h2_builder(&limits).serve_connection(TokioIo::new(stream), service);
-    if let Err(e) = served.await {
-        tracing::debug!("h2 tunnel: {e}");
-    }
+    let service = |req| {
+        let conn = conn.clone();
+        async move {
+            let Ok(resp) = conn.request(req).await;
+            resp
+        }
+    };
+    super::h2_server::serve(stream, &limits, service).await;
 }
 
 /// HTTP/1.1 behind the framing guard, which learns from the service whether an upgrade

@@ -33,7 +33,7 @@ pub enum Upgrade {
 /// request goes upstream as a plain request and never upgrades.
 pub fn requested(parts: &Parts) -> Option<Upgrade> {
     if parts.method == http::Method::CONNECT {
-        let protocol = parts.extensions.get::<hyper::ext::Protocol>()?;
+        let protocol = parts.extensions.get::<h2::ext::Protocol>()?;
         return protocol.as_str().eq_ignore_ascii_case("websocket").then_some(Upgrade::H2WebSocket);
     }
     let connection_upgrade = parts
@@ -46,6 +46,23 @@ pub fn requested(parts: &Parts) -> Option<Upgrade> {
     let protocol = parts.headers.get(header::UPGRADE)?;
     (connection_upgrade && protocol.as_bytes().eq_ignore_ascii_case(b"websocket"))
         .then(|| Upgrade::H1(protocol.clone()))
+}
+
+/// The client's side of an upgrade, once latchkey answered it: hyper's HTTP/1.1
+/// connection, or the own HTTP/2 server's stream (`h2_server`).
+pub enum ClientSide {
+    H1(OnUpgrade),
+    H2(tokio::sync::oneshot::Receiver<super::h2_server::Upgraded>),
+}
+
+impl ClientSide {
+    /// Taken from a request's extensions: each request can upgrade once.
+    pub fn take(extensions: &mut http::Extensions) -> Option<ClientSide> {
+        if let Some(on) = extensions.remove::<OnUpgrade>() {
+            return Some(ClientSide::H1(on));
+        }
+        extensions.remove::<super::h2_server::Pending>()?.take().map(ClientSide::H2)
+    }
 }
 
 /// What is scanned on an upgraded connection: the upstream's frames for the
@@ -63,7 +80,7 @@ pub async fn relay(
     route: &Route,
     mut parts: Parts,
     kind: Upgrade,
-    client: OnUpgrade,
+    client: ClientSide,
     scans: Scans,
 ) -> Result<Response<Incoming>, Refusal> {
     let Scans { redactors, screen } = scans;
@@ -136,14 +153,38 @@ pub async fn relay(
 }
 
 async fn join(
-    client: OnUpgrade,
+    client: ClientSide,
     upstream: OnUpgrade,
     limit: Duration,
     redactors: Option<Set>,
     screen: Option<super::wsscreen::WsScreen>,
 ) {
-    let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else { return };
-    let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
+    let Ok(upstream) = upstream.await else { return };
+    let upstream = TokioIo::new(upstream);
+    match client {
+        ClientSide::H1(on) => {
+            let Ok(client) = on.await else { return };
+            bridge(TokioIo::new(client), upstream, limit, redactors, screen).await;
+        }
+        ClientSide::H2(rx) => {
+            let Ok(client) = rx.await else { return };
+            bridge(client, upstream, limit, redactors, screen).await;
+        }
+    }
+}
+
+/// The client's and the upstream's upgraded streams joined until either ends or
+/// `limit` passes.
+async fn bridge<A, B>(
+    mut a: A,
+    mut b: B,
+    limit: Duration,
+    redactors: Option<Set>,
+    screen: Option<super::wsscreen::WsScreen>,
+) where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     if redactors.is_none() && screen.is_none() {
         let _ = tokio::time::timeout(limit, tokio::io::copy_bidirectional(&mut a, &mut b)).await;
         return;

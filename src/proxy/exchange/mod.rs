@@ -21,6 +21,7 @@ mod log;
 mod response;
 mod send;
 mod upstream_request;
+pub(super) use upstream_request::strip_hop_by_hop;
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -69,7 +70,7 @@ async fn admitted(
     req: Request<ClientBody>,
 ) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
-    let body = Lingering::new(body, parts.version);
+    let body = Lingering::new(body);
     let mut x = log::Exchange::admit(&proxy, &generation, &route, &parts);
     let answered = boxed(&proxy, &generation, &route, parts, body, &mut x).await;
     Ok(x.end(answered, &generation.config, &route))

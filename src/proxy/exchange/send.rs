@@ -9,7 +9,6 @@ use std::sync::atomic::AtomicU64;
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::upgrade::OnUpgrade;
 
 use super::super::answered;
 use super::super::body::{Counted, ScanBody};
@@ -79,9 +78,7 @@ impl<'a> Upstream<'a> {
         kind: Upgrade,
         redact: bool,
     ) -> Result<Response<Body>, Refusal> {
-        let client = parts
-            .extensions
-            .remove::<OnUpgrade>()
+        let client = upgrade::ClientSide::take(&mut parts.extensions)
             .ok_or_else(|| Refusal::bad_request("cannot upgrade here"))?;
         let redactors = redact.then(|| crate::redact::for_host(self.config, &self.route.dest)).flatten();
         let scans = upgrade::Scans { redactors, screen: super::dlp::ws_screen(self.config, self.route) };

@@ -377,7 +377,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 }
 
 /// The `Date` header's value, formatted once a second per thread, as hyper caches it.
-mod date {
+pub(super) mod date {
     use std::cell::RefCell;
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
