@@ -1,15 +1,15 @@
-//! A frame-rate guard in front of hyper's HTTP/2 server (intercepted tunnels that
+//! A frame-rate guard in front of the HTTP/2 server, `h2_server` (intercepted tunnels that
 //! negotiated `h2`).
 //!
 //! h2 answers every SETTINGS frame with an ACK and every PING with a PONG, at whatever
 //! rate a client sends them: a client that floods them costs a core for as long as it
 //! likes (its memory is bounded: h2 stops reading while its answers cannot be written).
-//! hyper has no setting for this, so the guard reads the 9-byte frame headers of the
-//! client's plaintext stream as hyper reads it — in place: no byte is copied, held or
+//! `h2` has no setting for this, so the guard reads the 9-byte frame headers of the
+//! client's plaintext stream as the server reads it — in place: no byte is copied, held or
 //! changed — and counts SETTINGS and PING frames (not their ACKs). A client over
 //! [`SETTINGS_PER_WINDOW`] or [`PINGS_PER_WINDOW`] in one [`WINDOW`] gets no more of
 //! its bytes read: the guard writes GOAWAY with ENHANCE_YOUR_CALM at the next frame
-//! boundary of what hyper writes (it follows those frame headers too, so the GOAWAY
+//! boundary of what the server writes (it follows those frame headers too, so the GOAWAY
 //! never lands inside another frame) and closes the connection.
 //!
 //! The counting is a state machine free of I/O and of the clock (the caller hands in a
@@ -196,7 +196,7 @@ impl Watch {
     }
 
     /// Follow bytes the client sent. `Err((at, flood))`: the frame whose header begins
-    /// at `at` is one too many; nothing from there on may reach hyper.
+    /// at `at` is one too many; nothing from there on may reach the server.
     pub fn read(&mut self, bytes: &[u8], clock: &mut impl FnMut() -> Instant) -> Result<(), (usize, Flood)> {
         let (settings, pings, last) = (&mut self.settings, &mut self.pings, &mut self.last_stream);
         let mut flood = None;
@@ -233,7 +233,7 @@ impl Watch {
 /// Where the guard is in ending a connection.
 enum Phase {
     Open,
-    /// Over a limit: the GOAWAY, written from `sent` on once hyper's output is between
+    /// Over a limit: the GOAWAY, written from `sent` on once the server's output is between
     /// two frames, then flushed, then the stream shut down, all within `deadline`.
     Closing {
         goaway: Vec<u8>,
@@ -248,7 +248,7 @@ enum Phase {
 pub struct H2Guard<S> {
     io: S,
     watch: Watch,
-    /// Frame boundaries of what hyper writes.
+    /// Frame boundaries of what the server writes.
     out: Frames,
     phase: Phase,
     peer: SocketAddr,
@@ -272,7 +272,7 @@ impl<S> H2Guard<S> {
 
 impl<S: AsyncWrite + Unpin> H2Guard<S> {
     /// Deliver the GOAWAY and shut down; Ready once closed (or given up). Only called
-    /// between two of hyper's frames.
+    /// between two of the server's frames.
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Phase::Closing { goaway, sent, flushed, deadline } = &mut self.phase else {
             return Poll::Ready(());
@@ -300,7 +300,7 @@ impl<S: AsyncWrite + Unpin> H2Guard<S> {
             Ok(false) => self.poll_close(cx),
             _ => {
                 self.phase = Phase::Closed;
-                // hyper may be waiting on its read side, which ends now.
+                // The server may be waiting on its read side, which ends now.
                 cx.waker().wake_by_ref();
                 Poll::Ready(())
             }
@@ -337,7 +337,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for H2Guard<S> {
             Phase::Closing { .. } => {}
             Phase::Closed => return Poll::Ready(Err(closed())),
         }
-        // hyper flushes what it has written whenever a read is pending, and the GOAWAY
+        // h2 flushes what it has written whenever a read is pending, and the GOAWAY
         // goes out from there when its output is inside a frame; the deadline holds
         // even if that flush never completes (a client that reads nothing).
         if this.out.to_boundary() > 0 {
