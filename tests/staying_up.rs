@@ -393,13 +393,12 @@ fn http2_floods_inside_a_tunnel_are_cut_off_while_others_are_served() {
         // The other client alone, for as long as a flood lasts.
         let quiet_until = Instant::now() + Duration::from_secs_f32(FLOOD_SECONDS);
         let (quiet, quiet_rate) = others_until(&lk, || Instant::now() >= quiet_until);
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (lk_ref, finished) = (&lk, done.clone());
+        let done = std::sync::atomic::AtomicBool::new(false);
         let (result, (others, rate)) = std::thread::scope(|s| {
-            let offender = s.spawn(move || {
-                let r = flood(lk_ref, attack, FLOOD_SECONDS);
-                finished.store(true, std::sync::atomic::Ordering::SeqCst);
-                r
+            let offender = s.spawn(|| {
+                // Set even if the flood fails, or the other client would run for ever.
+                let _done = SetOnDrop(&done);
+                flood(&lk, attack, FLOOD_SECONDS)
             });
             // The other client, meanwhile.
             let others = others_until(&lk, || done.load(std::sync::atomic::Ordering::SeqCst));
@@ -552,6 +551,16 @@ fn endless_upstream() -> Endless {
     Endless { addr, open, sent }
 }
 
+/// Sets its flag when dropped, a panic unwinding included: a thread that waits for the
+/// flag then ends, instead of holding its scope (and the test) for ever.
+struct SetOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// The highest RSS of `pid` while `work` runs, sampled every 50 ms.
 fn peak_rss_during<T>(pid: u32, work: impl FnOnce() -> T) -> (T, u64) {
     let done = std::sync::atomic::AtomicBool::new(false);
@@ -564,8 +573,12 @@ fn peak_rss_during<T>(pid: u32, work: impl FnOnce() -> T) -> (T, u64) {
             }
             peak
         });
-        let out = work();
-        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let out = {
+            // Set even if `work` panics: the scope waits for the sampler before the
+            // panic goes on.
+            let _done = SetOnDrop(&done);
+            work()
+        };
         (out, sampler.join().unwrap())
     })
 }
