@@ -954,3 +954,68 @@ fn the_proxy_port_queues_a_burst_of_connections() {
     let cap: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse().unwrap();
     assert_eq!(queue, 4096.min(cap), "ss: {text}");
 }
+
+/// How long an HTTP/2 connection lasts once nothing happens on it: the instant the
+/// connection ended, as hyper's client saw it (`None` if it had not within 20 s).
+async fn h2_end(
+    conn: impl std::future::Future<Output = hyper::Result<()>>,
+    from: Instant,
+) -> Option<Duration> {
+    let _ = tokio::time::timeout(Duration::from_secs(20), conn).await.ok()?;
+    Some(from.elapsed())
+}
+
+#[test]
+fn an_http2_client_that_never_sends_its_preface_is_let_go_after_the_header_read_timeout() {
+    // TLS done, ALPN h2, then silence: hyper's and h2's server handshakes wait for the
+    // client's preface without a deadline, so such a tunnel held its connection slot
+    // (and a 4 KiB TLS buffer) for ever.
+    let up = upstream(true, None);
+    let lk = Latchkey::start(Some(&up), &format!("[proxy.limits]\nheader_read_timeout = 2\n{CRED}"), ENV);
+    let lasted = runtime().block_on(async {
+        use tokio::io::AsyncReadExt;
+        let mut tls = h2::tunnel(lk.port, "api.anthropic.com:443", "api.anthropic.com").await;
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        let read_to_end = async {
+            // latchkey's own SETTINGS come first; then the end.
+            while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {}
+        };
+        tokio::time::timeout(Duration::from_secs(20), read_to_end).await.ok().map(|_| started.elapsed())
+    });
+    let lasted = lasted.expect("a silent HTTP/2 connection was still open after 20 s");
+    assert!(lasted < Duration::from_secs(10), "closed only after {lasted:?}");
+}
+
+#[test]
+fn an_idle_http2_connection_is_closed_after_the_idle_timeout_but_not_while_a_stream_is_open() {
+    // An HTTP/1.1 connection waiting for its next request is closed after `idle_timeout`;
+    // an HTTP/2 one with no stream open was kept for as long as its client answered
+    // PINGs, each holding a slot under `max_connections`. A request in flight longer
+    // than the timeout (the upstream's `/slow` answers after 4 s) keeps it open.
+    let up = upstream(true, None);
+    let lk = Latchkey::start(Some(&up), &format!("[proxy.limits]\nidle_timeout = 2\n{CRED}"), ENV);
+    let (status, answered, lasted) = runtime().block_on(async {
+        let tls = h2::tunnel(lk.port, "api.anthropic.com:443", "api.anthropic.com").await;
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        let started = Instant::now();
+        let end = tokio::spawn(h2_end(conn, started));
+        let resp = sender.send_request(h2::get("api.anthropic.com", "/slow", &[])).await.unwrap();
+        let status = resp.status().as_u16();
+        http_body_util::BodyExt::collect(resp.into_body()).await.unwrap();
+        (status, started.elapsed(), end.await.unwrap())
+    });
+    assert_eq!(status, 200, "the slow request was answered on its connection");
+    assert!(answered >= Duration::from_secs(4), "answered after {answered:?}");
+    let lasted = lasted.unwrap_or_else(|| {
+        panic!("an idle HTTP/2 connection was still open 20 s after it started\n{}", lk.stderr())
+    });
+    let idle = lasted.saturating_sub(answered);
+    assert!(idle >= Duration::from_secs(1), "closed {idle:?} after its last answer: too soon");
+    assert!(idle < Duration::from_secs(10), "closed only {idle:?} after its last answer");
+}

@@ -101,6 +101,57 @@ fn websocket_over_http2_extended_connect_is_downgraded_upstream() {
 }
 
 #[test]
+fn a_websocket_over_http2_keeps_its_connection_past_the_idle_timeout() {
+    // `idle_timeout` closes an HTTP/2 connection with no stream open; a WebSocket's
+    // stream is open for as long as the socket is, however quiet.
+    use http_body_util::Empty;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_server, lk) = setup_with("[proxy.limits]\nidle_timeout = 1\n");
+    let port = lk.port;
+    let (replies, later) = runtime().block_on(async move {
+        let tls = h2::tunnel(port, "api.example.com:443", "api.example.com").await;
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .version(http::Version::HTTP_2)
+            .uri("https://api.example.com/ws")
+            .header("sec-websocket-version", "13")
+            .header("authorization", "Bearer placeholder")
+            .extension(hyper::ext::Protocol::from_static("websocket"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let mut resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "extended CONNECT accepted");
+        let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
+        let mut replies = Vec::new();
+        for text in [&b"before"[..], b"after three quiet seconds"] {
+            io.write_all(&text_frame(text)).await.unwrap();
+            let mut hdr = [0u8; 2];
+            io.read_exact(&mut hdr).await.unwrap();
+            let mut payload = vec![0u8; (hdr[1] & 0x7f) as usize];
+            io.read_exact(&mut payload).await.unwrap();
+            replies.push(String::from_utf8(payload).unwrap());
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        }
+        // Not told to go away meanwhile: the connection still takes a new stream.
+        let get = http::Request::builder()
+            .uri("https://api.example.com/")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let later = sender.send_request(get).await.map(|r| r.status().as_u16()).map_err(|e| e.to_string());
+        (replies, later)
+    });
+    assert_eq!(replies, ["echo: before", "echo: after three quiet seconds"]);
+    assert!(later.is_ok(), "a request after the quiet WebSocket: {later:?}");
+}
+
+#[test]
 fn a_reflected_credential_in_a_text_frame_is_masked() {
     let (_server, lk) = setup_with("redact_responses = true\n#END-PROXY\n");
     let out = py("ws_whoami.py").env("BUNDLE", lk.bundle()).env("PROXY", lk.proxy_url()).output().unwrap();

@@ -17,6 +17,11 @@
 //! The `h2` crate itself checks what the client sends (framing, `Content-Length`
 //! against the DATA, header list size, the stream limit, resets) and answers PINGs and
 //! SETTINGS, whose floods `h2guard` stops.
+//!
+//! What hyper's server did not: a deadline for the client's preface
+//! (`header_read_timeout`), and a connection with no stream open told to go away after
+//! `idle_timeout` ([`Idle`]), as an HTTP/1.1 connection between requests is closed.
+//! Without them a silent or idle tunnel held its connection slot for ever.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -74,14 +79,16 @@ where
         .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .enable_connect_protocol();
-    let mut conn = match builder.handshake::<_, Bytes>(io).await {
-        Ok(conn) => conn,
-        Err(e) => {
-            tracing::debug!("h2 tunnel handshake: {e}");
-            return;
-        }
-    };
+    // The client's preface gets the time a request head gets: h2 would wait for it
+    // for ever, a silent tunnel holding its connection slot.
+    let mut conn =
+        match tokio::time::timeout(limits.header_read_timeout, builder.handshake::<_, Bytes>(io)).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return tracing::debug!("h2 tunnel handshake: {e}"),
+            Err(_) => return tracing::debug!("h2 tunnel: no client preface in time"),
+        };
     let mut keep_alive = conn.ping_pong().map(KeepAlive::new);
+    let mut idle = Idle::new(limits.idle_timeout);
     let mut streams = FuturesUnordered::new();
     let wake = Arc::new(ConnWake::default());
     let conn_waker = Waker::from(wake.clone());
@@ -113,6 +120,18 @@ where
         wake.polling.store(false, Ordering::Release);
         if ended.is_ready() {
             return ended;
+        }
+        // A stream of this task wakes it when it ends. One only the h2 crate counts (an
+        // upgraded WebSocket's, one whose request body is dropped elsewhere) does not:
+        // for those the timer looks again every `idle_timeout`.
+        let expired =
+            if streams.is_empty() { idle.poll_expired(conn.has_streams(), cx) } else { idle.busy() };
+        if expired.is_ready() {
+            tracing::debug!("h2 tunnel: no stream for {}s, going away", limits.idle_timeout.as_secs());
+            // GOAWAY: what the client sent meanwhile is still served, then it ends.
+            conn.graceful_shutdown();
+            // Queued, not written: the connection's next poll sends it.
+            wake.asked.store(true, Ordering::Release);
         }
         if wake.asked.load(Ordering::Acquire) {
             cx.waker().wake_by_ref();
@@ -279,6 +298,58 @@ impl KeepAlive {
             self.waiting = true;
             self.sleep.as_mut().reset(Instant::now() + KEEP_ALIVE_TIMEOUT);
         }
+    }
+}
+
+/// `[proxy.limits] idle_timeout` for a connection with no stream open, as an HTTP/1.1
+/// connection gets between requests; the connection is then told to go away. Ready
+/// once, when that time has passed. A connection going idle only notes when: the
+/// timer is reset at most once per timeout, not per request.
+struct Idle {
+    after: Duration,
+    since: Option<Instant>,
+    sleep: Pin<Box<Sleep>>,
+    expired: bool,
+}
+
+impl Idle {
+    fn new(after: Duration) -> Idle {
+        let now = Instant::now();
+        Idle {
+            after,
+            since: Some(now),
+            sleep: Box::pin(tokio::time::sleep_until(now + after)),
+            expired: false,
+        }
+    }
+
+    /// A stream of the connection's own task is open.
+    fn busy(&mut self) -> Poll<()> {
+        self.since = None;
+        Poll::Pending
+    }
+
+    /// No stream of the task is open; `open` when the h2 crate still counts one.
+    fn poll_expired(&mut self, open: bool, cx: &mut Context<'_>) -> Poll<()> {
+        if self.expired {
+            return Poll::Pending;
+        }
+        if open {
+            self.since = None;
+        }
+        let until = (!open).then(|| *self.since.get_or_insert_with(Instant::now) + self.after);
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            match until {
+                Some(until) if self.sleep.deadline() >= until => {
+                    self.expired = true;
+                    return Poll::Ready(());
+                }
+                // Idle since later than the timer was set for.
+                Some(until) => self.sleep.as_mut().reset(until),
+                None => self.sleep.as_mut().reset(Instant::now() + self.after),
+            }
+        }
+        Poll::Pending
     }
 }
 

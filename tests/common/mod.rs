@@ -963,7 +963,7 @@ pub mod h2 {
     }
 
     /// A CONNECT tunnel to `target` through latchkey, TLS with `sni` and ALPN h2.
-    async fn tunnel(
+    pub async fn tunnel(
         port: u16,
         target: &str,
         sni: &str,
