@@ -1016,6 +1016,7 @@ fn an_idle_http2_connection_is_closed_after_the_idle_timeout_but_not_while_a_str
         panic!("an idle HTTP/2 connection was still open 20 s after it started\n{}", lk.stderr())
     });
     let idle = lasted.saturating_sub(answered);
+    eprintln!("answered after {answered:?}, closed {idle:?} after that");
     assert!(idle >= Duration::from_secs(1), "closed {idle:?} after its last answer: too soon");
     assert!(idle < Duration::from_secs(10), "closed only {idle:?} after its last answer");
 }
