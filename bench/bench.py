@@ -349,7 +349,7 @@ def wait_port(port, timeout=30):
 # --- clients ----------------------------------------------------------------------------
 
 
-def open_stream(target, port, path_ca):
+def open_stream(target, port, path_ca, alpn=None):
     """A TLS stream to 127.0.0.1:port, through the target's CONNECT when it has one."""
     s = socket.create_connection(("127.0.0.1", int(target.proxy.rsplit(":", 1)[1]) if target.proxy else port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -364,7 +364,39 @@ def open_stream(target, port, path_ca):
         if not head.startswith(b"HTTP/1.1 200") and not head.startswith(b"HTTP/1.0 200"):
             raise OSError(f"CONNECT refused: {head[:80]!r}")
     ctx = ssl.create_default_context(cafile=str(path_ca))
-    return ctx.wrap_socket(s, server_hostname="127.0.0.1")
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    tls = ctx.wrap_socket(s, server_hostname="127.0.0.1")
+    if alpn and tls.selected_alpn_protocol() != alpn[0]:
+        raise OSError(f"ALPN {alpn[0]} not chosen: {tls.selected_alpn_protocol()}")
+    return tls
+
+
+def h2_get(tls, authority):
+    """GET / as stream 1 of a new HTTP/2 connection, read until its answer ends. Frames
+    by hand (HPACK literals without indexing) so the bench needs no HTTP/2 library."""
+    def frame(kind, flags, stream, payload=b""):
+        return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+    block = b"".join(b"\x00" + bytes([len(k)]) + k + bytes([len(v)]) + v for k, v in (
+        (b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"), (b":authority", authority.encode())))
+    tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + frame(1, 0x5, 1, block))
+    buf, acked = b"", False
+    while True:
+        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+            length, kind, flags = int.from_bytes(buf[:3], "big"), buf[3], buf[4]
+            stream = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            buf = buf[9 + length:]
+            if kind == 4 and not flags & 1 and not acked:
+                tls.sendall(frame(4, 1, 0))  # the server's SETTINGS, acknowledged
+                acked = True
+            if stream == 1 and kind in (0, 1) and flags & 1:
+                return
+            if kind in (3, 7):
+                raise OSError(f"HTTP/2 stream reset or connection gone away (frame type {kind})")
+        chunk = tls.recv(65536)
+        if not chunk:
+            raise OSError("closed before the HTTP/2 answer ended")
+        buf += chunk
 
 
 def verify_injection(bench, t):
@@ -423,12 +455,17 @@ def sse_first_byte(bench, t, n):
     return statistics.median(times)
 
 
-def idle_connections(bench, t, n):
-    """RSS of the proxy holding n intercepted, idle keep-alive connections."""
+def idle_connections(bench, t, n, http2=False):
+    """RSS of the proxy holding n intercepted, idle keep-alive connections (HTTP/1.1, or
+    HTTP/2 with one request answered on each)."""
     before = rss_kib(tree(t.pid))
     streams = []
     for _ in range(n):
-        s = open_stream(t, bench.up_port, t.ca)
+        s = open_stream(t, bench.up_port, t.ca, ["h2"] if http2 else None)
+        if http2:
+            h2_get(s, f"127.0.0.1:{bench.up_port}")
+            streams.append(s)
+            continue
         s.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{bench.up_port}\r\n\r\n".encode())
         got = b""
         while b"upstream" not in got:
@@ -587,6 +624,11 @@ def main():
                 before, after = idle_connections(bench, t, args.idle)
                 extra_rows.setdefault(f"RSS idle → {args.idle} idle intercepted connections (MiB)",
                                       {})[t.name] = (before, after)
+                if t.name != "squid":  # squid's ssl-bump offers no h2
+                    time.sleep(1)
+                    before, after = idle_connections(bench, t, args.idle, http2=True)
+                    extra_rows.setdefault(f"RSS idle → {args.idle} idle intercepted HTTP/2 connections (MiB)",
+                                          {})[t.name] = (before, after)
         jail = jail_rows(bench, lk) if lk and not args.no_jail else None
         transparent = transparent_rows(bench, lk) if lk and not args.no_transparent else None
         cluster = cluster_rows(bench, url, args) if lk and not args.no_cluster else None

@@ -16,7 +16,8 @@ Three measurements, each against the same nginx upstream bench/bench.py starts:
   --features   the same instruction counts for what a feature adds: a scoped token in the
                slot vs the plain placeholder, one live-view watcher vs none (SPEC 8 rows).
   --idle N     RSS of a fresh latchkey before and after N idle intercepted keep-alive
-               connections (each served one request), the SPEC 8 row.
+               connections (each served one request), the SPEC 8 row; then the same
+               with HTTP/2 clients, in another fresh latchkey.
 
 `--baseline PATH` measures an earlier build the same way in the same run (A/B).
 Everything binds to 127.0.0.1; every process started here is stopped here by PID.
@@ -184,6 +185,11 @@ def idle_rows(bench, builds, n):
         time.sleep(1)
         before, after = b.idle_connections(bench, t, n)
         lines.append(f"- {name}: {before:.1f} → {after:.1f} (+{after - before:.1f}, "
+                     f"{(after - before) * 1024 / n:.1f} KiB per connection)")
+        t = bench.start_latchkey(name + "-h2", binary)
+        time.sleep(1)
+        before, after = b.idle_connections(bench, t, n, http2=True)
+        lines.append(f"- {name}, HTTP/2 clients: {before:.1f} → {after:.1f} (+{after - before:.1f}, "
                      f"{(after - before) * 1024 / n:.1f} KiB per connection)")
     return "\n".join(lines) + "\n"
 
