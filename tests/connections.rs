@@ -1020,3 +1020,28 @@ fn an_idle_http2_connection_is_closed_after_the_idle_timeout_but_not_while_a_str
     assert!(idle >= Duration::from_secs(1), "closed {idle:?} after its last answer: too soon");
     assert!(idle < Duration::from_secs(10), "closed only {idle:?} after its last answer");
 }
+
+#[test]
+fn a_client_that_stops_reading_its_answer_is_let_go_after_the_idle_timeout() {
+    // A 50 MB download, read for 64 KiB and then not at all: latchkey's writes wait on
+    // the client, and the upstream connection streaming the body waits with them. Had
+    // nothing timed that wait, a client could hold upstream connections for as long as
+    // it kept its own open; now it gets `idle_timeout` without taking a byte.
+    const TOTAL: usize = 50_000_000;
+    let up = upstream(true, None);
+    let lk = Latchkey::start(Some(&up), &format!("[proxy.limits]\nidle_timeout = 2\n{CRED}"), ENV);
+    let mut s = tls(tunnel(lk.port, "api.anthropic.com:443").0, "api.anthropic.com");
+    write!(s, "GET /source?bytes={TOTAL} HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n").unwrap();
+    let mut got = vec![0u8; 64 * 1024];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(up.open.now(), 1, "the body streams from one upstream connection");
+    std::thread::sleep(Duration::from_secs(6));
+    let let_go = up.open.now() == 0;
+    // Reading again: what was in the buffers, then the end (or, before, the whole body).
+    s.get_mut().set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let read = got.len() + rest.len();
+    assert!(read < TOTAL, "the stalled client was never let go: it read all {read} bytes afterwards");
+    assert!(let_go, "the upstream connection was still open 6 s into the stall");
+}

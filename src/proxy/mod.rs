@@ -33,6 +33,7 @@ mod park;
 mod pool;
 mod respond;
 mod route;
+mod send_deadline;
 pub mod shards;
 mod slots;
 mod token_client;

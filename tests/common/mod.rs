@@ -150,6 +150,10 @@ impl OpenCount {
     pub fn peak(&self) -> usize {
         self.peak.load(std::sync::atomic::Ordering::SeqCst)
     }
+
+    pub fn now(&self) -> usize {
+        self.now.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl Upstream {
