@@ -1045,3 +1045,35 @@ fn a_client_that_stops_reading_its_answer_is_let_go_after_the_idle_timeout() {
     assert!(read < TOTAL, "the stalled client was never let go: it read all {read} bytes afterwards");
     assert!(let_go, "the upstream connection was still open 6 s into the stall");
 }
+
+#[test]
+fn an_http2_client_that_never_opens_its_window_again_is_let_go_after_the_idle_timeout() {
+    // HTTP/2's own way of not reading: the client's connection task reads every frame,
+    // but the client releases none of the stream's window, so latchkey's answer waits
+    // on flow control (no socket write ever waits). The upstream here speaks HTTP/1.1:
+    // the stream held a whole upstream connection for as long as the client liked.
+    const TOTAL: usize = 50_000_000;
+    let up = upstream(true, None);
+    let lk = Latchkey::start(Some(&up), &format!("[proxy.limits]\nidle_timeout = 2\n{CRED}"), ENV);
+    let (held, read) = runtime().block_on(async {
+        let mut client = h2::connect_h2(lk.port, "api.anthropic.com:443", "api.anthropic.com").await;
+        let req =
+            http::Request::get(format!("https://api.anthropic.com/source?bytes={TOTAL}")).body(()).unwrap();
+        let (answer, _) = client.send_request(req, true).unwrap();
+        let answer = answer.await.expect("the answer's head");
+        assert_eq!(answer.status(), 200);
+        assert_eq!(up.open.now(), 1, "the body streams from one upstream connection");
+        // The first window's worth arrives; none of it is released.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let held = up.open.now();
+        let mut body = answer.into_body();
+        let mut read = 0;
+        while let Ok(Some(Ok(data))) = tokio::time::timeout(Duration::from_secs(10), body.data()).await {
+            read += data.len();
+            let _ = body.flow_control().release_capacity(data.len());
+        }
+        (held, read)
+    });
+    assert!(read < TOTAL, "the stalled stream was never let go: {read} bytes read afterwards");
+    assert_eq!(held, 0, "the upstream connection was still open 6 s into the stall");
+}

@@ -256,7 +256,7 @@ async fn upload(
         tokio::time::sleep(limit).await;
     };
     let outcome = tokio::select! {
-        outcome = pipe(&mut send, &mut body, &mut kept) => outcome,
+        outcome = pipe(&mut send, &mut body, &mut kept, None) => outcome,
         () = late => {
             tracing::debug!("upload not over within {}s of its answer's end: reset", limit.as_secs());
             Err(None)

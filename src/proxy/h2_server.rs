@@ -106,7 +106,7 @@ where
             }
             match conn.poll_accept(&mut Context::from_waker(&conn_waker)) {
                 Poll::Ready(Some(Ok((req, respond)))) => {
-                    streams.push(stream(req, respond, &service));
+                    streams.push(stream(req, respond, &service, limits.idle_timeout));
                     // More may be read already: polled again after the new stream.
                     wake.asked.store(true, Ordering::Release);
                 }
@@ -153,8 +153,12 @@ where
 
 /// One stream: its request to `service`, unless the client resets it first; the answer
 /// back.
-async fn stream<S, F>(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, service: &S)
-where
+async fn stream<S, F>(
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    service: &S,
+    stall: Duration,
+) where
     S: Fn(Request<ClientBody>) -> F,
     F: Future<Output = Response<Body>>,
 {
@@ -217,7 +221,9 @@ where
         return;
     }
     let mut body = body;
-    if let Err(error) = pipe(&mut send, &mut body, &mut ()).await {
+    // A client that opens no window for `idle_timeout` is not reading: its stream is
+    // reset, and the upstream body it held let go.
+    if let Err(error) = pipe(&mut send, &mut body, &mut (), Some(stall)).await {
         // A body that failed upstream fails here too, never ends as if complete.
         send.send_reset(error.as_deref().map_or(Reason::INTERNAL_ERROR, reason));
     }

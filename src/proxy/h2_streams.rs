@@ -5,6 +5,7 @@
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
@@ -37,12 +38,14 @@ impl Keep for () {
 
 /// Each frame of `body` up `send` (shown to `keep` first), waiting for room in the
 /// stream's window after each data frame (so a slow reader slows the body, not
-/// latchkey's memory). An error is for the stream to be reset, with the body's own
-/// error if it failed. `body` stays the caller's: what is left of it can be sent again.
+/// latchkey's memory), for `stall` at most each time when given. An error is for the
+/// stream to be reset, with the body's own error if it failed. `body` stays the
+/// caller's: what is left of it can be sent again.
 pub async fn pipe(
     send: &mut SendStream<Bytes>,
     body: &mut Body,
     keep: &mut impl Keep,
+    stall: Option<Duration>,
 ) -> Result<Piped, Option<BoxError>> {
     loop {
         let frame = tokio::select! {
@@ -74,7 +77,7 @@ pub async fn pipe(
                     // in. A claim of one byte (as hyper, #4003), so a stream waiting
                     // here does not pin the connection's window.
                     send.reserve_capacity(1);
-                    wait_for_room(send).await?;
+                    wait_for_room(send, stall).await?;
                 }
                 continue;
             }
@@ -88,15 +91,30 @@ pub async fn pipe(
     }
 }
 
-/// Until the stream has room for at least a byte; an error when it was reset.
-async fn wait_for_room(send: &mut SendStream<Bytes>) -> Result<(), Option<BoxError>> {
-    while send.capacity() == 0 {
-        match poll_fn(|cx| send.poll_capacity(cx)).await {
-            Some(Ok(_)) => {}
-            Some(Err(_)) | None => return Err(None),
-        }
+/// Until the stream has room for at least a byte; an error when it was reset, or when
+/// `stall` passed without room (a reader that reads frames and opens no window is not
+/// reading). The timer is made only when there is no room already.
+async fn wait_for_room(
+    send: &mut SendStream<Bytes>,
+    stall: Option<Duration>,
+) -> Result<(), Option<BoxError>> {
+    if send.capacity() != 0 {
+        return Ok(());
     }
-    Ok(())
+    let room = async {
+        while send.capacity() == 0 {
+            match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Err(None),
+            }
+        }
+        Ok(())
+    };
+    let Some(stall) = stall else { return room.await };
+    tokio::time::timeout(stall, room).await.unwrap_or_else(|_| {
+        tracing::debug!("h2: no window opened for {}s, resetting the stream", stall.as_secs());
+        Err(None)
+    })
 }
 
 /// A body read from a stream (a response upstream, a request from a client): its
