@@ -49,53 +49,53 @@ fn text_frame(payload: &[u8]) -> Vec<u8> {
     f
 }
 
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+/// An HTTP/2 connection through latchkey to api.example.com, and a WebSocket opened on
+/// it by extended CONNECT (RFC 8441), with the placeholder latchkey replaces.
+async fn websocket_over_h2(port: u16) -> (H2Sender, Upgraded) {
+    let tls = h2::tunnel(port, "api.example.com:443", "api.example.com").await;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .version(http::Version::HTTP_2)
+        .uri("https://api.example.com/ws")
+        .header("sec-websocket-version", "13")
+        .header("authorization", "Bearer placeholder")
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let mut resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200, "extended CONNECT accepted");
+    let upgraded = hyper::upgrade::on(&mut resp).await.unwrap();
+    (sender, hyper_util::rt::TokioIo::new(upgraded))
+}
+
+/// One text frame out, the server's one text frame back (its payload).
+async fn echo(io: &mut Upgraded, text: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    io.write_all(&text_frame(text)).await.unwrap();
+    let mut hdr = [0u8; 2];
+    io.read_exact(&mut hdr).await.unwrap();
+    assert_eq!(hdr[0], 0x81, "an unmasked text frame back");
+    let mut payload = vec![0u8; (hdr[1] & 0x7f) as usize];
+    io.read_exact(&mut payload).await.unwrap();
+    String::from_utf8(payload).unwrap()
+}
+
 #[test]
 fn websocket_over_http2_extended_connect_is_downgraded_upstream() {
-    use http_body_util::Empty;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (_server, lk) = setup();
-    let port = lk.port;
-    let reply = runtime().block_on(async move {
-        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        tcp.write_all(b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n")
-            .await
-            .unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(tcp.read_u8().await.unwrap());
-        }
-        let mut cfg = raw::client_config();
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        let name = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
-        let tls =
-            tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tls),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .version(http::Version::HTTP_2)
-            .uri("https://api.example.com/ws")
-            .header("sec-websocket-version", "13")
-            .header("authorization", "Bearer placeholder")
-            .extension(hyper::ext::Protocol::from_static("websocket"))
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let mut resp = sender.send_request(req).await.unwrap();
-        assert_eq!(resp.status(), 200, "extended CONNECT accepted");
-        let upgraded = hyper::upgrade::on(&mut resp).await.unwrap();
-        let mut io = hyper_util::rt::TokioIo::new(upgraded);
-        io.write_all(&text_frame(b"over h2")).await.unwrap();
-        let mut hdr = [0u8; 2];
-        io.read_exact(&mut hdr).await.unwrap();
-        assert_eq!(hdr[0], 0x81, "an unmasked text frame back");
-        let mut payload = vec![0u8; (hdr[1] & 0x7f) as usize];
-        io.read_exact(&mut payload).await.unwrap();
-        String::from_utf8(payload).unwrap()
+    let reply = runtime().block_on(async {
+        let (_sender, mut io) = websocket_over_h2(lk.port).await;
+        echo(&mut io, b"over h2").await
     });
     assert_eq!(reply, "echo: over h2", "the upstream accepted the injected credential");
 }
@@ -104,45 +104,17 @@ fn websocket_over_http2_extended_connect_is_downgraded_upstream() {
 fn a_websocket_over_http2_keeps_its_connection_past_the_idle_timeout() {
     // `idle_timeout` closes an HTTP/2 connection with no stream open; a WebSocket's
     // stream is open for as long as the socket is, however quiet.
-    use http_body_util::Empty;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (_server, lk) = setup_with("[proxy.limits]\nidle_timeout = 1\n");
-    let port = lk.port;
-    let (replies, later) = runtime().block_on(async move {
-        let tls = h2::tunnel(port, "api.example.com:443", "api.example.com").await;
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tls),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .version(http::Version::HTTP_2)
-            .uri("https://api.example.com/ws")
-            .header("sec-websocket-version", "13")
-            .header("authorization", "Bearer placeholder")
-            .extension(hyper::ext::Protocol::from_static("websocket"))
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let mut resp = sender.send_request(req).await.unwrap();
-        assert_eq!(resp.status(), 200, "extended CONNECT accepted");
-        let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
-        let mut replies = Vec::new();
-        for text in [&b"before"[..], b"after three quiet seconds"] {
-            io.write_all(&text_frame(text)).await.unwrap();
-            let mut hdr = [0u8; 2];
-            io.read_exact(&mut hdr).await.unwrap();
-            let mut payload = vec![0u8; (hdr[1] & 0x7f) as usize];
-            io.read_exact(&mut payload).await.unwrap();
-            replies.push(String::from_utf8(payload).unwrap());
-            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-        }
+    let (replies, later) = runtime().block_on(async {
+        let (mut sender, mut io) = websocket_over_h2(lk.port).await;
+        let mut replies = vec![echo(&mut io, b"before").await];
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        replies.push(echo(&mut io, b"after three quiet seconds").await);
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
         // Not told to go away meanwhile: the connection still takes a new stream.
         let get = http::Request::builder()
             .uri("https://api.example.com/")
-            .body(Empty::<bytes::Bytes>::new())
+            .body(http_body_util::Empty::new())
             .unwrap();
         let later = sender.send_request(get).await.map(|r| r.status().as_u16()).map_err(|e| e.to_string());
         (replies, later)
