@@ -251,3 +251,50 @@ fn websocket_frames_that_would_escape_masking_never_carry_the_secret() {
         "none offered upstream"
     );
 }
+
+#[test]
+fn a_websocket_over_http2_whose_client_opens_no_window_is_let_go() {
+    // 2,000 messages up, their echoes down; the client (the `h2` crate's, 64 KiB stream
+    // window) releases none of the window, so latchkey's writes of the echoes wait on
+    // flow control. After `idle_timeout` of that the WebSocket is closed; before, it
+    // waited for as long as the client kept the connection (and the upstream's with it).
+    const MESSAGES: usize = 2000;
+    let (_server, lk) = setup_with("[proxy.limits]\nidle_timeout = 2\n");
+    let got = runtime().block_on(async {
+        let client = h2::connect_h2(lk.port, "api.example.com:443", "api.example.com").await;
+        let mut client = client.ready().await.unwrap();
+        for _ in 0..100 {
+            if client.is_extended_connect_protocol_enabled() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let mut req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("https://api.example.com/ws")
+            .header("sec-websocket-version", "13")
+            .header("authorization", "Bearer placeholder")
+            .body(())
+            .unwrap();
+        req.extensions_mut().insert(::h2::ext::Protocol::from_static("websocket"));
+        let (resp, mut send) = client.send_request(req, false).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200, "extended CONNECT accepted");
+        for _ in 0..MESSAGES {
+            send.send_data(bytes::Bytes::from(text_frame(&[b'm'; 100])), false).unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+        let mut body = resp.into_body();
+        let mut got = 0;
+        while let Ok(Some(Ok(data))) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), body.data()).await
+        {
+            got += data.len();
+            let _ = body.flow_control().release_capacity(data.len());
+        }
+        got
+    });
+    // Each echo: a 2-byte frame header, "echo: ", the 100 bytes.
+    let all = MESSAGES * 108;
+    assert!(got < all, "the WebSocket was never let go: {got} of {all} bytes of echoes came afterwards");
+}

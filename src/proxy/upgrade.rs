@@ -141,8 +141,9 @@ pub async fn relay(
             ));
         }
         let upstream = hyper::upgrade::on(&mut resp);
-        let limit = config.proxy.limits.tunnel_timeout;
-        tokio::spawn(join(client, upstream, limit, redactors, screen));
+        let limits = &config.proxy.limits;
+        let (limit, idle) = (limits.tunnel_timeout, limits.idle_timeout);
+        tokio::spawn(join(client, upstream, (limit, idle), redactors, screen));
         if let Upgrade::H2WebSocket = kind {
             // An HTTP/2 client is told 200; the handshake headers are HTTP/1.1's.
             *resp.status_mut() = StatusCode::OK;
@@ -152,10 +153,12 @@ pub async fn relay(
     Ok(resp)
 }
 
+/// `limit` is the whole stream's time, `idle` how long a write to an HTTP/2 client may
+/// wait for its window (an HTTP/1.1 client's socket has its own deadline underneath).
 async fn join(
     client: ClientSide,
     upstream: OnUpgrade,
-    limit: Duration,
+    (limit, idle): (Duration, Duration),
     redactors: Option<Set>,
     screen: Option<super::wsscreen::WsScreen>,
 ) {
@@ -168,6 +171,7 @@ async fn join(
         }
         ClientSide::H2(rx) => {
             let Ok(client) = rx.await else { return };
+            let client = super::send_deadline::SendDeadline::new(client, idle);
             bridge(client, upstream, limit, redactors, screen).await;
         }
     }
