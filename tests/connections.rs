@@ -1047,6 +1047,44 @@ fn a_client_that_stops_reading_its_answer_is_let_go_after_the_idle_timeout() {
 }
 
 #[test]
+fn a_client_that_stops_reading_plain_http_or_a_blind_tunnel_is_let_go_too() {
+    // The same stall where latchkey does not decrypt: a plain-HTTP request on the proxy
+    // port (hyper serves it there) and a blind tunnel (TLS to the upstream itself). Both
+    // held their upstream connection for as long as the client kept its own open.
+    const TOTAL: usize = 50_000_000;
+    let up = upstream(true, None);
+    let plain = upstream(false, None);
+    let lk = Latchkey::start_plain(&up, &plain, &format!("[proxy.limits]\nidle_timeout = 2\n{CRED}"), ENV);
+    let mut direct = TcpStream::connect(("127.0.0.1", lk.port)).unwrap();
+    write!(
+        direct,
+        "GET http://other.example.com/source?bytes={TOTAL} HTTP/1.1\r\nHost: other.example.com\r\n\r\n"
+    )
+    .unwrap();
+    let mut blind = tls(tunnel(lk.port, "other.example.com:443").0, "other.example.com");
+    write!(blind, "GET /source?bytes={TOTAL} HTTP/1.1\r\nHost: other.example.com\r\n\r\n").unwrap();
+    let mut got = vec![0u8; 64 * 1024];
+    direct.read_exact(&mut got).unwrap();
+    blind.read_exact(&mut got).unwrap();
+    assert_eq!((plain.open.now(), up.open.now()), (1, 1), "each body streams from one upstream connection");
+    std::thread::sleep(Duration::from_secs(6));
+    let held = (plain.open.now(), up.open.now());
+    let rest = |s: &mut dyn Read| {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        got.len() + rest.len()
+    };
+    direct.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    blind.get_mut().set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let read = (rest(&mut direct), rest(&mut blind));
+    assert!(
+        read.0 < TOTAL && read.1 < TOTAL,
+        "never let go: read (plain, blind) {read:?} of {TOTAL} afterwards"
+    );
+    assert_eq!(held, (0, 0), "upstream connections (plain, blind) still open 6 s into the stall");
+}
+
+#[test]
 fn an_http2_client_that_never_opens_its_window_again_is_let_go_after_the_idle_timeout() {
     // HTTP/2's own way of not reading: the client's connection task reads every frame,
     // but the client releases none of the stream's window, so latchkey's answer waits

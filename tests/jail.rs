@@ -751,3 +751,44 @@ fn fake_anthropic() -> (Setup, PyServer, PathBuf) {
     write_config(s.dir.path(), free_port(), Some(addr), body);
     (s, server, log)
 }
+
+#[test]
+fn a_jailed_client_that_stops_reading_is_let_go_after_the_idle_timeout() {
+    // A connection that arrives without CONNECT is timed as the proxy port's are: a
+    // 50 MB download read for 64 KiB and then not at all is cut after `idle_timeout`.
+    const TOTAL: usize = 50_000_000;
+    let up = upstream(true, None);
+    let s = Setup::new(User::Root, Some(up.addr), "#END-PROXY\n[proxy.limits]\nidle_timeout = 2\n");
+    let py = format!(
+        r#"import socket, ssl, time
+s = ssl._create_unverified_context().wrap_socket(socket.create_connection(("api.anthropic.com", 443)), server_hostname="api.anthropic.com")
+s.sendall(b"GET /source?bytes={TOTAL} HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n")
+got = 0
+while got < 65536:
+    got += len(s.recv(65536 - got))
+time.sleep(6)
+s.settimeout(20)
+try:
+    while True:
+        b = s.recv(1 << 20)
+        if not b: break
+        got += len(b)
+except OSError:
+    pass
+print("read", got)
+"#
+    );
+    let script = format!("{NO_PROXY_ENV}\npython3 -c \"$0\"\n");
+    let o =
+        s.cmd(&[("ANTHROPIC_API_KEY", SECRET)], &[], &script).arg(py).stdin(Stdio::null()).output().unwrap();
+    let out = stdout(&o);
+    let read: usize = out
+        .trim()
+        .strip_prefix("read ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", text(&o)));
+    assert!(
+        (65536..TOTAL).contains(&read),
+        "the stalled jailed client was never let go: it read {read} bytes"
+    );
+}

@@ -55,6 +55,7 @@ impl Proxy {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let generation = self.generation();
+        let stream = super::SendDeadline::new(stream, generation.config.proxy.limits.idle_timeout);
         let opener = Opener { peer, identity: Identity::Named(agent.map(str::to_string)) };
         let agent = match handler::admit(&generation.config, &opener) {
             Ok(a) => a,

@@ -49,6 +49,7 @@ use builders::server_builder;
 pub use destined::original_destination;
 pub use drain::{ExchangeGuard, Exchanges};
 pub use generation::Generation;
+use send_deadline::SendDeadline;
 pub use slots::{HeldSlot, Slot};
 
 use std::net::SocketAddr;
@@ -308,6 +309,9 @@ impl Proxy {
         }
         let _ = stream.set_nodelay(true);
         let cert = stream.client_cert();
+        // Every write to the client is timed from here down: plain-HTTP answers, and the
+        // tunnels a CONNECT opens (intercepted or blind) carry this socket on.
+        let stream = SendDeadline::new(stream, limits.idle_timeout);
         let stream = framing::Guarded::new(stream, &limits);
         let conn = handler::Connection {
             proxy: self,

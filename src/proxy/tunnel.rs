@@ -103,7 +103,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = generation.config.proxy.limits.clone();
-    let client = super::send_deadline::SendDeadline::new(client, limits.idle_timeout);
+    // `client` is under `SendDeadline` already: the proxy port and `serve_admitted` put
+    // every client socket there.
     let mut io = Capped::new(client, limits.max_tunnel_bytes);
     let first = match tokio::time::timeout(limits.header_read_timeout, first_bytes(&mut io)).await {
         Ok(Ok(first)) if !first.is_empty() => first,
