@@ -445,3 +445,45 @@ impl std::fmt::Debug for Upgraded {
         f.write_str("h2_server::Upgraded")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Serve `io` with nothing but the keep-alive; how long until it found the client
+    /// dead, `None` if the connection ended first.
+    async fn dead_after(io: tokio::io::DuplexStream) -> Option<Duration> {
+        let start = Instant::now();
+        let mut conn = h2::server::handshake(io).await.unwrap();
+        let mut keep_alive = KeepAlive::new(conn.ping_pong().unwrap());
+        poll_fn(|cx| {
+            loop {
+                match conn.poll_accept(cx) {
+                    Poll::Ready(Some(Ok(_))) => continue,
+                    Poll::Ready(_) => return Poll::Ready(None),
+                    Poll::Pending => return keep_alive.poll_dead(cx).map(|()| Some(start.elapsed())),
+                }
+            }
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_answering_pings_is_found_dead_one_that_answers_is_not() {
+        // Silent: the preface and its SETTINGS, then nothing read or written (a laptop
+        // closed, a NAT that forgot the flow: no FIN ever comes).
+        let (server, mut silent) = tokio::io::duplex(64 * 1024);
+        silent.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+        let watched = tokio::time::timeout(KEEP_ALIVE_INTERVAL * 10, dead_after(server)).await;
+        let dead = watched.expect("a client answering no PING was never found dead").expect("ended");
+        assert_eq!(dead, KEEP_ALIVE_INTERVAL + KEEP_ALIVE_TIMEOUT);
+        // Answering: the h2 crate's client sends each PONG; ten intervals pass.
+        let (server, answering) = tokio::io::duplex(64 * 1024);
+        let (_send, client) = h2::client::handshake(answering).await.unwrap();
+        let client = tokio::spawn(client);
+        let watched = tokio::time::timeout(KEEP_ALIVE_INTERVAL * 10, dead_after(server)).await;
+        assert!(watched.is_err(), "a client answering every PING was found dead: {watched:?}");
+        client.abort();
+    }
+}
