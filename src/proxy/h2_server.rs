@@ -63,7 +63,15 @@ const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serve the HTTP/2 connection on `io`: each stream's request to `service`, its answer
 /// back, until the connection ends.
-pub async fn serve<I, S, F>(io: I, limits: &crate::config::Limits, service: S)
+///
+/// Not an `async fn`: its arguments would stay in the future for the connection's life,
+/// the stream (~1.3 KiB) beside the copy h2's codec holds. The handshake is boxed, and
+/// freed once done, for the same reason: its state holds the stream too.
+pub fn serve<I, S, F>(
+    io: I,
+    limits: &crate::config::Limits,
+    service: S,
+) -> impl Future<Output = ()> + use<I, S, F>
 where
     I: AsyncRead + AsyncWrite + Unpin,
     S: Fn(Request<ClientBody>) -> F,
@@ -81,74 +89,78 @@ where
         .enable_connect_protocol();
     // The client's preface gets the time a request head gets: h2 would wait for it
     // for ever, a silent tunnel holding its connection slot.
-    let mut conn =
-        match tokio::time::timeout(limits.header_read_timeout, builder.handshake::<_, Bytes>(io)).await {
+    let handshake = builder.handshake::<_, Bytes>(io);
+    let handshake = Box::pin(tokio::time::timeout(limits.header_read_timeout, handshake));
+    let idle_timeout = limits.idle_timeout;
+    async move {
+        let mut conn = match handshake.await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return tracing::debug!("h2 tunnel handshake: {e}"),
             Err(_) => return tracing::debug!("h2 tunnel: no client preface in time"),
         };
-    let mut keep_alive = conn.ping_pong().map(KeepAlive::new);
-    let mut idle = Idle::new(limits.idle_timeout);
-    let mut streams = FuturesUnordered::new();
-    let wake = Arc::new(ConnWake::default());
-    let conn_waker = Waker::from(wake.clone());
-    // The connection is polled only when it asked to be (`ConnWake`): a stream's waker
-    // firing after the stream is done must not cost a poll of the connection.
-    wake.asked.store(true, Ordering::Release);
-    let ended = poll_fn(|cx| {
-        wake.task.register(cx.waker());
-        wake.polling.store(true, Ordering::Release);
-        let ended = loop {
-            // Streams first: what they queue is written by the connection's poll below.
-            while let Poll::Ready(Some(())) = Pin::new(&mut streams).poll_next(cx) {}
-            if !wake.asked.swap(false, Ordering::AcqRel) {
-                break Poll::Pending;
-            }
-            match conn.poll_accept(&mut Context::from_waker(&conn_waker)) {
-                Poll::Ready(Some(Ok((req, respond)))) => {
-                    streams.push(stream(req, respond, &service, limits.idle_timeout));
-                    // More may be read already: polled again after the new stream.
-                    wake.asked.store(true, Ordering::Release);
+        let mut keep_alive = conn.ping_pong().map(KeepAlive::new);
+        let mut idle = Idle::new(idle_timeout);
+        let mut streams = FuturesUnordered::new();
+        let wake = Arc::new(ConnWake::default());
+        let conn_waker = Waker::from(wake.clone());
+        // The connection is polled only when it asked to be (`ConnWake`): a stream's waker
+        // firing after the stream is done must not cost a poll of the connection.
+        wake.asked.store(true, Ordering::Release);
+        let ended = poll_fn(|cx| {
+            wake.task.register(cx.waker());
+            wake.polling.store(true, Ordering::Release);
+            let ended = loop {
+                // Streams first: what they queue is written by the connection's poll below.
+                while let Poll::Ready(Some(())) = Pin::new(&mut streams).poll_next(cx) {}
+                if !wake.asked.swap(false, Ordering::AcqRel) {
+                    break Poll::Pending;
                 }
-                Poll::Ready(Some(Err(e))) => break Poll::Ready(Some(e)),
-                Poll::Ready(None) => break Poll::Ready(None),
-                // Asked again while it ran (it yields so, to let other tasks run, and
-                // when tokio's budget is spent): the task is woken below, never looped.
-                Poll::Pending => break Poll::Pending,
+                match conn.poll_accept(&mut Context::from_waker(&conn_waker)) {
+                    Poll::Ready(Some(Ok((req, respond)))) => {
+                        streams.push(stream(req, respond, &service, idle_timeout));
+                        // More may be read already: polled again after the new stream.
+                        wake.asked.store(true, Ordering::Release);
+                    }
+                    Poll::Ready(Some(Err(e))) => break Poll::Ready(Some(e)),
+                    Poll::Ready(None) => break Poll::Ready(None),
+                    // Asked again while it ran (it yields so, to let other tasks run, and
+                    // when tokio's budget is spent): the task is woken below, never looped.
+                    Poll::Pending => break Poll::Pending,
+                }
+            };
+            wake.polling.store(false, Ordering::Release);
+            if ended.is_ready() {
+                return ended;
             }
-        };
-        wake.polling.store(false, Ordering::Release);
-        if ended.is_ready() {
-            return ended;
+            // A stream of this task wakes it when it ends. One only the h2 crate counts (an
+            // upgraded WebSocket's, one whose request body is dropped elsewhere) does not:
+            // for those the timer looks again every `idle_timeout`.
+            let expired =
+                if streams.is_empty() { idle.poll_expired(conn.has_streams(), cx) } else { idle.busy() };
+            if expired.is_ready() {
+                tracing::debug!("h2 tunnel: no stream for {}s, going away", idle_timeout.as_secs());
+                // GOAWAY: what the client sent meanwhile is still served, then it ends.
+                conn.graceful_shutdown();
+                // Queued, not written: the connection's next poll sends it.
+                wake.asked.store(true, Ordering::Release);
+            }
+            if wake.asked.load(Ordering::Acquire) {
+                cx.waker().wake_by_ref();
+            }
+            if keep_alive.as_mut().is_some_and(|k| k.poll_dead(cx).is_ready()) {
+                tracing::debug!("h2 tunnel: no PONG within {}s, closing", KEEP_ALIVE_TIMEOUT.as_secs());
+                conn.abrupt_shutdown(Reason::NO_ERROR);
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        if let Some(e) = ended {
+            tracing::debug!("h2 tunnel: {e}");
         }
-        // A stream of this task wakes it when it ends. One only the h2 crate counts (an
-        // upgraded WebSocket's, one whose request body is dropped elsewhere) does not:
-        // for those the timer looks again every `idle_timeout`.
-        let expired =
-            if streams.is_empty() { idle.poll_expired(conn.has_streams(), cx) } else { idle.busy() };
-        if expired.is_ready() {
-            tracing::debug!("h2 tunnel: no stream for {}s, going away", limits.idle_timeout.as_secs());
-            // GOAWAY: what the client sent meanwhile is still served, then it ends.
-            conn.graceful_shutdown();
-            // Queued, not written: the connection's next poll sends it.
-            wake.asked.store(true, Ordering::Release);
-        }
-        if wake.asked.load(Ordering::Acquire) {
-            cx.waker().wake_by_ref();
-        }
-        if keep_alive.as_mut().is_some_and(|k| k.poll_dead(cx).is_ready()) {
-            tracing::debug!("h2 tunnel: no PONG within {}s, closing", KEEP_ALIVE_TIMEOUT.as_secs());
-            conn.abrupt_shutdown(Reason::NO_ERROR);
-            return Poll::Ready(None);
-        }
-        Poll::Pending
-    })
-    .await;
-    if let Some(e) = ended {
-        tracing::debug!("h2 tunnel: {e}");
+        // After an abrupt shutdown the GOAWAY still has to be written.
+        let _ = poll_fn(|cx| conn.poll_closed(cx)).await;
     }
-    // After an abrupt shutdown the GOAWAY still has to be written.
-    let _ = poll_fn(|cx| conn.poll_closed(cx)).await;
 }
 
 /// One stream: its request to `service`, unless the client resets it first; the answer

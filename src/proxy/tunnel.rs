@@ -266,7 +266,8 @@ fn limits(conn: &Conn) -> crate::config::Limits {
     conn.proxy.generation().config.proxy.limits.clone()
 }
 
-async fn serve_h2<S>(conn: Conn, stream: S)
+/// Not an `async fn`, as `serve_h1` is not: its arguments would stay in the future.
+fn serve_h2<S>(conn: Conn, stream: S) -> impl std::future::Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -274,14 +275,14 @@ where
     // SETTINGS and PING floods, which h2 would answer without end.
     let stream = super::h2guard::H2Guard::new(stream, conn.opener.peer);
     let conn = Arc::new(conn);
-    let service = |req| {
+    let service = move |req| {
         let conn = conn.clone();
         async move {
             let Ok(resp) = conn.request(req).await;
             resp
         }
     };
-    super::h2_server::serve(stream, &limits, service).await;
+    super::h2_server::serve(stream, &limits, service)
 }
 
 /// HTTP/1.1 behind the framing guard, which learns from the service whether an upgrade
