@@ -1085,6 +1085,41 @@ fn a_client_that_stops_reading_plain_http_or_a_blind_tunnel_is_let_go_too() {
 }
 
 #[test]
+fn a_blind_tunnel_whose_upstream_stops_reading_is_let_go() {
+    // The other way round: the upstream (a server that accepts and then reads nothing)
+    // takes none of what the client sends. latchkey's writes to it wait, and before they
+    // were timed the tunnel stayed for `tunnel_timeout` (4 h by default).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let deaf = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(1).collect();
+        std::thread::sleep(Duration::from_secs(30));
+        drop(held);
+    });
+    let (log_cfg, log) = logging();
+    let limits = "[proxy.limits]\nidle_timeout = 2\n";
+    let cfg = format!("{log_cfg}{limits}#END-PROXY\n\"deaf.example.com:7000\" = \"{deaf}\"\n{CRED}");
+    let up = upstream(true, None);
+    let lk = Latchkey::start(Some(&up), &cfg, ENV);
+    let (mut s, head) = tunnel(lk.port, "deaf.example.com:7000");
+    assert!(head.starts_with("HTTP/1.1 200"), "a blind tunnel: {head}");
+    // Not HTTP, not TLS: spliced. 64 MB fills every buffer on the way and then waits.
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    let started = Instant::now();
+    let chunk = vec![0u8; 1 << 20];
+    let ended = (0..64).find_map(|_| s.write_all(&chunk).err());
+    let after = started.elapsed();
+    let ended = ended.expect("64 MB went into a server that reads nothing");
+    assert!(
+        !matches!(ended.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        "the tunnel was still open after {after:?}: the client's write timed out ({ended})"
+    );
+    assert!(after < Duration::from_secs(15), "let go only after {after:?}");
+    let why = "the upstream took no byte for 2s (idle_timeout)";
+    log_until(&log, "the tunnel's line, saying why", |l| l.iter().any(|v| v.to_string().contains(why)));
+}
+
+#[test]
 fn an_http2_client_that_never_opens_its_window_again_is_let_go_after_the_idle_timeout() {
     // HTTP/2's own way of not reading: the client's connection task reads every frame,
     // but the client releases none of the stream's window, so latchkey's answer waits

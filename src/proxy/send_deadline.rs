@@ -21,13 +21,22 @@ pub struct SendDeadline<S> {
     after: Duration,
     /// Made on the first write that waits.
     sleep: Option<Pin<Box<Sleep>>>,
-    /// A write is waiting on the client: `sleep` is set for this wait.
+    /// A write is waiting on the peer: `sleep` is set for this wait.
     waiting: bool,
+    /// Who takes the writes, for the error: "client" or "upstream".
+    peer: &'static str,
 }
 
 impl<S> SendDeadline<S> {
+    /// Writes to a client.
     pub fn new(io: S, after: Duration) -> Self {
-        SendDeadline { io, after, sleep: None, waiting: false }
+        SendDeadline { io, after, sleep: None, waiting: false, peer: "client" }
+    }
+
+    /// Writes to an upstream (a blind tunnel's: an intercepted request's upload has
+    /// `[proxy] timeout` instead).
+    pub fn upstream(io: S, after: Duration) -> Self {
+        SendDeadline { peer: "upstream", ..Self::new(io, after) }
     }
 
     /// The inner write is waiting: start the clock if this wait just began; an error once
@@ -45,7 +54,7 @@ impl<S> SendDeadline<S> {
         match sleep.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("the client took no byte for {}s (idle_timeout)", self.after.as_secs()),
+                format!("the {} took no byte for {}s (idle_timeout)", self.peer, self.after.as_secs()),
             ))),
             Poll::Pending => Poll::Pending,
         }

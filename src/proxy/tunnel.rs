@@ -493,6 +493,9 @@ impl Blind {
         let deadline = tokio::time::Instant::now() + limits.tunnel_timeout;
         let mut reloads = self.proxy.reloads();
         let mut client = Capped::new(client, limits.max_tunnel_bytes);
+        // The client's side is under `SendDeadline` from its accept; the upstream's here:
+        // either side that takes nothing of what waits for it for `idle_timeout` ends it.
+        let upstream = super::SendDeadline::upstream(upstream, limits.idle_timeout);
         let mut upstream = Capped::new(upstream, None);
         let sniffed = tokio::select! {
             s = tokio::time::timeout_at(deadline, sniff(&mut client, &mut upstream, &limits)) => {
