@@ -298,3 +298,48 @@ fn a_websocket_over_http2_whose_client_opens_no_window_is_let_go() {
     let all = MESSAGES * 108;
     assert!(got < all, "the WebSocket was never let go: {got} of {all} bytes of echoes came afterwards");
 }
+
+#[test]
+fn a_websocket_whose_upstream_stops_reading_is_let_go() {
+    // The upstream answers the handshake and then reads nothing, for 30 s. Before its
+    // side was timed, the client's messages waited on it for `tunnel_timeout` (4 h).
+    use std::io::{Read, Write};
+    let script: KeepaliveScript = std::sync::Arc::new(|_: &KeptRequest| {
+        let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                    Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        Reply::close(head, std::time::Duration::from_secs(30))
+    });
+    let up = keepalive_scripted_upstream(script);
+    let cfg = "[proxy.limits]\nidle_timeout = 2\n#END-PROXY\n[credentials.ws]\nauth_type = \"bearer\"\nvalue = \"${WS_TOKEN}\"\ndomains = [\"api.example.com\"]\n";
+    let lk = Latchkey::start(Some(&up), cfg, &[("WS_TOKEN", SECRET)]);
+    let (stream, status) = raw::tunnel(lk.port, "api.example.com:443");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let mut tls = raw::tls(stream, "api.example.com");
+    write!(
+        tls,
+        "GET /deaf HTTP/1.1\r\nHost: api.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer placeholder\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && tls.read(&mut byte).unwrap() == 1 {
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    // 16 KiB binary messages (masked with a zero key), 64 MB in all: every buffer on the
+    // way fills, then latchkey's writes to the upstream wait.
+    let mut frame = vec![0x82, 0x80 | 126, 0x40, 0x00, 0, 0, 0, 0];
+    frame.resize(frame.len() + 16 * 1024, 0);
+    tls.get_mut().set_write_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let started = std::time::Instant::now();
+    let ended = (0..4096).find_map(|_| tls.write_all(&frame).err());
+    let after = started.elapsed();
+    let ended = ended.expect("64 MB went into an upstream that reads nothing");
+    assert!(
+        !matches!(ended.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        "the WebSocket was still open after {after:?}: the client's write timed out ({ended})"
+    );
+    assert!(after < std::time::Duration::from_secs(15), "let go only after {after:?}");
+}

@@ -153,8 +153,9 @@ pub async fn relay(
     Ok(resp)
 }
 
-/// `limit` is the whole stream's time, `idle` how long a write to an HTTP/2 client may
-/// wait for its window (an HTTP/1.1 client's socket has its own deadline underneath).
+/// `limit` is the whole stream's time, `idle` how long a write to the upstream, or to an
+/// HTTP/2 client, may wait (for its window) before the stream ends; an HTTP/1.1 client's
+/// socket has its own deadline underneath.
 async fn join(
     client: ClientSide,
     upstream: OnUpgrade,
@@ -163,7 +164,7 @@ async fn join(
     screen: Option<super::wsscreen::WsScreen>,
 ) {
     let Ok(upstream) = upstream.await else { return };
-    let upstream = TokioIo::new(upstream);
+    let upstream = super::SendDeadline::upstream(TokioIo::new(upstream), idle);
     match client {
         ClientSide::H1(on) => {
             let Ok(client) = on.await else { return };
@@ -171,7 +172,7 @@ async fn join(
         }
         ClientSide::H2(rx) => {
             let Ok(client) = rx.await else { return };
-            let client = super::send_deadline::SendDeadline::new(client, idle);
+            let client = super::SendDeadline::new(client, idle);
             bridge(client, upstream, limit, redactors, screen).await;
         }
     }
