@@ -1245,3 +1245,19 @@ pub async fn read_request_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S, conn:
         .collect();
     Some(Seen { conn, method, path, headers, body: Vec::new(), trailers: Vec::new() })
 }
+
+/// Write `chunk` `times` over into a peer that reads nothing (the writer's write timeout
+/// set well above 15 s): latchkey must close `what` within 15 s, so the write fails
+/// with the connection's end, not with its own timeout.
+pub fn assert_let_go_while_writing(w: &mut impl Write, chunk: &[u8], times: usize, what: &str) {
+    let started = std::time::Instant::now();
+    let ended = (0..times).find_map(|_| w.write_all(chunk).err());
+    let after = started.elapsed();
+    let ended =
+        ended.unwrap_or_else(|| panic!("{} bytes went into a peer that reads nothing", chunk.len() * times));
+    assert!(
+        !matches!(ended.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        "{what} was still open after {after:?}: the client's write timed out ({ended})"
+    );
+    assert!(after < Duration::from_secs(15), "{what} let go only after {after:?}");
+}
