@@ -343,30 +343,10 @@ fn blocked_patterns_read_request_trailers() {
 /// An HTTP/2 client in a tunnel to api.anthropic.com: POST `hello`, then a trailing
 /// HEADERS frame with `trailers`. Returns the status.
 fn h2_post_with_trailers(port: u16, trailers: &[(&str, &str)]) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let trailers: http::HeaderMap =
         trailers.iter().map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap())).collect();
     runtime().block_on(async move {
-        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        tcp.write_all(b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\n")
-            .await
-            .unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(tcp.read_u8().await.unwrap());
-        }
-        let mut cfg = common::raw::client_config();
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        let name = rustls::pki_types::ServerName::try_from("api.anthropic.com").unwrap();
-        let tls =
-            tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tls),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
+        let mut sender = common::h2::hyper_h2(port, "api.anthropic.com:443", "api.anthropic.com").await;
         let (mut tx, body) = http_body_util::Channel::<bytes::Bytes, std::convert::Infallible>::new(2);
         tokio::spawn(async move {
             tx.send_data(bytes::Bytes::from_static(b"hello")).await.unwrap();

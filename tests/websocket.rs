@@ -55,14 +55,7 @@ type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 /// An HTTP/2 connection through latchkey to api.example.com, and a WebSocket opened on
 /// it by extended CONNECT (RFC 8441), with the placeholder latchkey replaces.
 async fn websocket_over_h2(port: u16) -> (H2Sender, Upgraded) {
-    let tls = h2::tunnel(port, "api.example.com:443", "api.example.com").await;
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2::hyper_h2(port, "api.example.com:443", "api.example.com").await;
     let req = http::Request::builder()
         .method(http::Method::CONNECT)
         .version(http::Version::HTTP_2)

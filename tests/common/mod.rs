@@ -966,6 +966,24 @@ pub mod h2 {
         sender
     }
 
+    /// hyper's HTTP/2 client over `tunnel`, its connection driven on a task of its own.
+    pub async fn hyper_h2<B>(port: u16, target: &str, sni: &str) -> hyper::client::conn::http2::SendRequest<B>
+    where
+        B: http_body::Body + Unpin + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let tls = tunnel(port, target, sni).await;
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
     /// A CONNECT tunnel to `target` through latchkey, TLS with `sni` and ALPN h2.
     pub async fn tunnel(
         port: u16,
