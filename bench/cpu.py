@@ -3,11 +3,19 @@
 
 Three measurements, each against the same nginx upstream bench/bench.py starts:
 
-  --cpu        CPU µs per request of latchkey and of nginx in the same run: utime+stime
-               from /proc/<pid>/stat over a fixed number of requests sent by `oha -n`
-               (keep-alive, HTTP/1.1 and HTTP/2 clients), next to nginx alone (direct).
-               CPU time, not wall time: other processes slow a run down but do not add
-               to its CPU time (caches and frequency still move it a few percent).
+  --cpu        CPU µs per request of the client (oha's rusage), the origin and latchkey
+               in the same run: utime+stime from /proc/<pid>/stat over a fixed number of
+               requests sent by `oha -n` (keep-alive, HTTP/1.1 and HTTP/2 clients, a new
+               connection per request), next to the client and origin alone (direct),
+               with the machine's busy share. CPU time, not wall time: other processes
+               slow a run down but do not add to its CPU time (caches and frequency still
+               move it a few percent). The last column is the proxy's budget: the CPU per
+               request it may spend for SPEC 8's ratio to direct on this machine, the
+               client and origin costing what they did (throughput = busy x cores / CPU
+               per request, solved for the proxy's share). `--nginx-proxy` adds nginx as
+               a TLS-terminating reverse proxy (the yardstick); `--origin rustls` puts
+               examples/origin.rs in nginx's place as the origin (a rustls handshake,
+               like latchkey's, instead of OpenSSL 3.0's; docs/performance.md).
   --callgrind  instructions per request under `valgrind --tool=callgrind`: latchkey is
                started afresh under callgrind for N=100 and N=300 requests of each kind
                (one client connection, sequential), and (Ir(300) - Ir(100)) / 200 is the
@@ -24,10 +32,13 @@ Everything binds to 127.0.0.1; every process started here is stopped here by PID
 
     cargo build --release && python3 bench/cpu.py --callgrind
     python3 bench/cpu.py --cpu --requests 50000 --baseline /tmp/latchkey-main
+    cargo build --release --example origin && python3 bench/cpu.py --cpu --nginx-proxy --origin rustls
 """
 
 import argparse
+import json
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -66,26 +77,45 @@ FEATURE_KINDS = [
 ]
 
 
-def oha_n(t, url, n, conns, extra, ca):
-    """`n` requests on `conns` connections; fails loudly unless every one got a 200."""
+def oha_n(bench, t, url, n, conns, extra, ca):
+    """`n` requests on `conns` connections; fails loudly unless every one got a 200.
+    Returns oha's report and the CPU seconds oha itself spent (the client's share)."""
     cmd = ["oha", "-n", str(n), "-c", str(conns), "--no-tui", "--output-format", "json", "--cacert", str(ca),
            *extra]
     if t.proxy:
         cmd += ["-x", t.proxy]
+    if t.reverse:
+        url = url.replace(f"127.0.0.1:{bench.up_port}", f"127.0.0.1:{t.reverse}", 1)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=600)
-    import json
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     d = json.loads(out.stdout)
     ok = d.get("statusCodeDistribution", {}).get("200", 0)
     if ok != n:
         raise SystemExit(f"{t.name}: {ok} of {n} requests answered 200: {d.get('errorDistribution')}")
+    client = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return d, client
 
 
 def ticks(pid):
     return b.cpu_ticks(b.tree(pid))
 
 
+# SPEC 8's ratios to direct, for the budget column of `--cpu`.
+SPEC_RATIO = {"HTTP/1.1 keep-alive": 0.5, "HTTP/2 keep-alive": 0.6, "HTTP/1.1 new connection per request": 0.55}
+
+
+def busy():
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = f[3] + f[4]
+    return sum(f) - idle, sum(f)
+
+
 def cpu_rows(bench, targets, nginx_pid, args):
-    """CPU µs per request, median over rounds, targets alternating."""
+    """CPU µs per request of the client, the origin and the proxy, median over rounds,
+    targets alternating; and the proxy's budget: what it may spend per request for the
+    SPEC's ratio to direct on this machine, the client and origin costing what they did."""
     kinds = [k for k in KINDS if args.match in k[0]]
     url = f"https://127.0.0.1:{bench.up_port}/"
     runs = {}
@@ -94,23 +124,37 @@ def cpu_rows(bench, targets, nginx_pid, args):
             order = targets[r % len(targets):] + targets[:r % len(targets)]
             for t in order:
                 ca = t.ca if t.proxy else bench.work / "up-ca.pem"
-                oha_n(t, url, 2000, args.conns, extra, ca)  # warm: connections, pools, caches
-                p0, n0 = (ticks(t.pid) if t.pid else 0), ticks(nginx_pid)
-                oha_n(t, url, args.requests, args.conns, extra, ca)
-                p1, n1 = (ticks(t.pid) if t.pid else 0), ticks(nginx_pid)
-                per = lambda d: d / b.HZ / args.requests * 1e6  # noqa: E731
-                runs.setdefault((kind, t.name), []).append((per(p1 - p0), per(n1 - n0)))
-                print(f"# round {r + 1} {kind} {t.name}: proxy {per(p1 - p0):.1f} µs, nginx {per(n1 - n0):.1f} µs",
+                oha_n(bench, t, url, 2000, args.conns, extra, ca)  # warm: connections, pools, caches
+                p0, n0, m0 = (ticks(t.pid) if t.pid else 0), ticks(nginx_pid), busy()
+                d, client = oha_n(bench, t, url, args.requests, args.conns, extra, ca)
+                p1, n1, m1 = (ticks(t.pid) if t.pid else 0), ticks(nginx_pid), busy()
+                per = lambda ticks: ticks / b.HZ / args.requests * 1e6  # noqa: E731
+                row = {"rps": d["summary"]["requestsPerSec"], "client": client / args.requests * 1e6,
+                       "origin": per(n1 - n0), "proxy": per(p1 - p0), "busy": (m1[0] - m0[0]) / (m1[1] - m0[1])}
+                runs.setdefault((kind, t.name), []).append(row)
+                print(f"# round {r + 1} {kind} {t.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()),
                       file=sys.stderr)
-    lines = [f"CPU µs per request ({args.requests} requests, {args.conns} keep-alive connections, "
-             f"median of {args.rounds}; /proc/<pid>/stat utime+stime):", "",
-             "| request kind | target | proxy µs/req | nginx µs/req |", "|---|---|---|---|"]
+    lines = [f"CPU µs per request ({args.requests} requests, {args.conns} connections, median of {args.rounds}; "
+             "client: oha's rusage; origin and proxy: /proc/<pid>/stat utime+stime; busy: the machine's "
+             "non-idle share, /proc/stat):", "",
+             "| request kind | target | req/s (× direct) | client | origin | proxy | all | busy | "
+             "proxy budget for the SPEC ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for kind, _ in kinds:
+        med = {t.name: {k: statistics.median(x[k] for x in runs[(kind, t.name)])
+                        for k in runs[(kind, t.name)][0]} for t in targets}
+        direct = med["direct"]
         for t in targets:
-            got = runs[(kind, t.name)]
-            proxy = statistics.median(x[0] for x in got)
-            nginx = statistics.median(x[1] for x in got)
-            lines.append(f"| {kind} | {t.name} | {'—' if not t.pid else f'{proxy:.1f}'} | {nginx:.1f} |")
+            m = med[t.name]
+            total = m["client"] + m["origin"] + m["proxy"]
+            proxy = f"{m['proxy']:.1f}" if t.pid else "—"
+            budget = "—"
+            if t.pid and kind in SPEC_RATIO:
+                # Throughput is busy × cores / CPU per request; solve the ratio for the proxy's share.
+                allowed = (direct["client"] + direct["origin"]) * m["busy"] / direct["busy"] / SPEC_RATIO[kind]
+                budget = f"{allowed - m['client'] - m['origin']:.1f} µs for {SPEC_RATIO[kind]}×"
+            lines.append(f"| {kind} | {t.name} | {m['rps']:.0f} ({m['rps'] / direct['rps']:.2f}×) | "
+                         f"{m['client']:.1f} | {m['origin']:.1f} | {proxy} | "
+                         f"{total:.1f} | {100 * m['busy']:.0f}% | {budget} |")
     return "\n".join(lines) + "\n"
 
 
@@ -139,7 +183,7 @@ def callgrind_ir(bench, name, binary, n, extra, mode=""):
         if mode == "watch":
             token = (bench.work / "admin.token").read_text().strip()
             watcher = b.Watchers(bench.admin_port, token, 1)
-        oha_n(t, url, n, 1, extra, t.ca)
+        oha_n(bench, t, url, n, 1, extra, t.ca)
         if watcher:
             time.sleep(0.5)  # the last batch of events goes out
             if not watcher.bytes:
@@ -194,6 +238,20 @@ def idle_rows(bench, builds, n):
     return "\n".join(lines) + "\n"
 
 
+def start_rustls_origin(bench):
+    """`examples/origin.rs` in nginx's place as the origin (`--origin rustls`): the same
+    paths, the handshake latchkey does. Returns its pid."""
+    binary = b.ROOT / "target" / "release" / "examples" / "origin"
+    if not binary.exists():
+        raise SystemExit(f"{binary} is missing: cargo build --release --example origin")
+    port = b.free_port()
+    p = bench.spawn("origin", [str(binary), f"127.0.0.1:{port}", str(bench.work / "up.pem"),
+                               str(bench.work / "up.key"), b.SECRET])
+    b.wait_port(port)
+    bench.up_port = port
+    return p.pid
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cpu", action="store_true")
@@ -211,6 +269,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="--cpu rounds")
     ap.add_argument("--latchkey", type=Path, default=b.ROOT / "target" / "release" / "latchkey")
     ap.add_argument("--baseline", type=Path, default=None, help="an earlier build, measured the same way")
+    ap.add_argument("--nginx-proxy", action="store_true",
+                    help="--cpu: measure nginx as a TLS-terminating reverse proxy too (the yardstick)")
+    ap.add_argument("--origin", choices=["nginx", "rustls"], default="nginx",
+                    help="the origin: the bench's nginx (OpenSSL 3.0), or examples/origin.rs (rustls)")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables here")
     ap.add_argument("--keep", type=Path, default=None,
                     help="copy each callgrind profile here (for callgrind_annotate --inclusive=yes)")
@@ -232,6 +294,8 @@ def main():
         bench.certs()
         bench.start_nginx()
         nginx_pid = next(p.pid for name, p in bench.procs if name == "nginx")
+        if args.origin == "rustls":
+            nginx_pid = start_rustls_origin(bench)
         if args.callgrind:
             out.append(callgrind_rows(bench, builds, args, [k for k in KINDS if args.match in k[0]]))
         if args.features:
@@ -241,6 +305,8 @@ def main():
         if args.cpu:
             targets = [b.Target("direct", None, None, None)]
             targets += [bench.start_latchkey(name, binary) for name, binary in builds]
+            if args.nginx_proxy:
+                targets.append(bench.start_nginx_proxy())
             for t in targets:
                 b.verify_injection(bench, t)
             out.append(cpu_rows(bench, targets, nginx_pid, args))
