@@ -183,6 +183,7 @@ http {{
     listen 127.0.0.1:{self.up_port} ssl http2;
     ssl_certificate {w}/up.pem;
     ssl_certificate_key {w}/up.key;
+    ssl_protocols TLSv1.2 TLSv1.3;  # nginx < 1.23.4 (Debian's 1.22) leaves TLS 1.3 off
     root {w}/www;
     location = / {{ return 200 "hello from upstream\\n"; }}
     location = /upload {{ client_max_body_size 4m; return 200 "uploaded\\n"; }}
@@ -307,6 +308,7 @@ http {{
     listen 127.0.0.1:{port} ssl http2;
     ssl_certificate {w}/up.pem;
     ssl_certificate_key {w}/up.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
     location / {{
       proxy_pass https://up;
       proxy_http_version 1.1;
