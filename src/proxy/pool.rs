@@ -242,7 +242,12 @@ impl Pool {
             }
             false => req.uri().path_and_query().map_or("/", |pq| pq.as_str()),
         };
-        let mut head = Vec::with_capacity(256);
+        // Room for a small body as well: it joins the head in the same write (`Upload`).
+        let body_room = match framing {
+            Framing::Length(length) => length.min(16 * 1024) as usize,
+            Framing::Chunked => 0,
+        };
+        let mut head = Vec::with_capacity(256 + body_room);
         client::codec::encode_head(req.method(), target, req.headers(), &mut head);
         let mut upload = match framing {
             Framing::Length(length) => client::Upload::new(head, body, length),

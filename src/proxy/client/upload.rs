@@ -60,17 +60,22 @@ impl Upload {
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), Error>> {
         loop {
+            if self.written == 0 {
+                // What the body has ready joins what waits, the head the first time: a
+                // head and a small body are one write, so one TLS record and one segment
+                // for the upstream to read, not two.
+                self.gather(cx)?;
+            }
             if self.written < self.out.len() {
                 let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.out[self.written..]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
                 }
                 self.written += n;
-                continue;
-            }
-            self.out.clear();
-            self.written = 0;
-            if self.gather(cx)? {
+                if self.written == self.out.len() {
+                    self.out.clear();
+                    self.written = 0;
+                }
                 continue;
             }
             // Whatever was written goes out before waiting for more of the body.
@@ -83,10 +88,9 @@ impl Upload {
         }
     }
 
-    /// Append the body's ready frames to `out`, up to `GATHER` bytes; `true`: there is
-    /// something to write. A length-framed body's trailers are dropped (it cannot carry
-    /// them; hyper drops them too).
-    fn gather(&mut self, cx: &mut Context<'_>) -> Result<bool, Error> {
+    /// Append the body's ready frames to `out`, up to `GATHER` bytes. A length-framed
+    /// body's trailers are dropped (it cannot carry them; hyper drops them too).
+    fn gather(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
         while self.out.len() < GATHER
             && let Some(body) = self.body.as_mut()
         {
@@ -104,7 +108,7 @@ impl Upload {
                 },
             }
         }
-        Ok(!self.out.is_empty())
+        Ok(())
     }
 
     fn data(&mut self, data: &[u8]) -> Result<(), Error> {
@@ -223,6 +227,41 @@ mod tests {
         (sent, wrote)
     }
 
+    /// Every write it is given, as it was given.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.get_mut().0.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_and_the_body_it_has_ready_leave_in_one_write() {
+        let frames = [Frame::data(Bytes::from_static(b"{\"a\":")), Frame::data(Bytes::from_static(b"1}"))];
+        let body = Frames(frames.into(), false).boxed();
+        let mut upload = Upload::new(b"POST / HTTP/1.1\r\n\r\n".to_vec(), Some(body), 7);
+        let mut io = Writes::default();
+        std::future::poll_fn(|cx| upload.poll_send(&mut io, cx)).await.unwrap();
+        assert_eq!(io.0, [b"POST / HTTP/1.1\r\n\r\n{\"a\":1}".to_vec()]);
+
+        // A body not ready yet does not hold the head back.
+        let body = Frames([].into(), false).boxed();
+        let mut upload = Upload::new(b"POST / HTTP/1.1\r\n\r\n".to_vec(), Some(body), 7);
+        let mut io = Writes::default();
+        let waiting = std::future::poll_fn(|cx| upload.poll_send(&mut io, cx));
+        assert!(tokio::time::timeout(Duration::from_millis(50), waiting).await.is_err());
+        assert_eq!(io.0, [b"POST / HTTP/1.1\r\n\r\n".to_vec()]);
+    }
+
     #[tokio::test]
     async fn an_upload_is_done_at_its_length_without_waiting_for_the_body_to_end() {
         let (sent, wrote) = send(b"abc", 3).await;
@@ -314,6 +353,6 @@ mod tests {
     async fn a_body_longer_than_its_length_is_refused_before_any_of_it_goes() {
         let (sent, wrote) = send(b"abcd", 3).await;
         assert!(matches!(sent, Err(Error::BodyLength)), "{sent:?}");
-        assert_eq!(wrote, b"PUT / HTTP/1.1\r\n\r\n", "the head only: nothing past the length");
+        assert_eq!(wrote, b"", "nothing: the body was too long before the head left");
     }
 }
