@@ -6,9 +6,11 @@
 //! HTTP/1.1, no body or a `Content-Length` one — with buffers sized to what a request
 //! holds and freed between requests: the request head is copied once into its own
 //! allocation, the response head is written into a buffer that lives while the response
-//! is written. Whatever it does not take ([`codec::Parsed::Hyper`]) goes to hyper from
-//! that head on, with everything read so far; hyper gives the connection back once it
-//! rests (`park`).
+//! is written; a body that came whole with its head is handed over as those bytes, and
+//! a longer one reads the connection's read half while the answer is written on the
+//! other (`with_body`). Whatever it does not take ([`codec::Parsed::Hyper`]) goes to
+//! hyper from that head on, with everything read so far; hyper gives the connection
+//! back once it rests (`park`).
 //!
 //! Every byte has passed the framing guard ([`framing::Guarded`]) first, so smuggling
 //! is refused here exactly as before; the guard also times each head.
@@ -104,16 +106,23 @@ where
         if buf.is_empty() {
             buf = Vec::new(); // nothing held while the request is served
         }
-        if head.body > 0 {
-            match with_body(io, std::mem::take(&mut buf), head, settings.idle_timeout, &mut service).await {
-                Some((back, rest)) => (io, buf) = (back, rest),
-                None => return Served::Closed,
+        let body = match head.body {
+            0 => ClientBody::empty(),
+            // The whole body came with its head (a JSON request, mostly): it is handed
+            // over as bytes and the connection stays here, unsplit.
+            length if length <= buf.len() as u64 => ClientBody::own(whole_body(&mut buf, length as usize)),
+            _ => {
+                match with_body(io, std::mem::take(&mut buf), head, settings.idle_timeout, &mut service).await
+                {
+                    Some((back, rest)) => (io, buf) = (back, rest),
+                    None => return Served::Closed,
+                }
+                resting = Some(Instant::now());
+                continue;
             }
-            resting = Some(Instant::now());
-            continue;
-        }
+        };
         let (head_request, close) = (head.request.method() == Method::HEAD, head.close);
-        let resp = service(head.request.map(|()| ClientBody::empty())).await;
+        let resp = service(head.request.map(|()| body)).await;
         match respond(&mut io, resp, head_request, close).await {
             Ok(true) => resting = Some(Instant::now()),
             Ok(false) => {
@@ -123,6 +132,14 @@ where
             Err(_) => return Served::Closed,
         }
     }
+}
+
+/// The first `length` bytes of `buf` as a request body; what follows them (a pipelined
+/// request) stays in `buf`.
+fn whole_body(buf: &mut Vec<u8>, length: usize) -> Body {
+    let rest = buf.split_off(length);
+    let body = bytes::Bytes::from(std::mem::replace(buf, rest));
+    http_body_util::Full::new(body).map_err(|never| match never {}).boxed()
 }
 
 /// A request with a `Content-Length` body: the body reads the connection while the

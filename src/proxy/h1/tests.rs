@@ -136,6 +136,25 @@ async fn empty_lines_between_requests_do_not_hold_a_connection_open() {
     assert!(got.contains("ok:/1") && got.contains("ok:/2"), "{got:?}");
 }
 
+/// A body that came whole with its head is handed over as bytes: the connection is not
+/// held for it, so a request pipelined after it is served at once even while the first
+/// body is still unread (an answer that did not wait for its upload).
+#[tokio::test(start_paused = true)]
+async fn a_body_that_came_with_its_head_does_not_hold_the_connection() {
+    for read_after in [Duration::ZERO, Duration::from_secs(1)] {
+        let (mut c, seen, _) = start(read_after, Gauge::default());
+        c.write_all(b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let (got, closed) = read_for(&mut c, Duration::from_millis(10)).await;
+        assert!(got.contains("ok:/a") && got.contains("ok:/b") && !closed, "{got:?}, closed: {closed}");
+        tokio::time::sleep(read_after * 2).await;
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort();
+        assert_eq!(seen, ["/a:hello", "/b:"], "read after {read_after:?}");
+    }
+}
+
 /// An upstream may answer before the upload ends (and hyper's client keeps sending
 /// it): the client's next bytes are still that body's, whole, and the request the
 /// client sends after it is a request, not the body's tail.
