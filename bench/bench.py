@@ -566,6 +566,7 @@ def main():
                     help="skip the transparent-mode row (Linux, needs root and nft)")
     ap.add_argument("--no-cluster", action="store_true", help="skip the [cluster] redis rows (needs redis-server)")
     ap.add_argument("--no-dlp", action="store_true", help="skip the [proxy.dlp] rows")
+    ap.add_argument("--no-threads", action="store_true", help="skip the [proxy] threads = 1 rows")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.duration, args.soak = 1, 3, 30
@@ -636,6 +637,7 @@ def main():
         cluster = cluster_rows(bench, url, args) if lk and not args.no_cluster else None
         live = live_view_rows(bench, lk, args) if lk else ""
         dlp = dlp_rows(bench, lk, args) if lk and not args.no_dlp else None
+        threads = threads_rows(bench, lk, args) if lk and not args.no_threads else None
         soak = None
         if lk and args.soak:
             soak = run_soak(bench, lk, url, args.soak)
@@ -649,6 +651,8 @@ def main():
         table += live
         if dlp:
             table += dlp
+        if threads:
+            table += threads
         print(table)
         if args.out:
             args.out.write_text(table)
@@ -777,6 +781,32 @@ def dlp_rows(bench, lk, args):
         _, ratio = paired(runs[(name, "off")], runs[(name, "on")])
         lines.append(f"| {name} DLP on/off, {conns} connections | {off:,.1f} {unit} | {on_:,.1f} {unit} | "
                      f"{ratio} | ≥ {target}× |")
+    return "\n".join(lines) + "\n"
+
+
+def threads_rows(bench, lk, args):
+    """The same build with `[proxy] threads = 1` beside the default (a thread per core),
+    alternating within each round: what one serving thread gives on a machine whose
+    cores the client and the origin share (docs/performance.md, eighteenth session)."""
+    one = bench.start_latchkey("latchkey-1-thread", proxy_extra="threads = 1")
+    verify_injection(bench, one)
+    url = f"https://127.0.0.1:{bench.up_port}"
+    runs = {}
+    for r in range(args.rounds):
+        for name, path, conns, extra, _ in SCENARIOS[:4]:
+            pair = [("default", lk), ("one", one)] if r % 2 == 0 else [("one", one), ("default", lk)]
+            for label, t in pair:
+                res = oha(bench, t, url + path, conns, args.duration, extra)
+                if res is None:
+                    raise SystemExit(f"latchkey (threads {label}) failed the {name} scenario")
+                runs.setdefault((name, label), []).append(res)
+                print(f"# round {r + 1} {name} threads {label}: {res['rps']:.0f}/s", file=sys.stderr)
+    lines = ["", f"[proxy] threads (same build; default: one per core, {os.cpu_count()} here; same run):", "",
+             "| scenario | default | threads = 1 | one / default |", "|---|---|---|---|"]
+    for name, _, _, _, unit in SCENARIOS[:4]:
+        default, one_ = med(runs[(name, "default")], "rps"), med(runs[(name, "one")], "rps")
+        _, ratio = paired(runs[(name, "default")], runs[(name, "one")])
+        lines.append(f"| {name} | {default:,.0f} {unit} | {one_:,.0f} {unit} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 

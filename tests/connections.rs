@@ -955,6 +955,24 @@ fn the_proxy_port_queues_a_burst_of_connections() {
     assert_eq!(queue, 4096.min(cap), "ss: {text}");
 }
 
+/// `[proxy] threads` sets how many shards serve connections, whatever the machine's
+/// core count (CI has two): three threads named `latchkey-shard-*`, then one, and
+/// each serves an intercepted request.
+#[test]
+fn proxy_threads_sets_the_number_of_serving_threads() {
+    let up = upstream(true, None);
+    for n in [3, 1] {
+        let lk = Latchkey::start(Some(&up), &format!("threads = {n}\n#END-PROXY\n{CRED}"), ENV);
+        let (code, body) = lk.curl(&["https://api.anthropic.com/v1/x"]);
+        assert_eq!(code, 200, "{body}");
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", lk.child.id())).unwrap();
+        let names: Vec<String> =
+            tasks.flatten().filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok()).collect();
+        let shards = names.iter().filter(|n| n.starts_with("latchkey-shard")).count();
+        assert_eq!(shards, n, "threads: {names:?}");
+    }
+}
+
 /// How long an HTTP/2 connection lasts once nothing happens on it: the instant the
 /// connection ended, as hyper's client saw it (`None` if it had not within 20 s).
 async fn h2_end(

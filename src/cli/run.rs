@@ -217,11 +217,16 @@ fn start(
     own.extend(config.admin);
     own.extend(transparent.iter().filter_map(|l| l.local_addr().ok()));
     let ca_path = config.ca_cert_path();
+    let threads = config.proxy.threads;
     let proxy = Proxy::new(config, ca, provider(), own).map_err(|e| {
         eprintln!("latchkey: {e}");
         ExitCode::from(2)
     })?;
-    match crate::proxy::shards::Shards::per_core() {
+    let shards = match threads {
+        Some(n) => crate::proxy::shards::Shards::start(n),
+        None => crate::proxy::shards::Shards::per_core(),
+    };
+    match shards {
         Ok(shards) => {
             tracing::debug!("serving connections on {} shards", shards.len());
             let _ = proxy.shards.set(shards);

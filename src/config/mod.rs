@@ -28,6 +28,9 @@ use raw::{RawConfig, RawCredential};
 /// The built-in provider table (SPEC section 5), kept as data.
 pub const PROVIDERS_TOML: &str = include_str!("../providers.toml");
 
+/// `[proxy] threads` at most: a thread per core of a large machine, not a typo's million.
+const MAX_THREADS: usize = 1024;
+
 #[derive(Debug)]
 pub struct ConfigError {
     pub file: Option<PathBuf>,
@@ -94,6 +97,8 @@ pub struct ProxySettings {
     pub redact_responses: bool,
     pub via: bool,
     pub mlock: bool,
+    /// `[proxy] threads`: how many shards serve connections; `None`, one per core.
+    pub threads: Option<usize>,
     /// `[proxy] tls`: the proxy port speaks TLS; the names its certificate covers.
     pub tls: bool,
     pub tls_names: Vec<String>,
@@ -509,6 +514,10 @@ impl Compiler<'_> {
         if p.connect_timeout == 0 || p.timeout == 0 {
             return Err(pe("timeout", "timeouts must be at least 1 second".into()));
         }
+        if let Some(n) = p.threads.filter(|n| !(1..=MAX_THREADS).contains(n)) {
+            let msg = format!("{n}: expected 1 to {MAX_THREADS} (leave it out for one per core)");
+            return Err(pe("threads", msg));
+        }
         let l = &p.limits;
         let limits = Limits {
             max_header_bytes: l.max_header_bytes.max(1024),
@@ -537,6 +546,7 @@ impl Compiler<'_> {
             redact_responses: p.redact_responses,
             via: p.via,
             mlock: p.mlock,
+            threads: p.threads,
             tls: p.tls,
             tls_names: p.tls_names.clone(),
             ca_export_dir: p.ca_export_dir.as_deref().map(expand_home),

@@ -86,6 +86,9 @@ pub struct RawProxy {
     pub via: bool,
     /// Lock all of latchkey's memory (mlockall) so secrets are never swapped out.
     pub mlock: bool,
+    /// Threads serving connections (each a shard: its own runtime, connections and
+    /// upstream pool); absent, one per core the process may use.
+    pub threads: Option<usize>,
     /// Serve the proxy port over TLS (an `https://` proxy URL), with a leaf from the CA.
     pub tls: bool,
     /// Names and addresses the proxy's own certificate covers, besides the defaults.
@@ -110,6 +113,7 @@ impl Default for RawProxy {
             ca_dir: "~/.config/latchkey/ca".into(),
             generate_certs: true,
             ca_lifetime: 365,
+            threads: None,
             timeout: 300,
             connect_timeout: 10,
             intercept: "auto".into(),

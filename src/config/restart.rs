@@ -1,6 +1,6 @@
 //! What a reload cannot change in a running process (listeners, the CA, the log, the
-//! span exporter, the process-wide connection limits): such a config is refused and the
-//! running one stays.
+//! span exporter, the serving threads, the process-wide connection limits): such a
+//! config is refused and the running one stays.
 
 use super::Config;
 
@@ -15,6 +15,9 @@ pub fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
     }
     if old.proxy.tls != new.proxy.tls || old.proxy.tls_names != new.proxy.tls_names {
         return Some("[proxy] tls or tls_names");
+    }
+    if old.proxy.threads != new.proxy.threads {
+        return Some("[proxy] threads");
     }
     if old.proxy.transparent != new.proxy.transparent {
         return Some("[proxy] transparent");

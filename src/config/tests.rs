@@ -231,6 +231,23 @@ fn a_changed_transparent_listener_needs_a_restart() {
     assert_eq!(restart::restart_needed(&a, &a), None);
 }
 
+/// `[proxy] threads`: 1 to 1,024, absent for one per core; a change needs a restart
+/// (the shards are started once).
+#[test]
+fn proxy_threads_are_checked_and_need_a_restart() {
+    let e = err("[proxy]\nport = 1\nthreads = 0\n");
+    assert!(e.starts_with("/etc/latchkey.toml:3:1: proxy.threads: 0: expected 1 to 1024"), "{e}");
+    let e = err("[proxy]\nthreads = 5000\n");
+    assert!(e.contains("proxy.threads: 5000"), "{e}");
+    let e = err("[proxy]\nthreads = -1\n");
+    assert!(e.contains("threads"), "{e}");
+    let one = compile_str("[proxy]\nthreads = 1\n").unwrap();
+    let default = compile_str("").unwrap();
+    assert_eq!((one.proxy.threads, default.proxy.threads), (Some(1), None));
+    assert_eq!(restart::restart_needed(&default, &one), Some("[proxy] threads"));
+    assert_eq!(restart::restart_needed(&one, &one), None);
+}
+
 /// `[cluster]`: each bad key is named with its line; a good table compiles.
 #[test]
 fn cluster_table_errors_name_the_key() {
