@@ -220,7 +220,6 @@ impl Pool {
         req: &mut Request<Body>,
         framing: Framing,
     ) -> Result<Response<Body>, client::Failed> {
-        set_host(req);
         let headers = req.headers_mut();
         let body = match framing {
             Framing::Length(0) => None,
@@ -248,7 +247,8 @@ impl Pool {
             Framing::Chunked => 0,
         };
         let mut head = Vec::with_capacity(256 + body_room);
-        client::codec::encode_head(req.method(), target, req.headers(), &mut head);
+        let host = missing_host(req);
+        client::codec::encode_head(req.method(), target, host, req.headers(), &mut head);
         let mut upload = match framing {
             Framing::Length(length) => client::Upload::new(head, body, length),
             Framing::Chunked => client::Upload::chunked(
@@ -583,24 +583,22 @@ fn reap_idle(pool: Weak<Inner>) {
     });
 }
 
-/// HTTP/1.1 needs a Host header: the URI's authority, without a default port.
-fn set_host(req: &mut Request<Body>) {
+/// The Host HTTP/1.1 needs, unless the request has one: the URI's authority, without a
+/// default port. Written by the encoder, not put in the header map (no copy, no hashing).
+fn missing_host(req: &Request<Body>) -> Option<&str> {
     if req.headers().contains_key(header::HOST) {
-        return;
+        return None;
     }
     let uri = req.uri();
     let default = matches!(
         (uri.port_u16(), uri.scheme() == Some(&Scheme::HTTPS)),
         (Some(443), true) | (Some(80), false) | (None, _)
     );
-    let text = match (default, uri.authority()) {
+    Some(match (default, uri.authority()) {
         (true, _) => uri.host().unwrap_or(""),
         (false, Some(a)) => a.as_str(),
         (false, None) => "",
-    };
-    if let Ok(v) = HeaderValue::from_str(text) {
-        req.headers_mut().insert(header::HOST, v);
-    }
+    })
 }
 
 /// `/path?query`: what an HTTP/1.1 request line carries to an origin server.

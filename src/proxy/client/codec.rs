@@ -47,12 +47,24 @@ pub enum Malformed {
     Truncated,
 }
 
-/// Write `method target version` and the headers: the request head as hyper writes it.
-pub fn encode_head(method: &http::Method, target: &str, headers: &HeaderMap, dst: &mut Vec<u8>) {
+/// Write `method target version`, `host` when given (first, as RFC 9112 3.2 asks), and
+/// the headers: the request head as hyper writes it.
+pub fn encode_head(
+    method: &http::Method,
+    target: &str,
+    host: Option<&str>,
+    headers: &HeaderMap,
+    dst: &mut Vec<u8>,
+) {
     dst.extend_from_slice(method.as_str().as_bytes());
     dst.push(b' ');
     dst.extend_from_slice(target.as_bytes());
     dst.extend_from_slice(b" HTTP/1.1\r\n");
+    if let Some(host) = host {
+        dst.extend_from_slice(b"host: ");
+        dst.extend_from_slice(host.as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
     for (name, value) in headers {
         dst.extend_from_slice(name.as_str().as_bytes());
         dst.extend_from_slice(b": ");

@@ -413,8 +413,12 @@ fn request_heads_encoded_as_hyper_writes_them() {
     headers.append("x-a", HeaderValue::from_static("1"));
     headers.append("x-a", HeaderValue::from_static("2"));
     let mut out = Vec::new();
-    encode_head(&http::Method::GET, "/p?q", &headers, &mut out);
+    encode_head(&http::Method::GET, "/p?q", None, &headers, &mut out);
     assert_eq!(out, b"GET /p?q HTTP/1.1\r\nhost: a.example\r\nx-a: 1\r\nx-a: 2\r\n\r\n");
+    headers.remove(header::HOST);
+    out.clear();
+    encode_head(&http::Method::GET, "/", Some("b.example:8443"), &headers, &mut out);
+    assert_eq!(out, b"GET / HTTP/1.1\r\nhost: b.example:8443\r\nx-a: 1\r\nx-a: 2\r\n\r\n");
 }
 
 mod differential {
