@@ -481,3 +481,24 @@ fn warn_lets_unlisted_hosts_through_and_says_so() {
     assert!(p.warned(&dest("new.example:443")));
     assert!(!p.warned(&dest("api.good.com:443")));
 }
+
+/// Every method an override claims: each of the three headers, every instance, comma
+/// lists, any letter case, and `_method` in the query; nothing from other headers.
+#[test]
+fn override_methods_reads_every_override_header_and_the_query() {
+    let mut headers = HeaderMap::new();
+    headers.append("x-http-method", "put".parse().unwrap());
+    headers.append("x-other", "TRACE".parse().unwrap());
+    headers.append("X-HTTP-Method-Override", "delete, patch".parse().unwrap());
+    headers.append("x-method-override", "Trace".parse().unwrap());
+    headers.append("x-http-method", " ,options".parse().unwrap());
+    let target = "/p?a=1&_method=copy";
+    let head = RequestHead { method: "GET", target, path: "/p", headers: &headers, tls: true };
+    let mut got = override_methods(&head);
+    got.sort();
+    assert_eq!(got, ["COPY", "DELETE", "OPTIONS", "PATCH", "PUT", "TRACE"]);
+    assert!(is_trace(&head));
+    headers.remove("x-method-override");
+    let head = RequestHead { method: "GET", target, path: "/p", headers: &headers, tls: true };
+    assert!(!is_trace(&head), "x-other is no override");
+}
