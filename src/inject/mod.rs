@@ -143,7 +143,22 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// [`is_hop_by_hop`], answered with the name itself as a `&'static str`: a map can be
 /// searched by it while the map is changed, with no name cloned.
 pub fn hop_by_hop_name(name: &HeaderName) -> Option<&'static str> {
-    Some(match name.as_str() {
+    hop_by_hop_lower(name.as_str())
+}
+
+/// Is a `Connection` list item (any letter case) the name of a hop-by-hop header?
+pub fn is_hop_by_hop_token(token: &str) -> bool {
+    let mut lower = [0u8; 24];
+    // Longer than every hop-by-hop name: not one.
+    let Some(buf) = lower.get_mut(..token.len()) else { return false };
+    for (to, from) in buf.iter_mut().zip(token.bytes()) {
+        *to = from.to_ascii_lowercase();
+    }
+    std::str::from_utf8(buf).is_ok_and(|t| hop_by_hop_lower(t).is_some())
+}
+
+fn hop_by_hop_lower(name: &str) -> Option<&'static str> {
+    Some(match name {
         "connection" => "connection",
         "proxy-connection" => "proxy-connection",
         "keep-alive" => "keep-alive",

@@ -9,7 +9,7 @@ use http::{Uri, Version};
 
 use super::super::route::Route;
 use crate::config::Config;
-use crate::inject::hop_by_hop_name;
+use crate::inject::{hop_by_hop_name, is_hop_by_hop_token};
 use crate::policy::Refusal;
 
 /// Rewrite the request for the upstream. Returns whether the response will be
@@ -82,14 +82,50 @@ pub fn add_via(headers: &mut HeaderMap) {
 /// every request and response, so nothing is allocated for a head without them.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
-        let listed: Vec<HeaderValue> = entry.remove_entry_mult().1.collect();
-        // Looked up by `&str`: an invalid or empty name finds nothing.
-        for name in listed.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
-            headers.remove(name.trim());
+        let mut values = entry.remove_entry_mult().1;
+        // The first value apart: one `Connection` header (the usual) allocates nothing.
+        let first = values.next();
+        let rest: Vec<HeaderValue> = values.collect();
+        let listed = first.iter().chain(&rest).filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+        // Looked up by `&str`: an invalid or empty name finds nothing. A hop-by-hop name
+        // (`keep-alive`, the usual) goes with the others below.
+        for name in listed.map(str::trim).filter(|n| !is_hop_by_hop_token(n)) {
+            headers.remove(name);
         }
     }
     // One pass per hop-by-hop name present, at most eight.
     while let Some(name) = headers.keys().find_map(hop_by_hop_name) {
         headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 9110 7.6.1: every header a `Connection` header names goes (any instance, any
+    /// case, comma lists), with the hop-by-hop ones; the rest stays.
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "Keep-Alive, X-Foo"),
+            ("keep-alive", "timeout=5"),
+            ("x-foo", "1"),
+            ("x-bar", "2"),
+            ("connection", " close ,X-BAR,"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("x-kept", "3"),
+            ("content-type", "text/plain"),
+        ] {
+            headers.append(http::HeaderName::from_static(name), HeaderValue::from_static(value));
+        }
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["content-type", "x-kept"]);
+        assert!(is_hop_by_hop_token("Keep-Alive") && is_hop_by_hop_token("TE"));
+        assert!(!is_hop_by_hop_token("close") && !is_hop_by_hop_token(&"a".repeat(40)));
     }
 }
