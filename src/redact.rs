@@ -554,19 +554,35 @@ impl Stream {
     }
 
     /// Add a chunk; returns what can be released now.
-    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
-        let message_end = self.grpc.as_mut().is_some_and(|g| g.feed(chunk));
-        self.carry.extend_from_slice(chunk);
+    pub fn push(&mut self, mut chunk: Bytes) -> Bytes {
+        let message_end = self.grpc.as_mut().is_some_and(|g| g.feed(&chunk));
+        if self.is_clean(&chunk) {
+            // What `carry` would have been, searched in place: released without a copy,
+            // all but its tail (a download's every byte went through `carry` before).
+            let keep = if message_end { 0 } else { self.set.holdback(&chunk) };
+            self.carry.extend_from_slice(&chunk.split_off(chunk.len() - keep));
+            return chunk;
+        }
+        self.carry.extend_from_slice(&chunk);
         self.set.mask(&mut self.carry);
         let keep = if message_end { 0 } else { self.set.holdback(&self.carry) };
         self.carry.split_to(self.carry.len() - keep).freeze()
     }
 
     /// Add the last chunk (the body says it is over): everything is released.
-    pub fn push_last(&mut self, chunk: &[u8]) -> Bytes {
-        self.carry.extend_from_slice(chunk);
+    pub fn push_last(&mut self, chunk: Bytes) -> Bytes {
+        if self.is_clean(&chunk) {
+            return chunk;
+        }
+        self.carry.extend_from_slice(&chunk);
         self.set.mask(&mut self.carry);
         self.finish()
+    }
+
+    /// Nothing is held back and `chunk` holds no secret: it needs no masking and no
+    /// joining to what came before.
+    fn is_clean(&self, chunk: &[u8]) -> bool {
+        self.carry.is_empty() && self.set.count(chunk) == 0
     }
 
     /// Bytes held back, not yet released.
@@ -644,9 +660,14 @@ mod tests {
         Stream::new(Set::new(vec![Arc::new(redactor())]).unwrap())
     }
 
+    /// `Stream::push` of a copy of `chunk`.
+    fn push(s: &mut Stream, chunk: &[u8]) -> Bytes {
+        s.push(Bytes::copy_from_slice(chunk))
+    }
+
     fn whole(text: &[u8]) -> Vec<u8> {
         let mut s = stream();
-        let mut out = s.push(text).to_vec();
+        let mut out = push(&mut s, text).to_vec();
         out.extend_from_slice(&s.finish());
         out
     }
@@ -709,19 +730,19 @@ mod tests {
     #[test]
     fn what_is_held_back_does_not_depend_on_the_secret() {
         let mut s = stream();
-        assert_eq!(&s.push(b"data: hello\n\n")[..], b"data: hello\n\n", "SSE events are not delayed");
-        assert_eq!(&s.push(b"{\"a\":\"b\"}")[..], b"{\"a\":\"b\"}", "nor JSON records");
+        assert_eq!(&push(&mut s, b"data: hello\n\n")[..], b"data: hello\n\n", "SSE events are not delayed");
+        assert_eq!(&push(&mut s, b"{\"a\":\"b\"}")[..], b"{\"a\":\"b\"}", "nor JSON records");
         // A possible start of the secret and a certain non-start are held alike.
         for guess in ["sk-ant-api0", "sk-ant-XXX0", "zzzzzzzzzz0"] {
             let mut s = stream();
-            let out = s.push(format!("echo: @{guess}").as_bytes());
+            let out = push(&mut s, format!("echo: @{guess}").as_bytes());
             assert_eq!(&out[..], b"echo: ", "{guess}");
             assert_eq!(s.held(), guess.len() + 1);
         }
         let mut s = stream();
-        let out = s.push(b"data: sk-ant-api0");
+        let out = push(&mut s, b"data: sk-ant-api0");
         assert_eq!(&out[..], b"data: ");
-        let out = s.push(b"3-REALsecretVALUE_xyz!\n");
+        let out = push(&mut s, b"3-REALsecretVALUE_xyz!\n");
         assert_eq!(out.len(), SECRET.len() + 2);
         assert!(!String::from_utf8_lossy(&out).contains("REAL"));
     }
@@ -736,14 +757,14 @@ mod tests {
         };
         let mut s = Stream::grpc(Set::new(vec![Arc::new(redactor())]).unwrap());
         let first = message(b"pong:ping0");
-        assert_eq!(&s.push(&first[..7])[..], &first[..5], "inside a message: held as usual");
-        assert_eq!(&s.push(&first[7..])[..], &first[7 - 2..], "at its end: all of it");
+        assert_eq!(&push(&mut s, &first[..7])[..], &first[..5], "inside a message: held as usual");
+        assert_eq!(&push(&mut s, &first[7..])[..], &first[7 - 2..], "at its end: all of it");
         let second = message(format!("echo {SECRET}").as_bytes());
-        let mut out = s.push(&second[..20]).to_vec();
-        out.extend_from_slice(&s.push(&second[20..]));
+        let mut out = push(&mut s, &second[..20]).to_vec();
+        out.extend_from_slice(&push(&mut s, &second[20..]));
         assert_eq!(out.len(), second.len());
         assert!(!String::from_utf8_lossy(&out).contains("REAL"), "masked across chunks");
-        assert_eq!(&s.push(&message(b""))[..], &message(b"")[..], "an empty message ends too");
+        assert_eq!(&push(&mut s, &message(b""))[..], &message(b"")[..], "an empty message ends too");
     }
 
     #[test]
@@ -753,7 +774,7 @@ mod tests {
         let text = vec![b'x'; widest * 3];
         assert_eq!(r.holdback(&text), widest - 1);
         let mut s = stream();
-        assert_eq!(s.push(&text).len(), text.len() - (widest - 1));
+        assert_eq!(push(&mut s, &text).len(), text.len() - (widest - 1));
     }
 
     #[test]
@@ -828,7 +849,7 @@ mod tests {
             let mut out = Vec::new();
             let mut last = 0;
             for c in cuts.into_iter().chain([bytes.len()]) {
-                out.extend_from_slice(&s.push(&bytes[last..c]));
+                out.extend_from_slice(&push(&mut s, &bytes[last..c]));
                 last = c;
             }
             out.extend_from_slice(&s.finish());

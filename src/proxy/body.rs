@@ -281,8 +281,8 @@ where
                         // A body that knows it is over (a length reached) is released in
                         // one frame rather than its held tail in a second one.
                         let out = match self.inner.is_end_stream() {
-                            true => self.stream.push_last(&data),
-                            false => self.stream.push(&data),
+                            true => self.stream.push_last(data),
+                            false => self.stream.push(data),
                         };
                         if !out.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
