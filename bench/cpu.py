@@ -15,7 +15,9 @@ Three measurements, each against the same nginx upstream bench/bench.py starts:
                per request, solved for the proxy's share). `--nginx-proxy` adds nginx as
                a TLS-terminating reverse proxy (the yardstick); `--origin rustls` puts
                examples/origin.rs in nginx's place as the origin (a rustls handshake,
-               like latchkey's, instead of OpenSSL 3.0's; docs/performance.md).
+               like latchkey's, instead of OpenSSL 3.0's; docs/performance.md). The
+               proxy's context switches per request are shown too (voluntary /
+               involuntary); `--threads N` adds latchkey with `[proxy] threads = N`.
   --callgrind  instructions per request under `valgrind --tool=callgrind`: latchkey is
                started afresh under callgrind for N=100 and N=300 requests of each kind
                (one client connection, sequential), and (Ir(300) - Ir(100)) / 200 is the
@@ -101,6 +103,25 @@ def ticks(pid):
     return b.cpu_ticks(b.tree(pid))
 
 
+def switches(pid):
+    """(voluntary, involuntary) context switches of every thread of `pid`'s tree so far:
+    a proxy whose threads are preempted (involuntary) pays for the switch and for the
+    caches the other process cooled (docs/performance.md, eighteenth session)."""
+    vol = inv = 0
+    for p in b.tree(pid):
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue  # a thread that ended in between
+            for line in status.splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    vol += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    inv += int(line.split()[1])
+    return vol, inv
+
+
 # SPEC 8's ratios to direct, for the budget column of `--cpu`.
 SPEC_RATIO = {"HTTP/1.1 keep-alive": 0.5, "HTTP/2 keep-alive": 0.6, "HTTP/1.1 new connection per request": 0.55}
 
@@ -125,20 +146,24 @@ def cpu_rows(bench, targets, nginx_pid, args):
             for t in order:
                 ca = t.ca if t.proxy else bench.work / "up-ca.pem"
                 oha_n(bench, t, url, 2000, args.conns, extra, ca)  # warm: connections, pools, caches
+                s0 = switches(t.pid) if t.pid else (0, 0)
                 p0, n0, m0 = (ticks(t.pid) if t.pid else 0), ticks(nginx_pid), busy()
                 d, client = oha_n(bench, t, url, args.requests, args.conns, extra, ca)
                 p1, n1, m1 = (ticks(t.pid) if t.pid else 0), ticks(nginx_pid), busy()
+                s1 = switches(t.pid) if t.pid else (0, 0)
                 per = lambda ticks: ticks / b.HZ / args.requests * 1e6  # noqa: E731
                 row = {"rps": d["summary"]["requestsPerSec"], "client": client / args.requests * 1e6,
-                       "origin": per(n1 - n0), "proxy": per(p1 - p0), "busy": (m1[0] - m0[0]) / (m1[1] - m0[1])}
+                       "origin": per(n1 - n0), "proxy": per(p1 - p0), "busy": (m1[0] - m0[0]) / (m1[1] - m0[1]),
+                       "vol": (s1[0] - s0[0]) / args.requests, "invol": (s1[1] - s0[1]) / args.requests}
                 runs.setdefault((kind, t.name), []).append(row)
                 print(f"# round {r + 1} {kind} {t.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()),
                       file=sys.stderr)
     lines = [f"CPU µs per request ({args.requests} requests, {args.conns} connections, median of {args.rounds}; "
              "client: oha's rusage; origin and proxy: /proc/<pid>/stat utime+stime; busy: the machine's "
-             "non-idle share, /proc/stat):", "",
+             "non-idle share, /proc/stat; proxy switches: its threads' voluntary / involuntary context "
+             "switches per request, /proc/<pid>/task/*/status):", "",
              "| request kind | target | req/s (× direct) | client | origin | proxy | all | busy | "
-             "proxy budget for the SPEC ratio |", "|---|---|---|---|---|---|---|---|---|"]
+             "proxy switches | proxy budget for the SPEC ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for kind, _ in kinds:
         med = {t.name: {k: statistics.median(x[k] for x in runs[(kind, t.name)])
                         for k in runs[(kind, t.name)][0]} for t in targets}
@@ -147,6 +172,7 @@ def cpu_rows(bench, targets, nginx_pid, args):
             m = med[t.name]
             total = m["client"] + m["origin"] + m["proxy"]
             proxy = f"{m['proxy']:.1f}" if t.pid else "—"
+            switched = f"{m['vol']:.2f} / {m['invol']:.2f}" if t.pid else "—"
             budget = "—"
             if t.pid and kind in SPEC_RATIO:
                 # Throughput is busy × cores / CPU per request; solve the ratio for the proxy's share.
@@ -154,7 +180,7 @@ def cpu_rows(bench, targets, nginx_pid, args):
                 budget = f"{allowed - m['client'] - m['origin']:.1f} µs for {SPEC_RATIO[kind]}×"
             lines.append(f"| {kind} | {t.name} | {m['rps']:.0f} ({m['rps'] / direct['rps']:.2f}×) | "
                          f"{m['client']:.1f} | {m['origin']:.1f} | {proxy} | "
-                         f"{total:.1f} | {100 * m['busy']:.0f}% | {budget} |")
+                         f"{total:.1f} | {100 * m['busy']:.0f}% | {switched} | {budget} |")
     return "\n".join(lines) + "\n"
 
 
@@ -271,6 +297,8 @@ def main():
     ap.add_argument("--baseline", type=Path, default=None, help="an earlier build, measured the same way")
     ap.add_argument("--nginx-proxy", action="store_true",
                     help="--cpu: measure nginx as a TLS-terminating reverse proxy too (the yardstick)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="--cpu: also measure latchkey with `[proxy] threads` set to this")
     ap.add_argument("--origin", choices=["nginx", "rustls"], default="nginx",
                     help="the origin: the bench's nginx (OpenSSL 3.0), or examples/origin.rs (rustls)")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables here")
@@ -305,6 +333,9 @@ def main():
         if args.cpu:
             targets = [b.Target("direct", None, None, None)]
             targets += [bench.start_latchkey(name, binary) for name, binary in builds]
+            if args.threads:
+                name, extra = f"latchkey-threads-{args.threads}", f"threads = {args.threads}"
+                targets.append(bench.start_latchkey(name, args.latchkey, proxy_extra=extra))
             if args.nginx_proxy:
                 targets.append(bench.start_nginx_proxy())
             for t in targets:
