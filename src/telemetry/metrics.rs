@@ -241,6 +241,10 @@ impl Handles {
     /// stale ones dropped with the rest when there would be more.
     const MOST: usize = 64;
 
+    fn new(metrics: u64, credential: Arc<str>) -> Handles {
+        Handles { metrics, credential, latency: None, up: None, down: None, requests: Vec::new() }
+    }
+
     fn of<'a>(all: &'a mut Vec<Handles>, metrics: &Metrics, credential: &Arc<str>) -> &'a mut Handles {
         let found =
             all.iter().position(|h| h.metrics == metrics.id && Arc::ptr_eq(&h.credential, credential));
@@ -248,15 +252,7 @@ impl Handles {
             if all.len() >= Self::MOST {
                 all.clear();
             }
-            let (latency, up, down, requests) = (None, None, None, Vec::new());
-            all.push(Handles {
-                metrics: metrics.id,
-                credential: credential.clone(),
-                latency,
-                up,
-                down,
-                requests,
-            });
+            all.push(Handles::new(metrics.id, credential.clone()));
             all.len() - 1
         });
         &mut all[at]
