@@ -756,23 +756,31 @@ DLP_SCENARIOS = [
 ]
 
 
+def ab_runs(bench, a, b, scenarios, args, what):
+    """Each scenario (name, path, connections, oha args) on two latchkeys, `a` and `b`
+    ((label, target) each), back to back, their order swapped every round:
+    {(name, label): [runs]}."""
+    url = f"https://127.0.0.1:{bench.up_port}"
+    runs = {}
+    for r in range(args.rounds):
+        for name, path, conns, extra in scenarios:
+            for label, t in ([a, b] if r % 2 == 0 else [b, a]):
+                res = oha(bench, t, url + path, conns, args.duration, extra)
+                if res is None:
+                    raise SystemExit(f"latchkey ({what} {label}) failed the {name} scenario")
+                runs.setdefault((name, label), []).append(res)
+                print(f"# round {r + 1} {name} {what} {label}: {res['rps']:.0f}/s", file=sys.stderr)
+    return runs
+
+
 def dlp_rows(bench, lk, args):
     """The same latchkey build with `[proxy.dlp] enabled = true` (block, built-in rules) beside
     the plain one, alternating within each round."""
     on = bench.start_latchkey("latchkey-dlp", proxy_extra="[proxy.dlp]\nenabled = true\naction = \"block\"")
-    url = f"https://127.0.0.1:{bench.up_port}"
     body = str(bench.work / "upload.json")
-    runs = {}
-    for r in range(args.rounds):
-        for name, path, conns, extra, _ in DLP_SCENARIOS:
-            extra = (*extra, "-D", body) if path == "/upload" else extra
-            pair = [("off", lk), ("on", on)] if r % 2 == 0 else [("on", on), ("off", lk)]
-            for label, t in pair:
-                res = oha(bench, t, url + path, conns, args.duration, extra)
-                if res is None:
-                    raise SystemExit(f"latchkey (DLP {label}) failed the {name} scenario")
-                runs.setdefault((name, label), []).append(res)
-                print(f"# round {r + 1} {name} DLP {label}: {res['rps']:.0f}/s", file=sys.stderr)
+    scenarios = [(name, path, conns, (*extra, "-D", body) if path == "/upload" else extra)
+                 for name, path, conns, extra, _ in DLP_SCENARIOS]
+    runs = ab_runs(bench, ("off", lk), ("on", on), scenarios, args, "DLP")
     lines = ["", "[proxy.dlp] (same build, built-in rules, action = block; same run):", "",
              "| scenario | DLP off | DLP on | on / off | target |", "|---|---|---|---|---|"]
     for name, _, conns, _, target in DLP_SCENARIOS:
@@ -790,17 +798,8 @@ def threads_rows(bench, lk, args):
     cores the client and the origin share (docs/performance.md, eighteenth session)."""
     one = bench.start_latchkey("latchkey-1-thread", proxy_extra="threads = 1")
     verify_injection(bench, one)
-    url = f"https://127.0.0.1:{bench.up_port}"
-    runs = {}
-    for r in range(args.rounds):
-        for name, path, conns, extra, _ in SCENARIOS[:4]:
-            pair = [("default", lk), ("one", one)] if r % 2 == 0 else [("one", one), ("default", lk)]
-            for label, t in pair:
-                res = oha(bench, t, url + path, conns, args.duration, extra)
-                if res is None:
-                    raise SystemExit(f"latchkey (threads {label}) failed the {name} scenario")
-                runs.setdefault((name, label), []).append(res)
-                print(f"# round {r + 1} {name} threads {label}: {res['rps']:.0f}/s", file=sys.stderr)
+    scenarios = [(name, path, conns, extra) for name, path, conns, extra, _ in SCENARIOS[:4]]
+    runs = ab_runs(bench, ("default", lk), ("one", one), scenarios, args, "threads")
     lines = ["", f"[proxy] threads (same build; default: one per core, {os.cpu_count()} here; same run):", "",
              "| scenario | default | threads = 1 | one / default |", "|---|---|---|---|"]
     for name, _, _, _, unit in SCENARIOS[:4]:

@@ -326,39 +326,29 @@ mod tests {
         }
         HANDLES.with_borrow(|all| assert!(all.len() <= Handles::MOST, "{} handles kept", all.len()));
         let (a, b) = (a.encode(), b.encode());
-        let line = |text: &str, prefix: &str| {
-            text.lines().find(|l| l.starts_with(prefix)).map(|l| l.rsplit(' ').next().unwrap().to_string())
+        let series = |text: &str, name: &str| {
+            text.lines().find(|l| l.starts_with(name)).map(|l| l.rsplit(' ').next().unwrap().to_string())
         };
-        let injected = r#"latchkey_requests_total{decision="injected",credential="anthropic",status="2xx"}"#;
-        assert_eq!(line(&a, injected).as_deref(), Some("3"), "{a}");
-        assert_eq!(
-            line(&a, r#"latchkey_requests_total{decision="blocked",credential="anthropic",status="4xx"}"#)
-                .as_deref(),
-            Some("1")
-        );
-        assert_eq!(
-            line(&a, r#"latchkey_bytes_total{direction="down",credential="anthropic"}"#).as_deref(),
-            Some("16")
-        );
-        assert_eq!(
-            line(&a, r#"latchkey_upstream_response_seconds_count{credential="anthropic"}"#).as_deref(),
-            Some("2")
-        );
+        let requests = |decision: &str, status: &str| {
+            format!(
+                r#"latchkey_requests_total{{decision="{decision}",credential="anthropic",status="{status}"}}"#
+            )
+        };
+        let down = r#"latchkey_bytes_total{direction="down",credential="anthropic"}"#.to_string();
+        let latency = r#"latchkey_upstream_response_seconds_count{credential="anthropic"}"#.to_string();
+        for (text, name, want) in [
+            (&a, requests("injected", "2xx"), "3"),
+            (&a, requests("blocked", "4xx"), "1"),
+            (&a, down.clone(), "16"),
+            (&a, latency.clone(), "2"),
+            (&b, requests("injected", "5xx"), "1"),
+            (&b, requests("injected", "2xx"), "1"),
+            (&b, down, "7"),
+            (&b, latency, "1"),
+        ] {
+            assert_eq!(series(text, &name).as_deref(), Some(want), "{name}\n{text}");
+        }
         assert!(!a.contains(r#"direction="up""#), "no bytes went up: no series\n{a}");
-        assert_eq!(
-            line(&b, r#"latchkey_requests_total{decision="injected",credential="anthropic",status="5xx"}"#)
-                .as_deref(),
-            Some("1")
-        );
-        assert_eq!(line(&b, injected).as_deref(), Some("1"), "{b}");
-        assert_eq!(
-            line(&b, r#"latchkey_bytes_total{direction="down",credential="anthropic"}"#).as_deref(),
-            Some("7")
-        );
-        assert_eq!(
-            line(&b, r#"latchkey_upstream_response_seconds_count{credential="anthropic"}"#).as_deref(),
-            Some("1")
-        );
         let passed =
             b.lines().filter(|l| l.starts_with(r#"latchkey_requests_total{decision="passed""#)).count();
         assert_eq!(passed, 2 * Handles::MOST);
