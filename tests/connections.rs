@@ -956,8 +956,8 @@ fn the_proxy_port_queues_a_burst_of_connections() {
 }
 
 /// `[proxy] threads` sets how many shards serve connections, whatever the machine's
-/// core count (CI has two): three threads named `latchkey-shard-*`, then one, and
-/// each serves an intercepted request.
+/// core count (CI has two): three threads named `latchkey-shard-*`, then one, each
+/// serving an intercepted request, and the start-up line says how many.
 #[test]
 fn proxy_threads_sets_the_number_of_serving_threads() {
     let up = upstream(true, None);
@@ -970,6 +970,8 @@ fn proxy_threads_sets_the_number_of_serving_threads() {
             tasks.flatten().filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok()).collect();
         let shards = names.iter().filter(|n| n.starts_with("latchkey-shard")).count();
         assert_eq!(shards, n, "threads: {names:?}");
+        let said = format!("; {n} thread{})", if n == 1 { "" } else { "s" });
+        assert!(lk.stderr().contains(&said), "the start-up line says how many: {}", lk.stderr());
     }
 }
 

@@ -226,15 +226,20 @@ fn start(
         Some(n) => crate::proxy::shards::Shards::start(n),
         None => crate::proxy::shards::Shards::per_core(),
     };
-    match shards {
+    let threads = match shards {
         Ok(shards) => {
-            tracing::debug!("serving connections on {} shards", shards.len());
+            let n = shards.len();
             let _ = proxy.shards.set(shards);
+            n
         }
         // Still served, on the main runtime.
-        Err(e) => tracing::warn!("no connection shards ({e}); serving on the main runtime"),
-    }
-    tracing::info!("latchkey listening on {local} (CA {})", ca_path.display());
+        Err(e) => {
+            tracing::warn!("no connection shards ({e}); serving on the main runtime");
+            1
+        }
+    };
+    let plural = if threads == 1 { "" } else { "s" };
+    tracing::info!("latchkey listening on {local} (CA {}; {threads} thread{plural})", ca_path.display());
     Ok(proxy)
 }
 
