@@ -750,9 +750,11 @@ fn a_connection_freed_on_one_shard_goes_to_a_request_waiting_on_another() {
     // request gets that connection, rather than waiting out `connect_timeout` (8 s)
     // while it sits idle in the other shard's pool. Connections held open steer the
     // placement (a new one stays on the first shard unless another has two fewer):
-    // [1, 0], [2, 0], slow [2, 1], [3, 1], slow [3, 2], next on the first.
+    // [1, 0], [2, 0], slow [2, 1], [3, 1], slow [3, 2], next on the first. Two shards
+    // whatever the machine's cores (`threads`): the placements above count on two.
     let up = upstream(true, None);
-    let limits = "connect_timeout = 8\n[proxy.limits]\nmax_upstream_connections = 2\n#END-PROXY\n";
+    let limits =
+        "connect_timeout = 8\nthreads = 2\n[proxy.limits]\nmax_upstream_connections = 2\n#END-PROXY\n";
     let lk = Latchkey::start(Some(&up), &format!("{limits}{CRED}"), ENV);
     let hold = || {
         let s = TcpStream::connect(("127.0.0.1", lk.port)).unwrap();
