@@ -566,8 +566,31 @@ pub fn listens(pid: u32, port: u16) -> bool {
     fds.filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|link| link.to_string_lossy() == socket)
 }
 
+/// A port nothing listens on, for a server a test starts later. Not one the kernel picks
+/// (`bind(:0)`): the kernel hands the same ephemeral range to every outgoing connection of
+/// the parallel tests, and one of them took such a port before latchkey bound it (CI,
+/// "Address already in use"). Ports below that range are handed out once per test binary
+/// from a counter, starting at a place that differs per process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let high = ephemeral_low().max(LOW + 1_000);
+    let span = high - LOW;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {high}");
+}
+
+/// The first port of the kernel's ephemeral range.
+fn ephemeral_low() -> u32 {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    range.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(32_768)
 }
 
 /// Write the test PKI's files into `dir`: (upstream CA, client cert, client key).
