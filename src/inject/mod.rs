@@ -57,6 +57,18 @@ pub enum InjectError {
 /// A future a hook returns (boxed: `Injector` is used as `dyn`).
 pub type Hook<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The default `refresh` of a credential with nothing to refresh. A unit struct: boxing
+/// it allocates nothing, and every request of such a credential asks for it.
+struct UpToDate;
+
+impl Future for UpToDate {
+    type Output = Result<(), InjectError>;
+
+    fn poll(self: Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// The body of a token response latchkey gives client libraries itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vended {
@@ -79,7 +91,7 @@ pub trait Injector: Send + Sync + Debug {
     /// date — a minted token fetched, or refreshed before it expires, one refresh in
     /// flight. An error makes the request fail with 502 (invariant 10).
     fn refresh<'a>(&'a self, _http: &'a dyn TokenHttp) -> Hook<'a, Result<(), InjectError>> {
-        Box::pin(std::future::ready(Ok(())))
+        Box::pin(UpToDate)
     }
 
     /// Hook, phase "inject": `Some(max)` when the injector needs the whole body (a
