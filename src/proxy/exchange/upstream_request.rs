@@ -67,14 +67,19 @@ fn upstream_uri(uri: &Uri, route: &Route) -> Result<Uri, Refusal> {
 }
 
 /// Append latchkey to `Via` (RFC 9110 7.6.3), keeping what earlier hops wrote.
+/// One lookup: runs on every request and response.
 pub fn add_via(headers: &mut HeaderMap) {
     const US: &str = "1.1 latchkey";
-    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prior) => HeaderValue::from_str(&format!("{prior}, {US}")),
-        None => Ok(HeaderValue::from_static(US)),
-    };
-    if let Ok(v) = value {
-        headers.insert(header::VIA, v);
+    match headers.entry(header::VIA) {
+        header::Entry::Vacant(e) => {
+            e.insert(HeaderValue::from_static(US));
+        }
+        header::Entry::Occupied(mut e) => {
+            let prior = e.get().to_str().ok();
+            if let Some(v) = prior.and_then(|p| HeaderValue::from_str(&format!("{p}, {US}")).ok()) {
+                e.insert(v);
+            }
+        }
     }
 }
 
@@ -127,5 +132,17 @@ mod tests {
         assert_eq!(left, ["content-type", "x-kept"]);
         assert!(is_hop_by_hop_token("Keep-Alive") && is_hop_by_hop_token("TE"));
         assert!(!is_hop_by_hop_token("close") && !is_hop_by_hop_token(&"a".repeat(40)));
+    }
+
+    /// RFC 9110 7.6.3: latchkey is added after the hops before it, or alone.
+    #[test]
+    fn via_names_latchkey_after_earlier_hops() {
+        let mut headers = HeaderMap::new();
+        add_via(&mut headers);
+        assert_eq!(headers.get_all(header::VIA).iter().collect::<Vec<_>>(), ["1.1 latchkey"]);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::VIA, HeaderValue::from_static("1.0 corp"));
+        add_via(&mut headers);
+        assert_eq!(headers.get_all(header::VIA).iter().collect::<Vec<_>>(), ["1.0 corp, 1.1 latchkey"]);
     }
 }
