@@ -569,28 +569,36 @@ pub fn listens(pid: u32, port: u16) -> bool {
 /// A port nothing listens on, for a server a test starts later. Not one the kernel picks
 /// (`bind(:0)`): the kernel hands the same ephemeral range to every outgoing connection of
 /// the parallel tests, and one of them took such a port before latchkey bound it (CI,
-/// "Address already in use"). Ports below that range are handed out once per test binary
-/// from a counter, starting at a place that differs per process.
+/// "Address already in use"). Ports outside that range are handed out once per test
+/// binary from a counter, starting at a place that differs per process.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
-    const LOW: u32 = 10_000;
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let high = ephemeral_low().max(LOW + 1_000);
-    let span = high - LOW;
+    let (low, span) = outside_ephemeral_range();
     let start = std::process::id().wrapping_mul(7_919) % span;
     for _ in 0..span {
-        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        let port = (low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free port below {high}");
+    panic!("no free port in {low}..{}", low + span);
 }
 
-/// The first port of the kernel's ephemeral range.
-fn ephemeral_low() -> u32 {
+/// The larger stretch of ports above 10,000 that the kernel's ephemeral range leaves out:
+/// (first port, how many).
+fn outside_ephemeral_range() -> (u32, u32) {
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-    range.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(32_768)
+    let mut ends = range.split_whitespace().filter_map(|p| p.parse::<u32>().ok());
+    let (first, last) = (ends.next().unwrap_or(32_768), ends.next().unwrap_or(60_999));
+    let below = first.saturating_sub(10_000);
+    let above = 65_535u32.saturating_sub(last.max(10_000));
+    match below.max(above) {
+        // The whole port space ephemeral: no stretch without the race.
+        0..1_000 => (10_000, 55_535),
+        _ if below >= above => (10_000, below),
+        _ => (last.max(10_000) + 1, above),
+    }
 }
 
 /// Write the test PKI's files into `dir`: (upstream CA, client cert, client key).
