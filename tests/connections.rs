@@ -474,14 +474,7 @@ fn one_h2_connection_cannot_fan_out_into_every_file_descriptor() {
 
 /// Replace the config file the way editors and Kubernetes do (write aside, rename).
 fn replace_config(lk: &Latchkey, up: &Upstream, plain: &Upstream, body: &str) {
-    let dir = lk.dir.path().join("next");
-    std::fs::create_dir_all(&dir).unwrap();
-    let written = write_config2(&dir, lk.port, Some(up.addr), Some(plain.addr), body);
-    let text = std::fs::read_to_string(&written)
-        .unwrap()
-        .replace(&dir.join("ca").display().to_string(), &lk.dir.path().join("ca").display().to_string());
-    std::fs::write(&written, text).unwrap();
-    std::fs::rename(&written, &lk.config_path).unwrap();
+    lk.replace_config(|dir| write_config2(dir, lk.port, Some(up.addr), Some(plain.addr), body));
 }
 
 /// A CONNECT as `user:token`, keep-alive.

@@ -20,14 +20,7 @@ fn credential(var: &str, extra: &str) -> String {
 
 /// Replace the config file the way editors and Kubernetes do: write aside, rename over.
 fn replace_config(lk: &Latchkey, up: &Upstream, body: &str) {
-    let dir = lk.dir.path().join("next");
-    std::fs::create_dir_all(&dir).unwrap();
-    let written = write_config(&dir, lk.port, Some(up.addr), body);
-    let text = std::fs::read_to_string(&written)
-        .unwrap()
-        .replace(&dir.join("ca").display().to_string(), &lk.dir.path().join("ca").display().to_string());
-    std::fs::write(&written, text).unwrap();
-    std::fs::rename(&written, &lk.config_path).unwrap();
+    lk.replace_config(|dir| write_config(dir, lk.port, Some(up.addr), body));
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {

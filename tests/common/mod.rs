@@ -764,6 +764,21 @@ impl Latchkey {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// Replace the config file the way editors and Kubernetes do: `write` writes the new
+    /// one (`write_config` and the like) into the directory it is given, which is then
+    /// renamed over the one in force, keeping this instance's CA directory.
+    pub fn replace_config(&self, write: impl FnOnce(&Path) -> PathBuf) {
+        let dir = self.dir.path().join("next");
+        std::fs::create_dir_all(&dir).unwrap();
+        let written = write(&dir);
+        let text = std::fs::read_to_string(&written).unwrap().replace(
+            &dir.join("ca").display().to_string(),
+            &self.dir.path().join("ca").display().to_string(),
+        );
+        std::fs::write(&written, text).unwrap();
+        std::fs::rename(&written, &self.config_path).unwrap();
+    }
+
     /// curl through the proxy; returns (status, body).
     pub fn curl(&self, args: &[&str]) -> (u16, String) {
         let out = Command::new("curl")
