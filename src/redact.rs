@@ -516,12 +516,12 @@ pub(crate) fn joined_by_nul<'a, R>(
     })
 }
 
-/// The redactors of every credential that names `dest`'s host (`None`: nothing to mask).
-pub fn for_host(config: &crate::config::Config, dest: &crate::policy::Destination) -> Option<Set> {
-    let members = config
-        .policy
-        .naming_host(dest)
-        .filter_map(|i| config.credentials.get(i))
+/// The redactors of credentials `naming` (those that name a response's host, found by
+/// `Policy::naming_host` in `config`); `None`: nothing to mask.
+pub fn for_credentials(config: &crate::config::Config, naming: &[usize]) -> Option<Set> {
+    let members = naming
+        .iter()
+        .filter_map(|&i| config.credentials.get(i))
         .filter_map(|c| c.redactor.get(c.injector.secrets()))
         .collect();
     Set::new(members)

@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use std::io::Write;
 
 const SECRET: &str = "sk-ant-api03-REALsecretVALUE_0123456789";
 
@@ -102,4 +103,64 @@ fn values_rotated_out_stay_masked() {
     assert!(text.contains("query was ****"), "{text}");
     let (_, text) = lk.curl(&["https://api.anthropic.com/reflect/plain"]);
     assert!(!text.contains("second-rotating-secret-BBBB"), "{text}");
+}
+
+/// What a response is masked for is the config in force, also on a connection opened
+/// before it: a reload that names this host for another credential masks that
+/// credential's secret on the next request of an open tunnel (a connection keeps the
+/// credentials naming its host per config, `proxy::route`).
+#[test]
+fn a_credential_a_reload_adds_is_masked_on_a_connection_already_open() {
+    const SECOND: &str = "second-credential-secret-CCCC";
+    let up = upstream(true, None);
+    let first = "[credentials.anthropic]\nheader = \"x-api-key\"\nvalue = \"${ANTHROPIC_API_KEY}\"\ndomains = [\"api.anthropic.com\"]\n";
+    let second = "[credentials.second]\nheader = \"x-second-key\"\nvalue = \"${SECOND_KEY}\"\ndomains = [\"api.anthropic.com\"]\n";
+    let config = |creds: &str| format!("redact_responses = true\n#END-PROXY\n{creds}");
+    let env = [("ANTHROPIC_API_KEY", SECRET), ("SECOND_KEY", SECOND)];
+    let lk = Latchkey::start(Some(&up), &config(first), &env);
+    let (tunnel, _) = raw::tunnel(lk.port, "api.anthropic.com:443");
+    let mut s = raw::tls(tunnel, "api.anthropic.com");
+    let mut ask = || {
+        write!(s, "GET /reflect/query?{SECOND} HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n").unwrap();
+        read_response(&mut s)
+    };
+    let before = ask();
+    // The body comes in chunks: "query was ", then the query.
+    assert!(before.contains(&format!("\r\n{SECOND}\r\n")), "no credential of this value yet: {before}");
+
+    lk.replace_config(|dir| write_config(dir, lk.port, Some(up.addr), &config(&format!("{first}{second}"))));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !lk.stderr().contains("reloaded") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(lk.stderr().contains("reloaded"), "{}", lk.stderr());
+    let after = ask();
+    assert!(!after.contains(SECOND), "the open tunnel's next response: {after}");
+    assert!(after.contains(&format!("\r\n{}\r\n", "*".repeat(SECOND.len()))), "{after}");
+}
+
+/// One response off a keep-alive stream: its head and body, by `Content-Length` or
+/// chunked framing (read to the last chunk).
+fn read_response<S: std::io::Read>(s: &mut S) -> String {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "the head ended early: {}", String::from_utf8_lossy(&got));
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    let length =
+        head.lines().find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse().ok()));
+    let body_start = got.len();
+    loop {
+        let done = match length {
+            Some(n) => got.len() - body_start >= n,
+            None => got.ends_with(b"\r\n0\r\n\r\n") || got[body_start..].starts_with(b"0\r\n\r\n"),
+        };
+        if done {
+            return String::from_utf8_lossy(&got).into_owned();
+        }
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "the body ended early: {}", String::from_utf8_lossy(&got));
+        got.push(byte[0]);
+    }
 }

@@ -85,7 +85,8 @@ async fn handle(
             let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
             match Destination::parse_authority(&authority, Some(80)) {
                 Ok(dest) => {
-                    let route = Arc::new(Route::new(dest, false, false, None, peer, agent));
+                    let route =
+                        Arc::new(Route::new(&generation.config, dest, false, false, None, peer, agent));
                     let Ok(resp) = exchange::handle(proxy, generation, route, req.map(Into::into)).await;
                     resp
                 }

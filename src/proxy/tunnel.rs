@@ -114,14 +114,14 @@ where
     let io = Prefixed::new(first, io);
     let peer = opener.peer;
     if !tls {
-        let route = Route::new(dest, false, true, None, peer, agent).answered(person);
+        let route = Route::new(&generation.config, dest, false, true, None, peer, agent).answered(person);
         return Some(Box::pin(serve_h1(Conn::new(proxy, &generation, opener, route), io)));
     }
     // Boxed: rustls' connection twice over while the handshake builds it.
     let handshaking = Box::pin(handshake(&proxy, &dest, &limits, peer, io));
     let (tls, misdirected) = handshaking.await?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let route = Route::new(dest, true, true, misdirected, peer, agent).answered(person);
+    let route = Route::new(&generation.config, dest, true, true, misdirected, peer, agent).answered(person);
     let conn = Conn::new(proxy, &generation, opener, route);
     if h2 { Some(Box::pin(serve_h2(conn, tls))) } else { Some(Box::pin(serve_h1(conn, tls))) }
 }
@@ -208,9 +208,16 @@ impl Conn {
         }
         let old = cached.1.clone();
         let agent = handler::admit(&generation.config, &self.opener).map_err(|r| (r, old.clone()))?;
-        let route =
-            Route::new(old.dest.clone(), old.tls, old.tunnel, old.misdirected.clone(), old.peer, agent)
-                .answered(old.person);
+        let route = Route::new(
+            &generation.config,
+            old.dest.clone(),
+            old.tls,
+            old.tunnel,
+            old.misdirected.clone(),
+            old.peer,
+            agent,
+        )
+        .answered(old.person);
         *cached = (Arc::downgrade(generation), Arc::new(route));
         Ok(cached.1.clone())
     }
@@ -572,7 +579,8 @@ impl Blind {
     {
         let _open = TunnelGauge::open(&self.proxy, "intercepted");
         let route =
-            Route::new(self.dest, false, true, None, self.opener.peer, self.agent).answered(self.person);
+            Route::new(&self.generation.config, self.dest, false, true, None, self.opener.peer, self.agent)
+                .answered(self.person);
         let conn = Conn::new(self.proxy.clone(), &self.generation, self.opener, route);
         let serving = Box::pin(serve_h1(conn, Prefixed::new(first, client)));
         serving.await;

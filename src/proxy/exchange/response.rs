@@ -30,7 +30,7 @@ pub fn filter(
     }
     // Looked up now, after any token refresh; and before hop-by-hop headers go, since a
     // Transfer-Encoding coding counts too.
-    let mut resp = match redact.then(|| crate::redact::for_host(config, &route.dest)).flatten() {
+    let mut resp = match redact.then(|| crate::redact::for_credentials(config, &route.naming)).flatten() {
         Some(set) => redact_response(set, resp, route)?,
         None => resp,
     };

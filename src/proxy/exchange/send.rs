@@ -80,7 +80,8 @@ impl<'a> Upstream<'a> {
     ) -> Result<Response<Body>, Refusal> {
         let client = upgrade::ClientSide::take(&mut parts.extensions)
             .ok_or_else(|| Refusal::bad_request("cannot upgrade here"))?;
-        let redactors = redact.then(|| crate::redact::for_host(self.config, &self.route.dest)).flatten();
+        let redactors =
+            redact.then(|| crate::redact::for_credentials(self.config, &self.route.naming)).flatten();
         let scans = upgrade::Scans { redactors, screen: super::dlp::ws_screen(self.config, self.route) };
         let resp = upgrade::relay(self.config, self.dialer, self.route, parts, kind, client, scans).await?;
         Ok(resp.map(|b| b.map_err(box_error).boxed()))

@@ -30,7 +30,7 @@ pub fn prepare(parts: &mut Parts, route: &Route, config: &Config) -> Result<bool
     if config.proxy.via {
         add_via(&mut parts.headers);
     }
-    let redact = config.proxy.redact_responses && config.policy.naming_host(&route.dest).next().is_some();
+    let redact = config.proxy.redact_responses && !route.naming.is_empty();
     if redact {
         // A compressed body could not be scanned for the secret: ask for identity.
         parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
