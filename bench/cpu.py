@@ -24,7 +24,8 @@ Three measurements, each against the same nginx upstream bench/bench.py starts:
                per-request cost, start-up, handshakes and the first upstream connection
                cancelling out. Deterministic to within ~1%: use it to judge a change.
   --features   the same instruction counts for what a feature adds: a scoped token in the
-               slot vs the plain placeholder, one live-view watcher vs none (SPEC 8 rows).
+               slot vs the plain placeholder, one live-view watcher vs none (SPEC 8 rows),
+               DLP on vs off, the built-in providers loaded beside one credential.
   --idle N     RSS of a fresh latchkey before and after N idle intercepted keep-alive
                connections (each served one request), the SPEC 8 row; then the same
                with HTTP/2 clients, in another fresh latchkey.
@@ -68,7 +69,9 @@ KINDS = [
 # the same way (SPEC 8: a scoped token >= 0.9x a plain placeholder; the live view with a
 # watcher >= 0.95x without). Extra oha arguments are made once latchkey has started (the
 # token is minted then); "watch" keeps one live-view client reading GET /api/events; "dlp"
-# turns `[proxy.dlp]` on (built-in rules, block; SPEC 8: keep-alive >= 0.9x off).
+# turns `[proxy.dlp]` on (built-in rules, block; SPEC 8: keep-alive >= 0.9x off);
+# "providers" loads the built-in provider table beside the bench's credential (what a
+# config without `[credentials]` gets): what each configured credential costs a request.
 FEATURE_KINDS = [
     ("HTTP/1.1, plain placeholder in the slot", lambda bench: ("-H", "x-api-key: latchkey-bench"), ""),
     ("HTTP/1.1, scoped token in the slot", lambda bench: ("-H", f"x-api-key: {bench.token}"), ""),
@@ -76,6 +79,8 @@ FEATURE_KINDS = [
     ("HTTP/1.1, one live-view watcher", lambda bench: (), "watch"),
     ("HTTP/1.1, DLP off", lambda bench: (), ""),
     ("HTTP/1.1, DLP on", lambda bench: (), "dlp"),
+    ("HTTP/1.1, one credential", lambda bench: (), ""),
+    ("HTTP/1.1, and the 20 built-in providers", lambda bench: (), "providers"),
 ]
 
 
@@ -188,7 +193,7 @@ def callgrind_ir(bench, name, binary, n, extra, mode=""):
     """Total instructions latchkey executed from start to exit, serving n requests.
     `extra` may be a function of the bench (called once latchkey runs); `mode` "watch" keeps
     one live-view watcher reading while the requests are served, "dlp" turns on
-    `[proxy.dlp]`."""
+    `[proxy.dlp]`, "providers" loads the built-in provider table."""
     out = bench.work / f"callgrind.{name}.{n}.{time.monotonic_ns()}.out"
     # aws-lc seeds its random generator once per process from CPU jitter: ~430 million
     # instructions (over 90% of a 300-request run) whose count varies by millions from
@@ -199,8 +204,9 @@ def callgrind_ir(bench, name, binary, n, extra, mode=""):
     wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
                *jitter, "--collect-atstart=yes"]
     # The feature rows need the admin listener and the minted token: the "latchkey" instance.
-    dlp = '[proxy.dlp]\nenabled = true\naction = "block"' if mode == "dlp" else ""
-    t = bench.start_latchkey("latchkey" if callable(extra) else name, binary, wrapper=wrapper, proxy_extra=dlp)
+    proxy_extra = {"dlp": '[proxy.dlp]\nenabled = true\naction = "block"', "providers": "builtin_providers = true"}
+    t = bench.start_latchkey("latchkey" if callable(extra) else name, binary, wrapper=wrapper,
+                             proxy_extra=proxy_extra.get(mode, ""))
     url = f"https://127.0.0.1:{bench.up_port}/"
     watcher = None
     try:
