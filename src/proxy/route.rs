@@ -77,6 +77,14 @@ impl Route {
         }
     }
 
+    /// This connection's route under another config: its destination, TLS, SNI verdict
+    /// and a person's answer stay; the agent (admitted again) and the credentials naming
+    /// the host are the new config's.
+    pub fn under(&self, config: &Config, agent: Option<usize>) -> Route {
+        let (dest, misdirected) = (self.dest.clone(), self.misdirected.clone());
+        Route::new(config, dest, self.tls, self.tunnel, misdirected, self.peer, agent).answered(self.person)
+    }
+
     /// The route of a connection a person answered about.
     pub fn answered(mut self, person: Verdict) -> Route {
         self.person = person;

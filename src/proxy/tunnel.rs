@@ -200,7 +200,8 @@ impl Conn {
     }
 
     /// The route for a request under `generation`: the tunnel's destination, TLS and
-    /// SNI verdict stay; the agent is admitted again when the config changed since.
+    /// SNI verdict stay; the agent is admitted again, and the credentials naming the host
+    /// found again, when the config changed since.
     fn route(&self, generation: &Arc<Generation>) -> Result<Arc<Route>, (Refusal, Arc<Route>)> {
         let mut cached = self.route.lock().unwrap_or_else(|p| p.into_inner());
         if Weak::ptr_eq(&cached.0, &Arc::downgrade(generation)) {
@@ -208,17 +209,7 @@ impl Conn {
         }
         let old = cached.1.clone();
         let agent = handler::admit(&generation.config, &self.opener).map_err(|r| (r, old.clone()))?;
-        let route = Route::new(
-            &generation.config,
-            old.dest.clone(),
-            old.tls,
-            old.tunnel,
-            old.misdirected.clone(),
-            old.peer,
-            agent,
-        )
-        .answered(old.person);
-        *cached = (Arc::downgrade(generation), Arc::new(route));
+        *cached = (Arc::downgrade(generation), Arc::new(old.under(&generation.config, agent)));
         Ok(cached.1.clone())
     }
 
