@@ -539,7 +539,10 @@ fn without_a_token_file_only_the_public_endpoints_answer() {
     );
     let lk = Latchkey::start(None, &body, &[]);
     let a = Admin { lk, port };
-    wait_until("the admin port", || a.request("GET", "/healthz", &[], "").0 == 200);
+    // Bound just after the proxy port `start` waited for: a request before then is
+    // refused (it failed a full run once), so wait for the port, as `Admin::start` does.
+    wait_until("the admin port", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    wait_until("/healthz", || a.request("GET", "/healthz", &[], "").0 == 200);
     // (/readyz may answer 503 for a moment: the admin port opens before the proxy's.)
     wait_until("ready", || a.request("GET", "/readyz", &[], "").0 == 200);
     let (status, _, body) = a.request("GET", "/metrics", &[("Authorization", "Bearer anything")], "");
