@@ -129,11 +129,7 @@ fn a_credential_a_reload_adds_is_masked_on_a_connection_already_open() {
     assert!(before.contains(&format!("\r\n{SECOND}\r\n")), "no credential of this value yet: {before}");
 
     lk.replace_config(|dir| write_config(dir, lk.port, Some(up.addr), &config(&format!("{first}{second}"))));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !lk.stderr().contains("reloaded") && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(lk.stderr().contains("reloaded"), "{}", lk.stderr());
+    wait_for_text(&lk.stderr_path, "reloaded");
     let after = ask();
     assert!(!after.contains(SECOND), "the open tunnel's next response: {after}");
     assert!(after.contains(&format!("\r\n{}\r\n", "*".repeat(SECOND.len()))), "{after}");
