@@ -74,6 +74,10 @@ struct Host {
     /// Requests that found no idle connection, oldest first; a connection coming free
     /// goes to the first still waiting rather than to `idle`.
     waiters: VecDeque<oneshot::Sender<Handed>>,
+    /// How long `waiters` may grow before those gone are cleared out: twice what was
+    /// left the last time, so that 5,000 requests waiting are not looked through again
+    /// for each one that joins them.
+    purge_at: usize,
     /// The destination's h2 connection, shared.
     h2: Option<h2_client::Conn>,
     /// An h2 connection has been made here (the destination speaks h2).
@@ -368,15 +372,14 @@ impl Pool {
             }
         }
         let (tx, rx) = oneshot::channel();
-        let waiters = &mut hosts.entry(key.clone()).or_default().waiters;
+        let host = hosts.entry(key.clone()).or_default();
         // Requests served by their own connection leave their place behind (an h2
         // destination's are never called): clear those out before they pile up.
-        if waiters.len() >= 16 {
-            let before = waiters.len();
-            waiters.retain(|w| !w.is_closed());
-            self.0.queued.fetch_sub(before - waiters.len(), Ordering::Relaxed);
+        if host.waiters.len() >= host.purge_at.max(16) {
+            self.0.queued.fetch_sub(host.forget_closed(), Ordering::Relaxed);
+            host.purge_at = 2 * host.waiters.len();
         }
-        waiters.push_back(tx);
+        host.waiters.push_back(tx);
         self.0.queued.fetch_add(1, Ordering::Relaxed);
         Turn::Wait(rx)
     }
@@ -461,6 +464,15 @@ impl Pool {
             }
         }
         Err(idle)
+    }
+}
+
+impl Host {
+    /// Let go of the requests queued here that stopped waiting; how many there were.
+    fn forget_closed(&mut self) -> usize {
+        let before = self.waiters.len();
+        self.waiters.retain(|w| !w.is_closed());
+        before - self.waiters.len()
     }
 }
 
@@ -576,7 +588,7 @@ fn reap_idle(pool: Weak<Inner>) {
                 // Closed by the upstream: let go of its socket and permits now.
                 host.idle.retain_mut(|(idle, since)| idle.is_fit() && since.elapsed() <= IDLE_TIMEOUT);
                 host.h2 = host.h2.take().filter(|h2| !h2.is_closed());
-                host.waiters.retain(|w| !w.is_closed());
+                pool.queued.fetch_sub(host.forget_closed(), Ordering::Relaxed);
                 !host.idle.is_empty() || host.h2.is_some() || !host.waiters.is_empty()
             });
         }
