@@ -781,6 +781,57 @@ fn a_connection_freed_on_one_shard_goes_to_a_request_waiting_on_another() {
 }
 
 #[test]
+fn a_request_waiting_on_one_shard_is_not_passed_over_by_another_shard_s_queue() {
+    // Two upstream connections in all, both dialled by the second shard's three busy
+    // clients, whose queue is never empty: each connection a response frees finds one
+    // of them waiting. A request on the first shard queues meanwhile. It must get the
+    // next connection once it has waited longest, not wait out `connect_timeout` (3 s)
+    // behind a queue that keeps refilling: served shard by shard, 10,000 clients over
+    // 1,024 connections saw 503s. Placement as in the test above: held connections
+    // [1, 0], [2, 0], busy [2, 1], [3, 1], busy [3, 2], [4, 2], busy [4, 3], then the
+    // waiting request on the first.
+    let up = upstream(true, None);
+    let limits =
+        "connect_timeout = 3\nthreads = 2\n[proxy.limits]\nmax_upstream_connections = 2\n#END-PROXY\n";
+    let lk = Latchkey::start(Some(&up), &format!("{limits}{CRED}"), ENV);
+    let hold = || {
+        let s = TcpStream::connect(("127.0.0.1", lk.port)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        s
+    };
+    let curl = |urls: &[String]| {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--max-time", "30", "-w", "%{http_code}\n", "-x", &lk.proxy_url(), "--cacert"]);
+        c.arg(lk.bundle());
+        for url in urls {
+            c.args(["-o", "/dev/null", url]);
+        }
+        let out = c.output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let busy: Vec<String> = vec!["https://api.anthropic.com/pause?ms=300".into(); 12];
+    let (waited, code, busy_codes) = std::thread::scope(|s| {
+        let mut held = vec![hold(), hold()];
+        let mut clients = Vec::new();
+        for n in 1..=3 {
+            if n > 1 {
+                held.push(hold());
+            }
+            clients.push(s.spawn(|| curl(&busy)));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let started = Instant::now();
+        let code = curl(&["https://api.anthropic.com/next".into()]);
+        let waited = started.elapsed();
+        let busy_codes: String = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        (waited, code, busy_codes)
+    });
+    assert_eq!(code.trim(), "200", "after {waited:?}\n{}", lk.stderr());
+    assert!(waited < Duration::from_millis(2500), "served only after {waited:?}");
+    assert!(busy_codes.lines().all(|c| c == "200"), "{busy_codes}");
+}
+
+#[test]
 fn a_client_that_half_closes_still_gets_its_answer() {
     // latchkey does not read a connection while its request is answered (hyper's check
     // for a client gone held a second 8-16 KiB read buffer per busy connection): a

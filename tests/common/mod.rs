@@ -462,6 +462,9 @@ async fn echo(
     if path == "/slow" {
         tokio::time::sleep(std::time::Duration::from_secs(4)).await;
     }
+    if let Some(ms) = path.strip_prefix("/pause?ms=").and_then(|ms| ms.parse().ok()) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let mut b = Response::builder().header("content-type", "application/json");
     if path.starts_with("/cookie") {
         b = b.header("set-cookie", "session=abc; Secure");
