@@ -53,7 +53,8 @@ fn main() {
     for _ in 0..times {
         let mut stream = Stream::new(set.clone());
         for at in (0..body.len()).step_by(16 * 1024) {
-            out += stream.push(body.slice(at..body.len().min(at + 16 * 1024))).len();
+            let (first, then) = stream.push(body.slice(at..body.len().min(at + 16 * 1024)));
+            out += first.len() + then.map_or(0, |t| t.len());
         }
         out += stream.finish().len();
     }

@@ -532,13 +532,19 @@ pub fn for_credentials(config: &crate::config::Config, naming: &[usize]) -> Opti
 pub struct Stream {
     set: Set,
     carry: BytesMut,
+    /// The held bytes and the start of a large chunk, searched together (`push_beside`).
+    seam: Vec<u8>,
     /// Set for gRPC bodies: the message framing, so nothing is held past a message's end.
     grpc: Option<GrpcMessages>,
 }
 
+/// What a chunk pushed releases, in order: the bytes, and a second piece when a large
+/// chunk was released beside the held bytes before it rather than joined to them.
+pub type Released = (Bytes, Option<Bytes>);
+
 impl Stream {
     pub fn new(set: Set) -> Self {
-        Stream { set, carry: BytesMut::new(), grpc: None }
+        Stream { set, carry: BytesMut::new(), seam: Vec::new(), grpc: None }
     }
 
     /// The redactors this stream masks with (a body's trailers are masked with them too).
@@ -554,19 +560,53 @@ impl Stream {
     }
 
     /// Add a chunk; returns what can be released now.
-    pub fn push(&mut self, mut chunk: Bytes) -> Bytes {
+    pub fn push(&mut self, mut chunk: Bytes) -> Released {
         let message_end = self.grpc.as_mut().is_some_and(|g| g.feed(&chunk));
         if self.is_clean(&chunk) {
             // What `carry` would have been, searched in place: released without a copy,
             // all but its tail (a download's every byte went through `carry` before).
             let keep = if message_end { 0 } else { self.set.holdback(&chunk) };
             self.carry.extend_from_slice(&chunk.split_off(chunk.len() - keep));
-            return chunk;
+            return (chunk, None);
+        }
+        if !message_end && !self.carry.is_empty() && chunk.len() >= self.set.span {
+            return self.push_beside(chunk);
         }
         self.carry.extend_from_slice(&chunk);
         self.set.mask(&mut self.carry);
         let keep = if message_end { 0 } else { self.set.holdback(&self.carry) };
-        self.carry.split_to(self.carry.len() - keep).freeze()
+        (self.carry.split_to(self.carry.len() - keep).freeze(), None)
+    }
+
+    /// A chunk at least as wide as the widest form, after held bytes (almost every chunk
+    /// of a binary download: its last byte is nearly always in the alphabet). A form
+    /// that began in the held bytes ends within the chunk's first `span - 1` bytes, so
+    /// only those are joined to them to be searched, and the chunk goes on as it came
+    /// instead of being copied behind them. Released as two pieces — the held bytes,
+    /// then the chunk less its own held tail — whether or not anything was masked: the
+    /// pieces' lengths come from the lengths and the alphabet alone, never the secret.
+    fn push_beside(&mut self, mut chunk: Bytes) -> Released {
+        let held = self.carry.len();
+        let keep = self.set.holdback(&chunk);
+        self.seam.clear();
+        self.seam.extend_from_slice(&self.carry);
+        self.seam.extend_from_slice(&chunk[..self.set.span.saturating_sub(1)]);
+        let clean = self.set.count(&self.seam) == 0 && self.set.count(&chunk) == 0;
+        // Response bytes, perhaps an echoed secret: not left lying in a kept buffer.
+        self.seam.fill(0);
+        self.seam.clear();
+        if clean {
+            let tail = chunk.split_off(chunk.len() - keep);
+            let before = self.carry.split().freeze();
+            self.carry.extend_from_slice(&tail);
+            return (before, Some(chunk));
+        }
+        // Something to mask: searched joined, as every chunk once was.
+        self.carry.extend_from_slice(&chunk);
+        self.set.mask(&mut self.carry);
+        let before = self.carry.split_to(held).freeze();
+        let rest = self.carry.split_to(self.carry.len() - keep).freeze();
+        (before, Some(rest))
     }
 
     /// Add the last chunk (the body says it is over): everything is released.
@@ -660,9 +700,61 @@ mod tests {
         Stream::new(Set::new(vec![Arc::new(redactor())]).unwrap())
     }
 
-    /// `Stream::push` of a copy of `chunk`.
+    /// `Stream::push` of a copy of `chunk`: what it released, both pieces joined.
     fn push(s: &mut Stream, chunk: &[u8]) -> Bytes {
-        s.push(Bytes::copy_from_slice(chunk))
+        match s.push(Bytes::copy_from_slice(chunk)) {
+            (out, None) => out,
+            (first, Some(then)) => [first, then].concat().into(),
+        }
+    }
+
+    /// The lengths of the pieces `chunks` are released in, and the text released.
+    fn pieces(chunks: &[&[u8]]) -> (Vec<usize>, Vec<u8>) {
+        let mut s = stream();
+        let (mut lengths, mut text) = (Vec::new(), Vec::new());
+        let mut release = |b: Bytes| {
+            lengths.push(b.len());
+            text.extend_from_slice(&b);
+        };
+        for chunk in chunks {
+            let (out, then) = s.push(Bytes::copy_from_slice(chunk));
+            release(out);
+            then.into_iter().for_each(&mut release);
+        }
+        release(s.finish());
+        (lengths, text)
+    }
+
+    #[test]
+    fn a_large_chunk_after_held_bytes_goes_on_as_it_came() {
+        let span = stream().set.span;
+        let mut s = stream();
+        let (out, _) = s.push(Bytes::from_static(b"{\"a\": \"held-at-the-end"));
+        assert_eq!(out, Bytes::from_static(b"{\"a\": \""), "the alphabet run is held");
+        let chunk = Bytes::from(format!("{}\", \"b\": tail", "x".repeat(span)));
+        let (before, then) = s.push(chunk.clone());
+        assert_eq!(before, Bytes::from_static(b"held-at-the-end"));
+        let then = then.expect("the chunk as a second piece");
+        assert_eq!(then.as_ptr(), chunk.as_ptr(), "not copied");
+        assert_eq!(then, chunk.slice(..chunk.len() - 4), "less its own held tail");
+        assert_eq!(s.finish(), Bytes::from_static(b"tail"));
+    }
+
+    #[test]
+    fn pieces_are_the_same_for_a_secret_and_a_wrong_guess_of_its_length() {
+        let span = stream().set.span;
+        let wrong = SECRET.replace("REAL", "FAKE");
+        let (mut seen, mut masked) = (None, 0);
+        for echoed in [SECRET, &wrong] {
+            // The echo starts in the held tail of one chunk and ends in the next.
+            let first = format!("{}\n{}", "a".repeat(span), &echoed[..10]);
+            let second = format!("{}{}\n", &echoed[10..], "b".repeat(2 * span));
+            let (lengths, text) = pieces(&[first.as_bytes(), second.as_bytes()]);
+            assert!(!String::from_utf8_lossy(&text).contains("REALsecret"));
+            masked += usize::from(text.windows(SECRET.len()).any(|w| w.iter().all(|b| *b == MASK)));
+            assert_eq!(*seen.get_or_insert(lengths.clone()), lengths, "{echoed}");
+        }
+        assert_eq!(masked, 1, "the secret was masked and the guess was not");
     }
 
     fn whole(text: &[u8]) -> Vec<u8> {
@@ -821,6 +913,38 @@ mod tests {
     }
 
     proptest! {
+        /// Large chunks too (released beside the held bytes): whatever the chunking and
+        /// wherever the forms fall, none gets through and nothing else changes.
+        #[test]
+        fn no_chunking_of_a_long_body_lets_a_secret_through(
+            filler in proptest::collection::vec(0usize..4, 1..6),
+            pad in 1usize..900,
+            cuts in proptest::collection::vec(0usize..6000, 0..8),
+        ) {
+            let forms = forms(SECRET.as_bytes());
+            let mut text = Vec::new();
+            for (i, f) in filler.iter().enumerate() {
+                text.extend(std::iter::repeat_n(b"az09-_"[i % 6], pad * (f + 1)));
+                text.extend_from_slice(&forms[(i * 7 + f) % forms.len()]);
+            }
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (text.len() + 1)).collect();
+            cuts.sort();
+            let mut s = stream();
+            let mut out = Vec::new();
+            let mut last = 0;
+            for c in cuts.into_iter().chain([text.len()]) {
+                out.extend_from_slice(&push(&mut s, &text[last..c]));
+                last = c;
+            }
+            out.extend_from_slice(&s.finish());
+            prop_assert_eq!(out.len(), text.len());
+            for f in &forms {
+                prop_assert!(!out.windows(f.len()).any(|w| w == &f[..]));
+            }
+            let kept = text.iter().zip(&out).filter(|(a, b)| a == b || **b == MASK).count();
+            prop_assert_eq!(kept, text.len(), "only masks differ");
+        }
+
         /// Whatever the chunking, no form of the secret gets through.
         #[test]
         fn no_chunking_lets_a_secret_through(

@@ -183,6 +183,8 @@ impl FrameFilter for Log {
 pub struct Redacted<B> {
     inner: B,
     stream: crate::redact::Stream,
+    /// The second piece a chunk released (`redact::Released`), sent next.
+    then: Option<Bytes>,
     trailers: Option<http::HeaderMap>,
     done: bool,
 }
@@ -195,7 +197,7 @@ impl<B> Redacted<B> {
             true => crate::redact::Stream::grpc(set),
             false => crate::redact::Stream::new(set),
         };
-        Redacted { inner, stream, trailers: None, done: false }
+        Redacted { inner, stream, then: None, trailers: None, done: false }
     }
 }
 
@@ -272,6 +274,9 @@ where
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
         loop {
+            if let Some(then) = self.then.take() {
+                return Poll::Ready(Some(Ok(Frame::data(then))));
+            }
             if self.done {
                 return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
@@ -280,10 +285,11 @@ where
                     Ok(data) => {
                         // A body that knows it is over (a length reached) is released in
                         // one frame rather than its held tail in a second one.
-                        let out = match self.inner.is_end_stream() {
-                            true => self.stream.push_last(data),
+                        let (out, then) = match self.inner.is_end_stream() {
+                            true => (self.stream.push_last(data), None),
                             false => self.stream.push(data),
                         };
+                        self.then = then.filter(|t| !t.is_empty());
                         if !out.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
@@ -314,14 +320,14 @@ where
     /// Forwarded, so a response that ends with its head (a gRPC trailers-only reply)
     /// still ends with its head rather than with an empty DATA frame.
     fn is_end_stream(&self) -> bool {
-        let pending = self.stream.held() > 0 || self.trailers.is_some();
+        let pending = self.stream.held() > 0 || self.then.is_some() || self.trailers.is_some();
         !pending && (self.done || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         // Masking keeps lengths; what is held back is still to come.
         let inner = self.inner.size_hint();
-        let held = self.stream.held() as u64;
+        let held = (self.stream.held() + self.then.as_ref().map_or(0, Bytes::len)) as u64;
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower() + held);
         if let Some(upper) = inner.upper() {
