@@ -708,6 +708,22 @@ mod tests {
         }
     }
 
+    /// `text` pushed cut at `cuts` (any positions, wrapped into it), then finished: all
+    /// that was released.
+    fn pushed_in_pieces(text: &[u8], cuts: Vec<usize>) -> Vec<u8> {
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (text.len() + 1)).collect();
+        cuts.sort();
+        let mut s = stream();
+        let mut out = Vec::new();
+        let mut last = 0;
+        for c in cuts.into_iter().chain([text.len()]) {
+            out.extend_from_slice(&push(&mut s, &text[last..c]));
+            last = c;
+        }
+        out.extend_from_slice(&s.finish());
+        out
+    }
+
     /// The lengths of the pieces `chunks` are released in, and the text released.
     fn pieces(chunks: &[&[u8]]) -> (Vec<usize>, Vec<u8>) {
         let mut s = stream();
@@ -927,16 +943,7 @@ mod tests {
                 text.extend(std::iter::repeat_n(b"az09-_"[i % 6], pad * (f + 1)));
                 text.extend_from_slice(&forms[(i * 7 + f) % forms.len()]);
             }
-            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (text.len() + 1)).collect();
-            cuts.sort();
-            let mut s = stream();
-            let mut out = Vec::new();
-            let mut last = 0;
-            for c in cuts.into_iter().chain([text.len()]) {
-                out.extend_from_slice(&push(&mut s, &text[last..c]));
-                last = c;
-            }
-            out.extend_from_slice(&s.finish());
+            let out = pushed_in_pieces(&text, cuts);
             prop_assert_eq!(out.len(), text.len());
             for f in &forms {
                 prop_assert!(!out.windows(f.len()).any(|w| w == &f[..]));
@@ -967,16 +974,7 @@ mod tests {
             };
             let text = format!("{before}{form}{after}");
             let bytes = text.as_bytes();
-            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
-            cuts.sort();
-            let mut s = stream();
-            let mut out = Vec::new();
-            let mut last = 0;
-            for c in cuts.into_iter().chain([bytes.len()]) {
-                out.extend_from_slice(&push(&mut s, &bytes[last..c]));
-                last = c;
-            }
-            out.extend_from_slice(&s.finish());
+            let out = pushed_in_pieces(bytes, cuts);
             prop_assert_eq!(out.len(), bytes.len());
             let out = String::from_utf8_lossy(&out).into_owned();
             prop_assert!(!out.contains(SECRET));

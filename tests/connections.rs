@@ -734,6 +734,26 @@ fn requests_past_the_upstream_cap_take_turns_instead_of_being_refused() {
     assert!(peak <= 4, "{peak} upstream connections open at once past a cap of 4");
 }
 
+/// latchkey on two shards (whatever the machine's cores) with two upstream connections
+/// in all — one general, one kept for a client's first: the smallest cap, for the tests
+/// of requests queued on one shard and connections freed on another.
+fn two_shards_two_connections(connect_timeout: u64) -> (Upstream, Latchkey) {
+    let up = upstream(true, None);
+    let limits = format!(
+        "connect_timeout = {connect_timeout}\nthreads = 2\n[proxy.limits]\nmax_upstream_connections = 2\n#END-PROXY\n"
+    );
+    let lk = Latchkey::start(Some(&up), &format!("{limits}{CRED}"), ENV);
+    (up, lk)
+}
+
+/// A connection held open on latchkey's proxy port, placed on a shard by the time this
+/// returns: it steers where the next connection goes.
+fn hold_open(lk: &Latchkey) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", lk.port)).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    s
+}
+
 #[test]
 fn a_connection_freed_on_one_shard_goes_to_a_request_waiting_on_another() {
     // Each shard (`proxy::shards`) pools and queues its own connections; the cap is the
@@ -745,15 +765,8 @@ fn a_connection_freed_on_one_shard_goes_to_a_request_waiting_on_another() {
     // placement (a new one stays on the first shard unless another has two fewer):
     // [1, 0], [2, 0], slow [2, 1], [3, 1], slow [3, 2], next on the first. Two shards
     // whatever the machine's cores (`threads`): the placements above count on two.
-    let up = upstream(true, None);
-    let limits =
-        "connect_timeout = 8\nthreads = 2\n[proxy.limits]\nmax_upstream_connections = 2\n#END-PROXY\n";
-    let lk = Latchkey::start(Some(&up), &format!("{limits}{CRED}"), ENV);
-    let hold = || {
-        let s = TcpStream::connect(("127.0.0.1", lk.port)).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        s
-    };
+    let (up, lk) = two_shards_two_connections(8);
+    let hold = || hold_open(&lk);
     let get = |path: &str| {
         let out = Command::new("curl")
             .args(["-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}"])
@@ -790,15 +803,8 @@ fn a_request_waiting_on_one_shard_is_not_passed_over_by_another_shard_s_queue() 
     // 1,024 connections saw 503s. Placement as in the test above: held connections
     // [1, 0], [2, 0], busy [2, 1], [3, 1], busy [3, 2], [4, 2], busy [4, 3], then the
     // waiting request on the first.
-    let up = upstream(true, None);
-    let limits =
-        "connect_timeout = 3\nthreads = 2\n[proxy.limits]\nmax_upstream_connections = 2\n#END-PROXY\n";
-    let lk = Latchkey::start(Some(&up), &format!("{limits}{CRED}"), ENV);
-    let hold = || {
-        let s = TcpStream::connect(("127.0.0.1", lk.port)).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        s
-    };
+    let (_up, lk) = two_shards_two_connections(3);
+    let hold = || hold_open(&lk);
     let curl = |urls: &[String]| {
         let mut c = Command::new("curl");
         c.args(["-sS", "--max-time", "30", "-w", "%{http_code}\n", "-x", &lk.proxy_url(), "--cacert"]);
