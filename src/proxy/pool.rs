@@ -443,8 +443,7 @@ impl Pool {
     /// need not hold equal shares of it: served shard by shard, the requests of a shard
     /// that dialled fewer connections waited out `connect_timeout` while the other's
     /// were served (503s for ~5% of requests in one run of 10,000 clients over 1,024
-    /// connections), and a request queued where no connection was ever freed waited
-    /// for nothing.
+    /// connections).
     fn put_back(&self, key: Key, mut idle: Idle) {
         let mut hosts = self.0.hosts.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(shard) = self.longest_waiting(&mut hosts, &key) {
