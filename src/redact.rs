@@ -933,15 +933,21 @@ mod tests {
         /// wherever the forms fall, none gets through and nothing else changes.
         #[test]
         fn no_chunking_of_a_long_body_lets_a_secret_through(
-            filler in proptest::collection::vec(0usize..4, 1..6),
-            pad in 1usize..900,
-            cuts in proptest::collection::vec(0usize..6000, 0..8),
+            segments in proptest::collection::vec(
+                (1usize..900, any::<proptest::sample::Index>(), proptest::option::of(0usize..200)),
+                1..6,
+            ),
+            mut cuts in proptest::collection::vec(0usize..6000, 0..8),
         ) {
-            let forms = forms(SECRET.as_bytes());
+            let mut forms = forms(SECRET.as_bytes());
+            // The widest a form can be: every character a `\uXXXX` escape.
+            forms.push(SECRET.chars().flat_map(|c| format!("\\u{:04x}", c as u32).into_bytes()).collect());
             let mut text = Vec::new();
-            for (i, f) in filler.iter().enumerate() {
-                text.extend(std::iter::repeat_n(b"az09-_"[i % 6], pad * (f + 1)));
-                text.extend_from_slice(&forms[(i * 7 + f) % forms.len()]);
+            for (i, (pad, form, cut_into)) in segments.iter().enumerate() {
+                text.extend(std::iter::repeat_n(b"az09-_"[i % 6], *pad));
+                // Cut inside the form as well as anywhere: where a chunk ends in a form.
+                cuts.extend(cut_into.map(|at| text.len() + at));
+                text.extend_from_slice(&forms[form.index(forms.len())]);
             }
             let out = pushed_in_pieces(&text, cuts);
             prop_assert_eq!(out.len(), text.len());
