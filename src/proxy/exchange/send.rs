@@ -101,16 +101,20 @@ impl<'a> Upstream<'a> {
             None => body,
             Some(hit) => GuardedTrailers::new(body, self.trailers.clone(), hit.clone()).boxed(),
         };
-        let counted = Counted::new(body, up);
-        let (body, hit): (Body, _) = if config.policy.filters.content.is_empty() {
-            (counted.boxed(), None)
+        let empty = http_body::Body::is_end_stream(&body);
+        // An empty body (most requests) has nothing to count or scan: sent as it is,
+        // without the boxes.
+        let (body, hit): (Body, _) = if empty {
+            (body, None)
+        } else if config.policy.filters.content.is_empty() {
+            (Counted::new(body, up).boxed(), None)
         } else {
-            let scan = ScanBody::new(counted, config.clone());
+            let scan = ScanBody::new(Counted::new(body, up), config.clone());
             let hit = scan.filter.hit.clone();
             (scan.boxed(), Some(hit))
         };
         // An upload outliving its answer gets `timeout` after the answer's end.
-        let (body, answered) = match http_body::Body::is_end_stream(&body) {
+        let (body, answered) = match empty {
             true => (body, None),
             false => {
                 let (bounded, answered) = answered::bounded(body, config.proxy.timeout);
