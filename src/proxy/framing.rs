@@ -47,6 +47,12 @@ pub const REFUSED: &str = "latchkey-refused";
 /// Header of the marker head carrying the refused head's first line, escaped.
 pub const REFUSED_LINE: &str = "latchkey-refused-line";
 
+// The marker headers as names, for the lookups every request makes: a lookup by `&str`
+// parses the name first.
+pub static SMUGGLED_NAME: http::HeaderName = http::HeaderName::from_static(SMUGGLED);
+static REFUSED_NAME: http::HeaderName = http::HeaderName::from_static(REFUSED);
+static REFUSED_LINE_NAME: http::HeaderName = http::HeaderName::from_static(REFUSED_LINE);
+
 /// Longest chunk-size or trailer line followed before stepping aside.
 const MAX_LINE: usize = 8 * 1024;
 
@@ -535,11 +541,11 @@ pub fn escape(bytes: &[u8]) -> String {
 /// A request the guard refused, as the service sees its marker head: why, and the
 /// refused head's first line (escaped).
 pub fn refused(headers: &http::HeaderMap) -> Option<(Malformed, String)> {
-    let code = headers.get(REFUSED)?;
+    let code = headers.get(&REFUSED_NAME)?;
     // A client writing the marker header itself is refused all the same.
     let why = Malformed::from_code(code.as_bytes()).unwrap_or(Malformed::Header);
     let line = headers
-        .get(REFUSED_LINE)
+        .get(&REFUSED_LINE_NAME)
         .map(|v| v.to_str().map(str::to_string).unwrap_or_else(|_| escape(v.as_bytes())))
         .unwrap_or_default();
     Some((why, line))

@@ -107,7 +107,7 @@ pub fn check(route: &Route, parts: &Parts, h2_websocket: bool) -> Result<(), Ref
     if let Some(why) = &route.misdirected {
         return Err(Refusal::misdirected(why.clone()));
     }
-    if parts.headers.contains_key(super::framing::SMUGGLED) {
+    if parts.headers.contains_key(&super::framing::SMUGGLED_NAME) {
         return Err(Refusal::new(
             RefusalKind::Smuggling,
             "Content-Length together with Transfer-Encoding is refused (request smuggling)",
