@@ -144,16 +144,18 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Malf
     let reason = reason.map(|r| Bytes::copy_from_slice(r.as_bytes()));
     let bytes = buf.split_to(len).freeze();
     let mut map = HeaderMap::with_capacity(count);
+    let mut facts = Facts::default();
     for &(name, name_len, value, value_len) in &spans[..count] {
         let (name, value) = (name as usize, value as usize);
         let name =
             HeaderName::from_bytes(&bytes[name..name + name_len as usize]).map_err(|_| Malformed::Head)?;
         let value = HeaderValue::from_maybe_shared(bytes.slice(value..value + value_len as usize))
             .map_err(|_| Malformed::Head)?;
+        facts.see(&name, &value);
         map.append(name, value);
     }
-    let (framing, mut reusable) = framing(&map, version, status, head_request)?;
-    reusable &= keep_alive(&map, version) && framing != Framing::Close;
+    let (framing, mut reusable) = facts.framing(version, status, head_request)?;
+    reusable &= facts.keep_alive(version) && framing != Framing::Close;
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
@@ -164,46 +166,85 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Malf
     Ok(Parsed::Final(Head { response, framing, reusable }))
 }
 
-/// The body's framing, and whether it leaves the connection fit for another request.
-fn framing(
-    headers: &HeaderMap,
-    version: Version,
-    status: StatusCode,
-    head_request: bool,
-) -> Result<(Framing, bool), Malformed> {
-    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok((Framing::Empty, true));
-    }
-    let has_length = headers.contains_key(header::CONTENT_LENGTH);
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        if version == Version::HTTP_10 {
-            return Err(Malformed::OldChunked);
-        }
-        // Both: the length is ignored, and a connection framed two ways is not trusted again.
-        return Ok(match chunked_last(headers) {
-            true => (Framing::Chunked, !has_length),
-            false => (Framing::Close, false),
-        });
-    }
-    if !has_length {
-        return Ok((Framing::Close, false));
-    }
-    Ok((content_length(headers)?, true))
+/// What a response head says about its framing and its connection, gathered as its
+/// lines are read: one pass, where looking each name up in the finished map cost four
+/// hashed lookups a response.
+struct Facts {
+    /// A `Content-Length` line was seen.
+    has_length: bool,
+    /// Every `Content-Length` value, comma lists included, is the same number: `Err` once
+    /// one is not a number or differs.
+    length: Result<Option<u64>, Malformed>,
+    /// The last `Transfer-Encoding` value, when there is one.
+    last_coding: Option<HeaderValue>,
+    /// `close` in a `Connection` value (heeded in any value).
+    close: bool,
+    /// `keep-alive` in a `Connection` value hyper reads (visible ASCII).
+    keep_alive: bool,
 }
 
-/// Every `Content-Length` value, comma lists included, must be the same number.
-fn content_length(headers: &HeaderMap) -> Result<Framing, Malformed> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let n = digits(part.trim_ascii()).ok_or(Malformed::Length)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(Malformed::Length);
-            }
-            length = Some(n);
+impl Default for Facts {
+    fn default() -> Facts {
+        Facts { has_length: false, length: Ok(None), last_coding: None, close: false, keep_alive: false }
+    }
+}
+
+impl Facts {
+    fn see(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if *name == header::CONTENT_LENGTH {
+            self.has_length = true;
+            self.length = self.length.and_then(|length| same_length(length, value));
+        } else if *name == header::TRANSFER_ENCODING {
+            self.last_coding = Some(value.clone());
+        } else if *name == header::CONNECTION {
+            self.close |= has_token(value, b"close");
+            self.keep_alive |= value.to_str().is_ok() && has_token(value, b"keep-alive");
         }
     }
-    length.map(Framing::Length).ok_or(Malformed::Length)
+
+    /// The body's framing, and whether it leaves the connection fit for another request.
+    fn framing(
+        &self,
+        version: Version,
+        status: StatusCode,
+        head_request: bool,
+    ) -> Result<(Framing, bool), Malformed> {
+        if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            return Ok((Framing::Empty, true));
+        }
+        if let Some(coding) = &self.last_coding {
+            if version == Version::HTTP_10 {
+                return Err(Malformed::OldChunked);
+            }
+            // Both: the length is ignored, and a connection framed two ways is not trusted again.
+            return Ok(match chunked_last(coding) {
+                true => (Framing::Chunked, !self.has_length),
+                false => (Framing::Close, false),
+            });
+        }
+        if !self.has_length {
+            return Ok((Framing::Close, false));
+        }
+        Ok((self.length?.map(Framing::Length).ok_or(Malformed::Length)?, true))
+    }
+
+    /// A `close` anywhere wins over any `keep-alive`, which counts only in HTTP/1.0.
+    fn keep_alive(&self, version: Version) -> bool {
+        !self.close && (version == Version::HTTP_11 || self.keep_alive)
+    }
+}
+
+/// The length so far and one more `Content-Length` value: every number in it must be
+/// the same as every other.
+fn same_length(mut length: Option<u64>, value: &HeaderValue) -> Result<Option<u64>, Malformed> {
+    for part in value.as_bytes().split(|&b| b == b',') {
+        let n = digits(part.trim_ascii()).ok_or(Malformed::Length)?;
+        if length.is_some_and(|l| l != n) {
+            return Err(Malformed::Length);
+        }
+        length = Some(n);
+    }
+    Ok(length)
 }
 
 fn digits(s: &[u8]) -> Option<u64> {
@@ -215,21 +256,16 @@ fn digits(s: &[u8]) -> Option<u64> {
 
 /// The last transfer coding named is `chunked`, in a value hyper reads (visible ASCII:
 /// hyper reads any other to the close).
-fn chunked_last(headers: &HeaderMap) -> bool {
-    let last = headers.get_all(header::TRANSFER_ENCODING).iter().next_back();
-    last.and_then(|v| v.to_str().ok()?.rsplit(',').next())
+fn chunked_last(last: &HeaderValue) -> bool {
+    last.to_str()
+        .ok()
+        .and_then(|v| v.rsplit(',').next())
         .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case("chunked"))
 }
 
-/// A `close` anywhere wins over any `keep-alive`, which counts (in HTTP/1.0) only in a
-/// value hyper reads (visible ASCII); a `close` is heeded in any value.
-fn keep_alive(headers: &HeaderMap, version: Version) -> bool {
-    let says = |value: &HeaderValue, token: &[u8]| {
-        value.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-    };
-    let values = || headers.get_all(header::CONNECTION).iter();
-    let close = values().any(|v| says(v, b"close"));
-    !close && (version == Version::HTTP_11 || values().any(|v| v.to_str().is_ok() && says(v, b"keep-alive")))
+/// Whether a comma-separated value lists `token` (case-insensitive).
+fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
+    value.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// One step of reading a body.
