@@ -121,11 +121,16 @@ impl std::hash::Hash for Key {
     }
 }
 
+/// Every destination's connections and waiters. Hashed with foldhash, not SipHash: the
+/// map is looked up twice a request (checkout, put back) and its keys are destinations
+/// the policy let through, a handful per process.
+type Hosts = HashMap<Key, Host, foldhash::fast::RandomState>;
+
 struct Inner {
     dialer: Arc<Dialer>,
     /// Offer HTTP/1.1 only by ALPN (the pool for HTTP/1.1 clients).
     h1_only: bool,
-    hosts: Mutex<HashMap<Key, Host>>,
+    hosts: Mutex<Hosts>,
     /// Requests waiting in every `Host::waiters` (changed under `hosts`): when none
     /// is, a connection coming free skips looking for one on the other shards.
     queued: AtomicUsize,
@@ -461,7 +466,7 @@ impl Pool {
 
     /// The shard whose first request for `key`'s destination has waited longest (ties
     /// to `key`'s own, whose connections wake no other thread); `None` when none waits.
-    fn longest_waiting(&self, hosts: &mut HashMap<Key, Host>, key: &Key) -> Option<usize> {
+    fn longest_waiting(&self, hosts: &mut Hosts, key: &Key) -> Option<usize> {
         if self.0.queued.load(Ordering::Relaxed) == 0 {
             return None;
         }
