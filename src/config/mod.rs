@@ -15,8 +15,8 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use ipnet::IpNet;
 
-use crate::inject::Injector;
 use crate::inject::build::Sources;
+use crate::inject::{Held, Injector};
 use crate::policy::{
     AgentRule, ContentFilter, CredState, CredentialRule, Decision, Destination, Filters, InSlot, OnUnlisted,
     Pattern, Policy, Question, RequestHead, canonical_prefix,
@@ -1216,12 +1216,12 @@ impl Config {
     /// What `head` holds where credential `i` writes on `dest`.
     fn in_slot(&self, i: usize, dest: &Destination, head: &RequestHead<'_>, tokens: &TokenState) -> InSlot {
         let c = &self.credentials[i];
-        if c.injector.carries_placeholder(dest, head, &c.placeholder) {
-            return InSlot::Placeholder;
-        }
-        match c.injector.presented(dest, head) {
-            Some(v) if crate::token::looks_like_token(&v) => InSlot::Token(tokens.signed(&v)),
-            _ => InSlot::Other,
+        match c.injector.held(dest, head, &c.placeholder) {
+            Held::Placeholder => InSlot::Placeholder,
+            Held::Presented(Some(v)) if crate::token::looks_like_token(&v) => {
+                InSlot::Token(tokens.signed(&v))
+            }
+            Held::Presented(_) => InSlot::Other,
         }
     }
 

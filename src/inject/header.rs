@@ -9,7 +9,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 
 use super::build::{BuildError, Built, Sources};
-use super::{InjectError, Injector, Slot, is_hop_by_hop};
+use super::{Held, InjectError, Injector, Slot, is_hop_by_hop};
 use crate::config::raw::RawCredential;
 use crate::policy::{Destination, RequestHead};
 use crate::secrets::{Secret, SecretValue, Source};
@@ -27,6 +27,24 @@ pub struct HeaderSlot {
 }
 
 impl HeaderSlot {
+    /// `value` is `placeholder` in this slot's form. Compared as bytes: a slot holding a
+    /// long scoped token is told apart by its length, without reading it through (asked
+    /// on every request).
+    fn holds(&self, value: &HeaderValue, placeholder: &str) -> bool {
+        let body = match &self.prefix {
+            Some(p) => match value.as_bytes().split_at_checked(p.len()) {
+                Some((scheme, rest))
+                    if scheme.eq_ignore_ascii_case(p.as_bytes()) && rest.first() == Some(&b' ') =>
+                {
+                    rest
+                }
+                _ => return false,
+            },
+            None => value.as_bytes(),
+        };
+        body.trim_ascii() == placeholder.as_bytes()
+    }
+
     pub fn parse(raw: &str) -> Result<Self, SlotError> {
         let (name, prefix) = match raw.split_once(':') {
             Some((n, p)) => (n.trim(), Some(p.trim().to_string()).filter(|p| !p.is_empty())),
@@ -107,6 +125,34 @@ impl HeaderInjector {
     fn chosen_slot(&self, headers: &http::HeaderMap) -> usize {
         self.slots.iter().position(|s| headers.contains_key(&s.name)).unwrap_or(0)
     }
+
+    /// The slot `chosen_slot` picks, with its header's first value.
+    fn chosen<'h>(&self, headers: &'h http::HeaderMap) -> (&HeaderSlot, Option<&'h HeaderValue>) {
+        self.slots
+            .iter()
+            .find_map(|s| headers.get(&s.name).map(|v| (s, Some(v))))
+            .unwrap_or((&self.slots[0], None))
+    }
+
+    /// The slot's value without its scheme prefix, the password of a basic credential.
+    fn read<'h>(&self, slot: &HeaderSlot, value: &'h HeaderValue) -> Option<Cow<'h, str>> {
+        let value = visible_ascii(value.as_bytes())?;
+        let body = match &slot.prefix {
+            Some(p) => match value.split_once(' ') {
+                Some((scheme, rest)) if scheme.eq_ignore_ascii_case(p) => rest.trim(),
+                _ => return None,
+            },
+            None => value.trim(),
+        };
+        match &self.source {
+            HeaderValueSource::Raw(_) => Some(Cow::Borrowed(body)),
+            HeaderValueSource::Basic { .. } => B64
+                .decode(body)
+                .ok()
+                .and_then(|d| String::from_utf8(d).ok())
+                .and_then(|d| d.split_once(':').map(|(_, p)| Cow::Owned(p.to_string()))),
+        }
+    }
 }
 
 impl Injector for HeaderInjector {
@@ -136,45 +182,24 @@ impl Injector for HeaderInjector {
     }
 
     fn carries_placeholder(&self, dest: &Destination, head: &RequestHead<'_>, placeholder: &str) -> bool {
-        if let HeaderValueSource::Raw(_) = &self.source {
-            // Compared as bytes: a slot holding a long scoped token is told apart by its
-            // length, without reading it through (asked on every request).
-            let slot = &self.slots[self.chosen_slot(head.headers)];
-            let Some(value) = head.headers.get(&slot.name) else { return false };
-            let body = match &slot.prefix {
-                Some(p) => match value.as_bytes().split_at_checked(p.len()) {
-                    Some((scheme, rest))
-                        if scheme.eq_ignore_ascii_case(p.as_bytes()) && rest.first() == Some(&b' ') =>
-                    {
-                        rest
-                    }
-                    _ => return false,
-                },
-                None => value.as_bytes(),
-            };
-            return body.trim_ascii() == placeholder.as_bytes();
-        }
-        self.presented(dest, head).is_some_and(|v| v == placeholder)
+        self.held(dest, head, placeholder) == Held::Placeholder
     }
 
     fn presented<'h>(&self, _: &Destination, head: &RequestHead<'h>) -> Option<Cow<'h, str>> {
-        let headers: &'h http::HeaderMap = head.headers;
-        let slot = &self.slots[self.chosen_slot(headers)];
-        let value = visible_ascii(headers.get(&slot.name)?.as_bytes())?;
-        let body = match &slot.prefix {
-            Some(p) => match value.split_once(' ') {
-                Some((scheme, rest)) if scheme.eq_ignore_ascii_case(p) => rest.trim(),
-                _ => return None,
-            },
-            None => value.trim(),
-        };
+        let (slot, value) = self.chosen(head.headers);
+        self.read(slot, value?)
+    }
+
+    /// One look at the request's headers for both questions (they were four lookups).
+    fn held<'h>(&self, _: &Destination, head: &RequestHead<'h>, placeholder: &str) -> Held<'h> {
+        let (slot, Some(value)) = self.chosen(head.headers) else { return Held::Presented(None) };
         match &self.source {
-            HeaderValueSource::Raw(_) => Some(Cow::Borrowed(body)),
-            HeaderValueSource::Basic { .. } => B64
-                .decode(body)
-                .ok()
-                .and_then(|d| String::from_utf8(d).ok())
-                .and_then(|d| d.split_once(':').map(|(_, p)| Cow::Owned(p.to_string()))),
+            HeaderValueSource::Raw(_) if slot.holds(value, placeholder) => Held::Placeholder,
+            HeaderValueSource::Raw(_) => Held::Presented(self.read(slot, value)),
+            HeaderValueSource::Basic { .. } => match self.read(slot, value) {
+                Some(v) if v == placeholder => Held::Placeholder,
+                v => Held::Presented(v),
+            },
         }
     }
 

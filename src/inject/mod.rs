@@ -33,6 +33,15 @@ pub use query::QueryInjector;
 use crate::policy::{Destination, RefusalKind, RequestHead};
 use crate::secrets::Secret;
 
+/// What a request holds where an injector writes.
+#[derive(Debug, PartialEq)]
+pub enum Held<'h> {
+    /// The credential's placeholder (`Injector::carries_placeholder`).
+    Placeholder,
+    /// Anything else, as `Injector::presented` reads it.
+    Presented(Option<Cow<'h, str>>),
+}
+
 /// Where an injector writes, for `explain` and docs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(untagged)]
@@ -127,6 +136,16 @@ pub trait Injector: Send + Sync + Debug {
     /// there, or an injector without such a slot (no token can stand in for it).
     fn presented<'h>(&self, _dest: &Destination, _head: &RequestHead<'h>) -> Option<Cow<'h, str>> {
         None
+    }
+
+    /// Both questions above, as the policy asks them on every request: the placeholder,
+    /// else what was presented. An injector that can answer both with one look at the
+    /// request overrides this.
+    fn held<'h>(&self, dest: &Destination, head: &RequestHead<'h>, placeholder: &str) -> Held<'h> {
+        match self.carries_placeholder(dest, head, placeholder) {
+            true => Held::Placeholder,
+            false => Held::Presented(self.presented(dest, head)),
+        }
     }
     fn slots(&self) -> Vec<Slot>;
     /// The values this injector may write, for leak checks and redaction.
