@@ -319,6 +319,41 @@ pub(crate) mod tests {
         inj.carries_placeholder(&dest, &head, placeholder)
     }
 
+    /// `held` asked as the decision asks it.
+    fn held_in<'p>(inj: &dyn Injector, p: &'p Parts, placeholder: &str) -> Held<'p> {
+        let head = RequestHead { method: "GET", target: "/", path: "/", headers: &p.headers, tls: true };
+        let dest = Destination::parse_authority("api.example.com:443", None).unwrap();
+        inj.held(&dest, &head, placeholder)
+    }
+
+    /// The slot read is the first whose header the request has; the placeholder is
+    /// matched in that slot's form only, and anything else there is what was presented.
+    #[test]
+    fn what_a_raw_slot_holds() {
+        let inj = HeaderInjector::new(
+            vec![HeaderSlot::parse("x-api-key").unwrap(), HeaderSlot::parse("Authorization: Bearer").unwrap()],
+            HeaderValueSource::Raw(secret("REAL")),
+        )
+        .unwrap();
+        let presented = |v: &str| Held::Presented(Some(Cow::Owned(v.to_string())));
+        let cases: [(&[(&str, &str)], Held<'_>); 7] = [
+            (&[("authorization", "Bearer ph")], Held::Placeholder),
+            (&[("authorization", "bearer   ph ")], Held::Placeholder),
+            (&[("x-api-key", " ph")], Held::Placeholder),
+            (&[("authorization", "Bearer other")], presented("other")),
+            // x-api-key comes first: the Authorization placeholder is not read.
+            (&[("x-api-key", "other"), ("authorization", "Bearer ph")], presented("other")),
+            // Not in the slot's form: neither the placeholder nor a value.
+            (&[("authorization", "Basic ph")], Held::Presented(None)),
+            (&[("accept", "ph")], Held::Presented(None)),
+        ];
+        for (headers, want) in cases {
+            let p = parts("/", headers);
+            assert_eq!(held_in(&inj, &p, "ph"), want, "{headers:?}");
+            assert_eq!(placeholder_in(&inj, &p, "ph"), want == Held::Placeholder, "{headers:?}");
+        }
+    }
+
     #[test]
     fn header_overrides_every_copy() {
         let inj = HeaderInjector::new(
