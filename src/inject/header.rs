@@ -331,7 +331,10 @@ pub(crate) mod tests {
     #[test]
     fn what_a_raw_slot_holds() {
         let inj = HeaderInjector::new(
-            vec![HeaderSlot::parse("x-api-key").unwrap(), HeaderSlot::parse("Authorization: Bearer").unwrap()],
+            vec![
+                HeaderSlot::parse("x-api-key").unwrap(),
+                HeaderSlot::parse("Authorization: Bearer").unwrap(),
+            ],
             HeaderValueSource::Raw(secret("REAL")),
         )
         .unwrap();
