@@ -566,10 +566,18 @@ enum Framing {
 /// is refused, and a body of unknown length is held to the one its head names.
 fn framing(req: &Request<Body>) -> Result<Framing, SendError> {
     use hyper::body::Body as _;
-    if req.headers().contains_key(header::TRANSFER_ENCODING) {
+    // One pass over the head for both names rather than two hashed lookups.
+    let (mut coded, mut declared) = (false, None);
+    for (name, value) in req.headers() {
+        if *name == header::TRANSFER_ENCODING {
+            coded = true;
+        } else if *name == header::CONTENT_LENGTH {
+            declared = declared.or(Some(value));
+        }
+    }
+    if coded {
         return Ok(Framing::Chunked);
     }
-    let declared = req.headers().get(header::CONTENT_LENGTH);
     let length = match (req.body().is_end_stream(), req.body().size_hint().exact()) {
         (true, _) => 0,
         (false, Some(n)) => n,
