@@ -36,6 +36,8 @@ pub fn requested(parts: &Parts) -> Option<Upgrade> {
         let protocol = parts.extensions.get::<h2::ext::Protocol>()?;
         return protocol.as_str().eq_ignore_ascii_case("websocket").then_some(Upgrade::H2WebSocket);
     }
+    // Upgrade first: most requests have none, and need no second lookup.
+    let protocol = parts.headers.get(header::UPGRADE)?;
     let connection_upgrade = parts
         .headers
         .get_all(header::CONNECTION)
@@ -43,7 +45,6 @@ pub fn requested(parts: &Parts) -> Option<Upgrade> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    let protocol = parts.headers.get(header::UPGRADE)?;
     (connection_upgrade && protocol.as_bytes().eq_ignore_ascii_case(b"websocket"))
         .then(|| Upgrade::H1(protocol.clone()))
 }

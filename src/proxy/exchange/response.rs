@@ -34,11 +34,12 @@ pub fn filter(
         Some(set) => redact_response(set, resp, route)?,
         None => resp,
     };
-    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-    let (connection, upgrade) =
-        (resp.headers().get(header::CONNECTION).cloned(), resp.headers().get(header::UPGRADE).cloned());
+    // A switch keeps the two hop-by-hop headers that say what it switches to.
+    let switching = (resp.status() == http::StatusCode::SWITCHING_PROTOCOLS).then(|| {
+        (resp.headers().get(header::CONNECTION).cloned(), resp.headers().get(header::UPGRADE).cloned())
+    });
     strip_hop_by_hop(resp.headers_mut());
-    if switching && let (Some(c), Some(u)) = (connection, upgrade) {
+    if let Some((Some(c), Some(u))) = switching {
         resp.headers_mut().insert(header::CONNECTION, c);
         resp.headers_mut().insert(header::UPGRADE, u);
     }
