@@ -326,18 +326,20 @@ pub(crate) mod tests {
         inj.held(&dest, &head, placeholder)
     }
 
+    /// `x-api-key`, else `Authorization: Bearer`, holding `REAL`.
+    fn two_slots() -> HeaderInjector {
+        let slots = vec![
+            HeaderSlot::parse("x-api-key").unwrap(),
+            HeaderSlot::parse("Authorization: Bearer").unwrap(),
+        ];
+        HeaderInjector::new(slots, HeaderValueSource::Raw(secret("REAL"))).unwrap()
+    }
+
     /// The slot read is the first whose header the request has; the placeholder is
     /// matched in that slot's form only, and anything else there is what was presented.
     #[test]
     fn what_a_raw_slot_holds() {
-        let inj = HeaderInjector::new(
-            vec![
-                HeaderSlot::parse("x-api-key").unwrap(),
-                HeaderSlot::parse("Authorization: Bearer").unwrap(),
-            ],
-            HeaderValueSource::Raw(secret("REAL")),
-        )
-        .unwrap();
+        let inj = two_slots();
         let presented = |v: &str| Held::Presented(Some(Cow::Owned(v.to_string())));
         let cases: [(&[(&str, &str)], Held<'_>); 7] = [
             (&[("authorization", "Bearer ph")], Held::Placeholder),
@@ -359,14 +361,7 @@ pub(crate) mod tests {
 
     #[test]
     fn header_overrides_every_copy() {
-        let inj = HeaderInjector::new(
-            vec![
-                HeaderSlot::parse("x-api-key").unwrap(),
-                HeaderSlot::parse("Authorization: Bearer").unwrap(),
-            ],
-            HeaderValueSource::Raw(secret("REAL")),
-        )
-        .unwrap();
+        let inj = two_slots();
         let mut p = parts("/", &[("X-Api-Key", "a"), ("x-api-key", "b"), ("authorization", "Bearer c")]);
         inj.inject(&mut p, &[], None).unwrap();
         assert_eq!(p.headers.get_all("x-api-key").iter().collect::<Vec<_>>(), vec!["REAL"]);
