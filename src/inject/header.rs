@@ -122,16 +122,15 @@ impl HeaderInjector {
     }
 
     /// The slot the client used (first holding a value), else the first.
-    fn chosen_slot(&self, headers: &http::HeaderMap) -> usize {
-        self.slots.iter().position(|s| headers.contains_key(&s.name)).unwrap_or(0)
-    }
-
-    /// The slot `chosen_slot` picks, with its header's first value.
-    fn chosen<'h>(&self, headers: &'h http::HeaderMap) -> (&HeaderSlot, Option<&'h HeaderValue>) {
+    /// The slot a request uses, for injecting and for reading alike (one rule, so the
+    /// slot checked for the placeholder is the slot written): the first whose header it
+    /// has, else the first. By index, with that header's first value.
+    fn chosen<'h>(&self, headers: &'h http::HeaderMap) -> (usize, Option<&'h HeaderValue>) {
         self.slots
             .iter()
-            .find_map(|s| headers.get(&s.name).map(|v| (s, Some(v))))
-            .unwrap_or((&self.slots[0], None))
+            .enumerate()
+            .find_map(|(i, s)| headers.get(&s.name).map(|v| (i, Some(v))))
+            .unwrap_or((0, None))
     }
 
     /// The slot's value without its scheme prefix, the password of a basic credential.
@@ -162,7 +161,7 @@ impl Injector for HeaderInjector {
         captures: &[(String, String)],
         _: Option<&[u8]>,
     ) -> Result<(), InjectError> {
-        let chosen = self.chosen_slot(&parts.headers);
+        let chosen = self.chosen(&parts.headers).0;
         let value = match &self.rendered {
             Some(values) => values[chosen].clone(),
             None => {
@@ -186,13 +185,14 @@ impl Injector for HeaderInjector {
     }
 
     fn presented<'h>(&self, _: &Destination, head: &RequestHead<'h>) -> Option<Cow<'h, str>> {
-        let (slot, value) = self.chosen(head.headers);
-        self.read(slot, value?)
+        let (i, value) = self.chosen(head.headers);
+        self.read(&self.slots[i], value?)
     }
 
     /// One look at the request's headers for both questions (they were four lookups).
     fn held<'h>(&self, _: &Destination, head: &RequestHead<'h>, placeholder: &str) -> Held<'h> {
-        let (slot, Some(value)) = self.chosen(head.headers) else { return Held::Presented(None) };
+        let (i, Some(value)) = self.chosen(head.headers) else { return Held::Presented(None) };
+        let slot = &self.slots[i];
         match &self.source {
             HeaderValueSource::Raw(_) if slot.holds(value, placeholder) => Held::Placeholder,
             HeaderValueSource::Raw(_) => Held::Presented(self.read(slot, value)),
