@@ -75,7 +75,7 @@ pub fn handle(
     })
 }
 
-/// The exchange's phases in a box of their own: `admitted` keeps the record while they run.
+/// The exchange's phases in a box of their own: `handle`'s box keeps the record while they run.
 fn boxed<'a>(
     proxy: &'a Proxy,
     generation: &'a Generation,
