@@ -13,6 +13,8 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode, Version};
 
+use crate::proxy::h1::codec::has_token;
+
 /// hyper's client cap on a response head: its default read buffer limit.
 pub const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// hyper's default number of header fields, for heads and trailers alike.
@@ -197,8 +199,8 @@ impl Facts {
         } else if *name == header::TRANSFER_ENCODING {
             self.last_coding = Some(value.clone());
         } else if *name == header::CONNECTION {
-            self.close |= has_token(value, b"close");
-            self.keep_alive |= value.to_str().is_ok() && has_token(value, b"keep-alive");
+            self.close |= has_token(value.as_bytes(), b"close");
+            self.keep_alive |= value.to_str().is_ok() && has_token(value.as_bytes(), b"keep-alive");
         }
     }
 
@@ -261,11 +263,6 @@ fn chunked_last(last: &HeaderValue) -> bool {
         .ok()
         .and_then(|v| v.rsplit(',').next())
         .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case("chunked"))
-}
-
-/// Whether a comma-separated value lists `token` (case-insensitive).
-fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
-    value.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// One step of reading a body.

@@ -122,8 +122,9 @@ fn content_length(value: &[u8]) -> Option<u64> {
     value.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
 }
 
-/// Whether a comma-separated header value lists `token` (case-insensitive).
-fn has_token(value: &[u8], token: &[u8]) -> bool {
+/// Whether a comma-separated header value lists `token` (case-insensitive). The own
+/// client reads the origin's `Connection` with it too.
+pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
     value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
