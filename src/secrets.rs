@@ -339,9 +339,17 @@ impl Refreshed {
     where
         F: FnOnce(bool) -> Option<Option<Secret>> + Send + 'static,
     {
-        if !self.due(life) {
-            return;
+        if self.due(life) {
+            // Boxed: the wait for the lock and the task, rare, would otherwise size the
+            // future of every request of the credential.
+            Box::pin(self.refresh_due(life, work)).await;
         }
+    }
+
+    async fn refresh_due<F>(self: &Arc<Self>, life: Duration, work: F)
+    where
+        F: FnOnce(bool) -> Option<Option<Secret>> + Send + 'static,
+    {
         let guard = self.refreshing.clone().lock_owned().await;
         if !self.due(life) {
             return;

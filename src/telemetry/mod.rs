@@ -129,7 +129,9 @@ impl Telemetry {
             .collect();
         let admitted = match &self.shared {
             None => self.limits.admit(&checks),
-            Some(shared) => match shared.admit(&checks).await {
+            // Boxed: a round trip to the shared store would otherwise size the future
+            // of every request, clustered or not.
+            Some(shared) => match Box::pin(shared.admit(&checks)).await {
                 Ok(answer) => answer,
                 Err(Unavailable) if shared.store().fails_open() => {
                     self.metrics.shared_fallback.inc();

@@ -1,5 +1,6 @@
-//! Phase "decide": ask the one decision (`Config::decide`) about this request, then
-//! admit it under the budgets the decision named (the limiter's state is the runtime's).
+//! Phase "decide": ask the one decision (`Config::decide`) about this request. Pure of
+//! waiting: the exchange then admits it under the budgets the decision named (the
+//! limiter's state is the runtime's).
 
 use http::request::Parts;
 use http::{Response, header};
@@ -7,7 +8,7 @@ use http::{Response, header};
 use super::super::route::Route;
 use super::super::{Body, respond};
 use crate::config::Config;
-use crate::policy::{Decision, Question, Refusal, RefusalKind, RequestHead, Verdict};
+use crate::policy::{Budgets, Decision, Question, Refusal, RefusalKind, RequestHead, Verdict};
 use crate::telemetry::{Record, Telemetry};
 use crate::token::state::TokenState;
 
@@ -18,15 +19,15 @@ pub struct Chosen {
 }
 
 pub enum Decided {
-    /// Goes upstream, with this credential or none.
-    Forward(Option<Chosen>),
+    /// Goes upstream, with this credential or none, once admitted under the budgets.
+    Forward(Option<Chosen>, Budgets),
     /// latchkey answers with this credential's stand-in token.
     Vend(usize),
     /// Unlisted (`on_unlisted = "ask"`): hold it for a person, then decide again.
     Ask,
 }
 
-pub async fn decide(
+pub fn decide(
     telemetry: &Telemetry,
     tokens: &TokenState,
     config: &Config,
@@ -50,8 +51,7 @@ pub async fn decide(
         Decision::Pass { reason, budgets } => {
             record.decision = "passed";
             record.reason = Some(reason);
-            telemetry.admit(&config.policy, budgets).await?;
-            Ok(Decided::Forward(None))
+            Ok(Decided::Forward(None, budgets))
         }
         Decision::Inject { credential, captures, budgets, token } => {
             record.credential = Some(config.credentials[credential].label.clone());
@@ -59,8 +59,7 @@ pub async fn decide(
                 // The scoped token the decision accepted, by id (never the token).
                 record.reason = Some(format!("token {id}").into());
             }
-            telemetry.admit(&config.policy, budgets).await?;
-            Ok(Decided::Forward(Some(Chosen { index: credential, captures })))
+            Ok(Decided::Forward(Some(Chosen { index: credential, captures }), budgets))
         }
         Decision::Vend { credential } => Ok(Decided::Vend(credential)),
         Decision::Ask if person == Verdict::Unasked => Ok(Decided::Ask),

@@ -31,14 +31,14 @@ pub async fn inject(
     body: Body,
     http: &dyn TokenHttp,
     may_replay: bool,
-) -> Result<(Body, Option<Replay>), Refusal> {
+) -> Result<(Body, Option<Box<Replay>>), Refusal> {
     let mut body = write(cred, captures, parts, body, http).await?;
+    // Boxed, the wait and the replay: kept for the few credentials that renew, they
+    // would otherwise size every exchange.
     let replay = match cred.injector.replays_after_401() && may_replay {
-        true => replayable(parts, &mut body).await?.map(|(parts, body)| Replay {
-            parts,
-            body,
-            captures: captures.to_vec(),
-        }),
+        true => Box::pin(replayable(parts, &mut body))
+            .await?
+            .map(|(parts, body)| Box::new(Replay { parts, body, captures: captures.to_vec() })),
         false => None,
     };
     Ok((body, replay))
@@ -57,7 +57,8 @@ pub async fn write(
     let (body, bytes) = match cred.injector.body_limit(parts) {
         None => (body, None),
         Some(limit) => {
-            let bytes = buffer(body, limit).await.map_err(|e| match e {
+            // Boxed: only a signing scheme waits for the whole body here.
+            let bytes = Box::pin(buffer(body, limit)).await.map_err(|e| match e {
                 None => Refusal::new(
                     RefusalKind::BodyTooLarge,
                     format!(

@@ -75,88 +75,114 @@ pub fn handle(
     })
 }
 
-/// The exchange's phases in a box of their own: `handle`'s box keeps the record while they run.
+/// The exchange's phases in a box of their own: `handle`'s box keeps the record while
+/// they run. An async block, not an `async fn`: the block holds `parts` and `body` once,
+/// where an `async fn`'s future would keep them as passed and again as moved into its
+/// body.
 fn boxed<'a>(
     proxy: &'a Proxy,
     generation: &'a Generation,
     route: &'a Route,
-    parts: http::request::Parts,
+    mut parts: http::request::Parts,
     body: Lingering,
     x: &'a mut log::Exchange,
 ) -> Pin<Box<impl Future<Output = Result<Answer, Refusal>> + Send + 'a>> {
-    Box::pin(exchange(proxy, generation, route, parts, body, x))
-}
-
-async fn exchange(
-    proxy: &Proxy,
-    generation: &Generation,
-    route: &Route,
-    mut parts: http::request::Parts,
-    body: Lingering,
-    x: &mut log::Exchange,
-) -> Result<Answer, Refusal> {
-    let config = &generation.config;
-    if proxy.exchanges.closing() {
-        return Err(Refusal::new(
-            RefusalKind::ShuttingDown,
-            "latchkey is shutting down; send the request again on a new connection",
-        ));
-    }
-    let upgrade = upgrade::requested(&parts);
-    let h2_websocket = matches!(upgrade, Some(Upgrade::H2WebSocket));
-    super::route::check(route, &parts, h2_websocket)?;
-    if h2_websocket {
-        // Policy, injection and the log see the WebSocket handshake as what it is: a GET.
-        parts.method = Method::GET;
-    }
-    let mut decided =
-        decide::decide(&proxy.telemetry, &proxy.tokens, config, route, &parts, route.person, &mut x.record)
-            .await?;
-    if let Decided::Ask = decided {
-        // Held before anything goes upstream, until a person answers.
-        // Boxed: a held request is rare, and its wait would size every exchange.
-        let holding = Box::pin(proxy.held(config, decide::asking(config, route, &parts)));
-        let person = holding.await?;
-        decided =
-            decide::decide(&proxy.telemetry, &proxy.tokens, config, route, &parts, person, &mut x.record)
-                .await?;
-    }
-    let chosen = match decided {
-        Decided::Vend(credential) => {
-            return decide::vended(config, credential, &mut x.record).map(Answer::Local);
+    Box::pin(async move {
+        let config = &generation.config;
+        if proxy.exchanges.closing() {
+            return Err(Refusal::new(
+                RefusalKind::ShuttingDown,
+                "latchkey is shutting down; send the request again on a new connection",
+            ));
         }
-        Decided::Forward(chosen) => chosen,
-        Decided::Ask => return Err(Refusal::new(crate::policy::RefusalKind::Internal, "asked twice")),
-    };
-    let credential = chosen.as_ref().map(|c| &config.credentials[c.index]);
-    // The pool follows the client's protocol; the request itself goes as HTTP/1.1.
-    let to =
-        send::Upstream::new(generation, route, chosen.as_ref().map(|c| c.index), parts.version, credential);
-    let redact = upstream_request::prepare(&mut parts, route, config)?;
-    let tokens = ClientHttp { client: &generation.client, timeout: config.proxy.timeout };
-    let body = send::request_body(body);
-    let screened =
-        dlp::screen(config, route, &mut parts, body, credential, upgrade.is_some(), &mut x.record).await?;
-    let body = screened.body;
-    let (body, replay) = match (&chosen, credential) {
-        (Some(chosen), Some(cred)) => {
-            let injected =
-                inject::inject(cred, &chosen.captures, &mut parts, body, &tokens, upgrade.is_none()).await?;
-            x.record.decision = "injected";
-            injected
+        let upgrade = upgrade::requested(&parts);
+        let h2_websocket = matches!(upgrade, Some(Upgrade::H2WebSocket));
+        super::route::check(route, &parts, h2_websocket)?;
+        if h2_websocket {
+            // Policy, injection and the log see the WebSocket handshake as what it is: a GET.
+            parts.method = Method::GET;
         }
-        _ => (body, None),
-    };
-    if screened.warned {
-        x.record.decision = "warned";
-    }
-    let resp = match upgrade {
-        // Boxed: an upgrade's handshake state would size every exchange.
-        Some(kind) => {
-            let relaying = Box::pin(to.relay(parts, kind, redact));
-            relaying.await?
+        let mut decided = decide::decide(
+            &proxy.telemetry,
+            &proxy.tokens,
+            config,
+            route,
+            &parts,
+            route.person,
+            &mut x.record,
+        )?;
+        if let Decided::Ask = decided {
+            // Held before anything goes upstream, until a person answers.
+            // Boxed: a held request is rare, and its wait would size every exchange.
+            let holding = Box::pin(proxy.held(config, decide::asking(config, route, &parts)));
+            let person = holding.await?;
+            decided = decide::decide(
+                &proxy.telemetry,
+                &proxy.tokens,
+                config,
+                route,
+                &parts,
+                person,
+                &mut x.record,
+            )?;
         }
-        None => to.send(parts, body, replay, &tokens, &x.up).await?,
-    };
-    response::filter(resp, config, route, credential, redact).map(Answer::Forwarded)
+        let chosen = match decided {
+            Decided::Vend(credential) => {
+                return decide::vended(config, credential, &mut x.record).map(Answer::Local);
+            }
+            Decided::Forward(chosen, budgets) => {
+                proxy.telemetry.admit(&config.policy, budgets).await?;
+                chosen
+            }
+            Decided::Ask => return Err(Refusal::new(crate::policy::RefusalKind::Internal, "asked twice")),
+        };
+        let credential = chosen.as_ref().map(|c| &config.credentials[c.index]);
+        // The pool follows the client's protocol; the request itself goes as HTTP/1.1.
+        let version = parts.version;
+        let redact = upstream_request::prepare(&mut parts, route, config)?;
+        let tokens = ClientHttp { client: &generation.client, timeout: config.proxy.timeout };
+        let body = send::request_body(body);
+        let screened = match config.dlp {
+            None => dlp::Screened { body, warned: false },
+            // Boxed: a body held for the scan would size every exchange.
+            Some(_) => {
+                Box::pin(dlp::screen(
+                    config,
+                    route,
+                    &mut parts,
+                    body,
+                    credential,
+                    upgrade.is_some(),
+                    &mut x.record,
+                ))
+                .await?
+            }
+        };
+        let (body, warned) = (screened.body, screened.warned);
+        let (body, replay) = match (&chosen, credential) {
+            (Some(chosen), Some(cred)) => {
+                let injected =
+                    inject::inject(cred, &chosen.captures, &mut parts, body, &tokens, upgrade.is_none())
+                        .await?;
+                x.record.decision = "injected";
+                injected
+            }
+            _ => (body, None),
+        };
+        if warned {
+            x.record.decision = "warned";
+        }
+        // Made once the waits before it are over: the future does not carry it through them.
+        let to =
+            send::Upstream::new(generation, route, chosen.as_ref().map(|c| c.index), version, credential);
+        let resp = match upgrade {
+            // Boxed: an upgrade's handshake state would size every exchange.
+            Some(kind) => {
+                let relaying = Box::pin(to.relay(parts, kind, redact));
+                relaying.await?
+            }
+            None => to.send(parts, body, replay, &tokens, &x.up).await?,
+        };
+        response::filter(resp, config, route, credential, redact).map(Answer::Forwarded)
+    })
 }

@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -23,6 +25,9 @@ use super::inject::{Replay, write};
 use crate::config::{Config, Credential};
 use crate::inject::TokenHttp;
 use crate::policy::{Refusal, RefusalKind};
+
+/// A blocked pattern a body scan met, set when it stopped the body.
+type Hit = Arc<std::sync::OnceLock<String>>;
 
 /// Where a request goes and what it is sent with.
 pub struct Upstream<'a> {
@@ -51,24 +56,42 @@ impl<'a> Upstream<'a> {
 
     /// Send, and on a 401 to a renewable credential send once more with a new one
     /// (a second 401 goes back to the client).
-    pub async fn send(
+    pub fn send(
         &self,
         parts: Parts,
         body: Body,
-        replay: Option<Replay>,
+        replay: Option<Box<Replay>>,
+        http: &dyn TokenHttp,
+        up: &Arc<AtomicU64>,
+    ) -> impl Future<Output = Result<Response<Body>, Refusal>> + Send {
+        // A combinator, not an async block: awaiting the first send in a block would
+        // keep its future twice (captured, and moved in to be awaited).
+        self.send_once(parts, body, up.clone()).then(move |sent| match (sent, self.credential, replay) {
+            // Boxed: a renewal and its replay are rare; inline, they would size every send.
+            (Ok(resp), Some(cred), Some(again)) if resp.status() == StatusCode::UNAUTHORIZED => {
+                Either::Left(Box::pin(self.renewed(cred, resp, *again, http, up)))
+            }
+            (sent, ..) => Either::Right(std::future::ready(sent)),
+        })
+    }
+
+    /// `refused` (a 401) again with a renewed credential, or as it is when the
+    /// credential does not renew.
+    async fn renewed(
+        &self,
+        cred: &Credential,
+        refused: Response<Body>,
+        mut again: Replay,
         http: &dyn TokenHttp,
         up: &Arc<AtomicU64>,
     ) -> Result<Response<Body>, Refusal> {
-        let resp = self.send_once(parts, body, up.clone()).await?;
-        if resp.status() == StatusCode::UNAUTHORIZED
-            && let (Some(cred), Some(mut again)) = (self.credential, replay)
-            && cred.injector.renew(http).await
-        {
-            let body =
-                write(cred, &again.captures, &mut again.parts, respond::full(again.body), http).await?;
-            return self.send_once(again.parts, body, up.clone()).await;
+        if !cred.injector.renew(http).await {
+            return Ok(refused);
         }
-        Ok(resp)
+        // Its connection goes back to the pool before the replay asks for one.
+        drop(refused);
+        let body = write(cred, &again.captures, &mut again.parts, respond::full(again.body), http).await?;
+        self.send_once(again.parts, body, up.clone()).await
     }
 
     /// An upgrade (WebSocket) relayed on a dedicated upstream connection.
@@ -89,14 +112,17 @@ impl<'a> Upstream<'a> {
 
     /// Send upstream within `timeout`, scanning the body (and cleaning and scanning its
     /// trailers) when the trailer rules or content filters ask for it.
-    async fn send_once(
+    ///
+    /// The request is handed to the pool before the future is made: the future holds the
+    /// pool's (boxed) send, not the request's head as well.
+    fn send_once(
         &self,
         parts: Parts,
         body: Body,
         up: Arc<AtomicU64>,
-    ) -> Result<Response<Body>, Refusal> {
+    ) -> impl Future<Output = Result<Response<Body>, Refusal>> + Send {
         let config = self.config;
-        let trailer_hit = (!self.trailers.is_empty()).then(|| Arc::new(std::sync::OnceLock::new()));
+        let trailer_hit = (!self.trailers.is_empty()).then(Hit::default);
         let body = match &trailer_hit {
             None => body,
             Some(hit) => GuardedTrailers::new(body, self.trailers.clone(), hit.clone()).boxed(),
@@ -122,28 +148,34 @@ impl<'a> Upstream<'a> {
             }
         };
         let request = self.client.request(Request::from_parts(parts, body));
-        match tokio::time::timeout(config.proxy.timeout, request).await {
-            Ok(Ok(resp)) => Ok(match answered {
-                Some(answered) => resp.map(|body| answered(body).boxed()),
-                None => resp,
-            }),
-            Ok(Err(e)) => {
-                match (hit.as_ref().and_then(|h| h.get()), trailer_hit.as_ref().and_then(|h| h.get())) {
-                    (Some(pattern), _) => Err(Refusal::new(
-                        RefusalKind::BlockedPattern,
-                        format!("request body matches blocked pattern {pattern:?}"),
-                    )),
-                    (None, Some(pattern)) => Err(Refusal::new(
-                        RefusalKind::BlockedPattern,
-                        format!("request trailers match blocked pattern {pattern:?}"),
-                    )),
-                    (None, None) => Err(upstream_failure(self.route, &e)),
-                }
+        async move {
+            match tokio::time::timeout(config.proxy.timeout, request).await {
+                Ok(Ok(resp)) => Ok(match answered {
+                    Some(answered) => resp.map(|body| answered(body).boxed()),
+                    None => resp,
+                }),
+                Ok(Err(e)) => Err(self.failure(&e, hit.as_ref(), trailer_hit.as_ref())),
+                Err(_) => Err(Refusal::new(
+                    RefusalKind::UpstreamTimeout,
+                    format!("{} did not answer within {}s", self.route.dest, config.proxy.timeout.as_secs()),
+                )),
             }
-            Err(_) => Err(Refusal::new(
-                RefusalKind::UpstreamTimeout,
-                format!("{} did not answer within {}s", self.route.dest, config.proxy.timeout.as_secs()),
-            )),
+        }
+    }
+
+    /// Why a send failed: a blocked pattern in the body or its trailers (the scan
+    /// stopped it), or the upstream's or the client body's own failure.
+    fn failure(&self, e: &SendError, hit: Option<&Hit>, trailer_hit: Option<&Hit>) -> Refusal {
+        match (hit.and_then(|h| h.get()), trailer_hit.and_then(|h| h.get())) {
+            (Some(pattern), _) => Refusal::new(
+                RefusalKind::BlockedPattern,
+                format!("request body matches blocked pattern {pattern:?}"),
+            ),
+            (None, Some(pattern)) => Refusal::new(
+                RefusalKind::BlockedPattern,
+                format!("request trailers match blocked pattern {pattern:?}"),
+            ),
+            (None, None) => upstream_failure(self.route, e),
         }
     }
 }
