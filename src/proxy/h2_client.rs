@@ -107,7 +107,14 @@ impl Conn {
     /// known length is read first and sent whole; any other goes up from a task of its
     /// own, and gets `limit` from the response's end to finish.
     /// Taken by value: the pool hands each request a clone of its own.
-    pub async fn send(self, req: Request<Body>, limit: Duration) -> Result<Response<Body>, Failed> {
+    ///
+    /// The head is made before the future: the future holds it once, where awaiting in
+    /// an `async fn` would keep the request as passed and the head made from it.
+    pub fn send(
+        self,
+        req: Request<Body>,
+        limit: Duration,
+    ) -> impl Future<Output = Result<Response<Body>, Failed>> + Send {
         let Conn { tx, closed } = self;
         let (parts, body) = req.into_parts();
         // Connection-specific headers are gone already (`exchange::upstream_request`
@@ -118,74 +125,85 @@ impl Conn {
         {
             head.headers_mut().entry(header::CONTENT_LENGTH).or_insert_with(|| length.into());
         }
-        let upload = Upload::of(body).await.map_err(Failed::Error)?;
-        let mut tx = match tx.ready().await {
-            Ok(tx) => tx,
-            Err(e) => {
-                tracing::debug!("upstream h2 connection takes no new stream: {e}");
-                closed.store(true, Ordering::Relaxed);
-                return Err(Failed::Unsent(Box::new(head.map(|()| upload.into_body()))));
-            }
-        };
-        // What a refused stream is sent again with: a copy of the head (~600 instructions)
-        // and the body. nginx refuses streams so every `keepalive_requests`
-        // (docs/protocols.md).
-        let again = copy_head(&head);
-        let eos = matches!(upload, Upload::None(_));
-        let (response, mut send) = tx.send_request(head, eos).map_err(|e| Failed::Error(e.into()))?;
-        // A streamed upload's task hears of the answer's head and end, and tells how it
-        // stopped short.
-        let (mut over, mut stopped, mut heard) = (None, None, None);
-        let upload = match upload {
-            Upload::Streamed(body) => {
-                let (over_tx, answered) = oneshot::channel();
-                let (stopped_tx, stopped_rx) = oneshot::channel();
-                let kept = Kept::new();
-                (over, stopped, heard) = (Some(over_tx), Some(stopped_rx), Some(kept.heard.clone()));
-                tokio::spawn(self::upload(send, body, kept, answered, limit, stopped_tx));
-                None
-            }
-            Upload::Whole(data) => {
-                // Queued whole: the stream's window only paces it, and a stream the
-                // upstream never reads is reset once its answer is dropped.
-                send.send_data(data.clone(), true).map_err(|e| Failed::Error(e.into()))?;
-                Some(Upload::Whole(data))
-            }
-            upload => Some(upload),
-        };
-        let resp = match response.await {
-            Ok(resp) => resp,
-            Err(e) => {
-                if e.is_go_away() {
-                    // Going away: no new stream goes on it.
+        async move {
+            let upload = Upload::of(body).await.map_err(Failed::Error)?;
+            let mut tx = match tx.ready().await {
+                Ok(tx) => tx,
+                Err(e) => {
+                    tracing::debug!("upstream h2 connection takes no new stream: {e}");
                     closed.store(true, Ordering::Relaxed);
+                    return Err(Failed::Unsent(Box::new(head.map(|()| upload.into_body()))));
                 }
-                let stopped = match stopped {
-                    // The upload's task ends once its stream does.
-                    Some(rx) => tokio::time::timeout(limit, rx).await.ok().and_then(Result::ok),
-                    None => None,
-                };
-                match (unprocessed(&e), upload, stopped) {
-                    (true, Some(upload), _) => {
-                        return Err(Failed::Refused(Box::new(again.map(|()| upload.into_body()))));
-                    }
-                    (true, None, Some(Stopped::Refused(body))) => {
-                        return Err(Failed::Refused(Box::new(again.map(|()| body))));
-                    }
-                    // The upload's own failure (the client's body, a blocked pattern)
-                    // says more than the reset it caused.
-                    (_, _, Some(Stopped::Failed(error))) => return Err(Failed::Error(error)),
-                    _ => return Err(Failed::Error(e.into())),
+            };
+            // What a refused stream is sent again with: a copy of the head (~600
+            // instructions) and the body. nginx refuses streams so every
+            // `keepalive_requests` (docs/protocols.md). Boxed: it waits with the stream.
+            let again = Box::new(copy_head(&head));
+            let eos = matches!(upload, Upload::None(_));
+            let (response, mut send) = tx.send_request(head, eos).map_err(|e| Failed::Error(e.into()))?;
+            // A streamed upload's task hears of the answer's head and end, and tells how it
+            // stopped short.
+            let (mut over, mut stopped, mut heard) = (None, None, None);
+            let upload = match upload {
+                Upload::Streamed(body) => {
+                    let (over_tx, answered) = oneshot::channel();
+                    let (stopped_tx, stopped_rx) = oneshot::channel();
+                    let kept = Kept::new();
+                    (over, stopped, heard) = (Some(over_tx), Some(stopped_rx), Some(kept.heard.clone()));
+                    tokio::spawn(self::upload(send, body, kept, answered, limit, stopped_tx));
+                    None
                 }
+                Upload::Whole(data) => {
+                    // Queued whole: the stream's window only paces it, and a stream the
+                    // upstream never reads is reset once its answer is dropped.
+                    send.send_data(data.clone(), true).map_err(|e| Failed::Error(e.into()))?;
+                    Some(Upload::Whole(data))
+                }
+                upload => Some(upload),
+            };
+            let resp = match response.await {
+                Ok(resp) => resp,
+                // Boxed: a failed stream is rare, and its wait for the upload's task
+                // would size every request's future.
+                Err(e) => return Err(Box::pin(failed(e, &closed, again, upload, stopped, limit)).await),
+            };
+            if let Some(heard) = heard {
+                // Processed: what the upload kept to send again can go.
+                heard.store(true, Ordering::Relaxed);
             }
-        };
-        if let Some(heard) = heard {
-            // Processed: what the upload kept to send again can go.
-            heard.store(true, Ordering::Relaxed);
+            let (parts, recv) = resp.into_parts();
+            let body = Received::new(recv, &parts.headers, over);
+            Ok(Response::from_parts(parts, body.boxed()))
         }
-        let (parts, recv) = resp.into_parts();
-        let body = Received::new(recv, &parts.headers, over);
-        Ok(Response::from_parts(parts, body.boxed()))
+    }
+}
+
+/// Why a stream failed: refused unprocessed (the request, whole again, goes back with
+/// `again`'s head), or its error — the upload's own when it stopped the stream.
+async fn failed(
+    e: h2::Error,
+    closed: &AtomicBool,
+    again: Box<Request<()>>,
+    upload: Option<Upload>,
+    stopped: Option<oneshot::Receiver<Stopped>>,
+    limit: Duration,
+) -> Failed {
+    if e.is_go_away() {
+        // Going away: no new stream goes on it.
+        closed.store(true, Ordering::Relaxed);
+    }
+    let stopped = match stopped {
+        // The upload's task ends once its stream does.
+        Some(rx) => tokio::time::timeout(limit, rx).await.ok().and_then(Result::ok),
+        None => None,
+    };
+    match (unprocessed(&e), upload, stopped) {
+        (true, Some(upload), _) => Failed::Refused(Box::new((*again).map(|()| upload.into_body()))),
+        (true, None, Some(Stopped::Refused(body))) => Failed::Refused(Box::new((*again).map(|()| body))),
+        // The upload's own failure (the client's body, a blocked pattern) says more
+        // than the reset it caused.
+        (_, _, Some(Stopped::Failed(error))) => Failed::Error(error),
+        _ => Failed::Error(e.into()),
     }
 }
 
@@ -210,7 +228,9 @@ impl Upload {
         if body.size_hint().exact().is_none_or(|n| n > WHOLE) {
             return Ok(Upload::Streamed(body));
         }
-        let whole = body.collect().await?;
+        // Boxed: only a small body of known length waits here; inline, its collection
+        // would size every request's future.
+        let whole = Box::pin(body.collect()).await?;
         match whole.trailers() {
             // Trailers on a small upload: rare; streamed as they come.
             Some(trailers) => {

@@ -158,83 +158,89 @@ impl Pool {
     /// Send `req` (an absolute URI) upstream; its response body returns the connection.
     /// Boxed: callers' futures must be `Send`, and the compiler cannot prove it through
     /// hyper's generic body bounds (a higher-ranked `From` for the error type) unboxed.
+    /// An async block, not an `async fn`: the block holds `req` once, where an `async
+    /// fn`'s future would keep it as passed and again as moved into its body.
     pub fn request(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, SendError>> + Send + '_>>
     {
-        Box::pin(self.request_inner(req))
-    }
-
-    async fn request_inner(&self, mut req: Request<Body>) -> Result<Response<Body>, SendError> {
-        let tls = req.uri().scheme() == Some(&Scheme::HTTPS);
-        let authority = req.uri().authority().cloned().ok_or(SendError::NoDestination)?;
-        let key = Key(tls, authority, super::shards::current());
-        let framing = framing(&req)?;
-        let mut refusals = 0;
-        loop {
-            let (conn, reused) = match self.checkout(&key).await {
-                Some(conn) => (conn, true),
-                None => {
-                    if let Some(mut dialing) = self.h2_dialing(&key) {
-                        // Ready or failed (the sender dropped): look again.
-                        let _ = dialing.wait_for(|ready| *ready).await;
-                        continue;
+        Box::pin(async move {
+            let tls = req.uri().scheme() == Some(&Scheme::HTTPS);
+            let authority = req.uri().authority().cloned().ok_or(SendError::NoDestination)?;
+            let key = Key(tls, authority, super::shards::current());
+            let framing = framing(&req)?;
+            let mut refusals = 0;
+            loop {
+                let (conn, reused) = match self.checkout(&key).await {
+                    Some(conn) => (conn, true),
+                    None => {
+                        if let Some(mut dialing) = self.h2_dialing(&key) {
+                            // Ready or failed (the sender dropped): look again.
+                            let _ = dialing.wait_for(|ready| *ready).await;
+                            continue;
+                        }
+                        match self.dial(&key).await? {
+                            Some(got) => got,
+                            None => continue,
+                        }
                     }
-                    match self.dial(&key).await? {
-                        Some(got) => got,
-                        None => continue,
+                };
+                match conn {
+                    Conn::Own(conn, proxied) => {
+                        match self.send_own(conn, proxied, &key, &mut req, framing).await {
+                            Ok(resp) => return Ok(resp),
+                            // Nothing came back on a connection idle before: the upstream closed
+                            // it as the request went out. Sent again only when that is harmless
+                            // (and there is no body, which is gone once read).
+                            Err(f)
+                                if f.unanswered
+                                    && reused
+                                    && framing == Framing::Length(0)
+                                    && req.method().is_idempotent() =>
+                            {
+                                continue;
+                            }
+                            Err(f) => return Err(f.error.into()),
+                        }
                     }
+                    // Boxed: inline, an h2 stream's state would size every HTTP/1.1 send too,
+                    // past what malloc serves from its per-thread cache.
+                    Conn::H2(h2) => match Box::pin(h2.send(req, self.0.dialer.timeout)).await {
+                        Ok(resp) => return Ok(resp),
+                        // Not sent: the connection takes no new stream (closed while idle).
+                        Err(h2_client::Failed::Unsent(again)) if reused => req = *again,
+                        // Refused unprocessed: again, on another connection, twice at most.
+                        Err(h2_client::Failed::Refused(again)) if refusals < 2 => {
+                            refusals += 1;
+                            req = *again;
+                        }
+                        Err(h2_client::Failed::Refused(_)) => {
+                            return Err(SendError::H2("the upstream refused the request's stream".into()));
+                        }
+                        Err(h2_client::Failed::Unsent(_)) => {
+                            return Err(SendError::H2("the upstream h2 connection closed".into()));
+                        }
+                        Err(h2_client::Failed::Error(e)) => return Err(SendError::H2(e)),
+                    },
                 }
-            };
-            match conn {
-                Conn::Own(conn, proxied) => match self.send_own(conn, proxied, &key, &mut req, framing).await
-                {
-                    Ok(resp) => return Ok(resp),
-                    // Nothing came back on a connection idle before: the upstream closed
-                    // it as the request went out. Sent again only when that is harmless
-                    // (and there is no body, which is gone once read).
-                    Err(f)
-                        if f.unanswered
-                            && reused
-                            && framing == Framing::Length(0)
-                            && req.method().is_idempotent() =>
-                    {
-                        continue;
-                    }
-                    Err(f) => return Err(f.error.into()),
-                },
-                Conn::H2(h2) => match h2.send(req, self.0.dialer.timeout).await {
-                    Ok(resp) => return Ok(resp),
-                    // Not sent: the connection takes no new stream (closed while idle).
-                    Err(h2_client::Failed::Unsent(again)) if reused => req = *again,
-                    // Refused unprocessed: again, on another connection, twice at most.
-                    Err(h2_client::Failed::Refused(again)) if refusals < 2 => {
-                        refusals += 1;
-                        req = *again;
-                    }
-                    Err(h2_client::Failed::Refused(_)) => {
-                        return Err(SendError::H2("the upstream refused the request's stream".into()));
-                    }
-                    Err(h2_client::Failed::Unsent(_)) => {
-                        return Err(SendError::H2("the upstream h2 connection closed".into()));
-                    }
-                    Err(h2_client::Failed::Error(e)) => return Err(SendError::H2(e)),
-                },
             }
-        }
+        })
     }
 
     /// Send a request on the own client, in this task: no body (`Length(0)`), or a body
     /// framed as `framing` says, which is taken out of `req`.
-    async fn send_own(
+    ///
+    /// The head is written before the future is made: the future holds the connection
+    /// and the upload, not the request as well.
+    fn send_own(
         &self,
         mut conn: client::Conn,
         proxied: bool,
         key: &Key,
         req: &mut Request<Body>,
         framing: Framing,
-    ) -> Result<Response<Body>, client::Failed> {
+    ) -> impl std::future::Future<Output = Result<Response<Body>, client::Failed>> + Send + use<> {
         let headers = req.headers_mut();
         let body = match framing {
             Framing::Length(0) => None,
@@ -272,9 +278,13 @@ impl Pool {
                 client::declared_trailers(req.headers()),
             ),
         };
-        let head = conn.exchange(&mut upload, req.method() == http::Method::HEAD).await?;
+        let head_request = req.method() == http::Method::HEAD;
         let home = OwnHome { pool: Arc::downgrade(&self.0), key: key.clone() };
-        Ok(client::response(conn, head, upload, home, self.0.dialer.timeout))
+        let timeout = self.0.dialer.timeout;
+        async move {
+            let head = conn.exchange(&mut upload, head_request).await?;
+            Ok(client::response(conn, head, upload, home, timeout))
+        }
     }
 
     /// The destination's h2 connection, or its most recent idle HTTP/1.1 one.
