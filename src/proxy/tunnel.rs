@@ -6,6 +6,7 @@
 //! tunnel's, while each request is decided by the configuration in force when it
 //! arrives (invariant 10).
 
+use std::future::{Future, ready};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -13,6 +14,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use http::header::HeaderValue;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -215,31 +218,33 @@ impl Conn {
 
     /// One request: decided by the generation in force now, on this connection's
     /// budget of upstream connections.
-    async fn request(
-        self: Arc<Self>,
-        req: Request<ClientBody>,
-    ) -> Result<Response<Body>, std::convert::Infallible> {
+    ///
+    /// Not an `async fn`: what is decided before the exchange is done before the future
+    /// is made, which then holds the exchange's box and little else (an `async fn`'s
+    /// future kept the request twice while the exchange ran).
+    fn answer(self: Arc<Self>, req: Request<ClientBody>) -> impl Future<Output = Response<Body>> + Send {
         let generation = self.proxy.generation();
         let switching = (self.gate.is_some() && framing::may_switch(&req)).then(|| req.method().clone());
         let peer = self.opener.peer;
-        let resp = match (self.route(&generation), framing::refused(req.headers())) {
+        let answered = match (self.route(&generation), framing::refused(req.headers())) {
             (Err((r, route)), _) => {
                 let rec = request_record(&route, &req);
-                handler::log_refusal(&self.proxy, rec, &r, Protocol::of(req.headers()))
+                Either::Left(ready(handler::log_refusal(&self.proxy, rec, &r, Protocol::of(req.headers()))))
             }
             (Ok(route), Some((why, line))) => {
-                handler::refuse_head(&self.proxy, peer, Some(&route), why, &line)
+                Either::Left(ready(handler::refuse_head(&self.proxy, peer, Some(&route), why, &line)))
             }
             (Ok(route), None) => {
                 let handled = exchange::handle(self.proxy.clone(), generation, route, req);
-                let Ok(resp) = fanout::scope(self.budget.clone(), handled).await;
-                resp
+                Either::Right(fanout::scope(self.budget.clone(), handled).map(|Ok(resp)| resp))
             }
         };
-        if let (Some(method), Some(gate)) = (switching, &self.gate) {
-            gate.answer(framing::switched(&method, &resp));
-        }
-        Ok(resp)
+        answered.map(move |resp| {
+            if let (Some(method), Some(gate)) = (switching, &self.gate) {
+                gate.answer(framing::switched(&method, &resp));
+            }
+            resp
+        })
     }
 }
 
@@ -273,13 +278,7 @@ where
     // SETTINGS and PING floods, which h2 would answer without end.
     let stream = super::h2guard::H2Guard::new(stream, conn.opener.peer);
     let conn = Arc::new(conn);
-    let service = move |req| {
-        let conn = conn.clone();
-        async move {
-            let Ok(resp) = conn.request(req).await;
-            resp
-        }
-    };
+    let service = move |req| conn.clone().answer(req);
     super::h2_server::serve(stream, &limits, service)
 }
 
@@ -308,13 +307,7 @@ where
         let mut between_requests = false;
         loop {
             let own = conn.clone();
-            let service = move |req| {
-                let conn = own.clone();
-                async move {
-                    let Ok(resp) = conn.request(req).await;
-                    resp
-                }
-            };
+            let service = move |req| own.clone().answer(req);
             let parked = &conn.proxy.telemetry.metrics.parked;
             // Boxed, and in a statement of its own: a future built in the awaiting
             // statement keeps room in this one's state too.
@@ -350,7 +343,7 @@ where
         let busy = busy.busy();
         let conn = served_conn.clone();
         async move {
-            let resp = conn.request(req.map(Into::into)).await?;
+            let resp = conn.answer(req.map(Into::into)).await;
             Ok::<_, std::convert::Infallible>(resp.map(|body| park::BusyBody::new(body, busy)))
         }
     });
