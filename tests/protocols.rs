@@ -280,6 +280,35 @@ fn sigterm_lets_the_request_in_flight_finish() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// A stream the client resets is dropped with the request it carried: the exchange
+/// waiting on `/slow` (4 s upstream) ends at the reset, so a SIGTERM just after finds
+/// nothing in flight and latchkey exits at once, where it would wait out the answer.
+#[test]
+fn a_stream_the_client_resets_is_dropped_with_its_request() {
+    let up = upstream(true, None);
+    let lk = start(&up);
+    let mut client = py("h2_reset.py")
+        .args([&lk.port.to_string(), "api.example.com", "/slow", "0.5"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with h2 (scripts/test.sh installs it)");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(client.stdout.as_mut().unwrap()), &mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "200", "the h2 client failed");
+    // The connection stays open: only the reset can have ended the exchange.
+    let stopping = std::time::Instant::now();
+    unsafe { libc::kill(lk.child.id() as i32, libc::SIGTERM) };
+    let mut lk = lk;
+    assert_eq!(lk.child.wait().unwrap().code(), Some(0));
+    let took = stopping.elapsed();
+    drop(client.stdin.take());
+    let _ = client.wait();
+    // /slow, had it been kept, would hold the drain for its last ~3.4 s.
+    assert!(took < std::time::Duration::from_millis(2000), "the drain waited {took:?}");
+}
+
 #[test]
 fn expect_100_continue_is_answered_before_the_body() {
     let up = upstream(true, None);

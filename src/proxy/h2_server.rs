@@ -32,6 +32,7 @@ use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, Stream};
 use futures_util::task::AtomicWaker;
 use h2::server::SendResponse;
@@ -117,7 +118,9 @@ where
                 }
                 match conn.poll_accept(&mut Context::from_waker(&conn_waker)) {
                     Poll::Ready(Some(Ok((req, respond)))) => {
-                        streams.push(stream(req, respond, &service, idle_timeout));
+                        if let Some(stream) = stream(req, respond, &service, idle_timeout) {
+                            streams.push(stream);
+                        }
                         // More may be read already: polled again after the new stream.
                         wake.asked.store(true, Ordering::Release);
                     }
@@ -164,13 +167,19 @@ where
 }
 
 /// One stream: its request to `service`, unless the client resets it first; the answer
-/// back.
-async fn stream<S, F>(
+/// back. `None`: refused at once (reset).
+///
+/// Not an `async fn`: a stream's future is allocated for every request, and an `async
+/// fn`'s would keep the request as passed, its parts, and the service's future made
+/// from them. Here the request is handed to `service` first; the future holds the
+/// service's future, then the answer's body being piped.
+fn stream<S, F>(
     req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
     service: &S,
     stall: Duration,
-) where
+) -> Option<impl Future<Output = ()> + use<S, F>>
+where
     S: Fn(Request<ClientBody>) -> F,
     F: Future<Output = Response<Body>>,
 {
@@ -179,8 +188,9 @@ async fn stream<S, F>(
     let body = if parts.method == Method::CONNECT {
         if super::h2_streams::content_length(&parts.headers).is_some_and(|n| n != 0) {
             // A CONNECT's stream carries the tunnel's bytes, never a body.
+            let mut respond = respond;
             respond.send_reset(Reason::PROTOCOL_ERROR);
-            return;
+            return None;
         }
         let (tx, rx) = oneshot::channel();
         parts.extensions.insert(Pending(Arc::new(Mutex::new(Some(rx)))));
@@ -190,15 +200,54 @@ async fn stream<S, F>(
         let body = Received::new(recv, &parts.headers, None);
         ClientBody::H2(body)
     };
-    let answered = service(Request::from_parts(parts, body));
-    let resp = tokio::select! {
-        biased;
-        resp = answered => resp,
-        reason = poll_fn(|cx| respond.poll_reset(cx)) => {
-            tracing::debug!("client reset its stream: {reason:?}");
-            return;
+    let answering = Answering { answered: service(Request::from_parts(parts, body)), respond: Some(respond) };
+    Some(answering.then(move |answered| {
+        let piping = answered.and_then(|(resp, respond)| send_head(resp, respond, upgrade));
+        async move {
+            let Some((mut send, mut body)) = piping else { return };
+            // A client that opens no window for `idle_timeout` is not reading: its stream
+            // is reset, and the upstream body it held let go.
+            if let Err(error) = pipe(&mut send, &mut body, &mut (), Some(stall)).await {
+                // A body that failed upstream fails here too, never ends as if complete.
+                send.send_reset(error.as_deref().map_or(Reason::INTERNAL_ERROR, reason));
+            }
         }
-    };
+    }))
+}
+
+pin_project_lite::pin_project! {
+    /// The service's answer to a stream, with the stream to send it on; `None` once the
+    /// client resets the stream first (the request's future is dropped with it).
+    struct Answering<F> {
+        #[pin]
+        answered: F,
+        respond: Option<SendResponse<Bytes>>,
+    }
+}
+
+impl<F: Future<Output = Response<Body>>> Future for Answering<F> {
+    type Output = Option<(Response<Body>, SendResponse<Bytes>)>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        // An answer ready goes, even when a reset came with it.
+        if let Poll::Ready(resp) = this.answered.poll(cx) {
+            return Poll::Ready(this.respond.take().map(|respond| (resp, respond)));
+        }
+        let Some(respond) = this.respond.as_mut() else { return Poll::Ready(None) };
+        let reason = ready!(respond.poll_reset(cx));
+        tracing::debug!("client reset its stream: {reason:?}");
+        Poll::Ready(None)
+    }
+}
+
+/// The answer's head on the stream; its body and the stream to pipe it on, unless the
+/// head ended the stream (no body) or made it a tunnel (RFC 8441).
+fn send_head(
+    resp: Response<Body>,
+    mut respond: SendResponse<Bytes>,
+    upgrade: Option<(oneshot::Sender<Upgraded>, RecvStream)>,
+) -> Option<(SendStream<Bytes>, Body)> {
     let (mut head, body) = resp.into_parts();
     super::exchange::strip_hop_by_hop(&mut head.headers);
     if !head.headers.contains_key(header::DATE) {
@@ -215,29 +264,19 @@ async fn stream<S, F>(
         if let Ok(send) = respond.send_response(Response::from_parts(head, ()), false) {
             let _ = tx.send(Upgraded { send, recv, read: Bytes::new() });
         }
-        return;
+        return None;
     }
     let eos = body.is_end_stream();
     if !eos && let Some(length) = body.size_hint().exact() {
         head.headers.entry(header::CONTENT_LENGTH).or_insert_with(|| length.into());
     }
-    let mut send = match respond.send_response(Response::from_parts(head, ()), eos) {
-        Ok(send) => send,
+    match respond.send_response(Response::from_parts(head, ()), eos) {
+        Ok(send) => (!eos).then_some((send, body)),
         Err(e) => {
             tracing::debug!("h2 tunnel: answer not sent: {e}");
             respond.send_reset(Reason::INTERNAL_ERROR);
-            return;
+            None
         }
-    };
-    if eos {
-        return;
-    }
-    let mut body = body;
-    // A client that opens no window for `idle_timeout` is not reading: its stream is
-    // reset, and the upstream body it held let go.
-    if let Err(error) = pipe(&mut send, &mut body, &mut (), Some(stall)).await {
-        // A body that failed upstream fails here too, never ends as if complete.
-        send.send_reset(error.as_deref().map_or(Reason::INTERNAL_ERROR, reason));
     }
 }
 
