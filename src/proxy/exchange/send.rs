@@ -36,7 +36,6 @@ pub struct Upstream<'a> {
     dialer: &'a Arc<Dialer>,
     client: &'a Pool,
     credential: Option<&'a Credential>,
-    trailers: TrailerRules,
 }
 
 impl<'a> Upstream<'a> {
@@ -50,8 +49,7 @@ impl<'a> Upstream<'a> {
     ) -> Self {
         let (dialer, client) = generation.upstream(index, version);
         let config = &generation.config;
-        let trailers = TrailerRules::new(credential, config);
-        Upstream { config, route, dialer, client, credential, trailers }
+        Upstream { config, route, dialer, client, credential }
     }
 
     /// Send, and on a 401 to a renewable credential send once more with a new one
@@ -122,14 +120,17 @@ impl<'a> Upstream<'a> {
         up: Arc<AtomicU64>,
     ) -> impl Future<Output = Result<Response<Body>, Refusal>> + Send {
         let config = self.config;
-        let trailer_hit = (!self.trailers.is_empty()).then(Hit::default);
-        let body = match &trailer_hit {
-            None => body,
-            Some(hit) => GuardedTrailers::new(body, self.trailers.clone(), hit.clone()).boxed(),
-        };
+        // An empty body (most requests) has nothing to count or scan, and no trailers to
+        // guard: sent as it is, without the boxes.
         let empty = http_body::Body::is_end_stream(&body);
-        // An empty body (most requests) has nothing to count or scan: sent as it is,
-        // without the boxes.
+        let rules = (!empty).then(|| TrailerRules::new(self.credential, config)).filter(|r| !r.is_empty());
+        let (body, trailer_hit) = match rules {
+            None => (body, None),
+            Some(rules) => {
+                let hit = Hit::default();
+                (GuardedTrailers::new(body, rules, hit.clone()).boxed(), Some(hit))
+            }
+        };
         let (body, hit): (Body, _) = if empty {
             (body, None)
         } else if config.policy.filters.content.is_empty() {
