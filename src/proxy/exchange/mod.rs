@@ -70,7 +70,7 @@ pub fn handle(
     let body = Lingering::new(body);
     let mut x = log::Exchange::admit(&proxy, &generation, &route, &parts);
     Box::pin(async move {
-        let answered = boxed(&proxy, &generation, &route, parts, body, &mut x).await;
+        let answered = exchange(&proxy, &generation, &route, parts, body, &mut x).await;
         Ok(x.end(answered, &generation.config, &route))
     })
 }
@@ -79,7 +79,7 @@ pub fn handle(
 /// they run. An async block, not an `async fn`: the block holds `parts` and `body` once,
 /// where an `async fn`'s future would keep them as passed and again as moved into its
 /// body.
-fn boxed<'a>(
+fn exchange<'a>(
     proxy: &'a Proxy,
     generation: &'a Generation,
     route: &'a Route,
