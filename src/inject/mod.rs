@@ -178,11 +178,11 @@ pub fn hop_by_hop_name(name: &HeaderName) -> Option<&'static str> {
 }
 
 /// Is a `Connection` list item (any letter case) the name of a hop-by-hop header?
-pub fn is_hop_by_hop_token(token: &str) -> bool {
+pub fn is_hop_by_hop_token(token: &[u8]) -> bool {
     let mut lower = [0u8; 24];
     // Longer than every hop-by-hop name: not one.
     let Some(buf) = lower.get_mut(..token.len()) else { return false };
-    for (to, from) in buf.iter_mut().zip(token.bytes()) {
+    for (to, from) in buf.iter_mut().zip(token) {
         *to = from.to_ascii_lowercase();
     }
     std::str::from_utf8(buf).is_ok_and(|t| hop_by_hop_lower(t).is_some())
