@@ -12,7 +12,7 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -421,15 +421,9 @@ fn open_fds(pid: u32) -> usize {
 
 /// The h2 attack client: `connections` connections of `streams` unfinished uploads.
 fn fan_out(lk: &Latchkey, connections: usize, streams: usize) -> std::process::Child {
-    let mut child = py("h2_fanout.py")
-        .args([lk.port.to_string(), "api.anthropic.com".into(), connections.to_string(), streams.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 with h2 (scripts/test.sh installs it)");
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line)
-        .unwrap();
+    let args =
+        [lk.port.to_string(), "api.anthropic.com".into(), connections.to_string(), streams.to_string()];
+    let (child, line) = py_held("h2_fanout.py", &args);
     assert_eq!(line.trim(), "ready", "the h2 client failed");
     child
 }

@@ -287,15 +287,8 @@ fn sigterm_lets_the_request_in_flight_finish() {
 fn a_stream_the_client_resets_is_dropped_with_its_request() {
     let up = upstream(true, None);
     let lk = start(&up);
-    let mut client = py("h2_reset.py")
-        .args([&lk.port.to_string(), "api.example.com", "/slow", "0.5"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 with h2 (scripts/test.sh installs it)");
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(client.stdout.as_mut().unwrap()), &mut line)
-        .unwrap();
+    let (mut client, line) =
+        py_held("h2_reset.py", &[&lk.port.to_string(), "api.example.com", "/slow", "0.5"]);
     assert_eq!(line.trim(), "200", "the h2 client failed");
     // The connection stays open: only the reset can have ended the exchange.
     let stopping = std::time::Instant::now();

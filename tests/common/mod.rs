@@ -851,6 +851,21 @@ pub fn py(script: &str) -> Command {
     cmd
 }
 
+/// A Python client kept running (it holds on until its stdin closes), and the first
+/// line it printed (what it reports once it is where the test wants it).
+pub fn py_held<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> (Child, String) {
+    let mut child = py(script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 with h2 (scripts/test.sh installs it)");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line)
+        .unwrap();
+    (child, line)
+}
+
 /// Start a Python upstream and read the loopback port it listens on.
 pub fn python_upstream(mut cmd: Command) -> (PyServer, SocketAddr) {
     use std::io::{BufRead, BufReader};
