@@ -346,6 +346,8 @@ impl Refreshed {
         }
     }
 
+    /// [`Self::refresh`] once due: the cache is looked at again under the lock, since
+    /// the refresh a caller waited for may have made it current.
     async fn refresh_due<F>(self: &Arc<Self>, life: Duration, work: F)
     where
         F: FnOnce(bool) -> Option<Option<Secret>> + Send + 'static,
