@@ -15,8 +15,9 @@ use crate::config::Config;
 pub struct Pending {
     pub telemetry: Arc<Telemetry>,
     pub record: Record,
-    /// Request body bytes sent upstream (counted by the request body, elsewhere).
-    pub up: Arc<AtomicU64>,
+    /// Request body bytes sent upstream (counted by the request body, elsewhere); none
+    /// made for a request without a body.
+    pub up: Option<Arc<AtomicU64>>,
     /// Response body bytes passed to the client.
     pub down: u64,
     pub started: Instant,
@@ -48,7 +49,7 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        self.record.bytes_up = self.up.load(Ordering::Relaxed);
+        self.record.bytes_up = self.up.as_ref().map_or(0, |up| up.load(Ordering::Relaxed));
         self.record.bytes_down = self.down;
         self.record.duration_ms = self.started.elapsed().as_millis() as u64;
         let usage = self.meter.take().and_then(Meter::finish);

@@ -4,6 +4,7 @@
 //! answer latchkey wrote itself.
 
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
@@ -24,6 +25,9 @@ use crate::telemetry::record::{self, Path};
 use crate::telemetry::usage::Meter;
 use crate::telemetry::{Pending, Record, Telemetry};
 
+/// Where a request's body counts the bytes it sends upstream.
+pub type UpCount = OnceLock<Arc<AtomicU64>>;
+
 /// One request while it is handled.
 pub struct Exchange {
     telemetry: Arc<Telemetry>,
@@ -33,8 +37,9 @@ pub struct Exchange {
     started: Instant,
     /// How the client reads latchkey's own answers.
     protocol: Protocol,
-    /// Request body bytes sent upstream.
-    pub up: Arc<AtomicU64>,
+    /// Request body bytes sent upstream: the counter is made by the first body sent (most
+    /// requests have none, and allocate nothing for it).
+    pub up: UpCount,
 }
 
 impl Exchange {
@@ -55,7 +60,7 @@ impl Exchange {
             record,
             started: Instant::now(),
             protocol: Protocol::of(&parts.headers),
-            up: Arc::new(AtomicU64::new(0)),
+            up: UpCount::new(),
         }
     }
 
@@ -94,7 +99,7 @@ impl Exchange {
         let pending = Pending {
             telemetry: self.telemetry,
             record: self.record,
-            up: self.up,
+            up: self.up.into_inner(),
             down: 0,
             started: self.started,
             upstream: Some(self.started.elapsed()),

@@ -4,7 +4,6 @@
 //! with 401 gets one renewal and one replay, when its injector asks for that.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
 use futures_util::FutureExt;
 use futures_util::future::Either;
@@ -22,6 +21,7 @@ use super::super::upgrade::{self, Upgrade};
 use super::super::upstream::{Dialer, UpstreamError};
 use super::super::{Body, BoxError, Generation, respond};
 use super::inject::{Replay, write};
+use super::log::UpCount;
 use crate::config::{Config, Credential};
 use crate::inject::TokenHttp;
 use crate::policy::{Refusal, RefusalKind};
@@ -60,11 +60,11 @@ impl<'a> Upstream<'a> {
         body: Body,
         replay: Option<Box<Replay>>,
         http: &dyn TokenHttp,
-        up: &Arc<AtomicU64>,
+        up: &UpCount,
     ) -> impl Future<Output = Result<Response<Body>, Refusal>> + Send {
         // A combinator, not an async block: awaiting the first send in a block would
         // keep its future twice (captured, and moved in to be awaited).
-        self.send_once(parts, body, up.clone()).then(move |sent| match (sent, self.credential, replay) {
+        self.send_once(parts, body, up).then(move |sent| match (sent, self.credential, replay) {
             // Boxed: a renewal and its replay are rare; inline, they would size every send.
             (Ok(resp), Some(cred), Some(again)) if resp.status() == StatusCode::UNAUTHORIZED => {
                 Either::Left(Box::pin(self.renewed(cred, resp, *again, http, up)))
@@ -81,7 +81,7 @@ impl<'a> Upstream<'a> {
         refused: Response<Body>,
         mut again: Replay,
         http: &dyn TokenHttp,
-        up: &Arc<AtomicU64>,
+        up: &UpCount,
     ) -> Result<Response<Body>, Refusal> {
         if !cred.injector.renew(http).await {
             return Ok(refused);
@@ -89,7 +89,7 @@ impl<'a> Upstream<'a> {
         // Its connection goes back to the pool before the replay asks for one.
         drop(refused);
         let body = write(cred, &again.captures, &mut again.parts, respond::full(again.body), http).await?;
-        self.send_once(again.parts, body, up.clone()).await
+        self.send_once(again.parts, body, up).await
     }
 
     /// An upgrade (WebSocket) relayed on a dedicated upstream connection.
@@ -117,8 +117,8 @@ impl<'a> Upstream<'a> {
         &self,
         parts: Parts,
         body: Body,
-        up: Arc<AtomicU64>,
-    ) -> impl Future<Output = Result<Response<Body>, Refusal>> + Send {
+        up: &UpCount,
+    ) -> impl Future<Output = Result<Response<Body>, Refusal>> + Send + use<'_, 'a> {
         let config = self.config;
         // An empty body (most requests) has nothing to count or scan, and no trailers to
         // guard: sent as it is, without the boxes.
@@ -131,12 +131,13 @@ impl<'a> Upstream<'a> {
                 (GuardedTrailers::new(body, rules, hit.clone()).boxed(), Some(hit))
             }
         };
+        let up = || up.get_or_init(Arc::default).clone();
         let (body, hit): (Body, _) = if empty {
             (body, None)
         } else if config.policy.filters.content.is_empty() {
-            (Counted::new(body, up).boxed(), None)
+            (Counted::new(body, up()).boxed(), None)
         } else {
-            let scan = ScanBody::new(Counted::new(body, up), config.clone());
+            let scan = ScanBody::new(Counted::new(body, up()), config.clone());
             let hit = scan.filter.hit.clone();
             (scan.boxed(), Some(hit))
         };
