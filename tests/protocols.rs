@@ -307,25 +307,16 @@ fn a_stream_the_client_resets_is_dropped_with_its_request() {
 #[test]
 fn the_log_counts_the_request_body_bytes_sent_up() {
     let up = upstream(true, None);
-    let dir = tempfile::tempdir().unwrap();
-    let log_file = dir.path().join("requests.log");
-    let cfg = format!(
-        "[proxy.logging]\nlog_requests = true\nlog_file = \"{}\"\n#END-PROXY\n{CRED}",
-        log_file.display()
+    let log = RequestLog::new();
+    let lk = Latchkey::start(
+        Some(&up),
+        &format!("{}#END-PROXY\n{CRED}", log.config()),
+        &[("EXAMPLE_TOKEN", SECRET)],
     );
-    let lk = Latchkey::start(Some(&up), &cfg, &[("EXAMPLE_TOKEN", SECRET)]);
     let body = "x".repeat(1000);
     assert_eq!(lk.curl(&["--data-binary", &body, "https://api.example.com/sink"]).0, 200);
     assert_eq!(lk.curl(&["https://api.example.com/v1/x"]).0, 200);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let lines = loop {
-        let text = std::fs::read_to_string(&log_file).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        if lines.len() >= 2 || std::time::Instant::now() > deadline {
-            break lines;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let lines = log.records(2);
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(
         (&lines[0]["method"], &lines[0]["bytes_up"]),

@@ -544,6 +544,40 @@ impl GitServer {
     }
 }
 
+/// A request log in a directory of its own: the `[proxy.logging]` lines that turn it
+/// on, and its records once written.
+pub struct RequestLog {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl RequestLog {
+    pub fn new() -> RequestLog {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("requests.log");
+        RequestLog { _dir: dir, path }
+    }
+
+    /// `[proxy.logging]` writing every request to this log (a config's proxy part).
+    pub fn config(&self) -> String {
+        format!("[proxy.logging]\nlog_requests = true\nlog_file = \"{}\"\n", self.path.display())
+    }
+
+    /// The records, once at least `n` are written (a record is written when its exchange
+    /// ends, which may be just after the client has its answer); what there is after 5 s.
+    pub fn records(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+            let records: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            if records.len() >= n || Instant::now() > deadline {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// A running `latchkey run`.
 pub struct Latchkey {
     pub port: u16,
