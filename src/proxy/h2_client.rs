@@ -137,8 +137,8 @@ impl Conn {
             };
             // What a refused stream is sent again with: a copy of the head (~600
             // instructions) and the body. nginx refuses streams so every
-            // `keepalive_requests` (docs/protocols.md). Boxed: it waits with the stream.
-            let again = Box::new(copy_head(&head));
+            // `keepalive_requests` (docs/protocols.md).
+            let again = copy_head(&head);
             let eos = matches!(upload, Upload::None(_));
             let (response, mut send) = tx.send_request(head, eos).map_err(|e| Failed::Error(e.into()))?;
             // A streamed upload's task hears of the answer's head and end, and tells how it
@@ -183,7 +183,7 @@ impl Conn {
 async fn failed(
     e: h2::Error,
     closed: &AtomicBool,
-    again: Box<Request<()>>,
+    again: Request<()>,
     upload: Option<Upload>,
     stopped: Option<oneshot::Receiver<Stopped>>,
     limit: Duration,
@@ -198,8 +198,8 @@ async fn failed(
         None => None,
     };
     match (unprocessed(&e), upload, stopped) {
-        (true, Some(upload), _) => Failed::Refused(Box::new((*again).map(|()| upload.into_body()))),
-        (true, None, Some(Stopped::Refused(body))) => Failed::Refused(Box::new((*again).map(|()| body))),
+        (true, Some(upload), _) => Failed::Refused(Box::new(again.map(|()| upload.into_body()))),
+        (true, None, Some(Stopped::Refused(body))) => Failed::Refused(Box::new(again.map(|()| body))),
         // The upload's own failure (the client's body, a blocked pattern) says more
         // than the reset it caused.
         (_, _, Some(Stopped::Failed(error))) => Failed::Error(error),
