@@ -98,11 +98,24 @@ fn values_rotated_out_stay_masked() {
     let (_, text) = lk.curl(&["https://api.anthropic.com/reflect/query?first-rotating-secret-AAAA"]);
     assert!(!text.contains("first-rotating-secret-AAAA"), "{text}");
     std::fs::write(&file, "second-rotating-secret-BBBB").unwrap();
+    // The file is read again within FILE_RECHECK (1 s): until then the first value is
+    // still the one sent, and nothing has rotated yet.
+    let sent = |up: &Upstream| up.requests().last().map(|r| r.header_all("x-api-key")).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, text) = lk.curl(&["https://api.anthropic.com/v1/rotation"]);
+        assert!(!text.contains("second-rotating-secret-BBBB"), "{text}");
+        if sent(&up) == ["second-rotating-secret-BBBB"] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the new value was never sent: {:?}", sent(&up));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (_, text) = lk.curl(&["https://api.anthropic.com/reflect/plain"]);
+    assert!(text.starts_with("you sent ") && !text.contains("second-rotating-secret-BBBB"), "{text}");
     let (_, text) = lk.curl(&["https://api.anthropic.com/reflect/query?first-rotating-secret-AAAA"]);
     assert!(!text.contains("first-rotating-secret-AAAA"), "the old value is still masked: {text}");
     assert!(text.contains("query was ****"), "{text}");
-    let (_, text) = lk.curl(&["https://api.anthropic.com/reflect/plain"]);
-    assert!(!text.contains("second-rotating-secret-BBBB"), "{text}");
 }
 
 /// What a response is masked for is the config in force, also on a connection opened
