@@ -30,32 +30,61 @@ pub struct Cache(Mutex<CacheState>);
 #[derive(Debug, Default)]
 struct CacheState {
     current: Vec<Secret>,
+    /// The values of the latest ask, compared with `current`: kept (empty) between
+    /// asks, so a response's ask allocates nothing.
+    asked: Vec<Secret>,
     retired: Vec<(Secret, std::time::Instant)>,
     redactor: Option<Arc<Redactor>>,
+    /// `redactor` as a set of one: what a response whose host only this credential
+    /// names is masked with (the usual case), made once rather than per response.
+    alone: Option<Set>,
 }
 
 impl Cache {
-    pub fn get(&self, secrets: Vec<Secret>) -> Option<Arc<Redactor>> {
+    /// The redactor for the values `secrets` adds (the credential's
+    /// `Injector::secrets`), made again only when they changed.
+    pub fn get(&self, secrets: impl FnOnce(&mut Vec<Secret>)) -> Option<Arc<Redactor>> {
+        self.current(secrets).redactor.clone()
+    }
+
+    /// [`Self::get`]'s redactor alone, as a [`Set`].
+    pub fn alone(&self, secrets: impl FnOnce(&mut Vec<Secret>)) -> Option<Set> {
+        self.current(secrets).alone.clone()
+    }
+
+    fn current(&self, secrets: impl FnOnce(&mut Vec<Secret>)) -> std::sync::MutexGuard<'_, CacheState> {
         let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut asked = std::mem::take(&mut st.asked);
+        secrets(&mut asked);
         // Nothing retired, the usual state: no clock read on a response's way out.
         let expired = !st.retired.is_empty() && {
             let now = std::time::Instant::now();
             st.retired.iter().any(|(_, at)| now.duration_since(*at) >= RETIRED_FOR)
         };
-        if st.redactor.is_some() && st.current == secrets && !expired {
-            return st.redactor.clone();
+        if st.redactor.is_some() && st.current == asked && !expired {
+            asked.clear();
+            st.asked = asked;
+        } else {
+            st.renew(asked);
         }
+        st
+    }
+}
+
+impl CacheState {
+    /// New values: the ones they replace are retired (still masked for `RETIRED_FOR`).
+    fn renew(&mut self, secrets: Vec<Secret>) {
         let now = std::time::Instant::now();
-        let old = std::mem::take(&mut st.current);
+        let old = std::mem::take(&mut self.current);
         for s in old.into_iter().filter(|s| !secrets.contains(s)) {
-            st.retired.push((s, now));
+            self.retired.push((s, now));
         }
-        st.retired.retain(|(s, at)| now.duration_since(*at) < RETIRED_FOR && !secrets.contains(s));
+        self.retired.retain(|(s, at)| now.duration_since(*at) < RETIRED_FOR && !secrets.contains(s));
         let mut all = secrets.clone();
-        all.extend(st.retired.iter().map(|(s, _)| s.clone()));
-        st.current = secrets;
-        st.redactor = Redactor::new(&all).map(Arc::new);
-        st.redactor.clone()
+        all.extend(self.retired.iter().map(|(s, _)| s.clone()));
+        self.current = secrets;
+        self.redactor = Redactor::new(&all).map(Arc::new);
+        self.alone = self.redactor.clone().and_then(|r| Set::new(vec![r]));
     }
 }
 
@@ -422,8 +451,13 @@ const HEX: [u8; 256] = {
 
 /// The redactors that apply to one response (every credential naming its host), with
 /// what they hold back combined.
+/// Shared: a credential's cache keeps its set of one, and every response masked with it
+/// holds a reference rather than a copy of the 256-entry alphabet.
 #[derive(Debug, Clone)]
-pub struct Set {
+pub struct Set(Arc<Members>);
+
+#[derive(Debug)]
+struct Members {
     members: Vec<Arc<Redactor>>,
     alphabet: [bool; 256],
     span: usize,
@@ -439,17 +473,17 @@ impl Set {
             }
         }
         let span = members.iter().map(|m| m.span).max().unwrap_or(0);
-        Some(Set { members, alphabet, span })
+        Some(Set(Arc::new(Members { members, alphabet, span })))
     }
 
     /// Mask every member's secrets in place; returns how many occurrences were masked.
     pub fn mask(&self, buf: &mut [u8]) -> usize {
-        fill(buf, &find(self.members.iter().map(|m| &**m), buf))
+        fill(buf, &find(self.0.members.iter().map(|m| &**m), buf))
     }
 
     /// A masked copy of `buf` when it holds a secret; `None` (and no copy) when not.
     pub fn masked(&self, buf: &[u8]) -> Option<Vec<u8>> {
-        let found = find(self.members.iter().map(|m| &**m), buf);
+        let found = find(self.0.members.iter().map(|m| &**m), buf);
         if found.is_empty() {
             return None;
         }
@@ -459,20 +493,20 @@ impl Set {
     }
 
     pub fn names_secret(&self, name: &[u8]) -> bool {
-        self.members.iter().any(|m| m.names_secret(name))
+        self.0.members.iter().any(|m| m.names_secret(name))
     }
 
     pub(crate) fn members(&self) -> &[Arc<Redactor>] {
-        &self.members
+        &self.0.members
     }
 
     /// How many occurrences of the members' secrets `buf` holds (nothing is masked).
     pub fn count(&self, buf: &[u8]) -> usize {
-        find(self.members.iter().map(|m| &**m), buf).len()
+        find(self.0.members.iter().map(|m| &**m), buf).len()
     }
 
     pub fn holdback(&self, buf: &[u8]) -> usize {
-        holdback(buf, &self.alphabet, self.span)
+        holdback(buf, &self.0.alphabet, self.0.span)
     }
 }
 
@@ -523,10 +557,14 @@ pub(crate) fn joined_by_nul<'a, R>(
 /// The redactors of credentials `naming` (those that name a response's host, found by
 /// `Policy::naming_host` in `config`); `None`: nothing to mask.
 pub fn for_credentials(config: &crate::config::Config, naming: &[usize]) -> Option<Set> {
+    if let [one] = naming {
+        let c = config.credentials.get(*one)?;
+        return c.redactor.alone(|out| c.injector.secrets(out));
+    }
     let members = naming
         .iter()
         .filter_map(|&i| config.credentials.get(i))
-        .filter_map(|c| c.redactor.get(c.injector.secrets()))
+        .filter_map(|c| c.redactor.get(|out| c.injector.secrets(out)))
         .collect();
     Set::new(members)
 }
@@ -573,7 +611,7 @@ impl Stream {
             self.carry.extend_from_slice(&chunk.split_off(chunk.len() - keep));
             return (chunk, None);
         }
-        if !message_end && !self.carry.is_empty() && chunk.len() >= self.set.span {
+        if !message_end && !self.carry.is_empty() && chunk.len() >= self.set.0.span {
             return self.push_beside(chunk);
         }
         self.carry.extend_from_slice(&chunk);
@@ -594,7 +632,7 @@ impl Stream {
         let keep = self.set.holdback(&chunk);
         self.seam.clear();
         self.seam.extend_from_slice(&self.carry);
-        self.seam.extend_from_slice(&chunk[..self.set.span.saturating_sub(1)]);
+        self.seam.extend_from_slice(&chunk[..self.set.0.span.saturating_sub(1)]);
         let clean = self.set.count(&self.seam) == 0 && self.set.count(&chunk) == 0;
         // Response bytes, perhaps an echoed secret: not left lying in a kept buffer.
         self.seam.fill(0);
@@ -747,7 +785,7 @@ mod tests {
 
     #[test]
     fn a_large_chunk_after_held_bytes_goes_on_as_it_came() {
-        let span = stream().set.span;
+        let span = stream().set.0.span;
         let mut s = stream();
         let (out, _) = s.push(Bytes::from_static(b"{\"a\": \"held-at-the-end"));
         assert_eq!(out, Bytes::from_static(b"{\"a\": \""), "the alphabet run is held");
@@ -762,7 +800,7 @@ mod tests {
 
     #[test]
     fn pieces_are_the_same_for_a_secret_and_a_wrong_guess_of_its_length() {
-        let span = stream().set.span;
+        let span = stream().set.0.span;
         let wrong = SECRET.replace("REAL", "FAKE");
         let (mut seen, mut masked) = (None, 0);
         for echoed in [SECRET, &wrong] {
@@ -832,11 +870,14 @@ mod tests {
         let cache = Cache::default();
         let old = Secret::new("old-secret-value-111".into());
         let new = Secret::new("new-secret-value-222".into());
-        cache.get(vec![old.clone()]).unwrap();
-        let r = cache.get(vec![new.clone()]).unwrap();
+        cache.get(|out| out.push(old.clone())).unwrap();
+        let r = cache.get(|out| out.push(new.clone())).unwrap();
         let mut text = b"old-secret-value-111 new-secret-value-222".to_vec();
         assert_eq!(r.mask(&mut text), 2, "{}", String::from_utf8_lossy(&text));
-        assert!(Arc::ptr_eq(&r, &cache.get(vec![new]).unwrap()), "unchanged values reuse the automaton");
+        assert!(
+            Arc::ptr_eq(&r, &cache.get(|out| out.push(new)).unwrap()),
+            "unchanged values reuse the automaton"
+        );
     }
 
     #[test]

@@ -251,15 +251,15 @@ impl SecretValue {
         matches!(self, SecretValue::Static(_))
     }
 
-    /// Every value this source may have put on the wire (for redaction and leak
-    /// checks): for refreshed sources, the last good one even when it is due.
-    pub fn all(&self) -> Vec<Secret> {
+    /// Add every value this source may have put on the wire to `out` (for redaction
+    /// and leak checks): for refreshed sources, the last good one even when it is due.
+    pub fn add_to(&self, out: &mut Vec<Secret>) {
         match self {
-            SecretValue::Static(s) => vec![s.clone()],
-            SecretValue::Dynamic { vars, .. } => vars.values().cloned().collect(),
-            SecretValue::File(f) => f.state.last_good().into_iter().collect(),
-            SecretValue::Command(c) => c.state.last_good().into_iter().collect(),
-            SecretValue::Keyring(k) => k.state.last_good().into_iter().collect(),
+            SecretValue::Static(s) => out.push(s.clone()),
+            SecretValue::Dynamic { vars, .. } => out.extend(vars.values().cloned()),
+            SecretValue::File(f) => out.extend(f.state.last_good()),
+            SecretValue::Command(c) => out.extend(c.state.last_good()),
+            SecretValue::Keyring(k) => out.extend(k.state.last_good()),
         }
     }
 
@@ -991,7 +991,9 @@ mod tests {
         assert!(f.get().is_none(), "a check older than FILE_RECHECK is never trusted");
         f.ensure().await;
         assert!(f.get().is_none(), "removed: no value (502), never the stale one");
-        assert_eq!(SecretValue::File(f.clone()).all()[0].expose(), "v1", "still masked");
+        let mut masked = Vec::new();
+        SecretValue::File(f.clone()).add_to(&mut masked);
+        assert_eq!(masked[0].expose(), "v1", "still masked");
         std::fs::write(&path, "v2\n").unwrap();
         age(&f.state, FILE_RECHECK);
         f.ensure().await;

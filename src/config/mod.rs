@@ -1275,12 +1275,16 @@ impl Config {
 
     /// Every secret value of every usable credential (leak checks, redaction).
     pub fn secret_values(&self) -> Vec<crate::secrets::Secret> {
-        self.credentials
+        let mut all = Vec::new();
+        let active = self
+            .credentials
             .iter()
             .zip(&self.policy.credentials)
-            .filter(|(_, r)| r.state == CredState::Active)
-            .flat_map(|(c, _)| c.injector.secrets())
-            .collect()
+            .filter(|(_, r)| r.state == CredState::Active);
+        for (c, _) in active {
+            c.injector.secrets(&mut all);
+        }
+        all
     }
 }
 

@@ -167,8 +167,8 @@ impl Injector for GcpInjector {
         vec![Slot::Header { header: "authorization".into() }]
     }
 
-    fn secrets(&self) -> Vec<Secret> {
-        self.source.current().into_iter().collect()
+    fn secrets(&self, out: &mut Vec<Secret>) {
+        out.extend(self.source.current());
     }
 }
 

@@ -150,10 +150,9 @@ impl Injector for GitHubAppInjector {
         vec![Slot::Header { header: "authorization".into() }]
     }
 
-    fn secrets(&self) -> Vec<Secret> {
-        let mut all = self.source.private_key.all();
-        all.extend(self.source.cache.current());
-        all
+    fn secrets(&self, out: &mut Vec<Secret>) {
+        self.source.private_key.add_to(out);
+        out.extend(self.source.cache.current());
     }
 }
 

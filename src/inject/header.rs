@@ -207,13 +207,12 @@ impl Injector for HeaderInjector {
         self.slots.iter().map(|s| Slot::Header { header: s.name.to_string() }).collect()
     }
 
-    fn secrets(&self) -> Vec<Secret> {
+    fn secrets(&self, out: &mut Vec<Secret>) {
         match &self.source {
-            HeaderValueSource::Raw(v) => v.all(),
+            HeaderValueSource::Raw(v) => v.add_to(out),
             HeaderValueSource::Basic { password, .. } => {
-                let mut v: Vec<Secret> = password.all();
-                v.extend(self.source.render(&[]));
-                v
+                password.add_to(out);
+                out.extend(self.source.render(&[]));
             }
         }
     }

@@ -148,8 +148,9 @@ pub trait Injector: Send + Sync + Debug {
         }
     }
     fn slots(&self) -> Vec<Slot>;
-    /// The values this injector may write, for leak checks and redaction.
-    fn secrets(&self) -> Vec<Secret>;
+    /// Add the values this injector may write to `out`, for leak checks and redaction.
+    /// (Into the caller's vector: redaction asks on every response, and reuses one.)
+    fn secrets(&self, out: &mut Vec<Secret>);
 }
 
 /// Percent-encode everything but RFC 3986 unreserved characters.

@@ -24,9 +24,7 @@ impl Injector for NoInjection {
     fn slots(&self) -> Vec<Slot> {
         vec![]
     }
-    fn secrets(&self) -> Vec<Secret> {
-        vec![]
-    }
+    fn secrets(&self, _: &mut Vec<Secret>) {}
 }
 
 /// `client_cert` and `client_key` (loaded with the other TLS material by the compiler).

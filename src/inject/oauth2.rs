@@ -127,10 +127,9 @@ impl Injector for OAuth2Injector {
         vec![Slot::Header { header: "authorization".into() }]
     }
 
-    fn secrets(&self) -> Vec<Secret> {
-        let mut all = self.source.client_secret.all();
-        all.extend(self.source.cache.current());
-        all
+    fn secrets(&self, out: &mut Vec<Secret>) {
+        self.source.client_secret.add_to(out);
+        out.extend(self.source.cache.current());
     }
 }
 

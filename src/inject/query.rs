@@ -80,8 +80,8 @@ impl Injector for QueryInjector {
         vec![Slot::Query { query: self.param.clone() }]
     }
 
-    fn secrets(&self) -> Vec<Secret> {
-        self.value.all()
+    fn secrets(&self, out: &mut Vec<Secret>) {
+        self.value.add_to(out)
     }
 }
 

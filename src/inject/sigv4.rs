@@ -253,12 +253,11 @@ impl Injector for SigV4Injector {
         vec![Slot::Header { header: "authorization".into() }]
     }
 
-    fn secrets(&self) -> Vec<Secret> {
-        let mut v = self.secret_access_key.all();
+    fn secrets(&self, out: &mut Vec<Secret>) {
+        self.secret_access_key.add_to(out);
         if let Some(t) = &self.session_token {
-            v.extend(t.all());
+            t.add_to(out);
         }
-        v
     }
 }
 

@@ -178,7 +178,7 @@ fn shared_unavailable(store: &crate::cluster::store::Store) -> Refusal {
 
 /// The redactors of every credential (only used when spans are exported).
 pub fn all_redactors(config: &Config) -> Vec<std::sync::Arc<crate::redact::Redactor>> {
-    config.credentials.iter().filter_map(|c| c.redactor.get(c.injector.secrets())).collect()
+    config.credentials.iter().filter_map(|c| c.redactor.get(|out| c.injector.secrets(out))).collect()
 }
 
 fn is_credential_slot(config: &Config, name: &str) -> bool {

@@ -182,7 +182,9 @@ pub fn ws_screen(config: &Arc<Config>, route: &Route) -> Option<super::super::ws
 
 /// Every credential's live (and recently rotated) secrets: none may leave in a request.
 fn own_secrets(config: &Config) -> Option<Set> {
-    Set::new(config.credentials.iter().filter_map(|c| c.redactor.get(c.injector.secrets())).collect())
+    Set::new(
+        config.credentials.iter().filter_map(|c| c.redactor.get(|out| c.injector.secrets(out))).collect(),
+    )
 }
 
 /// A part of the request head that held something.
