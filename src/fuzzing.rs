@@ -79,11 +79,15 @@ pub fn framing(data: &[u8]) {
 /// never panics; a head it takes is taken the same from its own bytes alone, every
 /// shorter prefix of it is incomplete, its request holds none of the input's bytes, and
 /// it carries none of the headers that send a request to hyper, with `Content-Length`
-/// read exactly as the header says.
+/// read exactly as the header says. The server's parse over shared bytes
+/// (`parse_shared`, no copy) reads everything exactly as the copying one.
 pub fn h1(data: &[u8]) {
     use crate::proxy::h1::codec::{self, Parsed};
     use http::header;
-    let Parsed::Simple(head) = codec::parse(data, 16) else { return };
+    let parsed = codec::parse(data, 16);
+    let shared = codec::parse_shared(&bytes::Bytes::copy_from_slice(data), 16);
+    assert_eq!(format!("{parsed:?}"), format!("{shared:?}"), "read alike from shared bytes");
+    let Parsed::Simple(head) = parsed else { return };
     let own = &data[..head.len];
     assert!(matches!(codec::parse(own, 16), Parsed::Simple(ref h) if h.len == head.len), "taken alone");
     for cut in 0..head.len {

@@ -40,18 +40,36 @@ pub struct Head {
     pub close: bool,
 }
 
-/// Look for one request head at the start of `buf`.
+/// Look for one request head at the start of `buf`; the request's parts are sliced
+/// from a copy of the head. (The server parses shared bytes; tests and the fuzz target
+/// also read heads from a borrowed buffer.)
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn parse(buf: &[u8], max_headers: usize) -> Parsed {
+    parse_in(buf, None, max_headers)
+}
+
+/// [`parse`] over bytes read into a buffer of their own (the server's): the request's
+/// parts are slices of `buf`, no copy. They keep `buf` (one read, at most 16 KiB) alive
+/// until the request is done.
+pub fn parse_shared(buf: &Bytes, max_headers: usize) -> Parsed {
+    parse_in(buf, Some(buf), max_headers)
+}
+
+fn parse_in(buf: &[u8], shared: Option<&Bytes>, max_headers: usize) -> Parsed {
     if max_headers <= STACK_HEADERS {
         let mut headers = [const { std::mem::MaybeUninit::uninit() }; STACK_HEADERS];
-        parse_with(buf, &mut headers[..max_headers])
+        parse_with(buf, shared, &mut headers[..max_headers])
     } else {
         let mut headers = vec![std::mem::MaybeUninit::uninit(); max_headers];
-        parse_with(buf, &mut headers)
+        parse_with(buf, shared, &mut headers)
     }
 }
 
-fn parse_with<'b>(buf: &'b [u8], headers: &mut [std::mem::MaybeUninit<httparse::Header<'b>>]) -> Parsed {
+fn parse_with<'b>(
+    buf: &'b [u8],
+    shared: Option<&Bytes>,
+    headers: &mut [std::mem::MaybeUninit<httparse::Header<'b>>],
+) -> Parsed {
     let mut req = httparse::Request::new(&mut []);
     let len =
         match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, headers) {
@@ -59,15 +77,19 @@ fn parse_with<'b>(buf: &'b [u8], headers: &mut [std::mem::MaybeUninit<httparse::
             Ok(httparse::Status::Partial) => return Parsed::Partial,
             Err(_) => return Parsed::Hyper,
         };
-    match build(&req, &buf[..len]) {
+    match build(&req, &buf[..len], shared) {
         Some((request, body, close)) => Parsed::Simple(Head { len, request, body, close }),
         None => Parsed::Hyper,
     }
 }
 
-/// The request, or `None` when it is not this codec's to serve. Values are sliced from
-/// one copy of the head, so the request holds no part of the connection's read buffer.
-fn build(req: &httparse::Request<'_, '_>, head: &[u8]) -> Option<(Request<()>, u64, bool)> {
+/// The request, or `None` when it is not this codec's to serve. Values are slices of
+/// `shared` (which holds `head` at its start), or of one copy of the head.
+fn build(
+    req: &httparse::Request<'_, '_>,
+    head: &[u8],
+    shared: Option<&Bytes>,
+) -> Option<(Request<()>, u64, bool)> {
     if req.version != Some(1) {
         return None;
     }
@@ -75,8 +97,15 @@ fn build(req: &httparse::Request<'_, '_>, head: &[u8]) -> Option<(Request<()>, u
     if method == Method::CONNECT {
         return None;
     }
-    let copy = Bytes::copy_from_slice(head);
-    let uri = Uri::from_maybe_shared(same_part(&copy, head, req.path?.as_bytes())).ok()?;
+    let copied;
+    let copy = match shared {
+        Some(shared) => shared,
+        None => {
+            copied = Bytes::copy_from_slice(head);
+            &copied
+        }
+    };
+    let uri = Uri::from_maybe_shared(same_part(copy, head, req.path?.as_bytes())).ok()?;
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     let mut length: Option<u64> = None;
     let mut close = false;
@@ -97,7 +126,7 @@ fn build(req: &httparse::Request<'_, '_>, head: &[u8]) -> Option<(Request<()>, u
             header::CONNECTION => close |= has_token(h.value, b"close"),
             _ => {}
         }
-        let value = HeaderValue::from_maybe_shared(same_part(&copy, head, h.value)).ok()?;
+        let value = HeaderValue::from_maybe_shared(same_part(copy, head, h.value)).ok()?;
         headers.append(name, value);
     }
     let mut request = Request::new(());
@@ -108,7 +137,8 @@ fn build(req: &httparse::Request<'_, '_>, head: &[u8]) -> Option<(Request<()>, u
     Some((request, length.unwrap_or(0), close))
 }
 
-/// The bytes of `copy` (a copy of `head`) where `part` (a slice of `head`) lies.
+/// The bytes of `copy` (which starts with the bytes of `head`) where `part` (a slice of
+/// `head`) lies.
 fn same_part(copy: &Bytes, head: &[u8], part: &[u8]) -> Bytes {
     let start = part.as_ptr() as usize - head.as_ptr() as usize;
     copy.slice(start..start + part.len())

@@ -93,8 +93,11 @@ where
                 return Served::Closed;
             }
         }
-        let head = match read_head(&mut io, &mut buf, settings, resting.is_some()).await {
-            Ok(Read::Head(head)) => head,
+        let (head, mut after) = match read_head(&mut io, &mut buf, settings, resting.is_some()).await {
+            Ok(Read::Head(head, mut read)) => {
+                let after = read.split_off(head.len);
+                (head, after)
+            }
             Ok(Read::Blank) => continue,
             Ok(Read::Hyper) => {
                 io.unread(&buf);
@@ -102,18 +105,17 @@ where
             }
             Err(_) => return Served::Closed,
         };
-        buf.drain(..head.len);
-        if buf.is_empty() {
-            buf = Vec::new(); // nothing held while the request is served
-        }
         let body = match head.body {
             0 => ClientBody::empty(),
             // The whole body came with its head (a JSON request, mostly): it is handed
-            // over as bytes and the connection stays here, unsplit.
-            length if length <= buf.len() as u64 => ClientBody::own(whole_body(&mut buf, length as usize)),
+            // over as the bytes read, and the connection stays here, unsplit.
+            length if length <= after.len() as u64 => ClientBody::own(
+                http_body_util::Full::new(after.split_to(length as usize))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            ),
             _ => {
-                match with_body(io, std::mem::take(&mut buf), head, settings.idle_timeout, &mut service).await
-                {
+                match with_body(io, after.to_vec(), head, settings.idle_timeout, &mut service).await {
                     Some((back, rest)) => (io, buf) = (back, rest),
                     None => return Served::Closed,
                 }
@@ -121,6 +123,9 @@ where
                 continue;
             }
         };
+        // A request sent right behind this one (pipelined, rare) waits in `buf`; mostly
+        // nothing does, and nothing is held while the request is served.
+        buf = after.to_vec();
         let (head_request, close) = (head.request.method() == Method::HEAD, head.close);
         let resp = service(head.request.map(|()| body)).await;
         match respond(&mut io, resp, head_request, close).await {
@@ -132,14 +137,6 @@ where
             Err(_) => return Served::Closed,
         }
     }
-}
-
-/// The first `length` bytes of `buf` as a request body; what follows them (a pipelined
-/// request) stays in `buf`.
-fn whole_body(buf: &mut Vec<u8>, length: usize) -> Body {
-    let rest = buf.split_off(length);
-    let body = bytes::Bytes::from(std::mem::replace(buf, rest));
-    http_body_util::Full::new(body).map_err(|never| match never {}).boxed()
 }
 
 /// A request with a `Content-Length` body: the body reads the connection while the
@@ -194,7 +191,8 @@ where
 // Not boxed, as `Parsed`: made once per request and taken apart at once.
 #[allow(clippy::large_enum_variant)]
 enum Read {
-    Head(codec::Head),
+    /// A head, and what was read with it (the head first).
+    Head(codec::Head, bytes::Bytes),
     /// Empty lines only, between requests: still at rest.
     Blank,
     /// Not this server's to serve: hyper takes the connection from here.
@@ -215,17 +213,21 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     loop {
-        match codec::parse(buf, settings.max_headers) {
-            Parsed::Simple(head) => return Ok(Read::Head(head)),
-            Parsed::Hyper => return Ok(Read::Hyper),
-            Parsed::Partial if buf.len() > settings.max_header_bytes => return Ok(Read::Hyper),
-            Parsed::Partial if resting && buf.iter().all(|b| matches!(b, b'\r' | b'\n')) => {
-                if !buf.is_empty() {
-                    buf.clear();
-                    return Ok(Read::Blank);
-                }
-            }
-            Parsed::Partial => {}
+        // Shared for the parse: a head's parts are slices of what was read, not a copy;
+        // bytes the parse keeps no part of come back to `buf` as they were, not copied.
+        let read = bytes::Bytes::from(std::mem::take(buf));
+        let partial = match codec::parse_shared(&read, settings.max_headers) {
+            Parsed::Simple(head) => return Ok(Read::Head(head, read)),
+            Parsed::Hyper => false,
+            Parsed::Partial => true,
+        };
+        *buf = Vec::from(read);
+        if !partial || buf.len() > settings.max_header_bytes {
+            return Ok(Read::Hyper);
+        }
+        if resting && !buf.is_empty() && buf.iter().all(|b| matches!(b, b'\r' | b'\n')) {
+            buf.clear();
+            return Ok(Read::Blank);
         }
         let mut reader = Reader { io: &mut *io, buf: std::mem::take(buf) };
         let read = std::future::poll_fn(|cx| reader.poll_fill(cx, usize::MAX)).await;
