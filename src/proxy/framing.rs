@@ -465,7 +465,7 @@ impl Scanner {
         if target.len() > MAX_URI_LEN {
             return Err(Malformed::UriTooLong);
         }
-        if http::Method::from_bytes(method.as_bytes()).is_err() || http::Uri::try_from(target).is_err() {
+        if http::Method::from_bytes(method.as_bytes()).is_err() || !is_uri(target) {
             return Err(Malformed::RequestLine);
         }
         // hyper: CONNECT, or any Upgrade header on HTTP/1.1, may switch protocols.
@@ -509,6 +509,29 @@ impl Scanner {
         Ok((state, Vec::new()))
     }
 }
+
+/// Does `target` (at most `MAX_URI_LEN` bytes) parse as a URI, as hyper reads it? An
+/// origin-form target of only characters a path and a query may both hold — most
+/// requests' — is answered without `http`'s parser, which copies the target to a heap
+/// buffer first; any other goes to the parser.
+fn is_uri(target: &str) -> bool {
+    (target.starts_with('/') && target.bytes().all(|b| PLAIN[usize::from(b)]))
+        || http::Uri::try_from(target).is_ok()
+}
+
+/// Unreserved and sub-delimiter characters, `/`, `:`, `@`, `%` and `?`: valid anywhere
+/// in a path or a query (RFC 3986 §3.3, §3.4), and so in `http`'s parser.
+const PLAIN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = matches!(b as u8, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~'
+            | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+            | b'/' | b':' | b'@' | b'%' | b'?');
+        b += 1;
+    }
+    table
+};
 
 /// The first line of a head (without its line end), at most `MAX_LINE_SHOWN` bytes.
 fn first_line(head: &[u8]) -> &[u8] {
@@ -913,6 +936,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
 }
 #[cfg(test)]
 mod tests {
+    /// The shortcut in `is_uri` takes only targets `http`'s parser takes: every plain
+    /// character in a path, after a `?`, after a second `?`, and first after the slash.
+    #[test]
+    fn a_plain_target_is_one_http_parses() {
+        for b in (0..=255u8).filter(|&b| super::PLAIN[usize::from(b)]) {
+            let c = char::from(b);
+            for target in [
+                format!("/{c}"),
+                format!("/a{c}b"),
+                format!("/p?{c}"),
+                format!("/p?q{c}?{c}"),
+                format!("/{c}{c}"),
+            ] {
+                assert!(http::Uri::try_from(target.as_str()).is_ok(), "{target:?}");
+                assert!(super::is_uri(&target));
+            }
+        }
+        assert!(!super::is_uri("/a b") && !super::is_uri("/a\u{7f}") && !super::is_uri("a/b c"));
+        assert!(super::is_uri("/a#b") && super::is_uri("http://h/p") && super::is_uri("*"));
+    }
     use super::*;
     use proptest::prelude::*;
 
