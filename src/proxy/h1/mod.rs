@@ -213,21 +213,23 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     loop {
-        // Shared for the parse: a head's parts are slices of what was read, not a copy;
-        // bytes the parse keeps no part of come back to `buf` as they were, not copied.
-        let read = bytes::Bytes::from(std::mem::take(buf));
-        let partial = match codec::parse_shared(&read, settings.max_headers) {
-            Parsed::Simple(head) => return Ok(Read::Head(head, read)),
-            Parsed::Hyper => false,
-            Parsed::Partial => true,
-        };
-        *buf = Vec::from(read);
-        if !partial || buf.len() > settings.max_header_bytes {
-            return Ok(Read::Hyper);
-        }
-        if resting && !buf.is_empty() && buf.iter().all(|b| matches!(b, b'\r' | b'\n')) {
-            buf.clear();
-            return Ok(Read::Blank);
+        if !buf.is_empty() {
+            // Shared for the parse: a head's parts are slices of what was read, not a
+            // copy; bytes the parse keeps no part of come back to `buf` as they were.
+            let read = bytes::Bytes::from(std::mem::take(buf));
+            let partial = match codec::parse_shared(&read, settings.max_headers) {
+                Parsed::Simple(head) => return Ok(Read::Head(head, read)),
+                Parsed::Hyper => false,
+                Parsed::Partial => true,
+            };
+            *buf = Vec::from(read);
+            if !partial || buf.len() > settings.max_header_bytes {
+                return Ok(Read::Hyper);
+            }
+            if resting && buf.iter().all(|b| matches!(b, b'\r' | b'\n')) {
+                buf.clear();
+                return Ok(Read::Blank);
+            }
         }
         let mut reader = Reader { io: &mut *io, buf: std::mem::take(buf) };
         let read = std::future::poll_fn(|cx| reader.poll_fill(cx, usize::MAX)).await;
