@@ -55,6 +55,7 @@ impl Cache {
     fn current(&self, secrets: impl FnOnce(&mut Vec<Secret>)) -> std::sync::MutexGuard<'_, CacheState> {
         let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut asked = std::mem::take(&mut st.asked);
+        // Asked under this lock: a secret source takes only locks of its own, never this.
         secrets(&mut asked);
         // Nothing retired, the usual state: no clock read on a response's way out.
         let expired = !st.retired.is_empty() && {
@@ -451,6 +452,7 @@ const HEX: [u8; 256] = {
 
 /// The redactors that apply to one response (every credential naming its host), with
 /// what they hold back combined.
+///
 /// Shared: a credential's cache keeps its set of one, and every response masked with it
 /// holds a reference rather than a copy of the 256-entry alphabet.
 #[derive(Debug, Clone)]
