@@ -23,6 +23,9 @@ Three measurements, each against the same nginx upstream bench/bench.py starts:
                (one client connection, sequential), and (Ir(300) - Ir(100)) / 200 is the
                per-request cost, start-up, handshakes and the first upstream connection
                cancelling out. Deterministic to within ~1%: use it to judge a change.
+  --download   instructions per 1 MiB download under callgrind (bench.py's `/1m.bin`, 5
+               and 45 downloads on one connection): the bulk path's cost, which the
+               wall-clock 1 MiB row cannot judge on a noisy machine.
   --features   the same instruction counts for what a feature adds: a scoped token in the
                slot vs the plain placeholder, one live-view watcher vs none (SPEC 8 rows),
                DLP on vs off, the built-in providers loaded beside one credential.
@@ -189,11 +192,11 @@ def cpu_rows(bench, targets, nginx_pid, args):
     return "\n".join(lines) + "\n"
 
 
-def callgrind_ir(bench, name, binary, n, extra, mode=""):
-    """Total instructions latchkey executed from start to exit, serving n requests.
-    `extra` may be a function of the bench (called once latchkey runs); `mode` "watch" keeps
-    one live-view watcher reading while the requests are served, "dlp" turns on
-    `[proxy.dlp]`, "providers" loads the built-in provider table."""
+def callgrind_ir(bench, name, binary, n, extra, mode="", path=""):
+    """Total instructions latchkey executed from start to exit, serving n requests for
+    the origin's `/{path}`. `extra` may be a function of the bench (called once latchkey
+    runs); `mode` "watch" keeps one live-view watcher reading while the requests are
+    served, "dlp" turns on `[proxy.dlp]`, "providers" loads the built-in provider table."""
     out = bench.work / f"callgrind.{name}.{n}.{time.monotonic_ns()}.out"
     # aws-lc seeds its random generator once per process from CPU jitter: ~430 million
     # instructions (over 90% of a 300-request run) whose count varies by millions from
@@ -207,7 +210,7 @@ def callgrind_ir(bench, name, binary, n, extra, mode=""):
     proxy_extra = {"dlp": '[proxy.dlp]\nenabled = true\naction = "block"', "providers": "builtin_providers = true"}
     t = bench.start_latchkey("latchkey" if callable(extra) else name, binary, wrapper=wrapper,
                              proxy_extra=proxy_extra.get(mode, ""))
-    url = f"https://127.0.0.1:{bench.up_port}/"
+    url = f"https://127.0.0.1:{bench.up_port}/{path}"
     watcher = None
     try:
         if callable(extra):
@@ -254,6 +257,23 @@ def callgrind_rows(bench, builds, args, kinds=None):
     return "\n".join(lines) + "\n"
 
 
+def download_rows(bench, builds, small=5, big=45):
+    """Instructions per 1 MiB download: fewer downloads than requests, each a thousand
+    requests' worth of TLS records."""
+    lines = [f"Instructions per 1 MiB download under callgrind ((Ir(N={big}) - Ir(N={small})) / {big - small}, "
+             "one connection, sequential):", "", "| | " + " | ".join(n for n, _ in builds) + " |",
+             "|---|" + "---|" * len(builds)]
+    cells = []
+    for name, binary in builds:
+        lo = callgrind_ir(bench, name, binary, small, (), path="1m.bin")
+        hi = callgrind_ir(bench, name, binary, big, (), path="1m.bin")
+        per = (hi - lo) / (big - small)
+        print(f"# 1 MiB download {name}: Ir({small})={lo} Ir({big})={hi} → {per:,.0f}/download", file=sys.stderr)
+        cells.append(f"{per:,.0f}")
+    lines.append("| 1 MiB download | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def idle_rows(bench, builds, n):
     lines = [f"RSS of a fresh process before → after {n} idle intercepted connections (MiB):", ""]
     for name, binary in builds:
@@ -289,6 +309,7 @@ def main():
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--callgrind", action="store_true")
     ap.add_argument("--idle", type=int, default=0, metavar="N")
+    ap.add_argument("--download", action="store_true", help="callgrind: instructions per 1 MiB download")
     ap.add_argument("--features", action="store_true",
                     help="callgrind rows: plain placeholder vs scoped token, live view unwatched vs watched")
     # What still varies between runs (the leaf key generated at start-up, threads) is ~1%
@@ -315,8 +336,8 @@ def main():
     KEEP = args.keep
     if KEEP:
         KEEP.mkdir(parents=True, exist_ok=True)
-    if not (args.cpu or args.callgrind or args.idle or args.features):
-        ap.error("choose at least one of --cpu, --callgrind, --features, --idle N")
+    if not (args.cpu or args.callgrind or args.idle or args.features or args.download):
+        ap.error("choose at least one of --cpu, --callgrind, --download, --features, --idle N")
     builds = [("latchkey", args.latchkey)] + ([("baseline", args.baseline)] if args.baseline else [])
 
     work = Path(tempfile.mkdtemp(prefix="latchkey-cpu-"))
@@ -334,6 +355,8 @@ def main():
             out.append(callgrind_rows(bench, builds, args, [k for k in KINDS if args.match in k[0]]))
         if args.features:
             out.append(callgrind_rows(bench, builds, args, [k for k in FEATURE_KINDS if args.match in k[0]]))
+        if args.download:
+            out.append(download_rows(bench, builds))
         if args.idle:
             out.append(idle_rows(bench, builds, args.idle))
         if args.cpu:
